@@ -1,0 +1,176 @@
+"""Training bundles as devices and the coordinator see them: ``manifest.json`` and its checks.
+
+``model_export`` writes bundles; this module reads and verifies them. Manifest format 1::
+
+    {
+      "format": "fedge-bundle", "format_version": 1,
+      "bundle_id": "<sha256 of the canonical manifest without bundle_id>",
+      "model": {"name": "DigitsMLP", "source": "model_export.models:DigitsMLP"},
+      "task": "classification" | "regression", "num_classes": 10 | null,
+      "input": {"shape": [null, 64], "dtype": "float32"},
+      "target": {"shape": [null], "dtype": "int64"},
+      "loss": "cross_entropy" | "mse" | "bce",
+      "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.0, "dampening": 0.0,
+                    "weight_decay": 0.0, "nesterov": false}
+                 | {"name": "adamw", "lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-08,
+                    "weight_decay": 0.01},
+      "parameters": [{"name": "fc1.weight", "shape": [32, 64], "offset": 0}, ...],
+      "num_parameters": 2410,
+      "frozen": [{"name": "backbone.0.weight", "shape": [...]}, ...],
+      "initial_parameters": "params.f32",      # raw little-endian float32, the flat vector
+      "graphs": {"step_onnx": "step.onnx", "eval_onnx": "eval.onnx", "infer_onnx": "infer.onnx",
+                 "step_tflite": "step.tflite" | null, "infer_tflite": "infer.tflite" | null,
+                 "ort_training": {"training": "ort/training_model.onnx", ...} | null},
+      "backends": {"ort-training": {"supported": true, "reason": null}, "ort-step": {...},
+                   "litert-step": {...}},
+      "files": {"step.onnx": {"sha256": "...", "bytes": 1234}, ...}
+    }
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "MANIFEST_NAME",
+    "BundleError",
+    "Manifest",
+    "ParamSpec",
+    "bundle_id_of",
+    "load_manifest",
+    "sha256_file",
+    "verify_bundle",
+]
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "fedge-bundle"
+FORMAT_VERSION = 1
+
+
+class BundleError(Exception):
+    """A bundle that is missing, malformed or does not match its hashes."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    raw: dict[str, Any]
+
+    @property
+    def bundle_id(self) -> str:
+        return str(self.raw["bundle_id"])
+
+    @property
+    def parameters(self) -> list[ParamSpec]:
+        return [
+            ParamSpec(p["name"], tuple(int(d) for d in p["shape"]), int(p["offset"]))
+            for p in self.raw["parameters"]
+        ]
+
+    @property
+    def num_parameters(self) -> int:
+        return int(self.raw["num_parameters"])
+
+    @property
+    def task(self) -> str:
+        return str(self.raw["task"])
+
+    @property
+    def loss(self) -> str:
+        return str(self.raw["loss"])
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return dict(self.raw["files"])
+
+    def backend_support(self, backend: str) -> tuple[bool, str | None]:
+        entry = self.raw.get("backends", {}).get(backend)
+        if entry is None:
+            return False, f"bundle has no {backend} graphs"
+        return bool(entry["supported"]), entry.get("reason")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_id_of(raw: dict[str, Any]) -> str:
+    """Content hash: sha256 of the canonical JSON of the manifest without ``bundle_id``."""
+    body = {k: v for k, v in raw.items() if k != "bundle_id"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _check_structure(raw: Any) -> None:
+    if not isinstance(raw, dict):
+        raise BundleError("manifest must be a JSON object")
+    if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"unsupported bundle format {raw.get('format')!r} "
+            f"version {raw.get('format_version')!r} (this SDK reads {FORMAT} {FORMAT_VERSION})"
+        )
+    for key in ("bundle_id", "parameters", "num_parameters", "files", "loss", "task"):
+        if key not in raw:
+            raise BundleError(f"manifest lacks {key!r}")
+    if not isinstance(raw["files"], dict):
+        raise BundleError("manifest 'files' must be an object")
+    for name in raw["files"]:
+        if not isinstance(name, str) or name.startswith("/") or ".." in Path(name).parts:
+            raise BundleError(f"manifest names an unsafe file path {name!r}")
+    expected = 0
+    for p in raw["parameters"]:
+        if int(p["offset"]) != expected:
+            raise BundleError(f"parameter {p.get('name')!r} offset {p['offset']} != {expected}")
+        expected += int(np.prod(p["shape"], dtype=np.int64))
+    if expected != int(raw["num_parameters"]):
+        raise BundleError(f"parameter layout covers {expected}, manifest says {raw['num_parameters']}")
+    if bundle_id_of(raw) != raw["bundle_id"]:
+        raise BundleError("bundle_id does not match the manifest's content")
+
+
+def load_manifest(bundle_dir: Path | str) -> Manifest:
+    """Read and check the manifest's structure and id (not the files: see verify_bundle)."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise BundleError(f"no {MANIFEST_NAME} in {bundle_dir}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from e
+    try:
+        _check_structure(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"malformed manifest {path}: {e!r}") from e
+    return Manifest(raw)
+
+
+def verify_bundle(bundle_dir: Path | str) -> Manifest:
+    """Load the manifest and check every listed file's size and sha256."""
+    manifest = load_manifest(bundle_dir)
+    for name, meta in manifest.files.items():
+        path = Path(bundle_dir) / name
+        if not path.is_file():
+            raise BundleError(f"bundle file {name} is missing")
+        if path.stat().st_size != int(meta["bytes"]) or sha256_file(path) != meta["sha256"]:
+            raise BundleError(f"bundle file {name} does not match its sha256 in the manifest")
+    return manifest

@@ -1,0 +1,98 @@
+"""The wire protocol between devices and the coordinator: routes, headers, error codes.
+
+This module is the single source of truth for both sides: the coordinator imports it, the
+edge SDK's transport imports it. The tensor frame lives in :mod:`edge_sdk.frame`, the delta
+codecs in :mod:`edge_sdk.codecs`. ``docs/protocol.md`` describes all of it for other languages.
+
+Conventions
+-----------
+* Everything is under ``/v1/``. Control messages are JSON (UTF-8, ``application/json``);
+  tensors travel as frames (``application/x-fedge-frame``).
+* Every error is ``{"error": {"code": <ErrorCode>, "message": <human text>}}`` with a 4xx or 5xx
+  status; the code is stable, the message is not.
+* Devices authenticate with ``Authorization: Device <device_id>:<secret>``; operators with
+  ``Authorization: Bearer <admin token>``. Only a hash of the device secret is stored.
+* Uploads carry ``Idempotency-Key``: the same device, assignment and key always get the same
+  answer, and the update is counted once.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Final
+
+__all__ = [
+    "API_PREFIX",
+    "FRAME_CONTENT_TYPE",
+    "HEADER_IDEMPOTENCY_KEY",
+    "HEADER_REPORT",
+    "ErrorCode",
+    "Route",
+    "device_auth_header",
+    "parse_device_auth",
+]
+
+API_PREFIX: Final = "/v1"
+FRAME_CONTENT_TYPE: Final = "application/x-fedge-frame"
+HEADER_IDEMPOTENCY_KEY: Final = "Idempotency-Key"
+# JSON (ASCII) with the client's training report for an upload: see docs/protocol.md.
+HEADER_REPORT: Final = "X-Fedge-Report"
+
+
+class Route:
+    """Route templates; ``{name}`` parts are path parameters."""
+
+    OPENAPI: Final = "/v1/openapi.json"
+    HEALTH: Final = "/v1/health"
+    STATUS: Final = "/v1/status"
+    # device side
+    REGISTER: Final = "/v1/devices"
+    CHECKIN: Final = "/v1/checkin"
+    BUNDLE_MANIFEST: Final = "/v1/bundles/{bundle_id}"
+    BUNDLE_FILE: Final = "/v1/bundles/{bundle_id}/files/{name:.+}"
+    VERSION_PARAMS: Final = "/v1/tasks/{task_id}/versions/{version}/params"
+    ASSIGNMENT_UPDATE: Final = "/v1/assignments/{assignment_id}/update"
+    ASSIGNMENT_METRICS: Final = "/v1/assignments/{assignment_id}/metrics"
+    ASSIGNMENT_ABORT: Final = "/v1/assignments/{assignment_id}/abort"
+    # operator side
+    ADMIN_BUNDLES: Final = "/v1/admin/bundles"
+    ADMIN_TASKS: Final = "/v1/admin/tasks"
+    ADMIN_TASK: Final = "/v1/admin/tasks/{task_id}"
+    ADMIN_TASK_PAUSE: Final = "/v1/admin/tasks/{task_id}/pause"
+    ADMIN_TASK_RESUME: Final = "/v1/admin/tasks/{task_id}/resume"
+    ADMIN_TASK_ROUNDS: Final = "/v1/admin/tasks/{task_id}/rounds"
+    ADMIN_TASK_EVALUATE: Final = "/v1/admin/tasks/{task_id}/evaluate"
+    ADMIN_TASK_BUNDLE: Final = "/v1/admin/tasks/{task_id}/bundle"
+
+
+class ErrorCode(str, Enum):
+    """Stable machine codes of error bodies."""
+
+    MALFORMED_JSON = "malformed_json"
+    INVALID_REQUEST = "invalid_request"  # wrong types, missing or unknown fields
+    BODY_TOO_LARGE = "body_too_large"  # 413
+    UNAUTHORIZED = "unauthorized"  # 401: missing or bad credentials
+    FORBIDDEN = "forbidden"  # 403: authenticated, but not yours
+    NOT_FOUND = "not_found"  # 404: unknown id or route
+    MALFORMED_FRAME = "malformed_frame"  # truncated, bad magic, checksum, codec
+    BAD_UPDATE = "bad_update"  # 422: NaN/Inf, wrong length, norm beyond bound
+    ROUND_CLOSED = "round_closed"  # 409: late upload, round committed or abandoned
+    DUPLICATE_UPLOAD = "duplicate_upload"  # 409: a different upload for a reported assignment
+    TOO_STALE = "too_stale"  # 409: async update beyond the staleness bound
+    CONFLICT = "conflict"  # 409: state does not allow the operation (e.g. pause twice)
+    BUNDLE_INVALID = "bundle_invalid"  # 422: manifest or hashes do not check
+    INTERNAL = "internal"  # 500: a bug; never caused by what a device sends
+
+
+def device_auth_header(device_id: str, secret: str) -> str:
+    return f"Device {device_id}:{secret}"
+
+
+def parse_device_auth(value: str | None) -> tuple[str, str] | None:
+    """``(device_id, secret)`` from an Authorization header value, or None if malformed."""
+    if not value or not value.startswith("Device "):
+        return None
+    device_id, sep, secret = value[len("Device ") :].partition(":")
+    if not sep or not device_id or not secret:
+        return None
+    return device_id, secret
