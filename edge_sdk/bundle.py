@@ -44,6 +44,7 @@ __all__ = [
     "ParamSpec",
     "bundle_id_of",
     "load_manifest",
+    "parse_manifest",
     "sha256_file",
     "verify_bundle",
 ]
@@ -157,10 +158,15 @@ def load_manifest(bundle_dir: Path | str) -> Manifest:
         raise BundleError(f"no {MANIFEST_NAME} in {bundle_dir}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path} is not valid JSON: {e}") from e
+    return parse_manifest(raw, where=str(path))
+
+
+def parse_manifest(raw: Any, *, where: str = "manifest") -> Manifest:
+    """Check a decoded manifest's structure and id (e.g. one just received over HTTP)."""
     try:
         _check_structure(raw)
     except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"malformed manifest {path}: {e!r}") from e
+        raise BundleError(f"malformed manifest {where}: {e!r}") from e
     return Manifest(raw)
 
 

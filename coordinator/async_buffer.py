@@ -1,0 +1,233 @@
+"""FedBuff's buffer: fold asynchronous updates as they arrive, step the server every K of them.
+
+Pure and persistence-agnostic: it holds one running float64 sum of model size, whatever the
+number of updates, and knows nothing of HTTP or SQLite. The coordinator persists every
+accepted update before acknowledging it; after a crash it rebuilds the buffer by folding the
+accepted-but-uncommitted updates again in acceptance order (:meth:`AsyncBuffer.replay`), which
+gives bit-for-bit the sum the lost process held, or restores a saved :meth:`AsyncBuffer.state`.
+
+The aggregate of one buffer, for updates ``d_i`` with ``n_i`` examples and staleness ``s_i``::
+
+    delta = sum_i n_i * w(s_i) * d_i / sum_i n_i
+
+It is normalised by the examples, not by the staleness-scaled weights, so that a buffer of
+fresh updates is exactly FedAvg of them while stale updates shrink the server step (FedBuff
+normalises by K for the same reason). The caller applies ``delta`` with the task's server
+optimizer (FedAvg, FedAvgM, FedAdam, FedYogi) to make the next model version.
+
+Usage::
+
+    buf = AsyncBuffer(num_parameters=2410, config=AsyncConfig.from_plan(plan), version=0)
+    fold = buf.fold(delta, num_examples=480, base_version=0)   # raises TooStale past the bound
+    if fold.commit is not None:
+        new_params = server_optimizer.step(params, fold.commit.delta)  # now version 1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+
+from coordinator.staleness import PlanError, StalenessPolicy, TooStale
+
+__all__ = [
+    "DEFAULT_BUFFER_K",
+    "AsyncBuffer",
+    "AsyncConfig",
+    "BufferedUpdate",
+    "Commit",
+    "Fold",
+    "PlanError",
+    "TooStale",
+]
+
+DEFAULT_BUFFER_K: Final = 10
+# Concurrency well above K is what lets async absorb stragglers: a slow device holds one
+# slot while faster ones fill the buffer. FedBuff runs it at 10-100x K; a plan can raise it.
+DEFAULT_CONCURRENCY_PER_K: Final = 5
+
+
+def _positive_int(plan: Mapping[str, Any], key: str, default: int) -> int:
+    value = plan.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlanError(f"{key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    """The async fields of a task plan: ``buffer_k``, ``max_concurrency``, staleness policy."""
+
+    buffer_k: int = DEFAULT_BUFFER_K
+    max_concurrency: int = DEFAULT_BUFFER_K * DEFAULT_CONCURRENCY_PER_K
+    staleness: StalenessPolicy = field(default_factory=StalenessPolicy)
+
+    @classmethod
+    def from_plan(cls, plan: Mapping[str, Any]) -> AsyncConfig:
+        k = _positive_int(plan, "buffer_k", DEFAULT_BUFFER_K)
+        concurrency = _positive_int(plan, "max_concurrency", k * DEFAULT_CONCURRENCY_PER_K)
+        if concurrency < k:
+            # The buffer could never fill: every slot would wait for a commit that needs more.
+            raise PlanError(f"max_concurrency ({concurrency}) must be >= buffer_k ({k})")
+        return cls(k, concurrency, StalenessPolicy.from_plan(plan))
+
+    def to_plan(self) -> dict[str, Any]:
+        return {
+            "buffer_k": self.buffer_k,
+            "max_concurrency": self.max_concurrency,
+            **self.staleness.to_plan(),
+        }
+
+    def admits(self, in_flight: int) -> bool:
+        """Whether one more device may start training while ``in_flight`` assignments are open."""
+        return in_flight < self.max_concurrency
+
+
+@dataclass(frozen=True)
+class BufferedUpdate:
+    """One accepted update as the store keeps it, enough to fold it again after a crash."""
+
+    delta: np.ndarray
+    num_examples: int
+    base_version: int
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A full buffer: the aggregated delta that makes version ``version`` from ``version - 1``."""
+
+    version: int
+    delta: np.ndarray  # float32, model size
+    num_updates: int
+    num_examples: int
+    mean_staleness: float
+    max_staleness: int
+
+
+@dataclass(frozen=True)
+class Fold:
+    """What folding one update did: its staleness and weight, and the commit it completed."""
+
+    staleness: int
+    weight: float  # num_examples * w(staleness)
+    buffered: int  # updates in the buffer after this fold (0 right after a commit)
+    commit: Commit | None
+
+
+class AsyncBuffer:
+    """The running FedBuff aggregate for one async task (see the module docstring)."""
+
+    def __init__(self, num_parameters: int, config: AsyncConfig, version: int = 0) -> None:
+        if num_parameters < 1:
+            raise ValueError(f"num_parameters must be >= 1, got {num_parameters}")
+        if version < 0:
+            raise ValueError(f"version must be >= 0, got {version}")
+        self.num_parameters = num_parameters
+        self.config = config
+        self.version = version
+        self._sum = np.zeros(num_parameters, dtype=np.float64)
+        self._count = 0
+        self._examples = 0
+        self._staleness_sum = 0
+        self._staleness_max = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def staleness_of(self, base_version: int) -> int:
+        return self.version - base_version
+
+    def check(self, delta: np.ndarray, num_examples: int, base_version: int) -> int:
+        """Validate an update without folding it; returns its staleness.
+
+        Raises :class:`TooStale` past the bound, ``ValueError`` for anything malformed. The
+        coordinator calls this before it stores an upload so that a refused update leaves
+        no trace.
+        """
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer):
+            raise ValueError(f"num_examples must be an integer, got {num_examples!r}")
+        if num_examples < 1:
+            raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+        if base_version > self.version:
+            raise ValueError(
+                f"update names version {base_version}, the current version is {self.version}"
+            )
+        staleness = self.staleness_of(base_version)
+        self.config.staleness.check(staleness)
+        if delta.shape != (self.num_parameters,):
+            raise ValueError(f"update has shape {delta.shape}, the model has {self.num_parameters}")
+        if not np.all(np.isfinite(delta)):
+            raise ValueError("update contains NaN or Inf")
+        return staleness
+
+    def fold(self, delta: np.ndarray, num_examples: int, base_version: int) -> Fold:
+        """Add one update; on the K-th, return the commit and start the next version's buffer."""
+        staleness = self.check(delta, num_examples, base_version)
+        weight = num_examples * self.config.staleness.weight(staleness)
+        self._sum += weight * delta.astype(np.float64, copy=False)
+        self._count += 1
+        self._examples += int(num_examples)
+        self._staleness_sum += staleness
+        self._staleness_max = max(self._staleness_max, staleness)
+        commit = self._commit() if self._count >= self.config.buffer_k else None
+        return Fold(staleness, weight, self._count, commit)
+
+    def _commit(self) -> Commit:
+        commit = Commit(
+            version=self.version + 1,
+            delta=(self._sum / self._examples).astype(np.float32),
+            num_updates=self._count,
+            num_examples=self._examples,
+            mean_staleness=self._staleness_sum / self._count,
+            max_staleness=self._staleness_max,
+        )
+        self.version += 1
+        self._sum[:] = 0.0
+        self._count = self._examples = self._staleness_sum = self._staleness_max = 0
+        return commit
+
+    @classmethod
+    def replay(
+        cls,
+        num_parameters: int,
+        config: AsyncConfig,
+        version: int,
+        updates: Iterable[BufferedUpdate],
+    ) -> AsyncBuffer:
+        """The buffer after folding ``updates`` (accepted, not yet committed) onto ``version``.
+
+        The updates were accepted, so they must all still fit: a commit or a refusal here
+        means the stored history is inconsistent, which is an error, not something to skip.
+        """
+        buf = cls(num_parameters, config, version)
+        for u in updates:
+            if buf.fold(u.delta, u.num_examples, u.base_version).commit is not None:
+                raise ValueError(
+                    f"replay of version {version}'s buffer reached buffer_k: the commit was lost"
+                )
+        return buf
+
+    def state(self) -> dict[str, Any]:
+        """Everything :meth:`from_state` needs; ``sum`` is the float64 running sum."""
+        return {
+            "version": self.version,
+            "count": self._count,
+            "examples": self._examples,
+            "staleness_sum": self._staleness_sum,
+            "staleness_max": self._staleness_max,
+            "sum": self._sum.copy(),
+        }
+
+    @classmethod
+    def from_state(cls, config: AsyncConfig, state: Mapping[str, Any]) -> AsyncBuffer:
+        total = np.asarray(state["sum"], dtype=np.float64)
+        buf = cls(int(total.shape[0]), config, int(state["version"]))
+        buf._sum[:] = total
+        buf._count = int(state["count"])
+        buf._examples = int(state["examples"])
+        buf._staleness_sum = int(state["staleness_sum"])
+        buf._staleness_max = int(state["staleness_max"])
+        return buf

@@ -1,0 +1,114 @@
+"""The content-addressed blob directory beside the database: bundle files, model versions,
+optimizer state and uploaded update payloads, each stored once under its sha256.
+
+Writes are atomic and durable: write to a temporary file, fsync it, rename it into place,
+fsync the directory. A blob therefore either exists whole or not at all, and the database
+row that refers to it is committed only after :meth:`BlobStore.put` returned.
+
+::
+
+    >>> blobs = BlobStore(Path("fedge.db.blobs"))
+    >>> sha = blobs.put(b"payload")
+    >>> blobs.read(sha)
+    b'payload'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+__all__ = ["BlobStore", "fsync_dir"]
+
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self._tmp = self.root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        # Leftovers of writes a crash interrupted are never referenced: drop them.
+        for stale in self._tmp.iterdir():
+            stale.unlink(missing_ok=True)
+
+    def path(self, sha: str) -> Path:
+        if not _SHA_RE.match(sha):
+            raise ValueError(f"not a sha256 hex digest: {sha!r}")
+        return self.root / sha[:2] / sha[2:]
+
+    def exists(self, sha: str) -> bool:
+        return self.path(sha).is_file()
+
+    def put(self, data: bytes | bytearray | memoryview) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        self._install(sha, lambda f: f.write(data))
+        return sha
+
+    def put_file(self, source: Path, sha: str | None = None) -> str:
+        """Copy a file in (its sha256 computed while copying, checked against ``sha`` if given)."""
+        h = hashlib.sha256()
+
+        def copy(f: object) -> None:
+            with open(source, "rb") as src:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    h.update(chunk)
+                    f.write(chunk)  # type: ignore[attr-defined]
+
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                copy(f)
+                f.flush()
+                os.fsync(f.fileno())
+            digest = h.hexdigest()
+            if sha is not None and digest != sha:
+                raise ValueError(f"{source} has sha256 {digest}, expected {sha}")
+            self._rename_into_place(tmp, digest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return digest
+
+    def _install(self, sha: str, write: object) -> None:
+        if self.exists(sha):
+            return
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)  # type: ignore[operator]
+                f.flush()
+                os.fsync(f.fileno())
+            self._rename_into_place(tmp, sha)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _rename_into_place(self, tmp: Path, sha: str) -> None:
+        dest = self.path(sha)
+        new_dir = not dest.parent.exists()
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+        if new_dir:
+            fsync_dir(self.root)
+
+    def read(self, sha: str) -> bytes:
+        return self.path(sha).read_bytes()
+
+    def size(self, sha: str) -> int:
+        return self.path(sha).stat().st_size
+
+    def delete(self, sha: str) -> None:
+        self.path(sha).unlink(missing_ok=True)

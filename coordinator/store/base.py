@@ -1,0 +1,244 @@
+"""The persistence interface and its records.
+
+Every method that writes is atomic on its own; :meth:`Store.atomic` groups several into one
+transaction (the service commits a model version, its round and the task's counters as one
+step). Records are plain frozen dataclasses; JSON-ish fields are already decoded.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Assignment",
+    "Device",
+    "EvalReport",
+    "Round",
+    "Store",
+    "StoreError",
+    "Task",
+    "Update",
+    "Version",
+]
+
+
+class StoreError(Exception):
+    """A write that would break an invariant of the stored data (e.g. a duplicate key)."""
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    secret_salt: str
+    secret_hash: str
+    platform: str
+    arch: str
+    runtimes: tuple[str, ...]
+    population: str
+    registered_at: float
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    name: str
+    bundle_id: str
+    mode: str  # "sync" (rounds); "async" is reserved for buffered aggregation
+    population: str
+    plan: dict[str, Any]
+    state: str  # running | paused | completed
+    model_version: int
+    rounds_completed: int
+    pending_evaluations: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Version:
+    task_id: str
+    version: int
+    params_sha: str
+    optimizer_sha: str | None
+    round_id: int | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Round:
+    round_id: int
+    task_id: str
+    number: int  # 1, 2, ... per task, abandoned attempts included
+    kind: str  # train | evaluate
+    state: str  # selecting | reporting | committed | abandoned | completed (evaluate)
+    base_version: int
+    goal: int
+    target: int  # goal x over-selection
+    min_reports: int
+    opened_at: float
+    window_ends_at: float
+    selected_at: float | None = None
+    deadline_at: float | None = None
+    closed_at: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in ("selecting", "reporting")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    assignment_id: str
+    round_id: int
+    task_id: str
+    device_id: str
+    action: str  # train | evaluate
+    state: str  # selected | delivered | reported | aborted | expired
+    created_at: float
+    delivered_at: float | None = None
+    closed_at: float | None = None
+    abort_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Update:
+    assignment_id: str
+    round_id: int
+    task_id: str
+    device_id: str
+    idempotency_key: str
+    payload_sha: str
+    payload_bytes: int
+    num_examples: int
+    loss: float | None
+    report: dict[str, Any]
+    accepted_at: float
+    response: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    assignment_id: str
+    round_id: int
+    task_id: str
+    device_id: str
+    num_examples: int
+    loss: float
+    accuracy: float | None
+    reported_at: float
+    response: dict[str, Any]
+
+
+class Store(ABC):
+    """What the coordinator persists. One implementation per backend; one test suite for all."""
+
+    @abstractmethod
+    def atomic(self) -> AbstractContextManager[None]:
+        """Group writes into one transaction (nested use joins the outer one)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # devices
+    @abstractmethod
+    def add_device(self, device: Device) -> None: ...
+    @abstractmethod
+    def get_device(self, device_id: str) -> Device | None: ...
+    @abstractmethod
+    def count_devices(self) -> int: ...
+
+    # bundles
+    @abstractmethod
+    def add_bundle(self, bundle_id: str, manifest: dict[str, Any], created_at: float) -> bool:
+        """Store a manifest; False if that bundle was already there (content-addressed)."""
+    @abstractmethod
+    def get_bundle(self, bundle_id: str) -> dict[str, Any] | None: ...
+
+    # tasks
+    @abstractmethod
+    def add_task(self, task: Task) -> None: ...
+    @abstractmethod
+    def get_task(self, task_id: str) -> Task | None: ...
+    @abstractmethod
+    def list_tasks(self, population: str | None = None, state: str | None = None) -> list[Task]:
+        """Oldest first."""
+    @abstractmethod
+    def update_task(self, task_id: str, **fields: Any) -> None: ...
+
+    # model versions
+    @abstractmethod
+    def add_version(self, version: Version) -> None: ...
+    @abstractmethod
+    def get_version(self, task_id: str, version: int) -> Version | None: ...
+
+    # rounds
+    @abstractmethod
+    def add_round(self, rnd: Round) -> Round:
+        """Insert (``round_id`` is assigned by the store) and return the stored record."""
+    @abstractmethod
+    def get_round(self, round_id: int) -> Round | None: ...
+    @abstractmethod
+    def open_round(self, task_id: str) -> Round | None:
+        """The task's round in selecting or reporting state, if any (at most one)."""
+    @abstractmethod
+    def open_rounds(self) -> list[Round]: ...
+    @abstractmethod
+    def list_rounds(self, task_id: str) -> list[Round]: ...
+    @abstractmethod
+    def update_round(self, round_id: int, **fields: Any) -> None: ...
+
+    # selection candidates
+    @abstractmethod
+    def add_candidate(self, round_id: int, device_id: str, at: float) -> bool:
+        """False if the device was already a candidate of that round."""
+    @abstractmethod
+    def candidates(self, round_id: int) -> list[str]:
+        """Device ids in check-in order."""
+    @abstractmethod
+    def count_candidates(self, round_id: int) -> int: ...
+
+    # assignments
+    @abstractmethod
+    def add_assignments(self, assignments: Sequence[Assignment]) -> None: ...
+    @abstractmethod
+    def get_assignment(self, assignment_id: str) -> Assignment | None: ...
+    @abstractmethod
+    def assignment_for(self, round_id: int, device_id: str) -> Assignment | None: ...
+    @abstractmethod
+    def round_assignments(self, round_id: int) -> list[Assignment]: ...
+    @abstractmethod
+    def count_assignments(self, round_id: int) -> int: ...
+    @abstractmethod
+    def update_assignment(self, assignment_id: str, **fields: Any) -> None: ...
+    @abstractmethod
+    def expire_assignments(self, round_id: int, at: float) -> int:
+        """Mark the round's still-open assignments expired; returns how many."""
+
+    # updates and evaluation reports
+    @abstractmethod
+    def add_update(self, update: Update) -> None:
+        """Record an accepted update and mark its assignment reported, in one transaction."""
+    @abstractmethod
+    def get_update(self, assignment_id: str) -> Update | None: ...
+    @abstractmethod
+    def round_updates(self, round_id: int) -> Iterator[Update]:
+        """Accepted updates of a round, in acceptance order."""
+    @abstractmethod
+    def count_updates(self, round_id: int | None = None) -> int:
+        """Accepted updates of one round, or of all rounds."""
+    @abstractmethod
+    def add_eval_report(self, report: EvalReport) -> None:
+        """Record an evaluation report and mark its assignment reported, in one transaction."""
+    @abstractmethod
+    def get_eval_report(self, assignment_id: str) -> EvalReport | None: ...
+    @abstractmethod
+    def round_eval_reports(self, round_id: int) -> list[EvalReport]: ...
+
+    # inspection
+    @abstractmethod
+    def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every table's rows, sorted: equal snapshots mean nothing was stored or changed."""

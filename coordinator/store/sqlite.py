@@ -1,0 +1,285 @@
+"""The SQLite backend (through sqlite-utils): one database file, or ``:memory:``.
+
+The connection runs in autocommit mode with WAL and ``synchronous=FULL``: a write that
+returned is on disk, which is what lets the service acknowledge an upload right after it.
+Rows go in and out through sqlite-utils' table API; the few aggregate queries are plain SQL.
+The object is used from one thread at a time (the service serialises its calls).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlite_utils import Database
+
+from coordinator.store.base import (
+    Assignment,
+    Device,
+    EvalReport,
+    Round,
+    Store,
+    StoreError,
+    Task,
+    Update,
+    Version,
+)
+from coordinator.store.migrations import apply_migrations
+
+__all__ = ["SQLiteStore"]
+
+R = TypeVar("R")
+# Record fields stored as JSON text.
+_JSON_FIELDS = {"runtimes", "plan", "metrics", "report", "response"}
+
+
+def _to_row(record: Any) -> dict[str, Any]:
+    row = asdict(record)
+    for k in _JSON_FIELDS & row.keys():
+        row[k] = json.dumps(row[k], sort_keys=True)
+    return row
+
+
+def _from_row(cls: type[R], row: dict[str, Any]) -> R:
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    values = {k: v for k, v in row.items() if k in names}
+    for k in _JSON_FIELDS & values.keys():
+        values[k] = json.loads(values[k]) if values[k] is not None else None
+    if "runtimes" in values:
+        values["runtimes"] = tuple(values["runtimes"])
+    if "metrics" in values and values["metrics"] is None:
+        values["metrics"] = {}
+    return cls(**values)
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        memory = self.path == ":memory:"
+        # isolation_level=None: no implicit transactions; db.atomic() opens explicit ones.
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.db = Database(conn)
+        if not memory:
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        self.schema_version = apply_migrations(self.db)
+
+    def atomic(self) -> AbstractContextManager[None]:
+        @contextmanager
+        def block() -> Iterator[None]:
+            with self.db.atomic():
+                yield
+
+        return block()
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def _insert(self, table: str, record: Any) -> None:
+        try:
+            with self.db.atomic():
+                self.db[table].insert(_to_row(record))
+        except sqlite3.IntegrityError as e:
+            raise StoreError(f"{table}: {e}") from e
+
+    def _get(self, cls: type[R], table: str, where: str, args: Sequence[Any]) -> R | None:
+        rows = list(self.db[table].rows_where(where, list(args), limit=1))
+        return _from_row(cls, rows[0]) if rows else None
+
+    def _update(self, table: str, pk: Any, values: dict[str, Any]) -> None:
+        row = {k: json.dumps(v, sort_keys=True) if k in _JSON_FIELDS else v for k, v in values.items()}
+        with self.db.atomic():
+            self.db[table].update(pk, row)
+
+    def _count(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return int(self.db.execute(sql, list(args)).fetchone()[0])
+
+    # devices
+    def add_device(self, device: Device) -> None:
+        self._insert("devices", device)
+
+    def get_device(self, device_id: str) -> Device | None:
+        return self._get(Device, "devices", "device_id = ?", [device_id])
+
+    def count_devices(self) -> int:
+        return self._count("select count(*) from devices")
+
+    # bundles
+    def add_bundle(self, bundle_id: str, manifest: dict[str, Any], created_at: float) -> bool:
+        if self.get_bundle(bundle_id) is not None:
+            return False
+        row = {
+            "bundle_id": bundle_id,
+            "manifest": json.dumps(manifest, sort_keys=True),
+            "num_parameters": int(manifest["num_parameters"]),
+            "created_at": created_at,
+        }
+        with self.db.atomic():
+            self.db["bundles"].insert(row)
+        return True
+
+    def get_bundle(self, bundle_id: str) -> dict[str, Any] | None:
+        rows = list(self.db["bundles"].rows_where("bundle_id = ?", [bundle_id], limit=1))
+        return json.loads(rows[0]["manifest"]) if rows else None
+
+    # tasks
+    def add_task(self, task: Task) -> None:
+        self._insert("tasks", task)
+
+    def get_task(self, task_id: str) -> Task | None:
+        return self._get(Task, "tasks", "task_id = ?", [task_id])
+
+    def list_tasks(self, population: str | None = None, state: str | None = None) -> list[Task]:
+        where, args = ["1 = 1"], []
+        if population is not None:
+            where.append("population = ?")
+            args.append(population)
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        rows = self.db["tasks"].rows_where(" and ".join(where), args, order_by="created_at, rowid")
+        return [_from_row(Task, r) for r in rows]
+
+    def update_task(self, task_id: str, **values: Any) -> None:
+        self._update("tasks", task_id, values)
+
+    # versions
+    def add_version(self, version: Version) -> None:
+        self._insert("versions", version)
+
+    def get_version(self, task_id: str, version: int) -> Version | None:
+        return self._get(Version, "versions", "task_id = ? and version = ?", [task_id, version])
+
+    # rounds
+    def add_round(self, rnd: Round) -> Round:
+        row = _to_row(rnd)
+        del row["round_id"]
+        with self.db.atomic():
+            round_id = self.db["rounds"].insert(row).last_pk
+        stored = self.get_round(int(round_id))  # type: ignore[arg-type]
+        assert stored is not None
+        return stored
+
+    def get_round(self, round_id: int) -> Round | None:
+        return self._get(Round, "rounds", "round_id = ?", [round_id])
+
+    def open_round(self, task_id: str) -> Round | None:
+        return self._get(
+            Round, "rounds", "task_id = ? and state in ('selecting', 'reporting')", [task_id]
+        )
+
+    def open_rounds(self) -> list[Round]:
+        rows = self.db["rounds"].rows_where("state in ('selecting', 'reporting')", order_by="round_id")
+        return [_from_row(Round, r) for r in rows]
+
+    def list_rounds(self, task_id: str) -> list[Round]:
+        rows = self.db["rounds"].rows_where("task_id = ?", [task_id], order_by="round_id")
+        return [_from_row(Round, r) for r in rows]
+
+    def update_round(self, round_id: int, **values: Any) -> None:
+        self._update("rounds", round_id, values)
+
+    # candidates
+    def add_candidate(self, round_id: int, device_id: str, at: float) -> bool:
+        with self.db.atomic():
+            cur = self.db.execute(
+                "insert or ignore into candidates (round_id, device_id, checked_in_at) "
+                "values (?, ?, ?)",
+                [round_id, device_id, at],
+            )
+        return cur.rowcount == 1
+
+    def candidates(self, round_id: int) -> list[str]:
+        rows = self.db["candidates"].rows_where(
+            "round_id = ?", [round_id], order_by="checked_in_at, rowid", select="device_id"
+        )
+        return [r["device_id"] for r in rows]
+
+    def count_candidates(self, round_id: int) -> int:
+        return self._count("select count(*) from candidates where round_id = ?", [round_id])
+
+    # assignments
+    def add_assignments(self, assignments: Sequence[Assignment]) -> None:
+        try:
+            with self.db.atomic():
+                self.db["assignments"].insert_all([_to_row(a) for a in assignments])
+        except sqlite3.IntegrityError as e:
+            raise StoreError(f"assignments: {e}") from e
+
+    def get_assignment(self, assignment_id: str) -> Assignment | None:
+        return self._get(Assignment, "assignments", "assignment_id = ?", [assignment_id])
+
+    def assignment_for(self, round_id: int, device_id: str) -> Assignment | None:
+        return self._get(
+            Assignment, "assignments", "round_id = ? and device_id = ?", [round_id, device_id]
+        )
+
+    def round_assignments(self, round_id: int) -> list[Assignment]:
+        rows = self.db["assignments"].rows_where("round_id = ?", [round_id], order_by="rowid")
+        return [_from_row(Assignment, r) for r in rows]
+
+    def count_assignments(self, round_id: int) -> int:
+        return self._count("select count(*) from assignments where round_id = ?", [round_id])
+
+    def update_assignment(self, assignment_id: str, **values: Any) -> None:
+        self._update("assignments", assignment_id, values)
+
+    def expire_assignments(self, round_id: int, at: float) -> int:
+        with self.db.atomic():
+            cur = self.db.execute(
+                "update assignments set state = 'expired', closed_at = ? "
+                "where round_id = ? and state in ('selected', 'delivered')",
+                [at, round_id],
+            )
+        return cur.rowcount
+
+    # updates and evaluation reports
+    def add_update(self, update: Update) -> None:
+        with self.atomic():
+            self._insert("updates", update)
+            self._update(
+                "assignments",
+                update.assignment_id,
+                {"state": "reported", "closed_at": update.accepted_at},
+            )
+
+    def get_update(self, assignment_id: str) -> Update | None:
+        return self._get(Update, "updates", "assignment_id = ?", [assignment_id])
+
+    def round_updates(self, round_id: int) -> Iterator[Update]:
+        rows = self.db["updates"].rows_where("round_id = ?", [round_id], order_by="rowid")
+        return (_from_row(Update, r) for r in list(rows))
+
+    def count_updates(self, round_id: int | None = None) -> int:
+        if round_id is None:
+            return self._count("select count(*) from updates")
+        return self._count("select count(*) from updates where round_id = ?", [round_id])
+
+    def add_eval_report(self, report: EvalReport) -> None:
+        with self.atomic():
+            self._insert("eval_reports", report)
+            self._update(
+                "assignments",
+                report.assignment_id,
+                {"state": "reported", "closed_at": report.reported_at},
+            )
+
+    def get_eval_report(self, assignment_id: str) -> EvalReport | None:
+        return self._get(EvalReport, "eval_reports", "assignment_id = ?", [assignment_id])
+
+    def round_eval_reports(self, round_id: int) -> list[EvalReport]:
+        rows = self.db["eval_reports"].rows_where("round_id = ?", [round_id], order_by="rowid")
+        return [_from_row(EvalReport, r) for r in rows]
+
+    def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        for name in sorted(self.db.table_names()):
+            rows = self.db.execute(f"select * from [{name}]").fetchall()
+            out[name] = sorted(rows, key=repr)
+        return out

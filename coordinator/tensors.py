@@ -1,0 +1,60 @@
+"""Tensors on the coordinator's side of the wire: decoding and checking update frames,
+encoding parameter frames, reading and writing stored parameter blobs.
+
+Stored parameters are the raw little-endian float32 vector (the bundle's ``params.f32``
+layout), so a bundle's initial parameters are version 0's blob as they are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_sdk.codecs import UpdateError, decode_update
+from edge_sdk.frame import encode_tensor
+from edge_sdk.protocol import ErrorCode
+
+from coordinator.errors import InvalidRequest, Unprocessable
+
+__all__ = ["check_delta", "decode_delta", "encode_params", "params_from_bytes", "params_to_bytes"]
+
+
+def decode_delta(data: bytes, num_parameters: int) -> np.ndarray:
+    """The float64 delta in an update frame; 400 ``malformed_frame`` if the frame is broken."""
+    try:
+        # max_elements only bounds allocation, above the model size so that a sound frame of
+        # the wrong length is answered as a bad update rather than a broken frame.
+        vec = decode_update(
+            data, expected_length=num_parameters, max_elements=4 * num_parameters + 1024
+        )
+    except UpdateError as e:
+        raise Unprocessable(f"update: {e}", ErrorCode.BAD_UPDATE) from e
+    except ValueError as e:  # FrameError, or a codec payload that does not parse
+        raise InvalidRequest(f"update frame: {e}", ErrorCode.MALFORMED_FRAME) from e
+    return vec.astype(np.float64)
+
+
+def check_delta(delta: np.ndarray, max_norm: float | None) -> float:
+    """The delta's L2 norm; 422 ``bad_update`` for NaN/Inf or a norm beyond the bound."""
+    if not np.isfinite(delta).all():
+        raise Unprocessable("update holds NaN or Inf values", ErrorCode.BAD_UPDATE)
+    norm = float(np.linalg.norm(delta))
+    if max_norm is not None and norm > max_norm:
+        raise Unprocessable(
+            f"update norm {norm:.4g} exceeds the task's bound {max_norm:.4g}", ErrorCode.BAD_UPDATE
+        )
+    return norm
+
+
+def encode_params(params: np.ndarray) -> bytes:
+    return encode_tensor(np.ascontiguousarray(params, dtype="<f4"))
+
+
+def params_to_bytes(params: np.ndarray) -> bytes:
+    return np.ascontiguousarray(params, dtype="<f4").tobytes()
+
+
+def params_from_bytes(data: bytes, num_parameters: int) -> np.ndarray:
+    vec = np.frombuffer(data, dtype="<f4")
+    if vec.size != num_parameters:
+        raise ValueError(f"stored parameters hold {vec.size} values, expected {num_parameters}")
+    return vec.astype(np.float32)

@@ -1,0 +1,447 @@
+"""The device client: check in when the device allows it, train the task, upload the delta.
+
+One :meth:`Client.run_once` is one pass of the device's loop::
+
+    read conditions ──ineligible──▶ Outcome("ineligible"), no network at all
+        │ eligible
+    register (first time only; credential kept in the state dir, mode 0600)
+    check in ──wait──▶ Outcome("wait", next_run_in_s = retry_after_s + up to 10 % jitter)
+        │ train / evaluate
+    bundle (cache: sha256-verified, resumable) + the version's parameters
+    train the plan, re-checking conditions ──lapsed──▶ POST abort, Outcome("aborted")
+    delta = new - start, encode with the plan's codec (error-feedback residual in the state dir)
+    upload with an Idempotency-Key (retried) ──▶ Outcome("trained") or Outcome("rejected")
+
+:meth:`Client.run_forever` repeats it, sleeping ``next_run_in_s`` in between (pace steering).
+:class:`AsyncClient` adds ``await run_once_async()`` / ``run_forever_async()`` for apps with
+an event loop; the blocking work (HTTP, training) runs in a worker thread via
+:func:`asyncio.to_thread`, so the loop stays responsive.
+
+For running many clients in one process (the fleet emulator): pass one :class:`BundleCache`
+and one :class:`TrainerPool` to all of them, and an injected ``clock``/``sleep``. A client
+itself holds its transport (one idle keep-alive socket), its data and a few small objects.
+
+Usage::
+
+    client = Client("http://coordinator:8080", state_dir="~/.fedge", data=(x, y),
+                    conditions=LinuxConditions())
+    client.run_forever()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import platform
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.cache import BundleCache
+from edge_sdk.codecs import CODECS, decode_update, encode_update
+from edge_sdk.conditions import DeviceConditions, EligibilityPolicy
+from edge_sdk.data import Dataset, as_dataset
+from edge_sdk.errors import (
+    ApiError,
+    ClientError,
+    ConditionsLapsed,
+    Conflict,
+    DuplicateUpload,
+    TransportError,
+    Unauthorized,
+)
+from edge_sdk.local_training import Plan, evaluate, train
+from edge_sdk.pool import TrainerPool
+from edge_sdk.protocol import FRAME_CONTENT_TYPE, HEADER_IDEMPOTENCY_KEY, HEADER_REPORT, Route
+from edge_sdk.state import Credentials, DeviceState
+from edge_sdk.transport import RetryPolicy, Transport
+
+__all__ = ["AsyncClient", "Client", "ClientConfig", "Outcome"]
+
+log = logging.getLogger(__name__)
+
+# What one run_once ended with.
+INELIGIBLE = "ineligible"  # the local policy said no; the coordinator was not contacted
+WAIT = "wait"  # the coordinator said come back later
+TRAINED = "trained"  # the update was accepted
+EVALUATED = "evaluated"  # evaluation metrics were accepted
+ABORTED = "aborted"  # conditions lapsed during training; the coordinator was told
+REJECTED = "rejected"  # the coordinator refused the upload (late, stale, bad update)
+FAILED = "failed"  # network or local error; retried after a growing backoff
+ACTIONS = (INELIGIBLE, WAIT, TRAINED, EVALUATED, ABORTED, REJECTED, FAILED)
+
+
+class ConditionsSource:
+    """What the client needs from a conditions provider (see :mod:`edge_sdk.conditions`)."""
+
+    def read(self) -> DeviceConditions:  # pragma: no cover - a protocol
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    population: str = "default"
+    backend: str | None = None  # None: the best installed backend the bundle supports
+    ineligible_recheck_s: float = 300.0  # how soon to look at conditions again when ineligible
+    after_assignment_s: float = 1.0  # check in again this soon after a finished assignment
+    failure_backoff_s: float = 30.0  # first wait after a failed run; doubles, capped below
+    max_failure_backoff_s: float = 3600.0
+    checkin_jitter: float = 0.1  # fraction added on top of every wait (protocol: up to 10 %)
+    request_timeout_s: float = 30.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    seed: int | None = None  # shuffling, stochastic rounding and jitter; None: fresh entropy
+
+
+@dataclass(frozen=True)
+class Outcome:
+    action: str  # one of ACTIONS
+    next_run_in_s: float  # when the device should call run_once again
+    assignment_id: str | None = None
+    task_id: str | None = None
+    round: int | None = None
+    reasons: tuple[str, ...] = ()  # ineligibility / wait / abort reasons
+    metrics: dict[str, Any] = field(default_factory=dict)  # the report that was sent
+    error: str | None = None  # error code or message for rejected / failed
+
+
+def _platform_name() -> str:
+    if hasattr(sys, "getandroidapilevel") or "ANDROID_ROOT" in __import__("os").environ:
+        return "android"
+    return sys.platform
+
+
+def _conditions_json(c: DeviceConditions) -> dict[str, Any]:
+    return {k: v for k, v in c.to_json().items() if v is not None}
+
+
+class Client:
+    def __init__(
+        self,
+        coordinator: str,
+        *,
+        state_dir: Path | str,
+        data: Dataset | tuple[np.ndarray, np.ndarray] | Path | str,
+        conditions: ConditionsSource,
+        policy: EligibilityPolicy | None = None,
+        eval_data: Dataset | tuple[np.ndarray, np.ndarray] | Path | str | None = None,
+        config: ClientConfig | None = None,
+        cache: BundleCache | None = None,
+        trainers: TrainerPool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config or ClientConfig()
+        self.state = DeviceState(Path(state_dir).expanduser())
+        self.data = as_dataset(data)
+        self.eval_data = self.data if eval_data is None else as_dataset(eval_data)
+        self.conditions = conditions
+        self.policy = policy or EligibilityPolicy()
+        self.cache = cache or BundleCache(self.state.root / "bundles")
+        self.trainers = trainers or TrainerPool(self.config.backend)
+        self._clock = clock
+        self._sleep = sleep
+        seed = self.config.seed
+        self._rng = random.Random(seed)
+        self._np_rng = np.random.default_rng(seed)
+        self.transport = Transport(
+            coordinator,
+            timeout=self.config.request_timeout_s,
+            retry=self.config.retry,
+            sleep=sleep,
+            rng=self._rng,
+        )
+        self._failures = 0
+        self._busy = threading.Lock()
+
+    @property
+    def device_id(self) -> str | None:
+        creds = self.transport.credentials
+        return creds[0] if creds else None
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run_once(self) -> Outcome:
+        """One pass: conditions, check-in, and the assignment if there is one. Never raises for
+        network or coordinator trouble: those come back as ``Outcome("failed")``."""
+        with self._busy:
+            try:
+                outcome = self._run_once()
+            except (ClientError, OSError, ValueError) as e:
+                log.warning("run failed: %s", e)
+                outcome = self._failed(e)
+            else:
+                if outcome.action != FAILED:
+                    self._failures = 0
+            return outcome
+
+    def run_forever(
+        self,
+        stop: threading.Event | Callable[[], bool] | None = None,
+        *,
+        max_runs: int | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
+    ) -> int:
+        """Call :meth:`run_once` until ``stop`` is set (or ``max_runs`` runs); returns the runs.
+
+        With a :class:`threading.Event` as ``stop`` and the default ``sleep``, setting the event
+        ends a wait at once; with an injected ``sleep`` the wait goes through it.
+        """
+        runs = 0
+        while not _stopped(stop) and (max_runs is None or runs < max_runs):
+            outcome = self.run_once()
+            runs += 1
+            if on_outcome is not None:
+                on_outcome(outcome)
+            if max_runs is not None and runs >= max_runs:
+                break
+            if isinstance(stop, threading.Event) and self._sleep is time.sleep:
+                stop.wait(outcome.next_run_in_s)
+            else:
+                self._sleep(outcome.next_run_in_s)
+        return runs
+
+    def close(self) -> None:
+        self.transport.close()
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _jittered(self, seconds: float) -> float:
+        return max(0.0, seconds) * (1.0 + self.config.checkin_jitter * self._rng.random())
+
+    def _failed(self, error: BaseException) -> Outcome:
+        self._failures += 1
+        backoff = min(
+            self.config.max_failure_backoff_s,
+            self.config.failure_backoff_s * 2.0 ** (self._failures - 1),
+        )
+        code = getattr(error, "code", None)
+        return Outcome(FAILED, self._jittered(backoff), error=code or f"{error}")
+
+    def eligibility(self) -> tuple[DeviceConditions, tuple[str, ...]]:
+        """The device's conditions now and why it is not eligible (empty when it is)."""
+        conditions = self.conditions.read()
+        ok, reasons = self.policy.check(conditions)
+        return conditions, () if ok else tuple(reasons)
+
+    def _run_once(self) -> Outcome:
+        conditions, reasons = self.eligibility()
+        if reasons:
+            return Outcome(INELIGIBLE, self._jittered(self.config.ineligible_recheck_s),
+                           reasons=reasons)
+        self._ensure_registered()
+        body = {
+            "population": self.config.population,
+            "runtimes": self._runtimes(),
+            "conditions": _conditions_json(conditions),
+            "capabilities": {"codecs": list(CODECS)},
+        }
+        try:
+            answer = self.transport.call("POST", Route.CHECKIN, body)
+        except Unauthorized:
+            # The coordinator no longer knows this credential (its database was reset): the
+            # device registers again instead of failing forever.
+            self.state.forget_credentials()
+            self.transport.credentials = None
+            self._ensure_registered()
+            answer = self.transport.call("POST", Route.CHECKIN, body)
+        action = answer.get("action") if isinstance(answer, dict) else None
+        if action == "wait":
+            return Outcome(
+                WAIT,
+                self._jittered(float(answer.get("retry_after_s", 60.0))),
+                reasons=(str(answer.get("reason", "")),),
+            )
+        if action in ("train", "evaluate"):
+            assignment = answer.get("assignment")
+            if not isinstance(assignment, dict):
+                raise TransportError(f"check-in answer lacks an assignment: {answer!r}")
+            return self._assignment(action, assignment)
+        raise TransportError(f"unknown check-in answer {answer!r}")
+
+    def _ensure_registered(self) -> None:
+        if self.transport.credentials is not None:
+            return
+        url = self.transport.base_url
+        creds = self.state.load_credentials(url)
+        if creds is None:
+            answer = self.transport.call(
+                "POST",
+                Route.REGISTER,
+                {
+                    "platform": _platform_name(),
+                    "arch": platform.machine(),
+                    "runtimes": self._runtimes(),
+                    "population": self.config.population,
+                },
+            )
+            creds = Credentials(url, str(answer["device_id"]), str(answer["secret"]))
+            self.state.save_credentials(creds)
+        self.transport.credentials = (creds.device_id, creds.secret)
+
+    def _runtimes(self) -> list[str]:
+        if self.config.backend is not None:
+            return [self.config.backend]
+        from edge_sdk.trainers import available_backends
+
+        return list(available_backends())
+
+    def _assignment(self, action: str, a: dict[str, Any]) -> Outcome:
+        assignment_id = str(a["assignment_id"])
+        ids = {"assignment_id": assignment_id, "task_id": str(a["task_id"]),
+               "round": int(a["round"])}
+        down0 = self.transport.bytes_received
+        started = self._clock()
+        try:
+            bundle_dir, manifest = self.cache.fetch(self.transport, str(a["bundle_id"]))
+            params = decode_update(
+                self.transport.request("GET", str(a["params_url"])).body,
+                expected_length=manifest.num_parameters,
+            )
+            if action == "evaluate":
+                return self._evaluate(ids, bundle_dir, manifest, params)
+            return self._train(ids, a, bundle_dir, manifest, params, started, down0)
+        except ConditionsLapsed as e:
+            self._abort(assignment_id, "conditions_lapsed", str(e))
+            return Outcome(ABORTED, self._jittered(self.config.ineligible_recheck_s),
+                           reasons=e.reasons, **ids)
+        except (TransportError, ApiError):
+            raise  # the coordinator is unreachable or refused: nothing to tell it
+        except Exception as e:
+            # A local failure (bad plan, broken bundle, runtime error): free the slot for
+            # someone else instead of letting the round wait for the deadline.
+            log.exception("assignment %s failed on the device", assignment_id)
+            self._abort(assignment_id, "error", f"{type(e).__name__}: {e}")
+            outcome = self._failed(e)
+            return Outcome(FAILED, outcome.next_run_in_s, error=outcome.error, **ids)
+
+    def _train(
+        self,
+        ids: dict[str, Any],
+        a: dict[str, Any],
+        bundle_dir: Path,
+        manifest: Any,
+        params: np.ndarray,
+        started: float,
+        down0: int,
+    ) -> Outcome:
+        plan = Plan.from_json(a.get("plan"))
+        with self.trainers.lease(bundle_dir, manifest) as trainer:
+            result = train(
+                trainer,
+                self.data,
+                plan,
+                params,
+                round_=ids["round"],
+                rng=self._np_rng,
+                recheck=lambda: self.eligibility()[1],
+            )
+            delta = trainer.get_parameters() - params
+        feedback = self.state.error_feedback(ids["task_id"]) if plan.codec.uses_error_feedback \
+            else None
+        frame, residual = encode_update(
+            delta,
+            plan.codec,
+            rng=self._np_rng,
+            residual=feedback.load(delta.size) if feedback else None,
+        )
+        report = {
+            "num_examples": result.num_examples,
+            "loss": result.loss,
+            "steps": result.steps,
+            "wall_time_s": self._clock() - started,
+            "bytes_down": self.transport.bytes_received - down0,
+        }
+        path = Route.ASSIGNMENT_UPDATE.format(assignment_id=ids["assignment_id"])
+        # The key is a digest of what is sent: a retry of these bytes (even from a restarted
+        # process) is the same upload, anything else is a different one.
+        key = hashlib.sha256(ids["assignment_id"].encode() + frame).hexdigest()[:32]
+        headers = {
+            "Content-Type": FRAME_CONTENT_TYPE,
+            HEADER_IDEMPOTENCY_KEY: key,
+            HEADER_REPORT: json.dumps(report),
+        }
+        metrics = {**report, "bytes_up": len(frame)}
+        try:
+            self.transport.request("POST", path, body=frame, headers=headers)
+        except DuplicateUpload as e:
+            if e.attempt == 1:
+                return Outcome(REJECTED, self._jittered(self.config.after_assignment_s),
+                               metrics=metrics, error=e.code, **ids)
+            # Our first attempt was cut off after the coordinator had counted it.
+        except (Conflict, ApiError) as e:
+            if isinstance(e, Unauthorized) or e.status >= 500:
+                raise
+            return Outcome(REJECTED, self._jittered(self.config.after_assignment_s),
+                           metrics=metrics, error=e.code, **ids)
+        if feedback is not None:
+            # Only a delivered update moves the residual on; a refused one leaves it as it was.
+            feedback.save(residual)
+        return Outcome(TRAINED, self._jittered(self.config.after_assignment_s),
+                       metrics=metrics, **ids)
+
+    def _evaluate(
+        self, ids: dict[str, Any], bundle_dir: Path, manifest: Any, params: np.ndarray
+    ) -> Outcome:
+        with self.trainers.lease(bundle_dir, manifest) as trainer:
+            result = evaluate(trainer, self.eval_data, params)
+        metrics: dict[str, Any] = {"num_examples": result.num_examples, "loss": result.loss}
+        if result.accuracy is not None:
+            metrics["accuracy"] = result.accuracy
+        path = Route.ASSIGNMENT_METRICS.format(assignment_id=ids["assignment_id"])
+        self.transport.call("POST", path, metrics)
+        return Outcome(EVALUATED, self._jittered(self.config.after_assignment_s),
+                       metrics=metrics, **ids)
+
+    def _abort(self, assignment_id: str, reason: str, message: str) -> None:
+        path = Route.ASSIGNMENT_ABORT.format(assignment_id=assignment_id)
+        try:
+            self.transport.call("POST", path, {"reason": reason, "message": message[:500]})
+        except (TransportError, ApiError) as e:
+            # Best effort: the deadline frees the slot anyway.
+            log.warning("could not tell the coordinator about abort of %s: %s", assignment_id, e)
+
+
+def _stopped(stop: threading.Event | Callable[[], bool] | None) -> bool:
+    if stop is None:
+        return False
+    if isinstance(stop, threading.Event):
+        return stop.is_set()
+    return bool(stop())
+
+
+class AsyncClient(Client):
+    """A :class:`Client` with coroutines for apps that run an event loop.
+
+    The blocking parts (HTTP, training) run in a worker thread (:func:`asyncio.to_thread`);
+    a client runs one pass at a time, so concurrent calls queue up.
+    """
+
+    async def run_once_async(self) -> Outcome:
+        return await asyncio.to_thread(self.run_once)
+
+    async def run_forever_async(
+        self, stop: asyncio.Event | None = None, *, max_runs: int | None = None
+    ) -> int:
+        runs = 0
+        while (stop is None or not stop.is_set()) and (max_runs is None or runs < max_runs):
+            outcome = await self.run_once_async()
+            runs += 1
+            if max_runs is not None and runs >= max_runs:
+                break
+            if stop is None:
+                await asyncio.sleep(outcome.next_run_in_s)
+                continue
+            try:
+                await asyncio.wait_for(stop.wait(), outcome.next_run_in_s)
+            except asyncio.TimeoutError:
+                pass
+        return runs

@@ -1,0 +1,311 @@
+"""HTTP to the coordinator on the stdlib: one keep-alive connection, retries, typed errors.
+
+A device cannot afford ``requests`` or ``aiohttp``, so this is ``http.client`` with what the
+protocol needs on top:
+
+* JSON calls (:meth:`Transport.call`), raw bodies such as frame uploads (:meth:`Transport.request`)
+  and streamed, resumable downloads into a file (:meth:`Transport.download`);
+* error bodies mapped to the classes of :mod:`edge_sdk.errors`;
+* retries with exponential backoff and jitter for connection failures and 5xx answers, never
+  for 4xx: a 4xx is the same answer next time. A keep-alive connection the server closed while
+  idle is reopened once at once, without counting as an attempt;
+* byte counters (``bytes_sent`` / ``bytes_received``: bodies, not headers) for the client's report.
+
+Usage::
+
+    t = Transport("http://127.0.0.1:8080", sleep=time.sleep)
+    t.credentials = ("d-1", "secret")
+    answer = t.call("POST", Route.CHECKIN, {"runtimes": ["ort-step"]})
+
+A transport is not thread-safe: one per client.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+from edge_sdk.errors import ApiError, TransportError, api_error
+from edge_sdk.protocol import device_auth_header
+
+__all__ = ["Response", "RetryPolicy", "Transport"]
+
+_CHUNK = 64 * 1024
+# Answers we hold in memory (JSON, parameter frames); files stream through download().
+_MAX_BODY = 256 * 1024 * 1024
+_USER_AGENT = "fedge-edge/1"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: attempt ``n`` waits ``base * 2**(n-1)`` (capped) times a
+    random factor in ``[1 - jitter, 1]``, so that devices cut off together do not come back
+    together."""
+
+    max_attempts: int = 5
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError("jitter must be in [0, 1]")
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based)."""
+        cap = min(self.max_delay_s, self.base_delay_s * 2.0 ** (attempt - 1))
+        return cap * (1.0 - self.jitter * rng.random())
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: Mapping[str, str]  # lower-cased names
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+class _Failed(Exception):
+    """One attempt's connection failure; ``reused`` says the connection had served before."""
+
+    def __init__(self, cause: BaseException, reused: bool) -> None:
+        super().__init__(repr(cause))
+        self.cause = cause
+        self.reused = reused
+
+
+class Transport:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"coordinator URL must be http(s)://host[:port], got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._prefix = parts.path.rstrip("/")
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._conn: http.client.HTTPConnection | None = None
+        self._served = 0  # requests completed on the current connection
+        self.credentials: tuple[str, str] | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.connections_opened = 0
+
+    # -- public calls -------------------------------------------------------------------------
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        payload: Any = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """A JSON request (``payload`` may be None for no body); returns the decoded answer."""
+        body = b"" if payload is None else json.dumps(payload).encode()
+        hdrs = {"Content-Type": "application/json", "Accept": "application/json"}
+        hdrs.update(headers or {})
+        response = self.request(method, path, body=body, headers=hdrs)
+        try:
+            return response.json()
+        except (ValueError, UnicodeDecodeError) as e:
+            raise TransportError(f"{method} {path}: answer is not JSON: {e}") from e
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        """Send ``body`` (the same bytes on every retry) and return the 2xx answer, or raise."""
+        hdrs = dict(headers or {})
+
+        def attempt() -> Response:
+            return self._exchange(method, path, body, hdrs, sink=None, limit=_MAX_BODY)
+
+        return self._retrying(method, path, attempt)
+
+    def download(self, path: str, sink: BinaryIO, *, limit: int) -> Response:
+        """Stream ``GET path`` into ``sink`` (opened for appending), resuming from its current
+        size with ``Range`` on every attempt; stops after ``limit`` bytes in the file.
+
+        A server that ignores ``Range`` (answers 200) makes the file start over.
+        """
+
+        def attempt() -> Response:
+            offset = sink.seek(0, 2)
+            hdrs = {"Range": f"bytes={offset}-"} if offset else {}
+            return self._exchange("GET", path, b"", hdrs, sink=sink, limit=limit)
+
+        return self._retrying("GET", path, attempt)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+        self._served = 0
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- machinery ----------------------------------------------------------------------------
+
+    def _retrying(self, method: str, path: str, attempt: Callable[[], Response]) -> Response:
+        n = 0
+        reopened = False
+        while True:
+            n += 1
+            try:
+                response = attempt()
+            except _Failed as failure:
+                if failure.reused and not reopened:
+                    # The server closed an idle keep-alive connection: not the network's fault.
+                    reopened = True
+                    n -= 1
+                    continue
+                if n >= self.retry.max_attempts:
+                    raise TransportError(
+                        f"{method} {path}: {failure.cause!r} after {n} attempts", attempts=n
+                    ) from failure.cause
+                self._sleep(self.retry.delay(n, self._rng))
+                continue
+            if response.status < 400:
+                return response
+            error = self._error(method, path, response)
+            error.attempt = n
+            if response.status >= 500 and n < self.retry.max_attempts:
+                self._sleep(self._server_delay(n, response))
+                continue
+            raise error
+
+    def _server_delay(self, n: int, response: Response) -> float:
+        delay = self.retry.delay(n, self._rng)
+        try:
+            asked = float(response.headers.get("retry-after", "0"))
+        except ValueError:
+            asked = 0.0
+        return min(self.retry.max_delay_s, max(delay, asked))
+
+    def _error(self, method: str, path: str, response: Response) -> ApiError:
+        code: str | None = None
+        message = response.body[:200].decode("utf-8", "replace")
+        try:
+            err = json.loads(response.body)["error"]
+            code = str(err["code"])
+            message = str(err.get("message", ""))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            pass
+        return api_error(response.status, code, message, method=method, path=path)
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            self._conn = cls(self._host, self._port, timeout=self.timeout)
+            self._served = 0
+            self.connections_opened += 1
+        return self._conn
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        *,
+        sink: BinaryIO | None,
+        limit: int,
+    ) -> Response:
+        conn = self._connection()
+        reused = self._served > 0
+        hdrs = {"User-Agent": _USER_AGENT, **headers}
+        if self.credentials is not None:
+            hdrs["Authorization"] = device_auth_header(*self.credentials)
+        try:
+            conn.request(method, self._prefix + path, body=body, headers=hdrs)
+            self.bytes_sent += len(body)
+            raw = conn.getresponse()
+            status = raw.status
+            resp_headers = {k.lower(): v for k, v in raw.getheaders()}
+            complete = True
+            if sink is not None and status in (200, 206):
+                data = b""
+                if status == 200:
+                    sink.seek(0)
+                    sink.truncate()
+                else:
+                    self._check_range(resp_headers, sink.seek(0, 2))
+                complete = self._stream(raw, sink, limit)
+            else:
+                data = raw.read(_MAX_BODY + 1)
+                self.bytes_received += len(data)
+                if len(data) > _MAX_BODY:
+                    complete = False
+                else:
+                    self._check_complete(raw)
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise _Failed(e, reused) from e
+        if not complete or raw.will_close:
+            self.close()
+        else:
+            self._served += 1
+        return Response(status, resp_headers, data)
+
+    def _stream(self, raw: http.client.HTTPResponse, sink: BinaryIO, limit: int) -> bool:
+        """Copy the body into ``sink`` up to ``limit`` bytes in the file; False if cut short."""
+        while True:
+            room = limit - sink.tell()
+            if room <= 0:
+                # More than the manifest promised: stop here, the caller's hash check decides.
+                return raw.read(1) == b""
+            chunk = raw.read(min(_CHUNK, room))
+            if not chunk:
+                self._check_complete(raw)
+                return True
+            sink.write(chunk)
+            self.bytes_received += len(chunk)
+
+    @staticmethod
+    def _check_complete(raw: http.client.HTTPResponse) -> None:
+        # read(n) returns short, not an error, when the peer closes before Content-Length.
+        if raw.length:
+            raise http.client.IncompleteRead(b"", raw.length)
+
+    @staticmethod
+    def _check_range(headers: Mapping[str, str], offset: int) -> None:
+        # "bytes START-END/TOTAL": a server resuming from elsewhere would corrupt the file.
+        value = headers.get("content-range", "")
+        try:
+            start = int(value.split()[1].split("-")[0])
+        except (IndexError, ValueError):
+            bad = f"206 without a usable Content-Range: {value!r}"
+            raise http.client.HTTPException(bad) from None
+        if start != offset:
+            raise http.client.HTTPException(f"asked for bytes from {offset}, got from {start}")

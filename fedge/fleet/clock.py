@@ -1,0 +1,46 @@
+"""Emulated time: one clock for a whole fleet (and, when it allows, its coordinator).
+
+Emulated time runs ``speedup`` times faster than real time: ``now()`` is the emulated seconds
+since the clock started, and sleeping ``s`` emulated seconds sleeps ``s / speedup`` real ones.
+Waits dominate an idle fleet (pace steering asks devices to come back in minutes; a diurnal
+schedule spans a day), so a speedup of 100-1000 compresses a day into minutes.
+
+Work that really runs (HTTP calls, training steps) also advances emulated time at ``speedup``
+times its real duration. The emulator models a device's compute time as
+``steps * step_time_s * multiplier`` (:class:`fedge.fleet.heterogeneity.DeviceProfile`) and
+sleeps only the part the real work did not already use; when the real work alone overruns the
+model (a large speedup on a fast device) the overrun is counted (``time_overruns`` in the
+summary) rather than hidden. Keep ``speedup * real_step_time`` below the modelled step time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+__all__ = ["SimClock"]
+
+
+class SimClock:
+    def __init__(self, speedup: float = 1.0, start: float = 0.0) -> None:
+        if not speedup > 0:
+            raise ValueError(f"speedup must be > 0, got {speedup}")
+        self.speedup = float(speedup)
+        self._origin = time.monotonic()
+        self._start = float(start)
+
+    def now(self) -> float:
+        """Emulated seconds: ``start`` plus ``speedup`` times the real time elapsed."""
+        return self._start + (time.monotonic() - self._origin) * self.speedup
+
+    def real_seconds(self, emulated_s: float) -> float:
+        return max(0.0, emulated_s) / self.speedup
+
+    async def sleep(self, emulated_s: float) -> None:
+        await asyncio.sleep(self.real_seconds(emulated_s))
+
+    def sleep_blocking(self, emulated_s: float) -> None:
+        time.sleep(self.real_seconds(emulated_s))
+
+    async def sleep_until(self, emulated_t: float) -> None:
+        await self.sleep(emulated_t - self.now())

@@ -1,0 +1,338 @@
+"""``export_bundle``: a torch module in, a verified training bundle directory out.
+
+The bundle layout and manifest are documented in :mod:`edge_sdk.bundle`. ``export_bundle``
+checks the model against the loss on an example batch, traces the portable step/eval/infer
+graphs (``step.onnx``...), adds ORT training artifacts and, when asked, TFLite files, then writes
+``params.f32`` (and ``frozen.f32``) and the manifest whose id is the hash of all of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_sdk.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Manifest,
+    bundle_id_of,
+    sha256_file,
+    verify_bundle,
+)
+from model_export.config import LOSSES, OptimizerConfig
+from model_export.errors import LossMismatch, UnsupportedModel
+from model_export.loading import load_model
+from model_export.ort_artifacts import ort_training_support, write_ort_artifacts
+from model_export.step import StepFunctions
+from model_export.tracing import OPSET, export_onnx, trace
+
+__all__ = ["export_bundle", "io_names"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
+
+
+def io_names(state: Sequence[str], *, weighted: bool = False) -> dict[str, dict[str, list[str]]]:
+    """Input and output names of the three graphs (the ``signatures`` manifest entry)."""
+    step_in = ["params", *[f"state.{s}" for s in state], "x", "y", "lr", "anchor", "mu"]
+    return {
+        "step": {
+            "inputs": [*step_in, *(["weight"] if weighted else [])],
+            "outputs": ["loss", "params_out", *[f"state_out.{s}" for s in state]],
+        },
+        "eval": {"inputs": ["params", "x", "y"], "outputs": ["loss", "output"]},
+        "infer": {"inputs": ["params", "x"], "outputs": ["output"]},
+    }
+
+
+def _trace_batch(input_shape: Sequence[int]) -> int:
+    """A batch size for tracing that equals no other dimension (symbolic shapes would merge
+    them) and is not 0 or 1 (which the tracer specialises)."""
+    return next(n for n in (11, 13, 17, 19, 23, 29, 31, 37) if n not in input_shape[1:])
+
+
+def _match_freeze(names: Sequence[str], freeze: Sequence[str]) -> set[str]:
+    frozen: set[str] = set()
+    for prefix in freeze:
+        stem = prefix.rstrip(".")
+        hits = {n for n in names if n == stem or n.startswith(stem + ".")}
+        if not hits:
+            raise UnsupportedModel(f"--freeze {prefix!r} matches no parameter of the model")
+        frozen |= hits
+    return frozen
+
+
+def _target_for(loss: str, out: Any, n: int) -> tuple[torch.Tensor, dict[str, Any], int | None]:
+    """An example target, its manifest spec and the number of classes; LossMismatch if the
+    model's output cannot feed ``loss``."""
+    if not isinstance(out, torch.Tensor):
+        raise LossMismatch(
+            f"the model returns a {type(out).__name__}; a single output tensor is needed for {loss}"
+        )
+    if not out.is_floating_point() or out.ndim < 1 or out.shape[0] != n:
+        raise LossMismatch(
+            f"the model output {tuple(out.shape)} {out.dtype} is not a float batch "
+            f"with the batch axis first"
+        )
+    if loss == "cross_entropy":
+        if out.ndim != 2 or out.shape[1] < 2:
+            raise LossMismatch(
+                f"cross_entropy needs logits of shape (batch, classes>=2); "
+                f"the model outputs {tuple(out.shape[1:])} per example"
+            )
+        classes = int(out.shape[1])
+        y = torch.randint(0, classes, (n,))
+        return y, {"shape": [None], "dtype": "int64"}, classes
+    y = torch.rand_like(out) if loss == "bce" else torch.randn_like(out)
+    classes = int(out.shape[1]) if loss == "bce" and out.ndim == 2 else None
+    return y, {"shape": [None, *out.shape[1:]], "dtype": "float32"}, classes
+
+
+def _check_buffers_stable(model: nn.Module, x: torch.Tensor) -> None:
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    probe = copy.deepcopy(model).train()
+    with torch.no_grad():
+        probe(x)
+    for name, value in probe.named_buffers():
+        if not torch.equal(value, before[name]):
+            raise UnsupportedModel(
+                f"the model updates buffer {name!r} while training (e.g. BatchNorm running "
+                "statistics); bundle format 1 keeps buffers constant: use GroupNorm/LayerNorm "
+                "or freeze the module in eval mode"
+            )
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    if not tensors:
+        return np.zeros(0, dtype="<f4")
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).numpy().astype("<f4")
+
+
+def _layout(named: Sequence[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
+    out, offset = [], 0
+    for name, t in named:
+        out.append({"name": name, "shape": list(t.shape), "offset": offset})
+        offset += t.numel()
+    return out
+
+
+def _source_of(spec: Any, model: nn.Module) -> str:
+    if isinstance(spec, str):
+        return spec
+    cls = type(model)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _clear_previous(out_dir: Path) -> None:
+    """Reuse ``out_dir`` only if it is empty or holds a previous bundle (whose files go)."""
+    if not out_dir.exists():
+        out_dir.mkdir(parents=True)
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    entries = list(out_dir.iterdir())
+    if not entries:
+        return
+    if not (out_dir / MANIFEST_NAME).is_file():
+        raise FileExistsError(f"{out_dir} is not empty and holds no bundle; refusing to write there")
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def export_bundle(
+    model_or_spec: nn.Module | str | Callable[[], nn.Module],
+    out_dir: Path | str,
+    *,
+    input_shape: Sequence[int],
+    input_dtype: str = "float32",
+    loss: str = "cross_entropy",
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    freeze: Sequence[str] = (),
+    tflite: bool = False,
+    tflite_batch: int | None = None,
+    ort_training: bool = True,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Export a training bundle; returns its verified manifest.
+
+    ``model_or_spec``: a module, a module class / zero-argument factory, or a spec string
+    (``path/to/file.py:Name``, ``package.module:Name``), instantiated after
+    ``torch.manual_seed(seed)``. ``input_shape`` is one example input, batch axis first (the
+    ONNX graphs take any batch size). ``freeze``: parameter-name prefixes kept constant.
+    ``tflite``: also write ``step.tflite``/``infer.tflite`` (needs litert-torch); their batch is
+    fixed at ``tflite_batch`` (default: the example batch if > 1, else 32) and shorter batches
+    are padded and masked by the trainer. Raises ``ExportError`` subclasses for models that
+    cannot be exported, ``ValueError`` for bad options.
+    """
+    say = progress or (lambda _msg: None)
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
+    if input_dtype not in _DTYPES:
+        raise ValueError(f"unsupported input dtype {input_dtype!r} (choose from {sorted(_DTYPES)})")
+    shape = [int(d) for d in input_shape]
+    if len(shape) < 1 or any(d < 1 for d in shape):
+        raise ValueError(f"input shape {tuple(input_shape)} must be positive, batch axis first")
+    opt = OptimizerConfig.make(optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    out_dir = Path(out_dir)
+
+    torch.manual_seed(seed)
+    model = copy.deepcopy(load_model(model_or_spec)).float()
+    named = list(model.named_parameters())
+    frozen_names = _match_freeze([n for n, _ in named], freeze)
+    trainable = [(n, p) for n, p in named if n not in frozen_names]
+    frozen = [(n, p) for n, p in named if n in frozen_names]
+    if not trainable:
+        raise UnsupportedModel("the model has no trainable parameters")
+    for _, p in named:
+        p.requires_grad_(False)  # functional_call supplies the trainable ones
+
+    n = _trace_batch(shape)
+    dtype = _DTYPES[input_dtype]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape[1:], generator=gen).to(dtype)
+    if not dtype.is_floating_point:
+        x = torch.randint(0, 2, (n, *shape[1:]), generator=gen)
+    with torch.no_grad():
+        try:
+            out = model.train()(x)
+        except Exception as e:
+            raise LossMismatch(
+                f"the model fails on an input of shape {tuple(x.shape)} {input_dtype}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+    y, target_spec, num_classes = _target_for(loss, out, n)
+    _check_buffers_stable(model, x)
+
+    fns = StepFunctions(
+        model=model,
+        names=[nm for nm, _ in trainable],
+        shapes=[tuple(p.shape) for _, p in trainable],
+        loss=loss,
+        optimizer=opt,
+    )
+    params = torch.from_numpy(_flat([p for _, p in trainable]).copy())
+    num = params.numel()
+    state = [torch.zeros(num if s.per_parameter else ()) for s in opt.state]
+    scalar = torch.tensor(opt.lr)
+    step_args = [params, *state, x, y, scalar, params.clone(), torch.tensor(0.0)]
+    names = io_names([s.name for s in opt.state])
+    _clear_previous(out_dir)
+
+    graph_args = {"step": step_args, "eval": [params, x, y], "infer": [params, x]}
+    for graph in ("step", "eval", "infer"):
+        say(f"tracing {graph} graph")
+        model.train(graph == "step")
+        gm = trace(fns.function(graph), graph_args[graph], f"{graph} graph")
+        say(f"writing {graph}.onnx")
+        export_onnx(
+            gm,
+            graph_args[graph],
+            out_dir / f"{graph}.onnx",
+            input_names=names[graph]["inputs"],
+            output_names=names[graph]["outputs"],
+            batch_inputs=("x", "y"),
+            what=f"{graph} graph",
+        )
+
+    ort_reason = ort_training_support(opt)
+    ort_files: dict[str, str] | None = None
+    if ort_training:
+        say("writing ORT training artifacts")
+        ort_files = write_ort_artifacts(
+            model,
+            x,
+            out_dir,
+            trainable=fns.names,
+            frozen=[nm for nm, _ in frozen],
+            loss=loss,
+            optimizer=opt,
+        )
+    else:
+        ort_reason = "exported without ORT training artifacts"
+
+    tflite_files: dict[str, str] | None = None
+    tfl_batch = None
+    if tflite:
+        from model_export.tflite import write_tflite
+
+        tfl_batch = tflite_batch or (shape[0] if shape[0] > 1 else 32)
+        say(f"converting to TFLite (batch {tfl_batch})")
+        tflite_files = write_tflite(fns, step_args, out_dir, batch=tfl_batch, seed=seed)
+
+    (out_dir / "params.f32").write_bytes(params.numpy().astype("<f4").tobytes())
+    if frozen:
+        (out_dir / "frozen.f32").write_bytes(_flat([p for _, p in frozen]).tobytes())
+
+    files = {
+        str(p.relative_to(out_dir).as_posix()): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(out_dir.rglob("*"))
+        if p.is_file()
+    }
+    task = "regression" if loss == "mse" else "classification"
+    raw: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {"name": type(model).__name__, "source": _source_of(model_or_spec, model)},
+        "task": task,
+        "num_classes": num_classes,
+        "input": {"shape": [None, *shape[1:]], "dtype": input_dtype},
+        "target": target_spec,
+        "output": {"shape": [None, *out.shape[1:]], "dtype": "float32"},
+        "loss": loss,
+        "optimizer": opt.to_manifest(),
+        "optimizer_state": [
+            {"name": s.name, "shape": [num] if s.per_parameter else []} for s in opt.state
+        ],
+        "parameters": _layout(trainable),
+        "num_parameters": num,
+        "frozen": _layout(frozen),
+        "initial_parameters": "params.f32",
+        "frozen_parameters": "frozen.f32" if frozen else None,
+        "graphs": {
+            "step_onnx": "step.onnx",
+            "eval_onnx": "eval.onnx",
+            "infer_onnx": "infer.onnx",
+            "step_tflite": tflite_files["step"] if tflite_files else None,
+            "infer_tflite": tflite_files["infer"] if tflite_files else None,
+            "ort_training": ort_files,
+        },
+        "signatures": names,
+        "tflite": (
+            {"batch": tfl_batch, "signatures": io_names([s.name for s in opt.state], weighted=True)}
+            if tflite_files
+            else None
+        ),
+        "backends": {
+            "ort-training": {
+                "supported": ort_reason is None,
+                "reason": ort_reason,
+                "fedprox": False,
+            },
+            "ort-step": {"supported": True, "reason": None, "fedprox": True},
+            "litert-step": {
+                "supported": tflite_files is not None,
+                "reason": None if tflite_files else "exported without TFLite files (--tflite)",
+                "fedprox": True,
+            },
+        },
+        "exporter": {"torch": torch.__version__.split("+")[0], "onnx_opset": OPSET},
+        "files": files,
+    }
+    raw["bundle_id"] = bundle_id_of(raw)
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
+    return verify_bundle(out_dir)

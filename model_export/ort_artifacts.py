@@ -1,0 +1,118 @@
+"""ORT training artifacts (training, eval and optimizer models, checkpoint) for
+``onnxruntime-training`` 1.19.2, the last release of ORT's training packages.
+
+What these artifacts cannot express is recorded, not approximated: ORT's SGD has neither
+momentum nor weight decay, and no graph input for a FedProx anchor. AdamW is exact: the
+optimizer node is switched to ``adam_mode=0`` (torch's AdamW: decay before the update, eps after
+the bias correction) instead of the Hugging Face variant ``generate_artifacts`` picks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model_export.config import OptimizerConfig
+from model_export.errors import ExportError
+from model_export.tracing import OPSET, _classify, _quiet
+
+__all__ = ["ORT_DIR", "ORT_FILES", "ort_training_support", "write_ort_artifacts"]
+
+ORT_DIR = "ort"
+ORT_FILES = {
+    "training": f"{ORT_DIR}/training_model.onnx",
+    "eval": f"{ORT_DIR}/eval_model.onnx",
+    "optimizer": f"{ORT_DIR}/optimizer_model.onnx",
+    "checkpoint": f"{ORT_DIR}/checkpoint",
+}
+
+
+def ort_training_support(optimizer: OptimizerConfig) -> str | None:
+    """Why ORT's training artifacts cannot run this optimizer exactly, or None if they can."""
+    if optimizer.name == "sgd" and optimizer.momentum:
+        return "ORT training artifacts have no SGD momentum (use ort-step or litert-step)"
+    if optimizer.name == "sgd" and optimizer.weight_decay:
+        return "ORT training artifacts have no SGD weight decay (use ort-step or litert-step)"
+    return None
+
+
+def write_ort_artifacts(
+    model: nn.Module,
+    sample_x: torch.Tensor,
+    out_dir: Path,
+    *,
+    trainable: Sequence[str],
+    frozen: Sequence[str],
+    loss: str,
+    optimizer: OptimizerConfig,
+) -> dict[str, str]:
+    """Write the artifacts under ``out_dir/ort``; returns the file map for the manifest."""
+    import onnx
+    from onnxruntime.training import artifacts, onnxblock
+
+    art_dir = out_dir / ORT_DIR
+    art_dir.mkdir(parents=True, exist_ok=True)
+    model = model.train()
+    with tempfile.TemporaryDirectory() as tmp:
+        fwd_path = Path(tmp) / "forward.onnx"
+        try:
+            with _quiet():
+                torch.onnx.export(
+                    model,
+                    (sample_x,),
+                    str(fwd_path),
+                    dynamo=False,
+                    training=torch.onnx.TrainingMode.TRAINING,
+                    do_constant_folding=False,
+                    export_params=True,
+                    input_names=["x"],
+                    output_names=["output"],
+                    dynamic_axes={"x": {0: "batch"}, "output": {0: "batch"}},
+                    opset_version=OPSET,
+                )
+        except Exception as e:
+            raise _classify(e, "ORT training artifacts") from e
+        forward = onnx.load(str(fwd_path))
+    loss_type = {
+        "cross_entropy": artifacts.LossType.CrossEntropyLoss,
+        "mse": artifacts.LossType.MSELoss,
+        "bce": artifacts.LossType.BCEWithLogitsLoss,
+    }[loss]
+    optim_block: object
+    if optimizer.name == "adamw":
+        optim_block = onnxblock.optim.AdamW(
+            betas=optimizer.betas, eps=optimizer.eps, weight_decay=optimizer.weight_decay
+        )
+    else:
+        optim_block = artifacts.OptimType.SGD
+    try:
+        with _quiet():
+            artifacts.generate_artifacts(
+                forward,
+                requires_grad=list(trainable),
+                frozen_params=list(frozen),
+                loss=loss_type,
+                optimizer=optim_block,
+                artifact_directory=str(art_dir),
+            )
+    except Exception as e:
+        raise ExportError(f"ORT training artifacts: {type(e).__name__}: {e}") from e
+    if optimizer.name == "adamw":
+        _use_torch_adamw(art_dir / "optimizer_model.onnx")
+    return dict(ORT_FILES)
+
+
+def _use_torch_adamw(path: Path) -> None:
+    import onnx
+
+    opt = onnx.load(str(path))
+    for node in opt.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            for attr in node.attribute:
+                if attr.name == "adam_mode":
+                    attr.i = 0
+    onnx.save(opt, str(path))

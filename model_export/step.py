@@ -1,0 +1,127 @@
+"""The portable train step as plain torch functions of flat tensors, ready to be traced.
+
+Every graph takes the trainable parameters as ONE flat float32 vector in the manifest layout
+(``named_parameters()`` order) and splits it inside; frozen parameters and buffers are baked in
+as constants. Signatures (also the ONNX input/output names, see ``edge_sdk.bundle``)::
+
+    step(params, *state, x, y, lr, anchor, mu[, weight]) -> (loss, params_out, *state_out)
+    eval(params, x, y) -> (loss, output)
+    infer(params, x) -> output
+
+``loss`` is the data loss of the batch before the update. The FedProx term
+``mu/2 * ||params - anchor||^2`` is added to the gradient (``mu * (params - anchor)``) before the
+optimizer, exactly as autograd on the penalised loss would, so it holds for every optimizer;
+``mu = 0`` disables it. ``weight`` (TFLite graphs only, whose batch is fixed) is a per-example
+0/1 mask: the loss is the weighted mean, so a short batch is padded without changing the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value
+
+from model_export.config import OptimizerConfig
+
+__all__ = ["StepFunctions", "data_loss"]
+
+
+def data_loss(
+    loss: str, out: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean loss over the batch (weighted mean over examples when ``weight`` is given)."""
+    if weight is None:
+        if loss == "cross_entropy":
+            return F.cross_entropy(out, y.long())
+        if loss == "mse":
+            return F.mse_loss(out, y)
+        return F.binary_cross_entropy_with_logits(out, y)
+    if loss == "cross_entropy":
+        per_example = F.cross_entropy(out, y.long(), reduction="none")
+    else:
+        fn = F.mse_loss if loss == "mse" else F.binary_cross_entropy_with_logits
+        per_example = fn(out, y, reduction="none").reshape(out.shape[0], -1).mean(dim=1)
+    return (per_example * weight).sum() / weight.sum()
+
+
+@dataclass
+class StepFunctions:
+    """Functional step/eval/infer for one model, loss and optimizer."""
+
+    model: nn.Module
+    names: Sequence[str]
+    shapes: Sequence[tuple[int, ...]]
+    loss: str
+    optimizer: OptimizerConfig
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(torch.Size(s).numel()) for s in self.shapes]
+
+    def _unflatten(self, params: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            p.reshape(s) for p, s in zip(torch.split(params, self.sizes), self.shapes, strict=True)
+        ]
+
+    def _forward(self, pieces: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = functional_call(
+            self.model, dict(zip(self.names, pieces, strict=True)), (x,)
+        )
+        return out
+
+    def infer(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(self._unflatten(params), x)
+
+    def eval(
+        self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.infer(params, x)
+        return data_loss(self.loss, out, y), out
+
+    def step(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``step(params, *state, x, y, lr, anchor, mu[, weight])``: see the module docstring."""
+        n_state = len(self.optimizer.state)
+        params, state = args[0], list(args[1 : 1 + n_state])
+        x, y, lr, anchor, mu, *rest = args[1 + n_state :]
+        weight = rest[0] if rest else None
+
+        def batch_loss(pieces: list[torch.Tensor]) -> torch.Tensor:
+            return data_loss(self.loss, self._forward(pieces, x), y, weight)
+
+        grads, loss = grad_and_value(batch_loss)(self._unflatten(params))
+        grad = torch.cat([g.reshape(-1) for g in grads]) + mu * (params - anchor)
+        new_params, new_state = self._update(params, grad, state, lr)
+        return (loss, new_params, *new_state)
+
+    def _update(
+        self, p: torch.Tensor, g: torch.Tensor, state: list[torch.Tensor], lr: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """torch.optim's single-tensor update, written out in the same order of operations."""
+        opt = self.optimizer
+        if opt.name == "sgd":
+            if opt.weight_decay:
+                g = g + opt.weight_decay * p
+            if opt.momentum:
+                # torch starts the buffer at the first gradient; with dampening 0 that equals
+                # momentum * 0 + g, so a zero initial buffer needs no first-step special case.
+                buf = opt.momentum * state[0] + g
+                return p - lr * buf, [buf]
+            return p - lr * g, []
+        exp_avg, exp_avg_sq, step = state
+        beta1, beta2 = opt.betas
+        step = step + 1
+        p = p * (1 - lr * opt.weight_decay)
+        exp_avg = exp_avg + (g - exp_avg) * (1 - beta1)
+        exp_avg_sq = exp_avg_sq * beta2 + g * g * (1 - beta2)
+        bias_correction1 = 1 - torch.pow(beta1, step)
+        bias_correction2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
+        denom = torch.sqrt(exp_avg_sq) / bias_correction2_sqrt + opt.eps
+        p = p - (lr / bias_correction1) * (exp_avg / denom)
+        return p, [exp_avg, exp_avg_sq, step]
+
+    def function(self, graph: str) -> Callable[..., object]:
+        return {"step": self.step, "eval": self.eval, "infer": self.infer}[graph]

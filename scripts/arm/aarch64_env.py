@@ -1,0 +1,261 @@
+"""An aarch64 CPython with the edge SDK installed, runnable on this x86 machine (no Pi needed).
+
+Owns: building and running the emulated environment under ``.cache/arm/`` (gitignored).
+Everything comes from the package registries, so it works on a fresh clone:
+
+* ``qemu-user-static`` (Debian) runs aarch64 Linux binaries in user mode; no binfmt is needed
+  because we call ``qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11`` explicitly.
+* ``rootfs/``: Debian arm64 packages for CPython 3.11 and its shared libraries, fetched with
+  ``apt-get download`` into a private APT state (the host's package state is not touched) and
+  unpacked with ``dpkg -x``.
+* ``wheels/``: aarch64 wheels of the project's device extras, resolved by
+  ``pip download --platform ..._aarch64`` from the project's own wheel, so the extra's declared
+  dependencies are exactly what gets installed.
+* ``site-edge/``, ``site-litert/``: ``fedge[edge]`` and ``fedge[litert]`` each installed alone
+  (``pip install --target``); a device script runs with one of them as its only site dir.
+
+Each layer is rebuilt only when what decides its content changes (a key in ``build.json``);
+``build.json`` also keeps each layer's cold build time. Must not import project packages: it
+runs before anything is installed and only shells out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = REPO / ".cache" / "arm"
+RECORD = CACHE / "build.json"
+QEMU = "qemu-aarch64-static"
+PYTHON_IN_ROOT = "usr/bin/python3.11"
+
+# Roots of the Debian dependency closure: the interpreter, its stdlib, and the C++ runtime that
+# onnxruntime and LiteRT link against.
+DEB_ROOTS = ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6")
+# Reached through mailcap / dpkg only; a Python process never loads them.
+DEB_SKIP = frozenset(
+    {"perl", "perl-base", "perl-modules-5.36", "libperl5.36", "dpkg", "tar", "install-info",
+     "mailcap", "mime-support", "media-types"}
+)
+# pip matches --platform tags literally (no expansion to older glibc levels), so list the
+# manylinux levels wheels are published under; Debian 12 / Raspberry Pi OS 12 have glibc 2.36.
+PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64",
+             "manylinux2014_aarch64")
+PIP_TARGET = ("--only-binary=:all:", *(f"--platform={p}" for p in PLATFORMS),
+              "--python-version=3.11", "--implementation=cp", "--abi=cp311")
+CONSTRAINTS = (REPO / "constraints.txt", Path(__file__).with_name("constraints-aarch64.txt"))
+# What the project wheel is built from; a change reinstalls the site dirs (seconds, not minutes).
+PROJECT_SOURCES = ("pyproject.toml", "README.md", "edge_sdk", "model_export", "coordinator",
+                   "fedge")
+EXTRAS = ("edge", "litert")
+
+
+def log(msg: str) -> None:
+    print(f"[arm] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Env:
+    """A built environment: where things are and how long building them took (cold)."""
+
+    root: Path
+    sites: dict[str, Path]
+    build_seconds: dict[str, float]
+    rebuilt: tuple[str, ...]
+
+    @property
+    def env_build_seconds(self) -> float:
+        return round(sum(self.build_seconds.values()), 1)
+
+    def command(self, extra: str, args: Sequence[str]) -> list[str]:
+        # -S: no site module, so no dist-packages dir (the root's or, through qemu's -L
+        # fallback, the host's) is on sys.path; the extra's site dir is the only one.
+        return [QEMU, "-L", str(self.root), str(self.root / PYTHON_IN_ROOT), "-S", *args]
+
+    def environ(self, extra: str) -> dict[str, str]:
+        return {
+            "PATH": "/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "HOME": str(CACHE),
+            "PYTHONPATH": str(self.sites[extra]),
+            "PYTHONNOUSERSITE": "1",
+        }
+
+    def run(self, extra: str, args: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        """Run the aarch64 python with ``args`` and the ``extra``'s site dir only."""
+        return subprocess.run(  # type: ignore[call-overload, no-any-return]
+            self.command(extra, args), env=self.environ(extra), text=True, **kw
+        )
+
+
+def _sh(cmd: Sequence[str], **kw: object) -> str:
+    out = subprocess.run(cmd, check=True, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+    return str(out.stdout)
+
+
+def _pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--quiet", *args], check=True)
+
+
+def _digest(*parts: object) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, Path):
+            files = sorted(p.rglob("*")) if p.is_dir() else [p]
+            for f in files:
+                if f.is_file() and "__pycache__" not in f.parts:
+                    h.update(str(f.relative_to(REPO) if f.is_relative_to(REPO) else f).encode())
+                    h.update(f.read_bytes())
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()
+
+
+def _layer(record: dict[str, dict[str, object]], rebuilt: list[str], name: str, key: str,
+           path: Path | None, build: Callable[[], None]) -> None:
+    entry = record.get(name, {})
+    if entry.get("key") == key and (path is None or path.exists()):
+        log(f"{name}: up to date (cold build took {entry['seconds']} s)")
+        return
+    log(f"{name}: building")
+    if path is not None and path.exists():
+        shutil.rmtree(path)
+    t0 = time.perf_counter()
+    build()
+    seconds = round(time.perf_counter() - t0, 1)
+    record[name] = {"key": key, "seconds": seconds}
+    rebuilt.append(name)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    RECORD.write_text(json.dumps(record, indent=2) + "\n")
+    log(f"{name}: built in {seconds} s")
+
+
+def _install_qemu() -> None:
+    if shutil.which(QEMU):
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(f"{QEMU} is missing: run `sudo apt-get install qemu-user-static`")
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "qemu-user-static"], check=True,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def _apt_options(state: Path) -> list[str]:
+    # A private APT state: arm64 package lists and downloads never touch the host's.
+    return [
+        "-oAPT::Architecture=arm64", "-oAPT::Architectures=arm64",
+        f"-oDir::State={state / 'state'}", f"-oDir::State::status={state / 'state' / 'status'}",
+        f"-oDir::Cache={state / 'cache'}", "-oAPT::Sandbox::User=root", "-oDebug::NoLocking=1",
+    ]
+
+
+def _build_rootfs(root: Path) -> None:
+    apt = CACHE / "apt"
+    shutil.rmtree(apt, ignore_errors=True)
+    (apt / "state" / "lists" / "partial").mkdir(parents=True)
+    (apt / "cache" / "archives" / "partial").mkdir(parents=True)
+    (apt / "state" / "status").touch()
+    opts = _apt_options(apt)
+    log("rootfs: apt-get update (arm64 lists, private state)")
+    _sh(["apt-get", *opts, "-q", "update"])
+    closure = _sh(["apt-cache", *opts, "depends", "--recurse", "--no-recommends",
+                   "--no-suggests", "--no-conflicts", "--no-breaks", "--no-replaces",
+                   "--no-enhances", *DEB_ROOTS])
+    # Top-level lines are package names; indented lines are their dependency edges and
+    # "<name>" lines are virtual packages that some real package provides.
+    names = sorted({line for line in closure.splitlines()
+                    if line and not line.startswith((" ", "<")) and line not in DEB_SKIP})
+    debs = apt / "debs"
+    debs.mkdir()
+    log(f"rootfs: apt-get download {len(names)} arm64 packages")
+    _sh(["apt-get", *opts, "download", *names], cwd=debs)
+    root.mkdir(parents=True)
+    for deb in sorted(debs.glob("*.deb")):
+        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    (root / "fedge-packages.txt").write_text(
+        "\n".join(sorted(d.name for d in debs.glob("*.deb"))) + "\n")
+    shutil.rmtree(apt)
+
+
+def _build_project_wheel(dist: Path) -> Path:
+    # Built from a copy so that no build/ or egg-info lands in the shared work tree.
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        for name in PROJECT_SOURCES:
+            p = REPO / name
+            if p.is_dir():
+                shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(p, src / name)
+        shutil.rmtree(dist, ignore_errors=True)
+        _pip("wheel", "--no-deps", "--wheel-dir", str(dist), str(src))
+    (wheel,) = dist.glob("fedge-*.whl")
+    return wheel
+
+
+def _constraint_args() -> list[str]:
+    return [a for c in CONSTRAINTS for a in ("-c", str(c))]
+
+
+def _download_wheels(wheels: Path) -> None:
+    wheel = _build_project_wheel(CACHE / "dist-resolve")
+    spec = f"{wheel}[{','.join(EXTRAS)}]"
+    log(f"wheels: pip download --platform aarch64 {spec.split('/')[-1]}")
+    _pip("download", *PIP_TARGET, *_constraint_args(), "--dest", str(wheels), spec)
+    (wheels / wheel.name).unlink()  # the project wheel is rebuilt with the site dirs
+
+
+def _install_sites(sites: dict[str, Path], wheels: Path) -> None:
+    wheel = _build_project_wheel(CACHE / "dist")
+    for extra, site in sites.items():
+        shutil.rmtree(site, ignore_errors=True)
+        log(f"{site.name}: pip install --target fedge[{extra}] (aarch64 wheels only)")
+        _pip("install", *PIP_TARGET, *_constraint_args(), "--no-index",
+             "--find-links", str(wheels), "--target", str(site), f"{wheel}[{extra}]")
+        shutil.rmtree(site / "bin", ignore_errors=True)  # x86 launcher of the console script
+
+
+def ensure_env() -> Env:
+    """Build (or reuse) the environment, printing progress to stderr."""
+    record: dict[str, dict[str, object]] = (
+        json.loads(RECORD.read_text()) if RECORD.exists() else {})
+    rebuilt: list[str] = []
+    root, wheels = CACHE / "rootfs", CACHE / "wheels"
+    sites = {extra: CACHE / f"site-{extra}" for extra in EXTRAS}
+    _layer(record, rebuilt, "qemu", "qemu-user-static", None, _install_qemu)
+    _layer(record, rebuilt, "rootfs", _digest(DEB_ROOTS, sorted(DEB_SKIP)), root,
+           lambda: _build_rootfs(root))
+    _layer(record, rebuilt, "wheels", _digest(PIP_TARGET, EXTRAS, REPO / "pyproject.toml",
+                                              *CONSTRAINTS), wheels,
+           lambda: _download_wheels(wheels))
+    site_key = _digest(record["wheels"]["key"], *(REPO / s for s in PROJECT_SOURCES))
+    if any(not s.exists() for s in sites.values()):
+        record.pop("sites", None)
+    _layer(record, rebuilt, "sites", site_key, None, lambda: _install_sites(sites, wheels))
+    seconds = {k: float(v["seconds"]) for k, v in record.items()}  # type: ignore[arg-type]
+    return Env(root=root, sites=sites, build_seconds=seconds, rebuilt=tuple(rebuilt))
+
+
+def main() -> int:
+    env = ensure_env()
+    out = env.run("edge", ["-c", "import platform, onnxruntime, numpy; print(platform.machine())"],
+                  capture_output=True, check=True)
+    log(f"aarch64 python says: {out.stdout.strip()}")
+    print(json.dumps({"machine": out.stdout.strip(), "env_build_seconds": env.env_build_seconds,
+                      "layers": env.build_seconds}))
+    return 0 if out.stdout.strip() == "aarch64" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
