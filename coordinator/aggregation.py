@@ -72,14 +72,14 @@ class ServerOptimizerSpec:
     @classmethod
     def from_json(cls, obj: Any) -> ServerOptimizerSpec:
         f = Fields(obj if obj is not None else {}, "plan.server_optimizer")
-        name = f.str("name", "fedavg", choices=_DEFAULT_LR.keys())
+        name = f.string("name", "fedavg", choices=_DEFAULT_LR.keys())
         out = cls(
             name=name,
-            lr=f.float("lr", _DEFAULT_LR[name], minimum=0.0, exclusive_min=True),
-            momentum=f.float("momentum", 0.9, minimum=0.0, maximum=1.0),
-            beta1=f.float("beta1", 0.9, minimum=0.0, maximum=1.0),
-            beta2=f.float("beta2", 0.99, minimum=0.0, maximum=1.0),
-            tau=f.float("tau", 1e-3, minimum=0.0, exclusive_min=True),
+            lr=f.number("lr", _DEFAULT_LR[name], minimum=0.0, exclusive_min=True),
+            momentum=f.number("momentum", 0.9, minimum=0.0, maximum=1.0),
+            beta1=f.number("beta1", 0.9, minimum=0.0, maximum=1.0),
+            beta2=f.number("beta2", 0.99, minimum=0.0, maximum=1.0),
+            tau=f.number("tau", 1e-3, minimum=0.0, exclusive_min=True),
         )
         f.done()
         return out
@@ -108,8 +108,9 @@ class ServerOptimizer(ABC):
         return {name: np.zeros(n, dtype=np.float64) for name in self.state_names}
 
     @abstractmethod
-    def step(self, params: np.ndarray, delta: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        ...
+    def step(
+        self, params: np.ndarray, delta: np.ndarray, state: State
+    ) -> tuple[np.ndarray, State]: ...
 
     def pack_state(self, state: State) -> bytes:
         """The state vectors as one little-endian float64 blob, in ``state_names`` order."""
@@ -121,7 +122,9 @@ class ServerOptimizer(ABC):
         flat = np.frombuffer(data, dtype="<f8")
         if flat.size != n * len(self.state_names):
             raise ValueError("stored optimizer state does not match the model size")
-        return {k: flat[i * n : (i + 1) * n].astype(np.float64) for i, k in enumerate(self.state_names)}
+        return {
+            k: flat[i * n : (i + 1) * n].astype(np.float64) for i, k in enumerate(self.state_names)
+        }
 
 
 class FedAvg(ServerOptimizer):

@@ -4,7 +4,8 @@ Pure and persistence-agnostic: it holds one running float64 sum of model size, w
 number of updates, and knows nothing of HTTP or SQLite. The coordinator persists every
 accepted update before acknowledging it; after a crash it rebuilds the buffer by folding the
 accepted-but-uncommitted updates again in acceptance order (:meth:`AsyncBuffer.replay`), which
-gives bit-for-bit the sum the lost process held, or restores a saved :meth:`AsyncBuffer.state`.
+gives bit-for-bit the sum the lost process held (and the commit it may not have finished),
+or restores a saved :meth:`AsyncBuffer.state`.
 
 The aggregate of one buffer, for updates ``d_i`` with ``n_i`` examples and staleness ``s_i``::
 
@@ -31,6 +32,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from coordinator.aggregation import RunningSum
 from coordinator.staleness import PlanError, StalenessPolicy, TooStale
 
 __all__ = [
@@ -100,7 +102,7 @@ class Commit:
     """A full buffer: the aggregated delta that makes version ``version`` from ``version - 1``."""
 
     version: int
-    delta: np.ndarray  # float32, model size
+    delta: np.ndarray  # float64, model size: hand it to the server optimizer
     num_updates: int
     num_examples: int
     mean_staleness: float
@@ -128,14 +130,17 @@ class AsyncBuffer:
         self.num_parameters = num_parameters
         self.config = config
         self.version = version
-        self._sum = np.zeros(num_parameters, dtype=np.float64)
-        self._count = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        # The sync mode's streaming sum, fed staleness-scaled weights; examples apart.
+        self._sum = RunningSum(self.num_parameters)
         self._examples = 0
         self._staleness_sum = 0
         self._staleness_max = 0
 
     def __len__(self) -> int:
-        return self._count
+        return self._sum.count
 
     def staleness_of(self, base_version: int) -> int:
         return self.version - base_version
@@ -167,26 +172,25 @@ class AsyncBuffer:
         """Add one update; on the K-th, return the commit and start the next version's buffer."""
         staleness = self.check(delta, num_examples, base_version)
         weight = num_examples * self.config.staleness.weight(staleness)
-        self._sum += weight * delta.astype(np.float64, copy=False)
-        self._count += 1
+        self._sum.fold(delta, weight)
         self._examples += int(num_examples)
         self._staleness_sum += staleness
         self._staleness_max = max(self._staleness_max, staleness)
-        commit = self._commit() if self._count >= self.config.buffer_k else None
-        return Fold(staleness, weight, self._count, commit)
+        commit = self._commit() if len(self) >= self.config.buffer_k else None
+        return Fold(staleness, weight, len(self), commit)
 
     def _commit(self) -> Commit:
+        count = len(self)
         commit = Commit(
             version=self.version + 1,
-            delta=(self._sum / self._examples).astype(np.float32),
-            num_updates=self._count,
+            delta=self._sum.total / self._examples,
+            num_updates=count,
             num_examples=self._examples,
-            mean_staleness=self._staleness_sum / self._count,
+            mean_staleness=self._staleness_sum / count,
             max_staleness=self._staleness_max,
         )
         self.version += 1
-        self._sum[:] = 0.0
-        self._count = self._examples = self._staleness_sum = self._staleness_max = 0
+        self._reset()
         return commit
 
     @classmethod
@@ -196,37 +200,43 @@ class AsyncBuffer:
         config: AsyncConfig,
         version: int,
         updates: Iterable[BufferedUpdate],
-    ) -> AsyncBuffer:
+    ) -> tuple[AsyncBuffer, Commit | None]:
         """The buffer after folding ``updates`` (accepted, not yet committed) onto ``version``.
 
-        The updates were accepted, so they must all still fit: a commit or a refusal here
-        means the stored history is inconsistent, which is an error, not something to skip.
+        If the last update filled the buffer, the process died between storing it and
+        committing the version: the commit is returned for the caller to finish. A full
+        buffer before the last update, or an update refused now, means the stored history
+        is inconsistent, which is an error, not something to skip.
         """
         buf = cls(num_parameters, config, version)
+        pending: Commit | None = None
         for u in updates:
-            if buf.fold(u.delta, u.num_examples, u.base_version).commit is not None:
+            if pending is not None:
                 raise ValueError(
-                    f"replay of version {version}'s buffer reached buffer_k: the commit was lost"
+                    f"version {version}'s buffer holds more than buffer_k={config.buffer_k} updates"
                 )
-        return buf
+            pending = buf.fold(u.delta, u.num_examples, u.base_version).commit
+        return buf, pending
 
     def state(self) -> dict[str, Any]:
         """Everything :meth:`from_state` needs; ``sum`` is the float64 running sum."""
         return {
             "version": self.version,
-            "count": self._count,
+            "count": self._sum.count,
+            "weight": self._sum.weight,
             "examples": self._examples,
             "staleness_sum": self._staleness_sum,
             "staleness_max": self._staleness_max,
-            "sum": self._sum.copy(),
+            "sum": self._sum.total.copy(),
         }
 
     @classmethod
     def from_state(cls, config: AsyncConfig, state: Mapping[str, Any]) -> AsyncBuffer:
         total = np.asarray(state["sum"], dtype=np.float64)
         buf = cls(int(total.shape[0]), config, int(state["version"]))
-        buf._sum[:] = total
-        buf._count = int(state["count"])
+        buf._sum.total[:] = total
+        buf._sum.count = int(state["count"])
+        buf._sum.weight = float(state["weight"])
         buf._examples = int(state["examples"])
         buf._staleness_sum = int(state["staleness_sum"])
         buf._staleness_max = int(state["staleness_max"])

@@ -29,7 +29,7 @@ class PacingConfig:
     max_retry_s: float = 3600.0  # nor later
     jitter: float = 0.5  # retry = interval * U(1 - jitter, 1 + jitter)
     headroom: float = 1.5  # ask for this many times the check-ins a round strictly needs
-    horizon_s: float = 900.0  # devices seen within this horizon count as the population
+    horizon_s: float = 120.0  # a device overdue by more than this leaves the population
     selection_return_spread_s: float = 2.0  # candidates return within this after the window
     no_task_retry_s: float = 60.0  # mean retry when there is nothing to do
 
@@ -106,4 +106,6 @@ def _check_keys(cls: type, raw: Any, where: str) -> None:
             if value is None and "None" in str(f.type):
                 ok = True
             if not ok:
-                raise ConfigError(f"config {where}{'.' if where else ''}{f.name}: bad value {value!r}")
+                raise ConfigError(
+                    f"config {where}{'.' if where else ''}{f.name}: bad value {value!r}"
+                )

@@ -3,8 +3,9 @@
 The aim (Bonawitz et al. 2019) is that check-ins reach the coordinator at the rate the next
 rounds need, evenly spread, rather than all devices coming back at once. With
 
-* ``N``: devices of the population seen within ``horizon_s`` (the population currently
-  checking in),
+* ``N``: the population currently checking in: devices that checked in within ``horizon_s``,
+  or that were told to come back and are not more than ``horizon_s`` overdue (a device that
+  does not return drops out of ``N`` by itself),
 * ``R``: devices a round needs (its target, goal x over-selection),
 * ``P``: the round period in seconds (mean duration of the task's recent rounds, or
   ``selection_window_s + round_deadline_s`` before any round closed),
@@ -21,8 +22,8 @@ waits ``no_task_retry_s · U(1 - j, 1 + j)``.
 
 from __future__ import annotations
 
+import heapq
 import random
-from collections import OrderedDict
 
 from coordinator.config import PacingConfig
 
@@ -33,22 +34,33 @@ class PaceSteering:
     def __init__(self, config: PacingConfig, rng: random.Random) -> None:
         self.config = config
         self.rng = rng
-        # device_id -> last check-in, oldest first; kept in memory only: a pacing estimate
-        # that a restart resets is harmless, a write per check-in is not free.
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        # device_id -> time after which it no longer counts, plus a lazy min-heap over it.
+        # In memory only: a pacing estimate that a restart resets is harmless, a database
+        # write per check-in is not free.
+        self._expiry: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def _keep(self, device_id: str, until: float) -> None:
+        self._expiry[device_id] = until
+        heapq.heappush(self._heap, (until, device_id))
+        if len(self._heap) > 4 * len(self._expiry) + 1024:
+            self._heap = [(t, d) for d, t in self._expiry.items()]
+            heapq.heapify(self._heap)
 
     def saw(self, device_id: str, now: float) -> None:
-        self._seen[device_id] = now
-        self._seen.move_to_end(device_id)
+        """A device checked in."""
+        self._keep(device_id, now + self.config.horizon_s)
+
+    def expect(self, device_id: str, return_at: float) -> None:
+        """A device was told to come back at ``return_at``."""
+        self._keep(device_id, return_at + self.config.horizon_s)
 
     def population(self, now: float) -> int:
-        horizon = now - self.config.horizon_s
-        while self._seen:
-            oldest = next(iter(self._seen.values()))
-            if oldest >= horizon:
-                break
-            self._seen.popitem(last=False)
-        return max(1, len(self._seen))
+        while self._heap and self._heap[0][0] < now:
+            until, device_id = heapq.heappop(self._heap)
+            if self._expiry.get(device_id) == until:
+                del self._expiry[device_id]
+        return max(1, len(self._expiry))
 
     def interval(self, now: float, needed_per_round: int, round_period_s: float) -> float:
         c = self.config

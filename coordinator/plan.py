@@ -12,18 +12,23 @@ part a device receives in its assignment.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.aggregation import ServerOptimizerSpec
+from coordinator.async_buffer import AsyncConfig
+from coordinator.eligibility import TaskEligibility
+from coordinator.errors import InvalidRequest
+from coordinator.staleness import PlanError
+from coordinator.validation import Fields
 from edge_sdk.codecs.spec import CodecSpec, CodecSpecError
 
-from coordinator.aggregation import ServerOptimizerSpec
-from coordinator.eligibility import EligibilityPolicy
-from coordinator.errors import InvalidRequest
-from coordinator.validation import Fields
-
 __all__ = ["TaskPlan"]
+
+# Plan keys of the async mode, read by AsyncConfig.from_plan.
+ASYNC_FIELDS = ("buffer_k", "max_concurrency", "staleness", "max_staleness")
 
 
 @dataclass(frozen=True)
@@ -44,12 +49,17 @@ class TaskPlan:
     prox_mu: float = 0.0
     recheck_every_steps: int = 5
     codec: CodecSpec = field(default_factory=lambda: CodecSpec("fp32"))
-    eligibility: EligibilityPolicy = field(default_factory=EligibilityPolicy)
+    eligibility: TaskEligibility = field(default_factory=TaskEligibility)
     # server side
     server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
     max_update_norm: float | None = 1e4  # L2 norm of a delta; None: unbounded
     max_examples: int = 1_000_000  # an update claiming more is refused (it would dominate)
     eval_goal: int | None = None  # evaluation rounds' goal; None: same as goal
+    # sync straggler policy: select exactly goal devices and close when all of them reported
+    # or gave up (or at the deadline), instead of over-selecting and taking the first goal.
+    wait_for_all: bool = False
+    # async mode (coordinator.rounds.buffered): buffer_k, max_concurrency, staleness policy
+    buffer: AsyncConfig = field(default_factory=AsyncConfig)
 
     @property
     def target(self) -> int:
@@ -67,35 +77,43 @@ class TaskPlan:
         except CodecSpecError as e:
             raise InvalidRequest(f"plan.codec: {e}") from e
         plan = cls(
-            rounds=f.int("rounds", 10, minimum=1, maximum=1_000_000),
-            goal=f.int("goal", 10, minimum=1, maximum=1_000_000),
-            over_selection=f.float("over_selection", 1.3, minimum=1.0, maximum=10.0),
-            min_reporting_fraction=f.float(
+            rounds=f.integer("rounds", 10, minimum=1, maximum=1_000_000),
+            goal=f.integer("goal", 10, minimum=1, maximum=1_000_000),
+            over_selection=f.number("over_selection", 1.3, minimum=1.0, maximum=10.0),
+            min_reporting_fraction=f.number(
                 "min_reporting_fraction", 0.8, minimum=0.0, maximum=1.0, exclusive_min=True
             ),
-            selection_window_s=f.float("selection_window_s", 10.0, minimum=0.0, maximum=86400.0),
-            round_deadline_s=f.float(
+            selection_window_s=f.number("selection_window_s", 10.0, minimum=0.0, maximum=86400.0),
+            round_deadline_s=f.number(
                 "round_deadline_s", 120.0, minimum=0.0, maximum=7 * 86400.0, exclusive_min=True
             ),
-            max_candidates_factor=f.float("max_candidates_factor", 4.0, minimum=1.0, maximum=100.0),
-            epochs=f.int("epochs", 1, minimum=1, maximum=10_000),
-            steps=f.int("steps", None, minimum=1, maximum=10_000_000),
-            batch_size=f.int("batch_size", 32, minimum=1, maximum=1_000_000),
-            lr=f.float("lr", 0.05, minimum=0.0, exclusive_min=True),
-            lr_decay=f.float("lr_decay", 1.0, minimum=0.0, maximum=1.0, exclusive_min=True),
-            prox_mu=f.float("prox_mu", 0.0, minimum=0.0),
-            recheck_every_steps=f.int("recheck_every_steps", 5, minimum=1),
+            max_candidates_factor=f.number(
+                "max_candidates_factor", 4.0, minimum=1.0, maximum=100.0
+            ),
+            epochs=f.integer("epochs", 1, minimum=1, maximum=10_000),
+            steps=f.integer("steps", None, minimum=1, maximum=10_000_000),
+            batch_size=f.integer("batch_size", 32, minimum=1, maximum=1_000_000),
+            lr=f.number("lr", 0.05, minimum=0.0, exclusive_min=True),
+            lr_decay=f.number("lr_decay", 1.0, minimum=0.0, maximum=1.0, exclusive_min=True),
+            prox_mu=f.number("prox_mu", 0.0, minimum=0.0),
+            recheck_every_steps=f.integer("recheck_every_steps", 5, minimum=1),
             codec=codec,
-            eligibility=EligibilityPolicy.from_json(f.raw("eligibility")),
+            eligibility=TaskEligibility.from_json(f.raw("eligibility")),
             server_optimizer=ServerOptimizerSpec.from_json(f.raw("server_optimizer")),
-            max_update_norm=f.float("max_update_norm", 1e4, minimum=0.0, exclusive_min=True)
-            if "max_update_norm" not in f.obj or f.obj["max_update_norm"] is not None
-            else None,
-            max_examples=f.int("max_examples", 1_000_000, minimum=1),
-            eval_goal=f.int("eval_goal", None, minimum=1, maximum=1_000_000),
+            # An explicit null lifts the bound; absent means the default.
+            max_update_norm=None
+            if "max_update_norm" in f.obj and f.raw("max_update_norm") is None
+            else f.number("max_update_norm", 1e4, minimum=0.0, exclusive_min=True),
+            max_examples=f.integer("max_examples", 1_000_000, minimum=1),
+            eval_goal=f.integer("eval_goal", None, minimum=1, maximum=1_000_000),
+            wait_for_all=f.boolean("wait_for_all", False),
+            buffer=_async_config(f),
         )
-        f.raw("max_update_norm")
         f.done()
+        if plan.wait_for_all:
+            if f.has("over_selection") and plan.over_selection != 1.0:
+                raise InvalidRequest("plan.over_selection must be 1 (or absent) with wait_for_all")
+            plan = dataclasses.replace(plan, over_selection=1.0)
         return plan
 
     def to_json(self) -> dict[str, Any]:
@@ -113,6 +131,8 @@ class TaskPlan:
             "max_update_norm": self.max_update_norm,
             "max_examples": self.max_examples,
             "eval_goal": self.eval_goal,
+            "wait_for_all": self.wait_for_all,
+            **self.buffer.to_plan(),
         }
 
     def client_json(self) -> dict[str, Any]:
@@ -126,3 +146,10 @@ class TaskPlan:
             "codec": self.codec.to_json(),
             "recheck_every_steps": self.recheck_every_steps,
         }
+
+
+def _async_config(f: Fields) -> AsyncConfig:
+    try:
+        return AsyncConfig.from_plan({k: f.raw(k) for k in ASYNC_FIELDS if k in f.obj})
+    except PlanError as e:
+        raise InvalidRequest(f"plan: {e}") from e

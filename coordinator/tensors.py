@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from coordinator.errors import InvalidRequest, Unprocessable
 from edge_sdk.codecs import UpdateError, decode_update
 from edge_sdk.frame import encode_tensor
 from edge_sdk.protocol import ErrorCode
-
-from coordinator.errors import InvalidRequest, Unprocessable
 
 __all__ = ["check_delta", "decode_delta", "encode_params", "params_from_bytes", "params_to_bytes"]
 

@@ -4,7 +4,7 @@
 ::
 
     >>> r = Fields({"goal": 10}, "plan")
-    >>> r.int("goal", 5, minimum=1)
+    >>> r.integer("goal", 5, minimum=1)
     10
     >>> r.done()   # raises on keys nobody read
 """
@@ -40,8 +40,13 @@ class Fields:
     def raw(self, key: str) -> Any:
         return self._get(key)
 
-    def int(
-        self, key: str, default: int | None, *, minimum: int | None = None, maximum: int | None = None
+    def integer(
+        self,
+        key: str,
+        default: int | None,
+        *,
+        minimum: int | None = None,
+        maximum: int | None = None,
     ) -> Any:
         value = self._get(key)
         if value is None:
@@ -54,7 +59,7 @@ class Fields:
             raise self._fail(key, f"in [{minimum}, {maximum}]")
         return value
 
-    def float(
+    def number(
         self,
         key: str,
         default: float | None,
@@ -66,7 +71,11 @@ class Fields:
         value = self._get(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise self._fail(key, "a finite number")
         value = float(value)
         if minimum is not None and (value < minimum or (exclusive_min and value == minimum)):
@@ -75,7 +84,9 @@ class Fields:
             raise self._fail(key, f"<= {maximum}")
         return value
 
-    def str(self, key: str, default: str | None, *, max_len: int = 256, choices: Any = None) -> Any:
+    def string(
+        self, key: str, default: str | None, *, max_len: int = 256, choices: Any = None
+    ) -> Any:
         value = self._get(key)
         if value is None:
             return default
@@ -85,7 +96,7 @@ class Fields:
             raise self._fail(key, f"one of {', '.join(sorted(choices))}")
         return value
 
-    def bool(self, key: str, default: bool | None) -> Any:
+    def boolean(self, key: str, default: bool | None) -> Any:
         value = self._get(key)
         if value is None:
             return default
@@ -93,7 +104,7 @@ class Fields:
             raise self._fail(key, "true or false")
         return value
 
-    def str_list(self, key: str, default: list[str] | None, *, max_items: int = 64) -> Any:
+    def strings(self, key: str, default: list[str] | None, *, max_items: int = 64) -> Any:
         value = self._get(key)
         if value is None:
             return default
@@ -105,7 +116,7 @@ class Fields:
             raise self._fail(key, f"a list of at most {max_items} short strings")
         return list(value)
 
-    def object(self, key: str) -> Fields:
+    def child(self, key: str) -> Fields:
         value = self._get(key)
         return Fields({} if value is None else value, f"{self.where}.{key}")
 

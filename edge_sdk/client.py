@@ -24,16 +24,18 @@ itself holds its transport (one idle keep-alive socket), its data and a few smal
 Usage::
 
     client = Client("http://coordinator:8080", state_dir="~/.fedge", data=(x, y),
-                    conditions=LinuxConditions())
+                    conditions=default_provider())
     client.run_forever()
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import platform
 import random
 import sys
@@ -48,13 +50,12 @@ import numpy as np
 
 from edge_sdk.cache import BundleCache
 from edge_sdk.codecs import CODECS, decode_update, encode_update
-from edge_sdk.conditions import DeviceConditions, EligibilityPolicy
+from edge_sdk.conditions import ConditionsProvider, DeviceConditions, EligibilityPolicy
 from edge_sdk.data import Dataset, as_dataset
 from edge_sdk.errors import (
     ApiError,
     ClientError,
     ConditionsLapsed,
-    Conflict,
     DuplicateUpload,
     TransportError,
     Unauthorized,
@@ -78,13 +79,6 @@ ABORTED = "aborted"  # conditions lapsed during training; the coordinator was to
 REJECTED = "rejected"  # the coordinator refused the upload (late, stale, bad update)
 FAILED = "failed"  # network or local error; retried after a growing backoff
 ACTIONS = (INELIGIBLE, WAIT, TRAINED, EVALUATED, ABORTED, REJECTED, FAILED)
-
-
-class ConditionsSource:
-    """What the client needs from a conditions provider (see :mod:`edge_sdk.conditions`)."""
-
-    def read(self) -> DeviceConditions:  # pragma: no cover - a protocol
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -114,7 +108,7 @@ class Outcome:
 
 
 def _platform_name() -> str:
-    if hasattr(sys, "getandroidapilevel") or "ANDROID_ROOT" in __import__("os").environ:
+    if hasattr(sys, "getandroidapilevel") or "ANDROID_ROOT" in os.environ:
         return "android"
     return sys.platform
 
@@ -130,7 +124,7 @@ class Client:
         *,
         state_dir: Path | str,
         data: Dataset | tuple[np.ndarray, np.ndarray] | Path | str,
-        conditions: ConditionsSource,
+        conditions: ConditionsProvider,
         policy: EligibilityPolicy | None = None,
         eval_data: Dataset | tuple[np.ndarray, np.ndarray] | Path | str | None = None,
         config: ClientConfig | None = None,
@@ -177,6 +171,10 @@ class Client:
                 outcome = self._run_once()
             except (ClientError, OSError, ValueError) as e:
                 log.warning("run failed: %s", e)
+                outcome = self._failed(e)
+            except (KeyError, TypeError) as e:
+                # A coordinator answer without the fields the protocol promises.
+                log.warning("run failed on a malformed answer", exc_info=True)
                 outcome = self._failed(e)
             else:
                 if outcome.action != FAILED:
@@ -296,8 +294,8 @@ class Client:
 
     def _assignment(self, action: str, a: dict[str, Any]) -> Outcome:
         assignment_id = str(a["assignment_id"])
-        ids = {"assignment_id": assignment_id, "task_id": str(a["task_id"]),
-               "round": int(a["round"])}
+        ids: dict[str, Any] = {"assignment_id": assignment_id, "task_id": str(a["task_id"]),
+                               "round": int(a["round"])}
         down0 = self.transport.bytes_received
         started = self._clock()
         try:
@@ -377,7 +375,7 @@ class Client:
                 return Outcome(REJECTED, self._jittered(self.config.after_assignment_s),
                                metrics=metrics, error=e.code, **ids)
             # Our first attempt was cut off after the coordinator had counted it.
-        except (Conflict, ApiError) as e:
+        except ApiError as e:
             if isinstance(e, Unauthorized) or e.status >= 500:
                 raise
             return Outcome(REJECTED, self._jittered(self.config.after_assignment_s),
@@ -440,8 +438,6 @@ class AsyncClient(Client):
             if stop is None:
                 await asyncio.sleep(outcome.next_run_in_s)
                 continue
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), outcome.next_run_in_s)
-            except asyncio.TimeoutError:
-                pass
         return runs

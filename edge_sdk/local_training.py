@@ -82,9 +82,9 @@ class Plan:
         if "lr" not in obj:
             raise PlanError("plan lacks 'lr'")
         try:
-            epochs, steps = num("epochs", None, int), num("steps", None, int)
-            if epochs is None and steps is None:
-                epochs = 1
+            # A step count, when given, replaces epochs (the coordinator sends both keys).
+            steps = num("steps", None, int)
+            epochs = None if steps is not None else num("epochs", 1, int)
             return cls(
                 batch_size=num("batch_size", 32, int),
                 lr=num("lr", None, float),

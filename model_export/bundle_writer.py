@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,23 +133,21 @@ def _source_of(spec: Any, model: nn.Module) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _clear_previous(out_dir: Path) -> None:
-    """Reuse ``out_dir`` only if it is empty or holds a previous bundle (whose files go)."""
+def _check_target(out_dir: Path) -> None:
+    """Overwrite ``out_dir`` only if it is absent, empty or a previous bundle."""
     if not out_dir.exists():
-        out_dir.mkdir(parents=True)
         return
     if not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
-    entries = list(out_dir.iterdir())
-    if not entries:
-        return
-    if not (out_dir / MANIFEST_NAME).is_file():
+    if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise FileExistsError(f"{out_dir} is not empty and holds no bundle; refusing to write there")
-    for entry in entries:
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    _check_target(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
 
 
 def export_bundle(
@@ -179,7 +179,6 @@ def export_bundle(
     are padded and masked by the trainer. Raises ``ExportError`` subclasses for models that
     cannot be exported, ``ValueError`` for bad options.
     """
-    say = progress or (lambda _msg: None)
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
     if input_dtype not in _DTYPES:
@@ -190,6 +189,61 @@ def export_bundle(
     opt = OptimizerConfig.make(optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     out_dir = Path(out_dir)
 
+    prep = _prepare(model_or_spec, shape, input_dtype, loss, opt, freeze, seed)
+    _check_target(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Built next to the target and renamed into place: a failed export leaves nothing behind.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be served
+    try:
+        _write(
+            prep, staging, ort_training=ort_training, tflite=tflite, tflite_batch=tflite_batch,
+            seed=seed, say=progress or (lambda _msg: None),
+        )
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return verify_bundle(out_dir)
+
+
+@dataclass
+class _Prepared:
+    """The model checked against the loss, split into trainable and frozen, with examples."""
+
+    model: nn.Module
+    source: str
+    fns: StepFunctions
+    trainable: list[tuple[str, torch.Tensor]]
+    frozen: list[tuple[str, torch.Tensor]]
+    shape: list[int]
+    input_dtype: str
+    x: torch.Tensor
+    y: torch.Tensor
+    out: torch.Tensor
+    target_spec: dict[str, Any]
+    num_classes: int | None
+
+    @property
+    def opt(self) -> OptimizerConfig:
+        return self.fns.optimizer
+
+    def step_args(self) -> list[torch.Tensor]:
+        params = torch.from_numpy(_flat([p for _, p in self.trainable]).copy())
+        state = [torch.zeros(params.numel() if s.per_parameter else ()) for s in self.opt.state]
+        lr = torch.tensor(self.opt.lr)
+        return [params, *state, self.x, self.y, lr, params.clone(), torch.tensor(0.0)]
+
+
+def _prepare(
+    model_or_spec: Any,
+    shape: list[int],
+    input_dtype: str,
+    loss: str,
+    opt: OptimizerConfig,
+    freeze: Sequence[str],
+    seed: int,
+) -> _Prepared:
     torch.manual_seed(seed)
     model = copy.deepcopy(load_model(model_or_spec)).float()
     named = list(model.named_parameters())
@@ -204,8 +258,9 @@ def export_bundle(
     n = _trace_batch(shape)
     dtype = _DTYPES[input_dtype]
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *shape[1:], generator=gen).to(dtype)
-    if not dtype.is_floating_point:
+    if dtype.is_floating_point:
+        x = torch.randn(n, *shape[1:], generator=gen).to(dtype)
+    else:
         x = torch.randint(0, 2, (n, *shape[1:]), generator=gen)
     with torch.no_grad():
         try:
@@ -217,7 +272,6 @@ def export_bundle(
             ) from e
     y, target_spec, num_classes = _target_for(loss, out, n)
     _check_buffers_stable(model, x)
-
     fns = StepFunctions(
         model=model,
         names=[nm for nm, _ in trainable],
@@ -225,14 +279,27 @@ def export_bundle(
         loss=loss,
         optimizer=opt,
     )
-    params = torch.from_numpy(_flat([p for _, p in trainable]).copy())
-    num = params.numel()
-    state = [torch.zeros(num if s.per_parameter else ()) for s in opt.state]
-    scalar = torch.tensor(opt.lr)
-    step_args = [params, *state, x, y, scalar, params.clone(), torch.tensor(0.0)]
-    names = io_names([s.name for s in opt.state])
-    _clear_previous(out_dir)
+    return _Prepared(
+        model, _source_of(model_or_spec, model), fns, trainable, frozen, shape, input_dtype,
+        x, y, out, target_spec, num_classes,
+    )
 
+
+def _write(
+    prep: _Prepared,
+    out_dir: Path,
+    *,
+    ort_training: bool,
+    tflite: bool,
+    tflite_batch: int | None,
+    seed: int,
+    say: Callable[[str], None],
+) -> None:
+    model, fns, opt, x, y = prep.model, prep.fns, prep.opt, prep.x, prep.y
+    step_args = prep.step_args()
+    params = step_args[0]
+    num = params.numel()
+    names = io_names([s.name for s in opt.state])
     graph_args = {"step": step_args, "eval": [params, x, y], "infer": [params, x]}
     for graph in ("step", "eval", "infer"):
         say(f"tracing {graph} graph")
@@ -258,8 +325,8 @@ def export_bundle(
             x,
             out_dir,
             trainable=fns.names,
-            frozen=[nm for nm, _ in frozen],
-            loss=loss,
+            frozen=[nm for nm, _ in prep.frozen],
+            loss=fns.loss,
             optimizer=opt,
         )
     else:
@@ -270,39 +337,39 @@ def export_bundle(
     if tflite:
         from model_export.tflite import write_tflite
 
-        tfl_batch = tflite_batch or (shape[0] if shape[0] > 1 else 32)
+        tfl_batch = tflite_batch or (prep.shape[0] if prep.shape[0] > 1 else 32)
         say(f"converting to TFLite (batch {tfl_batch})")
         tflite_files = write_tflite(fns, step_args, out_dir, batch=tfl_batch, seed=seed)
 
     (out_dir / "params.f32").write_bytes(params.numpy().astype("<f4").tobytes())
-    if frozen:
-        (out_dir / "frozen.f32").write_bytes(_flat([p for _, p in frozen]).tobytes())
+    if prep.frozen:
+        (out_dir / "frozen.f32").write_bytes(_flat([p for _, p in prep.frozen]).tobytes())
 
     files = {
         str(p.relative_to(out_dir).as_posix()): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(out_dir.rglob("*"))
         if p.is_file()
     }
-    task = "regression" if loss == "mse" else "classification"
+    task = "regression" if fns.loss == "mse" else "classification"
     raw: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": {"name": type(model).__name__, "source": _source_of(model_or_spec, model)},
+        "model": {"name": type(model).__name__, "source": prep.source},
         "task": task,
-        "num_classes": num_classes,
-        "input": {"shape": [None, *shape[1:]], "dtype": input_dtype},
-        "target": target_spec,
-        "output": {"shape": [None, *out.shape[1:]], "dtype": "float32"},
-        "loss": loss,
+        "num_classes": prep.num_classes,
+        "input": {"shape": [None, *prep.shape[1:]], "dtype": prep.input_dtype},
+        "target": prep.target_spec,
+        "output": {"shape": [None, *prep.out.shape[1:]], "dtype": "float32"},
+        "loss": fns.loss,
         "optimizer": opt.to_manifest(),
         "optimizer_state": [
             {"name": s.name, "shape": [num] if s.per_parameter else []} for s in opt.state
         ],
-        "parameters": _layout(trainable),
+        "parameters": _layout(prep.trainable),
         "num_parameters": num,
-        "frozen": _layout(frozen),
+        "frozen": _layout(prep.frozen),
         "initial_parameters": "params.f32",
-        "frozen_parameters": "frozen.f32" if frozen else None,
+        "frozen_parameters": "frozen.f32" if prep.frozen else None,
         "graphs": {
             "step_onnx": "step.onnx",
             "eval_onnx": "eval.onnx",
@@ -335,4 +402,3 @@ def export_bundle(
     }
     raw["bundle_id"] = bundle_id_of(raw)
     (out_dir / MANIFEST_NAME).write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
-    return verify_bundle(out_dir)

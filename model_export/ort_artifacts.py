@@ -52,7 +52,10 @@ def write_ort_artifacts(
 ) -> dict[str, str]:
     """Write the artifacts under ``out_dir/ort``; returns the file map for the manifest."""
     import onnx
+    import onnxruntime
     from onnxruntime.training import artifacts, onnxblock
+
+    onnxruntime.set_default_logger_severity(3)  # its graph transformers log at INFO otherwise
 
     art_dir = out_dir / ORT_DIR
     art_dir.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,13 @@
 """Trace the step functions into FX graphs and write them as ONNX.
 
 The recipe DESIGN.md measured: ``make_fx`` with the core-aten decompositions (without them the
-exported cross-entropy gradient loses the ``1/batch`` of ``nll_loss_backward``), symbolic shapes
+exported cross-entropy gradient loses the ``1/batch`` of ``nll_loss_backward``) plus ours for
+convolution and pooling gradients (:mod:`model_export.decompositions`), symbolic shapes
 so that no batch-dependent constant is frozen into the graph, then the dynamo ONNX exporter with
-a dynamic batch axis. Tracer and exporter failures become ``ExportError`` subclasses with one
+a dynamic batch axis, with the exporter's graph optimizer off: it drops ``x + 1e-8`` as an
+addition of zero (measured with torch 2.13 / onnxscript 0.7: AdamW's eps vanished and a zero
+gradient gave 0/0 = NaN), and ONNX Runtime optimizes the graph at load anyway. Tracer and
+exporter failures become ``ExportError`` subclasses with one
 line of explanation.
 """
 
@@ -12,14 +16,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch._decomp import core_aten_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from model_export.decompositions import training_decompositions
 from model_export.errors import DataDependentControlFlow, ExportError, UnsupportedOperator
 
 __all__ = ["OPSET", "export_onnx", "trace"]
@@ -34,6 +39,9 @@ _DATA_DEPENDENT_MARKERS = (
     "DataDependentOutputException",
     "DynamicOutputShapeException",
 )
+
+
+_OP = re.compile(r"aten(?:\.|::)([A-Za-z0-9_]+)")
 
 
 def _first_line(e: BaseException) -> str:
@@ -53,19 +61,12 @@ def _classify(e: BaseException, what: str) -> ExportError:
             f"{what}: the model branches on tensor values (data-dependent control flow), "
             "which a static graph cannot express; use torch.where or masks instead"
         )
-    op = None
-    for c in chain:
-        msg = str(c)
-        for marker in ("aten.", "aten::"):
-            if marker in msg:
-                tail = msg.split(marker, 1)[1]
-                op = marker + "".join(ch for ch in tail[:60] if ch.isalnum() or ch in "._")
-                break
-        if op:
-            break
+    # The innermost exception that names an aten op says which one has no translation.
+    detail = next((c for c in reversed(chain) if _OP.search(str(c))), e)
+    ops = _OP.findall(str(detail))
     return UnsupportedOperator(
-        f"{what}: {('operator ' + op + ' ') if op else ''}cannot be exported "
-        f"({type(e).__name__}: {_first_line(e)})"
+        f"{what}: {('operator aten.' + ops[0] + ' ') if ops else ''}cannot be exported to "
+        f"standard ops ({type(detail).__name__}: {_first_line(detail)})"
     )
 
 
@@ -94,10 +95,13 @@ def trace(
     """Trace ``fn`` to core-aten ops with symbolic shapes."""
     try:
         with _quiet():
+            # Through *args: fx counts a bound method's ``self`` as a traced argument.
             return make_fx(
-                fn,
-                decomposition_table=core_aten_decompositions(),
+                lambda *a: fn(*a),
+                decomposition_table=training_decompositions(),
                 tracing_mode="symbolic",
+                # frozen parameters and buffers are real tensors, baked in as constants
+                _allow_non_fake_inputs=True,
             )(*args)
     except ExportError:
         raise
@@ -130,6 +134,7 @@ def export_onnx(
                 output_names=list(output_names),
                 opset_version=OPSET,
                 external_data=False,
+                optimize=False,
                 verbose=False,
             )
             assert program is not None

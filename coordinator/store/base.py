@@ -155,6 +155,7 @@ class Store(ABC):
     @abstractmethod
     def add_bundle(self, bundle_id: str, manifest: dict[str, Any], created_at: float) -> bool:
         """Store a manifest; False if that bundle was already there (content-addressed)."""
+
     @abstractmethod
     def get_bundle(self, bundle_id: str) -> dict[str, Any] | None: ...
 
@@ -166,6 +167,7 @@ class Store(ABC):
     @abstractmethod
     def list_tasks(self, population: str | None = None, state: str | None = None) -> list[Task]:
         """Oldest first."""
+
     @abstractmethod
     def update_task(self, task_id: str, **fields: Any) -> None: ...
 
@@ -179,11 +181,13 @@ class Store(ABC):
     @abstractmethod
     def add_round(self, rnd: Round) -> Round:
         """Insert (``round_id`` is assigned by the store) and return the stored record."""
+
     @abstractmethod
     def get_round(self, round_id: int) -> Round | None: ...
     @abstractmethod
     def open_round(self, task_id: str) -> Round | None:
         """The task's round in selecting or reporting state, if any (at most one)."""
+
     @abstractmethod
     def open_rounds(self) -> list[Round]: ...
     @abstractmethod
@@ -195,9 +199,11 @@ class Store(ABC):
     @abstractmethod
     def add_candidate(self, round_id: int, device_id: str, at: float) -> bool:
         """False if the device was already a candidate of that round."""
+
     @abstractmethod
     def candidates(self, round_id: int) -> list[str]:
         """Device ids in check-in order."""
+
     @abstractmethod
     def count_candidates(self, round_id: int) -> int: ...
 
@@ -217,22 +223,29 @@ class Store(ABC):
     @abstractmethod
     def expire_assignments(self, round_id: int, at: float) -> int:
         """Mark the round's still-open assignments expired; returns how many."""
+    @abstractmethod
+    def open_assignments(self, round_ids: Sequence[int]) -> list[Assignment]:
+        """Still selected or delivered assignments of these rounds (in flight), oldest first."""
 
     # updates and evaluation reports
     @abstractmethod
     def add_update(self, update: Update) -> None:
         """Record an accepted update and mark its assignment reported, in one transaction."""
+
     @abstractmethod
     def get_update(self, assignment_id: str) -> Update | None: ...
     @abstractmethod
     def round_updates(self, round_id: int) -> Iterator[Update]:
         """Accepted updates of a round, in acceptance order."""
+
     @abstractmethod
     def count_updates(self, round_id: int | None = None) -> int:
         """Accepted updates of one round, or of all rounds."""
+
     @abstractmethod
     def add_eval_report(self, report: EvalReport) -> None:
         """Record an evaluation report and mark its assignment reported, in one transaction."""
+
     @abstractmethod
     def get_eval_report(self, assignment_id: str) -> EvalReport | None: ...
     @abstractmethod

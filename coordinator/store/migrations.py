@@ -4,7 +4,7 @@ The ``schema_version`` table records what has been applied::
 
     @migration(3)
     def add_round_notes(db: Database) -> None:
-        db["rounds"].add_column("notes", str)
+        db.table("rounds").add_column("notes", str)
 
 A database newer than this code (a version not registered here) is refused rather than
 guessed at.
@@ -40,8 +40,8 @@ def migration(version: int) -> Callable[[Migration], Migration]:
 def apply_migrations(db: Database) -> int:
     """Apply pending migrations, each in its own transaction; returns the schema version."""
     if "schema_version" not in db.table_names():
-        db["schema_version"].create({"version": int, "applied_at": float}, pk="version")
-    applied = {row["version"] for row in db["schema_version"].rows}
+        db.table("schema_version").create({"version": int, "applied_at": float}, pk="version")
+    applied = {row["version"] for row in db.table("schema_version").rows}
     newest = max(applied, default=0)
     if newest > max(MIGRATIONS, default=0):
         raise SchemaTooNew(f"database schema version {newest} is newer than this coordinator")
@@ -50,13 +50,13 @@ def apply_migrations(db: Database) -> int:
             continue
         with db.atomic():
             MIGRATIONS[version](db)
-            db["schema_version"].insert({"version": version, "applied_at": time.time()})
+            db.table("schema_version").insert({"version": version, "applied_at": time.time()})
     return max(MIGRATIONS, default=0)
 
 
 @migration(1)
 def initial_schema(db: Database) -> None:
-    db["devices"].create(
+    db.table("devices").create(
         {
             "device_id": str,
             "secret_salt": str,
@@ -69,11 +69,11 @@ def initial_schema(db: Database) -> None:
         },
         pk="device_id",
     )
-    db["bundles"].create(
+    db.table("bundles").create(
         {"bundle_id": str, "manifest": str, "num_parameters": int, "created_at": float},
         pk="bundle_id",
     )
-    db["tasks"].create(
+    db.table("tasks").create(
         {
             "task_id": str,
             "name": str,
@@ -90,7 +90,7 @@ def initial_schema(db: Database) -> None:
         pk="task_id",
         foreign_keys=[("bundle_id", "bundles", "bundle_id")],
     )
-    db["versions"].create(
+    db.table("versions").create(
         {
             "task_id": str,
             "version": int,
@@ -101,7 +101,7 @@ def initial_schema(db: Database) -> None:
         },
         pk=("task_id", "version"),
     )
-    db["rounds"].create(
+    db.table("rounds").create(
         {
             "round_id": int,
             "task_id": str,
@@ -121,12 +121,12 @@ def initial_schema(db: Database) -> None:
         },
         pk="round_id",
     )
-    db["rounds"].create_index(["task_id", "state"])
-    db["candidates"].create(
+    db.table("rounds").create_index(["task_id", "state"])
+    db.table("candidates").create(
         {"round_id": int, "device_id": str, "checked_in_at": float},
         pk=("round_id", "device_id"),
     )
-    db["assignments"].create(
+    db.table("assignments").create(
         {
             "assignment_id": str,
             "round_id": int,
@@ -141,8 +141,8 @@ def initial_schema(db: Database) -> None:
         },
         pk="assignment_id",
     )
-    db["assignments"].create_index(["round_id", "device_id"], unique=True)
-    db["updates"].create(
+    db.table("assignments").create_index(["round_id", "device_id"], unique=True)
+    db.table("updates").create(
         {
             "assignment_id": str,
             "round_id": int,
@@ -159,8 +159,8 @@ def initial_schema(db: Database) -> None:
         },
         pk="assignment_id",
     )
-    db["updates"].create_index(["round_id"])
-    db["eval_reports"].create(
+    db.table("updates").create_index(["round_id"])
+    db.table("eval_reports").create(
         {
             "assignment_id": str,
             "round_id": int,
@@ -174,4 +174,4 @@ def initial_schema(db: Database) -> None:
         },
         pk="assignment_id",
     )
-    db["eval_reports"].create_index(["round_id"])
+    db.table("eval_reports").create_index(["round_id"])

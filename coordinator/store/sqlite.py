@@ -84,18 +84,20 @@ class SQLiteStore(Store):
     def _insert(self, table: str, record: Any) -> None:
         try:
             with self.db.atomic():
-                self.db[table].insert(_to_row(record))
+                self.db.table(table).insert(_to_row(record))
         except sqlite3.IntegrityError as e:
             raise StoreError(f"{table}: {e}") from e
 
     def _get(self, cls: type[R], table: str, where: str, args: Sequence[Any]) -> R | None:
-        rows = list(self.db[table].rows_where(where, list(args), limit=1))
+        rows = list(self.db.table(table).rows_where(where, list(args), limit=1))
         return _from_row(cls, rows[0]) if rows else None
 
     def _update(self, table: str, pk: Any, values: dict[str, Any]) -> None:
-        row = {k: json.dumps(v, sort_keys=True) if k in _JSON_FIELDS else v for k, v in values.items()}
+        row = {
+            k: json.dumps(v, sort_keys=True) if k in _JSON_FIELDS else v for k, v in values.items()
+        }
         with self.db.atomic():
-            self.db[table].update(pk, row)
+            self.db.table(table).update(pk, row)
 
     def _count(self, sql: str, args: Sequence[Any] = ()) -> int:
         return int(self.db.execute(sql, list(args)).fetchone()[0])
@@ -121,11 +123,11 @@ class SQLiteStore(Store):
             "created_at": created_at,
         }
         with self.db.atomic():
-            self.db["bundles"].insert(row)
+            self.db.table("bundles").insert(row)
         return True
 
     def get_bundle(self, bundle_id: str) -> dict[str, Any] | None:
-        rows = list(self.db["bundles"].rows_where("bundle_id = ?", [bundle_id], limit=1))
+        rows = list(self.db.table("bundles").rows_where("bundle_id = ?", [bundle_id], limit=1))
         return json.loads(rows[0]["manifest"]) if rows else None
 
     # tasks
@@ -143,7 +145,9 @@ class SQLiteStore(Store):
         if state is not None:
             where.append("state = ?")
             args.append(state)
-        rows = self.db["tasks"].rows_where(" and ".join(where), args, order_by="created_at, rowid")
+        rows = self.db.table("tasks").rows_where(
+            " and ".join(where), args, order_by="created_at, rowid"
+        )
         return [_from_row(Task, r) for r in rows]
 
     def update_task(self, task_id: str, **values: Any) -> None:
@@ -161,7 +165,7 @@ class SQLiteStore(Store):
         row = _to_row(rnd)
         del row["round_id"]
         with self.db.atomic():
-            round_id = self.db["rounds"].insert(row).last_pk
+            round_id = self.db.table("rounds").insert(row).last_pk
         stored = self.get_round(int(round_id))  # type: ignore[arg-type]
         assert stored is not None
         return stored
@@ -175,11 +179,13 @@ class SQLiteStore(Store):
         )
 
     def open_rounds(self) -> list[Round]:
-        rows = self.db["rounds"].rows_where("state in ('selecting', 'reporting')", order_by="round_id")
+        rows = self.db.table("rounds").rows_where(
+            "state in ('selecting', 'reporting')", order_by="round_id"
+        )
         return [_from_row(Round, r) for r in rows]
 
     def list_rounds(self, task_id: str) -> list[Round]:
-        rows = self.db["rounds"].rows_where("task_id = ?", [task_id], order_by="round_id")
+        rows = self.db.table("rounds").rows_where("task_id = ?", [task_id], order_by="round_id")
         return [_from_row(Round, r) for r in rows]
 
     def update_round(self, round_id: int, **values: Any) -> None:
@@ -196,7 +202,7 @@ class SQLiteStore(Store):
         return cur.rowcount == 1
 
     def candidates(self, round_id: int) -> list[str]:
-        rows = self.db["candidates"].rows_where(
+        rows = self.db.table("candidates").rows_where(
             "round_id = ?", [round_id], order_by="checked_in_at, rowid", select="device_id"
         )
         return [r["device_id"] for r in rows]
@@ -208,7 +214,7 @@ class SQLiteStore(Store):
     def add_assignments(self, assignments: Sequence[Assignment]) -> None:
         try:
             with self.db.atomic():
-                self.db["assignments"].insert_all([_to_row(a) for a in assignments])
+                self.db.table("assignments").insert_all([_to_row(a) for a in assignments])
         except sqlite3.IntegrityError as e:
             raise StoreError(f"assignments: {e}") from e
 
@@ -221,7 +227,7 @@ class SQLiteStore(Store):
         )
 
     def round_assignments(self, round_id: int) -> list[Assignment]:
-        rows = self.db["assignments"].rows_where("round_id = ?", [round_id], order_by="rowid")
+        rows = self.db.table("assignments").rows_where("round_id = ?", [round_id], order_by="rowid")
         return [_from_row(Assignment, r) for r in rows]
 
     def count_assignments(self, round_id: int) -> int:
@@ -239,6 +245,17 @@ class SQLiteStore(Store):
             )
         return cur.rowcount
 
+    def open_assignments(self, round_ids: Sequence[int]) -> list[Assignment]:
+        if not round_ids:
+            return []
+        marks = ", ".join("?" * len(round_ids))
+        rows = self.db["assignments"].rows_where(
+            f"round_id in ({marks}) and state in ('selected', 'delivered')",
+            [int(r) for r in round_ids],
+            order_by="created_at, rowid",
+        )
+        return [_from_row(Assignment, r) for r in rows]
+
     # updates and evaluation reports
     def add_update(self, update: Update) -> None:
         with self.atomic():
@@ -253,7 +270,7 @@ class SQLiteStore(Store):
         return self._get(Update, "updates", "assignment_id = ?", [assignment_id])
 
     def round_updates(self, round_id: int) -> Iterator[Update]:
-        rows = self.db["updates"].rows_where("round_id = ?", [round_id], order_by="rowid")
+        rows = self.db.table("updates").rows_where("round_id = ?", [round_id], order_by="rowid")
         return (_from_row(Update, r) for r in list(rows))
 
     def count_updates(self, round_id: int | None = None) -> int:
@@ -274,7 +291,9 @@ class SQLiteStore(Store):
         return self._get(EvalReport, "eval_reports", "assignment_id = ?", [assignment_id])
 
     def round_eval_reports(self, round_id: int) -> list[EvalReport]:
-        rows = self.db["eval_reports"].rows_where("round_id = ?", [round_id], order_by="rowid")
+        rows = self.db.table("eval_reports").rows_where(
+            "round_id = ?", [round_id], order_by="rowid"
+        )
         return [_from_row(EvalReport, r) for r in rows]
 
     def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:

@@ -33,7 +33,7 @@ class ErrorFeedback:
             residual = np.load(self.path, allow_pickle=False)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
             log.warning("ignoring unreadable error-feedback residual %s: %s", self.path, e)
             return None
         if residual.dtype != np.float32 or residual.shape != (length,):

@@ -58,6 +58,8 @@ def encode_update(
         v = v + r
     codec = CODECS[spec.name]
     payload, decoded = codec.encode(v, spec, rng if rng is not None else np.random.default_rng())
+    if not np.isfinite(decoded).all():  # magnitudes near float32's limit; never send those
+        raise CodecError(f"{spec.name}: the update is beyond what the codec can represent")
     frame = encode_frame(
         codec.frame_codec, np.float32, (v.size,), payload, FLAG_DEFLATE if spec.entropy else 0
     )

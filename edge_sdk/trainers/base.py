@@ -1,4 +1,10 @@
-"""The trainer interface every training runtime implements (one abstract test suite covers all)."""
+"""The trainer interface every training runtime implements (one abstract test suite covers all).
+
+Exceptions::
+
+    BundleNotSupported   this backend cannot run this bundle (or this option, e.g. FedProx)
+    ValueError           a batch that does not fit the manifest (shape, dtype, labels, NaN/Inf)
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from edge_sdk.bundle import Manifest
+
+__all__ = ["BundleNotSupported", "Trainer"]
 
 
 class BundleNotSupported(Exception):
@@ -38,7 +46,10 @@ class Trainer(ABC):
 
     @abstractmethod
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> float:
-        """One optimizer step on this batch; returns the batch loss before the step."""
+        """One optimizer step on this batch; returns the batch loss before the step.
+
+        ``lr`` overrides the bundle's learning rate for this step. With a proximal term set,
+        the returned loss is the data loss alone (the step includes the term's gradient)."""
 
     @abstractmethod
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -51,3 +62,58 @@ class Trainer(ABC):
     def set_proximal(self, anchor: np.ndarray | None, mu: float) -> None:
         """FedProx: add ``mu/2 * ||w - anchor||^2`` to the loss of later steps (mu=0 disables)."""
         raise BundleNotSupported(f"backend {self.backend} has no proximal term")
+
+    # -- helpers shared by the backends -------------------------------------------------------
+
+    def _check_vector(self, vec: np.ndarray, what: str = "parameter vector") -> np.ndarray:
+        arr = np.asarray(vec)
+        if arr.shape != (self.manifest.num_parameters,):
+            raise ValueError(
+                f"{what} has shape {arr.shape}; the bundle needs ({self.manifest.num_parameters},)"
+            )
+        arr = arr.astype(np.float32, copy=True)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{what} holds NaN or Inf")
+        return arr
+
+    def _check_x(self, x: np.ndarray) -> np.ndarray:
+        spec = self.manifest.raw["input"]
+        arr = np.asarray(x)
+        want = tuple(spec["shape"][1:])
+        if arr.ndim != len(want) + 1 or tuple(arr.shape[1:]) != want or arr.shape[0] < 1:
+            raise ValueError(f"x has shape {arr.shape}; the bundle needs (batch>=1, *{want})")
+        if arr.dtype.kind not in "fiub":
+            raise ValueError(f"x has dtype {arr.dtype}; the bundle needs {spec['dtype']}")
+        arr = np.ascontiguousarray(arr, dtype=np.dtype(spec["dtype"]))
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError("x holds NaN or Inf")
+        return arr
+
+    def _check_y(self, y: np.ndarray, batch: int) -> np.ndarray:
+        spec = self.manifest.raw["target"]
+        arr = np.asarray(y)
+        want = (batch, *spec["shape"][1:])
+        if arr.shape != want:
+            raise ValueError(f"y has shape {arr.shape}; the bundle needs {want}")
+        if spec["dtype"] == "int64":
+            if arr.dtype.kind not in "iu":
+                raise ValueError(f"y has dtype {arr.dtype}; class labels must be integers")
+            classes = int(self.manifest.raw["num_classes"])
+            if arr.size and (arr.min() < 0 or arr.max() >= classes):
+                raise ValueError(f"y holds labels outside [0, {classes})")
+            return np.ascontiguousarray(arr, dtype=np.int64)
+        if arr.dtype.kind not in "fiub":
+            raise ValueError(f"y has dtype {arr.dtype}; the bundle needs float32 targets")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError("y holds NaN or Inf")
+        return arr
+
+    def _metrics(self, loss: float, output: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        """The evaluate() result from the batch loss and the model's outputs."""
+        result: dict[str, Any] = {"loss": float(loss), "num_examples": int(output.shape[0])}
+        if self.manifest.loss == "cross_entropy":
+            result["accuracy"] = float(np.mean(np.argmax(output, axis=1) == y))
+        elif self.manifest.loss == "bce":
+            result["accuracy"] = float(np.mean((output > 0) == (y > 0.5)))
+        return result

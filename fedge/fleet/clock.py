@@ -16,9 +16,10 @@ summary) rather than hidden. Keep ``speedup * real_step_time`` below the modelle
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
-__all__ = ["SimClock"]
+__all__ = ["SimClock", "UnixClock"]
 
 
 class SimClock:
@@ -28,6 +29,7 @@ class SimClock:
         self.speedup = float(speedup)
         self._origin = time.monotonic()
         self._start = float(start)
+        self._halted = threading.Event()
 
     def now(self) -> float:
         """Emulated seconds: ``start`` plus ``speedup`` times the real time elapsed."""
@@ -40,7 +42,26 @@ class SimClock:
         await asyncio.sleep(self.real_seconds(emulated_s))
 
     def sleep_blocking(self, emulated_s: float) -> None:
-        time.sleep(self.real_seconds(emulated_s))
+        """Sleep in a worker thread; returns at once after :meth:`halt`."""
+        self._halted.wait(self.real_seconds(emulated_s))
+
+    def halt(self) -> None:
+        """End every current and later blocking sleep at once (a fleet shutting down)."""
+        self._halted.set()
+
+    def unix(self, epoch: float | None = None) -> UnixClock:
+        """This clock as Unix seconds (``epoch`` + emulated time), the ``now()`` a coordinator
+        reads: run it on the fleet's clock and its deadlines and pace steering speed up too."""
+        return UnixClock(self, time.time() if epoch is None else epoch)
 
     async def sleep_until(self, emulated_t: float) -> None:
         await self.sleep(emulated_t - self.now())
+
+
+class UnixClock:
+    def __init__(self, sim: SimClock, epoch: float) -> None:
+        self.sim = sim
+        self.epoch = epoch
+
+    def now(self) -> float:
+        return self.epoch + self.sim.now()

@@ -63,7 +63,7 @@ def stratified_split(
     test_parts = []
     for c in range(data.num_classes):
         members = rng.permutation(np.flatnonzero(data.y == c))
-        k = int(round(test_fraction * len(members)))
+        k = round(test_fraction * len(members))
         if len(members) >= 2:
             k = min(max(k, 1), len(members) - 1)
         test_parts.append(members[:k])

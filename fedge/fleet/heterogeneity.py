@@ -107,7 +107,7 @@ class DaySchedule:
             states.append((inside[0], not inside[1], inside[2]))
         # Merge neighbours with equal state so that next_change() finds real changes.
         starts_m, states_m = [cuts[0]], [states[0]]
-        for start, state in zip(cuts[1:], states[1:]):
+        for start, state in zip(cuts[1:], states[1:], strict=True):
             if state != states_m[-1]:
                 starts_m.append(start)
                 states_m.append(state)
@@ -133,7 +133,8 @@ class DaySchedule:
     def eligible_fraction(self) -> float:
         """Share of the day that is charging, idle and unmetered (Google's default policy)."""
         ends = (*self.starts[1:], DAY_S)
-        return sum(e - s for s, e, st in zip(self.starts, ends, self.states) if all(st)) / DAY_S
+        spans = zip(self.starts, ends, self.states, strict=True)
+        return sum(e - s for s, e, st in spans if all(st)) / DAY_S
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,17 @@ class DeviceProfile:
 
     def next_change(self, t: float) -> float:
         return self.schedule.next_change(t + self.day_offset_s) - self.day_offset_s
+
+    def script(self, t0: float = 0.0) -> list[tuple[float, Conditions]]:
+        """The schedule as ``(seconds after emulated time t0, conditions)`` steps over one day,
+        starting at 0: the form of a repeating scripted conditions provider (period DAY_S)."""
+        local0 = t0 + self.day_offset_s
+        steps = [(0.0, self.conditions_at(t0))]
+        for start in self.schedule.starts:
+            at = (start - local0) % DAY_S
+            if at > 0:
+                steps.append((at, self.conditions_at(t0 + at)))
+        return sorted(steps, key=lambda step: step[0])
 
     def compute_time_s(self, steps: int, step_time_s: float) -> float:
         return steps * step_time_s * self.compute_multiplier

@@ -70,7 +70,7 @@ def quantity_skew(
     shares = rng.lognormal(0.0, sigma, num_clients)
     extra = _split_at_shares(order[num_clients * min_size :], shares)
     base = np.split(order[: num_clients * min_size], num_clients)
-    return [np.sort(np.concatenate([b, e])).astype(np.int64) for b, e in zip(base, extra)]
+    return [np.sort(np.concatenate(be)).astype(np.int64) for be in zip(base, extra, strict=True)]
 
 
 def dirichlet_label_skew(

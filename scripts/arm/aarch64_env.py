@@ -21,6 +21,7 @@ runs before anything is installed and only shells out.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -75,7 +76,8 @@ class Env:
 
     @property
     def env_build_seconds(self) -> float:
-        return round(sum(self.build_seconds.values()), 1)
+        """The cold build: every layer but the refresh of the project's own code."""
+        return round(sum(v for k, v in self.build_seconds.items() if k != "project"), 1)
 
     def command(self, extra: str, args: Sequence[str]) -> list[str]:
         # -S: no site module, so no dist-packages dir (the root's or, through qemu's -L
@@ -91,20 +93,31 @@ class Env:
             "PYTHONNOUSERSITE": "1",
         }
 
-    def run(self, extra: str, args: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
-        """Run the aarch64 python with ``args`` and the ``extra``'s site dir only."""
-        return subprocess.run(  # type: ignore[call-overload, no-any-return]
-            self.command(extra, args), env=self.environ(extra), text=True, **kw
-        )
+    def run(self, extra: str, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        """Run the aarch64 python with ``args`` and the ``extra``'s site dir only (output
+        captured; the caller checks the exit status)."""
+        return subprocess.run(self.command(extra, args), env=self.environ(extra), text=True,
+                              capture_output=True, check=False)
 
 
-def _sh(cmd: Sequence[str], **kw: object) -> str:
-    out = subprocess.run(cmd, check=True, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
-    return str(out.stdout)
+def qemu_version() -> str:
+    """``7.2.22`` for ``qemu-aarch64 version 7.2.22 (Debian ...)``."""
+    first = _sh([QEMU, "--version"]).splitlines()[0]
+    return first.split(" version ", 1)[1].split()[0]
+
+
+def _sh(cmd: Sequence[str], cwd: Path | None = None) -> str:
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, cwd=cwd).stdout
 
 
 def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--quiet", *args], check=True)
+    # pip's chatter (build-backend deprecations, the host's find-links, a resolver note about
+    # the *host* environment that does not apply to --target) is shown only when pip fails.
+    out = subprocess.run([sys.executable, "-m", "pip", "--quiet", *args], text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if out.returncode != 0:
+        print(out.stdout, file=sys.stderr)
+        raise SystemExit(f"[arm] pip {args[0]} failed (exit {out.returncode})")
 
 
 def _digest(*parts: object) -> str:
@@ -217,7 +230,7 @@ def _download_wheels(wheels: Path) -> None:
 
 
 def _install_sites(sites: dict[str, Path], wheels: Path) -> None:
-    wheel = _build_project_wheel(CACHE / "dist")
+    wheel = _build_project_wheel(CACHE / "dist-resolve")
     for extra, site in sites.items():
         shutil.rmtree(site, ignore_errors=True)
         log(f"{site.name}: pip install --target fedge[{extra}] (aarch64 wheels only)")
@@ -226,8 +239,26 @@ def _install_sites(sites: dict[str, Path], wheels: Path) -> None:
         shutil.rmtree(site / "bin", ignore_errors=True)  # x86 launcher of the console script
 
 
+def _refresh_project(sites: dict[str, Path]) -> None:
+    # The work tree changes far more often than the dependencies: replace only the project's
+    # own packages (pip --upgrade swaps whole top-level package dirs, so removed modules go).
+    wheel = _build_project_wheel(CACHE / "dist")
+    for site in sites.values():
+        log(f"{site.name}: pip install --target --no-deps --upgrade {wheel.name}")
+        _pip("install", *PIP_TARGET, "--no-deps", "--upgrade", "--target", str(site), str(wheel))
+        shutil.rmtree(site / "bin", ignore_errors=True)
+
+
 def ensure_env() -> Env:
-    """Build (or reuse) the environment, printing progress to stderr."""
+    """Build (or reuse) the environment, printing progress to stderr; concurrent callers
+    (``./dev arm`` and the slow test) wait for each other instead of building twice."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_env()
+
+
+def _ensure_env() -> Env:
     record: dict[str, dict[str, object]] = (
         json.loads(RECORD.read_text()) if RECORD.exists() else {})
     rebuilt: list[str] = []
@@ -239,18 +270,23 @@ def ensure_env() -> Env:
     _layer(record, rebuilt, "wheels", _digest(PIP_TARGET, EXTRAS, REPO / "pyproject.toml",
                                               *CONSTRAINTS), wheels,
            lambda: _download_wheels(wheels))
-    site_key = _digest(record["wheels"]["key"], *(REPO / s for s in PROJECT_SOURCES))
     if any(not s.exists() for s in sites.values()):
         record.pop("sites", None)
-    _layer(record, rebuilt, "sites", site_key, None, lambda: _install_sites(sites, wheels))
+    _layer(record, rebuilt, "sites", str(record["wheels"]["key"]), None,
+           lambda: _install_sites(sites, wheels))
+    project_key = _digest(record["sites"]["key"], *(REPO / s for s in PROJECT_SOURCES))
+    if "sites" in rebuilt:  # it just installed the current project wheel
+        record["project"] = {"key": project_key, "seconds": 0.0}
+    _layer(record, rebuilt, "project", project_key, None, lambda: _refresh_project(sites))
     seconds = {k: float(v["seconds"]) for k, v in record.items()}  # type: ignore[arg-type]
     return Env(root=root, sites=sites, build_seconds=seconds, rebuilt=tuple(rebuilt))
 
 
 def main() -> int:
     env = ensure_env()
-    out = env.run("edge", ["-c", "import platform, onnxruntime, numpy; print(platform.machine())"],
-                  capture_output=True, check=True)
+    out = env.run("edge", ["-c", "import platform, onnxruntime, numpy; print(platform.machine())"])
+    if out.returncode != 0:
+        raise SystemExit(f"[arm] the aarch64 python failed:\n{out.stderr}")
     log(f"aarch64 python says: {out.stdout.strip()}")
     print(json.dumps({"machine": out.stdout.strip(), "env_build_seconds": env.env_build_seconds,
                       "layers": env.build_seconds}))

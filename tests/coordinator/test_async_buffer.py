@@ -38,7 +38,7 @@ def test_fresh_buffer_is_fedavg() -> None:
     assert commit is not None
     fedavg = np.average(np.stack([d for d, _ in ups]), axis=0, weights=[n for _, n in ups])
     np.testing.assert_allclose(commit.delta, fedavg, rtol=1e-5, atol=1e-7)
-    assert commit.delta.dtype == np.float32
+    assert commit.delta.dtype == np.float64
     assert (commit.version, commit.num_updates, commit.mean_staleness) == (1, 5, 0.0)
     assert commit.num_examples == sum(n for _, n in ups)
 
@@ -142,7 +142,8 @@ def test_replay_rebuilds_the_lost_buffer_exactly() -> None:
     stored = [BufferedUpdate(d, n, 4 - i % 3) for i, (d, n) in enumerate(ups)]
     for u in stored:
         live.fold(u.delta, u.num_examples, u.base_version)
-    rebuilt = AsyncBuffer.replay(P, cfg, 4, stored)
+    rebuilt, pending = AsyncBuffer.replay(P, cfg, 4, stored)
+    assert pending is None
     a, b = live.state(), rebuilt.state()
     np.testing.assert_array_equal(a.pop("sum"), b.pop("sum"))  # bit for bit
     assert a == b
@@ -154,9 +155,20 @@ def test_replay_rebuilds_the_lost_buffer_exactly() -> None:
     np.testing.assert_array_equal(ca.delta, cb.delta)
 
 
-def test_replay_refuses_a_history_with_a_lost_commit() -> None:
-    stored = [BufferedUpdate(d, n, 0) for d, n in updates(3)]
-    with pytest.raises(ValueError, match="commit was lost"):
+def test_replay_returns_the_commit_a_crash_interrupted() -> None:
+    ups = updates(3, seed=7)
+    live = AsyncBuffer(P, config(3))
+    expected = [live.fold(d, n, 0).commit for d, n in ups][-1]
+    stored = [BufferedUpdate(d, n, 0) for d, n in ups]
+    buf, pending = AsyncBuffer.replay(P, config(3), 0, stored)
+    assert pending is not None and expected is not None
+    np.testing.assert_array_equal(pending.delta, expected.delta)
+    assert pending.version == 1 and buf.version == 1 and len(buf) == 0
+
+
+def test_replay_refuses_an_overfull_buffer() -> None:
+    stored = [BufferedUpdate(d, n, 0) for d, n in updates(4)]
+    with pytest.raises(ValueError, match="more than buffer_k"):
         AsyncBuffer.replay(P, config(3), 0, stored)
 
 

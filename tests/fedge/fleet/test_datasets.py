@@ -13,7 +13,7 @@ def test_digits_split_is_scaled_stratified_and_disjoint() -> None:
     assert len(train) + len(test) == 1797
     assert train.x.dtype == np.float32 and train.y.dtype == np.int64
     assert train.num_features == 64 and train.num_classes == 10
-    assert 0.0 <= train.x.min() and train.x.max() <= 1.0 and train.x.max() > 0.9
+    assert train.x.min() >= 0.0 and train.x.max() <= 1.0 and train.x.max() > 0.9
     # Every class keeps its share in the test split (within one example).
     pooled = train.label_counts() + test.label_counts()
     assert np.all(np.abs(test.label_counts() - 0.25 * pooled) <= 1)

@@ -38,8 +38,8 @@ def test_deterministic_per_seed(labels: np.ndarray, spec: str) -> None:
     a = partition(labels, 20, spec, np.random.default_rng(11))
     b = partition(labels, 20, spec, np.random.default_rng(11))
     c = partition(labels, 20, spec, np.random.default_rng(12))
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_label_skew_metric_on_hand_built_partitions() -> None:

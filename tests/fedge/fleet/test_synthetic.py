@@ -69,7 +69,8 @@ def test_deterministic_per_seed_and_rejects_bad_arguments() -> None:
     a = fedprox_synthetic(0.5, 0.5, 10, seed=7)
     b = fedprox_synthetic(0.5, 0.5, 10, seed=7)
     c = fedprox_synthetic(0.5, 0.5, 10, seed=8)
-    assert all(np.array_equal(x.x, y.x) and np.array_equal(x.y, y.y) for x, y in zip(a, b))
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x.x, y.x) and np.array_equal(x.y, y.y)
     assert not np.array_equal(a[0].x[:50], c[0].x[:50])
     with pytest.raises(ValueError):
         fedprox_synthetic(-1.0, 0.5, 10, seed=0)

@@ -1,0 +1,272 @@
+"""The HTTP layer: aiohttp routes for every path in :class:`edge_sdk.protocol.Route`.
+
+Handlers read bodies themselves under the configured limits (``413 body_too_large`` before
+reading more than the limit), then run the matching :class:`~coordinator.service.Coordinator`
+method on the service's single worker thread, so SQLite work never blocks the event loop and
+operations never interleave. Every failure leaves as the JSON error shape; an unexpected
+exception is logged and answered ``500 internal``.
+
+::
+
+    app = build_app(Coordinator(config))
+    runner, port = await start(app, "127.0.0.1", 0)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from coordinator.errors import ApiError, BodyTooLarge
+from coordinator.service import Coordinator, DeviceIdentity
+from edge_sdk.protocol import (
+    FRAME_CONTENT_TYPE,
+    HEADER_IDEMPOTENCY_KEY,
+    HEADER_REPORT,
+    ErrorCode,
+    Route,
+)
+
+__all__ = ["COORDINATOR_KEY", "build_app", "start"]
+
+log = logging.getLogger("fedge.coordinator")
+T = TypeVar("T")
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+COORDINATOR_KEY = web.AppKey("coordinator", Coordinator)
+_EXECUTOR_KEY = web.AppKey("executor", ThreadPoolExecutor)
+_TICKER_KEY = web.AppKey("ticker", asyncio.Task)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, code: ErrorCode, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code.value, "message": message}}, status=status)
+
+
+_HTTP_CODES = {
+    404: ErrorCode.NOT_FOUND,
+    413: ErrorCode.BODY_TOO_LARGE,
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.FORBIDDEN,
+}
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return web.json_response(e.body(), status=e.status)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, ErrorCode.INVALID_REQUEST)
+        return _error(e.status, code, e.reason or "request refused")
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error(500, ErrorCode.INTERNAL, "internal error (logged on the coordinator)")
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"body of {request.content_length} bytes exceeds the {limit} allowed")
+    chunks, size = [], 0
+    while True:
+        chunk = await request.content.read(1 << 16)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body exceeds the {limit} bytes allowed")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_app(coord: Coordinator) -> web.Application:
+    cfg = coord.config
+    executor = ThreadPoolExecutor(1, thread_name_prefix="fedge-coordinator")
+    # Our own reader enforces the limits; aiohttp's must not fire first with its own shape.
+    app = web.Application(middlewares=[_errors], client_max_size=cfg.max_bundle_bytes + 1)
+    app[COORDINATOR_KEY] = coord
+    app[_EXECUTOR_KEY] = executor
+
+    async def run(fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, functools.partial(fn, *args))
+
+    def device(request: web.Request) -> Awaitable[DeviceIdentity]:
+        return run(coord.authenticate, request.headers.get("Authorization"))
+
+    def admin(request: web.Request) -> None:
+        coord.check_admin(request.headers.get("Authorization"))
+
+    async def body(request: web.Request) -> bytes:
+        return await _read_body(request, cfg.max_body_bytes)
+
+    def ok(data: Any, status: int = 200) -> web.Response:
+        return web.json_response(data, status=status)
+
+    routes = web.RouteTableDef()
+
+    @routes.get(Route.OPENAPI)
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
+
+    @routes.get(Route.HEALTH)
+    async def health(request: web.Request) -> web.Response:
+        return ok({"ok": True})
+
+    @routes.get(Route.STATUS)
+    async def status(request: web.Request) -> web.Response:
+        return ok(await run(coord.status))
+
+    @routes.post(Route.REGISTER)
+    async def register(request: web.Request) -> web.Response:
+        return ok(await run(coord.register, await body(request)), 201)
+
+    @routes.post(Route.CHECKIN)
+    async def checkin(request: web.Request) -> web.Response:
+        who = await device(request)
+        return ok(await run(coord.checkin, who, await body(request)))
+
+    @routes.get(Route.BUNDLE_MANIFEST)
+    async def manifest(request: web.Request) -> web.Response:
+        who = await device(request)
+        return ok(await run(coord.manifest, who, request.match_info["bundle_id"]))
+
+    @routes.get(Route.BUNDLE_FILE)
+    async def bundle_file(request: web.Request) -> web.StreamResponse:
+        who = await device(request)
+        m = request.match_info
+        path = await run(coord.bundle_file, who, m["bundle_id"], m["name"])
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+    @routes.get(Route.VERSION_PARAMS)
+    async def params(request: web.Request) -> web.Response:
+        who = await device(request)
+        task_id = request.match_info["task_id"]
+        data = await run(coord.version_params, who, task_id, request.match_info["version"])
+        await run(coord.count_bytes_out, task_id, len(data))
+        return web.Response(body=data, content_type=FRAME_CONTENT_TYPE)
+
+    @routes.post(Route.ASSIGNMENT_UPDATE)
+    async def update(request: web.Request) -> web.Response:
+        who = await device(request)
+        data = await body(request)
+        return ok(
+            await run(
+                coord.upload,
+                who,
+                request.match_info["assignment_id"],
+                request.headers.get(HEADER_IDEMPOTENCY_KEY),
+                request.headers.get(HEADER_REPORT),
+                data,
+            )
+        )
+
+    @routes.post(Route.ASSIGNMENT_METRICS)
+    async def metrics(request: web.Request) -> web.Response:
+        who = await device(request)
+        data = await body(request)
+        return ok(await run(coord.report_metrics, who, request.match_info["assignment_id"], data))
+
+    @routes.post(Route.ASSIGNMENT_ABORT)
+    async def abort(request: web.Request) -> web.Response:
+        who = await device(request)
+        data = await body(request)
+        return ok(await run(coord.abort, who, request.match_info["assignment_id"], data))
+
+    @routes.post(Route.ADMIN_BUNDLES)
+    async def add_bundle(request: web.Request) -> web.Response:
+        admin(request)
+        data = await _read_body(request, cfg.max_bundle_bytes)
+        return ok(await run(coord.add_bundle, data), 201)
+
+    @routes.post(Route.ADMIN_TASKS)
+    async def create_task(request: web.Request) -> web.Response:
+        admin(request)
+        return ok(await run(coord.create_task, await body(request)), 201)
+
+    @routes.get(Route.ADMIN_TASKS)
+    async def list_tasks(request: web.Request) -> web.Response:
+        admin(request)
+        return ok(await run(coord.list_tasks))
+
+    @routes.get(Route.ADMIN_TASK)
+    async def get_task(request: web.Request) -> web.Response:
+        admin(request)
+        return ok(await run(coord.get_task, request.match_info["task_id"]))
+
+    @routes.post(Route.ADMIN_TASK_PAUSE)
+    async def pause(request: web.Request) -> web.Response:
+        admin(request)
+        return ok(await run(coord.set_paused, request.match_info["task_id"], True))
+
+    @routes.post(Route.ADMIN_TASK_RESUME)
+    async def resume(request: web.Request) -> web.Response:
+        admin(request)
+        return ok(await run(coord.set_paused, request.match_info["task_id"], False))
+
+    @routes.get(Route.ADMIN_TASK_ROUNDS)
+    async def rounds(request: web.Request) -> web.Response:
+        admin(request)
+        return ok(await run(coord.rounds, request.match_info["task_id"]))
+
+    @routes.post(Route.ADMIN_TASK_EVALUATE)
+    async def evaluate(request: web.Request) -> web.Response:
+        admin(request)
+        data = await body(request)
+        return ok(await run(coord.schedule_evaluation, request.match_info["task_id"], data), 202)
+
+    @routes.get(Route.ADMIN_TASK_BUNDLE)
+    async def task_bundle(request: web.Request) -> web.Response:
+        admin(request)
+        data = await run(coord.task_bundle, request.match_info["task_id"])
+        return web.Response(body=data, content_type="application/x-tar")
+
+    app.add_routes(routes)
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(cfg.tick_interval_s)
+            try:
+                await run(coord.tick)
+            except Exception:
+                log.exception("tick failed")
+
+    async def on_startup(app: web.Application) -> None:
+        await run(coord.tick)  # recover: apply deadlines that passed while we were down
+        app[_TICKER_KEY] = asyncio.create_task(ticker())
+
+    async def on_cleanup(app: web.Application) -> None:
+        task = app.get(_TICKER_KEY)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await run(coord.close)
+        executor.shutdown(wait=True)
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``host:port`` (0: a free port); returns the runner and the bound port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    assert server is not None
+    bound = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    return runner, int(bound)

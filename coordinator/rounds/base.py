@@ -1,0 +1,76 @@
+"""The task-mode interface and the context every mode works in.
+
+The service does everything mode-independent (authentication, body parsing, ownership of
+assignments, idempotent replays, decoding and checking the delta) and hands the rest to the
+task's policy:
+
+* ``check_in``: an eligible device asks for work; answer ``wait`` (with pace steering) or an
+  assignment;
+* ``check_upload``: may this assignment still upload (before the body is decoded)?
+* ``accept_update`` / ``accept_eval``: store an accepted report durably, fold it, maybe commit;
+* ``tick``: time passed (deadlines).
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from coordinator.blobs import BlobStore
+from coordinator.pacing import PaceSteering
+from coordinator.plan import TaskPlan
+from coordinator.store import Assignment, EvalReport, Store, Task, Update
+from coordinator.versions import ModelVersions, RoundSums
+
+__all__ = ["PolicyContext", "TaskPolicy"]
+
+
+@dataclass
+class PolicyContext:
+    store: Store
+    blobs: BlobStore
+    pacing: PaceSteering
+    rng: random.Random
+    versions: ModelVersions
+    sums: RoundSums
+    retain_updates: bool = False
+    # Bytes served to devices per task since its last round closed (in memory: metrics only).
+    bytes_out: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def num_parameters(self, task: Task) -> int:
+        manifest = self.store.get_bundle(task.bundle_id)
+        assert manifest is not None
+        return int(manifest["num_parameters"])
+
+
+class TaskPolicy(ABC):
+    mode: ClassVar[str]
+
+    def __init__(self, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    def check_in(self, task: Task, plan: TaskPlan, device_id: str, now: float) -> dict[str, Any]:
+        """The check-in answer for an eligible device (a JSON object per docs/protocol.md)."""
+
+    @abstractmethod
+    def check_upload(self, task: Task, assignment: Assignment, now: float) -> None:
+        """Raise :class:`~coordinator.errors.Conflict` if the assignment may not report now."""
+
+    @abstractmethod
+    def accept_update(
+        self, task: Task, plan: TaskPlan, update: Update, delta: np.ndarray, now: float
+    ) -> None:
+        """Store the accepted update (payload blob already written) and fold it in."""
+
+    @abstractmethod
+    def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None: ...
+
+    @abstractmethod
+    def tick(self, task: Task, plan: TaskPlan, now: float) -> None:
+        """Apply deadlines and whatever else is due at ``now``."""

@@ -1,0 +1,283 @@
+"""Asynchronous buffered aggregation (FedBuff): no rounds to wait for, a version every K updates.
+
+A task created with ``"mode": "async"`` runs like this:
+
+* **Check-in.** An eligible device gets an assignment on the *current* model version at once,
+  as long as fewer than ``max_concurrency`` assignments of the task are in flight; otherwise
+  it is pace-steered away (``window_full``). A device holding an open assignment gets the
+  same one again.
+* **Upload.** Each accepted update is stored durably (then acknowledged) and folded into the
+  buffer of the current version (:class:`~coordinator.async_buffer.AsyncBuffer`) with weight
+  ``num_examples x w(staleness)``; the ``buffer_k``-th update commits the next version through
+  the task's server optimizer. An update more than ``max_staleness`` versions behind gets
+  ``409 too_stale`` and changes nothing.
+* **Expiry.** An assignment not reported within ``round_deadline_s`` of its delivery, or that
+  fell more than ``max_staleness`` versions behind, expires and frees its slot (its upload
+  would be refused anyway).
+
+Storage reuses the synchronous records: the buffer that makes version ``v + 1`` is a round
+with ``base_version = v`` (``goal = buffer_k``, ``target = max_concurrency``, reporting from
+the moment it opens, no deadline). An assignment belongs to the round that was open when it
+was issued, so its round's ``base_version`` is the version it trains on; an accepted update
+is recorded under the buffer round it was folded into, with ``base_version`` and
+``staleness`` added to its stored report. After a restart the buffer is rebuilt by folding the
+open round's stored updates again, and a commit the crash interrupted is finished.
+``rounds`` in the plan counts versions (server steps). Federated evaluation rounds are for
+synchronous tasks only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from coordinator.async_buffer import AsyncBuffer, BufferedUpdate, Commit
+from coordinator.errors import Conflict, Unprocessable
+from coordinator.plan import TaskPlan
+from coordinator.rounds.base import TaskPolicy
+from coordinator.rounds.sync import _weighted, assignment_json, new_assignment_id
+from coordinator.staleness import TooStale
+from coordinator.store import Assignment, EvalReport, Round, Task, Update
+from coordinator.tensors import decode_delta
+from edge_sdk.protocol import ErrorCode
+
+__all__ = ["BufferedAsync"]
+
+_OPEN = ("selected", "delivered")
+
+
+def _wait(retry_after_s: float, reason: str) -> dict[str, Any]:
+    return {"action": "wait", "retry_after_s": round(retry_after_s, 3), "reason": reason}
+
+
+class BufferedAsync(TaskPolicy):
+    mode = "async"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # task_id -> buffer of its open round (memory only: rebuilt from the store).
+        self._buffers: dict[str, tuple[int, AsyncBuffer]] = {}
+        # task_id -> earliest time an in-flight assignment can expire (skip scans before it).
+        self._next_expiry: dict[str, float] = {}
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _state(
+        self, task: Task, plan: TaskPlan, now: float
+    ) -> tuple[Task, Round, AsyncBuffer] | None:
+        """The task, its open buffer round and the buffer; None once the task completed.
+
+        Rebuilds the buffer from the store when this process has not seen the round, and
+        finishes the commit a crash interrupted (K updates stored, no new version).
+        """
+        store = self.ctx.store
+        n = self.ctx.num_parameters(task)
+        rnd = store.open_round(task.task_id)
+        if rnd is not None:
+            held = self._buffers.get(task.task_id)
+            if held is not None and held[0] == rnd.round_id:
+                return task, rnd, held[1]
+            stored = [
+                BufferedUpdate(
+                    decode_delta(self.ctx.blobs.read(u.payload_sha), n),
+                    u.num_examples,
+                    int(u.report["base_version"]),
+                )
+                for u in store.round_updates(rnd.round_id)
+            ]
+            buf, pending = AsyncBuffer.replay(n, plan.buffer, rnd.base_version, stored)
+            if pending is None:
+                self._buffers[task.task_id] = (rnd.round_id, buf)
+                return task, rnd, buf
+            self._commit(task, plan, rnd, pending, now)
+            task = self._task(task)
+        if task.state == "completed":
+            return None
+        rnd = store.add_round(
+            Round(
+                round_id=0,
+                task_id=task.task_id,
+                number=len(store.list_rounds(task.task_id)) + 1,
+                kind="train",
+                state="reporting",
+                base_version=task.model_version,
+                goal=plan.buffer.buffer_k,
+                target=plan.buffer.max_concurrency,
+                min_reports=plan.buffer.buffer_k,
+                opened_at=now,
+                window_ends_at=now,
+                selected_at=now,
+            )
+        )
+        buf = AsyncBuffer(n, plan.buffer, rnd.base_version)
+        self._buffers[task.task_id] = (rnd.round_id, buf)
+        return task, rnd, buf
+
+    def _window(self, task: Task, plan: TaskPlan) -> list[Round]:
+        """Rounds whose assignments may still report: the last ``max_staleness + 1`` versions."""
+        oldest = task.model_version - plan.buffer.staleness.max_staleness
+        return [r for r in self.ctx.store.list_rounds(task.task_id) if r.base_version >= oldest]
+
+    def _in_flight(self, rounds: Sequence[Round]) -> list[Assignment]:
+        return self.ctx.store.open_assignments([r.round_id for r in rounds])
+
+    def _task(self, task: Task) -> Task:
+        fresh = self.ctx.store.get_task(task.task_id)
+        assert fresh is not None
+        return fresh
+
+    def _base_version(self, assignment: Assignment) -> int:
+        rnd = self.ctx.store.get_round(assignment.round_id)
+        assert rnd is not None
+        return rnd.base_version
+
+    def _steer(self, plan: TaskPlan, now: float) -> float:
+        # A slot frees up about every (deadline / concurrency) seconds at worst.
+        return self.ctx.pacing.retry_after(now, plan.buffer.max_concurrency, plan.round_deadline_s)
+
+    # -- check-in ---------------------------------------------------------------------------
+
+    def check_in(self, task: Task, plan: TaskPlan, device_id: str, now: float) -> dict[str, Any]:
+        state = self._state(task, plan, now) if task.state == "running" else None
+        if state is None:
+            return _wait(self._steer(plan, now), "paused")
+        task, rnd, _ = state
+        window = self._window(task, plan)
+        in_flight = self._in_flight(window)
+        rounds = {r.round_id: r for r in window}
+        for a in in_flight:
+            if a.device_id == device_id:
+                return self._answer(a, rounds[a.round_id], task, plan, now)
+        if self.ctx.store.assignment_for(rnd.round_id, device_id) is not None:
+            # It already reported (or gave up) on this version: one update per device and version.
+            return _wait(self._steer(plan, now), "window_full")
+        if not plan.buffer.admits(len(in_flight)):
+            return _wait(self._steer(plan, now), "window_full")
+        a = Assignment(
+            new_assignment_id(), rnd.round_id, task.task_id, device_id,
+            "train", "delivered", now, delivered_at=now,
+        )  # fmt: skip
+        self.ctx.store.add_assignments([a])
+        expiry = now + plan.round_deadline_s
+        self._next_expiry[task.task_id] = min(self._next_expiry.get(task.task_id, expiry), expiry)
+        return self._answer(a, rnd, task, plan, now)
+
+    def _answer(
+        self, a: Assignment, rnd: Round, task: Task, plan: TaskPlan, now: float
+    ) -> dict[str, Any]:
+        answer = assignment_json(a, rnd, task, plan, now)
+        delivered = a.delivered_at if a.delivered_at is not None else a.created_at
+        answer["assignment"]["deadline_in_s"] = max(0.0, delivered + plan.round_deadline_s - now)
+        return answer
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def check_upload(self, task: Task, assignment: Assignment, now: float) -> None:
+        plan = TaskPlan.from_json(task.plan)
+        try:
+            # First: an assignment expired for staleness should hear why.
+            plan.buffer.staleness.check(task.model_version - self._base_version(assignment))
+        except TooStale as e:
+            raise Conflict(str(e), ErrorCode.TOO_STALE) from e
+        if assignment.state not in _OPEN or task.state == "completed":
+            raise Conflict(
+                f"this assignment no longer takes reports ({assignment.state}; task {task.state})",
+                ErrorCode.ROUND_CLOSED,
+            )
+        delivered = assignment.delivered_at or assignment.created_at
+        if now >= delivered + plan.round_deadline_s:
+            raise Conflict("the assignment's deadline has passed", ErrorCode.ROUND_CLOSED)
+
+    def accept_update(
+        self, task: Task, plan: TaskPlan, update: Update, delta: np.ndarray, now: float
+    ) -> None:
+        a = self.ctx.store.get_assignment(update.assignment_id)
+        assert a is not None
+        base = self._base_version(a)
+        state = self._state(task, plan, now)
+        if state is None:
+            raise Conflict("the task has completed", ErrorCode.ROUND_CLOSED)
+        task, rnd, buf = state
+        try:
+            staleness = buf.check(delta, update.num_examples, base)
+        except TooStale as e:
+            raise Conflict(str(e), ErrorCode.TOO_STALE) from e
+        except ValueError as e:
+            raise Unprocessable(f"update: {e}", ErrorCode.BAD_UPDATE) from e
+        stored = dataclasses.replace(
+            update,
+            round_id=rnd.round_id,
+            report={**update.report, "base_version": base, "staleness": staleness},
+        )
+        self.ctx.store.add_update(stored)  # durable: the caller acknowledges after this
+        fold = buf.fold(delta, update.num_examples, base)
+        if fold.commit is not None:
+            self._commit(task, plan, rnd, fold.commit, now)
+
+    def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None:
+        raise Conflict("async tasks run no evaluation rounds")
+
+    def _commit(self, task: Task, plan: TaskPlan, rnd: Round, commit: Commit, now: float) -> None:
+        store = self.ctx.store
+        task = self._task(task)
+        n = self.ctx.num_parameters(task)
+        updates = list(store.round_updates(rnd.round_id))
+        metrics: dict[str, Any] = {
+            "kind": "train",
+            "mode": self.mode,
+            "base_version": rnd.base_version,
+            "goal": rnd.goal,
+            "reported": commit.num_updates,
+            "num_examples": commit.num_examples,
+            "mean_staleness": commit.mean_staleness,
+            "max_staleness": commit.max_staleness,
+            "loss": _weighted([(u.loss, u.num_examples) for u in updates]),
+            "bytes_in": sum(u.payload_bytes for u in updates),
+            "bytes_out": self.ctx.bytes_out.get(task.task_id, 0),
+            "duration_s": now - rnd.opened_at,
+            "outcome": "committed",
+        }
+        too_old = commit.version - plan.buffer.staleness.max_staleness - 1
+
+        def record(new_version: int) -> None:
+            metrics["model_version"] = new_version
+            store.update_round(rnd.round_id, state="committed", closed_at=now, metrics=metrics)
+            done = task.rounds_completed + 1 >= plan.rounds
+            # Assignments on versions now past the bound could only be refused: free their
+            # slots; once the task completes, none can report.
+            for old in store.list_rounds(task.task_id):
+                if old.base_version == too_old or done:
+                    store.expire_assignments(old.round_id, now)
+            store.update_task(
+                task.task_id,
+                model_version=new_version,
+                rounds_completed=task.rounds_completed + 1,
+                state="completed" if done and task.state == "running" else task.state,
+            )
+
+        self.ctx.versions.commit_next(task, plan, n, commit.delta, rnd.round_id, now, also=record)
+        self._buffers.pop(task.task_id, None)
+        self.ctx.bytes_out.pop(task.task_id, None)
+        if not self.ctx.retain_updates:
+            for u in updates:
+                self.ctx.blobs.delete(u.payload_sha)
+
+    # -- time -------------------------------------------------------------------------------
+
+    def tick(self, task: Task, plan: TaskPlan, now: float) -> None:
+        if self._state(task, plan, now) is None:  # finishes a commit a crash interrupted
+            return
+        if now < self._next_expiry.get(task.task_id, float("-inf")):
+            return
+        task = self._task(task)
+        later = float("inf")
+        for a in self._in_flight(self._window(task, plan)):
+            due = (a.delivered_at or a.created_at) + plan.round_deadline_s
+            if due <= now:
+                self.ctx.store.update_assignment(a.assignment_id, state="expired", closed_at=now)
+            else:
+                later = min(later, due)
+        self._next_expiry[task.task_id] = later

@@ -1,0 +1,366 @@
+"""Synchronous rounds: selection window, over-selection, configuration, reporting, commit.
+
+A round of a task goes through::
+
+    selecting ──(window over, >= goal candidates)──> reporting ──(goal reports)─> committed
+                                                        │
+                                                        └─(deadline)─> committed if >= min_reports
+                                                                       abandoned otherwise
+
+* **Selection.** The first eligible check-in opens a round (``window_ends_at = now +
+  selection_window_s``). Eligible devices checking in during the window become candidates
+  (at most ``target x max_candidates_factor``) and are told to come back just after it ends.
+  Once the window is over and at least ``goal`` candidates came, ``target = ceil(goal x
+  over_selection)`` of them are drawn uniformly at random and get assignments; the others
+  are pace-steered away. Until ``goal`` candidates arrived the window stays open.
+* **Configuration.** A selected device receives its assignment at its next check-in. While
+  fewer than ``target`` assignments exist (too few candidates), later eligible check-ins are
+  assigned directly until the deadline.
+* **Straggler policy.** By default the round takes the first ``goal`` of ``target`` reports
+  (over-selection). With ``wait_for_all`` the plan selects exactly ``goal`` devices and the
+  round also ends as soon as none of them is still training (each reported or aborted).
+* **Reporting** ends when ``goal`` updates were accepted (commit at once) or at ``deadline_at
+  = selected_at + round_deadline_s``: commit if ``min_reports`` arrived, else abandon; the
+  next check-in opens a new round on the same model version. Uploads for a closed round, or
+  from assignments that expired or aborted, get ``409 round_closed``.
+* **Evaluation rounds** (``kind = evaluate``, scheduled by the operator) run the same way on
+  the current version; devices report metrics instead of updates, nothing is committed but
+  the round's metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from coordinator.errors import Conflict
+from coordinator.plan import TaskPlan
+from coordinator.rounds.base import TaskPolicy
+from coordinator.store import Assignment, EvalReport, Round, Task, Update
+from edge_sdk.protocol import ErrorCode, Route
+
+__all__ = ["SyncRounds", "assignment_json", "new_assignment_id"]
+
+
+def new_assignment_id() -> str:
+    return "a-" + secrets.token_hex(12)
+
+
+def assignment_json(
+    a: Assignment, rnd: Round, task: Task, plan: TaskPlan, now: float
+) -> dict[str, Any]:
+    return {
+        "action": a.action,
+        "assignment": {
+            "assignment_id": a.assignment_id,
+            "task_id": task.task_id,
+            "round": rnd.number,
+            "model_version": rnd.base_version,
+            "bundle_id": task.bundle_id,
+            "params_url": Route.VERSION_PARAMS.format(
+                task_id=task.task_id, version=rnd.base_version
+            ),
+            "deadline_in_s": max(0.0, (rnd.deadline_at or now) - now),
+            "plan": plan.client_json(),
+        },
+    }
+
+
+def _wait(retry_after_s: float, reason: str) -> dict[str, Any]:
+    return {"action": "wait", "retry_after_s": round(retry_after_s, 3), "reason": reason}
+
+
+def _weighted(pairs: Sequence[tuple[float | None, int]]) -> float | None:
+    known = [(v, n) for v, n in pairs if v is not None]
+    total = sum(n for _, n in known)
+    return sum(v * n for v, n in known) / total if total else None
+
+
+class SyncRounds(TaskPolicy):
+    mode = "sync"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._period: dict[str, float] = {}
+
+    # -- check-in ---------------------------------------------------------------------------
+
+    def check_in(self, task: Task, plan: TaskPlan, device_id: str, now: float) -> dict[str, Any]:
+        store = self.ctx.store
+        rnd = store.open_round(task.task_id)
+        if rnd is None:
+            if task.state == "paused":
+                return _wait(self._steer(task, plan, now), "paused")
+            rnd = self._open_round(task, plan, now)
+        rnd = self._maybe_select(task, plan, rnd, now)
+        mine = store.assignment_for(rnd.round_id, device_id)
+        if mine is not None:
+            if mine.state in ("selected", "delivered"):
+                return self._deliver(mine, rnd, task, plan, now)
+            return _wait(self._steer(task, plan, now), "window_full")
+        if task.state == "paused":
+            return _wait(self._steer(task, plan, now), "paused")
+        if rnd.state == "selecting":
+            cap = math.ceil(rnd.target * plan.max_candidates_factor)
+            if store.count_candidates(rnd.round_id) >= cap and device_id not in set(
+                store.candidates(rnd.round_id)
+            ):
+                return _wait(self._steer(task, plan, now), "window_full")
+            store.add_candidate(rnd.round_id, device_id, now)
+            rnd = self._maybe_select(task, plan, rnd, now)
+            if rnd.state == "selecting":
+                return _wait(self.ctx.pacing.after_window(now, rnd.window_ends_at), "selecting")
+            mine = store.assignment_for(rnd.round_id, device_id)
+            if mine is not None:
+                return self._deliver(mine, rnd, task, plan, now)
+            return _wait(self._steer(task, plan, now), "window_full")
+        # reporting: fill slots the window left empty
+        if store.count_assignments(rnd.round_id) < rnd.target and (rnd.deadline_at or 0) > now:
+            a = Assignment(
+                new_assignment_id(),
+                rnd.round_id,
+                task.task_id,
+                device_id,
+                rnd.kind,
+                "delivered",
+                now,
+                delivered_at=now,
+            )
+            store.add_assignments([a])
+            return assignment_json(a, rnd, task, plan, now)
+        return _wait(self._steer(task, plan, now), "window_full")
+
+    def _deliver(
+        self, a: Assignment, rnd: Round, task: Task, plan: TaskPlan, now: float
+    ) -> dict[str, Any]:
+        if a.state == "selected":
+            self.ctx.store.update_assignment(a.assignment_id, state="delivered", delivered_at=now)
+        return assignment_json(a, rnd, task, plan, now)
+
+    def _steer(self, task: Task, plan: TaskPlan, now: float) -> float:
+        return self.ctx.pacing.retry_after(now, plan.target, self._round_period(task, plan))
+
+    def _round_period(self, task: Task, plan: TaskPlan) -> float:
+        if task.task_id not in self._period:
+            durations = [
+                r.closed_at - r.opened_at
+                for r in self.ctx.store.list_rounds(task.task_id)
+                if r.closed_at is not None
+            ][-5:]
+            self._period[task.task_id] = (
+                sum(durations) / len(durations)
+                if durations
+                else plan.selection_window_s + plan.round_deadline_s
+            )
+        return max(1.0, self._period[task.task_id])
+
+    def _open_round(self, task: Task, plan: TaskPlan, now: float) -> Round:
+        store = self.ctx.store
+        evaluate = task.pending_evaluations > 0
+        goal = (plan.eval_goal or plan.goal) if evaluate else plan.goal
+        number = len(store.list_rounds(task.task_id)) + 1
+        return store.add_round(
+            Round(
+                round_id=0,
+                task_id=task.task_id,
+                number=number,
+                kind="evaluate" if evaluate else "train",
+                state="selecting",
+                base_version=task.model_version,
+                goal=goal,
+                target=math.ceil(goal * plan.over_selection),
+                min_reports=max(1, math.ceil(goal * plan.min_reporting_fraction)),
+                opened_at=now,
+                window_ends_at=now + plan.selection_window_s,
+            )
+        )
+
+    def _maybe_select(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> Round:
+        if rnd.state != "selecting" or now < rnd.window_ends_at:
+            return rnd
+        store = self.ctx.store
+        candidates = store.candidates(rnd.round_id)
+        if len(candidates) < rnd.goal:
+            return rnd
+        chosen = self.ctx.rng.sample(candidates, min(rnd.target, len(candidates)))
+        with store.atomic():
+            store.add_assignments(
+                [
+                    Assignment(
+                        new_assignment_id(),
+                        rnd.round_id,
+                        task.task_id,
+                        d,
+                        rnd.kind,
+                        "selected",
+                        now,
+                    )
+                    for d in chosen
+                ]
+            )
+            store.update_round(
+                rnd.round_id,
+                state="reporting",
+                selected_at=now,
+                deadline_at=now + plan.round_deadline_s,
+            )
+        out = store.get_round(rnd.round_id)
+        assert out is not None
+        return out
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def check_upload(self, task: Task, assignment: Assignment, now: float) -> None:
+        rnd = self.ctx.store.get_round(assignment.round_id)
+        if (
+            rnd is None
+            or rnd.state != "reporting"
+            or assignment.state
+            not in (
+                "selected",
+                "delivered",
+            )
+        ):
+            raise Conflict(
+                f"round {rnd.number if rnd else '?'} of task {task.task_id} no longer takes "
+                f"reports from this assignment ({assignment.state})",
+                ErrorCode.ROUND_CLOSED,
+            )
+        if rnd.deadline_at is not None and now >= rnd.deadline_at:
+            raise Conflict("the round's deadline has passed", ErrorCode.ROUND_CLOSED)
+
+    def accept_update(
+        self, task: Task, plan: TaskPlan, update: Update, delta: np.ndarray, now: float
+    ) -> None:
+        n = self.ctx.num_parameters(task)
+        running = self.ctx.sums.get(update.round_id, n)  # rebuilt from earlier updates if needed
+        self.ctx.store.add_update(update)  # durable: the caller acknowledges after this
+        running.fold(delta, update.num_examples)
+        rnd = self.ctx.store.get_round(update.round_id)
+        assert rnd is not None
+        if running.count >= rnd.goal or self._all_settled(plan, rnd):
+            self._close(task, plan, rnd, now)
+
+    def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None:
+        self.ctx.store.add_eval_report(report)
+        rnd = self.ctx.store.get_round(report.round_id)
+        assert rnd is not None
+        if len(self.ctx.store.round_eval_reports(rnd.round_id)) >= rnd.goal:
+            self._close(task, plan, rnd, now)
+
+    def tick(self, task: Task, plan: TaskPlan, now: float) -> None:
+        rnd = self.ctx.store.open_round(task.task_id)
+        if rnd is None:
+            return
+        rnd = self._maybe_select(task, plan, rnd, now)
+        if rnd.state != "reporting":
+            return
+        reports = self._reports(rnd)
+        if (
+            reports >= rnd.goal
+            or (rnd.deadline_at is not None and now >= rnd.deadline_at)
+            or self._all_settled(plan, rnd)
+        ):
+            self._close(task, plan, rnd, now)
+
+    def _all_settled(self, plan: TaskPlan, rnd: Round) -> bool:
+        """With ``wait_for_all``: every selected device reported or gave up (aborted)."""
+        return plan.wait_for_all and not self.ctx.store.open_assignments([rnd.round_id])
+
+    def _reports(self, rnd: Round) -> int:
+        if rnd.kind == "evaluate":
+            return len(self.ctx.store.round_eval_reports(rnd.round_id))
+        return self.ctx.store.count_updates(rnd.round_id)
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def _close(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> None:
+        store = self.ctx.store
+        task = store.get_task(task.task_id) or task
+        metrics = self._metrics(task, rnd, now)
+        success = metrics["reported"] >= rnd.min_reports
+        if rnd.kind == "evaluate":
+            metrics["outcome"] = "completed" if success else "abandoned"
+            with store.atomic():
+                store.update_round(
+                    rnd.round_id, state=metrics["outcome"], closed_at=now, metrics=metrics
+                )
+                store.expire_assignments(rnd.round_id, now)
+                if success:
+                    store.update_task(
+                        task.task_id, pending_evaluations=max(0, task.pending_evaluations - 1)
+                    )
+        elif success:
+            n = self.ctx.num_parameters(task)
+            running = self.ctx.sums.get(rnd.round_id, n)
+            metrics["outcome"] = "committed"
+
+            def record(new_version: int) -> None:
+                metrics["model_version"] = new_version
+                store.update_round(rnd.round_id, state="committed", closed_at=now, metrics=metrics)
+                store.expire_assignments(rnd.round_id, now)
+                done = task.rounds_completed + 1 >= plan.rounds
+                store.update_task(
+                    task.task_id,
+                    model_version=new_version,
+                    rounds_completed=task.rounds_completed + 1,
+                    state="completed" if done and task.state == "running" else task.state,
+                )
+
+            self.ctx.versions.commit_next(
+                task, plan, n, running.mean(), rnd.round_id, now, also=record
+            )
+        else:
+            metrics["outcome"] = "abandoned"
+            with store.atomic():
+                store.update_round(rnd.round_id, state="abandoned", closed_at=now, metrics=metrics)
+                store.expire_assignments(rnd.round_id, now)
+        self.ctx.sums.drop(rnd.round_id)
+        self.ctx.bytes_out.pop(task.task_id, None)
+        self._period.pop(task.task_id, None)
+        if rnd.kind == "train" and not self.ctx.retain_updates:
+            for u in store.round_updates(rnd.round_id):
+                self.ctx.blobs.delete(u.payload_sha)
+
+    def _metrics(self, task: Task, rnd: Round, now: float) -> dict[str, Any]:
+        store = self.ctx.store
+        assignments = store.round_assignments(rnd.round_id)
+        aborted = sum(a.state == "aborted" for a in assignments)
+        out: dict[str, Any] = {
+            "kind": rnd.kind,
+            "base_version": rnd.base_version,
+            "goal": rnd.goal,
+            "target": rnd.target,
+            "candidates": store.count_candidates(rnd.round_id),
+            "participants": len(assignments),
+            "aborted": aborted,
+            "bytes_out": self.ctx.bytes_out.get(task.task_id, 0),
+            "duration_s": now - rnd.opened_at,
+            "selection_s": (rnd.selected_at or now) - rnd.opened_at,
+            "reporting_s": now - (rnd.selected_at or now),
+        }
+        pairs: list[tuple[float | None, int]]
+        accs: list[tuple[float | None, int]]
+        if rnd.kind == "evaluate":
+            reports = store.round_eval_reports(rnd.round_id)
+            pairs = [(r.loss, r.num_examples) for r in reports]
+            accs = [(r.accuracy, r.num_examples) for r in reports]
+            bytes_in = 0
+        else:
+            updates = list(store.round_updates(rnd.round_id))
+            pairs = [(u.loss, u.num_examples) for u in updates]
+            accs = [(u.report.get("accuracy"), u.num_examples) for u in updates]
+            bytes_in = sum(u.payload_bytes for u in updates)
+        out.update(
+            reported=len(pairs),
+            dropouts=len(assignments) - len(pairs),
+            num_examples=sum(n for _, n in pairs),
+            loss=_weighted(pairs),
+            accuracy=_weighted(accs),
+            bytes_in=bytes_in,
+        )
+        return out

@@ -1,0 +1,554 @@
+"""The coordinator's operations, independent of HTTP: what each route does.
+
+:class:`Coordinator` owns the store, the blob directory, the clock, the RNG and one policy
+per task mode. It is not thread-safe on purpose: the HTTP layer runs every call on one worker
+thread, which makes each operation (check-in, upload, commit) a critical section without
+locks. Handlers pass already-read bodies in; failures are raised as
+:class:`~coordinator.errors.ApiError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import random
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator.blobs import BlobStore
+from coordinator.bundles import bundle_tar, extract_bundle, initial_params_name, version_manifest
+from coordinator.clock import Clock, SystemClock
+from coordinator.config import CoordinatorConfig
+from coordinator.eligibility import parse_conditions
+from coordinator.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    Unauthorized,
+    Unprocessable,
+)
+from coordinator.pacing import PaceSteering
+from coordinator.plan import TaskPlan
+from coordinator.rounds import POLICIES, PolicyContext, TaskPolicy
+from coordinator.store import (
+    Assignment,
+    Device,
+    EvalReport,
+    SQLiteStore,
+    Store,
+    Task,
+    Update,
+    Version,
+)
+from coordinator.tensors import check_delta, decode_delta
+from coordinator.validation import Fields
+from coordinator.versions import ModelVersions, RoundSums
+from edge_sdk.protocol import ErrorCode, parse_device_auth
+
+__all__ = ["Coordinator", "DeviceIdentity"]
+
+log = logging.getLogger("fedge.coordinator")
+
+MAX_IDEMPOTENCY_KEY = 128
+ABORT_REASONS = ("conditions_lapsed", "error", "user")
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    device_id: str
+    population: str
+
+
+def _hash_secret(salt: str, secret: str) -> str:
+    return hmac.new(bytes.fromhex(salt), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body.decode("utf-8")) if body else None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidRequest(f"body is not valid JSON: {e}", ErrorCode.MALFORMED_JSON) from e
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        store: Store | None = None,
+        blobs: BlobStore | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store if store is not None else SQLiteStore(config.db_path)
+        self.blobs = blobs if blobs is not None else BlobStore(config.blob_dir)
+        self.clock = clock or SystemClock()
+        self.admin_token = config.admin_token or secrets.token_urlsafe(24)
+        self.rng = random.Random(config.seed)
+        self.pacing = PaceSteering(config.pacing, self.rng)
+        self.ctx = PolicyContext(
+            store=self.store,
+            blobs=self.blobs,
+            pacing=self.pacing,
+            rng=self.rng,
+            versions=ModelVersions(self.store, self.blobs),
+            sums=RoundSums(self.store, self.blobs),
+            retain_updates=config.retain_updates,
+        )
+        self.policies: dict[str, TaskPolicy] = {m: cls(self.ctx) for m, cls in POLICIES.items()}
+        self._plans: dict[str, TaskPlan] = {}
+        self._last_tick = float("-inf")
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- time -------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Apply every deadline that is due (the HTTP layer calls this periodically)."""
+        now = self.clock.now()
+        self._last_tick = now
+        for rnd in self.store.open_rounds():
+            task = self.store.get_task(rnd.task_id)
+            if task is not None:
+                self._policy(task).tick(task, self._plan(task), now)
+
+    def _now(self) -> float:
+        now = self.clock.now()
+        if now - self._last_tick >= self.config.tick_interval_s:
+            self.tick()
+        return now
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _plan(self, task: Task) -> TaskPlan:
+        plan = self._plans.get(task.task_id)
+        if plan is None:
+            plan = self._plans[task.task_id] = TaskPlan.from_json(task.plan)
+        return plan
+
+    def _policy(self, task: Task) -> TaskPolicy:
+        return self.policies[task.mode]
+
+    def _task(self, task_id: str) -> Task:
+        task = self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id!r}")
+        return task
+
+    def _manifest(self, bundle_id: str) -> dict[str, Any]:
+        manifest = self.store.get_bundle(bundle_id)
+        if manifest is None:
+            raise NotFound(f"no bundle {bundle_id!r}")
+        return manifest
+
+    def check_admin(self, authorization: str | None) -> None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme != "Bearer" or not hmac.compare_digest(token.encode(), self.admin_token.encode()):
+            raise Unauthorized("operator calls need 'Authorization: Bearer <admin token>'")
+
+    def authenticate(self, authorization: str | None) -> DeviceIdentity:
+        parsed = parse_device_auth(authorization)
+        if parsed is None:
+            raise Unauthorized("device calls need 'Authorization: Device <device_id>:<secret>'")
+        device_id, secret = parsed
+        device = self.store.get_device(device_id) if len(device_id) <= 64 else None
+        # Hash even for unknown devices so that timing does not tell which ids exist.
+        salt = device.secret_salt if device else "00" * 16
+        expected = device.secret_hash if device else "0" * 64
+        if not hmac.compare_digest(_hash_secret(salt, secret[:256]), expected) or device is None:
+            raise Unauthorized("unknown device or wrong secret")
+        return DeviceIdentity(device.device_id, device.population)
+
+    def _own_assignment(self, who: DeviceIdentity, assignment_id: str) -> Assignment:
+        a = self.store.get_assignment(assignment_id)
+        if a is None:
+            raise NotFound(f"no assignment {assignment_id!r}")
+        if a.device_id != who.device_id:
+            raise Forbidden("this assignment belongs to another device")
+        return a
+
+    # -- device calls -----------------------------------------------------------------------
+
+    def register(self, body: bytes) -> dict[str, Any]:
+        f = Fields(parse_json(body) or {}, "body")
+        runtimes = f.strings("runtimes", None)
+        if runtimes is None:
+            raise InvalidRequest("body.runtimes is required")
+        platform = f.string("platform", "unknown", max_len=64)
+        arch = f.string("arch", "unknown", max_len=64)
+        population = f.string("population", "default", max_len=64)
+        f.done()
+        secret = secrets.token_urlsafe(32)
+        salt = secrets.token_hex(16)
+        device = Device(
+            device_id="d-" + secrets.token_hex(10),
+            secret_salt=salt,
+            secret_hash=_hash_secret(salt, secret),
+            platform=platform,
+            arch=arch,
+            runtimes=tuple(runtimes),
+            population=population,
+            registered_at=self.clock.now(),
+        )
+        self.store.add_device(device)
+        return {"device_id": device.device_id, "secret": secret}
+
+    def checkin(self, who: DeviceIdentity, body: bytes) -> dict[str, Any]:
+        now = self._now()
+        f = Fields(parse_json(body) or {}, "body")
+        population = f.string("population", who.population, max_len=64)
+        runtimes = f.strings("runtimes", None)
+        if runtimes is None:
+            raise InvalidRequest("body.runtimes is required")
+        conditions = parse_conditions(f.raw("conditions"))
+        caps = f.child("capabilities")
+        codecs = caps.strings("codecs", None)
+        f.done()
+        self.pacing.saw(who.device_id, now)
+        tasks = [
+            t
+            for t in self.store.list_tasks(population=population)
+            if t.state in ("running", "paused") or t.pending_evaluations > 0
+        ]
+        fallback: dict[str, Any] | None = None
+        for task in tasks:
+            plan = self._plan(task)
+            backends = self._manifest(task.bundle_id).get("backends", {})
+            why = plan.eligibility.check(conditions, runtimes, codecs, backends, plan.codec.name)
+            if why is not None:
+                if fallback is None:
+                    fallback = {
+                        "action": "wait",
+                        "retry_after_s": round(
+                            self.pacing.retry_after(
+                                now, plan.target, plan.selection_window_s + plan.round_deadline_s
+                            ),
+                            3,
+                        ),
+                        "reason": "ineligible",
+                    }
+                continue
+            answer = self._policy(task).check_in(task, plan, who.device_id, now)
+            if answer["action"] != "wait":
+                return answer
+            if fallback is None or fallback["reason"] == "ineligible":
+                fallback = answer
+        if fallback is None:
+            fallback = {
+                "action": "wait",
+                "retry_after_s": round(self.pacing.idle(), 3),
+                "reason": "no_task",
+            }
+        self.pacing.expect(who.device_id, now + fallback["retry_after_s"])
+        return fallback
+
+    def manifest(self, who: DeviceIdentity, bundle_id: str) -> dict[str, Any]:
+        return self._manifest(bundle_id)
+
+    def bundle_file(self, who: DeviceIdentity, bundle_id: str, name: str) -> Path:
+        meta = self._manifest(bundle_id)["files"].get(name)
+        if meta is None:
+            raise NotFound(f"bundle {bundle_id} has no file {name!r}")
+        return self.blobs.path(meta["sha256"])
+
+    def count_bytes_out(self, task_id: str | None, n: int) -> None:
+        if task_id is not None:
+            self.ctx.bytes_out[task_id] += n
+
+    def version_params(self, who: DeviceIdentity | None, task_id: str, version: str) -> bytes:
+        from coordinator.tensors import encode_params
+
+        task = self._task(task_id)
+        number = self._version_number(task, version)
+        n = self.ctx.num_parameters(task)
+        return encode_params(self.ctx.versions.params(task_id, number, n))
+
+    def _version_number(self, task: Task, version: str) -> int:
+        if version == "current":
+            return task.model_version
+        if not version.isdigit() or len(version) > 12:
+            raise InvalidRequest(f"version must be an integer or 'current', not {version!r}")
+        number = int(version)
+        if self.store.get_version(task.task_id, number) is None:
+            raise NotFound(f"task {task.task_id} has no version {number}")
+        return number
+
+    def upload(
+        self,
+        who: DeviceIdentity,
+        assignment_id: str,
+        idempotency_key: str | None,
+        report_header: str | None,
+        body: bytes,
+    ) -> dict[str, Any]:
+        now = self._now()
+        a = self._own_assignment(who, assignment_id)
+        if a.action != "train":
+            raise Conflict("this is an evaluation assignment: report metrics, not an update")
+        if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidRequest(
+                f"uploads need an Idempotency-Key header of 1..{MAX_IDEMPOTENCY_KEY} characters"
+            )
+        prior = self.store.get_update(a.assignment_id)
+        if prior is not None:
+            if hmac.compare_digest(prior.idempotency_key, idempotency_key):
+                return prior.response
+            raise Conflict("this assignment already reported an update", ErrorCode.DUPLICATE_UPLOAD)
+        task = self._task(a.task_id)
+        plan = self._plan(task)
+        policy = self._policy(task)
+        policy.check_upload(task, a, now)
+        report = self._parse_report(report_header, plan)
+        delta = decode_delta(body, self.ctx.num_parameters(task))
+        check_delta(delta, plan.max_update_norm)
+        payload_sha = self.blobs.put(body)
+        rnd = self.store.get_round(a.round_id)
+        assert rnd is not None
+        response = {"accepted": True, "round": rnd.number, "model_version": rnd.base_version}
+        update = Update(
+            assignment_id=a.assignment_id,
+            round_id=a.round_id,
+            task_id=a.task_id,
+            device_id=a.device_id,
+            idempotency_key=idempotency_key,
+            payload_sha=payload_sha,
+            payload_bytes=len(body),
+            num_examples=report["num_examples"],
+            loss=report.get("loss"),
+            report=report,
+            accepted_at=now,
+            response=response,
+        )
+        policy.accept_update(task, plan, update, delta, now)
+        return response
+
+    def _parse_report(self, header: str | None, plan: TaskPlan) -> dict[str, Any]:
+        if not header:
+            raise InvalidRequest("uploads need an X-Fedge-Report header (JSON)")
+        f = Fields(parse_json(header.encode("utf-8", "replace")), "X-Fedge-Report")
+        report = {
+            "num_examples": f.integer("num_examples", None, minimum=1),
+            "loss": f.number("loss", None),
+            "accuracy": f.number("accuracy", None, minimum=0.0, maximum=1.0),
+            "steps": f.integer("steps", None, minimum=0),
+            "wall_time_s": f.number("wall_time_s", None, minimum=0.0),
+            "bytes_down": f.integer("bytes_down", None, minimum=0),
+        }
+        f.done()
+        if report["num_examples"] is None:
+            raise InvalidRequest("X-Fedge-Report.num_examples is required")
+        if report["num_examples"] > plan.max_examples:
+            raise Unprocessable(
+                f"num_examples {report['num_examples']} exceeds the task's bound "
+                f"{plan.max_examples}",
+                ErrorCode.BAD_UPDATE,
+            )
+        return {k: v for k, v in report.items() if v is not None}
+
+    def report_metrics(
+        self, who: DeviceIdentity, assignment_id: str, body: bytes
+    ) -> dict[str, Any]:
+        now = self._now()
+        a = self._own_assignment(who, assignment_id)
+        f = Fields(parse_json(body), "body")
+        num_examples = f.integer("num_examples", None, minimum=1)
+        loss = f.number("loss", None)
+        accuracy = f.number("accuracy", None, minimum=0.0, maximum=1.0)
+        f.done()
+        if num_examples is None or loss is None:
+            raise InvalidRequest("body needs num_examples and loss")
+        if a.action != "evaluate":
+            raise Conflict("this is a training assignment: upload an update, not metrics")
+        prior = self.store.get_eval_report(a.assignment_id)
+        if prior is not None:
+            if (prior.num_examples, prior.loss, prior.accuracy) == (num_examples, loss, accuracy):
+                return prior.response
+            raise Conflict("this assignment already reported", ErrorCode.DUPLICATE_UPLOAD)
+        task = self._task(a.task_id)
+        plan = self._plan(task)
+        self._policy(task).check_upload(task, a, now)
+        rnd = self.store.get_round(a.round_id)
+        assert rnd is not None
+        response = {"accepted": True, "round": rnd.number, "model_version": rnd.base_version}
+        report = EvalReport(
+            a.assignment_id,
+            a.round_id,
+            a.task_id,
+            a.device_id,
+            num_examples,
+            loss,
+            accuracy,
+            now,
+            response,
+        )
+        self._policy(task).accept_eval(task, plan, report, now)
+        return response
+
+    def abort(self, who: DeviceIdentity, assignment_id: str, body: bytes) -> dict[str, Any]:
+        now = self._now()
+        a = self._own_assignment(who, assignment_id)
+        f = Fields(parse_json(body) or {}, "body")
+        reason = f.string("reason", "error", choices=ABORT_REASONS)
+        message = f.string("message", None, max_len=1024)
+        f.done()
+        if a.state == "aborted":
+            return {"aborted": True}
+        if a.state not in ("selected", "delivered"):
+            raise Conflict(f"assignment is {a.state}; it can no longer be aborted")
+        note = reason if message is None else f"{reason}: {message}"
+        self.store.update_assignment(
+            a.assignment_id, state="aborted", closed_at=now, abort_reason=note
+        )
+        return {"aborted": True}
+
+    # -- operator calls ---------------------------------------------------------------------
+
+    def add_bundle(self, body: bytes) -> dict[str, Any]:
+        if not body:
+            raise InvalidRequest("body must be an uncompressed tar of a bundle directory")
+        manifest = extract_bundle(body, self.blobs)
+        created = self.store.add_bundle(manifest["bundle_id"], manifest, self.clock.now())
+        return {
+            "bundle_id": manifest["bundle_id"],
+            "num_parameters": int(manifest["num_parameters"]),
+            "created": created,
+        }
+
+    def create_task(self, body: bytes) -> dict[str, Any]:
+        f = Fields(parse_json(body), "body")
+        name = f.string("name", "task", max_len=128)
+        bundle_id = f.string("bundle_id", None, max_len=128)
+        mode = f.string("mode", "sync", max_len=32)
+        population = f.string("population", "default", max_len=64)
+        plan_raw = f.raw("plan")
+        f.done()
+        if bundle_id is None:
+            raise InvalidRequest("body.bundle_id is required")
+        if mode not in self.policies:
+            raise InvalidRequest(
+                f"mode {mode!r} is not available; this coordinator runs: {', '.join(self.policies)}"
+            )
+        plan = TaskPlan.from_json(plan_raw)
+        manifest = self._manifest(bundle_id)
+        if not plan.eligibility.usable_runtimes(manifest.get("backends", {})):
+            raise InvalidRequest("no runtime the plan allows is supported by the bundle")
+        now = self.clock.now()
+        params_meta = manifest["files"][initial_params_name(manifest)]
+        task = Task(
+            task_id="t-" + secrets.token_hex(8),
+            name=name,
+            bundle_id=bundle_id,
+            mode=mode,
+            population=population,
+            plan=plan.to_json(),
+            state="running",
+            model_version=0,
+            rounds_completed=0,
+            pending_evaluations=0,
+            created_at=now,
+        )
+        with self.store.atomic():
+            self.store.add_task(task)
+            self.store.add_version(Version(task.task_id, 0, params_meta["sha256"], None, None, now))
+        return self.task_json(task)
+
+    def task_json(self, task: Task) -> dict[str, Any]:
+        rnd = self.store.open_round(task.task_id)
+        return {
+            "task_id": task.task_id,
+            "name": task.name,
+            "bundle_id": task.bundle_id,
+            "mode": task.mode,
+            "population": task.population,
+            "state": task.state,
+            "model_version": task.model_version,
+            "rounds_completed": task.rounds_completed,
+            "pending_evaluations": task.pending_evaluations,
+            "created_at": task.created_at,
+            "plan": task.plan,
+            "current_round": None if rnd is None else self._round_json(rnd),
+        }
+
+    @staticmethod
+    def _round_json(rnd: Any) -> dict[str, Any]:
+        return {
+            "round": rnd.number,
+            "kind": rnd.kind,
+            "state": rnd.state,
+            "base_version": rnd.base_version,
+            "goal": rnd.goal,
+            "target": rnd.target,
+            "min_reports": rnd.min_reports,
+            "opened_at": rnd.opened_at,
+            "window_ends_at": rnd.window_ends_at,
+            "selected_at": rnd.selected_at,
+            "deadline_at": rnd.deadline_at,
+            "closed_at": rnd.closed_at,
+            "metrics": rnd.metrics,
+        }
+
+    def list_tasks(self) -> dict[str, Any]:
+        self._now()
+        return {"tasks": [self.task_json(t) for t in self.store.list_tasks()]}
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        self._now()
+        return self.task_json(self._task(task_id))
+
+    def set_paused(self, task_id: str, paused: bool) -> dict[str, Any]:
+        task = self._task(task_id)
+        want_from, to = ("running", "paused") if paused else ("paused", "running")
+        if task.state != want_from:
+            raise Conflict(f"task is {task.state}; only a {want_from} task can be made {to}")
+        self.store.update_task(task_id, state=to)
+        return self.task_json(self._task(task_id))
+
+    def rounds(self, task_id: str) -> dict[str, Any]:
+        self._now()
+        self._task(task_id)
+        return {"rounds": [self._round_json(r) for r in self.store.list_rounds(task_id)]}
+
+    def schedule_evaluation(self, task_id: str, body: bytes) -> dict[str, Any]:
+        task = self._task(task_id)
+        f = Fields(parse_json(body) or {}, "body")
+        f.done()
+        self.store.update_task(task_id, pending_evaluations=task.pending_evaluations + 1)
+        return {"task_id": task_id, "pending_evaluations": task.pending_evaluations + 1}
+
+    def task_bundle(self, task_id: str) -> bytes:
+        task = self._task(task_id)
+        manifest = self._manifest(task.bundle_id)
+        v = self.store.get_version(task_id, task.model_version)
+        assert v is not None
+        out = version_manifest(
+            manifest, task_id, task.model_version, v.params_sha, self.blobs.size(v.params_sha)
+        )
+        return bundle_tar(out, self.blobs)
+
+    def status(self) -> dict[str, Any]:
+        self._now()
+        tasks = self.store.list_tasks()
+        latest = tasks[-1] if tasks else None
+        return {
+            "model_version": latest.model_version if latest else 0,
+            "rounds_completed": latest.rounds_completed if latest else 0,
+            "updates_accepted": self.store.count_updates(),
+            "devices_registered": self.store.count_devices(),
+            "tasks": [
+                {
+                    "task_id": t.task_id,
+                    "name": t.name,
+                    "state": t.state,
+                    "mode": t.mode,
+                    "model_version": t.model_version,
+                    "rounds_completed": t.rounds_completed,
+                }
+                for t in tasks
+            ],
+        }

@@ -1,0 +1,345 @@
+"""The fleet: N emulated devices, each a real SDK client, against one coordinator over HTTP.
+
+::
+
+    fleet = Fleet("http://127.0.0.1:8080", partitions, heterogeneity=Heterogeneity.realistic(),
+                  seed=0, clock=SimClock(speedup=60))
+    with fleet:                                  # devices run in a background thread
+        fleet.wait_for(lambda: admin.task(task_id)["rounds_completed"] >= 10, timeout_s=300)
+    print(fleet.summary().as_dict())
+
+How thousands fit in one process on two cores: one asyncio loop holds a coroutine per device
+that mostly sleeps on the fleet's :class:`~fedge.fleet.clock.SimClock` (pace steering, being
+ineligible); a device's blocking pass (:meth:`Client.run_once`: check-in, download, training,
+upload) runs in a bounded thread pool; all devices share one bundle cache and one loaded
+trainer per bundle (:class:`~fedge.fleet.device.EmulatedTrainer`); each holds only its client,
+its partition and a keep-alive socket.
+
+Each device has its own state directory (credential, error-feedback residuals) under
+``state_root`` and registers with the coordinator on its first eligible pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import math
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from edge_sdk.cache import BundleCache
+from edge_sdk.client import Client, ClientConfig, Outcome
+from edge_sdk.pool import TrainerPool
+from fedge.fleet.clock import SimClock
+from fedge.fleet.datasets import Dataset
+from fedge.fleet.device import (
+    DeviceVanished,
+    EmulatedTrainers,
+    LinkTransport,
+    ProfileConditions,
+)
+from fedge.fleet.heterogeneity import DeviceProfile, Heterogeneity
+
+__all__ = ["VANISHED", "Fleet", "FleetSummary"]
+
+VANISHED = "vanished"  # the outcome the emulator records for a mid-job dropout
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    devices: int
+    checkins: int  # answered check-ins (wait, train, evaluate)
+    tasks_started: int  # training/evaluation jobs begun on a device
+    uploads_acknowledged: int
+    evaluations_reported: int
+    aborts: int  # conditions lapsed mid-job; the client told the coordinator
+    dropouts: int  # vanished mid-job without a word
+    rejected: int  # uploads the coordinator refused (late, stale)
+    failures: int  # passes that failed (network, coordinator errors)
+    ineligible_checks: int  # local checks that found the device ineligible (no network)
+    devices_registered: int
+    bytes_up: int  # request bodies, all devices
+    bytes_down: int  # response bodies, all devices
+    update_bytes: int  # encoded deltas in acknowledged uploads
+    emulated_s: float
+    wall_s: float
+    speedup: float
+    time_overruns: int  # steps whose real time exceeded the modelled compute time
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["emulated_s"] = round(self.emulated_s, 3)
+        d["wall_s"] = round(self.wall_s, 3)
+        return d
+
+
+class _Device:
+    def __init__(self, fleet: Fleet, index: int, data: Dataset, profile: DeviceProfile) -> None:
+        self.index = index
+        self.profile = profile
+        self.conditions = ProfileConditions(profile, fleet.clock)
+        self.trainers = EmulatedTrainers(
+            fleet.pool, profile=profile, clock=fleet.clock, num_examples=len(data),
+            conditions=self.conditions, step_time_s=fleet.step_time_s,
+        )
+        seed = int(np.random.SeedSequence([fleet.seed, index, 1]).generate_state(1)[0])
+        config = dataclasses.replace(fleet.client_config, seed=seed)
+        self.client = Client(
+            fleet.url,
+            state_dir=fleet.state_root / f"device-{index:05d}",
+            data=(data.x, data.y),
+            conditions=self.conditions,
+            config=config,
+            cache=fleet.cache,
+            trainers=self.trainers,  # type: ignore[arg-type]  # duck-typed TrainerPool
+            clock=fleet.clock.now,
+            sleep=fleet.clock.sleep_blocking,
+        )
+        self.client.transport = LinkTransport(
+            fleet.url, profile=profile, clock=fleet.clock, timeout=config.request_timeout_s,
+            retry=config.retry, rng=random.Random(seed),
+        )
+        self._rejoin_rng = random.Random(seed + 1)
+        self._rejoin_s = fleet.rejoin_s
+
+    def run_once(self) -> Outcome:
+        try:
+            return self.client.run_once()
+        except DeviceVanished:
+            # The app was killed: its connection goes with it; it restarts a while later.
+            self.client.transport.close()
+            return Outcome(VANISHED, self._rejoin_s * self._rejoin_rng.uniform(0.5, 1.5))
+
+
+class Fleet:
+    """N emulated devices; ``datasets[i]`` is device i's local data (see the module docstring).
+
+    ``heterogeneity`` (default: uniform devices) draws each device's profile from ``seed``;
+    ``clock`` sets the time acceleration (default real time); ``step_time_s`` is the modelled
+    time of one training step before the device's multiplier (None: the step's real time on
+    this host); ``client_config`` is the base :class:`ClientConfig` (its seed is replaced per
+    device). ``progress`` writes one updating status line to a stream (True: stderr).
+    """
+
+    def __init__(
+        self,
+        coordinator: str,
+        datasets: Sequence[Dataset],
+        *,
+        heterogeneity: Heterogeneity | None = None,
+        seed: int = 0,
+        clock: SimClock | None = None,
+        state_root: Path | str | None = None,
+        backend: str | None = "ort-step",
+        step_time_s: float | None = None,
+        workers: int | None = None,
+        start_spread_s: float = 5.0,
+        rejoin_s: float = 300.0,
+        client_config: ClientConfig | None = None,
+        progress: bool | TextIO = False,
+    ) -> None:
+        if not datasets:
+            raise ValueError("a fleet needs at least one device")
+        self.url = coordinator
+        self.seed = seed
+        self.heterogeneity = heterogeneity or Heterogeneity.uniform()
+        self.clock = clock or SimClock()
+        self.step_time_s = step_time_s
+        self.start_spread_s = start_spread_s
+        self.rejoin_s = rejoin_s
+        self.client_config = client_config or ClientConfig(backend=backend)
+        if client_config is not None and backend is not None and client_config.backend is None:
+            self.client_config = dataclasses.replace(client_config, backend=backend)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if state_root is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fedge-fleet-")
+            state_root = self._tmp.name
+        self.state_root = Path(state_root)
+        self.state_root.mkdir(parents=True, exist_ok=True)
+        self.cache = BundleCache(self.state_root / "bundles")
+        self.pool = TrainerPool(self.client_config.backend)
+        self.workers = workers or min(len(datasets), 128)
+        self.profiles = self.heterogeneity.sample(len(datasets), seed)
+        self.devices = [
+            _Device(self, i, data, profile)
+            for i, (data, profile) in enumerate(zip(datasets, self.profiles, strict=True))
+        ]
+        self._progress: TextIO | None = sys.stderr if progress is True else (progress or None)
+        self._outcomes: Counter[str] = Counter()
+        self._update_bytes = 0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started_wall = 0.0
+        self._started_emulated = 0.0
+        self._ended: tuple[float, float] | None = None
+        self._error: BaseException | None = None
+        self.on_outcome: Callable[[int, Outcome], None] | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the fleet is already running")
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(ready,), name="fedge-fleet",
+                                        daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def stop(self) -> FleetSummary:
+        """Stop every device (sleeps end at once; passes in flight finish) and summarize."""
+        if self._thread is not None and self._loop is not None and self._stop is not None:
+            self.clock.halt()
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join()
+        for d in self.devices:
+            d.client.close()
+        if self._error is not None:
+            raise RuntimeError("the fleet's event loop failed") from self._error
+        return self.summary()
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> Fleet:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: float,
+                 poll_s: float = 0.2) -> bool:
+        """Poll ``predicate`` (in the caller's thread) until true or ``timeout_s`` real seconds."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if predicate():
+                return True
+            if time.monotonic() >= deadline or (self._thread and not self._thread.is_alive()):
+                return False
+            time.sleep(poll_s)
+
+    def run(self, *, until: Callable[[], bool] | None = None, emulated_s: float | None = None,
+            timeout_s: float = math.inf, poll_s: float = 0.2) -> FleetSummary:
+        """Run until ``until()`` holds, ``emulated_s`` of fleet time pass, or ``timeout_s``."""
+        self.start()
+        end = None if emulated_s is None else self.clock.now() + emulated_s
+        try:
+            self.wait_for(
+                lambda: bool((until is not None and until())
+                             or (end is not None and self.clock.now() >= end)),
+                timeout_s, poll_s,
+            )
+        finally:
+            summary = self.stop()
+        return summary
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _main(self, ready: threading.Event) -> None:
+        try:
+            asyncio.run(self._run(ready))
+        except BaseException as e:  # surfaced by stop()
+            self._error = e
+            ready.set()
+
+    async def _run(self, ready: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        executor = concurrent.futures.ThreadPoolExecutor(self.workers, "fedge-device")
+        rng = random.Random(self.seed)
+        self._started_wall = time.monotonic()
+        self._started_emulated = self.clock.now()
+        tasks = [asyncio.create_task(self._device(d, executor, rng.uniform(0, self.start_spread_s)))
+                 for d in self.devices]
+        if self._progress is not None:
+            tasks.append(asyncio.create_task(self._show_progress()))
+        ready.set()
+        await self._stop.wait()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Passes in flight finish quickly: the clock is halted, so their sleeps return at once.
+        await asyncio.to_thread(executor.shutdown, wait=True)
+        self._ended = (time.monotonic(), self.clock.now())
+        if self._progress is not None:
+            self._progress.write("\r" + self._status_line() + "\n")
+            self._progress.flush()
+
+    async def _device(self, device: _Device, executor: concurrent.futures.Executor,
+                      delay_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        await self.clock.sleep(delay_s)
+        while True:
+            outcome = await loop.run_in_executor(executor, device.run_once)
+            self._record(device.index, outcome)
+            await self.clock.sleep(outcome.next_run_in_s)
+
+    def _record(self, index: int, outcome: Outcome) -> None:
+        self._outcomes[outcome.action] += 1
+        if outcome.action == "trained":
+            self._update_bytes += int(outcome.metrics.get("bytes_up", 0))
+        if self.on_outcome is not None:
+            self.on_outcome(index, outcome)
+
+    async def _show_progress(self) -> None:
+        assert self._progress is not None
+        while True:
+            self._progress.write("\r" + self._status_line() + "\x1b[K")
+            self._progress.flush()
+            await asyncio.sleep(0.5)
+
+    def _status_line(self) -> str:
+        s = self.summary()
+        return (
+            f"[fleet] t={s.emulated_s:,.0f}s (x{s.speedup:g}) devices {s.devices}"
+            f" | check-ins {s.checkins} | jobs {s.tasks_started} | uploads "
+            f"{s.uploads_acknowledged} | aborts {s.aborts} | dropouts {s.dropouts}"
+            f" | up {s.bytes_up / 1e6:.2f} MB down {s.bytes_down / 1e6:.2f} MB"
+        )
+
+    # -- results ----------------------------------------------------------------------------
+
+    def summary(self) -> FleetSummary:
+        o = self._outcomes
+        answered = ("wait", "trained", "evaluated", "aborted", "rejected", VANISHED)
+        now_wall, now_emulated = self._ended or (time.monotonic(), self.clock.now())
+        logs = [d.trainers.log for d in self.devices]
+        return FleetSummary(
+            devices=len(self.devices),
+            checkins=sum(o[a] for a in answered),
+            tasks_started=sum(log.jobs for log in logs),
+            uploads_acknowledged=o["trained"],
+            evaluations_reported=o["evaluated"],
+            aborts=o["aborted"],
+            dropouts=o[VANISHED],
+            rejected=o["rejected"],
+            failures=o["failed"],
+            ineligible_checks=o["ineligible"],
+            devices_registered=sum(d.client.device_id is not None for d in self.devices),
+            bytes_up=sum(d.client.transport.bytes_sent for d in self.devices),
+            bytes_down=sum(d.client.transport.bytes_received for d in self.devices),
+            update_bytes=self._update_bytes,
+            emulated_s=now_emulated - self._started_emulated,
+            wall_s=now_wall - self._started_wall if self._started_wall else 0.0,
+            speedup=self.clock.speedup,
+            time_overruns=sum(log.overruns for log in logs),
+        )
+
+    def device_ids(self) -> list[str | None]:
+        """The coordinator's id of each device (None until it registered)."""
+        return [d.client.device_id for d in self.devices]

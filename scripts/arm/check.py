@@ -1,0 +1,266 @@
+"""``./dev arm``: the edge SDK training on aarch64, emulated on this x86 machine.
+
+1. builds (or reuses) the aarch64 environment (:mod:`aarch64_env`): qemu-user, Debian arm64
+   CPython 3.11, ``fedge[edge]`` and ``fedge[litert]`` each installed alone from aarch64 wheels;
+2. exports the demo bundle (DigitsMLP, SGD, with TFLite graphs) natively, cached;
+3. trains N steps on fixed digits batches with ``ort-step`` (site ``fedge[edge]``) and with
+   ``litert-step`` (site ``fedge[litert]``) under emulation, and the same steps natively on x86
+   with the same script (``device.py``); compares the parameters (max abs diff <= 1e-5);
+4. runs a coordinator natively on 127.0.0.1, creates a one-round task (goal 1) and runs
+   ``fedge device run --once`` on the aarch64 python against it over loopback HTTP;
+5. measures (emulated figures, labelled so): install size of each extra, peak RSS, step time
+   emulated vs native.
+
+Prints progress to stderr and, as its LAST stdout line, one JSON object, also written to
+``benchmarks/results/arm.json`` (with a plot, ``arm.png``). Exit status 1 if a check fails.
+Runs natively in the project's ``.venv`` (it needs the exporter and the coordinator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import aarch64_env as arm  # a sibling script, not a package
+
+sys.path.insert(0, str(arm.REPO))
+DEVICE = Path(__file__).with_name("device.py")
+RESULTS = arm.REPO / "benchmarks" / "results"
+TOLERANCE = 1e-5
+# Which extra holds which backend's runtime: each backend runs with its extra alone installed.
+BACKEND_EXTRA = {"ort-step": "edge", "litert-step": "litert"}
+log = arm.log
+
+
+def demo_bundle() -> Path:
+    """The demo model's bundle with TFLite graphs, exported natively and cached."""
+    from tests.fixtures.bundles import DIGITS_BUNDLE_ARGS, cached_bundle
+
+    log("bundle: exporting DigitsMLP with TFLite graphs (cached after the first run)")
+    return cached_bundle("model_export.models:DigitsMLP", **DIGITS_BUNDLE_ARGS, tflite=True)
+
+
+def write_data(path: Path, examples: int) -> None:
+    from fedge.fleet import load_digits
+
+    train, _ = load_digits(seed=0)
+    np.savez(path, x=train.x[:examples], y=train.y[:examples])
+
+
+def _last_json(out: str) -> dict[str, Any]:
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def run_steps(env: arm.Env, backend: str, bundle: Path, data: Path, work: Path, steps: int,
+              batch: int) -> dict[str, Any]:
+    """The same device script on aarch64 (emulated) and natively; returns both reports."""
+    reports: dict[str, Any] = {}
+    for where in ("aarch64", "x86_64"):
+        out = work / f"{backend}-{where}.npy"
+        cmd = [str(DEVICE), str(bundle), str(data), str(out), "--backend", backend,
+               "--steps", str(steps), "--batch", str(batch)]
+        log(f"{backend}: {steps} steps on {where}{' (emulated)' if where == 'aarch64' else ''}")
+        if where == "aarch64":
+            done = env.run(BACKEND_EXTRA[backend], cmd)
+        else:
+            done = subprocess.run([sys.executable, *cmd], text=True, capture_output=True)
+        if done.returncode != 0:
+            raise SystemExit(f"[arm] {backend} on {where} failed:\n{done.stderr[-3000:]}")
+        reports[where] = {**_last_json(done.stdout), "params": np.load(out)}
+    return reports
+
+
+def compare(reports: dict[str, Any], initial: np.ndarray) -> dict[str, Any]:
+    a, x = reports["aarch64"]["params"], reports["x86_64"]["params"]
+    return {
+        "max_abs_diff": float(np.max(np.abs(a - x))),
+        # How far training moved the parameters: parity means little if the steps did nothing.
+        "param_change": float(np.max(np.abs(a - initial))),
+        "finite": bool(np.isfinite(a).all()),
+    }
+
+
+def run_round(env: arm.Env, bundle: Path, data: Path, work: Path, attempts: int) -> dict[str, Any]:
+    """One federated round: coordinator natively on loopback, the device on aarch64."""
+    from coordinator.embedded import EmbeddedCoordinator
+
+    with EmbeddedCoordinator(work / "fedge.db") as coord:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(bundle)["bundle_id"]
+        plan = {"rounds": 1, "goal": 1, "over_selection": 1.0, "selection_window_s": 1.0,
+                "steps": 5, "batch_size": 32}
+        task_id = admin.create_task(bundle_id, plan, name="arm-emulated")["task_id"]
+        log(f"round: coordinator at {coord.url}, task {task_id} (1 round, goal 1)")
+        cmd = ["-m", "fedge.cli", "device", "run", "--coordinator", coord.url,
+               "--state-dir", str(work / "device"), "--data", str(data),
+               "--conditions", "always", "--backend", "ort-step", "--once", "--json",
+               "--seed", "0"]
+        outcomes: list[dict[str, Any]] = []
+        for _ in range(attempts):
+            t0 = time.perf_counter()
+            done = env.run("edge", cmd)
+            if done.returncode != 0:
+                raise SystemExit(f"[arm] fedge device run failed:\n{done.stderr[-3000:]}")
+            outcome = _last_json(done.stdout)
+            outcomes.append(outcome)
+            log(f"round: aarch64 device -> {outcome['action']} "
+                f"({time.perf_counter() - t0:.1f} s, emulated)")
+            if outcome["action"] not in ("wait", "failed"):
+                break
+            time.sleep(min(float(outcome.get("next_run_in_s") or 1.0), 2.0))
+        deadline = time.monotonic() + 30
+        task = admin.task(task_id)
+        while task["rounds_completed"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            task = admin.task(task_id)
+        rounds = admin.rounds(task_id)
+        admin.close()
+    last = outcomes[-1] if outcomes else {}
+    return {
+        "device_outcome": last.get("action"),
+        "device_metrics": last.get("metrics", {}),
+        "task_state": task["state"],
+        "model_version": task["model_version"],
+        "rounds_completed": task["rounds_completed"],
+        "round_metrics": rounds[0]["metrics"] if rounds else None,
+        "round_completed": (last.get("action") == "trained" and task["rounds_completed"] == 1
+                            and task["model_version"] == 1),
+    }
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def sizes(env: arm.Env) -> dict[str, Any]:
+    mb = 1 << 20
+    out: dict[str, Any] = {
+        f"install_mb_{extra}": round(dir_bytes(site) / mb, 1) for extra, site in env.sites.items()
+    }
+    out["install_mb_edge_sdk"] = round(dir_bytes(env.sites["edge"] / "edge_sdk") / mb, 2)
+    out["rootfs_mb"] = round(dir_bytes(env.root) / mb, 1)
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = list(result["step_ms"])
+    native = [result["step_ms"][b]["x86_64"] for b in backends]
+    emulated = [result["step_ms"][b]["aarch64_emulated"] for b in backends]
+    xs = np.arange(len(backends))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(xs - 0.2, native, 0.4, label="x86_64 native")
+    ax.bar(xs + 0.2, emulated, 0.4, label="aarch64 under qemu-user (emulated)")
+    for x, n, e in zip(xs, native, emulated, strict=True):
+        ax.annotate(f"{e / n:.0f}x", (x + 0.2, e), ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(xs, backends)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per train step (median)")
+    ax.set_title(f"DigitsMLP, batch {result['batch']}: emulated aarch64 vs native x86")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="local steps per backend")
+    parser.add_argument("--backend", action="append", choices=list(BACKEND_EXTRA),
+                        help="check only this backend (repeatable; default: all)")
+    parser.add_argument("--attempts", type=int, default=5, help="device check-ins for the round")
+    parser.add_argument("--no-write", action="store_true",
+                        help="do not write benchmarks/results/arm.json and arm.png")
+    args = parser.parse_args(argv)
+
+    env = arm.ensure_env()
+    bundle = demo_bundle()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="run-", dir=arm.CACHE) as tmp:
+        result = measure(env, bundle, manifest, Path(tmp), args.steps, args.attempts,
+                         args.backend or list(BACKEND_EXTRA))
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "arm.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, RESULTS / "arm.png")
+        log(f"wrote {RESULTS / 'arm.json'} and arm.png")
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+def measure(env: arm.Env, bundle: Path, manifest: dict[str, Any], work: Path, steps: int,
+            attempts: int, backends: list[str]) -> dict[str, Any]:
+    # The TFLite step has a fixed batch; full batches of it keep both backends unpadded.
+    batch = int((manifest.get("tflite") or {}).get("batch", 32))
+    initial = np.fromfile(bundle / manifest["initial_parameters"], dtype="<f4")
+    data = work / "digits.npz"
+    write_data(data, steps * batch)
+
+    parity: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    step_ms: dict[str, dict[str, float]] = {}
+    rss: dict[str, dict[str, float]] = {}
+    for backend in backends:
+        reports = run_steps(env, backend, bundle, data, work, steps, batch)
+        cmp = compare(reports, initial)
+        parity[backend] = cmp["max_abs_diff"]
+        a, x = reports["aarch64"], reports["x86_64"]
+        details[backend] = {**cmp, "runtime_aarch64": a["runtime_version"],
+                            "runtime_x86_64": x["runtime_version"],
+                            "loss_first": a["losses"][0], "loss_last": a["losses"][-1],
+                            "heavy_importable_aarch64": a["heavy_importable"]}
+        step_ms[backend] = {"aarch64_emulated": round(a["step_s_median"] * 1e3, 3),
+                            "x86_64": round(x["step_s_median"] * 1e3, 3)}
+        step_ms[backend]["ratio"] = round(step_ms[backend]["aarch64_emulated"]
+                                          / step_ms[backend]["x86_64"], 1)
+        rss[backend] = {"aarch64_emulated": round(a["peak_rss_mb"], 1),
+                        "x86_64": round(x["peak_rss_mb"], 1)}
+        log(f"{backend}: max |aarch64 - x86| = {parity[backend]:.2e}, "
+            f"step {step_ms[backend]['aarch64_emulated']} ms emulated vs "
+            f"{step_ms[backend]['x86_64']} ms native")
+    round_result = run_round(env, bundle, data, work, attempts)
+    log(f"round: completed = {round_result['round_completed']}")
+
+    result: dict[str, Any] = {
+        "arch": a["machine"],
+        "parity_max_abs_diff": parity,
+        "parity_tolerance": TOLERANCE,
+        "round_completed": round_result["round_completed"],
+        "emulated": True,
+        "emulator": "qemu-user " + arm.qemu_version(),
+        "python_aarch64": a["python"],
+        "steps": steps,
+        "batch": batch,
+        "step_ms": step_ms,
+        "peak_rss_mb": rss,
+        **sizes(env),
+        "env_build_seconds": env.env_build_seconds,
+        "env_build_layers_s": env.build_seconds,
+        "env_rebuilt_now": list(env.rebuilt),
+        "backends": details,
+        "round": round_result,
+        "bundle_id": manifest["bundle_id"],
+    }
+    ok = (result["arch"] == "aarch64" and result["round_completed"]
+          and all(v <= TOLERANCE for v in parity.values())
+          and all(d["param_change"] > 100 * TOLERANCE and not d["heavy_importable_aarch64"]
+                  for d in details.values()))
+    result["ok"] = ok
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The synchronous round state machine, over real HTTP and SQLite, with a fake clock.
+
+Each test drives devices by hand: check in, advance the clock past the selection window,
+check in again to receive assignments, upload (or not), advance to deadlines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.admin import AdminClient
+from coordinator.clock import FakeClock
+from coordinator.embedded import EmbeddedCoordinator
+from edge_sdk.frame import decode_tensor
+from tests.fixtures.coordinator import DeviceHTTP
+
+N = 64
+PLAN = {"rounds": 3, "goal": 10, "selection_window_s": 10.0, "round_deadline_s": 60.0}
+
+
+class Fleet:
+    def __init__(self, coord: EmbeddedCoordinator, clock: FakeClock, tiny_bundle: Any,
+                 devices: int, **plan: Any) -> None:  # fmt: skip
+        self.coord = coord
+        self.clock = clock
+        self.admin: AdminClient = coord.admin()
+        bundle_id = self.admin.upload_bundle(tiny_bundle)["bundle_id"]
+        self.task = self.admin.create_task(bundle_id, {**PLAN, **plan})
+        self.task_id = self.task["task_id"]
+        self.devices = [DeviceHTTP(coord.url) for _ in range(devices)]
+
+    def select(self) -> list[tuple[DeviceHTTP, dict[str, Any]]]:
+        """Everyone checks in, the window passes, everyone checks in again."""
+        first = [d.check_in() for d in self.devices]
+        assert {a["reason"] for a in first} == {"selecting"}
+        self.clock.advance(PLAN["selection_window_s"] + 0.5)
+        chosen = []
+        for d in self.devices:
+            answer = d.check_in()
+            if answer["action"] == "train":
+                chosen.append((d, answer["assignment"]))
+            else:
+                assert answer == {**answer, "action": "wait", "reason": "window_full"}
+        return chosen
+
+    def rounds(self) -> list[dict[str, Any]]:
+        return self.admin.rounds(self.task_id)
+
+    def params(self, version: int | str) -> np.ndarray:
+        return decode_tensor(self.devices[0].params(self.task_id, version))
+
+
+@pytest.fixture
+def fleet(clocked_coordinator, fake_clock, tiny_bundle):
+    return lambda devices, **plan: Fleet(clocked_coordinator, fake_clock, tiny_bundle, devices,
+                                         **plan)  # fmt: skip
+
+
+def _delta(i: int) -> np.ndarray:
+    return np.random.default_rng(i).normal(0, 0.01, N).astype(np.float32)
+
+
+def test_goal_reached_early_commits_fedavg_of_the_first_goal_reports(fleet) -> None:
+    f = fleet(15)
+    chosen = f.select()
+    assert len(chosen) == 13  # ceil(10 x 1.3) of 15 candidates
+    assert len({a["assignment_id"] for _, a in chosen}) == 13
+    base = f.params(0)
+    deltas, weights = [], []
+    for i, (d, a) in enumerate(chosen[:10]):
+        assert a["model_version"] == 0 and a["deadline_in_s"] == pytest.approx(60.0)
+        status, body = d.upload(a["assignment_id"], _delta(i), num_examples=10 + i)
+        assert status == 200 and body == {"accepted": True, "round": 1, "model_version": 0}
+        deltas.append(_delta(i))
+        weights.append(10 + i)
+    # committed right at the 10th report, no clock movement needed
+    r = f.rounds()[0]
+    assert r["state"] == "committed" and r["metrics"]["model_version"] == 1
+    assert r["metrics"]["reported"] == 10 and r["metrics"]["participants"] == 13
+    assert r["metrics"]["num_examples"] == sum(weights)
+    expected = base + np.average(np.stack(deltas), axis=0, weights=weights)
+    np.testing.assert_allclose(f.params(1), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(f.params("current"), f.params(1))
+    # the 3 over-selected stragglers are now late
+    d, a = chosen[10]
+    status, body = d.upload(a["assignment_id"], _delta(99))
+    assert status == 409 and body["error"]["code"] == "round_closed"
+    assert f.admin.status()["updates_accepted"] == 10
+
+
+def test_deadline_with_enough_reports_commits(fleet, fake_clock) -> None:
+    f = fleet(13)
+    chosen = f.select()
+    for i, (d, a) in enumerate(chosen[:8]):  # min_reporting_fraction 0.8 x goal 10 = 8
+        assert d.upload(a["assignment_id"], _delta(i))[0] == 200
+    assert f.rounds()[0]["state"] == "reporting"
+    fake_clock.advance(59.0)
+    assert f.admin.task(f.task_id)["current_round"]["state"] == "reporting"
+    fake_clock.advance(1.5)
+    r = f.rounds()[0]
+    assert r["state"] == "committed" and r["metrics"]["reported"] == 8
+    assert r["metrics"]["dropouts"] == 5
+    assert f.admin.task(f.task_id)["model_version"] == 1
+
+
+def test_deadline_with_too_few_reports_abandons_and_retries(fleet, fake_clock) -> None:
+    f = fleet(13)
+    chosen = f.select()
+    base = f.params(0)
+    for i, (d, a) in enumerate(chosen[:7]):
+        assert d.upload(a["assignment_id"], _delta(i))[0] == 200
+    fake_clock.advance(61.0)
+    first = f.rounds()[0]
+    assert first["state"] == "abandoned" and first["metrics"]["reported"] == 7
+    task = f.admin.task(f.task_id)
+    assert task["model_version"] == 0 and task["rounds_completed"] == 0
+    np.testing.assert_array_equal(f.params("current"), base)
+    # a late upload of the abandoned round changes nothing
+    d, a = chosen[8]
+    assert d.upload(a["assignment_id"], _delta(8))[1]["error"]["code"] == "round_closed"
+    # the retry: a new round on the same version, which can commit
+    again = f.select()
+    assert {a["round"] for _, a in again} == {2} and {a["model_version"] for _, a in again} == {0}
+    for i, (d, a) in enumerate(again[:10]):
+        assert d.upload(a["assignment_id"], _delta(i))[0] == 200
+    rounds = f.rounds()
+    assert [r["state"] for r in rounds] == ["abandoned", "committed"]
+    assert f.admin.task(f.task_id)["model_version"] == 1
+    assert f.admin.status()["updates_accepted"] == 17
+
+
+def test_over_selection_absorbs_20_percent_dropouts(fleet, fake_clock) -> None:
+    f = fleet(20)
+    chosen = f.select()
+    assert len(chosen) == 13
+    # 20 % of the selected devices drop: 2 abort explicitly, 1 silently vanishes
+    for d, a in chosen[:2]:
+        assert d.abort(a["assignment_id"]) == (200, {"aborted": True})
+    for i, (d, a) in enumerate(chosen[3:]):
+        assert d.upload(a["assignment_id"], _delta(i))[0] == 200
+    r = f.rounds()[0]
+    assert r["state"] == "committed"  # goal 10 reached without waiting for the deadline
+    m = r["metrics"]
+    assert (m["participants"], m["reported"], m["dropouts"], m["aborted"]) == (13, 10, 3, 2)
+    # an aborted assignment can no longer upload
+    d, a = chosen[0]
+    assert d.upload(a["assignment_id"], _delta(0))[1]["error"]["code"] == "round_closed"
+
+
+def test_late_and_duplicate_uploads(fleet, fake_clock) -> None:
+    f = fleet(13, rounds=5)
+    chosen = f.select()
+    d0, a0 = chosen[0]
+    status, first = d0.upload(a0["assignment_id"], _delta(0), key="k-0")
+    assert status == 200
+    before = f.coord.call(f.coord.service.store.snapshot)
+    # the same key again (a client retry): the same answer, counted once
+    assert d0.upload(a0["assignment_id"], _delta(0), key="k-0") == (200, first)
+    # a different upload for the reported assignment
+    status, body = d0.upload(a0["assignment_id"], _delta(5), key="k-other")
+    assert status == 409 and body["error"]["code"] == "duplicate_upload"
+    assert f.coord.call(f.coord.service.store.snapshot) == before
+    # past the deadline: late
+    d1, a1 = chosen[1]
+    fake_clock.advance(61.0)
+    status, body = d1.upload(a1["assignment_id"], _delta(1))
+    assert status == 409 and body["error"]["code"] == "round_closed"
+    # the replay is still answered the same after the round closed
+    assert d0.upload(a0["assignment_id"], _delta(0), key="k-0") == (200, first)
+    assert f.admin.status()["updates_accepted"] == 1
+    assert f.rounds()[0]["state"] == "abandoned"
+
+
+def test_checkin_is_idempotent_and_selection_uniform(fleet, fake_clock) -> None:
+    f = fleet(25, goal=5, rounds=20)
+    chosen = f.select()
+    assert len(chosen) == 7
+    # asking again returns the same assignment
+    d, a = chosen[0]
+    again = d.check_in()
+    assert again["assignment"]["assignment_id"] == a["assignment_id"]
+    assert again["assignment"]["deadline_in_s"] == pytest.approx(60.0)
+    # selection is a uniform draw, not the first to arrive: over many rounds every device
+    # gets picked, and the first 7 arrivals are not always the ones
+    picked_first_seven = 0
+    seen: set[str] = {dv.device_id for dv, _ in chosen}
+    for _ in range(12):
+        for dv, a in chosen[:5]:
+            assert dv.upload(a["assignment_id"], _delta(0))[0] == 200
+        fake_clock.advance(1.0)
+        chosen = f.select()
+        seen |= {dv.device_id for dv, _ in chosen}
+        picked_first_seven += {dv.device_id for dv, _ in chosen} == {
+            dv.device_id for dv in f.devices[:7]
+        }
+        if f.admin.task(f.task_id)["state"] == "completed":
+            break
+    assert picked_first_seven <= 1
+    assert len(seen) >= 20
+
+
+def test_window_waits_for_goal_candidates_then_tops_up(fleet, fake_clock) -> None:
+    f = fleet(12, goal=10)
+    early = f.devices[:9]
+    for d in early:
+        assert d.check_in()["reason"] == "selecting"
+    fake_clock.advance(11.0)
+    # 9 < goal: the window stays open
+    assert early[0].check_in()["reason"] == "selecting"
+    assert f.devices[9].check_in()["action"] == "train"  # the 10th closes it, and is drawn
+    # 10 candidates < target 13: latecomers fill the free slots directly
+    assert f.devices[10].check_in()["action"] == "train"
+    assert f.devices[11].check_in()["action"] == "train"
+    assert f.admin.task(f.task_id)["current_round"]["state"] == "reporting"
+
+
+def test_ineligible_devices_are_steered_away(fleet) -> None:
+    f = fleet(3)
+    d = f.devices[0]
+    answer = d.check_in({"charging": False, "idle": True, "unmetered": True})
+    assert answer["action"] == "wait" and answer["reason"] == "ineligible"
+    assert answer["retry_after_s"] > 0
+    # a condition not reported is unknown, and unknown fails the requirement
+    assert d.check_in({"charging": True, "idle": True})["reason"] == "ineligible"
+    # a runtime the bundle does not support (litert-step is unsupported in the tiny bundle)
+    lite = DeviceHTTP(f.coord.url, runtimes=("litert-step",))
+    assert lite.check_in()["reason"] == "ineligible"
+    # a device that cannot encode the plan's codec
+    assert d.check_in(capabilities={"codecs": ["fp16"]})["reason"] == "ineligible"
+
+
+def test_no_task_and_paused(clocked_coordinator, fake_clock, tiny_bundle) -> None:
+    d = DeviceHTTP(clocked_coordinator.url)
+    assert d.check_in()["reason"] == "no_task"
+    admin = clocked_coordinator.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    task = admin.create_task(bundle_id, {**PLAN, "goal": 1})
+    assert admin.pause(task["task_id"])["state"] == "paused"
+    assert d.check_in()["reason"] == "paused"
+    assert admin.resume(task["task_id"])["state"] == "running"
+    assert d.check_in()["reason"] == "selecting"
+    fake_clock.advance(11)
+    assert d.check_in()["action"] == "train"
+
+
+def test_evaluation_round(fleet, fake_clock) -> None:
+    f = fleet(13, rounds=1)
+    for i, (d, a) in enumerate(f.select()[:10]):
+        assert d.upload(a["assignment_id"], _delta(i))[0] == 200
+    task = f.admin.task(f.task_id)
+    assert task["state"] == "completed"
+    assert f.admin.evaluate(f.task_id)["pending_evaluations"] == 1
+    first = [d.check_in() for d in f.devices]
+    assert {a["reason"] for a in first} == {"selecting"}
+    fake_clock.advance(11)
+    evals = [(d, d.check_in()) for d in f.devices]
+    evals = [(d, a["assignment"]) for d, a in evals if a["action"] == "evaluate"]
+    assert len(evals) == 13 and {a["model_version"] for _, a in evals} == {1}
+    # an evaluate assignment takes metrics, not an update
+    d, a = evals[0]
+    status, body = d.upload(a["assignment_id"], _delta(0))
+    assert status == 409 and body["error"]["code"] == "conflict"
+    for i, (d, a) in enumerate(evals[:10]):
+        status, body = d.metrics(a["assignment_id"], 20 + i, 0.5 + i / 100, 0.8)
+        assert status == 200 and body["round"] == 2
+    r = f.rounds()[-1]
+    assert r["kind"] == "evaluate" and r["state"] == "completed"
+    weights = np.arange(20, 30)
+    losses = 0.5 + np.arange(10) / 100
+    assert r["metrics"]["loss"] == pytest.approx(float(np.average(losses, weights=weights)))
+    assert r["metrics"]["accuracy"] == pytest.approx(0.8)
+    task = f.admin.task(f.task_id)
+    assert task["pending_evaluations"] == 0 and task["model_version"] == 1

@@ -1,0 +1,204 @@
+"""One abstract suite for every Store backend (SQLite file, SQLite in memory)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator.store import (
+    Assignment,
+    Device,
+    EvalReport,
+    Round,
+    SQLiteStore,
+    Store,
+    StoreError,
+    Task,
+    Update,
+    Version,
+)
+from coordinator.store.migrations import MIGRATIONS, SchemaTooNew, apply_migrations
+
+
+def _task(task_id: str = "t-1", created_at: float = 1.0, population: str = "default") -> Task:
+    return Task(task_id, "demo", "b-1", "sync", population, {"goal": 3}, "running", 0, 0, 0,
+                created_at)  # fmt: skip
+
+
+def _round(task_id: str = "t-1", state: str = "selecting") -> Round:
+    return Round(0, task_id, 1, "train", state, 0, 3, 4, 3, 10.0, 20.0)
+
+
+class StoreSuite:
+    """Behaviour every backend must have; subclasses provide the ``store`` fixture."""
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[Store]:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def with_task(self, store: Store) -> Store:
+        store.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
+        store.add_task(_task())
+        return store
+
+    def test_devices_round_trip_and_count(self, store: Store) -> None:
+        d = Device("d-1", "00" * 16, "ab" * 32, "linux", "x86_64", ("ort-step",), "default", 5.0)
+        store.add_device(d)
+        assert store.get_device("d-1") == d
+        assert store.get_device("d-2") is None
+        assert store.count_devices() == 1
+        with pytest.raises(StoreError):
+            store.add_device(d)
+
+    def test_bundles_are_content_addressed(self, store: Store) -> None:
+        manifest = {"num_parameters": 4, "files": {"p": {"sha256": "x", "bytes": 16}}}
+        assert store.add_bundle("b-9", manifest, 1.0) is True
+        assert store.add_bundle("b-9", manifest, 2.0) is False
+        assert store.get_bundle("b-9") == manifest
+        assert store.get_bundle("nope") is None
+
+    def test_tasks_list_in_creation_order_and_filter(self, store: Store) -> None:
+        store.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
+        store.add_task(_task("t-2", created_at=2.0))
+        store.add_task(_task("t-1", created_at=1.0, population="phones"))
+        assert [t.task_id for t in store.list_tasks()] == ["t-1", "t-2"]
+        assert [t.task_id for t in store.list_tasks(population="phones")] == ["t-1"]
+        store.update_task("t-2", state="paused", model_version=3)
+        t2 = store.get_task("t-2")
+        assert t2 is not None and (t2.state, t2.model_version) == ("paused", 3)
+        assert [t.task_id for t in store.list_tasks(state="paused")] == ["t-2"]
+
+    def test_versions_are_unique_per_task(self, with_task: Store) -> None:
+        v = Version("t-1", 0, "a" * 64, None, None, 1.0)
+        with_task.add_version(v)
+        assert with_task.get_version("t-1", 0) == v
+        assert with_task.get_version("t-1", 1) is None
+        with pytest.raises(StoreError):
+            with_task.add_version(v)
+
+    def test_rounds_open_and_close(self, with_task: Store) -> None:
+        r = with_task.add_round(_round())
+        assert r.round_id > 0 and r.is_open
+        assert with_task.open_round("t-1") == r
+        with_task.update_round(r.round_id, state="committed", closed_at=30.0, metrics={"a": 1})
+        closed = with_task.get_round(r.round_id)
+        assert closed is not None and closed.metrics == {"a": 1} and not closed.is_open
+        assert with_task.open_round("t-1") is None
+        assert with_task.open_rounds() == []
+        assert [x.round_id for x in with_task.list_rounds("t-1")] == [r.round_id]
+
+    def test_candidates_once_each_in_order(self, with_task: Store) -> None:
+        r = with_task.add_round(_round())
+        assert with_task.add_candidate(r.round_id, "d-2", 11.0)
+        assert with_task.add_candidate(r.round_id, "d-1", 12.0)
+        assert not with_task.add_candidate(r.round_id, "d-2", 13.0)
+        assert with_task.candidates(r.round_id) == ["d-2", "d-1"]
+        assert with_task.count_candidates(r.round_id) == 2
+
+    def test_assignments_one_per_device_and_round(self, with_task: Store) -> None:
+        r = with_task.add_round(_round())
+        a = Assignment("a-1", r.round_id, "t-1", "d-1", "train", "selected", 20.0)
+        with_task.add_assignments([a])
+        assert with_task.get_assignment("a-1") == a
+        assert with_task.assignment_for(r.round_id, "d-1") == a
+        with pytest.raises(StoreError):
+            with_task.add_assignments(
+                [Assignment("a-2", r.round_id, "t-1", "d-1", "train", "selected", 20.0)]
+            )
+        assert with_task.get_assignment("a-2") is None  # the failed batch left nothing
+        with_task.add_assignments(
+            [Assignment("a-3", r.round_id, "t-1", "d-3", "train", "delivered", 21.0)]
+        )
+        with_task.update_assignment("a-1", state="aborted", abort_reason="user")
+        assert with_task.expire_assignments(r.round_id, 50.0) == 1  # only a-3 was still open
+        states = {a.assignment_id: a.state for a in with_task.round_assignments(r.round_id)}
+        assert states == {"a-1": "aborted", "a-3": "expired"}
+
+    def test_open_assignments_across_rounds(self, with_task: Store) -> None:
+        r1 = with_task.add_round(_round("t-1", "committed"))
+        r2 = with_task.add_round(_round("t-1", "reporting"))
+        r3 = with_task.add_round(_round("t-1", "committed"))
+        with_task.add_assignments(
+            [
+                Assignment("a-1", r1.round_id, "t-1", "d-1", "train", "delivered", 23.0),
+                Assignment("a-2", r2.round_id, "t-1", "d-2", "train", "selected", 21.0),
+                Assignment("a-3", r2.round_id, "t-1", "d-3", "train", "delivered", 22.0),
+                Assignment("a-4", r3.round_id, "t-1", "d-4", "train", "delivered", 20.0),
+            ]
+        )
+        with_task.update_assignment("a-3", state="aborted")
+        got = with_task.open_assignments([r1.round_id, r2.round_id])
+        assert [a.assignment_id for a in got] == ["a-2", "a-1"]  # open ones, oldest first
+        assert with_task.open_assignments([]) == []
+
+    def test_update_marks_assignment_reported_atomically(self, with_task: Store) -> None:
+        r = with_task.add_round(_round("t-1", "reporting"))
+        with_task.add_assignments(
+            [Assignment("a-1", r.round_id, "t-1", "d-1", "train", "delivered", 20.0)]
+        )
+        u = Update("a-1", r.round_id, "t-1", "d-1", "k", "c" * 64, 100, 7, 0.5,
+                   {"num_examples": 7}, 25.0, {"accepted": True})  # fmt: skip
+        with_task.add_update(u)
+        assert with_task.get_update("a-1") == u
+        assert list(with_task.round_updates(r.round_id)) == [u]
+        assert with_task.count_updates(r.round_id) == 1 and with_task.count_updates() == 1
+        a = with_task.get_assignment("a-1")
+        assert a is not None and a.state == "reported" and a.closed_at == 25.0
+        before = with_task.snapshot()
+        with pytest.raises(StoreError):
+            with_task.add_update(u)
+        assert with_task.snapshot() == before
+
+    def test_eval_report(self, with_task: Store) -> None:
+        r = with_task.add_round(_round("t-1", "reporting"))
+        with_task.add_assignments(
+            [Assignment("a-1", r.round_id, "t-1", "d-1", "evaluate", "delivered", 20.0)]
+        )
+        rep = EvalReport("a-1", r.round_id, "t-1", "d-1", 50, 0.3, 0.9, 26.0, {"accepted": True})
+        with_task.add_eval_report(rep)
+        assert with_task.get_eval_report("a-1") == rep
+        assert with_task.round_eval_reports(r.round_id) == [rep]
+
+    def test_atomic_rolls_back_everything(self, with_task: Store) -> None:
+        before = with_task.snapshot()
+        with pytest.raises(RuntimeError), with_task.atomic():
+            with_task.add_version(Version("t-1", 0, "a" * 64, None, None, 1.0))
+            with_task.update_task("t-1", model_version=5)
+            raise RuntimeError("crash in the middle")
+        assert with_task.snapshot() == before
+
+
+class TestSQLiteFile(StoreSuite):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[Store]:
+        s = SQLiteStore(tmp_path / "store.db")
+        yield s
+        s.close()
+
+    def test_survives_reopen(self, tmp_path: Path) -> None:
+        s = SQLiteStore(tmp_path / "x.db")
+        s.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
+        s.add_task(_task())
+        s.close()
+        again = SQLiteStore(tmp_path / "x.db")
+        assert again.get_task("t-1") is not None
+        assert again.schema_version == max(MIGRATIONS)
+        again.close()
+
+    def test_refuses_a_newer_schema(self, tmp_path: Path) -> None:
+        s = SQLiteStore(tmp_path / "x.db")
+        s.db.table("schema_version").insert({"version": max(MIGRATIONS) + 1, "applied_at": 0.0})
+        with pytest.raises(SchemaTooNew):
+            apply_migrations(s.db)
+        s.close()
+
+
+class TestSQLiteMemory(StoreSuite):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[Store]:
+        s = SQLiteStore(":memory:")
+        yield s
+        s.close()

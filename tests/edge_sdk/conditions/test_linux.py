@@ -1,0 +1,121 @@
+"""LinuxConditions on recorded sysfs/procfs trees and nmcli outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edge_sdk.conditions import DeviceConditions, LinuxConditions
+from edge_sdk.conditions.linux import (
+    NMCLI_METERED,
+    parse_cpu_list,
+    parse_loadavg,
+    parse_meminfo_available_mb,
+    parse_nmcli_metered,
+)
+from tests.edge_sdk.conditions.recorded import DATA, Recorded, tree
+
+NOW = 1_800_000_000.0
+
+
+def provider(root: Path, nmcli: str | None = "nmcli-wifi-unmetered.txt", **kw) -> LinuxConditions:
+    outputs = {NMCLI_METERED: nmcli} if nmcli else {}
+    return LinuxConditions(root, run=Recorded(outputs), clock=lambda: NOW, **kw)
+
+
+def test_laptop_on_ac_at_night(tmp_path: Path) -> None:
+    root = tree("linux-laptop-ac", tmp_path)
+    assert provider(root).read() == DeviceConditions(
+        charging=True,
+        battery=0.67,  # BAT0 only: the mouse battery (scope=Device) at 5 % is not the machine's
+        idle=True,  # load 0.42 over 8 CPUs, no terminal
+        unmetered=True,
+        free_memory_mb=round(9876544 / 1024, 1),
+        temperature_c=53.0,  # hottest readable zone; the Wi-Fi zone answers nothing
+    )
+
+
+def test_laptop_on_battery_and_busy(tmp_path: Path) -> None:
+    c = provider(tree("linux-laptop-battery", tmp_path), nmcli="nmcli-hotspot-metered.txt").read()
+    assert (c.charging, c.battery, c.idle, c.unmetered) == (False, 0.23, False, False)
+
+
+def test_terminal_activity_means_not_idle(tmp_path: Path) -> None:
+    root = tree("linux-laptop-ac", tmp_path)
+    (root / "dev/pts").mkdir(parents=True)
+    pts = root / "dev/pts/0"
+    pts.touch()
+    os.utime(pts, (NOW - 20, NOW - 20))  # someone typed 20 s ago over ssh
+    assert provider(root).read().idle is False
+    os.utime(pts, (NOW - 3600, NOW - 3600))
+    assert provider(root).read().idle is True
+    assert provider(root, min_user_idle_s=7200).read().idle is False
+
+
+def test_desktop_input_from_xprintidle(tmp_path: Path) -> None:
+    root = tree("linux-laptop-ac", tmp_path)
+    run = Recorded(
+        {NMCLI_METERED: "nmcli-wifi-unmetered.txt", ("xprintidle",): "xprintidle-busy.txt"}
+    )
+    assert LinuxConditions(root, run=run, clock=lambda: NOW).read().idle is False  # 4.1 s ago
+    assert ("xprintidle",) in run.calls
+
+
+def test_battery_level_from_energy_when_capacity_is_missing(tmp_path: Path) -> None:
+    root = tree("linux-laptop-ac", tmp_path)
+    (root / "sys/class/power_supply/BAT0/capacity").unlink()
+    assert provider(root).read().battery == pytest.approx(0.67)
+
+
+def test_adapter_offline_and_battery_not_charging(tmp_path: Path) -> None:
+    root = tree("linux-laptop-ac", tmp_path)
+    supply = root / "sys/class/power_supply"
+    (supply / "AC/online").write_text("0\n")
+    (supply / "BAT0/status").write_text("Not charging\n")
+    assert provider(root).read().charging is False
+    # no adapter to ask and a battery that only says "Not charging": unknown
+    for adapter in ("AC", "ucsi-source-psy-USBC000:001"):
+        for f in (supply / adapter).iterdir():
+            f.unlink()
+        (supply / adapter).rmdir()
+    assert provider(root).read().charging is None
+
+
+def test_machine_without_battery_is_on_mains(tmp_path: Path) -> None:
+    root = tree("linux-laptop-ac", tmp_path)
+    supply = root / "sys/class/power_supply"
+    for name in ("BAT0", "hidpp_battery_0"):
+        for f in (supply / name).iterdir():
+            f.unlink()
+        (supply / name).rmdir()
+    assert provider(root).read().charging is True
+    assert provider(root).read().battery is None
+
+
+def test_empty_root_is_all_unknown(tmp_path: Path) -> None:
+    c = LinuxConditions(tmp_path, run=Recorded({})).read()
+    assert c == DeviceConditions()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("nmcli-wifi-unmetered.txt", True),
+        ("nmcli-hotspot-metered.txt", False),  # a metered device beside an unmetered one
+        ("nmcli-unknown.txt", None),
+        ("nmcli-metered-field-only.txt", True),
+    ],
+)
+def test_nmcli_outputs(name: str, expected: bool | None) -> None:
+    assert parse_nmcli_metered((DATA / "commands" / name).read_text()) is expected
+
+
+def test_small_parsers() -> None:
+    assert parse_loadavg("0.42 0.61 0.70 2/1463 184467\n") == 0.42
+    assert parse_loadavg("garbage") is None
+    assert parse_cpu_list("0-3,6,8-9\n") == 7
+    assert parse_cpu_list("") is None
+    assert parse_meminfo_available_mb("MemFree: 1024 kB\nBuffers: 1024 kB\nCached: 2048 kB") == 4.0
+    assert parse_meminfo_available_mb("") is None

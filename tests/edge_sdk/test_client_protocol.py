@@ -1,0 +1,249 @@
+"""The client's side of the protocol against a scripted coordinator on loopback: what it sends,
+how it paces itself, and what it does with each kind of answer. The bundle, the parameters and
+the training are real (digits bundle, ORT); only the coordinator's answers are scripted."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_sdk.client import ABORTED, FAILED, INELIGIBLE, REJECTED, TRAINED, WAIT, Client, ClientConfig
+from edge_sdk.codecs import CODECS, encode_update
+from edge_sdk.conditions import DeviceConditions, EligibilityPolicy, ScriptedConditions
+from edge_sdk.transport import RetryPolicy
+from tests.edge_sdk.loopback import Loopback, Reply, Seen, json_error, ranged
+
+GOOD = DeviceConditions(charging=True, battery=0.9, idle=True, unmetered=True)
+TASK = "t-scripted"
+ASSIGNMENT = "a-scripted"
+
+
+class ScriptedCoordinator:
+    """Answers like a coordinator would; ``checkin`` and ``update`` replies are the script."""
+
+    def __init__(self, bundle: Path, plan: dict[str, Any] | None = None) -> None:
+        self.bundle = bundle
+        self.manifest = json.loads((bundle / "manifest.json").read_text())
+        params = np.fromfile(bundle / "params.f32", dtype="<f4")
+        self.params_frame, _ = encode_update(params, "fp32")
+        self.plan = {"epochs": 1, "steps": None, "batch_size": 32, "lr": 0.05, "lr_decay": 1.0,
+                     "prox_mu": 0.0, "codec": {"name": "fp32"}, "recheck_every_steps": 5,
+                     **(plan or {})}
+        self.checkin: Callable[[Seen], Reply] = lambda s: self.wait(42.0)
+        self.update: Callable[[Seen], Reply] = lambda s: Reply(
+            200, json.dumps({"accepted": True, "round": 1, "model_version": 0}).encode())
+        self.loopback = Loopback(self.handle)
+
+    @staticmethod
+    def wait(seconds: float, reason: str = "no_task") -> Reply:
+        body = {"action": "wait", "retry_after_s": seconds, "reason": reason}
+        return Reply(200, json.dumps(body).encode())
+
+    def train(self) -> Reply:
+        body = {"action": "train", "assignment": {
+            "assignment_id": ASSIGNMENT, "task_id": TASK, "round": 1, "model_version": 0,
+            "bundle_id": self.manifest["bundle_id"],
+            "params_url": f"/v1/tasks/{TASK}/versions/0/params", "deadline_in_s": 60.0,
+            "plan": self.plan}}
+        return Reply(200, json.dumps(body).encode())
+
+    def handle(self, seen: Seen) -> Reply:
+        path = seen.path
+        bundle_prefix = f"/v1/bundles/{self.manifest['bundle_id']}"
+        if path == "/v1/devices":
+            return Reply(201, json.dumps({"device_id": "d-1", "secret": "s"}).encode())
+        if path == "/v1/checkin":
+            return self.checkin(seen)
+        if path == bundle_prefix:
+            return Reply(200, json.dumps(self.manifest).encode())
+        if path.startswith(bundle_prefix + "/files/"):
+            return ranged((self.bundle / path[len(bundle_prefix + "/files/") :]).read_bytes(), seen)
+        if path.endswith("/params"):
+            return Reply(200, self.params_frame)
+        if path.endswith("/update"):
+            return self.update(seen)
+        if path.endswith("/abort"):
+            return Reply(200, b'{"aborted": true}')
+        return json_error(404, "not_found")
+
+    def calls(self, suffix: str) -> list[Seen]:
+        return [s for s in self.loopback.seen if s.path.endswith(suffix)]
+
+    def __enter__(self) -> ScriptedCoordinator:
+        self.loopback.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loopback.__exit__(*exc)
+
+
+@pytest.fixture
+def digits_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.random((96, 64), dtype=np.float32), rng.integers(0, 10, 96)
+
+
+def _client(url: str, tmp_path: Path, data: Any, sleeps: list[float] | None = None,
+            conditions: Any = None, **config: Any) -> Client:
+    return Client(url, state_dir=tmp_path / "dev", data=data,
+                  conditions=conditions or ScriptedConditions(GOOD),
+                  sleep=(sleeps if sleeps is not None else []).append,
+                  config=ClientConfig(seed=0, retry=RetryPolicy(max_attempts=2), **config))
+
+
+def test_ineligible_device_does_not_touch_the_network(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    with ScriptedCoordinator(digits_bundle) as coord:
+        client = _client(coord.loopback.url, tmp_path, digits_data,
+                         conditions=ScriptedConditions(GOOD.replace(charging=False, idle=False)))
+        outcome = client.run_once()
+    assert outcome.action == INELIGIBLE
+    assert set(outcome.reasons) == {"not charging", "not idle"}
+    assert 300.0 <= outcome.next_run_in_s <= 330.0
+    assert coord.loopback.seen == []
+
+
+def test_local_policy_is_configurable(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    with ScriptedCoordinator(digits_bundle) as coord:
+        client = Client(coord.loopback.url, state_dir=tmp_path / "dev", data=digits_data,
+                        conditions=ScriptedConditions(GOOD.replace(charging=False)),
+                        policy=EligibilityPolicy(require_charging=False))
+        assert client.run_once().action == WAIT
+
+
+def test_check_in_reports_conditions_and_honours_retry_after_with_jitter(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    sleeps: list[float] = []
+    with ScriptedCoordinator(digits_bundle) as coord:
+        client = _client(coord.loopback.url, tmp_path, digits_data, sleeps)
+        runs = client.run_forever(max_runs=50)
+    assert runs == 50
+    (register,) = coord.calls("/v1/devices")
+    checkins = coord.calls("/v1/checkin")
+    assert len(checkins) == 50
+    body = json.loads(checkins[0].body)
+    assert body["conditions"] == {"charging": True, "battery": 0.9, "idle": True,
+                                  "unmetered": True}
+    assert body["capabilities"] == {"codecs": list(CODECS)}
+    assert body["runtimes"] and json.loads(register.body)["runtimes"] == body["runtimes"]
+    assert all(c.headers["authorization"] == "Device d-1:s" for c in checkins)
+    # 49 waits between 50 runs, each retry_after_s plus up to 10 %, and not all the same
+    assert len(sleeps) == 49 and all(42.0 <= s <= 46.2 for s in sleeps)
+    assert np.std(sleeps) > 0.5
+
+
+def test_refused_upload_leaves_the_error_feedback_residual_alone(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    with ScriptedCoordinator(digits_bundle, {"codec": {"name": "topk", "k": 50}}) as coord:
+        coord.checkin = lambda s: coord.train()
+        coord.update = lambda s: json_error(409, "round_closed", "too late")
+        client = _client(coord.loopback.url, tmp_path, digits_data)
+        store = client.state.error_feedback(TASK)
+        before = np.full(2410, 0.01, np.float32)
+        store.save(before)
+        outcome = client.run_once()
+        assert outcome.action == REJECTED and outcome.error == "round_closed"
+        np.testing.assert_array_equal(store.load(2410), before)
+
+        coord.update = lambda s: Reply(200, b'{"accepted": true}')
+        assert client.run_once().action == TRAINED
+        after = store.load(2410)
+        assert after is not None and not np.array_equal(after, before)
+    (first, second) = coord.calls("/update")
+    assert first.headers["content-type"] == "application/x-fedge-frame"
+    report = json.loads(first.headers["x-fedge-report"])
+    assert report["num_examples"] == 96 and report["steps"] == 3
+    assert report["bytes_down"] > 0 and report["wall_time_s"] >= 0
+    assert 1 <= len(first.headers["idempotency-key"]) <= 128
+
+
+def test_duplicate_on_a_first_attempt_is_a_rejection(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    with ScriptedCoordinator(digits_bundle) as coord:
+        coord.checkin = lambda s: coord.train()
+        coord.update = lambda s: json_error(409, "duplicate_upload")
+        outcome = _client(coord.loopback.url, tmp_path, digits_data).run_once()
+    assert outcome.action == REJECTED and outcome.error == "duplicate_upload"
+
+
+def test_unreachable_coordinator_backs_off_exponentially_then_recovers(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    down = {"on": True}
+    with ScriptedCoordinator(digits_bundle) as coord:
+        inner = coord.handle
+        coord.loopback.handler = lambda s: Reply(503, b"") if down["on"] else inner(s)
+        client = _client(coord.loopback.url, tmp_path, digits_data)
+        waits = [client.run_once() for _ in range(4)]
+        down["on"] = False
+        recovered = client.run_once()
+        down["on"] = True
+        again = client.run_once()
+    assert [o.action for o in waits] == [FAILED] * 4
+    for n, o in enumerate(waits):
+        assert 30.0 * 2**n <= o.next_run_in_s <= 30.0 * 2**n * 1.1
+    assert recovered.action == WAIT
+    assert 30.0 <= again.next_run_in_s <= 33.0  # the backoff restarts after a success
+
+
+def test_a_plan_the_device_cannot_run_is_aborted_with_a_reason(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    with ScriptedCoordinator(digits_bundle, {"batch_size": 0}) as coord:
+        coord.checkin = lambda s: coord.train()
+        outcome = _client(coord.loopback.url, tmp_path, digits_data).run_once()
+    assert outcome.action == FAILED and "batch_size" in (outcome.error or "")
+    (abort,) = coord.calls("/abort")
+    assert json.loads(abort.body)["reason"] == "error"
+    assert coord.calls("/update") == []
+
+
+def test_conditions_lapsing_mid_training_abort_before_the_next_step(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    conditions = ScriptedConditions(GOOD)
+    reads = {"n": 0}
+
+    class UnplugAfterFirstRead(ScriptedConditions):
+        def read(self) -> DeviceConditions:
+            reads["n"] += 1
+            return conditions.read() if reads["n"] == 1 else GOOD.replace(unmetered=False)
+
+    with ScriptedCoordinator(digits_bundle, {"recheck_every_steps": 1}) as coord:
+        coord.checkin = lambda s: coord.train()
+        client = _client(coord.loopback.url, tmp_path, digits_data,
+                         conditions=UnplugAfterFirstRead(GOOD))
+        outcome = client.run_once()
+    assert outcome.action == ABORTED and outcome.reasons == ("network metered",)
+    (abort,) = coord.calls("/abort")
+    body = json.loads(abort.body)
+    assert body["reason"] == "conditions_lapsed" and "step 1" in body["message"]
+    assert coord.calls("/update") == []
+
+
+def test_run_forever_stops_on_an_event(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    stop = threading.Event()
+    with ScriptedCoordinator(digits_bundle) as coord:
+        client = Client(coord.loopback.url, state_dir=tmp_path / "dev", data=digits_data,
+                        conditions=ScriptedConditions(GOOD))
+        thread = threading.Thread(target=client.run_forever, args=(stop,))
+        thread.start()
+        while not coord.calls("/v1/checkin"):
+            stop.wait(0.01)
+        stop.set()  # ends the 42 s wait at once
+        thread.join(timeout=5)
+    assert not thread.is_alive()

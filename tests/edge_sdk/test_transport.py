@@ -1,0 +1,223 @@
+"""The stdlib transport against a real HTTP server on loopback with scripted answers."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import socket
+
+import pytest
+
+from edge_sdk import errors
+from edge_sdk.protocol import ErrorCode
+from edge_sdk.transport import RetryPolicy, Transport
+from tests.edge_sdk.loopback import Loopback, Reply, Seen, json_error, ranged
+
+
+def _ok(seen: Seen) -> Reply:
+    return Reply(200, json.dumps({"echo": seen.body.decode() or None}).encode())
+
+
+def _transport(url: str, sleeps: list[float], **kw: object) -> Transport:
+    policy = RetryPolicy(max_attempts=4, base_delay_s=0.5, max_delay_s=3.0, jitter=0.5)
+    return Transport(url, retry=policy, sleep=sleeps.append, rng=random.Random(1), **kw)  # type: ignore[arg-type]
+
+
+def test_json_call_credentials_keep_alive_and_byte_counts() -> None:
+    with Loopback(_ok) as server:
+        sleeps: list[float] = []
+        t = _transport(server.url, sleeps)
+        t.credentials = ("d-1", "s3cret")
+        answers = [t.call("POST", "/v1/checkin", {"n": i}) for i in range(3)]
+        t.close()
+    assert answers == [{"echo": json.dumps({"n": i})} for i in range(3)]
+    assert [s.headers["authorization"] for s in server.seen] == ["Device d-1:s3cret"] * 3
+    assert server.connections == 1 and t.connections_opened == 1  # one keep-alive socket
+    assert t.bytes_sent == sum(len(s.body) for s in server.seen)
+    assert sleeps == []
+
+
+def test_5xx_is_retried_with_growing_jittered_backoff() -> None:
+    replies = [Reply(503, b"busy"), json_error(500, "internal"), Reply(502, b"<html>")]
+
+    def handler(seen: Seen) -> Reply:
+        return replies.pop(0) if replies else _ok(seen)
+
+    with Loopback(handler) as server:
+        sleeps: list[float] = []
+        assert _transport(server.url, sleeps).call("POST", "/v1/x", {"a": 1}) == {
+            "echo": '{"a": 1}'
+        }
+    assert len(server.seen) == 4
+    # attempt n waits base * 2**(n-1), capped at 3 s, times a factor in [0.5, 1]
+    for n, delay in enumerate(sleeps, start=1):
+        cap = min(3.0, 0.5 * 2 ** (n - 1))
+        assert cap * 0.5 <= delay <= cap
+    assert len(sleeps) == 3
+
+
+def test_retry_after_header_of_503_is_honoured_up_to_the_cap() -> None:
+    replies = [Reply(503, b"", {"Retry-After": "2"}), Reply(503, b"", {"Retry-After": "999"})]
+
+    def handler(seen: Seen) -> Reply:
+        return replies.pop(0) if replies else _ok(seen)
+
+    with Loopback(handler) as server:
+        sleeps: list[float] = []
+        _transport(server.url, sleeps).call("GET", "/v1/x")
+    assert sleeps == [2.0, 3.0]
+
+
+def test_5xx_gives_up_after_max_attempts_with_a_server_error() -> None:
+    with Loopback(lambda s: json_error(500, "internal", "boom")) as server:
+        sleeps: list[float] = []
+        with pytest.raises(errors.ServerError) as info:
+            _transport(server.url, sleeps).call("GET", "/v1/x")
+    assert info.value.code == "internal" and info.value.message == "boom"
+    assert info.value.attempt == 4 and len(server.seen) == 4 and len(sleeps) == 3
+
+
+# status, code -> class: the protocol's table (docs/protocol.md), written out independently.
+EXPECTED = [
+    (400, ErrorCode.MALFORMED_JSON, errors.BadRequest),
+    (400, ErrorCode.INVALID_REQUEST, errors.BadRequest),
+    (400, ErrorCode.MALFORMED_FRAME, errors.BadRequest),
+    (413, ErrorCode.BODY_TOO_LARGE, errors.BodyTooLarge),
+    (401, ErrorCode.UNAUTHORIZED, errors.Unauthorized),
+    (403, ErrorCode.FORBIDDEN, errors.Forbidden),
+    (404, ErrorCode.NOT_FOUND, errors.NotFound),
+    (409, ErrorCode.ROUND_CLOSED, errors.RoundClosed),
+    (409, ErrorCode.DUPLICATE_UPLOAD, errors.DuplicateUpload),
+    (409, ErrorCode.TOO_STALE, errors.TooStale),
+    (409, ErrorCode.CONFLICT, errors.Conflict),
+    (422, ErrorCode.BAD_UPDATE, errors.Unprocessable),
+    (422, ErrorCode.BUNDLE_INVALID, errors.Unprocessable),
+]
+
+
+def test_every_error_code_has_a_class() -> None:
+    assert {code for _, code, _ in EXPECTED} | {ErrorCode.INTERNAL} == set(ErrorCode)
+
+
+@pytest.mark.parametrize(("status", "code", "cls"), EXPECTED)
+def test_4xx_maps_to_its_class_and_is_never_retried(
+    status: int, code: ErrorCode, cls: type[errors.ApiError]
+) -> None:
+    with Loopback(lambda s: json_error(status, code.value, "nope")) as server:
+        sleeps: list[float] = []
+        with pytest.raises(cls) as info:
+            _transport(server.url, sleeps).call("POST", "/v1/checkin", {})
+    assert type(info.value) is cls
+    assert (info.value.status, info.value.code, info.value.message) == (status, code.value, "nope")
+    assert len(server.seen) == 1 and sleeps == []
+
+
+def test_error_without_a_json_body_falls_back_to_the_status() -> None:
+    with (
+        Loopback(lambda s: Reply(404, b"<html>not here</html>")) as server,
+        pytest.raises(errors.NotFound) as info,
+    ):
+        _transport(server.url, []).call("GET", "/v1/nothing")
+    assert info.value.code is None and "not here" in info.value.message
+    assert len(server.seen) == 1
+
+
+def test_connection_refused_raises_transport_error_after_all_attempts() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sleeps: list[float] = []
+    with pytest.raises(errors.TransportError) as info:
+        _transport(f"http://127.0.0.1:{port}", sleeps).call("GET", "/v1/health")
+    assert info.value.attempts == 4 and len(sleeps) == 3
+
+
+def test_answer_cut_mid_body_is_retried() -> None:
+    cuts = [1]
+
+    def handler(seen: Seen) -> Reply:
+        reply = _ok(seen)
+        if cuts:
+            cuts.pop()
+            reply.cut_after = 5
+        return reply
+
+    with Loopback(handler) as server:
+        sleeps: list[float] = []
+        t = _transport(server.url, sleeps)
+        assert t.call("POST", "/v1/x", {"k": 1}) == {"echo": '{"k": 1}'}
+    assert len(server.seen) == 2 and server.seen[0].body == server.seen[1].body
+    assert len(sleeps) == 1 and server.connections == 2
+
+
+def test_idle_connection_closed_by_the_server_is_reopened_without_backoff() -> None:
+    def handler(seen: Seen) -> Reply:
+        reply = _ok(seen)
+        reply.close = True  # close after answering, without "Connection: close"
+        return reply
+
+    with Loopback(handler) as server:
+        sleeps: list[float] = []
+        t = _transport(server.url, sleeps)
+        for _ in range(3):
+            t.call("GET", "/v1/x")
+    assert len(server.seen) == 3 and sleeps == []
+
+
+def test_invalid_base_url_is_rejected() -> None:
+    with pytest.raises(ValueError, match="http"):
+        Transport("ftp://example")
+
+
+def test_non_json_answer_is_a_transport_error() -> None:
+    with (
+        Loopback(lambda s: Reply(200, b"\xff not json")) as server,
+        pytest.raises(errors.TransportError, match="not JSON"),
+    ):
+        _transport(server.url, []).call("GET", "/v1/x")
+
+
+DATA = bytes(range(256)) * 1000  # 256,000 bytes
+
+
+def test_download_resumes_with_range_after_a_cut() -> None:
+    cuts = [100_000]
+
+    def handler(seen: Seen) -> Reply:
+        reply = ranged(DATA, seen)
+        if cuts:
+            reply.cut_after = cuts.pop()
+        return reply
+
+    with Loopback(handler) as server:
+        sink = io.BytesIO()
+        t = _transport(server.url, [])
+        t.download("/v1/file", sink, limit=len(DATA))
+    assert sink.getvalue() == DATA
+    assert "range" not in server.seen[0].headers
+    assert server.seen[1].headers["range"] == "bytes=100000-"
+    assert t.bytes_received == len(DATA)  # the cut part was not fetched twice
+
+
+def test_download_starts_over_when_the_server_ignores_range() -> None:
+    with Loopback(lambda s: ranged(DATA, s, honour_range=False)) as server:
+        sink = io.BytesIO(b"stale partial bytes")
+        sink.seek(0, 2)
+        _transport(server.url, []).download("/v1/file", sink, limit=len(DATA))
+    assert server.seen[0].headers["range"] == f"bytes={len(b'stale partial bytes')}-"
+    assert sink.getvalue() == DATA
+
+
+def test_download_stops_at_the_limit() -> None:
+    with Loopback(lambda s: ranged(DATA, s)) as server:
+        sink = io.BytesIO()
+        _transport(server.url, []).download("/v1/file", sink, limit=1000)
+    assert sink.getvalue() == DATA[:1000]
+
+
+def test_retry_policy_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(ValueError):
+        RetryPolicy(jitter=1.5)
