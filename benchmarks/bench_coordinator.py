@@ -66,8 +66,15 @@ def timed(n: int, fn: Callable[[int], Any], threads: int = THREADS) -> tuple[flo
 def run_round(bundle: Path, updates: int, frames: list[bytes], workdir: Path) -> dict[str, Any]:
     """One coordinator process, one round of ``updates`` reports; returns figures."""
     # over_selection 1: exactly `updates` devices are selected, later ones are steered away
-    plan = {"rounds": 1, "goal": updates, "over_selection": 1.0, "selection_window_s": 0.0,
-            "round_deadline_s": 3600.0, "codec": CODEC, "max_update_norm": None}  # fmt: skip
+    plan = {
+        "rounds": 1,
+        "goal": updates,
+        "over_selection": 1.0,
+        "selection_window_s": 0.0,
+        "round_deadline_s": 3600.0,
+        "codec": CODEC,
+        "max_update_norm": None,
+    }
     coord = EmbeddedCoordinator(workdir / f"round{updates}.db", subprocess=True).start()
     assert coord.process is not None
     pid = coord.process.pid
@@ -78,12 +85,20 @@ def run_round(bundle: Path, updates: int, frames: list[bytes], workdir: Path) ->
         local = threading.local()
 
         def register(_: int) -> DeviceHTTP:
-            return DeviceHTTP(coord.url)
+            dev = DeviceHTTP(coord.url)
+            dev.close()  # like a phone: connect, ask, go away (no idle keep-alive socket)
+            return dev
+
+        def check_in(i: int) -> dict[str, Any]:
+            try:
+                return devices[i].check_in()
+            finally:
+                devices[i].close()
 
         reg_rate, devices = timed(updates, register)
-        cand_rate, first = timed(updates, lambda i: devices[i].check_in())
+        cand_rate, first = timed(updates, check_in)
         assert sum(a["action"] == "train" for a in first) <= 1 or updates <= 1
-        _, second = timed(updates, lambda i: devices[i].check_in())
+        _, second = timed(updates, check_in)
         aids = {}
         for i, a in enumerate(second):
             answer = a if a["action"] == "train" else first[i]
@@ -99,17 +114,20 @@ def run_round(bundle: Path, updates: int, frames: list[bytes], workdir: Path) ->
                 assert dev.check_in()["reason"] == "window_full"
 
             steer_rate, _ = timed(extra, steered)
-        samples: list[tuple[int, int]] = [(0, proc_kib(pid, "VmRSS"))]
+        rss_reporting = proc_kib(pid, "VmRSS")
+        samples: list[tuple[int, int]] = [(0, rss_reporting)]
         done = [0]
         lock = threading.Lock()
 
         def upload(i: int) -> None:
-            status, body = devices[i].upload_raw(aids[i], frames[i % len(frames)],
-                                                 report={"num_examples": 20 + i % 7})  # fmt: skip
+            status, body = devices[i].upload_raw(
+                aids[i], frames[i % len(frames)], report={"num_examples": 20 + i % 7}
+            )
+            devices[i].close()
             assert status == 200, body
             with lock:
                 done[0] += 1
-                if done[0] % 50 == 0:
+                if done[0] % 50 == 0 or done[0] == updates:
                     samples.append((done[0], proc_kib(pid, "VmRSS")))
 
         up_rate, _ = timed(updates, upload)
@@ -125,6 +143,7 @@ def run_round(bundle: Path, updates: int, frames: list[bytes], workdir: Path) ->
             "uploads_per_s": up_rate,
             "upload_bytes": len(frames[0]),
             "rss_idle_mib": rss_idle / 1024,
+            "rss_before_uploads_mib": rss_reporting / 1024,
             "rss_peak_mib": proc_kib(pid, "VmHWM") / 1024,
             "rss_samples_mib": [(n, kib / 1024) for n, kib in samples],
             "round_duration_s": rounds[0]["metrics"]["duration_s"],
@@ -187,6 +206,7 @@ def main() -> None:
         ("uploads/s (int8, acknowledged)", "uploads_per_s", "{:.1f}"),
         ("upload frame bytes", "upload_bytes", "{:,}"),
         ("coordinator RSS idle (MiB)", "rss_idle_mib", "{:.1f}"),
+        ("coordinator RSS before uploads (MiB)", "rss_before_uploads_mib", "{:.1f}"),
         ("coordinator RSS peak (MiB)", "rss_peak_mib", "{:.1f}"),
     ]
     for label, key, fmt in rows:

@@ -61,7 +61,7 @@ class EmbeddedCoordinator:
             self._tmpdir = tempfile.mkdtemp(prefix="fedge-coordinator-")
             db_path = Path(self._tmpdir) / "fedge.db"
         self.db_path = Path(db_path)
-        self.admin_token = admin_token or secrets.token_urlsafe(24)
+        self.admin_token = admin_token or secrets.token_hex(24)
         base = config or CoordinatorConfig()
         self.config = dataclasses.replace(
             base,

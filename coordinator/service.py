@@ -71,8 +71,9 @@ def _hash_secret(salt: str, secret: str) -> str:
 def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body.decode("utf-8")) if body else None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidRequest(f"body is not valid JSON: {e}", ErrorCode.MALFORMED_JSON) from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # RecursionError: a deeply nested document; ValueError also covers huge integers.
+        raise InvalidRequest(f"body is not valid JSON: {e!s:.200}", ErrorCode.MALFORMED_JSON) from e
 
 
 class Coordinator:
@@ -88,7 +89,7 @@ class Coordinator:
         self.store = store if store is not None else SQLiteStore(config.db_path)
         self.blobs = blobs if blobs is not None else BlobStore(config.blob_dir)
         self.clock = clock or SystemClock()
-        self.admin_token = config.admin_token or secrets.token_urlsafe(24)
+        self.admin_token = config.admin_token or secrets.token_hex(24)
         self.rng = random.Random(config.seed)
         self.pacing = PaceSteering(config.pacing, self.rng)
         self.ctx = PolicyContext(
@@ -142,7 +143,7 @@ class Coordinator:
         return task
 
     def _manifest(self, bundle_id: str) -> dict[str, Any]:
-        manifest = self.store.get_bundle(bundle_id)
+        manifest = self.ctx.manifest(bundle_id)
         if manifest is None:
             raise NotFound(f"no bundle {bundle_id!r}")
         return manifest
@@ -272,7 +273,7 @@ class Coordinator:
     def _version_number(self, task: Task, version: str) -> int:
         if version == "current":
             return task.model_version
-        if not version.isdigit() or len(version) > 12:
+        if not (version.isascii() and version.isdigit()) or len(version) > 12:
             raise InvalidRequest(f"version must be an integer or 'current', not {version!r}")
         number = int(version)
         if self.store.get_version(task.task_id, number) is None:
@@ -518,6 +519,8 @@ class Coordinator:
         task = self._task(task_id)
         f = Fields(parse_json(body) or {}, "body")
         f.done()
+        if task.mode == "async":
+            raise Conflict("async tasks run no evaluation rounds")
         self.store.update_task(task_id, pending_evaluations=task.pending_evaluations + 1)
         return {"task_id": task_id, "pending_evaluations": task.pending_evaluations + 1}
 

@@ -36,7 +36,9 @@ def check_delta(delta: np.ndarray, max_norm: float | None) -> float:
     """The delta's L2 norm; 422 ``bad_update`` for NaN/Inf or a norm beyond the bound."""
     if not np.isfinite(delta).all():
         raise Unprocessable("update holds NaN or Inf values", ErrorCode.BAD_UPDATE)
-    norm = float(np.linalg.norm(delta))
+    # Elementwise, not BLAS: a BLAS dot spins its thread pool on a busy 2-core machine
+    # (11 ms instead of 0.1 ms for 100k values).
+    norm = float(np.sqrt(np.square(delta).sum()))
     if max_norm is not None and norm > max_norm:
         raise Unprocessable(
             f"update norm {norm:.4g} exceeds the task's bound {max_norm:.4g}", ErrorCode.BAD_UPDATE

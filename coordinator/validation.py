@@ -19,6 +19,15 @@ from coordinator.errors import InvalidRequest
 __all__ = ["Fields"]
 
 
+def _utf8(value: str) -> bool:
+    """JSON may carry lone surrogates (``"\\ud800"``), which no UTF-8 column can store."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Fields:
     def __init__(self, obj: Any, where: str) -> None:
         if not isinstance(obj, dict):
@@ -90,7 +99,7 @@ class Fields:
         value = self._get(key)
         if value is None:
             return default
-        if not isinstance(value, str) or not value or len(value) > max_len:
+        if not isinstance(value, str) or not value or len(value) > max_len or not _utf8(value):
             raise self._fail(key, f"a non-empty string of at most {max_len} characters")
         if choices is not None and value not in choices:
             raise self._fail(key, f"one of {', '.join(sorted(choices))}")
@@ -111,7 +120,7 @@ class Fields:
         if (
             not isinstance(value, list)
             or len(value) > max_items
-            or not all(isinstance(v, str) and 0 < len(v) <= 64 for v in value)
+            or not all(isinstance(v, str) and 0 < len(v) <= 64 and _utf8(v) for v in value)
         ):
             raise self._fail(key, f"a list of at most {max_items} short strings")
         return list(value)

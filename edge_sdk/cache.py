@@ -131,14 +131,15 @@ class BundleCache:
         url = Route.BUNDLE_FILE.replace("{name:.+}", "{name}").format(
             bundle_id=bundle_id, name=name
         )
+        size, digest = int(meta["bytes"]), str(meta["sha256"])
         for attempt in (1, 2):
-            with open(partial, "ab") as sink:
-                transport.download(url, sink, limit=int(meta["bytes"]))
-            self.files_fetched += 1
-            if partial.stat().st_size == int(meta["bytes"]) and sha256_file(partial) == meta[
-                "sha256"
-            ]:
-                partial.parent.mkdir(parents=True, exist_ok=True)
+            # A partial file already of full size (the app died before the rename) needs no
+            # request: asking for bytes from its end would only get 416.
+            if not partial.is_file() or partial.stat().st_size < size:
+                with open(partial, "ab") as sink:
+                    transport.download(url, sink, limit=size)
+                self.files_fetched += 1
+            if partial.stat().st_size == size and sha256_file(partial) == digest:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(partial, final)
                 verified[name] = _stamp(final)

@@ -30,7 +30,6 @@ Usage::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -44,10 +43,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_sdk.bundle import Manifest
 from edge_sdk.cache import BundleCache
 from edge_sdk.codecs import CODECS, decode_update, encode_update
 from edge_sdk.conditions import ConditionsProvider, DeviceConditions, EligibilityPolicy
@@ -62,9 +62,18 @@ from edge_sdk.errors import (
 )
 from edge_sdk.local_training import Plan, evaluate, train
 from edge_sdk.pool import TrainerPool
-from edge_sdk.protocol import FRAME_CONTENT_TYPE, HEADER_IDEMPOTENCY_KEY, HEADER_REPORT, Route
+from edge_sdk.protocol import (
+    API_PREFIX,
+    FRAME_CONTENT_TYPE,
+    HEADER_IDEMPOTENCY_KEY,
+    HEADER_REPORT,
+    Route,
+)
 from edge_sdk.state import Credentials, DeviceState
 from edge_sdk.transport import RetryPolicy, Transport
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["AsyncClient", "Client", "ClientConfig", "Outcome"]
 
@@ -118,6 +127,17 @@ def _conditions_json(c: DeviceConditions) -> dict[str, Any]:
 
 
 class Client:
+    """A device's federated-learning client. One per device (state directory).
+
+    ``coordinator``: base URL. ``state_dir``: where the credential and residuals live.
+    ``data`` / ``eval_data``: the app's examples (a :class:`~edge_sdk.data.Dataset`, ``(x, y)``
+    or an ``.npz`` path). ``conditions``: a provider such as
+    :func:`~edge_sdk.conditions.default_provider` or ``ScriptedConditions``; ``policy``: the
+    local eligibility rule (default: idle, charging, unmetered). ``cache`` and ``trainers``
+    may be shared between clients of one process; ``clock`` (for ``wall_time_s``) and ``sleep``
+    (retry backoff, :meth:`run_forever`) may be virtual.
+    """
+
     def __init__(
         self,
         coordinator: str,
@@ -179,6 +199,11 @@ class Client:
             else:
                 if outcome.action != FAILED:
                     self._failures = 0
+            finally:
+                # Waits between passes last seconds to hours: holding a socket open that long
+                # only invites a stale connection (and costs the fleet emulator a descriptor
+                # per client). Within a pass the connection is kept alive.
+                self.transport.close()
             return outcome
 
     def run_forever(
@@ -298,10 +323,13 @@ class Client:
                                "round": int(a["round"])}
         down0 = self.transport.bytes_received
         started = self._clock()
+        params_url = str(a["params_url"])
+        if not params_url.startswith(API_PREFIX + "/"):
+            raise TransportError(f"assignment's params_url {params_url!r} is not an API path")
         try:
             bundle_dir, manifest = self.cache.fetch(self.transport, str(a["bundle_id"]))
             params = decode_update(
-                self.transport.request("GET", str(a["params_url"])).body,
+                self.transport.request("GET", params_url).body,
                 expected_length=manifest.num_parameters,
             )
             if action == "evaluate":
@@ -326,7 +354,7 @@ class Client:
         ids: dict[str, Any],
         a: dict[str, Any],
         bundle_dir: Path,
-        manifest: Any,
+        manifest: Manifest,
         params: np.ndarray,
         started: float,
         down0: int,
@@ -387,7 +415,7 @@ class Client:
                        metrics=metrics, **ids)
 
     def _evaluate(
-        self, ids: dict[str, Any], bundle_dir: Path, manifest: Any, params: np.ndarray
+        self, ids: dict[str, Any], bundle_dir: Path, manifest: Manifest, params: np.ndarray
     ) -> Outcome:
         with self.trainers.lease(bundle_dir, manifest) as trainer:
             result = evaluate(trainer, self.eval_data, params)
@@ -423,12 +451,17 @@ class AsyncClient(Client):
     a client runs one pass at a time, so concurrent calls queue up.
     """
 
+    # asyncio is imported here: apps without an event loop do not pay for it at import.
     async def run_once_async(self) -> Outcome:
+        import asyncio
+
         return await asyncio.to_thread(self.run_once)
 
     async def run_forever_async(
         self, stop: asyncio.Event | None = None, *, max_runs: int | None = None
     ) -> int:
+        import asyncio
+
         runs = 0
         while (stop is None or not stop.is_set()) and (max_runs is None or runs < max_runs):
             outcome = await self.run_once_async()

@@ -23,6 +23,7 @@ A transport is not thread-safe: one per client.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import random
 import time
@@ -93,6 +94,7 @@ class Transport:
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        max_answer_bytes: int = _MAX_BODY,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -103,6 +105,7 @@ class Transport:
         self._port = parts.port
         self._prefix = parts.path.rstrip("/")
         self.timeout = timeout
+        self.max_answer_bytes = max_answer_bytes
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
         self._rng = rng or random.Random()
@@ -145,7 +148,7 @@ class Transport:
         hdrs = dict(headers or {})
 
         def attempt() -> Response:
-            return self._exchange(method, path, body, hdrs, sink=None, limit=_MAX_BODY)
+            return self._exchange(method, path, body, hdrs, sink=None, limit=self.max_answer_bytes)
 
         return self._retrying(method, path, attempt)
 
@@ -263,12 +266,12 @@ class Transport:
                     self._check_range(resp_headers, sink.seek(0, 2))
                 complete = self._stream(raw, sink, limit)
             else:
-                data = raw.read(_MAX_BODY + 1)
-                self.bytes_received += len(data)
-                if len(data) > _MAX_BODY:
-                    complete = False
-                else:
-                    self._check_complete(raw)
+                # Chunked reads: read(n) would allocate n bytes up front, whatever the body.
+                held = io.BytesIO()
+                if not self._stream(raw, held, limit):
+                    self.close()
+                    raise TransportError(f"{method} {path}: answer larger than {limit} B")
+                data = held.getvalue()
         except (OSError, http.client.HTTPException) as e:
             self.close()
             raise _Failed(e, reused) from e

@@ -41,4 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m fedge.cli` this file is `__main__`; commands import `fedge.cli`, whose
+    # CommandError is a different class. Run the imported module so that it is the one caught.
+    from fedge.cli import main as _main
+
+    sys.exit(_main())

@@ -65,6 +65,19 @@ class DemoConfig:
     cache_dir: Path | None = None  # exported bundle cache; default ~/.cache/fedge
     timeout_s: float = 900.0
 
+    def __post_init__(self) -> None:
+        from edge_sdk.codecs import CodecSpec
+
+        if self.devices < 2 or self.rounds < 1 or not 1 <= self.goal <= self.devices:
+            raise ValueError("need devices >= 2, rounds >= 1 and 1 <= goal <= devices")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or not self.alpha > 0:
+            raise ValueError("epochs and batch size must be >= 1, lr and alpha > 0")
+        if not (0 <= self.dropout_prob <= 1 and 0 <= self.lapse_prob <= 1):
+            raise ValueError("dropout and lapse probabilities must be in [0, 1]")
+        if not self.speedup > 0:
+            raise ValueError("speedup must be > 0")
+        CodecSpec.from_json({"name": self.codec})  # CodecSpecError (a ValueError) names the fault
+
     def plan(self) -> dict[str, Any]:
         return {
             "rounds": self.rounds,
@@ -182,8 +195,9 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResu
     from coordinator.embedded import EmbeddedCoordinator
     from edge_sdk.codecs import CodecSpec, decode_update, encode_update
     from edge_sdk.trainers import load_trainer
-    from fedge.fleet import Fleet, Heterogeneity, SimClock, load_digits, partition
+    from fedge.fleet import Heterogeneity, SimClock, load_digits, partition
     from fedge.fleet.baselines import Recipe, centralized, local_only, test_accuracy
+    from fedge.fleet.emulator import Fleet
 
     started = time.monotonic()
     # Clients log each abort the coordinator could not take (a lapse after the deadline):

@@ -7,26 +7,31 @@ format. Must not import ``coordinator``. Nothing on a device imports this packag
 
 from __future__ import annotations
 
-from model_export.bundle_writer import export_bundle
-from model_export.errors import (
-    DataDependentControlFlow,
-    ExportError,
-    LossMismatch,
-    ModelNotFound,
-    NotAModule,
-    UnsupportedModel,
-    UnsupportedOperator,
-)
-from model_export.loading import load_model
+import importlib
+from typing import Any
 
-__all__ = [
-    "DataDependentControlFlow",
-    "ExportError",
-    "LossMismatch",
-    "ModelNotFound",
-    "NotAModule",
-    "UnsupportedModel",
-    "UnsupportedOperator",
-    "export_bundle",
-    "load_model",
-]
+# Lazy: ``model_export.config`` (the CLI's choices) must not pull in torch.
+_EXPORTS = {
+    "export_bundle": "model_export.bundle_writer",
+    "load_model": "model_export.loading",
+    **{
+        name: "model_export.errors"
+        for name in (
+            "DataDependentControlFlow",
+            "ExportError",
+            "LossMismatch",
+            "ModelNotFound",
+            "NotAModule",
+            "UnsupportedModel",
+            "UnsupportedOperator",
+        )
+    },
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'model_export' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -30,7 +30,7 @@ from edge_sdk.bundle import (
     sha256_file,
     verify_bundle,
 )
-from model_export.config import LOSSES, OptimizerConfig
+from model_export.config import INPUT_DTYPES, LOSSES, OptimizerConfig
 from model_export.errors import LossMismatch, UnsupportedModel
 from model_export.loading import load_model
 from model_export.ort_artifacts import ort_training_support, write_ort_artifacts
@@ -39,7 +39,7 @@ from model_export.tracing import OPSET, export_onnx, trace
 
 __all__ = ["export_bundle", "io_names"]
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
+_DTYPES = dict(zip(INPUT_DTYPES, (torch.float32, torch.float64, torch.int64), strict=True))
 
 
 def io_names(state: Sequence[str], *, weighted: bool = False) -> dict[str, dict[str, list[str]]]:
@@ -154,7 +154,7 @@ def export_bundle(
     model_or_spec: nn.Module | str | Callable[[], nn.Module],
     out_dir: Path | str,
     *,
-    input_shape: Sequence[int],
+    input_shape: Sequence[int] | None = None,
     input_dtype: str = "float32",
     loss: str = "cross_entropy",
     optimizer: str = "sgd",
@@ -173,7 +173,8 @@ def export_bundle(
     ``model_or_spec``: a module, a module class / zero-argument factory, or a spec string
     (``path/to/file.py:Name``, ``package.module:Name``), instantiated after
     ``torch.manual_seed(seed)``. ``input_shape`` is one example input, batch axis first (the
-    ONNX graphs take any batch size). ``freeze``: parameter-name prefixes kept constant.
+    ONNX graphs take any batch size); without it, a model whose first layer is ``nn.Linear``
+    gets ``(1, in_features)``. ``freeze``: parameter-name prefixes kept constant.
     ``tflite``: also write ``step.tflite``/``infer.tflite`` (needs litert-torch); their batch is
     fixed at ``tflite_batch`` (default: the example batch if > 1, else 32) and shorter batches
     are padded and masked by the trainer. Raises ``ExportError`` subclasses for models that
@@ -183,13 +184,14 @@ def export_bundle(
         raise ValueError(f"unknown loss {loss!r} (choose from {', '.join(LOSSES)})")
     if input_dtype not in _DTYPES:
         raise ValueError(f"unsupported input dtype {input_dtype!r} (choose from {sorted(_DTYPES)})")
-    shape = [int(d) for d in input_shape]
-    if len(shape) < 1 or any(d < 1 for d in shape):
-        raise ValueError(f"input shape {tuple(input_shape)} must be positive, batch axis first")
+    if input_shape is not None:
+        input_shape = [int(d) for d in input_shape]
+        if len(input_shape) < 1 or any(d < 1 for d in input_shape):
+            raise ValueError(f"input shape {tuple(input_shape)} must be positive, batch first")
     opt = OptimizerConfig.make(optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     out_dir = Path(out_dir)
 
-    prep = _prepare(model_or_spec, shape, input_dtype, loss, opt, freeze, seed)
+    prep = _prepare(model_or_spec, input_shape, input_dtype, loss, opt, freeze, seed)
     _check_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Built next to the target and renamed into place: a failed export leaves nothing behind.
@@ -235,9 +237,20 @@ class _Prepared:
         return [params, *state, self.x, self.y, lr, params.clone(), torch.tensor(0.0)]
 
 
+def _default_shape(model: nn.Module) -> list[int]:
+    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None),
+                 None)
+    if isinstance(first, nn.Linear):
+        return [1, first.in_features]
+    raise ValueError(
+        "cannot tell this model's input shape: give one example input shape, batch axis first "
+        "(--input-shape 1,1,8,8)"
+    )
+
+
 def _prepare(
     model_or_spec: Any,
-    shape: list[int],
+    input_shape: list[int] | None,
     input_dtype: str,
     loss: str,
     opt: OptimizerConfig,
@@ -246,6 +259,7 @@ def _prepare(
 ) -> _Prepared:
     torch.manual_seed(seed)
     model = copy.deepcopy(load_model(model_or_spec)).float()
+    shape = input_shape or _default_shape(model)
     named = list(model.named_parameters())
     frozen_names = _match_freeze([n for n, _ in named], freeze)
     trainable = [(n, p) for n, p in named if n not in frozen_names]
@@ -339,7 +353,7 @@ def _write(
 
         tfl_batch = tflite_batch or (prep.shape[0] if prep.shape[0] > 1 else 32)
         say(f"converting to TFLite (batch {tfl_batch})")
-        tflite_files = write_tflite(fns, step_args, out_dir, batch=tfl_batch, seed=seed)
+        tflite_files = write_tflite(fns, step_args, out_dir, batch=tfl_batch)
 
     (out_dir / "params.f32").write_bytes(params.numpy().astype("<f4").tobytes())
     if prep.frozen:

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LOSSES", "OPTIMIZERS", "OptimizerConfig", "StateSpec"]
+__all__ = ["INPUT_DTYPES", "LOSSES", "OPTIMIZERS", "OptimizerConfig", "StateSpec"]
 
+INPUT_DTYPES = ("float32", "float64", "int64")
 LOSSES = ("cross_entropy", "mse", "bce")
 OPTIMIZERS = ("sgd", "adamw")
 

@@ -5,7 +5,8 @@ single ops, and neither the ONNX exporter nor litert-torch can translate them. B
 convolutions in disguise: the input gradient of a convolution is a transposed convolution with
 the same weight, the weight gradient is a convolution of the input with the output gradient
 (batch and channel axes swapped), and an average pool's input gradient is a transposed
-convolution with a constant kernel. Cases outside these (grouped or transposed convolutions,
+convolution with a constant kernel. Some gradients (BCE with logits) also allocate with
+``empty_permuted``, which has no translation either. Cases outside these (grouped or transposed convolutions,
 padded or ceil-mode pooling) return ``NotImplemented``, and the exporter then reports the op.
 """
 
@@ -108,9 +109,17 @@ def _avg_pool2d_backward(
     return per_channel.reshape(inp.shape)
 
 
+def _empty_permuted(
+    size: Sequence[int], physical_layout: Sequence[int], **kwargs: Any
+) -> torch.Tensor:
+    # Values of an empty tensor are unspecified and memory layout means nothing in a graph.
+    return torch.zeros(size, dtype=kwargs.get("dtype"))
+
+
 def training_decompositions() -> dict[Any, Callable[..., Any]]:
     """Core-aten decompositions plus the backward rewrites above."""
     table: dict[Any, Callable[..., Any]] = dict(core_aten_decompositions().items())
     table[aten.convolution_backward.default] = _convolution_backward
     table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    table[aten.empty_permuted.default] = _empty_permuted
     return table

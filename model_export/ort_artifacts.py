@@ -101,6 +101,8 @@ def write_ort_artifacts(
                 loss=loss_type,
                 optimizer=optim_block,
                 artifact_directory=str(art_dir),
+                # the model's output next to the loss: evaluate() needs it for accuracy
+                additional_output_names=["output"],
             )
     except Exception as e:
         raise ExportError(f"ORT training artifacts: {type(e).__name__}: {e}") from e

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,8 +43,32 @@ class PolicyContext:
     # Bytes served to devices per task since its last round closed (in memory: metrics only).
     bytes_out: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
 
+    # Bundles are immutable and content-addressed: their manifests are cached once read.
+    # Callers must not mutate what they get.
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def manifest(self, bundle_id: str) -> dict[str, Any] | None:
+        manifest = self.manifests.get(bundle_id)
+        if manifest is None:
+            manifest = self.store.get_bundle(bundle_id)
+            if manifest is not None:
+                self.manifests[bundle_id] = manifest
+        return manifest
+
+    def release_payloads(self, payload_shas: Iterable[str]) -> None:
+        """Delete a closed round's update payloads, unless retained by configuration.
+
+        Blobs are content-addressed, so two updates with identical bytes (a zero delta, say)
+        share one: a payload an open round still needs for recovery is kept.
+        """
+        if self.retain_updates:
+            return
+        for sha in set(payload_shas):
+            if not self.store.payload_in_open_round(sha):
+                self.blobs.delete(sha)
+
     def num_parameters(self, task: Task) -> int:
-        manifest = self.store.get_bundle(task.bundle_id)
+        manifest = self.manifest(task.bundle_id)
         assert manifest is not None
         return int(manifest["num_parameters"])
 

@@ -62,6 +62,8 @@ class BufferedAsync(TaskPolicy):
         self._buffers: dict[str, tuple[int, AsyncBuffer]] = {}
         # task_id -> earliest time an in-flight assignment can expire (skip scans before it).
         self._next_expiry: dict[str, float] = {}
+        # task_id -> moving average of delivery-to-report seconds (pace steering only).
+        self._job_s: dict[str, float] = {}
 
     # -- state ------------------------------------------------------------------------------
 
@@ -134,16 +136,18 @@ class BufferedAsync(TaskPolicy):
         assert rnd is not None
         return rnd.base_version
 
-    def _steer(self, plan: TaskPlan, now: float) -> float:
-        # A slot frees up about every (deadline / concurrency) seconds at worst.
-        return self.ctx.pacing.retry_after(now, plan.buffer.max_concurrency, plan.round_deadline_s)
+    def _steer(self, task: Task, plan: TaskPlan, now: float) -> float:
+        # All slots turn over once per job time: ask for check-ins at that rate. Before any
+        # report a quarter of the deadline is the guess; the moving average replaces it.
+        period = self._job_s.get(task.task_id, plan.round_deadline_s / 4)
+        return self.ctx.pacing.retry_after(now, plan.buffer.max_concurrency, period)
 
     # -- check-in ---------------------------------------------------------------------------
 
     def check_in(self, task: Task, plan: TaskPlan, device_id: str, now: float) -> dict[str, Any]:
         state = self._state(task, plan, now) if task.state == "running" else None
         if state is None:
-            return _wait(self._steer(plan, now), "paused")
+            return _wait(self._steer(task, plan, now), "paused")
         task, rnd, _ = state
         window = self._window(task, plan)
         in_flight = self._in_flight(window)
@@ -153,9 +157,9 @@ class BufferedAsync(TaskPolicy):
                 return self._answer(a, rounds[a.round_id], task, plan, now)
         if self.ctx.store.assignment_for(rnd.round_id, device_id) is not None:
             # It already reported (or gave up) on this version: one update per device and version.
-            return _wait(self._steer(plan, now), "window_full")
+            return _wait(self._steer(task, plan, now), "window_full")
         if not plan.buffer.admits(len(in_flight)):
-            return _wait(self._steer(plan, now), "window_full")
+            return _wait(self._steer(task, plan, now), "window_full")
         a = Assignment(
             new_assignment_id(), rnd.round_id, task.task_id, device_id,
             "train", "delivered", now, delivered_at=now,
@@ -214,6 +218,8 @@ class BufferedAsync(TaskPolicy):
         )
         self.ctx.store.add_update(stored)  # durable: the caller acknowledges after this
         fold = buf.fold(delta, update.num_examples, base)
+        job = now - (a.delivered_at if a.delivered_at is not None else a.created_at)
+        self._job_s[task.task_id] = 0.8 * self._job_s.get(task.task_id, job) + 0.2 * job
         if fold.commit is not None:
             self._commit(task, plan, rnd, fold.commit, now)
 
@@ -261,9 +267,7 @@ class BufferedAsync(TaskPolicy):
         self.ctx.versions.commit_next(task, plan, n, commit.delta, rnd.round_id, now, also=record)
         self._buffers.pop(task.task_id, None)
         self.ctx.bytes_out.pop(task.task_id, None)
-        if not self.ctx.retain_updates:
-            for u in updates:
-                self.ctx.blobs.delete(u.payload_sha)
+        self.ctx.release_payloads(u.payload_sha for u in updates)
 
     # -- time -------------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ import numpy as np
 from coordinator.errors import Conflict
 from coordinator.plan import TaskPlan
 from coordinator.rounds.base import TaskPolicy
-from coordinator.store import Assignment, EvalReport, Round, Task, Update
+from coordinator.store import Assignment, EvalReport, Round, Task, Update, UpdateTotals
 from edge_sdk.protocol import ErrorCode, Route
 
 __all__ = ["SyncRounds", "assignment_json", "new_assignment_id"]
@@ -180,12 +180,12 @@ class SyncRounds(TaskPolicy):
         )
 
     def _maybe_select(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> Round:
-        if rnd.state != "selecting" or now < rnd.window_ends_at:
+        if rnd.state != "selecting" or now < rnd.window_ends_at or task.state == "paused":
             return rnd
         store = self.ctx.store
-        candidates = store.candidates(rnd.round_id)
-        if len(candidates) < rnd.goal:
+        if store.count_candidates(rnd.round_id) < rnd.goal:
             return rnd
+        candidates = store.candidates(rnd.round_id)
         chosen = self.ctx.rng.sample(candidates, min(rnd.target, len(candidates)))
         with store.atomic():
             store.add_assignments(
@@ -322,45 +322,42 @@ class SyncRounds(TaskPolicy):
         self.ctx.sums.drop(rnd.round_id)
         self.ctx.bytes_out.pop(task.task_id, None)
         self._period.pop(task.task_id, None)
-        if rnd.kind == "train" and not self.ctx.retain_updates:
-            for u in store.round_updates(rnd.round_id):
-                self.ctx.blobs.delete(u.payload_sha)
+        if rnd.kind == "train":
+            self.ctx.release_payloads(store.round_payloads(rnd.round_id))
 
     def _metrics(self, task: Task, rnd: Round, now: float) -> dict[str, Any]:
+        """A closing round's metrics, from aggregate queries (no per-update rows in memory)."""
         store = self.ctx.store
-        assignments = store.round_assignments(rnd.round_id)
-        aborted = sum(a.state == "aborted" for a in assignments)
-        out: dict[str, Any] = {
+        states = store.assignment_counts(rnd.round_id)
+        if rnd.kind == "evaluate":
+            reports = store.round_eval_reports(rnd.round_id)
+            totals = UpdateTotals(
+                count=len(reports),
+                num_examples=sum(r.num_examples for r in reports),
+                loss_sum=sum(r.loss * r.num_examples for r in reports),
+                loss_weight=sum(r.num_examples for r in reports),
+                accuracy_sum=sum((r.accuracy or 0.0) * r.num_examples for r in reports),
+                accuracy_weight=sum(r.num_examples for r in reports if r.accuracy is not None),
+            )
+        else:
+            totals = store.update_totals(rnd.round_id)
+        participants = sum(states.values())
+        return {
             "kind": rnd.kind,
             "base_version": rnd.base_version,
             "goal": rnd.goal,
             "target": rnd.target,
             "candidates": store.count_candidates(rnd.round_id),
-            "participants": len(assignments),
-            "aborted": aborted,
+            "participants": participants,
+            "reported": totals.count,
+            "dropouts": participants - totals.count,
+            "aborted": states.get("aborted", 0),
+            "num_examples": totals.num_examples,
+            "loss": totals.loss,
+            "accuracy": totals.accuracy,
+            "bytes_in": totals.payload_bytes,
             "bytes_out": self.ctx.bytes_out.get(task.task_id, 0),
             "duration_s": now - rnd.opened_at,
             "selection_s": (rnd.selected_at or now) - rnd.opened_at,
             "reporting_s": now - (rnd.selected_at or now),
         }
-        pairs: list[tuple[float | None, int]]
-        accs: list[tuple[float | None, int]]
-        if rnd.kind == "evaluate":
-            reports = store.round_eval_reports(rnd.round_id)
-            pairs = [(r.loss, r.num_examples) for r in reports]
-            accs = [(r.accuracy, r.num_examples) for r in reports]
-            bytes_in = 0
-        else:
-            updates = list(store.round_updates(rnd.round_id))
-            pairs = [(u.loss, u.num_examples) for u in updates]
-            accs = [(u.report.get("accuracy"), u.num_examples) for u in updates]
-            bytes_in = sum(u.payload_bytes for u in updates)
-        out.update(
-            reported=len(pairs),
-            dropouts=len(assignments) - len(pairs),
-            num_examples=sum(n for _, n in pairs),
-            loss=_weighted(pairs),
-            accuracy=_weighted(accs),
-            bytes_in=bytes_in,
-        )
-        return out

@@ -16,6 +16,7 @@ from coordinator.store.base import (
     StoreError,
     Task,
     Update,
+    UpdateTotals,
     Version,
 )
 from coordinator.store.sqlite import SQLiteStore
@@ -30,5 +31,6 @@ __all__ = [
     "StoreError",
     "Task",
     "Update",
+    "UpdateTotals",
     "Version",
 ]

@@ -22,6 +22,7 @@ __all__ = [
     "StoreError",
     "Task",
     "Update",
+    "UpdateTotals",
     "Version",
 ]
 
@@ -118,6 +119,25 @@ class Update:
     report: dict[str, Any]
     accepted_at: float
     response: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class UpdateTotals:
+    count: int = 0
+    num_examples: int = 0
+    payload_bytes: int = 0
+    loss_sum: float = 0.0  # sum of loss x num_examples over updates that reported a loss
+    loss_weight: int = 0
+    accuracy_sum: float = 0.0
+    accuracy_weight: int = 0
+
+    @property
+    def loss(self) -> float | None:
+        return self.loss_sum / self.loss_weight if self.loss_weight else None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.accuracy_sum / self.accuracy_weight if self.accuracy_weight else None
 
 
 @dataclass(frozen=True)
@@ -223,6 +243,7 @@ class Store(ABC):
     @abstractmethod
     def expire_assignments(self, round_id: int, at: float) -> int:
         """Mark the round's still-open assignments expired; returns how many."""
+
     @abstractmethod
     def open_assignments(self, round_ids: Sequence[int]) -> list[Assignment]:
         """Still selected or delivered assignments of these rounds (in flight), oldest first."""
@@ -241,6 +262,21 @@ class Store(ABC):
     @abstractmethod
     def count_updates(self, round_id: int | None = None) -> int:
         """Accepted updates of one round, or of all rounds."""
+
+    @abstractmethod
+    def update_totals(self, round_id: int) -> UpdateTotals:
+        """Sums over a round's accepted updates (without loading them)."""
+
+    @abstractmethod
+    def round_payloads(self, round_id: int) -> list[str]:
+        """Payload blob hashes of a round's accepted updates."""
+
+    @abstractmethod
+    def payload_in_open_round(self, payload_sha: str) -> bool:
+        """Whether an update of a still-open round has this payload (identical bytes)."""
+    @abstractmethod
+    def assignment_counts(self, round_id: int) -> dict[str, int]:
+        """How many of a round's assignments are in each state."""
 
     @abstractmethod
     def add_eval_report(self, report: EvalReport) -> None:

@@ -27,6 +27,7 @@ from coordinator.store.base import (
     StoreError,
     Task,
     Update,
+    UpdateTotals,
     Version,
 )
 from coordinator.store.migrations import apply_migrations
@@ -277,6 +278,38 @@ class SQLiteStore(Store):
         if round_id is None:
             return self._count("select count(*) from updates")
         return self._count("select count(*) from updates where round_id = ?", [round_id])
+
+    def update_totals(self, round_id: int) -> UpdateTotals:
+        acc = "json_extract(report, '$.accuracy')"
+        row = self.db.execute(
+            "select count(*), coalesce(sum(num_examples), 0), coalesce(sum(payload_bytes), 0), "
+            "coalesce(sum(loss * num_examples), 0), "
+            "coalesce(sum(case when loss is null then 0 else num_examples end), 0), "
+            f"coalesce(sum({acc} * num_examples), 0), "
+            f"coalesce(sum(case when {acc} is null then 0 else num_examples end), 0) "
+            "from updates where round_id = ?",
+            [round_id],
+        ).fetchone()
+        return UpdateTotals(int(row[0]), int(row[1]), int(row[2]), float(row[3]), int(row[4]),
+                            float(row[5]), int(row[6]))  # fmt: skip
+
+    def round_payloads(self, round_id: int) -> list[str]:
+        rows = self.db.execute("select payload_sha from updates where round_id = ?", [round_id])
+        return [r[0] for r in rows.fetchall()]
+
+    def payload_in_open_round(self, payload_sha: str) -> bool:
+        row = self.db.execute(
+            "select 1 from updates u join rounds r on r.round_id = u.round_id "
+            "where u.payload_sha = ? and r.state in ('selecting', 'reporting') limit 1",
+            [payload_sha],
+        ).fetchone()
+        return row is not None
+
+    def assignment_counts(self, round_id: int) -> dict[str, int]:
+        rows = self.db.execute(
+            "select state, count(*) from assignments where round_id = ? group by state", [round_id]
+        )
+        return {state: int(n) for state, n in rows.fetchall()}
 
     def add_eval_report(self, report: EvalReport) -> None:
         with self.atomic():

@@ -62,8 +62,9 @@ class QuantizedCodec(Codec):
         blocks = flat.reshape(nblocks, block)
         amax = np.abs(blocks).max(axis=1) if nblocks else np.zeros(0, np.float32)
         scale = (amax / np.float32(levels)).astype(np.float32)
-        # float32 division can round down; the scale must satisfy |x| <= L * s exactly.
-        short = scale * np.float32(levels) < amax
+        # float32 division can round down; the scale must satisfy |x| <= L * s exactly, which
+        # float64 checks without rounding (a 24-bit significand times L < 2^7).
+        short = scale.astype(np.float64) * levels < amax.astype(np.float64)
         scale[short] = np.nextafter(scale[short], np.float32(np.inf))
         safe = np.where(scale > 0, scale, np.float32(1)).astype(np.float64)
         ratio = blocks.astype(np.float64) / safe[:, None]
@@ -78,10 +79,7 @@ class QuantizedCodec(Codec):
                 pack_codes((q + levels).astype(np.uint8), bits),
             ]
         )
-        decoded = (q.astype(np.float32).reshape(-1) * np.repeat(scale, block)[:n]).astype(
-            np.float32
-        )
-        return payload, decoded
+        return payload, _dequantize(q.astype(np.float32), scale, block)
 
     def decode(self, payload: bytes, n: int) -> np.ndarray:
         if len(payload) < _HEADER.size:
@@ -108,6 +106,12 @@ class QuantizedCodec(Codec):
         codes = unpack_codes(payload[_HEADER.size + 4 * nblocks :], bits, n)
         if (codes > 2 * levels).any():
             raise FrameError(f"int8 payload: code {int(codes.max())} above {2 * levels}")
-        q = codes.astype(np.float32) - np.float32(levels)
-        with np.errstate(over="ignore", invalid="ignore"):
-            return (q * np.repeat(scale.astype(np.float32), block)[:n]).astype(np.float32)
+        return _dequantize(codes.astype(np.float32) - np.float32(levels), scale, block)
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
+    # Index the scales per element: np.repeat(scale, block) would let a hostile frame with
+    # block = 2**32 - 1 allocate gigabytes for a handful of elements.
+    per_element = scale.astype(np.float32)[np.arange(q.size) // block]
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (q * per_element).astype(np.float32)

@@ -27,6 +27,8 @@ from edge_sdk.conditions.base import (
     CommandRunner,
     ConditionsProvider,
     DeviceConditions,
+    fraction,
+    plausible_temperature,
     run_command,
 )
 from edge_sdk.conditions.linux import LinuxConditions
@@ -65,8 +67,8 @@ def parse_dumpsys_battery(text: str) -> DeviceConditions:
     temp = _int(fields.get("temperature"))
     return DeviceConditions(
         charging=charging,
-        battery=None if level is None else min(max(level / scale, 0.0), 1.0),
-        temperature_c=None if temp is None else temp / 10.0,
+        battery=None if level is None else fraction(level / scale),
+        temperature_c=None if temp is None else plausible_temperature(temp / 10.0),
     )
 
 
@@ -84,11 +86,15 @@ def parse_termux_battery(text: str) -> DeviceConditions:
     return DeviceConditions(
         charging=None if not isinstance(plugged, str) else plugged != "UNPLUGGED",
         battery=(
-            min(max(percentage / 100.0, 0.0), 1.0)
+            fraction(percentage / 100.0)
             if isinstance(percentage, int | float) and not isinstance(percentage, bool)
             else None
         ),
-        temperature_c=round(float(temp), 1) if isinstance(temp, int | float) else None,
+        temperature_c=(
+            plausible_temperature(round(float(temp), 1))
+            if isinstance(temp, int | float) and not isinstance(temp, bool)
+            else None
+        ),
     )
 
 

@@ -13,17 +13,23 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 __all__ = [
+    "TEMPERATURE_RANGE_C",
     "WIRE_FIELDS",
     "CachedRunner",
     "CommandRunner",
     "ConditionsProvider",
     "DeviceConditions",
+    "fraction",
+    "plausible_temperature",
     "run_command",
 ]
 
 # A command runner returns the command's stdout, or None if it is missing, fails or hangs.
 # Providers take one so that tests feed them recorded outputs instead of running anything.
 CommandRunner = Callable[[Sequence[str]], "str | None"]
+
+# Readings outside this range are sensor errors, not temperatures; providers drop them.
+TEMPERATURE_RANGE_C = (-100.0, 200.0)
 
 # The keys of check-in "conditions" (docs/protocol.md); `throttled` stays on the device.
 WIRE_FIELDS = ("charging", "battery", "idle", "unmetered", "free_memory_mb", "temperature_c")
@@ -109,7 +115,8 @@ class DeviceConditions:
             raise ValueError(
                 f"conditions: 'free_memory_mb' must be >= 0, got {self.free_memory_mb}"
             )
-        if self.temperature_c is not None and not -100.0 <= self.temperature_c <= 200.0:
+        low, high = TEMPERATURE_RANGE_C
+        if self.temperature_c is not None and not low <= self.temperature_c <= high:
             raise ValueError(f"conditions: 'temperature_c' out of range: {self.temperature_c}")
 
     def to_json(self) -> dict[str, Any]:
@@ -139,6 +146,20 @@ class DeviceConditions:
                 if getattr(self, f.name) is None
             },
         )
+
+
+def fraction(value: float | None) -> float | None:
+    """A level clamped to [0, 1]; None for a missing or non-finite reading."""
+    if value is None or not math.isfinite(value):
+        return None
+    return min(max(value, 0.0), 1.0)
+
+
+def plausible_temperature(celsius: float | None) -> float | None:
+    """``celsius`` if a sensor could mean it, else None (unknown)."""
+    low, high = TEMPERATURE_RANGE_C
+    # NaN fails both comparisons, so it is dropped too.
+    return celsius if celsius is not None and low <= celsius <= high else None
 
 
 class ConditionsProvider(ABC):

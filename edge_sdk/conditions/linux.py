@@ -14,6 +14,7 @@ Sources, all relative to a root directory so that tests can point it at recorded
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from edge_sdk.conditions.base import (
     CommandRunner,
     ConditionsProvider,
     DeviceConditions,
+    fraction,
     run_command,
 )
 
@@ -47,12 +49,21 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
 def parse_loadavg(text: str) -> float | None:
     """The 1-minute load average from ``/proc/loadavg``."""
     try:
-        return float(text.split()[0])
+        load = float(text.split()[0])
     except (IndexError, ValueError):
         return None
+    return load if math.isfinite(load) and load >= 0 else None
 
 
 def parse_cpu_list(text: str) -> int | None:
@@ -74,10 +85,10 @@ def parse_meminfo_available_mb(text: str) -> float | None:
         key, _, rest = line.partition(":")
         parts = rest.split()
         if parts:
-            try:
-                values[key.strip()] = float(parts[0])  # kB
-            except ValueError:
-                continue
+            with contextlib.suppress(ValueError):
+                kb = float(parts[0])
+                if math.isfinite(kb) and kb >= 0:
+                    values[key.strip()] = kb
     if "MemAvailable" in values:
         return round(values["MemAvailable"] / 1024, 1)
     if "MemFree" in values:
@@ -181,19 +192,13 @@ class LinuxConditions(ConditionsProvider):
 
     @staticmethod
     def _battery_level(supply: Path) -> float | None:
-        capacity = _read(supply / "capacity")
+        capacity = _number(_read(supply / "capacity"))
         if capacity is not None:
-            try:
-                return min(max(float(capacity) / 100.0, 0.0), 1.0)
-            except ValueError:
-                pass
+            return fraction(capacity / 100.0)
         for now, full in (("energy_now", "energy_full"), ("charge_now", "charge_full")):
-            a, b = _read(supply / now), _read(supply / full)
-            try:
-                if a is not None and b is not None and float(b) > 0:
-                    return min(max(float(a) / float(b), 0.0), 1.0)
-            except ValueError:
-                continue
+            a, b = _number(_read(supply / now)), _number(_read(supply / full))
+            if a is not None and b is not None and b > 0:
+                return fraction(a / b)
         return None
 
     def load_per_cpu(self) -> float | None:
@@ -218,8 +223,9 @@ class LinuxConditions(ConditionsProvider):
             candidates.append(max(0.0, self.clock() - max(atimes)))
         out = self.run(["xprintidle"])
         if out is not None:
-            with contextlib.suppress(ValueError):
-                candidates.append(float(out.strip()) / 1000.0)
+            idle_ms = _number(out)
+            if idle_ms is not None and idle_ms >= 0:
+                candidates.append(idle_ms / 1000.0)
         return min(candidates) if candidates else None
 
     def idle(self) -> bool | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from edge_sdk.conditions.base import DeviceConditions
+from edge_sdk.conditions.base import DeviceConditions, plausible_temperature
 from edge_sdk.conditions.linux import LinuxConditions
 
 __all__ = ["RaspberryPiConditions", "parse_get_throttled", "parse_measure_temp"]
@@ -20,7 +20,7 @@ _NOW_BITS = 0xF
 
 def parse_measure_temp(text: str) -> float | None:
     match = re.search(r"temp=(-?\d+(?:\.\d+)?)'C", text)
-    return float(match.group(1)) if match else None
+    return plausible_temperature(float(match.group(1))) if match else None
 
 
 def parse_get_throttled(text: str) -> bool | None:

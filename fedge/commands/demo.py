@@ -16,10 +16,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the federated demo: export, coordinator, emulated fleet",
                        description="Export the demo model, start a temporary coordinator, run an "
                        "emulated fleet on digits with label skew, and compare the federated model "
-                       "with local-only and centralized training. The last stdout line is JSON.")
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--devices", type=int, default=d.devices)
-    p.add_argument("--seed", type=int, default=d.seed)
+                       "with local-only and centralized training. The last stdout line is JSON.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds")
+    p.add_argument("--devices", type=int, default=d.devices, help="emulated devices")
+    p.add_argument("--seed", type=int, default=d.seed, help="data split, profiles, training")
     p.add_argument("--out", type=Path, default=d.out, help="where the plot and result.json go")
     p.add_argument("--goal", type=int, default=d.goal, help="reports per round")
     p.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per round")
@@ -32,7 +33,7 @@ def register(sub: Any) -> None:
     p.add_argument("--speedup", type=float, default=d.speedup,
                    help="emulated seconds per real second")
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help="exported bundle cache (default ~/.cache/fedge)")
+                   help="exported bundle cache (None: ~/.cache/fedge)")
     p.set_defaults(func=run)
 
 
@@ -41,13 +42,14 @@ def run(args: argparse.Namespace) -> int:
 
     from fedge.demo import DemoConfig, main_output, run_demo
 
-    if args.devices < 2 or args.rounds < 1 or args.goal < 1 or args.goal > args.devices:
-        raise CommandError("need --devices >= 2, --rounds >= 1 and 1 <= --goal <= --devices")
-    config = DemoConfig(
-        devices=args.devices, rounds=args.rounds, goal=args.goal, epochs=args.epochs,
-        lr=args.lr, alpha=args.alpha, codec=args.codec, dropout_prob=args.dropout,
-        speedup=args.speedup, seed=args.seed, out=args.out, cache_dir=args.cache_dir,
-    )
+    try:
+        config = DemoConfig(
+            devices=args.devices, rounds=args.rounds, goal=args.goal, epochs=args.epochs,
+            lr=args.lr, alpha=args.alpha, codec=args.codec, dropout_prob=args.dropout,
+            speedup=args.speedup, seed=args.seed, out=args.out, cache_dir=args.cache_dir,
+        )
+    except ValueError as e:
+        raise CommandError(f"{e} (see --help)") from e
     result = run_demo(config, say=lambda msg: print(msg, flush=True))
     main_output(result, sys.stdout)
     return 0 if result.points else 1

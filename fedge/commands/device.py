@@ -119,7 +119,9 @@ def _run(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from e
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if threading.current_thread() is threading.main_thread():
+        # systemd stops the service with SIGTERM: end a wait at once, let a training pass finish.
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
     def show(outcome: Any) -> None:
         if args.json:

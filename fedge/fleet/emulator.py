@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import logging
 import math
 import random
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,9 @@ from fedge.fleet.heterogeneity import DeviceProfile, Heterogeneity
 __all__ = ["VANISHED", "Fleet", "FleetSummary"]
 
 VANISHED = "vanished"  # the outcome the emulator records for a mid-job dropout
+CRASHED = "crashed"  # a pass raised past the client's error handling (a bug)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,15 @@ class FleetSummary:
     wall_s: float
     speedup: float
     time_overruns: int  # steps whose real time exceeded the modelled compute time
+    lag_p50_s: float  # real seconds passes started after their due time (recent passes)
+    lag_p95_s: float
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["emulated_s"] = round(self.emulated_s, 3)
         d["wall_s"] = round(self.wall_s, 3)
+        d["lag_p50_s"] = round(self.lag_p50_s, 4)
+        d["lag_p95_s"] = round(self.lag_p95_s, 4)
         return d
 
 
@@ -113,7 +121,9 @@ class _Device:
         self._rejoin_rng = random.Random(seed + 1)
         self._rejoin_s = fleet.rejoin_s
 
-    def run_once(self) -> Outcome:
+    def run_once(self, due: float, lags: deque[float]) -> Outcome:
+        # How late the pass starts against its schedule: event loop and thread pool backlog.
+        lags.append(time.monotonic() - due)
         try:
             return self.client.run_once()
         except DeviceVanished:
@@ -177,6 +187,7 @@ class Fleet:
         ]
         self._progress: TextIO | None = sys.stderr if progress is True else (progress or None)
         self._outcomes: Counter[str] = Counter()
+        self._lags: deque[float] = deque(maxlen=5_000)
         self._update_bytes = 0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -283,11 +294,18 @@ class Fleet:
     async def _device(self, device: _Device, executor: concurrent.futures.Executor,
                       delay_s: float) -> None:
         loop = asyncio.get_running_loop()
-        await self.clock.sleep(delay_s)
+        wait_s = delay_s
         while True:
-            outcome = await loop.run_in_executor(executor, device.run_once)
+            due = time.monotonic() + self.clock.real_seconds(wait_s)
+            await self.clock.sleep(wait_s)
+            try:
+                outcome = await loop.run_in_executor(executor, device.run_once, due, self._lags)
+            except Exception:
+                # A bug below the client's own error handling: keep the device, say so.
+                log.exception("device %d: pass crashed", device.index)
+                outcome = Outcome(CRASHED, self.rejoin_s)
             self._record(device.index, outcome)
-            await self.clock.sleep(outcome.next_run_in_s)
+            wait_s = outcome.next_run_in_s
 
     def _record(self, index: int, outcome: Outcome) -> None:
         self._outcomes[outcome.action] += 1
@@ -319,6 +337,7 @@ class Fleet:
         answered = ("wait", "trained", "evaluated", "aborted", "rejected", VANISHED)
         now_wall, now_emulated = self._ended or (time.monotonic(), self.clock.now())
         logs = [d.trainers.log for d in self.devices]
+        lags = list(self._lags)
         return FleetSummary(
             devices=len(self.devices),
             checkins=sum(o[a] for a in answered),
@@ -328,7 +347,7 @@ class Fleet:
             aborts=o["aborted"],
             dropouts=o[VANISHED],
             rejected=o["rejected"],
-            failures=o["failed"],
+            failures=o["failed"] + o[CRASHED],
             ineligible_checks=o["ineligible"],
             devices_registered=sum(d.client.device_id is not None for d in self.devices),
             bytes_up=sum(d.client.transport.bytes_sent for d in self.devices),
@@ -338,6 +357,8 @@ class Fleet:
             wall_s=now_wall - self._started_wall if self._started_wall else 0.0,
             speedup=self.clock.speedup,
             time_overruns=sum(log.overruns for log in logs),
+            lag_p50_s=float(np.percentile(lags, 50)) if lags else 0.0,
+            lag_p95_s=float(np.percentile(lags, 95)) if lags else 0.0,
         )
 
     def device_ids(self) -> list[str | None]:

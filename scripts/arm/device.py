@@ -32,6 +32,15 @@ HEAVY = ("torch", "aiohttp", "sqlite_utils", "sklearn", "onnx", "litert_torch")
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM belongs to the process's own address space; ru_maxrss
+    would also count the parent's RSS at fork time (Linux keeps it across exec). Under
+    qemu-user this is the emulator process: the emulated program plus qemu's own memory."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

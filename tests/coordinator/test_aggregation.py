@@ -53,7 +53,9 @@ def test_running_sum_is_the_weighted_mean() -> None:
     s = RunningSum(N)
     for u, n in updates:
         s.fold(u, n)
-    expected = np.average(np.stack([u for u, _ in updates]), axis=0, weights=[n for _, n in updates])
+    expected = np.average(
+        np.stack([u for u, _ in updates]), axis=0, weights=[n for _, n in updates]
+    )
     np.testing.assert_allclose(s.mean(), expected, rtol=1e-12)
     assert s.count == 7 and s.weight == sum(n for _, n in updates)
 
@@ -75,13 +77,17 @@ def test_running_sum_refuses_bad_input() -> None:
         ({"name": "fedavg", "lr": 0.5}, {"lr": 0.5}),
         ({"name": "fedavgm", "lr": 0.7, "momentum": 0.8}, {"lr": 0.7, "mom": 0.8}),
         ({"name": "fedadam"}, {"lr": 0.01}),
-        ({"name": "fedadam", "lr": 0.03, "beta1": 0.8, "beta2": 0.95, "tau": 0.01},
-         {"lr": 0.03, "b1": 0.8, "b2": 0.95, "tau": 0.01}),
+        (
+            {"name": "fedadam", "lr": 0.03, "beta1": 0.8, "beta2": 0.95, "tau": 0.01},
+            {"lr": 0.03, "b1": 0.8, "b2": 0.95, "tau": 0.01},
+        ),
         ({"name": "fedyogi"}, {"lr": 0.01}),
-        ({"name": "fedyogi", "lr": 0.02, "beta2": 0.9, "tau": 1e-2},
-         {"lr": 0.02, "b2": 0.9, "tau": 1e-2}),
+        (
+            {"name": "fedyogi", "lr": 0.02, "beta2": 0.9, "tau": 1e-2},
+            {"lr": 0.02, "b2": 0.9, "tau": 1e-2},
+        ),
     ],
-)  # fmt: skip
+)
 def test_optimizer_matches_numpy_reference(spec: dict, kwargs: dict) -> None:
     rounds = _rounds(2)
     x0 = np.random.default_rng(3).normal(0, 1, N).astype(np.float32)

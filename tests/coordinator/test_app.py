@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from coordinator.admin import HttpConnection, tar_directory
+from coordinator.app import OPENAPI_PATH
 from coordinator.embedded import EmbeddedCoordinator
 from edge_sdk.codecs import encode_update
 from edge_sdk.frame import encode_tensor
@@ -60,8 +61,14 @@ def ctx(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator
     with EmbeddedCoordinator(db, seed=7, max_body_bytes=LIMIT) as coord:
         admin = coord.admin()
         bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
-        plan = {"goal": 3, "selection_window_s": 0.0, "round_deadline_s": 3600.0, "rounds": 2,
-                "max_update_norm": 10.0, "max_examples": 1000}  # fmt: skip
+        plan = {
+            "goal": 3,
+            "selection_window_s": 0.0,
+            "round_deadline_s": 3600.0,
+            "rounds": 2,
+            "max_update_norm": 10.0,
+            "max_examples": 1000,
+        }
         task_id = admin.create_task(bundle_id, plan)["task_id"]
         devs = [DeviceHTTP(coord.url) for _ in range(3)]
         answers = [d.check_in() for d in devs]
@@ -70,13 +77,32 @@ def ctx(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator
         aids = [a["assignment"]["assignment_id"] for a in answers]
         status, c_answer = devs[2].upload(aids[2], np.full(N, 0.01), key="k-c")
         assert status == 200
-        yield Ctx(coord, HttpConnection(coord.url), {"Authorization": f"Bearer {coord.admin_token}"},
-                  devs[0], devs[1], devs[2], aids[0], aids[1], aids[2], task_id, bundle_id,
-                  tiny_bundle, c_answer)  # fmt: skip
+        yield Ctx(
+            coord,
+            HttpConnection(coord.url),
+            {"Authorization": f"Bearer {coord.admin_token}"},
+            devs[0],
+            devs[1],
+            devs[2],
+            aids[0],
+            aids[1],
+            aids[2],
+            task_id,
+            bundle_id,
+            tiny_bundle,
+            c_answer,
+        )
 
 
-def upload(ctx: Ctx, dev: DeviceHTTP, aid: str, body: bytes, report: Any = None,
-           key: str | None = "k-1", **hdr: str) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+def upload(
+    ctx: Ctx,
+    dev: DeviceHTTP,
+    aid: str,
+    body: bytes,
+    report: Any = None,
+    key: str | None = "k-1",
+    **hdr: str,
+) -> tuple[int, dict[str, str], bytes]:
     headers = dict(hdr)
     if key is not None:
         headers["Idempotency-Key"] = key
@@ -93,7 +119,9 @@ GOOD = {"num_examples": 10, "loss": 0.3}
 Request = Callable[[Ctx], tuple[int, dict[str, str], bytes]]
 
 
-def admin_req(method: str, path: str, body: bytes | None = None, token: str | None = None) -> Request:
+def admin_req(
+    method: str, path: str, body: bytes | None = None, token: str | None = None
+) -> Request:
     def send(ctx: Ctx) -> tuple[int, dict[str, str], bytes]:
         auth = {"Authorization": f"Bearer {token}"} if token else ctx.admin_auth
         return ctx.http.request(method, path.format(t=ctx.task_id), body, auth)
@@ -145,116 +173,536 @@ E = ErrorCode
 
 CASES: dict[str, tuple[Request, int, ErrorCode]] = {
     # -- register
-    "register malformed json": (device_json(Route.REGISTER, None, b"{not json"), 400, E.MALFORMED_JSON),
+    "register malformed json": (
+        device_json(Route.REGISTER, None, b"{not json"),
+        400,
+        E.MALFORMED_JSON,
+    ),
     "register not utf-8": (device_json(Route.REGISTER, None, b"\xff\xfe{}"), 400, E.MALFORMED_JSON),
-    "register no runtimes": (device_json(Route.REGISTER, {"platform": "x"}), 400, E.INVALID_REQUEST),
-    "register runtimes wrong type": (device_json(Route.REGISTER, {"runtimes": "ort"}), 400, E.INVALID_REQUEST),
-    "register unknown field": (device_json(Route.REGISTER, {"runtimes": [], "x": 1}), 400, E.INVALID_REQUEST),
+    "register no runtimes": (
+        device_json(Route.REGISTER, {"platform": "x"}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "register runtimes wrong type": (
+        device_json(Route.REGISTER, {"runtimes": "ort"}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "register unknown field": (
+        device_json(Route.REGISTER, {"runtimes": [], "x": 1}),
+        400,
+        E.INVALID_REQUEST,
+    ),
     "register body is a list": (device_json(Route.REGISTER, [1, 2]), 400, E.INVALID_REQUEST),
-    "register oversized": (device_json(Route.REGISTER, None, b"{" + b" " * (LIMIT + 10) + b"}"), 413, E.BODY_TOO_LARGE),
+    "register oversized": (
+        device_json(Route.REGISTER, None, b"{" + b" " * (LIMIT + 10) + b"}"),
+        413,
+        E.BODY_TOO_LARGE,
+    ),
     # -- check-in (the window is closed and full: a good check-in would write nothing either)
-    "checkin no credentials": (lambda c: c.http.request("POST", CHECKIN, b"{}"), 401, E.UNAUTHORIZED),
-    "checkin wrong secret": (lambda c: c.http.request("POST", CHECKIN, b"{}", {"Authorization": device_auth_header(c.a.device_id, "nope")}), 401, E.UNAUTHORIZED),
-    "checkin unknown device": (lambda c: c.http.request("POST", CHECKIN, b"{}", {"Authorization": device_auth_header("d-unknown", c.a.secret)}), 401, E.UNAUTHORIZED),
-    "checkin another device's secret": (lambda c: c.http.request("POST", CHECKIN, b"{}", {"Authorization": device_auth_header(c.a.device_id, c.b.secret)}), 401, E.UNAUTHORIZED),
-    "checkin admin token": (lambda c: c.http.request("POST", CHECKIN, b"{}", c.admin_auth), 401, E.UNAUTHORIZED),
-    "checkin malformed header": (lambda c: c.http.request("POST", CHECKIN, b"{}", {"Authorization": "Device nocolon"}), 401, E.UNAUTHORIZED),
-    "checkin malformed json": (device_json(CHECKIN, None, b'{"runtimes": ['), 400, E.MALFORMED_JSON),
+    "checkin no credentials": (
+        lambda c: c.http.request("POST", CHECKIN, b"{}"),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "checkin wrong secret": (
+        lambda c: c.http.request(
+            "POST", CHECKIN, b"{}", {"Authorization": device_auth_header(c.a.device_id, "nope")}
+        ),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "checkin unknown device": (
+        lambda c: c.http.request(
+            "POST", CHECKIN, b"{}", {"Authorization": device_auth_header("d-unknown", c.a.secret)}
+        ),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "checkin another device's secret": (
+        lambda c: c.http.request(
+            "POST", CHECKIN, b"{}", {"Authorization": device_auth_header(c.a.device_id, c.b.secret)}
+        ),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "checkin admin token": (
+        lambda c: c.http.request("POST", CHECKIN, b"{}", c.admin_auth),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "checkin malformed header": (
+        lambda c: c.http.request("POST", CHECKIN, b"{}", {"Authorization": "Device nocolon"}),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "checkin malformed json": (
+        device_json(CHECKIN, None, b'{"runtimes": ['),
+        400,
+        E.MALFORMED_JSON,
+    ),
     "checkin runtimes missing": (device_json(CHECKIN, {"conditions": {}}), 400, E.INVALID_REQUEST),
-    "checkin runtimes not strings": (device_json(CHECKIN, {"runtimes": [1]}), 400, E.INVALID_REQUEST),
-    "checkin battery a string": (device_json(CHECKIN, {"runtimes": ["ort-step"], "conditions": {"battery": "full"}}), 400, E.INVALID_REQUEST),
-    "checkin battery out of range": (device_json(CHECKIN, {"runtimes": ["ort-step"], "conditions": {"battery": 7}}), 400, E.INVALID_REQUEST),
-    "checkin charging a number": (device_json(CHECKIN, {"runtimes": ["ort-step"], "conditions": {"charging": 1}}), 400, E.INVALID_REQUEST),
-    "checkin unknown condition": (device_json(CHECKIN, {"runtimes": ["ort-step"], "conditions": {"mood": "ok"}}), 400, E.INVALID_REQUEST),
-    "checkin capabilities wrong type": (device_json(CHECKIN, {"runtimes": ["ort-step"], "capabilities": {"codecs": "int8"}}), 400, E.INVALID_REQUEST),
-    "checkin unknown field": (device_json(CHECKIN, {"runtimes": ["ort-step"], "hello": 1}), 400, E.INVALID_REQUEST),
-    "checkin oversized": (device_json(CHECKIN, {"runtimes": ["x" * 40] * 60, "pad": "y" * LIMIT}), 413, E.BODY_TOO_LARGE),
+    "checkin runtimes not strings": (
+        device_json(CHECKIN, {"runtimes": [1]}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "checkin battery a string": (
+        device_json(CHECKIN, {"runtimes": ["ort-step"], "conditions": {"battery": "full"}}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "checkin battery out of range": (
+        device_json(CHECKIN, {"runtimes": ["ort-step"], "conditions": {"battery": 7}}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "checkin charging a number": (
+        device_json(CHECKIN, {"runtimes": ["ort-step"], "conditions": {"charging": 1}}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "checkin unknown condition": (
+        device_json(CHECKIN, {"runtimes": ["ort-step"], "conditions": {"mood": "ok"}}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "checkin capabilities wrong type": (
+        device_json(CHECKIN, {"runtimes": ["ort-step"], "capabilities": {"codecs": "int8"}}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "checkin unknown field": (
+        device_json(CHECKIN, {"runtimes": ["ort-step"], "hello": 1}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "checkin oversized": (
+        device_json(CHECKIN, {"runtimes": ["x" * 40] * 60, "pad": "y" * LIMIT}),
+        413,
+        E.BODY_TOO_LARGE,
+    ),
     # -- bundles and parameters
-    "manifest no credentials": (lambda c: c.http.request("GET", Route.BUNDLE_MANIFEST.format(bundle_id=c.bundle_id)), 401, E.UNAUTHORIZED),
-    "manifest unknown bundle": (lambda c: c.a.raw("GET", Route.BUNDLE_MANIFEST.format(bundle_id="f" * 64)), 404, E.NOT_FOUND),
-    "bundle file unknown name": (lambda c: c.a.raw("GET", f"/v1/bundles/{c.bundle_id}/files/nope.onnx"), 404, E.NOT_FOUND),
-    "bundle file traversal": (lambda c: c.a.raw("GET", f"/v1/bundles/{c.bundle_id}/files/..%2F..%2Ffedge.db"), 404, E.NOT_FOUND),
-    "bundle file no credentials": (lambda c: c.http.request("GET", f"/v1/bundles/{c.bundle_id}/files/params.f32"), 401, E.UNAUTHORIZED),
-    "params no credentials": (lambda c: c.http.request("GET", f"/v1/tasks/{c.task_id}/versions/0/params"), 401, E.UNAUTHORIZED),
-    "params unknown task": (lambda c: c.a.raw("GET", "/v1/tasks/t-nope/versions/0/params"), 404, E.NOT_FOUND),
-    "params unknown version": (lambda c: c.a.raw("GET", f"/v1/tasks/{c.task_id}/versions/9/params"), 404, E.NOT_FOUND),
-    "params version not a number": (lambda c: c.a.raw("GET", f"/v1/tasks/{c.task_id}/versions/latest/params"), 400, E.INVALID_REQUEST),
-    "params negative version": (lambda c: c.a.raw("GET", f"/v1/tasks/{c.task_id}/versions/-1/params"), 400, E.INVALID_REQUEST),
+    "manifest no credentials": (
+        lambda c: c.http.request("GET", Route.BUNDLE_MANIFEST.format(bundle_id=c.bundle_id)),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "manifest unknown bundle": (
+        lambda c: c.a.raw("GET", Route.BUNDLE_MANIFEST.format(bundle_id="f" * 64)),
+        404,
+        E.NOT_FOUND,
+    ),
+    "bundle file unknown name": (
+        lambda c: c.a.raw("GET", f"/v1/bundles/{c.bundle_id}/files/nope.onnx"),
+        404,
+        E.NOT_FOUND,
+    ),
+    "bundle file traversal": (
+        lambda c: c.a.raw("GET", f"/v1/bundles/{c.bundle_id}/files/..%2F..%2Ffedge.db"),
+        404,
+        E.NOT_FOUND,
+    ),
+    "bundle file no credentials": (
+        lambda c: c.http.request("GET", f"/v1/bundles/{c.bundle_id}/files/params.f32"),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "params no credentials": (
+        lambda c: c.http.request("GET", f"/v1/tasks/{c.task_id}/versions/0/params"),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "params unknown task": (
+        lambda c: c.a.raw("GET", "/v1/tasks/t-nope/versions/0/params"),
+        404,
+        E.NOT_FOUND,
+    ),
+    "params unknown version": (
+        lambda c: c.a.raw("GET", f"/v1/tasks/{c.task_id}/versions/9/params"),
+        404,
+        E.NOT_FOUND,
+    ),
+    "params version not a number": (
+        lambda c: c.a.raw("GET", f"/v1/tasks/{c.task_id}/versions/latest/params"),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "params negative version": (
+        lambda c: c.a.raw("GET", f"/v1/tasks/{c.task_id}/versions/-1/params"),
+        400,
+        E.INVALID_REQUEST,
+    ),
     # -- uploads
-    "upload no credentials": (lambda c: c.http.request("POST", UPD.format(assignment_id=c.aid_a), frame(np.zeros(N))), 401, E.UNAUTHORIZED),
-    "upload unknown assignment": (lambda c: upload(c, c.a, "a-nope", frame(np.zeros(N)), GOOD), 404, E.NOT_FOUND),
-    "upload impersonation": (lambda c: upload(c, c.b, c.aid_a, frame(np.zeros(N)), GOOD), 403, E.FORBIDDEN),
-    "upload replay of another's reported assignment": (lambda c: upload(c, c.a, c.aid_c, frame(np.full(N, 0.01)), GOOD, key="k-c"), 403, E.FORBIDDEN),
-    "upload no idempotency key": (lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), GOOD, key=None), 400, E.INVALID_REQUEST),
-    "upload key too long": (lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), GOOD, key="k" * 129), 400, E.INVALID_REQUEST),
-    "upload no report": (lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N))), 400, E.INVALID_REQUEST),
-    "upload report malformed": (lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), "{num_examples"), 400, E.MALFORMED_JSON),
-    "upload report wrong type": (lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), {"num_examples": "10"}), 400, E.INVALID_REQUEST),
-    "upload report zero examples": (lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), {"num_examples": 0}), 400, E.INVALID_REQUEST),
-    "upload report unknown key": (lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), {**GOOD, "evil": 1}), 400, E.INVALID_REQUEST),
-    "upload report nan loss": (lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), '{"num_examples": 5, "loss": NaN}'), 400, E.INVALID_REQUEST),
-    "upload too many examples": (lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), {"num_examples": 1001}), 422, E.BAD_UPDATE),
+    "upload no credentials": (
+        lambda c: c.http.request("POST", UPD.format(assignment_id=c.aid_a), frame(np.zeros(N))),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "upload unknown assignment": (
+        lambda c: upload(c, c.a, "a-nope", frame(np.zeros(N)), GOOD),
+        404,
+        E.NOT_FOUND,
+    ),
+    "upload impersonation": (
+        lambda c: upload(c, c.b, c.aid_a, frame(np.zeros(N)), GOOD),
+        403,
+        E.FORBIDDEN,
+    ),
+    "upload replay of another's reported assignment": (
+        lambda c: upload(c, c.a, c.aid_c, frame(np.full(N, 0.01)), GOOD, key="k-c"),
+        403,
+        E.FORBIDDEN,
+    ),
+    "upload no idempotency key": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), GOOD, key=None),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "upload key too long": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), GOOD, key="k" * 129),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "upload no report": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N))),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "upload report malformed": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), "{num_examples"),
+        400,
+        E.MALFORMED_JSON,
+    ),
+    "upload report wrong type": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), {"num_examples": "10"}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "upload report zero examples": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), {"num_examples": 0}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "upload report unknown key": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), {**GOOD, "evil": 1}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "upload report nan loss": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), '{"num_examples": 5, "loss": NaN}'),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "upload too many examples": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), {"num_examples": 1001}),
+        422,
+        E.BAD_UPDATE,
+    ),
     "upload empty body": (lambda c: upload(c, c.a, c.aid_a, b"", GOOD), 400, E.MALFORMED_FRAME),
-    "upload garbage": (lambda c: upload(c, c.a, c.aid_a, b"not a frame at all, just bytes", GOOD), 400, E.MALFORMED_FRAME),
-    "upload truncated frame": (lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N))[:-7], GOOD), 400, E.MALFORMED_FRAME),
-    "upload truncated int8 frame": (lambda c: upload(c, c.a, c.aid_a, frame(np.ones(N), "int8")[:40], GOOD), 400, E.MALFORMED_FRAME),
-    "upload corrupt checksum": (lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N))[:-1] + b"\x00", GOOD), 400, E.MALFORMED_FRAME),
-    "upload wrong length": (lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N + 1)), GOOD), 422, E.BAD_UPDATE),
-    "upload 2-d tensor": (lambda c: upload(c, c.a, c.aid_a, encode_tensor(np.zeros((8, 8), np.float32)), GOOD), 422, E.BAD_UPDATE),
-    "upload float64 tensor": (lambda c: upload(c, c.a, c.aid_a, encode_tensor(np.zeros(N)), GOOD), 422, E.BAD_UPDATE),
-    "upload nan": (lambda c: upload(c, c.a, c.aid_a, encode_tensor(np.full(N, np.nan, np.float32)), GOOD), 422, E.BAD_UPDATE),
-    "upload inf": (lambda c: upload(c, c.a, c.aid_a, encode_tensor(np.full(N, np.inf, np.float32)), GOOD), 422, E.BAD_UPDATE),
-    "upload norm beyond bound": (lambda c: upload(c, c.a, c.aid_a, frame(np.full(N, 2.0)), GOOD), 422, E.BAD_UPDATE),
-    "upload oversized": (lambda c: upload(c, c.a, c.aid_a, b"F" * (LIMIT + 1), GOOD), 413, E.BODY_TOO_LARGE),
-    "upload duplicate (other key)": (lambda c: upload(c, c.c, c.aid_c, frame(np.full(N, 0.01)), GOOD, key="k-other"), 409, E.DUPLICATE_UPLOAD),
+    "upload garbage": (
+        lambda c: upload(c, c.a, c.aid_a, b"not a frame at all, just bytes", GOOD),
+        400,
+        E.MALFORMED_FRAME,
+    ),
+    "upload truncated frame": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N))[:-7], GOOD),
+        400,
+        E.MALFORMED_FRAME,
+    ),
+    "upload truncated int8 frame": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.ones(N), "int8")[:40], GOOD),
+        400,
+        E.MALFORMED_FRAME,
+    ),
+    "upload corrupt checksum": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N))[:-1] + b"\x00", GOOD),
+        400,
+        E.MALFORMED_FRAME,
+    ),
+    "upload wrong length": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N + 1)), GOOD),
+        422,
+        E.BAD_UPDATE,
+    ),
+    "upload 2-d tensor": (
+        lambda c: upload(c, c.a, c.aid_a, encode_tensor(np.zeros((8, 8), np.float32)), GOOD),
+        422,
+        E.BAD_UPDATE,
+    ),
+    "upload float64 tensor": (
+        lambda c: upload(c, c.a, c.aid_a, encode_tensor(np.zeros(N)), GOOD),
+        422,
+        E.BAD_UPDATE,
+    ),
+    "upload nan": (
+        lambda c: upload(c, c.a, c.aid_a, encode_tensor(np.full(N, np.nan, np.float32)), GOOD),
+        422,
+        E.BAD_UPDATE,
+    ),
+    "upload inf": (
+        lambda c: upload(c, c.a, c.aid_a, encode_tensor(np.full(N, np.inf, np.float32)), GOOD),
+        422,
+        E.BAD_UPDATE,
+    ),
+    "upload norm beyond bound": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.full(N, 2.0)), GOOD),
+        422,
+        E.BAD_UPDATE,
+    ),
+    "upload oversized": (
+        lambda c: upload(c, c.a, c.aid_a, b"F" * (LIMIT + 1), GOOD),
+        413,
+        E.BODY_TOO_LARGE,
+    ),
+    "upload duplicate (other key)": (
+        lambda c: upload(c, c.c, c.aid_c, frame(np.full(N, 0.01)), GOOD, key="k-other"),
+        409,
+        E.DUPLICATE_UPLOAD,
+    ),
     # -- metrics and abort
-    "metrics on a train assignment": (device_json(MET, {"num_examples": 3, "loss": 0.1}), 409, E.CONFLICT),
+    "metrics on a train assignment": (
+        device_json(MET, {"num_examples": 3, "loss": 0.1}),
+        409,
+        E.CONFLICT,
+    ),
     "metrics malformed json": (device_json(MET, None, b"[1,"), 400, E.MALFORMED_JSON),
-    "metrics wrong types": (device_json(MET, {"num_examples": 3.5, "loss": 0.1}), 400, E.INVALID_REQUEST),
+    "metrics wrong types": (
+        device_json(MET, {"num_examples": 3.5, "loss": 0.1}),
+        400,
+        E.INVALID_REQUEST,
+    ),
     "metrics missing loss": (device_json(MET, {"num_examples": 3}), 400, E.INVALID_REQUEST),
-    "metrics accuracy out of range": (device_json(MET, {"num_examples": 3, "loss": 0.1, "accuracy": 2}), 400, E.INVALID_REQUEST),
-    "metrics impersonation": (device_json(MET, {"num_examples": 3, "loss": 0.1}, who="b"), 403, E.FORBIDDEN),
-    "metrics unknown assignment": (device_json(MET.replace("{a}", "a-nope"), {"num_examples": 3, "loss": 0.1}), 404, E.NOT_FOUND),
+    "metrics accuracy out of range": (
+        device_json(MET, {"num_examples": 3, "loss": 0.1, "accuracy": 2}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "metrics impersonation": (
+        device_json(MET, {"num_examples": 3, "loss": 0.1}, who="b"),
+        403,
+        E.FORBIDDEN,
+    ),
+    "metrics unknown assignment": (
+        device_json(MET.replace("{a}", "a-nope"), {"num_examples": 3, "loss": 0.1}),
+        404,
+        E.NOT_FOUND,
+    ),
     "abort malformed json": (device_json(ABT, None, b"{"), 400, E.MALFORMED_JSON),
     "abort unknown reason": (device_json(ABT, {"reason": "bored"}), 400, E.INVALID_REQUEST),
     "abort impersonation": (device_json(ABT, {"reason": "user"}, who="b"), 403, E.FORBIDDEN),
-    "abort unknown assignment": (device_json(ABT.replace("{a}", "a-nope"), {"reason": "user"}), 404, E.NOT_FOUND),
-    "abort after report": (device_json(ABT.replace("{a}", "{c}"), {"reason": "user"}, who="c"), 409, E.CONFLICT),
+    "abort unknown assignment": (
+        device_json(ABT.replace("{a}", "a-nope"), {"reason": "user"}),
+        404,
+        E.NOT_FOUND,
+    ),
+    "abort after report": (
+        device_json(ABT.replace("{a}", "{c}"), {"reason": "user"}, who="c"),
+        409,
+        E.CONFLICT,
+    ),
     "abort oversized": (device_json(ABT, None, b" " * (LIMIT + 1)), 413, E.BODY_TOO_LARGE),
     # -- operator
     "admin no token": (lambda c: c.http.request("GET", Route.ADMIN_TASKS), 401, E.UNAUTHORIZED),
     "admin wrong token": (admin_req("GET", Route.ADMIN_TASKS, token="wrong"), 401, E.UNAUTHORIZED),
     "admin device credentials": (lambda c: c.a.raw("GET", Route.ADMIN_TASKS), 401, E.UNAUTHORIZED),
     "bundle upload empty": (admin_req("POST", Route.ADMIN_BUNDLES, b""), 400, E.INVALID_REQUEST),
-    "bundle upload not a tar": (admin_req("POST", Route.ADMIN_BUNDLES, b"hello" * 300), 422, E.BUNDLE_INVALID),
-    "bundle upload gzip tar": (lambda c: admin_req("POST", Route.ADMIN_BUNDLES, __import__("gzip").compress(tar_directory(c.bundle_dir)))(c), 422, E.BUNDLE_INVALID),
-    "bundle upload tampered file": (lambda c: admin_req("POST", Route.ADMIN_BUNDLES, tampered_bundle(c))(c), 422, E.BUNDLE_INVALID),
-    "bundle upload traversal": (lambda c: admin_req("POST", Route.ADMIN_BUNDLES, bundle_with(c, {"../evil": b"x"}))(c), 422, E.BUNDLE_INVALID),
-    "bundle upload symlink": (lambda c: admin_req("POST", Route.ADMIN_BUNDLES, bundle_with(c, {}, {"link": "/etc/passwd"}))(c), 422, E.BUNDLE_INVALID),
-    "bundle upload no manifest": (admin_req("POST", Route.ADMIN_BUNDLES, _tar({"params.f32": b"\0" * 16})), 422, E.BUNDLE_INVALID),
-    "task create malformed json": (admin_req("POST", Route.ADMIN_TASKS, b"{"), 400, E.MALFORMED_JSON),
-    "task create no bundle": (admin_req("POST", Route.ADMIN_TASKS, b'{"name": "x"}'), 400, E.INVALID_REQUEST),
-    "task create unknown bundle": (admin_req("POST", Route.ADMIN_TASKS, b'{"bundle_id": "ffff"}'), 404, E.NOT_FOUND),
-    "task create bad mode": (lambda c: admin_req("POST", Route.ADMIN_TASKS, json.dumps({"bundle_id": c.bundle_id, "mode": "turbo"}).encode())(c), 400, E.INVALID_REQUEST),
-    "task create goal a string": (lambda c: admin_req("POST", Route.ADMIN_TASKS, json.dumps({"bundle_id": c.bundle_id, "plan": {"goal": "10"}}).encode())(c), 400, E.INVALID_REQUEST),
-    "task create goal zero": (lambda c: admin_req("POST", Route.ADMIN_TASKS, json.dumps({"bundle_id": c.bundle_id, "plan": {"goal": 0}}).encode())(c), 400, E.INVALID_REQUEST),
-    "task create unknown plan key": (lambda c: admin_req("POST", Route.ADMIN_TASKS, json.dumps({"bundle_id": c.bundle_id, "plan": {"gaol": 10}}).encode())(c), 400, E.INVALID_REQUEST),
-    "task create bad codec": (lambda c: admin_req("POST", Route.ADMIN_TASKS, json.dumps({"bundle_id": c.bundle_id, "plan": {"codec": {"name": "int8", "bits": 3}}}).encode())(c), 400, E.INVALID_REQUEST),
-    "task create bad optimizer": (lambda c: admin_req("POST", Route.ADMIN_TASKS, json.dumps({"bundle_id": c.bundle_id, "plan": {"server_optimizer": {"name": "fedadam", "beta1": 2}}}).encode())(c), 400, E.INVALID_REQUEST),
-    "task create bad eligibility": (lambda c: admin_req("POST", Route.ADMIN_TASKS, json.dumps({"bundle_id": c.bundle_id, "plan": {"eligibility": {"require_idle": "yes"}}}).encode())(c), 400, E.INVALID_REQUEST),
-    "task create unsupported runtime only": (lambda c: admin_req("POST", Route.ADMIN_TASKS, json.dumps({"bundle_id": c.bundle_id, "plan": {"eligibility": {"runtimes": ["litert-step"]}}}).encode())(c), 400, E.INVALID_REQUEST),
-    "task create oversized": (admin_req("POST", Route.ADMIN_TASKS, b" " * (LIMIT + 1)), 413, E.BODY_TOO_LARGE),
+    "bundle upload not a tar": (
+        admin_req("POST", Route.ADMIN_BUNDLES, b"hello" * 300),
+        422,
+        E.BUNDLE_INVALID,
+    ),
+    "bundle upload gzip tar": (
+        lambda c: admin_req(
+            "POST", Route.ADMIN_BUNDLES, __import__("gzip").compress(tar_directory(c.bundle_dir))
+        )(c),
+        422,
+        E.BUNDLE_INVALID,
+    ),
+    "bundle upload tampered file": (
+        lambda c: admin_req("POST", Route.ADMIN_BUNDLES, tampered_bundle(c))(c),
+        422,
+        E.BUNDLE_INVALID,
+    ),
+    "bundle upload traversal": (
+        lambda c: admin_req("POST", Route.ADMIN_BUNDLES, bundle_with(c, {"../evil": b"x"}))(c),
+        422,
+        E.BUNDLE_INVALID,
+    ),
+    "bundle upload symlink": (
+        lambda c: admin_req(
+            "POST", Route.ADMIN_BUNDLES, bundle_with(c, {}, {"link": "/etc/passwd"})
+        )(c),
+        422,
+        E.BUNDLE_INVALID,
+    ),
+    "bundle upload no manifest": (
+        admin_req("POST", Route.ADMIN_BUNDLES, _tar({"params.f32": b"\0" * 16})),
+        422,
+        E.BUNDLE_INVALID,
+    ),
+    "task create malformed json": (
+        admin_req("POST", Route.ADMIN_TASKS, b"{"),
+        400,
+        E.MALFORMED_JSON,
+    ),
+    "task create no bundle": (
+        admin_req("POST", Route.ADMIN_TASKS, b'{"name": "x"}'),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "task create unknown bundle": (
+        admin_req("POST", Route.ADMIN_TASKS, b'{"bundle_id": "ffff"}'),
+        404,
+        E.NOT_FOUND,
+    ),
+    "task create bad mode": (
+        lambda c: admin_req(
+            "POST",
+            Route.ADMIN_TASKS,
+            json.dumps({"bundle_id": c.bundle_id, "mode": "turbo"}).encode(),
+        )(c),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "task create goal a string": (
+        lambda c: admin_req(
+            "POST",
+            Route.ADMIN_TASKS,
+            json.dumps({"bundle_id": c.bundle_id, "plan": {"goal": "10"}}).encode(),
+        )(c),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "task create goal zero": (
+        lambda c: admin_req(
+            "POST",
+            Route.ADMIN_TASKS,
+            json.dumps({"bundle_id": c.bundle_id, "plan": {"goal": 0}}).encode(),
+        )(c),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "task create unknown plan key": (
+        lambda c: admin_req(
+            "POST",
+            Route.ADMIN_TASKS,
+            json.dumps({"bundle_id": c.bundle_id, "plan": {"gaol": 10}}).encode(),
+        )(c),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "task create bad codec": (
+        lambda c: admin_req(
+            "POST",
+            Route.ADMIN_TASKS,
+            json.dumps(
+                {"bundle_id": c.bundle_id, "plan": {"codec": {"name": "int8", "bits": 3}}}
+            ).encode(),
+        )(c),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "task create bad optimizer": (
+        lambda c: admin_req(
+            "POST",
+            Route.ADMIN_TASKS,
+            json.dumps(
+                {
+                    "bundle_id": c.bundle_id,
+                    "plan": {"server_optimizer": {"name": "fedadam", "beta1": 2}},
+                }
+            ).encode(),
+        )(c),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "task create bad eligibility": (
+        lambda c: admin_req(
+            "POST",
+            Route.ADMIN_TASKS,
+            json.dumps(
+                {"bundle_id": c.bundle_id, "plan": {"eligibility": {"require_idle": "yes"}}}
+            ).encode(),
+        )(c),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "task create unsupported runtime only": (
+        lambda c: admin_req(
+            "POST",
+            Route.ADMIN_TASKS,
+            json.dumps(
+                {"bundle_id": c.bundle_id, "plan": {"eligibility": {"runtimes": ["litert-step"]}}}
+            ).encode(),
+        )(c),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "task create oversized": (
+        admin_req("POST", Route.ADMIN_TASKS, b" " * (LIMIT + 1)),
+        413,
+        E.BODY_TOO_LARGE,
+    ),
     "task show unknown": (admin_req("GET", "/v1/admin/tasks/t-nope"), 404, E.NOT_FOUND),
     "task pause unknown": (admin_req("POST", "/v1/admin/tasks/t-nope/pause"), 404, E.NOT_FOUND),
-    "task resume a running task": (admin_req("POST", "/v1/admin/tasks/{t}/resume"), 409, E.CONFLICT),
+    "task resume a running task": (
+        admin_req("POST", "/v1/admin/tasks/{t}/resume"),
+        409,
+        E.CONFLICT,
+    ),
     "task rounds unknown": (admin_req("GET", "/v1/admin/tasks/t-nope/rounds"), 404, E.NOT_FOUND),
-    "task evaluate unknown": (admin_req("POST", "/v1/admin/tasks/t-nope/evaluate", b"{}"), 404, E.NOT_FOUND),
-    "task evaluate unknown field": (admin_req("POST", "/v1/admin/tasks/{t}/evaluate", b'{"goal": 3}'), 400, E.INVALID_REQUEST),
+    "task evaluate unknown": (
+        admin_req("POST", "/v1/admin/tasks/t-nope/evaluate", b"{}"),
+        404,
+        E.NOT_FOUND,
+    ),
+    "task evaluate unknown field": (
+        admin_req("POST", "/v1/admin/tasks/{t}/evaluate", b'{"goal": 3}'),
+        400,
+        E.INVALID_REQUEST,
+    ),
     "task bundle unknown": (admin_req("GET", "/v1/admin/tasks/t-nope/bundle"), 404, E.NOT_FOUND),
+    # -- hostile encodings
+    "deeply nested json": (
+        device_json(Route.REGISTER, None, b"[" * 5000 + b"]" * 5000),
+        400,
+        E.MALFORMED_JSON,
+    ),
+    "a 5000-digit integer": (
+        device_json(CHECKIN, None, b'{"runtimes": [], "x": ' + b"9" * 5000 + b"}"),
+        400,
+        E.MALFORMED_JSON,
+    ),
+    "lone surrogate in a stored string": (
+        device_json(Route.REGISTER, None, b'{"runtimes": ["ort-step"], "platform": "\\ud800"}'),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "lone surrogate in a runtime": (
+        device_json(Route.REGISTER, None, b'{"runtimes": ["\\udfff"]}'),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "lone surrogate in a task name": (
+        lambda c: admin_req(
+            "POST",
+            Route.ADMIN_TASKS,
+            b'{"bundle_id": "%s", "name": "\\ud800"}' % c.bundle_id.encode(),
+        )(c),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "params non-ascii digit version": (
+        lambda c: c.a.raw("GET", f"/v1/tasks/{c.task_id}/versions/%D9%A3/params"),
+        400,
+        E.INVALID_REQUEST,
+    ),
     # -- routing
     "unknown route": (lambda c: c.http.request("GET", "/v1/nothing-here"), 404, E.NOT_FOUND),
     "wrong method": (lambda c: c.http.request("DELETE", Route.ADMIN_TASKS), 405, E.INVALID_REQUEST),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -280,8 +728,9 @@ def test_good_requests_still_work_afterwards(ctx: Ctx) -> None:
     """The refusals above did not break anything: the open assignment can still report."""
     status, body = ctx.a.upload(ctx.aid_a, np.full(N, 0.02), key="k-a")
     assert status == 200 and body["accepted"] is True
-    status, _, data = ctx.a.raw("GET", f"/v1/bundles/{ctx.bundle_id}/files/params.f32",
-                                headers={"Range": "bytes=16-"})  # fmt: skip
+    status, _, data = ctx.a.raw(
+        "GET", f"/v1/bundles/{ctx.bundle_id}/files/params.f32", headers={"Range": "bytes=16-"}
+    )
     assert status == 206 and data == (ctx.bundle_dir / "params.f32").read_bytes()[16:]
 
 
@@ -304,6 +753,8 @@ def test_every_route_is_documented_and_vice_versa(ctx: Ctx) -> None:
     assert {p for p, _ in registered} == {
         _openapi_path(v) for k, v in vars(Route).items() if k.isupper()
     }
-    assert doc == json.loads(Path("coordinator/openapi.json").read_text())
-    codes = set(doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"])
+    assert doc == json.loads(OPENAPI_PATH.read_text())
+    codes = set(
+        doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
+    )
     assert codes == {c.value for c in ErrorCode}

@@ -13,9 +13,7 @@ P = 257  # odd size: nothing lines up with a block by accident
 
 def updates(n: int, seed: int = 0) -> list[tuple[np.ndarray, int]]:
     rng = np.random.default_rng(seed)
-    return [
-        (rng.normal(0, 0.1, P).astype(np.float32), int(rng.integers(1, 500))) for _ in range(n)
-    ]
+    return [(rng.normal(0, 0.1, P).astype(np.float32), int(rng.integers(1, 500))) for _ in range(n)]
 
 
 def config(k: int, **plan: object) -> AsyncConfig:

@@ -19,8 +19,11 @@ def test_real_bundle_round_trip(coordinator, digits_bundle: Path, tmp_path: Path
     admin = coordinator.admin()
     manifest = verify_bundle(digits_bundle)
     up = admin.upload_bundle(digits_bundle)
-    assert up == {"bundle_id": manifest.bundle_id, "num_parameters": manifest.num_parameters,
-                  "created": True}  # fmt: skip
+    assert up == {
+        "bundle_id": manifest.bundle_id,
+        "num_parameters": manifest.num_parameters,
+        "created": True,
+    }
     assert admin.upload_bundle(digits_bundle)["created"] is False  # content-addressed
 
     device = DeviceHTTP(coordinator.url)
@@ -30,8 +33,12 @@ def test_real_bundle_round_trip(coordinator, digits_bundle: Path, tmp_path: Path
         status, _, data = device.raw("GET", f"/v1/bundles/{manifest.bundle_id}/files/{name}")
         assert status == 200 and data == (digits_bundle / name).read_bytes(), name
 
-    plan = {"goal": 1, "selection_window_s": 0.0, "rounds": 1,
-            "eligibility": {"require_charging": False}}  # fmt: skip
+    plan = {
+        "goal": 1,
+        "selection_window_s": 0.0,
+        "rounds": 1,
+        "eligibility": {"require_charging": False},
+    }
     task = admin.create_task(manifest.bundle_id, plan, name="digits")
     initial = np.fromfile(digits_bundle / "params.f32", dtype="<f4")
     np.testing.assert_array_equal(decode_tensor(device.params(task["task_id"], 0)), initial)
@@ -51,8 +58,11 @@ def test_real_bundle_round_trip(coordinator, digits_bundle: Path, tmp_path: Path
         tar.extractall(out, filter="data")
     derived = verify_bundle(out)
     assert derived.bundle_id != manifest.bundle_id
-    assert derived.raw["derived_from"] == {"bundle_id": manifest.bundle_id,
-                                           "task_id": task["task_id"], "model_version": 1}  # fmt: skip
+    assert derived.raw["derived_from"] == {
+        "bundle_id": manifest.bundle_id,
+        "task_id": task["task_id"],
+        "model_version": 1,
+    }
     np.testing.assert_array_equal(np.fromfile(out / "params.f32", dtype="<f4"), v1)
     for name in manifest.files:
         if name != "params.f32":

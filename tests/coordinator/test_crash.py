@@ -64,7 +64,7 @@ def test_sigkill_mid_reporting_loses_nothing_acknowledged(tmp_path: Path) -> Non
                 if len(acked) >= 12:
                     enough.set()
 
-    threads = [threading.Thread(target=report, args=w) for w in work[:GOAL - 1]]
+    threads = [threading.Thread(target=report, args=w) for w in work[: GOAL - 1]]
     for t in threads:
         t.start()
     assert enough.wait(60)
@@ -98,8 +98,9 @@ def test_sigkill_mid_reporting_loses_nothing_acknowledged(tmp_path: Path) -> Non
         assert rounds[0]["state"] == "committed" and rounds[0]["metrics"]["reported"] == GOAL
         # the committed model is the weighted mean of exactly the 30 accepted deltas
         weights = [5 + i for i, _, _ in work[:GOAL]]
-        expected = base + np.average(np.stack([_delta(i) for i, _, _ in work[:GOAL]]), axis=0,
-                                     weights=weights)  # fmt: skip
+        expected = base + np.average(
+            np.stack([_delta(i) for i, _, _ in work[:GOAL]]), axis=0, weights=weights
+        )
         v1 = decode_tensor(devices[0].params(task_id, 1))
         np.testing.assert_allclose(v1, expected, rtol=1e-5, atol=1e-6)
         coord.kill()  # right after a commit

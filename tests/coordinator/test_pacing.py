@@ -57,8 +57,9 @@ def test_jitter_spreads_returns_uniformly() -> None:
 
 def _coordinator(tmp_path: Path, clock: FakeClock, pacing: PacingConfig) -> Coordinator:
     cfg = CoordinatorConfig(db_path=str(tmp_path / "unused.db"), seed=5, pacing=pacing)
-    return Coordinator(cfg, store=SQLiteStore(":memory:"), blobs=BlobStore(tmp_path / "blobs"),
-                       clock=clock)  # fmt: skip
+    return Coordinator(
+        cfg, store=SQLiteStore(":memory:"), blobs=BlobStore(tmp_path / "blobs"), clock=clock
+    )
 
 
 def test_a_herd_is_turned_into_the_rate_rounds_need(tmp_path: Path, tiny_bundle: Path) -> None:

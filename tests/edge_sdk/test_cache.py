@@ -159,6 +159,22 @@ def test_partial_download_resumes_with_range(tmp_path: Path) -> None:
     assert not partial.exists()
 
 
+@pytest.mark.parametrize("content", ["complete", "wrong"])
+def test_partial_file_of_full_size_is_checked_without_a_range_request(
+    tmp_path: Path, content: str
+) -> None:
+    # The app died after the last byte, before the rename.
+    data = FILES["step.onnx"] if content == "complete" else b"\x00" * len(FILES["step.onnx"])
+    partial = tmp_path / BUNDLE_ID / ".partial" / "step.onnx"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data)
+    with BundleServer() as server:
+        directory, _ = BundleCache(tmp_path).fetch(_transport(server.loopback.url), BUNDLE_ID)
+    _assert_bundle(directory)
+    gets = server.file_gets("step.onnx")
+    assert [g.headers.get("range") for g in gets] == ([] if content == "complete" else [None])
+
+
 def test_download_cut_mid_file_resumes_in_the_same_fetch(tmp_path: Path) -> None:
     cut = {"done": False}
 

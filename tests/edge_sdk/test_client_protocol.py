@@ -13,7 +13,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_sdk.client import ABORTED, FAILED, INELIGIBLE, REJECTED, TRAINED, WAIT, Client, ClientConfig
+from edge_sdk.client import (
+    ABORTED,
+    FAILED,
+    INELIGIBLE,
+    REJECTED,
+    TRAINED,
+    WAIT,
+    Client,
+    ClientConfig,
+)
 from edge_sdk.codecs import CODECS, encode_update
 from edge_sdk.conditions import DeviceConditions, EligibilityPolicy, ScriptedConditions
 from edge_sdk.transport import RetryPolicy
@@ -160,12 +169,26 @@ def test_refused_upload_leaves_the_error_feedback_residual_alone(
         assert client.run_once().action == TRAINED
         after = store.load(2410)
         assert after is not None and not np.array_equal(after, before)
-    (first, second) = coord.calls("/update")
+    first, _ = coord.calls("/update")
     assert first.headers["content-type"] == "application/x-fedge-frame"
     report = json.loads(first.headers["x-fedge-report"])
     assert report["num_examples"] == 96 and report["steps"] == 3
     assert report["bytes_down"] > 0 and report["wall_time_s"] >= 0
     assert 1 <= len(first.headers["idempotency-key"]) <= 128
+
+
+def test_fedprox_plan_trains_on_the_real_runtime_and_uses_one_connection_per_pass(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    with ScriptedCoordinator(digits_bundle, {"prox_mu": 0.5, "steps": 4}) as coord:
+        coord.checkin = lambda s: coord.train()
+        client = _client(coord.loopback.url, tmp_path, digits_data)
+        first = client.run_once()
+        second = client.run_once()
+    assert first.action == second.action == TRAINED
+    assert first.metrics["steps"] == 4
+    # every pass: one keep-alive connection for all its calls, closed when the pass ends
+    assert coord.loopback.connections == 2
 
 
 def test_duplicate_on_a_first_attempt_is_a_rejection(
@@ -247,3 +270,46 @@ def test_run_forever_stops_on_an_event(
         stop.set()  # ends the 42 s wait at once
         thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def _corrupt_params(coord: ScriptedCoordinator) -> None:
+    frame = bytearray(coord.params_frame)
+    frame[-8] ^= 0xFF  # a payload byte: the CRC no longer matches
+    coord.params_frame = bytes(frame)
+    coord.checkin = lambda s: coord.train()
+
+
+def _foreign_params_url(coord: ScriptedCoordinator) -> None:
+    def checkin(seen: Seen) -> Reply:
+        body = json.loads(coord.train().body)
+        body["assignment"]["params_url"] = "http://elsewhere.example/params"
+        return Reply(200, json.dumps(body).encode())
+
+    coord.checkin = checkin
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        lambda c: setattr(c, "checkin", lambda s: Reply(200, b"<html>portal</html>")),
+        lambda c: setattr(c, "checkin", lambda s: Reply(200, b'{"action": "dance"}')),
+        lambda c: setattr(c, "checkin", lambda s: Reply(200, b'{"action": "train"}')),
+        lambda c: setattr(c, "checkin", lambda s: Reply(200, b'{"action": "wait", '
+                                                             b'"retry_after_s": "soon"}')),
+        _corrupt_params,
+        _foreign_params_url,
+    ],
+    ids=["not-json", "unknown-action", "no-assignment", "bad-retry-after", "corrupt-params",
+         "foreign-params-url"],
+)
+def test_malformed_answers_fail_the_pass_without_uploading(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path, script: Callable[[Any], None]
+) -> None:
+    with ScriptedCoordinator(digits_bundle) as coord:
+        script(coord)
+        client = _client(coord.loopback.url, tmp_path, digits_data)
+        outcome = client.run_once()
+    assert outcome.action == FAILED and outcome.error
+    assert 30.0 <= outcome.next_run_in_s <= 33.0
+    assert coord.calls("/update") == []
+    assert not any(s.path.startswith("http") for s in coord.loopback.seen)

@@ -31,13 +31,13 @@ print(json.dumps({
 }))
 """
 
-DEVICE = """
+DEVICE = f"""
 import json, sys
 from fedge.cli import main
 code = main(sys.argv[1:])
-heavy = sorted({m.split(".")[0] for m in sys.modules} & set(%r))
-print(json.dumps({"code": code, "heavy": heavy}))
-""" % (HEAVY,)
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+print(json.dumps({{"code": code, "heavy": heavy}}))
+"""
 
 
 @pytest.fixture(scope="module")

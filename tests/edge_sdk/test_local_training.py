@@ -97,7 +97,7 @@ def test_loss_is_the_example_weighted_mean_of_batch_losses() -> None:
     start = np.zeros(4, np.float32)
     result = train(t, data, plan, start, round_=0, rng=np.random.default_rng(5))
     # replay the same batches by hand
-    w = start.copy()
+    w: np.ndarray = start.astype(np.float64)
     total = 0.0
     for x, y in data.batches(16, np.random.default_rng(5)):
         err = x @ w - y

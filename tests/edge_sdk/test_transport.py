@@ -216,6 +216,15 @@ def test_download_stops_at_the_limit() -> None:
     assert sink.getvalue() == DATA[:1000]
 
 
+def test_answer_beyond_the_limit_is_refused_not_buffered() -> None:
+    with Loopback(lambda s: Reply(200, b"[" + b"0," * 5000 + b"0]")) as server:
+        t = Transport(server.url, max_answer_bytes=1000, sleep=lambda s: None)
+        with pytest.raises(errors.TransportError, match="larger than 1000"):
+            t.call("GET", "/v1/x")
+        assert t.bytes_received <= 1000
+    assert len(server.seen) == 1  # not retried: the same answer would come again
+
+
 def test_retry_policy_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)

@@ -285,3 +285,22 @@ def test_commit_interrupted_after_the_kth_update_is_finished_on_restart(tmp_path
         assert admin.status()["updates_accepted"] == 2
         rounds = admin.rounds(t.task_id)
         assert [r["metrics"].get("reported") for r in rounds if r["state"] == "committed"] == [2]
+
+
+def test_evaluation_rounds_are_refused_for_async_tasks(async_task) -> None:
+    t = async_task(1)
+    with pytest.raises(ApiCallError) as e:
+        t.admin.evaluate(t.task_id)
+    assert (e.value.status, e.value.code) == (409, "conflict")
+    assert t.task()["pending_evaluations"] == 0
+
+
+def test_paused_task_assigns_nothing_but_takes_reports(async_task) -> None:
+    t = async_task(3, buffer_k=2)
+    a = t.assign(t.devices[0])
+    t.admin.pause(t.task_id)
+    answer = t.devices[1].check_in()
+    assert (answer["action"], answer["reason"]) == ("wait", "paused")
+    assert t.devices[0].upload(a["assignment_id"], _delta(0))[0] == 200
+    t.admin.resume(t.task_id)
+    assert t.assign(t.devices[1])["model_version"] == 0

@@ -7,6 +7,8 @@ and its exact payload size from the layout in docs/protocol.md.
 from __future__ import annotations
 
 import math
+import struct
+import tracemalloc
 import zlib
 from typing import Any, ClassVar
 
@@ -21,7 +23,7 @@ from edge_sdk.codecs import (
     decode_update,
     encode_update,
 )
-from edge_sdk.frame import FLAG_DEFLATE, decode_frame
+from edge_sdk.frame import CODEC_QINT, FLAG_DEFLATE, decode_frame, encode_frame, encode_tensor
 
 FRAME_OVERHEAD = 12 + 4 + 4 + 4  # fixed header, one dimension, payload length, CRC
 
@@ -96,6 +98,21 @@ class CodecContract:
                 bad[i] ^= mask
                 with pytest.raises(FrameError):
                     decode_update(bytes(bad))
+
+    def test_mutated_frames_with_valid_checksums_fail_cleanly(self) -> None:
+        """Past the CRC (a hostile sender recomputes it): only FrameError or UpdateError."""
+        rng = np.random.default_rng(7)
+        frame = self.encode(heavy_tailed(40))
+        for _ in range(400):
+            body = bytearray(frame[:-4])
+            for i in rng.integers(0, len(body), size=int(rng.integers(1, 4))):
+                body[i] = int(rng.integers(0, 256))
+            forged = bytes(body) + zlib.crc32(body).to_bytes(4, "little")
+            try:
+                out = decode_update(forged, max_elements=1000)
+            except (FrameError, UpdateError):
+                continue
+            assert out.dtype == np.float32 and np.isfinite(out).all() and out.size <= 1000
 
     def test_wrong_length_is_a_bad_update(self) -> None:
         with pytest.raises(UpdateError, match="100 elements, the model has 101"):
@@ -312,9 +329,20 @@ def test_spec_objects_and_json_are_interchangeable() -> None:
 
 
 def test_update_frames_must_be_float32_vectors() -> None:
-    from edge_sdk.frame import encode_tensor
-
     with pytest.raises(UpdateError, match="1-D"):
         decode_update(encode_tensor(np.zeros((2, 2), np.float32)))
     with pytest.raises(UpdateError, match="float32"):
         decode_update(encode_tensor(np.zeros(4, np.float64)))
+
+
+def test_huge_block_size_allocates_nothing_big() -> None:
+    """A legal qint frame with B = 2^32 - 1 (one block) decodes without a per-block buffer."""
+    payload = struct.pack("<B3sIf", 8, b"\0\0\0", 0xFFFFFFFF, 0.5) + bytes([127 + 2, 127, 0])
+    frame = encode_frame(CODEC_QINT, np.float32, (3,), payload)
+    tracemalloc.start()
+    try:
+        out = decode_update(frame)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.tolist() == [1.0, 0.0, -63.5] and peak < 1 << 20

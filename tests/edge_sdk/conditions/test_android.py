@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import pytest
 
 from edge_sdk.conditions import AndroidConditions, DeviceConditions
@@ -104,3 +107,27 @@ def test_power_and_wifi_parsers() -> None:
     assert parse_termux_wifi(text("termux-wifi-connectioninfo.json")) is True
     assert parse_termux_wifi(text("termux-wifi-disconnected.json")) is None
     assert parse_termux_wifi("{}") is None
+
+
+def garbled(original: str) -> list[str]:
+    """Truncations and numbers replaced by values a broken device might print."""
+    out = [original[:cut] for cut in range(0, len(original), max(1, len(original) // 40))]
+    for junk in ("nan", "-1", "1e999", "NaN", "true", ""):
+        out.append(re.sub(r"\d+(\.\d+)?", junk, original))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("parser", "name"),
+    [
+        (parse_dumpsys_battery, "dumpsys-battery-usb.txt"),
+        (parse_termux_battery, "termux-battery-status-ac.json"),
+        (parse_dumpsys_connectivity, "dumpsys-connectivity-wifi.txt"),
+        (parse_dumpsys_power, "dumpsys-power-asleep.txt"),
+        (parse_termux_wifi, "termux-wifi-connectioninfo.json"),
+    ],
+)
+def test_garbled_outputs_never_raise(parser: Callable[[str], object], name: str) -> None:
+    for variant in garbled(text(name)):
+        result = parser(variant)
+        assert result is None or isinstance(result, bool | DeviceConditions)

@@ -119,3 +119,14 @@ def test_small_parsers() -> None:
     assert parse_cpu_list("") is None
     assert parse_meminfo_available_mb("MemFree: 1024 kB\nBuffers: 1024 kB\nCached: 2048 kB") == 4.0
     assert parse_meminfo_available_mb("") is None
+
+
+@pytest.mark.parametrize("junk", ["nan", "inf", "-5", "", "Charging", "\x00\xff"])
+def test_garbled_sysfs_and_procfs_never_raise(tmp_path: Path, junk: str) -> None:
+    root = tree("linux-laptop-ac", tmp_path)
+    for f in root.rglob("*"):
+        if f.is_file():
+            f.write_text(junk)
+    c = provider(root).read()
+    assert c.battery is None or 0 <= c.battery <= 1
+    assert c.free_memory_mb is None or c.free_memory_mb >= 0

@@ -84,7 +84,7 @@ class TorchReference:
             total = data_loss + self.mu / 2 * prox
         total.backward()
         self.opt.step()
-        return float(data_loss)
+        return float(data_loss.item())
 
     def parameters(self) -> np.ndarray:
         return torch.cat([t.detach().reshape(-1) for t in self.trainable]).numpy().copy()

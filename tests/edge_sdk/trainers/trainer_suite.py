@@ -83,8 +83,11 @@ class TrainerSuite:
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if "case" not in metafunc.fixturenames:
             return
-        supported = "unsupported_case" not in metafunc.fixturenames
-        names = [n for n in CASES if (n in self.unsupported) != supported]
+        if "adamw_case" in metafunc.fixturenames:
+            names = ["mlp-adamw"]
+        else:
+            supported = "unsupported_case" not in metafunc.fixturenames
+            names = [n for n in CASES if (n in self.unsupported) != supported]
         metafunc.parametrize(
             "case",
             [
@@ -100,7 +103,7 @@ class TrainerSuite:
 
     def bundle_for(self, case: str) -> Path:
         spec, args = CASES[case]
-        extra = {"tflite": True, "tflite_batch": 8} if self.tflite else {}
+        extra: dict[str, Any] = {"tflite": True, "tflite_batch": 8} if self.tflite else {}
         return cached_bundle(spec, **args, **extra)
 
     def trainer_for(self, case: str) -> tuple[Trainer, TorchReference]:
@@ -187,6 +190,23 @@ class TrainerSuite:
     @pytest.fixture
     def unsupported_case(self) -> None:
         """Marker fixture: parametrize this test over the cases the backend refuses."""
+
+    @pytest.fixture
+    def adamw_case(self) -> None:
+        """Marker fixture: parametrize this test over the AdamW case only."""
+
+    def test_reset_optimizer_restarts_adamw(self, case: str, adamw_case: None) -> None:
+        """After reset_optimizer the next step is a first AdamW step (zero moments, step 1)."""
+        trainer, ref = self.trainer_for(case)
+        start = ref.parameters()
+        for i in range(3):
+            trainer.train_step(*batch(trainer.manifest, 4, seed=40 + i))
+        trainer.reset_optimizer()
+        trainer.set_parameters(start)
+        x, y = batch(trainer.manifest, 6, seed=50)
+        trainer.train_step(x, y)
+        ref.train_step(x, y)
+        assert_close(trainer.get_parameters(), ref.parameters())
 
     # -- behaviour on the demo bundle --------------------------------------------------------
 

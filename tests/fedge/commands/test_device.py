@@ -48,9 +48,32 @@ def test_device_run_reports_unreadable_data_as_a_usage_error(
     assert "cannot read data" in capsys.readouterr().err
 
 
-def test_device_run_refuses_a_bad_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_device_run_refuses_a_bad_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main(["device", "run", "--coordinator", "http://127.0.0.1:9", "--state-dir",
                  str(tmp_path), "--data", str(_npz(tmp_path / "d.npz", 10)), "--once",
                  "--policy", '{"require_sunshine": true}'])
     assert code == 2
     assert "require_sunshine" in capsys.readouterr().err
+
+
+def test_sigterm_ends_a_wait_at_once(coordinator: EmbeddedCoordinator, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedge.cli", "device", "run", "--coordinator", coordinator.url,
+         "--state-dir", str(tmp_path / "state"), "--data", str(_npz(tmp_path / "d.npz", 10)),
+         "--conditions", "always", "--json"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    first = json.loads(proc.stdout.readline())  # no task: told to come back in about a minute
+    assert first["action"] == "wait" and first["next_run_in_s"] > 10
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5

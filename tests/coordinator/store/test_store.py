@@ -17,14 +17,16 @@ from coordinator.store import (
     StoreError,
     Task,
     Update,
+    UpdateTotals,
     Version,
 )
 from coordinator.store.migrations import MIGRATIONS, SchemaTooNew, apply_migrations
 
 
 def _task(task_id: str = "t-1", created_at: float = 1.0, population: str = "default") -> Task:
-    return Task(task_id, "demo", "b-1", "sync", population, {"goal": 3}, "running", 0, 0, 0,
-                created_at)  # fmt: skip
+    return Task(
+        task_id, "demo", "b-1", "sync", population, {"goal": 3}, "running", 0, 0, 0, created_at
+    )
 
 
 def _round(task_id: str = "t-1", state: str = "selecting") -> Round:
@@ -139,18 +141,56 @@ class StoreSuite:
         with_task.add_assignments(
             [Assignment("a-1", r.round_id, "t-1", "d-1", "train", "delivered", 20.0)]
         )
-        u = Update("a-1", r.round_id, "t-1", "d-1", "k", "c" * 64, 100, 7, 0.5,
-                   {"num_examples": 7}, 25.0, {"accepted": True})  # fmt: skip
+        u = Update(
+            "a-1",
+            r.round_id,
+            "t-1",
+            "d-1",
+            "k",
+            "c" * 64,
+            100,
+            7,
+            0.5,
+            {"num_examples": 7},
+            25.0,
+            {"accepted": True},
+        )
         with_task.add_update(u)
         assert with_task.get_update("a-1") == u
         assert list(with_task.round_updates(r.round_id)) == [u]
         assert with_task.count_updates(r.round_id) == 1 and with_task.count_updates() == 1
+        assert with_task.round_payloads(r.round_id) == ["c" * 64]
+        assert with_task.payload_in_open_round("c" * 64)
+        assert not with_task.payload_in_open_round("d" * 64)
+        with_task.update_round(r.round_id, state="committed")
+        assert not with_task.payload_in_open_round("c" * 64)
+        assert with_task.assignment_counts(r.round_id) == {"reported": 1}
         a = with_task.get_assignment("a-1")
         assert a is not None and a.state == "reported" and a.closed_at == 25.0
         before = with_task.snapshot()
         with pytest.raises(StoreError):
             with_task.add_update(u)
         assert with_task.snapshot() == before
+
+    def test_update_totals_are_example_weighted(self, with_task: Store) -> None:
+        r = with_task.add_round(_round("t-1", "reporting"))
+        assert with_task.update_totals(r.round_id) == UpdateTotals()
+        rows = [(3, 0.5, 0.9, 100), (7, None, 0.5, 50), (10, 0.2, None, 10)]
+        for i, (n, loss, acc, size) in enumerate(rows):
+            aid = f"a-{i}"
+            with_task.add_assignments(
+                [Assignment(aid, r.round_id, "t-1", f"d-{i}", "train", "delivered", 20.0)]
+            )
+            report = {"num_examples": n, **({} if acc is None else {"accuracy": acc})}
+            with_task.add_update(
+                Update(
+                    aid, r.round_id, "t-1", f"d-{i}", "k", "c" * 64, size, n, loss, report, 25.0, {}
+                )
+            )
+        t = with_task.update_totals(r.round_id)
+        assert (t.count, t.num_examples, t.payload_bytes) == (3, 20, 160)
+        assert t.loss == pytest.approx((3 * 0.5 + 10 * 0.2) / 13)
+        assert t.accuracy == pytest.approx((3 * 0.9 + 7 * 0.5) / 10)
 
     def test_eval_report(self, with_task: Store) -> None:
         r = with_task.add_round(_round("t-1", "reporting"))

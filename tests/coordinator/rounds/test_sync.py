@@ -22,8 +22,14 @@ PLAN = {"rounds": 3, "goal": 10, "selection_window_s": 10.0, "round_deadline_s":
 
 
 class Fleet:
-    def __init__(self, coord: EmbeddedCoordinator, clock: FakeClock, tiny_bundle: Any,
-                 devices: int, **plan: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        coord: EmbeddedCoordinator,
+        clock: FakeClock,
+        tiny_bundle: Any,
+        devices: int,
+        **plan: Any,
+    ) -> None:
         self.coord = coord
         self.clock = clock
         self.admin: AdminClient = coord.admin()
@@ -55,8 +61,9 @@ class Fleet:
 
 @pytest.fixture
 def fleet(clocked_coordinator, fake_clock, tiny_bundle):
-    return lambda devices, **plan: Fleet(clocked_coordinator, fake_clock, tiny_bundle, devices,
-                                         **plan)  # fmt: skip
+    return lambda devices, **plan: Fleet(
+        clocked_coordinator, fake_clock, tiny_bundle, devices, **plan
+    )
 
 
 def _delta(i: int) -> np.ndarray:
@@ -274,3 +281,45 @@ def test_evaluation_round(fleet, fake_clock) -> None:
     assert r["metrics"]["accuracy"] == pytest.approx(0.8)
     task = f.admin.task(f.task_id)
     assert task["pending_evaluations"] == 0 and task["model_version"] == 1
+
+
+def test_identical_payloads_shared_by_an_open_round_survive_a_commit(
+    clocked_coordinator, tiny_bundle
+) -> None:
+    """Blobs are content-addressed: a zero delta uploaded to two tasks is one blob. Committing
+    one task must not delete what the other's open round needs to rebuild its sum."""
+    coord = clocked_coordinator
+    admin = coord.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    plan = {"goal": 2, "selection_window_s": 0.0, "rounds": 3}
+    tasks = {p: admin.create_task(bundle_id, plan, population=p)["task_id"] for p in "ab"}
+    devs = {p: [DeviceHTTP(coord.url, population=p) for _ in range(2)] for p in "ab"}
+    aids = {}
+    for p in "ab":
+        first = [d.check_in() for d in devs[p]]
+        first[0] = devs[p][0].check_in()
+        aids[p] = [a["assignment"]["assignment_id"] for a in first]
+    zero = np.zeros(N, dtype=np.float32)
+    assert devs["b"][0].upload(aids["b"][0], zero)[0] == 200
+    for d, aid in zip(devs["a"], aids["a"], strict=True):
+        assert d.upload(aid, zero)[0] == 200
+    assert admin.task(tasks["a"])["model_version"] == 1
+    # as after a restart: task b's running sum must be rebuilt from the stored payloads
+    service = coord.service
+    open_b = coord.call(service.store.open_round, tasks["b"])
+    coord.call(service.ctx.sums.drop, open_b.round_id)
+    assert devs["b"][1].upload(aids["b"][1], _delta(1))[0] == 200
+    assert admin.task(tasks["b"])["model_version"] == 1
+
+
+def test_a_paused_task_selects_nobody(fleet, fake_clock) -> None:
+    f = fleet(13)
+    for d in f.devices:
+        assert d.check_in()["reason"] == "selecting"
+    f.admin.pause(f.task_id)
+    fake_clock.advance(11.0)
+    assert {d.check_in()["reason"] for d in f.devices} == {"paused"}
+    assert f.admin.task(f.task_id)["current_round"]["state"] == "selecting"
+    f.admin.resume(f.task_id)
+    answers = [d.check_in()["action"] for d in f.devices]
+    assert answers.count("train") == 13

@@ -1,0 +1,296 @@
+"""The edge process: peak RSS and import time of a device that trains one round of the demo
+model, per backend, and upload bytes per codec against fp32.
+
+Each backend runs as its own device process (fresh interpreter, peak RSS at exit) against
+a real coordinator on loopback, in the environment a device of that kind would have:
+
+* ``ort-step``: an edge-only venv (``pip install -e .[edge]``: numpy + plain onnxruntime);
+* ``litert-step``: an edge-only venv with ``.[litert]`` (numpy + ai-edge-litert);
+* ``ort-training``: the dev environment (onnxruntime-training, which imports torch).
+
+Codec sizes are measured on what the demo's devices upload: the real delta of one round of the
+demo model (2,410 parameters) on a quarter of digits (larger models: ``bench_codecs``).
+
+Run: ``./dev bench bench_edge`` (``--skip-build``: only the environments that exist). Writes
+``benchmarks/results/bench_edge.json`` and ``bench_edge.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TARGET_RSS_MB = 100.0
+PORTABLE = ("ort-step", "litert-step")
+RUNTIME_MODULE = {"ort-step": "onnxruntime", "litert-step": "ai_edge_litert.interpreter",
+                  "ort-training": "onnxruntime"}
+
+
+# -- the device process ------------------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Linux keeps the pre-exec ``ru_maxrss`` of a forked child (it
+    would report the parent's size), so prefer ``VmHWM``, the peak of this address space."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+
+def child(args: argparse.Namespace) -> None:
+    """One device: import, train one round against the coordinator, report what it cost."""
+    import importlib
+
+    t0 = time.perf_counter()
+    import numpy as np
+
+    t_numpy = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    from edge_sdk.client import TRAINED, Client, ClientConfig
+    from edge_sdk.conditions import DeviceConditions, ScriptedConditions
+
+    t_sdk = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    importlib.import_module(RUNTIME_MODULE[args.backend])
+    t_runtime = time.perf_counter() - t0
+
+    with np.load(args.data, allow_pickle=False) as f:
+        x, y = f["x"], f["y"]
+    good = DeviceConditions(charging=True, battery=1.0, idle=True, unmetered=True)
+    client = Client(args.coordinator, state_dir=args.state_dir, data=(x, y),
+                    conditions=ScriptedConditions(good),
+                    config=ClientConfig(backend=args.backend, seed=0))
+    t2 = time.perf_counter()
+    outcome = client.run_once()
+    while outcome.action == "wait" and time.perf_counter() - t2 < 120:
+        time.sleep(min(outcome.next_run_in_s, 0.2))  # the coordinator's pacing, shortened
+        outcome = client.run_once()
+    t_round = time.perf_counter() - t2
+    print(json.dumps({
+        "backend": args.backend,
+        "action": outcome.action,
+        "error": outcome.error,
+        "import_numpy_s": t_numpy,
+        "import_sdk_s": t_sdk,
+        "import_runtime_s": t_runtime,
+        "round_s": t_round,
+        "peak_rss_mb": peak_rss_mb(),
+        "torch_loaded": "torch" in sys.modules,
+        "metrics": outcome.metrics,
+        "python": sys.executable,
+    }))
+    sys.exit(0 if outcome.action == TRAINED else 1)
+
+
+# -- the host side -----------------------------------------------------------------------------
+
+
+def _environments(skip_build: bool) -> dict[str, Path | None]:
+    sys.path.insert(0, str(ROOT))
+    from tests.edge_sdk.edge_env import ensure_edge_venv
+
+    def venv(extra: str) -> Path | None:
+        python = ROOT / ".cache" / f"edge-venv-{extra}" / "bin" / "python"
+        if skip_build:
+            return python if python.exists() else None
+        try:
+            return ensure_edge_venv(extra)
+        except subprocess.CalledProcessError as e:
+            print(f"[bench_edge] could not build the {extra} venv: {e}", file=sys.stderr)
+            return None
+
+    dev = ROOT / ".venv" / "bin" / "python"
+    return {"ort-step": venv("edge"), "litert-step": venv("litert"),
+            "ort-training": dev if dev.exists() else None}
+
+
+def _bundle(tflite: bool) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from tests.fixtures.bundles import DIGITS_BUNDLE_ARGS, cached_bundle
+
+    return cached_bundle("model_export.models:DigitsMLP", **DIGITS_BUNDLE_ARGS, tflite=tflite)
+
+
+def _digits(n: int) -> tuple[Any, Any]:
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(x))[:n]
+    return (x[order] / 16.0).astype(np.float32), y[order].astype(np.int64)
+
+
+def run_devices(work: Path, envs: dict[str, Path | None]) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from coordinator.embedded import EmbeddedCoordinator
+    from edge_sdk.bundle import load_manifest
+
+    x, y = _digits(450)  # a quarter of digits: one device's share in the demo
+    data = work / "device.npz"
+    np.savez(data, x=x, y=y)
+    rows = []
+    try:
+        bundle = _bundle(tflite=True)
+    except Exception as e:  # litert-torch missing or failing: no TFLite, the rest still runs
+        print(f"[bench_edge] TFLite export failed ({e}); litert-step skipped", file=sys.stderr)
+        bundle = _bundle(tflite=False)
+    manifest = load_manifest(bundle)
+    with EmbeddedCoordinator(work / "coordinator.db") as coord:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(bundle)["bundle_id"]
+        for backend, python in envs.items():
+            ok, reason = manifest.backend_support(backend)
+            if python is None or not ok:
+                why = reason if not ok else "environment not available"
+                print(f"[bench_edge] {backend}: skipped ({why})", file=sys.stderr)
+                rows.append({"backend": backend, "skipped": why})
+                continue
+            plan = {"rounds": 1, "goal": 1, "selection_window_s": 0, "codec": {"name": "int8"},
+                    "eligibility": {"runtimes": [backend]}}
+            admin.create_task(bundle_id, plan=plan, name=f"bench-{backend}")
+            print(f"[bench_edge] {backend}: device process on {python}", file=sys.stderr)
+            out = subprocess.run(
+                [str(python), str(Path(__file__).resolve()), "--child", "--backend", backend,
+                 "--coordinator", coord.url, "--state-dir", str(work / f"state-{backend}"),
+                 "--data", str(data)],
+                capture_output=True, text=True, timeout=600, cwd=work,
+                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+            )
+            if out.returncode != 0 or not out.stdout.strip():
+                print(out.stderr[-2000:], file=sys.stderr)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"[bench_edge] {backend}: {row['action']}, {row['peak_rss_mb']:.1f} MB",
+                  file=sys.stderr)
+    return rows
+
+
+CODECS: list[tuple[str, dict[str, Any]]] = [
+    ("fp32", {"name": "fp32"}),
+    ("fp16", {"name": "fp16"}),
+    ("int8", {"name": "int8", "bits": 8, "block": 256}),
+    ("int4", {"name": "int8", "bits": 4, "block": 256}),
+    ("int2", {"name": "int8", "bits": 2, "block": 256}),
+    ("topk 1% fp16", {"name": "topk", "fraction": 0.01, "values": "fp16"}),
+    ("topk 1% fp16 + deflate", {"name": "topk", "fraction": 0.01, "values": "fp16",
+                                "entropy": True}),
+    ("int8 + deflate", {"name": "int8", "bits": 8, "block": 256, "entropy": True}),
+]
+
+
+def codec_sizes() -> list[dict[str, Any]]:
+    import numpy as np
+
+    from edge_sdk.codecs import encode_update
+    from edge_sdk.data import ArrayDataset
+    from edge_sdk.local_training import Plan, train
+    from edge_sdk.trainers import load_trainer
+
+    bundle = _bundle(tflite=False)
+    trainer = load_trainer(bundle, backend="ort-step")
+    start = trainer.get_parameters()
+    train(trainer, ArrayDataset(*_digits(450)), Plan(batch_size=32, lr=0.05), start, round_=0,
+          rng=np.random.default_rng(0))
+    delta = trainer.get_parameters() - start
+    base = len(encode_update(delta, {"name": "fp32"})[0])
+    rows = []
+    for label, spec in CODECS:
+        size = len(encode_update(delta, spec, rng=np.random.default_rng(0))[0])
+        rows.append({"codec": label, "bytes": size, "vs_fp32": base / size})
+    return rows
+
+
+def plot(devices: list[dict[str, Any]], codecs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ran = [d for d in devices if "peak_rss_mb" in d]
+    fig, (rss, up) = plt.subplots(1, 2, figsize=(11, 3.4))
+    names = [d["backend"] for d in ran]
+    rss.barh(names, [d["peak_rss_mb"] for d in ran],
+             color=["tab:green" if n in PORTABLE else "tab:gray" for n in names])
+    rss.axvline(TARGET_RSS_MB, color="tab:red", linestyle="--", label="target 100 MB")
+    rss.set_xlabel("peak RSS of a device process training one round (MB)")
+    rss.legend(loc="lower right")
+    up.barh([c["codec"] for c in codecs], [c["bytes"] for c in codecs], color="tab:blue")
+    up.set_xscale("log")
+    up.invert_yaxis()
+    up.set_xlabel("upload bytes, demo model delta (log)")
+    for i, c in enumerate(codecs):
+        up.text(c["bytes"], i, f" {c['vs_fp32']:.1f}x", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--backend")
+    parser.add_argument("--coordinator")
+    parser.add_argument("--state-dir")
+    parser.add_argument("--data")
+    parser.add_argument("--skip-build", action="store_true",
+                        help="do not build missing edge venvs; skip their backends")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return 0
+
+    import tempfile
+
+    envs = _environments(args.skip_build)
+    with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp:
+        devices = run_devices(Path(tmp), envs)
+    codecs = codec_sizes()
+
+    print("\nEdge process: one round of DigitsMLP (450 digits, int8 upload), one process each;")
+    print("import times of numpy, edge_sdk.client (after numpy) and the runtime module")
+    print(f"{'backend':<14}{'env':<18}{'numpy':>8}{'edge_sdk':>10}{'runtime':>9}{'round':>8}"
+          f"{'peak RSS':>10}{'torch':>7}")
+    for d in devices:
+        if "skipped" in d:
+            print(f"{d['backend']:<14}skipped: {d['skipped']}")
+            continue
+        env = Path(d["python"]).parts[-3]
+        print(f"{d['backend']:<14}{env:<18}{d['import_numpy_s'] * 1000:>6.0f}ms"
+              f"{d['import_sdk_s'] * 1000:>8.0f}ms{d['import_runtime_s'] * 1000:>7.0f}ms"
+              f"{d['round_s']:>7.2f}s"
+              f"{d['peak_rss_mb']:>8.1f}MB{'yes' if d['torch_loaded'] else 'no':>7}")
+    print("\nUpload bytes per codec: the demo model's real delta (2,410 parameters)")
+    print(f"{'codec':<26}{'bytes':>9}{'x fp32':>9}")
+    for c in codecs:
+        print(f"{c['codec']:<26}{c['bytes']:>9}{c['vs_fp32']:>8.2f}x")
+
+    portable = [d for d in devices if d["backend"] in PORTABLE and "peak_rss_mb" in d]
+    verdict = {
+        "portable_under_100mb": all(d["peak_rss_mb"] < TARGET_RSS_MB for d in portable),
+        "portable_measured": [d["backend"] for d in portable],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {"devices": devices, "codecs": codecs, "targets": verdict,
+           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (RESULTS / "bench_edge.json").write_text(json.dumps(out, indent=2))
+    plot(devices, codecs, RESULTS / "bench_edge.png")
+    print(f"\ntargets: {verdict}\nwrote {RESULTS / 'bench_edge.json'} and bench_edge.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

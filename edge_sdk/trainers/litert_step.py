@@ -1,0 +1,98 @@
+"""``litert-step``: the portable step converted to TFLite, on ai-edge-litert's Interpreter.
+
+The TFLite graphs have a fixed batch (``manifest["tflite"]["batch"]``): a shorter batch is
+padded with zeros and masked by the step's per-example ``weight`` input, so the step equals the
+unpadded one; a longer training batch is refused (one optimizer step cannot be split).
+Evaluation runs the step graph with ``lr = 0`` for the loss (its outputs are discarded, so
+nothing changes) and ``infer.tflite`` for the outputs, chunk by chunk: one graph fewer to
+convert and ship than a separate eval graph, and the loss is the training loss by construction.
+Class labels are int32 in TFLite.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sdk.bundle import Manifest
+from edge_sdk.trainers.step_graph import StepGraphTrainer
+
+__all__ = ["LiteRTStepTrainer"]
+
+
+def _pad(arr: np.ndarray, batch: int) -> np.ndarray:
+    out = np.zeros((batch, *arr.shape[1:]), dtype=arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+class LiteRTStepTrainer(StepGraphTrainer):
+    backend = "litert-step"
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, *, threads: int = 1) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        super().__init__(bundle_dir, manifest)
+        tfl = manifest.raw["tflite"]
+        self.batch = int(tfl["batch"])
+        graphs = manifest.raw["graphs"]
+
+        def runner(name: str) -> Any:
+            path = str(self.bundle_dir / graphs[name])
+            return Interpreter(model_path=path, num_threads=threads).get_signature_runner()
+
+        self._step, self._infer = runner("step_tflite"), runner("infer_tflite")
+        # The converter names signature tensors by position: args_<i> in, output_<i> out.
+        sig = tfl["signatures"]
+        self._step_in = {n: f"args_{i}" for i, n in enumerate(sig["step"]["inputs"])}
+        self._step_out = {f"output_{i}": n for i, n in enumerate(sig["step"]["outputs"])}
+        self._label_dtype = np.int32 if manifest.loss == "cross_entropy" else np.float32
+
+    def _run_padded(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = feeds["x"].shape[0]
+        weight = np.zeros(self.batch, np.float32)
+        weight[:n] = 1.0
+        feeds = {
+            **feeds,
+            "x": _pad(feeds["x"], self.batch),
+            "y": _pad(feeds["y"].astype(self._label_dtype), self.batch),
+            "weight": weight,
+        }
+        out = self._step(**{self._step_in[k]: v for k, v in feeds.items()})
+        return {self._step_out[k]: v for k, v in out.items()}
+
+    def _run_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = feeds["x"].shape[0]
+        if n > self.batch:
+            raise ValueError(
+                f"this bundle's TFLite step trains on batches of at most {self.batch} examples, "
+                f"got {n}"
+            )
+        return self._run_padded(feeds)
+
+    def _chunks(self, n: int) -> range:
+        return range(0, n, self.batch)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        x = self._check_x(x)
+        y = self._check_y(y, x.shape[0])
+        zero = np.zeros((), np.float32)
+        total = 0.0
+        for i in self._chunks(x.shape[0]):
+            xs, ys = x[i : i + self.batch], y[i : i + self.batch]
+            out = self._run_padded(self._step_feeds(xs, ys, zero))
+            total += float(out["loss"]) * xs.shape[0]
+        return self._metrics(total / x.shape[0], self._predict(x), y)
+
+    def _predict(self, x: np.ndarray) -> np.ndarray:
+        parts = []
+        for i in self._chunks(x.shape[0]):
+            xs = x[i : i + self.batch]
+            out = self._infer(args_0=self._params, args_1=_pad(xs, self.batch))
+            parts.append(out["output_0"][: xs.shape[0]])
+        return np.concatenate(parts)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self._predict(self._check_x(x))

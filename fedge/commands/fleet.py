@@ -1,0 +1,143 @@
+"""``fedge fleet``: run N emulated devices against a coordinator (see :mod:`fedge.fleet`).
+
+Prints one updating progress line on stderr and, at the end, one JSON summary line on stdout
+(devices, check-ins, tasks started, uploads acknowledged, aborts, dropouts, bytes). Runs until
+``--duration`` emulated seconds pass, ``--until-rounds`` rounds are completed on the
+coordinator, or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from fedge.cli import CommandError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("fleet", help="emulate a fleet of devices against a coordinator",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--coordinator", required=True, help="URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--devices", type=int, required=True)
+    p.add_argument("--data", default="digits",
+                   help="digits (64 features) or synthetic:ALPHA,BETA (FedProx, 60 features)")
+    p.add_argument("--partition", default="dirichlet:0.5",
+                   help="how digits are split: iid, dirichlet:ALPHA, shards:K, quantity:SIGMA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speedup", type=float, default=1.0,
+                   help="emulated seconds per real second (pace steering and schedules shrink)")
+    p.add_argument("--profile", choices=("uniform", "realistic"), default="uniform",
+                   help="uniform: always available, no failures; realistic: diurnal charging, "
+                   "6%% dropouts, 3%% lapses, 5%% never charge (see fedge.fleet.heterogeneity)")
+    p.add_argument("--start-hour", type=float, default=None, help="local time at start (0-24)")
+    p.add_argument("--dropout", type=float, default=None, help="mid-job dropout probability")
+    p.add_argument("--lapse", type=float, default=None, help="mid-job lapse probability")
+    p.add_argument("--never-charging", type=float, default=None,
+                   help="fraction of devices that never charge")
+    p.add_argument("--compute-sigma", type=float, default=None,
+                   help="lognormal sigma of the step-time multiplier")
+    p.add_argument("--step-time", type=float, default=None,
+                   help="modelled seconds per training step before the device multiplier "
+                   "(default: the real step time)")
+    p.add_argument("--duration", type=float, default=None, help="emulated seconds to run")
+    p.add_argument("--until-rounds", type=int, default=None,
+                   help="stop when the coordinator has completed this many rounds")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="device state directories (default: a temporary directory)")
+    p.add_argument("--population", default="default")
+    p.add_argument("--backend", default="ort-step")
+    p.add_argument("--workers", type=int, default=None, help="threads for device work")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=run)
+
+
+def _datasets(args: argparse.Namespace) -> list[Any]:
+    import numpy as np
+
+    from fedge.fleet import fedprox_synthetic, load_digits, partition
+    from fedge.fleet.partition import PartitionError
+
+    if args.data == "digits":
+        train, _ = load_digits(seed=args.seed)
+        try:
+            parts = partition(train.y, args.devices, args.partition,
+                              np.random.default_rng(args.seed))
+        except PartitionError as e:
+            raise CommandError(str(e)) from e
+        return [train.subset(p) for p in parts]
+    name, _, rest = args.data.partition(":")
+    if name == "synthetic":
+        try:
+            alpha, beta = (float(v) for v in rest.split(","))
+        except ValueError as e:
+            raise CommandError(f"--data synthetic:ALPHA,BETA, got {args.data!r}") from e
+        return fedprox_synthetic(alpha, beta, args.devices, seed=args.seed, max_samples=1000)
+    raise CommandError(f"unknown --data {args.data!r}: use digits or synthetic:ALPHA,BETA")
+
+
+def _heterogeneity(args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    from fedge.fleet import Heterogeneity
+
+    model = Heterogeneity.realistic() if args.profile == "realistic" else Heterogeneity.uniform()
+    changes = {
+        "start_hour": args.start_hour,
+        "dropout_prob": args.dropout,
+        "lapse_prob": args.lapse,
+        "never_charging_fraction": args.never_charging,
+        "compute_sigma": args.compute_sigma,
+    }
+    try:
+        return dataclasses.replace(model, **{k: v for k, v in changes.items() if v is not None})
+    except ValueError as e:
+        raise CommandError(str(e)) from e
+
+
+def _rounds_completed(url: str) -> int:
+    from edge_sdk.errors import ClientError
+    from edge_sdk.protocol import Route
+    from edge_sdk.transport import RetryPolicy, Transport
+
+    try:
+        with Transport(url, retry=RetryPolicy(max_attempts=1)) as t:
+            return int(t.call("GET", Route.STATUS)["rounds_completed"])
+    except (ClientError, OSError, KeyError, TypeError, ValueError):
+        return -1
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedge.fleet import SimClock
+    from fedge.fleet.emulator import Fleet
+
+    if args.devices < 1:
+        raise CommandError("--devices must be at least 1")
+    if args.speedup <= 0:
+        raise CommandError("--speedup must be > 0")
+    if _rounds_completed(args.coordinator) < 0:
+        raise CommandError(f"cannot reach a coordinator at {args.coordinator}")
+    fleet = Fleet(
+        args.coordinator, _datasets(args), heterogeneity=_heterogeneity(args), seed=args.seed,
+        clock=SimClock(args.speedup), state_root=args.state_dir, backend=args.backend,
+        step_time_s=args.step_time, workers=args.workers, progress=not args.quiet,
+    )
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    try:
+        fleet.run(
+            until=lambda: interrupted.is_set() or (
+                args.until_rounds is not None
+                and _rounds_completed(args.coordinator) >= args.until_rounds),
+            emulated_s=args.duration,
+            poll_s=0.5,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        fleet.close()
+    print(json.dumps(fleet.summary().as_dict()), file=sys.stdout, flush=True)
+    return 0

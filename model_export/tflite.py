@@ -1,0 +1,86 @@
+"""TFLite files of the portable step (``step.tflite``) and of inference (``infer.tflite``).
+
+Converted with litert-torch (optional extra ``tflite``) from the same traced functions as the
+ONNX graphs, builtin ops only. litert-torch 0.10 cannot lower a dynamic batch axis, so the
+TFLite graphs have a fixed batch; the step takes a per-example 0/1 ``weight`` and the trainer
+pads shorter batches (see :mod:`model_export.step`). TFLite has no int64 by default: labels are
+int32. Inputs and outputs are positional (``args_<i>``, ``output_<i>``) in the order of the
+manifest's ``tflite.signatures``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model_export.errors import ExportError
+from model_export.step import StepFunctions
+from model_export.tracing import _classify, _quiet, trace
+
+__all__ = ["TFLITE_FILES", "write_tflite"]
+
+TFLITE_FILES = {"step": "step.tflite", "infer": "infer.tflite"}
+
+
+class _Positional(nn.Module):
+    """A traced graph as a module with positional tensor arguments, which is what the
+    converter exports."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.gm(*args)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _fixed_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    reps = -(-batch // t.shape[0])
+    return t.repeat(reps, *([1] * (t.ndim - 1)))[:batch].contiguous()
+
+
+def _convert(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor], path: Path, what: str) -> None:
+    try:
+        import litert_torch
+    except ImportError as e:
+        raise ExportError(
+            "TFLite files need litert-torch (pip install 'fedge[tflite]')"
+        ) from e
+    try:
+        with _quiet(), contextlib.redirect_stderr(io.StringIO()):
+            edge_model = litert_torch.convert(_Positional(gm).eval(), tuple(args))
+            edge_model.export(str(path))
+    except Exception as e:
+        raise _classify(e, what) from e
+
+
+def write_tflite(
+    fns: StepFunctions,
+    step_args: Sequence[torch.Tensor],
+    out_dir: Path,
+    *,
+    batch: int,
+) -> dict[str, str]:
+    """Write ``step.tflite`` and ``infer.tflite`` for batches of ``batch`` examples."""
+    n_state = len(fns.optimizer.state)
+    params, state = step_args[0], list(step_args[1 : 1 + n_state])
+    x, y, lr, anchor, mu = step_args[1 + n_state :]
+    x, y = _fixed_batch(x, batch), _fixed_batch(y, batch)
+    if not y.is_floating_point():
+        y = y.to(torch.int32)
+    weight = torch.ones(batch)
+    args = [params, *state, x, y, lr, anchor, mu, weight]
+    fns.model.train()
+    _convert(trace(fns.step, args, "TFLite step graph"), args, out_dir / TFLITE_FILES["step"],
+             "TFLite step graph")
+    fns.model.eval()
+    infer_args = [params, x]
+    _convert(trace(fns.infer, infer_args, "TFLite infer graph"), infer_args,
+             out_dir / TFLITE_FILES["infer"], "TFLite infer graph")
+    return dict(TFLITE_FILES)

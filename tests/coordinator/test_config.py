@@ -1,0 +1,38 @@
+"""Configuration files: JSON or TOML, unknown or mistyped keys refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import ConfigError, CoordinatorConfig
+
+
+def test_json_and_toml(tmp_path: Path) -> None:
+    (tmp_path / "c.json").write_text('{"port": 9000, "pacing": {"jitter": 0.2}}')
+    cfg = CoordinatorConfig.from_file(tmp_path / "c.json")
+    assert cfg.port == 9000 and cfg.pacing.jitter == 0.2 and cfg.pacing.headroom == 1.5
+    (tmp_path / "c.toml").write_text("max_body_bytes = 1024\nseed = 3\n[pacing]\nmin_retry_s = 2\n")
+    cfg = CoordinatorConfig.from_file(tmp_path / "c.toml")
+    assert (cfg.max_body_bytes, cfg.seed, cfg.pacing.min_retry_s) == (1024, 3, 2)
+    assert CoordinatorConfig(db_path="/x/fedge.db").blob_dir == Path("/x/fedge.db.blobs")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"prot": 1}',
+        '{"port": "80"}',
+        '{"pacing": {"jiter": 1}}',
+        "[1]",
+        "{",
+        '{"retain_updates": 1}',
+    ],
+)
+def test_refused(tmp_path: Path, text: str) -> None:
+    (tmp_path / "c.json").write_text(text)
+    with pytest.raises(ConfigError):
+        CoordinatorConfig.from_file(tmp_path / "c.json")
+    with pytest.raises(ConfigError):
+        CoordinatorConfig.from_file(tmp_path / "missing.json")

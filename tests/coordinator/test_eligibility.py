@@ -1,0 +1,45 @@
+"""Server-side eligibility: the device policy's rules plus runtimes and codec capabilities."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.eligibility import TaskEligibility, parse_conditions
+from coordinator.errors import InvalidRequest
+
+BACKENDS = {"ort-step": {"supported": True}, "litert-step": {"supported": False, "reason": "x"}}
+GOOD = {"charging": True, "idle": True, "unmetered": True, "battery": 0.5}
+
+
+def check(policy: TaskEligibility, cond: dict, runtimes=("ort-step",), codecs=None) -> str | None:
+    return policy.check(parse_conditions(cond), list(runtimes), codecs, BACKENDS, "int8")
+
+
+def test_default_is_idle_charging_unmetered() -> None:
+    p = TaskEligibility.from_json(None)
+    assert check(p, GOOD) is None
+    assert "not charging" in (check(p, {**GOOD, "charging": False}) or "")
+    assert check(p, {**GOOD, "idle": None}) is not None  # unknown fails the requirement
+    assert check(p, {k: v for k, v in GOOD.items() if k != "unmetered"}) is not None
+
+
+def test_thresholds_runtimes_and_codecs() -> None:
+    p = TaskEligibility.from_json({"min_battery": 0.6, "max_temperature_c": 40,
+                                   "unknown_ok": ["temperature_c"]})  # fmt: skip
+    assert check(p, GOOD) is not None  # battery 0.5 < 0.6
+    assert check(p, {**GOOD, "battery": 0.7}) is None  # temperature unknown but allowed
+    assert check(p, {**GOOD, "battery": 0.7, "temperature_c": 45.0}) is not None
+    assert check(p, {**GOOD, "battery": 0.7}, runtimes=("litert-step",)) is not None
+    assert check(p, {**GOOD, "battery": 0.7}, codecs=["fp32"]) is not None
+    assert check(p, {**GOOD, "battery": 0.7}, codecs=["fp32", "int8"]) is None
+    only_lite = TaskEligibility.from_json({"runtimes": ["litert-step"]})
+    assert only_lite.usable_runtimes(BACKENDS) == set()
+    assert TaskEligibility.from_json(p.to_json()) == p
+
+
+@pytest.mark.parametrize(
+    "bad", [{"battery": "full"}, {"charging": "yes"}, {"temperature_c": 1e6}, {"x": 1}, [1]]
+)
+def test_malformed_conditions(bad: object) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_conditions(bad)

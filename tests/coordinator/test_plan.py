@@ -1,0 +1,67 @@
+"""Task plans: defaults, derived counts, validation, and a lossless JSON round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.errors import InvalidRequest
+from coordinator.plan import TaskPlan
+
+
+def test_defaults_and_derived_counts() -> None:
+    plan = TaskPlan.from_json(None)
+    assert (plan.goal, plan.over_selection, plan.min_reporting_fraction) == (10, 1.3, 0.8)
+    assert (plan.target, plan.min_reports) == (13, 8)
+    p = TaskPlan.from_json({"goal": 7, "over_selection": 1.5, "min_reporting_fraction": 0.5})
+    assert (p.target, p.min_reports) == (11, 4)  # ceil(10.5), ceil(3.5)
+    assert plan.codec.name == "fp32" and plan.server_optimizer.name == "fedavg"
+
+
+def test_round_trip_is_lossless() -> None:
+    raw = {
+        "rounds": 4, "goal": 25, "over_selection": 1.2, "selection_window_s": 3.5,
+        "round_deadline_s": 30, "epochs": 2, "steps": 40, "batch_size": 16, "lr": 0.1,
+        "lr_decay": 0.99, "prox_mu": 0.01, "codec": {"name": "topk", "fraction": 0.01},
+        "eligibility": {"require_charging": False, "min_battery": 0.3, "runtimes": ["ort-step"],
+                        "unknown_ok": ["unmetered"]},
+        "server_optimizer": {"name": "fedyogi", "lr": 0.02, "tau": 0.01},
+        "max_update_norm": None, "max_examples": 5000, "eval_goal": 5,
+    }  # fmt: skip
+    plan = TaskPlan.from_json(raw)
+    assert TaskPlan.from_json(plan.to_json()) == plan
+    assert plan.max_update_norm is None and plan.steps == 40
+    client = plan.client_json()
+    assert client["codec"] == {"name": "topk", "fraction": 0.01, "values": "fp16"}
+    assert set(client) == {"epochs", "steps", "batch_size", "lr", "lr_decay", "prox_mu",
+                           "codec", "recheck_every_steps"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"goal": 0},
+        {"goal": 2.5},
+        {"goal": True},
+        {"rounds": "3"},
+        {"over_selection": 0.9},
+        {"min_reporting_fraction": 0},
+        {"min_reporting_fraction": 1.5},
+        {"round_deadline_s": 0},
+        {"lr": -1},
+        {"lr": float("inf")},
+        {"codec": {"name": "zip"}},
+        {"codec": 5},
+        {"eligibility": {"require_idle": 1}},
+        {"eligibility": {"min_battery": 2}},
+        {"eligibility": {"bogus": True}},
+        {"eligibility": {"runtimes": "ort-step"}},
+        {"server_optimizer": {"name": "fedadam", "beta2": -0.1}},
+        {"max_update_norm": 0},
+        {"max_update_norm": "big"},
+        {"nonsense": 1},
+        "plan",
+    ],
+)
+def test_invalid_plans_are_refused(bad: object) -> None:
+    with pytest.raises(InvalidRequest):
+        TaskPlan.from_json(bad)

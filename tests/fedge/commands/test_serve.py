@@ -1,0 +1,65 @@
+"""``fedge serve`` as people start it: a config file, a token from the environment, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from coordinator.admin import AdminClient
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedge.cli", "serve", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_serve_with_config_file_and_env_token(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("max_body_bytes = 2048\ntick_interval_s = 0.2\n")
+    proc = _serve("--db", str(tmp_path / "f.db"), "--port", "0", "--config", str(config),
+                  env={"FEDGE_ADMIN_TOKEN": "tok"})  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line
+        admin = AdminClient(line.split()[-1], "tok")
+        assert admin.tasks() == []
+        status, _, body = admin._http.request("POST", "/v1/devices", b"x" * 4096)
+        assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert (tmp_path / "f.db").exists() and (tmp_path / "f.db.blobs").is_dir()
+
+
+def test_serve_prints_a_random_token_without_one(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FEDGE_ADMIN_TOKEN"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedge.cli", "serve", "--db", str(tmp_path / "f.db"), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        url = proc.stdout.readline().split()[-1]
+        token_line = proc.stderr.readline()
+        assert token_line.startswith("admin token: ")
+        assert AdminClient(url, token_line.split()[-1]).tasks() == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_bad_config_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "c.json").write_text('{"prot": 1}')
+    proc = _serve("--db", str(tmp_path / "f.db"), "--config", str(tmp_path / "c.json"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "unknown config keys: prot" in err

@@ -1,0 +1,32 @@
+"""``fedge status`` prints the coordinator's counters."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from fedge.cli import main
+from tests.fixtures.coordinator import DeviceHTTP
+
+
+def test_status_json_counts_what_was_stored(coordinator, tiny_bundle, capsys) -> None:
+    admin = coordinator.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    admin.create_task(bundle_id, {"goal": 2, "selection_window_s": 0.0, "rounds": 5})
+    devices = [DeviceHTTP(coordinator.url) for _ in range(3)]
+    answers = [d.check_in() for d in devices]
+    answers[0] = devices[0].check_in()
+    for d, a in zip(devices[:2], answers[:2], strict=True):
+        assert d.upload(a["assignment"]["assignment_id"], np.full(64, 0.01))[0] == 200
+    assert main(["status", "--coordinator", coordinator.url, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["model_version"] == 1 and status["rounds_completed"] == 1
+    assert status["updates_accepted"] == 2 and status["devices_registered"] == 3
+    assert main(["status", "--coordinator", coordinator.url]) == 0
+    assert "updates_accepted     2" in capsys.readouterr().out
+
+
+def test_unreachable(capsys) -> None:
+    assert main(["status", "--coordinator", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach" in capsys.readouterr().err
