@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
-IDLE_SIZES = (250, 1000, 2000, 4000)
+IDLE_SIZES = (500, 2000, 4000, 8000, 12000)
 IDLE_INTERVAL_S = 10.0
 IDLE_WINDOW_S = 30.0
 

@@ -1,9 +1,16 @@
 """fedge coordinator: the aiohttp service that runs federated tasks.
 
-Owns: the HTTP API (``app``), persistence behind one interface (``store``) with SQLite and
-the content-addressed blob directory, round life cycles (sync and async), pace steering,
-streaming aggregation with server optimizers, and model versions.
+Owns, by module:
 
-Imports the protocol, frame and codecs from ``edge_sdk``; must not import torch or
-``model_export`` (bundles arrive already exported).
+* ``app`` (HTTP routes, body limits, JSON errors) over ``service`` (what each route does);
+* ``store`` (persistence behind one interface; SQLite via sqlite-utils, migrations) and
+  ``blobs`` (the content-addressed, fsync'ed blob directory beside the database);
+* ``rounds`` (task modes: ``sync`` rounds, ``async`` buffered aggregation), ``pacing`` (pace
+  steering), ``eligibility``, ``plan`` (a task's plan), ``aggregation`` (running sums, server
+  optimizers), ``versions`` (model versions, crash recovery of running sums), ``bundles``;
+* for other programs: ``embedded.EmbeddedCoordinator`` (a service in a thread or a child
+  process) and ``admin.AdminClient`` (the operator API, standard library only).
+
+Imports the protocol, frame, codecs and conditions from ``edge_sdk``; must not import torch
+or ``model_export`` (bundles arrive already exported).
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import logging
 import random
 import secrets
 from dataclasses import dataclass
@@ -45,14 +44,12 @@ from coordinator.store import (
     Update,
     Version,
 )
-from coordinator.tensors import check_delta, decode_delta
+from coordinator.tensors import check_delta, decode_delta, encode_params
 from coordinator.validation import Fields
 from coordinator.versions import ModelVersions, RoundSums
 from edge_sdk.protocol import ErrorCode, parse_device_auth
 
 __all__ = ["Coordinator", "DeviceIdentity"]
-
-log = logging.getLogger("fedge.coordinator")
 
 MAX_IDEMPOTENCY_KEY = 128
 ABORT_REASONS = ("conditions_lapsed", "error", "user")
@@ -263,8 +260,6 @@ class Coordinator:
             self.ctx.bytes_out[task_id] += n
 
     def version_params(self, who: DeviceIdentity | None, task_id: str, version: str) -> bytes:
-        from coordinator.tensors import encode_params
-
         task = self._task(task_id)
         number = self._version_number(task, version)
         n = self.ctx.num_parameters(task)

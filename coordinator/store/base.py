@@ -274,6 +274,7 @@ class Store(ABC):
     @abstractmethod
     def payload_in_open_round(self, payload_sha: str) -> bool:
         """Whether an update of a still-open round has this payload (identical bytes)."""
+
     @abstractmethod
     def assignment_counts(self, round_id: int) -> dict[str, int]:
         """How many of a round's assignments are in each state."""

@@ -15,7 +15,7 @@ from tests.edge_sdk.edge_env import ensure_edge_venv
 
 pytestmark = pytest.mark.slow
 
-HEAVY = ("torch", "aiohttp", "sqlite_utils", "coordinator", "model_export", "sklearn")
+HEAVY = ("torch", "aiohttp", "sqlite_utils", "coordinator", "sklearn")
 
 PROBE = """
 import importlib.metadata as md, importlib.util, json
@@ -24,7 +24,13 @@ def dist(name):
         return md.version(name)
     except md.PackageNotFoundError:
         return None
+try:
+    import coordinator.app  # the sources ship in the same distribution, its dependencies not
+    coordinator_usable = True
+except ModuleNotFoundError:
+    coordinator_usable = False
 print(json.dumps({
+    "coordinator_usable": coordinator_usable,
     "importable": {m: importlib.util.find_spec(m) is not None
                    for m in ("torch", "aiohttp", "sqlite_utils", "sklearn", "onnxruntime")},
     "dists": {d: dist(d) for d in ("onnxruntime", "onnxruntime-training", "torch", "aiohttp")},
@@ -49,6 +55,7 @@ def test_edge_env_holds_plain_onnxruntime_and_nothing_heavy(edge_python: Path) -
     out = subprocess.run([str(edge_python), "-c", PROBE], capture_output=True, text=True,
                          check=True)
     probe = json.loads(out.stdout)
+    assert probe["coordinator_usable"] is False
     assert probe["importable"] == {"torch": False, "aiohttp": False, "sqlite_utils": False,
                                    "sklearn": False, "onnxruntime": True}
     assert probe["dists"]["onnxruntime"] is not None
