@@ -29,6 +29,9 @@ __all__ = ["TaskPlan"]
 
 # Plan keys of the async mode, read by AsyncConfig.from_plan.
 ASYNC_FIELDS = ("buffer_k", "max_concurrency", "staleness", "max_staleness")
+# A selection phase that has not gathered goal candidates by then gives up or starts smaller;
+# five minutes is a few pace-steering intervals of a small population.
+DEFAULT_SELECTION_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class TaskPlan:
     over_selection: float = 1.3
     min_reporting_fraction: float = 0.8  # of goal, by the deadline, to commit
     selection_window_s: float = 10.0
+    # From the round's opening: then start with the candidates if >= min_reports, else abandon.
+    selection_timeout_s: float = DEFAULT_SELECTION_TIMEOUT_S
     round_deadline_s: float = 120.0  # from the end of selection
     max_candidates_factor: float = 4.0  # window admits at most target x this candidates
     # client side
@@ -84,6 +89,13 @@ class TaskPlan:
                 "min_reporting_fraction", 0.8, minimum=0.0, maximum=1.0, exclusive_min=True
             ),
             selection_window_s=f.number("selection_window_s", 10.0, minimum=0.0, maximum=86400.0),
+            selection_timeout_s=f.number(
+                "selection_timeout_s",
+                DEFAULT_SELECTION_TIMEOUT_S,
+                minimum=0.0,
+                maximum=7 * 86400.0,
+                exclusive_min=True,
+            ),
             round_deadline_s=f.number(
                 "round_deadline_s", 120.0, minimum=0.0, maximum=7 * 86400.0, exclusive_min=True
             ),
@@ -110,6 +122,13 @@ class TaskPlan:
             buffer=_async_config(f),
         )
         f.done()
+        if not f.has("selection_timeout_s"):  # the default never cuts a long window short
+            timeout = max(DEFAULT_SELECTION_TIMEOUT_S, plan.selection_window_s)
+            plan = dataclasses.replace(plan, selection_timeout_s=timeout)
+        elif plan.selection_timeout_s < plan.selection_window_s:
+            raise InvalidRequest(
+                "plan.selection_timeout_s must be at least plan.selection_window_s"
+            )
         if plan.wait_for_all:
             if f.has("over_selection") and plan.over_selection != 1.0:
                 raise InvalidRequest("plan.over_selection must be 1 (or absent) with wait_for_all")
@@ -123,6 +142,7 @@ class TaskPlan:
             "over_selection": self.over_selection,
             "min_reporting_fraction": self.min_reporting_fraction,
             "selection_window_s": self.selection_window_s,
+            "selection_timeout_s": self.selection_timeout_s,
             "round_deadline_s": self.round_deadline_s,
             "max_candidates_factor": self.max_candidates_factor,
             **self.client_json(),

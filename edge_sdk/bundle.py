@@ -144,7 +144,9 @@ def _check_structure(raw: Any) -> None:
             raise BundleError(f"parameter {p.get('name')!r} offset {p['offset']} != {expected}")
         expected += int(np.prod(p["shape"], dtype=np.int64))
     if expected != int(raw["num_parameters"]):
-        raise BundleError(f"parameter layout covers {expected}, manifest says {raw['num_parameters']}")
+        raise BundleError(
+            f"parameter layout covers {expected}, manifest says {raw['num_parameters']}"
+        )
     if bundle_id_of(raw) != raw["bundle_id"]:
         raise BundleError("bundle_id does not match the manifest's content")
 

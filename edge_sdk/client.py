@@ -61,7 +61,7 @@ from edge_sdk.errors import (
     Unauthorized,
 )
 from edge_sdk.local_training import Plan, evaluate, train
-from edge_sdk.pool import TrainerPool
+from edge_sdk.pool import TrainerPool, TrainerSource
 from edge_sdk.protocol import (
     API_PREFIX,
     FRAME_CONTENT_TYPE,
@@ -135,7 +135,8 @@ class Client:
     :func:`~edge_sdk.conditions.default_provider` or ``ScriptedConditions``; ``policy``: the
     local eligibility rule (default: idle, charging, unmetered). ``cache`` and ``trainers``
     may be shared between clients of one process; ``clock`` (for ``wall_time_s``) and ``sleep``
-    (retry backoff, :meth:`run_forever`) may be virtual.
+    (retry backoff, :meth:`run_forever`) may be virtual; ``transport`` replaces the HTTP layer
+    (a :class:`Transport` subclass, e.g. one that also models link speed).
     """
 
     def __init__(
@@ -149,9 +150,10 @@ class Client:
         eval_data: Dataset | tuple[np.ndarray, np.ndarray] | Path | str | None = None,
         config: ClientConfig | None = None,
         cache: BundleCache | None = None,
-        trainers: TrainerPool | None = None,
+        trainers: TrainerSource | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        transport: Transport | None = None,
     ) -> None:
         self.config = config or ClientConfig()
         self.state = DeviceState(Path(state_dir).expanduser())
@@ -166,7 +168,7 @@ class Client:
         seed = self.config.seed
         self._rng = random.Random(seed)
         self._np_rng = np.random.default_rng(seed)
-        self.transport = Transport(
+        self.transport = transport or Transport(
             coordinator,
             timeout=self.config.request_timeout_s,
             retry=self.config.retry,

@@ -63,8 +63,9 @@ class TransportError(ClientError):
 class ApiError(ClientError):
     """The coordinator answered ``{"error": {"code", "message"}}`` with a 4xx/5xx status.
 
-    ``attempt`` is the 1-based attempt on which this answer came: an upload whose first
-    attempt was cut off and whose retry gets ``duplicate_upload`` was in fact counted.
+    ``attempt`` is how many times the request was sent when this answer came (1: first try):
+    an upload whose first try was cut off and whose retry gets ``duplicate_upload`` had been
+    counted.
     """
 
     def __init__(

@@ -17,15 +17,23 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Protocol
 
 from edge_sdk.bundle import Manifest
 from edge_sdk.trainers.base import Trainer
 
-__all__ = ["TrainerPool"]
+__all__ = ["TrainerPool", "TrainerSource"]
 
 Loader = Callable[[Path, str | None], Trainer]
+
+
+class TrainerSource(Protocol):
+    """What a client takes as ``trainers=``: a :class:`TrainerPool`, or anything that lends a
+    trainer for a bundle the same way (the fleet emulator wraps the pool in emulated devices)."""
+
+    def lease(self, bundle_dir: Path, manifest: Manifest) -> AbstractContextManager[Trainer]: ...
 
 
 def _load(bundle_dir: Path, backend: str | None) -> Trainer:

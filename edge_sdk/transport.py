@@ -181,10 +181,12 @@ class Transport:
     # -- machinery ----------------------------------------------------------------------------
 
     def _retrying(self, method: str, path: str, attempt: Callable[[], Response]) -> Response:
-        n = 0
+        n = 0  # attempts that count against the policy
+        tries = 0  # requests sent, a free reopen included
         reopened = False
         while True:
             n += 1
+            tries += 1
             try:
                 response = attempt()
             except _Failed as failure:
@@ -202,7 +204,7 @@ class Transport:
             if response.status < 400:
                 return response
             error = self._error(method, path, response)
-            error.attempt = n
+            error.attempt = tries
             if response.status >= 500 and n < self.retry.max_attempts:
                 self._sleep(self._server_delay(n, response))
                 continue

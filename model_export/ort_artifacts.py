@@ -18,7 +18,7 @@ from torch import nn
 
 from model_export.config import OptimizerConfig
 from model_export.errors import ExportError
-from model_export.tracing import OPSET, _classify, _quiet
+from model_export.tracing import OPSET, classify, quiet
 
 __all__ = ["ORT_DIR", "ORT_FILES", "ort_training_support", "write_ort_artifacts"]
 
@@ -52,10 +52,7 @@ def write_ort_artifacts(
 ) -> dict[str, str]:
     """Write the artifacts under ``out_dir/ort``; returns the file map for the manifest."""
     import onnx
-    import onnxruntime
     from onnxruntime.training import artifacts, onnxblock
-
-    onnxruntime.set_default_logger_severity(3)  # its graph transformers log at INFO otherwise
 
     art_dir = out_dir / ORT_DIR
     art_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +60,7 @@ def write_ort_artifacts(
     with tempfile.TemporaryDirectory() as tmp:
         fwd_path = Path(tmp) / "forward.onnx"
         try:
-            with _quiet():
+            with quiet():
                 torch.onnx.export(
                     model,
                     (sample_x,),
@@ -78,7 +75,7 @@ def write_ort_artifacts(
                     opset_version=OPSET,
                 )
         except Exception as e:
-            raise _classify(e, "ORT training artifacts") from e
+            raise classify(e, "ORT training artifacts") from e
         forward = onnx.load(str(fwd_path))
     loss_type = {
         "cross_entropy": artifacts.LossType.CrossEntropyLoss,
@@ -93,7 +90,7 @@ def write_ort_artifacts(
     else:
         optim_block = artifacts.OptimType.SGD
     try:
-        with _quiet():
+        with quiet(native=True):
             artifacts.generate_artifacts(
                 forward,
                 requires_grad=list(trainable),

@@ -20,7 +20,7 @@ from torch import nn
 
 from model_export.errors import ExportError
 from model_export.step import StepFunctions
-from model_export.tracing import _classify, _quiet, trace
+from model_export.tracing import classify, quiet, trace
 
 __all__ = ["TFLITE_FILES", "write_tflite"]
 
@@ -53,11 +53,11 @@ def _convert(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor], path: Path,
             "TFLite files need litert-torch (pip install 'fedge[tflite]')"
         ) from e
     try:
-        with _quiet(), contextlib.redirect_stderr(io.StringIO()):
+        with quiet(native=True), contextlib.redirect_stderr(io.StringIO()):
             edge_model = litert_torch.convert(_Positional(gm).eval(), tuple(args))
             edge_model.export(str(path))
     except Exception as e:
-        raise _classify(e, what) from e
+        raise classify(e, what) from e
 
 
 def write_tflite(

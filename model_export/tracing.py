@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from model_export.decompositions import training_decompositions
 from model_export.errors import DataDependentControlFlow, ExportError, UnsupportedOperator
 
-__all__ = ["OPSET", "export_onnx", "trace"]
+__all__ = ["OPSET", "classify", "export_onnx", "quiet", "trace"]
 
 # Opset 18 runs on every onnxruntime >= 1.14, so on plain ORT 1.17 devices as well.
 OPSET = 18
@@ -41,7 +43,7 @@ _DATA_DEPENDENT_MARKERS = (
 )
 
 
-_OP = re.compile(r"aten(?:\.|::)([A-Za-z0-9_]+)")
+_OP = re.compile(r"\b((?:aten|prims)(?:\.|::)[A-Za-z0-9_]+)")
 
 
 def _first_line(e: BaseException) -> str:
@@ -49,7 +51,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _classify(e: BaseException, what: str) -> ExportError:
+def classify(e: BaseException, what: str) -> ExportError:
     chain: list[BaseException] = []
     cur: BaseException | None = e
     while cur is not None and len(chain) < 10:
@@ -65,14 +67,16 @@ def _classify(e: BaseException, what: str) -> ExportError:
     detail = next((c for c in reversed(chain) if _OP.search(str(c))), e)
     ops = _OP.findall(str(detail))
     return UnsupportedOperator(
-        f"{what}: {('operator aten.' + ops[0] + ' ') if ops else ''}cannot be exported to "
-        f"standard ops ({type(detail).__name__}: {_first_line(detail)})"
+        f"{what}: {'operator ' + ops[0].replace('::', '.') + ' ' if ops else ''}cannot be "
+        f"exported to standard ops ({type(detail).__name__}: {_first_line(detail)})"
     )
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporters print progress and warnings meant for interactive use."""
+def quiet(native: bool = False) -> Iterator[None]:
+    """The exporters print progress and warnings meant for interactive use; ``native`` also
+    silences C++ logging (ORT's graph transformers, TFLite's flatbuffer exporter) that goes
+    straight to file descriptors 1 and 2. Errors still surface as exceptions."""
     loggers = [logging.getLogger(n) for n in ("torch", "onnxscript", "torch.onnx", "torch.export")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -81,6 +85,7 @@ def _quiet() -> Iterator[None]:
         with (
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
+            _native_silenced() if native else contextlib.nullcontext(),
         ):
             warnings.simplefilter("ignore")
             yield
@@ -89,12 +94,29 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _native_silenced() -> Iterator[None]:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def trace(
     fn: Callable[..., object], args: Sequence[torch.Tensor], what: str
 ) -> torch.fx.GraphModule:
     """Trace ``fn`` to core-aten ops with symbolic shapes."""
     try:
-        with _quiet():
+        with quiet():
             # Through *args: fx counts a bound method's ``self`` as a traced argument.
             return make_fx(
                 lambda *a: fn(*a),
@@ -106,7 +128,7 @@ def trace(
     except ExportError:
         raise
     except Exception as e:
-        raise _classify(e, what) from e
+        raise classify(e, what) from e
 
 
 def export_onnx(
@@ -124,7 +146,7 @@ def export_onnx(
     batch = torch.export.Dim("batch")
     dynamic = tuple({0: batch} if name in batch_inputs else None for name in input_names)
     try:
-        with _quiet():
+        with quiet():
             program = torch.onnx.export(
                 gm,
                 tuple(args),
@@ -142,4 +164,4 @@ def export_onnx(
     except ExportError:
         raise
     except Exception as e:
-        raise _classify(e, what) from e
+        raise classify(e, what) from e

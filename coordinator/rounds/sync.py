@@ -3,16 +3,20 @@
 A round of a task goes through::
 
     selecting ──(window over, >= goal candidates)──> reporting ──(goal reports)─> committed
-                                                        │
-                                                        └─(deadline)─> committed if >= min_reports
-                                                                       abandoned otherwise
+        │                                         ▲     │
+        ├─(timeout, >= min_reports candidates)────┘     └─(deadline)─> committed if >= min_reports
+        └─(timeout, fewer)─> abandoned                                 abandoned otherwise
 
 * **Selection.** The first eligible check-in opens a round (``window_ends_at = now +
   selection_window_s``). Eligible devices checking in during the window become candidates
   (at most ``target x max_candidates_factor``) and are told to come back just after it ends.
   Once the window is over and at least ``goal`` candidates came, ``target = ceil(goal x
   over_selection)`` of them are drawn uniformly at random and get assignments; the others
-  are pace-steered away. Until ``goal`` candidates arrived the window stays open.
+  are pace-steered away. Until ``goal`` candidates arrived the window stays open, but at most
+  until ``opened_at + selection_timeout_s``: then the round starts with every candidate if at
+  least ``min_reports`` came (it can still commit), else it is abandoned (``reason``
+  ``selection_timeout`` in its metrics) and the next check-in opens a new window. A paused
+  task's window neither selects nor times out.
 * **Configuration.** A selected device receives its assignment at its next check-in. While
   fewer than ``target`` assignments exist (too few candidates), later eligible check-ins are
   assigned directly until the deadline.
@@ -92,11 +96,12 @@ class SyncRounds(TaskPolicy):
     def check_in(self, task: Task, plan: TaskPlan, device_id: str, now: float) -> dict[str, Any]:
         store = self.ctx.store
         rnd = store.open_round(task.task_id)
-        if rnd is None:
+        if rnd is not None:
+            rnd = self._maybe_select(task, plan, rnd, now)  # may time the window out
+        if rnd is None or not rnd.is_open:
             if task.state == "paused":
                 return _wait(self._steer(task, plan, now), "paused")
             rnd = self._open_round(task, plan, now)
-        rnd = self._maybe_select(task, plan, rnd, now)
         mine = store.assignment_for(rnd.round_id, device_id)
         if mine is not None:
             if mine.state in ("selected", "delivered"):
@@ -183,8 +188,12 @@ class SyncRounds(TaskPolicy):
         if rnd.state != "selecting" or now < rnd.window_ends_at or task.state == "paused":
             return rnd
         store = self.ctx.store
-        if store.count_candidates(rnd.round_id) < rnd.goal:
-            return rnd
+        count = store.count_candidates(rnd.round_id)
+        if count < rnd.goal:
+            if now < rnd.opened_at + plan.selection_timeout_s:
+                return rnd
+            if count < rnd.min_reports:
+                return self._abandon_selection(task, rnd, now)
         candidates = store.candidates(rnd.round_id)
         chosen = self.ctx.rng.sample(candidates, min(rnd.target, len(candidates)))
         with store.atomic():
@@ -209,6 +218,16 @@ class SyncRounds(TaskPolicy):
                 deadline_at=now + plan.round_deadline_s,
             )
         out = store.get_round(rnd.round_id)
+        assert out is not None
+        return out
+
+    def _abandon_selection(self, task: Task, rnd: Round, now: float) -> Round:
+        """Close a window that timed out with fewer than ``min_reports`` candidates."""
+        metrics = self._metrics(task, rnd, now)
+        metrics.update(outcome="abandoned", reason="selection_timeout")
+        self.ctx.store.update_round(rnd.round_id, state="abandoned", closed_at=now, metrics=metrics)
+        self._period.pop(task.task_id, None)
+        out = self.ctx.store.get_round(rnd.round_id)
         assert out is not None
         return out
 
@@ -315,7 +334,7 @@ class SyncRounds(TaskPolicy):
                 task, plan, n, running.mean(), rnd.round_id, now, also=record
             )
         else:
-            metrics["outcome"] = "abandoned"
+            metrics.update(outcome="abandoned", reason="too_few_reports")
             with store.atomic():
                 store.update_round(rnd.round_id, state="abandoned", closed_at=now, metrics=metrics)
                 store.expire_assignments(rnd.round_id, now)

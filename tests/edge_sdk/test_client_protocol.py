@@ -25,7 +25,7 @@ from edge_sdk.client import (
 )
 from edge_sdk.codecs import CODECS, encode_update
 from edge_sdk.conditions import DeviceConditions, EligibilityPolicy, ScriptedConditions
-from edge_sdk.transport import RetryPolicy
+from edge_sdk.transport import RetryPolicy, Transport
 from tests.edge_sdk.loopback import Loopback, Reply, Seen, json_error, ranged
 
 GOOD = DeviceConditions(charging=True, battery=0.9, idle=True, unmetered=True)
@@ -201,6 +201,23 @@ def test_duplicate_on_a_first_attempt_is_a_rejection(
     assert outcome.action == REJECTED and outcome.error == "duplicate_upload"
 
 
+def test_duplicate_after_a_cut_off_try_means_the_first_try_counted(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    answers = [Reply(200, b'{"accepted": true}', cut_after=3),
+               json_error(409, "duplicate_upload")]
+    with ScriptedCoordinator(digits_bundle, {"codec": {"name": "topk", "k": 10}}) as coord:
+        coord.checkin = lambda s: coord.train()
+        coord.update = lambda s: answers.pop(0)
+        client = _client(coord.loopback.url, tmp_path, digits_data)
+        outcome = client.run_once()
+    assert outcome.action == TRAINED
+    first, second = coord.calls("/update")
+    assert first.body == second.body
+    assert first.headers["idempotency-key"] == second.headers["idempotency-key"]
+    assert client.state.error_feedback(TASK).load(2410) is not None  # the residual moved on
+
+
 def test_unreachable_coordinator_backs_off_exponentially_then_recovers(
     digits_bundle: Path, digits_data: Any, tmp_path: Path
 ) -> None:
@@ -313,3 +330,24 @@ def test_malformed_answers_fail_the_pass_without_uploading(
     assert 30.0 <= outcome.next_run_in_s <= 33.0
     assert coord.calls("/update") == []
     assert not any(s.path.startswith("http") for s in coord.loopback.seen)
+
+
+def test_an_injected_transport_carries_every_call(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    calls: list[str] = []
+
+    class Counting(Transport):
+        def request(self, method: str, path: str, **kw: Any) -> Any:
+            calls.append(path)
+            return super().request(method, path, **kw)
+
+    with ScriptedCoordinator(digits_bundle) as coord:
+        coord.checkin = lambda s: coord.train()
+        transport = Counting(coord.loopback.url, sleep=lambda s: None)
+        client = Client(coord.loopback.url, state_dir=tmp_path / "dev", data=digits_data,
+                        conditions=ScriptedConditions(GOOD), transport=transport)
+        assert client.run_once().action == TRAINED
+    assert client.transport is transport
+    assert [p.rsplit("/", 1)[-1] for p in calls] == [
+        "devices", "checkin", coord.manifest["bundle_id"], "params", "update"]

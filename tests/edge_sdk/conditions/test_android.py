@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from edge_sdk.conditions import AndroidConditions, DeviceConditions
+from edge_sdk.conditions import AndroidConditions, DeviceConditions, default_provider
 from edge_sdk.conditions.android import (
     parse_dumpsys_battery,
     parse_dumpsys_connectivity,
@@ -131,3 +132,14 @@ def test_garbled_outputs_never_raise(parser: Callable[[str], object], name: str)
     for variant in garbled(text(name)):
         result = parser(variant)
         assert result is None or isinstance(result, bool | DeviceConditions)
+
+
+def test_default_provider_recognises_android(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ANDROID_ROOT", raising=False)
+    (tmp_path / "system").mkdir()
+    (tmp_path / "system/build.prop").write_text("ro.build.version.sdk=34\n")
+    assert isinstance(default_provider(tmp_path), AndroidConditions)
+    monkeypatch.setenv("ANDROID_ROOT", "/system")  # what Termux sees
+    assert isinstance(default_provider(tmp_path / "elsewhere"), AndroidConditions)

@@ -55,6 +55,9 @@ def test_parsers() -> None:
     assert parse_get_throttled("") is None
 
 
-def test_default_provider_recognises_the_board(tmp_path: Path) -> None:
+def test_default_provider_recognises_the_board(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ANDROID_ROOT", raising=False)
     assert isinstance(default_provider(PI), RaspberryPiConditions)
     assert type(default_provider(tmp_path)).__name__ == "LinuxConditions"

@@ -14,6 +14,7 @@ REQUIRED = ("rounds", "devices", "final_accuracy", "local_only_accuracy",
             "centralized_accuracy", "bytes_uploaded", "bytes_uploaded_fp32")
 
 
+@pytest.mark.slow  # about 30 s with a cold bundle cache
 def test_demo_prints_rounds_a_table_and_json_last(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
