@@ -12,8 +12,10 @@ manifest, then it is renamed into place. So:
 * the manifest must hash to the bundle id the coordinator named, so a wrong or tampered
   manifest is rejected before any file is fetched.
 
-One :class:`BundleCache` may serve many clients (the fleet emulator shares one): it verifies a
-bundle's files by hash once and afterwards only when their size or mtime changes.
+One :class:`BundleCache` may serve many clients of a process (the fleet emulator shares one):
+it verifies a bundle's files by hash once and afterwards only when their size or mtime changes.
+Its locks are per process: give separate processes separate roots (a file two processes append
+to at once fails its hash check, so nothing corrupt is ever used, but the round may fail).
 
 Usage::
 

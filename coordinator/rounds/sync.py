@@ -226,6 +226,7 @@ class SyncRounds(TaskPolicy):
         metrics = self._metrics(task, rnd, now)
         metrics.update(outcome="abandoned", reason="selection_timeout")
         self.ctx.store.update_round(rnd.round_id, state="abandoned", closed_at=now, metrics=metrics)
+        self.ctx.bytes_out.pop(task.task_id, None)
         self._period.pop(task.task_id, None)
         out = self.ctx.store.get_round(rnd.round_id)
         assert out is not None
@@ -304,6 +305,8 @@ class SyncRounds(TaskPolicy):
         success = metrics["reported"] >= rnd.min_reports
         if rnd.kind == "evaluate":
             metrics["outcome"] = "completed" if success else "abandoned"
+            if not success:
+                metrics["reason"] = "too_few_reports"
             with store.atomic():
                 store.update_round(
                     rnd.round_id, state=metrics["outcome"], closed_at=now, metrics=metrics

@@ -224,6 +224,67 @@ def test_window_waits_for_goal_candidates_then_tops_up(fleet, fake_clock) -> Non
     assert f.admin.task(f.task_id)["current_round"]["state"] == "reporting"
 
 
+def test_selection_timeout_starts_a_short_round_with_enough_candidates(fleet, fake_clock) -> None:
+    f = fleet(10, goal=10, selection_timeout_s=40.0)  # min_reports = ceil(10 x 0.8) = 8
+    early, late = f.devices[:8], f.devices[8:]
+    assert {d.check_in()["reason"] for d in early} == {"selecting"}
+    fake_clock.advance(39.0)  # window over, 8 < goal: still waiting
+    assert f.admin.task(f.task_id)["current_round"]["state"] == "selecting"
+    fake_clock.advance(1.0)  # the timeout: 8 >= min_reports, the round starts with all of them
+    rnd = f.admin.task(f.task_id)["current_round"]
+    assert rnd["state"] == "reporting" and rnd["deadline_at"] == rnd["opened_at"] + 40.0 + 60.0
+    chosen = [(d, d.check_in()) for d in early]
+    assert {a["action"] for _, a in chosen} == {"train"}
+    # latecomers fill the slots up to target 13 until the deadline
+    assert {d.check_in()["action"] for d in late} == {"train"}
+    base = f.params(0)
+    for i, (d, a) in enumerate(chosen):
+        assert d.upload(a["assignment"]["assignment_id"], _delta(i), num_examples=5 + i)[0] == 200
+    fake_clock.advance(60.0)
+    r = f.rounds()[0]
+    assert r["state"] == "committed" and r["metrics"]["candidates"] == 8
+    assert (r["metrics"]["reported"], r["metrics"]["participants"]) == (8, 10)
+    expected = base + np.average(
+        np.stack([_delta(i) for i in range(8)]), axis=0, weights=[5 + i for i in range(8)]
+    )
+    np.testing.assert_allclose(f.params(1), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_selection_timeout_with_too_few_candidates_abandons_and_retries(fleet, fake_clock) -> None:
+    f = fleet(10, goal=10, selection_timeout_s=40.0)
+    few = f.devices[:7]  # < min_reports 8
+    assert {d.check_in()["reason"] for d in few} == {"selecting"}
+    fake_clock.advance(40.0)
+    [first] = f.rounds()
+    assert first["state"] == "abandoned" and first["closed_at"] == first["opened_at"] + 40.0
+    m = first["metrics"]
+    assert (m["outcome"], m["reason"]) == ("abandoned", "selection_timeout")
+    assert (m["candidates"], m["participants"], m["reported"]) == (7, 0, 0)
+    assert f.admin.task(f.task_id)["current_round"] is None
+    assert f.admin.task(f.task_id)["model_version"] == 0
+    # the next check-in opens a fresh window, which fills and selects as usual
+    chosen = f.select()
+    assert len(chosen) == 10 and {a["round"] for _, a in chosen} == {2}
+    assert [r["state"] for r in f.rounds()] == ["abandoned", "reporting"]
+
+
+def test_a_check_in_that_finds_the_window_timed_out_opens_the_next(
+    tmp_path, fake_clock, tiny_bundle
+) -> None:
+    # No tick runs on its own here, so the check-in itself meets the expired window.
+    with EmbeddedCoordinator(
+        tmp_path / "f.db", clock=fake_clock, seed=1, tick_interval_s=3600.0
+    ) as coord:
+        f = Fleet(coord, fake_clock, tiny_bundle, 2, goal=10, selection_timeout_s=40.0)
+        assert f.devices[0].check_in()["reason"] == "selecting"
+        fake_clock.advance(45.0)
+        assert f.devices[1].check_in()["reason"] == "selecting"
+        rounds = f.rounds()
+        assert [(r["round"], r["state"]) for r in rounds] == [(1, "abandoned"), (2, "selecting")]
+        assert rounds[0]["metrics"]["candidates"] == 1
+        assert rounds[1]["opened_at"] == rounds[0]["closed_at"] == rounds[0]["opened_at"] + 45.0
+
+
 def test_ineligible_devices_are_steered_away(fleet) -> None:
     f = fleet(3)
     d = f.devices[0]
@@ -319,6 +380,7 @@ def test_a_paused_task_selects_nobody(fleet, fake_clock) -> None:
     f.admin.pause(f.task_id)
     fake_clock.advance(11.0)
     assert {d.check_in()["reason"] for d in f.devices} == {"paused"}
+    fake_clock.advance(300.0)  # nor does a paused window time out
     assert f.admin.task(f.task_id)["current_round"]["state"] == "selecting"
     f.admin.resume(f.task_id)
     answers = [d.check_in()["action"] for d in f.devices]
