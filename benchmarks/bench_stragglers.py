@@ -324,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     from fedge.demo import demo_bundle
     from fedge.fleet import load_digits, partition
 
-
     bundle = demo_bundle(say=log)
     runs: list[dict[str, ModeResult]] = []
     for seed in range(setup.seed, setup.seed + args.seeds):
@@ -341,19 +340,26 @@ def main(argv: list[str] | None = None) -> int:
             for name, (mode, plan) in run_setup.modes().items()
             if not args.modes or name in args.modes
         })  # fmt: skip
-    per_seed = [{name: r.summary() for name, r in run.items()} for run in runs]
-    out = aggregate(per_seed)
+        out = write_results(runs, setup, args.out)  # after every seed: partial results survive
+        log(f"wrote {args.out / 'stragglers.json'} and {args.out / 'stragglers.png'} "
+            f"({len(runs)} of {args.seeds} seeds)")
     baseline = "sync_wait_for_all" if "sync_wait_for_all" in out else next(iter(out))
     print(table(out, baseline))
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "stragglers.json"
-    png_path = args.out / "stragglers.png"
-    plot(runs, out, setup, png_path)
+    return 0
+
+
+def write_results(
+    runs: list[dict[str, ModeResult]], setup: Setup, directory: Path
+) -> dict[str, dict[str, Any]]:
+    per_seed = [{name: r.summary() for name, r in run.items()} for run in runs]
+    out = aggregate(per_seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    plot(runs, out, setup, directory / "stragglers.png")
     doc = {
         "benchmark": "bench_stragglers",
         "clock": "emulated seconds (fleet SimClock, read by the coordinator too)",
         "setup": asdict(setup),
-        "seeds": list(range(setup.seed, setup.seed + args.seeds)),
+        "seeds": list(range(setup.seed, setup.seed + len(runs))),
         "aggregate": "time_to_target_s, bytes_*: median over seeds; accuracies: mean",
         "modes": out,
         "per_seed": per_seed,
@@ -362,9 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                     for name, r in run.items()} for run in runs],
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
     }  # fmt: skip
-    json_path.write_text(json.dumps(doc, indent=1))
-    log(f"wrote {json_path} and {png_path}")
-    return 0
+    (directory / "stragglers.json").write_text(json.dumps(doc, indent=1))
+    return out
 
 
 if __name__ == "__main__":

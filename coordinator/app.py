@@ -29,6 +29,7 @@ from coordinator.errors import ApiError, BodyTooLarge
 from coordinator.service import Coordinator, DeviceIdentity
 from edge_sdk.protocol import (
     FRAME_CONTENT_TYPE,
+    HEADER_ENROLLMENT,
     HEADER_IDEMPOTENCY_KEY,
     HEADER_REPORT,
     ErrorCode,
@@ -130,6 +131,7 @@ def build_app(coord: Coordinator) -> web.Application:
 
     @routes.post(Route.REGISTER)
     async def register(request: web.Request) -> web.Response:
+        coord.check_enrollment(request.headers.get(HEADER_ENROLLMENT))  # before reading a body
         return ok(await run(coord.register, await body(request)), 201)
 
     @routes.post(Route.CHECKIN)
@@ -244,6 +246,10 @@ def build_app(coord: Coordinator) -> web.Application:
 
     async def on_startup(app: web.Application) -> None:
         await run(coord.tick)  # recover: apply deadlines that passed while we were down
+        # then drop what a crash left unreferenced, before any request can write new blobs
+        collected = await run(coord.collect_garbage)
+        if collected.blobs:
+            log.info("removed %d orphaned blobs (%d bytes)", collected.blobs, collected.bytes)
         app[_TICKER_KEY] = asyncio.create_task(ticker())
 
     async def on_cleanup(app: web.Application) -> None:

@@ -3,7 +3,9 @@ optimizer state and uploaded update payloads, each stored once under its sha256.
 
 Writes are atomic and durable: write to a temporary file, fsync it, rename it into place,
 fsync the directory. A blob therefore either exists whole or not at all, and the database
-row that refers to it is committed only after :meth:`BlobStore.put` returned.
+row that refers to it is committed only after :meth:`BlobStore.put` returned. A crash between
+those steps, or between a commit and the deletion of what it made obsolete, leaves blobs no
+record needs; :meth:`BlobStore.collect` removes them, given the set still referenced.
 
 ::
 
@@ -19,11 +21,20 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator, Set
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BlobStore", "fsync_dir"]
+__all__ = ["BlobStore", "Collected", "fsync_dir"]
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_FANOUT_RE = re.compile(r"^[0-9a-f]{2}$")
+
+
+@dataclass(frozen=True)
+class Collected:
+    blobs: int = 0
+    bytes: int = 0
 
 
 def fsync_dir(path: Path) -> None:
@@ -112,3 +123,24 @@ class BlobStore:
 
     def delete(self, sha: str) -> None:
         self.path(sha).unlink(missing_ok=True)
+
+    def shas(self) -> Iterator[str]:
+        """Every stored blob's hash (files that do not look like blobs are not ours: skipped)."""
+        for fanout in sorted(self.root.iterdir()):
+            if not (fanout.is_dir() and _FANOUT_RE.match(fanout.name)):
+                continue
+            for f in sorted(fanout.iterdir()):
+                sha = fanout.name + f.name
+                if f.is_file() and _SHA_RE.match(sha):
+                    yield sha
+
+    def collect(self, keep: Set[str]) -> Collected:
+        """Delete every blob not in ``keep``. Only safe while nothing is being written."""
+        count = size = 0
+        for sha in list(self.shas()):
+            if sha not in keep:
+                path = self.path(sha)
+                size += path.stat().st_size
+                path.unlink()
+                count += 1
+        return Collected(count, size)

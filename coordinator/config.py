@@ -40,6 +40,8 @@ class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     admin_token: str | None = None
+    # When set, registering a device needs it (header X-Fedge-Enrollment); None: open.
+    enrollment_token: str | None = None
     # Device requests (JSON and update frames); admin bundle uploads have their own limit.
     max_body_bytes: int = 16 << 20
     max_bundle_bytes: int = 512 << 20

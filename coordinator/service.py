@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.blobs import BlobStore
+from coordinator.blobs import BlobStore, Collected
 from coordinator.bundles import bundle_tar, extract_bundle, initial_params_name, version_manifest
 from coordinator.clock import Clock, SystemClock
 from coordinator.config import CoordinatorConfig
@@ -47,7 +47,7 @@ from coordinator.store import (
 from coordinator.tensors import check_delta, decode_delta, encode_params
 from coordinator.validation import Fields
 from coordinator.versions import ModelVersions, RoundSums
-from edge_sdk.protocol import ErrorCode, parse_device_auth
+from edge_sdk.protocol import HEADER_ENROLLMENT, ErrorCode, parse_device_auth
 
 __all__ = ["Coordinator", "DeviceIdentity"]
 
@@ -61,8 +61,13 @@ class DeviceIdentity:
     population: str
 
 
+def _header_bytes(value: str) -> bytes:
+    # aiohttp decodes header bytes that are not UTF-8 to lone surrogates; keep them comparable.
+    return value.encode("utf-8", "surrogateescape")
+
+
 def _hash_secret(salt: str, secret: str) -> str:
-    return hmac.new(bytes.fromhex(salt), secret.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(bytes.fromhex(salt), _header_bytes(secret), hashlib.sha256).hexdigest()
 
 
 def parse_json(body: bytes) -> Any:
@@ -116,6 +121,15 @@ class Coordinator:
             if task is not None:
                 self._policy(task).tick(task, self._plan(task), now)
 
+    def collect_garbage(self) -> Collected:
+        """Delete blobs no record needs any more (see :mod:`coordinator.blobs`).
+
+        For startup, after the first :meth:`tick` has finished what a crash interrupted and
+        before any request: a blob written for a record not yet committed would look unused.
+        """
+        keep = self.store.referenced_blobs(closed_round_payloads=self.config.retain_updates)
+        return self.blobs.collect(keep)
+
     def _now(self) -> float:
         now = self.clock.now()
         if now - self._last_tick >= self.config.tick_interval_s:
@@ -147,8 +161,19 @@ class Coordinator:
 
     def check_admin(self, authorization: str | None) -> None:
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme != "Bearer" or not hmac.compare_digest(token.encode(), self.admin_token.encode()):
+        if scheme != "Bearer" or not hmac.compare_digest(
+            _header_bytes(token), self.admin_token.encode()
+        ):
             raise Unauthorized("operator calls need 'Authorization: Bearer <admin token>'")
+
+    def check_enrollment(self, token: str | None) -> None:
+        expected = self.config.enrollment_token
+        if expected is None:
+            return
+        if token is None or not hmac.compare_digest(_header_bytes(token), expected.encode()):
+            raise Unauthorized(
+                f"registration needs '{HEADER_ENROLLMENT}: <enrollment token>' (missing or wrong)"
+            )
 
     def authenticate(self, authorization: str | None) -> DeviceIdentity:
         parsed = parse_device_auth(authorization)
@@ -287,9 +312,14 @@ class Coordinator:
         a = self._own_assignment(who, assignment_id)
         if a.action != "train":
             raise Conflict("this is an evaluation assignment: report metrics, not an update")
-        if not idempotency_key or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        if (
+            not idempotency_key
+            or len(idempotency_key) > MAX_IDEMPOTENCY_KEY
+            or not (idempotency_key.isascii() and idempotency_key.isprintable())
+        ):
             raise InvalidRequest(
-                f"uploads need an Idempotency-Key header of 1..{MAX_IDEMPOTENCY_KEY} characters"
+                f"uploads need an Idempotency-Key header of 1..{MAX_IDEMPOTENCY_KEY} printable "
+                "ASCII characters"
             )
         prior = self.store.get_update(a.assignment_id)
         if prior is not None:

@@ -56,6 +56,7 @@ from edge_sdk.errors import (
     ApiError,
     ClientError,
     ConditionsLapsed,
+    Conflict,
     DuplicateUpload,
     TransportError,
     Unauthorized,
@@ -65,6 +66,7 @@ from edge_sdk.pool import TrainerPool, TrainerSource
 from edge_sdk.protocol import (
     API_PREFIX,
     FRAME_CONTENT_TYPE,
+    HEADER_ENROLLMENT,
     HEADER_IDEMPOTENCY_KEY,
     HEADER_REPORT,
     Route,
@@ -102,6 +104,7 @@ class ClientConfig:
     request_timeout_s: float = 30.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     seed: int | None = None  # shuffling, stochastic rounding and jitter; None: fresh entropy
+    enrollment_token: str | None = None  # sent on registration if the coordinator wants one
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,9 @@ class Client:
                     "runtimes": self._runtimes(),
                     "population": self.config.population,
                 },
+                headers=None
+                if self.config.enrollment_token is None
+                else {HEADER_ENROLLMENT: self.config.enrollment_token},
             )
             creds = Credentials(url, str(answer["device_id"]), str(answer["secret"]))
             self.state.save_credentials(creds)
@@ -433,6 +439,10 @@ class Client:
         path = Route.ASSIGNMENT_ABORT.format(assignment_id=assignment_id)
         try:
             self.transport.call("POST", path, {"reason": reason, "message": message[:500]})
+        except Conflict as e:
+            # The round closed (goal reached or deadline) while we trained: the coordinator
+            # already expired the assignment, so there is no slot left to free.
+            log.info("abort of %s came after its round closed: %s", assignment_id, e)
         except (TransportError, ApiError) as e:
             # Best effort: the deadline frees the slot anyway.
             log.warning("could not tell the coordinator about abort of %s: %s", assignment_id, e)

@@ -11,7 +11,8 @@ Conventions
 * Every error is ``{"error": {"code": <ErrorCode>, "message": <human text>}}`` with a 4xx or 5xx
   status; the code is stable, the message is not.
 * Devices authenticate with ``Authorization: Device <device_id>:<secret>``; operators with
-  ``Authorization: Bearer <admin token>``. Only a hash of the device secret is stored.
+  ``Authorization: Bearer <admin token>``. Only a hash of the device secret is stored. A
+  coordinator may require ``X-Fedge-Enrollment: <enrollment token>`` to register a device.
 * Uploads carry ``Idempotency-Key``: the same device, assignment and key always get the same
   answer, and the update is counted once.
 """
@@ -24,6 +25,7 @@ from typing import Final
 __all__ = [
     "API_PREFIX",
     "FRAME_CONTENT_TYPE",
+    "HEADER_ENROLLMENT",
     "HEADER_IDEMPOTENCY_KEY",
     "HEADER_REPORT",
     "ErrorCode",
@@ -37,6 +39,8 @@ FRAME_CONTENT_TYPE: Final = "application/x-fedge-frame"
 HEADER_IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 # JSON (ASCII) with the client's training report for an upload: see docs/protocol.md.
 HEADER_REPORT: Final = "X-Fedge-Report"
+# The shared enrollment token, on registration, when the coordinator is configured with one.
+HEADER_ENROLLMENT: Final = "X-Fedge-Enrollment"
 
 
 class Route:

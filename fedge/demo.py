@@ -49,7 +49,7 @@ class DemoConfig:
     devices: int = 30
     rounds: int = 50
     goal: int = 10  # reports per round (the coordinator selects 1.3x as many)
-    epochs: int = 3
+    steps: int = 10  # local steps per round: equal work per device, so no size bias in the race
     batch_size: int = 16
     lr: float = 0.15
     lr_decay: float = 0.98
@@ -70,8 +70,8 @@ class DemoConfig:
 
         if self.devices < 2 or self.rounds < 1 or not 1 <= self.goal <= self.devices:
             raise ValueError("need devices >= 2, rounds >= 1 and 1 <= goal <= devices")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or not self.alpha > 0:
-            raise ValueError("epochs and batch size must be >= 1, lr and alpha > 0")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or not self.alpha > 0:
+            raise ValueError("steps and batch size must be >= 1, lr and alpha > 0")
         if not (0 <= self.dropout_prob <= 1 and 0 <= self.lapse_prob <= 1):
             raise ValueError("dropout and lapse probabilities must be in [0, 1]")
         if not self.speedup > 0:
@@ -85,7 +85,7 @@ class DemoConfig:
             "over_selection": 1.3,
             "selection_window_s": 5.0,
             "round_deadline_s": 60.0,
-            "epochs": self.epochs,
+            "steps": self.steps,
             "batch_size": self.batch_size,
             "lr": self.lr,
             "lr_decay": self.lr_decay,
@@ -217,11 +217,14 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResu
         f"{np.mean([len(np.unique(p.y)) for p in parts]):.1f} labels per device on average); "
         f"{len(test)} held out")
 
-    recipe = Recipe(config.rounds * config.epochs, config.batch_size, config.lr)
-    say(f"baselines with the same local recipe ({recipe.epochs} epochs, batch "
-        f"{recipe.batch_size}, lr {recipe.lr}) ...")
-    central = centralized(trainer, train, test, initial, recipe, seed=config.seed)
-    local = local_only(trainer, parts, test, initial, recipe, seed=config.seed)
+    # Budgets: each device alone gets the steps of being selected every round; the pooled model
+    # the steps of all the updates the federation counts.
+    alone = Recipe(config.batch_size, config.lr, steps=config.rounds * config.steps)
+    pooled = Recipe(config.batch_size, config.lr, steps=config.rounds * config.steps * config.goal)
+    say(f"baselines (SGD, batch {config.batch_size}, lr {config.lr}): centralized "
+        f"{pooled.steps} steps, local-only {alone.steps} steps per device ...")
+    central = centralized(trainer, train, test, initial, pooled, seed=config.seed)
+    local = local_only(trainer, parts, test, initial, alone, seed=config.seed)
     say(f"  centralized (pooled data): {central:.3f}   local-only (mean of "
         f"{len(local)} devices): {np.mean(local):.3f}")
     initial_acc = test_accuracy(trainer, initial, test)
@@ -236,7 +239,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResu
         bundle_id = admin.upload_bundle(bundle)["bundle_id"]
         task_id = admin.create_task(bundle_id, config.plan(), name="digits-demo")["task_id"]
         say(f"coordinator {coord.url} (temporary SQLite), task {task_id}: {config.rounds} "
-            f"rounds, goal {config.goal}, {config.epochs} local epochs, codec {config.codec}")
+            f"rounds, goal {config.goal}, {config.steps} local steps, codec {config.codec}")
         fleet = Fleet(coord.url, parts, heterogeneity=heterogeneity, seed=config.seed,
                       clock=clock, rejoin_s=120.0)
         t0 = time.monotonic()

@@ -94,8 +94,8 @@ def _target_for(loss: str, out: Any, n: int) -> tuple[torch.Tensor, dict[str, An
         y = torch.randint(0, classes, (n,))
         return y, {"shape": [None], "dtype": "int64"}, classes
     y = torch.rand_like(out) if loss == "bce" else torch.randn_like(out)
-    classes = int(out.shape[1]) if loss == "bce" and out.ndim == 2 else None
-    return y, {"shape": [None, *out.shape[1:]], "dtype": "float32"}, classes
+    bce_classes = int(out.shape[1]) if loss == "bce" and out.ndim == 2 else None
+    return y, {"shape": [None, *out.shape[1:]], "dtype": "float32"}, bce_classes
 
 
 def _check_buffers_stable(model: nn.Module, x: torch.Tensor) -> None:
@@ -140,7 +140,9 @@ def _check_target(out_dir: Path) -> None:
     if not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-        raise FileExistsError(f"{out_dir} is not empty and holds no bundle; refusing to write there")
+        raise FileExistsError(
+            f"{out_dir} is not empty and holds no bundle; refusing to write there"
+        )
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
@@ -199,8 +201,13 @@ def export_bundle(
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be served
     try:
         _write(
-            prep, staging, ort_training=ort_training, tflite=tflite, tflite_batch=tflite_batch,
-            seed=seed, say=progress or (lambda _msg: None),
+            prep,
+            staging,
+            ort_training=ort_training,
+            tflite=tflite,
+            tflite_batch=tflite_batch,
+            seed=seed,
+            say=progress or (lambda _msg: None),
         )
         _publish(staging, out_dir)
     except BaseException:
@@ -238,8 +245,9 @@ class _Prepared:
 
 
 def _default_shape(model: nn.Module) -> list[int]:
-    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None),
-                 None)
+    first = next(
+        (m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None
+    )
     if isinstance(first, nn.Linear):
         return [1, first.in_features]
     raise ValueError(
@@ -262,8 +270,8 @@ def _prepare(
     shape = input_shape or _default_shape(model)
     named = list(model.named_parameters())
     frozen_names = _match_freeze([n for n, _ in named], freeze)
-    trainable = [(n, p) for n, p in named if n not in frozen_names]
-    frozen = [(n, p) for n, p in named if n in frozen_names]
+    trainable: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in named if n not in frozen_names]
+    frozen: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in named if n in frozen_names]
     if not trainable:
         raise UnsupportedModel("the model has no trainable parameters")
     for _, p in named:
@@ -294,8 +302,18 @@ def _prepare(
         optimizer=opt,
     )
     return _Prepared(
-        model, _source_of(model_or_spec, model), fns, trainable, frozen, shape, input_dtype,
-        x, y, out, target_spec, num_classes,
+        model,
+        _source_of(model_or_spec, model),
+        fns,
+        trainable,
+        frozen,
+        shape,
+        input_dtype,
+        x,
+        y,
+        out,
+        target_spec,
+        num_classes,
     )
 
 
@@ -360,7 +378,10 @@ def _write(
         (out_dir / "frozen.f32").write_bytes(_flat([p for _, p in prep.frozen]).tobytes())
 
     files = {
-        str(p.relative_to(out_dir).as_posix()): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        str(p.relative_to(out_dir).as_posix()): {
+            "sha256": sha256_file(p),
+            "bytes": p.stat().st_size,
+        }
         for p in sorted(out_dir.rglob("*"))
         if p.is_file()
     }

@@ -6,8 +6,9 @@ convolutions in disguise: the input gradient of a convolution is a transposed co
 the same weight, the weight gradient is a convolution of the input with the output gradient
 (batch and channel axes swapped), and an average pool's input gradient is a transposed
 convolution with a constant kernel. Some gradients (BCE with logits) also allocate with
-``empty_permuted``, which has no translation either. Cases outside these (grouped or transposed convolutions,
-padded or ceil-mode pooling) return ``NotImplemented``, and the exporter then reports the op.
+``empty_permuted``, which has no translation either. Cases outside these (grouped or
+transposed convolutions, padded or ceil-mode pooling) return ``NotImplemented``, and the
+exporter then reports the op.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def _output_padding(
     """What a transposed convolution must add to give back the forward input's size."""
     return [
         int(i) - ((int(o) - 1) * s - 2 * p + d * (k - 1) + 1)
-        for i, o, k, s, p, d in zip(in_sizes, out_sizes, kernel, stride, padding, dilation,
-                                    strict=True)
+        for i, o, k, s, p, d in zip(
+            in_sizes, out_sizes, kernel, stride, padding, dilation, strict=True
+        )
     ]
 
 

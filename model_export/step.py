@@ -124,4 +124,9 @@ class StepFunctions:
         return p, [exp_avg, exp_avg_sq, step]
 
     def function(self, graph: str) -> Callable[..., object]:
-        return {"step": self.step, "eval": self.eval, "infer": self.infer}[graph]
+        fns: dict[str, Callable[..., object]] = {
+            "step": self.step,
+            "eval": self.eval,
+            "infer": self.infer,
+        }
+        return fns[graph]

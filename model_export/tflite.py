@@ -49,9 +49,7 @@ def _convert(gm: torch.fx.GraphModule, args: Sequence[torch.Tensor], path: Path,
     try:
         import litert_torch
     except ImportError as e:
-        raise ExportError(
-            "TFLite files need litert-torch (pip install 'fedge[tflite]')"
-        ) from e
+        raise ExportError("TFLite files need litert-torch (pip install 'fedge[tflite]')") from e
     try:
         with quiet(native=True), contextlib.redirect_stderr(io.StringIO()):
             edge_model = litert_torch.convert(_Positional(gm).eval(), tuple(args))
@@ -77,10 +75,18 @@ def write_tflite(
     weight = torch.ones(batch)
     args = [params, *state, x, y, lr, anchor, mu, weight]
     fns.model.train()
-    _convert(trace(fns.step, args, "TFLite step graph"), args, out_dir / TFLITE_FILES["step"],
-             "TFLite step graph")
+    _convert(
+        trace(fns.step, args, "TFLite step graph"),
+        args,
+        out_dir / TFLITE_FILES["step"],
+        "TFLite step graph",
+    )
     fns.model.eval()
     infer_args = [params, x]
-    _convert(trace(fns.infer, infer_args, "TFLite infer graph"), infer_args,
-             out_dir / TFLITE_FILES["infer"], "TFLite infer graph")
+    _convert(
+        trace(fns.infer, infer_args, "TFLite infer graph"),
+        infer_args,
+        out_dir / TFLITE_FILES["infer"],
+        "TFLite infer graph",
+    )
     return dict(TFLITE_FILES)

@@ -23,16 +23,19 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import onnx
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from model_export.decompositions import training_decompositions
 from model_export.errors import DataDependentControlFlow, ExportError, UnsupportedOperator
 
-__all__ = ["OPSET", "classify", "export_onnx", "quiet", "trace"]
+__all__ = ["IR_VERSION", "OPSET", "classify", "export_onnx", "quiet", "trace"]
 
-# Opset 18 runs on every onnxruntime >= 1.14, so on plain ORT 1.17 devices as well.
+# Opset 18 and IR version 9 load on every onnxruntime >= 1.15, so on plain ORT 1.17 devices
+# too; the exporter writes IR 10 (ORT >= 1.18) though the graphs use nothing from it.
 OPSET = 18
+IR_VERSION = 9
 
 _DATA_DEPENDENT_MARKERS = (
     "data-dependent",
@@ -160,7 +163,9 @@ def export_onnx(
                 verbose=False,
             )
             assert program is not None
-            program.save(str(path), external_data=False)
+            proto = program.model_proto
+            proto.ir_version = min(proto.ir_version, IR_VERSION)
+            onnx.save(proto, str(path))
     except ExportError:
         raise
     except Exception as e:

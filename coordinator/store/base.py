@@ -276,6 +276,11 @@ class Store(ABC):
         """Whether an update of a still-open round has this payload (identical bytes)."""
 
     @abstractmethod
+    def referenced_blobs(self, *, closed_round_payloads: bool) -> set[str]:
+        """Every blob hash a record needs: bundle files, versions' parameters and optimizer
+        state, and the update payloads of open rounds (of all rounds if asked)."""
+
+    @abstractmethod
     def assignment_counts(self, round_id: int) -> dict[str, int]:
         """How many of a round's assignments are in each state."""
 

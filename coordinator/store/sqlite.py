@@ -2,12 +2,15 @@
 
 The connection runs in autocommit mode with WAL and ``synchronous=FULL``: a write that
 returned is on disk, which is what lets the service acknowledge an upload right after it.
-Rows go in and out through sqlite-utils' table API; the few aggregate queries are plain SQL.
+Rows go in through sqlite-utils' table API and come out through ``Database.query`` (a table's
+``rows_where`` would first query the schema twice, on every check-in's hot path); the few
+aggregate queries are plain SQL.
 The object is used from one thread at a time (the service serialises its calls).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -46,8 +49,13 @@ def _to_row(record: Any) -> dict[str, Any]:
     return row
 
 
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
 def _from_row(cls: type[R], row: dict[str, Any]) -> R:
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    names = _field_names(cls)
     values = {k: v for k, v in row.items() if k in names}
     for k in _JSON_FIELDS & values.keys():
         values[k] = json.loads(values[k]) if values[k] is not None else None
@@ -89,8 +97,25 @@ class SQLiteStore(Store):
         except sqlite3.IntegrityError as e:
             raise StoreError(f"{table}: {e}") from e
 
+    def _rows(
+        self,
+        table: str,
+        where: str,
+        args: Sequence[Any] = (),
+        *,
+        order_by: str | None = None,
+        select: str = "*",
+        limit: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        sql = f"select {select} from [{table}] where {where}"
+        if order_by is not None:
+            sql += f" order by {order_by}"
+        if limit is not None:
+            sql += f" limit {int(limit)}"
+        return self.db.query(sql, list(args))
+
     def _get(self, cls: type[R], table: str, where: str, args: Sequence[Any]) -> R | None:
-        rows = list(self.db.table(table).rows_where(where, list(args), limit=1))
+        rows = list(self._rows(table, where, args, limit=1))
         return _from_row(cls, rows[0]) if rows else None
 
     def _update(self, table: str, pk: Any, values: dict[str, Any]) -> None:
@@ -128,7 +153,7 @@ class SQLiteStore(Store):
         return True
 
     def get_bundle(self, bundle_id: str) -> dict[str, Any] | None:
-        rows = list(self.db.table("bundles").rows_where("bundle_id = ?", [bundle_id], limit=1))
+        rows = list(self._rows("bundles", "bundle_id = ?", [bundle_id], limit=1))
         return json.loads(rows[0]["manifest"]) if rows else None
 
     # tasks
@@ -146,9 +171,7 @@ class SQLiteStore(Store):
         if state is not None:
             where.append("state = ?")
             args.append(state)
-        rows = self.db.table("tasks").rows_where(
-            " and ".join(where), args, order_by="created_at, rowid"
-        )
+        rows = self._rows("tasks", " and ".join(where), args, order_by="created_at, rowid")
         return [_from_row(Task, r) for r in rows]
 
     def update_task(self, task_id: str, **values: Any) -> None:
@@ -180,13 +203,11 @@ class SQLiteStore(Store):
         )
 
     def open_rounds(self) -> list[Round]:
-        rows = self.db.table("rounds").rows_where(
-            "state in ('selecting', 'reporting')", order_by="round_id"
-        )
+        rows = self._rows("rounds", "state in ('selecting', 'reporting')", order_by="round_id")
         return [_from_row(Round, r) for r in rows]
 
     def list_rounds(self, task_id: str) -> list[Round]:
-        rows = self.db.table("rounds").rows_where("task_id = ?", [task_id], order_by="round_id")
+        rows = self._rows("rounds", "task_id = ?", [task_id], order_by="round_id")
         return [_from_row(Round, r) for r in rows]
 
     def update_round(self, round_id: int, **values: Any) -> None:
@@ -203,8 +224,12 @@ class SQLiteStore(Store):
         return cur.rowcount == 1
 
     def candidates(self, round_id: int) -> list[str]:
-        rows = self.db.table("candidates").rows_where(
-            "round_id = ?", [round_id], order_by="checked_in_at, rowid", select="device_id"
+        rows = self._rows(
+            "candidates",
+            "round_id = ?",
+            [round_id],
+            order_by="checked_in_at, rowid",
+            select="device_id",
         )
         return [r["device_id"] for r in rows]
 
@@ -228,7 +253,7 @@ class SQLiteStore(Store):
         )
 
     def round_assignments(self, round_id: int) -> list[Assignment]:
-        rows = self.db.table("assignments").rows_where("round_id = ?", [round_id], order_by="rowid")
+        rows = self._rows("assignments", "round_id = ?", [round_id], order_by="rowid")
         return [_from_row(Assignment, r) for r in rows]
 
     def count_assignments(self, round_id: int) -> int:
@@ -250,7 +275,8 @@ class SQLiteStore(Store):
         if not round_ids:
             return []
         marks = ", ".join("?" * len(round_ids))
-        rows = self.db["assignments"].rows_where(
+        rows = self._rows(
+            "assignments",
             f"round_id in ({marks}) and state in ('selected', 'delivered')",
             [int(r) for r in round_ids],
             order_by="created_at, rowid",
@@ -271,7 +297,7 @@ class SQLiteStore(Store):
         return self._get(Update, "updates", "assignment_id = ?", [assignment_id])
 
     def round_updates(self, round_id: int) -> Iterator[Update]:
-        rows = self.db.table("updates").rows_where("round_id = ?", [round_id], order_by="rowid")
+        rows = self._rows("updates", "round_id = ?", [round_id], order_by="rowid")
         return (_from_row(Update, r) for r in list(rows))
 
     def count_updates(self, round_id: int | None = None) -> int:
@@ -305,6 +331,22 @@ class SQLiteStore(Store):
         ).fetchone()
         return row is not None
 
+    def referenced_blobs(self, *, closed_round_payloads: bool) -> set[str]:
+        payloads = (
+            "select payload_sha from updates"
+            if closed_round_payloads
+            else "select u.payload_sha from updates u join rounds r on r.round_id = u.round_id "
+            "where r.state in ('selecting', 'reporting')"
+        )
+        rows = self.db.execute(
+            "select json_extract(f.value, '$.sha256') "
+            "from bundles b, json_each(b.manifest, '$.files') f "
+            "union select params_sha from versions "
+            "union select optimizer_sha from versions "
+            f"union {payloads}"
+        ).fetchall()
+        return {r[0] for r in rows if r[0] is not None}
+
     def assignment_counts(self, round_id: int) -> dict[str, int]:
         rows = self.db.execute(
             "select state, count(*) from assignments where round_id = ? group by state", [round_id]
@@ -324,9 +366,7 @@ class SQLiteStore(Store):
         return self._get(EvalReport, "eval_reports", "assignment_id = ?", [assignment_id])
 
     def round_eval_reports(self, round_id: int) -> list[EvalReport]:
-        rows = self.db.table("eval_reports").rows_where(
-            "round_id = ?", [round_id], order_by="rowid"
-        )
+        rows = self._rows("eval_reports", "round_id = ?", [round_id], order_by="rowid")
         return [_from_row(EvalReport, r) for r in rows]
 
     def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:

@@ -77,7 +77,9 @@ def load_trainer(bundle_dir: Path | str, backend: str | None = None) -> Trainer:
             raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         ok, reason = manifest.backend_support(backend)
         if not ok:
-            raise BundleNotSupported(f"{backend} cannot run bundle {manifest.bundle_id[:12]}: {reason}")
+            raise BundleNotSupported(
+                f"{backend} cannot run bundle {manifest.bundle_id[:12]}: {reason}"
+            )
         if not _installed(backend):
             raise BundleNotSupported(f"{backend} is not installed on this device")
         return _make(backend, bundle_dir, manifest)
@@ -90,4 +92,6 @@ def load_trainer(bundle_dir: Path | str, backend: str | None = None) -> Trainer:
             reasons.append(f"{name}: not installed")
         else:
             return _make(name, bundle_dir, manifest)
-    raise BundleNotSupported("no installed backend can run this bundle (" + "; ".join(reasons) + ")")
+    raise BundleNotSupported(
+        "no installed backend can run this bundle (" + "; ".join(reasons) + ")"
+    )

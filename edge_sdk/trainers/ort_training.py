@@ -41,8 +41,7 @@ class OrtTrainingTrainer(Trainer):
         # The checkpoint holds the initial parameters already; loading params.f32 over them
         # makes the layout check (ORT's contiguous order == manifest order) part of startup.
         self.set_parameters(
-            read_f32(Path(bundle_dir) / manifest.raw["initial_parameters"],
-                     manifest.num_parameters)
+            read_f32(Path(bundle_dir) / manifest.raw["initial_parameters"], manifest.num_parameters)
         )
 
     def get_parameters(self) -> np.ndarray:

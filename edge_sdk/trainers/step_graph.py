@@ -31,7 +31,9 @@ class StepGraphTrainer(Trainer):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         raw = manifest.raw
-        self._params = read_f32(self.bundle_dir / raw["initial_parameters"], manifest.num_parameters)
+        self._params = read_f32(
+            self.bundle_dir / raw["initial_parameters"], manifest.num_parameters
+        )
         self._state_shapes = {s["name"]: tuple(s["shape"]) for s in raw["optimizer_state"]}
         self._state: dict[str, np.ndarray] = {}
         self.reset_optimizer()

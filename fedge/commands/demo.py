@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="data split, profiles, training")
     p.add_argument("--out", type=Path, default=d.out, help="where the plot and result.json go")
     p.add_argument("--goal", type=int, default=d.goal, help="reports per round")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per round")
+    p.add_argument("--steps", type=int, default=d.steps, help="local steps per round")
     p.add_argument("--lr", type=float, default=d.lr, help="client learning rate")
     p.add_argument("--alpha", type=float, default=d.alpha,
                    help="Dirichlet label-skew alpha (smaller: more skewed)")
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = DemoConfig(
-            devices=args.devices, rounds=args.rounds, goal=args.goal, epochs=args.epochs,
+            devices=args.devices, rounds=args.rounds, goal=args.goal, steps=args.steps,
             lr=args.lr, alpha=args.alpha, codec=args.codec, dropout_prob=args.dropout,
             speedup=args.speedup, seed=args.seed, out=args.out, cache_dir=args.cache_dir,
         )

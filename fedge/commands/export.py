@@ -17,12 +17,13 @@ from fedge.cli import CommandError
 from model_export.config import INPUT_DTYPES, LOSSES, OPTIMIZERS
 
 
-
 def _shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
     if not dims or any(d < 1 for d in dims):
         raise argparse.ArgumentTypeError(f"{text!r} must list positive sizes, batch axis first")
     return dims

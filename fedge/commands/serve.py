@@ -25,6 +25,12 @@ def register(sub: Any) -> None:
         default=None,
         help="operator token (default: $FEDGE_ADMIN_TOKEN, else a random one printed to stderr)",
     )
+    p.add_argument(
+        "--enrollment-token",
+        default=None,
+        help="devices must send it (header X-Fedge-Enrollment) to register "
+        "(default: $FEDGE_ENROLLMENT_TOKEN, else the config's; none: registration is open)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=None, help="limit for device requests")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run)
@@ -44,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     token = args.admin_token or os.environ.get("FEDGE_ADMIN_TOKEN") or cfg.admin_token
     if token:
         overrides["admin_token"] = token
+    enrollment = args.enrollment_token or os.environ.get("FEDGE_ENROLLMENT_TOKEN")
+    if enrollment:
+        overrides["enrollment_token"] = enrollment
     cfg = dataclasses.replace(cfg, **overrides)
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"

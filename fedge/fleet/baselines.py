@@ -1,11 +1,14 @@
 """What the federated model is measured against, trained with the real device runtime.
 
 * **local-only**: every device trains the model on its own partition alone, from the same
-  initial parameters with the same local recipe (batch size, learning rate) for as many epochs
-  as the federated run gave it in total (``rounds * epochs``, as if selected every round); the
-  figure is the mean over devices of held-out accuracy. This is what each site gets by itself.
-* **centralized**: the same model and recipe on the pooled training data, ``rounds * epochs``
-  epochs: what the data could give if it were collected in one place.
+  initial parameters with the same local recipe (batch size, learning rate); the figure is the
+  mean over devices of held-out accuracy. This is what each site gets by itself.
+* **centralized**: the same model and recipe on the pooled training data: what the data could
+  give if it were collected in one place.
+
+The caller sets the budgets (:class:`Recipe`); the demo gives each device as many local steps
+as the federation would have given it had it been selected every round, and the centralized
+model as many steps as all the federation's counted updates together.
 
 Both run :func:`edge_sdk.local_training.train` on a trainer from
 :func:`edge_sdk.trainers.load_trainer` (the runtime the devices use, not torch), so the
@@ -29,14 +32,16 @@ __all__ = ["Recipe", "centralized", "local_only", "test_accuracy"]
 
 @dataclass(frozen=True)
 class Recipe:
-    """A training budget: ``epochs`` passes with SGD at ``lr`` in batches of ``batch_size``."""
+    """A training budget: ``epochs`` passes or ``steps`` steps (exactly one) of SGD at ``lr``
+    in batches of ``batch_size``."""
 
-    epochs: int
     batch_size: int
     lr: float
+    epochs: int | None = None
+    steps: int | None = None
 
     def plan(self) -> Plan:
-        return Plan(batch_size=self.batch_size, lr=self.lr, epochs=self.epochs)
+        return Plan(batch_size=self.batch_size, lr=self.lr, epochs=self.epochs, steps=self.steps)
 
 
 def test_accuracy(trainer: Trainer, params: np.ndarray, test: Dataset) -> float:

@@ -3,8 +3,10 @@
 Owns: building and running the emulated environment under ``.cache/arm/`` (gitignored).
 Everything comes from the package registries, so it works on a fresh clone:
 
-* ``qemu-user-static`` (Debian) runs aarch64 Linux binaries in user mode; no binfmt is needed
-  because we call ``qemu-aarch64-static -L ROOT ROOT/usr/bin/python3.11`` explicitly.
+* ``qemu/``: qemu user mode from Debian's backports (10.0; the release's own 7.2 crashes in
+  onnxruntime >= 1.28), fetched with ``apt-get download`` and unpacked, not installed. It runs
+  aarch64 Linux binaries; no binfmt is needed because we call
+  ``qemu-aarch64 -L ROOT ROOT/usr/bin/python3.11`` explicitly.
 * ``rootfs/``: Debian arm64 packages for CPython 3.11 and its shared libraries, fetched with
   ``apt-get download`` into a private APT state (the host's package state is not touched) and
   unpacked with ``dpkg -x``.
@@ -37,7 +39,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "arm"
 RECORD = CACHE / "build.json"
-QEMU = "qemu-aarch64-static"
+# Static x86_64 binaries of qemu user mode (Debian package); only qemu-aarch64 is used.
+QEMU_PACKAGE = "qemu-user"
+QEMU = CACHE / "qemu" / "usr" / "bin" / "qemu-aarch64"
 PYTHON_IN_ROOT = "usr/bin/python3.11"
 
 # Roots of the Debian dependency closure: the interpreter, its stdlib, and the C++ runtime that
@@ -82,7 +86,7 @@ class Env:
     def command(self, extra: str, args: Sequence[str]) -> list[str]:
         # -S: no site module, so no dist-packages dir (the root's or, through qemu's -L
         # fallback, the host's) is on sys.path; the extra's site dir is the only one.
-        return [QEMU, "-L", str(self.root), str(self.root / PYTHON_IN_ROOT), "-S", *args]
+        return [str(QEMU), "-L", str(self.root), str(self.root / PYTHON_IN_ROOT), "-S", *args]
 
     def environ(self, extra: str) -> dict[str, str]:
         return {
@@ -101,8 +105,8 @@ class Env:
 
 
 def qemu_version() -> str:
-    """``7.2.22`` for ``qemu-aarch64 version 7.2.22 (Debian ...)``."""
-    first = _sh([QEMU, "--version"]).splitlines()[0]
+    """``10.0.2`` for ``qemu-aarch64 version 10.0.2 (Debian ...)``."""
+    first = _sh([str(QEMU), "--version"]).splitlines()[0]
     return first.split(" version ", 1)[1].split()[0]
 
 
@@ -153,51 +157,91 @@ def _layer(record: dict[str, dict[str, object]], rebuilt: list[str], name: str, 
     log(f"{name}: built in {seconds} s")
 
 
-def _install_qemu() -> None:
-    if shutil.which(QEMU):
-        return
-    if os.geteuid() != 0:
-        raise SystemExit(f"{QEMU} is missing: run `sudo apt-get install qemu-user-static`")
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "qemu-user-static"], check=True,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+def _codename() -> str:
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    raise SystemExit("[arm] /etc/os-release names no VERSION_CODENAME: a Debian host is needed")
 
 
-def _apt_options(state: Path) -> list[str]:
-    # A private APT state: arm64 package lists and downloads never touch the host's.
-    return [
-        "-oAPT::Architecture=arm64", "-oAPT::Architectures=arm64",
-        f"-oDir::State={state / 'state'}", f"-oDir::State::status={state / 'state' / 'status'}",
-        f"-oDir::Cache={state / 'cache'}", "-oAPT::Sandbox::User=root", "-oDebug::NoLocking=1",
-    ]
+def _debian_archive(codename: str) -> str:
+    """The Debian archive URI this host's APT is configured with (never a hard-coded mirror)."""
+    query = ["apt-get", "indextargets", "--format", "$(REPO_URI)", "Created-By: Packages",
+             f"Release: {codename}", "Component: main"]
+    uris = sorted(set(_sh(query).split()))
+    if not uris and os.geteuid() == 0:
+        _sh(["apt-get", "update", "-qq"])
+        uris = sorted(set(_sh(query).split()))
+    if not uris:
+        raise SystemExit(f"[arm] no APT source for {codename} main is configured on this host")
+    return uris[0]
+
+
+class _Apt:
+    """A private APT state under ``.cache/arm/``: package lists and downloads for another
+    architecture or suite never touch the host's (nothing is installed; ``dpkg -x`` only)."""
+
+    def __init__(self, state: Path, arch: str, sources: str | None = None) -> None:
+        shutil.rmtree(state, ignore_errors=True)
+        (state / "lists" / "partial").mkdir(parents=True)
+        (state / "archives" / "partial").mkdir(parents=True)
+        (state / "status").touch()
+        self.options = [
+            f"-oAPT::Architecture={arch}", f"-oAPT::Architectures={arch}",
+            f"-oDir::State={state}", f"-oDir::State::status={state / 'status'}",
+            f"-oDir::State::Lists={state / 'lists'}", f"-oDir::Cache={state}",
+            f"-oDir::Cache::Archives={state / 'archives'}", "-oAPT::Sandbox::User=root",
+            "-oDebug::NoLocking=1",
+        ]
+        if sources is not None:  # otherwise the host's sources, for this architecture
+            (state / "sources.list").write_text(sources)
+            (state / "sources.list.d").mkdir()
+            self.options += [f"-oDir::Etc::SourceList={state / 'sources.list'}",
+                             f"-oDir::Etc::SourceParts={state / 'sources.list.d'}"]
+        self.state = state
+        _sh(["apt-get", *self.options, "-q", "update"])
+
+    def cache(self, *args: str) -> str:
+        return _sh(["apt-cache", *self.options, *args])
+
+    def unpack(self, names: Sequence[str], root: Path) -> list[str]:
+        """``apt-get download`` the packages and ``dpkg -x`` each into ``root``."""
+        debs = self.state / "debs"
+        debs.mkdir(exist_ok=True)
+        _sh(["apt-get", *self.options, "download", *names], cwd=debs)
+        root.mkdir(parents=True, exist_ok=True)
+        files = sorted(debs.glob("*.deb"))
+        for deb in files:
+            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+        return [f.name for f in files]
+
+
+def _fetch_qemu(qemu_dir: Path) -> None:
+    # Debian 12's own qemu (7.2) crashes in onnxruntime >= 1.28 at import; the backports
+    # build (10.0) runs it. Only the statically linked binary is used: nothing is installed.
+    codename = _codename()
+    sources = (f"deb [arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+               f"{_debian_archive(codename)} {codename}-backports main\n")
+    log(f"qemu: apt-get download qemu-user from {codename}-backports (private APT state)")
+    apt = _Apt(CACHE / "apt-qemu", "amd64", sources)
+    apt.unpack([QEMU_PACKAGE], qemu_dir)
+    shutil.rmtree(apt.state)
 
 
 def _build_rootfs(root: Path) -> None:
-    apt = CACHE / "apt"
-    shutil.rmtree(apt, ignore_errors=True)
-    (apt / "state" / "lists" / "partial").mkdir(parents=True)
-    (apt / "cache" / "archives" / "partial").mkdir(parents=True)
-    (apt / "state" / "status").touch()
-    opts = _apt_options(apt)
-    log("rootfs: apt-get update (arm64 lists, private state)")
-    _sh(["apt-get", *opts, "-q", "update"])
-    closure = _sh(["apt-cache", *opts, "depends", "--recurse", "--no-recommends",
-                   "--no-suggests", "--no-conflicts", "--no-breaks", "--no-replaces",
-                   "--no-enhances", *DEB_ROOTS])
+    log("rootfs: apt-get update (arm64 lists of the host's sources, private state)")
+    apt = _Apt(CACHE / "apt-arm64", "arm64")
+    closure = apt.cache("depends", "--recurse", "--no-recommends", "--no-suggests",
+                        "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances",
+                        *DEB_ROOTS)
     # Top-level lines are package names; indented lines are their dependency edges and
     # "<name>" lines are virtual packages that some real package provides.
     names = sorted({line for line in closure.splitlines()
                     if line and not line.startswith((" ", "<")) and line not in DEB_SKIP})
-    debs = apt / "debs"
-    debs.mkdir()
-    log(f"rootfs: apt-get download {len(names)} arm64 packages")
-    _sh(["apt-get", *opts, "download", *names], cwd=debs)
-    root.mkdir(parents=True)
-    for deb in sorted(debs.glob("*.deb")):
-        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
-    (root / "fedge-packages.txt").write_text(
-        "\n".join(sorted(d.name for d in debs.glob("*.deb"))) + "\n")
-    shutil.rmtree(apt)
+    log(f"rootfs: apt-get download and dpkg -x {len(names)} arm64 packages")
+    debs = apt.unpack(names, root)
+    (root / "fedge-packages.txt").write_text("\n".join(debs) + "\n")
+    shutil.rmtree(apt.state)
 
 
 def _build_project_wheel(dist: Path) -> Path:
@@ -264,7 +308,8 @@ def _ensure_env() -> Env:
     rebuilt: list[str] = []
     root, wheels = CACHE / "rootfs", CACHE / "wheels"
     sites = {extra: CACHE / f"site-{extra}" for extra in EXTRAS}
-    _layer(record, rebuilt, "qemu", "qemu-user-static", None, _install_qemu)
+    _layer(record, rebuilt, "qemu", _digest(QEMU_PACKAGE, "backports"), CACHE / "qemu",
+           lambda: _fetch_qemu(CACHE / "qemu"))
     _layer(record, rebuilt, "rootfs", _digest(DEB_ROOTS, sorted(DEB_SKIP)), root,
            lambda: _build_rootfs(root))
     _layer(record, rebuilt, "wheels", _digest(PIP_TARGET, EXTRAS, REPO / "pyproject.toml",

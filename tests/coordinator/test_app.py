@@ -22,10 +22,12 @@ import pytest
 from coordinator.admin import HttpConnection, tar_directory
 from coordinator.app import OPENAPI_PATH
 from coordinator.embedded import EmbeddedCoordinator
+from edge_sdk.client import Client, ClientConfig
 from edge_sdk.codecs import encode_update
+from edge_sdk.conditions import DeviceConditions, ScriptedConditions
 from edge_sdk.frame import encode_tensor
-from edge_sdk.protocol import ErrorCode, Route, device_auth_header
-from tests.fixtures.coordinator import DeviceHTTP
+from edge_sdk.protocol import HEADER_ENROLLMENT, ErrorCode, Route, device_auth_header
+from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP
 
 N = 64
 LIMIT = 16 * 1024
@@ -694,6 +696,28 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
         400,
         E.INVALID_REQUEST,
     ),
+    "checkin secret not utf-8": (
+        lambda c: c.http.request(
+            "POST", CHECKIN, b"{}", {"Authorization": f"Device {c.a.device_id}:\xff\xfe"}
+        ),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "admin token not utf-8": (
+        admin_req("GET", Route.ADMIN_TASKS, token="\xff\xfe"),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "upload idempotency key not ascii": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), GOOD, key="\xc3\xa9t\xc3\xa9"),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "upload idempotency key not utf-8, to a reported assignment": (
+        lambda c: upload(c, c.c, c.aid_c, frame(np.full(N, 0.01)), GOOD, key="k-\xff"),
+        400,
+        E.INVALID_REQUEST,
+    ),
     "params non-ascii digit version": (
         lambda c: c.a.raw("GET", f"/v1/tasks/{c.task_id}/versions/%D9%A3/params"),
         400,
@@ -715,6 +739,49 @@ def test_bad_input_is_refused_and_changes_nothing(ctx: Ctx, case: str) -> None:
     err = json.loads(body)["error"]
     assert err["code"] == code.value and isinstance(err["message"], str) and err["message"]
     assert ctx.state() == before
+
+
+def test_an_enrollment_token_guards_registration(tmp_path: Path) -> None:
+    """With ``enrollment_token`` set, registering needs it; nothing else changes."""
+    with EmbeddedCoordinator(
+        tmp_path / "e.db", enrollment_token="sesame", max_body_bytes=LIMIT
+    ) as coord:
+        http = HttpConnection(coord.url)
+        good = json.dumps({"runtimes": ["ort-step"]}).encode()
+        before = coord.call(coord.service.store.snapshot)
+        refused = [
+            ({}, good),
+            ({HEADER_ENROLLMENT: "wrong"}, good),
+            ({HEADER_ENROLLMENT: ""}, good),
+            ({HEADER_ENROLLMENT: "sesame\xff"}, good),
+            ({"Authorization": "Bearer sesame"}, good),  # the token, in the wrong place
+            ({}, b"{" + b" " * (LIMIT + 10) + b"}"),  # refused before the body is read
+        ]
+        for headers, body in refused:
+            status, got, data = http.request("POST", Route.REGISTER, body, headers)
+            assert status == 401, (headers, data[:200])
+            assert got["content-type"].startswith("application/json")
+            assert json.loads(data)["error"]["code"] == E.UNAUTHORIZED.value
+        assert coord.call(coord.service.store.snapshot) == before  # no device was created
+        device = DeviceHTTP(coord.url, enrollment_token="sesame")
+        assert device.check_in()["reason"] == "no_task"
+        # the edge SDK's client sends the token it is configured with
+        examples = (np.zeros((4, 4), np.float32), np.zeros(4, np.float32))
+        outcomes = {}
+        for token in (None, "sesame"):
+            client = Client(
+                coord.url,
+                state_dir=tmp_path / f"device-{token}",
+                data=examples,
+                conditions=ScriptedConditions(DeviceConditions.from_json(GOOD_CONDITIONS)),
+                config=ClientConfig(backend="ort-step", enrollment_token=token, seed=0),
+                sleep=lambda s: None,
+            )
+            outcomes[token] = client.run_once()
+            client.close()
+        assert (outcomes[None].action, outcomes[None].error) == ("failed", "unauthorized")
+        assert outcomes["sesame"].action == "wait"
+        assert coord.call(coord.service.store.count_devices) == 2
 
 
 def test_replayed_upload_gets_the_same_answer_and_changes_nothing(ctx: Ctx) -> None:

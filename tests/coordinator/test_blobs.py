@@ -39,3 +39,20 @@ def test_interrupted_writes_are_swept_and_paths_checked(tmp_path: Path) -> None:
     assert list((tmp_path / "b" / "tmp").iterdir()) == []
     with pytest.raises(ValueError):
         blobs.path("../../etc/passwd")
+
+
+def test_collect_deletes_only_unkept_blobs(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "b")
+    keep, drop = blobs.put(b"keep me"), blobs.put(b"orphan")
+    other = blobs.put(b"orphan two")
+    foreign = tmp_path / "b" / "README"  # not a blob: not ours to delete
+    foreign.write_text("hi")
+    (tmp_path / "b" / "zz").mkdir()
+    (tmp_path / "b" / "zz" / "x").write_text("not a blob either")
+    assert set(blobs.shas()) == {keep, drop, other}
+    got = blobs.collect({keep, "f" * 64})
+    assert (got.blobs, got.bytes) == (2, len(b"orphan") + len(b"orphan two"))
+    assert list(blobs.shas()) == [keep] and blobs.read(keep) == b"keep me"
+    assert foreign.exists() and (tmp_path / "b" / "zz" / "x").exists()
+    assert (tmp_path / "b" / "tmp").is_dir()
+    assert blobs.collect({keep}).blobs == 0

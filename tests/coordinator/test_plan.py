@@ -36,6 +36,14 @@ def test_round_trip_is_lossless() -> None:
                            "codec", "recheck_every_steps"}  # fmt: skip
 
 
+def test_selection_timeout_default_never_cuts_a_window_short() -> None:
+    assert TaskPlan.from_json(None).selection_timeout_s == 300.0
+    assert TaskPlan.from_json({"selection_window_s": 900}).selection_timeout_s == 900.0
+    plan = TaskPlan.from_json({"selection_window_s": 5, "selection_timeout_s": 5})
+    assert plan.selection_timeout_s == 5.0
+    assert TaskPlan.from_json(plan.to_json()) == plan
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -47,6 +55,9 @@ def test_round_trip_is_lossless() -> None:
         {"min_reporting_fraction": 0},
         {"min_reporting_fraction": 1.5},
         {"round_deadline_s": 0},
+        {"selection_timeout_s": 0},
+        {"selection_timeout_s": 9, "selection_window_s": 10},
+        {"selection_timeout_s": "300"},
         {"lr": -1},
         {"lr": float("inf")},
         {"codec": {"name": "zip"}},

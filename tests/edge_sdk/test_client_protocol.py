@@ -47,6 +47,7 @@ class ScriptedCoordinator:
         self.checkin: Callable[[Seen], Reply] = lambda s: self.wait(42.0)
         self.update: Callable[[Seen], Reply] = lambda s: Reply(
             200, json.dumps({"accepted": True, "round": 1, "model_version": 0}).encode())
+        self.abort: Callable[[Seen], Reply] = lambda s: Reply(200, b'{"aborted": true}')
         self.loopback = Loopback(self.handle)
 
     @staticmethod
@@ -78,7 +79,7 @@ class ScriptedCoordinator:
         if path.endswith("/update"):
             return self.update(seen)
         if path.endswith("/abort"):
-            return Reply(200, b'{"aborted": true}')
+            return self.abort(seen)
         return json_error(404, "not_found")
 
     def calls(self, suffix: str) -> list[Seen]:
@@ -90,6 +91,18 @@ class ScriptedCoordinator:
 
     def __exit__(self, *exc: object) -> None:
         self.loopback.__exit__(*exc)
+
+
+class LapseAfterFirstRead(ScriptedConditions):
+    """Good for the check-in's read, ``lapsed`` at every read after it (the training's)."""
+
+    def __init__(self, lapsed: DeviceConditions) -> None:
+        super().__init__(GOOD)
+        self.lapsed = lapsed
+
+    def read(self) -> DeviceConditions:
+        good = super().read()  # counts the read
+        return good if self.reads == 1 else self.lapsed
 
 
 @pytest.fixture
@@ -253,24 +266,33 @@ def test_a_plan_the_device_cannot_run_is_aborted_with_a_reason(
 def test_conditions_lapsing_mid_training_abort_before_the_next_step(
     digits_bundle: Path, digits_data: Any, tmp_path: Path
 ) -> None:
-    conditions = ScriptedConditions(GOOD)
-    reads = {"n": 0}
-
-    class UnplugAfterFirstRead(ScriptedConditions):
-        def read(self) -> DeviceConditions:
-            reads["n"] += 1
-            return conditions.read() if reads["n"] == 1 else GOOD.replace(unmetered=False)
-
     with ScriptedCoordinator(digits_bundle, {"recheck_every_steps": 1}) as coord:
         coord.checkin = lambda s: coord.train()
         client = _client(coord.loopback.url, tmp_path, digits_data,
-                         conditions=UnplugAfterFirstRead(GOOD))
+                         conditions=LapseAfterFirstRead(GOOD.replace(unmetered=False)))
         outcome = client.run_once()
     assert outcome.action == ABORTED and outcome.reasons == ("network metered",)
     (abort,) = coord.calls("/abort")
     body = json.loads(abort.body)
     assert body["reason"] == "conditions_lapsed" and "step 1" in body["message"]
     assert coord.calls("/update") == []
+
+
+def test_an_abort_after_the_round_closed_is_still_an_abort_and_no_alarm(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with ScriptedCoordinator(digits_bundle, {"recheck_every_steps": 1}) as coord:
+        coord.checkin = lambda s: coord.train()
+        # the coordinator's answer when the round reached its goal during our training
+        coord.abort = lambda s: json_error(409, "conflict", "assignment is expired")
+        client = _client(coord.loopback.url, tmp_path, digits_data,
+                         conditions=LapseAfterFirstRead(GOOD.replace(charging=False)))
+        with caplog.at_level("INFO", logger="edge_sdk.client"):
+            outcome = client.run_once()
+    assert outcome.action == ABORTED and outcome.reasons == ("not charging",)
+    assert len(coord.calls("/abort")) == 1  # a 409 is final: not retried
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert "after its round closed" in caplog.records[0].getMessage()
 
 
 def test_run_forever_stops_on_an_event(

@@ -12,11 +12,16 @@ import pytest
 from edge_sdk import errors
 from edge_sdk.protocol import ErrorCode
 from edge_sdk.transport import RetryPolicy, Transport
-from tests.edge_sdk.loopback import Loopback, Reply, Seen, json_error, ranged
+from tests.edge_sdk.loopback import Handler, Loopback, Reply, Seen, json_error, ranged
 
 
 def _ok(seen: Seen) -> Reply:
     return Reply(200, json.dumps({"echo": seen.body.decode() or None}).encode())
+
+
+def _then_ok(replies: list[Reply]) -> Handler:
+    """A handler that answers with ``replies`` in turn, then like :func:`_ok`."""
+    return lambda seen: replies.pop(0) if replies else _ok(seen)
 
 
 def _transport(url: str, sleeps: list[float], **kw: object) -> Transport:
@@ -40,11 +45,7 @@ def test_json_call_credentials_keep_alive_and_byte_counts() -> None:
 
 def test_5xx_is_retried_with_growing_jittered_backoff() -> None:
     replies = [Reply(503, b"busy"), json_error(500, "internal"), Reply(502, b"<html>")]
-
-    def handler(seen: Seen) -> Reply:
-        return replies.pop(0) if replies else _ok(seen)
-
-    with Loopback(handler) as server:
+    with Loopback(_then_ok(replies)) as server:
         sleeps: list[float] = []
         assert _transport(server.url, sleeps).call("POST", "/v1/x", {"a": 1}) == {
             "echo": '{"a": 1}'
@@ -59,11 +60,7 @@ def test_5xx_is_retried_with_growing_jittered_backoff() -> None:
 
 def test_retry_after_header_of_503_is_honoured_up_to_the_cap() -> None:
     replies = [Reply(503, b"", {"Retry-After": "2"}), Reply(503, b"", {"Retry-After": "999"})]
-
-    def handler(seen: Seen) -> Reply:
-        return replies.pop(0) if replies else _ok(seen)
-
-    with Loopback(handler) as server:
+    with Loopback(_then_ok(replies)) as server:
         sleeps: list[float] = []
         _transport(server.url, sleeps).call("GET", "/v1/x")
     assert sleeps == [2.0, 3.0]

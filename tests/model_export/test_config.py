@@ -30,7 +30,9 @@ def test_given_values_override_defaults_and_set_the_state() -> None:
     assert [s.name for s in cfg.state] == ["momentum_buffer"]
     assert [s.name for s in OptimizerConfig.make("sgd").state] == []
     assert [s.name for s in OptimizerConfig.make("adamw").state] == [
-        "exp_avg", "exp_avg_sq", "step"
+        "exp_avg",
+        "exp_avg_sq",
+        "step",
     ]
 
 

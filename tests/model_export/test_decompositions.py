@@ -33,8 +33,17 @@ def test_convolution_backward_matches_autograd(shape, kernel, stride, padding, d
     g = torch.randn_like(out)
     want = torch.autograd.grad(out, (x, w, b), g)
     got = TABLE[aten.convolution_backward.default](
-        g, x.detach(), w.detach(), [5], [stride] * nd, [padding] * nd, [dilation] * nd,
-        False, [0] * nd, 1, [True, True, True],
+        g,
+        x.detach(),
+        w.detach(),
+        [5],
+        [stride] * nd,
+        [padding] * nd,
+        [dilation] * nd,
+        False,
+        [0] * nd,
+        1,
+        [True, True, True],
     )
     for name, a, e in zip(("input", "weight", "bias"), got, want, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=name)
@@ -49,7 +58,9 @@ def test_grouped_convolution_is_left_to_the_exporter() -> None:
     assert got is NotImplemented
 
 
-@pytest.mark.parametrize(("shape", "kernel", "stride"), [((2, 3, 8, 8), 2, 2), ((1, 2, 9, 7), 3, 2)])
+@pytest.mark.parametrize(
+    ("shape", "kernel", "stride"), [((2, 3, 8, 8), 2, 2), ((1, 2, 9, 7), 3, 2)]
+)
 def test_avg_pool2d_backward_matches_autograd(shape, kernel, stride) -> None:
     x = torch.randn(*shape, requires_grad=True)
     out = F.avg_pool2d(x, kernel, stride)

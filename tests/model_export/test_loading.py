@@ -50,5 +50,5 @@ def test_bad_specs(spec: str, error: type[Exception], match: str) -> None:
 def test_file_that_fails_to_import(tmp_path: Path) -> None:
     broken = tmp_path / "broken.py"
     broken.write_text("import torch\nraise RuntimeError('boom')\n")
-    with pytest.raises(ModelNotFound, match="importing .*broken.py failed: RuntimeError: boom"):
+    with pytest.raises(ModelNotFound, match=r"importing .*broken\.py failed: RuntimeError: boom"):
         load_model(f"{broken}:Net")

@@ -192,6 +192,23 @@ class StoreSuite:
         assert t.loss == pytest.approx((3 * 0.5 + 10 * 0.2) / 13)
         assert t.accuracy == pytest.approx((3 * 0.9 + 7 * 0.5) / 10)
 
+    def test_referenced_blobs(self, store: Store) -> None:
+        files = {"p": {"sha256": "1" * 64, "bytes": 4}, "g": {"sha256": "2" * 64, "bytes": 9}}
+        store.add_bundle("b-1", {"num_parameters": 1, "files": files}, 0.0)
+        store.add_task(_task())
+        store.add_version(Version("t-1", 0, "1" * 64, None, None, 1.0))  # shared with the bundle
+        store.add_version(Version("t-1", 1, "3" * 64, "4" * 64, None, 2.0))
+        open_r = store.add_round(_round("t-1", "reporting"))
+        closed_r = store.add_round(_round("t-1", "committed"))
+        for aid, r, sha in (("a-1", open_r, "5" * 64), ("a-2", closed_r, "6" * 64)):
+            store.add_assignments(
+                [Assignment(aid, r.round_id, "t-1", aid, "train", "delivered", 1)]
+            )
+            store.add_update(Update(aid, r.round_id, "t-1", aid, "k", sha, 1, 1, None, {}, 2, {}))
+        live = {c * 64 for c in "12345"}
+        assert store.referenced_blobs(closed_round_payloads=False) == live
+        assert store.referenced_blobs(closed_round_payloads=True) == live | {"6" * 64}
+
     def test_eval_report(self, with_task: Store) -> None:
         r = with_task.add_round(_round("t-1", "reporting"))
         with_task.add_assignments(

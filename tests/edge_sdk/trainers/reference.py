@@ -31,8 +31,10 @@ class TorchReference:
         )
         named = dict(self.model.named_parameters())
         with torch.no_grad():
-            for vec, layout, trainable in ((params, raw["parameters"], True),
-                                           (frozen, raw["frozen"], False)):
+            for vec, layout, trainable in (
+                (params, raw["parameters"], True),
+                (frozen, raw["frozen"], False),
+            ):
                 for p in layout:
                     n = int(np.prod(p["shape"]))
                     chunk = vec[p["offset"] : p["offset"] + n].reshape(p["shape"])
@@ -46,11 +48,18 @@ class TorchReference:
     def _optimizer(self, o: dict[str, Any]) -> torch.optim.Optimizer:
         if o["name"] == "sgd":
             return torch.optim.SGD(
-                self.trainable, lr=o["lr"], momentum=o["momentum"],
-                weight_decay=o["weight_decay"], dampening=o["dampening"], nesterov=o["nesterov"],
+                self.trainable,
+                lr=o["lr"],
+                momentum=o["momentum"],
+                weight_decay=o["weight_decay"],
+                dampening=o["dampening"],
+                nesterov=o["nesterov"],
             )
         return torch.optim.AdamW(
-            self.trainable, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+            self.trainable,
+            lr=o["lr"],
+            betas=tuple(o["betas"]),
+            eps=o["eps"],
             weight_decay=o["weight_decay"],
         )
 
@@ -66,8 +75,10 @@ class TorchReference:
     def set_proximal(self, anchor: np.ndarray, mu: float) -> None:
         sizes = [t.numel() for t in self.trainable]
         pieces = np.split(np.asarray(anchor, np.float32), np.cumsum(sizes)[:-1])
-        self.anchor = [torch.from_numpy(a.reshape(t.shape).copy())
-                       for a, t in zip(pieces, self.trainable, strict=True)]
+        self.anchor = [
+            torch.from_numpy(a.reshape(t.shape).copy())
+            for a, t in zip(pieces, self.trainable, strict=True)
+        ]
         self.mu = mu
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> float:
@@ -79,8 +90,9 @@ class TorchReference:
         data_loss = self.loss(self.model(torch.from_numpy(x)), y)
         total = data_loss
         if self.anchor is not None and self.mu:
-            prox = sum(((w - a) ** 2).sum() for w, a in zip(self.trainable, self.anchor,
-                                                             strict=True))
+            prox = sum(
+                ((w - a) ** 2).sum() for w, a in zip(self.trainable, self.anchor, strict=True)
+            )
             total = data_loss + self.mu / 2 * prox
         total.backward()
         self.opt.step()

@@ -127,8 +127,9 @@ class TrainerSuite:
             ref_loss = ref.train_step(x, y)
             assert loss == pytest.approx(ref_loss, rel=RTOL, abs=1e-7), f"step {i}, batch {n}"
             assert_close(trainer.get_parameters(), ref.parameters())
-        assert not np.array_equal(trainer.get_parameters(), TorchReference(
-            self.bundle_for(case)).parameters()), "training changed nothing"
+        assert not np.array_equal(
+            trainer.get_parameters(), TorchReference(self.bundle_for(case)).parameters()
+        ), "training changed nothing"
 
     @pytest.mark.parametrize("n", [1, 8])
     def test_update_matches_torch_at_batch_size(self, case: str, n: int) -> None:

@@ -24,16 +24,25 @@ def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[st
 
 def test_serve_with_config_file_and_env_token(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
-    config.write_text("max_body_bytes = 2048\ntick_interval_s = 0.2\n")
-    proc = _serve("--db", str(tmp_path / "f.db"), "--port", "0", "--config", str(config),
-                  env={"FEDGE_ADMIN_TOKEN": "tok"})  # fmt: skip
+    config.write_text(
+        'max_body_bytes = 2048\ntick_interval_s = 0.2\nenrollment_token = "from-config"\n'
+    )
+    env = {"FEDGE_ADMIN_TOKEN": "tok", "FEDGE_ENROLLMENT_TOKEN": "from-env"}
+    proc = _serve("--db", str(tmp_path / "f.db"), "--port", "0", "--config", str(config), env=env)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert "listening on http://127.0.0.1:" in line
         admin = AdminClient(line.split()[-1], "tok")
         assert admin.tasks() == []
-        status, _, body = admin._http.request("POST", "/v1/devices", b"x" * 4096)
+        register = b'{"runtimes": ["ort-step"]}'
+        for token in (None, "from-config"):  # the environment's token overrides the file's
+            headers = {} if token is None else {"X-Fedge-Enrollment": token}
+            status, _, body = admin._http.request("POST", "/v1/devices", register, headers)
+            assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized"
+        enrolled = {"X-Fedge-Enrollment": "from-env"}
+        assert admin._http.request("POST", "/v1/devices", register, enrolled)[0] == 201
+        status, _, body = admin._http.request("POST", "/v1/devices", b"x" * 4096, enrolled)
         assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -42,7 +51,8 @@ def test_serve_with_config_file_and_env_token(tmp_path: Path) -> None:
 
 
 def test_serve_prints_a_random_token_without_one(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "FEDGE_ADMIN_TOKEN"}
+    unset = ("FEDGE_ADMIN_TOKEN", "FEDGE_ENROLLMENT_TOKEN")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedge.cli", "serve", "--db", str(tmp_path / "f.db"), "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
@@ -52,7 +62,10 @@ def test_serve_prints_a_random_token_without_one(tmp_path: Path) -> None:
         url = proc.stdout.readline().split()[-1]
         token_line = proc.stderr.readline()
         assert token_line.startswith("admin token: ")
-        assert AdminClient(url, token_line.split()[-1]).tasks() == []
+        admin = AdminClient(url, token_line.split()[-1])
+        assert admin.tasks() == []
+        # no enrollment token configured: registration is open
+        assert admin._http.request("POST", "/v1/devices", b'{"runtimes": []}')[0] == 201
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -1,0 +1,168 @@
+"""export_bundle: the manifest and files it writes, and every model it must refuse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edge_sdk.bundle import BundleError, bundle_id_of, load_manifest, sha256_file, verify_bundle
+from model_export import (
+    DataDependentControlFlow,
+    LossMismatch,
+    UnsupportedModel,
+    UnsupportedOperator,
+    export_bundle,
+)
+from model_export.models import BackboneHead, DigitsMLP
+from tests.edge_sdk.trainers.trainer_suite import CASES
+from tests.fixtures.bundles import cached_bundle
+
+BAD = Path(__file__).with_name("bad_models.py")
+
+
+def _flat(tensors: list[torch.Tensor]) -> np.ndarray:
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).numpy()
+
+
+def test_digits_manifest_matches_the_model(digits_bundle: Path) -> None:
+    manifest = verify_bundle(digits_bundle)
+    raw = manifest.raw
+    torch.manual_seed(0)  # export_bundle's default seed
+    model = DigitsMLP()
+    named = list(model.named_parameters())
+    assert [(p["name"], tuple(p["shape"])) for p in raw["parameters"]] == [
+        (n, tuple(t.shape)) for n, t in named
+    ]
+    assert raw["parameters"][2]["offset"] == 32 * 64 + 32
+    assert raw["num_parameters"] == 2410 and raw["frozen"] == []
+    params = np.fromfile(digits_bundle / "params.f32", dtype="<f4")
+    np.testing.assert_array_equal(params, _flat([t for _, t in named]))
+    assert raw["input"] == {"shape": [None, 64], "dtype": "float32"}
+    assert raw["target"] == {"shape": [None], "dtype": "int64"}
+    assert (raw["task"], raw["num_classes"], raw["loss"]) == ("classification", 10, "cross_entropy")
+    assert raw["optimizer"] == {
+        "name": "sgd",
+        "lr": 0.05,
+        "momentum": 0.0,
+        "dampening": 0.0,
+        "weight_decay": 0.0,
+        "nesterov": False,
+    }
+    assert raw["bundle_id"] == bundle_id_of(raw)
+    on_disk = {
+        p.relative_to(digits_bundle).as_posix() for p in digits_bundle.rglob("*") if p.is_file()
+    } - {"manifest.json"}
+    assert set(raw["files"]) == on_disk
+    assert {"step.onnx", "eval.onnx", "infer.onnx", "params.f32", "ort/checkpoint"} <= on_disk
+    for name, meta in raw["files"].items():
+        assert meta["sha256"] == sha256_file(digits_bundle / name)
+    assert raw["backends"]["ort-step"]["supported"] is True
+    assert raw["backends"]["ort-training"]["supported"] is True
+    assert raw["backends"]["litert-step"]["supported"] is False
+
+
+def test_step_graph_has_a_dynamic_batch_and_runs_on_ort_1_17(digits_bundle: Path) -> None:
+    model = onnx.load(str(digits_bundle / "step.onnx"))
+    # ORT 1.17 reads IR <= 9 and opset <= 20; ORT-training 1.19.2 rejects IR > 10.
+    assert model.ir_version <= 9
+    assert all(o.version <= 20 for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    inputs = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
+    assert list(inputs) == load_manifest(digits_bundle).raw["signatures"]["step"]["inputs"]
+    assert inputs["x"][0].dim_param and inputs["y"][0].dim_param  # symbolic batch
+    assert [d.dim_value for d in inputs["params"]] == [2410]
+    onnx.checker.check_model(model)
+
+
+def test_tampered_bundle_is_rejected(digits_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "b"
+    shutil.copytree(digits_bundle, copy)
+    data = bytearray((copy / "params.f32").read_bytes())
+    data[0] ^= 1
+    (copy / "params.f32").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"params\.f32"):
+        verify_bundle(copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["optimizer"]["lr"] = 1.0  # edited manifest: the id no longer matches
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="bundle_id"):
+        load_manifest(copy)
+
+
+def test_frozen_parameters_are_listed_separately() -> None:
+    spec, args = CASES["frozen-backbone-adamw"]
+    bundle = cached_bundle(spec, **args)
+    raw = verify_bundle(bundle).raw
+    torch.manual_seed(0)
+    model = BackboneHead()
+    named = dict(model.named_parameters())
+    assert [p["name"] for p in raw["parameters"]] == ["head.weight", "head.bias"]
+    assert [p["name"] for p in raw["frozen"]] == [n for n in named if n.startswith("backbone.")]
+    assert raw["num_parameters"] == 16 * 10 + 10
+    frozen = np.fromfile(bundle / raw["frozen_parameters"], dtype="<f4")
+    np.testing.assert_array_equal(frozen, _flat([named[p["name"]] for p in raw["frozen"]]))
+
+
+def test_optimizers_ort_cannot_express_are_marked_in_the_manifest() -> None:
+    spec, args = CASES["mlp-sgd-momentum-wd"]
+    raw = load_manifest(cached_bundle(spec, **args)).raw
+    entry = raw["backends"]["ort-training"]
+    assert entry["supported"] is False and "momentum" in entry["reason"]
+    assert raw["backends"]["ort-step"]["supported"] is True
+    assert raw["optimizer_state"] == [{"name": "momentum_buffer", "shape": [2410]}]
+
+
+def test_input_shape_defaults_from_a_first_linear(tmp_path: Path) -> None:
+    m = export_bundle(DigitsMLP(), tmp_path / "b", ort_training=False)
+    assert m.raw["input"]["shape"] == [None, 64]
+    with pytest.raises(ValueError, match="--input-shape"):
+        export_bundle("model_export.models:DigitsCNN", tmp_path / "c")
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "error", "match"),
+    [
+        ("DataDependent", {}, DataDependentControlFlow, "data-dependent control flow"),
+        ("UnsupportedOp", {"loss": "mse"}, UnsupportedOperator, "bessel_j0"),
+        ("TupleOutput", {}, LossMismatch, "returns a tuple"),
+        ("OneLogit", {}, LossMismatch, r"cross_entropy needs logits of shape \(batch, classes"),
+        ("WithBatchNorm", {}, UnsupportedModel, "updates buffer 'bn.running_mean'"),
+        ("make_linear", {"input_shape": (1, 9)}, LossMismatch, "fails on an input of shape"),
+        ("make_linear", {"freeze": ("nothing",)}, UnsupportedModel, "matches no parameter"),
+        ("make_linear", {"freeze": ("weight", "bias")}, UnsupportedModel, "no trainable"),
+        ("make_linear", {"loss": "hinge"}, ValueError, "unknown loss"),
+        ("make_linear", {"input_dtype": "bfloat16"}, ValueError, "unsupported input dtype"),
+    ],
+)
+def test_models_that_cannot_be_exported(
+    tmp_path: Path, model: str, kwargs: dict, error: type[Exception], match: str
+) -> None:
+    out = tmp_path / "bundle"
+    args = {"input_shape": (1, 8), "ort_training": False, **kwargs}
+    with pytest.raises(error, match=match):
+        export_bundle(f"{BAD}:{model}", out, **args)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging directory left behind
+
+
+def test_failed_export_leaves_a_previous_bundle_untouched(
+    digits_bundle: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "bundle"
+    shutil.copytree(digits_bundle, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(DataDependentControlFlow):
+        export_bundle(f"{BAD}:DataDependent", out, input_shape=(1, 8))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_a_bundle(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no bundle"):
+        export_bundle(DigitsMLP(), tmp_path, ort_training=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
