@@ -1,8 +1,8 @@
 """The fleet emulator's own costs: wall time per round, and idle devices one process sustains.
 
-1. **Rounds.** The demo's task (digits, Dirichlet 0.5, 3 local epochs, int8, goal x1.3) on an
-   in-process coordinator reading the fleet's clock (speedup 20), with 5 % dropouts; 30 and 300
-   devices. Reported: real and emulated seconds per committed round.
+1. **Rounds.** The demo's task, coordinator and fleet (:mod:`fedge.demo`: digits, Dirichlet 0.5,
+   10 local steps, int8, goal x1.3, 5 % dropouts, speedup 20) for 30 and 300 devices.
+   Reported: real and emulated seconds per committed round.
 2. **Idle capacity.** N devices that are eligible but get no work (there is no task): each
    checks in, is told to come back in ``no_task_retry_s`` (10 s, jitter +-50 %, plus the
    client's own 0-10 %), sleeps, checks in again: real HTTP, real time (speedup 1). The
@@ -46,11 +46,8 @@ def _rss_mb() -> float:
 
 
 def rounds_bench(devices: int, goal: int, rounds: int) -> dict[str, Any]:
-    from coordinator.config import PacingConfig
-    from coordinator.embedded import EmbeddedCoordinator
-    from fedge.demo import DemoConfig, demo_bundle
-    from fedge.fleet import Heterogeneity, SimClock, load_digits, partition
-    from fedge.fleet.emulator import Fleet
+    from fedge.demo import DemoConfig, demo_bundle, demo_coordinator, demo_fleet
+    from fedge.fleet import SimClock, load_digits, partition
 
     config = DemoConfig(devices=devices, goal=goal, rounds=rounds)
     bundle = demo_bundle(say=lambda _m: None)
@@ -58,13 +55,11 @@ def rounds_bench(devices: int, goal: int, rounds: int) -> dict[str, Any]:
     parts = [train.subset(p) for p in
              partition(train.y, devices, "dirichlet:0.5", np.random.default_rng(0))]
     clock = SimClock(speedup=config.speedup)
-    pacing = PacingConfig(min_retry_s=2.0, max_retry_s=60.0, no_task_retry_s=10.0)
-    with EmbeddedCoordinator(clock=clock.unix(), pacing=pacing, seed=0) as coord:
+    with demo_coordinator(config, clock) as coord:
         admin = coord.admin()
         bundle_id = admin.upload_bundle(bundle)["bundle_id"]
         task_id = admin.create_task(bundle_id, config.plan())["task_id"]
-        fleet = Fleet(coord.url, parts, seed=0, clock=clock,
-                      heterogeneity=Heterogeneity(dropout_prob=0.05), rejoin_s=120.0)
+        fleet = demo_fleet(coord.url, parts, config, clock)
         real0, emu0 = time.monotonic(), clock.now()
         with fleet:
             done = fleet.wait_for(lambda: admin.task(task_id)["state"] == "completed", 600)

@@ -8,23 +8,44 @@
       "model": {"name": "DigitsMLP", "source": "model_export.models:DigitsMLP"},
       "task": "classification" | "regression", "num_classes": 10 | null,
       "input": {"shape": [null, 64], "dtype": "float32"},
-      "target": {"shape": [null], "dtype": "int64"},
+      "target": {"shape": [null], "dtype": "int64"},     # float32, output-shaped for mse/bce
+      "output": {"shape": [null, 10], "dtype": "float32"},
       "loss": "cross_entropy" | "mse" | "bce",
       "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.0, "dampening": 0.0,
                     "weight_decay": 0.0, "nesterov": false}
                  | {"name": "adamw", "lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-08,
                     "weight_decay": 0.01},
+      "optimizer_state": [{"name": "exp_avg", "shape": [2410]}, {"name": "step", "shape": []}],
       "parameters": [{"name": "fc1.weight", "shape": [32, 64], "offset": 0}, ...],
       "num_parameters": 2410,
-      "frozen": [{"name": "backbone.0.weight", "shape": [...]}, ...],
+      "frozen": [{"name": "backbone.0.weight", "shape": [...], "offset": 0}, ...],
       "initial_parameters": "params.f32",      # raw little-endian float32, the flat vector
+      "frozen_parameters": "frozen.f32" | null,  # the frozen ones, same encoding
       "graphs": {"step_onnx": "step.onnx", "eval_onnx": "eval.onnx", "infer_onnx": "infer.onnx",
                  "step_tflite": "step.tflite" | null, "infer_tflite": "infer.tflite" | null,
-                 "ort_training": {"training": "ort/training_model.onnx", ...} | null},
-      "backends": {"ort-training": {"supported": true, "reason": null}, "ort-step": {...},
-                   "litert-step": {...}},
+                 "ort_training": {"training": "ort/training_model.onnx",
+                                  "eval": "ort/eval_model.onnx",
+                                  "optimizer": "ort/optimizer_model.onnx",
+                                  "checkpoint": "ort/checkpoint"} | null},
+      "signatures": {"step": {"inputs": [...], "outputs": [...]}, "eval": ..., "infer": ...},
+      "tflite": {"batch": 32, "signatures": {...}} | null,
+      "backends": {"ort-training": {"supported": true, "reason": null, "fedprox": false},
+                   "ort-step": {...}, "litert-step": {...}},
+      "exporter": {"torch": "2.13.0", "onnx_opset": 18},
       "files": {"step.onnx": {"sha256": "...", "bytes": 1234}, ...}
     }
+
+Graph signatures (ONNX input/output names; TFLite tensors are positional ``args_<i>`` /
+``output_<i>`` in the order of ``tflite.signatures``). ``params`` is the flat trainable vector;
+frozen parameters are constants inside the graphs; ``state.<name>`` follow ``optimizer_state``::
+
+    step(params, state.*, x, y, lr, anchor, mu[, weight]) -> (loss, params_out, state_out.*)
+    eval(params, x, y) -> (loss, output)
+    infer(params, x) -> (output)
+
+``loss`` is the batch's data loss before the update; ``anchor``/``mu`` add the FedProx term
+``mu/2 ||params - anchor||^2`` (``mu = 0``: plain step); ``weight`` (TFLite only, whose batch is
+fixed at ``tflite.batch``) is a per-example 0/1 mask for padded batches.
 """
 
 from __future__ import annotations

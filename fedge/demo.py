@@ -23,12 +23,19 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from fedge.fleet.clock import SimClock
+from fedge.fleet.datasets import Dataset
+
+if TYPE_CHECKING:
+    from coordinator.embedded import EmbeddedCoordinator
+    from fedge.fleet.emulator import Fleet
 
 __all__ = ["DemoConfig", "DemoResult", "RoundPoint", "demo_bundle", "run_demo"]
 
@@ -58,7 +65,7 @@ class DemoConfig:
     server_optimizer: str = "fedavgm"
     server_lr: float = 1.0
     dropout_prob: float = 0.05
-    lapse_prob: float = 0.02
+    lapse_prob: float = 0.01
     speedup: float = 20.0  # emulated seconds per real second
     seed: int = 0
     out: Path = Path("fedge-demo-out")
@@ -189,15 +196,36 @@ def demo_bundle(cache_dir: Path | None = None, say: Callable[[str], None] = prin
     return out
 
 
-def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
-    """Run the demo (see the module docstring); ``say`` gets the human-readable progress."""
+def demo_coordinator(config: DemoConfig, clock: SimClock) -> EmbeddedCoordinator:
+    """A coordinator on a temporary SQLite file, reading the fleet's clock."""
     from coordinator.config import PacingConfig
     from coordinator.embedded import EmbeddedCoordinator
+
+    # Pace steering on the emulated clock: come back within seconds, not minutes.
+    pacing = PacingConfig(min_retry_s=2.0, max_retry_s=60.0, no_task_retry_s=10.0)
+    return EmbeddedCoordinator(clock=clock.unix(), pacing=pacing, seed=config.seed)
+
+
+def demo_fleet(url: str, parts: Sequence[Dataset], config: DemoConfig, clock: SimClock) -> Fleet:
+    """The demo's fleet: uniform devices but for mid-round dropouts and lapses."""
+    from edge_sdk.client import ClientConfig
+    from fedge.fleet import Heterogeneity
+    from fedge.fleet.emulator import Fleet
+
+    heterogeneity = Heterogeneity(dropout_prob=config.dropout_prob, lapse_prob=config.lapse_prob)
+    # A device that just reported comes back after 10 s (the client's default is 1 s), so that
+    # the next selection window does not fill up with the last round's participants.
+    client = ClientConfig(backend="ort-step", after_assignment_s=10.0)
+    return Fleet(url, parts, heterogeneity=heterogeneity, seed=config.seed, clock=clock,
+                 rejoin_s=60.0, client_config=client)
+
+
+def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResult:
+    """Run the demo (see the module docstring); ``say`` gets the human-readable progress."""
     from edge_sdk.codecs import CodecSpec, decode_update, encode_update
     from edge_sdk.trainers import load_trainer
-    from fedge.fleet import Heterogeneity, SimClock, load_digits, partition
+    from fedge.fleet import load_digits, partition
     from fedge.fleet.baselines import Recipe, centralized, local_only, test_accuracy
-    from fedge.fleet.emulator import Fleet
 
     started = time.monotonic()
     # Clients log each abort the coordinator could not take (a lapse after the deadline):
@@ -230,18 +258,14 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResu
     initial_acc = test_accuracy(trainer, initial, test)
 
     clock = SimClock(speedup=config.speedup)
-    heterogeneity = Heterogeneity(dropout_prob=config.dropout_prob, lapse_prob=config.lapse_prob)
-    # Pace steering on the emulated clock: come back within seconds, not minutes.
-    pacing = PacingConfig(min_retry_s=2.0, max_retry_s=60.0, no_task_retry_s=10.0)
     points: list[RoundPoint] = []
-    with EmbeddedCoordinator(clock=clock.unix(), pacing=pacing, seed=config.seed) as coord:
+    with demo_coordinator(config, clock) as coord:
         admin = coord.admin()
         bundle_id = admin.upload_bundle(bundle)["bundle_id"]
         task_id = admin.create_task(bundle_id, config.plan(), name="digits-demo")["task_id"]
         say(f"coordinator {coord.url} (temporary SQLite), task {task_id}: {config.rounds} "
             f"rounds, goal {config.goal}, {config.steps} local steps, codec {config.codec}")
-        fleet = Fleet(coord.url, parts, heterogeneity=heterogeneity, seed=config.seed,
-                      clock=clock, rejoin_s=120.0)
+        fleet = demo_fleet(coord.url, parts, config, clock)
         t0 = time.monotonic()
 
         def new_rounds() -> bool:

@@ -1,11 +1,13 @@
 """Backward ops rewritten as forward ops that standard ONNX and TFLite builtins have.
 
-The core-aten decompositions leave ``convolution_backward`` and ``avg_pool2d_backward`` as
-single ops, and neither the ONNX exporter nor litert-torch can translate them. Both are
+The core-aten decompositions leave ``convolution_backward``, ``avg_pool2d_backward`` and
+``max_pool2d_with_indices_backward`` as single ops; the ONNX exporter cannot translate the first
+two and litert-torch none of them. Both are
 convolutions in disguise: the input gradient of a convolution is a transposed convolution with
 the same weight, the weight gradient is a convolution of the input with the output gradient
 (batch and channel axes swapped), and an average pool's input gradient is a transposed
-convolution with a constant kernel. Some gradients (BCE with logits) also allocate with
+convolution with a constant kernel; a max pool with non-overlapping windows routes each
+window's gradient to the index the forward pass recorded. Some gradients (BCE with logits) also allocate with
 ``empty_permuted``, which has no translation either. Cases outside these (grouped or
 transposed convolutions, padded or ceil-mode pooling) return ``NotImplemented``, and the
 exporter then reports the op.
@@ -17,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch._decomp import core_aten_decompositions
 
 __all__ = ["training_decompositions"]
@@ -111,6 +114,41 @@ def _avg_pool2d_backward(
     return per_channel.reshape(inp.shape)
 
 
+def _tile(t: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """Repeat every element of the last two axes into a kh x kw block."""
+    n, c, oh, ow = t.shape
+    return (
+        t.reshape(n, c, oh, 1, ow, 1).expand(n, c, oh, kh, ow, kw).reshape(n, c, oh * kh, ow * kw)
+    )
+
+
+def _max_pool2d_with_indices_backward(
+    grad_out: torch.Tensor,
+    inp: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    ceil_mode: bool,
+    indices: torch.Tensor,
+) -> Any:
+    kh, kw = (list(kernel_size) * 2)[:2] if len(kernel_size) == 1 else kernel_size
+    strides = list(stride or (kh, kw))
+    if strides != [kh, kw] or any(padding) or any(d != 1 for d in dilation) or ceil_mode:
+        return NotImplemented
+    # Non-overlapping windows: each input position gets its window's gradient if it is the
+    # position the forward pass picked (torch's own index, so ties go where torch sends them).
+    h, w = int(inp.shape[2]), int(inp.shape[3])
+    oh, ow = int(grad_out.shape[2]), int(grad_out.shape[3])
+    position = torch.arange(h * w).reshape(h, w)[: oh * kh, : ow * kw]
+    grad = torch.where(
+        _tile(indices, kh, kw) == position,
+        _tile(grad_out, kh, kw),
+        torch.zeros((), dtype=grad_out.dtype),
+    )
+    return F.pad(grad, [0, w - ow * kw, 0, h - oh * kh])
+
+
 def _empty_permuted(
     size: Sequence[int], physical_layout: Sequence[int], **kwargs: Any
 ) -> torch.Tensor:
@@ -123,5 +161,6 @@ def training_decompositions() -> dict[Any, Callable[..., Any]]:
     table: dict[Any, Callable[..., Any]] = dict(core_aten_decompositions().items())
     table[aten.convolution_backward.default] = _convolution_backward
     table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
+    table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_with_indices_backward
     table[aten.empty_permuted.default] = _empty_permuted
     return table

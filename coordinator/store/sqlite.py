@@ -10,7 +10,6 @@ The object is used from one thread at a time (the service serialises its calls).
 
 from __future__ import annotations
 
-import functools
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -49,9 +48,14 @@ def _to_row(record: Any) -> dict[str, Any]:
     return row
 
 
-@functools.cache
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
 def _field_names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in fields(cls))
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in fields(cls))
+    return names
 
 
 def _from_row(cls: type[R], row: dict[str, Any]) -> R:

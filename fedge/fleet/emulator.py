@@ -110,7 +110,7 @@ class _Device:
             conditions=self.conditions,
             config=config,
             cache=fleet.cache,
-            trainers=self.trainers,  # type: ignore[arg-type]  # duck-typed TrainerPool
+            trainers=self.trainers,  # duck-typed: anything with lease(bundle_dir, manifest)
             clock=fleet.clock.now,
             sleep=fleet.clock.sleep_blocking,
         )

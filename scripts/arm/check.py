@@ -60,6 +60,14 @@ def _last_json(out: str) -> dict[str, Any]:
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
+class BackendFailed(Exception):
+    """A backend's steps did not run (crash, import error): recorded, not fatal to the run."""
+
+
+def _tail(stderr: str, lines: int = 4) -> str:
+    return " | ".join(line.strip() for line in stderr.strip().splitlines()[-lines:])
+
+
 def run_steps(env: arm.Env, backend: str, bundle: Path, data: Path, work: Path, steps: int,
               batch: int) -> dict[str, Any]:
     """The same device script on aarch64 (emulated) and natively; returns both reports."""
@@ -74,7 +82,8 @@ def run_steps(env: arm.Env, backend: str, bundle: Path, data: Path, work: Path, 
         else:
             done = subprocess.run([sys.executable, *cmd], text=True, capture_output=True)
         if done.returncode != 0:
-            raise SystemExit(f"[arm] {backend} on {where} failed:\n{done.stderr[-3000:]}")
+            raise BackendFailed(f"{backend} on {where} exited with {done.returncode}: "
+                                f"{_tail(done.stderr)}")
         reports[where] = {**_last_json(done.stdout), "params": np.load(out)}
     return reports
 
@@ -158,6 +167,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     backends = list(result["step_ms"])
+    if not backends:
+        return
     native = [result["step_ms"][b]["x86_64"] for b in backends]
     emulated = [result["step_ms"][b]["aarch64_emulated"] for b in backends]
     xs = np.arange(len(backends))
@@ -209,12 +220,18 @@ def measure(env: arm.Env, bundle: Path, manifest: dict[str, Any], work: Path, st
     data = work / "digits.npz"
     write_data(data, steps * batch)
 
-    parity: dict[str, float] = {}
+    parity: dict[str, float | None] = {}
     details: dict[str, Any] = {}
     step_ms: dict[str, dict[str, float]] = {}
     rss: dict[str, dict[str, float]] = {}
     for backend in backends:
-        reports = run_steps(env, backend, bundle, data, work, steps, batch)
+        try:
+            reports = run_steps(env, backend, bundle, data, work, steps, batch)
+        except BackendFailed as e:
+            log(f"{backend}: FAILED: {e}")
+            parity[backend] = None
+            details[backend] = {"error": str(e)}
+            continue
         cmp = compare(reports, initial)
         parity[backend] = cmp["max_abs_diff"]
         a, x = reports["aarch64"], reports["x86_64"]
@@ -231,17 +248,20 @@ def measure(env: arm.Env, bundle: Path, manifest: dict[str, Any], work: Path, st
         log(f"{backend}: max |aarch64 - x86| = {parity[backend]:.2e}, "
             f"step {step_ms[backend]['aarch64_emulated']} ms emulated vs "
             f"{step_ms[backend]['x86_64']} ms native")
+    probe = env.run("edge", ["-c", "import platform; print(platform.machine(), "
+                                   "platform.python_version())"]).stdout.split()
+    arch, python = probe if len(probe) == 2 else ("unknown", "unknown")
     round_result = run_round(env, bundle, data, work, attempts)
     log(f"round: completed = {round_result['round_completed']}")
 
     result: dict[str, Any] = {
-        "arch": a["machine"],
+        "arch": arch,
         "parity_max_abs_diff": parity,
         "parity_tolerance": TOLERANCE,
         "round_completed": round_result["round_completed"],
         "emulated": True,
         "emulator": "qemu-user " + arm.qemu_version(),
-        "python_aarch64": a["python"],
+        "python_aarch64": python,
         "steps": steps,
         "batch": batch,
         "step_ms": step_ms,
@@ -254,10 +274,10 @@ def measure(env: arm.Env, bundle: Path, manifest: dict[str, Any], work: Path, st
         "round": round_result,
         "bundle_id": manifest["bundle_id"],
     }
-    ok = (result["arch"] == "aarch64" and result["round_completed"]
-          and all(v <= TOLERANCE for v in parity.values())
+    ok = (arch == "aarch64" and result["round_completed"]
+          and all(v is not None and v <= TOLERANCE for v in parity.values())
           and all(d["param_change"] > 100 * TOLERANCE and not d["heavy_importable_aarch64"]
-                  for d in details.values()))
+                  for d in details.values() if "error" not in d))
     result["ok"] = ok
     return result
 

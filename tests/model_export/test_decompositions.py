@@ -70,3 +70,28 @@ def test_avg_pool2d_backward_matches_autograd(shape, kernel, stride) -> None:
         g, x.detach(), [kernel, kernel], [stride, stride], [0, 0], False, True, None
     )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel"), [((2, 3, 8, 8), 2), ((1, 2, 9, 7), 2), ((2, 1, 9, 9), 3)]
+)
+def test_max_pool2d_backward_matches_autograd(shape, kernel) -> None:
+    x = torch.randn(*shape)
+    x[0, 0, :2, :2] = 0.0  # a window of ties: the gradient goes to torch's recorded index
+    x.requires_grad_(True)
+    out, indices = F.max_pool2d(x, kernel, return_indices=True)
+    g = torch.randn_like(out)
+    (want,) = torch.autograd.grad(out, (x,), g)
+    got = TABLE[aten.max_pool2d_with_indices_backward.default](
+        g, x.detach(), [kernel, kernel], [kernel, kernel], [0, 0], [1, 1], False, indices
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_overlapping_max_pool_is_left_to_the_exporter() -> None:
+    x = torch.randn(1, 1, 6, 6)
+    out, indices = F.max_pool2d(x, 3, stride=1, return_indices=True)
+    got = TABLE[aten.max_pool2d_with_indices_backward.default](
+        torch.ones_like(out), x, [3, 3], [1, 1], [0, 0], [1, 1], False, indices
+    )
+    assert got is NotImplemented
