@@ -8,8 +8,12 @@ a real coordinator on loopback, in the environment a device of that kind would h
 * ``litert-step``: an edge-only venv with ``.[litert]`` (numpy + ai-edge-litert);
 * ``ort-training``: the dev environment (onnxruntime-training, which imports torch).
 
+Each device reaches the coordinator through a byte-counting relay, so its upload request is
+also measured on the wire (request line and headers included).
+
 Codec sizes are measured on what the demo's devices upload: the real delta of one round of the
-demo model (2,410 parameters) on a quarter of digits (larger models: ``bench_codecs``).
+demo model (2,410 parameters) on a quarter of digits (larger models: ``bench_codecs``): whole
+frames and codec payloads against fp32, the relative error, and a sweep of int8 block sizes.
 
 Run: ``./dev bench bench_edge`` (``--skip-build``: only the environments that exist). Writes
 ``benchmarks/results/bench_edge.json`` and ``bench_edge.png``.
@@ -150,6 +154,9 @@ def run_devices(work: Path, envs: dict[str, Path | None]) -> list[dict[str, Any]
         print(f"[bench_edge] TFLite export failed ({e}); litert-step skipped", file=sys.stderr)
         bundle = _bundle(tflite=False)
     manifest = load_manifest(bundle)
+    sys.path.insert(0, str(ROOT))
+    from tests.edge_sdk.loopback import CuttingProxy
+
     with EmbeddedCoordinator(work / "coordinator.db") as coord:
         admin = coord.admin()
         bundle_id = admin.upload_bundle(bundle)["bundle_id"]
@@ -164,16 +171,22 @@ def run_devices(work: Path, envs: dict[str, Path | None]) -> list[dict[str, Any]
                     "eligibility": {"runtimes": [backend]}}
             admin.create_task(bundle_id, plan=plan, name=f"bench-{backend}")
             print(f"[bench_edge] {backend}: device process on {python}", file=sys.stderr)
-            out = subprocess.run(
-                [str(python), str(Path(__file__).resolve()), "--child", "--backend", backend,
-                 "--coordinator", coord.url, "--state-dir", str(work / f"state-{backend}"),
-                 "--data", str(data)],
-                capture_output=True, text=True, timeout=600, cwd=work,
-                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-            )
+            # through a relay that counts what goes on the wire (request line + headers + body)
+            with CuttingProxy(coord.port, None) as relay:
+                out = subprocess.run(
+                    [str(python), str(Path(__file__).resolve()), "--child", "--backend",
+                     backend, "--coordinator", relay.url, "--state-dir",
+                     str(work / f"state-{backend}"), "--data", str(data)],
+                    capture_output=True, text=True, timeout=600, cwd=work,
+                    env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                )
             if out.returncode != 0 or not out.stdout.strip():
                 print(out.stderr[-2000:], file=sys.stderr)
             row = json.loads(out.stdout.strip().splitlines()[-1])
+            uploads = [size for line, size in zip(relay.request_lines, relay.request_sizes,
+                                                  strict=True) if b"/update" in line]
+            if uploads:
+                row["upload_request_bytes"] = uploads[-1]
             rows.append(row)
             print(f"[bench_edge] {backend}: {row['action']}, {row['peak_rss_mb']:.1f} MB",
                   file=sys.stderr)
@@ -302,6 +315,11 @@ def main() -> int:
               f"{d['import_sdk_s'] * 1000:>8.0f}ms{d['import_runtime_s'] * 1000:>7.0f}ms"
               f"{d['round_s']:>7.2f}s"
               f"{d['peak_rss_mb']:>8.1f}MB{'yes' if d['torch_loaded'] else 'no':>7}")
+    for d in devices:
+        if "upload_request_bytes" in d:
+            size, frame = d["upload_request_bytes"], d["metrics"]["bytes_up"]
+            print(f"{d['backend']}: the int8 upload request is {size} bytes on the wire: frame "
+                  f"{frame}, request line and headers {size - frame}")
     print("\nUpload bytes per codec: the demo model's real delta (2,410 parameters); frame =")
     print("what is uploaded, payload = without the 24-byte frame header and CRC")
     print(f"{'codec':<26}{'frame':>7}{'x fp32':>9}{'payload':>9}{'x fp32':>9}{'rel err':>10}")

@@ -1,6 +1,6 @@
 """The fleet emulator's own costs: wall time per round, and idle devices one process sustains.
 
-1. **Rounds.** The demo's task, coordinator and fleet (:mod:`fedge.demo`: digits, Dirichlet 0.5,
+1. **Rounds.** The demo's task, coordinator and fleet (:mod:`fedge.demo`: digits, Dirichlet 1.0,
    10 local steps, int8, goal x1.3, 5 % dropouts, speedup 20) for 30 and 300 devices.
    Reported: real and emulated seconds per committed round.
 2. **Idle capacity.** N devices that are eligible but get no work (there is no task): each
@@ -53,7 +53,7 @@ def rounds_bench(devices: int, goal: int, rounds: int) -> dict[str, Any]:
     bundle = demo_bundle(say=lambda _m: None)
     train, _ = load_digits(seed=0)
     parts = [train.subset(p) for p in
-             partition(train.y, devices, "dirichlet:0.5", np.random.default_rng(0))]
+             partition(train.y, devices, f"dirichlet:{config.alpha}", np.random.default_rng(0))]
     clock = SimClock(speedup=config.speedup)
     with demo_coordinator(config, clock) as coord:
         admin = coord.admin()

@@ -222,7 +222,8 @@ def plot(runs: list[dict[str, ModeResult]], out: dict[str, dict[str, Any]], setu
                     label=label if i == 0 else None)  # fmt: skip
     ax.axhline(setup.target, color="grey", linestyle="--", linewidth=1,
                label=f"target {setup.target:.2f}")  # fmt: skip
-    ax.set_xscale("symlog", linthresh=100)
+    ax.set_xscale("symlog", linthresh=100)  # linear up to 100 s, log beyond
+    ax.set_xlim(left=0)
     ax.set_xlabel("emulated wall time, s (fleet clock; symlog axis)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1)

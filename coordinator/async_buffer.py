@@ -9,12 +9,16 @@ or restores a saved :meth:`AsyncBuffer.state`.
 
 The aggregate of one buffer, for updates ``d_i`` with ``n_i`` examples and staleness ``s_i``::
 
-    delta = sum_i n_i * w(s_i) * d_i / sum_i n_i
+    delta = sum_i (n_i * w(s_i) * d_i) / sum_i (n_i * w(s_i))
 
-It is normalised by the examples, not by the staleness-scaled weights, so that a buffer of
-fresh updates is exactly FedAvg of them while stale updates shrink the server step (FedBuff
-normalises by K for the same reason). The caller applies ``delta`` with the task's server
-optimizer (FedAvg, FedAvgM, FedAdam, FedYogi) to make the next model version.
+a weighted mean: a buffer of fresh updates is exactly FedAvg of them, and staleness moves
+weight from stale to fresh updates without shrinking the server step. (FedBuff divides by K,
+here the examples ``sum_i n_i``, which also damps the step by the mean staleness weight; on
+the stragglers benchmark,
+mean staleness 1.5, that damping cost 1.8 accuracy points at an equal update budget: see
+docs/benchmarks.md.) The caller applies ``delta`` with the task's server optimizer (FedAvg,
+FedAvgM, FedAdam, FedYogi) to make the next model version. The sum is the synchronous mode's
+:class:`~coordinator.aggregation.RunningSum`, fed the staleness-scaled weights.
 
 Usage::
 
@@ -133,7 +137,7 @@ class AsyncBuffer:
         self._reset()
 
     def _reset(self) -> None:
-        # The sync mode's streaming sum, fed staleness-scaled weights; examples apart.
+        # The sync mode's streaming sum, fed staleness-scaled weights; examples for metrics.
         self._sum = RunningSum(self.num_parameters)
         self._examples = 0
         self._staleness_sum = 0
@@ -183,7 +187,7 @@ class AsyncBuffer:
         count = len(self)
         commit = Commit(
             version=self.version + 1,
-            delta=self._sum.total / self._examples,
+            delta=self._sum.mean(),
             num_updates=count,
             num_examples=self._examples,
             mean_staleness=self._staleness_sum / count,

@@ -7,7 +7,7 @@ convolutions in disguise: the input gradient of a convolution is a transposed co
 the same weight, the weight gradient is a convolution of the input with the output gradient
 (batch and channel axes swapped), and an average pool's input gradient is a transposed
 convolution with a constant kernel; a max pool with non-overlapping windows routes each
-window's gradient to the index the forward pass recorded. Some gradients (BCE with logits) also allocate with
+window's gradient to the window's first maximum. Some gradients (BCE with logits) also allocate with
 ``empty_permuted``, which has no translation either. Cases outside these (grouped or
 transposed convolutions, padded or ceil-mode pooling) return ``NotImplemented``, and the
 exporter then reports the op.
@@ -114,14 +114,6 @@ def _avg_pool2d_backward(
     return per_channel.reshape(inp.shape)
 
 
-def _tile(t: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-    """Repeat every element of the last two axes into a kh x kw block."""
-    n, c, oh, ow = t.shape
-    return (
-        t.reshape(n, c, oh, 1, ow, 1).expand(n, c, oh, kh, ow, kw).reshape(n, c, oh * kh, ow * kw)
-    )
-
-
 def _max_pool2d_with_indices_backward(
     grad_out: torch.Tensor,
     inp: torch.Tensor,
@@ -136,17 +128,22 @@ def _max_pool2d_with_indices_backward(
     strides = list(stride or (kh, kw))
     if strides != [kh, kw] or any(padding) or any(d != 1 for d in dilation) or ceil_mode:
         return NotImplemented
-    # Non-overlapping windows: each input position gets its window's gradient if it is the
-    # position the forward pass picked (torch's own index, so ties go where torch sends them).
-    h, w = int(inp.shape[2]), int(inp.shape[3])
+    # Non-overlapping windows: each window's gradient goes to its first maximum, found again
+    # with argmax over the window (torch's pooling keeps the first maximum too). The forward's
+    # ``indices`` are not used: litert-torch computes them differently (measured).
+    n, c, h, w = inp.shape
     oh, ow = int(grad_out.shape[2]), int(grad_out.shape[3])
-    position = torch.arange(h * w).reshape(h, w)[: oh * kh, : ow * kw]
-    grad = torch.where(
-        _tile(indices, kh, kw) == position,
-        _tile(grad_out, kh, kw),
-        torch.zeros((), dtype=grad_out.dtype),
+    windows = (
+        inp[:, :, : oh * kh, : ow * kw]
+        .reshape(n, c, oh, kh, ow, kw)
+        .permute(0, 1, 2, 4, 3, 5)
+        .reshape(n, c, oh, ow, kh * kw)
     )
-    return F.pad(grad, [0, w - ow * kw, 0, h - oh * kh])
+    first_max = windows.argmax(dim=-1, keepdim=True) == torch.arange(kh * kw)
+    grad = torch.where(first_max, grad_out.unsqueeze(-1), torch.zeros((), dtype=grad_out.dtype))
+    grad = grad.reshape(n, c, oh, ow, kh, kw).permute(0, 1, 2, 4, 3, 5)
+    grad = grad.reshape(n, c, oh * kh, ow * kw)
+    return F.pad(grad, [0, int(w) - ow * kw, 0, int(h) - oh * kh])
 
 
 def _empty_permuted(

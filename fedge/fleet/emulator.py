@@ -210,7 +210,8 @@ class Fleet:
         ready.wait()
 
     def stop(self) -> FleetSummary:
-        """Stop every device (sleeps end at once; passes in flight finish) and summarize."""
+        """Stop every device and summarize. Halts the clock (its blocking sleeps return at
+        once from now on), so passes in flight finish quickly; a clock serves one run."""
         if self._thread is not None and self._loop is not None and self._stop is not None:
             self.clock.halt()
             self._loop.call_soon_threadsafe(self._stop.set)

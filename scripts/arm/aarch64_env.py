@@ -3,9 +3,9 @@
 Owns: building and running the emulated environment under ``.cache/arm/`` (gitignored).
 Everything comes from the package registries, so it works on a fresh clone:
 
-* ``qemu/``: qemu user mode from Debian's backports (10.0; the release's own 7.2 crashes in
-  onnxruntime >= 1.28), fetched with ``apt-get download`` and unpacked, not installed. It runs
-  aarch64 Linux binaries; no binfmt is needed because we call
+* ``qemu/``: qemu user mode from Debian's backports (10.0; the release's own 7.2 crashes at
+  ``import onnxruntime`` 1.31.1), fetched with ``apt-get download`` and unpacked, not
+  installed. It runs aarch64 Linux binaries; no binfmt is needed because we call
   ``qemu-aarch64 -L ROOT ROOT/usr/bin/python3.11`` explicitly.
 * ``rootfs/``: Debian arm64 packages for CPython 3.11 and its shared libraries, fetched with
   ``apt-get download`` into a private APT state (the host's package state is not touched) and
@@ -217,14 +217,18 @@ class _Apt:
 
 
 def _fetch_qemu(qemu_dir: Path) -> None:
-    # Debian 12's own qemu (7.2) crashes in onnxruntime >= 1.28 at import; the backports
+    # Debian 12's own qemu (7.2) crashes at `import onnxruntime` 1.31.1; the backports
     # build (10.0) runs it. Only the statically linked binary is used: nothing is installed.
     codename = _codename()
     sources = (f"deb [arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
                f"{_debian_archive(codename)} {codename}-backports main\n")
     log(f"qemu: apt-get download qemu-user from {codename}-backports (private APT state)")
     apt = _Apt(CACHE / "apt-qemu", "amd64", sources)
-    apt.unpack([QEMU_PACKAGE], qemu_dir)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        apt.unpack([QEMU_PACKAGE], Path(tmp))
+        # The package holds an emulator for every architecture (360 MB); keep one.
+        QEMU.parent.mkdir(parents=True)
+        shutil.move(Path(tmp) / QEMU.relative_to(qemu_dir), QEMU)
     shutil.rmtree(apt.state)
 
 

@@ -21,10 +21,10 @@ def config(k: int, **plan: object) -> AsyncConfig:
 
 
 def reference(deltas: list[np.ndarray], n: list[int], s: list[int], w) -> np.ndarray:
-    """sum n_i w(s_i) d_i / sum n_i, in float64, written independently of the buffer."""
+    """sum n_i w(s_i) d_i / sum n_i w(s_i), in float64, written independently of the buffer."""
     d = np.stack([x.astype(np.float64) for x in deltas])
     coef = np.asarray(n, dtype=np.float64) * w(np.asarray(s, dtype=np.float64))
-    return (coef[:, None] * d).sum(axis=0) / np.sum(n)
+    return (coef[:, None] * d).sum(axis=0) / coef.sum()
 
 
 def test_fresh_buffer_is_fedavg() -> None:

@@ -13,6 +13,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Self
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,27 @@ class Loopback:
         self._server.server_close()
 
 
+class ScriptedServer:
+    """A scripted coordinator on a :class:`Loopback`: subclasses answer in :meth:`handle`."""
+
+    def __init__(self) -> None:
+        self.loopback = Loopback(self.handle)
+
+    def handle(self, seen: Seen) -> Reply:
+        raise NotImplementedError
+
+    def calls(self, suffix: str) -> list[Seen]:
+        """The requests seen so far whose path ends with ``suffix``."""
+        return [s for s in self.loopback.seen if s.path.endswith(suffix)]
+
+    def __enter__(self) -> Self:
+        self.loopback.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loopback.__exit__(*exc)
+
+
 def json_error(status: int, code: str, message: str = "scripted") -> Reply:
     import json
 
@@ -129,10 +151,12 @@ class CuttingProxy:
       cannot know).
 
     Everything else passes through untouched (HTTP/1.1 with ``Content-Length`` bodies, which
-    is what ``http.client`` sends). ``request_lines`` records every request the client sent.
+    is what ``http.client`` sends). ``request_lines`` records every request the client sent and
+    ``request_sizes`` its size on the wire (request line, headers and body). With ``match=None``
+    nothing is broken: a byte-counting relay.
     """
 
-    def __init__(self, upstream_port: int, match: bytes, mode: str = "request") -> None:
+    def __init__(self, upstream_port: int, match: bytes | None, mode: str = "request") -> None:
         if mode not in ("request", "response"):
             raise ValueError(mode)
         self.upstream_port = upstream_port
@@ -140,6 +164,7 @@ class CuttingProxy:
         self.mode = mode
         self.cut_done = False
         self.request_lines: list[bytes] = []
+        self.request_sizes: list[int] = []
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._closing = False
@@ -216,7 +241,8 @@ class CuttingProxy:
                     first = head.split(b"\r\n", 1)[0]
                     with self._lock:
                         self.request_lines.append(first)
-                        cut = not self.cut_done and self.match in first
+                        self.request_sizes.append(len(request))
+                        cut = not self.cut_done and self.match is not None and self.match in first
                         self.cut_done = self.cut_done or cut
                     if cut and self.mode == "request":
                         upstream.sendall(request[: end + 4 + length // 2])

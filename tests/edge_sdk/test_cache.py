@@ -16,7 +16,7 @@ from edge_sdk.bundle import bundle_id_of
 from edge_sdk.cache import BundleCache
 from edge_sdk.errors import CacheError
 from edge_sdk.transport import RetryPolicy, Transport
-from tests.edge_sdk.loopback import Loopback, Reply, Seen, json_error, ranged
+from tests.edge_sdk.loopback import Loopback, Reply, ScriptedServer, Seen, json_error, ranged
 
 FILES = {
     "step.onnx": random.Random(1).randbytes(300_000),
@@ -46,12 +46,12 @@ MANIFEST = _manifest(FILES)
 BUNDLE_ID = MANIFEST["bundle_id"]
 
 
-class BundleServer:
+class BundleServer(ScriptedServer):
     """Serves MANIFEST and FILES; ``tamper(name, seen)`` may replace a file's bytes."""
 
     def __init__(self, tamper: Callable[[str, Seen], bytes | None] | None = None) -> None:
         self.tamper = tamper
-        self.loopback = Loopback(self.handle)
+        super().__init__()
 
     def handle(self, seen: Seen) -> Reply:
         prefix = f"/v1/bundles/{BUNDLE_ID}"
@@ -66,14 +66,7 @@ class BundleServer:
         return json_error(404, "not_found")
 
     def file_gets(self, name: str) -> list[Seen]:
-        return [s for s in self.loopback.seen if s.path.endswith("/files/" + name)]
-
-    def __enter__(self) -> BundleServer:
-        self.loopback.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loopback.__exit__(*exc)
+        return self.calls("/files/" + name)
 
 
 def _transport(url: str) -> Transport:

@@ -26,14 +26,14 @@ from edge_sdk.client import (
 from edge_sdk.codecs import CODECS, encode_update
 from edge_sdk.conditions import DeviceConditions, EligibilityPolicy, ScriptedConditions
 from edge_sdk.transport import RetryPolicy, Transport
-from tests.edge_sdk.loopback import Loopback, Reply, Seen, json_error, ranged
+from tests.edge_sdk.loopback import Reply, ScriptedServer, Seen, json_error, ranged
 
 GOOD = DeviceConditions(charging=True, battery=0.9, idle=True, unmetered=True)
 TASK = "t-scripted"
 ASSIGNMENT = "a-scripted"
 
 
-class ScriptedCoordinator:
+class ScriptedCoordinator(ScriptedServer):
     """Answers like a coordinator would; ``checkin`` and ``update`` replies are the script."""
 
     def __init__(self, bundle: Path, plan: dict[str, Any] | None = None) -> None:
@@ -48,7 +48,7 @@ class ScriptedCoordinator:
         self.update: Callable[[Seen], Reply] = lambda s: Reply(
             200, json.dumps({"accepted": True, "round": 1, "model_version": 0}).encode())
         self.abort: Callable[[Seen], Reply] = lambda s: Reply(200, b'{"aborted": true}')
-        self.loopback = Loopback(self.handle)
+        super().__init__()
 
     @staticmethod
     def wait(seconds: float, reason: str = "no_task") -> Reply:
@@ -81,16 +81,6 @@ class ScriptedCoordinator:
         if path.endswith("/abort"):
             return self.abort(seen)
         return json_error(404, "not_found")
-
-    def calls(self, suffix: str) -> list[Seen]:
-        return [s for s in self.loopback.seen if s.path.endswith(suffix)]
-
-    def __enter__(self) -> ScriptedCoordinator:
-        self.loopback.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loopback.__exit__(*exc)
 
 
 class LapseAfterFirstRead(ScriptedConditions):

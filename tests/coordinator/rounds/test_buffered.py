@@ -110,11 +110,11 @@ def test_commits_every_k_updates_with_staleness_weights_like_numpy(async_task) -
     assert t.devices[4].upload(old[4]["assignment_id"], _delta(4), num_examples=n[4])[0] == 200
     assert t.task()["model_version"] == 2
 
-    # numpy reference: delta = sum n_i / sqrt(1 + s_i) d_i / sum n_i, then FedAvg (lr 1)
+    # numpy reference: w_i = n_i / sqrt(1 + s_i), delta = sum w_i d_i / sum w_i, FedAvg (lr 1)
     def step(ids: list[int], staleness: list[int]) -> np.ndarray:
         d = np.stack([_delta(i).astype(np.float64) for i in ids])
         w = np.array([n[i] for i in ids], float) / np.sqrt(1.0 + np.array(staleness, float))
-        return (w[:, None] * d).sum(0) / sum(n[i] for i in ids)
+        return (w[:, None] * d).sum(0) / w.sum()
 
     p1 = (p0.astype(np.float64) + step([0, 1, 2], [0, 0, 0])).astype(np.float32)
     np.testing.assert_allclose(t.params(1), p1, rtol=1e-6, atol=1e-7)
@@ -245,7 +245,7 @@ def test_acknowledged_updates_survive_sigkill(tmp_path, tiny_bundle) -> None:
     def step(ids: list[int], s: list[int]) -> np.ndarray:
         w = np.array([n[i] / math.sqrt(1 + si) for i, si in zip(ids, s, strict=True)])
         d = np.stack([_delta(i).astype(np.float64) for i in ids])
-        return (w[:, None] * d).sum(0) / sum(n[i] for i in ids)
+        return (w[:, None] * d).sum(0) / w.sum()
 
     p1 = (p0.astype(np.float64) + step([0, 1, 2, 3], [0, 0, 0, 0])).astype(np.float32)
     # the update acknowledged before the kill (device 4, trained on version 0) is in version 2
