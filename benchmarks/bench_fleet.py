@@ -151,7 +151,7 @@ def main() -> int:
     logging.getLogger("edge_sdk").setLevel(logging.ERROR)
     RESULTS.mkdir(exist_ok=True)
     rounds = []
-    for devices, goal, n in ((30, 10, 10), (300, 30, 5)):
+    for devices, goal, n in ((30, 15, 10), (300, 30, 5)):
         log(f"rounds: {devices} devices, goal {goal}, {n} rounds ...")
         rounds.append(rounds_bench(devices, goal, n))
     idle = []

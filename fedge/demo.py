@@ -56,8 +56,8 @@ class DemoConfig:
     """The demo's knobs; the defaults are tuned to finish in under 3 minutes on 2 cores."""
 
     devices: int = 30
-    rounds: int = 50
-    goal: int = 10  # reports per round (the coordinator selects 1.3x as many)
+    rounds: int = 60
+    goal: int = 15  # reports per round (the coordinator selects 1.3x as many)
     steps: int = 10  # local steps per round: equal work per device, so no size bias in the race
     batch_size: int = 16
     lr: float = 0.15

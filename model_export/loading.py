@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from model_export.errors import ModelNotFound, NotAModule
+from model_export.errors import ExportError, ModelNotFound, NotAModule
 
 __all__ = ["load_model", "resolve_spec"]
 
@@ -77,6 +77,8 @@ def load_model(spec: str | nn.Module | Any) -> nn.Module:
         model = obj()
     except TypeError as e:
         raise NotAModule(f"{label} cannot be called without arguments: {e}") from e
+    except Exception as e:
+        raise ExportError(f"{label}() failed: {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise NotAModule(f"{label}() returned a {type(model).__name__}, not an nn.Module")
     return model

@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "arm"
 RECORD = CACHE / "build.json"
+PIP_CHECK = CACHE / "pip-check.json"
 # Static x86_64 binaries of qemu user mode (Debian package); only qemu-aarch64 is used.
 QEMU_PACKAGE = "qemu-user"
 QEMU = CACHE / "qemu" / "usr" / "bin" / "qemu-aarch64"
@@ -327,8 +328,55 @@ def _ensure_env() -> Env:
     if "sites" in rebuilt:  # it just installed the current project wheel
         record["project"] = {"key": project_key, "seconds": 0.0}
     _layer(record, rebuilt, "project", project_key, None, lambda: _refresh_project(sites))
+    env = Env(root=root, sites=sites, build_seconds={}, rebuilt=())
+    if not PIP_CHECK.exists():
+        record.pop("aarch64-pip", None)
+    _layer(record, rebuilt, "aarch64-pip", str(record["sites"]["key"]), None,
+           lambda: _check_pip_on_aarch64(env))
     seconds = {k: float(v["seconds"]) for k, v in record.items()}  # type: ignore[arg-type]
     return Env(root=root, sites=sites, build_seconds=seconds, rebuilt=tuple(rebuilt))
+
+
+def _dists(site: Path) -> list[str]:
+    """``name==version`` of every distribution installed in a site dir."""
+    found = []
+    for info in site.glob("*.dist-info"):
+        name, version = info.name.removesuffix(".dist-info").rsplit("-", 1)
+        found.append(f"{name.lower().replace('_', '-')}=={version}")
+    return sorted(found)
+
+
+def _check_pip_on_aarch64(env: Env) -> None:
+    """What a Pi does: pip running on the aarch64 python resolves ``fedge[extra]`` by itself.
+    Recorded in ``pip-check.json``: it must pick the same distributions the host installed
+    into the site dir with ``--platform`` (slow under emulation, so done once per deps)."""
+    tool = CACHE / "pip-tool"
+    shutil.rmtree(tool, ignore_errors=True)
+    _pip("download", "--no-deps", "--only-binary=:all:", "--dest", str(tool), "pip")
+    (pip_wheel,) = tool.glob("pip-*.whl")
+    project = _build_project_wheel(CACHE / "dist-resolve")
+    result: dict[str, object] = {}
+    for extra, site in env.sites.items():
+        log(f"aarch64-pip: pip install fedge[{extra}] run by the emulated python itself")
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            args = [f"{pip_wheel}/pip", "install", "--quiet", "--no-cache-dir", "--target", tmp,
+                    *_constraint_args(), f"{project}[{extra}]"]
+            # The host's pip config (local mirrors, find-links) must not leak in via qemu -L.
+            environ = {**env.environ(extra), "PYTHONPATH": "", "PIP_CONFIG_FILE": os.devnull,
+                       "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_ROOT_USER_ACTION": "ignore"}
+            done = subprocess.run(env.command(extra, args), env=environ, text=True,
+                                  capture_output=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"[arm] pip on aarch64 failed:\n{done.stderr[-3000:]}")
+            native, ours = _dists(Path(tmp)), _dists(site)
+        result[extra] = {"same": native == ours, "aarch64_pip": native, "host_pip": ours}
+    PIP_CHECK.write_text(json.dumps(result, indent=2) + "\n")
+    shutil.rmtree(tool)
+
+
+def pip_check() -> dict[str, dict[str, object]]:
+    """The last :func:`_check_pip_on_aarch64` result, per extra."""
+    return dict(json.loads(PIP_CHECK.read_text()))
 
 
 def main() -> int:

@@ -5,7 +5,8 @@
 2. exports the demo bundle (DigitsMLP, SGD, with TFLite graphs) natively, cached;
 3. trains N steps on fixed digits batches with ``ort-step`` (site ``fedge[edge]``) and with
    ``litert-step`` (site ``fedge[litert]``) under emulation, and the same steps natively on x86
-   with the same script (``device.py``); compares the parameters (max abs diff <= 1e-5);
+   with the same script (``device.py``) in the x86 edge-only venv of the same extra (same
+   runtime releases); compares the parameters (max abs diff <= 1e-5);
 4. runs a coordinator natively on 127.0.0.1, creates a one-round task (goal 1) and runs
    ``fedge device run --once`` on the aarch64 python against it over loopback HTTP;
 5. measures (emulated figures, labelled so): install size of each extra, peak RSS, step time
@@ -49,6 +50,14 @@ def demo_bundle() -> Path:
     return cached_bundle("model_export.models:DigitsMLP", **DIGITS_BUNDLE_ARGS, tflite=True)
 
 
+def native_python(extra: str) -> str:
+    """The x86 reference: the edge-only venv ``pip install -e .[extra]`` that the edge tests
+    and benchmarks use, so both sides run the same runtime release and no torch is loaded."""
+    from tests.edge_sdk.edge_env import ensure_edge_venv
+
+    return str(ensure_edge_venv(extra))
+
+
 def write_data(path: Path, examples: int) -> None:
     from fedge.fleet import load_digits
 
@@ -80,7 +89,8 @@ def run_steps(env: arm.Env, backend: str, bundle: Path, data: Path, work: Path, 
         if where == "aarch64":
             done = env.run(BACKEND_EXTRA[backend], cmd)
         else:
-            done = subprocess.run([sys.executable, *cmd], text=True, capture_output=True)
+            done = subprocess.run([native_python(BACKEND_EXTRA[backend]), *cmd], text=True,
+                                  capture_output=True)
         if done.returncode != 0:
             raise BackendFailed(f"{backend} on {where} exited with {done.returncode}: "
                                 f"{_tail(done.stderr)}")
@@ -198,11 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     env = arm.ensure_env()
+    t0 = time.perf_counter()
     bundle = demo_bundle()
+    export_s = round(time.perf_counter() - t0, 1)
     manifest = json.loads((bundle / "manifest.json").read_text())
     with tempfile.TemporaryDirectory(prefix="run-", dir=arm.CACHE) as tmp:
         result = measure(env, bundle, manifest, Path(tmp), args.steps, args.attempts,
                          args.backend or list(BACKEND_EXTRA))
+    result["bundle_export_s"] = export_s  # about 0 when the export was cached
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "arm.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -267,6 +280,8 @@ def measure(env: arm.Env, bundle: Path, manifest: dict[str, Any], work: Path, st
         "step_ms": step_ms,
         "peak_rss_mb": rss,
         **sizes(env),
+        # pip on the aarch64 python picks the same distributions as the host's --platform pip.
+        "aarch64_pip_resolves_same": {k: bool(v["same"]) for k, v in arm.pip_check().items()},
         "env_build_seconds": env.env_build_seconds,
         "env_build_layers_s": env.build_seconds,
         "env_rebuilt_now": list(env.rebuilt),
@@ -275,6 +290,7 @@ def measure(env: arm.Env, bundle: Path, manifest: dict[str, Any], work: Path, st
         "bundle_id": manifest["bundle_id"],
     }
     ok = (arch == "aarch64" and result["round_completed"]
+          and all(result["aarch64_pip_resolves_same"].values())
           and all(v is not None and v <= TOLERANCE for v in parity.values())
           and all(d["param_change"] > 100 * TOLERANCE and not d["heavy_importable_aarch64"]
                   for d in details.values() if "error" not in d))

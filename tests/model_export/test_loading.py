@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from model_export.errors import ModelNotFound, NotAModule
+from model_export.errors import ExportError, ModelNotFound, NotAModule
 from model_export.loading import load_model
 from model_export.models import DigitsMLP
 
@@ -52,3 +52,10 @@ def test_file_that_fails_to_import(tmp_path: Path) -> None:
     broken.write_text("import torch\nraise RuntimeError('boom')\n")
     with pytest.raises(ModelNotFound, match=r"importing .*broken\.py failed: RuntimeError: boom"):
         load_model(f"{broken}:Net")
+
+
+def test_factory_that_raises(tmp_path: Path) -> None:
+    path = tmp_path / "net.py"
+    path.write_text("def make():\n    raise RuntimeError('no weights here')\n")
+    with pytest.raises(ExportError, match=r"make\(\) failed: RuntimeError: no weights here"):
+        load_model(f"{path}:make")
