@@ -4,9 +4,10 @@ Models: the 784-128-10 MLP DESIGN.md measured (``WideMLP``) and the demo's ``Dig
 (64-32-10); batch 32, SGD lr 0.01 (an optimizer every backend runs, ort-training included).
 Each backend runs in its own fresh process (so imports and peak RSS do not mix) with one
 thread (``torch.set_num_threads(1)``; ORT and LiteRT trainers default to one): after 100
-warm-up steps, 7 blocks of steps are timed and the median block gives ms/step.
+warm-up steps, 7 blocks of steps are timed and the median block gives ms/step; three
+interleaved rounds per backend, each backend keeping its fastest.
 
-Run: ``./dev bench bench_step`` (about 2 min with the TFLite exports, cached afterwards in
+Run: ``./dev bench bench_step`` (about 3 min with the TFLite exports, cached afterwards in
 ``.cache/bench-bundles``). Writes ``benchmarks/results/bench_step.json``, ``bench_step.png``
 and the "## Train step" section of ``docs/benchmarks.md``.
 """
@@ -151,43 +152,41 @@ def _python(env: str) -> str | None:
         return None
 
 
-def run_all(steps: int) -> dict[str, Any]:
+def run_all(steps: int, rounds: int) -> dict[str, Any]:
     results: dict[str, Any] = {"batch": BATCH, "lr": LR, "threads": 1, "models": {}}
     pythons = {env: _python(env) for env in sorted({env for _, env in RUNS})}
     for name, (spec, shape) in MODELS.items():
         print(f"[bench_step] exporting {spec} (cached after the first run)", flush=True)
         bundle = _bundle(spec, shape)
-        rows = []
-        for backend, env in RUNS:
-            python = pythons[env]
-            if python is None:
-                continue
-            run = subprocess.run(
-                [
-                    python,
-                    __file__,
-                    "--worker",
-                    backend,
-                    "--bundle",
-                    str(bundle),
-                    "--steps",
-                    str(steps),
-                ],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-                check=False,
-            )
-            if run.returncode != 0:
-                print(f"[bench_step] {backend} failed:\n{run.stderr[-2000:]}", file=sys.stderr)
-                continue
-            row = {**json.loads(run.stdout.strip().splitlines()[-1]), "env": env}
-            rows.append(row)
-            print(
-                f"[bench_step] {name:22} {backend:13} {env:5} {row['ms_per_step']:.3f} ms/step "
-                f"{row['peak_rss_mb']:.0f} MB",
-                flush=True,
-            )
+        best: dict[tuple[str, str], dict[str, Any]] = {}
+        # Rounds interleave the backends, so a burst of load on the shared machine hits all
+        # of them rather than one; each keeps its fastest round.
+        for round_ in range(rounds):
+            for backend, env in RUNS:
+                python = pythons[env]
+                if python is None:
+                    continue
+                cmd = [python, __file__, "--worker", backend, "--bundle", str(bundle)]
+                run = subprocess.run(
+                    [*cmd, "--steps", str(steps)],
+                    capture_output=True,
+                    text=True,
+                    cwd=ROOT,
+                    check=False,
+                )
+                if run.returncode != 0:
+                    print(f"[bench_step] {backend} failed:\n{run.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                row = {**json.loads(run.stdout.strip().splitlines()[-1]), "env": env}
+                print(
+                    f"[bench_step] {name:22} round {round_ + 1}/{rounds} {backend:13} {env:5} "
+                    f"{row['ms_per_step']:.3f} ms/step {row['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+                old = best.get((backend, env))
+                if old is None or row["ms_per_step_best"] < old["ms_per_step_best"]:
+                    best[(backend, env)] = row
+        rows = list(best.values())
         # Ratios of the best blocks: other processes on a shared machine only ever add time.
         torch_ms = next(r["ms_per_step_best"] for r in rows if r["backend"] == "torch-eager")
         for r in rows:
@@ -250,7 +249,7 @@ def update_doc(results: dict[str, Any]) -> None:
     wide, digits = list(models)
     body = f"""{SECTION}
 
-`./dev bench bench_step` (about 2 min the first time, mostly the TFLite exports, which are
+`./dev bench bench_step` (about 3 min; the first run adds the TFLite exports, which are
 cached in `.cache/bench-bundles`; writes `benchmarks/results/bench_step.json` and
 `bench_step.png`). One SGD step (lr {LR}, cross-entropy, batch {BATCH}) on the same bundle and
 the same batch; every backend in a fresh process with one thread; ms/step is the median of
@@ -268,6 +267,16 @@ The portable step on plain ONNX Runtime (`ort-step`, edge env) runs at
 (target of issue 2: at least 2x on small models); on ai-edge-litert (`litert-step`)
 {speedup(wide, "litert-step")} and {speedup(digits, "litert-step")}. Every backend's
 parameters after N steps equal torch's within 1e-5 relative (`tests/edge_sdk/trainers/`).
+
+Where the time goes (ORT's profiler on the 784-128-10 step): the two GEMMs are about a third;
+the rest is elementwise work over the 101,770-parameter vector that torch's in-place SGD does
+not do: splitting the flat `params` input and concatenating the gradients (the bundle's I/O is
+one flat vector), the FedProx term `mu * (params - anchor)` (computed even at `mu = 0`, so
+that one graph serves FedAvg and FedProx exactly), and writing `params_out`. That costs more
+on the larger model than on the demo model, so the 2x target is met on the demo model but not
+reliably on the 784-128-10 MLP on this shared machine. Per-parameter graph inputs and a
+separate graph without the proximal term would remove most of it (not done: it changes the
+bundle's step signature).
 """
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     start = text.find(SECTION + "\n")
@@ -285,12 +294,13 @@ def main() -> None:
     parser.add_argument("--worker", choices=BACKENDS)
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--steps", type=int, default=300, help="steps per timed block")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per backend")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))  # run as a script: the repo's packages and tests helpers
     if args.worker:
         print(json.dumps(worker(args.worker, args.bundle, args.steps)))
         return
-    results = run_all(args.steps)
+    results = run_all(args.steps, args.rounds)
     print()
     print(table(results))
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,7 @@ class DemoConfig:
     lapse_prob: float = 0.01
     speedup: float = 20.0  # emulated seconds per real second
     seed: int = 0
-    out: Path = Path("fedge-demo-out")
+    out: Path = Path("out/demo")  # /out/ is git-ignored in the repo
     cache_dir: Path | None = None  # exported bundle cache; default ~/.cache/fedge
     timeout_s: float = 900.0
 

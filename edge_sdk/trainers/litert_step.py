@@ -7,6 +7,12 @@ Evaluation runs the step graph with ``lr = 0`` for the loss (its outputs are dis
 nothing changes) and ``infer.tflite`` for the outputs, chunk by chunk: one graph fewer to
 convert and ship than a separate eval graph, and the loss is the training loss by construction.
 Class labels are int32 in TFLite.
+
+Graphs run through the interpreter's plain tensor API (tensors allocated once, then
+``set_tensor``/``invoke``/``get_tensor``), not ``SignatureRunner``: the runner resizes and
+reallocates every input on every call, which costs time and, on aarch64, segfaults in
+``ResizeInputTensor`` on the step's rank-0 inputs (measured under qemu, every ai-edge-litert
+release 1.4 to 2.3; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -22,6 +28,27 @@ from edge_sdk.trainers.step_graph import StepGraphTrainer
 __all__ = ["LiteRTStepTrainer"]
 
 
+class _Graph:
+    """One TFLite graph: named inputs in, named outputs (copies) out."""
+
+    def __init__(self, path: str, threads: int) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter = Interpreter(model_path=path, num_threads=threads)
+        # The runner only supplies the signature's name -> tensor index maps; never called.
+        runner = self._interpreter.get_signature_runner()
+        self._inputs = {k: d["index"] for k, d in runner.get_input_details().items()}
+        self._outputs = {k: d["index"] for k, d in runner.get_output_details().items()}
+        del runner  # the interpreter refuses to run while another object references it
+        self._interpreter.allocate_tensors()
+
+    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        for name, value in feeds.items():
+            self._interpreter.set_tensor(self._inputs[name], value)
+        self._interpreter.invoke()
+        return {k: self._interpreter.get_tensor(i) for k, i in self._outputs.items()}
+
+
 def _pad(arr: np.ndarray, batch: int) -> np.ndarray:
     out = np.zeros((batch, *arr.shape[1:]), dtype=arr.dtype)
     out[: arr.shape[0]] = arr
@@ -32,18 +59,13 @@ class LiteRTStepTrainer(StepGraphTrainer):
     backend = "litert-step"
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, *, threads: int = 1) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
         super().__init__(bundle_dir, manifest)
         tfl = manifest.raw["tflite"]
         self.batch = int(tfl["batch"])
         graphs = manifest.raw["graphs"]
 
-        def runner(name: str) -> Any:
-            path = str(self.bundle_dir / graphs[name])
-            return Interpreter(model_path=path, num_threads=threads).get_signature_runner()
-
-        self._step, self._infer = runner("step_tflite"), runner("infer_tflite")
+        self._step = _Graph(str(self.bundle_dir / graphs["step_tflite"]), threads)
+        self._infer = _Graph(str(self.bundle_dir / graphs["infer_tflite"]), threads)
         # The converter names signature tensors by position: args_<i> in, output_<i> out.
         sig = tfl["signatures"]
         self._step_in = {n: f"args_{i}" for i, n in enumerate(sig["step"]["inputs"])}

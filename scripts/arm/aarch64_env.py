@@ -14,7 +14,10 @@ Everything comes from the package registries, so it works on a fresh clone:
   ``pip download --platform ..._aarch64`` from the project's own wheel, so the extra's declared
   dependencies are exactly what gets installed.
 * ``site-edge/``, ``site-litert/``: ``fedge[edge]`` and ``fedge[litert]`` each installed alone
-  (``pip install --target``); a device script runs with one of them as its only site dir.
+  (``pip install --target``); a device script runs with one of them as its only site dir. The
+  project's own packages are refreshed in place when the work tree changes.
+* ``pip-check.json``: pip run *by the emulated python*, as on a Pi, must resolve each extra to
+  the same distributions (done once per dependency set: minutes under emulation).
 
 Each layer is rebuilt only when what decides its content changes (a key in ``build.json``);
 ``build.json`` also keeps each layer's cold build time. Must not import project packages: it
@@ -60,7 +63,7 @@ PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17
 PIP_TARGET = ("--only-binary=:all:", *(f"--platform={p}" for p in PLATFORMS),
               "--python-version=3.11", "--implementation=cp", "--abi=cp311")
 CONSTRAINTS = (REPO / "constraints.txt", Path(__file__).with_name("constraints-aarch64.txt"))
-# What the project wheel is built from; a change reinstalls the site dirs (seconds, not minutes).
+# What the project wheel is built from; a change reinstalls only the project's own packages.
 PROJECT_SOURCES = ("pyproject.toml", "README.md", "edge_sdk", "model_export", "coordinator",
                    "fedge")
 EXTRAS = ("edge", "litert")
@@ -84,7 +87,7 @@ class Env:
         """The cold build: every layer but the refresh of the project's own code."""
         return round(sum(v for k, v in self.build_seconds.items() if k != "project"), 1)
 
-    def command(self, extra: str, args: Sequence[str]) -> list[str]:
+    def command(self, args: Sequence[str]) -> list[str]:
         # -S: no site module, so no dist-packages dir (the root's or, through qemu's -L
         # fallback, the host's) is on sys.path; the extra's site dir is the only one.
         return [str(QEMU), "-L", str(self.root), str(self.root / PYTHON_IN_ROOT), "-S", *args]
@@ -101,7 +104,7 @@ class Env:
     def run(self, extra: str, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
         """Run the aarch64 python with ``args`` and the ``extra``'s site dir only (output
         captured; the caller checks the exit status)."""
-        return subprocess.run(self.command(extra, args), env=self.environ(extra), text=True,
+        return subprocess.run(self.command(args), env=self.environ(extra), text=True,
                               capture_output=True, check=False)
 
 
@@ -364,7 +367,7 @@ def _check_pip_on_aarch64(env: Env) -> None:
             # The host's pip config (local mirrors, find-links) must not leak in via qemu -L.
             environ = {**env.environ(extra), "PYTHONPATH": "", "PIP_CONFIG_FILE": os.devnull,
                        "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_ROOT_USER_ACTION": "ignore"}
-            done = subprocess.run(env.command(extra, args), env=environ, text=True,
+            done = subprocess.run(env.command(args), env=environ, text=True,
                                   capture_output=True, check=False)
             if done.returncode != 0:
                 raise SystemExit(f"[arm] pip on aarch64 failed:\n{done.stderr[-3000:]}")

@@ -128,7 +128,9 @@ def run_round(env: arm.Env, bundle: Path, data: Path, work: Path, attempts: int)
             t0 = time.perf_counter()
             done = env.run("edge", cmd)
             if done.returncode != 0:
-                raise SystemExit(f"[arm] fedge device run failed:\n{done.stderr[-3000:]}")
+                outcomes.append({"action": "crashed", "error": _tail(done.stderr)})
+                log(f"round: fedge device run on aarch64 FAILED: {outcomes[-1]['error']}")
+                break
             outcome = _last_json(done.stdout)
             outcomes.append(outcome)
             log(f"round: aarch64 device -> {outcome['action']} "
@@ -136,9 +138,10 @@ def run_round(env: arm.Env, bundle: Path, data: Path, work: Path, attempts: int)
             if outcome["action"] not in ("wait", "failed"):
                 break
             time.sleep(min(float(outcome.get("next_run_in_s") or 1.0), 2.0))
-        deadline = time.monotonic() + 30
+        trained = bool(outcomes) and outcomes[-1]["action"] == "trained"
+        deadline = time.monotonic() + 30  # the commit follows the report asynchronously
         task = admin.task(task_id)
-        while task["rounds_completed"] < 1 and time.monotonic() < deadline:
+        while trained and task["rounds_completed"] < 1 and time.monotonic() < deadline:
             time.sleep(0.5)
             task = admin.task(task_id)
         rounds = admin.rounds(task_id)
@@ -147,11 +150,12 @@ def run_round(env: arm.Env, bundle: Path, data: Path, work: Path, attempts: int)
     return {
         "device_outcome": last.get("action"),
         "device_metrics": last.get("metrics", {}),
+        "device_error": last.get("error"),
         "task_state": task["state"],
         "model_version": task["model_version"],
         "rounds_completed": task["rounds_completed"],
         "round_metrics": rounds[0]["metrics"] if rounds else None,
-        "round_completed": (last.get("action") == "trained" and task["rounds_completed"] == 1
+        "round_completed": (trained and task["rounds_completed"] == 1
                             and task["model_version"] == 1),
     }
 
@@ -171,28 +175,42 @@ def sizes(env: arm.Env) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Step time and peak RSS per backend, native x86 next to emulated aarch64; a backend
+    that did not run on aarch64 is shown as such instead of being left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    backends = list(result["step_ms"])
-    if not backends:
-        return
-    native = [result["step_ms"][b]["x86_64"] for b in backends]
-    emulated = [result["step_ms"][b]["aarch64_emulated"] for b in backends]
+    backends = list(result["backends"])
     xs = np.arange(len(backends))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(xs - 0.2, native, 0.4, label="x86_64 native")
-    ax.bar(xs + 0.2, emulated, 0.4, label="aarch64 under qemu-user (emulated)")
-    for x, n, e in zip(xs, native, emulated, strict=True):
-        ax.annotate(f"{e / n:.0f}x", (x + 0.2, e), ha="center", va="bottom", fontsize=9)
-    ax.set_xticks(xs, backends)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per train step (median)")
-    ax.set_title(f"DigitsMLP, batch {result['batch']}: emulated aarch64 vs native x86")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    panels = (("step_ms", "ms per train step (median, log)", True),
+              ("peak_rss_mb", "peak RSS, MB (VmHWM)", False))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, (key, label, log_scale) in zip(axes, panels, strict=True):
+        for offset, where, name in ((-0.2, "x86_64", "x86_64 native"),
+                                    (0.2, "aarch64_emulated", "aarch64, qemu (emulated)")):
+            values = [result[key].get(b, {}).get(where, np.nan) for b in backends]
+            ax.bar(xs + offset, values, 0.4, label=name)
+        for x, b in zip(xs, backends, strict=True):
+            if "error" in result["backends"][b]:
+                ax.annotate("crashed on\naarch64", (x, 0.5), xycoords=("data", "axes fraction"),
+                            ha="center", va="center", fontsize=8, color="firebrick")
+            elif key == "step_ms":
+                ms = result[key][b]
+                ax.annotate(f"{ms['ratio']:.0f}x", (x + 0.2, ms["aarch64_emulated"]),
+                            ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(xs, backends)
+        ax.set_xlim(-0.7, len(backends) - 0.3)
+        if log_scale:
+            ax.set_yscale("log")
+            ax.set_ylim(top=ax.get_ylim()[1] * 3)  # room for the ratio labels
+        ax.set_ylabel(label)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
+    fig.suptitle(f"Demo bundle (DigitsMLP, batch {result['batch']}): aarch64 under "
+                 f"{result['emulator']} vs native x86_64", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
