@@ -204,8 +204,9 @@ def run_mode(name: str, mode: str, plan: dict[str, Any], setup: Setup, bundle: P
                       setup.target, hashlib.sha256(params.tobytes()).hexdigest()[:16])  # fmt: skip
 
 
-def plot(runs: list[dict[str, ModeResult]], out: dict[str, dict[str, Any]], setup: Setup,
-         path: Path) -> None:  # fmt: skip
+def plot(curves: list[dict[str, dict[str, list[float]]]], out: dict[str, dict[str, Any]],
+         setup: Setup, path: Path) -> None:  # fmt: skip
+    """``curves``: per seed, per mode, ``time_s`` and ``accuracy`` lists (the JSON's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,11 +216,12 @@ def plot(runs: list[dict[str, ModeResult]], out: dict[str, dict[str, Any]], setu
     for color, name in zip(("tab:red", "tab:blue", "tab:green"), out, strict=False):
         ttt = out[name]["time_to_target_s"]
         label = f"{name} (median to target {ttt:,.0f} s)" if ttt else f"{name} (no target)"
-        for i, run in enumerate(runs):
-            r = run[name]
-            ax.plot(r.times_s, r.accuracy, color=color, marker="o" if i == 0 else None,
-                    markersize=2.5, linewidth=1.4 if i == 0 else 0.8, alpha=1.0 if i == 0 else 0.4,
-                    label=label if i == 0 else None)  # fmt: skip
+        for i, run in enumerate(curves):
+            first = i == 0  # the first seed drawn bold, the others faint
+            ax.plot(run[name]["time_s"], run[name]["accuracy"], color=color,
+                    marker="o" if first else None, markersize=2.5,
+                    linewidth=1.4 if first else 0.8, alpha=1.0 if first else 0.4,
+                    label=label if first else None)  # fmt: skip
     ax.axhline(setup.target, color="grey", linestyle="--", linewidth=1,
                label=f"target {setup.target:.2f}")  # fmt: skip
     ax.set_xscale("symlog", linthresh=100)  # linear up to 100 s, log beyond
@@ -230,7 +232,7 @@ def plot(runs: list[dict[str, ModeResult]], out: dict[str, dict[str, Any]], setu
     ax.grid(alpha=0.3)
     ax.set_title(f"Digits, {setup.devices} devices, step time x LogNormal(0, {setup.speed_sigma}), "
                  f"{setup.dropout:.0%} dropouts, {setup.versions} x {setup.goal} updates; "
-                 f"{len(runs)} seed(s)", fontsize=9)
+                 f"{len(curves)} seed(s)", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -307,7 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override Setup fields, e.g. --set versions=60 lr=0.1")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the PNG from the JSON in --out (no run)")
     args = p.parse_args(argv)
+    if args.replot:
+        doc = json.loads((args.out / "stragglers.json").read_text())
+        plot(doc["curves"], doc["modes"], Setup(**doc["setup"]), args.out / "stragglers.png")
+        return 0
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
     setup = Setup(seed=args.seed, speedup=args.speedup)
@@ -354,8 +362,11 @@ def write_results(
 ) -> dict[str, dict[str, Any]]:
     per_seed = [{name: r.summary() for name, r in run.items()} for run in runs]
     out = aggregate(per_seed)
+    curves = [{name: {"time_s": [round(t, 2) for t in r.times_s],
+                      "accuracy": [round(a, 4) for a in r.accuracy]}
+               for name, r in run.items()} for run in runs]  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
-    plot(runs, out, setup, directory / "stragglers.png")
+    plot(curves, out, setup, directory / "stragglers.png")
     doc = {
         "benchmark": "bench_stragglers",
         "clock": "emulated seconds (fleet SimClock, read by the coordinator too)",
@@ -364,9 +375,7 @@ def write_results(
         "aggregate": "time_to_target_s, bytes_*: median over seeds; accuracies: mean",
         "modes": out,
         "per_seed": per_seed,
-        "curves": [{name: {"time_s": [round(t, 2) for t in r.times_s],
-                           "accuracy": [round(a, 4) for a in r.accuracy]}
-                    for name, r in run.items()} for run in runs],
+        "curves": curves,
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
     }  # fmt: skip
     (directory / "stragglers.json").write_text(json.dumps(doc, indent=1))
