@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ __all__ = [
     "load_manifest",
     "parse_manifest",
     "sha256_file",
+    "step_signature",
     "verify_bundle",
 ]
 
@@ -126,6 +128,25 @@ class Manifest:
         if entry is None:
             return False, f"bundle has no {backend} graphs"
         return bool(entry["supported"]), entry.get("reason")
+
+
+def step_signature(
+    params: Sequence[str], state: Sequence[tuple[str, bool]], *, proximal: bool
+) -> dict[str, list[str]]:
+    """ONNX input and output names of the split step graph (``step`` or, with ``proximal``,
+    ``step_prox``) for the trainable parameters ``params`` and the optimizer state
+    ``(name, per_parameter)``: the one place both the exporter and the trainers take them from."""
+    inputs = [f"params.{p}" for p in params]
+    outputs = ["loss", *[f"params_out.{p}" for p in params]]
+    for name, per_parameter in state:
+        inputs += [f"state.{name}.{p}" for p in params] if per_parameter else [f"state.{name}"]
+        outputs += (
+            [f"state_out.{name}.{p}" for p in params] if per_parameter else [f"state_out.{name}"]
+        )
+    inputs += ["x", "y", "lr"]
+    if proximal:
+        inputs += [*(f"anchor.{p}" for p in params), "mu"]
+    return {"inputs": inputs, "outputs": outputs}
 
 
 def sha256_file(path: Path) -> str:

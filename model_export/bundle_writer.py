@@ -28,29 +28,44 @@ from edge_sdk.bundle import (
     Manifest,
     bundle_id_of,
     sha256_file,
+    step_signature,
     verify_bundle,
 )
-from model_export.config import INPUT_DTYPES, LOSSES, OptimizerConfig
+from model_export.config import INPUT_DTYPES, LOSSES, OptimizerConfig, StateSpec
 from model_export.errors import LossMismatch, UnsupportedModel
 from model_export.loading import load_model
 from model_export.ort_artifacts import ort_training_support, write_ort_artifacts
 from model_export.step import StepFunctions
 from model_export.tracing import OPSET, export_onnx, trace
 
-__all__ = ["export_bundle", "io_names"]
+__all__ = ["export_bundle", "io_names", "tflite_names"]
 
 _DTYPES = dict(zip(INPUT_DTYPES, (torch.float32, torch.float64, torch.int64), strict=True))
 
 
-def io_names(state: Sequence[str], *, weighted: bool = False) -> dict[str, dict[str, list[str]]]:
-    """Input and output names of the three graphs (the ``signatures`` manifest entry)."""
-    step_in = ["params", *[f"state.{s}" for s in state], "x", "y", "lr", "anchor", "mu"]
+def io_names(
+    params: Sequence[str], state: Sequence[StateSpec]
+) -> dict[str, dict[str, list[str]]]:
+    """Input and output names of the ONNX graphs (the ``signatures`` manifest entry)."""
+    layout = [(s.name, s.per_parameter) for s in state]
+    return {
+        "step": step_signature(params, layout, proximal=False),
+        "step_prox": step_signature(params, layout, proximal=True),
+        "eval": {"inputs": ["params", "x", "y"], "outputs": ["loss", "output"]},
+        "infer": {"inputs": ["params", "x"], "outputs": ["output"]},
+    }
+
+
+def tflite_names(state: Sequence[StateSpec]) -> dict[str, dict[str, list[str]]]:
+    """Names, in positional order, of the TFLite graphs' tensors (flat step, see ``step``)."""
+    names = [s.name for s in state]
     return {
         "step": {
-            "inputs": [*step_in, *(["weight"] if weighted else [])],
-            "outputs": ["loss", "params_out", *[f"state_out.{s}" for s in state]],
+            "inputs": [
+                "params", *[f"state.{s}" for s in names], "x", "y", "lr", "anchor", "mu", "weight"
+            ],
+            "outputs": ["loss", "params_out", *[f"state_out.{s}" for s in names]],
         },
-        "eval": {"inputs": ["params", "x", "y"], "outputs": ["loss", "output"]},
         "infer": {"inputs": ["params", "x"], "outputs": ["output"]},
     }
 
@@ -238,10 +253,22 @@ class _Prepared:
         return self.fns.optimizer
 
     def step_args(self) -> list[torch.Tensor]:
+        """Example arguments of the flat step (see :mod:`model_export.step`)."""
         params = torch.from_numpy(_flat([p for _, p in self.trainable]).copy())
         state = [torch.zeros(params.numel() if s.per_parameter else ()) for s in self.opt.state]
         lr = torch.tensor(self.opt.lr)
         return [params, *state, self.x, self.y, lr, params.clone(), torch.tensor(0.0)]
+
+    def split_step_args(self, *, proximal: bool) -> list[torch.Tensor]:
+        """Example arguments of the split step."""
+        params = [p.detach().clone() for _, p in self.trainable]
+        state: list[torch.Tensor] = []
+        for s in self.opt.state:
+            state += [torch.zeros_like(p) for p in params] if s.per_parameter else [torch.zeros(())]
+        args = [*params, *state, self.x, self.y, torch.tensor(self.opt.lr)]
+        if proximal:
+            args += [*(p.clone() for p in params), torch.tensor(0.0)]
+        return args
 
 
 def _default_shape(model: nn.Module) -> list[int]:
@@ -331,16 +358,21 @@ def _write(
     step_args = prep.step_args()
     params = step_args[0]
     num = params.numel()
-    names = io_names([s.name for s in opt.state])
-    graph_args = {"step": step_args, "eval": [params, x, y], "infer": [params, x]}
-    for graph in ("step", "eval", "infer"):
+    names = io_names(fns.names, opt.state)
+    graphs: dict[str, tuple[Callable[..., object], list[torch.Tensor]]] = {
+        "step": (fns.split_step(proximal=False), prep.split_step_args(proximal=False)),
+        "step_prox": (fns.split_step(proximal=True), prep.split_step_args(proximal=True)),
+        "eval": (fns.eval, [params, x, y]),
+        "infer": (fns.infer, [params, x]),
+    }
+    for graph, (fn, args) in graphs.items():
         say(f"tracing {graph} graph")
-        model.train(graph == "step")
-        gm = trace(fns.function(graph), graph_args[graph], f"{graph} graph")
+        model.train(graph.startswith("step"))
+        gm = trace(fn, args, f"{graph} graph")
         say(f"writing {graph}.onnx")
         export_onnx(
             gm,
-            graph_args[graph],
+            args,
             out_dir / f"{graph}.onnx",
             input_names=names[graph]["inputs"],
             output_names=names[graph]["outputs"],
@@ -407,6 +439,7 @@ def _write(
         "frozen_parameters": "frozen.f32" if prep.frozen else None,
         "graphs": {
             "step_onnx": "step.onnx",
+            "step_prox_onnx": "step_prox.onnx",
             "eval_onnx": "eval.onnx",
             "infer_onnx": "infer.onnx",
             "step_tflite": tflite_files["step"] if tflite_files else None,
@@ -415,7 +448,7 @@ def _write(
         },
         "signatures": names,
         "tflite": (
-            {"batch": tfl_batch, "signatures": io_names([s.name for s in opt.state], weighted=True)}
+            {"batch": tfl_batch, "signatures": tflite_names(opt.state)}
             if tflite_files
             else None
         ),

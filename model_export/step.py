@@ -1,12 +1,21 @@
-"""The portable train step as plain torch functions of flat tensors, ready to be traced.
+"""The portable train step as plain torch functions of tensors, ready to be traced.
 
-Every graph takes the trainable parameters as ONE flat float32 vector in the manifest layout
-(``named_parameters()`` order) and splits it inside; frozen parameters and buffers are baked in
-as constants. Signatures (also the ONNX input/output names, see ``edge_sdk.bundle``)::
+Two forms of the step (the ONNX/TFLite input and output names are in ``edge_sdk.bundle``)::
 
-    step(params, *state, x, y, lr, anchor, mu[, weight]) -> (loss, params_out, *state_out)
+    split step, ONNX:  step(params.<p>..., state.<s>[.<p>]..., x, y, lr[, anchor.<p>..., mu])
+                         -> (loss, params_out.<p>..., state_out.<s>[.<p>]...)
+    flat step, TFLite: step(params, *state, x, y, lr, anchor, mu, weight)
+                         -> (loss, params_out, *state_out)
     eval(params, x, y) -> (loss, output)
     infer(params, x) -> output
+
+The split step takes every trainable parameter (and its optimizer state) as its own tensor, so
+the graph neither splits a flat vector nor concatenates gradients, and it comes in two variants:
+without the FedProx inputs (FedAvg) and with them. Each costs the runtime passes over all
+parameters; the trainer keeps the tensors as views into one flat vector, so the flat layout
+costs nothing there (measured in docs/benchmarks.md "## Train step"). The flat step and eval and
+infer take ONE flat float32 vector in the manifest layout (``named_parameters()`` order) and split
+it inside; frozen parameters and buffers are baked in as constants.
 
 ``loss`` is the data loss of the batch before the update. The FedProx term
 ``mu/2 * ||params - anchor||^2`` is added to the gradient (``mu * (params - anchor)``) before the
@@ -82,20 +91,60 @@ class StepFunctions:
         out = self.infer(params, x)
         return data_loss(self.loss, out, y), out
 
+    def _grads(
+        self,
+        pieces: list[torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weight: torch.Tensor | None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        def batch_loss(ps: list[torch.Tensor]) -> torch.Tensor:
+            return data_loss(self.loss, self._forward(ps, x), y, weight)
+
+        grads, loss = grad_and_value(batch_loss)(pieces)
+        return list(grads), loss
+
     def step(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``step(params, *state, x, y, lr, anchor, mu[, weight])``: see the module docstring."""
+        """The flat step ``step(params, *state, x, y, lr, anchor, mu[, weight])``."""
         n_state = len(self.optimizer.state)
         params, state = args[0], list(args[1 : 1 + n_state])
         x, y, lr, anchor, mu, *rest = args[1 + n_state :]
-        weight = rest[0] if rest else None
-
-        def batch_loss(pieces: list[torch.Tensor]) -> torch.Tensor:
-            return data_loss(self.loss, self._forward(pieces, x), y, weight)
-
-        grads, loss = grad_and_value(batch_loss)(self._unflatten(params))
+        grads, loss = self._grads(self._unflatten(params), x, y, rest[0] if rest else None)
         grad = torch.cat([g.reshape(-1) for g in grads]) + mu * (params - anchor)
         new_params, new_state = self._update(params, grad, state, lr)
         return (loss, new_params, *new_state)
+
+    def split_step(self, *, proximal: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """The split step (see the module docstring), with or without the FedProx inputs."""
+        k, specs = len(self.names), self.optimizer.state
+
+        def step(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            params, i = list(args[:k]), k
+            state: list[list[torch.Tensor]] = []
+            for s in specs:
+                n = k if s.per_parameter else 1
+                state.append(list(args[i : i + n]))
+                i += n
+            x, y, lr = args[i : i + 3]
+            grads, loss = self._grads(params, x, y, None)
+            if proximal:
+                anchors, mu = args[i + 3 : i + 3 + k], args[i + 3 + k]
+                grads = [g + mu * (p - a) for g, p, a in zip(grads, params, anchors, strict=True)]
+            new_params: list[torch.Tensor] = []
+            new_state: list[list[torch.Tensor]] = [[] for _ in specs]
+            for j, (p, g) in enumerate(zip(params, grads, strict=True)):
+                mine = [st[j] if s.per_parameter else st[0] for st, s in zip(state, specs)]
+                p, mine = self._update(p, g, mine, lr)
+                new_params.append(p)
+                for out, v in zip(new_state, mine, strict=True):
+                    out.append(v)
+            outs = [loss, *new_params]
+            for s, out in zip(specs, new_state, strict=True):
+                # a scalar state (AdamW's step count) is updated identically for every tensor
+                outs.extend(out if s.per_parameter else out[:1])
+            return tuple(outs)
+
+        return step
 
     def _update(
         self, p: torch.Tensor, g: torch.Tensor, state: list[torch.Tensor], lr: torch.Tensor
@@ -122,11 +171,3 @@ class StepFunctions:
         denom = torch.sqrt(exp_avg_sq) / bias_correction2_sqrt + opt.eps
         p = p - (lr / bias_correction1) * (exp_avg / denom)
         return p, [exp_avg, exp_avg_sq, step]
-
-    def function(self, graph: str) -> Callable[..., object]:
-        fns: dict[str, Callable[..., object]] = {
-            "step": self.step,
-            "eval": self.eval,
-            "infer": self.infer,
-        }
-        return fns[graph]

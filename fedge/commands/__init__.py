@@ -1,0 +1,1 @@
+"""The ``fedge`` subcommands: one module each, registered by ``fedge.cli``."""

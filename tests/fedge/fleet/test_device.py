@@ -100,7 +100,9 @@ def test_a_job_takes_its_modelled_compute_time(
     digits_bundle: Path, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     manifest = load_manifest(digits_bundle)
-    clock = SimClock(speedup=10.0)
+    # A slow speedup leaves each modelled step ~30 ms of real time, so a loaded machine's
+    # real step time stays inside it (no overrun) and the bounds below are not a race.
+    clock = SimClock(speedup=2.0)
     profile = _profile(compute_median=3.0)
     trainers = _trainers(TrainerPool("ort-step"), profile, clock, 160, step_time_s=0.02)
     x, y = digits
@@ -114,8 +116,8 @@ def test_a_job_takes_its_modelled_compute_time(
     assert result.steps == 10
     assert trainers.log.emulated_compute_s == pytest.approx(modelled, rel=0.01)
     assert trainers.log.overruns == 0
-    # The emulated clock really advanced by the modelled time (plus a little overhead).
-    assert modelled <= elapsed < modelled + 0.5
+    # The emulated clock really advanced by the modelled time, and not twice over.
+    assert modelled <= elapsed < 1.5 * modelled
 
 
 def test_dropout_vanishes_at_its_step_without_a_word(
