@@ -43,9 +43,7 @@ __all__ = ["export_bundle", "io_names", "tflite_names"]
 _DTYPES = dict(zip(INPUT_DTYPES, (torch.float32, torch.float64, torch.int64), strict=True))
 
 
-def io_names(
-    params: Sequence[str], state: Sequence[StateSpec]
-) -> dict[str, dict[str, list[str]]]:
+def io_names(params: Sequence[str], state: Sequence[StateSpec]) -> dict[str, dict[str, list[str]]]:
     """Input and output names of the ONNX graphs (the ``signatures`` manifest entry)."""
     layout = [(s.name, s.per_parameter) for s in state]
     return {
@@ -62,7 +60,14 @@ def tflite_names(state: Sequence[StateSpec]) -> dict[str, dict[str, list[str]]]:
     return {
         "step": {
             "inputs": [
-                "params", *[f"state.{s}" for s in names], "x", "y", "lr", "anchor", "mu", "weight"
+                "params",
+                *[f"state.{s}" for s in names],
+                "x",
+                "y",
+                "lr",
+                "anchor",
+                "mu",
+                "weight",
             ],
             "outputs": ["loss", "params_out", *[f"state_out.{s}" for s in names]],
         },
@@ -448,9 +453,7 @@ def _write(
         },
         "signatures": names,
         "tflite": (
-            {"batch": tfl_batch, "signatures": tflite_names(opt.state)}
-            if tflite_files
-            else None
+            {"batch": tfl_batch, "signatures": tflite_names(opt.state)} if tflite_files else None
         ),
         "backends": {
             "ort-training": {

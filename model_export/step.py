@@ -97,11 +97,15 @@ class StepFunctions:
         x: torch.Tensor,
         y: torch.Tensor,
         weight: torch.Tensor | None,
+        scale: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        def batch_loss(ps: list[torch.Tensor]) -> torch.Tensor:
-            return data_loss(self.loss, self._forward(ps, x), y, weight)
+        """Gradients (of ``scale * loss`` when given) and the loss."""
 
-        grads, loss = grad_and_value(batch_loss)(pieces)
+        def batch_loss(ps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            loss = data_loss(self.loss, self._forward(ps, x), y, weight)
+            return (loss if scale is None else scale * loss), loss
+
+        grads, (_, loss) = grad_and_value(batch_loss, has_aux=True)(pieces)
         return list(grads), loss
 
     def step(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -126,14 +130,28 @@ class StepFunctions:
                 state.append(list(args[i : i + n]))
                 i += n
             x, y, lr = args[i : i + 3]
+            anchors, mu = args[i + 3 : i + 3 + k], (args[i + 3 + k] if proximal else None)
+            if self._plain_sgd:
+                # lr scales the loss's gradient seed, so it multiplies small batch-sized tensors
+                # in the backward pass instead of every parameter once more: the update is then
+                # one subtraction per parameter (equal to p - lr * g up to float rounding).
+                steps, loss = self._grads(params, x, y, None, scale=-lr)
+                if mu is not None:
+                    lr_mu = lr * mu
+                    steps = [
+                        s - lr_mu * (p - a) for s, p, a in zip(steps, params, anchors, strict=True)
+                    ]
+                outs = [loss, *(p + s for p, s in zip(params, steps, strict=True))]
+                return tuple(outs)
             grads, loss = self._grads(params, x, y, None)
-            if proximal:
-                anchors, mu = args[i + 3 : i + 3 + k], args[i + 3 + k]
+            if mu is not None:
                 grads = [g + mu * (p - a) for g, p, a in zip(grads, params, anchors, strict=True)]
             new_params: list[torch.Tensor] = []
             new_state: list[list[torch.Tensor]] = [[] for _ in specs]
             for j, (p, g) in enumerate(zip(params, grads, strict=True)):
-                mine = [st[j] if s.per_parameter else st[0] for st, s in zip(state, specs)]
+                mine = [
+                    st[j] if s.per_parameter else st[0] for st, s in zip(state, specs, strict=True)
+                ]
                 p, mine = self._update(p, g, mine, lr)
                 new_params.append(p)
                 for out, v in zip(new_state, mine, strict=True):
@@ -145,6 +163,11 @@ class StepFunctions:
             return tuple(outs)
 
         return step
+
+    @property
+    def _plain_sgd(self) -> bool:
+        opt = self.optimizer
+        return opt.name == "sgd" and not opt.momentum and not opt.weight_decay
 
     def _update(
         self, p: torch.Tensor, g: torch.Tensor, state: list[torch.Tensor], lr: torch.Tensor

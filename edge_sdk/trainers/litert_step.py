@@ -85,14 +85,24 @@ class LiteRTStepTrainer(StepGraphTrainer):
         out = self._step(**{self._step_in[k]: v for k, v in feeds.items()})
         return {self._step_out[k]: v for k, v in out.items()}
 
-    def _run_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = feeds["x"].shape[0]
-        if n > self.batch:
+    def _step_feeds(self, x: np.ndarray, y: np.ndarray, lr: np.ndarray) -> dict[str, np.ndarray]:
+        # Without a proximal term the anchor is the parameters themselves: mu * 0 is exactly 0.
+        anchor = self._params if self._anchor is None else self._anchor
+        feeds = {"params": self._params, "x": x, "y": y, "lr": lr, "anchor": anchor, "mu": self._mu}
+        feeds.update({f"state.{k}": v for k, v in self._state.items()})
+        return feeds
+
+    def _train_on(self, x: np.ndarray, y: np.ndarray, lr: np.ndarray) -> float:
+        if x.shape[0] > self.batch:
             raise ValueError(
                 f"this bundle's TFLite step trains on batches of at most {self.batch} examples, "
-                f"got {n}"
+                f"got {x.shape[0]}"
             )
-        return self._run_padded(feeds)
+        outs = self._run_padded(self._step_feeds(x, y, lr))
+        np.copyto(self._params, outs["params_out"].reshape(-1))
+        for k, value in self._state.items():
+            np.copyto(value, outs[f"state_out.{k}"].reshape(value.shape))
+        return float(outs["loss"])
 
     def _chunks(self, n: int) -> range:
         return range(0, n, self.batch)

@@ -1,7 +1,14 @@
-"""``ort-step``: the portable step graph on a plain ``onnxruntime.InferenceSession``.
+"""``ort-step``: the portable step graphs on a plain ``onnxruntime.InferenceSession``.
 
 Works with any onnxruntime >= 1.17 (aarch64, Android, iOS builds included) and with
 onnxruntime-training, which ships the same module.
+
+The split step graphs take and return every parameter and optimizer-state tensor on its own
+(see :mod:`edge_sdk.bundle`). The trainer keeps two copies of the flat parameter and state
+vectors and binds per-tensor views of them with ORT's IO binding: a step reads one copy and
+writes the other in place, then the two swap. So no step concatenates, splits, allocates or
+copies the parameters, and ``get_parameters`` is one copy of a flat vector. ``step.onnx``
+(no proximal inputs) runs unless a FedProx term is set, then ``step_prox.onnx``.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_sdk.bundle import Manifest
+from edge_sdk.bundle import Manifest, step_signature
 from edge_sdk.trainers.step_graph import StepGraphTrainer
 
 __all__ = ["OrtStepTrainer"]
@@ -26,6 +33,7 @@ class OrtStepTrainer(StepGraphTrainer):
         import onnxruntime as ort
 
         super().__init__(bundle_dir, manifest)
+        self._ort = ort
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -37,15 +45,87 @@ class OrtStepTrainer(StepGraphTrainer):
                 str(self.bundle_dir / graphs[name]), options, providers=["CPUExecutionProvider"]
             )
 
-        self._step, self._eval, self._infer = (
-            session("step_onnx"),
-            session("eval_onnx"),
-            session("infer_onnx"),
-        )
-        self._step_outputs = [o.name for o in self._step.get_outputs()]
+        self._eval, self._infer = session("eval_onnx"), session("infer_onnx")
+        self._spare_params = self._params.copy()
+        self._spare_state = {k: v.copy() for k, v in self._state.items()}
+        copies = [(self._params, self._state), (self._spare_params, self._spare_state)]
+        self._loss = np.zeros((), np.float32)
+        per_parameter = [(k, len(s) > 0) for k, s in self._state_shapes.items()]
+        names = [p.name for p in manifest.parameters]
+        # Per graph, one binding per direction d: it reads copy d and writes copy 1 - d.
+        self._bindings: dict[bool, tuple[Any, list[tuple[Any, list[np.ndarray]]]]] = {}
+        for proximal, graph in ((False, "step_onnx"), (True, "step_prox_onnx")):
+            sess = session(graph)
+            sig = step_signature(names, per_parameter, proximal=proximal)
+            have = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+            if have != (sig["inputs"], sig["outputs"]):
+                raise ValueError(f"{graphs[graph]} does not have the manifest's step signature")
+            self._bindings[proximal] = (sess, [self._bind(sess, sig, copies, d) for d in (0, 1)])
+        self._current = 0  # the copy that _params and _state are
+        self._copy_back: dict[tuple[bool, int], list[tuple[int, np.ndarray]]] = {}
 
-    def _run_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._step_outputs, self._step.run(None, feeds), strict=True))
+    def _views(self, params: np.ndarray, state: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Per-tensor views in the step signature's order (parameters, then state)."""
+        specs = self.manifest.parameters
+        views = [params[p.offset : p.offset + p.size].reshape(p.shape) for p in specs]
+        for value in state.values():
+            if value.ndim:
+                views += [value[p.offset : p.offset + p.size].reshape(p.shape) for p in specs]
+            else:
+                views.append(value)
+        return views
+
+    def _bind(
+        self,
+        sess: Any,
+        sig: dict[str, list[str]],
+        copies: list[tuple[np.ndarray, dict[str, np.ndarray]]],
+        direction: int,
+    ) -> tuple[Any, list[np.ndarray]]:
+        src, dst = (
+            self._views(*copies[direction]),
+            [self._loss, *self._views(*copies[1 - direction])],
+        )
+        binding = sess.io_binding()
+        value = self._ort.OrtValue.ortvalue_from_numpy
+        for name, view in zip(sig["inputs"], src, strict=False):  # x, y, lr: per step
+            binding.bind_ortvalue_input(name, value(view))
+        for name, view in zip(sig["outputs"], dst, strict=True):
+            binding.bind_ortvalue_output(name, value(view))
+        return binding, dst
+
+    def _train_on(self, x: np.ndarray, y: np.ndarray, lr: np.ndarray) -> float:
+        proximal = self._anchor is not None
+        sess, bindings = self._bindings[proximal]
+        binding, dst = bindings[self._current]
+        feeds = {"x": x, "y": y, "lr": lr}
+        if proximal:
+            anchor = self._anchor
+            assert anchor is not None
+            for p in self.manifest.parameters:
+                feeds[f"anchor.{p.name}"] = anchor[p.offset : p.offset + p.size].reshape(p.shape)
+            feeds["mu"] = self._mu
+        for name, arr in feeds.items():  # feeds keeps the arrays alive through the run
+            binding.bind_cpu_input(name, arr)
+        sess.run_with_iobinding(binding)
+        key = (proximal, self._current)
+        if key not in self._copy_back:
+            # ORT writes a bound output in place unless the graph's output is a tensor it
+            # holds already (e.g. a parameter no loss depends on): those are copied back.
+            outs = binding.get_outputs()
+            self._copy_back[key] = [
+                (i, view)
+                for i, (out, view) in enumerate(zip(outs, dst, strict=True))
+                if out.data_ptr() != view.ctypes.data
+            ]
+        if self._copy_back[key]:
+            outs = binding.get_outputs()
+            for i, view in self._copy_back[key]:
+                np.copyto(view, outs[i].numpy().reshape(view.shape))
+        self._params, self._spare_params = self._spare_params, self._params
+        self._state, self._spare_state = self._spare_state, self._state
+        self._current ^= 1
+        return float(self._loss)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         x = self._check_x(x)

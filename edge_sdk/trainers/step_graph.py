@@ -1,9 +1,10 @@
 """What the two portable-step backends share: parameters, optimizer state and the FedProx
-anchor held as numpy arrays and fed to the bundle's step graph each step.
+anchor held as numpy arrays, input checks and the optimizer's hyper-parameters.
 
-The step graph (see :mod:`edge_sdk.bundle`) is a pure function
-``(params, *state, x, y, lr, anchor, mu) -> (loss, params_out, *state_out)``; the runtime only
-evaluates it. Subclasses say how to run a graph (ONNX Runtime or LiteRT).
+The step graphs (see :mod:`edge_sdk.bundle`) are pure functions of parameters, optimizer state,
+batch and learning rate; the runtime only evaluates them. Subclasses say how to run one step
+(ONNX Runtime's split step or LiteRT's flat one). ``_params`` and ``_state`` are updated in
+place by ``set_parameters`` and ``reset_optimizer``, so a backend may bind their memory.
 """
 
 from __future__ import annotations
@@ -35,8 +36,7 @@ class StepGraphTrainer(Trainer):
             self.bundle_dir / raw["initial_parameters"], manifest.num_parameters
         )
         self._state_shapes = {s["name"]: tuple(s["shape"]) for s in raw["optimizer_state"]}
-        self._state: dict[str, np.ndarray] = {}
-        self.reset_optimizer()
+        self._state = {k: np.zeros(s, np.float32) for k, s in self._state_shapes.items()}
         self._lr = float(raw["optimizer"]["lr"])
         self._anchor: np.ndarray | None = None
         self._mu = np.zeros((), np.float32)
@@ -45,10 +45,11 @@ class StepGraphTrainer(Trainer):
         return self._params.copy()
 
     def set_parameters(self, vec: np.ndarray) -> None:
-        self._params = self._check_vector(vec)
+        np.copyto(self._params, self._check_vector(vec))
 
     def reset_optimizer(self) -> None:
-        self._state = {k: np.zeros(s, np.float32) for k, s in self._state_shapes.items()}
+        for value in self._state.values():
+            value.fill(0)
 
     def set_proximal(self, anchor: np.ndarray | None, mu: float) -> None:
         if not np.isfinite(mu) or mu < 0:
@@ -64,26 +65,11 @@ class StepGraphTrainer(Trainer):
             raise ValueError(f"learning rate must be finite and >= 0, got {lr}")
         return np.asarray(value, np.float32)
 
-    def _step_feeds(self, x: np.ndarray, y: np.ndarray, lr: np.ndarray) -> dict[str, np.ndarray]:
-        # Without a proximal term the anchor is the parameters themselves: mu * 0 is exactly 0.
-        anchor = self._params if self._anchor is None else self._anchor
-        feeds = {"params": self._params, "x": x, "y": y, "lr": lr, "anchor": anchor, "mu": self._mu}
-        feeds.update({f"state.{k}": v for k, v in self._state.items()})
-        return feeds
-
-    def _apply_step(self, outs: dict[str, np.ndarray]) -> float:
-        self._params = np.asarray(outs["params_out"], np.float32).reshape(-1)
-        for k in self._state:
-            self._state[k] = np.asarray(outs[f"state_out.{k}"], np.float32).reshape(
-                self._state_shapes[k]
-            )
-        return float(outs["loss"])
-
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> float:
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0])
-        return self._apply_step(self._run_step(self._step_feeds(x, y, self._lr_of(lr))))
+        return self._train_on(x, y, self._lr_of(lr))
 
     @abstractmethod
-    def _run_step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the step graph on named inputs; named outputs."""
+    def _train_on(self, x: np.ndarray, y: np.ndarray, lr: np.ndarray) -> float:
+        """One step on a checked batch: update ``_params`` and ``_state``, return the loss."""

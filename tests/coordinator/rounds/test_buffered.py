@@ -5,6 +5,8 @@ updates with staleness weights checked against numpy, the staleness bound, expir
 from __future__ import annotations
 
 import math
+import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +306,61 @@ def test_paused_task_assigns_nothing_but_takes_reports(async_task) -> None:
     assert t.devices[0].upload(a["assignment_id"], _delta(0))[0] == 200
     t.admin.resume(t.task_id)
     assert t.assign(t.devices[1])["model_version"] == 0
+
+
+def test_sigkill_with_uploads_in_flight_loses_nothing_acknowledged(tmp_path, tiny_bundle):
+    db = tmp_path / "fedge.db"
+    token = "crash-test-token"
+    k, senders = 7, 24
+    coord = EmbeddedCoordinator(db, subprocess=True, admin_token=token).start()
+    try:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+        plan = {**PLAN, "buffer_k": k, "max_concurrency": 30}
+        task_id = admin.create_task(bundle_id, plan, mode="async")["task_id"]
+        devices = [DeviceHTTP(coord.url) for _ in range(senders)]
+        work = [d.check_in()["assignment"]["assignment_id"] for d in devices]
+        acked: set[str] = set()
+        lock = threading.Lock()
+        enough = threading.Event()
+
+        def report(i: int) -> None:
+            try:
+                status, _ = devices[i].upload(work[i], _delta(i), key=f"key-{i}")
+            except OSError:
+                return  # cut off by the kill: not acknowledged
+            if status == 200:
+                with lock:
+                    acked.add(work[i])
+                    if len(acked) >= 10:
+                        enough.set()
+
+        threads = [threading.Thread(target=report, args=(i,)) for i in range(senders)]
+        for t in threads:
+            t.start()
+        assert enough.wait(60)
+        coord.kill()  # SIGKILL while other uploads are in flight, around a commit at 7 or 14
+        for t in threads:
+            t.join(30)
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        stored = {row[0] for row in conn.execute("select assignment_id from updates")}
+        conn.close()
+        print(f"acknowledged {len(acked)}, stored {len(stored)} of {senders} sent")
+        assert acked <= stored, "an acknowledged upload was lost"
+
+        coord = EmbeddedCoordinator(db, subprocess=True, admin_token=token).start()
+        admin = coord.admin()
+        _rebind(devices, coord.url)
+        status = admin.status()
+        # every full buffer is committed after the restart, a half-done commit included
+        assert status["updates_accepted"] == len(stored)
+        assert status["model_version"] == len(stored) // k
+        for i in range(senders):  # clients retry with their keys; counted ones count once
+            assert devices[i].upload(work[i], _delta(i), key=f"key-{i}")[0] == 200
+        status = admin.status()
+        assert status["updates_accepted"] == senders
+        assert status["model_version"] == senders // k
+        rounds = [r for r in admin.rounds(task_id) if r["state"] == "committed"]
+        assert [r["metrics"]["reported"] for r in rounds] == [k] * (senders // k)
+    finally:
+        coord.stop()
