@@ -105,7 +105,7 @@ def child(args: argparse.Namespace) -> None:
 
 def _environments(skip_build: bool) -> dict[str, Path | None]:
     sys.path.insert(0, str(ROOT))
-    from tests.edge_sdk.edge_env import ensure_edge_venv
+    from fedge.edge_venv import ensure_edge_venv
 
     def venv(extra: str) -> Path | None:
         python = ROOT / ".cache" / f"edge-venv-{extra}" / "bin" / "python"
@@ -124,9 +124,9 @@ def _environments(skip_build: bool) -> dict[str, Path | None]:
 
 def _bundle(tflite: bool) -> Path:
     sys.path.insert(0, str(ROOT))
-    from tests.fixtures.bundles import DIGITS_BUNDLE_ARGS, cached_bundle
+    from fedge.bundle_cache import digits_bundle
 
-    return cached_bundle("model_export.models:DigitsMLP", **DIGITS_BUNDLE_ARGS, tflite=tflite)
+    return digits_bundle(tflite=tflite)
 
 
 def _digits(n: int) -> tuple[Any, Any]:

@@ -1,4 +1,4 @@
-"""A small HTTP client for the coordinator's operator API (standard library only).
+"""A small HTTP client for the coordinator's operator API, on the edge SDK's transport.
 
 ::
 
@@ -8,97 +8,28 @@
     admin.rounds(task["task_id"])            # metrics history
     admin.status()["updates_accepted"]
 
-Every non-2xx answer raises :class:`ApiCallError` carrying the status and the error body's
-stable ``code``. :class:`HttpConnection` (one persistent keep-alive connection) is shared with
-tests and benchmarks that speak the device side.
+HTTP is :class:`edge_sdk.transport.Transport` (one keep-alive connection, error bodies mapped
+to typed errors): every non-2xx answer raises :class:`ApiCallError` (the SDK's
+:class:`~edge_sdk.errors.ApiError`: ``status``, stable ``code``, ``message``); no answer at all
+raises :class:`~edge_sdk.errors.TransportError`. Operator calls are not retried: creating a
+task twice is worse than reporting a failure.
 """
 
 from __future__ import annotations
 
-import http.client
 import io
-import json
 import tarfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from edge_sdk.errors import ApiError, TransportError
 from edge_sdk.protocol import Route
+from edge_sdk.transport import RetryPolicy, Transport
 
-__all__ = ["AdminClient", "ApiCallError", "HttpConnection", "tar_directory"]
+__all__ = ["AdminClient", "ApiCallError", "TransportError", "tar_directory"]
 
-
-class ApiCallError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-class HttpConnection:
-    """One keep-alive HTTP/1.1 connection, reopened once if the server closed it."""
-
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"expected an http://host:port URL, got {url!r}")
-        self.host = parts.hostname
-        self.port = parts.port or 80
-        self.timeout = timeout
-        self._conn: http.client.HTTPConnection | None = None
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, str], bytes]:
-        for attempt in (0, 1):
-            if self._conn is None:
-                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-            try:
-                self._conn.request(method, path, body=body, headers=headers or {})
-                resp = self._conn.getresponse()
-                data = resp.read()
-                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-            except (ConnectionError, http.client.HTTPException):
-                self.close()
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    def json(
-        self,
-        method: str,
-        path: str,
-        payload: Any = None,
-        headers: dict[str, str] | None = None,
-        body: bytes | None = None,
-    ) -> Any:
-        """Send JSON (or ``body``), return the decoded JSON answer; raise on non-2xx."""
-        hdrs = dict(headers or {})
-        if body is None and payload is not None:
-            body = json.dumps(payload).encode()
-            hdrs.setdefault("Content-Type", "application/json")
-        status, _, data = self.request(method, path, body, hdrs)
-        return check(status, data)
-
-
-def check(status: int, data: bytes) -> Any:
-    if status >= 300:
-        try:
-            err = json.loads(data)["error"]
-            raise ApiCallError(status, err["code"], err["message"])
-        except (ValueError, KeyError, TypeError):
-            raise ApiCallError(status, "unknown", data[:200].decode("utf-8", "replace")) from None
-    return json.loads(data) if data else None
+# The name operator code catches; the SDK's class, so that both sides map errors one way.
+ApiCallError = ApiError
 
 
 def tar_directory(directory: Path | str) -> bytes:
@@ -114,14 +45,14 @@ def tar_directory(directory: Path | str) -> bytes:
 class AdminClient:
     def __init__(self, url: str, token: str, timeout: float = 120.0) -> None:
         self.url = url.rstrip("/")
-        self._http = HttpConnection(self.url, timeout)
+        self.transport = Transport(self.url, timeout=timeout, retry=RetryPolicy(max_attempts=1))
         self._auth = {"Authorization": f"Bearer {token}"}
 
     def close(self) -> None:
-        self._http.close()
+        self.transport.close()
 
-    def _call(self, method: str, path: str, payload: Any = None, body: bytes | None = None) -> Any:
-        return self._http.json(method, path, payload, headers=self._auth, body=body)
+    def _call(self, method: str, path: str, payload: Any = None) -> Any:
+        return self.transport.call(method, path, payload, headers=self._auth)
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", Route.HEALTH)
@@ -131,7 +62,10 @@ class AdminClient:
 
     def upload_bundle(self, bundle_dir: Path | str) -> dict[str, Any]:
         """Upload an exported bundle directory; returns ``{"bundle_id", "num_parameters", ...}``."""
-        return self._call("POST", Route.ADMIN_BUNDLES, body=tar_directory(bundle_dir))
+        headers = {**self._auth, "Content-Type": "application/x-tar"}
+        body = tar_directory(bundle_dir)
+        answer = self.transport.request("POST", Route.ADMIN_BUNDLES, body=body, headers=headers)
+        return answer.json()
 
     def create_task(
         self,
@@ -171,9 +105,5 @@ class AdminClient:
 
     def task_bundle(self, task_id: str) -> bytes:
         """The task's current model version as an uncompressed bundle tar."""
-        status, _, data = self._http.request(
-            "GET", Route.ADMIN_TASK_BUNDLE.format(task_id=task_id), headers=self._auth
-        )
-        if status >= 300:
-            check(status, data)
-        return data
+        path = Route.ADMIN_TASK_BUNDLE.format(task_id=task_id)
+        return self.transport.request("GET", path, headers=self._auth).body

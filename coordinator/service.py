@@ -196,6 +196,17 @@ class Coordinator:
             raise Forbidden("this assignment belongs to another device")
         return a
 
+    def _paced(
+        self, who: DeviceIdentity, task: Task, now: float, answer: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``answer`` plus when to check in again: a device that just reported or gave up is
+        pace-steered like one that was turned away, or it would come straight back and fill
+        the next selection window ahead of devices waiting their turn. Never stored (a replay
+        gets a fresh value)."""
+        wait = round(self._policy(task).steer(task, self._plan(task), now), 3)
+        self.pacing.expect(who.device_id, now + wait)
+        return {**answer, "retry_after_s": wait}
+
     # -- device calls -----------------------------------------------------------------------
 
     def register(self, body: bytes) -> dict[str, Any]:
@@ -321,13 +332,13 @@ class Coordinator:
                 f"uploads need an Idempotency-Key header of 1..{MAX_IDEMPOTENCY_KEY} printable "
                 "ASCII characters"
             )
+        task = self._task(a.task_id)
+        plan = self._plan(task)
         prior = self.store.get_update(a.assignment_id)
         if prior is not None:
             if hmac.compare_digest(prior.idempotency_key, idempotency_key):
-                return prior.response
+                return self._paced(who, task, now, prior.response)
             raise Conflict("this assignment already reported an update", ErrorCode.DUPLICATE_UPLOAD)
-        task = self._task(a.task_id)
-        plan = self._plan(task)
         policy = self._policy(task)
         policy.check_upload(task, a, now)
         report = self._parse_report(report_header, plan)
@@ -352,7 +363,7 @@ class Coordinator:
             response=response,
         )
         policy.accept_update(task, plan, update, delta, now)
-        return response
+        return self._paced(who, task, now, response)
 
     def _parse_report(self, header: str | None, plan: TaskPlan) -> dict[str, Any]:
         if not header:
@@ -391,13 +402,13 @@ class Coordinator:
             raise InvalidRequest("body needs num_examples and loss")
         if a.action != "evaluate":
             raise Conflict("this is a training assignment: upload an update, not metrics")
+        task = self._task(a.task_id)
+        plan = self._plan(task)
         prior = self.store.get_eval_report(a.assignment_id)
         if prior is not None:
             if (prior.num_examples, prior.loss, prior.accuracy) == (num_examples, loss, accuracy):
-                return prior.response
+                return self._paced(who, task, now, prior.response)
             raise Conflict("this assignment already reported", ErrorCode.DUPLICATE_UPLOAD)
-        task = self._task(a.task_id)
-        plan = self._plan(task)
         self._policy(task).check_upload(task, a, now)
         rnd = self.store.get_round(a.round_id)
         assert rnd is not None
@@ -414,7 +425,7 @@ class Coordinator:
             response,
         )
         self._policy(task).accept_eval(task, plan, report, now)
-        return response
+        return self._paced(who, task, now, response)
 
     def abort(self, who: DeviceIdentity, assignment_id: str, body: bytes) -> dict[str, Any]:
         now = self._now()
@@ -423,15 +434,19 @@ class Coordinator:
         reason = f.string("reason", "error", choices=ABORT_REASONS)
         message = f.string("message", None, max_len=1024)
         f.done()
+        task = self._task(a.task_id)
         if a.state == "aborted":
-            return {"aborted": True}
+            return self._paced(who, task, now, {"aborted": True})
+        if a.state == "expired":
+            # Its round closed (or its deadline passed) first: there is no slot left to free.
+            raise Conflict("the assignment's round has closed", ErrorCode.ROUND_CLOSED)
         if a.state not in ("selected", "delivered"):
             raise Conflict(f"assignment is {a.state}; it can no longer be aborted")
         note = reason if message is None else f"{reason}: {message}"
         self.store.update_assignment(
             a.assignment_id, state="aborted", closed_at=now, abort_reason=note
         )
-        return {"aborted": True}
+        return self._paced(who, task, now, {"aborted": True})
 
     # -- operator calls ---------------------------------------------------------------------
 

@@ -21,13 +21,15 @@
       "frozen": [{"name": "backbone.0.weight", "shape": [...], "offset": 0}, ...],
       "initial_parameters": "params.f32",      # raw little-endian float32, the flat vector
       "frozen_parameters": "frozen.f32" | null,  # the frozen ones, same encoding
-      "graphs": {"step_onnx": "step.onnx", "eval_onnx": "eval.onnx", "infer_onnx": "infer.onnx",
+      "graphs": {"step_onnx": "step.onnx", "step_prox_onnx": "step_prox.onnx",
+                 "eval_onnx": "eval.onnx", "infer_onnx": "infer.onnx",
                  "step_tflite": "step.tflite" | null, "infer_tflite": "infer.tflite" | null,
                  "ort_training": {"training": "ort/training_model.onnx",
                                   "eval": "ort/eval_model.onnx",
                                   "optimizer": "ort/optimizer_model.onnx",
                                   "checkpoint": "ort/checkpoint"} | null},
-      "signatures": {"step": {"inputs": [...], "outputs": [...]}, "eval": ..., "infer": ...},
+      "signatures": {"step": {"inputs": [...], "outputs": [...]}, "step_prox": ...,
+                     "eval": ..., "infer": ...},
       "tflite": {"batch": 32, "signatures": {...}} | null,
       "backends": {"ort-training": {"supported": true, "reason": null, "fedprox": false},
                    "ort-step": {...}, "litert-step": {...}},
@@ -35,12 +37,26 @@
       "files": {"step.onnx": {"sha256": "...", "bytes": 1234}, ...}
     }
 
-Graph signatures (ONNX input/output names; TFLite tensors are positional ``args_<i>`` /
-``output_<i>`` in the order of ``tflite.signatures``). ``params`` is the flat trainable vector;
-frozen parameters are constants inside the graphs; ``state.<name>`` follow ``optimizer_state``::
+Graph signatures. ONNX graphs take named inputs; ``<p>`` runs over the trainable parameters in
+layout order, each its own tensor of its own shape (``step_signature`` spells the names), and
+``<s>`` over ``optimizer_state``: a flat state such as ``exp_avg`` is split per parameter like
+the parameters, a scalar one (``step``) is one input::
 
-    step(params, state.*, x, y, lr, anchor, mu[, weight]) -> (loss, params_out, state_out.*)
+    step(params.<p>..., state.<s>[.<p>]..., x, y, lr)
+        -> (loss, params_out.<p>..., state_out.<s>[.<p>]...)
+    step_prox(params.<p>..., state.<s>[.<p>]..., x, y, lr, anchor.<p>..., mu) -> (as step)
     eval(params, x, y) -> (loss, output)
+    infer(params, x) -> (output)
+
+``params`` (eval, infer) is the flat trainable vector; frozen parameters are constants inside
+the graphs. The step is split per parameter so that the graph neither splits a flat vector nor
+concatenates gradients (a runtime binds views of its flat vector instead), and ``step`` lacks
+the FedProx term so that FedAvg does not pay for it (see docs/benchmarks.md "## Train step").
+TFLite tensors are positional ``args_<i>`` / ``output_<i>`` in the order of
+``tflite.signatures``; its step keeps the flat vectors (the interpreter copies every tensor in
+and out through ``set_tensor``/``get_tensor``, so views would save nothing there)::
+
+    step(params, state.<s>..., x, y, lr, anchor, mu, weight) -> (loss, params_out, state_out.<s>...)
     infer(params, x) -> (output)
 
 ``loss`` is the batch's data loss before the update; ``anchor``/``mu`` add the FedProx term

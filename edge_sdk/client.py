@@ -12,6 +12,10 @@ One :meth:`Client.run_once` is one pass of the device's loop::
     delta = new - start, encode with the plan's codec (error-feedback residual in the state dir)
     upload with an Idempotency-Key (retried) ──▶ Outcome("trained") or Outcome("rejected")
 
+After an accepted report or an abort the coordinator's answer carries ``retry_after_s`` too
+(pace steering): the next wait is that plus jitter; the local defaults (``after_assignment_s``,
+``ineligible_recheck_s``) only stand in when an answer lacks it.
+
 :meth:`Client.run_forever` repeats it, sleeping ``next_run_in_s`` in between (pace steering).
 :class:`AsyncClient` adds ``await run_once_async()`` / ``run_forever_async()`` for apps with
 an event loop; the blocking work (HTTP, training) runs in a worker thread via
@@ -34,6 +38,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -245,6 +250,16 @@ class Client:
     def _jittered(self, seconds: float) -> float:
         return max(0.0, seconds) * (1.0 + self.config.checkin_jitter * self._rng.random())
 
+    def _paced(self, answer: Any, default: float) -> float:
+        """The jittered wait the coordinator asked for in ``answer``, else ``default``.
+
+        Lenient, unlike a check-in's ``wait``: the report was accepted, and a missing or
+        malformed hint (an older coordinator) must not turn that into a failed pass."""
+        asked = answer.get("retry_after_s") if isinstance(answer, dict) else None
+        if isinstance(asked, (int, float)) and math.isfinite(asked):
+            return self._jittered(float(asked))
+        return self._jittered(default)
+
     def _failed(self, error: BaseException) -> Outcome:
         self._failures += 1
         backoff = min(
@@ -344,8 +359,8 @@ class Client:
                 return self._evaluate(ids, bundle_dir, manifest, params)
             return self._train(ids, a, bundle_dir, manifest, params, started, down0)
         except ConditionsLapsed as e:
-            self._abort(assignment_id, "conditions_lapsed", str(e))
-            return Outcome(ABORTED, self._jittered(self.config.ineligible_recheck_s),
+            answer = self._abort(assignment_id, "conditions_lapsed", str(e))
+            return Outcome(ABORTED, self._paced(answer, self.config.ineligible_recheck_s),
                            reasons=e.reasons, **ids)
         except (TransportError, ApiError):
             raise  # the coordinator is unreachable or refused: nothing to tell it
@@ -404,8 +419,11 @@ class Client:
             HEADER_REPORT: json.dumps(report),
         }
         metrics = {**report, "bytes_up": len(frame)}
+        answer: Any = None
         try:
-            self.transport.request("POST", path, body=frame, headers=headers)
+            response = self.transport.request("POST", path, body=frame, headers=headers)
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                answer = response.json()
         except DuplicateUpload as e:
             if e.attempt == 1:
                 return Outcome(REJECTED, self._jittered(self.config.after_assignment_s),
@@ -419,7 +437,7 @@ class Client:
         if feedback is not None:
             # Only a delivered update moves the residual on; a refused one leaves it as it was.
             feedback.save(residual)
-        return Outcome(TRAINED, self._jittered(self.config.after_assignment_s),
+        return Outcome(TRAINED, self._paced(answer, self.config.after_assignment_s),
                        metrics=metrics, **ids)
 
     def _evaluate(
@@ -431,14 +449,15 @@ class Client:
         if result.accuracy is not None:
             metrics["accuracy"] = result.accuracy
         path = Route.ASSIGNMENT_METRICS.format(assignment_id=ids["assignment_id"])
-        self.transport.call("POST", path, metrics)
-        return Outcome(EVALUATED, self._jittered(self.config.after_assignment_s),
+        answer = self.transport.call("POST", path, metrics)
+        return Outcome(EVALUATED, self._paced(answer, self.config.after_assignment_s),
                        metrics=metrics, **ids)
 
-    def _abort(self, assignment_id: str, reason: str, message: str) -> None:
+    def _abort(self, assignment_id: str, reason: str, message: str) -> Any:
+        """Tell the coordinator; its answer (pace steering), or None if there is none."""
         path = Route.ASSIGNMENT_ABORT.format(assignment_id=assignment_id)
         try:
-            self.transport.call("POST", path, {"reason": reason, "message": message[:500]})
+            return self.transport.call("POST", path, {"reason": reason, "message": message[:500]})
         except Conflict as e:
             # The round closed (goal reached or deadline) while we trained: the coordinator
             # already expired the assignment, so there is no slot left to free.
@@ -446,6 +465,7 @@ class Client:
         except (TransportError, ApiError) as e:
             # Best effort: the deadline frees the slot anyway.
             log.warning("could not tell the coordinator about abort of %s: %s", assignment_id, e)
+        return None
 
 
 def _stopped(stop: threading.Event | Callable[[], bool] | None) -> bool:

@@ -19,7 +19,6 @@ device's.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedge.bundle_cache import DIGITS_BUNDLE_ARGS, DIGITS_MODEL
 from fedge.fleet.clock import SimClock
 from fedge.fleet.datasets import Dataset
 
@@ -41,14 +41,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DemoConfig", "DemoResult", "RoundPoint", "demo_bundle", "run_demo"]
 
-DEMO_MODEL = "model_export.models:DigitsMLP"
-DEMO_EXPORT_ARGS: dict[str, Any] = {
-    "input_shape": (1, 64),
-    "loss": "cross_entropy",
-    "optimizer": "sgd",
-    "lr": 0.05,
-    "ort_training": False,  # the fleet trains with the portable step (ort-step)
-}
+DEMO_MODEL = DIGITS_MODEL
+# The fleet trains with the portable step (ort-step): no ORT training artifacts to export.
+DEMO_EXPORT_ARGS: dict[str, Any] = {**DIGITS_BUNDLE_ARGS, "ort_training": False}
 
 
 @dataclass(frozen=True)
@@ -158,43 +153,17 @@ def _default_cache() -> Path:
     return Path(base) / "fedge"
 
 
-def _exporter_digest() -> str:
-    """The bundle depends on the exporter's code and the manifest format: hash both."""
-    import edge_sdk.bundle
-    import model_export
-
-    h = hashlib.sha256(json.dumps(DEMO_EXPORT_ARGS, sort_keys=True, default=list).encode())
-    h.update(DEMO_MODEL.encode())
-    root = Path(model_export.__file__).parent
-    for path in [*sorted(root.rglob("*.py")), Path(edge_sdk.bundle.__file__)]:
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:20]
-
-
 def demo_bundle(cache_dir: Path | None = None, say: Callable[[str], None] = print) -> Path:
     """The demo model's bundle, exported once per exporter version into ``cache_dir``."""
-    from edge_sdk.bundle import BundleError, verify_bundle
+    from edge_sdk.bundle import verify_bundle
+    from fedge.bundle_cache import cached_bundle
 
-    out = (cache_dir or _default_cache()) / "bundles" / f"digits-mlp-{_exporter_digest()}"
-    try:
-        verify_bundle(out)
-        say(f"demo model bundle (cached): {out}")
-        return out
-    except BundleError:
-        pass
-    from model_export import export_bundle
-
-    say(f"exporting the demo model {DEMO_MODEL} to {out}")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    export_bundle(DEMO_MODEL, tmp, **DEMO_EXPORT_ARGS)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished first: use its bundle
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"demo model {DEMO_MODEL} (exported on the first run, then cached) ...")
+    out = cached_bundle(
+        DEMO_MODEL, cache_dir=(cache_dir or _default_cache()) / "bundles", **DEMO_EXPORT_ARGS
+    )
     verify_bundle(out)
+    say(f"demo model bundle: {out}")
     return out
 
 
@@ -215,9 +184,8 @@ def demo_fleet(url: str, parts: Sequence[Dataset], config: DemoConfig, clock: Si
     from fedge.fleet.emulator import Fleet
 
     heterogeneity = Heterogeneity(dropout_prob=config.dropout_prob, lapse_prob=config.lapse_prob)
-    # A device that just reported comes back after 10 s (the client's default is 1 s), so that
-    # the next selection window does not fill up with the last round's participants.
-    client = ClientConfig(backend="ort-step", after_assignment_s=10.0)
+    # No local wait after reporting: the coordinator's answer steers when each device returns.
+    client = ClientConfig(backend="ort-step")
     return Fleet(url, parts, heterogeneity=heterogeneity, seed=config.seed, clock=clock,
                  rejoin_s=60.0, client_config=client)
 

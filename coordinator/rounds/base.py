@@ -6,6 +6,8 @@ task's policy:
 
 * ``check_in``: an eligible device asks for work; answer ``wait`` (with pace steering) or an
   assignment;
+* ``steer``: the pace-steered wait for a device of this task (also sent with the answer to a
+  report or an abort, so that a device that just finished does not come straight back);
 * ``check_upload``: may this assignment still upload (before the body is decoded)?
 * ``accept_update`` / ``accept_eval``: store an accepted report durably, fold it, maybe commit;
 * ``tick``: time passed (deadlines).
@@ -82,6 +84,10 @@ class TaskPolicy(ABC):
     @abstractmethod
     def check_in(self, task: Task, plan: TaskPlan, device_id: str, now: float) -> dict[str, Any]:
         """The check-in answer for an eligible device (a JSON object per docs/protocol.md)."""
+
+    @abstractmethod
+    def steer(self, task: Task, plan: TaskPlan, now: float) -> float:
+        """Seconds a device should wait before checking in again (jittered pace steering)."""
 
     @abstractmethod
     def check_upload(self, task: Task, assignment: Assignment, now: float) -> None:

@@ -136,7 +136,7 @@ class BufferedAsync(TaskPolicy):
         assert rnd is not None
         return rnd.base_version
 
-    def _steer(self, task: Task, plan: TaskPlan, now: float) -> float:
+    def steer(self, task: Task, plan: TaskPlan, now: float) -> float:
         # All slots turn over once per job time: ask for check-ins at that rate. Before any
         # report a quarter of the deadline is the guess; the moving average replaces it.
         period = self._job_s.get(task.task_id, plan.round_deadline_s / 4)
@@ -147,7 +147,7 @@ class BufferedAsync(TaskPolicy):
     def check_in(self, task: Task, plan: TaskPlan, device_id: str, now: float) -> dict[str, Any]:
         state = self._state(task, plan, now) if task.state == "running" else None
         if state is None:
-            return _wait(self._steer(task, plan, now), "paused")
+            return _wait(self.steer(task, plan, now), "paused")
         task, rnd, _ = state
         window = self._window(task, plan)
         in_flight = self._in_flight(window)
@@ -157,9 +157,9 @@ class BufferedAsync(TaskPolicy):
                 return self._answer(a, rounds[a.round_id], task, plan, now)
         if self.ctx.store.assignment_for(rnd.round_id, device_id) is not None:
             # It already reported (or gave up) on this version: one update per device and version.
-            return _wait(self._steer(task, plan, now), "window_full")
+            return _wait(self.steer(task, plan, now), "window_full")
         if not plan.buffer.admits(len(in_flight)):
-            return _wait(self._steer(task, plan, now), "window_full")
+            return _wait(self.steer(task, plan, now), "window_full")
         a = Assignment(
             new_assignment_id(), rnd.round_id, task.task_id, device_id,
             "train", "delivered", now, delivered_at=now,

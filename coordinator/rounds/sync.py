@@ -100,21 +100,21 @@ class SyncRounds(TaskPolicy):
             rnd = self._maybe_select(task, plan, rnd, now)  # may time the window out
         if rnd is None or not rnd.is_open:
             if task.state == "paused":
-                return _wait(self._steer(task, plan, now), "paused")
+                return _wait(self.steer(task, plan, now), "paused")
             rnd = self._open_round(task, plan, now)
         mine = store.assignment_for(rnd.round_id, device_id)
         if mine is not None:
             if mine.state in ("selected", "delivered"):
                 return self._deliver(mine, rnd, task, plan, now)
-            return _wait(self._steer(task, plan, now), "window_full")
+            return _wait(self.steer(task, plan, now), "window_full")
         if task.state == "paused":
-            return _wait(self._steer(task, plan, now), "paused")
+            return _wait(self.steer(task, plan, now), "paused")
         if rnd.state == "selecting":
             cap = math.ceil(rnd.target * plan.max_candidates_factor)
             if store.count_candidates(rnd.round_id) >= cap and device_id not in set(
                 store.candidates(rnd.round_id)
             ):
-                return _wait(self._steer(task, plan, now), "window_full")
+                return _wait(self.steer(task, plan, now), "window_full")
             store.add_candidate(rnd.round_id, device_id, now)
             rnd = self._maybe_select(task, plan, rnd, now)
             if rnd.state == "selecting":
@@ -122,7 +122,7 @@ class SyncRounds(TaskPolicy):
             mine = store.assignment_for(rnd.round_id, device_id)
             if mine is not None:
                 return self._deliver(mine, rnd, task, plan, now)
-            return _wait(self._steer(task, plan, now), "window_full")
+            return _wait(self.steer(task, plan, now), "window_full")
         # reporting: fill slots the window left empty
         if store.count_assignments(rnd.round_id) < rnd.target and (rnd.deadline_at or 0) > now:
             a = Assignment(
@@ -137,7 +137,7 @@ class SyncRounds(TaskPolicy):
             )
             store.add_assignments([a])
             return assignment_json(a, rnd, task, plan, now)
-        return _wait(self._steer(task, plan, now), "window_full")
+        return _wait(self.steer(task, plan, now), "window_full")
 
     def _deliver(
         self, a: Assignment, rnd: Round, task: Task, plan: TaskPlan, now: float
@@ -146,7 +146,7 @@ class SyncRounds(TaskPolicy):
             self.ctx.store.update_assignment(a.assignment_id, state="delivered", delivered_at=now)
         return assignment_json(a, rnd, task, plan, now)
 
-    def _steer(self, task: Task, plan: TaskPlan, now: float) -> float:
+    def steer(self, task: Task, plan: TaskPlan, now: float) -> float:
         return self.ctx.pacing.retry_after(now, plan.target, self._round_period(task, plan))
 
     def _round_period(self, task: Task, plan: TaskPlan) -> float:

@@ -98,15 +98,18 @@ class OrtStepTrainer(StepGraphTrainer):
         proximal = self._anchor is not None
         sess, bindings = self._bindings[proximal]
         binding, dst = bindings[self._current]
-        feeds = {"x": x, "y": y, "lr": lr}
+        value = self._ort.OrtValue.ortvalue_from_numpy  # wraps the array, no copy
+        # the OrtValues reference their arrays, which stay alive in this frame through the run
+        feeds = [("x", value(x)), ("y", value(y)), ("lr", value(lr))]
         if proximal:
             anchor = self._anchor
             assert anchor is not None
             for p in self.manifest.parameters:
-                feeds[f"anchor.{p.name}"] = anchor[p.offset : p.offset + p.size].reshape(p.shape)
-            feeds["mu"] = self._mu
-        for name, arr in feeds.items():  # feeds keeps the arrays alive through the run
-            binding.bind_cpu_input(name, arr)
+                view = anchor[p.offset : p.offset + p.size].reshape(p.shape)
+                feeds.append((f"anchor.{p.name}", value(view)))
+            feeds.append(("mu", value(self._mu)))
+        for name, ort_value in feeds:
+            binding.bind_ortvalue_input(name, ort_value)
         sess.run_with_iobinding(binding)
         key = (proximal, self._current)
         if key not in self._copy_back:

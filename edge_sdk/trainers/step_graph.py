@@ -38,6 +38,7 @@ class StepGraphTrainer(Trainer):
         self._state_shapes = {s["name"]: tuple(s["shape"]) for s in raw["optimizer_state"]}
         self._state = {k: np.zeros(s, np.float32) for k, s in self._state_shapes.items()}
         self._lr = float(raw["optimizer"]["lr"])
+        self._lr_array = np.asarray(self._lr, np.float32)
         self._anchor: np.ndarray | None = None
         self._mu = np.zeros((), np.float32)
 
@@ -60,7 +61,9 @@ class StepGraphTrainer(Trainer):
         self._mu = np.asarray(mu, np.float32)
 
     def _lr_of(self, lr: float | None) -> np.ndarray:
-        value = self._lr if lr is None else float(lr)
+        if lr is None:
+            return self._lr_array  # read-only to the graphs; one array less per step
+        value = float(lr)
         if not np.isfinite(value) or value < 0:
             raise ValueError(f"learning rate must be finite and >= 0, got {lr}")
         return np.asarray(value, np.float32)

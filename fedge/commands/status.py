@@ -17,12 +17,14 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.admin import ApiCallError, HttpConnection
+    from edge_sdk.errors import ClientError
     from edge_sdk.protocol import Route
+    from edge_sdk.transport import RetryPolicy, Transport
 
     try:
-        status = HttpConnection(args.coordinator, timeout=30).json("GET", Route.STATUS)
-    except (OSError, ApiCallError, ValueError) as e:
+        with Transport(args.coordinator, timeout=30, retry=RetryPolicy(max_attempts=1)) as t:
+            status = t.call("GET", Route.STATUS)
+    except (ClientError, ValueError) as e:
         raise CommandError(f"cannot reach {args.coordinator}: {e}") from e
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))

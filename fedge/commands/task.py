@@ -70,7 +70,7 @@ def _plan(text: str | None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.admin import AdminClient, ApiCallError
+    from coordinator.admin import AdminClient, ApiCallError, TransportError
 
     token = args.admin_token or os.environ.get("FEDGE_ADMIN_TOKEN")
     if not token:
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             out = admin.evaluate(args.task_id)
     except ApiCallError as e:
         raise CommandError(str(e)) from e
-    except OSError as e:
+    except (TransportError, OSError) as e:  # OSError: reading the bundle directory
         raise CommandError(f"cannot reach {args.coordinator}: {e}") from e
     finally:
         admin.close()

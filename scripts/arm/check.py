@@ -44,16 +44,16 @@ log = arm.log
 
 def demo_bundle() -> Path:
     """The demo model's bundle with TFLite graphs, exported natively and cached."""
-    from tests.fixtures.bundles import DIGITS_BUNDLE_ARGS, cached_bundle
+    from fedge.bundle_cache import digits_bundle
 
     log("bundle: exporting DigitsMLP with TFLite graphs (cached after the first run)")
-    return cached_bundle("model_export.models:DigitsMLP", **DIGITS_BUNDLE_ARGS, tflite=True)
+    return digits_bundle(tflite=True)
 
 
 def native_python(extra: str) -> str:
     """The x86 reference: the edge-only venv ``pip install -e .[extra]`` that the edge tests
     and benchmarks use, so both sides run the same runtime release and no torch is loaded."""
-    from tests.edge_sdk.edge_env import ensure_edge_venv
+    from fedge.edge_venv import ensure_edge_venv
 
     return str(ensure_edge_venv(extra))
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.admin import HttpConnection, tar_directory
+from coordinator.admin import tar_directory
 from coordinator.app import OPENAPI_PATH
 from coordinator.embedded import EmbeddedCoordinator
 from edge_sdk.client import Client, ClientConfig
@@ -27,7 +27,7 @@ from edge_sdk.codecs import encode_update
 from edge_sdk.conditions import DeviceConditions, ScriptedConditions
 from edge_sdk.frame import encode_tensor
 from edge_sdk.protocol import HEADER_ENROLLMENT, ErrorCode, Route, device_auth_header
-from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP
+from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP, HttpConnection, without_wait
 
 N = 64
 LIMIT = 16 * 1024
@@ -77,7 +77,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator
         answers[:2] = [d.check_in() for d in devs[:2]]  # the third closed the window
         assert [a["action"] for a in answers] == ["train"] * 3, answers
         aids = [a["assignment"]["assignment_id"] for a in answers]
-        status, c_answer = devs[2].upload(aids[2], np.full(N, 0.01), key="k-c")
+        status, c_answer = without_wait(devs[2].upload(aids[2], np.full(N, 0.01), key="k-c"))
         assert status == 200
         yield Ctx(
             coord,
@@ -786,7 +786,7 @@ def test_an_enrollment_token_guards_registration(tmp_path: Path) -> None:
 
 def test_replayed_upload_gets_the_same_answer_and_changes_nothing(ctx: Ctx) -> None:
     before = ctx.state()
-    status, body = ctx.c.upload(ctx.aid_c, np.full(N, 0.01), key="k-c")
+    status, body = without_wait(ctx.c.upload(ctx.aid_c, np.full(N, 0.01), key="k-c"))
     assert (status, body) == (200, ctx.c_answer)
     assert ctx.state() == before
 

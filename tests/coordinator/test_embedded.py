@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.admin import AdminClient, ApiCallError
+from coordinator.admin import AdminClient, ApiCallError, TransportError
 from coordinator.embedded import EmbeddedCoordinator
 
 
@@ -20,7 +20,7 @@ def test_thread_mode_serves_and_stops(tmp_path: Path, tiny_bundle: Path) -> None
         assert [t["task_id"] for t in admin.tasks()] == [task["task_id"]]
         assert coord.call(coord.service.store.count_devices) == 0
         url = coord.url
-    with pytest.raises(OSError):
+    with pytest.raises(TransportError):
         AdminClient(url, "x", timeout=2).health()
     # the data outlived the service
     with EmbeddedCoordinator(tmp_path / "f.db") as again:

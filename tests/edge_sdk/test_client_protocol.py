@@ -194,6 +194,32 @@ def test_fedprox_plan_trains_on_the_real_runtime_and_uses_one_connection_per_pas
     assert coord.loopback.connections == 2
 
 
+def test_the_next_wait_after_a_report_or_abort_is_the_coordinators(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    """Pace steering in the answer to an upload / abort replaces the local default."""
+    with ScriptedCoordinator(digits_bundle, {"steps": 2, "recheck_every_steps": 1}) as coord:
+        coord.checkin = lambda s: coord.train()
+        coord.update = lambda s: Reply(200, json.dumps(
+            {"accepted": True, "round": 1, "model_version": 0, "retry_after_s": 77.0}).encode())
+        sleeps: list[float] = []
+        client = _client(coord.loopback.url, tmp_path, digits_data, sleeps)
+        client.run_forever(max_runs=6)
+        # an answer without the field (an older coordinator): the local default stands in
+        coord.update = lambda s: Reply(
+            200, json.dumps({"accepted": True, "round": 1, "model_version": 0}).encode())
+        plain = client.run_once()
+        coord.abort = lambda s: Reply(200, b'{"aborted": true, "retry_after_s": 12.5}')
+        lapsing = _client(coord.loopback.url, tmp_path, digits_data,
+                          conditions=LapseAfterFirstRead(GOOD.replace(charging=False)))
+        aborted = lapsing.run_once()
+    assert len(coord.calls("/update")) == 7
+    assert len(sleeps) == 5 and all(77.0 <= s <= 77.0 * 1.1 for s in sleeps)
+    assert np.std(sleeps) > 0.1  # with the client's own jitter on top
+    assert plain.action == TRAINED and 1.0 <= plain.next_run_in_s <= 1.1
+    assert aborted.action == ABORTED and 12.5 <= aborted.next_run_in_s <= 12.5 * 1.1
+
+
 def test_duplicate_on_a_first_attempt_is_a_rejection(
     digits_bundle: Path, digits_data: Any, tmp_path: Path
 ) -> None:
@@ -274,12 +300,13 @@ def test_an_abort_after_the_round_closed_is_still_an_abort_and_no_alarm(
     with ScriptedCoordinator(digits_bundle, {"recheck_every_steps": 1}) as coord:
         coord.checkin = lambda s: coord.train()
         # the coordinator's answer when the round reached its goal during our training
-        coord.abort = lambda s: json_error(409, "conflict", "assignment is expired")
+        coord.abort = lambda s: json_error(409, "round_closed", "the assignment's round has closed")
         client = _client(coord.loopback.url, tmp_path, digits_data,
                          conditions=LapseAfterFirstRead(GOOD.replace(charging=False)))
         with caplog.at_level("INFO", logger="edge_sdk.client"):
             outcome = client.run_once()
     assert outcome.action == ABORTED and outcome.reasons == ("not charging",)
+    assert 300.0 <= outcome.next_run_in_s <= 330.0  # no pace steering in an error: the default
     assert len(coord.calls("/abort")) == 1  # a 409 is final: not retried
     assert [r.levelname for r in caplog.records] == ["INFO"]
     assert "after its round closed" in caplog.records[0].getMessage()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from coordinator.embedded import EmbeddedCoordinator
-from tests.edge_sdk.edge_env import ensure_edge_venv
+from fedge.edge_venv import ensure_edge_venv
 
 pytestmark = pytest.mark.slow
 

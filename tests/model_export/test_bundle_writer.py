@@ -67,15 +67,27 @@ def test_digits_manifest_matches_the_model(digits_bundle: Path) -> None:
     assert raw["backends"]["litert-step"]["supported"] is False
 
 
-def test_step_graph_has_a_dynamic_batch_and_runs_on_ort_1_17(digits_bundle: Path) -> None:
-    model = onnx.load(str(digits_bundle / "step.onnx"))
+@pytest.mark.parametrize("graph", ["step", "step_prox"])
+def test_step_graph_has_a_dynamic_batch_and_runs_on_ort_1_17(
+    digits_bundle: Path, graph: str
+) -> None:
+    model = onnx.load(str(digits_bundle / f"{graph}.onnx"))
     # ORT 1.17 reads IR <= 9 and opset <= 20; ORT-training 1.19.2 rejects IR > 10.
     assert model.ir_version <= 9
     assert all(o.version <= 20 for o in model.opset_import if o.domain in ("", "ai.onnx"))
     inputs = {i.name: i.type.tensor_type.shape.dim for i in model.graph.input}
-    assert list(inputs) == load_manifest(digits_bundle).raw["signatures"]["step"]["inputs"]
+    raw = load_manifest(digits_bundle).raw
+    assert list(inputs) == raw["signatures"][graph]["inputs"]
+    assert [o.name for o in model.graph.output] == raw["signatures"][graph]["outputs"]
     assert inputs["x"][0].dim_param and inputs["y"][0].dim_param  # symbolic batch
-    assert [d.dim_value for d in inputs["params"]] == [2410]
+    # one input per trainable parameter, of its own shape (DigitsMLP: 64-32-10)
+    shapes = {"fc1.weight": [32, 64], "fc1.bias": [32], "fc2.weight": [10, 32], "fc2.bias": [10]}
+    assert [p["name"] for p in raw["parameters"]] == list(shapes)
+    for name, shape in shapes.items():
+        assert [d.dim_value for d in inputs[f"params.{name}"]] == shape
+        if graph == "step_prox":
+            assert [d.dim_value for d in inputs[f"anchor.{name}"]] == shape
+    assert ("mu" in inputs) == (graph == "step_prox")
     onnx.checker.check_model(model)
 
 

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.admin import AdminClient, ApiCallError, HttpConnection
+from coordinator.admin import AdminClient, ApiCallError
 from coordinator.clock import FakeClock
 from coordinator.embedded import EmbeddedCoordinator
 from edge_sdk.frame import decode_tensor
-from tests.fixtures.coordinator import DeviceHTTP
+from tests.fixtures.coordinator import DeviceHTTP, HttpConnection, without_wait
 
 N = 64
 PLAN: dict[str, Any] = {
@@ -99,9 +99,9 @@ def test_commits_every_k_updates_with_staleness_weights_like_numpy(async_task) -
     old = [t.assign(d) for d in t.devices[:5]]  # five devices train on version 0
     n = [40, 25, 60, 33, 47, 51]
     for i in range(3):
-        assert t.devices[i].upload(old[i]["assignment_id"], _delta(i), num_examples=n[i]) == (
-            200, {"accepted": True, "round": 1, "model_version": 0},
-        )  # fmt: skip
+        status, body = t.devices[i].upload(old[i]["assignment_id"], _delta(i), num_examples=n[i])
+        assert status == 200 and body.pop("retry_after_s") > 0
+        assert body == {"accepted": True, "round": 1, "model_version": 0}
     assert t.task()["model_version"] == 1  # the 3rd update committed version 1
     fresh = t.assign(t.devices[5])
     assert fresh["model_version"] == 1 and fresh["round"] == 2
@@ -177,8 +177,8 @@ def test_task_completes_after_its_versions(async_task) -> None:
 def test_replayed_upload_is_counted_once(async_task) -> None:
     t = async_task(2, buffer_k=2)
     a = t.assign(t.devices[0])
-    first = t.devices[0].upload(a["assignment_id"], _delta(0), key="k")
-    assert t.devices[0].upload(a["assignment_id"], _delta(0), key="k") == first
+    first = without_wait(t.devices[0].upload(a["assignment_id"], _delta(0), key="k"))
+    assert without_wait(t.devices[0].upload(a["assignment_id"], _delta(0), key="k")) == first
     assert _code(t.devices[0].upload(a["assignment_id"], _delta(9), key="other")) == (
         409, "duplicate_upload",
     )  # fmt: skip
@@ -283,7 +283,8 @@ def test_commit_interrupted_after_the_kth_update_is_finished_on_restart(tmp_path
         np.testing.assert_allclose(p1, ref.astype(np.float32), rtol=1e-6, atol=1e-7)
         # the client's retry is answered as stored (idempotent), not folded twice
         retry = t.devices[1].upload(work[1]["assignment_id"], _delta(1), num_examples=9, key="k-1")
-        assert retry == (200, {"accepted": True, "round": 1, "model_version": 0})
+        assert retry[0] == 200 and retry[1].pop("retry_after_s") > 0
+        assert retry[1] == {"accepted": True, "round": 1, "model_version": 0}
         assert admin.status()["updates_accepted"] == 2
         rounds = admin.rounds(t.task_id)
         assert [r["metrics"].get("reported") for r in rounds if r["state"] == "committed"] == [2]

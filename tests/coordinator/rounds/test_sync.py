@@ -13,9 +13,10 @@ import pytest
 
 from coordinator.admin import AdminClient
 from coordinator.clock import FakeClock
+from coordinator.config import PacingConfig
 from coordinator.embedded import EmbeddedCoordinator
 from edge_sdk.frame import decode_tensor
-from tests.fixtures.coordinator import DeviceHTTP
+from tests.fixtures.coordinator import DeviceHTTP, without_wait
 
 N = 64
 PLAN = {"rounds": 3, "goal": 10, "selection_window_s": 10.0, "round_deadline_s": 60.0}
@@ -80,7 +81,8 @@ def test_goal_reached_early_commits_fedavg_of_the_first_goal_reports(fleet) -> N
     for i, (d, a) in enumerate(chosen[:10]):
         assert a["model_version"] == 0 and a["deadline_in_s"] == pytest.approx(60.0)
         status, body = d.upload(a["assignment_id"], _delta(i), num_examples=10 + i)
-        assert status == 200 and body == {"accepted": True, "round": 1, "model_version": 0}
+        assert status == 200 and body.pop("retry_after_s") > 0
+        assert body == {"accepted": True, "round": 1, "model_version": 0}
         deltas.append(_delta(i))
         weights.append(10 + i)
     # committed right at the 10th report, no clock movement needed
@@ -145,7 +147,8 @@ def test_over_selection_absorbs_20_percent_dropouts(fleet, fake_clock) -> None:
     assert len(chosen) == 13
     # 20 % of the selected devices drop: 2 abort explicitly, 1 silently vanishes
     for d, a in chosen[:2]:
-        assert d.abort(a["assignment_id"]) == (200, {"aborted": True})
+        status, body = d.abort(a["assignment_id"])
+        assert status == 200 and body["aborted"] is True
     for i, (d, a) in enumerate(chosen[3:]):
         assert d.upload(a["assignment_id"], _delta(i))[0] == 200
     r = f.rounds()[0]
@@ -161,11 +164,15 @@ def test_late_and_duplicate_uploads(fleet, fake_clock) -> None:
     f = fleet(13, rounds=5)
     chosen = f.select()
     d0, a0 = chosen[0]
-    status, first = d0.upload(a0["assignment_id"], _delta(0), key="k-0")
+    status, first = without_wait(d0.upload(a0["assignment_id"], _delta(0), key="k-0"))
     assert status == 200
+
+    def replayed() -> tuple[int, dict[str, Any]]:
+        return without_wait(d0.upload(a0["assignment_id"], _delta(0), key="k-0"))
+
     before = f.coord.call(f.coord.service.store.snapshot)
     # the same key again (a client retry): the same answer, counted once
-    assert d0.upload(a0["assignment_id"], _delta(0), key="k-0") == (200, first)
+    assert replayed() == (200, first)
     # a different upload for the reported assignment
     status, body = d0.upload(a0["assignment_id"], _delta(5), key="k-other")
     assert status == 409 and body["error"]["code"] == "duplicate_upload"
@@ -176,7 +183,7 @@ def test_late_and_duplicate_uploads(fleet, fake_clock) -> None:
     status, body = d1.upload(a1["assignment_id"], _delta(1))
     assert status == 409 and body["error"]["code"] == "round_closed"
     # the replay is still answered the same after the round closed
-    assert d0.upload(a0["assignment_id"], _delta(0), key="k-0") == (200, first)
+    assert replayed() == (200, first)
     assert f.admin.status()["updates_accepted"] == 1
     assert f.rounds()[0]["state"] == "abandoned"
 
@@ -385,3 +392,66 @@ def test_a_paused_task_selects_nobody(fleet, fake_clock) -> None:
     f.admin.resume(f.task_id)
     answers = [d.check_in()["action"] for d in f.devices]
     assert answers.count("train") == 13
+
+
+def _steered_bounds(population: int, target: int, period_s: float) -> tuple[float, float]:
+    """The range pace steering may answer (coordinator/pacing.py's formula, default config)."""
+    c = PacingConfig()
+    interval = min(c.max_retry_s, max(c.min_retry_s, population * period_s / (c.headroom * target)))
+    return interval * (1 - c.jitter), interval * (1 + c.jitter)
+
+
+def test_reports_and_aborts_are_pace_steered(fleet, fake_clock) -> None:
+    """A device that just reported or gave up gets a steered wait, not an immediate return.
+
+    40 devices, goal 10 (target 13), no round closed yet: the round period is the window plus
+    the deadline (70 s), so each device should come back after about 40 x 70 / (1.5 x 13) s.
+    """
+    f = fleet(40)
+    chosen = f.select()
+    assert len(chosen) == 13
+    low, high = _steered_bounds(40, 13, PLAN["selection_window_s"] + PLAN["round_deadline_s"])
+    d, a = chosen[0]
+    status, body = d.abort(a["assignment_id"])
+    assert status == 200 and body["aborted"] is True
+    waits = [body["retry_after_s"]]
+    assert d.abort(a["assignment_id"])[1]["retry_after_s"] > 0  # a repeated abort too
+    for i, (d, a) in enumerate(chosen[1:9]):
+        status, body = d.upload(a["assignment_id"], _delta(i), key=f"k-{i}")
+        assert status == 200 and (body["accepted"], body["round"]) == (True, 1)
+        waits.append(body["retry_after_s"])
+    assert all(low <= w <= high for w in waits), (low, high, waits)
+    # jittered: the devices that finished together do not come back together
+    assert len(set(waits)) == len(waits) and max(waits) - min(waits) > 0.2 * (high - low)
+    # a replay of an accepted upload is steered afresh, the rest of its answer unchanged
+    d, a = chosen[1]
+    status, again = d.upload(a["assignment_id"], _delta(0), key="k-0")
+    assert status == 200 and low <= again["retry_after_s"] <= high
+    assert (again["accepted"], again["round"], again["model_version"]) == (True, 1, 0)
+
+
+def test_evaluation_reports_are_pace_steered(fleet, fake_clock) -> None:
+    f = fleet(13, rounds=1)
+    for i, (d, a) in enumerate(f.select()[:10]):
+        assert d.upload(a["assignment_id"], _delta(i))[0] == 200
+    f.admin.evaluate(f.task_id)
+    [d.check_in() for d in f.devices]
+    fake_clock.advance(11)
+    d = f.devices[0]
+    a = d.check_in()["assignment"]
+    status, body = d.metrics(a["assignment_id"], 20, 0.5, 0.8)
+    # the training round opened at t = 0 and committed at t = 10.5 s: that is the period now
+    low, high = _steered_bounds(13, 13, 10.5)
+    assert status == 200 and low <= body["retry_after_s"] <= high
+
+
+def test_an_abort_after_the_round_closed_is_round_closed(fleet, fake_clock) -> None:
+    f = fleet(13)
+    chosen = f.select()
+    fake_clock.advance(PLAN["round_deadline_s"] + 1)  # the deadline closes the round
+    assert f.rounds()[0]["state"] == "abandoned"
+    d, a = chosen[0]
+    before = f.coord.call(f.coord.service.store.snapshot)
+    status, body = d.abort(a["assignment_id"])
+    assert status == 409 and body["error"]["code"] == "round_closed"
+    assert f.coord.call(f.coord.service.store.snapshot) == before

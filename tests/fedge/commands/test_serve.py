@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from coordinator.admin import AdminClient
+from tests.fixtures.coordinator import HttpConnection
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -35,14 +36,15 @@ def test_serve_with_config_file_and_env_token(tmp_path: Path) -> None:
         assert "listening on http://127.0.0.1:" in line
         admin = AdminClient(line.split()[-1], "tok")
         assert admin.tasks() == []
+        http = HttpConnection(admin.url)
         register = b'{"runtimes": ["ort-step"]}'
         for token in (None, "from-config"):  # the environment's token overrides the file's
             headers = {} if token is None else {"X-Fedge-Enrollment": token}
-            status, _, body = admin._http.request("POST", "/v1/devices", register, headers)
+            status, _, body = http.request("POST", "/v1/devices", register, headers)
             assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized"
         enrolled = {"X-Fedge-Enrollment": "from-env"}
-        assert admin._http.request("POST", "/v1/devices", register, enrolled)[0] == 201
-        status, _, body = admin._http.request("POST", "/v1/devices", b"x" * 4096, enrolled)
+        assert http.request("POST", "/v1/devices", register, enrolled)[0] == 201
+        status, _, body = http.request("POST", "/v1/devices", b"x" * 4096, enrolled)
         assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -64,8 +66,9 @@ def test_serve_prints_a_random_token_without_one(tmp_path: Path) -> None:
         assert token_line.startswith("admin token: ")
         admin = AdminClient(url, token_line.split()[-1])
         assert admin.tasks() == []
+        http = HttpConnection(url)
         # no enrollment token configured: registration is open
-        assert admin._http.request("POST", "/v1/devices", b'{"runtimes": []}')[0] == 201
+        assert http.request("POST", "/v1/devices", b'{"runtimes": []}')[0] == 201
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

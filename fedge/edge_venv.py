@@ -3,7 +3,8 @@
 ``ensure_edge_venv("edge")`` builds (once; rebuilt when ``pyproject.toml`` changes) a fresh venv
 with ``pip install -e ROOT[edge]``: numpy and plain onnxruntime, no torch, no aiohttp, no
 coordinator dependencies. ``"litert"`` gives ai-edge-litert instead. Used by the edge-install
-test and by ``benchmarks/bench_edge.py``; a file lock keeps concurrent builds apart.
+test, the edge benchmarks and ``scripts/arm``; a file lock keeps concurrent builds apart.
+Development-host code (it installs this source checkout), never a device's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["ensure_edge_venv"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _python() -> str:
