@@ -247,6 +247,27 @@ def update_doc(results: dict[str, Any]) -> None:
         return f"{row['speedup_vs_torch']:.1f}x" if row else "n/a"
 
     wide, digits = list(models)
+
+    def best(model: str, backend: str, env: str) -> float:
+        return float(
+            next(r for r in models[model] if (r["backend"], r["env"]) == (backend, env))[
+                "ms_per_step_best"
+            ]
+        )
+
+    try:
+        got, torch_ms = best(wide, "ort-step", "edge"), best(wide, "torch-eager", "dev")
+        verdict = (
+            f"On this run ort-step (edge) took {got:.3f} ms against torch's {torch_ms:.3f} ms: "
+            + (
+                "the 2x target is met."
+                if got * 2 <= torch_ms
+                else f"2x needs {torch_ms / 2:.3f} ms, so the target is missed by "
+                f"{(got / (torch_ms / 2) - 1) * 100:.0f}%."
+            )
+        )
+    except StopIteration:
+        verdict = "(no edge row on this run)"
     body = f"""{SECTION}
 
 `./dev bench bench_step` (about 3 min; the first run adds the TFLite exports, which are
@@ -292,7 +313,7 @@ they are about 0.19 ms of both steps; ORT spends about 0.04 ms on the other 37 o
 and its input checks (NaN/Inf in `x`, label range): those take about 12 us alone, but any numpy
 work on the batch just before the run makes the run itself 10-30 us slower (measured with
 `np.isfinite(x)` and `x.sum()`; cause not found). That is why the 784-128-10 ratio sits near
-2x while the GEMM-light demo model is far above it.
+2x while the GEMM-light demo model is far above it. {verdict}
 """
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     start = text.find(SECTION + "\n")

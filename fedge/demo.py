@@ -184,8 +184,10 @@ def demo_fleet(url: str, parts: Sequence[Dataset], config: DemoConfig, clock: Si
     from fedge.fleet.emulator import Fleet
 
     heterogeneity = Heterogeneity(dropout_prob=config.dropout_prob, lapse_prob=config.lapse_prob)
-    # No local wait after reporting: the coordinator's answer steers when each device returns.
-    client = ClientConfig(backend="ort-step")
+    # The coordinator's answer to a report or an abort steers when a device returns; a late
+    # upload (409 round_closed) carries no such hint, so its device waits 10 s (the client's
+    # default is 1 s) rather than filling the next selection window at once.
+    client = ClientConfig(backend="ort-step", after_assignment_s=10.0)
     return Fleet(url, parts, heterogeneity=heterogeneity, seed=config.seed, clock=clock,
                  rejoin_s=60.0, client_config=client)
 

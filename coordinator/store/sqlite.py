@@ -288,14 +288,16 @@ class SQLiteStore(Store):
         return [_from_row(Assignment, r) for r in rows]
 
     # updates and evaluation reports
-    def add_update(self, update: Update) -> None:
+    def _add_report(self, table: str, report: Update | EvalReport, at: float) -> None:
+        """Store a report and close its assignment as reported, in one transaction."""
         with self.atomic():
-            self._insert("updates", update)
+            self._insert(table, report)
             self._update(
-                "assignments",
-                update.assignment_id,
-                {"state": "reported", "closed_at": update.accepted_at},
+                "assignments", report.assignment_id, {"state": "reported", "closed_at": at}
             )
+
+    def add_update(self, update: Update) -> None:
+        self._add_report("updates", update, update.accepted_at)
 
     def get_update(self, assignment_id: str) -> Update | None:
         return self._get(Update, "updates", "assignment_id = ?", [assignment_id])
@@ -358,13 +360,7 @@ class SQLiteStore(Store):
         return {state: int(n) for state, n in rows.fetchall()}
 
     def add_eval_report(self, report: EvalReport) -> None:
-        with self.atomic():
-            self._insert("eval_reports", report)
-            self._update(
-                "assignments",
-                report.assignment_id,
-                {"state": "reported", "closed_at": report.reported_at},
-            )
+        self._add_report("eval_reports", report, report.reported_at)
 
     def get_eval_report(self, assignment_id: str) -> EvalReport | None:
         return self._get(EvalReport, "eval_reports", "assignment_id = ?", [assignment_id])

@@ -84,7 +84,8 @@ class Trainer(ABC):
             raise ValueError(f"x has shape {arr.shape}; the bundle needs (batch>=1, *{want})")
         if arr.dtype.kind not in "fiub":
             raise ValueError(f"x has dtype {arr.dtype}; the bundle needs {spec['dtype']}")
-        arr = np.ascontiguousarray(arr, dtype=np.dtype(spec["dtype"]))
+        if arr.dtype != spec["dtype"] or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr, dtype=np.dtype(spec["dtype"]))
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise ValueError("x holds NaN or Inf")
         return arr
@@ -99,9 +100,11 @@ class Trainer(ABC):
             if arr.dtype.kind not in "iu":
                 raise ValueError(f"y has dtype {arr.dtype}; class labels must be integers")
             classes = int(self.manifest.raw["num_classes"])
-            if arr.size and (arr.min() < 0 or arr.max() >= classes):
+            arr = np.ascontiguousarray(arr, dtype=np.int64)
+            # one reduction instead of min and max: a negative label reads as a huge unsigned
+            if arr.size and arr.view(np.uint64).max() >= classes:
                 raise ValueError(f"y holds labels outside [0, {classes})")
-            return np.ascontiguousarray(arr, dtype=np.int64)
+            return arr
         if arr.dtype.kind not in "fiub":
             raise ValueError(f"y has dtype {arr.dtype}; the bundle needs float32 targets")
         arr = np.ascontiguousarray(arr, dtype=np.float32)

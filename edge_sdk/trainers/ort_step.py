@@ -63,6 +63,7 @@ class OrtStepTrainer(StepGraphTrainer):
             self._bindings[proximal] = (sess, [self._bind(sess, sig, copies, d) for d in (0, 1)])
         self._current = 0  # the copy that _params and _state are
         self._copy_back: dict[tuple[bool, int], list[tuple[int, np.ndarray]]] = {}
+        self._bound_lr: dict[int, np.ndarray] = {}
 
     def _views(self, params: np.ndarray, state: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Per-tensor views in the step signature's order (parameters, then state)."""
@@ -100,7 +101,12 @@ class OrtStepTrainer(StepGraphTrainer):
         binding, dst = bindings[self._current]
         value = self._ort.OrtValue.ortvalue_from_numpy  # wraps the array, no copy
         # the OrtValues reference their arrays, which stay alive in this frame through the run
-        feeds = [("x", value(x)), ("y", value(y)), ("lr", value(lr))]
+        feeds = [("x", value(x)), ("y", value(y))]
+        if lr is not self._bound_lr.get(id(binding)):
+            # usually the bundle's lr, the same array every step: bound once, and held by
+            # _bound_lr so that its memory stays valid
+            feeds.append(("lr", value(lr)))
+            self._bound_lr[id(binding)] = lr
         if proximal:
             anchor = self._anchor
             assert anchor is not None

@@ -123,23 +123,14 @@ class EmulatedTrainer(Trainer):
         lease: Callable[[], AbstractContextManager[Trainer]],
         manifest: Manifest,
         *,
-        profile: DeviceProfile,
-        clock: SimClock,
+        device: EmulatedTrainers,
         fate: JobFate,
-        num_examples: int,
-        conditions: ProfileConditions,
-        log: JobLog,
-        step_time_s: float | None,
     ) -> None:
         self.manifest = manifest
         self._lease = lease
-        self._profile = profile
-        self._clock = clock
+        # The device's profile, clock, data size, conditions, job log and step time.
+        self._device = device
         self._fate = fate
-        self._num_examples = num_examples
-        self._conditions = conditions
-        self._log = log
-        self._step_time_s = step_time_s
         self._params = np.zeros(manifest.num_parameters, np.float32)
         self._anchor: np.ndarray | None = None
         self._mu = 0.0
@@ -152,7 +143,7 @@ class EmulatedTrainer(Trainer):
     def _plan_fate(self, batch: int) -> None:
         # Fates are placed within the job's first epoch: the step count of the whole job is
         # not known to a trainer, one epoch's is.
-        epoch_steps = max(1, math.ceil(self._num_examples / max(batch, 1)))
+        epoch_steps = max(1, math.ceil(self._device.num_examples / max(batch, 1)))
         if self._fate.dropout_at is not None:
             self._drop_step = int(self._fate.dropout_at * epoch_steps)
         if self._fate.lapse_at is not None:
@@ -186,7 +177,7 @@ class EmulatedTrainer(Trainer):
         if self._drop_step is not None and self._steps >= self._drop_step:
             raise DeviceVanished
         if self._lapse_step is not None and self._steps >= self._lapse_step:
-            self._conditions.lapse(self._fate.lapse_s)
+            self._device.conditions.lapse(self._fate.lapse_s)
             self._lapse_step = None
         with self._lease() as t:
             started = time.perf_counter()
@@ -201,20 +192,20 @@ class EmulatedTrainer(Trainer):
 
     def _charge(self, real_s: float) -> None:
         """Owe the step's emulated compute time minus what its real run already took."""
-        base = real_s if self._step_time_s is None else self._step_time_s
-        modelled = base * self._profile.compute_multiplier
-        used = real_s * self._clock.speedup
-        self._log.steps += 1
-        self._log.emulated_compute_s += max(modelled, used)
+        base = real_s if self._device.step_time_s is None else self._device.step_time_s
+        modelled = base * self._device.profile.compute_multiplier
+        used = real_s * self._device.clock.speedup
+        self._device.log.steps += 1
+        self._device.log.emulated_compute_s += max(modelled, used)
         if used > modelled:
-            self._log.overruns += 1
-        self._debt_real_s += self._clock.real_seconds(modelled - used)
+            self._device.log.overruns += 1
+        self._debt_real_s += self._device.clock.real_seconds(modelled - used)
         if self._debt_real_s >= _MIN_SLEEP_S:
             self._settle()
 
     def _settle(self) -> None:
         if self._debt_real_s > 0:
-            self._clock.sleep_blocking(self._debt_real_s * self._clock.speedup)
+            self._device.clock.sleep_blocking(self._debt_real_s * self._device.clock.speedup)
             self._debt_real_s = 0.0
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -251,11 +242,7 @@ class EmulatedTrainers:
             self.log.jobs += 1
 
         def view(lease: Callable[[], AbstractContextManager[Trainer]]) -> EmulatedTrainer:
-            return EmulatedTrainer(
-                lease, manifest, profile=self.profile, clock=self.clock,
-                fate=self.profile.job_fate(job), num_examples=self.num_examples,
-                conditions=self.conditions, log=self.log, step_time_s=self.step_time_s,
-            )
+            return EmulatedTrainer(lease, manifest, device=self, fate=self.profile.job_fate(job))
 
         if not manifest.raw.get("optimizer_state"):
             # A stateless optimizer (plain SGD): swapping parameters per step is exact, so
