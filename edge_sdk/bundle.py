@@ -139,6 +139,15 @@ class Manifest:
     def files(self) -> dict[str, dict[str, Any]]:
         return dict(self.raw["files"])
 
+    def graph(self, key: str) -> str:
+        """The bundle-relative file of graph ``key`` (e.g. ``"step_onnx"``)."""
+        name = self.raw.get("graphs", {}).get(key)
+        if not isinstance(name, str):
+            raise BundleError(
+                f"bundle {self.bundle_id[:12]} has no {key} graph; re-export it with this fedge"
+            )
+        return name
+
     def backend_support(self, backend: str) -> tuple[bool, str | None]:
         entry = self.raw.get("backends", {}).get(backend)
         if entry is None:

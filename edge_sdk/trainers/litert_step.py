@@ -62,10 +62,8 @@ class LiteRTStepTrainer(StepGraphTrainer):
         super().__init__(bundle_dir, manifest)
         tfl = manifest.raw["tflite"]
         self.batch = int(tfl["batch"])
-        graphs = manifest.raw["graphs"]
-
-        self._step = _Graph(str(self.bundle_dir / graphs["step_tflite"]), threads)
-        self._infer = _Graph(str(self.bundle_dir / graphs["infer_tflite"]), threads)
+        self._step = _Graph(str(self.bundle_dir / manifest.graph("step_tflite")), threads)
+        self._infer = _Graph(str(self.bundle_dir / manifest.graph("infer_tflite")), threads)
         # The converter names signature tensors by position: args_<i> in, output_<i> out.
         sig = tfl["signatures"]
         self._step_in = {n: f"args_{i}" for i, n in enumerate(sig["step"]["inputs"])}

@@ -38,12 +38,9 @@ class OrtStepTrainer(StepGraphTrainer):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        graphs = manifest.raw["graphs"]
-
         def session(name: str) -> Any:
-            return ort.InferenceSession(
-                str(self.bundle_dir / graphs[name]), options, providers=["CPUExecutionProvider"]
-            )
+            path = str(self.bundle_dir / manifest.graph(name))
+            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
         self._eval, self._infer = session("eval_onnx"), session("infer_onnx")
         self._spare_params = self._params.copy()
@@ -59,7 +56,9 @@ class OrtStepTrainer(StepGraphTrainer):
             sig = step_signature(names, per_parameter, proximal=proximal)
             have = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
             if have != (sig["inputs"], sig["outputs"]):
-                raise ValueError(f"{graphs[graph]} does not have the manifest's step signature")
+                raise ValueError(
+                    f"{manifest.graph(graph)} does not have the manifest's step signature"
+                )
             self._bindings[proximal] = (sess, [self._bind(sess, sig, copies, d) for d in (0, 1)])
         self._current = 0  # the copy that _params and _state are
         self._copy_back: dict[tuple[bool, int], list[tuple[int, np.ndarray]]] = {}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 import edge_sdk.trainers as trainers
-from edge_sdk.bundle import BundleError
+from edge_sdk.bundle import BundleError, bundle_id_of
 from edge_sdk.trainers import BACKENDS, BundleNotSupported, available_backends, load_trainer
 from tests.edge_sdk.trainers.trainer_suite import CASES
 from tests.fixtures.bundles import cached_bundle
@@ -57,3 +58,17 @@ def test_a_bundle_that_does_not_match_its_manifest_is_not_loaded(
 def test_backend_names() -> None:
     assert BACKENDS == ("ort-step", "litert-step", "ort-training")
     assert set(available_backends()) <= set(BACKENDS)
+
+
+def test_a_bundle_from_an_older_exporter_gets_a_clear_error(
+    digits_bundle: Path, tmp_path: Path
+) -> None:
+    # Bundles exported before the FedProx graph was split off have no step_prox_onnx.
+    copy = tmp_path / "old"
+    shutil.copytree(digits_bundle, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    del raw["graphs"]["step_prox_onnx"]
+    raw["bundle_id"] = bundle_id_of(raw)
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"no step_prox_onnx graph; re-export"):
+        load_trainer(copy, backend="ort-step")
