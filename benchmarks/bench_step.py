@@ -242,21 +242,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def update_doc(results: dict[str, Any]) -> None:
     models = results["models"]
 
+    def row(model: str, backend: str, env: str) -> dict[str, Any] | None:
+        return next((r for r in models[model] if (r["backend"], r["env"]) == (backend, env)), None)
+
     def speedup(model: str, backend: str, env: str = "dev") -> str:
-        row = next((r for r in models[model] if (r["backend"], r["env"]) == (backend, env)), None)
-        return f"{row['speedup_vs_torch']:.1f}x" if row else "n/a"
+        found = row(model, backend, env)
+        return f"{found['speedup_vs_torch']:.1f}x" if found else "n/a"
 
     wide, digits = list(models)
-
-    def best(model: str, backend: str, env: str) -> float:
-        return float(
-            next(r for r in models[model] if (r["backend"], r["env"]) == (backend, env))[
-                "ms_per_step_best"
-            ]
-        )
-
-    try:
-        got, torch_ms = best(wide, "ort-step", "edge"), best(wide, "torch-eager", "dev")
+    edge, eager = row(wide, "ort-step", "edge"), row(wide, "torch-eager", "dev")
+    if edge is None or eager is None:
+        verdict = "(no edge row on this run)"
+    else:
+        got, torch_ms = float(edge["ms_per_step_best"]), float(eager["ms_per_step_best"])
         verdict = (
             f"On this run ort-step (edge) took {got:.3f} ms against torch's {torch_ms:.3f} ms: "
             + (
@@ -266,8 +264,6 @@ def update_doc(results: dict[str, Any]) -> None:
                 f"{(got / (torch_ms / 2) - 1) * 100:.0f}%."
             )
         )
-    except StopIteration:
-        verdict = "(no edge row on this run)"
     body = f"""{SECTION}
 
 `./dev bench bench_step` (about 3 min; the first run adds the TFLite exports, which are

@@ -183,14 +183,16 @@ def run_mode(name: str, mode: str, plan: dict[str, Any], setup: Setup, bundle: P
                     f"  dropouts {s.dropouts}  rejected {s.rejected}", end="")
             return bool(task["state"] == "completed")
 
-        with fleet:
-            finished = fleet.wait_for(done, timeout_s=setup.timeout_s, poll_s=0.05)
+        try:
+            with fleet:
+                finished = fleet.wait_for(done, timeout_s=setup.timeout_s, poll_s=0.05)
+            summary = fleet.summary().as_dict()
+        finally:
+            fleet.close()
         log("")
         if not finished:
             log(f"  warning: {name} did not finish {setup.versions} versions in "
                 f"{setup.timeout_s:.0f} s real time")
-        summary = fleet.summary().as_dict()
-        fleet.close()
         rounds = admin.rounds(task_id)
         committed = sorted((r["metrics"]["model_version"], r["closed_at"]) for r in rounds
                            if r["state"] == "committed")  # fmt: skip

@@ -154,9 +154,8 @@ def build_app(coord: Coordinator) -> web.Application:
     @routes.get(Route.VERSION_PARAMS)
     async def params(request: web.Request) -> web.Response:
         who = await device(request)
-        task_id = request.match_info["task_id"]
-        data = await run(coord.version_params, who, task_id, request.match_info["version"])
-        await run(coord.count_bytes_out, task_id, len(data))
+        m = request.match_info
+        data = await run(coord.version_params, who, m["task_id"], m["version"])
         return web.Response(body=data, content_type=FRAME_CONTENT_TYPE)
 
     @routes.post(Route.ASSIGNMENT_UPDATE)

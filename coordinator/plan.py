@@ -116,7 +116,8 @@ class TaskPlan:
             max_update_norm=None
             if "max_update_norm" in f.obj and f.raw("max_update_norm") is None
             else f.number("max_update_norm", 1e4, minimum=0.0, exclusive_min=True),
-            max_examples=f.integer("max_examples", 1_000_000, minimum=1),
+            # Weights are float64 and counts SQLite integers: keep every count exact.
+            max_examples=f.integer("max_examples", 1_000_000, minimum=1, maximum=2**53),
             eval_goal=f.integer("eval_goal", None, minimum=1, maximum=1_000_000),
             wait_for_all=f.boolean("wait_for_all", False),
             buffer=_async_config(f),

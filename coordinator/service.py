@@ -34,17 +34,19 @@ from coordinator.errors import (
 from coordinator.pacing import PaceSteering
 from coordinator.plan import TaskPlan
 from coordinator.rounds import POLICIES, PolicyContext, TaskPolicy
+from coordinator.rounds.base import IN_FLIGHT
 from coordinator.store import (
     Assignment,
     Device,
     EvalReport,
+    Round,
     SQLiteStore,
     Store,
     Task,
     Update,
     Version,
 )
-from coordinator.tensors import check_delta, decode_delta, encode_params
+from coordinator.tensors import decode_delta, encode_params
 from coordinator.validation import Fields
 from coordinator.versions import ModelVersions, RoundSums
 from edge_sdk.protocol import HEADER_ENROLLMENT, ErrorCode, parse_device_auth
@@ -76,6 +78,16 @@ def parse_json(body: bytes) -> Any:
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         # RecursionError: a deeply nested document; ValueError also covers huge integers.
         raise InvalidRequest(f"body is not valid JSON: {e!s:.200}", ErrorCode.MALFORMED_JSON) from e
+
+
+def _check_examples(num_examples: int, plan: TaskPlan) -> None:
+    # A report's weight: one claiming more would dominate the round (and past 2**63 it
+    # would not even fit its column).
+    if num_examples > plan.max_examples:
+        raise Unprocessable(
+            f"num_examples {num_examples} exceeds the task's bound {plan.max_examples}",
+            ErrorCode.BAD_UPDATE,
+        )
 
 
 class Coordinator:
@@ -196,6 +208,12 @@ class Coordinator:
             raise Forbidden("this assignment belongs to another device")
         return a
 
+    def _receipt(self, a: Assignment) -> dict[str, Any]:
+        """The stored answer to an accepted report (a replay gets it again)."""
+        rnd = self.store.get_round(a.round_id)
+        assert rnd is not None
+        return {"accepted": True, "round": rnd.number, "model_version": rnd.base_version}
+
     def _paced(
         self, who: DeviceIdentity, task: Task, now: float, answer: dict[str, Any]
     ) -> dict[str, Any]:
@@ -291,15 +309,16 @@ class Coordinator:
             raise NotFound(f"bundle {bundle_id} has no file {name!r}")
         return self.blobs.path(meta["sha256"])
 
-    def count_bytes_out(self, task_id: str | None, n: int) -> None:
-        if task_id is not None:
-            self.ctx.bytes_out[task_id] += n
-
     def version_params(self, who: DeviceIdentity | None, task_id: str, version: str) -> bytes:
+        """A version's parameter frame; what a device (``who``) downloads counts as the
+        round's ``bytes_out``, an operator's read (``who=None``) does not."""
         task = self._task(task_id)
         number = self._version_number(task, version)
         n = self.ctx.num_parameters(task)
-        return encode_params(self.ctx.versions.params(task_id, number, n))
+        data = encode_params(self.ctx.versions.params(task_id, number, n))
+        if who is not None:
+            self.ctx.bytes_out[task_id] += len(data)
+        return data
 
     def _version_number(self, task: Task, version: str) -> int:
         if version == "current":
@@ -340,14 +359,11 @@ class Coordinator:
                 return self._paced(who, task, now, prior.response)
             raise Conflict("this assignment already reported an update", ErrorCode.DUPLICATE_UPLOAD)
         policy = self._policy(task)
-        policy.check_upload(task, a, now)
+        policy.check_upload(task, plan, a, now)
         report = self._parse_report(report_header, plan)
-        delta = decode_delta(body, self.ctx.num_parameters(task))
-        check_delta(delta, plan.max_update_norm)
+        delta = decode_delta(body, self.ctx.num_parameters(task), plan.max_update_norm)
         payload_sha = self.blobs.put(body)
-        rnd = self.store.get_round(a.round_id)
-        assert rnd is not None
-        response = {"accepted": True, "round": rnd.number, "model_version": rnd.base_version}
+        response = self._receipt(a)
         update = Update(
             assignment_id=a.assignment_id,
             round_id=a.round_id,
@@ -380,12 +396,7 @@ class Coordinator:
         f.done()
         if report["num_examples"] is None:
             raise InvalidRequest("X-Fedge-Report.num_examples is required")
-        if report["num_examples"] > plan.max_examples:
-            raise Unprocessable(
-                f"num_examples {report['num_examples']} exceeds the task's bound "
-                f"{plan.max_examples}",
-                ErrorCode.BAD_UPDATE,
-            )
+        _check_examples(report["num_examples"], plan)
         return {k: v for k, v in report.items() if v is not None}
 
     def report_metrics(
@@ -409,10 +420,9 @@ class Coordinator:
             if (prior.num_examples, prior.loss, prior.accuracy) == (num_examples, loss, accuracy):
                 return self._paced(who, task, now, prior.response)
             raise Conflict("this assignment already reported", ErrorCode.DUPLICATE_UPLOAD)
-        self._policy(task).check_upload(task, a, now)
-        rnd = self.store.get_round(a.round_id)
-        assert rnd is not None
-        response = {"accepted": True, "round": rnd.number, "model_version": rnd.base_version}
+        self._policy(task).check_upload(task, plan, a, now)
+        _check_examples(num_examples, plan)
+        response = self._receipt(a)
         report = EvalReport(
             a.assignment_id,
             a.round_id,
@@ -440,7 +450,7 @@ class Coordinator:
         if a.state == "expired":
             # Its round closed (or its deadline passed) first: there is no slot left to free.
             raise Conflict("the assignment's round has closed", ErrorCode.ROUND_CLOSED)
-        if a.state not in ("selected", "delivered"):
+        if a.state not in IN_FLIGHT:
             raise Conflict(f"assignment is {a.state}; it can no longer be aborted")
         note = reason if message is None else f"{reason}: {message}"
         self.store.update_assignment(
@@ -517,7 +527,7 @@ class Coordinator:
         }
 
     @staticmethod
-    def _round_json(rnd: Any) -> dict[str, Any]:
+    def _round_json(rnd: Round) -> dict[str, Any]:
         return {
             "round": rnd.number,
             "kind": rnd.kind,

@@ -59,8 +59,6 @@ class Fields:
     ) -> Any:
         value = self._get(key)
         if value is None:
-            if default is None and key not in self.obj:
-                return None
             return default
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._fail(key, "an integer")

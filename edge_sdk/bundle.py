@@ -189,6 +189,14 @@ def bundle_id_of(raw: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _referenced_files(raw: dict[str, Any]) -> list[str]:
+    """The files the manifest points to outside ``files``: parameters and graphs."""
+    names = [raw.get("initial_parameters"), raw.get("frozen_parameters")]
+    for value in (raw.get("graphs") or {}).values():
+        names += list(value.values()) if isinstance(value, dict) else [value]
+    return [n for n in names if n is not None]
+
+
 def _check_structure(raw: Any) -> None:
     if not isinstance(raw, dict):
         raise BundleError("manifest must be a JSON object")
@@ -205,8 +213,15 @@ def _check_structure(raw: Any) -> None:
     for name in raw["files"]:
         if not isinstance(name, str) or name.startswith("/") or ".." in Path(name).parts:
             raise BundleError(f"manifest names an unsafe file path {name!r}")
+    listed = raw["files"]
+    for name in _referenced_files(raw):
+        # Only listed files are hashed (and path-checked above): a trainer opens no other.
+        if name not in listed:
+            raise BundleError(f"manifest refers to {name!r}, which its 'files' do not list")
     expected = 0
     for p in raw["parameters"]:
+        if any(int(d) < 0 for d in p["shape"]):
+            raise BundleError(f"parameter {p.get('name')!r} has a negative dimension")
         if int(p["offset"]) != expected:
             raise BundleError(f"parameter {p.get('name')!r} offset {p['offset']} != {expected}")
         expected += int(np.prod(p["shape"], dtype=np.int64))

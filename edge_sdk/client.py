@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -283,7 +284,7 @@ class Client:
         self._ensure_registered()
         body = {
             "population": self.config.population,
-            "runtimes": self._runtimes(),
+            "runtimes": self._runtimes,
             "conditions": _conditions_json(conditions),
             "capabilities": {"codecs": list(CODECS)},
         }
@@ -298,11 +299,11 @@ class Client:
             answer = self.transport.call("POST", Route.CHECKIN, body)
         action = answer.get("action") if isinstance(answer, dict) else None
         if action == "wait":
-            return Outcome(
-                WAIT,
-                self._jittered(float(answer.get("retry_after_s", 60.0))),
-                reasons=(str(answer.get("reason", "")),),
-            )
+            retry_after_s = float(answer.get("retry_after_s", 60.0))
+            if not math.isfinite(retry_after_s):  # a device told to wait forever never returns
+                raise TransportError(f"check-in answer's retry_after_s is {retry_after_s}")
+            return Outcome(WAIT, self._jittered(retry_after_s),
+                           reasons=(str(answer.get("reason", "")),))
         if action in ("train", "evaluate"):
             assignment = answer.get("assignment")
             if not isinstance(assignment, dict):
@@ -322,7 +323,7 @@ class Client:
                 {
                     "platform": _platform_name(),
                     "arch": platform.machine(),
-                    "runtimes": self._runtimes(),
+                    "runtimes": self._runtimes,
                     "population": self.config.population,
                 },
                 headers=None
@@ -333,7 +334,10 @@ class Client:
             self.state.save_credentials(creds)
         self.transport.credentials = (creds.device_id, creds.secret)
 
+    @functools.cached_property
     def _runtimes(self) -> list[str]:
+        # Once per client: finding the installed runtimes scans the install (about 1 ms), too
+        # much for every check-in of a fleet of clients, and it does not change while we run.
         if self.config.backend is not None:
             return [self.config.backend]
         from edge_sdk.trainers import available_backends
@@ -400,7 +404,7 @@ class Client:
             delta,
             plan.codec,
             rng=self._np_rng,
-            residual=feedback.load(delta.size) if feedback else None,
+            residual=None if feedback is None else feedback.load(delta.size),
         )
         report = {
             "num_examples": result.num_examples,
@@ -424,16 +428,12 @@ class Client:
             response = self.transport.request("POST", path, body=frame, headers=headers)
             with contextlib.suppress(ValueError, UnicodeDecodeError):
                 answer = response.json()
-        except DuplicateUpload as e:
-            if e.attempt == 1:
+        except ApiError as e:
+            if not _counted_earlier(e):
+                if isinstance(e, Unauthorized) or e.status >= 500:
+                    raise
                 return Outcome(REJECTED, self._jittered(self.config.after_assignment_s),
                                metrics=metrics, error=e.code, **ids)
-            # Our first attempt was cut off after the coordinator had counted it.
-        except ApiError as e:
-            if isinstance(e, Unauthorized) or e.status >= 500:
-                raise
-            return Outcome(REJECTED, self._jittered(self.config.after_assignment_s),
-                           metrics=metrics, error=e.code, **ids)
         if feedback is not None:
             # Only a delivered update moves the residual on; a refused one leaves it as it was.
             feedback.save(residual)
@@ -449,7 +449,12 @@ class Client:
         if result.accuracy is not None:
             metrics["accuracy"] = result.accuracy
         path = Route.ASSIGNMENT_METRICS.format(assignment_id=ids["assignment_id"])
-        answer = self.transport.call("POST", path, metrics)
+        try:
+            answer = self.transport.call("POST", path, metrics)
+        except DuplicateUpload as e:
+            if not _counted_earlier(e):
+                raise
+            answer = None
         return Outcome(EVALUATED, self._paced(answer, self.config.after_assignment_s),
                        metrics=metrics, **ids)
 
@@ -466,6 +471,12 @@ class Client:
             # Best effort: the deadline frees the slot anyway.
             log.warning("could not tell the coordinator about abort of %s: %s", assignment_id, e)
         return None
+
+
+def _counted_earlier(error: ApiError) -> bool:
+    """``duplicate_upload`` on a retry: our first attempt was cut off after the coordinator had
+    counted it, so the report was delivered (the same answer on a first attempt is a refusal)."""
+    return isinstance(error, DuplicateUpload) and error.attempt > 1
 
 
 def _stopped(stop: threading.Event | Callable[[], bool] | None) -> bool:

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -170,11 +172,17 @@ def encode_frame(
     return body + _U32.pack(zlib.crc32(body))
 
 
-def decode_frame(data: bytes | bytearray | memoryview, *, max_elements: int | None = None) -> Frame:
+def decode_frame(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_elements: int | None = None,
+    check_header: Callable[[np.dtype, tuple[int, ...]], None] | None = None,
+) -> Frame:
     """Parse and check a frame; raise :class:`FrameError` saying what is wrong.
 
-    ``max_elements`` bounds the tensor's element count (checked from the header, before the
-    payload is touched or anything is allocated).
+    ``max_elements`` bounds the tensor's element count and ``check_header(dtype, shape)`` may
+    raise to refuse the tensor a sound header describes; both run before the payload is
+    inflated or anything is allocated.
     """
     buf = memoryview(data).cast("B")
     size = len(buf)
@@ -194,7 +202,7 @@ def decode_frame(data: bytes | bytearray | memoryview, *, max_elements: int | No
         raise FrameError(
             f"truncated frame: {size} bytes, header and checksum need {header_end + 4}"
         )
-    shape = struct.unpack_from(f"<{ndim}I", buf, _FIXED.size)
+    shape: tuple[int, ...] = struct.unpack_from(f"<{ndim}I", buf, _FIXED.size)
     (stored_len,) = _U32.unpack_from(buf, header_end - 4)
     expected_size = header_end + stored_len + 4
     if size < expected_size:
@@ -220,6 +228,8 @@ def decode_frame(data: bytes | bytearray | memoryview, *, max_elements: int | No
             f"frame holds {num_elements} elements, more than the {max_elements} allowed"
         )
     dtype = DTYPES[dtype_id]
+    if check_header is not None:
+        check_header(dtype, shape)
     limit = max_payload_size(codec, dtype, num_elements)
     stored = buf[header_end : header_end + stored_len]
     payload = _inflate(stored, limit) if flags & FLAG_DEFLATE else bytes(stored)
@@ -229,13 +239,14 @@ def decode_frame(data: bytes | bytearray | memoryview, *, max_elements: int | No
         raise FrameError(
             f"payload length mismatch: {len(payload)} bytes for {num_elements} x {dtype}"
         )
-    return Frame(codec=codec, dtype=dtype, shape=tuple(shape), flags=flags, payload=payload)
+    return Frame(codec=codec, dtype=dtype, shape=shape, flags=flags, payload=payload)
 
 
 def _inflate(stored: memoryview, limit: int) -> bytes:
     inflater = zlib.decompressobj()
     try:
-        out = inflater.decompress(stored, limit + 1)
+        # A header's shape can claim more than a C size; no stream gets that far anyway.
+        out = inflater.decompress(stored, min(limit + 1, sys.maxsize))
     except zlib.error as e:
         raise FrameError(f"deflate stage: corrupt zlib stream ({e})") from None
     if len(out) > limit:

@@ -75,7 +75,7 @@ class Plan:
                 return None
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise PlanError(f"plan {key!r} must be a number, got {value!r}")
-            if kind is int and value != int(value):
+            if kind is int and not (math.isfinite(value) and value == int(value)):
                 raise PlanError(f"plan {key!r} must be an integer, got {value!r}")
             return kind(value)
 
@@ -167,8 +167,8 @@ def train(
     total_loss = 0.0
     seen = 0
     steps = 0
+    every = plan.recheck_every_steps
     for x, y in _plan_batches(data, plan, rng):
-        every = plan.recheck_every_steps
         if recheck is not None and every and steps and steps % every == 0:
             reasons = recheck()
             if reasons:

@@ -35,14 +35,15 @@ class Credentials:
 
 def _write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # A fresh file (O_EXCL) gets ``mode`` from the start; reusing a leftover tmp would keep its
+    # permissions, and whoever had opened it then could read the secret before a chmod.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    # O_CREAT's mode is ignored for an existing file: make sure a leftover tmp is private too.
-    os.chmod(tmp, mode)
     os.replace(tmp, path)
 
 

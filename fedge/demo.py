@@ -259,10 +259,12 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResu
                     f"up {point.bytes_in / 1e3:6.1f} kB  t={point.wall_s:5.1f}s")
             return bool(task["state"] == "completed" and len(points) >= task["rounds_completed"])
 
-        with fleet:
-            done = fleet.wait_for(new_rounds, timeout_s=config.timeout_s, poll_s=0.1)
-        fleet_summary = fleet.summary().as_dict()
-        fleet.close()
+        try:
+            with fleet:
+                done = fleet.wait_for(new_rounds, timeout_s=config.timeout_s, poll_s=0.1)
+            fleet_summary = fleet.summary().as_dict()
+        finally:
+            fleet.close()
         if not done:
             say(f"warning: the task did not complete within {config.timeout_s:.0f}s")
         uploads = int(fleet_summary["uploads_acknowledged"])

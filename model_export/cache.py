@@ -1,8 +1,8 @@
 """Exports cached on disk, keyed by the exporter's own sources and the export arguments.
 
 An export takes seconds (tens with TFLite); tests and benchmarks ask for the same bundles
-again and again. A change to ``model_export/`` or ``edge_sdk/bundle.py`` changes the key, so a
-stale bundle is never served::
+again and again. A change to ``model_export/``, ``edge_sdk/bundle.py``, the model's own source
+file or the exporting packages' versions changes the key, so a stale bundle is never served::
 
     path = cached_export("model_export.models:DigitsMLP", Path(".cache/bundles"),
                          input_shape=(1, 64), lr=0.05)
@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cached_export", "source_digest"]
+__all__ = ["cached_export", "export_key", "source_digest"]
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +34,31 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
+# What writes the graphs: a new release may trace or convert differently.
+_EXPORTER_DISTRIBUTIONS = ("torch", "onnx", "onnxscript", "onnxruntime-training", "litert-torch")
+
+
+def _exporter_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in _EXPORTER_DISTRIBUTIONS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _model_digest(model: str) -> str | None:
+    """sha256 of the model's source file (a model outside ``model_export/`` is no part of
+    :func:`source_digest`); None if the spec names none (export_bundle then says why)."""
+    from model_export.loading import model_file
+
+    path = model_file(model)
+    if path is None or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Several processes (parallel test runs, benchmarks) may want one bundle at once."""
@@ -45,16 +71,28 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def export_key(model: str, **export_args: Any) -> str:
+    """The cache key of ``export_bundle(model, ..., **export_args)``: everything that decides
+    the bundle's content."""
+    key_doc = json.dumps(
+        {
+            "model": model,
+            "args": export_args,
+            "sources": source_digest(),
+            "model_source": _model_digest(model),
+            "versions": _exporter_versions(),
+        },
+        sort_keys=True,
+        default=list,
+    )
+    return hashlib.sha256(key_doc.encode()).hexdigest()[:24]
+
+
 def cached_export(model: str, cache_dir: Path, **export_args: Any) -> Path:
     """``export_bundle(model, DIR, **export_args)`` once per key; the bundle's directory."""
     from model_export.bundle_writer import export_bundle
 
-    key_doc = json.dumps(
-        {"model": model, "args": export_args, "sources": source_digest()},
-        sort_keys=True,
-        default=list,
-    )
-    out = Path(cache_dir) / hashlib.sha256(key_doc.encode()).hexdigest()[:24]
+    out = Path(cache_dir) / export_key(model, **export_args)
     with _locked(out.with_name(out.name + ".lock")):
         if not (out / "manifest.json").is_file():
             export_bundle(model, out, **export_args)

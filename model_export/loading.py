@@ -19,7 +19,7 @@ from torch import nn
 
 from model_export.errors import ExportError, ModelNotFound, NotAModule
 
-__all__ = ["load_model", "resolve_spec"]
+__all__ = ["load_model", "model_file", "resolve_spec"]
 
 
 def _import_file(path: Path) -> Any:
@@ -40,6 +40,23 @@ def _import_file(path: Path) -> Any:
     return module
 
 
+def _is_file_target(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def model_file(spec: str) -> Path | None:
+    """The source file that defines the module ``spec`` names, found without running it (the
+    parent packages are imported), or None if there is none."""
+    target = spec.rpartition(":")[0]
+    if _is_file_target(target):
+        return Path(target)
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError):
+        return None
+    return Path(found.origin) if found is not None and found.origin else None
+
+
 def resolve_spec(spec: str) -> Any:
     """The object ``spec`` names (not yet instantiated)."""
     target, sep, attr = spec.rpartition(":")
@@ -47,7 +64,7 @@ def resolve_spec(spec: str) -> Any:
         raise ModelNotFound(
             f"model spec {spec!r} must be path/to/file.py:Name or package.module:Name"
         )
-    if target.endswith(".py") or "/" in target or "\\" in target:
+    if _is_file_target(target):
         module = _import_file(Path(target))
     else:
         try:

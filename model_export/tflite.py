@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -73,20 +73,12 @@ def write_tflite(
     if not y.is_floating_point():
         y = y.to(torch.int32)
     weight = torch.ones(batch)
-    args = [params, *state, x, y, lr, anchor, mu, weight]
-    fns.model.train()
-    _convert(
-        trace(fns.step, args, "TFLite step graph"),
-        args,
-        out_dir / TFLITE_FILES["step"],
-        "TFLite step graph",
-    )
-    fns.model.eval()
-    infer_args = [params, x]
-    _convert(
-        trace(fns.infer, infer_args, "TFLite infer graph"),
-        infer_args,
-        out_dir / TFLITE_FILES["infer"],
-        "TFLite infer graph",
-    )
+    graphs: dict[str, tuple[Callable[..., object], list[torch.Tensor]]] = {
+        "step": (fns.step, [params, *state, x, y, lr, anchor, mu, weight]),
+        "infer": (fns.infer, [params, x]),
+    }
+    for name, (fn, args) in graphs.items():
+        what = f"TFLite {name} graph"
+        fns.model.train(name == "step")
+        _convert(trace(fn, args, what), args, out_dir / TFLITE_FILES[name], what)
     return dict(TFLITE_FILES)

@@ -30,7 +30,15 @@ from coordinator.plan import TaskPlan
 from coordinator.store import Assignment, EvalReport, Store, Task, Update
 from coordinator.versions import ModelVersions, RoundSums
 
-__all__ = ["PolicyContext", "TaskPolicy"]
+__all__ = ["IN_FLIGHT", "PolicyContext", "TaskPolicy", "wait_answer"]
+
+# Assignment states of a device still training (it may report or abort).
+IN_FLIGHT = ("selected", "delivered")
+
+
+def wait_answer(retry_after_s: float, reason: str) -> dict[str, Any]:
+    """A check-in's ``wait`` answer (docs/protocol.md)."""
+    return {"action": "wait", "retry_after_s": round(retry_after_s, 3), "reason": reason}
 
 
 @dataclass
@@ -90,7 +98,7 @@ class TaskPolicy(ABC):
         """Seconds a device should wait before checking in again (jittered pace steering)."""
 
     @abstractmethod
-    def check_upload(self, task: Task, assignment: Assignment, now: float) -> None:
+    def check_upload(self, task: Task, plan: TaskPlan, assignment: Assignment, now: float) -> None:
         """Raise :class:`~coordinator.errors.Conflict` if the assignment may not report now."""
 
     @abstractmethod
@@ -105,3 +113,7 @@ class TaskPolicy(ABC):
     @abstractmethod
     def tick(self, task: Task, plan: TaskPlan, now: float) -> None:
         """Apply deadlines and whatever else is due at ``now``."""
+
+    def _next_round_number(self, task: Task) -> int:
+        # Numbers count every round of the task, abandoned attempts and evaluations included.
+        return len(self.ctx.store.list_rounds(task.task_id)) + 1

@@ -37,20 +37,15 @@ import numpy as np
 from coordinator.async_buffer import AsyncBuffer, BufferedUpdate, Commit
 from coordinator.errors import Conflict, Unprocessable
 from coordinator.plan import TaskPlan
-from coordinator.rounds.base import TaskPolicy
-from coordinator.rounds.sync import _weighted, assignment_json, new_assignment_id
+from coordinator.rounds.base import IN_FLIGHT, TaskPolicy
+from coordinator.rounds.base import wait_answer as _wait
+from coordinator.rounds.sync import assignment_json, new_assignment_id
 from coordinator.staleness import TooStale
 from coordinator.store import Assignment, EvalReport, Round, Task, Update
 from coordinator.tensors import decode_delta
 from edge_sdk.protocol import ErrorCode
 
 __all__ = ["BufferedAsync"]
-
-_OPEN = ("selected", "delivered")
-
-
-def _wait(retry_after_s: float, reason: str) -> dict[str, Any]:
-    return {"action": "wait", "retry_after_s": round(retry_after_s, 3), "reason": reason}
 
 
 class BufferedAsync(TaskPolicy):
@@ -102,7 +97,7 @@ class BufferedAsync(TaskPolicy):
             Round(
                 round_id=0,
                 task_id=task.task_id,
-                number=len(store.list_rounds(task.task_id)) + 1,
+                number=self._next_round_number(task),
                 kind="train",
                 state="reporting",
                 base_version=task.model_version,
@@ -121,7 +116,7 @@ class BufferedAsync(TaskPolicy):
     def _window(self, task: Task, plan: TaskPlan) -> list[Round]:
         """Rounds whose assignments may still report: the last ``max_staleness + 1`` versions."""
         oldest = task.model_version - plan.buffer.staleness.max_staleness
-        return [r for r in self.ctx.store.list_rounds(task.task_id) if r.base_version >= oldest]
+        return self.ctx.store.list_rounds(task.task_id, min_base_version=oldest)
 
     def _in_flight(self, rounds: Sequence[Round]) -> list[Assignment]:
         return self.ctx.store.open_assignments([r.round_id for r in rounds])
@@ -179,14 +174,13 @@ class BufferedAsync(TaskPolicy):
 
     # -- reporting --------------------------------------------------------------------------
 
-    def check_upload(self, task: Task, assignment: Assignment, now: float) -> None:
-        plan = TaskPlan.from_json(task.plan)
+    def check_upload(self, task: Task, plan: TaskPlan, assignment: Assignment, now: float) -> None:
         try:
             # First: an assignment expired for staleness should hear why.
             plan.buffer.staleness.check(task.model_version - self._base_version(assignment))
         except TooStale as e:
             raise Conflict(str(e), ErrorCode.TOO_STALE) from e
-        if assignment.state not in _OPEN or task.state == "completed":
+        if assignment.state not in IN_FLIGHT or task.state == "completed":
             raise Conflict(
                 f"this assignment no longer takes reports ({assignment.state}; task {task.state})",
                 ErrorCode.ROUND_CLOSED,
@@ -230,7 +224,7 @@ class BufferedAsync(TaskPolicy):
         store = self.ctx.store
         task = self._task(task)
         n = self.ctx.num_parameters(task)
-        updates = list(store.round_updates(rnd.round_id))
+        totals = store.update_totals(rnd.round_id)
         metrics: dict[str, Any] = {
             "kind": "train",
             "mode": self.mode,
@@ -240,8 +234,8 @@ class BufferedAsync(TaskPolicy):
             "num_examples": commit.num_examples,
             "mean_staleness": commit.mean_staleness,
             "max_staleness": commit.max_staleness,
-            "loss": _weighted([(u.loss, u.num_examples) for u in updates]),
-            "bytes_in": sum(u.payload_bytes for u in updates),
+            "loss": totals.loss,
+            "bytes_in": totals.payload_bytes,
             "bytes_out": self.ctx.bytes_out.get(task.task_id, 0),
             "duration_s": now - rnd.opened_at,
             "outcome": "committed",
@@ -267,7 +261,7 @@ class BufferedAsync(TaskPolicy):
         self.ctx.versions.commit_next(task, plan, n, commit.delta, rnd.round_id, now, also=record)
         self._buffers.pop(task.task_id, None)
         self.ctx.bytes_out.pop(task.task_id, None)
-        self.ctx.release_payloads(u.payload_sha for u in updates)
+        self.ctx.release_payloads(store.round_payloads(rnd.round_id))
 
     # -- time -------------------------------------------------------------------------------
 

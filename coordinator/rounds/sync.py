@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from coordinator.errors import Conflict
 from coordinator.plan import TaskPlan
-from coordinator.rounds.base import TaskPolicy
+from coordinator.rounds.base import IN_FLIGHT, TaskPolicy
+from coordinator.rounds.base import wait_answer as _wait
 from coordinator.store import Assignment, EvalReport, Round, Task, Update, UpdateTotals
 from edge_sdk.protocol import ErrorCode, Route
 
@@ -74,16 +74,6 @@ def assignment_json(
     }
 
 
-def _wait(retry_after_s: float, reason: str) -> dict[str, Any]:
-    return {"action": "wait", "retry_after_s": round(retry_after_s, 3), "reason": reason}
-
-
-def _weighted(pairs: Sequence[tuple[float | None, int]]) -> float | None:
-    known = [(v, n) for v, n in pairs if v is not None]
-    total = sum(n for _, n in known)
-    return sum(v * n for v, n in known) / total if total else None
-
-
 class SyncRounds(TaskPolicy):
     mode = "sync"
 
@@ -104,7 +94,7 @@ class SyncRounds(TaskPolicy):
             rnd = self._open_round(task, plan, now)
         mine = store.assignment_for(rnd.round_id, device_id)
         if mine is not None:
-            if mine.state in ("selected", "delivered"):
+            if mine.state in IN_FLIGHT:
                 return self._deliver(mine, rnd, task, plan, now)
             return _wait(self.steer(task, plan, now), "window_full")
         if task.state == "paused":
@@ -167,12 +157,11 @@ class SyncRounds(TaskPolicy):
         store = self.ctx.store
         evaluate = task.pending_evaluations > 0
         goal = (plan.eval_goal or plan.goal) if evaluate else plan.goal
-        number = len(store.list_rounds(task.task_id)) + 1
         return store.add_round(
             Round(
                 round_id=0,
                 task_id=task.task_id,
-                number=number,
+                number=self._next_round_number(task),
                 kind="evaluate" if evaluate else "train",
                 state="selecting",
                 base_version=task.model_version,
@@ -234,17 +223,9 @@ class SyncRounds(TaskPolicy):
 
     # -- reporting --------------------------------------------------------------------------
 
-    def check_upload(self, task: Task, assignment: Assignment, now: float) -> None:
+    def check_upload(self, task: Task, plan: TaskPlan, assignment: Assignment, now: float) -> None:
         rnd = self.ctx.store.get_round(assignment.round_id)
-        if (
-            rnd is None
-            or rnd.state != "reporting"
-            or assignment.state
-            not in (
-                "selected",
-                "delivered",
-            )
-        ):
+        if rnd is None or rnd.state != "reporting" or assignment.state not in IN_FLIGHT:
             raise Conflict(
                 f"round {rnd.number if rnd else '?'} of task {task.task_id} no longer takes "
                 f"reports from this assignment ({assignment.state})",
@@ -269,7 +250,7 @@ class SyncRounds(TaskPolicy):
         self.ctx.store.add_eval_report(report)
         rnd = self.ctx.store.get_round(report.round_id)
         assert rnd is not None
-        if len(self.ctx.store.round_eval_reports(rnd.round_id)) >= rnd.goal:
+        if self._reports(rnd) >= rnd.goal:
             self._close(task, plan, rnd, now)
 
     def tick(self, task: Task, plan: TaskPlan, now: float) -> None:

@@ -211,7 +211,9 @@ class Store(ABC):
     @abstractmethod
     def open_rounds(self) -> list[Round]: ...
     @abstractmethod
-    def list_rounds(self, task_id: str) -> list[Round]: ...
+    def list_rounds(self, task_id: str, min_base_version: int = 0) -> list[Round]:
+        """The task's rounds, oldest first (those on ``min_base_version`` or later)."""
+
     @abstractmethod
     def update_round(self, round_id: int, **fields: Any) -> None: ...
 

@@ -210,8 +210,9 @@ class SQLiteStore(Store):
         rows = self._rows("rounds", "state in ('selecting', 'reporting')", order_by="round_id")
         return [_from_row(Round, r) for r in rows]
 
-    def list_rounds(self, task_id: str) -> list[Round]:
-        rows = self._rows("rounds", "task_id = ?", [task_id], order_by="round_id")
+    def list_rounds(self, task_id: str, min_base_version: int = 0) -> list[Round]:
+        where, args = "task_id = ? and base_version >= ?", [task_id, min_base_version]
+        rows = self._rows("rounds", where, args, order_by="round_id")
         return [_from_row(Round, r) for r in rows]
 
     def update_round(self, round_id: int, **values: Any) -> None:

@@ -79,15 +79,18 @@ def decode_update(
     wrong length, NaN or Inf (``bad_update``). Nothing is allocated beyond the header's claim
     until that claim is checked against ``max_elements`` and ``expected_length``.
     """
-    frame = decode_frame(data, max_elements=max_elements)
-    if len(frame.shape) != 1:
-        raise UpdateError(f"an update is a 1-D vector, this frame has shape {frame.shape}")
-    n = frame.shape[0]
-    if expected_length is not None and n != expected_length:
-        raise UpdateError(f"update has {n} elements, the model has {expected_length}")
-    if frame.dtype != np.float32:
-        raise UpdateError(f"an update is float32, this frame holds {frame.dtype}")
-    out = _BY_FRAME_CODEC[frame.codec].decode(frame.payload, n)
+
+    def check_header(dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        # Before inflating: a deflated frame of the wrong length must not get to allocate.
+        if len(shape) != 1:
+            raise UpdateError(f"an update is a 1-D vector, this frame has shape {shape}")
+        if expected_length is not None and shape[0] != expected_length:
+            raise UpdateError(f"update has {shape[0]} elements, the model has {expected_length}")
+        if dtype != np.float32:
+            raise UpdateError(f"an update is float32, this frame holds {dtype}")
+
+    frame = decode_frame(data, max_elements=max_elements, check_header=check_header)
+    out = _BY_FRAME_CODEC[frame.codec].decode(frame.payload, frame.shape[0])
     if not np.isfinite(out).all():
         raise UpdateError("update decodes to NaN or Inf")
     return out

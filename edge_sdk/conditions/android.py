@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 _BATTERY_CHARGING, _BATTERY_FULL = 2, 5  # BatteryManager.BATTERY_STATUS_*
+_MAX_READING = 1 << 53  # every dumpsys integer fits an int64; this one also a float exactly
 
 
 def parse_dumpsys_battery(text: str) -> DeviceConditions:
@@ -81,21 +82,24 @@ def parse_termux_battery(text: str) -> DeviceConditions:
     if not isinstance(obj, dict):
         return DeviceConditions()
     plugged = obj.get("plugged")
-    percentage = obj.get("percentage")
-    temp = obj.get("temperature")
+    percentage = _json_number(obj.get("percentage"))
+    temp = _json_number(obj.get("temperature"))
     return DeviceConditions(
         charging=None if not isinstance(plugged, str) else plugged != "UNPLUGGED",
-        battery=(
-            fraction(percentage / 100.0)
-            if isinstance(percentage, int | float) and not isinstance(percentage, bool)
-            else None
-        ),
-        temperature_c=(
-            plausible_temperature(round(float(temp), 1))
-            if isinstance(temp, int | float) and not isinstance(temp, bool)
-            else None
-        ),
+        battery=None if percentage is None else fraction(percentage / 100.0),
+        temperature_c=None if temp is None else plausible_temperature(round(temp, 1)),
     )
+
+
+def _json_number(value: object) -> float | None:
+    """A JSON number as a float; None for anything else, including an integer too long for a
+    float (JSON allows any number of digits)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def parse_dumpsys_connectivity(text: str) -> bool | None:
@@ -136,9 +140,11 @@ def parse_termux_wifi(text: str) -> bool | None:
 
 def _int(value: str | None) -> int | None:
     try:
-        return int(value) if value is not None else None
+        number = int(value) if value is not None else None
     except ValueError:
         return None
+    # Beyond float range it is garbage, and dividing it (level / scale) would raise.
+    return None if number is None or abs(number) > _MAX_READING else number
 
 
 class AndroidConditions(ConditionsProvider):

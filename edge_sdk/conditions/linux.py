@@ -72,7 +72,10 @@ def parse_cpu_list(text: str) -> int | None:
     try:
         for part in text.strip().split(","):
             lo, _, hi = part.partition("-")
-            count += int(hi or lo) - int(lo) + 1
+            span = int(hi or lo) - int(lo) + 1
+            if span < 1:
+                return None  # "3-0": not a list the kernel writes
+            count += span
     except ValueError:
         return None
     return count or None
@@ -251,7 +254,7 @@ class LinuxConditions(ConditionsProvider):
             raw = _read(zone / "temp")
             try:
                 celsius = int(raw or "") / 1000.0
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: more digits than a float holds
                 continue
             # Some zones report 0 or sentinel values when a sensor is off.
             if -40.0 < celsius < 150.0 and celsius != 0.0:

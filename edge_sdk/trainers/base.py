@@ -76,6 +76,17 @@ class Trainer(ABC):
             raise ValueError(f"{what} holds NaN or Inf")
         return arr
 
+    @staticmethod
+    def _check_lr(lr: float) -> float:
+        value = float(lr)
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"learning rate must be finite and >= 0, got {lr}")
+        return value
+
+    def _check_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = self._check_x(x)
+        return x, self._check_y(y, x.shape[0])
+
     def _check_x(self, x: np.ndarray) -> np.ndarray:
         spec = self.manifest.raw["input"]
         arr = np.asarray(x)

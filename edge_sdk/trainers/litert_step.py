@@ -106,8 +106,7 @@ class LiteRTStepTrainer(StepGraphTrainer):
         return range(0, n, self.batch)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        x = self._check_x(x)
-        y = self._check_y(y, x.shape[0])
+        x, y = self._check_batch(x, y)
         zero = np.zeros((), np.float32)
         total = 0.0
         for i in self._chunks(x.shape[0]):

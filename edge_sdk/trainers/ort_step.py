@@ -38,6 +38,7 @@ class OrtStepTrainer(StepGraphTrainer):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+
         def session(name: str) -> Any:
             path = str(self.bundle_dir / manifest.graph(name))
             return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -64,16 +65,30 @@ class OrtStepTrainer(StepGraphTrainer):
         self._copy_back: dict[tuple[bool, int], list[tuple[int, np.ndarray]]] = {}
         self._bound_lr: dict[int, np.ndarray] = {}
 
+    def _split(self, vec: np.ndarray) -> list[np.ndarray]:
+        """Per-parameter views of a flat vector in the manifest's layout."""
+        specs = self.manifest.parameters
+        return [vec[p.offset : p.offset + p.size].reshape(p.shape) for p in specs]
+
     def _views(self, params: np.ndarray, state: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Per-tensor views in the step signature's order (parameters, then state)."""
-        specs = self.manifest.parameters
-        views = [params[p.offset : p.offset + p.size].reshape(p.shape) for p in specs]
+        views = self._split(params)
         for value in state.values():
-            if value.ndim:
-                views += [value[p.offset : p.offset + p.size].reshape(p.shape) for p in specs]
-            else:
-                views.append(value)
+            views += self._split(value) if value.ndim else [value]
         return views
+
+    def set_proximal(self, anchor: np.ndarray | None, mu: float) -> None:
+        super().set_proximal(anchor, mu)
+        if self._anchor is None:
+            return
+        # Bound once here, not per step: _anchor and _mu are private arrays that only the next
+        # set_proximal replaces (and rebinds), so their memory stays valid.
+        value = self._ort.OrtValue.ortvalue_from_numpy
+        names = [f"anchor.{p.name}" for p in self.manifest.parameters]
+        for binding, _ in self._bindings[True][1]:
+            for name, view in zip(names, self._split(self._anchor), strict=True):
+                binding.bind_ortvalue_input(name, value(view))
+            binding.bind_ortvalue_input("mu", value(self._mu))
 
     def _bind(
         self,
@@ -106,13 +121,6 @@ class OrtStepTrainer(StepGraphTrainer):
             # _bound_lr so that its memory stays valid
             feeds.append(("lr", value(lr)))
             self._bound_lr[id(binding)] = lr
-        if proximal:
-            anchor = self._anchor
-            assert anchor is not None
-            for p in self.manifest.parameters:
-                view = anchor[p.offset : p.offset + p.size].reshape(p.shape)
-                feeds.append((f"anchor.{p.name}", value(view)))
-            feeds.append(("mu", value(self._mu)))
         for name, ort_value in feeds:
             binding.bind_ortvalue_input(name, ort_value)
         sess.run_with_iobinding(binding)
@@ -136,8 +144,7 @@ class OrtStepTrainer(StepGraphTrainer):
         return float(self._loss)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        x = self._check_x(x)
-        y = self._check_y(y, x.shape[0])
+        x, y = self._check_batch(x, y)
         loss, output = self._eval.run(None, {"params": self._params, "x": x, "y": y})
         return self._metrics(float(loss), output, y)
 

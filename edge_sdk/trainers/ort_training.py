@@ -77,11 +77,8 @@ class OrtTrainingTrainer(Trainer):
             )
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> float:
-        x = self._check_x(x)
-        y = self._check_y(y, x.shape[0])
-        value = self._lr if lr is None else float(lr)
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"learning rate must be finite and >= 0, got {lr}")
+        x, y = self._check_batch(x, y)
+        value = self._lr if lr is None else self._check_lr(lr)
         self._module.train()
         loss, _ = self._module(x, y)
         self._optimizer.set_learning_rate(value)
@@ -95,8 +92,7 @@ class OrtTrainingTrainer(Trainer):
         return float(loss), np.asarray(output)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-        x = self._check_x(x)
-        y = self._check_y(y, x.shape[0])
+        x, y = self._check_batch(x, y)
         loss, output = self._forward(x, y)
         return self._metrics(loss, output, y)
 

@@ -37,8 +37,7 @@ class StepGraphTrainer(Trainer):
         )
         self._state_shapes = {s["name"]: tuple(s["shape"]) for s in raw["optimizer_state"]}
         self._state = {k: np.zeros(s, np.float32) for k, s in self._state_shapes.items()}
-        self._lr = float(raw["optimizer"]["lr"])
-        self._lr_array = np.asarray(self._lr, np.float32)
+        self._lr_array = np.asarray(float(raw["optimizer"]["lr"]), np.float32)
         self._anchor: np.ndarray | None = None
         self._mu = np.zeros((), np.float32)
 
@@ -63,14 +62,10 @@ class StepGraphTrainer(Trainer):
     def _lr_of(self, lr: float | None) -> np.ndarray:
         if lr is None:
             return self._lr_array  # read-only to the graphs; one array less per step
-        value = float(lr)
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"learning rate must be finite and >= 0, got {lr}")
-        return np.asarray(value, np.float32)
+        return np.asarray(self._check_lr(lr), np.float32)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> float:
-        x = self._check_x(x)
-        y = self._check_y(y, x.shape[0])
+        x, y = self._check_batch(x, y)
         return self._train_on(x, y, self._lr_of(lr))
 
     @abstractmethod

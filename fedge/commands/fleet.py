@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     interrupted = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
-        fleet.run(
+        summary = fleet.run(
             until=lambda: interrupted.is_set() or (
                 args.until_rounds is not None
                 and _rounds_completed(args.coordinator) >= args.until_rounds),
@@ -139,5 +139,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
         fleet.close()
-    print(json.dumps(fleet.summary().as_dict()), file=sys.stdout, flush=True)
+    print(json.dumps(summary.as_dict()), file=sys.stdout, flush=True)
     return 0

@@ -37,11 +37,14 @@ def register(sub: Any) -> None:
     c.add_argument("--bundle", required=True, help="exported bundle directory")
     c.add_argument("--name", default="task")
     c.add_argument("--population", default="default")
-    c.add_argument("--mode", default="sync", choices=("sync", "async"),
-                   help="synchronous rounds, or async buffered aggregation (FedBuff)")
+    c.add_argument(
+        "--mode",
+        default="sync",
+        choices=("sync", "async"),
+        help="synchronous rounds, or async buffered aggregation (FedBuff)",
+    )
     c.add_argument("--plan", default=None, help="plan as JSON text, or @FILE with JSON")
-    for name in ("list",):
-        common(actions.add_parser(name, help="list tasks"))
+    common(actions.add_parser("list", help="list tasks"))
     for name, text in (
         ("show", "show a task"),
         ("pause", "pause a task"),

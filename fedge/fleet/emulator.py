@@ -113,10 +113,10 @@ class _Device:
             trainers=self.trainers,  # duck-typed: anything with lease(bundle_dir, manifest)
             clock=fleet.clock.now,
             sleep=fleet.clock.sleep_blocking,
-        )
-        self.client.transport = LinkTransport(
-            fleet.url, profile=profile, clock=fleet.clock, timeout=config.request_timeout_s,
-            retry=config.retry, rng=random.Random(seed),
+            transport=LinkTransport(
+                fleet.url, profile=profile, clock=fleet.clock, timeout=config.request_timeout_s,
+                retry=config.retry, rng=random.Random(seed),
+            ),
         )
         self._rejoin_rng = random.Random(seed + 1)
         self._rejoin_s = fleet.rejoin_s

@@ -14,6 +14,8 @@ seed fixes the split. :func:`partition` takes a spec string, as the command line
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = [
@@ -131,6 +133,8 @@ def partition(
         value = float(arg) if arg else None
     except ValueError as e:
         raise PartitionError(f"partition spec {spec!r}: {arg!r} is not a number") from e
+    if value is not None and not math.isfinite(value):
+        raise PartitionError(f"partition spec {spec!r}: {arg!r} is not a finite number")
     n = len(labels)
     if name == "iid" and value is None:
         return iid(n, num_clients, rng)

@@ -69,6 +69,7 @@ def test_selection_timeout_default_never_cuts_a_window_short() -> None:
         {"server_optimizer": {"name": "fedadam", "beta2": -0.1}},
         {"max_update_norm": 0},
         {"max_update_norm": "big"},
+        {"max_examples": 2**53 + 1},
         {"nonsense": 1},
         "plan",
     ],

@@ -15,6 +15,7 @@ import pytest
 
 from edge_sdk.client import (
     ABORTED,
+    EVALUATED,
     FAILED,
     INELIGIBLE,
     REJECTED,
@@ -48,6 +49,7 @@ class ScriptedCoordinator(ScriptedServer):
         self.update: Callable[[Seen], Reply] = lambda s: Reply(
             200, json.dumps({"accepted": True, "round": 1, "model_version": 0}).encode())
         self.abort: Callable[[Seen], Reply] = lambda s: Reply(200, b'{"aborted": true}')
+        self.metrics: Callable[[Seen], Reply] = lambda s: Reply(200, b'{"accepted": true}')
         super().__init__()
 
     @staticmethod
@@ -55,8 +57,8 @@ class ScriptedCoordinator(ScriptedServer):
         body = {"action": "wait", "retry_after_s": seconds, "reason": reason}
         return Reply(200, json.dumps(body).encode())
 
-    def train(self) -> Reply:
-        body = {"action": "train", "assignment": {
+    def train(self, action: str = "train") -> Reply:
+        body = {"action": action, "assignment": {
             "assignment_id": ASSIGNMENT, "task_id": TASK, "round": 1, "model_version": 0,
             "bundle_id": self.manifest["bundle_id"],
             "params_url": f"/v1/tasks/{TASK}/versions/0/params", "deadline_in_s": 60.0,
@@ -80,6 +82,8 @@ class ScriptedCoordinator(ScriptedServer):
             return self.update(seen)
         if path.endswith("/abort"):
             return self.abort(seen)
+        if path.endswith("/metrics"):
+            return self.metrics(seen)
         return json_error(404, "not_found")
 
 
@@ -247,6 +251,20 @@ def test_duplicate_after_a_cut_off_try_means_the_first_try_counted(
     assert client.state.error_feedback(TASK).load(2410) is not None  # the residual moved on
 
 
+@pytest.mark.parametrize(("cut", "action"), [(True, EVALUATED), (False, FAILED)])
+def test_duplicate_metrics_after_a_cut_off_try_mean_they_were_delivered(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path, cut: bool, action: str
+) -> None:
+    first = Reply(200, b'{"accepted": true}', cut_after=3) if cut else None
+    answers = [a for a in (first, json_error(409, "duplicate_upload")) if a is not None]
+    with ScriptedCoordinator(digits_bundle) as coord:
+        coord.checkin = lambda s: coord.train("evaluate")
+        coord.metrics = lambda s: answers.pop(0)
+        outcome = _client(coord.loopback.url, tmp_path, digits_data).run_once()
+    assert outcome.action == action
+    assert len(coord.calls("/metrics")) == (2 if cut else 1)
+
+
 def test_unreachable_coordinator_backs_off_exponentially_then_recovers(
     digits_bundle: Path, digits_data: Any, tmp_path: Path
 ) -> None:
@@ -352,11 +370,13 @@ def _foreign_params_url(coord: ScriptedCoordinator) -> None:
         lambda c: setattr(c, "checkin", lambda s: Reply(200, b'{"action": "train"}')),
         lambda c: setattr(c, "checkin", lambda s: Reply(200, b'{"action": "wait", '
                                                              b'"retry_after_s": "soon"}')),
+        lambda c: setattr(c, "checkin", lambda s: Reply(200, b'{"action": "wait", '
+                                                             b'"retry_after_s": Infinity}')),
         _corrupt_params,
         _foreign_params_url,
     ],
-    ids=["not-json", "unknown-action", "no-assignment", "bad-retry-after", "corrupt-params",
-         "foreign-params-url"],
+    ids=["not-json", "unknown-action", "no-assignment", "bad-retry-after", "endless-retry-after",
+         "corrupt-params", "foreign-params-url"],
 )
 def test_malformed_answers_fail_the_pass_without_uploading(
     digits_bundle: Path, digits_data: Any, tmp_path: Path, script: Callable[[Any], None]

@@ -156,6 +156,9 @@ def test_lying_shape_allocates_nothing() -> None:
             decode_frame(bomb, max_elements=1000)
         with pytest.raises(FrameError, match="length mismatch"):
             decode_frame(by_hand(CODEC_RAW, 1, (0xFFFFFFFF, 0xFFFFFFFF), bytes(8)))
+        # No max_elements: a bound beyond a C size must not crash the inflater.
+        deflated = by_hand(CODEC_TOPK, 1, (0xFFFFFFFF,) * 8, zlib.compress(bytes(8)), FLAG_DEFLATE)
+        assert decode_frame(deflated).payload == bytes(8)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -164,6 +164,8 @@ def test_evaluate_weights_batches_by_their_size() -> None:
         ({"lr": 0.1, "batch_size": 0}, "batch_size"),
         ({"lr": 0.1, "batch_size": True}, "batch_size"),
         ({"lr": 0.1, "epochs": 1.5}, "integer"),
+        ({"lr": 0.1, "batch_size": float("inf")}, "integer"),
+        ({"lr": 0.1, "steps": float("nan")}, "integer"),
         ({"lr": 0.1, "epochs": None, "steps": None}, "exactly one"),
         ({"lr": 0.1, "codec": {"name": "zip"}}, "codec"),
         ({"lr": 0.1, "recheck_every_steps": -1}, "recheck"),

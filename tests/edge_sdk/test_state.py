@@ -21,6 +21,17 @@ def test_credentials_round_trip_privately(tmp_path: Path) -> None:
     assert not list((tmp_path / "s").glob(".*.tmp"))
 
 
+def test_a_leftover_readable_tmp_file_never_sees_the_secret(tmp_path: Path) -> None:
+    state = DeviceState(tmp_path)
+    leftover = tmp_path / f".{state.credentials_path.name}.tmp"
+    leftover.write_text("")
+    leftover.chmod(0o644)
+    with open(leftover, "rb") as reader:  # someone who opened it while it was readable
+        state.save_credentials(Credentials("http://127.0.0.1:1", "d-1", "secret"))
+        assert b"secret" not in reader.read()
+    assert stat.S_IMODE(state.credentials_path.stat().st_mode) == 0o600
+
+
 def test_credentials_of_another_coordinator_or_garbage_are_ignored(tmp_path: Path) -> None:
     state = DeviceState(tmp_path)
     state.save_credentials(Credentials("http://a:1", "d-1", "x"))

@@ -106,6 +106,23 @@ def test_tampered_bundle_is_rejected(digits_bundle: Path, tmp_path: Path) -> Non
         load_manifest(copy)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("initial_parameters", "../outside.f32"), ("graphs", {"step_onnx": "/etc/step.onnx"})],
+)
+def test_a_manifest_pointing_outside_its_file_list_is_rejected(
+    digits_bundle: Path, tmp_path: Path, key: str, value: object
+) -> None:
+    copy = tmp_path / "b"
+    shutil.copytree(digits_bundle, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    raw["bundle_id"] = bundle_id_of(raw)  # a self-consistent manifest: only the check stops it
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="do not list"):
+        verify_bundle(copy)
+
+
 def test_frozen_parameters_are_listed_separately() -> None:
     spec, args = CASES["frozen-backbone-adamw"]
     bundle = cached_bundle(spec, **args)

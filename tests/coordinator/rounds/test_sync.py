@@ -445,6 +445,23 @@ def test_evaluation_reports_are_pace_steered(fleet, fake_clock) -> None:
     assert status == 200 and low <= body["retry_after_s"] <= high
 
 
+def test_evaluation_reports_obey_the_examples_bound(fleet, fake_clock) -> None:
+    f = fleet(13, rounds=1, max_examples=100)
+    for i, (d, a) in enumerate(f.select()[:10]):
+        assert d.upload(a["assignment_id"], _delta(i))[0] == 200
+    f.admin.evaluate(f.task_id)
+    [d.check_in() for d in f.devices]
+    fake_clock.advance(11)
+    d = f.devices[0]
+    a = d.check_in()["assignment"]
+    before = f.coord.call(f.coord.service.store.snapshot)
+    for claimed in (101, 2**70):  # past the bound; past what SQLite can even store
+        status, body = d.metrics(a["assignment_id"], claimed, 0.5, 0.8)
+        assert status == 422 and body["error"]["code"] == "bad_update", body
+    assert f.coord.call(f.coord.service.store.snapshot) == before
+    assert d.metrics(a["assignment_id"], 100, 0.5, 0.8)[0] == 200
+
+
 def test_an_abort_after_the_round_closed_is_round_closed(fleet, fake_clock) -> None:
     f = fleet(13)
     chosen = f.select()

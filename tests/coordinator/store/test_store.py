@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,6 +92,17 @@ class StoreSuite:
         assert with_task.open_round("t-1") is None
         assert with_task.open_rounds() == []
         assert [x.round_id for x in with_task.list_rounds("t-1")] == [r.round_id]
+
+    def test_rounds_from_a_base_version(self, with_task: Store) -> None:
+        ids = [
+            with_task.add_round(
+                dataclasses.replace(_round(), number=v + 1, base_version=v)
+            ).round_id
+            for v in range(4)
+        ]
+        assert [x.round_id for x in with_task.list_rounds("t-1", min_base_version=2)] == ids[2:]
+        assert [x.round_id for x in with_task.list_rounds("t-1", min_base_version=0)] == ids
+        assert with_task.list_rounds("t-1", min_base_version=9) == []
 
     def test_candidates_once_each_in_order(self, with_task: Store) -> None:
         r = with_task.add_round(_round())

@@ -23,7 +23,14 @@ from edge_sdk.codecs import (
     decode_update,
     encode_update,
 )
-from edge_sdk.frame import CODEC_QINT, FLAG_DEFLATE, decode_frame, encode_frame, encode_tensor
+from edge_sdk.frame import (
+    CODEC_FP16,
+    CODEC_QINT,
+    FLAG_DEFLATE,
+    decode_frame,
+    encode_frame,
+    encode_tensor,
+)
 
 FRAME_OVERHEAD = 12 + 4 + 4 + 4  # fixed header, one dimension, payload length, CRC
 
@@ -346,3 +353,18 @@ def test_huge_block_size_allocates_nothing_big() -> None:
     finally:
         tracemalloc.stop()
     assert out.tolist() == [1.0, 0.0, -63.5] and peak < 1 << 20
+
+
+def test_wrong_length_is_refused_before_inflating() -> None:
+    """A deflated fp16 frame claiming 2^24 elements (a 32 MiB payload in 32 KiB) is a bad
+    update for a 10-element model without the receiver ever inflating it."""
+    bomb = encode_frame(CODEC_FP16, np.float32, (1 << 24,), bytes(2 << 24), FLAG_DEFLATE)
+    assert len(bomb) < 1 << 16
+    tracemalloc.start()
+    try:
+        with pytest.raises(UpdateError, match="16777216 elements, the model has 10"):
+            decode_update(bomb, expected_length=10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20

@@ -113,7 +113,8 @@ def test_power_and_wifi_parsers() -> None:
 def garbled(original: str) -> list[str]:
     """Truncations and numbers replaced by values a broken device might print."""
     out = [original[:cut] for cut in range(0, len(original), max(1, len(original) // 40))]
-    for junk in ("nan", "-1", "1e999", "NaN", "true", ""):
+    # "9" * 400: an integer JSON and int() accept but no float holds.
+    for junk in ("nan", "-1", "1e999", "NaN", "true", "", "9" * 400):
         out.append(re.sub(r"\d+(\.\d+)?", junk, original))
     return out
 

@@ -117,11 +117,12 @@ def test_small_parsers() -> None:
     assert parse_loadavg("garbage") is None
     assert parse_cpu_list("0-3,6,8-9\n") == 7
     assert parse_cpu_list("") is None
+    assert parse_cpu_list("3-0") is None  # a reversed range must not count negative CPUs
     assert parse_meminfo_available_mb("MemFree: 1024 kB\nBuffers: 1024 kB\nCached: 2048 kB") == 4.0
     assert parse_meminfo_available_mb("") is None
 
 
-@pytest.mark.parametrize("junk", ["nan", "inf", "-5", "", "Charging", "\x00\xff"])
+@pytest.mark.parametrize("junk", ["nan", "inf", "-5", "", "Charging", "\x00\xff", "9" * 400])
 def test_garbled_sysfs_and_procfs_never_raise(tmp_path: Path, junk: str) -> None:
     root = tree("linux-laptop-ac", tmp_path)
     for f in root.rglob("*"):

@@ -183,6 +183,13 @@ class TrainerSuite:
         trainer.train_step(x, y)
         ref.train_step(x, y)
         assert_close(trainer.get_parameters(), ref.parameters())
+        # a new anchor and mu for the next round replace the old ones
+        anchor = anchor[::-1].copy()
+        trainer.set_proximal(anchor, 0.2)
+        ref.set_proximal(anchor, 0.2)
+        x, y = batch(trainer.manifest, 3, seed=31)
+        assert trainer.train_step(x, y) == pytest.approx(ref.train_step(x, y), rel=RTOL)
+        assert_close(trainer.get_parameters(), ref.parameters())
 
     def test_unsupported_bundle_is_refused(self, case: str, unsupported_case: None) -> None:
         with pytest.raises(BundleNotSupported, match=self.backend):

@@ -88,7 +88,8 @@ def test_quantity_skew_varies_sizes_not_labels(labels: np.ndarray) -> None:
     "spec, clients",
     [("dirichlet:0", 5), ("dirichlet:-1", 5), ("dirichlet", 5), ("shards:1.5", 5),
      ("bogus", 5), ("iid:3", 5), ("quantity:x", 5), ("iid", 0), ("iid", 10_000),
-     ("shards:2", 1_000)],
+     ("shards:2", 1_000), ("shards:inf", 5), ("quantity:nan", 5), ("quantity:inf", 5),
+     ("dirichlet:inf", 5)],
 )
 def test_bad_specs_are_rejected(labels: np.ndarray, spec: str, clients: int) -> None:
     with pytest.raises(PartitionError):
