@@ -56,10 +56,14 @@ DEFAULT_BUFFER_K: Final = 10
 DEFAULT_CONCURRENCY_PER_K: Final = 5
 
 
+# Like a sync plan's goal; they are stored in integer columns (rounds' goal and target).
+MAX_PLAN_COUNT: Final = 1_000_000
+
+
 def _positive_int(plan: Mapping[str, Any], key: str, default: int) -> int:
     value = plan.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PlanError(f"{key} must be an integer >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PLAN_COUNT:
+        raise PlanError(f"{key} must be an integer in [1, {MAX_PLAN_COUNT}], got {value!r}")
     return value
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Set
 from dataclasses import dataclass
@@ -50,9 +51,13 @@ class BlobStore:
         self.root = Path(root)
         self._tmp = self.root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
-        # Leftovers of writes a crash interrupted are never referenced: drop them.
+        # Leftovers of writes a crash interrupted are never referenced: drop them (files of
+        # put(), directories of a bundle upload being unpacked).
         for stale in self._tmp.iterdir():
-            stale.unlink(missing_ok=True)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
 
     def path(self, sha: str) -> Path:
         if not _SHA_RE.match(sha):

@@ -25,7 +25,7 @@ def parse_conditions(obj: Any) -> DeviceConditions:
     """A check-in's ``conditions`` (absent: all unknown); 400 for wrong keys or types."""
     try:
         return DeviceConditions.from_json({} if obj is None else obj)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:  # Overflow: a 400-digit integer
         raise InvalidRequest(f"body.conditions: {e}") from e
 
 

@@ -79,7 +79,7 @@ class TaskPlan:
         f = Fields(obj if obj is not None else {}, "plan")
         try:
             codec = CodecSpec.from_json(f.raw("codec") if f.has("codec") else "fp32")
-        except CodecSpecError as e:
+        except (CodecSpecError, OverflowError) as e:  # Overflow: a 400-digit integer
             raise InvalidRequest(f"plan.codec: {e}") from e
         plan = cls(
             rounds=f.integer("rounds", 10, minimum=1, maximum=1_000_000),

@@ -34,7 +34,7 @@ from coordinator.errors import (
 from coordinator.pacing import PaceSteering
 from coordinator.plan import TaskPlan
 from coordinator.rounds import POLICIES, PolicyContext, TaskPolicy
-from coordinator.rounds.base import IN_FLIGHT
+from coordinator.rounds.base import IN_FLIGHT, wait_answer
 from coordinator.store import (
     Assignment,
     Device,
@@ -275,16 +275,9 @@ class Coordinator:
             why = plan.eligibility.check(conditions, runtimes, codecs, backends, plan.codec.name)
             if why is not None:
                 if fallback is None:
-                    fallback = {
-                        "action": "wait",
-                        "retry_after_s": round(
-                            self.pacing.retry_after(
-                                now, plan.target, plan.selection_window_s + plan.round_deadline_s
-                            ),
-                            3,
-                        ),
-                        "reason": "ineligible",
-                    }
+                    period = plan.selection_window_s + plan.round_deadline_s
+                    wait = self.pacing.retry_after(now, plan.target, period)
+                    fallback = wait_answer(wait, "ineligible")
                 continue
             answer = self._policy(task).check_in(task, plan, who.device_id, now)
             if answer["action"] != "wait":
@@ -292,11 +285,7 @@ class Coordinator:
             if fallback is None or fallback["reason"] == "ineligible":
                 fallback = answer
         if fallback is None:
-            fallback = {
-                "action": "wait",
-                "retry_after_s": round(self.pacing.idle(), 3),
-                "reason": "no_task",
-            }
+            fallback = wait_answer(self.pacing.idle(), "no_task")
         self.pacing.expect(who.device_id, now + fallback["retry_after_s"])
         return fallback
 

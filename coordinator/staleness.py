@@ -57,11 +57,17 @@ class TooStale(Exception):
 def _number(spec: Mapping[str, Any], key: str, default: float, minimum: float) -> float:
     value = spec.get(key, default)
     # bool is an int subclass: "a": true is a plan mistake, not 1.0.
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise PlanError(f"staleness.{key} must be a finite number, got {value!r}")
-    if value < minimum:
+    try:
+        number = float(value)  # a JSON integer may have hundreds of digits
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise PlanError(f"staleness.{key} must be a finite number, got {value!r:.40}")
+    if number < minimum:
         raise PlanError(f"staleness.{key} must be >= {minimum}, got {value!r}")
-    return float(value)
+    return number
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,9 @@ class StalenessPolicy:
     def from_plan(cls, plan: Mapping[str, Any]) -> StalenessPolicy:
         """Read ``staleness`` and ``max_staleness`` from a task plan (both optional)."""
         bound = plan.get("max_staleness", DEFAULT_MAX_STALENESS)
-        if isinstance(bound, bool) or not isinstance(bound, int) or bound < 0:
-            raise PlanError(f"max_staleness must be an integer >= 0, got {bound!r}")
+        # At most the longest task (rounds <= 1e6): it is also a query parameter.
+        if isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= 1_000_000:
+            raise PlanError(f"max_staleness must be an integer in [0, 1000000], got {bound!r}")
         spec = plan.get("staleness", "sqrt")
         if isinstance(spec, str):
             spec = {"name": spec}

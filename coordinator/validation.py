@@ -78,13 +78,14 @@ class Fields:
         value = self._get(key)
         if value is None:
             return default
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise self._fail(key, "a finite number")
-        value = float(value)
+        try:
+            value = float(value)  # a JSON integer may have hundreds of digits
+        except OverflowError:
+            raise self._fail(key, "a finite number") from None
+        if not math.isfinite(value):
+            raise self._fail(key, "a finite number")
         if minimum is not None and (value < minimum or (exclusive_min and value == minimum)):
             raise self._fail(key, f"{'>' if exclusive_min else '>='} {minimum}")
         if maximum is not None and value > maximum:

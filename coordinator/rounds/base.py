@@ -18,7 +18,6 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -65,15 +64,17 @@ class PolicyContext:
                 self.manifests[bundle_id] = manifest
         return manifest
 
-    def release_payloads(self, payload_shas: Iterable[str]) -> None:
-        """Delete a closed round's update payloads, unless retained by configuration.
+    def round_closed(self, task_id: str, round_id: int) -> None:
+        """Forget what a closed round held: its bytes-out count and, unless retained by
+        configuration, its update payloads.
 
         Blobs are content-addressed, so two updates with identical bytes (a zero delta, say)
         share one: a payload an open round still needs for recovery is kept.
         """
+        self.bytes_out.pop(task_id, None)
         if self.retain_updates:
             return
-        for sha in set(payload_shas):
+        for sha in set(self.store.round_payloads(round_id)):
             if not self.store.payload_in_open_round(sha):
                 self.blobs.delete(sha)
 

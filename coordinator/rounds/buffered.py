@@ -260,8 +260,7 @@ class BufferedAsync(TaskPolicy):
 
         self.ctx.versions.commit_next(task, plan, n, commit.delta, rnd.round_id, now, also=record)
         self._buffers.pop(task.task_id, None)
-        self.ctx.bytes_out.pop(task.task_id, None)
-        self.ctx.release_payloads(store.round_payloads(rnd.round_id))
+        self.ctx.round_closed(task.task_id, rnd.round_id)
 
     # -- time -------------------------------------------------------------------------------
 

@@ -215,7 +215,7 @@ class SyncRounds(TaskPolicy):
         metrics = self._metrics(task, rnd, now)
         metrics.update(outcome="abandoned", reason="selection_timeout")
         self.ctx.store.update_round(rnd.round_id, state="abandoned", closed_at=now, metrics=metrics)
-        self.ctx.bytes_out.pop(task.task_id, None)
+        self.ctx.round_closed(task.task_id, rnd.round_id)
         self._period.pop(task.task_id, None)
         out = self.ctx.store.get_round(rnd.round_id)
         assert out is not None
@@ -323,10 +323,8 @@ class SyncRounds(TaskPolicy):
                 store.update_round(rnd.round_id, state="abandoned", closed_at=now, metrics=metrics)
                 store.expire_assignments(rnd.round_id, now)
         self.ctx.sums.drop(rnd.round_id)
-        self.ctx.bytes_out.pop(task.task_id, None)
+        self.ctx.round_closed(task.task_id, rnd.round_id)
         self._period.pop(task.task_id, None)
-        if rnd.kind == "train":
-            self.ctx.release_payloads(store.round_payloads(rnd.round_id))
 
     def _metrics(self, task: Task, rnd: Round, now: float) -> dict[str, Any]:
         """A closing round's metrics, from aggregate queries (no per-update rows in memory)."""

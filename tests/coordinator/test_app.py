@@ -255,6 +255,11 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
         400,
         E.INVALID_REQUEST,
     ),
+    "checkin battery a huge integer": (
+        device_json(CHECKIN, {"runtimes": ["ort-step"], "conditions": {"battery": 10**400}}),
+        400,
+        E.INVALID_REQUEST,
+    ),
     "checkin battery out of range": (
         device_json(CHECKIN, {"runtimes": ["ort-step"], "conditions": {"battery": 7}}),
         400,
@@ -392,6 +397,11 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
         400,
         E.INVALID_REQUEST,
     ),
+    "upload report huge loss": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), {**GOOD, "loss": 10**400}),
+        400,
+        E.INVALID_REQUEST,
+    ),
     "upload report nan loss": (
         lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), '{"num_examples": 5, "loss": NaN}'),
         400,
@@ -472,6 +482,11 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
     "metrics malformed json": (device_json(MET, None, b"[1,"), 400, E.MALFORMED_JSON),
     "metrics wrong types": (
         device_json(MET, {"num_examples": 3.5, "loss": 0.1}),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "metrics huge loss": (
+        device_json(MET, {"num_examples": 3, "loss": 10**400}),
         400,
         E.INVALID_REQUEST,
     ),

@@ -35,6 +35,10 @@ def test_put_file_checks_the_expected_hash_and_leaves_nothing(tmp_path: Path) ->
 def test_interrupted_writes_are_swept_and_paths_checked(tmp_path: Path) -> None:
     BlobStore(tmp_path / "b")
     (tmp_path / "b" / "tmp" / "leftover").write_bytes(b"half a blob")
+    # a bundle upload killed while unpacking leaves a directory tree
+    unpacking = tmp_path / "b" / "tmp" / "tmp-bundle" / "digits"
+    unpacking.mkdir(parents=True)
+    (unpacking / "manifest.json").write_text("{}")
     blobs = BlobStore(tmp_path / "b")
     assert list((tmp_path / "b" / "tmp").iterdir()) == []
     with pytest.raises(ValueError):

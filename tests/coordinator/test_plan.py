@@ -70,6 +70,13 @@ def test_selection_timeout_default_never_cuts_a_window_short() -> None:
         {"max_update_norm": 0},
         {"max_update_norm": "big"},
         {"max_examples": 2**53 + 1},
+        # far past what a column or a float holds: refused, not a 500 later
+        {"max_concurrency": 10**400},
+        {"buffer_k": 10**7},
+        {"max_staleness": 10**30},
+        {"staleness": {"name": "polynomial", "a": 10**400}},
+        {"codec": {"name": "topk", "fraction": 10**400}},
+        {"lr": 10**400},
         {"nonsense": 1},
         "plan",
     ],
