@@ -105,6 +105,9 @@ class CodecSpec:
             isinstance(fraction, bool) or not isinstance(fraction, int | float)
         ):
             raise CodecSpecError(f"topk 'fraction' must be a number, got {fraction!r}")
+        if isinstance(fraction, int) and abs(fraction) > 1:
+            # An integer beyond 1 is out of range anyway, and a huge one overflows float().
+            raise CodecSpecError(f"topk 'fraction' must be in (0, 1], got {fraction}")
         k = _int(obj, "k", 0) if "k" in obj else None
         values = obj.get("values", "fp16")
         if not isinstance(values, str):

@@ -107,7 +107,11 @@ class DeviceConditions:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"conditions: {name!r} must be a number or null, got {value!r}")
-            if not math.isfinite(value):
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an integer too large for a float
+                finite = False
+            if not finite:
                 raise ValueError(f"conditions: {name!r} must be finite, got {value!r}")
         if self.battery is not None and not 0.0 <= self.battery <= 1.0:
             raise ValueError(f"conditions: 'battery' must be in [0, 1], got {self.battery}")

@@ -51,6 +51,7 @@ def test_parse_and_canonical_json(obj: Any, canonical: dict[str, Any]) -> None:
         ({"name": "topk", "fraction": 0.1, "k": 3}, "exactly one of"),
         ({"name": "topk", "fraction": 0}, "must be in \\(0, 1\\]"),
         ({"name": "topk", "fraction": 1.5}, "must be in \\(0, 1\\]"),
+        ({"name": "topk", "fraction": 10**400}, "must be in \\(0, 1\\]"),
         ({"name": "topk", "fraction": float("nan")}, "must be in"),
         ({"name": "topk", "fraction": "0.1"}, "must be a number"),
         ({"name": "topk", "k": 0}, "at least 1"),

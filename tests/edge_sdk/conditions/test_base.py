@@ -39,6 +39,8 @@ def test_from_json_round_trip_and_missing_keys_are_unknown() -> None:
         ({"battery": 1.5}, "'battery' must be in \\[0, 1\\]"),
         ({"battery": True}, "'battery' must be a number"),
         ({"battery": math.nan}, "must be finite"),
+        ({"battery": 10**400}, "must be finite"),
+        ({"temperature_c": -(10**400)}, "must be finite"),
         ({"free_memory_mb": -1}, ">= 0"),
         ({"temperature_c": 1e6}, "out of range"),
         ({"wifi": True}, "unknown keys wifi"),
