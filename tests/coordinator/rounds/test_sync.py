@@ -430,15 +430,20 @@ def test_reports_and_aborts_are_pace_steered(fleet, fake_clock) -> None:
     assert (again["accepted"], again["round"], again["model_version"]) == (True, 1, 0)
 
 
-def test_evaluation_reports_are_pace_steered(fleet, fake_clock) -> None:
-    f = fleet(13, rounds=1)
+def _committed_then_evaluating(f, fake_clock):
+    """Commit the task's one training round, then hand its first device an evaluation."""
     for i, (d, a) in enumerate(f.select()[:10]):
         assert d.upload(a["assignment_id"], _delta(i))[0] == 200
     f.admin.evaluate(f.task_id)
     [d.check_in() for d in f.devices]
     fake_clock.advance(11)
     d = f.devices[0]
-    a = d.check_in()["assignment"]
+    return d, d.check_in()["assignment"]
+
+
+def test_evaluation_reports_are_pace_steered(fleet, fake_clock) -> None:
+    f = fleet(13, rounds=1)
+    d, a = _committed_then_evaluating(f, fake_clock)
     status, body = d.metrics(a["assignment_id"], 20, 0.5, 0.8)
     # the training round opened at t = 0 and committed at t = 10.5 s: that is the period now
     low, high = _steered_bounds(13, 13, 10.5)
@@ -447,13 +452,7 @@ def test_evaluation_reports_are_pace_steered(fleet, fake_clock) -> None:
 
 def test_evaluation_reports_obey_the_examples_bound(fleet, fake_clock) -> None:
     f = fleet(13, rounds=1, max_examples=100)
-    for i, (d, a) in enumerate(f.select()[:10]):
-        assert d.upload(a["assignment_id"], _delta(i))[0] == 200
-    f.admin.evaluate(f.task_id)
-    [d.check_in() for d in f.devices]
-    fake_clock.advance(11)
-    d = f.devices[0]
-    a = d.check_in()["assignment"]
+    d, a = _committed_then_evaluating(f, fake_clock)
     before = f.coord.call(f.coord.service.store.snapshot)
     for claimed in (101, 2**70):  # past the bound; past what SQLite can even store
         status, body = d.metrics(a["assignment_id"], claimed, 0.5, 0.8)
