@@ -1,0 +1,82 @@
+"""The privacy ledger against dp-accounting composed independently, and the Gaussian mechanism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.privacy_accountant import NeighboringRelation
+from dp_accounting.rdp import RdpAccountant
+from scipy.stats import norm
+
+from coordinator.privacy import Ledger, Round, noise_for_budget
+
+
+def reference(blocks: list[tuple[int, int, float, int]], delta: float) -> float:
+    # The task's rounds as consecutive blocks, in order: what the grouped ledger must equal.
+    # Replacing one device moves a sum of updates clipped to C by up to 2C, and dp-accounting
+    # measures noise against the sensitivity under the relation: sigma / (2C) = z / 2.
+    acc = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    for population, cohort, z, times in blocks:
+        sampled = dp_event.SampledWithoutReplacementDpEvent(
+            population, cohort, dp_event.GaussianDpEvent(z / 2)
+        )
+        acc.compose(sampled, times)
+    return float(acc.get_epsilon(delta))
+
+
+def test_ledger_matches_dp_accounting_composed_independently() -> None:
+    blocks = [(1000, 50, 1.1, 30), (1200, 60, 0.9, 20), (1000, 50, 1.1, 10)]
+    ledger = Ledger(delta=1e-5)
+    for population, cohort, z, times in blocks:
+        for _ in range(times):
+            ledger = ledger.plus(Round(population, cohort, z))
+    assert len(ledger.rounds) == 2  # grouped
+    assert ledger.epsilon() == pytest.approx(reference(blocks, 1e-5), rel=1e-9)
+
+
+def test_full_participation_is_the_gaussian_mechanism() -> None:
+    # Cohort = population: one Gaussian release with sensitivity 2 (replace-one). The exact
+    # (eps, delta) curve of the Gaussian mechanism (Balle & Wang 2018) bounds RDP from below,
+    # and the PLD accountant computes it almost exactly.
+    z, delta = 2.0, 1e-5
+    eps = Ledger(delta).plus(Round(100, 100, z)).epsilon()
+    sigma = z / 2  # noise relative to the replace-one sensitivity of 2 * clip
+
+    def exact_delta(e: float) -> float:
+        a, b = 0.5 / sigma, e * sigma
+        return float(norm.cdf(a - b) - math.exp(e) * norm.cdf(-a - b))
+
+    pld = PLDAccountant()
+    pld.compose(dp_event.GaussianDpEvent(sigma))
+    pld_eps = float(pld.get_epsilon(delta))
+    assert exact_delta(pld_eps) == pytest.approx(delta, rel=0.05)
+    assert pld_eps <= eps <= 1.5 * pld_eps
+
+
+def test_epsilon_grows_with_rounds_and_shrinks_with_noise() -> None:
+    r = Round(10_000, 100, 1.0)
+    one, many = Ledger(1e-5).plus(r), Ledger(1e-5).plus(r, 100)
+    assert 0 < one.epsilon() < many.epsilon()
+    assert Ledger(1e-5).plus(Round(10_000, 100, 2.0), 100).epsilon() < many.epsilon()
+    assert Ledger(1e-5).epsilon() == 0.0
+
+
+def test_budget_check_and_calibrated_noise() -> None:
+    z = noise_for_budget(8.0, population=1000, cohort=50, rounds=100, delta=1e-5)
+    spent = Ledger(1e-5).plus(Round(1000, 50, z), 100)
+    assert spent.epsilon() <= 8.0
+    assert Ledger(1e-5).plus(Round(1000, 50, z * 0.98), 100).epsilon() > 8.0
+    almost = Ledger(1e-5).plus(Round(1000, 50, z), 99)
+    assert not almost.would_exceed(Round(1000, 50, z), 8.0)
+    assert spent.would_exceed(Round(1000, 50, z), 8.0)
+
+
+@pytest.mark.parametrize(
+    ("population", "cohort", "z"), [(10, 11, 1.0), (10, 0, 1.0), (10, 5, 0.0), (10, 5, math.nan)]
+)
+def test_bad_rounds_are_refused(population: int, cohort: int, z: float) -> None:
+    with pytest.raises(ValueError):
+        Round(population, cohort, z)
