@@ -85,7 +85,7 @@ def run_round(bundle: Path, updates: int, frames: list[bytes], workdir: Path) ->
         local = threading.local()
 
         def register(_: int) -> DeviceHTTP:
-            dev = DeviceHTTP(coord.url)
+            dev = DeviceHTTP(coord)
             dev.close()  # like a phone: connect, ask, go away (no idle keep-alive socket)
             return dev
 
@@ -110,7 +110,7 @@ def run_round(bundle: Path, updates: int, frames: list[bytes], workdir: Path) ->
             def steered(i: int) -> None:
                 dev = getattr(local, "dev", None)
                 if dev is None:  # one device (and connection) per client thread
-                    dev = local.dev = DeviceHTTP(coord.url)
+                    dev = local.dev = DeviceHTTP(coord)
                 assert dev.check_in()["reason"] == "window_full"
 
             steer_rate, _ = timed(extra, steered)

@@ -77,7 +77,8 @@ def child(args: argparse.Namespace) -> None:
     good = DeviceConditions(charging=True, battery=1.0, idle=True, unmetered=True)
     client = Client(args.coordinator, state_dir=args.state_dir, data=(x, y),
                     conditions=ScriptedConditions(good),
-                    config=ClientConfig(backend=args.backend, seed=0))
+                    config=ClientConfig(backend=args.backend, seed=0,
+                                        enrollment_token=args.enrollment_token))
     t2 = time.perf_counter()
     outcome = client.run_once()
     while outcome.action == "wait" and time.perf_counter() - t2 < 120:
@@ -176,7 +177,8 @@ def run_devices(work: Path, envs: dict[str, Path | None]) -> list[dict[str, Any]
                 out = subprocess.run(
                     [str(python), str(Path(__file__).resolve()), "--child", "--backend",
                      backend, "--coordinator", relay.url, "--state-dir",
-                     str(work / f"state-{backend}"), "--data", str(data)],
+                     str(work / f"state-{backend}"), "--data", str(data),
+                     "--enrollment-token", str(coord.enrollment_token)],
                     capture_output=True, text=True, timeout=600, cwd=work,
                     env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
                 )
@@ -288,6 +290,7 @@ def main() -> int:
     parser.add_argument("--coordinator")
     parser.add_argument("--state-dir")
     parser.add_argument("--data")
+    parser.add_argument("--enrollment-token")
     parser.add_argument("--skip-build", action="store_true",
                         help="do not build missing edge venvs; skip their backends")
     args = parser.parse_args()

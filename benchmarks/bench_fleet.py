@@ -59,7 +59,7 @@ def rounds_bench(devices: int, goal: int, rounds: int) -> dict[str, Any]:
         admin = coord.admin()
         bundle_id = admin.upload_bundle(bundle)["bundle_id"]
         task_id = admin.create_task(bundle_id, config.plan())["task_id"]
-        fleet = demo_fleet(coord.url, parts, config, clock)
+        fleet = demo_fleet(coord.url, parts, config, clock, coord.enrollment_token)
         real0, emu0 = time.monotonic(), clock.now()
         with fleet:
             done = fleet.wait_for(lambda: admin.task(task_id)["state"] == "completed", 600)
@@ -88,7 +88,8 @@ def idle_bench(n: int) -> dict[str, Any]:
     with EmbeddedCoordinator(subprocess=True, config=config) as coord:
         built, rss0 = time.monotonic(), _rss_mb()
         fleet = Fleet(coord.url, parts, seed=0, clock=SimClock(1.0),
-                      heterogeneity=Heterogeneity.uniform(), start_spread_s=IDLE_INTERVAL_S)
+                      heterogeneity=Heterogeneity.uniform(), start_spread_s=IDLE_INTERVAL_S,
+                      enrollment_token=coord.enrollment_token)
         build_s = time.monotonic() - built
         with fleet:
             # Warm-up: every device registered and into its steady rhythm.

@@ -62,6 +62,7 @@ def peak_rss_mb() -> float:
 
 
 def _torch_stepper(bundle: Path) -> Any:
+    """torch eager on the bundle's model, loss, optimizer and initial model vector."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -71,10 +72,24 @@ def _torch_stepper(bundle: Path) -> Any:
 
     torch.set_num_threads(1)
     raw = load_manifest(bundle).raw
-    model = load_model(raw["model"]["source"])
+    model = load_model(raw["model"]["source"]).train()
     vec = torch.from_numpy(np.fromfile(bundle / raw["initial_parameters"], dtype="<f4"))
-    torch.nn.utils.vector_to_parameters(vec, model.parameters())
-    opt = torch.optim.SGD(model.parameters(), lr=raw["optimizer"]["lr"])
+    named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for p in [*raw["parameters"], *raw.get("buffers", [])]:
+            n = int(np.prod(p["shape"]))
+            named[p["name"]].copy_(vec[p["offset"] : p["offset"] + n].reshape(p["shape"]))
+    trainable = [named[p["name"]] for p in raw["parameters"]]
+    o = raw["optimizer"]
+    opt: torch.optim.Optimizer
+    if o["name"] == "sgd":
+        opt = torch.optim.SGD(
+            trainable, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"]
+        )
+    else:
+        opt = torch.optim.AdamW(
+            trainable, lr=o["lr"], betas=o["betas"], eps=o["eps"], weight_decay=o["weight_decay"]
+        )
 
     def step(x: Any, y: Any) -> float:
         opt.zero_grad()
@@ -86,10 +101,24 @@ def _torch_stepper(bundle: Path) -> Any:
     return step, torch.from_numpy
 
 
-def worker(backend: str, bundle: Path, steps: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
+def example_batch(bundle: Path, n: int) -> tuple[Any, Any]:
+    """A batch that fits the bundle: float features, or token ids in ``[0, VOCAB)``."""
     import numpy as np
 
+    from edge_sdk.bundle import load_manifest
+
+    raw = load_manifest(bundle).raw
+    rng = np.random.default_rng(0)
+    shape = (n, *raw["input"]["shape"][1:])
+    if raw["input"]["dtype"] == "int64":
+        x = rng.integers(0, 32, size=shape)  # model_export.zoo.VOCAB
+    else:
+        x = rng.normal(size=shape).astype(np.float32)
+    return x, rng.integers(0, raw["num_classes"], size=n)
+
+
+def worker(backend: str, bundle: Path, steps: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
     if backend == "torch-eager":
         step, convert = _torch_stepper(bundle)
     else:
@@ -98,12 +127,7 @@ def worker(backend: str, bundle: Path, steps: int) -> dict[str, Any]:
         trainer = load_trainer(bundle, backend=backend)
         step, convert = trainer.train_step, (lambda a: a)
     load_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    from edge_sdk.bundle import load_manifest
-
-    width = load_manifest(bundle).raw["input"]["shape"][1]
-    x = convert(rng.normal(size=(BATCH, width)).astype(np.float32))
-    y = convert(rng.integers(0, 10, size=BATCH))
+    x, y = (convert(a) for a in example_batch(bundle, BATCH))
     for _ in range(WARMUP):
         step(x, y)
     blocks = []

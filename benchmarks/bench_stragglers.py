@@ -167,7 +167,8 @@ def run_mode(name: str, mode: str, plan: dict[str, Any], setup: Setup, bundle: P
         bundle_id = admin.upload_bundle(bundle)["bundle_id"]
         task_id = admin.create_task(bundle_id, plan, mode=mode, name=name)["task_id"]
         fleet = Fleet(coord.url, parts, heterogeneity=hetero, seed=setup.seed, clock=clock,
-                      step_time_s=setup.step_time_s, rejoin_s=60.0)  # fmt: skip
+                      step_time_s=setup.step_time_s, rejoin_s=60.0,
+                      enrollment_token=coord.enrollment_token)  # fmt: skip
         series: list[tuple[float, int]] = []
         start = clock.now()
         last_shown = [-1]

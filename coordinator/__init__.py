@@ -4,7 +4,8 @@ Owns, by module:
 
 * ``app`` (HTTP routes, body limits, JSON errors) over ``service`` (what each route does);
 * ``store`` (persistence behind one interface; SQLite via sqlite-utils, migrations) and
-  ``blobs`` (the content-addressed, fsync'ed blob directory beside the database);
+  ``blobs`` (the content-addressed, fsync'ed blob directory beside the database), and
+  ``retention`` (what is deleted so that both stay the size of recent history);
 * ``rounds`` (task modes: ``sync`` rounds, ``async`` buffered aggregation), ``pacing`` (pace
   steering), ``eligibility``, ``plan`` (a task's plan), ``aggregation`` (running sums, server
   optimizers), ``versions`` (model versions, crash recovery of running sums), ``bundles``;

@@ -24,6 +24,7 @@ from typing import Any
 
 from edge_sdk.errors import ApiError, TransportError
 from edge_sdk.protocol import Route
+from edge_sdk.tls import TlsConfig
 from edge_sdk.transport import RetryPolicy, Transport
 
 __all__ = ["AdminClient", "ApiCallError", "TransportError", "tar_directory"]
@@ -43,9 +44,13 @@ def tar_directory(directory: Path | str) -> bytes:
 
 
 class AdminClient:
-    def __init__(self, url: str, token: str, timeout: float = 120.0) -> None:
+    def __init__(
+        self, url: str, token: str, timeout: float = 120.0, *, tls: TlsConfig | None = None
+    ) -> None:
         self.url = url.rstrip("/")
-        self.transport = Transport(self.url, timeout=timeout, retry=RetryPolicy(max_attempts=1))
+        self.transport = Transport(
+            self.url, timeout=timeout, retry=RetryPolicy(max_attempts=1), tls=tls
+        )
         self._auth = {"Authorization": f"Bearer {token}"}
 
     def close(self) -> None:

@@ -13,6 +13,10 @@ handed to the task's server optimizer, which moves the parameters ``x`` (Reddi e
 
 with ``m₀ = 0`` and ``v₀ = τ²`` (the paper's initialisation), no bias correction. State
 vectors are kept in float64 between rounds; parameters are float32.
+
+Which ``Δ`` a commit hands over is the task plan's ``robust`` choice
+(:mod:`coordinator.robust`): this streaming mean for undefended FedAvg, else the updates read
+back with capped weights and clipped norms, or their median, trimmed mean or multi-Krum.
 """
 
 from __future__ import annotations
@@ -51,6 +55,24 @@ class RunningSum:
         self.weight += weight
         self.count += 1
 
+    def folded(self, delta: np.ndarray, weight: float) -> RunningSum:
+        """This sum plus one update, as a new object (``self`` unchanged), so that a caller
+        can check and store the update before its sum moves. ``ValueError`` if the update
+        could not count: a weight that is not a positive finite number, or a sum that would
+        overflow."""
+        if delta.shape != self.total.shape:
+            raise ValueError(f"delta of shape {delta.shape}, expected {self.total.shape}")
+        if not (weight > 0 and np.isfinite(weight)):
+            raise ValueError("an update's weight must be a positive finite number")
+        out = RunningSum(0)
+        with np.errstate(over="ignore"):  # checked just below
+            out.total = self.total + weight * delta.astype(np.float64, copy=False)
+        out.weight = self.weight + weight
+        out.count = self.count + 1
+        if not (np.isfinite(out.weight) and np.isfinite(out.total).all()):
+            raise ValueError("the weighted update overflows the running sum")
+        return out
+
     def mean(self) -> np.ndarray:
         if self.count == 0:
             raise ValueError("no update was folded in")
@@ -76,8 +98,10 @@ class ServerOptimizerSpec:
         out = cls(
             name=name,
             lr=f.number("lr", _DEFAULT_LR[name], minimum=0.0, exclusive_min=True),
-            momentum=f.number("momentum", 0.9, minimum=0.0, maximum=1.0),
-            beta1=f.number("beta1", 0.9, minimum=0.0, maximum=1.0),
+            # 1 would never forget a step: momentum grows without bound, FedAdam's m never
+            # moves from 0 (its (1 - beta1) factor).
+            momentum=f.number("momentum", 0.9, minimum=0.0, maximum=1.0, exclusive_max=True),
+            beta1=f.number("beta1", 0.9, minimum=0.0, maximum=1.0, exclusive_max=True),
             beta2=f.number("beta2", 0.99, minimum=0.0, maximum=1.0),
             tau=f.number("tau", 1e-3, minimum=0.0, exclusive_min=True),
         )

@@ -1,23 +1,27 @@
 """The HTTP layer: aiohttp routes for every path in :class:`edge_sdk.protocol.Route`.
 
 Handlers read bodies themselves under the configured limits (``413 body_too_large`` before
-reading more than the limit), then run the matching :class:`~coordinator.service.Coordinator`
-method on the service's single worker thread, so SQLite work never blocks the event loop and
-operations never interleave. Every failure leaves as the JSON error shape; an unexpected
-exception is logged and answered ``500 internal``.
+reading more than the limit: update frames, JSON control messages and bundle uploads each have
+their own), then run the matching :class:`~coordinator.service.Coordinator` method on the
+service's single worker thread, so SQLite work never blocks the event loop and operations never
+interleave. That thread's queue is bounded (:class:`WorkQueue`): past the bound a request is
+answered ``503 overloaded`` with ``Retry-After`` at once, before its body is read. Every failure
+leaves as the JSON error shape; an unexpected exception is logged and answered ``500 internal``.
 
 ::
 
     app = build_app(Coordinator(config))
-    runner, port = await start(app, "127.0.0.1", 0)
+    runner, port = await start(app, "127.0.0.1", 0, ssl_context=server_tls(config))
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
+import math
+import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +29,9 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from coordinator.errors import ApiError, BodyTooLarge
+from coordinator import dashboard
+from coordinator.config import CoordinatorConfig
+from coordinator.errors import ApiError, BodyTooLarge, Overloaded
 from coordinator.service import Coordinator, DeviceIdentity
 from edge_sdk.protocol import (
     FRAME_CONTENT_TYPE,
@@ -36,7 +42,7 @@ from edge_sdk.protocol import (
     Route,
 )
 
-__all__ = ["COORDINATOR_KEY", "build_app", "start"]
+__all__ = ["COORDINATOR_KEY", "WorkQueue", "build_app", "server_tls", "start"]
 
 log = logging.getLogger("fedge.coordinator")
 T = TypeVar("T")
@@ -64,6 +70,10 @@ _HTTP_CODES = {
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except Overloaded as e:
+        # Whole seconds, as HTTP wants them; clients add their own jitter on top.
+        wait = str(max(1, math.ceil(e.retry_after_s)))
+        return web.json_response(e.body(), status=e.status, headers={"Retry-After": wait})
     except ApiError as e:
         return web.json_response(e.body(), status=e.status)
     except web.HTTPException as e:
@@ -71,14 +81,18 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         code = _HTTP_CODES.get(e.status, ErrorCode.INVALID_REQUEST)
         return _error(e.status, code, e.reason or "request refused")
+    except ConnectionResetError:
+        # The client went away mid-request (a timeout, a lost link): nobody to answer, no bug.
+        log.info("client left during %s %s", request.method, request.path)
+        raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _error(500, ErrorCode.INTERNAL, "internal error (logged on the coordinator)")
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, limit: int, what: str = "body") -> bytes:
     if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"body of {request.content_length} bytes exceeds the {limit} allowed")
+        raise BodyTooLarge(f"{what} of {request.content_length} bytes exceeds the {limit} allowed")
     chunks, size = [], 0
     while True:
         chunk = await request.content.read(1 << 16)
@@ -86,22 +100,88 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             break
         size += len(chunk)
         if size > limit:
-            raise BodyTooLarge(f"body exceeds the {limit} bytes allowed")
+            raise BodyTooLarge(f"{what} exceeds the {limit} bytes allowed")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
+class WorkQueue:
+    """The service's one worker thread with a bounded queue.
+
+    ``bound`` counts operations submitted and not yet finished (the running one included).
+    A request's operation past the bound raises :class:`~coordinator.errors.Overloaded` at
+    once: a client told to come back later costs nothing, one left waiting minutes in a queue
+    times out, retries, and adds to the queue it is stuck in. Internal work (deadline ticks,
+    start-up and shutdown) is never refused. Counted on the worker side, so an operation whose
+    client went away still counts until it has run.
+    """
+
+    def __init__(self, bound: int, retry_after_s: float) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="fedge-coordinator")
+        self.bound = bound
+        self.retry_after_s = retry_after_s
+        self._lock = threading.Lock()
+        self.pending = 0
+        self.refused = 0
+
+    def _finished(self) -> None:
+        with self._lock:
+            self.pending -= 1
+
+    async def run(self, fn: Callable[..., T], *args: Any, internal: bool = False) -> T:
+        with self._lock:
+            if not internal and self.pending >= self.bound:
+                self.refused += 1
+                raise Overloaded(
+                    f"the coordinator is busy ({self.pending} operations queued); "
+                    "retry after the time in Retry-After",
+                    self.retry_after_s,
+                )
+            self.pending += 1
+
+        def call() -> T:
+            try:
+                return fn(*args)
+            finally:
+                self._finished()
+
+        try:
+            future = self.executor.submit(call)
+        except BaseException:
+            self._finished()
+            raise
+        return await asyncio.wrap_future(future)
+
+
+_QUEUE_KEY = web.AppKey("work_queue", WorkQueue)
+
+
+def server_tls(config: CoordinatorConfig) -> ssl.SSLContext | None:
+    """The server's TLS context from ``tls_cert``/``tls_key`` (PEM), or None for plain HTTP.
+
+    TLS 1.2 at least; an unreadable or mismatched pair fails here, at start, not on the first
+    connection."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
 def build_app(coord: Coordinator) -> web.Application:
     cfg = coord.config
-    executor = ThreadPoolExecutor(1, thread_name_prefix="fedge-coordinator")
+    work = WorkQueue(cfg.max_queued_operations, cfg.overload_retry_after_s)
+    executor = work.executor
     # Our own reader enforces the limits; aiohttp's must not fire first with its own shape.
     app = web.Application(middlewares=[_errors], client_max_size=cfg.max_bundle_bytes + 1)
     app[COORDINATOR_KEY] = coord
     app[_EXECUTOR_KEY] = executor
+    app[_QUEUE_KEY] = work
+    run = work.run
 
-    async def run(fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, functools.partial(fn, *args))
+    async def internal(fn: Callable[..., T]) -> T:
+        return await work.run(fn, internal=True)
 
     def device(request: web.Request) -> Awaitable[DeviceIdentity]:
         return run(coord.authenticate, request.headers.get("Authorization"))
@@ -110,7 +190,8 @@ def build_app(coord: Coordinator) -> web.Application:
         coord.check_admin(request.headers.get("Authorization"))
 
     async def body(request: web.Request) -> bytes:
-        return await _read_body(request, cfg.max_body_bytes)
+        """A JSON control message: small, whatever the limit for update frames."""
+        return await _read_body(request, cfg.max_json_bytes, "JSON body")
 
     def ok(data: Any, status: int = 200) -> web.Response:
         return web.json_response(data, status=status)
@@ -127,6 +208,7 @@ def build_app(coord: Coordinator) -> web.Application:
 
     @routes.get(Route.STATUS)
     async def status(request: web.Request) -> web.Response:
+        admin(request)  # tasks and device counts are the operator's business; health is public
         return ok(await run(coord.status))
 
     @routes.post(Route.REGISTER)
@@ -152,16 +234,21 @@ def build_app(coord: Coordinator) -> web.Application:
         return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
     @routes.get(Route.VERSION_PARAMS)
-    async def params(request: web.Request) -> web.Response:
+    async def params(request: web.Request) -> web.StreamResponse:
         who = await device(request)
         m = request.match_info
-        data = await run(coord.version_params, who, m["task_id"], m["version"])
-        return web.Response(body=data, content_type=FRAME_CONTENT_TYPE)
+        path = await run(coord.version_params_file, who, m["task_id"], m["version"])
+        # Streamed from the frame file encoded once per version; aiohttp answers If-None-Match,
+        # If-Modified-Since and Range. A numbered version never changes, 'current' does.
+        cache = "no-cache" if m["version"] == "current" else "private, max-age=86400, immutable"
+        return web.FileResponse(
+            path, headers={"Content-Type": FRAME_CONTENT_TYPE, "Cache-Control": cache}
+        )
 
     @routes.post(Route.ASSIGNMENT_UPDATE)
     async def update(request: web.Request) -> web.Response:
         who = await device(request)
-        data = await body(request)
+        data = await _read_body(request, cfg.max_body_bytes, "update frame")
         return ok(
             await run(
                 coord.upload,
@@ -234,19 +321,20 @@ def build_app(coord: Coordinator) -> web.Application:
         return web.Response(body=data, content_type="application/x-tar")
 
     app.add_routes(routes)
+    dashboard.add_routes(app, coord, run, lambda: work.pending)
 
     async def ticker() -> None:
         while True:
             await asyncio.sleep(cfg.tick_interval_s)
             try:
-                await run(coord.tick)
+                await internal(coord.tick)
             except Exception:
                 log.exception("tick failed")
 
     async def on_startup(app: web.Application) -> None:
-        await run(coord.tick)  # recover: apply deadlines that passed while we were down
+        await internal(coord.tick)  # recover: apply deadlines that passed while we were down
         # then drop what a crash left unreferenced, before any request can write new blobs
-        collected = await run(coord.collect_garbage)
+        collected = await internal(coord.collect_garbage)
         if collected.blobs:
             log.info("removed %d orphaned blobs (%d bytes)", collected.blobs, collected.bytes)
         app[_TICKER_KEY] = asyncio.create_task(ticker())
@@ -257,7 +345,7 @@ def build_app(coord: Coordinator) -> web.Application:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await run(coord.close)
+        await internal(coord.close)
         executor.shutdown(wait=True)
 
     app.on_startup.append(on_startup)
@@ -265,11 +353,14 @@ def build_app(coord: Coordinator) -> web.Application:
     return app
 
 
-async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serve ``app`` on ``host:port`` (0: a free port); returns the runner and the bound port."""
+async def start(
+    app: web.Application, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``host:port`` (0: a free port), over TLS with ``ssl_context``; returns
+    the runner and the bound port."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     server = site._server
     assert server is not None

@@ -1,11 +1,14 @@
 """FedBuff's buffer: fold asynchronous updates as they arrive, step the server every K of them.
 
 Pure and persistence-agnostic: it holds one running float64 sum of model size, whatever the
-number of updates, and knows nothing of HTTP or SQLite. The coordinator persists every
-accepted update before acknowledging it; after a crash it rebuilds the buffer by folding the
-accepted-but-uncommitted updates again in acceptance order (:meth:`AsyncBuffer.replay`), which
-gives bit-for-bit the sum the lost process held (and the commit it may not have finished),
-or restores a saved :meth:`AsyncBuffer.state`.
+number of updates, and knows nothing of HTTP or SQLite. The coordinator :meth:`~AsyncBuffer.
+stage`-s an update (every check that could make it unusable: bound, a weight that underflows
+to 0, shape, finiteness, overflow of the sum), persists it, acknowledges it and only then
+:meth:`~AsyncBuffer.apply`-s the staged fold, so a failed write leaves the buffer as the store
+says. After a crash or any error it rebuilds the buffer by folding the accepted-but-uncommitted
+updates again in acceptance order (:meth:`AsyncBuffer.replay`), which gives bit-for-bit the
+sum the lost process held (and the commit it may not have finished), or restores a saved
+:meth:`AsyncBuffer.state`.
 
 The aggregate of one buffer, for updates ``d_i`` with ``n_i`` examples and staleness ``s_i``::
 
@@ -37,7 +40,9 @@ from typing import Any, Final
 import numpy as np
 
 from coordinator.aggregation import RunningSum
-from coordinator.staleness import PlanError, StalenessPolicy, TooStale
+from coordinator.errors import InvalidRequest
+from coordinator.staleness import StalenessPolicy, TooStale
+from coordinator.validation import Fields
 
 __all__ = [
     "DEFAULT_BUFFER_K",
@@ -46,7 +51,7 @@ __all__ = [
     "BufferedUpdate",
     "Commit",
     "Fold",
-    "PlanError",
+    "Staged",
     "TooStale",
 ]
 
@@ -60,13 +65,6 @@ DEFAULT_CONCURRENCY_PER_K: Final = 5
 MAX_PLAN_COUNT: Final = 1_000_000
 
 
-def _positive_int(plan: Mapping[str, Any], key: str, default: int) -> int:
-    value = plan.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PLAN_COUNT:
-        raise PlanError(f"{key} must be an integer in [1, {MAX_PLAN_COUNT}], got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class AsyncConfig:
     """The async fields of a task plan: ``buffer_k``, ``max_concurrency``, staleness policy."""
@@ -77,12 +75,24 @@ class AsyncConfig:
 
     @classmethod
     def from_plan(cls, plan: Mapping[str, Any]) -> AsyncConfig:
-        k = _positive_int(plan, "buffer_k", DEFAULT_BUFFER_K)
-        concurrency = _positive_int(plan, "max_concurrency", k * DEFAULT_CONCURRENCY_PER_K)
+        return cls.from_fields(Fields(dict(plan), "plan"))
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> AsyncConfig:
+        """Read the async fields of a plan (all optional); mistakes are ``InvalidRequest``."""
+        k = f.integer("buffer_k", DEFAULT_BUFFER_K, minimum=1, maximum=MAX_PLAN_COUNT)
+        concurrency = f.integer(
+            "max_concurrency",
+            min(k * DEFAULT_CONCURRENCY_PER_K, MAX_PLAN_COUNT),
+            minimum=1,
+            maximum=MAX_PLAN_COUNT,
+        )
         if concurrency < k:
             # The buffer could never fill: every slot would wait for a commit that needs more.
-            raise PlanError(f"max_concurrency ({concurrency}) must be >= buffer_k ({k})")
-        return cls(k, concurrency, StalenessPolicy.from_plan(plan))
+            raise InvalidRequest(
+                f"{f.where}.max_concurrency ({concurrency}) must be >= buffer_k ({k})"
+            )
+        return cls(k, concurrency, StalenessPolicy.from_fields(f))
 
     def to_plan(self) -> dict[str, Any]:
         return {
@@ -127,6 +137,23 @@ class Fold:
     commit: Commit | None
 
 
+@dataclass(frozen=True)
+class Staged:
+    """An update checked and folded into a copy of the buffer's totals, not yet applied.
+
+    The coordinator stages an update, stores it durably, then :meth:`AsyncBuffer.apply`-s
+    the staged fold: whatever fails in between leaves the buffer as it was.
+    """
+
+    staleness: int
+    weight: float
+    version: int  # the buffer version it was staged on
+    sum: RunningSum
+    examples: int
+    staleness_sum: int
+    staleness_max: int
+
+
 class AsyncBuffer:
     """The running FedBuff aggregate for one async task (see the module docstring)."""
 
@@ -156,9 +183,10 @@ class AsyncBuffer:
     def check(self, delta: np.ndarray, num_examples: int, base_version: int) -> int:
         """Validate an update without folding it; returns its staleness.
 
-        Raises :class:`TooStale` past the bound, ``ValueError`` for anything malformed. The
-        coordinator calls this before it stores an upload so that a refused update leaves
-        no trace.
+        Raises :class:`TooStale` past the bound or when its weight would be 0 (a steep
+        staleness function can underflow), ``ValueError`` for anything malformed. The
+        coordinator calls this (through :meth:`stage`) before it stores an upload so that a
+        refused update leaves no trace.
         """
         if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer):
             raise ValueError(f"num_examples must be an integer, got {num_examples!r}")
@@ -169,23 +197,46 @@ class AsyncBuffer:
                 f"update names version {base_version}, the current version is {self.version}"
             )
         staleness = self.staleness_of(base_version)
-        self.config.staleness.check(staleness)
+        policy = self.config.staleness
+        policy.check(staleness)
+        if not num_examples * policy.weight(staleness) > 0:
+            raise TooStale(staleness, policy.max_staleness, weightless=True)
         if delta.shape != (self.num_parameters,):
             raise ValueError(f"update has shape {delta.shape}, the model has {self.num_parameters}")
         if not np.all(np.isfinite(delta)):
             raise ValueError("update contains NaN or Inf")
         return staleness
 
-    def fold(self, delta: np.ndarray, num_examples: int, base_version: int) -> Fold:
-        """Add one update; on the K-th, return the commit and start the next version's buffer."""
+    def stage(self, delta: np.ndarray, num_examples: int, base_version: int) -> Staged:
+        """Everything :meth:`fold` checks and computes, without changing the buffer."""
         staleness = self.check(delta, num_examples, base_version)
         weight = num_examples * self.config.staleness.weight(staleness)
-        self._sum.fold(delta, weight)
-        self._examples += int(num_examples)
-        self._staleness_sum += staleness
-        self._staleness_max = max(self._staleness_max, staleness)
-        commit = self._commit() if len(self) >= self.config.buffer_k else None
-        return Fold(staleness, weight, len(self), commit)
+        return Staged(
+            staleness=staleness,
+            weight=weight,
+            version=self.version,
+            sum=self._sum.folded(delta, weight),  # ValueError if the sum would overflow
+            examples=self._examples + int(num_examples),
+            staleness_sum=self._staleness_sum + staleness,
+            staleness_max=max(self._staleness_max, staleness),
+        )
+
+    def apply(self, staged: Staged, *, commit: bool = True) -> Fold:
+        """Take a staged fold in; on the K-th update (unless ``commit=False``), return the
+        commit and start the next version's buffer."""
+        if staged.version != self.version or staged.sum.count != len(self) + 1:
+            raise ValueError("the fold was staged on another state of this buffer")
+        self._sum = staged.sum
+        self._examples = staged.examples
+        self._staleness_sum = staged.staleness_sum
+        self._staleness_max = staged.staleness_max
+        done = commit and len(self) >= self.config.buffer_k
+        return Fold(staged.staleness, staged.weight, 0 if done else len(self),
+                    self._commit() if done else None)  # fmt: skip
+
+    def fold(self, delta: np.ndarray, num_examples: int, base_version: int) -> Fold:
+        """Add one update; on the K-th, return the commit and start the next version's buffer."""
+        return self.apply(self.stage(delta, num_examples, base_version))
 
     def _commit(self) -> Commit:
         count = len(self)
@@ -211,19 +262,17 @@ class AsyncBuffer:
     ) -> tuple[AsyncBuffer, Commit | None]:
         """The buffer after folding ``updates`` (accepted, not yet committed) onto ``version``.
 
-        If the last update filled the buffer, the process died between storing it and
-        committing the version: the commit is returned for the caller to finish. A full
-        buffer before the last update, or an update refused now, means the stored history
-        is inconsistent, which is an error, not something to skip.
+        If they fill the buffer, a commit did not happen (the process died or the commit
+        failed after the K-th update was stored): it is returned for the caller to finish.
+        The stored updates decide what the version holds: should there be more than K (a
+        buffer an older coordinator kept filling after a failed commit), the commit holds
+        all of them, never a subset. An update refused now means the stored history is
+        inconsistent, which is an error, not something to skip.
         """
         buf = cls(num_parameters, config, version)
-        pending: Commit | None = None
         for u in updates:
-            if pending is not None:
-                raise ValueError(
-                    f"version {version}'s buffer holds more than buffer_k={config.buffer_k} updates"
-                )
-            pending = buf.fold(u.delta, u.num_examples, u.base_version).commit
+            buf.apply(buf.stage(u.delta, u.num_examples, u.base_version), commit=False)
+        pending = buf._commit() if len(buf) >= config.buffer_k else None
         return buf, pending
 
     def state(self) -> dict[str, Any]:

@@ -7,6 +7,10 @@ row that refers to it is committed only after :meth:`BlobStore.put` returned. A 
 those steps, or between a commit and the deletion of what it made obsolete, leaves blobs no
 record needs; :meth:`BlobStore.collect` removes them, given the set still referenced.
 
+A blob may have *derived* files beside it (:meth:`BlobStore.derived`: a version's parameter
+frame, encoded once and then served from disk). They are caches, made again if missing, and
+go with their blob (:meth:`BlobStore.delete`, :meth:`BlobStore.collect`).
+
 ::
 
     >>> blobs = BlobStore(Path("fedge.db.blobs"))
@@ -17,19 +21,22 @@ record needs; :meth:`BlobStore.collect` removes them, given the set still refere
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Set
+from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BlobStore", "Collected", "fsync_dir"]
+__all__ = ["DERIVED_KINDS", "BlobStore", "Collected", "fsync_dir"]
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _FANOUT_RE = re.compile(r"^[0-9a-f]{2}$")
+# What a blob's derived files may be (the suffix of their name, "<sha[2:]>.<kind>").
+DERIVED_KINDS = frozenset({"frame"})
 
 
 @dataclass(frozen=True)
@@ -97,8 +104,8 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
         return digest
 
-    def _install(self, sha: str, write: object) -> None:
-        if self.exists(sha):
+    def _install(self, sha: str, write: object, dest: Path | None = None) -> None:
+        if (dest or self.path(sha)).is_file():
             return
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
         tmp = Path(tmp_name)
@@ -107,18 +114,45 @@ class BlobStore:
                 write(f)  # type: ignore[operator]
                 f.flush()
                 os.fsync(f.fileno())
-            self._rename_into_place(tmp, sha)
+            self._rename_into_place(tmp, sha, dest)
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _rename_into_place(self, tmp: Path, sha: str) -> None:
-        dest = self.path(sha)
+    def derived_path(self, sha: str, kind: str) -> Path:
+        if kind not in DERIVED_KINDS:
+            raise ValueError(f"unknown derived kind {kind!r}")
+        blob = self.path(sha)
+        return blob.with_name(f"{blob.name}.{kind}")
+
+    def derived(self, sha: str, kind: str, make: Callable[[bytes], bytes]) -> Path:
+        """The file ``make(blob)`` of blob ``sha``, made (atomically, durably) on first use.
+
+        ``make`` must be deterministic: the file is only made again if it is missing.
+        Raises FileNotFoundError if the blob is gone.
+        """
+        dest = self.derived_path(sha, kind)
+        if not dest.is_file():
+            data = make(self.read(sha))
+            self._install(sha, lambda f: f.write(data), dest)
+        return dest
+
+    def _rename_into_place(self, tmp: Path, sha: str, dest: Path | None = None) -> None:
+        dest = dest or self.path(sha)
         new_dir = not dest.parent.exists()
         dest.parent.mkdir(exist_ok=True)
         os.replace(tmp, dest)
-        fsync_dir(dest.parent)
-        if new_dir:
-            fsync_dir(self.root)
+        try:
+            fsync_dir(dest.parent)
+            if new_dir:
+                fsync_dir(self.root)
+        except BaseException:
+            # Its name may not survive a power cut, and a retry skips a blob that exists:
+            # leave nothing that looks written (found by tests/coordinator/faults).
+            dest.unlink(missing_ok=True)
+            if new_dir:
+                with contextlib.suppress(OSError):
+                    dest.parent.rmdir()
+            raise
 
     def read(self, sha: str) -> bytes:
         return self.path(sha).read_bytes()
@@ -127,20 +161,27 @@ class BlobStore:
         return self.path(sha).stat().st_size
 
     def delete(self, sha: str) -> None:
+        """Delete a blob and its derived files (derived first: none outlives its blob)."""
+        for kind in DERIVED_KINDS:
+            self.derived_path(sha, kind).unlink(missing_ok=True)
         self.path(sha).unlink(missing_ok=True)
+
+    def _fanouts(self) -> Iterator[Path]:
+        for fanout in sorted(self.root.iterdir()):
+            if fanout.is_dir() and _FANOUT_RE.match(fanout.name):
+                yield fanout
 
     def shas(self) -> Iterator[str]:
         """Every stored blob's hash (files that do not look like blobs are not ours: skipped)."""
-        for fanout in sorted(self.root.iterdir()):
-            if not (fanout.is_dir() and _FANOUT_RE.match(fanout.name)):
-                continue
+        for fanout in self._fanouts():
             for f in sorted(fanout.iterdir()):
                 sha = fanout.name + f.name
                 if f.is_file() and _SHA_RE.match(sha):
                     yield sha
 
     def collect(self, keep: Set[str]) -> Collected:
-        """Delete every blob not in ``keep``. Only safe while nothing is being written."""
+        """Delete every blob not in ``keep``, and derived files whose blob is gone or not
+        kept (counted in ``bytes`` only). Only safe while nothing is being written."""
         count = size = 0
         for sha in list(self.shas()):
             if sha not in keep:
@@ -148,4 +189,11 @@ class BlobStore:
                 size += path.stat().st_size
                 path.unlink()
                 count += 1
+        for fanout in self._fanouts():
+            for f in list(fanout.iterdir()):
+                stem, _, kind = f.name.partition(".")
+                sha = fanout.name + stem
+                if kind in DERIVED_KINDS and _SHA_RE.match(sha) and not self.exists(sha):
+                    size += f.stat().st_size
+                    f.unlink()
         return Collected(count, size)

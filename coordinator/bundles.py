@@ -2,8 +2,11 @@
 task's model version.
 
 An upload is an uncompressed tar of a bundle directory (``manifest.json`` plus the files it
-lists). It is unpacked into a temporary directory with no links, devices, absolute paths or
-``..`` allowed, checked with :func:`edge_sdk.bundle.verify_bundle` (structure, bundle id, every
+lists). It is unpacked into a temporary directory with no links, devices, sparse files, absolute
+paths or ``..`` allowed, and no more bytes unpacked than the tar holds (a sparse or otherwise
+expanding member could fill the disk from a small upload); each ``files`` entry of the
+manifest must be an object with a ``sha256`` string and a ``bytes`` count; then it is checked
+with :func:`edge_sdk.bundle.verify_bundle` (structure, bundle id, every
 file's size and sha256), then every file goes into the blob store under its sha256 and the
 manifest into the database.
 
@@ -51,12 +54,19 @@ def extract_bundle(data: bytes, blobs: BlobStore, max_files: int = 256) -> dict[
                     name = Path(m.name)
                     if name.is_absolute() or ".." in name.parts:
                         raise _invalid(f"bundle tar entry {m.name!r} escapes the bundle")
-                    if not (m.isfile() or m.isdir()):
+                    if not (m.isfile() or m.isdir()) or m.issparse():
                         raise _invalid(f"bundle tar entry {m.name!r} is not a plain file")
+                # A plain member's bytes are all in the tar: more would be an expansion.
+                unpacked = sum(m.size for m in members if m.isfile())
+                if unpacked > len(data):
+                    raise _invalid(
+                        f"bundle tar unpacks to {unpacked} bytes, more than its {len(data)}"
+                    )
                 tar.extractall(root, filter="data")
         except (tarfile.TarError, EOFError, OSError) as e:
             raise _invalid(f"body is not a readable uncompressed tar: {e}") from e
         bundle_dir = _bundle_root(root)
+        _check_file_entries(bundle_dir)
         try:
             manifest = verify_bundle(bundle_dir)
         except BundleError as e:
@@ -74,6 +84,31 @@ def extract_bundle(data: bytes, blobs: BlobStore, max_files: int = 256) -> dict[
         for name, meta in raw["files"].items():
             blobs.put_file(bundle_dir / name, sha=meta["sha256"])
         return raw
+
+
+def _check_file_entries(bundle_dir: Path) -> None:
+    """Each ``files`` entry is an object with a sha256 string and a byte count (the edge
+    SDK's checks read them as such)."""
+    try:
+        raw = json.loads((bundle_dir / MANIFEST_NAME).read_bytes())
+    except (OSError, ValueError):
+        return  # verify_bundle says what is wrong with it
+    files = raw.get("files") if isinstance(raw, dict) else None
+    if not isinstance(files, dict):
+        return
+    for name, meta in files.items():
+        size = meta.get("bytes") if isinstance(meta, dict) else None
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("sha256"), str)
+            or isinstance(size, bool)
+            or not isinstance(size, int)
+            or size < 0
+        ):
+            raise _invalid(
+                f"manifest files[{name!r}] must be an object with a 'sha256' string and a "
+                "'bytes' count"
+            )
 
 
 def _bundle_root(root: Path) -> Path:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.store import is_database_url
+
 __all__ = ["ConfigError", "CoordinatorConfig", "PacingConfig"]
 
 
@@ -37,22 +39,77 @@ class PacingConfig:
 @dataclass(frozen=True)
 class CoordinatorConfig:
     db_path: str = "fedge.db"
+    # PostgreSQL (postgresql://...): the records live there instead of the SQLite file
+    # db_path; several coordinators may share it. Blobs stay in blob_dir.
+    database_url: str | None = None
+    blob_path: str | None = None  # blob directory; None: beside db_path (fedge.db.blobs)
     host: str = "127.0.0.1"
     port: int = 8080
     admin_token: str | None = None
-    # When set, registering a device needs it (header X-Fedge-Enrollment); None: open.
+    # Registering a device needs this token (header X-Fedge-Enrollment). None: the service
+    # draws one at start (like the admin token) unless ``open_registration`` is set, so that
+    # a coordinator never accepts strangers by accident.
     enrollment_token: str | None = None
-    # Device requests (JSON and update frames); admin bundle uploads have their own limit.
+    open_registration: bool = False  # anyone may register: for closed test networks only
+    # Update frames; admin bundle uploads and JSON bodies have their own limits. JSON bodies
+    # are small control messages: a tight limit keeps a parser busy for microseconds only.
     max_body_bytes: int = 16 << 20
+    max_json_bytes: int = 64 << 10
     max_bundle_bytes: int = 512 << 20
+    # Operations waiting for the worker thread; past this a request is answered 503 at once
+    # (with Retry-After) instead of queueing behind minutes of work.
+    max_queued_operations: int = 64
+    overload_retry_after_s: float = 2.0
+    # PEM files: with both set the service speaks HTTPS only.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     tick_interval_s: float = 0.5  # how often deadlines are checked without any request
     retain_updates: bool = False  # keep update payload blobs after their round committed
+    # Retention (coordinator/retention.py): each task keeps its last ``retain_versions``
+    # versions, with their rounds' rows, plus whatever open work still needs; older ones are
+    # deleted every ``retention_interval_s``. 0 keeps everything.
+    retain_versions: int = 10
+    retention_interval_s: float = 60.0
+    # ... but a closed round's rows (its receipts for replayed uploads) stay this long at least.
+    retain_receipts_s: float = 86400.0
+    # Delete devices not seen at a check-in for this long. None: never (a device row is the
+    # device's credential; see coordinator/retention.py).
+    device_inactivity_s: float | None = None
     seed: int | None = None  # RNG seed for selection and jitter (tests); None: OS entropy
     pacing: PacingConfig = field(default_factory=PacingConfig)
 
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: give both or neither")
+        if self.open_registration and self.enrollment_token is not None:
+            raise ConfigError("open_registration contradicts an enrollment_token: choose one")
+        for name in ("max_body_bytes", "max_json_bytes", "max_bundle_bytes",
+                     "max_queued_operations"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if min(self.retain_versions, self.retention_interval_s, self.retain_receipts_s) < 0:
+            raise ConfigError(
+                "retain_versions, retention_interval_s and retain_receipts_s must be >= 0"
+            )
+        if self.device_inactivity_s is not None and not self.device_inactivity_s > 0:
+            raise ConfigError("device_inactivity_s must be > 0 (or unset: keep every device)")
+        if self.database_url is not None and not is_database_url(self.database_url):
+            raise ConfigError("database_url must be a postgresql:// URL")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def store_location(self) -> str:
+        """What :func:`~coordinator.store.open_store` opens: the URL, else the SQLite file."""
+        return self.database_url or self.db_path
+
     @property
     def blob_dir(self) -> Path:
-        """Content-addressed blobs live beside the database file."""
+        """Content-addressed blobs: ``blob_path``, else beside the database file."""
+        if self.blob_path is not None:
+            return Path(self.blob_path)
         p = Path(self.db_path)
         return p.with_name(p.name + ".blobs")
 

@@ -12,6 +12,11 @@ process, on 127.0.0.1 and a free port: for tests, the fleet emulator and the dem
 Thread mode also exposes the :class:`~coordinator.service.Coordinator` (``.service``) and
 accepts an injected clock (``clock=FakeClock()``); ``call(fn)`` runs a function on the
 service's worker thread, where it cannot interleave with requests.
+
+Registration needs ``coord.enrollment_token`` (drawn at random unless given, like the admin
+token; ``open_registration=True`` opens it). With ``tls_cert``/``tls_key`` (PEM files) the
+service speaks HTTPS on ``https://127.0.0.1:PORT``; ``ca_file`` is the CA that
+:meth:`admin` (and whoever reads ``client_tls``) trusts for it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any, TypeVar
 from coordinator.admin import AdminClient
 from coordinator.clock import Clock
 from coordinator.config import CoordinatorConfig
+from edge_sdk.tls import TlsConfig
 
 __all__ = ["EmbeddedCoordinator"]
 
@@ -52,6 +58,7 @@ class EmbeddedCoordinator:
         clock: Clock | None = None,
         config: CoordinatorConfig | None = None,
         startup_timeout_s: float = 60.0,
+        ca_file: str | Path | None = None,
         **overrides: Any,
     ) -> None:
         if subprocess and clock is not None:
@@ -62,15 +69,20 @@ class EmbeddedCoordinator:
             db_path = Path(self._tmpdir) / "fedge.db"
         self.db_path = Path(db_path)
         self.admin_token = admin_token or secrets.token_hex(24)
-        base = config or CoordinatorConfig()
+        base = dataclasses.replace(config or CoordinatorConfig(), **overrides)
+        # Drawn here, not by the service, so that a child process gets the same one.
+        self.enrollment_token: str | None = base.enrollment_token or (
+            None if base.open_registration else secrets.token_hex(16)
+        )
         self.config = dataclasses.replace(
             base,
             db_path=str(self.db_path),
             host="127.0.0.1",
             port=0,
             admin_token=self.admin_token,
-            **overrides,
+            enrollment_token=self.enrollment_token,
         )
+        self.client_tls = TlsConfig(ca_file=None if ca_file is None else str(ca_file))
         self.subprocess = subprocess
         self.clock = clock
         self.startup_timeout_s = startup_timeout_s
@@ -100,7 +112,8 @@ class EmbeddedCoordinator:
             self._start_process()
         else:
             self._start_thread()
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.config.tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         return self
 
     def stop(self) -> None:
@@ -138,7 +151,18 @@ class EmbeddedCoordinator:
     # -- helpers ----------------------------------------------------------------------------
 
     def admin(self) -> AdminClient:
-        return AdminClient(self.url, self.admin_token)
+        return AdminClient(self.url, self.admin_token,
+                           tls=self.client_tls if self.config.tls else None)
+
+    @property
+    def work_queue(self) -> Any:
+        """The service's :class:`~coordinator.app.WorkQueue` (thread mode): its ``pending``
+        and ``refused`` counters, and its executor for blocking it in overload tests."""
+        if self._runner is None or self.process is not None:
+            raise RuntimeError("work_queue needs thread mode")
+        from coordinator.app import _QUEUE_KEY
+
+        return self._runner.app[_QUEUE_KEY]
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the service's worker thread (thread mode) and return its result."""
@@ -150,7 +174,7 @@ class EmbeddedCoordinator:
         return executor.submit(fn, *args).result(timeout=60)
 
     def _start_thread(self) -> None:
-        from coordinator.app import build_app, start
+        from coordinator.app import build_app, server_tls, start
         from coordinator.service import Coordinator
 
         self.service = Coordinator(self.config, clock=self.clock)
@@ -162,8 +186,11 @@ class EmbeddedCoordinator:
             asyncio.set_event_loop(loop)
             self._loop = loop
             try:
+                context = server_tls(self.config)
                 app = build_app(self.service)
-                self._runner, self.port = loop.run_until_complete(start(app, "127.0.0.1", 0))
+                self._runner, self.port = loop.run_until_complete(
+                    start(app, "127.0.0.1", 0, ssl_context=context)
+                )
             except BaseException as e:
                 failure.append(e)
                 ready.set()
@@ -183,12 +210,15 @@ class EmbeddedCoordinator:
     def _start_process(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         cfg = dataclasses.asdict(self.config)
-        for key in ("db_path", "host", "port", "admin_token"):
+        for key in ("db_path", "host", "port", "admin_token", "enrollment_token"):
             cfg.pop(key)
         config_file = self.db_path.with_name(self.db_path.name + ".config.json")
         config_file.write_text(json.dumps(cfg))
         log_file = open(self.db_path.with_name(self.db_path.name + ".log"), "ab")  # noqa: SIM115
         env = dict(os.environ, FEDGE_ADMIN_TOKEN=self.admin_token)
+        env.pop("FEDGE_ENROLLMENT_TOKEN", None)
+        if self.enrollment_token is not None:
+            env["FEDGE_ENROLLMENT_TOKEN"] = self.enrollment_token
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         cmd = [
@@ -210,13 +240,13 @@ class EmbeddedCoordinator:
         deadline = time.monotonic() + self.startup_timeout_s
         assert self.process.stdout is not None
         line = b""
-        # The child prints one line, "fedge coordinator listening on http://HOST:PORT".
+        # The child prints one line, "fedge coordinator listening on http(s)://HOST:PORT".
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
             if line or self.process.poll() is not None:
                 break
         text = line.decode().strip()
-        if "listening on http://" not in text:
+        if "listening on http" not in text:
             self.kill() if self.process.poll() is None else None
             raise RuntimeError(
                 f"coordinator process did not start (see {self.db_path}.log): {text!r}"

@@ -7,12 +7,18 @@
      ├── Unauthorized        401 unauthorized
      ├── Forbidden           403 forbidden
      ├── NotFound            404 not_found
+     ├── Gone                410 version_pruned
      ├── Conflict            409 round_closed / duplicate_upload / too_stale / conflict
      ├── BodyTooLarge        413 body_too_large
-     └── Unprocessable       422 bad_update / bundle_invalid / invalid_request
+     ├── Unprocessable       422 bad_update / bundle_invalid / invalid_request
+     └── Overloaded          503 overloaded (with Retry-After; also a full or failing disk)
+
+    TaskFailure                                   a task cannot proceed (not an API answer)
 
 The service layer raises these; the HTTP layer turns them into the JSON error shape. Anything
-else escaping a handler is a bug and becomes ``500 internal``.
+else escaping a handler is a bug and becomes ``500 internal``. :class:`TaskFailure` is raised
+inside a task's step (a commit, a rebuild of its state); the service marks that task
+``failed`` with the message and keeps serving the others.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ __all__ = [
     "BodyTooLarge",
     "Conflict",
     "Forbidden",
+    "Gone",
     "InvalidRequest",
     "NotFound",
+    "Overloaded",
     "Unauthorized",
     "Unprocessable",
 ]
@@ -66,6 +74,13 @@ class NotFound(ApiError):
     default_code = ErrorCode.NOT_FOUND
 
 
+class Gone(ApiError):
+    """It existed, and retention deleted it (an old model version)."""
+
+    status = 410
+    default_code = ErrorCode.VERSION_PRUNED
+
+
 class Conflict(ApiError):
     status = 409
     default_code = ErrorCode.CONFLICT
@@ -79,3 +94,19 @@ class BodyTooLarge(ApiError):
 class Unprocessable(ApiError):
     status = 422
     default_code = ErrorCode.BAD_UPDATE
+
+
+class Overloaded(ApiError):
+    """The worker queue is full: nothing was done; the client should come back later."""
+
+    status = 503
+    default_code = ErrorCode.OVERLOADED
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TaskFailure(Exception):
+    """A task's next step is impossible, however often it is retried (a server step that
+    would make the model non-finite, stored history that does not add up)."""

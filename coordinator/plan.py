@@ -21,14 +21,13 @@ from coordinator.aggregation import ServerOptimizerSpec
 from coordinator.async_buffer import AsyncConfig
 from coordinator.eligibility import TaskEligibility
 from coordinator.errors import InvalidRequest
-from coordinator.staleness import PlanError
+from coordinator.robust.spec import RobustSpec
 from coordinator.validation import Fields
 from edge_sdk.codecs.spec import CodecSpec, CodecSpecError
+from edge_sdk.local_training import BATCHNORM_MODES
 
 __all__ = ["TaskPlan"]
 
-# Plan keys of the async mode, read by AsyncConfig.from_plan.
-ASYNC_FIELDS = ("buffer_k", "max_concurrency", "staleness", "max_staleness")
 # A selection phase that has not gathered goal candidates by then gives up or starts smaller;
 # five minutes is a few pace-steering intervals of a small population.
 DEFAULT_SELECTION_TIMEOUT_S = 300.0
@@ -54,11 +53,16 @@ class TaskPlan:
     prox_mu: float = 0.0
     recheck_every_steps: int = 5
     codec: CodecSpec = field(default_factory=lambda: CodecSpec("fp32"))
+    # batch norm layers: "aggregate" (averaged with the parameters) or "local" (FedBN: each
+    # device keeps its own, see edge_sdk.local_training)
+    batchnorm: str = "aggregate"
     eligibility: TaskEligibility = field(default_factory=TaskEligibility)
     # server side
     server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
     max_update_norm: float | None = 1e4  # L2 norm of a delta; None: unbounded
     max_examples: int = 1_000_000  # an update claiming more is refused (it would dominate)
+    # weight cap, norm clipping and aggregator (coordinator.robust); default: defended FedAvg
+    robust: RobustSpec = field(default_factory=RobustSpec)
     eval_goal: int | None = None  # evaluation rounds' goal; None: same as goal
     # sync straggler policy: select exactly goal devices and close when all of them reported
     # or gave up (or at the deadline), instead of over-selecting and taking the first goal.
@@ -109,6 +113,7 @@ class TaskPlan:
             lr_decay=f.number("lr_decay", 1.0, minimum=0.0, maximum=1.0, exclusive_min=True),
             prox_mu=f.number("prox_mu", 0.0, minimum=0.0),
             recheck_every_steps=f.integer("recheck_every_steps", 5, minimum=1),
+            batchnorm=f.string("batchnorm", "aggregate", choices=BATCHNORM_MODES),
             codec=codec,
             eligibility=TaskEligibility.from_json(f.raw("eligibility")),
             server_optimizer=ServerOptimizerSpec.from_json(f.raw("server_optimizer")),
@@ -118,9 +123,10 @@ class TaskPlan:
             else f.number("max_update_norm", 1e4, minimum=0.0, exclusive_min=True),
             # Weights are float64 and counts SQLite integers: keep every count exact.
             max_examples=f.integer("max_examples", 1_000_000, minimum=1, maximum=2**53),
+            robust=RobustSpec.from_json(f.raw("robust")),
             eval_goal=f.integer("eval_goal", None, minimum=1, maximum=1_000_000),
             wait_for_all=f.boolean("wait_for_all", False),
-            buffer=_async_config(f),
+            buffer=AsyncConfig.from_fields(f),
         )
         f.done()
         if not f.has("selection_timeout_s"):  # the default never cuts a long window short
@@ -130,6 +136,7 @@ class TaskPlan:
             raise InvalidRequest(
                 "plan.selection_timeout_s must be at least plan.selection_window_s"
             )
+        plan.robust.check_updates_per_aggregate(min(plan.min_reports, plan.buffer.buffer_k))
         if plan.wait_for_all:
             if f.has("over_selection") and plan.over_selection != 1.0:
                 raise InvalidRequest("plan.over_selection must be 1 (or absent) with wait_for_all")
@@ -151,6 +158,7 @@ class TaskPlan:
             "server_optimizer": self.server_optimizer.to_json(),
             "max_update_norm": self.max_update_norm,
             "max_examples": self.max_examples,
+            "robust": self.robust.to_json(),
             "eval_goal": self.eval_goal,
             "wait_for_all": self.wait_for_all,
             **self.buffer.to_plan(),
@@ -166,11 +174,5 @@ class TaskPlan:
             "prox_mu": self.prox_mu,
             "codec": self.codec.to_json(),
             "recheck_every_steps": self.recheck_every_steps,
+            "batchnorm": self.batchnorm,
         }
-
-
-def _async_config(f: Fields) -> AsyncConfig:
-    try:
-        return AsyncConfig.from_plan({k: f.raw(k) for k in ASYNC_FIELDS if k in f.obj})
-    except PlanError as e:
-        raise InvalidRequest(f"plan: {e}") from e

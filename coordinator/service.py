@@ -5,6 +5,13 @@ per task mode. It is not thread-safe on purpose: the HTTP layer runs every call 
 thread, which makes each operation (check-in, upload, commit) a critical section without
 locks. Handlers pass already-read bodies in; failures are raised as
 :class:`~coordinator.errors.ApiError`.
+
+Tasks are isolated from each other: every step of one task's state machine (a check-in, a
+report, a tick, start-up recovery) runs under :meth:`Coordinator._task_step`. An error there
+drops what its policy holds in memory for that task (rebuilt from the store when next
+needed); a storage
+error (disk full, I/O, lock) answers ``503 overloaded`` and is retried later; anything else
+marks that task ``failed`` with its reason, and the other tasks go on.
 """
 
 from __future__ import annotations
@@ -12,11 +19,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import random
 import secrets
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from coordinator.blobs import BlobStore, Collected
 from coordinator.bundles import bundle_tar, extract_bundle, initial_params_name, version_manifest
@@ -24,15 +34,20 @@ from coordinator.clock import Clock, SystemClock
 from coordinator.config import CoordinatorConfig
 from coordinator.eligibility import parse_conditions
 from coordinator.errors import (
+    ApiError,
     Conflict,
     Forbidden,
+    Gone,
     InvalidRequest,
     NotFound,
+    Overloaded,
+    TaskFailure,
     Unauthorized,
     Unprocessable,
 )
 from coordinator.pacing import PaceSteering
 from coordinator.plan import TaskPlan
+from coordinator.retention import Retention, RetentionPolicy
 from coordinator.rounds import POLICIES, PolicyContext, TaskPolicy
 from coordinator.rounds.base import IN_FLIGHT, wait_answer
 from coordinator.store import (
@@ -40,18 +55,27 @@ from coordinator.store import (
     Device,
     EvalReport,
     Round,
-    SQLiteStore,
     Store,
     Task,
     Update,
     Version,
+    open_store,
 )
-from coordinator.tensors import decode_delta, encode_params
+from coordinator.tensors import decode_delta
 from coordinator.validation import Fields
 from coordinator.versions import ModelVersions, RoundSums
-from edge_sdk.protocol import HEADER_ENROLLMENT, ErrorCode, parse_device_auth
+from edge_sdk.protocol import (
+    HEADER_ENROLLMENT,
+    DeviceErrorCode,
+    ErrorCode,
+    FailurePhase,
+    parse_device_auth,
+)
 
 __all__ = ["Coordinator", "DeviceIdentity"]
+
+log = logging.getLogger("fedge.coordinator")
+T = TypeVar("T")
 
 MAX_IDEMPOTENCY_KEY = 128
 ABORT_REASONS = ("conditions_lapsed", "error", "user")
@@ -61,6 +85,7 @@ ABORT_REASONS = ("conditions_lapsed", "error", "user")
 class DeviceIdentity:
     device_id: str
     population: str
+    last_seen_at: float = 0.0  # as stored (registration time if never recorded)
 
 
 def _header_bytes(value: str) -> bytes:
@@ -100,12 +125,18 @@ class Coordinator:
         clock: Clock | None = None,
     ) -> None:
         self.config = config
-        self.store = store if store is not None else SQLiteStore(config.db_path)
+        self.store = store if store is not None else open_store(config.store_location)
         self.blobs = blobs if blobs is not None else BlobStore(config.blob_dir)
         self.clock = clock or SystemClock()
         self.admin_token = config.admin_token or secrets.token_hex(24)
+        # None only when the operator opened registration on purpose.
+        self.enrollment_token = config.enrollment_token or (
+            None if config.open_registration else secrets.token_hex(24)
+        )
         self.rng = random.Random(config.seed)
         self.pacing = PaceSteering(config.pacing, self.rng)
+        # Why eligible-looking devices were turned away, per reason (metrics: since start).
+        self.ineligible_reasons: Counter[str] = Counter()
         self.ctx = PolicyContext(
             store=self.store,
             blobs=self.blobs,
@@ -118,6 +149,16 @@ class Coordinator:
         self.policies: dict[str, TaskPolicy] = {m: cls(self.ctx) for m, cls in POLICIES.items()}
         self._plans: dict[str, TaskPlan] = {}
         self._last_tick = float("-inf")
+        self.retention = Retention(
+            self.store,
+            self.blobs,
+            RetentionPolicy(
+                config.retain_versions,
+                config.retention_interval_s,
+                device_inactivity_s=config.device_inactivity_s,
+                receipts_s=config.retain_receipts_s,
+            ),
+        )
 
     def close(self) -> None:
         self.store.close()
@@ -130,8 +171,9 @@ class Coordinator:
         self._last_tick = now
         for rnd in self.store.open_rounds():
             task = self.store.get_task(rnd.task_id)
-            if task is not None:
-                self._policy(task).tick(task, self._plan(task), now)
+            if task is not None and task.state != "failed":
+                self._isolated(task, self._tick_task, task, now)
+        self.retention.maybe_run(now)  # after the policies: what they closed can go
 
     def collect_garbage(self) -> Collected:
         """Delete blobs no record needs any more (see :mod:`coordinator.blobs`).
@@ -148,12 +190,71 @@ class Coordinator:
             self.tick()
         return now
 
+    def _tick_task(self, task: Task, now: float) -> None:
+        self._policy(task).tick(task, self._plan(task), now)
+
+    # -- task isolation ---------------------------------------------------------------------
+
+    def _task_step(self, task: Task, step: Callable[..., T], *args: Any) -> T:
+        """Run one step of ``task``'s state machine. A refusal (ApiError) passes through.
+        Any other error drops what its policy holds for the task; a storage error becomes
+        ``503 overloaded`` (nothing was acknowledged; retry later), anything else marks the
+        task failed and becomes ``409 conflict``."""
+        try:
+            return step(*args)
+        except ApiError:
+            raise
+        except Exception as e:
+            self._policy(task).forget(task.task_id)
+            if isinstance(e, (OSError, *self.store.transient_errors)):
+                log.warning("task %s: storage unavailable: %s", task.task_id, e)
+                raise Overloaded(
+                    f"storage unavailable ({type(e).__name__}: {e}); try again later",
+                    retry_after_s=max(1.0, self.config.tick_interval_s),
+                ) from e
+            raise Conflict(f"task {task.task_id} failed: {self._fail(task, e)}") from e
+
+    def _isolated(self, task: Task, step: Callable[..., T], *args: Any) -> T | None:
+        """:meth:`_task_step` for loops over tasks: a failing task yields None, the loop
+        goes on with the others."""
+        try:
+            return self._task_step(task, step, *args)
+        except ApiError as e:
+            log.info("task %s skipped: %s", task.task_id, e.message)
+            return None
+
+    def _fail(self, task: Task, error: Exception) -> str:
+        """Mark ``task`` failed (its open round abandoned, its devices released); returns
+        the reason recorded."""
+        named = isinstance(error, TaskFailure)
+        reason = (str(error) if named else f"{type(error).__name__}: {error}")[:500]
+        log.error("task %s failed: %s", task.task_id, reason, exc_info=error)
+        now = self.clock.now()
+        try:
+            with self.store.atomic():
+                self.store.update_task(task.task_id, state="failed", failure=reason)
+                rnd = self.store.open_round(task.task_id)
+                if rnd is not None:
+                    metrics = {"outcome": "abandoned", "reason": "task_failed"}
+                    self.store.update_round(
+                        rnd.round_id, state="abandoned", closed_at=now, metrics=metrics
+                    )
+                    self.store.expire_assignments(rnd.round_id, now)
+        except Exception:
+            log.exception("task %s: could not record its failure", task.task_id)
+        self._plans.pop(task.task_id, None)
+        return reason
+
     # -- helpers ----------------------------------------------------------------------------
 
     def _plan(self, task: Task) -> TaskPlan:
         plan = self._plans.get(task.task_id)
         if plan is None:
-            plan = self._plans[task.task_id] = TaskPlan.from_json(task.plan)
+            try:
+                plan = TaskPlan.from_json(task.plan)
+            except InvalidRequest as e:  # stored by an older coordinator, or edited by hand
+                raise TaskFailure(f"stored plan: {e.message}") from e
+            self._plans[task.task_id] = plan
         return plan
 
     def _policy(self, task: Task) -> TaskPolicy:
@@ -179,7 +280,7 @@ class Coordinator:
             raise Unauthorized("operator calls need 'Authorization: Bearer <admin token>'")
 
     def check_enrollment(self, token: str | None) -> None:
-        expected = self.config.enrollment_token
+        expected = self.enrollment_token
         if expected is None:
             return
         if token is None or not hmac.compare_digest(_header_bytes(token), expected.encode()):
@@ -198,7 +299,8 @@ class Coordinator:
         expected = device.secret_hash if device else "0" * 64
         if not hmac.compare_digest(_hash_secret(salt, secret[:256]), expected) or device is None:
             raise Unauthorized("unknown device or wrong secret")
-        return DeviceIdentity(device.device_id, device.population)
+        seen = device.registered_at if device.last_seen_at is None else device.last_seen_at
+        return DeviceIdentity(device.device_id, device.population, seen)
 
     def _own_assignment(self, who: DeviceIdentity, assignment_id: str) -> Assignment:
         a = self.store.get_assignment(assignment_id)
@@ -255,6 +357,8 @@ class Coordinator:
         now = self._now()
         f = Fields(parse_json(body) or {}, "body")
         population = f.string("population", who.population, max_len=64)
+        if population != who.population:
+            raise Forbidden(f"this device is registered in population {who.population!r}")
         runtimes = f.strings("runtimes", None)
         if runtimes is None:
             raise InvalidRequest("body.runtimes is required")
@@ -263,23 +367,32 @@ class Coordinator:
         codecs = caps.strings("codecs", None)
         f.done()
         self.pacing.saw(who.device_id, now)
+        self.retention.saw(who.device_id, who.last_seen_at, now)
         tasks = [
             t
             for t in self.store.list_tasks(population=population)
-            if t.state in ("running", "paused") or t.pending_evaluations > 0
+            if t.state in ("running", "paused")
+            or (t.pending_evaluations > 0 and t.state != "failed")
         ]
         fallback: dict[str, Any] | None = None
         for task in tasks:
-            plan = self._plan(task)
-            backends = self._manifest(task.bundle_id).get("backends", {})
+            found = self._isolated(task, self._task_setup, task)
+            if found is None:
+                continue
+            plan, backends = found
             why = plan.eligibility.check(conditions, runtimes, codecs, backends, plan.codec.name)
             if why is not None:
+                self.ineligible_reasons.update(why.split("; "))
                 if fallback is None:
                     period = plan.selection_window_s + plan.round_deadline_s
                     wait = self.pacing.retry_after(now, plan.target, period)
                     fallback = wait_answer(wait, "ineligible")
                 continue
-            answer = self._policy(task).check_in(task, plan, who.device_id, now)
+            answer = self._isolated(
+                task, self._policy(task).check_in, task, plan, who.device_id, now
+            )
+            if answer is None:
+                continue
             if answer["action"] != "wait":
                 return answer
             if fallback is None or fallback["reason"] == "ineligible":
@@ -289,35 +402,71 @@ class Coordinator:
         self.pacing.expect(who.device_id, now + fallback["retry_after_s"])
         return fallback
 
-    def manifest(self, who: DeviceIdentity, bundle_id: str) -> dict[str, Any]:
+    def _task_setup(self, task: Task) -> tuple[TaskPlan, dict[str, Any]]:
+        """A task's plan and its bundle's backends; a task whose stored plan no longer
+        validates, or whose bundle is gone, cannot proceed."""
+        plan = self._plan(task)
+        manifest = self.ctx.manifest(task.bundle_id)
+        if manifest is None:
+            raise TaskFailure(f"bundle {task.bundle_id} is missing")
+        return plan, manifest.get("backends", {})
+
+    def _device_bundle(self, who: DeviceIdentity, bundle_id: str) -> dict[str, Any]:
+        """A bundle's manifest, for a device of a population that has a task using it (to
+        any other device it does not exist)."""
+        if not any(t.bundle_id == bundle_id for t in self.store.list_tasks(who.population)):
+            raise NotFound(f"no bundle {bundle_id!r}")
         return self._manifest(bundle_id)
 
+    def _device_task(self, who: DeviceIdentity | None, task: Task) -> None:
+        """Devices see only their population's tasks (operators, ``who=None``, see all)."""
+        if who is not None and task.population != who.population:
+            raise NotFound(f"no task {task.task_id!r}")
+
+    def manifest(self, who: DeviceIdentity, bundle_id: str) -> dict[str, Any]:
+        return self._device_bundle(who, bundle_id)
+
     def bundle_file(self, who: DeviceIdentity, bundle_id: str, name: str) -> Path:
-        meta = self._manifest(bundle_id)["files"].get(name)
+        meta = self._device_bundle(who, bundle_id)["files"].get(name)
         if meta is None:
             raise NotFound(f"bundle {bundle_id} has no file {name!r}")
         return self.blobs.path(meta["sha256"])
 
     def version_params(self, who: DeviceIdentity | None, task_id: str, version: str) -> bytes:
-        """A version's parameter frame; what a device (``who``) downloads counts as the
+        """A version's parameter frame (the bytes of :meth:`version_params_file`)."""
+        return self.version_params_file(who, task_id, version).read_bytes()
+
+    def version_params_file(
+        self, who: DeviceIdentity | None, task_id: str, version: str
+    ) -> Path:
+        """The file holding a version's parameter frame: encoded on the first download of
+        that version, then served from disk. What a device (``who``) downloads counts as the
         round's ``bytes_out``, an operator's read (``who=None``) does not."""
         task = self._task(task_id)
-        number = self._version_number(task, version)
-        n = self.ctx.num_parameters(task)
-        data = encode_params(self.ctx.versions.params(task_id, number, n))
+        self._device_task(who, task)
+        v = self._version(task, version)
+        path = self.ctx.versions.params_frame(v, self.ctx.num_parameters(task))
         if who is not None:
-            self.ctx.bytes_out[task_id] += len(data)
-        return data
+            self.ctx.bytes_out[task_id] += path.stat().st_size
+        return path
 
-    def _version_number(self, task: Task, version: str) -> int:
+    def _version(self, task: Task, version: str) -> Version:
         if version == "current":
-            return task.model_version
-        if not (version.isascii() and version.isdigit()) or len(version) > 12:
+            number = task.model_version
+        elif not (version.isascii() and version.isdigit()) or len(version) > 12:
             raise InvalidRequest(f"version must be an integer or 'current', not {version!r}")
-        number = int(version)
-        if self.store.get_version(task.task_id, number) is None:
-            raise NotFound(f"task {task.task_id} has no version {number}")
-        return number
+        else:
+            number = int(version)
+        v = self.store.get_version(task.task_id, number)
+        if v is not None:
+            return v
+        if number < task.model_version:
+            raise Gone(
+                f"version {number} of task {task.task_id} was deleted by retention (the "
+                f"coordinator keeps the last {self.config.retain_versions} versions and those "
+                "that open work needs); download 'current'"
+            )
+        raise NotFound(f"task {task.task_id} has no version {number}")
 
     def upload(
         self,
@@ -341,17 +490,19 @@ class Coordinator:
                 "ASCII characters"
             )
         task = self._task(a.task_id)
-        plan = self._plan(task)
+        plan = self._task_step(task, self._plan, task)
         prior = self.store.get_update(a.assignment_id)
         if prior is not None:
             if hmac.compare_digest(prior.idempotency_key, idempotency_key):
                 return self._paced(who, task, now, prior.response)
             raise Conflict("this assignment already reported an update", ErrorCode.DUPLICATE_UPLOAD)
         policy = self._policy(task)
+        if task.state == "failed":
+            raise Conflict(f"task {task.task_id} failed: {task.failure}")
         policy.check_upload(task, plan, a, now)
         report = self._parse_report(report_header, plan)
         delta = decode_delta(body, self.ctx.num_parameters(task), plan.max_update_norm)
-        payload_sha = self.blobs.put(body)
+        payload_sha = self._task_step(task, self.blobs.put, body)
         response = self._receipt(a)
         update = Update(
             assignment_id=a.assignment_id,
@@ -367,8 +518,17 @@ class Coordinator:
             accepted_at=now,
             response=response,
         )
-        policy.accept_update(task, plan, update, delta, now)
+        self._task_step(task, policy.accept_update, task, plan, update, delta, now)
+        # Durable now, and acknowledged whatever happens next: a commit that fails here
+        # stays due and is retried by the next tick.
+        self._advance(task.task_id, now)
         return self._paced(who, task, now, response)
+
+    def _advance(self, task_id: str, now: float) -> None:
+        """Whatever a report made due (a commit), isolated from the report's answer."""
+        task = self.store.get_task(task_id)
+        if task is not None and task.state != "failed":
+            self._isolated(task, self._tick_task, task, now)
 
     def _parse_report(self, header: str | None, plan: TaskPlan) -> dict[str, Any]:
         if not header:
@@ -403,12 +563,14 @@ class Coordinator:
         if a.action != "evaluate":
             raise Conflict("this is a training assignment: upload an update, not metrics")
         task = self._task(a.task_id)
-        plan = self._plan(task)
+        plan = self._task_step(task, self._plan, task)
         prior = self.store.get_eval_report(a.assignment_id)
         if prior is not None:
             if (prior.num_examples, prior.loss, prior.accuracy) == (num_examples, loss, accuracy):
                 return self._paced(who, task, now, prior.response)
             raise Conflict("this assignment already reported", ErrorCode.DUPLICATE_UPLOAD)
+        if task.state == "failed":
+            raise Conflict(f"task {task.task_id} failed: {task.failure}")
         self._policy(task).check_upload(task, plan, a, now)
         _check_examples(num_examples, plan)
         response = self._receipt(a)
@@ -423,7 +585,8 @@ class Coordinator:
             now,
             response,
         )
-        self._policy(task).accept_eval(task, plan, report, now)
+        self._task_step(task, self._policy(task).accept_eval, task, plan, report, now)
+        self._advance(task.task_id, now)
         return self._paced(who, task, now, response)
 
     def abort(self, who: DeviceIdentity, assignment_id: str, body: bytes) -> dict[str, Any]:
@@ -432,6 +595,9 @@ class Coordinator:
         f = Fields(parse_json(body) or {}, "body")
         reason = f.string("reason", "error", choices=ABORT_REASONS)
         message = f.string("message", None, max_len=1024)
+        # The device's failure phase and code (enumerations: the funnel's figures, no text).
+        phase = f.string("phase", None, choices=tuple(p.value for p in FailurePhase))
+        code = f.string("code", None, choices=tuple(c.value for c in DeviceErrorCode))
         f.done()
         task = self._task(a.task_id)
         if a.state == "aborted":
@@ -441,7 +607,8 @@ class Coordinator:
             raise Conflict("the assignment's round has closed", ErrorCode.ROUND_CLOSED)
         if a.state not in IN_FLIGHT:
             raise Conflict(f"assignment is {a.state}; it can no longer be aborted")
-        note = reason if message is None else f"{reason}: {message}"
+        note = reason if phase is None else f"{reason} [{phase}/{code or 'other'}]"
+        note = note if message is None else f"{note}: {message}"
         self.store.update_assignment(
             a.assignment_id, state="aborted", closed_at=now, abort_reason=note
         )
@@ -513,6 +680,7 @@ class Coordinator:
             "created_at": task.created_at,
             "plan": task.plan,
             "current_round": None if rnd is None else self._round_json(rnd),
+            "failure": task.failure,
         }
 
     @staticmethod
@@ -546,6 +714,8 @@ class Coordinator:
         want_from, to = ("running", "paused") if paused else ("paused", "running")
         if task.state != want_from:
             raise Conflict(f"task is {task.state}; only a {want_from} task can be made {to}")
+        if not paused and task.rounds_completed >= self._task_step(task, self._plan, task).rounds:
+            to = "completed"  # paused during its last round by an older coordinator
         self.store.update_task(task_id, state=to)
         return self.task_json(self._task(task_id))
 
@@ -590,6 +760,7 @@ class Coordinator:
                     "mode": t.mode,
                     "model_version": t.model_version,
                     "rounds_completed": t.rounds_completed,
+                    "failure": t.failure,
                 }
                 for t in tasks
             ],

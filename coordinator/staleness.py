@@ -13,22 +13,25 @@ The plan names the function under ``"staleness"``, either as a bare name or as a
 
 (the polynomial and hinge forms are those of Xie et al., "Asynchronous Federated
 Optimization", 2019; 1/sqrt(1+s) is Nguyen et al., "Federated Learning with Buffered
-Asynchronous Aggregation", 2022). Pure functions and value objects: no I/O, no store.
+Asynchronous Aggregation", 2022). Pure functions and value objects: no I/O, no store. The
+plan fields are read with :class:`~coordinator.validation.Fields`, like every plan field; a
+mistake is :class:`~coordinator.errors.InvalidRequest` (400) naming the field.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 
+from coordinator.errors import InvalidRequest
+from coordinator.validation import Fields
+
 __all__ = [
     "DEFAULT_MAX_STALENESS",
     "STALENESS_FUNCTIONS",
-    "PlanError",
     "StalenessPolicy",
     "TooStale",
 ]
@@ -38,36 +41,20 @@ STALENESS_FUNCTIONS: Final = ("sqrt", "polynomial", "constant", "hinge")
 DEFAULT_MAX_STALENESS: Final = 20
 
 
-class PlanError(ValueError):
-    """A staleness or async setting in a task plan that cannot be used (says which and why)."""
-
-
 class TooStale(Exception):
     """An update trained on a version further behind than the task's bound accepts."""
 
-    def __init__(self, staleness: int, max_staleness: int) -> None:
+    def __init__(self, staleness: int, max_staleness: int, *, weightless: bool = False) -> None:
         super().__init__(
             f"update is {staleness} versions behind the current model; "
-            f"this task accepts at most {max_staleness}"
+            + (
+                "its staleness weight is 0, it cannot count"
+                if weightless
+                else f"this task accepts at most {max_staleness}"
+            )
         )
         self.staleness = staleness
         self.max_staleness = max_staleness
-
-
-def _number(spec: Mapping[str, Any], key: str, default: float, minimum: float) -> float:
-    value = spec.get(key, default)
-    # bool is an int subclass: "a": true is a plan mistake, not 1.0.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PlanError(f"staleness.{key} must be a finite number, got {value!r}")
-    try:
-        number = float(value)  # a JSON integer may have hundreds of digits
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        raise PlanError(f"staleness.{key} must be a finite number, got {value!r:.40}")
-    if number < minimum:
-        raise PlanError(f"staleness.{key} must be >= {minimum}, got {value!r}")
-    return number
 
 
 @dataclass(frozen=True)
@@ -87,37 +74,43 @@ class StalenessPolicy:
     def __post_init__(self) -> None:
         if self.name not in STALENESS_FUNCTIONS:
             choices = ", ".join(STALENESS_FUNCTIONS)
-            raise PlanError(f"unknown staleness function {self.name!r} (one of {choices})")
+            raise InvalidRequest(f"unknown staleness function {self.name!r} (one of {choices})")
         if self.max_staleness < 0:
-            raise PlanError(f"max_staleness must be >= 0, got {self.max_staleness}")
+            raise InvalidRequest(f"max_staleness must be >= 0, got {self.max_staleness}")
+        # The weight falls with staleness: if it underflows to 0 within the bound, an update
+        # the bound admits could not count (and would divide a buffer of such updates by 0).
+        if not self.weight(self.max_staleness) > 0:
+            raise InvalidRequest(
+                f"staleness weight underflows to 0 at staleness {self.max_staleness}: lower "
+                "max_staleness or use a gentler function"
+            )
 
     @classmethod
     def from_plan(cls, plan: Mapping[str, Any]) -> StalenessPolicy:
         """Read ``staleness`` and ``max_staleness`` from a task plan (both optional)."""
-        bound = plan.get("max_staleness", DEFAULT_MAX_STALENESS)
+        return cls.from_fields(Fields(dict(plan), "plan"))
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> StalenessPolicy:
+        """Read ``staleness`` and ``max_staleness`` from a plan's fields (both optional)."""
         # At most the longest task (rounds <= 1e6): it is also a query parameter.
-        if isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= 1_000_000:
-            raise PlanError(f"max_staleness must be an integer in [0, 1000000], got {bound!r}")
-        spec = plan.get("staleness", "sqrt")
-        if isinstance(spec, str):
-            spec = {"name": spec}
-        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
-            raise PlanError(f"staleness must be a name or an object with a name, got {spec!r}")
-        name = spec["name"]
-        unknown = set(spec) - {"name", "a", "b"}
-        if unknown:
-            raise PlanError(f"unknown staleness fields {sorted(unknown)}")
-        if name == "sqrt":
-            if set(spec) != {"name"}:
-                raise PlanError("staleness 'sqrt' takes no parameters (use 'polynomial' with a)")
-            return cls("sqrt", 0.5, 0.0, bound)
-        if name == "polynomial":
-            return cls("polynomial", _number(spec, "a", 0.5, 0.0), 0.0, bound)
-        if name == "constant":
-            return cls("constant", 0.0, 0.0, bound)
-        if name == "hinge":
-            return cls("hinge", _number(spec, "a", 10.0, 0.0), _number(spec, "b", 4.0, 0.0), bound)
-        return cls(name, 0.0, 0.0, bound)  # __post_init__ names the valid choices
+        bound = f.integer("max_staleness", DEFAULT_MAX_STALENESS, minimum=0, maximum=1_000_000)
+        raw = f.raw("staleness")
+        spec = Fields(
+            {"name": raw} if isinstance(raw, str) else {} if raw is None else raw,
+            f"{f.where}.staleness",
+        )
+        name = spec.string("name", "sqrt", max_len=32, choices=STALENESS_FUNCTIONS)
+        a = b = 0.0
+        if name == "sqrt":  # takes no parameters (use "polynomial" with a)
+            a = 0.5
+        elif name == "polynomial":
+            a = spec.number("a", 0.5, minimum=0.0)
+        elif name == "hinge":
+            a = spec.number("a", 10.0, minimum=0.0)
+            b = spec.number("b", 4.0, minimum=0.0)
+        spec.done()
+        return cls(name, a, b, bound)
 
     def to_plan(self) -> dict[str, Any]:
         """The plan fields that rebuild this policy (``from_plan(p.to_plan()) == p``)."""

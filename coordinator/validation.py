@@ -20,7 +20,10 @@ __all__ = ["Fields"]
 
 
 def _utf8(value: str) -> bool:
-    """JSON may carry lone surrogates (``"\\ud800"``), which no UTF-8 column can store."""
+    """JSON may carry lone surrogates (``"\\ud800"``), which no UTF-8 column can store, and
+    NUL characters (``"\\u0000"``), which no PostgreSQL text column can."""
+    if "\x00" in value:
+        return False
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -74,6 +77,7 @@ class Fields:
         minimum: float | None = None,
         maximum: float | None = None,
         exclusive_min: bool = False,
+        exclusive_max: bool = False,
     ) -> Any:
         value = self._get(key)
         if value is None:
@@ -88,8 +92,8 @@ class Fields:
             raise self._fail(key, "a finite number")
         if minimum is not None and (value < minimum or (exclusive_min and value == minimum)):
             raise self._fail(key, f"{'>' if exclusive_min else '>='} {minimum}")
-        if maximum is not None and value > maximum:
-            raise self._fail(key, f"<= {maximum}")
+        if maximum is not None and (value > maximum or (exclusive_max and value == maximum)):
+            raise self._fail(key, f"{'<' if exclusive_max else '<='} {maximum}")
         return value
 
     def string(

@@ -1,28 +1,36 @@
 """Model versions and the running sums of open rounds.
 
-:class:`ModelVersions` reads a version's parameters and writes the next one: blobs first
-(atomic, durable), then one database transaction that records the version together with
-whatever the caller commits alongside it (the round, the task's counters). A crash before
-that transaction leaves only unreferenced blobs; the round is still open and commits again.
+:class:`ModelVersions` reads a version's parameters and writes the next one: it checks that
+the new parameters and optimizer state are finite (else :class:`~coordinator.errors.
+TaskFailure`: retrying could only compute the same), writes blobs (atomic, durable), then
+runs one database transaction that records the version together with whatever the caller
+commits alongside it (the round, the task's counters). A crash or an error before that
+transaction ends leaves only unreferenced blobs; the round is still open and commits again.
 
 :class:`RoundSums` keeps one :class:`~coordinator.aggregation.RunningSum` per open round in
-memory. After a restart (or for a round it has not seen) it rebuilds the sum by decoding
-and folding the round's accepted update payloads, which were stored before they were
-acknowledged: nothing acknowledged is lost, and memory stays O(model size) per open round.
+memory, derived from the store: for a round it has not seen (after a restart, or after
+:meth:`RoundSums.forget_task` dropped a task's sums on an error) it decodes and folds the round's
+accepted update payloads, which were stored before they were acknowledged. An update is
+staged first (:meth:`RoundSums.stage`: checked, summed into a copy), stored, and only then
+:meth:`RoundSums.put` in: a failed store leaves the sum as the database says. Memory stays
+O(model size) per open round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from coordinator.aggregation import RunningSum, make_server_optimizer
 from coordinator.blobs import BlobStore
+from coordinator.errors import TaskFailure
 from coordinator.plan import TaskPlan
 from coordinator.store import Store, Task, Version
-from coordinator.tensors import decode_delta, params_from_bytes, params_to_bytes
+from coordinator.tensors import decode_delta, encode_params, params_from_bytes, params_to_bytes
 
 __all__ = ["ModelVersions", "RoundSums"]
 
@@ -32,11 +40,14 @@ class ModelVersions:
         self.store = store
         self.blobs = blobs
 
-    def params(self, task_id: str, version: int, num_parameters: int) -> np.ndarray:
-        v = self.store.get_version(task_id, version)
-        if v is None:
-            raise KeyError(f"task {task_id} has no version {version}")
-        return params_from_bytes(self.blobs.read(v.params_sha), num_parameters)
+    def params_frame(self, v: Version, num_parameters: int) -> Path:
+        """The file holding version ``v``'s parameter frame: encoded on the first download,
+        then served from disk (a cache beside the parameters' blob: :mod:`coordinator.blobs`)."""
+        return self.blobs.derived(
+            v.params_sha,
+            "frame",
+            lambda raw: encode_params(params_from_bytes(raw, num_parameters)),
+        )
 
     def commit_next(
         self,
@@ -57,7 +68,22 @@ class ModelVersions:
         opt = make_server_optimizer(plan.server_optimizer)
         params = params_from_bytes(self.blobs.read(base.params_sha), num_parameters)
         state_in = self.blobs.read(base.optimizer_sha) if base.optimizer_sha else None
-        new_params, state = opt.step(params, mean_delta, opt.unpack_state(state_in, num_parameters))
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            new_params, state = opt.step(
+                params, mean_delta, opt.unpack_state(state_in, num_parameters)
+            )
+        stats = _running_statistics(self.store.get_bundle(task.bundle_id))
+        if stats.size:
+            # Batch norm running statistics are averages, not weights: they take the mean of
+            # the devices' values whatever the server optimizer (momentum could push a
+            # variance below zero). Under FedBN every device reports 0 for them.
+            new_params[stats] = params[stats] + mean_delta[stats]
+        finite = np.isfinite(new_params).all() and all(np.isfinite(v).all() for v in state.values())
+        if not finite:
+            raise TaskFailure(
+                f"the server step ({plan.server_optimizer.name}) would make version "
+                f"{task.model_version + 1} non-finite: nothing committed"
+            )
         params_sha = self.blobs.put(params_to_bytes(new_params))
         opt_sha = self.blobs.put(opt.pack_state(state)) if opt.state_names else None
         new_version = task.model_version + 1
@@ -70,20 +96,54 @@ class ModelVersions:
         return new_version
 
 
+def _running_statistics(manifest: dict[str, Any] | None) -> np.ndarray:
+    """Positions of the bundle's batch norm running statistics in the model vector."""
+    spans = [
+        np.arange(int(b["offset"]), int(b["offset"]) + int(np.prod(b["shape"], dtype=np.int64)))
+        for b in (manifest or {}).get("buffers", [])
+    ]
+    return np.concatenate(spans) if spans else np.zeros(0, np.int64)
+
+
 class RoundSums:
     def __init__(self, store: Store, blobs: BlobStore) -> None:
         self.store = store
         self.blobs = blobs
         self._sums: dict[int, RunningSum] = {}
+        self._task_of: dict[int, str] = {}  # round_id -> task_id, for forget_task
 
-    def get(self, round_id: int, num_parameters: int) -> RunningSum:
+    def get(self, task_id: str, round_id: int, num_parameters: int) -> RunningSum:
+        """The round's sum (do not mutate it: :meth:`stage` and :meth:`put` move it)."""
         s = self._sums.get(round_id)
         if s is None:
             s = RunningSum(num_parameters)
             for u in self.store.round_updates(round_id):
                 s.fold(decode_delta(self.blobs.read(u.payload_sha), num_parameters), u.num_examples)
             self._sums[round_id] = s
+            self._task_of[round_id] = task_id
         return s
+
+    def stage(
+        self, task_id: str, round_id: int, num_parameters: int, delta: np.ndarray, weight: float
+    ) -> RunningSum:
+        """The round's sum with one more update, not yet taken in (``ValueError`` if the
+        update could not count)."""
+        return self.get(task_id, round_id, num_parameters).folded(delta, weight)
+
+    def put(self, round_id: int, staged: RunningSum) -> None:
+        """Take a staged sum in, once the update it adds is durable."""
+        held = self._sums.get(round_id)
+        if held is None or staged.count != held.count + 1:
+            # Something else moved the sum in between: only the store knows the truth now.
+            self.drop(round_id)
+            return
+        self._sums[round_id] = staged
 
     def drop(self, round_id: int) -> None:
         self._sums.pop(round_id, None)
+        self._task_of.pop(round_id, None)
+
+    def forget_task(self, task_id: str) -> None:
+        """Forget a task's sums (after an error): rebuilt from the store when next needed."""
+        for round_id in [r for r, t in self._task_of.items() if t == task_id]:
+            self.drop(round_id)

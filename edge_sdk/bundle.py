@@ -1,9 +1,11 @@
 """Training bundles as devices and the coordinator see them: ``manifest.json`` and its checks.
 
-``model_export`` writes bundles; this module reads and verifies them. Manifest format 1::
+``model_export`` writes bundles; this module reads and verifies them. Manifest format 2 (format
+1 bundles, which lack ``buffers``, ``num_trainable``, ``batchnorm_modules`` and ``step_seed``,
+still load; any other version is refused with a message naming both)::
 
     {
-      "format": "fedge-bundle", "format_version": 1,
+      "format": "fedge-bundle", "format_version": 2,
       "bundle_id": "<sha256 of the canonical manifest without bundle_id>",
       "model": {"name": "DigitsMLP", "source": "model_export.models:DigitsMLP"},
       "task": "classification" | "regression", "num_classes": 10 | null,
@@ -16,10 +18,15 @@
                  | {"name": "adamw", "lr": 0.001, "betas": [0.9, 0.999], "eps": 1e-08,
                     "weight_decay": 0.01},
       "optimizer_state": [{"name": "exp_avg", "shape": [2410]}, {"name": "step", "shape": []}],
+                                                # flat ones cover the trainable parameters
       "parameters": [{"name": "fc1.weight", "shape": [32, 64], "offset": 0}, ...],
-      "num_parameters": 2410,
+      "buffers": [{"name": "bn.running_mean", "shape": [16], "offset": 2410}, ...],
+      "num_trainable": 2410,                    # the trainable parameters' share of the vector
+      "num_parameters": 2442,                   # length of the model vector: parameters+buffers
+      "batchnorm_modules": ["bn"],              # what FedBN keeps on the device
+      "step_seed": false,                       # true: the step graphs take a "seed" input
       "frozen": [{"name": "backbone.0.weight", "shape": [...], "offset": 0}, ...],
-      "initial_parameters": "params.f32",      # raw little-endian float32, the flat vector
+      "initial_parameters": "params.f32",      # raw little-endian float32, the model vector
       "frozen_parameters": "frozen.f32" | null,  # the frozen ones, same encoding
       "graphs": {"step_onnx": "step.onnx", "step_prox_onnx": "step_prox.onnx",
                  "eval_onnx": "eval.onnx", "infer_onnx": "infer.onnx",
@@ -31,32 +38,46 @@
       "signatures": {"step": {"inputs": [...], "outputs": [...]}, "step_prox": ...,
                      "eval": ..., "infer": ...},
       "tflite": {"batch": 32, "signatures": {...}} | null,
-      "backends": {"ort-training": {"supported": true, "reason": null, "fedprox": false},
-                   "ort-step": {...}, "litert-step": {...}},
+      "backends": {"ort-training": {"supported": false, "fedprox": false,
+                                    "reason": "ORT training artifacts: ... (why not)"},
+                   "ort-step": {...}, "litert-step": {...}},  # each backend's files are
+                                                # written, or refused with the reason, alone
       "exporter": {"torch": "2.13.0", "onnx_opset": 18},
       "files": {"step.onnx": {"sha256": "...", "bytes": 1234}, ...}
     }
 
-Graph signatures. ONNX graphs take named inputs; ``<p>`` runs over the trainable parameters in
-layout order, each its own tensor of its own shape (``step_signature`` spells the names), and
-``<s>`` over ``optimizer_state``: a flat state such as ``exp_avg`` is split per parameter like
-the parameters, a scalar one (``step``) is one input::
+The model vector is what moves between trainer, device and coordinator: the trainable
+parameters (``parameters``), then the running statistics of batch norm layers (``buffers``,
+float32, empty for most models), in ``named_parameters()``/``named_buffers()`` order.
 
-    step(params.<p>..., state.<s>[.<p>]..., x, y, lr)
-        -> (loss, params_out.<p>..., state_out.<s>[.<p>]...)
-    step_prox(params.<p>..., state.<s>[.<p>]..., x, y, lr, anchor.<p>..., mu) -> (as step)
+Graph signatures. ONNX graphs take named inputs; ``<p>`` runs over the trainable parameters in
+layout order, each its own tensor of its own shape (``step_signature`` spells the names), ``<b>``
+over ``buffers`` likewise, and ``<s>`` over ``optimizer_state``: a flat state such as
+``exp_avg`` is split per parameter like the parameters, a scalar one (``step``) is one input::
+
+    step(params.<p>..., buffers.<b>..., state.<s>[.<p>]..., x, y, lr[, seed])
+        -> (loss, params_out.<p>..., buffers_out.<b>..., state_out.<s>[.<p>]...)
+    step_prox(... as step ..., anchor.<p>..., mu) -> (as step)
     eval(params, x, y) -> (loss, output)
     infer(params, x) -> (output)
 
-``params`` (eval, infer) is the flat trainable vector; frozen parameters are constants inside
-the graphs. The step is split per parameter so that the graph neither splits a flat vector nor
-concatenates gradients (a runtime binds views of its flat vector instead), and ``step`` lacks
+``params`` (eval, infer) is the flat model vector (parameters, then buffers); frozen parameters
+are constants inside the graphs. ``buffers_out`` are the running statistics after the step,
+updated as torch's training mode does (momentum average, unbiased batch variance); eval and
+infer normalise with the running statistics, as torch's eval mode does. ``seed`` (int64
+scalar, only when ``step_seed``) selects the dropout masks of the step: the trainer passes a
+new value every step (any int64; the masks are a pure function of it, so a step is
+reproducible from its seed).
+
+The step is split per parameter so that the graph neither splits a flat vector nor concatenates
+gradients (a runtime binds views of its flat vector instead), and ``step`` lacks
 the FedProx term so that FedAvg does not pay for it (see docs/benchmarks.md "## Train step").
 TFLite tensors are positional ``args_<i>`` / ``output_<i>`` in the order of
 ``tflite.signatures``; its step keeps the flat vectors (the interpreter copies every tensor in
 and out through ``set_tensor``/``get_tensor``, so views would save nothing there)::
 
-    step(params, state.<s>..., x, y, lr, anchor, mu, weight) -> (loss, params_out, state_out.<s>...)
+    step(params, state.<s>..., x, y, lr[, seed], anchor, mu, weight)
+        -> (loss, params_out, state_out.<s>...)
     infer(params, x) -> (output)
 
 ``loss`` is the batch's data loss before the update; ``anchor``/``mu`` add the FedProx term
@@ -90,7 +111,9 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "fedge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this SDK reads: format 1 is format 2 without buffers and seed.
+READABLE_VERSIONS = (1, 2)
 
 
 class BundleError(Exception):
@@ -124,8 +147,37 @@ class Manifest:
         ]
 
     @property
+    def buffers(self) -> list[ParamSpec]:
+        """The running statistics in the model vector, after the trainable parameters."""
+        return [
+            ParamSpec(p["name"], tuple(int(d) for d in p["shape"]), int(p["offset"]))
+            for p in self.raw.get("buffers", [])
+        ]
+
+    @property
     def num_parameters(self) -> int:
+        """The length of the model vector (trainable parameters and buffers)."""
         return int(self.raw["num_parameters"])
+
+    @property
+    def num_trainable(self) -> int:
+        return int(self.raw.get("num_trainable", self.raw["num_parameters"]))
+
+    @property
+    def step_seed(self) -> bool:
+        """Whether the step graphs take a ``seed`` input (the model has dropout)."""
+        return bool(self.raw.get("step_seed", False))
+
+    def batchnorm_indices(self) -> np.ndarray:
+        """Positions in the model vector of the batch norm layers' parameters and running
+        statistics: what FedBN keeps on the device."""
+        modules = [str(m) for m in self.raw.get("batchnorm_modules", [])]
+        picked = [
+            np.arange(p.offset, p.offset + p.size)
+            for p in (*self.parameters, *self.buffers)
+            if p.name.rpartition(".")[0] in modules
+        ]
+        return np.concatenate(picked) if picked else np.zeros(0, np.int64)
 
     @property
     def task(self) -> str:
@@ -156,19 +208,27 @@ class Manifest:
 
 
 def step_signature(
-    params: Sequence[str], state: Sequence[tuple[str, bool]], *, proximal: bool
+    params: Sequence[str],
+    state: Sequence[tuple[str, bool]],
+    *,
+    proximal: bool,
+    buffers: Sequence[str] = (),
+    seed: bool = False,
 ) -> dict[str, list[str]]:
     """ONNX input and output names of the split step graph (``step`` or, with ``proximal``,
-    ``step_prox``) for the trainable parameters ``params`` and the optimizer state
-    ``(name, per_parameter)``: the one place both the exporter and the trainers take them from."""
-    inputs = [f"params.{p}" for p in params]
-    outputs = ["loss", *[f"params_out.{p}" for p in params]]
+    ``step_prox``) for the trainable parameters ``params``, the running statistics ``buffers``,
+    the optimizer state ``(name, per_parameter)`` and, with ``seed``, the dropout seed: the one
+    place both the exporter and the trainers take them from."""
+    inputs = [*(f"params.{p}" for p in params), *(f"buffers.{b}" for b in buffers)]
+    outputs = ["loss", *(f"params_out.{p}" for p in params), *(f"buffers_out.{b}" for b in buffers)]
     for name, per_parameter in state:
         inputs += [f"state.{name}.{p}" for p in params] if per_parameter else [f"state.{name}"]
         outputs += (
             [f"state_out.{name}.{p}" for p in params] if per_parameter else [f"state_out.{name}"]
         )
     inputs += ["x", "y", "lr"]
+    if seed:
+        inputs.append("seed")
     if proximal:
         inputs += [*(f"anchor.{p}" for p in params), "mu"]
     return {"inputs": inputs, "outputs": outputs}
@@ -200,10 +260,11 @@ def _referenced_files(raw: dict[str, Any]) -> list[str]:
 def _check_structure(raw: Any) -> None:
     if not isinstance(raw, dict):
         raise BundleError("manifest must be a JSON object")
-    if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
+    if raw.get("format") != FORMAT or raw.get("format_version") not in READABLE_VERSIONS:
         raise BundleError(
             f"unsupported bundle format {raw.get('format')!r} "
-            f"version {raw.get('format_version')!r} (this SDK reads {FORMAT} {FORMAT_VERSION})"
+            f"version {raw.get('format_version')!r} (this SDK reads {FORMAT} versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; re-export the model with a matching fedge)"
         )
     for key in ("bundle_id", "parameters", "num_parameters", "files", "loss", "task"):
         if key not in raw:
@@ -219,7 +280,7 @@ def _check_structure(raw: Any) -> None:
         if name not in listed:
             raise BundleError(f"manifest refers to {name!r}, which its 'files' do not list")
     expected = 0
-    for p in raw["parameters"]:
+    for p in [*raw["parameters"], *raw.get("buffers", [])]:
         if any(int(d) < 0 for d in p["shape"]):
             raise BundleError(f"parameter {p.get('name')!r} has a negative dimension")
         if int(p["offset"]) != expected:
@@ -229,6 +290,9 @@ def _check_structure(raw: Any) -> None:
         raise BundleError(
             f"parameter layout covers {expected}, manifest says {raw['num_parameters']}"
         )
+    trainable = sum(int(np.prod(p["shape"], dtype=np.int64)) for p in raw["parameters"])
+    if int(raw.get("num_trainable", trainable)) != trainable:
+        raise BundleError(f"num_trainable {raw['num_trainable']} != {trainable}")
     if bundle_id_of(raw) != raw["bundle_id"]:
         raise BundleError("bundle_id does not match the manifest's content")
 

@@ -10,7 +10,13 @@ One :meth:`Client.run_once` is one pass of the device's loop::
     bundle (cache: sha256-verified, resumable) + the version's parameters
     train the plan, re-checking conditions ──lapsed──▶ POST abort, Outcome("aborted")
     delta = new - start, encode with the plan's codec (error-feedback residual in the state dir)
-    upload with an Idempotency-Key (retried) ──▶ Outcome("trained") or Outcome("rejected")
+    persist the pending upload (frame, key, new residual), then upload with its Idempotency-Key
+    (retried) ──▶ Outcome("trained") or Outcome("rejected")
+
+An upload whose answer never arrived (the network, a crash) stays pending in the state dir and
+is sent again, same bytes and key, at the start of the next pass, before any check-in: the
+coordinator answers a repeat with its stored answer, so the update counts once and the
+error-feedback residual moves on exactly once (see :mod:`edge_sdk.state`).
 
 After an accepted report or an abort the coordinator's answer carries ``retry_after_s`` too
 (pace steering): the next wait is that plus jitter; the local defaults (``after_assignment_s``,
@@ -36,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -53,13 +58,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_sdk.bundle import Manifest
+from edge_sdk.bundle import BundleError, Manifest
 from edge_sdk.cache import BundleCache
 from edge_sdk.codecs import CODECS, decode_update, encode_update
 from edge_sdk.conditions import ConditionsProvider, DeviceConditions, EligibilityPolicy
 from edge_sdk.data import Dataset, as_dataset
 from edge_sdk.errors import (
     ApiError,
+    CacheError,
     ClientError,
     ConditionsLapsed,
     Conflict,
@@ -67,7 +73,8 @@ from edge_sdk.errors import (
     TransportError,
     Unauthorized,
 )
-from edge_sdk.local_training import Plan, evaluate, train
+from edge_sdk.frame import FrameError
+from edge_sdk.local_training import LocalLayers, Plan, PlanError, evaluate, train
 from edge_sdk.pool import TrainerPool, TrainerSource
 from edge_sdk.protocol import (
     API_PREFIX,
@@ -75,9 +82,13 @@ from edge_sdk.protocol import (
     HEADER_ENROLLMENT,
     HEADER_IDEMPOTENCY_KEY,
     HEADER_REPORT,
+    DeviceErrorCode,
+    FailurePhase,
     Route,
 )
-from edge_sdk.state import Credentials, DeviceState
+from edge_sdk.state import Credentials, DeviceState, PendingUpload
+from edge_sdk.tls import TlsConfig
+from edge_sdk.trainers.base import BundleNotSupported
 from edge_sdk.transport import RetryPolicy, Transport
 
 if TYPE_CHECKING:
@@ -110,7 +121,8 @@ class ClientConfig:
     request_timeout_s: float = 30.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     seed: int | None = None  # shuffling, stochastic rounding and jitter; None: fresh entropy
-    enrollment_token: str | None = None  # sent on registration if the coordinator wants one
+    enrollment_token: str | None = None  # sent on registration (coordinators require one)
+    tls: TlsConfig = field(default_factory=TlsConfig)  # CA bundle and key pin for https URLs
 
 
 @dataclass(frozen=True)
@@ -183,9 +195,12 @@ class Client:
             retry=self.config.retry,
             sleep=sleep,
             rng=self._rng,
+            tls=self.config.tls,
         )
         self._failures = 0
         self._busy = threading.Lock()
+        # The step an assignment is in, for the abort's phase (one pass at a time: _busy).
+        self._phase = FailurePhase.DOWNLOAD
 
     @property
     def device_id(self) -> str | None:
@@ -282,6 +297,7 @@ class Client:
             return Outcome(INELIGIBLE, self._jittered(self.config.ineligible_recheck_s),
                            reasons=reasons)
         self._ensure_registered()
+        self._resolve_pending()
         body = {
             "population": self.config.population,
             "runtimes": self._runtimes,
@@ -353,6 +369,7 @@ class Client:
         params_url = str(a["params_url"])
         if not params_url.startswith(API_PREFIX + "/"):
             raise TransportError(f"assignment's params_url {params_url!r} is not an API path")
+        self._phase = FailurePhase.DOWNLOAD
         try:
             bundle_dir, manifest = self.cache.fetch(self.transport, str(a["bundle_id"]))
             params = decode_update(
@@ -363,16 +380,22 @@ class Client:
                 return self._evaluate(ids, bundle_dir, manifest, params)
             return self._train(ids, a, bundle_dir, manifest, params, started, down0)
         except ConditionsLapsed as e:
-            answer = self._abort(assignment_id, "conditions_lapsed", str(e))
+            answer = self._abort(assignment_id, "conditions_lapsed",
+                                 FailurePhase.CONDITIONS_LAPSED, DeviceErrorCode.CONDITIONS)
             return Outcome(ABORTED, self._paced(answer, self.config.ineligible_recheck_s),
                            reasons=e.reasons, **ids)
-        except (TransportError, ApiError):
-            raise  # the coordinator is unreachable or refused: nothing to tell it
+        except (TransportError, ApiError) as e:
+            # The coordinator is unreachable or refused. A failed download is still worth
+            # one try at telling it (the funnel's download stage); an upload never: it stays
+            # pending and is sent again.
+            if self._phase is FailurePhase.DOWNLOAD and not isinstance(e, Unauthorized):
+                self._abort(assignment_id, "error", FailurePhase.DOWNLOAD, failure_code(e))
+            raise
         except Exception as e:
             # A local failure (bad plan, broken bundle, runtime error): free the slot for
             # someone else instead of letting the round wait for the deadline.
             log.exception("assignment %s failed on the device", assignment_id)
-            self._abort(assignment_id, "error", f"{type(e).__name__}: {e}")
+            self._abort(assignment_id, "error", self._phase, failure_code(e))
             outcome = self._failed(e)
             return Outcome(FAILED, outcome.next_run_in_s, error=outcome.error, **ids)
 
@@ -387,7 +410,9 @@ class Client:
         down0: int,
     ) -> Outcome:
         plan = Plan.from_json(a.get("plan"))
+        self._phase = FailurePhase.RUNTIME_LOAD
         with self.trainers.lease(bundle_dir, manifest) as trainer:
+            self._phase = FailurePhase.TRAINING
             result = train(
                 trainer,
                 self.data,
@@ -396,8 +421,10 @@ class Client:
                 round_=ids["round"],
                 rng=self._np_rng,
                 recheck=lambda: self.eligibility()[1],
+                local=LocalLayers.for_task(self.state.root, ids["task_id"]),
             )
             delta = trainer.get_parameters() - params
+        self._phase = FailurePhase.UPLOAD
         feedback = self.state.error_feedback(ids["task_id"]) if plan.codec.uses_error_feedback \
             else None
         frame, residual = encode_update(
@@ -413,38 +440,94 @@ class Client:
             "wall_time_s": self._clock() - started,
             "bytes_down": self.transport.bytes_received - down0,
         }
-        path = Route.ASSIGNMENT_UPDATE.format(assignment_id=ids["assignment_id"])
-        # The key is a digest of what is sent: a retry of these bytes (even from a restarted
-        # process) is the same upload, anything else is a different one.
-        key = hashlib.sha256(ids["assignment_id"].encode() + frame).hexdigest()[:32]
+        assert self.transport.credentials is not None
+        pending = PendingUpload(
+            coordinator=self.transport.base_url,
+            device_id=self.transport.credentials[0],
+            assignment_id=ids["assignment_id"],
+            task_id=ids["task_id"],
+            round=ids["round"],
+            key=PendingUpload.key_for(ids["assignment_id"], frame),
+            report=report,
+            frame=frame,
+            uses_feedback=feedback is not None,
+            residual=residual if feedback is not None else None,
+        )
+        # Durable before the first byte leaves: whatever happens to the answer, the next pass
+        # can resend exactly this and learn whether it counted.
+        self.state.save_pending(pending)
+        metrics = {**report, "bytes_up": len(frame)}
+        try:
+            answer = self._deliver(pending)
+        except ApiError as e:
+            if isinstance(e, Unauthorized) or e.status >= 500:
+                raise
+            if not isinstance(e, Conflict):  # a 409's round is closed: no slot left to free
+                self._abort(ids["assignment_id"], "error", FailurePhase.UPLOAD,
+                            DeviceErrorCode.REFUSED)
+            return Outcome(REJECTED, self._jittered(self.config.after_assignment_s),
+                           metrics=metrics, error=e.code, **ids)
+        return Outcome(TRAINED, self._paced(answer, self.config.after_assignment_s),
+                       metrics=metrics, **ids)
+
+    def _deliver(self, pending: PendingUpload) -> Any:
+        """Send ``pending`` and settle it by the answer: acknowledged (the residual moves on;
+        returns the coordinator's answer) or refused (raises the :class:`ApiError`; the
+        residual stays). No answer (:class:`TransportError`, 5xx) leaves it pending."""
+        path = Route.ASSIGNMENT_UPDATE.format(assignment_id=pending.assignment_id)
         headers = {
             "Content-Type": FRAME_CONTENT_TYPE,
-            HEADER_IDEMPOTENCY_KEY: key,
-            HEADER_REPORT: json.dumps(report),
+            HEADER_IDEMPOTENCY_KEY: pending.key,
+            HEADER_REPORT: json.dumps(pending.report),
         }
-        metrics = {**report, "bytes_up": len(frame)}
         answer: Any = None
         try:
-            response = self.transport.request("POST", path, body=frame, headers=headers)
+            response = self.transport.request("POST", path, body=pending.frame, headers=headers)
             with contextlib.suppress(ValueError, UnicodeDecodeError):
                 answer = response.json()
         except ApiError as e:
             if not _counted_earlier(e):
-                if isinstance(e, Unauthorized) or e.status >= 500:
-                    raise
-                return Outcome(REJECTED, self._jittered(self.config.after_assignment_s),
-                               metrics=metrics, error=e.code, **ids)
-        if feedback is not None:
-            # Only a delivered update moves the residual on; a refused one leaves it as it was.
-            feedback.save(residual)
-        return Outcome(TRAINED, self._paced(answer, self.config.after_assignment_s),
-                       metrics=metrics, **ids)
+                if e.status < 500:
+                    # A refusal, not an outage: the coordinator did not count it (a counted
+                    # upload's key always gets its stored answer back).
+                    self.state.clear_pending()
+                raise
+        self.state.commit_pending(pending)
+        return answer
+
+    def _resolve_pending(self) -> None:
+        """Settle an upload a previous pass sent without seeing the answer (before anything
+        else: a new encoding must start from the residual that answer decides)."""
+        pending = self.state.load_pending()
+        if pending is None:
+            return
+        creds = self.transport.credentials
+        if pending.coordinator != self.transport.base_url or creds is None \
+                or pending.device_id != creds[0]:
+            # Another coordinator or an identity since replaced: nobody can answer for it.
+            log.warning("dropping pending upload %s of another coordinator or device",
+                        pending.assignment_id)
+            self.state.clear_pending()
+            return
+        try:
+            self._deliver(pending)
+        except ApiError as e:
+            if e.status >= 500:
+                raise
+            log.info("pending upload %s was refused (%s); residual unchanged",
+                     pending.assignment_id, e.code)
+        else:
+            log.info("pending upload %s acknowledged on resend", pending.assignment_id)
 
     def _evaluate(
         self, ids: dict[str, Any], bundle_dir: Path, manifest: Manifest, params: np.ndarray
     ) -> Outcome:
+        self._phase = FailurePhase.RUNTIME_LOAD
         with self.trainers.lease(bundle_dir, manifest) as trainer:
-            result = evaluate(trainer, self.eval_data, params)
+            self._phase = FailurePhase.TRAINING
+            # FedBN tasks evaluate with the device's own batch norm layers (if it has any yet)
+            local = LocalLayers.for_task(self.state.root, ids["task_id"])
+            result = evaluate(trainer, self.eval_data, params, local=local)
         metrics: dict[str, Any] = {"num_examples": result.num_examples, "loss": result.loss}
         if result.accuracy is not None:
             metrics["accuracy"] = result.accuracy
@@ -458,11 +541,15 @@ class Client:
         return Outcome(EVALUATED, self._paced(answer, self.config.after_assignment_s),
                        metrics=metrics, **ids)
 
-    def _abort(self, assignment_id: str, reason: str, message: str) -> Any:
-        """Tell the coordinator; its answer (pace steering), or None if there is none."""
+    def _abort(
+        self, assignment_id: str, reason: str, phase: FailurePhase, code: DeviceErrorCode
+    ) -> Any:
+        """Tell the coordinator where and why the assignment failed (enumerated codes only:
+        never data or free text); its answer (pace steering), or None if there is none."""
         path = Route.ASSIGNMENT_ABORT.format(assignment_id=assignment_id)
+        body = {"reason": reason, "phase": phase.value, "code": code.value}
         try:
-            return self.transport.call("POST", path, {"reason": reason, "message": message[:500]})
+            return self.transport.call("POST", path, body)
         except Conflict as e:
             # The round closed (goal reached or deadline) while we trained: the coordinator
             # already expired the assignment, so there is no slot left to free.
@@ -471,6 +558,27 @@ class Client:
             # Best effort: the deadline frees the slot anyway.
             log.warning("could not tell the coordinator about abort of %s: %s", assignment_id, e)
         return None
+
+
+def failure_code(error: BaseException) -> DeviceErrorCode:
+    """The enumerated code a device reports for ``error`` (its message stays on the device)."""
+    if isinstance(error, ConditionsLapsed):
+        return DeviceErrorCode.CONDITIONS
+    if isinstance(error, TransportError | ApiError):
+        return DeviceErrorCode.NETWORK
+    if isinstance(error, CacheError | BundleError | FrameError):
+        return DeviceErrorCode.INTEGRITY
+    if isinstance(error, BundleNotSupported):
+        return DeviceErrorCode.UNSUPPORTED
+    if isinstance(error, MemoryError):
+        return DeviceErrorCode.OUT_OF_MEMORY
+    if isinstance(error, FloatingPointError):
+        return DeviceErrorCode.NON_FINITE
+    if isinstance(error, PlanError):
+        return DeviceErrorCode.INVALID_PLAN
+    if isinstance(error, RuntimeError | OSError | ValueError):
+        return DeviceErrorCode.RUNTIME_ERROR
+    return DeviceErrorCode.OTHER
 
 
 def _counted_earlier(error: ApiError) -> bool:

@@ -4,18 +4,21 @@ Hierarchy::
 
     ClientError                       anything the edge client raises on purpose
     ├── TransportError                the coordinator could not be reached (after retries)
+    │   └── TlsError                  its certificate is not trusted or not the pinned key
     ├── ApiError                      the coordinator answered with a protocol error body
     │   ├── BadRequest                400: malformed_json, invalid_request, malformed_frame
     │   ├── BodyTooLarge              413: body_too_large
     │   ├── Unauthorized              401: missing or bad device credentials
     │   ├── Forbidden                 403: authenticated, but not this device's
     │   ├── NotFound                  404: unknown id or route
+    │   ├── Gone                      410: version_pruned (an old version retention deleted)
     │   ├── Conflict                  409: conflict
     │   │   ├── RoundClosed           409: round_closed (late upload)
     │   │   ├── DuplicateUpload       409: duplicate_upload
     │   │   └── TooStale              409: too_stale (async beyond the staleness bound)
     │   ├── Unprocessable             422: bad_update, bundle_invalid
     │   └── ServerError               5xx (internal, or a proxy in between)
+    │       └── Overloaded            503 overloaded: the queue is full (``retry_after_s``)
     ├── CacheError                    a bundle file stayed corrupt after re-fetching
     └── ConditionsLapsed              local training stopped: the device became ineligible
 
@@ -37,9 +40,12 @@ __all__ = [
     "Conflict",
     "DuplicateUpload",
     "Forbidden",
+    "Gone",
     "NotFound",
+    "Overloaded",
     "RoundClosed",
     "ServerError",
+    "TlsError",
     "TooStale",
     "TransportError",
     "Unauthorized",
@@ -58,6 +64,12 @@ class TransportError(ClientError):
     def __init__(self, message: str, *, attempts: int = 1) -> None:
         super().__init__(message)
         self.attempts = attempts
+
+
+class TlsError(TransportError):
+    """The TLS handshake failed: an untrusted certificate, a wrong host name, a public key
+    that is not the pinned one, or a peer that does not speak TLS. Never retried: the same
+    server gives the same certificate next time."""
 
 
 class ApiError(ClientError):
@@ -98,6 +110,10 @@ class NotFound(ApiError):
     pass
 
 
+class Gone(ApiError):
+    pass
+
+
 class Conflict(ApiError):
     pass
 
@@ -122,6 +138,13 @@ class ServerError(ApiError):
     pass
 
 
+class Overloaded(ServerError):
+    """503: the coordinator's work queue is full; ``retry_after_s`` is the wait it asked for
+    (its ``Retry-After``), None without a usable one."""
+
+    retry_after_s: float | None = None
+
+
 class CacheError(ClientError):
     """A downloaded bundle file did not match its manifest hash, even after re-fetching."""
 
@@ -143,6 +166,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
     ErrorCode.UNAUTHORIZED.value: Unauthorized,
     ErrorCode.FORBIDDEN.value: Forbidden,
     ErrorCode.NOT_FOUND.value: NotFound,
+    ErrorCode.VERSION_PRUNED.value: Gone,
     ErrorCode.CONFLICT.value: Conflict,
     ErrorCode.ROUND_CLOSED.value: RoundClosed,
     ErrorCode.DUPLICATE_UPLOAD.value: DuplicateUpload,
@@ -150,6 +174,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
     ErrorCode.BAD_UPDATE.value: Unprocessable,
     ErrorCode.BUNDLE_INVALID.value: Unprocessable,
     ErrorCode.INTERNAL.value: ServerError,
+    ErrorCode.OVERLOADED.value: Overloaded,
 }
 
 # For answers without a known code (a proxy's HTML error page, a future code).
@@ -158,6 +183,7 @@ _BY_STATUS: dict[int, type[ApiError]] = {
     401: Unauthorized,
     403: Forbidden,
     404: NotFound,
+    410: Gone,
     409: Conflict,
     413: BodyTooLarge,
     422: Unprocessable,
@@ -169,7 +195,7 @@ def api_error(
 ) -> ApiError:
     """The most specific :class:`ApiError` for a status and wire code."""
     if status >= 500:
-        cls: type[ApiError] = ServerError
+        cls: type[ApiError] = Overloaded if code == ErrorCode.OVERLOADED.value else ServerError
     else:
         cls = _BY_CODE.get(code or "") or _BY_STATUS.get(status, ApiError)
     return cls(status, code, message, method=method, path=path)

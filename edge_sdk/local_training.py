@@ -7,16 +7,26 @@ FedProx through :meth:`Trainer.set_proximal`) and calls ``recheck`` every
 :func:`evaluate` runs the eval graph over the data in batches.
 
 The trainer may be shared with other clients (the fleet emulator keeps one per bundle): every
-call here sets the parameters, resets the optimizer and sets the proximal term first, so no
-state leaks from one client's round into another's.
+call here sets the parameters, resets the optimizer, the dropout seeds (from ``rng``) and the
+proximal term first, so no state leaks from one client's round into another's.
+
+Batch norm layers follow the plan's ``batchnorm``: ``"aggregate"`` trains them like every other
+entry of the model vector (their running statistics are averaged with the parameters), and
+``"local"`` is FedBN (Li et al., ICLR 2021): the layers' parameters and running statistics
+stay on the device. The device then starts each round from the global model with its own batch
+norm entries put in (:class:`LocalLayers`, kept in its state directory), saves them after
+training, and reports no change for them, so the coordinator's aggregate never mixes them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,13 +36,24 @@ from edge_sdk.data import Batch, Dataset
 from edge_sdk.errors import ConditionsLapsed
 from edge_sdk.trainers.base import BundleNotSupported, Trainer
 
-__all__ = ["EvalResult", "Plan", "PlanError", "TrainResult", "evaluate", "train"]
+__all__ = [
+    "BATCHNORM_MODES",
+    "EvalResult",
+    "LocalLayers",
+    "Plan",
+    "PlanError",
+    "TrainResult",
+    "evaluate",
+    "train",
+]
 
 # Rows per eval-graph call: the eval graphs take any batch size; this bounds memory.
 EVAL_BATCH = 256
 
 
 _FP32 = CodecSpec("fp32")
+BATCHNORM_MODES = ("aggregate", "local")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 class PlanError(ValueError):
@@ -49,6 +70,7 @@ class Plan:
     prox_mu: float = 0.0
     codec: CodecSpec = _FP32
     recheck_every_steps: int = 0  # 0: never re-check during training
+    batchnorm: str = "aggregate"  # or "local" (FedBN)
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.steps is None):
@@ -63,6 +85,11 @@ class Plan:
                 raise PlanError(f"plan {name!r} must be a finite number >= 0, got {value}")
         if self.recheck_every_steps < 0:
             raise PlanError("plan 'recheck_every_steps' must be >= 0")
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise PlanError(
+                f"plan 'batchnorm' must be one of {', '.join(BATCHNORM_MODES)}, "
+                f"got {self.batchnorm!r}"
+            )
 
     @classmethod
     def from_json(cls, obj: Any) -> Plan:
@@ -94,6 +121,7 @@ class Plan:
                 prox_mu=num("prox_mu", 0.0, float),
                 codec=CodecSpec.from_json(obj.get("codec", "fp32")),
                 recheck_every_steps=num("recheck_every_steps", 0, int) or 0,
+                batchnorm=obj.get("batchnorm", "aggregate"),
             )
         except ValueError as e:  # CodecSpecError is one
             raise PlanError(str(e)) from e
@@ -136,6 +164,58 @@ def _plan_batches(data: Dataset, plan: Plan, rng: np.random.Generator) -> Iterat
             return  # an empty epoch would loop forever
 
 
+class LocalLayers:
+    """A device's own batch norm entries of one task (FedBN), as a float32 ``.npy`` file::
+
+    local = LocalLayers.for_task(state_dir, task_id)
+    local.load(size)     # None before the first round (or after a model change)
+    local.save(values)   # written to a temporary file, then renamed into place
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def for_task(cls, state_dir: Path | str, task_id: str) -> LocalLayers:
+        if not _SAFE_ID.match(task_id):
+            raise ValueError(f"task id {task_id!r} is not safe as a file name")
+        return cls(Path(state_dir) / "local_layers" / f"{task_id}.npy")
+
+    def load(self, size: int) -> np.ndarray | None:
+        try:
+            values = np.load(self.path, allow_pickle=False)  # never unpickle from disk
+        except (OSError, ValueError):
+            return None
+        if values.shape != (size,) or values.dtype != np.float32:
+            return None  # another model's layers: start from the global ones
+        return values
+
+    def save(self, values: np.ndarray) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(values, np.float32), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+def _with_local(
+    trainer: Trainer, params: np.ndarray, mode: str, local: LocalLayers | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``params`` with the device's own batch norm entries under FedBN, and their positions
+    (empty when the layers are aggregated or the model has none)."""
+    if mode != "local":
+        return params, np.zeros(0, np.int64)
+    index = trainer.manifest.batchnorm_indices()
+    saved = local.load(index.size) if local is not None and index.size else None
+    if saved is None:
+        return params, index
+    mine = np.array(params, np.float32, copy=True)
+    mine[index] = saved
+    return mine, index
+
+
 def _prepare(trainer: Trainer, start: np.ndarray, mu: float) -> None:
     trainer.set_parameters(start)
     trainer.reset_optimizer()
@@ -156,13 +236,19 @@ def train(
     round_: int,
     rng: np.random.Generator,
     recheck: Callable[[], tuple[str, ...]] | None = None,
+    local: LocalLayers | None = None,
 ) -> TrainResult:
     """Run ``plan`` from parameters ``start``; the trainer holds the result afterwards.
 
     ``recheck`` returns the reasons the device is no longer eligible (empty while it is); a
-    non-empty answer raises :class:`ConditionsLapsed` before the next step.
+    non-empty answer raises :class:`ConditionsLapsed` before the next step. ``local``: where
+    the device keeps its batch norm layers under a ``"batchnorm": "local"`` plan (FedBN); the
+    trainer then holds ``start``'s values for them afterwards (no change to report).
     """
-    _prepare(trainer, start, plan.prox_mu)
+    begin, index = _with_local(trainer, start, plan.batchnorm, local)
+    _prepare(trainer, begin, plan.prox_mu)
+    if trainer.manifest.step_seed:  # drawn only then: the batch order stays what it was
+        trainer.seed(int(rng.integers(2**31)))
     lr = plan.lr_for_round(round_)
     total_loss = 0.0
     seen = 0
@@ -181,6 +267,12 @@ def train(
         steps += 1
     if not steps:
         raise PlanError("the plan ran no step: the dataset yielded no batch")
+    if index.size:
+        trained = trainer.get_parameters()
+        if local is not None:
+            local.save(trained[index])
+        trained[index] = start[index]
+        trainer.set_parameters(trained)
     known = data.num_examples
     return TrainResult(
         loss=total_loss / seen,
@@ -190,9 +282,16 @@ def train(
     )
 
 
-def evaluate(trainer: Trainer, data: Dataset, params: np.ndarray) -> EvalResult:
-    """The model ``params`` on all of ``data``: example-weighted loss and accuracy."""
-    trainer.set_parameters(params)
+def evaluate(
+    trainer: Trainer,
+    data: Dataset,
+    params: np.ndarray,
+    *,
+    local: LocalLayers | None = None,
+) -> EvalResult:
+    """The model ``params`` on all of ``data``: example-weighted loss and accuracy. With
+    ``local`` (FedBN), the device's own batch norm layers replace the global ones."""
+    trainer.set_parameters(_with_local(trainer, params, "local" if local else "", local)[0])
     total_loss = 0.0
     correct = 0.0
     n = 0

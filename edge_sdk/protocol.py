@@ -11,8 +11,11 @@ Conventions
 * Every error is ``{"error": {"code": <ErrorCode>, "message": <human text>}}`` with a 4xx or 5xx
   status; the code is stable, the message is not.
 * Devices authenticate with ``Authorization: Device <device_id>:<secret>``; operators with
-  ``Authorization: Bearer <admin token>``. Only a hash of the device secret is stored. A
-  coordinator may require ``X-Fedge-Enrollment: <enrollment token>`` to register a device.
+  ``Authorization: Bearer <admin token>``. Only a hash of the device secret is stored.
+  Registering a device needs ``X-Fedge-Enrollment: <enrollment token>`` unless the operator
+  opened registration on purpose.
+* A coordinator whose work queue is full answers ``503 overloaded`` with ``Retry-After``
+  (seconds) at once; clients wait that long, plus jitter, before trying again.
 * Uploads carry ``Idempotency-Key``: the same device, assignment and key always get the same
   answer, and the update is counted once.
 """
@@ -28,7 +31,9 @@ __all__ = [
     "HEADER_ENROLLMENT",
     "HEADER_IDEMPOTENCY_KEY",
     "HEADER_REPORT",
+    "DeviceErrorCode",
     "ErrorCode",
+    "FailurePhase",
     "Route",
     "device_auth_header",
     "parse_device_auth",
@@ -67,6 +72,15 @@ class Route:
     ADMIN_TASK_ROUNDS: Final = "/v1/admin/tasks/{task_id}/rounds"
     ADMIN_TASK_EVALUATE: Final = "/v1/admin/tasks/{task_id}/evaluate"
     ADMIN_TASK_BUNDLE: Final = "/v1/admin/tasks/{task_id}/bundle"
+    # operator dashboard (coordinator/dashboard): the page itself, its assets, its data
+    DASHBOARD: Final = "/dashboard"
+    DASHBOARD_STATIC: Final = "/dashboard/static/{name}"
+    ADMIN_DASHBOARD_OVERVIEW: Final = "/v1/admin/dashboard/overview"
+    ADMIN_DASHBOARD_TASK: Final = "/v1/admin/dashboard/tasks/{task_id}"
+    ADMIN_DASHBOARD_ROUND: Final = "/v1/admin/dashboard/tasks/{task_id}/rounds/{number}"
+    ADMIN_DASHBOARD_POPULATION: Final = "/v1/admin/dashboard/population"
+    ADMIN_DASHBOARD_SERVICE: Final = "/v1/admin/dashboard/service"
+    METRICS: Final = "/metrics"  # Prometheus text format, admin token
 
 
 class ErrorCode(str, Enum):
@@ -78,6 +92,7 @@ class ErrorCode(str, Enum):
     UNAUTHORIZED = "unauthorized"  # 401: missing or bad credentials
     FORBIDDEN = "forbidden"  # 403: authenticated, but not yours
     NOT_FOUND = "not_found"  # 404: unknown id or route
+    VERSION_PRUNED = "version_pruned"  # 410: an old model version deleted by retention
     MALFORMED_FRAME = "malformed_frame"  # truncated, bad magic, checksum, codec
     BAD_UPDATE = "bad_update"  # 422: NaN/Inf, wrong length, norm beyond bound
     ROUND_CLOSED = "round_closed"  # 409: late upload, round committed or abandoned
@@ -86,6 +101,36 @@ class ErrorCode(str, Enum):
     CONFLICT = "conflict"  # 409: state does not allow the operation (e.g. pause twice)
     BUNDLE_INVALID = "bundle_invalid"  # 422: manifest or hashes do not check
     INTERNAL = "internal"  # 500: a bug; never caused by what a device sends
+    OVERLOADED = "overloaded"  # 503: the work queue is full; come back after Retry-After
+
+
+class FailurePhase(str, Enum):
+    """Where an assignment failed on a device: the ``phase`` of an abort (the funnel's stages).
+
+    Together with a :class:`DeviceErrorCode` it is all a device says about a failure: never
+    data, never free text.
+    """
+
+    DOWNLOAD = "download"  # the bundle or the version's parameters could not be fetched
+    RUNTIME_LOAD = "runtime_load"  # the runtime could not load the bundle's training graph
+    TRAINING = "training"  # a training step failed
+    CONDITIONS_LAPSED = "conditions_lapsed"  # charging, idle or network stopped during training
+    UPLOAD = "upload"  # encoding the update failed or the coordinator refused it
+
+
+class DeviceErrorCode(str, Enum):
+    """Why a phase failed on a device (the ``code`` of an abort)."""
+
+    NETWORK = "network"  # connection, timeout, HTTP error while fetching
+    INTEGRITY = "integrity"  # a hash, size or frame check failed
+    UNSUPPORTED = "unsupported"  # no installed runtime can run the bundle
+    RUNTIME_ERROR = "runtime_error"  # the runtime raised
+    OUT_OF_MEMORY = "out_of_memory"
+    NON_FINITE = "non_finite"  # NaN or infinite loss or parameters
+    INVALID_PLAN = "invalid_plan"  # the assignment's plan could not be used
+    REFUSED = "refused"  # the coordinator refused the upload (bad update)
+    CONDITIONS = "conditions"  # the device's eligibility conditions stopped holding
+    OTHER = "other"
 
 
 def device_auth_header(device_id: str, secret: str) -> str:

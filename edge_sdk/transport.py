@@ -8,7 +8,13 @@ protocol needs on top:
 * error bodies mapped to the classes of :mod:`edge_sdk.errors`;
 * retries with exponential backoff and jitter for connection failures and 5xx answers, never
   for 4xx: a 4xx is the same answer next time. A keep-alive connection the server closed while
-  idle is reopened once at once, without counting as an attempt;
+  idle is reopened once at once, without counting as an attempt. A ``Retry-After`` (an
+  overloaded coordinator's 503) sets the wait, plus jitter so that the devices it turned away
+  together do not return together; all the waits of one request stay within
+  ``RetryPolicy.max_total_wait_s``;
+* HTTPS with verified certificates, a custom CA bundle and public-key pinning
+  (:class:`~edge_sdk.tls.TlsConfig`); a certificate that fails raises
+  :class:`~edge_sdk.errors.TlsError` and is not retried;
 * byte counters (``bytes_sent`` / ``bytes_received``: bodies, not headers) for the client's report.
 
 Usage::
@@ -26,14 +32,16 @@ import http.client
 import io
 import json
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from edge_sdk.errors import ApiError, TransportError, api_error
+from edge_sdk.errors import ApiError, Overloaded, TlsError, TransportError, api_error
 from edge_sdk.protocol import device_auth_header
+from edge_sdk.tls import PinnedHTTPSConnection, TlsConfig
 
 __all__ = ["Response", "RetryPolicy", "Transport"]
 
@@ -47,23 +55,32 @@ _USER_AGENT = "fedge-edge/1"
 class RetryPolicy:
     """Exponential backoff with jitter: attempt ``n`` waits ``base * 2**(n-1)`` (capped) times a
     random factor in ``[1 - jitter, 1]``, so that devices cut off together do not come back
-    together."""
+    together. A server's ``Retry-After`` replaces that wait, times ``[1, 1 + jitter]``. One
+    request never waits more than ``max_total_wait_s`` in all: past it the last error is
+    raised and the device's own loop decides when to come back."""
 
     max_attempts: int = 5
     base_delay_s: float = 0.5
     max_delay_s: float = 30.0
     jitter: float = 0.5
+    max_total_wait_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if not 0.0 <= self.jitter <= 1.0:
             raise ValueError("jitter must be in [0, 1]")
+        if self.max_total_wait_s < 0:
+            raise ValueError("max_total_wait_s must be >= 0")
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1-based)."""
         cap = min(self.max_delay_s, self.base_delay_s * 2.0 ** (attempt - 1))
         return cap * (1.0 - self.jitter * rng.random())
+
+    def server_delay(self, asked: float, rng: random.Random) -> float:
+        """Seconds to wait when the server asked for ``asked`` (Retry-After)."""
+        return min(self.max_delay_s, asked) * (1.0 + self.jitter * rng.random())
 
 
 @dataclass(frozen=True)
@@ -95,12 +112,18 @@ class Transport:
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         max_answer_bytes: int = _MAX_BODY,
+        tls: TlsConfig | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"coordinator URL must be http(s)://host[:port], got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self._https = parts.scheme == "https"
+        if tls is not None and tls != TlsConfig() and not self._https:
+            # A CA or a pin on a plain-HTTP URL would protect nothing: say so, do not ignore.
+            raise ValueError(f"TLS options (CA bundle, pin) need an https:// URL, got {base_url!r}")
+        self.tls = tls or TlsConfig()
+        self._ssl_context: ssl.SSLContext | None = None
         self._host = parts.hostname
         self._port = parts.port
         self._prefix = parts.path.rstrip("/")
@@ -184,6 +207,17 @@ class Transport:
         n = 0  # attempts that count against the policy
         tries = 0  # requests sent, a free reopen included
         reopened = False
+        waited = 0.0
+
+        def wait(seconds: float) -> bool:
+            """Sleep unless that would pass the request's total wait budget."""
+            nonlocal waited
+            if waited + seconds > self.retry.max_total_wait_s:
+                return False
+            waited += seconds
+            self._sleep(seconds)
+            return True
+
         while True:
             n += 1
             tries += 1
@@ -195,28 +229,28 @@ class Transport:
                     reopened = True
                     n -= 1
                     continue
-                if n >= self.retry.max_attempts:
+                if n >= self.retry.max_attempts or not wait(self.retry.delay(n, self._rng)):
                     raise TransportError(
                         f"{method} {path}: {failure.cause!r} after {n} attempts", attempts=n
                     ) from failure.cause
-                self._sleep(self.retry.delay(n, self._rng))
                 continue
             if response.status < 400:
                 return response
             error = self._error(method, path, response)
             error.attempt = tries
-            if response.status >= 500 and n < self.retry.max_attempts:
-                self._sleep(self._server_delay(n, response))
+            if (
+                response.status >= 500
+                and n < self.retry.max_attempts
+                and wait(self._server_delay(n, response))
+            ):
                 continue
             raise error
 
     def _server_delay(self, n: int, response: Response) -> float:
-        delay = self.retry.delay(n, self._rng)
-        try:
-            asked = float(response.headers.get("retry-after", "0"))
-        except ValueError:
-            asked = 0.0
-        return min(self.retry.max_delay_s, max(delay, asked))
+        asked = _retry_after(response)
+        if asked is None:
+            return self.retry.delay(n, self._rng)
+        return self.retry.server_delay(asked, self._rng)
 
     def _error(self, method: str, path: str, response: Response) -> ApiError:
         code: str | None = None
@@ -227,12 +261,27 @@ class Transport:
             message = str(err.get("message", ""))
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             pass
-        return api_error(response.status, code, message, method=method, path=path)
+        error = api_error(response.status, code, message, method=method, path=path)
+        if isinstance(error, Overloaded):
+            error.retry_after_s = _retry_after(response)
+        return error
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            self._conn = cls(self._host, self._port, timeout=self.timeout)
+            if not self._https:
+                self._conn = http.client.HTTPConnection(self._host, self._port,
+                                                        timeout=self.timeout)
+            else:
+                if self._ssl_context is None:
+                    self._ssl_context = self.tls.context()
+                pin = self.tls.pin
+                self._conn = (
+                    http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
+                                                context=self._ssl_context)
+                    if pin is None
+                    else PinnedHTTPSConnection(self._host, self._port, pin=pin,
+                                               timeout=self.timeout, context=self._ssl_context)
+                )
             self._served = 0
             self.connections_opened += 1
         return self._conn
@@ -274,6 +323,14 @@ class Transport:
                     self.close()
                     raise TransportError(f"{method} {path}: answer larger than {limit} B")
                 data = held.getvalue()
+        except TlsError:
+            self.close()
+            raise
+        except ssl.SSLError as e:
+            self.close()
+            if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+                raise _Failed(e, reused) from e  # the link was cut: that may pass
+            raise TlsError(f"{method} {self.base_url}: TLS handshake failed: {e}") from e
         except (OSError, http.client.HTTPException) as e:
             self.close()
             raise _Failed(e, reused) from e
@@ -314,3 +371,12 @@ class Transport:
             raise http.client.HTTPException(bad) from None
         if start != offset:
             raise http.client.HTTPException(f"asked for bytes from {offset}, got from {start}")
+
+
+def _retry_after(response: Response) -> float | None:
+    """A ``Retry-After`` in seconds (the HTTP-date form is not used by the coordinator)."""
+    try:
+        asked = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return asked if 0.0 <= asked < float("inf") else None

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Each module defines ``register(subparsers)``; the parser it adds sets ``func(args) -> int``.
-COMMANDS = ("export", "serve", "task", "status", "fleet", "demo", "device")
+COMMANDS = ("export", "serve", "task", "status", "watch", "fleet", "demo", "device", "db")
 
 
 class CommandError(Exception):

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_sdk.protocol import Route
 from fedge.bundle_cache import DIGITS_BUNDLE_ARGS, DIGITS_MODEL
 from fedge.fleet.clock import SimClock
 from fedge.fleet.datasets import Dataset
@@ -44,6 +45,12 @@ __all__ = ["DemoConfig", "DemoResult", "RoundPoint", "demo_bundle", "run_demo"]
 DEMO_MODEL = DIGITS_MODEL
 # The fleet trains with the portable step (ort-step): no ORT training artifacts to export.
 DEMO_EXPORT_ARGS: dict[str, Any] = {**DIGITS_BUNDLE_ARGS, "ort_training": False}
+# ``--model``: the MLP, or a MobileNet-style network (depthwise convolutions, batch norm) on the
+# same flat digits, so that a non-MLP model is seen federated.
+DEMO_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mlp": (DEMO_MODEL, DEMO_EXPORT_ARGS),
+    "mobilenet": ("model_export.zoo:DigitsMobileNet", DEMO_EXPORT_ARGS),
+}
 
 
 @dataclass(frozen=True)
@@ -68,9 +75,18 @@ class DemoConfig:
     out: Path = Path("out/demo")  # /out/ is git-ignored in the repo
     cache_dir: Path | None = None  # exported bundle cache; default ~/.cache/fedge
     timeout_s: float = 900.0
+    model: str = "mlp"  # a key of DEMO_MODELS
+    batchnorm: str = "aggregate"  # batch norm layers: "aggregate" or "local" (FedBN)
 
     def __post_init__(self) -> None:
         from edge_sdk.codecs import CodecSpec
+        from edge_sdk.local_training import BATCHNORM_MODES
+
+        if self.model not in DEMO_MODELS or self.batchnorm not in BATCHNORM_MODES:
+            raise ValueError(
+                f"model must be one of {', '.join(DEMO_MODELS)} and batchnorm one of "
+                f"{', '.join(BATCHNORM_MODES)}"
+            )
 
         if self.devices < 2 or self.rounds < 1 or not 1 <= self.goal <= self.devices:
             raise ValueError("need devices >= 2, rounds >= 1 and 1 <= goal <= devices")
@@ -95,6 +111,7 @@ class DemoConfig:
             "lr_decay": self.lr_decay,
             "codec": {"name": self.codec},
             "server_optimizer": {"name": self.server_optimizer, "lr": self.server_lr},
+            "batchnorm": self.batchnorm,
         }
 
 
@@ -153,15 +170,16 @@ def _default_cache() -> Path:
     return Path(base) / "fedge"
 
 
-def demo_bundle(cache_dir: Path | None = None, say: Callable[[str], None] = print) -> Path:
+def demo_bundle(
+    cache_dir: Path | None = None, say: Callable[[str], None] = print, model: str = "mlp"
+) -> Path:
     """The demo model's bundle, exported once per exporter version into ``cache_dir``."""
     from edge_sdk.bundle import verify_bundle
     from fedge.bundle_cache import cached_bundle
 
-    say(f"demo model {DEMO_MODEL} (exported on the first run, then cached) ...")
-    out = cached_bundle(
-        DEMO_MODEL, cache_dir=(cache_dir or _default_cache()) / "bundles", **DEMO_EXPORT_ARGS
-    )
+    spec, export_args = DEMO_MODELS[model]
+    say(f"demo model {spec} (exported on the first run, then cached) ...")
+    out = cached_bundle(spec, cache_dir=(cache_dir or _default_cache()) / "bundles", **export_args)
     verify_bundle(out)
     say(f"demo model bundle: {out}")
     return out
@@ -177,8 +195,10 @@ def demo_coordinator(config: DemoConfig, clock: SimClock) -> EmbeddedCoordinator
     return EmbeddedCoordinator(clock=clock.unix(), pacing=pacing, seed=config.seed)
 
 
-def demo_fleet(url: str, parts: Sequence[Dataset], config: DemoConfig, clock: SimClock) -> Fleet:
-    """The demo's fleet: uniform devices but for mid-round dropouts and lapses."""
+def demo_fleet(url: str, parts: Sequence[Dataset], config: DemoConfig, clock: SimClock,
+               enrollment_token: str | None = None) -> Fleet:
+    """The demo's fleet: uniform devices but for mid-round dropouts and lapses; they register
+    with ``enrollment_token`` (the coordinator's)."""
     from edge_sdk.client import ClientConfig
     from fedge.fleet import Heterogeneity
     from fedge.fleet.emulator import Fleet
@@ -187,7 +207,8 @@ def demo_fleet(url: str, parts: Sequence[Dataset], config: DemoConfig, clock: Si
     # The coordinator's answer to a report or an abort steers when a device returns; a late
     # upload (409 round_closed) carries no such hint, so its device waits 10 s (the client's
     # default is 1 s) rather than filling the next selection window at once.
-    client = ClientConfig(backend="ort-step", after_assignment_s=10.0)
+    client = ClientConfig(backend="ort-step", after_assignment_s=10.0,
+                          enrollment_token=enrollment_token)
     return Fleet(url, parts, heterogeneity=heterogeneity, seed=config.seed, clock=clock,
                  rejoin_s=60.0, client_config=client)
 
@@ -203,7 +224,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResu
     # Clients log each abort the coordinator could not take (a lapse after the deadline):
     # expected in an emulated fleet, noise in the demo's output.
     logging.getLogger("edge_sdk").setLevel(logging.ERROR)
-    bundle = demo_bundle(config.cache_dir, say)
+    bundle = demo_bundle(config.cache_dir, say, config.model)
     trainer = load_trainer(bundle, backend="ort-step")
     initial = trainer.get_parameters()
 
@@ -237,7 +258,9 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoResu
         task_id = admin.create_task(bundle_id, config.plan(), name="digits-demo")["task_id"]
         say(f"coordinator {coord.url} (temporary SQLite), task {task_id}: {config.rounds} "
             f"rounds, goal {config.goal}, {config.steps} local steps, codec {config.codec}")
-        fleet = demo_fleet(coord.url, parts, config, clock)
+        say(f"dashboard {coord.url}{Route.DASHBOARD} while it runs (admin token "
+            f"{coord.admin_token}; or: fedge watch --coordinator {coord.url} --admin-token ...)")
+        fleet = demo_fleet(coord.url, parts, config, clock, coord.enrollment_token)
         t0 = time.monotonic()
 
         def new_rounds() -> bool:

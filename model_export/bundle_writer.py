@@ -4,11 +4,18 @@ The bundle layout and manifest are documented in :mod:`edge_sdk.bundle`. ``expor
 checks the model against the loss on an example batch, traces the portable step/eval/infer
 graphs (``step.onnx``...), adds ORT training artifacts and, when asked, TFLite files, then writes
 ``params.f32`` (and ``frozen.f32``) and the manifest whose id is the hash of all of it.
+
+Only the portable step is required: if it cannot be built the export fails and names the
+layer that fails on its own (:mod:`model_export.blame`). ORT artifacts and TFLite files are
+each written on their own; a backend that cannot express the model (a converter error, batch
+norm statistics it cannot carry, an optimizer it lacks) is recorded in the manifest's
+``backends`` with the reason, and its trainer refuses the bundle with it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -31,10 +38,11 @@ from edge_sdk.bundle import (
     step_signature,
     verify_bundle,
 )
+from model_export.blame import blame_layer
 from model_export.config import INPUT_DTYPES, LOSSES, OptimizerConfig, StateSpec
-from model_export.errors import LossMismatch, UnsupportedModel
+from model_export.errors import ExportError, LossMismatch, UnsupportedModel
 from model_export.loading import load_model
-from model_export.ort_artifacts import ort_training_support, write_ort_artifacts
+from model_export.ort_artifacts import ORT_DIR, ort_training_support, write_ort_artifacts
 from model_export.step import StepFunctions
 from model_export.tracing import OPSET, export_onnx, trace
 
@@ -43,18 +51,27 @@ __all__ = ["export_bundle", "io_names", "tflite_names"]
 _DTYPES = dict(zip(INPUT_DTYPES, (torch.float32, torch.float64, torch.int64), strict=True))
 
 
-def io_names(params: Sequence[str], state: Sequence[StateSpec]) -> dict[str, dict[str, list[str]]]:
+def io_names(
+    params: Sequence[str],
+    state: Sequence[StateSpec],
+    *,
+    buffers: Sequence[str] = (),
+    seed: bool = False,
+) -> dict[str, dict[str, list[str]]]:
     """Input and output names of the ONNX graphs (the ``signatures`` manifest entry)."""
     layout = [(s.name, s.per_parameter) for s in state]
+    extra: dict[str, Any] = {"buffers": buffers, "seed": seed}
     return {
-        "step": step_signature(params, layout, proximal=False),
-        "step_prox": step_signature(params, layout, proximal=True),
+        "step": step_signature(params, layout, proximal=False, **extra),
+        "step_prox": step_signature(params, layout, proximal=True, **extra),
         "eval": {"inputs": ["params", "x", "y"], "outputs": ["loss", "output"]},
         "infer": {"inputs": ["params", "x"], "outputs": ["output"]},
     }
 
 
-def tflite_names(state: Sequence[StateSpec]) -> dict[str, dict[str, list[str]]]:
+def tflite_names(
+    state: Sequence[StateSpec], *, seed: bool = False
+) -> dict[str, dict[str, list[str]]]:
     """Names, in positional order, of the TFLite graphs' tensors (flat step, see ``step``)."""
     names = [s.name for s in state]
     return {
@@ -65,6 +82,7 @@ def tflite_names(state: Sequence[StateSpec]) -> dict[str, dict[str, list[str]]]:
                 "x",
                 "y",
                 "lr",
+                *(["seed"] if seed else []),
                 "anchor",
                 "mu",
                 "weight",
@@ -118,17 +136,44 @@ def _target_for(loss: str, out: Any, n: int) -> tuple[torch.Tensor, dict[str, An
     return y, {"shape": [None, *out.shape[1:]], "dtype": "float32"}, bce_classes
 
 
-def _check_buffers_stable(model: nn.Module, x: torch.Tensor) -> None:
+def _running_statistics(
+    model: nn.Module,
+) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+    """The batch norm layers' running statistics (step-graph state) and the layers' names.
+
+    Their ``num_batches_tracked`` counter is dropped: with a momentum it is never read."""
+    stats: list[tuple[str, torch.Tensor]] = []
+    modules: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        modules.append(name)
+        mean, var = module.running_mean, module.running_var
+        if not module.track_running_stats or mean is None or var is None:
+            continue
+        if module.momentum is None:
+            raise UnsupportedModel(
+                f"layer {name!r} ({type(module).__name__}): momentum=None keeps a cumulative "
+                "average over every batch ever seen, which a federated step cannot hold; "
+                "give the layer a momentum (torch's default is 0.1)"
+            )
+        module.num_batches_tracked = None
+        prefix = f"{name}." if name else ""
+        stats += [(prefix + "running_mean", mean), (prefix + "running_var", var)]
+    return stats, modules
+
+
+def _check_buffers_stable(model: nn.Module, x: torch.Tensor, state: set[str]) -> None:
+    """Buffers other than the running statistics (``state``) must stay constant."""
     before = {k: v.clone() for k, v in model.named_buffers()}
     probe = copy.deepcopy(model).train()
     with torch.no_grad():
         probe(x)
     for name, value in probe.named_buffers():
-        if not torch.equal(value, before[name]):
+        if name not in state and not torch.equal(value, before[name]):
             raise UnsupportedModel(
-                f"the model updates buffer {name!r} while training (e.g. BatchNorm running "
-                "statistics); bundle format 1 keeps buffers constant: use GroupNorm/LayerNorm "
-                "or freeze the module in eval mode"
+                f"the model updates buffer {name!r} while training; only batch norm running "
+                "statistics are step-graph state, other buffers must stay constant"
             )
 
 
@@ -138,8 +183,8 @@ def _flat(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     return torch.cat([t.detach().reshape(-1) for t in tensors]).numpy().astype("<f4")
 
 
-def _layout(named: Sequence[tuple[str, torch.Tensor]]) -> list[dict[str, Any]]:
-    out, offset = [], 0
+def _layout(named: Sequence[tuple[str, torch.Tensor]], start: int = 0) -> list[dict[str, Any]]:
+    out, offset = [], start
     for name, t in named:
         out.append({"name": name, "shape": list(t.shape), "offset": offset})
         offset += t.numel()
@@ -245,6 +290,8 @@ class _Prepared:
     fns: StepFunctions
     trainable: list[tuple[str, torch.Tensor]]
     frozen: list[tuple[str, torch.Tensor]]
+    buffers: list[tuple[str, torch.Tensor]]  # running statistics: step-graph state
+    batchnorm_modules: list[str]
     shape: list[int]
     input_dtype: str
     x: torch.Tensor
@@ -257,20 +304,37 @@ class _Prepared:
     def opt(self) -> OptimizerConfig:
         return self.fns.optimizer
 
+    def model_vector(self) -> torch.Tensor:
+        """The initial model vector: trainable parameters, then buffers."""
+        return torch.from_numpy(_flat([t for _, t in (*self.trainable, *self.buffers)]).copy())
+
+    def _seed(self) -> list[torch.Tensor]:
+        return [torch.tensor(0, dtype=torch.int64)] if self.fns.seeded else []
+
     def step_args(self) -> list[torch.Tensor]:
         """Example arguments of the flat step (see :mod:`model_export.step`)."""
         params = torch.from_numpy(_flat([p for _, p in self.trainable]).copy())
         state = [torch.zeros(params.numel() if s.per_parameter else ()) for s in self.opt.state]
         lr = torch.tensor(self.opt.lr)
-        return [params, *state, self.x, self.y, lr, params.clone(), torch.tensor(0.0)]
+        return [
+            params,
+            *state,
+            self.x,
+            self.y,
+            lr,
+            *self._seed(),
+            params.clone(),
+            torch.tensor(0.0),
+        ]
 
     def split_step_args(self, *, proximal: bool) -> list[torch.Tensor]:
         """Example arguments of the split step."""
         params = [p.detach().clone() for _, p in self.trainable]
+        buffers = [b.detach().clone() for _, b in self.buffers]
         state: list[torch.Tensor] = []
         for s in self.opt.state:
             state += [torch.zeros_like(p) for p in params] if s.per_parameter else [torch.zeros(())]
-        args = [*params, *state, self.x, self.y, torch.tensor(self.opt.lr)]
+        args = [*params, *buffers, *state, self.x, self.y, torch.tensor(self.opt.lr), *self._seed()]
         if proximal:
             args += [*(p.clone() for p in params), torch.tensor(0.0)]
         return args
@@ -318,27 +382,35 @@ def _prepare(
         x = torch.randint(0, 2, (n, *shape[1:]), generator=gen)
     with torch.no_grad():
         try:
-            out = model.train()(x)
+            out = copy.deepcopy(model).train()(x)  # a copy: batch norm would update its stats
         except Exception as e:
             raise LossMismatch(
                 f"the model fails on an input of shape {tuple(x.shape)} {input_dtype}: "
                 f"{type(e).__name__}: {e}"
             ) from e
     y, target_spec, num_classes = _target_for(loss, out, n)
-    _check_buffers_stable(model, x)
+    buffers, bn_modules = _running_statistics(model)
+    _check_buffers_stable(model, x, {nm for nm, _ in buffers})
     fns = StepFunctions(
         model=model,
         names=[nm for nm, _ in trainable],
         shapes=[tuple(p.shape) for _, p in trainable],
         loss=loss,
         optimizer=opt,
+        buffers=[nm for nm, _ in buffers],
+        buffer_shapes=[tuple(b.shape) for _, b in buffers],
     )
+    model.train()
+    if fns.dropout_layers(x):
+        fns = dataclasses.replace(fns, seeded=True)
     return _Prepared(
         model,
         _source_of(model_or_spec, model),
         fns,
         trainable,
         frozen,
+        buffers,
+        bn_modules,
         shape,
         input_dtype,
         x,
@@ -347,6 +419,24 @@ def _prepare(
         target_spec,
         num_classes,
     )
+
+
+def _attempt(
+    out_dir: Path, files: Sequence[str], write: Callable[[], dict[str, str]]
+) -> tuple[dict[str, str] | None, str | None]:
+    """Write one optional backend's files: their names, or None and the reason it failed (its
+    partial files removed). The portable step stands on its own, so no optional backend can
+    fail the export."""
+    try:
+        return write(), None
+    except Exception as e:  # any failure of an optional converter is that backend's refusal
+        for name in files:
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+        return None, str(e) or type(e).__name__
 
 
 def _write(
@@ -361,56 +451,95 @@ def _write(
 ) -> None:
     model, fns, opt, x, y = prep.model, prep.fns, prep.opt, prep.x, prep.y
     step_args = prep.step_args()
-    params = step_args[0]
-    num = params.numel()
-    names = io_names(fns.names, opt.state)
+    vector = prep.model_vector()
+    num = step_args[0].numel()
+    names = io_names(fns.names, opt.state, buffers=fns.buffers, seed=fns.seeded)
     graphs: dict[str, tuple[Callable[..., object], list[torch.Tensor]]] = {
         "step": (fns.split_step(proximal=False), prep.split_step_args(proximal=False)),
         "step_prox": (fns.split_step(proximal=True), prep.split_step_args(proximal=True)),
-        "eval": (fns.eval, [params, x, y]),
-        "infer": (fns.infer, [params, x]),
+        "eval": (fns.eval, [vector, x, y]),
+        "infer": (fns.infer, [vector, x]),
     }
     for graph, (fn, args) in graphs.items():
         say(f"tracing {graph} graph")
         model.train(graph.startswith("step"))
-        gm = trace(fn, args, f"{graph} graph")
-        say(f"writing {graph}.onnx")
-        export_onnx(
-            gm,
-            args,
-            out_dir / f"{graph}.onnx",
-            input_names=names[graph]["inputs"],
-            output_names=names[graph]["outputs"],
-            batch_inputs=("x", "y"),
-            what=f"{graph} graph",
-        )
+        try:
+            gm = trace(fn, args, f"{graph} graph")
+            say(f"writing {graph}.onnx")
+            export_onnx(
+                gm,
+                args,
+                out_dir / f"{graph}.onnx",
+                input_names=names[graph]["inputs"],
+                output_names=names[graph]["outputs"],
+                batch_inputs=("x", "y"),
+                what=f"{graph} graph",
+            )
+        except ExportError as e:
+            say("finding the layer that cannot be exported")
+            raise blame_layer(model, x, e, training=graph.startswith("step")) from e
 
-    ort_reason = ort_training_support(opt)
+    backends: dict[str, dict[str, Any]] = {
+        "ort-step": {"supported": True, "reason": None, "fedprox": True}
+    }
     ort_files: dict[str, str] | None = None
-    if ort_training:
-        say("writing ORT training artifacts")
-        ort_files = write_ort_artifacts(
-            model,
-            x,
-            out_dir,
-            trainable=fns.names,
-            frozen=[nm for nm, _ in prep.frozen],
-            loss=fns.loss,
-            optimizer=opt,
+    ort_reason: str | None
+    if prep.buffers:
+        ort_reason = (
+            "ORT training artifacts hold only trainable parameters in their contiguous buffer; "
+            "the batch norm running statistics of the model vector would not be carried "
+            "(use ort-step)"
         )
-    else:
+    elif not ort_training:
         ort_reason = "exported without ORT training artifacts"
+    else:
+        say("writing ORT training artifacts")
+        ort_files, ort_reason = _attempt(
+            out_dir,
+            [ORT_DIR],
+            lambda: write_ort_artifacts(
+                model,
+                x,
+                out_dir,
+                trainable=fns.names,
+                frozen=[nm for nm, _ in prep.frozen],
+                loss=fns.loss,
+                optimizer=opt,
+            ),
+        )
+        ort_reason = ort_reason or ort_training_support(opt)
+    backends["ort-training"] = {
+        "supported": ort_reason is None,
+        "reason": ort_reason,
+        "fedprox": False,
+    }
 
     tflite_files: dict[str, str] | None = None
-    tfl_batch = None
-    if tflite:
-        from model_export.tflite import write_tflite
+    tfl_batch = tflite_batch or (prep.shape[0] if prep.shape[0] > 1 else 32)
+    tfl_reason: str | None
+    if not tflite:
+        tfl_reason = "exported without TFLite files (--tflite)"
+    elif prep.buffers:
+        tfl_reason = (
+            "the TFLite step has a fixed batch that shorter batches are padded to, and batch "
+            "norm statistics would include the padding (use ort-step)"
+        )
+    else:
+        from model_export.tflite import TFLITE_FILES, write_tflite
 
-        tfl_batch = tflite_batch or (prep.shape[0] if prep.shape[0] > 1 else 32)
         say(f"converting to TFLite (batch {tfl_batch})")
-        tflite_files = write_tflite(fns, step_args, out_dir, batch=tfl_batch)
+        tflite_files, tfl_reason = _attempt(
+            out_dir,
+            list(TFLITE_FILES.values()),
+            lambda: write_tflite(fns, step_args, out_dir, batch=tfl_batch),
+        )
+    backends["litert-step"] = {
+        "supported": tfl_reason is None,
+        "reason": tfl_reason,
+        "fedprox": True,
+    }
 
-    (out_dir / "params.f32").write_bytes(params.numpy().astype("<f4").tobytes())
+    (out_dir / "params.f32").write_bytes(vector.numpy().astype("<f4").tobytes())
     if prep.frozen:
         (out_dir / "frozen.f32").write_bytes(_flat([p for _, p in prep.frozen]).tobytes())
 
@@ -438,7 +567,11 @@ def _write(
             {"name": s.name, "shape": [num] if s.per_parameter else []} for s in opt.state
         ],
         "parameters": _layout(prep.trainable),
-        "num_parameters": num,
+        "buffers": _layout(prep.buffers, start=num),
+        "num_trainable": num,
+        "num_parameters": vector.numel(),
+        "batchnorm_modules": prep.batchnorm_modules,
+        "step_seed": fns.seeded,
         "frozen": _layout(prep.frozen),
         "initial_parameters": "params.f32",
         "frozen_parameters": "frozen.f32" if prep.frozen else None,
@@ -453,21 +586,11 @@ def _write(
         },
         "signatures": names,
         "tflite": (
-            {"batch": tfl_batch, "signatures": tflite_names(opt.state)} if tflite_files else None
+            {"batch": tfl_batch, "signatures": tflite_names(opt.state, seed=fns.seeded)}
+            if tflite_files
+            else None
         ),
-        "backends": {
-            "ort-training": {
-                "supported": ort_reason is None,
-                "reason": ort_reason,
-                "fedprox": False,
-            },
-            "ort-step": {"supported": True, "reason": None, "fedprox": True},
-            "litert-step": {
-                "supported": tflite_files is not None,
-                "reason": None if tflite_files else "exported without TFLite files (--tflite)",
-                "fedprox": True,
-            },
-        },
+        "backends": backends,
         "exporter": {"torch": torch.__version__.split("+")[0], "onnx_opset": OPSET},
         "files": files,
     }

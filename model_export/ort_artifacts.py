@@ -9,6 +9,7 @@ the bias correction) instead of the Hugging Face variant ``generate_artifacts`` 
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from model_export.tracing import OPSET, classify, quiet
 
 __all__ = ["ORT_DIR", "ORT_FILES", "ort_training_support", "write_ort_artifacts"]
 
+# The opset of the second attempt (see write_ort_artifacts).
+LEGACY_OPSET = 16
 ORT_DIR = "ort"
 ORT_FILES = {
     "training": f"{ORT_DIR}/training_model.onnx",
@@ -50,17 +53,49 @@ def write_ort_artifacts(
     loss: str,
     optimizer: OptimizerConfig,
 ) -> dict[str, str]:
-    """Write the artifacts under ``out_dir/ort``; returns the file map for the manifest."""
+    """Write the artifacts under ``out_dir/ort``; returns the file map for the manifest.
+
+    The forward graph is exported at the bundle's opset first; if ORT cannot build its
+    gradient, at opset 16 once more, where the exporter writes ``LayerNormalization`` (opset
+    17) as its primitive ops: ORT 1.19.2's gradient builder fails on the fused op (measured:
+    "ArgDef" error for a conv + LayerNorm + GELU model) and handles the primitives."""
+    art_dir = out_dir / ORT_DIR
+    error: ExportError | None = None
+    for opset in (OPSET, LEGACY_OPSET):
+        shutil.rmtree(art_dir, ignore_errors=True)
+        art_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            _generate(model, sample_x, art_dir, trainable, frozen, loss, optimizer, opset)
+            break
+        except ExportError as e:
+            error = error or e
+    else:
+        assert error is not None
+        raise error
+    if optimizer.name == "adamw":
+        _use_torch_adamw(art_dir / "optimizer_model.onnx")
+    return dict(ORT_FILES)
+
+
+def _generate(
+    model: nn.Module,
+    sample_x: torch.Tensor,
+    art_dir: Path,
+    trainable: Sequence[str],
+    frozen: Sequence[str],
+    loss: str,
+    optimizer: OptimizerConfig,
+    opset: int,
+) -> None:
     import onnx
     from onnxruntime.training import artifacts, onnxblock
 
-    art_dir = out_dir / ORT_DIR
-    art_dir.mkdir(parents=True, exist_ok=True)
     model = model.train()
     with tempfile.TemporaryDirectory() as tmp:
         fwd_path = Path(tmp) / "forward.onnx"
         try:
-            with quiet():
+            # native: on failure the TorchScript exporter prints its whole IR graph to fd 1
+            with quiet(native=True):
                 torch.onnx.export(
                     model,
                     (sample_x,),
@@ -72,7 +107,7 @@ def write_ort_artifacts(
                     input_names=["x"],
                     output_names=["output"],
                     dynamic_axes={"x": {0: "batch"}, "output": {0: "batch"}},
-                    opset_version=OPSET,
+                    opset_version=opset,
                 )
         except Exception as e:
             raise classify(e, "ORT training artifacts") from e
@@ -102,10 +137,8 @@ def write_ort_artifacts(
                 additional_output_names=["output"],
             )
     except Exception as e:
-        raise ExportError(f"ORT training artifacts: {type(e).__name__}: {e}") from e
-    if optimizer.name == "adamw":
-        _use_torch_adamw(art_dir / "optimizer_model.onnx")
-    return dict(ORT_FILES)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ExportError(f"ORT training artifacts: {type(e).__name__}: {first}") from e
 
 
 def _use_torch_adamw(path: Path) -> None:

@@ -4,8 +4,9 @@ Converted with litert-torch (optional extra ``tflite``) from the same traced fun
 ONNX graphs, builtin ops only. litert-torch 0.10 cannot lower a dynamic batch axis, so the
 TFLite graphs have a fixed batch; the step takes a per-example 0/1 ``weight`` and the trainer
 pads shorter batches (see :mod:`model_export.step`). TFLite has no int64 by default: labels are
-int32. Inputs and outputs are positional (``args_<i>``, ``output_<i>``) in the order of the
-manifest's ``tflite.signatures``.
+int32 (a dropout model's ``seed`` stays int64; a converter that refuses it refuses the model).
+Inputs and outputs are positional (``args_<i>``, ``output_<i>``) in the order of the manifest's
+``tflite.signatures``.
 """
 
 from __future__ import annotations
@@ -68,13 +69,14 @@ def write_tflite(
     """Write ``step.tflite`` and ``infer.tflite`` for batches of ``batch`` examples."""
     n_state = len(fns.optimizer.state)
     params, state = step_args[0], list(step_args[1 : 1 + n_state])
-    x, y, lr, anchor, mu = step_args[1 + n_state :]
+    rest = list(step_args[1 + n_state :])
+    (x, y, lr), seed, (anchor, mu) = rest[:3], rest[3 : 3 + fns.seeded], rest[3 + fns.seeded :]
     x, y = _fixed_batch(x, batch), _fixed_batch(y, batch)
     if not y.is_floating_point():
         y = y.to(torch.int32)
     weight = torch.ones(batch)
     graphs: dict[str, tuple[Callable[..., object], list[torch.Tensor]]] = {
-        "step": (fns.step, [params, *state, x, y, lr, anchor, mu, weight]),
+        "step": (fns.step, [params, *state, x, y, lr, *seed, anchor, mu, weight]),
         "infer": (fns.infer, [params, x]),
     }
     for name, (fn, args) in graphs.items():

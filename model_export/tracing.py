@@ -29,6 +29,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from model_export.decompositions import training_decompositions
 from model_export.errors import DataDependentControlFlow, ExportError, UnsupportedOperator
+from model_export.layers import tracing_context
 
 __all__ = ["IR_VERSION", "OPSET", "classify", "export_onnx", "quiet", "trace"]
 
@@ -119,7 +120,7 @@ def trace(
 ) -> torch.fx.GraphModule:
     """Trace ``fn`` to core-aten ops with symbolic shapes."""
     try:
-        with quiet():
+        with quiet(), tracing_context():
             # Through *args: fx counts a bound method's ``self`` as a traced argument.
             return make_fx(
                 lambda *a: fn(*a),

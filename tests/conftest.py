@@ -1,3 +1,3 @@
 """Shared fixtures live in ``tests/fixtures/`` as plugins so that every test folder sees them."""
 
-pytest_plugins = ["tests.fixtures.bundles", "tests.fixtures.coordinator"]
+pytest_plugins = ["tests.fixtures.bundles", "tests.fixtures.coordinator", "tests.fixtures.postgres"]

@@ -9,13 +9,20 @@ task's policy:
 * ``steer``: the pace-steered wait for a device of this task (also sent with the answer to a
   report or an abort, so that a device that just finished does not come straight back);
 * ``check_upload``: may this assignment still upload (before the body is decoded)?
-* ``accept_update`` / ``accept_eval``: store an accepted report durably, fold it, maybe commit;
-* ``tick``: time passed (deadlines).
+* ``accept_update`` / ``accept_eval``: check an accepted report, store it durably, fold it;
+* ``tick``: do what is due: commit a full round or buffer, apply deadlines (the service calls
+  it after every report, and periodically);
+* ``forget``: drop what the policy holds in memory for a task, after an error in one of its
+  steps (it is derived from the store and rebuilt from it when next needed).
+
+What a policy holds in memory moves only after the write that makes it durable returned, and
+everything that could make a report unusable is checked before that write.
 """
 
 from __future__ import annotations
 
 import random
+import secrets
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,10 +33,18 @@ import numpy as np
 from coordinator.blobs import BlobStore
 from coordinator.pacing import PaceSteering
 from coordinator.plan import TaskPlan
-from coordinator.store import Assignment, EvalReport, Store, Task, Update
+from coordinator.store import Assignment, EvalReport, Round, Store, Task, Update
 from coordinator.versions import ModelVersions, RoundSums
+from edge_sdk.protocol import Route
 
-__all__ = ["IN_FLIGHT", "PolicyContext", "TaskPolicy", "wait_answer"]
+__all__ = [
+    "IN_FLIGHT",
+    "PolicyContext",
+    "TaskPolicy",
+    "assignment_json",
+    "new_assignment_id",
+    "wait_answer",
+]
 
 # Assignment states of a device still training (it may report or abort).
 IN_FLIGHT = ("selected", "delivered")
@@ -38,6 +53,36 @@ IN_FLIGHT = ("selected", "delivered")
 def wait_answer(retry_after_s: float, reason: str) -> dict[str, Any]:
     """A check-in's ``wait`` answer (docs/protocol.md)."""
     return {"action": "wait", "retry_after_s": round(retry_after_s, 3), "reason": reason}
+
+
+def new_assignment_id() -> str:
+    return "a-" + secrets.token_hex(12)
+
+
+def assignment_json(
+    a: Assignment, rnd: Round, task: Task, plan: TaskPlan, now: float
+) -> dict[str, Any]:
+    """A check-in's assignment answer (docs/protocol.md)."""
+    client = plan.client_json()
+    # A device scales its learning rate by lr_decay**round, and round numbers also count
+    # abandoned and evaluation rounds: the decay is applied here instead, once per committed
+    # version (the round's base version), and the device is told lr_decay 1.
+    client.update(lr=plan.lr * plan.lr_decay**rnd.base_version, lr_decay=1.0)
+    return {
+        "action": a.action,
+        "assignment": {
+            "assignment_id": a.assignment_id,
+            "task_id": task.task_id,
+            "round": rnd.number,
+            "model_version": rnd.base_version,
+            "bundle_id": task.bundle_id,
+            "params_url": Route.VERSION_PARAMS.format(
+                task_id=task.task_id, version=rnd.base_version
+            ),
+            "deadline_in_s": max(0.0, (rnd.deadline_at or now) - now),
+            "plan": client,
+        },
+    }
 
 
 @dataclass
@@ -106,15 +151,24 @@ class TaskPolicy(ABC):
     def accept_update(
         self, task: Task, plan: TaskPlan, update: Update, delta: np.ndarray, now: float
     ) -> None:
-        """Store the accepted update (payload blob already written) and fold it in."""
+        """Check the update, store it (payload blob already written) and fold it in; it is
+        durable once this returns. A commit it makes due is :meth:`tick`'s work."""
 
     @abstractmethod
-    def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None: ...
+    def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None:
+        """Store an evaluation report; closing the round it completes is :meth:`tick`'s work."""
 
     @abstractmethod
     def tick(self, task: Task, plan: TaskPlan, now: float) -> None:
-        """Apply deadlines and whatever else is due at ``now``."""
+        """Commit what is complete, apply deadlines and whatever else is due at ``now``."""
+
+    def forget(self, task_id: str) -> None:
+        """Drop what is held in memory for a task (after an error in one of its steps); it
+        is rebuilt from the store when next needed."""
+        self.ctx.sums.forget_task(task_id)
 
     def _next_round_number(self, task: Task) -> int:
         # Numbers count every round of the task, abandoned attempts and evaluations included.
-        return len(self.ctx.store.list_rounds(task.task_id)) + 1
+        # From the newest round, not a count: retention deletes old rounds (never the newest).
+        rounds = self.ctx.store.list_rounds(task.task_id, min_base_version=task.model_version - 1)
+        return max((r.number for r in rounds), default=0) + 1

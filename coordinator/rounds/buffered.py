@@ -20,8 +20,13 @@ with ``base_version = v`` (``goal = buffer_k``, ``target = max_concurrency``, re
 the moment it opens, no deadline). An assignment belongs to the round that was open when it
 was issued, so its round's ``base_version`` is the version it trains on; an accepted update
 is recorded under the buffer round it was folded into, with ``base_version`` and
-``staleness`` added to its stored report. After a restart the buffer is rebuilt by folding the
-open round's stored updates again, and a commit the crash interrupted is finished.
+``staleness`` added to its stored report. The buffer in memory is derived from those records:
+an update is staged (checked: bound, weight, finiteness), stored, and only then applied; a
+full buffer's commit is held as due until the version is committed. After a restart or any
+error the buffer is dropped and rebuilt by folding the open round's stored updates again, and
+a commit that did not happen is finished before anything else (a new update is not stored
+into a full buffer). A device contributes at most once to a version: one that reported
+into the open buffer (even on an older assignment) gets no new assignment on it.
 ``rounds`` in the plan counts versions (server steps). Federated evaluation rounds are for
 synchronous tasks only.
 """
@@ -29,17 +34,18 @@ synchronous tasks only.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from coordinator.async_buffer import AsyncBuffer, BufferedUpdate, Commit
-from coordinator.errors import Conflict, Unprocessable
+from coordinator.errors import ApiError, Conflict, TaskFailure, Unprocessable
 from coordinator.plan import TaskPlan
-from coordinator.rounds.base import IN_FLIGHT, TaskPolicy
+from coordinator.robust.commit import aggregate_updates
+from coordinator.rounds.base import IN_FLIGHT, TaskPolicy, assignment_json, new_assignment_id
 from coordinator.rounds.base import wait_answer as _wait
-from coordinator.rounds.sync import assignment_json, new_assignment_id
 from coordinator.staleness import TooStale
 from coordinator.store import Assignment, EvalReport, Round, Task, Update
 from coordinator.tensors import decode_delta
@@ -53,45 +59,41 @@ class BufferedAsync(TaskPolicy):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # task_id -> buffer of its open round (memory only: rebuilt from the store).
+        # task_id -> (round_id, buffer) of its open round (derived from the store).
         self._buffers: dict[str, tuple[int, AsyncBuffer]] = {}
+        # task_id -> (round_id, commit) of a full buffer whose version is not committed yet.
+        self._due: dict[str, tuple[int, Commit]] = {}
         # task_id -> earliest time an in-flight assignment can expire (skip scans before it).
         self._next_expiry: dict[str, float] = {}
         # task_id -> moving average of delivery-to-report seconds (pace steering only).
         self._job_s: dict[str, float] = {}
 
+    def forget(self, task_id: str) -> None:
+        super().forget(task_id)
+        self._buffers.pop(task_id, None)
+        self._due.pop(task_id, None)
+        self._next_expiry.pop(task_id, None)
+
     # -- state ------------------------------------------------------------------------------
 
     def _state(
-        self, task: Task, plan: TaskPlan, now: float
+        self, task: Task, plan: TaskPlan, now: float, *, open_new: bool = True
     ) -> tuple[Task, Round, AsyncBuffer] | None:
-        """The task, its open buffer round and the buffer; None once the task completed.
+        """The task, its open buffer round and the buffer; None once the task completed
+        (or, with ``open_new=False``, when no round is open).
 
-        Rebuilds the buffer from the store when this process has not seen the round, and
-        finishes the commit a crash interrupted (K updates stored, no new version).
+        Commits a full buffer first (one this process filled, or found full in the store
+        after a restart or an error), so that no update is stored into a full buffer.
         """
         store = self.ctx.store
-        n = self.ctx.num_parameters(task)
         rnd = store.open_round(task.task_id)
         if rnd is not None:
-            held = self._buffers.get(task.task_id)
-            if held is not None and held[0] == rnd.round_id:
-                return task, rnd, held[1]
-            stored = [
-                BufferedUpdate(
-                    decode_delta(self.ctx.blobs.read(u.payload_sha), n),
-                    u.num_examples,
-                    int(u.report["base_version"]),
-                )
-                for u in store.round_updates(rnd.round_id)
-            ]
-            buf, pending = AsyncBuffer.replay(n, plan.buffer, rnd.base_version, stored)
-            if pending is None:
-                self._buffers[task.task_id] = (rnd.round_id, buf)
-                return task, rnd, buf
-            self._commit(task, plan, rnd, pending, now)
+            due = self._held(task, plan, rnd)
+            if due is None:
+                return task, rnd, self._buffers[task.task_id][1]
+            self._commit(task, plan, rnd, due, now)
             task = self._task(task)
-        if task.state == "completed":
+        if task.state in ("completed", "failed") or not open_new:
             return None
         rnd = store.add_round(
             Round(
@@ -109,9 +111,37 @@ class BufferedAsync(TaskPolicy):
                 selected_at=now,
             )
         )
-        buf = AsyncBuffer(n, plan.buffer, rnd.base_version)
+        buf = AsyncBuffer(self.ctx.num_parameters(task), plan.buffer, rnd.base_version)
         self._buffers[task.task_id] = (rnd.round_id, buf)
         return task, rnd, buf
+
+    def _held(self, task: Task, plan: TaskPlan, rnd: Round) -> Commit | None:
+        """The commit due for the open round, or None with its buffer held in ``_buffers``;
+        rebuilt from the round's stored updates unless held for that round already."""
+        due = self._due.get(task.task_id)
+        if due is not None and due[0] == rnd.round_id:
+            return due[1]
+        held = self._buffers.get(task.task_id)
+        if held is not None and held[0] == rnd.round_id:
+            return None
+        self._buffers.pop(task.task_id, None)
+        self._due.pop(task.task_id, None)
+        n = self.ctx.num_parameters(task)
+        try:
+            stored = [
+                BufferedUpdate(
+                    decode_delta(self.ctx.blobs.read(u.payload_sha), n),
+                    u.num_examples,
+                    int(u.report["base_version"]),
+                )
+                for u in self.ctx.store.round_updates(rnd.round_id)
+            ]
+            buf, pending = AsyncBuffer.replay(n, plan.buffer, rnd.base_version, stored)
+        except (ApiError, TooStale, ValueError) as e:  # ApiError: a payload that does not decode
+            raise TaskFailure(f"version {rnd.base_version}'s stored buffer: {e}") from e
+        if pending is None:
+            self._buffers[task.task_id] = (rnd.round_id, buf)
+        return pending
 
     def _window(self, task: Task, plan: TaskPlan) -> list[Round]:
         """Rounds whose assignments may still report: the last ``max_staleness + 1`` versions."""
@@ -150,8 +180,13 @@ class BufferedAsync(TaskPolicy):
         for a in in_flight:
             if a.device_id == device_id:
                 return self._answer(a, rounds[a.round_id], task, plan, now)
-        if self.ctx.store.assignment_for(rnd.round_id, device_id) is not None:
-            # It already reported (or gave up) on this version: one update per device and version.
+        store = self.ctx.store
+        if (
+            store.assignment_for(rnd.round_id, device_id) is not None
+            or store.count_updates(rnd.round_id, device_id=device_id) > 0
+        ):
+            # It already trained on this version (or reported into its buffer on an older
+            # one, or gave up): one update per device and version.
             return _wait(self.steer(task, plan, now), "window_full")
         if not plan.buffer.admits(len(in_flight)):
             return _wait(self.steer(task, plan, now), "window_full")
@@ -159,7 +194,7 @@ class BufferedAsync(TaskPolicy):
             new_assignment_id(), rnd.round_id, task.task_id, device_id,
             "train", "delivered", now, delivered_at=now,
         )  # fmt: skip
-        self.ctx.store.add_assignments([a])
+        store.add_assignments([a])
         expiry = now + plan.round_deadline_s
         self._next_expiry[task.task_id] = min(self._next_expiry.get(task.task_id, expiry), expiry)
         return self._answer(a, rnd, task, plan, now)
@@ -200,7 +235,7 @@ class BufferedAsync(TaskPolicy):
             raise Conflict("the task has completed", ErrorCode.ROUND_CLOSED)
         task, rnd, buf = state
         try:
-            staleness = buf.check(delta, update.num_examples, base)
+            staged = buf.stage(delta, update.num_examples, base)
         except TooStale as e:
             raise Conflict(str(e), ErrorCode.TOO_STALE) from e
         except ValueError as e:
@@ -208,14 +243,15 @@ class BufferedAsync(TaskPolicy):
         stored = dataclasses.replace(
             update,
             round_id=rnd.round_id,
-            report={**update.report, "base_version": base, "staleness": staleness},
+            report={**update.report, "base_version": base, "staleness": staged.staleness},
         )
         self.ctx.store.add_update(stored)  # durable: the caller acknowledges after this
-        fold = buf.fold(delta, update.num_examples, base)
+        fold = buf.apply(staged)
+        if fold.commit is not None:  # tick() commits it
+            self._buffers.pop(task.task_id, None)
+            self._due[task.task_id] = (rnd.round_id, fold.commit)
         job = now - (a.delivered_at if a.delivered_at is not None else a.created_at)
         self._job_s[task.task_id] = 0.8 * self._job_s.get(task.task_id, job) + 0.2 * job
-        if fold.commit is not None:
-            self._commit(task, plan, rnd, fold.commit, now)
 
     def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None:
         raise Conflict("async tasks run no evaluation rounds")
@@ -240,6 +276,11 @@ class BufferedAsync(TaskPolicy):
             "duration_s": now - rnd.opened_at,
             "outcome": "committed",
         }
+        agg = aggregate_updates(
+            store, self.ctx.blobs, task, plan, rnd.round_id, n,
+            streamed=lambda: commit.delta, staleness=plan.buffer.staleness,
+        )  # fmt: skip
+        metrics["robust"] = agg.metrics
         too_old = commit.version - plan.buffer.staleness.max_staleness - 1
 
         def record(new_version: int) -> None:
@@ -248,28 +289,30 @@ class BufferedAsync(TaskPolicy):
             done = task.rounds_completed + 1 >= plan.rounds
             # Assignments on versions now past the bound could only be refused: free their
             # slots; once the task completes, none can report.
-            for old in store.list_rounds(task.task_id):
+            for old in store.list_rounds(task.task_id, min_base_version=0 if done else too_old):
                 if old.base_version == too_old or done:
                     store.expire_assignments(old.round_id, now)
             store.update_task(
                 task.task_id,
                 model_version=new_version,
                 rounds_completed=task.rounds_completed + 1,
-                state="completed" if done and task.state == "running" else task.state,
+                # paused too: a task paused during its last version must not train on
+                state="completed" if done else task.state,
             )
 
-        self.ctx.versions.commit_next(task, plan, n, commit.delta, rnd.round_id, now, also=record)
+        # Dropped whatever happens: after a failure the due commit is rebuilt from the store.
         self._buffers.pop(task.task_id, None)
+        self._due.pop(task.task_id, None)
+        self.ctx.versions.commit_next(task, plan, n, agg.delta, rnd.round_id, now, also=record)
         self.ctx.round_closed(task.task_id, rnd.round_id)
 
     # -- time -------------------------------------------------------------------------------
 
     def tick(self, task: Task, plan: TaskPlan, now: float) -> None:
-        if self._state(task, plan, now) is None:  # finishes a commit a crash interrupted
-            return
-        if now < self._next_expiry.get(task.task_id, float("-inf")):
-            return
+        self._state(task, plan, now, open_new=False)  # commits a full buffer
         task = self._task(task)
+        if task.state == "completed" or now < self._next_expiry.get(task.task_id, -math.inf):
+            return
         later = float("inf")
         for a in self._in_flight(self._window(task, plan)):
             due = (a.delivered_at or a.created_at) + plan.round_deadline_s

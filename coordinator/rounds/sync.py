@@ -35,43 +35,19 @@ A round of a task goes through::
 from __future__ import annotations
 
 import math
-import secrets
 from typing import Any
 
 import numpy as np
 
-from coordinator.errors import Conflict
+from coordinator.errors import Conflict, Unprocessable
 from coordinator.plan import TaskPlan
-from coordinator.rounds.base import IN_FLIGHT, TaskPolicy
+from coordinator.robust.commit import aggregate_updates
+from coordinator.rounds.base import IN_FLIGHT, TaskPolicy, assignment_json, new_assignment_id
 from coordinator.rounds.base import wait_answer as _wait
 from coordinator.store import Assignment, EvalReport, Round, Task, Update, UpdateTotals
-from edge_sdk.protocol import ErrorCode, Route
+from edge_sdk.protocol import ErrorCode
 
-__all__ = ["SyncRounds", "assignment_json", "new_assignment_id"]
-
-
-def new_assignment_id() -> str:
-    return "a-" + secrets.token_hex(12)
-
-
-def assignment_json(
-    a: Assignment, rnd: Round, task: Task, plan: TaskPlan, now: float
-) -> dict[str, Any]:
-    return {
-        "action": a.action,
-        "assignment": {
-            "assignment_id": a.assignment_id,
-            "task_id": task.task_id,
-            "round": rnd.number,
-            "model_version": rnd.base_version,
-            "bundle_id": task.bundle_id,
-            "params_url": Route.VERSION_PARAMS.format(
-                task_id=task.task_id, version=rnd.base_version
-            ),
-            "deadline_in_s": max(0.0, (rnd.deadline_at or now) - now),
-            "plan": plan.client_json(),
-        },
-    }
+__all__ = ["SyncRounds"]
 
 
 class SyncRounds(TaskPolicy):
@@ -139,13 +115,16 @@ class SyncRounds(TaskPolicy):
     def steer(self, task: Task, plan: TaskPlan, now: float) -> float:
         return self.ctx.pacing.retry_after(now, plan.target, self._round_period(task, plan))
 
+    def forget(self, task_id: str) -> None:
+        super().forget(task_id)
+        self._period.pop(task_id, None)
+
     def _round_period(self, task: Task, plan: TaskPlan) -> float:
         if task.task_id not in self._period:
-            durations = [
-                r.closed_at - r.opened_at
-                for r in self.ctx.store.list_rounds(task.task_id)
-                if r.closed_at is not None
-            ][-5:]
+            # The last 5 closed rounds are among those on the last 5 versions (each version
+            # was made by a round on the one before): no need to read the whole history.
+            recent = self.ctx.store.list_rounds(task.task_id, task.model_version - 5)
+            durations = [r.closed_at - r.opened_at for r in recent if r.closed_at is not None][-5:]
             self._period[task.task_id] = (
                 sum(durations) / len(durations)
                 if durations
@@ -238,20 +217,17 @@ class SyncRounds(TaskPolicy):
         self, task: Task, plan: TaskPlan, update: Update, delta: np.ndarray, now: float
     ) -> None:
         n = self.ctx.num_parameters(task)
-        running = self.ctx.sums.get(update.round_id, n)  # rebuilt from earlier updates if needed
+        try:  # rebuilt from the round's stored updates if not held
+            staged = self.ctx.sums.stage(
+                task.task_id, update.round_id, n, delta, update.num_examples
+            )
+        except ValueError as e:
+            raise Unprocessable(f"update: {e}", ErrorCode.BAD_UPDATE) from e
         self.ctx.store.add_update(update)  # durable: the caller acknowledges after this
-        running.fold(delta, update.num_examples)
-        rnd = self.ctx.store.get_round(update.round_id)
-        assert rnd is not None
-        if running.count >= rnd.goal or self._all_settled(plan, rnd):
-            self._close(task, plan, rnd, now)
+        self.ctx.sums.put(update.round_id, staged)
 
     def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None:
         self.ctx.store.add_eval_report(report)
-        rnd = self.ctx.store.get_round(report.round_id)
-        assert rnd is not None
-        if self._reports(rnd) >= rnd.goal:
-            self._close(task, plan, rnd, now)
 
     def tick(self, task: Task, plan: TaskPlan, now: float) -> None:
         rnd = self.ctx.store.open_round(task.task_id)
@@ -299,8 +275,12 @@ class SyncRounds(TaskPolicy):
                     )
         elif success:
             n = self.ctx.num_parameters(task)
-            running = self.ctx.sums.get(rnd.round_id, n)
+            running = self.ctx.sums.get(task.task_id, rnd.round_id, n)
             metrics["outcome"] = "committed"
+            agg = aggregate_updates(
+                store, self.ctx.blobs, task, plan, rnd.round_id, n, streamed=running.mean
+            )
+            metrics["robust"] = agg.metrics
 
             def record(new_version: int) -> None:
                 metrics["model_version"] = new_version
@@ -311,11 +291,12 @@ class SyncRounds(TaskPolicy):
                     task.task_id,
                     model_version=new_version,
                     rounds_completed=task.rounds_completed + 1,
-                    state="completed" if done and task.state == "running" else task.state,
+                    # paused too: a task paused during its last round must not train on
+                    state="completed" if done else task.state,
                 )
 
             self.ctx.versions.commit_next(
-                task, plan, n, running.mean(), rnd.round_id, now, also=record
+                task, plan, n, agg.delta, rnd.round_id, now, also=record
             )
         else:
             metrics.update(outcome="abandoned", reason="too_few_reports")

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "Assignment",
@@ -41,6 +41,7 @@ class Device:
     runtimes: tuple[str, ...]
     population: str
     registered_at: float
+    last_seen_at: float | None = None  # last check-in, coarse (see coordinator.retention)
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,12 @@ class Task:
     mode: str  # "sync" (rounds); "async" is reserved for buffered aggregation
     population: str
     plan: dict[str, Any]
-    state: str  # running | paused | completed
+    state: str  # running | paused | completed | failed
     model_version: int
     rounds_completed: int
     pending_evaluations: int
     created_at: float
+    failure: str | None = None  # why a failed task cannot proceed
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,11 @@ class EvalReport:
 class Store(ABC):
     """What the coordinator persists. One implementation per backend; one test suite for all."""
 
+    #: What this backend's driver raises when storage is unavailable for now (a full disk,
+    #: an I/O error, a lock timeout, a lost connection): the coordinator answers 503 and
+    #: retries later instead of marking a task failed. A failed write changes nothing.
+    transient_errors: ClassVar[tuple[type[Exception], ...]] = ()
+
     @abstractmethod
     def atomic(self) -> AbstractContextManager[None]:
         """Group writes into one transaction (nested use joins the outer one)."""
@@ -170,6 +177,12 @@ class Store(ABC):
     def get_device(self, device_id: str) -> Device | None: ...
     @abstractmethod
     def count_devices(self) -> int: ...
+    @abstractmethod
+    def update_device(self, device_id: str, **fields: Any) -> None: ...
+    @abstractmethod
+    def delete_devices(self, seen_before: float) -> int:
+        """Delete devices neither registered nor seen (``last_seen_at``) since ``seen_before``
+        that hold no assignment in flight; returns how many."""
 
     # bundles
     @abstractmethod
@@ -196,6 +209,16 @@ class Store(ABC):
     def add_version(self, version: Version) -> None: ...
     @abstractmethod
     def get_version(self, task_id: str, version: int) -> Version | None: ...
+    @abstractmethod
+    def update_version(self, task_id: str, version: int, **fields: Any) -> None: ...
+    @abstractmethod
+    def list_versions(self, task_id: str) -> list[Version]:
+        """The task's stored versions, oldest first (retention may have deleted old ones)."""
+
+    @abstractmethod
+    def delete_versions(self, task_id: str, versions: Sequence[int]) -> None:
+        """Delete these version records (their blobs are the caller's business). The task's
+        current version is refused with :class:`StoreError`: a commit builds on it."""
 
     # rounds
     @abstractmethod
@@ -216,6 +239,11 @@ class Store(ABC):
 
     @abstractmethod
     def update_round(self, round_id: int, **fields: Any) -> None: ...
+    @abstractmethod
+    def delete_rounds(self, round_ids: Sequence[int]) -> None:
+        """Delete closed rounds with every row that hangs off them (candidates, assignments,
+        updates, evaluation reports), in one transaction. An open round is refused with
+        :class:`StoreError` and nothing is deleted."""
 
     # selection candidates
     @abstractmethod
@@ -262,8 +290,8 @@ class Store(ABC):
         """Accepted updates of a round, in acceptance order."""
 
     @abstractmethod
-    def count_updates(self, round_id: int | None = None) -> int:
-        """Accepted updates of one round, or of all rounds."""
+    def count_updates(self, round_id: int | None = None, device_id: str | None = None) -> int:
+        """Accepted updates of one round, or of all rounds (of one device, if given)."""
 
     @abstractmethod
     def update_totals(self, round_id: int) -> UpdateTotals:

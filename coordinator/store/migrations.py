@@ -1,9 +1,15 @@
-"""Schema migrations: functions registered in order with :func:`migration`, applied once each.
+"""Schema migrations: functions registered in order with :func:`migration`, applied once each,
+on every backend.
 
-The ``schema_version`` table records what has been applied::
+A migration is written against :class:`Schema`, the part of sqlite-utils' table API that
+migrations use (create a table, add a column or an index, run a statement). On SQLite it is
+sqlite-utils' own ``Database``; on PostgreSQL :class:`~coordinator.store.postgres_schema.
+PostgresSchema` translates the same calls (types, keys, identity columns), so one migration
+serves both and the dialect lives in that one class. The ``schema_version`` table records
+what has been applied::
 
     @migration(3)
-    def add_round_notes(db: Database) -> None:
+    def add_round_notes(db: Schema) -> None:
         db.table("rounds").add_column("notes", str)
 
 A database newer than this code (a version not registered here) is refused rather than
@@ -13,22 +19,46 @@ guessed at.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, TypeVar
 
-from sqlite_utils import Database
+__all__ = ["MIGRATIONS", "Schema", "SchemaTable", "SchemaTooNew", "apply_migrations", "migration"]
 
-__all__ = ["MIGRATIONS", "SchemaTooNew", "apply_migrations", "migration"]
 
-Migration = Callable[[Database], None]
+class SchemaTable(Protocol):
+    """One table, as a migration may change it."""
+
+    def create(self, columns: dict[str, Any], pk: Any = ..., foreign_keys: Any = ...) -> Any: ...
+    def create_index(
+        self, columns: Iterable[str], index_name: str | None = None, unique: bool = False
+    ) -> Any: ...
+    def add_column(self, col_name: str, col_type: Any | None = None) -> Any: ...
+    def insert(self, record: dict[str, Any]) -> Any: ...
+    @property
+    def rows(self) -> Iterable[dict[str, Any]]: ...
+
+
+class Schema(Protocol):
+    """A database, as migrations see it (statements use ``?`` placeholders)."""
+
+    def table(self, table_name: str) -> SchemaTable: ...
+    def table_names(self) -> list[str]: ...
+    def execute(self, sql: str, parameters: Any = None) -> Any: ...
+    def atomic(self) -> AbstractContextManager[Any]: ...
+
+
+Migration = Callable[[Schema], None]
 MIGRATIONS: dict[int, Migration] = {}
+M = TypeVar("M", bound=Callable[..., None])
 
 
 class SchemaTooNew(RuntimeError):
     """The database was written by a newer coordinator."""
 
 
-def migration(version: int) -> Callable[[Migration], Migration]:
-    def register(fn: Migration) -> Migration:
+def migration(version: int) -> Callable[[M], M]:
+    def register(fn: M) -> M:
         if version in MIGRATIONS:
             raise ValueError(f"migration {version} registered twice")
         MIGRATIONS[version] = fn
@@ -37,7 +67,7 @@ def migration(version: int) -> Callable[[Migration], Migration]:
     return register
 
 
-def apply_migrations(db: Database) -> int:
+def apply_migrations(db: Schema) -> int:
     """Apply pending migrations, each in its own transaction; returns the schema version."""
     if "schema_version" not in db.table_names():
         db.table("schema_version").create({"version": int, "applied_at": float}, pk="version")
@@ -55,7 +85,7 @@ def apply_migrations(db: Database) -> int:
 
 
 @migration(1)
-def initial_schema(db: Database) -> None:
+def initial_schema(db: Schema) -> None:
     db.table("devices").create(
         {
             "device_id": str,
@@ -175,3 +205,30 @@ def initial_schema(db: Database) -> None:
         pk="assignment_id",
     )
     db.table("eval_reports").create_index(["round_id"])
+
+
+@migration(2)
+def hot_path_indexes(db: Schema) -> None:
+    """Indexes for lookups that otherwise scan a table growing with history.
+
+    ``updates(payload_sha)``: whether a closing round's payload is shared with an open round
+    (once per payload of every closed round). ``rounds(state)``: every tick's open rounds.
+    ``rounds(task_id, base_version)``: an async task's staleness window, and retention.
+    tests/coordinator/store/test_query_plans.py checks the hot queries use them.
+    """
+    db.table("updates").create_index(["payload_sha"])
+    db.table("rounds").create_index(["state"])
+    db.table("rounds").create_index(["task_id", "base_version"])
+
+
+@migration(3)
+def task_failure(db: Schema) -> None:
+    """``tasks.failure``: why a task the coordinator marked ``failed`` cannot proceed."""
+    db.table("tasks").add_column("failure", str)
+
+
+@migration(4)
+def device_last_seen(db: Schema) -> None:
+    """``devices.last_seen_at``: when the device last checked in (coarse: written at most once
+    per retention granularity), for retention's optional inactivity bound."""
+    db.table("devices").add_column("last_seen_at", float)

@@ -3,9 +3,10 @@
 Sources, all relative to a root directory so that tests can point it at recorded trees:
 
 - power: ``/sys/class/power_supply/*/{type,online,status,capacity,scope}``;
-- idle: ``/proc/loadavg`` over the online CPUs (``/sys/devices/system/cpu/online``), and
-  user activity from terminal access times (``/dev/pts/*``, ``/dev/tty[0-9]*``, what ``w``
-  shows) and ``xprintidle`` where a desktop session has it;
+- idle: ``/proc/loadavg`` over the online CPUs (``/sys/devices/system/cpu/online``) less the
+  SDK's own share (its process's and children's CPU time from ``/proc/self/stat``), and user
+  activity from terminal access times (``/dev/pts/*``, ``/dev/tty[0-9]*``, what ``w`` shows)
+  and ``xprintidle`` where a desktop session has it;
 - memory: ``MemAvailable`` in ``/proc/meminfo``;
 - temperature: the hottest ``/sys/class/thermal/thermal_zone*/temp``;
 - metered: ``nmcli -t -f GENERAL.DEVICE,GENERAL.STATE,GENERAL.METERED dev show``.
@@ -36,7 +37,11 @@ __all__ = [
     "parse_loadavg",
     "parse_meminfo_available_mb",
     "parse_nmcli_metered",
+    "parse_self_cpu_s",
 ]
+
+# The kernel's load average is a 1-minute exponential average of runnable tasks.
+_LOAD_WINDOW_S = 60.0
 
 NMCLI_METERED = ("nmcli", "-t", "-f", "GENERAL.DEVICE,GENERAL.STATE,GENERAL.METERED", "dev", "show")
 _EXTERNAL_POWER = {"Mains", "USB", "Wireless", "USB_C", "USB_PD", "USB_DCP", "USB_CDP", "USB_ACA"}
@@ -79,6 +84,21 @@ def parse_cpu_list(text: str) -> int | None:
     except ValueError:
         return None
     return count or None
+
+
+def parse_self_cpu_s(text: str, ticks_per_s: float) -> float | None:
+    """CPU seconds a process and its waited-for children used, from ``/proc/<pid>/stat``
+    (utime, stime, cutime, cstime: fields 14-17, counted after the parenthesised name, which
+    may itself hold spaces and parentheses)."""
+    _, sep, rest = text.rpartition(")")
+    fields = rest.split()
+    if not sep or len(fields) < 15:
+        return None
+    try:
+        ticks = sum(int(f) for f in fields[11:15])
+    except ValueError:
+        return None
+    return ticks / ticks_per_s if ticks >= 0 else None
 
 
 def parse_meminfo_available_mb(text: str) -> float | None:
@@ -133,6 +153,11 @@ class LinuxConditions(ConditionsProvider):
     ``idle`` is true when the 1-minute load per online CPU is at most ``max_load_per_cpu`` and
     no terminal or desktop input happened in the last ``min_user_idle_s`` seconds. Command
     outputs are reused for ``command_ttl_s`` seconds (files are read every time).
+
+    The load leaves out the SDK's own work: between two reads the process's CPU time grows by
+    what its training used, and an exponential average of that rate over the kernel's own
+    1-minute window is subtracted from the load average. Otherwise a long round on a small
+    board (one or two cores) would push the load past the bound by itself and abort.
     """
 
     def __init__(
@@ -150,6 +175,9 @@ class LinuxConditions(ConditionsProvider):
         self.clock = clock
         self.max_load_per_cpu = max_load_per_cpu
         self.min_user_idle_s = min_user_idle_s
+        self._ticks_per_s = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+        self._own_load = 0.0  # this process's CPUs in use, averaged like the load average
+        self._own_sample: tuple[float, float] | None = None  # (clock, CPU seconds)
 
     def read(self) -> DeviceConditions:
         charging, battery = self.power()
@@ -205,11 +233,37 @@ class LinuxConditions(ConditionsProvider):
         return None
 
     def load_per_cpu(self) -> float | None:
+        """The 1-minute load per online CPU that is not this process's own."""
         load = parse_loadavg(_read(self.root / "proc/loadavg") or "")
         if load is None:
             return None
         cpus = parse_cpu_list(_read(self.root / "sys/devices/system/cpu/online") or "")
-        return load / (cpus or os.cpu_count() or 1)
+        return max(0.0, load - self.own_load()) / (cpus or os.cpu_count() or 1)
+
+    def _own_cpu_s(self) -> float | None:
+        text = _read(self.root / "proc/self/stat")
+        if text is not None:
+            return parse_self_cpu_s(text, self._ticks_per_s)
+        if str(self.root) == "/":  # no procfs (a container without it): the process's own view
+            t = os.times()
+            return t.user + t.system + t.children_user + t.children_system
+        return None
+
+    def own_load(self) -> float:
+        """This process's share of the load average: CPU seconds used per second since the
+        last read, folded into an exponential average with the kernel's 1-minute window."""
+        cpu = self._own_cpu_s()
+        now = self.clock()
+        if cpu is None:
+            return 0.0
+        if self._own_sample is not None:
+            then, cpu_then = self._own_sample
+            dt = now - then
+            if dt > 0 and cpu >= cpu_then:
+                decay = math.exp(-dt / _LOAD_WINDOW_S)
+                self._own_load = self._own_load * decay + (cpu - cpu_then) / dt * (1 - decay)
+        self._own_sample = (now, cpu)
+        return self._own_load
 
     def user_idle_s(self) -> float | None:
         """Seconds since the last terminal or desktop input; None if nothing tells."""

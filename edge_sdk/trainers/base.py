@@ -26,7 +26,8 @@ class Trainer(ABC):
     """Local training on one bundle with one runtime.
 
     Parameters move as ONE flat float32 vector in the manifest's layout
-    (``manifest.parameters``: name, shape, offset in ``named_parameters()`` order).
+    (``manifest.parameters``: name, shape, offset in ``named_parameters()`` order, then
+    ``manifest.buffers``, the running statistics of batch norm layers).
     """
 
     backend: str
@@ -58,6 +59,12 @@ class Trainer(ABC):
     @abstractmethod
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Model outputs for a batch."""
+
+    def seed(self, value: int) -> None:
+        """Restart the sequence of per-step dropout seeds (bundles whose step takes one): the
+        same seed and batches give the same steps. Runtimes that draw their own masks ignore
+        it."""
+        return None
 
     def set_proximal(self, anchor: np.ndarray | None, mu: float) -> None:
         """FedProx: add ``mu/2 * ||w - anchor||^2`` to the loss of later steps (mu=0 disables)."""

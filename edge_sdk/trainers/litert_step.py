@@ -49,6 +49,18 @@ class _Graph:
         return {k: self._interpreter.get_tensor(i) for k, i in self._outputs.items()}
 
 
+def _eval_loss(loss: str, out: np.ndarray, y: np.ndarray) -> float:
+    """The mean loss of outputs ``out`` (float64, log-sum-exp and softplus kept stable)."""
+    z = out.astype(np.float64)
+    if loss == "cross_entropy":
+        top = z.max(axis=1, keepdims=True)
+        log_norm = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+        return float(np.mean(log_norm - z[np.arange(len(y)), y]))
+    if loss == "mse":
+        return float(np.mean((z - y) ** 2))
+    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+
+
 def _pad(arr: np.ndarray, batch: int) -> np.ndarray:
     out = np.zeros((batch, *arr.shape[1:]), dtype=arr.dtype)
     out[: arr.shape[0]] = arr
@@ -88,6 +100,8 @@ class LiteRTStepTrainer(StepGraphTrainer):
         anchor = self._params if self._anchor is None else self._anchor
         feeds = {"params": self._params, "x": x, "y": y, "lr": lr, "anchor": anchor, "mu": self._mu}
         feeds.update({f"state.{k}": v for k, v in self._state.items()})
+        if self.manifest.step_seed:
+            feeds["seed"] = self._seed
         return feeds
 
     def _train_on(self, x: np.ndarray, y: np.ndarray, lr: np.ndarray) -> float:
@@ -107,6 +121,10 @@ class LiteRTStepTrainer(StepGraphTrainer):
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         x, y = self._check_batch(x, y)
+        if self.manifest.step_seed:
+            # the step graph's loss would be under dropout: the eval-mode loss from the outputs
+            outputs = self._predict(x)
+            return self._metrics(_eval_loss(self.manifest.loss, outputs, y), outputs, y)
         zero = np.zeros((), np.float32)
         total = 0.0
         for i in self._chunks(x.shape[0]):

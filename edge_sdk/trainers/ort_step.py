@@ -8,7 +8,10 @@ The split step graphs take and return every parameter and optimizer-state tensor
 vectors and binds per-tensor views of them with ORT's IO binding: a step reads one copy and
 writes the other in place, then the two swap. So no step concatenates, splits, allocates or
 copies the parameters, and ``get_parameters`` is one copy of a flat vector. ``step.onnx``
-(no proximal inputs) runs unless a FedProx term is set, then ``step_prox.onnx``.
+(no proximal inputs) runs unless a FedProx term is set, then ``step_prox.onnx``. Batch norm
+running statistics are views of the same flat vectors (their tail), so they swap with the
+parameters; a dropout bundle's ``seed`` input is bound once to an array the trainer rewrites
+before each step.
 """
 
 from __future__ import annotations
@@ -50,11 +53,14 @@ class OrtStepTrainer(StepGraphTrainer):
         self._loss = np.zeros((), np.float32)
         per_parameter = [(k, len(s) > 0) for k, s in self._state_shapes.items()]
         names = [p.name for p in manifest.parameters]
+        buffers = [b.name for b in manifest.buffers]
         # Per graph, one binding per direction d: it reads copy d and writes copy 1 - d.
         self._bindings: dict[bool, tuple[Any, list[tuple[Any, list[np.ndarray]]]]] = {}
         for proximal, graph in ((False, "step_onnx"), (True, "step_prox_onnx")):
             sess = session(graph)
-            sig = step_signature(names, per_parameter, proximal=proximal)
+            sig = step_signature(
+                names, per_parameter, proximal=proximal, buffers=buffers, seed=manifest.step_seed
+            )
             have = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
             if have != (sig["inputs"], sig["outputs"]):
                 raise ValueError(
@@ -65,14 +71,15 @@ class OrtStepTrainer(StepGraphTrainer):
         self._copy_back: dict[tuple[bool, int], list[tuple[int, np.ndarray]]] = {}
         self._bound_lr: dict[int, np.ndarray] = {}
 
-    def _split(self, vec: np.ndarray) -> list[np.ndarray]:
-        """Per-parameter views of a flat vector in the manifest's layout."""
-        specs = self.manifest.parameters
+    def _split(self, vec: np.ndarray, *, buffers: bool = False) -> list[np.ndarray]:
+        """Per-parameter views of a flat vector in the manifest's layout (with ``buffers``,
+        the model vector's running statistics too)."""
+        specs = [*self.manifest.parameters, *(self.manifest.buffers if buffers else ())]
         return [vec[p.offset : p.offset + p.size].reshape(p.shape) for p in specs]
 
     def _views(self, params: np.ndarray, state: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Per-tensor views in the step signature's order (parameters, then state)."""
-        views = self._split(params)
+        """Per-tensor views in the step signature's order (parameters, buffers, then state)."""
+        views = self._split(params, buffers=True)
         for value in state.values():
             views += self._split(value) if value.ndim else [value]
         return views
@@ -105,6 +112,8 @@ class OrtStepTrainer(StepGraphTrainer):
         value = self._ort.OrtValue.ortvalue_from_numpy
         for name, view in zip(sig["inputs"], src, strict=False):  # x, y, lr: per step
             binding.bind_ortvalue_input(name, value(view))
+        if "seed" in sig["inputs"]:
+            binding.bind_ortvalue_input("seed", value(self._seed))  # updated in place
         for name, view in zip(sig["outputs"], dst, strict=True):
             binding.bind_ortvalue_output(name, value(view))
         return binding, dst

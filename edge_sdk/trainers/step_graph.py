@@ -1,8 +1,11 @@
 """What the two portable-step backends share: parameters, optimizer state and the FedProx
 anchor held as numpy arrays, input checks and the optimizer's hyper-parameters.
 
-The step graphs (see :mod:`edge_sdk.bundle`) are pure functions of parameters, optimizer state,
-batch and learning rate; the runtime only evaluates them. Subclasses say how to run one step
+The step graphs (see :mod:`edge_sdk.bundle`) are pure functions of parameters, running
+statistics, optimizer state, batch, learning rate and (for models with dropout) a seed; the
+runtime only evaluates them. ``_params`` is the whole model vector (parameters, then running
+statistics); the optimizer state covers the trainable part. The seed of each step comes from
+a generator that :meth:`Trainer.seed` restarts. Subclasses say how to run one step
 (ONNX Runtime's split step or LiteRT's flat one). ``_params`` and ``_state`` are updated in
 place by ``set_parameters`` and ``reset_optimizer``, so a backend may bind their memory.
 """
@@ -40,6 +43,15 @@ class StepGraphTrainer(Trainer):
         self._lr_array = np.asarray(float(raw["optimizer"]["lr"]), np.float32)
         self._anchor: np.ndarray | None = None
         self._mu = np.zeros((), np.float32)
+        self._seed = np.zeros((), np.int64)  # updated in place before each step
+        self._seeds = np.random.default_rng()
+
+    def seed(self, value: int) -> None:
+        self._seeds = np.random.default_rng(value)
+
+    def _next_seed(self) -> None:
+        if self.manifest.step_seed:
+            self._seed[...] = self._seeds.integers(0, 2**31)
 
     def get_parameters(self) -> np.ndarray:
         return self._params.copy()
@@ -66,6 +78,7 @@ class StepGraphTrainer(Trainer):
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> float:
         x, y = self._check_batch(x, y)
+        self._next_seed()
         return self._train_on(x, y, self._lr_of(lr))
 
     @abstractmethod

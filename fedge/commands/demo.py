@@ -34,6 +34,10 @@ def register(sub: Any) -> None:
                    help="emulated seconds per real second")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="exported bundle cache (None: ~/.cache/fedge)")
+    p.add_argument("--model", default=d.model, choices=("mlp", "mobilenet"),
+                   help="the MLP, or a MobileNet-style CNN with batch norm on the same digits")
+    p.add_argument("--batchnorm", default=d.batchnorm, choices=("aggregate", "local"),
+                   help="batch norm layers averaged with the model, or kept per device (FedBN)")
     p.set_defaults(func=run)
 
 
@@ -47,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
             devices=args.devices, rounds=args.rounds, goal=args.goal, steps=args.steps,
             lr=args.lr, alpha=args.alpha, codec=args.codec, dropout_prob=args.dropout,
             speedup=args.speedup, seed=args.seed, out=args.out, cache_dir=args.cache_dir,
+            model=args.model, batchnorm=args.batchnorm,
         )
     except ValueError as e:
         raise CommandError(f"{e} (see --help)") from e

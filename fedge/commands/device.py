@@ -2,7 +2,8 @@
 
 ::
 
-    fedge device run --coordinator http://10.0.0.2:8080 --state-dir ~/.fedge \\
+    fedge device run --coordinator https://10.0.0.2:8443 --state-dir ~/.fedge \\
+        --enrollment-token T --ca-file fleet-ca.pem [--pin-sha256 PIN] \\
         --data local.npz [--conditions auto|linux|raspberry-pi|android|always] [--once]
 
 The data file holds arrays ``x`` and ``y`` (``--x-key``/``--y-key`` to rename). Every pass prints
@@ -22,6 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from fedge.cli import CommandError
+from fedge.commands.connection import (
+    add_enrollment_argument,
+    add_tls_arguments,
+    enrollment_token,
+    tls_config,
+)
 
 CONDITIONS = ("auto", "linux", "raspberry-pi", "android", "always")
 
@@ -30,7 +37,9 @@ def register(sub: Any) -> None:
     parser = sub.add_parser("device", help="run this machine as a federated device")
     device_sub = parser.add_subparsers(dest="device_command", required=True, metavar="ACTION")
     run = device_sub.add_parser("run", help="check in, train when eligible, upload; repeat")
-    run.add_argument("--coordinator", required=True, help="coordinator URL, http://host:port")
+    run.add_argument("--coordinator", required=True, help="coordinator URL, http(s)://host:port")
+    add_enrollment_argument(run)
+    add_tls_arguments(run)
     run.add_argument("--state-dir", required=True, type=Path,
                      help="where the device keeps its credential and residuals")
     run.add_argument("--data", required=True, type=Path, help="training data (.npz: x, y)")
@@ -112,7 +121,8 @@ def _run(args: argparse.Namespace) -> int:
             conditions=_conditions(args.conditions),
             policy=policy,
             config=ClientConfig(population=args.population, backend=args.backend,
-                                seed=args.seed),
+                                seed=args.seed, enrollment_token=enrollment_token(args),
+                                tls=tls_config(args)),
             cache=BundleCache(args.cache_dir) if args.cache_dir else None,
         )
     except ValueError as e:

@@ -87,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
     frozen = sum(int(prod(p["shape"])) for p in raw["frozen"])
     print(f"bundle {manifest.bundle_id} written to {args.out}")
     print(f"  model      {raw['model']['name']} ({raw['model']['source']})")
-    print(f"  parameters {manifest.num_parameters:,} trainable, {frozen:,} frozen")
+    buffers = manifest.num_parameters - manifest.num_trainable
+    print(
+        f"  parameters {manifest.num_trainable:,} trainable, {frozen:,} frozen"
+        + (f", {buffers:,} batch norm statistics" if buffers else "")
+        + (" (dropout: the step takes a seed)" if manifest.step_seed else "")
+    )
     print(f"  training   {raw['loss']} loss, {opt['name']} ({hyper})")
     for name, entry in raw["backends"].items():
         state = "yes" if entry["supported"] else f"no: {entry['reason']}"

@@ -3,7 +3,8 @@
 Prints one updating progress line on stderr and, at the end, one JSON summary line on stdout
 (devices, check-ins, tasks started, uploads acknowledged, aborts, dropouts, bytes). Runs until
 ``--duration`` emulated seconds pass, ``--until-rounds`` rounds are completed on the
-coordinator, or Ctrl-C.
+coordinator, or Ctrl-C. Devices register with ``--enrollment-token``; ``--until-rounds`` reads
+the coordinator's status, which needs ``--admin-token``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from fedge.cli import CommandError
+from fedge.commands.connection import (
+    add_enrollment_argument,
+    add_tls_arguments,
+    admin_token,
+    enrollment_token,
+    tls_config,
+)
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("fleet", help="emulate a fleet of devices against a coordinator",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--coordinator", required=True, help="URL, e.g. http://127.0.0.1:8080")
+    add_enrollment_argument(p)
+    p.add_argument("--admin-token", default=None,
+                   help="for --until-rounds (default: $FEDGE_ADMIN_TOKEN)")
+    add_tls_arguments(p)
     p.add_argument("--devices", type=int, required=True)
     p.add_argument("--data", default="digits",
                    help="digits (64 features) or synthetic:ALPHA,BETA (FedProx, 60 features)")
@@ -99,14 +111,24 @@ def _heterogeneity(args: argparse.Namespace) -> Any:
         raise CommandError(str(e)) from e
 
 
-def _rounds_completed(url: str) -> int:
+def _reachable(url: str, tls: Any) -> bool:
     from edge_sdk.errors import ClientError
     from edge_sdk.protocol import Route
     from edge_sdk.transport import RetryPolicy, Transport
 
     try:
-        with Transport(url, retry=RetryPolicy(max_attempts=1)) as t:
-            return int(t.call("GET", Route.STATUS)["rounds_completed"])
+        with Transport(url, retry=RetryPolicy(max_attempts=1), tls=tls) as t:
+            t.call("GET", Route.HEALTH)
+    except (ClientError, OSError, ValueError):
+        return False
+    return True
+
+
+def _rounds_completed(admin: Any) -> int:
+    from edge_sdk.errors import ClientError
+
+    try:
+        return int(admin.status()["rounds_completed"])
     except (ClientError, OSError, KeyError, TypeError, ValueError):
         return -1
 
@@ -119,25 +141,35 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--devices must be at least 1")
     if args.speedup <= 0:
         raise CommandError("--speedup must be > 0")
-    if _rounds_completed(args.coordinator) < 0:
+    from coordinator.admin import AdminClient
+
+    tls = tls_config(args)
+    if not _reachable(args.coordinator, tls):
         raise CommandError(f"cannot reach a coordinator at {args.coordinator}")
+    admin = None
+    if args.until_rounds is not None:
+        admin = AdminClient(args.coordinator, str(admin_token(args)), tls=tls)
+        if _rounds_completed(admin) < 0:
+            raise CommandError(f"cannot read the status of {args.coordinator} (admin token?)")
     fleet = Fleet(
         args.coordinator, _datasets(args), heterogeneity=_heterogeneity(args), seed=args.seed,
         clock=SimClock(args.speedup), state_root=args.state_dir, backend=args.backend,
         step_time_s=args.step_time, workers=args.workers, progress=not args.quiet,
+        enrollment_token=enrollment_token(args), tls=tls,
     )
     interrupted = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
         summary = fleet.run(
             until=lambda: interrupted.is_set() or (
-                args.until_rounds is not None
-                and _rounds_completed(args.coordinator) >= args.until_rounds),
+                admin is not None and _rounds_completed(admin) >= args.until_rounds),
             emulated_s=args.duration,
             poll_s=0.5,
         )
     finally:
         signal.signal(signal.SIGINT, previous)
         fleet.close()
+        if admin is not None:
+            admin.close()
     print(json.dumps(summary.as_dict()), file=sys.stdout, flush=True)
     return 0

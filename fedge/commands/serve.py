@@ -1,4 +1,10 @@
-"""``fedge serve``: run the coordinator service until interrupted (SIGINT/SIGTERM)."""
+"""``fedge serve``: run the coordinator service until interrupted (SIGINT/SIGTERM).
+
+Registration needs an enrollment token: the given one, or a random one printed to stderr at
+start (``--open-registration`` lets any device register: closed test networks only). With
+``--tls-cert``/``--tls-key`` it serves HTTPS only and prints the certificate's public-key pin
+for devices that pin it (``fedge device run --pin-sha256``).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +19,18 @@ from typing import Any
 
 from fedge.cli import CommandError
 
+log = logging.getLogger("fedge.serve")
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the coordinator service", description=__doc__)
-    p.add_argument("--db", required=True, help="SQLite file (blobs go in DB.blobs/ beside it)")
+    p.add_argument(
+        "--db",
+        required=True,
+        help="SQLite file (blobs go in DB.blobs/ beside it), or a postgresql:// URL shared by "
+        "replicas (then --blobs is needed)",
+    )
+    p.add_argument("--blobs", default=None, help="blob directory (replicas share one)")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (0: any free port; default 8080)")
     p.add_argument("--config", default=None, help="JSON or TOML file of CoordinatorConfig keys")
@@ -29,11 +43,67 @@ def register(sub: Any) -> None:
         "--enrollment-token",
         default=None,
         help="devices must send it (header X-Fedge-Enrollment) to register "
-        "(default: $FEDGE_ENROLLMENT_TOKEN, else the config's; none: registration is open)",
+        "(default: $FEDGE_ENROLLMENT_TOKEN, else the config's, else a random one printed to "
+        "stderr)",
     )
-    p.add_argument("--max-body-bytes", type=int, default=None, help="limit for device requests")
+    p.add_argument(
+        "--open-registration",
+        action="store_true",
+        default=None,
+        help="let any device register without a token (closed test networks only)",
+    )
+    p.add_argument("--tls-cert", default=None, help="PEM certificate (chain): serve HTTPS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="limit for update frames")
+    p.add_argument("--max-json-bytes", type=int, default=None, help="limit for JSON bodies")
+    p.add_argument(
+        "--max-queued-operations",
+        type=int,
+        default=None,
+        help="operations waiting for the worker before requests get 503 + Retry-After",
+    )
+    p.add_argument(
+        "--retain-versions",
+        type=int,
+        default=None,
+        help="model versions kept per task, with their rounds' rows and blobs (default 10; "
+        "0: keep everything)",
+    )
+    p.add_argument(
+        "--device-inactivity-s",
+        type=float,
+        default=None,
+        help="delete devices not seen for this many seconds (default: never)",
+    )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON object a line (ts, level, logger, message, exc)")
     p.set_defaults(func=run)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record, for log shippers: ``ts`` (UTC, ISO 8601), ``level``,
+    ``logger``, ``message``, ``exc`` (the traceback, when there is one) and any ``extra``."""
+
+    _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        import datetime
+        import json
+
+        out: dict[str, object] = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+            .isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        for key, value in vars(record).items():
+            if key not in self._STANDARD and not key.startswith("_"):
+                out[key] = value
+        return json.dumps(out, default=str)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,8 +113,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = CoordinatorConfig.from_file(args.config) if args.config else CoordinatorConfig()
     except ConfigError as e:
         raise CommandError(str(e)) from e
-    overrides: dict[str, Any] = {"db_path": args.db}
-    for name in ("host", "port", "max_body_bytes"):
+    overrides = _store_overrides(args, cfg)
+    names = ("host", "port", "max_body_bytes", "max_json_bytes", "max_queued_operations",
+             "tls_cert", "tls_key", "open_registration", "retain_versions",
+             "device_inactivity_s")
+    for name in names:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     token = args.admin_token or os.environ.get("FEDGE_ADMIN_TOKEN") or cfg.admin_token
@@ -53,29 +126,77 @@ def run(args: argparse.Namespace) -> int:
     enrollment = args.enrollment_token or os.environ.get("FEDGE_ENROLLMENT_TOKEN")
     if enrollment:
         overrides["enrollment_token"] = enrollment
-    cfg = dataclasses.replace(cfg, **overrides)
+    try:
+        cfg = dataclasses.replace(cfg, **overrides)
+    except ConfigError as e:
+        raise CommandError(str(e)) from e
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
+    if args.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
     return asyncio.run(_serve(cfg, print_token=not token))
+
+
+def _store_overrides(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    """``--db`` names a SQLite file or a PostgreSQL database; blobs of a database several
+    replicas share must be in a directory they share, which only the operator knows."""
+    from coordinator.store import is_database_url
+
+    out: dict[str, Any] = {}
+    if args.blobs is not None:
+        out["blob_path"] = args.blobs
+    if not is_database_url(args.db):
+        return {**out, "db_path": args.db}
+    if args.blobs is None and cfg.blob_path is None:
+        raise CommandError("--db postgresql://... needs --blobs DIR (a directory replicas share)")
+    return {**out, "database_url": args.db}
+
+
+def _tls_context(cfg: Any) -> Any:
+    """The server's TLS context; prints the certificate's public-key pin (stderr)."""
+    import ssl
+
+    from coordinator.app import server_tls
+    from edge_sdk.tls import pem_pin
+
+    try:
+        context = server_tls(cfg)
+        if context is None:
+            return None
+        pin = pem_pin(open(cfg.tls_cert).read())  # noqa: SIM115 - one read of a small file
+    except (OSError, ValueError, ssl.SSLError) as e:
+        raise CommandError(f"cannot use --tls-cert/--tls-key: {e}") from e
+    print(f"tls public-key pin (sha256 of SPKI): {pin}", file=sys.stderr, flush=True)
+    return context
 
 
 async def _serve(cfg: Any, print_token: bool) -> int:
     from coordinator.app import build_app, start
     from coordinator.service import Coordinator
 
+    context = _tls_context(cfg)
     try:
         coord = Coordinator(cfg)
     except Exception as e:  # a database that cannot be opened or migrated
-        raise CommandError(f"cannot open {cfg.db_path}: {e}") from e
+        from coordinator.store import redacted
+
+        raise CommandError(f"cannot open {redacted(cfg.store_location)}: {e}") from e
     if print_token:
         print(f"admin token: {coord.admin_token}", file=sys.stderr, flush=True)
-    runner, port = await start(build_app(coord), cfg.host, cfg.port)
-    print(f"fedge coordinator listening on http://{cfg.host}:{port}", flush=True)
+    if cfg.enrollment_token is None and coord.enrollment_token is not None:
+        print(f"enrollment token: {coord.enrollment_token}", file=sys.stderr, flush=True)
+    elif coord.enrollment_token is None:
+        log.warning("registration is open: any device that reaches this port can join")
+    runner, port = await start(build_app(coord), cfg.host, cfg.port, ssl_context=context)
+    scheme = "https" if context is not None else "http"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Only now: whoever waits for this line may signal at once and expect a clean stop.
+    print(f"fedge coordinator listening on {scheme}://{cfg.host}:{port}", flush=True)
     await stop.wait()
     await runner.cleanup()
     return 0

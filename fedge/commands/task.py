@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from fedge.cli import CommandError
+from fedge.commands.connection import add_tls_arguments, admin_token, tls_config
 
 
 def register(sub: Any) -> None:
@@ -31,6 +31,7 @@ def register(sub: Any) -> None:
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("--coordinator", required=True, help="URL, e.g. http://127.0.0.1:8080")
         q.add_argument("--admin-token", default=None, help="default: $FEDGE_ADMIN_TOKEN")
+        add_tls_arguments(q)
 
     c = actions.add_parser("create", help="upload a bundle and create a task on it")
     common(c)
@@ -75,10 +76,12 @@ def _plan(text: str | None) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from coordinator.admin import AdminClient, ApiCallError, TransportError
 
-    token = args.admin_token or os.environ.get("FEDGE_ADMIN_TOKEN")
-    if not token:
-        raise CommandError("an admin token is needed (--admin-token or $FEDGE_ADMIN_TOKEN)")
-    admin = AdminClient(args.coordinator, token)
+    token = admin_token(args)
+    assert token is not None
+    try:
+        admin = AdminClient(args.coordinator, token, tls=tls_config(args))
+    except ValueError as e:  # a malformed URL, or TLS options on an http:// one
+        raise CommandError(str(e)) from e
     try:
         if args.action == "create":
             bundle = admin.upload_bundle(args.bundle)

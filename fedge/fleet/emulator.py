@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -32,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,6 +43,8 @@ import numpy as np
 from edge_sdk.cache import BundleCache
 from edge_sdk.client import Client, ClientConfig, Outcome
 from edge_sdk.pool import TrainerPool
+from edge_sdk.tls import TlsConfig
+from fedge.fleet.attacks import Attack, AttackTransport
 from fedge.fleet.clock import SimClock
 from fedge.fleet.datasets import Dataset
 from fedge.fleet.device import (
@@ -103,6 +106,10 @@ class _Device:
         )
         seed = int(np.random.SeedSequence([fleet.seed, index, 1]).generate_state(1)[0])
         config = dataclasses.replace(fleet.client_config, seed=seed)
+        attack = fleet.attacks.get(index)
+        link: Callable[..., LinkTransport] = (
+            LinkTransport if attack is None else functools.partial(AttackTransport, attack=attack)
+        )
         self.client = Client(
             fleet.url,
             state_dir=fleet.state_root / f"device-{index:05d}",
@@ -113,9 +120,9 @@ class _Device:
             trainers=self.trainers,  # duck-typed: anything with lease(bundle_dir, manifest)
             clock=fleet.clock.now,
             sleep=fleet.clock.sleep_blocking,
-            transport=LinkTransport(
+            transport=link(
                 fleet.url, profile=profile, clock=fleet.clock, timeout=config.request_timeout_s,
-                retry=config.retry, rng=random.Random(seed),
+                retry=config.retry, rng=random.Random(seed), tls=config.tls,
             ),
         )
         self._rejoin_rng = random.Random(seed + 1)
@@ -140,6 +147,9 @@ class Fleet:
     time of one training step before the device's multiplier (None: the step's real time on
     this host); ``client_config`` is the base :class:`ClientConfig` (its seed is replaced per
     device). ``progress`` writes one updating status line to a stream (True: stderr).
+    ``enrollment_token`` (what devices register with) and ``tls`` (CA bundle, pin) go into
+    every device's config. ``attacks`` makes the devices at those indices hostile
+    (:mod:`fedge.fleet.attacks`: they train honestly and tamper with their uploads).
     """
 
     def __init__(
@@ -158,11 +168,15 @@ class Fleet:
         rejoin_s: float = 300.0,
         client_config: ClientConfig | None = None,
         progress: bool | TextIO = False,
+        enrollment_token: str | None = None,
+        tls: TlsConfig | None = None,
+        attacks: Mapping[int, Attack] | None = None,
     ) -> None:
         if not datasets:
             raise ValueError("a fleet needs at least one device")
         self.url = coordinator
         self.seed = seed
+        self.attacks = dict(attacks or {})
         self.heterogeneity = heterogeneity or Heterogeneity.uniform()
         self.clock = clock or SimClock()
         self.step_time_s = step_time_s
@@ -171,6 +185,12 @@ class Fleet:
         self.client_config = client_config or ClientConfig(backend=backend)
         if client_config is not None and backend is not None and client_config.backend is None:
             self.client_config = dataclasses.replace(client_config, backend=backend)
+        if enrollment_token is not None:
+            self.client_config = dataclasses.replace(
+                self.client_config, enrollment_token=enrollment_token
+            )
+        if tls is not None:
+            self.client_config = dataclasses.replace(self.client_config, tls=tls)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if state_root is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fedge-fleet-")

@@ -120,6 +120,7 @@ def run_round(env: arm.Env, bundle: Path, data: Path, work: Path, attempts: int)
         task_id = admin.create_task(bundle_id, plan, name="arm-emulated")["task_id"]
         log(f"round: coordinator at {coord.url}, task {task_id} (1 round, goal 1)")
         cmd = ["-m", "fedge.cli", "device", "run", "--coordinator", coord.url,
+               "--enrollment-token", str(coord.enrollment_token),
                "--state-dir", str(work / "device"), "--data", str(data),
                "--conditions", "always", "--backend", "ort-step", "--once", "--json",
                "--seed", "0"]

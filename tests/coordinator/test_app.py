@@ -30,7 +30,8 @@ from edge_sdk.protocol import HEADER_ENROLLMENT, ErrorCode, Route, device_auth_h
 from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP, HttpConnection, without_wait
 
 N = 64
-LIMIT = 16 * 1024
+LIMIT = 16 * 1024  # update frames
+JSON_LIMIT = 8 * 1024  # JSON control messages
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Ctx:
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator[Ctx]:
     db = tmp_path_factory.mktemp("app") / "fedge.db"
-    with EmbeddedCoordinator(db, seed=7, max_body_bytes=LIMIT) as coord:
+    with EmbeddedCoordinator(db, seed=7, max_body_bytes=LIMIT, max_json_bytes=JSON_LIMIT) as coord:
         admin = coord.admin()
         bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
         plan = {
@@ -72,7 +73,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator
             "max_examples": 1000,
         }
         task_id = admin.create_task(bundle_id, plan)["task_id"]
-        devs = [DeviceHTTP(coord.url) for _ in range(3)]
+        devs = [DeviceHTTP(coord) for _ in range(3)]
         answers = [d.check_in() for d in devs]
         answers[:2] = [d.check_in() for d in devs[:2]]  # the third closed the window
         assert [a["action"] for a in answers] == ["train"] * 3, answers
@@ -136,7 +137,10 @@ def device_json(path: str, payload: Any, raw: bytes | None = None, who: str = "a
         dev = getattr(ctx, who)
         body = raw if raw is not None else json.dumps(payload).encode()
         p = path.format(a=ctx.aid_a, b=ctx.aid_b, c=ctx.aid_c, t=ctx.task_id, bid=ctx.bundle_id)
-        return dev.raw("POST", p, body, {"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if path == Route.REGISTER:  # registration is judged on its body only with the token
+            headers[HEADER_ENROLLMENT] = str(ctx.coord.enrollment_token)
+        return dev.raw("POST", p, body, headers)
 
     return send
 
@@ -201,6 +205,11 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
         device_json(Route.REGISTER, None, b"{" + b" " * (LIMIT + 10) + b"}"),
         413,
         E.BODY_TOO_LARGE,
+    ),
+    "register without the enrollment token": (
+        lambda c: c.http.request("POST", Route.REGISTER, b'{"runtimes": ["ort-step"]}'),
+        401,
+        E.UNAUTHORIZED,
     ),
     # -- check-in (the window is closed and full: a good check-in would write nothing either)
     "checkin no credentials": (
@@ -287,6 +296,11 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
     ),
     "checkin oversized": (
         device_json(CHECKIN, {"runtimes": ["x" * 40] * 60, "pad": "y" * LIMIT}),
+        413,
+        E.BODY_TOO_LARGE,
+    ),
+    "checkin over the JSON limit, under the frame limit": (
+        device_json(CHECKIN, {"runtimes": ["ort-step"], "pad": "y" * JSON_LIMIT}),
         413,
         E.BODY_TOO_LARGE,
     ),
@@ -468,6 +482,11 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
         413,
         E.BODY_TOO_LARGE,
     ),
+    "upload over the JSON limit is judged as a frame": (
+        lambda c: upload(c, c.a, c.aid_a, b"F" * (JSON_LIMIT + 100), GOOD),
+        400,
+        E.MALFORMED_FRAME,
+    ),
     "upload duplicate (other key)": (
         lambda c: upload(c, c.c, c.aid_c, frame(np.full(N, 0.01)), GOOD, key="k-other"),
         409,
@@ -521,6 +540,16 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
     ),
     "abort oversized": (device_json(ABT, None, b" " * (LIMIT + 1)), 413, E.BODY_TOO_LARGE),
     # -- operator
+    "status without the admin token": (
+        lambda c: c.http.request("GET", Route.STATUS),
+        401,
+        E.UNAUTHORIZED,
+    ),
+    "status with a device's credential": (
+        lambda c: c.a.raw("GET", Route.STATUS),
+        401,
+        E.UNAUTHORIZED,
+    ),
     "admin no token": (lambda c: c.http.request("GET", Route.ADMIN_TASKS), 401, E.UNAUTHORIZED),
     "admin wrong token": (admin_req("GET", Route.ADMIN_TASKS, token="wrong"), 401, E.UNAUTHORIZED),
     "admin device credentials": (lambda c: c.a.raw("GET", Route.ADMIN_TASKS), 401, E.UNAUTHORIZED),
@@ -683,7 +712,7 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
     "task bundle unknown": (admin_req("GET", "/v1/admin/tasks/t-nope/bundle"), 404, E.NOT_FOUND),
     # -- hostile encodings
     "deeply nested json": (
-        device_json(Route.REGISTER, None, b"[" * 5000 + b"]" * 5000),
+        device_json(Route.REGISTER, None, b"[" * 2000 + b"]" * 2000),  # within JSON_LIMIT
         400,
         E.MALFORMED_JSON,
     ),
@@ -778,7 +807,7 @@ def test_an_enrollment_token_guards_registration(tmp_path: Path) -> None:
             assert got["content-type"].startswith("application/json")
             assert json.loads(data)["error"]["code"] == E.UNAUTHORIZED.value
         assert coord.call(coord.service.store.snapshot) == before  # no device was created
-        device = DeviceHTTP(coord.url, enrollment_token="sesame")
+        device = DeviceHTTP(coord, enrollment_token="sesame")
         assert device.check_in()["reason"] == "no_task"
         # the edge SDK's client sends the token it is configured with
         examples = (np.zeros((4, 4), np.float32), np.zeros(4, np.float32))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.async_buffer import AsyncBuffer, AsyncConfig, BufferedUpdate, PlanError, TooStale
+from coordinator.async_buffer import AsyncBuffer, AsyncConfig, BufferedUpdate, TooStale
+from coordinator.errors import InvalidRequest
 from coordinator.staleness import StalenessPolicy
 
 P = 257  # odd size: nothing lines up with a block by accident
@@ -164,10 +165,56 @@ def test_replay_returns_the_commit_a_crash_interrupted() -> None:
     assert pending.version == 1 and buf.version == 1 and len(buf) == 0
 
 
-def test_replay_refuses_an_overfull_buffer() -> None:
-    stored = [BufferedUpdate(d, n, 0) for d, n in updates(4)]
-    with pytest.raises(ValueError, match="more than buffer_k"):
-        AsyncBuffer.replay(P, config(3), 0, stored)
+def test_replay_commits_an_overfull_buffer_whole() -> None:
+    """A buffer an older coordinator kept filling after a failed commit: every stored update
+    goes into the version (never a subset, never a refusal to start)."""
+    ups = updates(5)
+    stored = [BufferedUpdate(d, n, 0) for d, n in ups]
+    buf, pending = AsyncBuffer.replay(P, config(3), 0, stored)
+    assert pending is not None and pending.num_updates == 5 and len(buf) == 0
+    ref = np.average(np.stack([d for d, _ in ups]), axis=0, weights=[n for _, n in ups])
+    np.testing.assert_allclose(pending.delta, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_stage_changes_nothing_until_applied() -> None:
+    buf = AsyncBuffer(P, config(2))
+    (d0, n0), (d1, n1) = updates(2, seed=8)
+    buf.fold(d0, n0, 0)
+    before = buf.state()
+    staged = buf.stage(d1, n1, 0)
+    after = buf.state()
+    np.testing.assert_array_equal(before.pop("sum"), after.pop("sum"))
+    assert before == after and len(buf) == 1
+    fold = buf.apply(staged)
+    assert fold.commit is not None and buf.version == 1
+    ref = np.average(np.stack([d0, d1]), axis=0, weights=[n0, n1])
+    np.testing.assert_allclose(fold.commit.delta, ref, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="staged on another state"):
+        buf.apply(staged)  # once only
+
+
+def test_update_that_would_overflow_the_sum_is_refused_before_anything_moves() -> None:
+    # float32 deltas and example counts <= 2**53 cannot reach this in float64: defence in depth
+    buf = AsyncBuffer(P, config(3))
+    huge = np.full(P, 1e300)
+    buf.fold(huge, 1, 0)
+    before = buf.state()
+    with pytest.raises(ValueError, match="overflows"):
+        buf.stage(huge, 10**9, 0)
+    after = buf.state()
+    np.testing.assert_array_equal(before.pop("sum"), after.pop("sum"))
+    assert before == after
+
+
+def test_weight_underflow_is_refused_as_too_stale_and_by_plan_validation() -> None:
+    # w(s) = (1+s)^-400 is 0.0 in float64 from s = 6 on: such a bound is refused at plan time
+    with pytest.raises(InvalidRequest, match="underflows"):
+        config(3, staleness={"name": "polynomial", "a": 400}, max_staleness=6)
+    steep = config(3, staleness={"name": "polynomial", "a": 400}, max_staleness=5)
+    assert steep.staleness.weight(5) > 0
+    buf = AsyncBuffer(P, steep, version=5)
+    d, _ = updates(1)[0]
+    assert buf.stage(d, 1, 0).weight > 0  # the smallest weight the bound admits still counts
 
 
 def test_state_round_trip() -> None:
@@ -207,5 +254,5 @@ def test_config_defaults_and_admission() -> None:
     ],
 )
 def test_bad_async_plans(plan: dict) -> None:
-    with pytest.raises(PlanError):
+    with pytest.raises(InvalidRequest):
         AsyncConfig.from_plan(plan)

@@ -60,3 +60,82 @@ def test_collect_deletes_only_unkept_blobs(tmp_path: Path) -> None:
     assert foreign.exists() and (tmp_path / "b" / "zz" / "x").exists()
     assert (tmp_path / "b" / "tmp").is_dir()
     assert blobs.collect({keep}).blobs == 0
+
+
+def test_derived_file_is_made_once_and_goes_with_its_blob(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "b")
+    sha = blobs.put(b"parameters")
+    calls: list[bytes] = []
+
+    def make(raw: bytes) -> bytes:
+        calls.append(raw)
+        return raw.upper()
+
+    path = blobs.derived(sha, "frame", make)
+    assert path.read_bytes() == b"PARAMETERS" and calls == [b"parameters"]
+    assert blobs.derived(sha, "frame", make) == path and len(calls) == 1  # cached on disk
+    assert BlobStore(tmp_path / "b").derived(sha, "frame", make) == path and len(calls) == 1
+    assert list(blobs.shas()) == [sha]  # a derived file is not a blob
+    assert list((tmp_path / "b" / "tmp").iterdir()) == []
+    blobs.delete(sha)
+    assert not path.exists() and not blobs.exists(sha)
+    with pytest.raises(FileNotFoundError):
+        blobs.derived(sha, "frame", make)  # nothing to derive from
+    with pytest.raises(ValueError):
+        blobs.derived(sha, "../x", make)
+
+
+def test_derived_file_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "b")
+    sha = blobs.put(b"parameters")
+
+    def broken(raw: bytes) -> bytes:
+        raise RuntimeError("encoder failed")
+
+    with pytest.raises(RuntimeError):
+        blobs.derived(sha, "frame", broken)
+    assert not blobs.derived_path(sha, "frame").exists()
+    assert blobs.derived(sha, "frame", lambda raw: raw * 2).read_bytes() == b"parameters" * 2
+
+
+def test_collect_removes_derived_files_of_unkept_blobs(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "b")
+    keep, drop = blobs.put(b"keep me"), blobs.put(b"orphan")
+    kept_frame = blobs.derived(keep, "frame", lambda raw: raw + b"!")
+    dropped_frame = blobs.derived(drop, "frame", lambda raw: raw + b"!")
+    # a frame whose blob a crash already removed
+    stray = blobs.derived(blobs.put(b"gone"), "frame", lambda raw: raw)
+    blobs.path(hashlib.sha256(b"gone").hexdigest()).unlink()
+    got = blobs.collect({keep})
+    assert got.blobs == 1 and got.bytes == len(b"orphan") + len(b"orphan!") + len(b"gone")
+    assert kept_frame.exists() and not dropped_frame.exists() and not stray.exists()
+
+
+@pytest.mark.parametrize("failing", ["fanout", "root"])
+def test_a_failed_directory_fsync_leaves_no_blob_a_retry_would_skip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """put() skips a blob that exists: one whose directory entry was never synced must not
+    be left in place, or the retry would acknowledge bytes a power cut can still lose."""
+    import coordinator.blobs as module
+
+    blobs = BlobStore(tmp_path / "b")
+    real = module.fsync_dir
+    synced: list[Path] = []
+    failed: list[Path] = []
+
+    def fsync_dir(path: Path) -> None:
+        if not failed and (path == blobs.root) == (failing == "root"):
+            failed.append(path)
+            raise OSError(5, "Input/output error")
+        real(path)
+        synced.append(path)
+
+    monkeypatch.setattr(module, "fsync_dir", fsync_dir)
+    sha = hashlib.sha256(b"payload").hexdigest()
+    with pytest.raises(OSError):
+        blobs.put(b"payload")
+    assert not blobs.exists(sha)
+    assert not blobs.path(sha).parent.exists()  # the fanout dir it made: removed too
+    assert blobs.put(b"payload") == sha and blobs.read(sha) == b"payload"
+    assert {blobs.path(sha).parent, blobs.root} <= set(synced)  # both synced this time

@@ -28,6 +28,11 @@ def test_json_and_toml(tmp_path: Path) -> None:
         "[1]",
         "{",
         '{"retain_updates": 1}',
+        '{"tls_cert": "c.pem"}',  # without its key
+        '{"open_registration": true, "enrollment_token": "t"}',  # which one?
+        '{"max_json_bytes": 0}',
+        '{"max_queued_operations": 0}',
+        '{"open_registration": "yes"}',
     ],
 )
 def test_refused(tmp_path: Path, text: str) -> None:
@@ -36,3 +41,10 @@ def test_refused(tmp_path: Path, text: str) -> None:
         CoordinatorConfig.from_file(tmp_path / "c.json")
     with pytest.raises(ConfigError):
         CoordinatorConfig.from_file(tmp_path / "missing.json")
+
+
+def test_secure_defaults() -> None:
+    cfg = CoordinatorConfig()
+    assert not cfg.open_registration and cfg.enrollment_token is None  # the service draws one
+    assert not cfg.tls and cfg.max_json_bytes < cfg.max_body_bytes
+    assert CoordinatorConfig(tls_cert="c.pem", tls_key="k.pem").tls

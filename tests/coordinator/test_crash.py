@@ -38,11 +38,12 @@ def test_sigkill_mid_reporting_loses_nothing_acknowledged(tmp_path: Path) -> Non
     bundle = make_synthetic_bundle(tmp_path / "bundle", num_parameters=N, seed=3)
     db = tmp_path / "fedge.db"
     token = "crash-test-token"
-    plan = {"rounds": 2, "goal": GOAL, "selection_window_s": 0.0, "round_deadline_s": 600.0}
+    plan = {"rounds": 2, "goal": GOAL, "selection_window_s": 0.0, "round_deadline_s": 600.0,
+            "robust": "none"}  # fmt: skip
     coord = EmbeddedCoordinator(db, subprocess=True, admin_token=token).start()
     admin = coord.admin()
     task_id = admin.create_task(admin.upload_bundle(bundle)["bundle_id"], plan)["task_id"]
-    devices = [DeviceHTTP(coord.url) for _ in range(GOAL + 9)]
+    devices = [DeviceHTTP(coord) for _ in range(GOAL + 9)]
     for d in devices:
         d.check_in()
     work: list[tuple[int, DeviceHTTP, str]] = []
@@ -133,7 +134,8 @@ def test_restart_collects_orphaned_blobs_and_keeps_what_records_need(
     """What a crash leaves behind (a committed round's payloads not yet deleted, a blob whose
     record was never written) is removed at the next start; nothing a record needs is."""
     db, clock, n = tmp_path / "fedge.db", FakeClock(), 64
-    plan = {"rounds": 3, "goal": 2, "selection_window_s": 0.0, "round_deadline_s": 600.0}
+    plan = {"rounds": 3, "goal": 2, "selection_window_s": 0.0, "round_deadline_s": 600.0,
+            "robust": "none"}  # fmt: skip
     deltas = [np.random.default_rng(i).normal(0, 0.01, n).astype(np.float32) for i in range(4)]
 
     def assignments(devices: list[DeviceHTTP]) -> list[str]:
@@ -144,7 +146,7 @@ def test_restart_collects_orphaned_blobs_and_keeps_what_records_need(
     with EmbeddedCoordinator(db, clock=clock) as coord:
         admin = coord.admin()
         task_id = admin.create_task(admin.upload_bundle(tiny_bundle)["bundle_id"], plan)["task_id"]
-        devices = [DeviceHTTP(coord.url) for _ in range(2)]
+        devices = [DeviceHTTP(coord) for _ in range(2)]
         for d, aid, delta in zip(devices, assignments(devices), deltas[:2], strict=True):
             assert d.upload(aid, delta, num_examples=10)[0] == 200
         assert admin.task(task_id)["model_version"] == 1

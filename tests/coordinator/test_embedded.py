@@ -35,7 +35,7 @@ def test_temporary_database_is_removed(tmp_path: Path) -> None:
 
 
 def test_subprocess_mode_with_admin_errors(tmp_path: Path) -> None:
-    with EmbeddedCoordinator(tmp_path / "p.db", subprocess=True, max_body_bytes=1000) as coord:
+    with EmbeddedCoordinator(tmp_path / "p.db", subprocess=True, max_json_bytes=1000) as coord:
         assert coord.process is not None and coord.process.poll() is None
         with pytest.raises(ApiCallError) as e:
             AdminClient(coord.url, "wrong").tasks()

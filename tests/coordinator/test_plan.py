@@ -33,7 +33,7 @@ def test_round_trip_is_lossless() -> None:
     client = plan.client_json()
     assert client["codec"] == {"name": "topk", "fraction": 0.01, "values": "fp16"}
     assert set(client) == {"epochs", "steps", "batch_size", "lr", "lr_decay", "prox_mu",
-                           "codec", "recheck_every_steps"}  # fmt: skip
+                           "codec", "recheck_every_steps", "batchnorm"}  # fmt: skip
 
 
 def test_selection_timeout_default_never_cuts_a_window_short() -> None:
@@ -67,6 +67,12 @@ def test_selection_timeout_default_never_cuts_a_window_short() -> None:
         {"eligibility": {"bogus": True}},
         {"eligibility": {"runtimes": "ort-step"}},
         {"server_optimizer": {"name": "fedadam", "beta2": -0.1}},
+        # 1 never forgets a step (momentum grows without bound; FedAdam's m never moves)
+        {"server_optimizer": {"name": "fedavgm", "momentum": 1.0}},
+        {"server_optimizer": {"name": "fedadam", "beta1": 1}},
+        {"server_optimizer": {"name": "fedyogi", "beta1": 1.0}},
+        # a staleness weight that underflows to 0 within the bound
+        {"staleness": {"name": "polynomial", "a": 400}, "max_staleness": 20},
         {"max_update_norm": 0},
         {"max_update_norm": "big"},
         {"max_examples": 2**53 + 1},
@@ -84,3 +90,10 @@ def test_selection_timeout_default_never_cuts_a_window_short() -> None:
 def test_invalid_plans_are_refused(bad: object) -> None:
     with pytest.raises(InvalidRequest):
         TaskPlan.from_json(bad)
+
+
+def test_momentum_and_beta1_just_below_1_are_accepted() -> None:
+    plan = TaskPlan.from_json({"server_optimizer": {"name": "fedavgm", "momentum": 0.999}})
+    assert plan.server_optimizer.momentum == 0.999
+    plan = TaskPlan.from_json({"server_optimizer": {"name": "fedadam", "beta1": 0.99}})
+    assert plan.server_optimizer.beta1 == 0.99

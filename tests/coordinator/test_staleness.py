@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from coordinator import staleness
-from coordinator.staleness import DEFAULT_MAX_STALENESS, PlanError, StalenessPolicy, TooStale
+from coordinator.errors import InvalidRequest
+from coordinator.staleness import DEFAULT_MAX_STALENESS, StalenessPolicy, TooStale
 
 S = np.arange(0, 60)
 
@@ -104,7 +105,7 @@ def test_negative_staleness_is_an_error() -> None:
     ],
 )
 def test_bad_plans(plan: dict) -> None:
-    with pytest.raises(PlanError):
+    with pytest.raises(InvalidRequest):
         StalenessPolicy.from_plan(plan)
 
 

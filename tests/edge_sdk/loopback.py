@@ -142,7 +142,7 @@ def ranged(data: bytes, seen: Seen, *, honour_range: bool = True) -> Reply:
 class CuttingProxy:
     """A TCP proxy on 127.0.0.1 in front of a real server that breaks one request on purpose.
 
-    The first request whose request line contains ``match`` is broken by ``mode``:
+    The first ``cuts`` requests whose request line contains ``match`` are broken by ``mode``:
 
     * ``"request"``: the proxy forwards the headers and half of the body, then closes both
       sides (the server never gets a whole request; the client's send or read fails);
@@ -156,13 +156,15 @@ class CuttingProxy:
     nothing is broken: a byte-counting relay.
     """
 
-    def __init__(self, upstream_port: int, match: bytes | None, mode: str = "request") -> None:
+    def __init__(
+        self, upstream_port: int, match: bytes | None, mode: str = "request", cuts: int = 1
+    ) -> None:
         if mode not in ("request", "response"):
             raise ValueError(mode)
         self.upstream_port = upstream_port
         self.match = match
         self.mode = mode
-        self.cut_done = False
+        self.cuts_left = cuts
         self.request_lines: list[bytes] = []
         self.request_sizes: list[int] = []
         self._lock = threading.Lock()
@@ -242,8 +244,8 @@ class CuttingProxy:
                     with self._lock:
                         self.request_lines.append(first)
                         self.request_sizes.append(len(request))
-                        cut = not self.cut_done and self.match is not None and self.match in first
-                        self.cut_done = self.cut_done or cut
+                        cut = self.cuts_left > 0 and self.match is not None and self.match in first
+                        self.cuts_left -= cut
                     if cut and self.mode == "request":
                         upstream.sendall(request[: end + 4 + length // 2])
                         self._close(client, upstream)

@@ -88,9 +88,12 @@ def _completed(coord: EmbeddedCoordinator, task_id: str) -> Callable[[], bool]:
     return lambda: admin.task(task_id)["state"] == "completed"
 
 
-def _client(url: str, state: Path, data: Any, conditions: Any = None, **kw: Any) -> Client:
-    return Client(url, state_dir=state, data=data,
-                  conditions=conditions or ScriptedConditions(GOOD), sleep=_quick_sleep, **kw)
+def _client(coord: EmbeddedCoordinator, state: Path, data: Any, conditions: Any = None,
+            **kw: Any) -> Client:
+    """A client of ``coord``, enrolled with its token."""
+    return Client(coord.url, state_dir=state, data=data,
+                  conditions=conditions or ScriptedConditions(GOOD), sleep=_quick_sleep,
+                  config=ClientConfig(enrollment_token=coord.enrollment_token), **kw)
 
 
 def test_round_completes_while_a_client_whose_conditions_lapse_aborts(
@@ -110,10 +113,10 @@ def test_round_completes_while_a_client_whose_conditions_lapse_aborts(
                 flipper_conditions.set(UNPLUGGED)  # the user pulls the plug after 2 batches
             yield fx[start : start + 32], fy[start : start + 32]
 
-    flipper = _client(coordinator.url, tmp_path / "flipper",
+    flipper = _client(coordinator, tmp_path / "flipper",
                       BatchStreamDataset(unplugged_mid_epoch, num_examples=len(fx)),
                       flipper_conditions, cache=cache, trainers=pool)
-    good = [_client(coordinator.url, tmp_path / f"good{i}", parts[i], cache=cache, trainers=pool)
+    good = [_client(coordinator, tmp_path / f"good{i}", parts[i], cache=cache, trainers=pool)
             for i in range(1, 5)]
     # The abort only counts in the round if it lands before the goal's third report closes the
     # round (closing expires open assignments). Left to the scheduler, that is a race: the
@@ -152,7 +155,8 @@ def test_upload_cut_mid_way_is_retried_and_counted_once(
     with CuttingProxy(coordinator.port, b"/update", mode=mode) as proxy:
         client = Client(proxy.url, state_dir=tmp_path / "dev", data=_parts(digits, 4)[0],
                         conditions=ScriptedConditions(GOOD), sleep=sleeps.append,
-                        config=ClientConfig(retry=RetryPolicy(max_attempts=3)))
+                        config=ClientConfig(retry=RetryPolicy(max_attempts=3),
+                                            enrollment_token=coordinator.enrollment_token))
         outcome = client.run_once()
         while outcome.action == "wait":
             outcome = client.run_once()
@@ -171,12 +175,12 @@ def test_credential_is_kept_private_and_reused(
     coordinator: EmbeddedCoordinator, digits: Any, tmp_path: Path
 ) -> None:
     state = tmp_path / "dev"
-    first = _client(coordinator.url, state, _parts(digits, 2)[0])
+    first = _client(coordinator, state, _parts(digits, 2)[0])
     assert first.run_once().action == "wait"  # no task yet
     creds = state / "credentials.json"
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600
     device_id = json.loads(creds.read_text())["device_id"]
-    second = _client(coordinator.url, state, _parts(digits, 2)[0])
+    second = _client(coordinator, state, _parts(digits, 2)[0])
     assert second.run_once().action == "wait"
     assert second.device_id == device_id
     assert coordinator.admin().status()["devices_registered"] == 1
@@ -189,7 +193,7 @@ def test_registers_again_when_the_coordinator_forgot_the_device(
     state.mkdir()
     (state / "credentials.json").write_text(json.dumps(
         {"coordinator": coordinator.url, "device_id": "d-gone", "secret": "stale"}))
-    client = _client(coordinator.url, state, _parts(digits, 2)[0])
+    client = _client(coordinator, state, _parts(digits, 2)[0])
     assert client.run_once().action == "wait"
     assert client.device_id not in (None, "d-gone")
     assert coordinator.admin().status()["devices_registered"] == 1
@@ -206,11 +210,11 @@ def test_evaluation_assignment_reports_metrics_of_the_current_model(
     coordinator: EmbeddedCoordinator, digits_bundle: Path, digits: Any, tmp_path: Path
 ) -> None:
     task_id = _task(coordinator, digits_bundle, goal=1)
-    client = _client(coordinator.url, tmp_path / "dev", _parts(digits, 3)[0])
+    client = _client(coordinator, tmp_path / "dev", _parts(digits, 3)[0])
     _run_until([client], _completed(coordinator, task_id))
     coordinator.admin().evaluate(task_id)
     eval_x, eval_y = _parts(digits, 3)[1]
-    evaluator = _client(coordinator.url, tmp_path / "eval", _parts(digits, 3)[0],
+    evaluator = _client(coordinator, tmp_path / "eval", _parts(digits, 3)[0],
                         eval_data=ArrayDataset(eval_x, eval_y))
     outcome = evaluator.run_once()
     while outcome.action == "wait":
@@ -239,7 +243,7 @@ def test_topk_residual_is_kept_per_task_and_adds_up(
 ) -> None:
     task_id = _task(coordinator, digits_bundle, goal=1,
                     codec={"name": "topk", "k": 100, "values": "fp32"})
-    client = _client(coordinator.url, tmp_path / "dev", _parts(digits, 3)[0])
+    client = _client(coordinator, tmp_path / "dev", _parts(digits, 3)[0])
     outcomes = _run_until([client], _completed(coordinator, task_id))
     assert [o.action for o in outcomes[0]].count(TRAINED) == 1
     residual = np.load(tmp_path / "dev" / "residuals" / f"{task_id}.npy")
@@ -262,7 +266,8 @@ def test_async_client_keeps_the_event_loop_responsive(
 ) -> None:
     task_id = _task(coordinator, digits_bundle, goal=1, epochs=3)
     client = AsyncClient(coordinator.url, state_dir=tmp_path / "dev", data=_parts(digits, 2)[0],
-                         conditions=ScriptedConditions(GOOD))
+                         conditions=ScriptedConditions(GOOD),
+                         config=ClientConfig(enrollment_token=coordinator.enrollment_token))
 
     async def main() -> tuple[list[Outcome], int]:
         ticks = 0

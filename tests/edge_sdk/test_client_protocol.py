@@ -308,7 +308,9 @@ def test_conditions_lapsing_mid_training_abort_before_the_next_step(
     assert outcome.action == ABORTED and outcome.reasons == ("network metered",)
     (abort,) = coord.calls("/abort")
     body = json.loads(abort.body)
-    assert body["reason"] == "conditions_lapsed" and "step 1" in body["message"]
+    # Enumerated phase and code only: no free text leaves the device.
+    assert body == {"reason": "conditions_lapsed", "phase": "conditions_lapsed",
+                    "code": "conditions"}
     assert coord.calls("/update") == []
 
 
@@ -410,3 +412,46 @@ def test_an_injected_transport_carries_every_call(
     assert client.transport is transport
     assert [p.rsplit("/", 1)[-1] for p in calls] == [
         "devices", "checkin", coord.manifest["bundle_id"], "params", "update"]
+
+
+@pytest.mark.parametrize(("resend", "settled"), [
+    (lambda s: json_error(409, "round_closed", "too late"), "refused"),
+    (lambda s: json_error(404, "not_found"), "refused"),
+    (lambda s: json_error(500, "internal"), "pending"),
+    (lambda s: Reply(200, b'{"accepted": true}'), "acknowledged"),
+])
+def test_an_upload_without_an_answer_is_settled_before_the_next_check_in(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path, resend: Any, settled: str
+) -> None:
+    """The first pass's upload gets no answer (the connection drops every time); the next pass
+    resends it, same bytes and key, before it checks in, and settles it by the answer."""
+    with ScriptedCoordinator(digits_bundle, {"codec": {"name": "topk", "k": 50}}) as coord:
+        coord.checkin = lambda s: coord.train()
+        coord.update = lambda s: Reply(200, b'{"accepted": true}', cut_after=0)
+        client = _client(coord.loopback.url, tmp_path, digits_data)
+        store = client.state.error_feedback(TASK)
+        before = np.full(2410, 0.01, np.float32)
+        store.save(before)
+        assert client.run_once().action == FAILED
+        pending = client.state.load_pending()
+        assert pending is not None
+        np.testing.assert_array_equal(store.load(2410), before)  # not moved on yet
+
+        coord.update = resend
+        coord.checkin = lambda s: coord.wait(5.0)
+        second = client.run_once()
+        calls = [s.path for s in coord.loopback.seen]
+    resent = coord.calls("/update")[-1]
+    assert resent.body == pending.frame
+    assert resent.headers["idempotency-key"] == pending.key
+    # the resend came before the check-in of that pass
+    assert calls[-1] == "/v1/checkin" if settled != "pending" else calls[-1].endswith("/update")
+    if settled == "pending":  # still no answer: kept for the pass after, nothing checked in
+        assert second.action == FAILED and client.state.load_pending() is not None
+        np.testing.assert_array_equal(store.load(2410), before)
+        return
+    assert second.action == WAIT and client.state.load_pending() is None
+    if settled == "refused":  # never counted: the residual stays what it was
+        np.testing.assert_array_equal(store.load(2410), before)
+    else:  # counted: the residual is the one the frame left
+        np.testing.assert_array_equal(store.load(2410), pending.residual)

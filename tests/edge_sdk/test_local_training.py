@@ -7,6 +7,7 @@ tests are about the loop, not a runtime (the runtimes have their own suite in tr
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from edge_sdk.bundle import Manifest
 from edge_sdk.codecs import CodecSpec
 from edge_sdk.data import ArrayDataset
 from edge_sdk.errors import ConditionsLapsed
-from edge_sdk.local_training import Plan, PlanError, evaluate, train
+from edge_sdk.local_training import LocalLayers, Plan, PlanError, evaluate, train
 from edge_sdk.trainers.base import Trainer
 
 
@@ -169,6 +170,7 @@ def test_evaluate_weights_batches_by_their_size() -> None:
         ({"lr": 0.1, "epochs": None, "steps": None}, "exactly one"),
         ({"lr": 0.1, "codec": {"name": "zip"}}, "codec"),
         ({"lr": 0.1, "recheck_every_steps": -1}, "recheck"),
+        ({"lr": 0.1, "batchnorm": "fedbn"}, "batchnorm"),
         ([], "object"),
     ],
 )
@@ -185,3 +187,67 @@ def test_plan_from_the_protocol_example() -> None:
     )
     assert plan == Plan(batch_size=32, lr=0.05, epochs=1, codec=CodecSpec("int8"),
                         recheck_every_steps=5)
+
+
+# -- batch norm layers under FedBN ("batchnorm": "local") ------------------------------------
+
+
+def _digits_like(n: int, shift: float, seed: int) -> ArrayDataset:
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(n, 64)) + shift).astype(np.float32)
+    return ArrayDataset(x, rng.integers(0, 10, size=n))
+
+
+def test_fedbn_keeps_the_batch_norm_layers_on_the_device(tmp_path: Path) -> None:
+    """Under a local plan the device trains from its own batch norm entries, saves them, and
+    hands back the global ones (no change to report); under an aggregate plan they are
+    trained and reported like the rest of the model vector."""
+    from edge_sdk.trainers import load_trainer
+    from tests.fixtures.bundles import cached_bundle
+
+    bundle = cached_bundle("model_export.zoo:digits_batchnorm_mlp", input_shape=(1, 64), lr=0.1)
+    trainer = load_trainer(bundle, backend="ort-step")
+    index = trainer.manifest.batchnorm_indices()
+    names = {p.name for p in (*trainer.manifest.parameters, *trainer.manifest.buffers)}
+    assert {"bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"} <= names
+    assert index.size == 4 * 32
+    start = trainer.get_parameters()
+    data = _digits_like(64, shift=2.0, seed=1)
+    rng = np.random.default_rng(0)
+    local = LocalLayers.for_task(tmp_path, "task-1")
+    plan = Plan(batch_size=16, lr=0.1, epochs=1, batchnorm="local")
+
+    train(trainer, data, plan, start, round_=0, rng=rng, local=local)
+    after = trainer.get_parameters()
+    np.testing.assert_array_equal(after[index], start[index])  # nothing to report for them
+    rest = np.setdiff1d(np.arange(start.size), index)
+    assert not np.allclose(after[rest], start[rest])
+    mine = local.load(index.size)
+    assert mine is not None and not np.allclose(mine, start[index])
+
+    # evaluation and the next round use the device's layers, not the global ones
+    aggregate = Plan(batch_size=16, lr=0.1, epochs=1)
+    before_eval = evaluate(trainer, data, start)
+    with_local = evaluate(trainer, data, start, local=local)
+    assert with_local.loss != before_eval.loss
+    train(trainer, data, plan, start, round_=1, rng=np.random.default_rng(0), local=local)
+    second = local.load(index.size)
+    assert second is not None and not np.array_equal(second, mine)
+
+    # aggregate: the same entries are trained and returned like any other
+    train(trainer, data, aggregate, start, round_=0, rng=np.random.default_rng(0), local=local)
+    agg = trainer.get_parameters()
+    assert not np.allclose(agg[index], start[index])
+    np.testing.assert_array_equal(local.load(index.size), second)  # untouched
+
+
+def test_local_layers_of_another_model_are_ignored(tmp_path: Path) -> None:
+    local = LocalLayers.for_task(tmp_path, "t")
+    assert local.load(4) is None
+    local.save(np.arange(4, dtype=np.float32))
+    np.testing.assert_array_equal(local.load(4), np.arange(4))
+    assert local.load(5) is None  # a re-exported model with other layers
+    (tmp_path / "local_layers" / "t.npy").write_bytes(b"not numpy")
+    assert local.load(4) is None
+    with pytest.raises(ValueError, match="not safe"):
+        LocalLayers.for_task(tmp_path, "../escape")

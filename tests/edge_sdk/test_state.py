@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_sdk.state import Credentials, DeviceState
+from edge_sdk.state import Credentials, DeviceState, PendingUpload
 
 
 def test_credentials_round_trip_privately(tmp_path: Path) -> None:
@@ -51,3 +52,60 @@ def test_residual_store_is_per_task_and_safe(tmp_path: Path) -> None:
     assert state.error_feedback("t-1").load(11) is None  # another model layout
     with pytest.raises(ValueError, match="safe"):
         state.error_feedback("../escape")
+
+
+def _pending(frame: bytes = b"frame-bytes", residual: np.ndarray | None = None) -> PendingUpload:
+    return PendingUpload(
+        coordinator="http://127.0.0.1:1", device_id="d-1", assignment_id="a-1", task_id="t-1",
+        round=3, key=PendingUpload.key_for("a-1", frame), report={"num_examples": 5},
+        frame=frame, uses_feedback=True,
+        residual=np.arange(6, dtype=np.float32) if residual is None else residual,
+    )
+
+
+def test_pending_upload_round_trips_and_commits_idempotently(tmp_path: Path) -> None:
+    state = DeviceState(tmp_path)
+    assert state.load_pending() is None
+    pending = _pending()
+    state.save_pending(pending)
+    loaded = DeviceState(tmp_path).load_pending()  # another process reads it back
+    assert loaded is not None and loaded.frame == pending.frame and loaded.key == pending.key
+    assert (loaded.report, loaded.round, loaded.task_id) == ({"num_examples": 5}, 3, "t-1")
+    np.testing.assert_array_equal(loaded.residual, pending.residual)
+    assert state.error_feedback("t-1").load(6) is None  # not the task's until acknowledged
+    state.commit_pending(loaded)
+    state.commit_pending(loaded)  # a crash after the first commit repeats it: same state
+    np.testing.assert_array_equal(state.error_feedback("t-1").load(6), pending.residual)
+    assert state.load_pending() is None
+    assert sorted(p.name for p in (tmp_path / "pending").iterdir()) == []
+
+
+def test_a_refused_pending_upload_leaves_the_residual_as_it_was(tmp_path: Path) -> None:
+    state = DeviceState(tmp_path)
+    old = np.full(6, 0.5, np.float32)
+    state.error_feedback("t-1").save(old)
+    state.save_pending(_pending())
+    state.clear_pending()
+    np.testing.assert_array_equal(state.error_feedback("t-1").load(6), old)
+    assert state.load_pending() is None
+
+
+@pytest.mark.parametrize("damage", ["frame changed", "residual gone", "json garbage",
+                                    "unsafe task id"])
+def test_a_pending_upload_that_cannot_be_resent_as_it_was_is_dropped(
+    tmp_path: Path, damage: str
+) -> None:
+    state = DeviceState(tmp_path)
+    state.save_pending(_pending())
+    d = tmp_path / "pending"
+    if damage == "frame changed":
+        (d / "upload.frame").write_bytes(b"other bytes")
+    elif damage == "residual gone":
+        (d / "upload.residual.npy").unlink()
+    elif damage == "json garbage":
+        (d / "upload.json").write_text("{")
+    else:
+        meta = json.loads((d / "upload.json").read_text())
+        (d / "upload.json").write_text(json.dumps({**meta, "task_id": "../x"}))
+    assert state.load_pending() is None
+    assert not (d / "upload.json").exists()

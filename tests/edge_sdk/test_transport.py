@@ -58,12 +58,33 @@ def test_5xx_is_retried_with_growing_jittered_backoff() -> None:
     assert len(sleeps) == 3
 
 
-def test_retry_after_header_of_503_is_honoured_up_to_the_cap() -> None:
+def test_retry_after_header_of_503_is_honoured_up_to_the_cap_with_jitter() -> None:
     replies = [Reply(503, b"", {"Retry-After": "2"}), Reply(503, b"", {"Retry-After": "999"})]
     with Loopback(_then_ok(replies)) as server:
         sleeps: list[float] = []
         _transport(server.url, sleeps).call("GET", "/v1/x")
-    assert sleeps == [2.0, 3.0]
+    # the asked wait (capped at max_delay_s = 3) times a factor in [1, 1 + jitter]: never
+    # sooner than asked, and devices turned away together spread out
+    assert len(sleeps) == 2
+    assert 2.0 <= sleeps[0] <= 3.0 and 3.0 <= sleeps[1] <= 4.5
+    assert len({round(x, 6) for x in sleeps}) == 2
+
+
+def test_overloaded_waits_stay_within_the_total_budget() -> None:
+    busy = json_error(503, "overloaded", "queue full")
+    busy.headers["Retry-After"] = "2"
+    with Loopback(lambda s: busy) as server:
+        sleeps: list[float] = []
+        policy = RetryPolicy(max_attempts=10, max_delay_s=30.0, jitter=0.5,
+                             max_total_wait_s=5.0)
+        t = Transport(server.url, retry=policy, sleep=sleeps.append, rng=random.Random(3))
+        with pytest.raises(errors.Overloaded) as info:
+            t.call("POST", "/v1/checkin", {})
+    # 2 s a wait at least: two fit in 5 s, a third would not, so it gives up after 3 requests
+    assert len(sleeps) == 2 and sum(sleeps) <= 5.0 and all(x >= 2.0 for x in sleeps)
+    assert len(server.seen) == 3
+    assert info.value.retry_after_s == 2.0 and info.value.status == 503
+    assert isinstance(info.value, errors.ServerError)
 
 
 def test_5xx_gives_up_after_max_attempts_with_a_server_error() -> None:
@@ -84,6 +105,7 @@ EXPECTED = [
     (401, ErrorCode.UNAUTHORIZED, errors.Unauthorized),
     (403, ErrorCode.FORBIDDEN, errors.Forbidden),
     (404, ErrorCode.NOT_FOUND, errors.NotFound),
+    (410, ErrorCode.VERSION_PRUNED, errors.Gone),
     (409, ErrorCode.ROUND_CLOSED, errors.RoundClosed),
     (409, ErrorCode.DUPLICATE_UPLOAD, errors.DuplicateUpload),
     (409, ErrorCode.TOO_STALE, errors.TooStale),
@@ -94,7 +116,8 @@ EXPECTED = [
 
 
 def test_every_error_code_has_a_class() -> None:
-    assert {code for _, code, _ in EXPECTED} | {ErrorCode.INTERNAL} == set(ErrorCode)
+    server_side = {ErrorCode.INTERNAL, ErrorCode.OVERLOADED}  # 5xx: tested above
+    assert {code for _, code, _ in EXPECTED} | server_side == set(ErrorCode)
 
 
 @pytest.mark.parametrize(("status", "code", "cls"), EXPECTED)

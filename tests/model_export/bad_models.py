@@ -46,14 +46,47 @@ class OneLogit(nn.Module):
         return self.fc(x).squeeze(1)
 
 
-class WithBatchNorm(nn.Module):
+class CumulativeBatchNorm(nn.Module):
+    """BatchNorm with momentum=None: a running average over every batch ever seen."""
+
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(8, 3)
-        self.bn = nn.BatchNorm1d(3)
+        self.bn = nn.BatchNorm1d(3, momentum=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.fc(x))
+
+
+class CountsCalls(nn.Module):
+    """Mutates a buffer that is not a batch norm statistic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(x)
+
+
+class Bessel(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.bessel_j0(x)
+
+
+class UnsupportedLayer(nn.Module):
+    """An op without an ONNX translation inside a layer: the error names the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.act = Bessel()
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.fc(x)))
 
 
 def make_linear() -> nn.Module:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from edge_sdk.bundle import BundleError, bundle_id_of, load_manifest, sha256_file, verify_bundle
+from edge_sdk.trainers import BundleNotSupported, load_trainer
 from model_export import (
     DataDependentControlFlow,
     LossMismatch,
@@ -160,7 +161,9 @@ def test_input_shape_defaults_from_a_first_linear(tmp_path: Path) -> None:
         ("UnsupportedOp", {"loss": "mse"}, UnsupportedOperator, "bessel_j0"),
         ("TupleOutput", {}, LossMismatch, "returns a tuple"),
         ("OneLogit", {}, LossMismatch, r"cross_entropy needs logits of shape \(batch, classes"),
-        ("WithBatchNorm", {}, UnsupportedModel, "updates buffer 'bn.running_mean'"),
+        ("UnsupportedLayer", {}, UnsupportedOperator, r"layer 'act' \(Bessel\).*bessel_j0"),
+        ("CumulativeBatchNorm", {}, UnsupportedModel, r"layer 'bn' \(BatchNorm1d\): momentum=None"),
+        ("CountsCalls", {}, UnsupportedModel, "updates buffer 'calls'"),
         ("make_linear", {"input_shape": (1, 9)}, LossMismatch, "fails on an input of shape"),
         ("make_linear", {"freeze": ("nothing",)}, UnsupportedModel, "matches no parameter"),
         ("make_linear", {"freeze": ("weight", "bias")}, UnsupportedModel, "no trainable"),
@@ -195,3 +198,92 @@ def test_refuses_to_overwrite_a_directory_that_is_not_a_bundle(tmp_path: Path) -
     with pytest.raises(FileExistsError, match="holds no bundle"):
         export_bundle(DigitsMLP(), tmp_path, ort_training=False)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# -- each backend on its own ------------------------------------------------------------------
+
+
+def _failing_converter(out_dir: Path, name: str) -> None:
+    """Leaves a partial file behind, then fails, as a converter crashing midway would."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / name).write_bytes(b"partial")
+    raise RuntimeError("converter crashed on op frobnicate")
+
+
+def test_a_failing_optional_backend_is_recorded_and_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export is about the portable step: ORT artifacts and TFLite failing are recorded in
+    the manifest with the reason (partial files removed) and their trainers refuse with it."""
+    import model_export.bundle_writer as writer
+    import model_export.tflite as tflite
+
+    monkeypatch.setattr(
+        writer,
+        "write_ort_artifacts",
+        lambda model, x, out_dir, **kw: _failing_converter(out_dir / "ort", "training_model.onnx"),
+    )
+    monkeypatch.setattr(
+        tflite,
+        "write_tflite",
+        lambda fns, args, out_dir, **kw: _failing_converter(out_dir, "step.tflite"),
+    )
+    out = tmp_path / "b"
+    manifest = export_bundle(DigitsMLP(), out, tflite=True, ort_training=True)
+    raw = manifest.raw
+    for backend in ("ort-training", "litert-step"):
+        entry = raw["backends"][backend]
+        assert entry["supported"] is False
+        assert "converter crashed on op frobnicate" in entry["reason"]
+        with pytest.raises(BundleNotSupported, match="converter crashed on op frobnicate"):
+            load_trainer(out, backend=backend)
+    assert raw["graphs"]["ort_training"] is None and raw["graphs"]["step_tflite"] is None
+    assert not (out / "ort").exists() and not (out / "step.tflite").exists()
+    trainer = load_trainer(out)  # the portable step is whole
+    assert trainer.backend == "ort-step"
+    trainer.train_step(np.zeros((2, 64), np.float32), np.array([1, 2]))
+
+
+# -- manifest format versions ---------------------------------------------------------------
+
+
+def _rewrite(bundle: Path, out: Path, change: dict) -> Path:
+    shutil.copytree(bundle, out)
+    raw = json.loads((out / "manifest.json").read_text())
+    for key, value in change.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    raw["bundle_id"] = bundle_id_of(raw)
+    (out / "manifest.json").write_text(json.dumps(raw))
+    return out
+
+
+def test_a_format_1_bundle_still_loads_and_trains(digits_bundle: Path, tmp_path: Path) -> None:
+    old = _rewrite(
+        digits_bundle,
+        tmp_path / "old",
+        {
+            "format_version": 1,
+            "buffers": None,
+            "num_trainable": None,
+            "step_seed": None,
+            "batchnorm_modules": None,
+        },
+    )
+    manifest = verify_bundle(old)
+    assert (manifest.buffers, manifest.num_trainable, manifest.step_seed) == ([], 2410, False)
+    trainer = load_trainer(old, backend="ort-step")
+    x, y = np.ones((3, 64), np.float32), np.array([0, 1, 2])
+    fresh = load_trainer(digits_bundle, backend="ort-step")
+    assert trainer.train_step(x, y) == fresh.train_step(x, y)
+    np.testing.assert_array_equal(trainer.get_parameters(), fresh.get_parameters())
+
+
+def test_a_newer_format_is_refused_with_a_clear_message(
+    digits_bundle: Path, tmp_path: Path
+) -> None:
+    new = _rewrite(digits_bundle, tmp_path / "new", {"format_version": 3})
+    with pytest.raises(BundleError, match=r"version 3 \(this SDK reads fedge-bundle versions 1, 2"):
+        verify_bundle(new)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.admin import AdminClient
+from coordinator.admin import AdminClient, ApiCallError
 from coordinator.clock import FakeClock
 from coordinator.config import PacingConfig
 from coordinator.embedded import EmbeddedCoordinator
@@ -19,7 +19,9 @@ from edge_sdk.frame import decode_tensor
 from tests.fixtures.coordinator import DeviceHTTP, without_wait
 
 N = 64
-PLAN = {"rounds": 3, "goal": 10, "selection_window_s": 10.0, "round_deadline_s": 60.0}
+# Plain FedAvg ("robust": "none"); robust aggregation has its own tests (test_robust*).
+PLAN = {"rounds": 3, "goal": 10, "selection_window_s": 10.0, "round_deadline_s": 60.0,
+        "robust": "none"}  # fmt: skip
 
 
 class Fleet:
@@ -37,7 +39,7 @@ class Fleet:
         bundle_id = self.admin.upload_bundle(tiny_bundle)["bundle_id"]
         self.task = self.admin.create_task(bundle_id, {**PLAN, **plan})
         self.task_id = self.task["task_id"]
-        self.devices = [DeviceHTTP(coord.url) for _ in range(devices)]
+        self.devices = [DeviceHTTP(coord) for _ in range(devices)]
 
     def select(self) -> list[tuple[DeviceHTTP, dict[str, Any]]]:
         """Everyone checks in, the window passes, everyone checks in again."""
@@ -301,14 +303,14 @@ def test_ineligible_devices_are_steered_away(fleet) -> None:
     # a condition not reported is unknown, and unknown fails the requirement
     assert d.check_in({"charging": True, "idle": True})["reason"] == "ineligible"
     # a runtime the bundle does not support (litert-step is unsupported in the tiny bundle)
-    lite = DeviceHTTP(f.coord.url, runtimes=("litert-step",))
+    lite = DeviceHTTP(f.coord, runtimes=("litert-step",))
     assert lite.check_in()["reason"] == "ineligible"
     # a device that cannot encode the plan's codec
     assert d.check_in(capabilities={"codecs": ["fp16"]})["reason"] == "ineligible"
 
 
 def test_no_task_and_paused(clocked_coordinator, fake_clock, tiny_bundle) -> None:
-    d = DeviceHTTP(clocked_coordinator.url)
+    d = DeviceHTTP(clocked_coordinator)
     assert d.check_in()["reason"] == "no_task"
     admin = clocked_coordinator.admin()
     bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
@@ -361,7 +363,7 @@ def test_identical_payloads_shared_by_an_open_round_survive_a_commit(
     bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
     plan = {"goal": 2, "selection_window_s": 0.0, "rounds": 3}
     tasks = {p: admin.create_task(bundle_id, plan, population=p)["task_id"] for p in "ab"}
-    devs = {p: [DeviceHTTP(coord.url, population=p) for _ in range(2)] for p in "ab"}
+    devs = {p: [DeviceHTTP(coord, population=p) for _ in range(2)] for p in "ab"}
     aids = {}
     for p in "ab":
         first = [d.check_in() for d in devs[p]]
@@ -471,3 +473,50 @@ def test_an_abort_after_the_round_closed_is_round_closed(fleet, fake_clock) -> N
     status, body = d.abort(a["assignment_id"])
     assert status == 409 and body["error"]["code"] == "round_closed"
     assert f.coord.call(f.coord.service.store.snapshot) == before
+
+
+def test_a_task_paused_during_its_last_round_completes_and_trains_no_more(
+    fleet, fake_clock
+) -> None:
+    f = fleet(10, rounds=1, over_selection=1.0)
+    chosen = f.select()
+    f.admin.pause(f.task_id)  # during the only round: its devices still report
+    for i, (d, a) in enumerate(chosen):
+        assert d.upload(a["assignment_id"], _delta(i))[0] == 200
+    task = f.admin.task(f.task_id)
+    assert (task["state"], task["rounds_completed"], task["model_version"]) == ("completed", 1, 1)
+    with pytest.raises(ApiCallError) as e:  # completed: nothing to resume
+        f.admin.resume(f.task_id)
+    assert (e.value.status, e.value.code) == (409, "conflict")
+    assert {d.check_in()["reason"] for d in f.devices} == {"no_task"}
+    assert [r["state"] for r in f.rounds()] == ["committed"]
+
+
+def test_learning_rate_decays_per_committed_version_only(fleet, fake_clock) -> None:
+    """Round numbers also count abandoned and evaluation rounds; the decay must not: the
+    assignment carries lr x lr_decay**version with lr_decay 1 (the device multiplies by
+    lr_decay**round)."""
+    f = fleet(13, rounds=3, lr=0.1, lr_decay=0.5)
+    first = f.select()
+    assert {(a["round"], a["plan"]["lr"], a["plan"]["lr_decay"]) for _, a in first} == {
+        (1, 0.1, 1.0)
+    }
+    fake_clock.advance(61.0)  # nobody reported: round 1 abandoned
+    assert f.rounds()[0]["state"] == "abandoned"
+    second = f.select()
+    assert {(a["round"], a["plan"]["lr"]) for _, a in second} == {(2, 0.1)}  # still version 0
+    for i, (d, a) in enumerate(second[:10]):
+        assert d.upload(a["assignment_id"], _delta(i))[0] == 200
+    f.admin.evaluate(f.task_id)
+    for d in f.devices:
+        d.check_in()
+    fake_clock.advance(11.0)
+    evals = [(d, d.check_in()) for d in f.devices]
+    evals = [(d, a["assignment"]) for d, a in evals if a["action"] == "evaluate"]
+    for d, a in evals[:10]:
+        assert d.metrics(a["assignment_id"], 10, 0.5)[0] == 200
+    assert f.rounds()[-1]["kind"] == "evaluate" and f.rounds()[-1]["state"] == "completed"
+    third = f.select()
+    # round 4, after an abandoned and an evaluation round: one committed version, one decay
+    assert {(a["round"], a["model_version"]) for _, a in third} == {(4, 1)}
+    assert [a["plan"]["lr"] for _, a in third] == [pytest.approx(0.05)] * len(third)

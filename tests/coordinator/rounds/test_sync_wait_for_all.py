@@ -13,7 +13,7 @@ from tests.fixtures.coordinator import DeviceHTTP
 
 N = 64
 PLAN = {"rounds": 5, "goal": 5, "selection_window_s": 10.0, "round_deadline_s": 60.0,
-        "wait_for_all": True}  # fmt: skip
+        "wait_for_all": True, "robust": "none"}  # fmt: skip
 
 
 def _delta(i: int) -> np.ndarray:
@@ -25,7 +25,7 @@ def selected(clocked_coordinator, fake_clock, tiny_bundle):
     admin = clocked_coordinator.admin()
     bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
     task_id = admin.create_task(bundle_id, PLAN)["task_id"]
-    devices = [DeviceHTTP(clocked_coordinator.url) for _ in range(8)]
+    devices = [DeviceHTTP(clocked_coordinator) for _ in range(8)]
     for d in devices:
         assert d.check_in()["reason"] == "selecting"
     fake_clock.advance(PLAN["selection_window_s"] + 0.5)

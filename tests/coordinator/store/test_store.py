@@ -1,9 +1,10 @@
-"""One abstract suite for every Store backend (SQLite file, SQLite in memory)."""
+"""One abstract suite for every Store backend: SQLite (a file, and in memory) and PostgreSQL
+(a real server, one fresh schema a test; see tests/fixtures/postgres.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,12 @@ from coordinator.store import (
     Update,
     UpdateTotals,
     Version,
+    open_store,
 )
 from coordinator.store.migrations import MIGRATIONS, SchemaTooNew, apply_migrations
+from coordinator.store.sql import SQLStore
+
+Opener = Callable[[], SQLStore]
 
 
 def _task(task_id: str = "t-1", created_at: float = 1.0, population: str = "default") -> Task:
@@ -34,27 +39,66 @@ def _round(task_id: str = "t-1", state: str = "selecting") -> Round:
     return Round(0, task_id, 1, "train", state, 0, 3, 4, 3, 10.0, 20.0)
 
 
-class StoreSuite:
-    """Behaviour every backend must have; subclasses provide the ``store`` fixture."""
+def _device(device_id: str = "d-1") -> Device:
+    return Device(device_id, "00" * 16, "ab" * 32, "linux", "x86_64", ("ort-step",), "default", 5.0)
 
-    @pytest.fixture
-    def store(self, tmp_path: Path) -> Iterator[Store]:
-        raise NotImplementedError
 
-    @pytest.fixture
-    def with_task(self, store: Store) -> Store:
-        store.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
-        store.add_task(_task())
-        return store
+@pytest.fixture(params=["sqlite-file", "sqlite-memory", "postgres"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """Opens the test's database, the same one on each call as a new process would (except
+    in memory, where each call is a new database)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        return lambda: open_store(url)  # type: ignore[return-value]
+    if request.param == "sqlite-memory":
+        return lambda: SQLiteStore(":memory:")
+    return lambda: SQLiteStore(tmp_path / "store.db")
+
+
+@pytest.fixture
+def store(opener: Opener) -> Iterator[SQLStore]:
+    s = opener()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def with_task(store: Store) -> Store:
+    store.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
+    store.add_task(_task())
+    return store
+
+
+class TestStore:
+    """Behaviour every backend must have."""
 
     def test_devices_round_trip_and_count(self, store: Store) -> None:
-        d = Device("d-1", "00" * 16, "ab" * 32, "linux", "x86_64", ("ort-step",), "default", 5.0)
+        d = _device("d-1")
         store.add_device(d)
         assert store.get_device("d-1") == d
         assert store.get_device("d-2") is None
         assert store.count_devices() == 1
         with pytest.raises(StoreError):
             store.add_device(d)
+        store.add_device(_device("d-2"))  # the failure left the connection usable
+        assert store.count_devices() == 2
+
+    def test_devices_unseen_since_are_deleted_unless_in_flight(self, with_task: Store) -> None:
+        for i, at in ((1, 1.0), (2, 2.0), (3, 3.0), (4, 50.0)):
+            with_task.add_device(dataclasses.replace(_device(f"d-{i}"), registered_at=at))
+        with_task.update_device("d-1", last_seen_at=60.0)  # registered long ago, seen lately
+        r = with_task.add_round(_round("t-1", "reporting"))
+        with_task.add_assignments(  # d-3 trains right now
+            [Assignment("a-3", r.round_id, "t-1", "d-3", "train", "delivered", 4.0)]
+        )
+        assert with_task.delete_devices(seen_before=10.0) == 1  # d-2 only
+        assert [d for d in ("d-1", "d-2", "d-3", "d-4") if with_task.get_device(d)] == [
+            "d-1", "d-3", "d-4"
+        ]  # fmt: skip
+        seen = with_task.get_device("d-1")
+        assert seen is not None and seen.last_seen_at == 60.0
+        with pytest.raises(StoreError):
+            with_task.update_device("d-9", last_seen_at=1.0)
 
     def test_bundles_are_content_addressed(self, store: Store) -> None:
         manifest = {"num_parameters": 4, "files": {"p": {"sha256": "x", "bytes": 16}}}
@@ -118,11 +162,13 @@ class StoreSuite:
         with_task.add_assignments([a])
         assert with_task.get_assignment("a-1") == a
         assert with_task.assignment_for(r.round_id, "d-1") == a
-        with pytest.raises(StoreError):
+        with pytest.raises(StoreError):  # the second of the batch is d-1's second assignment
             with_task.add_assignments(
-                [Assignment("a-2", r.round_id, "t-1", "d-1", "train", "selected", 20.0)]
-            )
-        assert with_task.get_assignment("a-2") is None  # the failed batch left nothing
+                [Assignment("a-4", r.round_id, "t-1", "d-4", "train", "selected", 20.0),
+                 Assignment("a-2", r.round_id, "t-1", "d-1", "train", "selected", 20.0)]
+            )  # fmt: skip
+        assert with_task.get_assignment("a-4") is None  # the failed batch left nothing
+        assert with_task.count_assignments(r.round_id) == 1
         with_task.add_assignments(
             [Assignment("a-3", r.round_id, "t-1", "d-3", "train", "delivered", 21.0)]
         )
@@ -171,6 +217,8 @@ class StoreSuite:
         assert with_task.get_update("a-1") == u
         assert list(with_task.round_updates(r.round_id)) == [u]
         assert with_task.count_updates(r.round_id) == 1 and with_task.count_updates() == 1
+        assert with_task.count_updates(device_id="d-1") == 1
+        assert with_task.count_updates(r.round_id, device_id="d-2") == 0
         assert with_task.round_payloads(r.round_id) == ["c" * 64]
         assert with_task.payload_in_open_round("c" * 64)
         assert not with_task.payload_in_open_round("d" * 64)
@@ -240,34 +288,85 @@ class StoreSuite:
         assert with_task.snapshot() == before
 
 
-class TestSQLiteFile(StoreSuite):
-    @pytest.fixture
-    def store(self, tmp_path: Path) -> Iterator[Store]:
-        s = SQLiteStore(tmp_path / "store.db")
-        yield s
-        s.close()
+    def test_failed_write_inside_a_transaction_leaves_it_usable(self, store: Store) -> None:
+        with store.atomic():
+            store.add_device(_device("d-1"))
+            with pytest.raises(StoreError):
+                store.add_device(_device("d-1"))
+            store.add_device(_device("d-2"))
+        assert store.count_devices() == 2
 
-    def test_survives_reopen(self, tmp_path: Path) -> None:
-        s = SQLiteStore(tmp_path / "x.db")
+    def test_updating_a_missing_record_is_refused(self, with_task: Store) -> None:
+        before = with_task.snapshot()
+        for update in (
+            lambda: with_task.update_task("t-9", state="paused"),
+            lambda: with_task.update_round(999, state="committed"),
+            lambda: with_task.update_assignment("a-9", state="aborted"),
+            lambda: with_task.update_version("t-1", 9, optimizer_sha=None),
+        ):
+            with pytest.raises(StoreError):
+                update()
+        assert with_task.snapshot() == before
+
+    def test_versions_listed_updated_and_deleted(self, with_task: Store) -> None:
+        for v in range(4):
+            with_task.add_version(Version("t-1", v, str(v) * 64, "e" * 64, None, float(v)))
+        with_task.update_task("t-1", model_version=3)
+        with_task.update_version("t-1", 1, optimizer_sha=None)
+        assert [v.version for v in with_task.list_versions("t-1")] == [0, 1, 2, 3]
+        v1 = with_task.get_version("t-1", 1)
+        assert v1 is not None and v1.optimizer_sha is None
+        with pytest.raises(StoreError):
+            with_task.delete_versions("t-1", [2, 3])  # 3 is the task's current version
+        assert len(with_task.list_versions("t-1")) == 4
+        with_task.delete_versions("t-1", [0, 2])
+        assert [v.version for v in with_task.list_versions("t-1")] == [1, 3]
+        assert with_task.list_versions("t-9") == []
+
+    def test_delete_rounds_with_what_hangs_off_them(self, with_task: Store) -> None:
+        closed = with_task.add_round(_round("t-1", "committed"))
+        live = with_task.add_round(_round("t-1", "reporting"))
+        assert live.round_id > closed.round_id
+        for r, aid in ((closed, "a-1"), (live, "a-2")):
+            with_task.add_candidate(r.round_id, aid, 1.0)
+            with_task.add_assignments(
+                [Assignment(aid, r.round_id, "t-1", aid, "train", "delivered", 1)]
+            )
+            with_task.add_update(Update(aid, r.round_id, "t-1", aid, "k", "5" * 64, 1, 1, None,
+                                        {}, 2, {}))  # fmt: skip
+        with_task.add_assignments(
+            [Assignment("a-3", closed.round_id, "t-1", "a-3", "evaluate", "delivered", 1)]
+        )
+        with_task.add_eval_report(EvalReport("a-3", closed.round_id, "t-1", "a-3", 5, 0.1, None,
+                                             3.0, {}))  # fmt: skip
+        before = with_task.snapshot()
+        with pytest.raises(StoreError):
+            with_task.delete_rounds([closed.round_id, live.round_id])
+        assert with_task.snapshot() == before
+        with_task.delete_rounds([closed.round_id])
+        assert with_task.get_round(closed.round_id) is None
+        assert with_task.candidates(closed.round_id) == []
+        assert with_task.round_assignments(closed.round_id) == []
+        assert with_task.get_update("a-1") is None and with_task.get_eval_report("a-3") is None
+        assert with_task.get_update("a-2") is not None
+        assert with_task.candidates(live.round_id) == ["a-2"]
+
+    def test_survives_reopen_and_migrates_once(self, opener: Opener) -> None:
+        s = opener()
+        if isinstance(s, SQLiteStore) and s.path == ":memory:":
+            s.close()
+            pytest.skip("an in-memory database ends with its connection")
         s.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
         s.add_task(_task())
         s.close()
-        again = SQLiteStore(tmp_path / "x.db")
-        assert again.get_task("t-1") is not None
+        again = opener()
+        assert again.get_task("t-1") == _task()
         assert again.schema_version == max(MIGRATIONS)
+        assert len(again.snapshot()["schema_version"]) == len(MIGRATIONS)
         again.close()
 
-    def test_refuses_a_newer_schema(self, tmp_path: Path) -> None:
-        s = SQLiteStore(tmp_path / "x.db")
-        s.db.table("schema_version").insert({"version": max(MIGRATIONS) + 1, "applied_at": 0.0})
+    def test_refuses_a_newer_schema(self, store: SQLStore) -> None:
+        version = {"version": max(MIGRATIONS) + 1, "applied_at": 0.0}
+        store.schema.table("schema_version").insert(version)
         with pytest.raises(SchemaTooNew):
-            apply_migrations(s.db)
-        s.close()
-
-
-class TestSQLiteMemory(StoreSuite):
-    @pytest.fixture
-    def store(self, tmp_path: Path) -> Iterator[Store]:
-        s = SQLiteStore(":memory:")
-        yield s
-        s.close()
+            apply_migrations(store.schema)

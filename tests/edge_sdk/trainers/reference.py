@@ -19,10 +19,15 @@ from model_export.loading import load_model
 
 
 class TorchReference:
-    def __init__(self, bundle_dir: Path) -> None:
+    """``dtype=torch.float64`` runs the reference in double precision (for models where float32
+    rounding differs between any two implementations more than the tolerance allows); its
+    vectors are still returned as float32."""
+
+    def __init__(self, bundle_dir: Path, dtype: torch.dtype = torch.float32) -> None:
         self.manifest = load_manifest(bundle_dir)
         raw = self.manifest.raw
-        self.model = load_model(raw["model"]["source"]).float()
+        self.dtype = dtype
+        self.model = load_model(raw["model"]["source"]).to(dtype)
         params = np.fromfile(bundle_dir / raw["initial_parameters"], dtype="<f4")
         frozen = (
             np.fromfile(bundle_dir / raw["frozen_parameters"], dtype="<f4")
@@ -40,7 +45,13 @@ class TorchReference:
                     chunk = vec[p["offset"] : p["offset"] + n].reshape(p["shape"])
                     named[p["name"]].copy_(torch.from_numpy(chunk.copy()))
                     named[p["name"]].requires_grad_(trainable)
+            buffers = dict(self.model.named_buffers())
+            for p in raw.get("buffers", []):
+                n = int(np.prod(p["shape"]))
+                chunk = params[p["offset"] : p["offset"] + n].reshape(p["shape"])
+                buffers[p["name"]].copy_(torch.from_numpy(chunk.copy()))
         self.trainable = [named[p["name"]] for p in raw["parameters"]]
+        self.buffers = [buffers[p["name"]] for p in raw.get("buffers", [])]
         self.opt = self._optimizer(raw["optimizer"])
         self.anchor: list[torch.Tensor] | None = None
         self.mu = 0.0
@@ -67,16 +78,17 @@ class TorchReference:
         kind = self.manifest.loss
         if kind == "cross_entropy":
             return F.cross_entropy(out, torch.from_numpy(np.asarray(y, np.int64)))
-        target = torch.from_numpy(np.asarray(y, np.float32))
+        target = torch.from_numpy(np.asarray(y, np.float32)).to(self.dtype)
         if kind == "mse":
             return F.mse_loss(out, target)
         return F.binary_cross_entropy_with_logits(out, target)
 
     def set_proximal(self, anchor: np.ndarray, mu: float) -> None:
         sizes = [t.numel() for t in self.trainable]
-        pieces = np.split(np.asarray(anchor, np.float32), np.cumsum(sizes)[:-1])
+        trainable = np.asarray(anchor, np.float32)[: sum(sizes)]  # not the running statistics
+        pieces = np.split(trainable, np.cumsum(sizes)[:-1])
         self.anchor = [
-            torch.from_numpy(a.reshape(t.shape).copy())
+            torch.from_numpy(a.reshape(t.shape).copy()).to(self.dtype)
             for a, t in zip(pieces, self.trainable, strict=True)
         ]
         self.mu = mu
@@ -87,7 +99,7 @@ class TorchReference:
             for group in self.opt.param_groups:
                 group["lr"] = lr
         self.opt.zero_grad()
-        data_loss = self.loss(self.model(torch.from_numpy(x)), y)
+        data_loss = self.loss(self.model(self._x(x)), y)
         total = data_loss
         if self.anchor is not None and self.mu:
             prox = sum(
@@ -98,15 +110,21 @@ class TorchReference:
         self.opt.step()
         return float(data_loss.item())
 
+    def _x(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.asarray(x))
+        return t.to(self.dtype) if t.is_floating_point() else t
+
     def parameters(self) -> np.ndarray:
-        return torch.cat([t.detach().reshape(-1) for t in self.trainable]).numpy().copy()
+        """The model vector: trainable parameters, then running statistics (float32)."""
+        tensors = [*self.trainable, *self.buffers]
+        return torch.cat([t.detach().reshape(-1) for t in tensors]).float().numpy().copy()
 
     @torch.no_grad()
     def outputs(self, x: np.ndarray) -> np.ndarray:
         self.model.eval()
-        return self.model(torch.from_numpy(x)).numpy()
+        return self.model(self._x(x)).float().numpy()
 
     @torch.no_grad()
     def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
         self.model.eval()
-        return float(self.loss(self.model(torch.from_numpy(x)), y))
+        return float(self.loss(self.model(self._x(x)), y))

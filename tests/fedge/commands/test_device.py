@@ -28,6 +28,7 @@ def test_device_run_once_trains_a_round(
     bundle_id = admin.upload_bundle(digits_bundle)["bundle_id"]
     task = admin.create_task(bundle_id, plan={"rounds": 1, "goal": 1, "selection_window_s": 0})
     code = main(["device", "run", "--coordinator", coordinator.url,
+                 "--enrollment-token", str(coordinator.enrollment_token),
                  "--state-dir", str(tmp_path / "state"), "--data", str(_npz(tmp_path / "d.npz")),
                  "--conditions", "always", "--once", "--json", "--seed", "1"])
     assert code == 0
@@ -66,6 +67,7 @@ def test_sigterm_ends_a_wait_at_once(coordinator: EmbeddedCoordinator, tmp_path:
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedge.cli", "device", "run", "--coordinator", coordinator.url,
+         "--enrollment-token", str(coordinator.enrollment_token),
          "--state-dir", str(tmp_path / "state"), "--data", str(_npz(tmp_path / "d.npz", 10)),
          "--conditions", "always", "--json"],
         stdout=subprocess.PIPE, text=True,

@@ -19,7 +19,9 @@ def test_fleet_runs_until_the_rounds_and_prints_a_json_summary(
     admin.create_task(bundle_id, plan={"rounds": 1, "goal": 3, "selection_window_s": 1,
                                        "codec": {"name": "int8"}})
     code = main(["fleet", "--coordinator", coordinator.url, "--devices", "6", "--until-rounds",
-                 "1", "--partition", "shards:2", "--duration", "120"])
+                 "1", "--partition", "shards:2", "--duration", "120",
+                 "--enrollment-token", str(coordinator.enrollment_token),
+                 "--admin-token", coordinator.admin_token])
     out, err = capsys.readouterr()
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
@@ -45,6 +47,18 @@ def test_bad_arguments_fail_with_a_clear_error(
     assert code == 2
     assert message in capsys.readouterr().err
     assert coordinator.admin().status()["devices_registered"] == 0
+
+
+def test_until_rounds_needs_the_admin_token(
+    coordinator: EmbeddedCoordinator, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("FEDGE_ADMIN_TOKEN", raising=False)
+    args = ["fleet", "--coordinator", coordinator.url, "--devices", "2", "--until-rounds", "1"]
+    assert main(args) == 2
+    assert "admin token" in capsys.readouterr().err
+    assert main([*args, "--admin-token", "wrong"]) == 2
+    assert "cannot read the status" in capsys.readouterr().err
 
 
 def test_an_unreachable_coordinator_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,7 +26,7 @@ def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[st
 def test_serve_with_config_file_and_env_token(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(
-        'max_body_bytes = 2048\ntick_interval_s = 0.2\nenrollment_token = "from-config"\n'
+        'max_json_bytes = 2048\ntick_interval_s = 0.2\nenrollment_token = "from-config"\n'
     )
     env = {"FEDGE_ADMIN_TOKEN": "tok", "FEDGE_ENROLLMENT_TOKEN": "from-env"}
     proc = _serve("--db", str(tmp_path / "f.db"), "--port", "0", "--config", str(config), env=env)
@@ -68,10 +68,32 @@ def test_serve_prints_a_random_token_without_one(tmp_path: Path) -> None:
         assert admin.tasks() == []
         http = HttpConnection(url)
         # no enrollment token configured: registration is open
+        # registration needs the enrollment token it printed, and status the admin token
+        enrollment_line = proc.stderr.readline()
+        assert enrollment_line.startswith("enrollment token: ")
+        enroll = {"X-Fedge-Enrollment": enrollment_line.split()[-1]}
+        status, _, body = http.request("POST", "/v1/devices", b'{"runtimes": []}')
+        assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized"
+        assert http.request("POST", "/v1/devices", b'{"runtimes": []}', enroll)[0] == 201
+        assert http.request("GET", "/v1/status")[0] == 401
+        assert http.request("GET", "/v1/health")[0] == 200
+        assert admin.status()["devices_registered"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_open_registration_is_explicit(tmp_path: Path) -> None:
+    proc = _serve("--db", str(tmp_path / "f.db"), "--port", "0", "--open-registration",
+                  env={"FEDGE_ADMIN_TOKEN": "tok"})
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        http = HttpConnection(proc.stdout.readline().split()[-1])
         assert http.request("POST", "/v1/devices", b'{"runtimes": []}')[0] == 201
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+    assert "registration is open" in proc.stderr.read()
 
 
 def test_bad_config_is_one_line(tmp_path: Path) -> None:

@@ -14,19 +14,34 @@ def test_status_json_counts_what_was_stored(coordinator, tiny_bundle, capsys) ->
     admin = coordinator.admin()
     bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
     admin.create_task(bundle_id, {"goal": 2, "selection_window_s": 0.0, "rounds": 5})
-    devices = [DeviceHTTP(coordinator.url) for _ in range(3)]
+    devices = [DeviceHTTP(coordinator) for _ in range(3)]
     answers = [d.check_in() for d in devices]
     answers[0] = devices[0].check_in()
     for d, a in zip(devices[:2], answers[:2], strict=True):
         assert d.upload(a["assignment"]["assignment_id"], np.full(64, 0.01))[0] == 200
-    assert main(["status", "--coordinator", coordinator.url, "--json"]) == 0
+    auth = ["--admin-token", coordinator.admin_token]
+    assert main(["status", "--coordinator", coordinator.url, "--json", *auth]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["model_version"] == 1 and status["rounds_completed"] == 1
     assert status["updates_accepted"] == 2 and status["devices_registered"] == 3
-    assert main(["status", "--coordinator", coordinator.url]) == 0
-    assert "updates_accepted     2" in capsys.readouterr().out
+    assert main(["status", "--coordinator", coordinator.url, *auth]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["devices registered         3", "updates accepted           2"]
+    header, rule, row = out[3:6]
+    assert header.split() == ["task", "id", "mode", "state", "version", "rounds"]
+    assert set(rule.replace(" ", "")) == {"-"}
+    task = status["tasks"][0]
+    assert row.split() == [task["name"], task["task_id"], "sync", "running", "1", "1"]
+
+
+def test_status_needs_the_admin_token(coordinator, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("FEDGE_ADMIN_TOKEN", raising=False)
+    assert main(["status", "--coordinator", coordinator.url]) == 2
+    assert "admin token" in capsys.readouterr().err
+    assert main(["status", "--coordinator", coordinator.url, "--admin-token", "wrong"]) == 2
+    assert "401 unauthorized" in capsys.readouterr().err
 
 
 def test_unreachable(capsys) -> None:
-    assert main(["status", "--coordinator", "http://127.0.0.1:9"]) == 2
+    assert main(["status", "--coordinator", "http://127.0.0.1:9", "--admin-token", "t"]) == 2
     assert "cannot reach" in capsys.readouterr().err

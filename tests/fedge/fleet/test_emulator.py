@@ -83,7 +83,8 @@ def _train_rounds(env: Env, task_id: str) -> list[dict[str, Any]]:
 def test_a_short_fleet_run_completes_rounds_and_accuracy_rises(env: Env) -> None:
     parts, test = _parts(12)
     task_id = _task(env, rounds=4)
-    fleet = Fleet(env.coord.url, parts, seed=1, clock=env.clock)
+    fleet = Fleet(env.coord.url, parts, seed=1, clock=env.clock,
+                  enrollment_token=env.coord.enrollment_token)
     _run(env, fleet, task_id)
     accs = [_accuracy(env.bundle, _params(env, task_id, v), test) for v in range(5)]
     assert accs[0] < 0.2
@@ -100,7 +101,8 @@ def test_thirty_percent_dropouts_still_complete_every_round(env: Env) -> None:
     parts, _ = _parts(30)
     # Over-selection sized for the loss: 12 selected for 5 reports, 4 needed by the deadline.
     task_id = _task(env, rounds=3, goal=5, over_selection=2.4)
-    fleet = Fleet(env.coord.url, parts, seed=2, clock=env.clock, rejoin_s=30.0,
+    fleet = Fleet(env.coord.url, parts, seed=2, clock=env.clock,
+                  enrollment_token=env.coord.enrollment_token, rejoin_s=30.0,
                   heterogeneity=Heterogeneity(dropout_prob=0.3))
     _run(env, fleet, task_id)
     rounds = _train_rounds(env, task_id)
@@ -116,6 +118,7 @@ def test_devices_losing_eligibility_mid_training_abort(env: Env) -> None:
     parts, _ = _parts(16)
     task_id = _task(env, rounds=2, goal=3, over_selection=3.0, recheck_every_steps=1)
     fleet = Fleet(env.coord.url, parts, seed=3, clock=env.clock,
+                  enrollment_token=env.coord.enrollment_token,
                   heterogeneity=Heterogeneity(lapse_prob=0.5))
     _run(env, fleet, task_id)
     s = fleet.summary()
@@ -127,6 +130,7 @@ def test_never_charging_devices_never_train(env: Env) -> None:
     parts, _ = _parts(16)
     task_id = _task(env, rounds=2, goal=3)
     fleet = Fleet(env.coord.url, parts, seed=4, clock=env.clock,
+                  enrollment_token=env.coord.enrollment_token,
                   heterogeneity=Heterogeneity(never_charging_fraction=0.4))
     never = [d for d, p in zip(fleet.devices, fleet.profiles, strict=True) if p.never_charging]
     assert 2 <= len(never) <= 12

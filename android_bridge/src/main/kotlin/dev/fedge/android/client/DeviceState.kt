@@ -1,0 +1,62 @@
+package dev.fedge.android.client
+
+import dev.fedge.android.codec.ErrorFeedback
+import org.json.JSONObject
+import java.io.File
+import java.io.FileOutputStream
+
+/** The credential the coordinator issued at registration. */
+data class Credentials(val coordinator: String, val deviceId: String, val secret: String)
+
+/**
+ * What a device keeps between runs, in [root] (on Android: a folder of `Context.getFilesDir()`):
+ * `credentials.json` (readable by the app only), `residuals/<task_id>.f32frame` (the
+ * error-feedback residuals) and `local_layers/<task_id>.f32frame` (FedBN's batch norm layers). Every write goes to a temporary file renamed into place.
+ */
+class DeviceState(val root: File) {
+    init {
+        root.mkdirs()
+    }
+
+    private val credentialsFile get() = File(root, "credentials.json")
+
+    /** The stored credential for [coordinator], or null (none, another coordinator's, unreadable). */
+    fun loadCredentials(coordinator: String): Credentials? = try {
+        val o = JSONObject(credentialsFile.readText(Charsets.UTF_8))
+        Credentials(o.getString("coordinator"), o.getString("device_id"), o.getString("secret")).takeIf { it.coordinator == coordinator }
+    } catch (e: Exception) {
+        null
+    }
+
+    fun saveCredentials(c: Credentials) {
+        val body = JSONObject().put("coordinator", c.coordinator).put("device_id", c.deviceId).put("secret", c.secret)
+        val tmp = File(root, ".credentials.json.tmp")
+        tmp.delete()
+        tmp.createNewFile()
+        // Owner-only before the secret is written.
+        tmp.setReadable(false, false); tmp.setReadable(true, true)
+        tmp.setWritable(false, false); tmp.setWritable(true, true)
+        FileOutputStream(tmp).use { it.write(body.toString().toByteArray(Charsets.UTF_8)); it.fd.sync() }
+        if (!tmp.renameTo(credentialsFile)) throw java.io.IOException("could not store the credential")
+    }
+
+    fun forgetCredentials() {
+        credentialsFile.delete()
+    }
+
+    /** The residual store of [taskId] (see [ErrorFeedback]). */
+    fun errorFeedback(taskId: String): ErrorFeedback {
+        require(SAFE_ID.matches(taskId)) { "task id '$taskId' is not safe as a file name" }
+        return ErrorFeedback(File(File(root, "residuals"), "$taskId.f32frame"))
+    }
+
+    /** The device's own batch norm layers of [taskId] under FedBN. */
+    fun localLayers(taskId: String): dev.fedge.android.trainer.LocalLayers {
+        require(SAFE_ID.matches(taskId)) { "task id '$taskId' is not safe as a file name" }
+        return dev.fedge.android.trainer.LocalLayers(File(File(root, "local_layers"), "$taskId.f32frame"))
+    }
+
+    private companion object {
+        val SAFE_ID = Regex("^[A-Za-z0-9._-]{1,128}$")
+    }
+}

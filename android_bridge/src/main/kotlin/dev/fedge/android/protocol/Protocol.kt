@@ -1,0 +1,69 @@
+/**
+ * The wire protocol as docs/protocol.md describes it: routes, headers, error codes, the
+ * errors a call ends with, and the HTTP transport ([Transport]) on HttpURLConnection.
+ */
+package dev.fedge.android.protocol
+
+/** Route templates and headers of protocol version 1 (edge_sdk/protocol.py). */
+object Protocol {
+    const val API_PREFIX = "/v1"
+    const val FRAME_CONTENT_TYPE = "application/x-fedge-frame"
+    const val HEADER_IDEMPOTENCY_KEY = "Idempotency-Key"
+    const val HEADER_REPORT = "X-Fedge-Report"
+    const val HEADER_ENROLLMENT = "X-Fedge-Enrollment"
+
+    const val REGISTER = "/v1/devices"
+    const val CHECKIN = "/v1/checkin"
+
+    fun bundleManifest(bundleId: String) = "/v1/bundles/$bundleId"
+
+    fun bundleFile(bundleId: String, name: String) = "/v1/bundles/$bundleId/files/$name"
+
+    fun assignmentUpdate(id: String) = "/v1/assignments/$id/update"
+
+    fun assignmentMetrics(id: String) = "/v1/assignments/$id/metrics"
+
+    fun assignmentAbort(id: String) = "/v1/assignments/$id/abort"
+
+    fun deviceAuthorization(deviceId: String, secret: String) = "Device $deviceId:$secret"
+}
+
+/** Stable machine codes of error bodies (edge_sdk.protocol.ErrorCode). */
+object ErrorCode {
+    const val INVALID_REQUEST = "invalid_request"
+    const val UNAUTHORIZED = "unauthorized"
+    const val FORBIDDEN = "forbidden"
+    const val NOT_FOUND = "not_found"
+    const val MALFORMED_FRAME = "malformed_frame"
+    const val BAD_UPDATE = "bad_update"
+    const val ROUND_CLOSED = "round_closed"
+    const val DUPLICATE_UPLOAD = "duplicate_upload"
+    const val TOO_STALE = "too_stale"
+    const val CONFLICT = "conflict"
+}
+
+/**
+ * Why a call to the coordinator failed:
+ *
+ *     FedgeException
+ *     ├── ApiException        the coordinator answered 4xx/5xx with an error code
+ *     ├── TransportException  no usable answer after the retries (network, bad body)
+ *     ├── CacheException      a bundle that does not match its manifest or id
+ *     └── ConditionsLapsed    the device stopped being eligible during training
+ */
+open class FedgeException(message: String, cause: Throwable? = null) : Exception(message, cause)
+
+class ApiException(
+    val status: Int,
+    val code: String?,
+    message: String,
+    /** Which request of the retried call got this answer (1-based). */
+    val attempt: Int = 1,
+) : FedgeException("$status ${code ?: "?"}: $message")
+
+class TransportException(message: String, cause: Throwable? = null) : FedgeException(message, cause)
+
+class CacheException(message: String) : FedgeException(message)
+
+class ConditionsLapsed(val reasons: List<String>, val step: Int) :
+    FedgeException("conditions lapsed at step $step: ${reasons.joinToString()}")

@@ -1,0 +1,207 @@
+package dev.fedge.android.protocol
+
+import org.json.JSONObject
+import org.json.JSONTokener
+import java.io.ByteArrayOutputStream
+import java.io.File
+import java.io.FileOutputStream
+import java.io.IOException
+import java.io.InputStream
+import java.net.HttpURLConnection
+import java.net.URL
+import java.util.Random
+
+/**
+ * Exponential backoff with jitter: after failed attempt `n` wait `base * 2^(n-1)` (capped)
+ * times a factor in `[1 - jitter, 1]`, so that devices cut off together do not return together.
+ */
+data class RetryPolicy @JvmOverloads constructor(
+    val maxAttempts: Int = 5,
+    val baseDelayS: Double = 0.5,
+    val maxDelayS: Double = 30.0,
+    val jitter: Double = 0.5,
+) {
+    init {
+        require(maxAttempts >= 1) { "maxAttempts must be at least 1" }
+        require(jitter in 0.0..1.0) { "jitter must be in [0, 1]" }
+    }
+
+    fun delay(attempt: Int, rng: Random): Double =
+        minOf(maxDelayS, baseDelayS * Math.pow(2.0, (attempt - 1).toDouble())) * (1.0 - jitter * rng.nextDouble())
+}
+
+/** A 2xx answer: status, lower-cased headers, body. */
+class Response(val status: Int, val headers: Map<String, String>, val body: ByteArray)
+
+/**
+ * HTTP to the coordinator on HttpURLConnection (Android has no java.net.http): JSON calls,
+ * raw bodies (frame uploads), resumable downloads into a file; error bodies mapped to
+ * [ApiException]; connection failures and 5xx retried with the same bytes after a jittered
+ * backoff ([RetryPolicy]), never a 4xx (the same answer next time). Not thread-safe.
+ */
+class Transport @JvmOverloads constructor(
+    baseUrl: String,
+    private val retry: RetryPolicy = RetryPolicy(),
+    private val timeoutMs: Int = 30_000,
+    private val rng: Random = Random(),
+    private val sleeper: (Double) -> Unit = { s -> Thread.sleep((s * 1000).toLong()) },
+) {
+    val baseUrl: String = baseUrl.trimEnd('/')
+
+    init {
+        val u = URL(this.baseUrl)
+        require(u.protocol == "http" || u.protocol == "https") { "coordinator URL must be http(s)://host[:port]" }
+    }
+
+    /** `(device_id, secret)` sent as `Authorization: Device id:secret` on every call. */
+    @Volatile
+    var credentials: Pair<String, String>? = null
+
+    var bytesSent = 0L
+        private set
+    var bytesReceived = 0L
+        private set
+
+    /** A JSON call ([payload] null: no body); the decoded answer object (or null if empty). */
+    @JvmOverloads
+    fun call(method: String, path: String, payload: JSONObject? = null, headers: Map<String, String> = emptyMap()): JSONObject? {
+        val body = payload?.toString()?.toByteArray(Charsets.UTF_8) ?: ByteArray(0)
+        val all = mapOf("Content-Type" to "application/json", "Accept" to "application/json") + headers
+        val response = request(method, path, body, all)
+        if (response.body.isEmpty()) return null
+        val text = String(response.body, Charsets.UTF_8)
+        return try {
+            JSONTokener(text).nextValue() as? JSONObject ?: throw TransportException("$method $path: answer is not a JSON object")
+        } catch (e: org.json.JSONException) {
+            throw TransportException("$method $path: answer is not JSON: ${e.message}", e)
+        }
+    }
+
+    /** Sends [body] (the same bytes on every retry); the 2xx answer, or throws. */
+    @JvmOverloads
+    fun request(method: String, path: String, body: ByteArray = ByteArray(0), headers: Map<String, String> = emptyMap()): Response =
+        retrying(method, path) { exchange(method, path, body, headers, null, MAX_ANSWER) }
+
+    /**
+     * Streams `GET path` into [file], resuming from its size with `Range` on every attempt and
+     * stopping after [limit] bytes. A server that ignores Range (200) makes the file start over.
+     */
+    fun download(path: String, file: File, limit: Long): Response =
+        retrying("GET", path) {
+            val offset = if (file.isFile) file.length() else 0L
+            val headers = if (offset > 0) mapOf("Range" to "bytes=$offset-") else emptyMap()
+            exchange("GET", path, ByteArray(0), headers, file, limit)
+        }
+
+    private class Failed(val io: IOException) : Exception(io)
+
+    private fun retrying(method: String, path: String, attempt: () -> Response): Response {
+        var n = 0
+        while (true) {
+            n++
+            val response = try {
+                attempt()
+            } catch (f: Failed) {
+                if (n >= retry.maxAttempts) throw TransportException("$method $path: ${f.io} after $n attempts", f.io)
+                sleeper(retry.delay(n, rng))
+                continue
+            }
+            if (response.status < 400) return response
+            val error = error(response, n)
+            if (response.status >= 500 && n < retry.maxAttempts) {
+                // 503 overloaded: nothing was done; come back after Retry-After times U[1, 1.5]
+                // so that the refused devices do not return together.
+                val asked = response.headers["retry-after"]?.toDoubleOrNull() ?: 0.0
+                sleeper(minOf(retry.maxDelayS, maxOf(retry.delay(n, rng), asked * (1.0 + 0.5 * rng.nextDouble()))))
+                continue
+            }
+            throw error
+        }
+    }
+
+    private fun error(response: Response, attempt: Int): ApiException {
+        var code: String? = null
+        var message = String(response.body, 0, minOf(200, response.body.size), Charsets.UTF_8)
+        try {
+            val err = JSONObject(String(response.body, Charsets.UTF_8)).getJSONObject("error")
+            code = err.getString("code")
+            message = err.optString("message", "")
+        } catch (_: org.json.JSONException) {
+        }
+        return ApiException(response.status, code, message, attempt)
+    }
+
+    private fun exchange(
+        method: String,
+        path: String,
+        body: ByteArray,
+        headers: Map<String, String>,
+        sink: File?,
+        limit: Long,
+    ): Response {
+        val conn = try {
+            URL(baseUrl + path).openConnection() as HttpURLConnection
+        } catch (e: IOException) {
+            throw Failed(e)
+        }
+        try {
+            conn.requestMethod = method
+            conn.connectTimeout = timeoutMs
+            conn.readTimeout = timeoutMs
+            conn.instanceFollowRedirects = false
+            conn.useCaches = false
+            conn.setRequestProperty("User-Agent", USER_AGENT)
+            for ((k, v) in headers) conn.setRequestProperty(k, v)
+            credentials?.let { (id, secret) -> conn.setRequestProperty("Authorization", Protocol.deviceAuthorization(id, secret)) }
+            if (method == "POST" || method == "PUT") {
+                conn.doOutput = true
+                conn.setFixedLengthStreamingMode(body.size)
+                conn.outputStream.use { it.write(body) }
+                bytesSent += body.size
+            }
+            val status = conn.responseCode
+            val respHeaders = conn.headerFields.filterKeys { it != null }.mapKeys { it.key.lowercase() }.mapValues { it.value.firstOrNull() ?: "" }
+            val stream: InputStream? = if (status >= 400) conn.errorStream else conn.inputStream
+            if (sink != null && (status == 200 || status == 206)) {
+                val append = status == 206
+                if (append) checkRange(respHeaders, sink.length())
+                FileOutputStream(sink, append).use { out -> copy(stream!!, out, limit - (if (append) sink.length() else 0L)) }
+                return Response(status, respHeaders, ByteArray(0))
+            }
+            val held = ByteArrayOutputStream()
+            if (stream != null) {
+                stream.use { copy(it, held, limit) }
+            }
+            return Response(status, respHeaders, held.toByteArray())
+        } catch (e: IOException) {
+            conn.disconnect()
+            throw Failed(e)
+        }
+    }
+
+    /** Copies at most [room] bytes; a longer body is cut there (the caller's hash check decides). */
+    private fun copy(input: InputStream, out: java.io.OutputStream, room: Long) {
+        val chunk = ByteArray(64 * 1024)
+        var left = room
+        while (left > 0) {
+            val k = input.read(chunk, 0, minOf(chunk.size.toLong(), left).toInt())
+            if (k < 0) return
+            out.write(chunk, 0, k)
+            bytesReceived += k
+            left -= k
+        }
+    }
+
+    private fun checkRange(headers: Map<String, String>, offset: Long) {
+        // "bytes START-END/TOTAL": a server resuming elsewhere would corrupt the file.
+        val value = headers["content-range"] ?: ""
+        val start = value.split(' ').getOrNull(1)?.substringBefore('-')?.toLongOrNull()
+            ?: throw IOException("206 without a usable Content-Range: '$value'")
+        if (start != offset) throw IOException("asked for bytes from $offset, got from $start")
+    }
+
+    private companion object {
+        const val USER_AGENT = "fedge-android/1"
+        const val MAX_ANSWER = 256L * 1024 * 1024
+    }
+}

@@ -1,0 +1,138 @@
+package dev.fedge.android.protocol
+
+import com.sun.net.httpserver.HttpServer
+import org.json.JSONObject
+import org.junit.After
+import org.junit.Assert.assertArrayEquals
+import org.junit.Assert.assertEquals
+import org.junit.Assert.assertTrue
+import org.junit.Assert.fail
+import org.junit.Test
+import java.io.File
+import java.net.InetSocketAddress
+import java.nio.file.Files
+import java.util.Collections
+import java.util.Random
+
+/** The transport against a real HTTP server on loopback: retries, error mapping, resumable downloads. */
+class TransportTest {
+    private val server = HttpServer.create(InetSocketAddress("127.0.0.1", 0), 0)
+    private val seen: MutableList<Pair<Map<String, String>, ByteArray>> = Collections.synchronizedList(ArrayList())
+    private val sleeps = ArrayList<Double>()
+    private val url get() = "http://127.0.0.1:${server.address.port}"
+
+    private fun transport(attempts: Int = 4) =
+        Transport(url, RetryPolicy(maxAttempts = attempts, baseDelayS = 0.5, maxDelayS = 30.0, jitter = 0.5), 5_000, Random(1)) { sleeps.add(it) }
+
+    /** Answers the n-th request (0-based) with answers[min(n, last)]: (status, headers, body). */
+    private fun script(vararg answers: Triple<Int, Map<String, String>, ByteArray>) {
+        server.createContext("/") { ex ->
+            val headers = ex.requestHeaders.mapValues { it.value.first() }.mapKeys { it.key.lowercase() }
+            seen.add(Pair(headers, ex.requestBody.readBytes()))
+            val (status, extra, body) = answers[minOf(seen.size - 1, answers.size - 1)]
+            for ((k, v) in extra) ex.responseHeaders.add(k, v)
+            ex.sendResponseHeaders(status, if (body.isEmpty()) -1 else body.size.toLong())
+            ex.responseBody.use { it.write(body) }
+        }
+        server.start()
+    }
+
+    private fun error(code: String) = JSONObject().put("error", JSONObject().put("code", code).put("message", "m")).toString().toByteArray()
+
+    @After
+    fun stop() = server.stop(0)
+
+    @Test
+    fun serverErrorsAreRetriedWithTheSameBytesThenTheAnswerReturned() {
+        script(
+            Triple(500, emptyMap(), error("internal")),
+            Triple(503, mapOf("Retry-After" to "4"), error("overloaded")),
+            Triple(200, emptyMap(), """{"accepted": true}""".toByteArray()),
+        )
+        val t = transport()
+        t.credentials = Pair("d-1", "s")
+        val body = byteArrayOf(1, 2, 3, 4, 5)
+        val r = t.request("POST", "/v1/assignments/a/update", body, mapOf("Idempotency-Key" to "k1"))
+        assertEquals(200, r.status)
+        assertEquals(3, seen.size)
+        for ((headers, sent) in seen) {
+            assertArrayEquals(body, sent)
+            assertEquals("k1", headers["idempotency-key"])
+            assertEquals("Device d-1:s", headers["authorization"])
+        }
+        assertEquals(2, sleeps.size)
+        assertTrue(sleeps[0] in 0.25..0.5) // backoff 0.5 s with up to 50 % jitter
+        assertTrue(sleeps[1] in 4.0..6.0) // Retry-After 4 s times U[1, 1.5]
+    }
+
+    @Test
+    fun aClientErrorIsNotRetriedAndCarriesItsCode() {
+        script(Triple(409, emptyMap(), error("round_closed")))
+        try {
+            transport().call("POST", "/v1/checkin", JSONObject())
+            fail("409 accepted")
+        } catch (e: ApiException) {
+            assertEquals(409, e.status)
+            assertEquals(ErrorCode.ROUND_CLOSED, e.code)
+            assertEquals(1, e.attempt)
+        }
+        assertEquals(1, seen.size)
+        assertTrue(sleeps.isEmpty())
+    }
+
+    @Test
+    fun afterTheLastAttemptAServerErrorIsRaised() {
+        script(Triple(502, emptyMap(), "bad gateway".toByteArray()))
+        try {
+            transport(attempts = 3).request("GET", "/v1/health")
+            fail("502 accepted")
+        } catch (e: ApiException) {
+            assertEquals(502, e.status)
+            assertEquals(null, e.code) // not a JSON error body
+            assertEquals(3, e.attempt)
+        }
+        assertEquals(3, seen.size)
+    }
+
+    @Test
+    fun aConnectionThatFailsIsRetriedThenReported() {
+        val dead = HttpServer.create(InetSocketAddress("127.0.0.1", 0), 0)
+        val port = dead.address.port
+        dead.stop(0) // nothing listens there now
+        server.start()
+        val t = Transport("http://127.0.0.1:$port", RetryPolicy(maxAttempts = 3, baseDelayS = 0.01), 2_000, Random(1)) { sleeps.add(it) }
+        try {
+            t.call("POST", "/v1/checkin", JSONObject())
+            fail("no server, yet an answer")
+        } catch (e: TransportException) {
+            assertTrue(e.message!!.contains("after 3 attempts"))
+        }
+        assertEquals(2, sleeps.size)
+    }
+
+    @Test
+    fun aDownloadResumesFromThePartialFileWithRange() {
+        val content = ByteArray(1000) { (it * 7).toByte() }
+        script(Triple(206, mapOf("Content-Range" to "bytes 400-999/1000"), content.copyOfRange(400, 1000)))
+        val file = File(Files.createTempDirectory("dl").toFile(), "part")
+        file.writeBytes(content.copyOf(400))
+        transport().download("/v1/bundles/x/files/step.onnx", file, 1000)
+        assertEquals("bytes=400-", seen.single().first["range"])
+        assertArrayEquals(content, file.readBytes())
+    }
+
+    @Test
+    fun aRangeAnsweredFromElsewhereIsNotAppended() {
+        val content = ByteArray(100) { it.toByte() }
+        script(
+            Triple(206, mapOf("Content-Range" to "bytes 0-99/100"), content),
+            Triple(200, emptyMap(), content),
+        )
+        val file = File(Files.createTempDirectory("dl").toFile(), "part")
+        file.writeBytes(content.copyOf(30))
+        transport().download("/f", file, 100)
+        // the misplaced 206 was refused (a connection-level failure, retried); the 200 restarted the file
+        assertEquals(2, seen.size)
+        assertArrayEquals(content, file.readBytes())
+    }
+}

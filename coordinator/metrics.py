@@ -1,0 +1,455 @@
+"""Prometheus metrics of one coordinator: ``GET /metrics`` (admin token, like every operator call).
+
+Each app gets its own :class:`~prometheus_client.CollectorRegistry` (never the process-global
+one), so that several coordinators in one process (tests, the fleet emulator) do not clash.
+
+Two kinds of figures:
+
+* **events counted by this process** (reset at restart, as Prometheus counters are):
+  HTTP requests by route and status with their latency, request and response bytes, check-ins
+  by outcome, uploads by outcome, coordinator-side ineligibility reasons, commit durations;
+* **figures read from the store at scrape time** (so they agree with it exactly): devices,
+  tasks by state, model versions, rounds by state, open rounds, accepted updates and their
+  bytes, round durations, database and blob sizes, plus the worker queue's depth and the
+  process collectors (CPU, memory, file descriptors, GC).
+
+A scrape job needs the admin token::
+
+    scrape_configs:
+      - job_name: fedge
+        authorization: {credentials: <admin token>}
+        static_configs: [{targets: ["127.0.0.1:8080"]}]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from coordinator.versions import ModelVersions
+from edge_sdk.protocol import Route
+
+if TYPE_CHECKING:
+    from coordinator.service import Coordinator
+    from coordinator.store import Round, Task
+
+__all__ = [
+    "METRICS_PATH",
+    "ROUND_BUCKETS",
+    "ServiceMetrics",
+    "StoreFigures",
+    "StoreReader",
+    "active_devices",
+]
+
+METRICS_PATH = "/metrics"
+# Seconds: a round lasts from a few seconds (emulation) to an hour (phones overnight).
+ROUND_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+MAX_REFUSED_KEPT = 100_000
+# Upload answers that refuse the update itself (not the caller, not an unknown assignment).
+REFUSALS = (400, 409, 413, 422)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class StoreFigures:
+    """What a scrape reports from durable state (read on the service's worker thread)."""
+
+    devices: int = 0
+    active_devices: int = 0
+    tasks_by_state: dict[str, int] = field(default_factory=dict)
+    model_versions: dict[str, int] = field(default_factory=dict)  # task_id -> version
+    rounds_by_state: dict[tuple[str, str], int] = field(default_factory=dict)  # (mode, state)
+    open_rounds: int = 0
+    updates: int = 0
+    update_bytes: int = 0
+    ineligible: dict[str, int] = field(default_factory=dict)
+    db_bytes: int = 0
+    blob_bytes: int = 0
+
+
+class StoreReader:
+    """Reads :class:`StoreFigures` for a scrape; call :meth:`read` on the worker thread.
+
+    Counters and the round-duration histogram must never go down, though retention may
+    delete old rounds: each closed round is taken once, when first seen (after a restart the
+    first scrape takes the stored history), and its updates, bytes and duration are added to
+    running totals; open rounds add their current totals on top.
+    """
+
+    def __init__(
+        self,
+        coord: Coordinator,
+        round_seconds: Histogram,
+        rounds_of: Callable[[Task], list[Round]] | None = None,
+    ) -> None:
+        self.coord = coord
+        self._round_seconds = round_seconds
+        # A task's rounds, oldest first: the store's listing, or a cache of it that stays
+        # current (the dashboard's, which re-reads a list only when its task moved on).
+        self._rounds_of = rounds_of or (lambda task: coord.store.list_rounds(task.task_id))
+        self._seen: set[int] = set()
+        self._updates = 0
+        self._bytes = 0
+
+    def read(self) -> StoreFigures:
+        coord, store = self.coord, self.coord.store
+        out = StoreFigures(devices=store.count_devices(),
+                           active_devices=active_devices(coord, coord.clock.now()))
+        open_updates = open_bytes = 0
+        listed: set[int] = set()
+        for task in store.list_tasks():
+            out.tasks_by_state[task.state] = out.tasks_by_state.get(task.state, 0) + 1
+            out.model_versions[task.task_id] = task.model_version
+            for rnd in self._rounds_of(task):
+                listed.add(rnd.round_id)
+                key = (task.mode, rnd.state)
+                out.rounds_by_state[key] = out.rounds_by_state.get(key, 0) + 1
+                if rnd.is_open:
+                    out.open_rounds += 1
+                    if rnd.kind == "train":
+                        totals = store.update_totals(rnd.round_id)
+                        open_updates += totals.count
+                        open_bytes += totals.payload_bytes
+                elif rnd.round_id not in self._seen and rnd.closed_at is not None:
+                    self._seen.add(rnd.round_id)
+                    self._round_seconds.labels(task.mode, rnd.state).observe(
+                        rnd.closed_at - rnd.opened_at
+                    )
+                    if rnd.kind == "train":
+                        self._updates += int(rnd.metrics.get("reported") or 0)
+                        self._bytes += int(rnd.metrics.get("bytes_in") or 0)
+        self._seen &= listed  # rounds retention deleted will not come back
+        out.updates = self._updates + open_updates
+        out.update_bytes = self._bytes + open_bytes
+        out.ineligible = dict(coord.ineligible_reasons)
+        out.db_bytes, out.blob_bytes = storage_bytes(coord)
+        return out
+
+
+def active_devices(coord: Coordinator, now: float) -> int:
+    """Devices that checked in within the pacing horizon (what pace steering plans for)."""
+    # PaceSteering.population() floors at 1 for its own division; report the true count.
+    coord.pacing.population(now)
+    return len(coord.pacing._expiry)
+
+
+def storage_bytes(coord: Coordinator) -> tuple[int, int]:
+    """(database file incl. its WAL, blob directory) sizes in bytes."""
+    from pathlib import Path
+
+    db = Path(coord.config.db_path)
+    db_bytes = sum(
+        p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.is_file()
+    )
+    root = coord.blobs.root
+    blob_bytes = (
+        sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+    )
+    return db_bytes, blob_bytes
+
+
+class _StoreCollector:
+    """Yields the latest :class:`StoreFigures` as metric families."""
+
+    def __init__(self) -> None:
+        self.figures = StoreFigures()
+
+    def describe(self) -> list[Metric]:
+        return []  # figures change at every scrape: no registration-time description
+
+    def collect(self) -> Iterator[Metric]:
+        f = self.figures
+        yield _gauge("fedge_devices_registered", "Registered devices", f.devices)
+        yield _gauge(
+            "fedge_devices_active", "Devices seen within the pacing horizon", f.active_devices
+        )
+        tasks = GaugeMetricFamily("fedge_tasks", "Tasks by state", labels=["state"])
+        for state, n in sorted(f.tasks_by_state.items()):
+            tasks.add_metric([state], n)
+        yield tasks
+        versions = GaugeMetricFamily(
+            "fedge_model_version", "Current model version per task", labels=["task_id"]
+        )
+        for task_id, v in sorted(f.model_versions.items()):
+            versions.add_metric([task_id], v)
+        yield versions
+        rounds = GaugeMetricFamily(
+            "fedge_rounds", "Rounds (async: buffers) by mode and state", labels=["mode", "state"]
+        )
+        for (mode, state), n in sorted(f.rounds_by_state.items()):
+            rounds.add_metric([mode, state], n)
+        yield rounds
+        yield _gauge("fedge_open_rounds", "Rounds selecting or reporting", f.open_rounds)
+        yield CounterMetricFamily(
+            "fedge_updates_accepted", "Accepted updates (stored)", value=f.updates
+        )
+        yield CounterMetricFamily(
+            "fedge_update_bytes", "Bytes of accepted update payloads", value=f.update_bytes
+        )
+        inel = CounterMetricFamily(
+            "fedge_checkin_ineligible",
+            "Coordinator-side ineligibility of check-ins, by reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(f.ineligible.items()):
+            inel.add_metric([reason], n)
+        yield inel
+        yield _gauge("fedge_db_bytes", "Database file size (with its WAL)", f.db_bytes)
+        yield _gauge("fedge_blob_bytes", "Blob directory size", f.blob_bytes)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def route_of(request: web.Request) -> str:
+    """The route template (bounded label values), or ``other`` for unmatched paths."""
+    info = request.match_info
+    route = getattr(info, "route", None)
+    resource = getattr(route, "resource", None)
+    canonical = getattr(resource, "canonical", None)
+    return canonical if isinstance(canonical, str) and info.http_exception is None else "other"
+
+
+class _TimedVersions(ModelVersions):
+    """:class:`ModelVersions` that times each commit (server step, blobs, transaction)."""
+
+    def __init__(self, inner: ModelVersions, histogram: Histogram) -> None:
+        super().__init__(inner.store, inner.blobs)
+        self._histogram = histogram
+
+    def commit_next(self, task: Task, *args: Any, **kwargs: Any) -> int:
+        started = time.perf_counter()
+        try:
+            return super().commit_next(task, *args, **kwargs)
+        finally:
+            self._histogram.labels(task.mode).observe(time.perf_counter() - started)
+
+
+class ServiceMetrics:
+    """The registry and instruments of one app; see the module docstring."""
+
+    def __init__(
+        self,
+        coord: Coordinator,
+        queue_depth: Callable[[], int],
+        rounds_of: Callable[[Task], list[Round]] | None = None,
+    ) -> None:
+        self.coord = coord
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.requests = Counter(
+            "fedge_http_requests", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "fedge_http_request_duration_seconds",
+            "Time to answer a request (handler and queue wait)",
+            ["route"],
+            registry=r,
+        )
+        self.bytes_in = Counter(
+            "fedge_http_request_bytes", "Request body bytes", ["route"], registry=r
+        )
+        self.bytes_out = Counter(
+            "fedge_http_response_bytes", "Response body bytes", ["route"], registry=r
+        )
+        self.checkins = Counter(
+            "fedge_checkins",
+            "Check-ins by outcome: train, evaluate, or the wait reason (or the error code)",
+            ["outcome"],
+            registry=r,
+        )
+        self.uploads = Counter(
+            "fedge_uploads",
+            "Update uploads by outcome: accepted, or the error code",
+            ["outcome"],
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "fedge_commit_duration_seconds",
+            "Time to commit a model version (server optimizer, blobs, transaction)",
+            ["mode"],
+            buckets=COMMIT_BUCKETS,
+            registry=r,
+        )
+        # assignment_id -> error code of its refused upload (the round page's late/refused);
+        # bounded: the oldest entries go first.
+        self._refused: dict[str, str] = {}
+        self.refusals = 0  # refused uploads counted so far (a change tells caches to refresh)
+        self.queue = _QueueGauge(queue_depth)
+        r.register(self.queue)
+        self.round_seconds = Histogram(
+            "fedge_round_duration_seconds",
+            "Duration of closed rounds (async: buffers), opening to close, from the store",
+            ["mode", "outcome"],
+            buckets=ROUND_BUCKETS,
+            registry=r,
+        )
+        self.reader = StoreReader(coord, self.round_seconds, rounds_of)
+        self.store_figures = _StoreCollector()
+        r.register(self.store_figures)
+        coord.ctx.versions = _TimedVersions(coord.ctx.versions, self.commit_seconds)
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = route_of(request)
+        status = 500
+        resp: web.StreamResponse | None = None
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            self.requests.labels(request.method, route, str(status)).inc()
+            self.latency.labels(route).observe(time.perf_counter() - started)
+            if request.content_length:
+                self.bytes_in.labels(route).inc(request.content_length)
+            if resp is not None:
+                self._outcomes(request, route, resp)
+
+    def on_response_prepare(self, request: web.Request, resp: web.StreamResponse) -> None:
+        """Counts response bytes once headers are final (file responses set them late)."""
+        if resp.content_length:
+            self.bytes_out.labels(route_of(request)).inc(resp.content_length)
+
+    def _outcomes(self, request: web.Request, route: str, resp: web.StreamResponse) -> None:
+        if route not in (Route.CHECKIN, Route.ASSIGNMENT_UPDATE):
+            return
+        body = _json_body(resp)
+        if resp.status >= 400:
+            err = body.get("error") if isinstance(body, dict) else None
+            outcome = str(err.get("code")) if isinstance(err, dict) else str(resp.status)
+        elif route == Route.CHECKIN:
+            action = body.get("action") if isinstance(body, dict) else None
+            outcome = str(body.get("reason") if action == "wait" else action)
+        else:
+            outcome = "accepted"
+        (self.checkins if route == Route.CHECKIN else self.uploads).labels(outcome).inc()
+        if route == Route.ASSIGNMENT_UPDATE and resp.status in REFUSALS:
+            self._refused[request.match_info["assignment_id"]] = outcome
+            self.refusals += 1
+            while len(self._refused) > MAX_REFUSED_KEPT:
+                del self._refused[next(iter(self._refused))]
+
+    def refused_uploads(self) -> Mapping[str, str]:
+        """assignment_id -> error code, for uploads refused since this process started.
+
+        A read-only view, not a copy (it may hold 10^5 entries): look entries up, do not
+        iterate it from another thread while requests run."""
+        return MappingProxyType(self._refused)
+
+    # -- scrape -----------------------------------------------------------------------------
+
+    def render(self, figures: StoreFigures) -> bytes:
+        self.store_figures.figures = figures
+        return generate_latest(self.registry)
+
+    def labelled(self, sample: str, label: str) -> dict[str, float]:
+        """``{label value: sample value}`` of one of this process's counters."""
+        return {
+            s.labels[label]: s.value
+            for family in self.registry.collect()
+            for s in family.samples
+            if s.name == sample and label in s.labels
+        }
+
+    def request_table(self) -> list[dict[str, Any]]:
+        """Per route: requests, errors (status >= 400), mean and p95 latency (from buckets)."""
+        rows: dict[str, dict[str, Any]] = {}
+        buckets: dict[str, list[tuple[float, float]]] = {}
+        for family in self.registry.collect():
+            for s in family.samples:
+                route = s.labels.get("route")
+                if route is None:
+                    continue
+                row = rows.setdefault(route, {"route": route, "requests": 0.0, "errors": 0.0,
+                                              "seconds": 0.0})
+                if s.name == "fedge_http_requests_total":
+                    row["requests"] += s.value
+                    if int(s.labels["status"]) >= 400:
+                        row["errors"] += s.value
+                elif s.name == "fedge_http_request_duration_seconds_sum":
+                    row["seconds"] += s.value
+                elif s.name == "fedge_http_request_duration_seconds_bucket":
+                    buckets.setdefault(route, []).append((float(s.labels["le"]), s.value))
+        out = []
+        for route, row in sorted(rows.items()):
+            n = row["requests"]
+            out.append({
+                "route": route,
+                "requests": int(n),
+                "errors": int(row["errors"]),
+                "mean_s": row["seconds"] / n if n else None,
+                "p95_s": _quantile(sorted(buckets.get(route, [])), 0.95),
+            })
+        return out
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The upper bound of the first bucket holding the q-quantile (None without samples)."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    want = q * buckets[-1][1]
+    for le, count in buckets:
+        if count >= want:
+            return None if le == float("inf") else le
+    return None
+
+
+class _QueueGauge:
+    def __init__(self, depth: Callable[[], int]) -> None:
+        self.depth = depth
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield _gauge(
+            "fedge_queue_depth", "Operations waiting for the service's worker thread", self.depth()
+        )
+
+
+def _json_body(resp: web.StreamResponse) -> Any:
+    body = getattr(resp, "body", None)
+    if not isinstance(body, bytes | bytearray) or resp.content_type != "application/json":
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST

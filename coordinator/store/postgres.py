@@ -1,0 +1,123 @@
+"""The PostgreSQL backend (psycopg 3): one database, shared by any number of processes.
+
+::
+
+    store = PostgresStore("postgresql://fedge:secret@db.internal/fedge")
+
+The store's methods are :class:`~coordinator.store.sql.SQLStore`'s (portable SQL); this
+module supplies the connection, PostgreSQL's spelling of JSON access, and migrations through
+:class:`~coordinator.store.postgres_schema.PostgresSchema`, under an advisory lock so that
+processes starting together migrate once. The connection is in autocommit mode and the
+server's defaults (``fsync``, ``synchronous_commit=on``) make a committed write durable
+before the call returns, the same guarantee as the SQLite backend's ``synchronous=FULL``.
+:meth:`PostgresStore.atomic` is a real transaction; nested blocks are savepoints. The
+object is used from one thread at a time (the service serialises its calls); a
+``search_path`` in the URL (``?options=-csearch_path%3Dname``) puts the tables in that
+schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import psycopg
+from psycopg.pq import TransactionStatus
+from psycopg.rows import dict_row
+
+from coordinator.store.migrations import apply_migrations
+from coordinator.store.postgres_schema import PostgresSchema, pg_sql
+from coordinator.store.sql import Cursor, SQLStore
+
+__all__ = ["PostgresStore"]
+
+# pg_advisory_lock key held while migrating (any constant; "fedge" in ASCII).
+_MIGRATION_LOCK = 0x6665646765
+
+
+class PostgresStore(SQLStore):
+    schema: PostgresSchema
+    _integrity_errors = (psycopg.IntegrityError,)
+    # A lost connection, a server restarting or shutting down, a serialization failure.
+    transient_errors = (psycopg.OperationalError,)
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.schema = PostgresSchema(self.conn)
+        self._depth = 0  # nesting of atomic() blocks
+        try:
+            self.conn.execute("select pg_advisory_lock(%s)", [_MIGRATION_LOCK])
+            try:
+                self.schema_version = apply_migrations(self.schema)
+            finally:
+                self.conn.execute("select pg_advisory_unlock(%s)", [_MIGRATION_LOCK])
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The connection, opened again if the last one broke (a server restart, a network
+        cut): the failing call raised a transient error, the next one carries on. Never in
+        the middle of a transaction, whose earlier writes died with the old connection."""
+        if self.conn.broken and self._depth == 0:
+            self.conn = psycopg.connect(self.url, autocommit=True)
+            self.schema.conn = self.conn
+        return self.conn
+
+    def atomic(self) -> AbstractContextManager[None]:
+        @contextmanager
+        def block() -> Iterator[None]:
+            with self._connection().transaction():
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+
+        return block()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        return self._connection().execute(pg_sql(sql), list(args))
+
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._connection().cursor() as cur:
+            cur.executemany(pg_sql(sql), rows)
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        if any(isinstance(a, str) and "\x00" in a for a in args):
+            # No PostgreSQL text holds NUL, so nothing matches such a key (an id from a URL
+            # path); psycopg would refuse to send it at all.
+            return []
+        with self._connection().cursor(row_factory=dict_row) as cur:
+            return cur.execute(pg_sql(sql), list(args)).fetchall()
+
+    def _table_names(self) -> list[str]:
+        self._connection()
+        return self.schema.table_names()
+
+    def _columns(self, table: str) -> list[str]:
+        self._connection()
+        return self.schema.columns(table)
+
+    def _guarded(self) -> AbstractContextManager[Any]:
+        idle = self._connection().info.transaction_status == TransactionStatus.IDLE
+        # Outside a transaction the statement is one on its own (autocommit).
+        return nullcontext() if idle else self.conn.transaction()
+
+    def _records_copied(self) -> None:
+        self.schema.sync_identities()
+
+    def _json_text(self, expr: str, key: str) -> str:
+        # json, not jsonb: jsonb refuses a "\u0000" anywhere in a device's report.
+        return f"(({expr})::json ->> '{key}')"
+
+    def _json_number(self, expr: str, key: str) -> str:
+        return f"{self._json_text(expr, key)}::double precision"
+
+    def _json_members(self, expr: str, key: str) -> str:
+        return f"json_each(({expr})::json -> '{key}')"

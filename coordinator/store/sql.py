@@ -1,0 +1,516 @@
+"""Every :class:`~coordinator.store.base.Store` method written once, in SQL that SQLite and
+PostgreSQL both run.
+
+A backend subclasses :class:`SQLStore` and supplies its connection (``_execute``,
+``_execute_many``, ``_query``, ``atomic``), its catalogue (``_table_names``, ``_columns``),
+the exceptions its driver raises for a broken constraint, and the few expressions the two
+dialects spell differently (reading a member of a JSON text column). Statements use ``?``
+placeholders and double-quoted identifiers; a driver with another parameter style
+translates them. Insertion order is ``rowid`` in both: SQLite's own, a hidden identity
+column on PostgreSQL (see :mod:`coordinator.store.postgres_schema`).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, fields
+from typing import Any, Protocol, TypeVar
+
+from coordinator.store.base import (
+    Assignment,
+    Device,
+    EvalReport,
+    Round,
+    Store,
+    StoreError,
+    Task,
+    Update,
+    UpdateTotals,
+    Version,
+)
+from coordinator.store.migrations import Schema
+
+__all__ = ["Cursor", "SQLStore"]
+
+R = TypeVar("R")
+# Record fields stored as JSON text.
+_JSON_FIELDS = {"runtimes", "plan", "metrics", "report", "response"}
+_OPEN = "('selecting', 'reporting')"
+_IN_FLIGHT = "('selected', 'delivered')"
+
+
+class Cursor(Protocol):
+    """What both drivers' cursors offer (``sqlite3.Cursor``, ``psycopg.Cursor``)."""
+
+    @property
+    def rowcount(self) -> int: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def fetchmany(self, size: int = ...) -> list[Any]: ...
+
+
+def _to_row(record: Any) -> dict[str, Any]:
+    row = asdict(record)
+    for k in _JSON_FIELDS & row.keys():
+        row[k] = json.dumps(row[k], sort_keys=True)
+    return row
+
+
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in fields(cls))
+    return names
+
+
+def _from_row(cls: type[R], row: dict[str, Any]) -> R:
+    names = _field_names(cls)
+    values = {k: v for k, v in row.items() if k in names}
+    for k in _JSON_FIELDS & values.keys():
+        values[k] = json.loads(values[k]) if values[k] is not None else None
+    if "runtimes" in values:
+        values["runtimes"] = tuple(values["runtimes"])
+    if "metrics" in values and values["metrics"] is None:
+        values["metrics"] = {}
+    return cls(**values)
+
+
+def _chunks(values: Sequence[int], size: int = 500) -> Iterator[list[int]]:
+    """Id lists in pieces that stay below SQLite's limit on bound parameters."""
+    ids = [int(v) for v in values]
+    for i in range(0, len(ids), size):
+        yield ids[i : i + size]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+class SQLStore(Store):
+    schema: Schema  # what migrations run against
+    schema_version: int
+    # The driver's exceptions for a broken unique, primary or foreign key.
+    _integrity_errors: tuple[type[Exception], ...] = ()
+
+    # -- what a backend supplies ------------------------------------------------------------
+
+    @abstractmethod
+    def _execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        """Run one statement; rows come back as tuples."""
+
+    @abstractmethod
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    @abstractmethod
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Run one query; rows come back as dicts keyed by column name."""
+
+    @abstractmethod
+    def _table_names(self) -> list[str]: ...
+
+    @abstractmethod
+    def _columns(self, table: str) -> list[str]:
+        """The table's columns in order, without hidden bookkeeping ones."""
+
+    def _guarded(self) -> AbstractContextManager[Any]:
+        """Around one statement whose failure a caller may catch (a duplicate key): keeps an
+        enclosing transaction usable after it. SQLite undoes just the failed statement on
+        its own; PostgreSQL needs a savepoint."""
+        return nullcontext()
+
+    def _records_copied(self) -> None:
+        """Called after :meth:`copy_from` wrote explicit keys (e.g. to move sequences on)."""
+
+    @abstractmethod
+    def _json_text(self, expr: str, key: str) -> str:
+        """SQL for member ``key`` of the JSON text ``expr``, as SQL text (null if absent)."""
+
+    @abstractmethod
+    def _json_number(self, expr: str, key: str) -> str:
+        """The same member as an SQL number."""
+
+    @abstractmethod
+    def _json_members(self, expr: str, key: str) -> str:
+        """A table-valued expression over member ``key`` (an object) of the JSON text
+        ``expr``: one row per entry, its JSON in column ``value``."""
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _insert_row(self, table: str, row: dict[str, Any], returning: str | None = None) -> Any:
+        cols = ", ".join(f'"{k}"' for k in row)
+        sql = f'insert into "{table}" ({cols}) values ({_marks(len(row))})'
+        if returning is not None:
+            sql += f' returning "{returning}"'
+        try:
+            with self._guarded():
+                cur = self._execute(sql, list(row.values()))
+                # SQLite finishes (and commits) a RETURNING statement once its rows are read.
+                rows = cur.fetchall() if returning is not None else []
+        except self._integrity_errors as e:
+            raise StoreError(f"{table}: {e}") from e
+        return rows[0][0] if rows else None
+
+    def _insert(self, table: str, record: Any) -> None:
+        self._insert_row(table, _to_row(record))
+
+    def _rows(
+        self,
+        table: str,
+        where: str,
+        args: Sequence[Any] = (),
+        *,
+        order_by: str | None = None,
+        select: str = "*",
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        sql = f'select {select} from "{table}" where {where}'
+        if order_by is not None:
+            sql += f" order by {order_by}"
+        if limit is not None:
+            sql += f" limit {int(limit)}"
+        return self._query(sql, args)
+
+    def _get(self, cls: type[R], table: str, where: str, args: Sequence[Any]) -> R | None:
+        rows = self._rows(table, where, args, limit=1)
+        return _from_row(cls, rows[0]) if rows else None
+
+    def _list(
+        self, cls: type[R], table: str, where: str, args: Sequence[Any], order: str
+    ) -> list[R]:
+        return [_from_row(cls, r) for r in self._rows(table, where, args, order_by=order)]
+
+    def _update(self, table: str, key: dict[str, Any], values: dict[str, Any]) -> None:
+        """Set columns of the record with primary ``key`` (column -> value); a record that is
+        not there is a :class:`StoreError`."""
+        if not values:
+            return
+        sets = ", ".join(f'"{k}" = ?' for k in values)
+        where = " and ".join(f'"{k}" = ?' for k in key)
+        args = [json.dumps(v, sort_keys=True) if k in _JSON_FIELDS else v
+                for k, v in values.items()]  # fmt: skip
+        cur = self._execute(f'update "{table}" set {sets} where {where}', [*args, *key.values()])
+        if cur.rowcount != 1:
+            raise StoreError(f"{table}: no record {key}")
+
+    def _count(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return int(self._execute(sql, args).fetchone()[0])
+
+    # -- devices ----------------------------------------------------------------------------
+
+    def add_device(self, device: Device) -> None:
+        self._insert("devices", device)
+
+    def get_device(self, device_id: str) -> Device | None:
+        return self._get(Device, "devices", "device_id = ?", [device_id])
+
+    def count_devices(self) -> int:
+        return self._count("select count(*) from devices")
+
+    def update_device(self, device_id: str, **values: Any) -> None:
+        self._update("devices", {"device_id": device_id}, values)
+
+    def delete_devices(self, seen_before: float) -> int:
+        cur = self._execute(
+            "delete from devices where coalesce(last_seen_at, registered_at) < ? and device_id "
+            f"not in (select device_id from assignments where state in {_IN_FLIGHT})",
+            [seen_before],
+        )
+        return cur.rowcount
+
+    # -- bundles ----------------------------------------------------------------------------
+
+    def add_bundle(self, bundle_id: str, manifest: dict[str, Any], created_at: float) -> bool:
+        cur = self._execute(
+            "insert into bundles (bundle_id, manifest, num_parameters, created_at) "
+            "values (?, ?, ?, ?) on conflict do nothing",
+            [bundle_id, json.dumps(manifest, sort_keys=True), int(manifest["num_parameters"]),
+             created_at],
+        )  # fmt: skip
+        return cur.rowcount == 1
+
+    def get_bundle(self, bundle_id: str) -> dict[str, Any] | None:
+        rows = self._rows("bundles", "bundle_id = ?", [bundle_id], limit=1)
+        return json.loads(rows[0]["manifest"]) if rows else None
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def add_task(self, task: Task) -> None:
+        self._insert("tasks", task)
+
+    def get_task(self, task_id: str) -> Task | None:
+        return self._get(Task, "tasks", "task_id = ?", [task_id])
+
+    def list_tasks(self, population: str | None = None, state: str | None = None) -> list[Task]:
+        where, args = ["1 = 1"], []
+        if population is not None:
+            where.append("population = ?")
+            args.append(population)
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        return self._list(Task, "tasks", " and ".join(where), args, "created_at, rowid")
+
+    def update_task(self, task_id: str, **values: Any) -> None:
+        self._update("tasks", {"task_id": task_id}, values)
+
+    # -- versions ---------------------------------------------------------------------------
+
+    def add_version(self, version: Version) -> None:
+        self._insert("versions", version)
+
+    def get_version(self, task_id: str, version: int) -> Version | None:
+        return self._get(Version, "versions", "task_id = ? and version = ?", [task_id, version])
+
+    def update_version(self, task_id: str, version: int, **values: Any) -> None:
+        self._update("versions", {"task_id": task_id, "version": version}, values)
+
+    def list_versions(self, task_id: str) -> list[Version]:
+        return self._list(Version, "versions", "task_id = ?", [task_id], "version")
+
+    def delete_versions(self, task_id: str, versions: Sequence[int]) -> None:
+        with self.atomic():
+            task = self.get_task(task_id)
+            if task is not None and task.model_version in versions:
+                raise StoreError(f"version {task.model_version} is task {task_id}'s current one")
+            for chunk in _chunks(versions):
+                self._execute(
+                    f"delete from versions where task_id = ? and version in ({_marks(len(chunk))})",
+                    [task_id, *chunk],
+                )
+
+    # -- rounds -----------------------------------------------------------------------------
+
+    def add_round(self, rnd: Round) -> Round:
+        row = _to_row(rnd)
+        del row["round_id"]
+        stored = self.get_round(int(self._insert_row("rounds", row, returning="round_id")))
+        assert stored is not None
+        return stored
+
+    def get_round(self, round_id: int) -> Round | None:
+        return self._get(Round, "rounds", "round_id = ?", [round_id])
+
+    def open_round(self, task_id: str) -> Round | None:
+        return self._get(Round, "rounds", f"task_id = ? and state in {_OPEN}", [task_id])
+
+    def open_rounds(self) -> list[Round]:
+        return self._list(Round, "rounds", f"state in {_OPEN}", [], "round_id")
+
+    def list_rounds(self, task_id: str, min_base_version: int = 0) -> list[Round]:
+        where, args = "task_id = ? and base_version >= ?", [task_id, min_base_version]
+        return self._list(Round, "rounds", where, args, "round_id")
+
+    def update_round(self, round_id: int, **values: Any) -> None:
+        self._update("rounds", {"round_id": round_id}, values)
+
+    def delete_rounds(self, round_ids: Sequence[int]) -> None:
+        with self.atomic():
+            for chunk in _chunks(round_ids):
+                marks = _marks(len(chunk))
+                still_open = self._execute(
+                    f"select round_id from rounds where round_id in ({marks}) "
+                    f"and state in {_OPEN}",
+                    chunk,
+                ).fetchall()
+                if still_open:
+                    raise StoreError(f"round {still_open[0][0]} is open: not deleted")
+                for table in ("candidates", "updates", "eval_reports", "assignments", "rounds"):
+                    self._execute(f'delete from "{table}" where round_id in ({marks})', chunk)
+
+    # -- candidates -------------------------------------------------------------------------
+
+    def add_candidate(self, round_id: int, device_id: str, at: float) -> bool:
+        cur = self._execute(
+            "insert into candidates (round_id, device_id, checked_in_at) values (?, ?, ?) "
+            "on conflict do nothing",
+            [round_id, device_id, at],
+        )
+        return cur.rowcount == 1
+
+    def candidates(self, round_id: int) -> list[str]:
+        rows = self._rows(
+            "candidates",
+            "round_id = ?",
+            [round_id],
+            order_by="checked_in_at, rowid",
+            select="device_id",
+        )
+        return [r["device_id"] for r in rows]
+
+    def count_candidates(self, round_id: int) -> int:
+        return self._count("select count(*) from candidates where round_id = ?", [round_id])
+
+    # -- assignments ------------------------------------------------------------------------
+
+    def add_assignments(self, assignments: Sequence[Assignment]) -> None:
+        if not assignments:
+            return
+        rows = [_to_row(a) for a in assignments]
+        cols = ", ".join(f'"{k}"' for k in rows[0])
+        sql = f"insert into assignments ({cols}) values ({_marks(len(rows[0]))})"
+        try:
+            with self.atomic():
+                self._execute_many(sql, [list(r.values()) for r in rows])
+        except self._integrity_errors as e:
+            raise StoreError(f"assignments: {e}") from e
+
+    def get_assignment(self, assignment_id: str) -> Assignment | None:
+        return self._get(Assignment, "assignments", "assignment_id = ?", [assignment_id])
+
+    def assignment_for(self, round_id: int, device_id: str) -> Assignment | None:
+        return self._get(
+            Assignment, "assignments", "round_id = ? and device_id = ?", [round_id, device_id]
+        )
+
+    def round_assignments(self, round_id: int) -> list[Assignment]:
+        return self._list(Assignment, "assignments", "round_id = ?", [round_id], "rowid")
+
+    def count_assignments(self, round_id: int) -> int:
+        return self._count("select count(*) from assignments where round_id = ?", [round_id])
+
+    def update_assignment(self, assignment_id: str, **values: Any) -> None:
+        self._update("assignments", {"assignment_id": assignment_id}, values)
+
+    def expire_assignments(self, round_id: int, at: float) -> int:
+        cur = self._execute(
+            "update assignments set state = 'expired', closed_at = ? "
+            f"where round_id = ? and state in {_IN_FLIGHT}",
+            [at, round_id],
+        )
+        return cur.rowcount
+
+    def open_assignments(self, round_ids: Sequence[int]) -> list[Assignment]:
+        if not round_ids:
+            return []
+        where = f"round_id in ({_marks(len(round_ids))}) and state in {_IN_FLIGHT}"
+        ids = [int(r) for r in round_ids]
+        return self._list(Assignment, "assignments", where, ids, "created_at, rowid")
+
+    # -- updates and evaluation reports -----------------------------------------------------
+
+    def _add_report(self, table: str, report: Update | EvalReport, at: float) -> None:
+        """Store a report and close its assignment as reported, in one transaction."""
+        with self.atomic():
+            self._insert(table, report)
+            key = {"assignment_id": report.assignment_id}
+            self._update("assignments", key, {"state": "reported", "closed_at": at})
+
+    def add_update(self, update: Update) -> None:
+        self._add_report("updates", update, update.accepted_at)
+
+    def get_update(self, assignment_id: str) -> Update | None:
+        return self._get(Update, "updates", "assignment_id = ?", [assignment_id])
+
+    def round_updates(self, round_id: int) -> Iterator[Update]:
+        return iter(self._list(Update, "updates", "round_id = ?", [round_id], "rowid"))
+
+    def count_updates(self, round_id: int | None = None, device_id: str | None = None) -> int:
+        where, args = ["1 = 1"], []
+        for column, value in (("round_id", round_id), ("device_id", device_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        return self._count(f"select count(*) from updates where {' and '.join(where)}", args)
+
+    def update_totals(self, round_id: int) -> UpdateTotals:
+        # The accuracy is read out of each report once (PostgreSQL parses the JSON per read).
+        acc = self._json_number("report", "accuracy")
+        row = self._execute(
+            "select count(*), coalesce(sum(num_examples), 0), coalesce(sum(payload_bytes), 0), "
+            "coalesce(sum(loss * num_examples), 0), "
+            "coalesce(sum(case when loss is null then 0 else num_examples end), 0), "
+            "coalesce(sum(acc * num_examples), 0), "
+            "coalesce(sum(case when acc is null then 0 else num_examples end), 0) "
+            f"from (select num_examples, payload_bytes, loss, {acc} as acc from updates "
+            "where round_id = ?) as u",
+            [round_id],
+        ).fetchone()
+        return UpdateTotals(int(row[0]), int(row[1]), int(row[2]), float(row[3]), int(row[4]),
+                            float(row[5]), int(row[6]))  # fmt: skip
+
+    def round_payloads(self, round_id: int) -> list[str]:
+        rows = self._execute("select payload_sha from updates where round_id = ?", [round_id])
+        return [r[0] for r in rows.fetchall()]
+
+    def payload_in_open_round(self, payload_sha: str) -> bool:
+        row = self._execute(
+            "select 1 from updates u join rounds r on r.round_id = u.round_id "
+            f"where u.payload_sha = ? and r.state in {_OPEN} limit 1",
+            [payload_sha],
+        ).fetchone()
+        return row is not None
+
+    def referenced_blobs(self, *, closed_round_payloads: bool) -> set[str]:
+        payloads = (
+            "select payload_sha from updates"
+            if closed_round_payloads
+            else "select u.payload_sha from updates u join rounds r on r.round_id = u.round_id "
+            f"where r.state in {_OPEN}"
+        )
+        files = self._json_members("b.manifest", "files")
+        rows = self._execute(
+            f"select {self._json_text('f.value', 'sha256')} from bundles b, {files} f "
+            "union select params_sha from versions "
+            "union select optimizer_sha from versions "
+            f"union {payloads}"
+        ).fetchall()
+        return {r[0] for r in rows if r[0] is not None}
+
+    def assignment_counts(self, round_id: int) -> dict[str, int]:
+        rows = self._execute(
+            "select state, count(*) from assignments where round_id = ? group by state", [round_id]
+        )
+        return {state: int(n) for state, n in rows.fetchall()}
+
+    def add_eval_report(self, report: EvalReport) -> None:
+        self._add_report("eval_reports", report, report.reported_at)
+
+    def get_eval_report(self, assignment_id: str) -> EvalReport | None:
+        return self._get(EvalReport, "eval_reports", "assignment_id = ?", [assignment_id])
+
+    def round_eval_reports(self, round_id: int) -> list[EvalReport]:
+        return self._list(EvalReport, "eval_reports", "round_id = ?", [round_id], "rowid")
+
+    # -- inspection and copying -------------------------------------------------------------
+
+    def copy_from(self, source: SQLStore, batch: int = 1000) -> dict[str, int]:
+        """Copy every record of ``source`` (another backend, or the same) into this store,
+        which must be empty, in one transaction; returns the rows copied per table.
+
+        Rows go in the source's insertion order, so "oldest first" answers stay the same.
+        Both stores were migrated by this code on opening, so their tables are the same.
+        """
+        tables = [t for t in source._table_names() if t != "schema_version"]
+        filled = [t for t in tables if self._count(f'select count(*) from "{t}"')]
+        if filled:
+            raise StoreError(f"the destination already holds records ({', '.join(filled)})")
+        # Tasks refer to bundles (a foreign key): bundles go in first.
+        tables.sort(key=lambda t: (t != "bundles", t))
+        copied: dict[str, int] = {}
+        with self.atomic():
+            for table in tables:
+                cols = source._columns(table)
+                names = ", ".join(f'"{c}"' for c in cols)
+                insert = f'insert into "{table}" ({names}) values ({_marks(len(cols))})'
+                cur = source._execute(f'select {names} from "{table}" order by rowid')
+                copied[table] = 0
+                while rows := cur.fetchmany(batch):
+                    self._execute_many(insert, rows)
+                    copied[table] += len(rows)
+            self._records_copied()
+        return copied
+
+
+    def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        for name in sorted(self._table_names()):
+            cols = ", ".join(f'"{c}"' for c in self._columns(name))
+            rows = self._execute(f'select {cols} from "{name}"').fetchall()
+            out[name] = sorted((tuple(r) for r in rows), key=repr)
+        return out

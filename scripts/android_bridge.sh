@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Build and test android_bridge/ (the Kotlin Android client library) with Maven: compile
+# against the Android framework jar, the codec vector tests, the Robolectric tests (offline:
+# the android-all jar is copied into target/ by Maven first) and the library jar.
+# Needs a JDK (17) and Maven; the first run downloads the dependencies into ~/.m2.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+command -v mvn >/dev/null 2>&1 || { echo "[android_bridge] mvn not found: install Maven and a JDK 17" >&2; exit 1; }
+exec mvn -B -q -f "$here/android_bridge/pom.xml" -Drobolectric.offline=true "$@" verify

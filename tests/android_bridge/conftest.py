@@ -1,0 +1,16 @@
+"""Running the Kotlin library's JVM tools (``android_bridge/src/test/kotlin/.../tools``) from
+Python: the ``kotlin_tools`` fixture builds the Maven project once per session and returns a
+:class:`KotlinTools` that runs ``device``, ``parity`` and ``bench`` on a JVM."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.android_bridge.jvm import KotlinTools, build_tools
+
+
+@pytest.fixture(scope="session")
+def kotlin_tools() -> Iterator[KotlinTools]:
+    yield build_tools()

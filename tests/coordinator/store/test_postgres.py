@@ -1,0 +1,140 @@
+"""What only the PostgreSQL backend has: a connection that can break, processes migrating the
+same database at once, keys the database generates after a copy."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from coordinator.store import (
+    Assignment,
+    Device,
+    EvalReport,
+    Round,
+    SQLiteStore,
+    StoreError,
+    Task,
+    Update,
+    Version,
+)
+from coordinator.store.migrations import MIGRATIONS
+from coordinator.store.postgres import PostgresStore
+from coordinator.store.sql import SQLStore
+
+
+def _fill(store: SQLStore) -> None:
+    """A bit of every table, with JSON, nulls and several rounds."""
+    files = {"p": {"sha256": "1" * 64, "bytes": 4}}
+    store.add_bundle("b-1", {"num_parameters": 1, "files": files}, 0.5)
+    store.add_task(Task("t-1", "demo", "b-1", "sync", "default", {"goal": 2}, "running", 1, 1, 0,
+                        1.0))  # fmt: skip
+    store.add_version(Version("t-1", 0, "1" * 64, None, None, 1.0))
+    for i in (2, 1, 3):  # insertion order differs from key order
+        store.add_device(Device(f"d-{i}", "00" * 16, "ab" * 32, "linux", "x86_64", ("ort-step",),
+                                "default", float(i)))  # fmt: skip
+    done = store.add_round(Round(0, "t-1", 1, "train", "committed", 0, 2, 3, 2, 10.0, 20.0,
+                                 metrics={"loss": 0.5}))  # fmt: skip
+    store.add_version(Version("t-1", 1, "3" * 64, "4" * 64, done.round_id, 30.0))
+    live = store.add_round(Round(0, "t-1", 2, "train", "reporting", 1, 2, 3, 2, 40.0, 50.0))
+    for r in (done, live):
+        for i in (3, 1):
+            aid = f"a-{r.round_id}-{i}"
+            store.add_candidate(r.round_id, f"d-{i}", 11.0 + i)
+            store.add_assignments([Assignment(aid, r.round_id, "t-1", f"d-{i}", "train",
+                                              "delivered", 20.0 + i)])  # fmt: skip
+        report = {"num_examples": 3, "accuracy": 0.5}
+        store.add_update(Update(f"a-{r.round_id}-3", r.round_id, "t-1", "d-3", "k", "5" * 64, 9,
+                                3, 0.25, report, 25.0, {}))  # fmt: skip
+    store.add_assignments([Assignment("e-1", done.round_id, "t-1", "d-2", "evaluate", "delivered",
+                                      22.0)])  # fmt: skip
+    store.add_eval_report(EvalReport("e-1", done.round_id, "t-1", "d-2", 5, 0.1, None, 26.0, {}))
+
+
+def _without_versions(snapshot: dict[str, list[tuple[object, ...]]]) -> dict[str, object]:
+    return {k: v for k, v in snapshot.items() if k != "schema_version"}
+
+
+def test_copy_sqlite_to_postgresql_and_back(tmp_path: Path, postgres_url: str) -> None:
+    source = SQLiteStore(tmp_path / "a.db")
+    _fill(source)
+    pg = PostgresStore(postgres_url)
+    copied = pg.copy_from(source)
+    assert copied["rounds"] == 2 and copied["updates"] == 2 and copied["bundles"] == 1
+    assert _without_versions(pg.snapshot()) == _without_versions(source.snapshot())
+    # insertion order survives (candidates and assignments are listed oldest first)
+    for r in source.open_rounds() + pg.open_rounds():
+        assert source.candidates(r.round_id) == pg.candidates(r.round_id)
+        assert source.round_assignments(r.round_id) == pg.round_assignments(r.round_id)
+    # the database assigns the next round id after the copied ones, as SQLite does
+    nxt = Round(0, "t-1", 3, "train", "selecting", 1, 2, 3, 2, 60.0, 70.0)
+    assert pg.add_round(nxt).round_id == source.add_round(nxt).round_id == 3
+    back = SQLiteStore(tmp_path / "b.db")
+    back.copy_from(pg)
+    assert _without_versions(back.snapshot()) == _without_versions(pg.snapshot())
+    with pytest.raises(StoreError, match="already holds"):
+        pg.copy_from(source)
+    for s in (source, pg, back):
+        s.close()
+
+
+def test_a_failed_copy_leaves_the_destination_empty(tmp_path: Path, postgres_url: str) -> None:
+    source = SQLiteStore(tmp_path / "a.db")
+    _fill(source)
+    # A task whose bundle is missing breaks the destination's foreign key half-way.
+    source.db.execute("pragma foreign_keys = off")
+    source.db.execute("delete from bundles")
+    pg = PostgresStore(postgres_url)
+    empty = pg.snapshot()
+    with pytest.raises(psycopg.IntegrityError):
+        pg.copy_from(source)
+    assert pg.snapshot() == empty
+    source.close()
+    pg.close()
+
+
+def test_a_broken_connection_fails_one_call_then_reconnects(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url)
+    _fill(store)
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("select pg_terminate_backend(%s)", [store.conn.info.backend_pid])
+    with pytest.raises(store.transient_errors):
+        store.count_devices()
+    assert store.count_devices() == 3
+    store.close()
+
+
+def test_a_transaction_is_not_resumed_on_a_new_connection(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url)
+    _fill(store)
+    before = store.snapshot()
+    with pytest.raises(store.transient_errors), store.atomic():
+        store.update_task("t-1", state="paused")
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("select pg_terminate_backend(%s)", [store.conn.info.backend_pid])
+        store.update_task("t-1", model_version=9)
+    assert store.snapshot() == before
+    store.close()
+
+
+def test_processes_starting_together_migrate_once(postgres_url: str) -> None:
+    stores: list[PostgresStore] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            stores.append(PostgresStore(postgres_url))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(stores) == 4
+    assert [v for v, _ in stores[0].snapshot()["schema_version"]] == sorted(MIGRATIONS)
+    for s in stores:
+        s.close()

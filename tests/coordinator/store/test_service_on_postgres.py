@@ -1,0 +1,270 @@
+"""The whole coordinator service on PostgreSQL: real HTTP, devices speaking the wire
+protocol, rounds committed against a numpy reference, a restart that rebuilds everything
+from the database (also after ``fedge db migrate`` from SQLite), ``fedge serve`` on a URL,
+and bad input refused before it reaches the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+
+from coordinator.admin import AdminClient
+from coordinator.clock import FakeClock
+from coordinator.config import ConfigError, CoordinatorConfig
+from coordinator.embedded import EmbeddedCoordinator
+from coordinator.store import SQLiteStore, open_store
+from coordinator.store.postgres import PostgresStore
+from edge_sdk.frame import decode_tensor
+from edge_sdk.protocol import HEADER_ENROLLMENT, Route
+from fedge.cli import main
+from tests.fixtures.coordinator import DeviceHTTP, HttpConnection
+
+ROOT = Path(__file__).resolve().parents[3]
+N = 64
+WINDOW = 10.0
+PLAN = {"rounds": 2, "goal": 4, "selection_window_s": WINDOW, "round_deadline_s": 60.0,
+        "robust": "none"}  # fmt: skip
+
+
+def _delta(i: int) -> np.ndarray:
+    return np.random.default_rng(100 + i).normal(0, 0.01, N).astype(np.float32)
+
+
+def _serve(tmp_path: Path, url: str | None, clock: FakeClock) -> EmbeddedCoordinator:
+    # Blobs stay beside the SQLite path (used when url is None), in tmp_path: the same
+    # directory on every start.
+    return EmbeddedCoordinator(tmp_path / "fedge.db", database_url=url, clock=clock, seed=7)
+
+
+def _records(coord: EmbeddedCoordinator) -> dict[str, Any]:
+    snapshot = coord.call(coord.service.store.snapshot)
+    return {k: v for k, v in snapshot.items() if k != "schema_version"}
+
+
+def _select(
+    pass_window: Callable[[], object], devices: list[DeviceHTTP]
+) -> list[tuple[DeviceHTTP, str]]:
+    """Everyone checks in, the window passes, everyone checks in again: (device, assignment)."""
+    for d in devices:
+        assert d.check_in()["action"] == "wait"
+    pass_window()
+    chosen = []
+    for d in devices:
+        answer = d.check_in()
+        if answer["action"] == "train":
+            chosen.append((d, answer["assignment"]["assignment_id"]))
+    assert len(chosen) == 6  # ceil(4 x 1.3) of 6 candidates
+    return chosen
+
+
+def _upload(chosen: list[tuple[DeviceHTTP, str]], seeds: range) -> list[tuple[np.ndarray, int]]:
+    """Known deltas and weights uploaded: the numpy reference's inputs."""
+    sent = []
+    for (d, assignment_id), seed in zip(chosen, seeds, strict=True):
+        status, body = d.upload(assignment_id, _delta(seed), num_examples=5 + seed)
+        assert status == 200 and body["accepted"] is True, body
+        sent.append((_delta(seed), 5 + seed))
+    return sent
+
+
+def _fedavg(sent: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    return np.average(np.stack([d for d, _ in sent]), axis=0, weights=[w for _, w in sent])
+
+
+@pytest.mark.parametrize("first", ["postgresql", "sqlite then fedge db migrate"])
+def test_rounds_commit_the_numpy_reference_across_a_restart(
+    first: str, postgres_url: str, tmp_path: Path, tiny_bundle: Path, capsys: Any
+) -> None:
+    """Round 1 commits; round 2 has two of its four updates when the process stops; a new
+    process on PostgreSQL (the same database, or a copy of the SQLite one) finishes it."""
+    clock = FakeClock(1_700_000_000.0)
+    on_sqlite = first.startswith("sqlite")
+    with _serve(tmp_path, None if on_sqlite else postgres_url, clock) as coord:
+        assert isinstance(coord.service.store, SQLiteStore if on_sqlite else PostgresStore)
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+        task_id = admin.create_task(bundle_id, PLAN)["task_id"]
+        devices = [DeviceHTTP(coord) for _ in range(6)]
+        base = decode_tensor(devices[0].params(task_id, 0))
+        sent = _upload(_select(lambda: clock.advance(WINDOW + 0.5), devices)[:4], range(4))
+        r1 = admin.rounds(task_id)[0]
+        assert r1["state"] == "committed"
+        assert r1["metrics"]["num_examples"] == sum(w for _, w in sent)
+        v1 = decode_tensor(devices[0].params(task_id, 1))
+        np.testing.assert_allclose(v1, base + _fedavg(sent), rtol=1e-6, atol=1e-7)
+        chosen = _select(lambda: clock.advance(WINDOW + 0.5), devices)
+        sent = _upload(chosen[:2], range(10, 12))
+        records = _records(coord)
+    if on_sqlite:
+        migrate = ["db", "migrate", "--from", f"sqlite:{tmp_path / 'fedge.db'}", "--to",
+                   postgres_url]  # fmt: skip
+        assert main(migrate) == 0
+        assert "copied" in capsys.readouterr().out
+        assert main(migrate) == 2  # the destination holds records now: refused
+        assert "already holds records" in capsys.readouterr().err
+    # A new process on the same database and blobs: devices, task and version 1 are there.
+    with _serve(tmp_path, postgres_url, clock) as coord:
+        assert _records(coord) == records
+        for d in devices:  # the same devices, their secrets checked against the database
+            d.http.close()
+            d.http = HttpConnection(coord.url)
+        assert coord.admin().task(task_id)["model_version"] == 1
+        sent += _upload(chosen[2:4], range(12, 14))  # the open round goes on
+        v2 = decode_tensor(devices[0].params(task_id, 2))
+        np.testing.assert_allclose(v2, v1 + _fedavg(sent), rtol=1e-6, atol=1e-7)
+        assert coord.admin().task(task_id)["state"] == "completed"
+        assert coord.admin().status()["updates_accepted"] == 8
+
+
+def test_sigkill_mid_round_loses_no_acknowledged_update(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """A coordinator process on PostgreSQL killed (SIGKILL) after acknowledging two of a
+    round's four updates: started again, it finishes the round with all four."""
+    window = 1.0  # real seconds: a child process has the system clock
+    with EmbeddedCoordinator(tmp_path / "fedge.db", subprocess=True, database_url=postgres_url,
+                             seed=7) as coord:  # fmt: skip
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+        plan = {**PLAN, "rounds": 1, "selection_window_s": window}
+        task_id = admin.create_task(bundle_id, plan)["task_id"]
+        devices = [DeviceHTTP(coord) for _ in range(6)]
+        base = decode_tensor(devices[0].params(task_id, 0))
+        chosen = _select(lambda: time.sleep(window + 0.5), devices)
+        sent = _upload(chosen[:2], range(2))
+        coord.kill()
+        coord.start()
+        for d in devices:
+            d.http.close()
+            d.http = HttpConnection(coord.url)
+        assert coord.admin().status()["updates_accepted"] == 2
+        sent += _upload(chosen[2:4], range(2, 4))
+        v1 = decode_tensor(devices[0].params(task_id, 1))
+        np.testing.assert_allclose(v1, base + _fedavg(sent), rtol=1e-6, atol=1e-7)
+
+
+def test_nul_characters_that_postgresql_cannot_store(postgres_url: str, tmp_path: Path) -> None:
+    """In a device's fields they are bad input (400); in a URL path an id that cannot exist
+    (404); either way nothing changes and nothing fails inside the store."""
+    with _serve(tmp_path, postgres_url, FakeClock(1_700_000_000.0)) as coord:
+        device = DeviceHTTP(coord)
+        before = _records(coord)
+        headers = {HEADER_ENROLLMENT: coord.enrollment_token or "",
+                   "Content-Type": "application/json"}  # fmt: skip
+        bad_fields = {"platform": "linux\x00", "population": "p\x00", "runtimes": ["ort\x00step"]}
+        for field, value in bad_fields.items():
+            body = json.dumps({"runtimes": ["ort-step"], field: value}).encode()
+            status, _, data = device.http.request("POST", Route.REGISTER, body, headers)
+            assert status == 400, data
+            assert json.loads(data)["error"]["code"] == "invalid_request"
+        for method, path in (
+            ("POST", Route.ASSIGNMENT_ABORT.format(assignment_id="a%00b")),
+            ("GET", Route.VERSION_PARAMS.format(task_id="t%00", version=0)),
+        ):
+            status, _, data = device.raw(method, path, b'{"reason": "user"}')
+            assert status == 404, data
+        assert _records(coord) == before
+
+
+def _fedge_serve(*args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGE_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedge.cli", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**env, "FEDGE_ADMIN_TOKEN": "tok"},
+    )  # fmt: skip
+
+
+def test_fedge_serve_on_a_postgresql_url(postgres_url: str, tmp_path: Path) -> None:
+    proc = _fedge_serve("--db", postgres_url, "--blobs", str(tmp_path / "blobs"),
+                        "--open-registration")  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, proc.stderr and proc.stderr.read()
+        url = line.split()[-1]
+        register = b'{"runtimes": ["ort-step"]}'
+        assert HttpConnection(url).request("POST", Route.REGISTER, register)[0] == 201
+        assert AdminClient(url, "tok").status()["devices_registered"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    store = open_store(postgres_url)
+    assert store.count_devices() == 1  # in the database, not in a SQLite file
+    store.close()
+    assert (tmp_path / "blobs").is_dir() and not list(tmp_path.glob("*.db"))
+
+
+def test_fedge_serve_refuses_a_url_without_blobs_and_hides_passwords(
+    postgres_server: str, tmp_path: Path
+) -> None:
+    proc = _fedge_serve("--db", postgres_server)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "needs --blobs" in err
+    parts = urlsplit(postgres_server)
+    assert parts.password
+    wrong = postgres_server.replace(f":{parts.password}@", ":not-the-password@", 1)
+    proc = _fedge_serve("--db", wrong, "--blobs", str(tmp_path / "blobs"))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "cannot open postgresql://fedge:***@" in err, err
+    assert "not-the-password" not in err
+
+
+def test_config_names_the_database_and_the_blobs(tmp_path: Path) -> None:
+    url = "postgresql://fedge@db.internal/fedge"
+    cfg = CoordinatorConfig(db_path=str(tmp_path / "f.db"), database_url=url)
+    assert cfg.store_location == url and cfg.blob_dir == tmp_path / "f.db.blobs"
+    cfg = CoordinatorConfig.from_dict({"database_url": url, "blob_path": "/srv/blobs"})
+    assert cfg.blob_dir == Path("/srv/blobs")
+    assert CoordinatorConfig(db_path="x.db").store_location == "x.db"
+    with pytest.raises(ConfigError, match="postgresql://"):
+        CoordinatorConfig(database_url="mysql://db/fedge")
+
+
+def test_sdk_clients_train_a_round_on_postgresql(
+    postgres_url: str, tmp_path: Path, digits_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Edge SDK clients (real ORT steps on sklearn digits) against a coordinator on
+    PostgreSQL: the committed version is the base plus the example-weighted mean of exactly
+    the frames the clients saw acknowledged, decoded here with numpy."""
+    from sklearn.datasets import load_digits
+
+    from edge_sdk.client import Client
+    from edge_sdk.codecs import decode_update
+    from tests.edge_sdk.test_client import _client, _completed, _parts, _run_until, _task
+
+    acknowledged: list[tuple[bytes, int]] = []
+    deliver = Client._deliver
+
+    def recorded(self: Client, pending: Any) -> Any:
+        answer = deliver(self, pending)  # raises when refused: only acknowledgements count
+        acknowledged.append((pending.frame, pending.report["num_examples"]))
+        return answer
+
+    monkeypatch.setattr(Client, "_deliver", recorded)
+    x, y = load_digits(return_X_y=True)
+    parts = _parts(((x / 16.0).astype(np.float32), y.astype(np.int64)), 4)
+    with EmbeddedCoordinator(tmp_path / "fedge.db", database_url=postgres_url) as coord:
+        task_id = _task(coord, digits_bundle, goal=3, over_selection=1.0, robust="none",
+                        codec={"name": "fp32"})  # fmt: skip
+        clients = [_client(coord, tmp_path / f"dev{i}", part) for i, part in enumerate(parts)]
+        _run_until(clients, _completed(coord, task_id))
+        for c in clients:
+            c.close()
+        reader = DeviceHTTP(coord)
+        params = [decode_tensor(reader.params(task_id, v)) for v in (0, 1)]
+    assert len(acknowledged) == 3
+    deltas = [decode_update(frame, expected_length=params[0].size) for frame, _ in acknowledged]
+    expected = params[0] + np.average(deltas, axis=0, weights=[n for _, n in acknowledged])
+    np.testing.assert_allclose(params[1], expected, rtol=1e-5, atol=1e-6)

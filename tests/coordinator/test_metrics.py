@@ -1,0 +1,168 @@
+"""``/metrics``: scraped over real HTTP and parsed with prometheus_client's own parser.
+
+Devices speaking bare HTTP drive a synchronous round on a fake clock (check-ins refused for
+ineligibility, a malformed upload, two accepted uploads that commit the round, a duplicate).
+The scrape must agree with the test's own tallies of what it sent and got, and with the store
+read directly.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from coordinator.embedded import EmbeddedCoordinator
+from edge_sdk.codecs import encode_update
+from edge_sdk.protocol import Route
+from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP, HttpConnection
+
+N = 64
+UPDATE_ROUTE = Route.ASSIGNMENT_UPDATE
+
+
+def scrape(coord: EmbeddedCoordinator) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    http = HttpConnection(coord.url)
+    status, headers, body = http.request(
+        "GET", Route.METRICS, headers={"Authorization": f"Bearer {coord.admin_token}"}
+    )
+    http.close()
+    assert status == 200, body
+    assert headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def upload(dev: DeviceHTTP, aid: str, frame: bytes) -> tuple[int, dict[str, Any]]:
+    return dev.upload_raw(aid, frame, report={"num_examples": 10, "loss": 0.25})
+
+
+def test_scrape_agrees_with_the_traffic_and_the_store(
+    clocked_coordinator: EmbeddedCoordinator, fake_clock: Any, tiny_bundle: Path
+) -> None:
+    coord = clocked_coordinator
+    admin = coord.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    plan = {"goal": 2, "over_selection": 1.0, "selection_window_s": 5.0,
+            "round_deadline_s": 600.0, "rounds": 3, "max_update_norm": 100.0}
+    task_id = admin.create_task(bundle_id, plan)["task_id"]
+
+    checkins: Counter[str] = Counter()
+
+    def check_in(dev: DeviceHTTP, conditions: dict[str, Any] | None = None) -> dict[str, Any]:
+        answer = dev.check_in(conditions)
+        checkins[answer["action"] if answer["action"] != "wait" else answer["reason"]] += 1
+        return answer
+
+    a, b, c = (DeviceHTTP(coord) for _ in range(3))
+    for _ in range(3):
+        check_in(c, {**GOOD_CONDITIONS, "charging": False})
+    check_in(a)
+    check_in(b)
+    fake_clock.advance(6.0)  # the selection window ends
+    aid_a = check_in(a)["assignment"]["assignment_id"]
+    aid_b = check_in(b)["assignment"]["assignment_id"]
+
+    rng = np.random.default_rng(0)
+    frames = [encode_update(rng.normal(0, 0.1, N).astype(np.float32), "fp32")[0] for _ in "ab"]
+    garbage = b"not a frame at all"
+    sent_bytes = 0
+    uploads: Counter[str] = Counter()
+
+    def tally(status: int, body: dict[str, Any], frame: bytes) -> None:
+        nonlocal sent_bytes
+        sent_bytes += len(frame)
+        uploads["accepted" if status == 200 else body["error"]["code"]] += 1
+
+    tally(*upload(a, aid_a, garbage), garbage)
+    tally(*upload(a, aid_a, frames[0]), frames[0])
+    fake_clock.advance(1.0)
+    tally(*upload(b, aid_b, frames[1]), frames[1])  # the goal: the round commits
+    tally(*upload(a, aid_a, frames[1]), frames[1])  # a second, different upload
+    assert uploads == {"malformed_frame": 1, "accepted": 2, "duplicate_upload": 1}
+
+    got = scrape(coord)
+
+    # events this process counted, against the test's own tallies
+    for outcome, n in checkins.items():
+        assert sample(got, "fedge_checkins_total", outcome=outcome) == n
+    assert sum(
+        v for (name, _), v in got.items() if name == "fedge_checkins_total"
+    ) == sum(checkins.values())
+    for outcome, n in uploads.items():
+        assert sample(got, "fedge_uploads_total", outcome=outcome) == n
+    assert sample(got, "fedge_http_request_bytes_total", route=UPDATE_ROUTE) == sent_bytes
+    assert sample(
+        got, "fedge_http_requests_total", method="POST", route=Route.CHECKIN, status="200"
+    ) == sum(checkins.values())
+    assert sample(got, "fedge_checkin_ineligible_total", reason="not charging") == 3
+    assert sample(got, "fedge_commit_duration_seconds_count", mode="sync") == 1
+    assert sample(got, "process_resident_memory_bytes") > 0
+
+    # figures read from the store, against the store read directly
+    store = coord.service.store
+    rounds = coord.call(store.list_rounds, task_id)
+    committed = [r for r in rounds if r.state == "committed"]
+    assert len(committed) == 1
+    assert sample(got, "fedge_devices_registered") == coord.call(store.count_devices) == 3
+    assert sample(got, "fedge_updates_accepted_total") == coord.call(store.count_updates) == 2
+    assert sample(got, "fedge_update_bytes_total") == len(frames[0]) + len(frames[1])
+    assert sample(got, "fedge_rounds", mode="sync", state="committed") == 1
+    assert sample(got, "fedge_model_version", task_id=task_id) == 1
+    assert sample(got, "fedge_tasks", state="running") == 1
+    assert sample(got, "fedge_open_rounds") == len(coord.call(store.open_rounds))
+    duration = committed[0].closed_at - committed[0].opened_at
+    assert duration == pytest.approx(7.0)
+    key = {"mode": "sync", "outcome": "committed"}
+    assert sample(got, "fedge_round_duration_seconds_count", **key) == 1
+    assert sample(got, "fedge_round_duration_seconds_sum", **key) == pytest.approx(duration)
+    assert sample(got, "fedge_round_duration_seconds_bucket", le="5.0", **key) == 0
+    assert sample(got, "fedge_round_duration_seconds_bucket", le="10.0", **key) == 1
+    blob_root = coord.db_path.with_name(coord.db_path.name + ".blobs")
+    on_disk = sum(p.stat().st_size for p in blob_root.rglob("*") if p.is_file())
+    assert sample(got, "fedge_blob_bytes") == on_disk > 0
+    assert sample(got, "fedge_db_bytes") >= coord.db_path.stat().st_size > 0
+    assert sample(got, "fedge_queue_depth") == 0
+
+    # A second scrape takes nothing twice: counters and the histogram stand where they were.
+    again = scrape(coord)
+    for name, labels in (("fedge_round_duration_seconds_count", key),
+                         ("fedge_updates_accepted_total", {}), ("fedge_update_bytes_total", {})):
+        assert sample(again, name, **labels) == sample(got, name, **labels)
+
+
+def test_metrics_need_the_admin_token(coordinator: EmbeddedCoordinator) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", coordinator.port, timeout=10)
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        conn.request("GET", Route.METRICS, headers=headers)
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        assert resp.status == 401
+        assert body["error"]["code"] == "unauthorized"
+    conn.close()
+
+
+def test_each_app_has_its_own_registry(coordinator: EmbeddedCoordinator, tmp_path: Path) -> None:
+    DeviceHTTP(coordinator)
+    with EmbeddedCoordinator(tmp_path / "second.db") as second:
+        first_got, second_got = scrape(coordinator), scrape(second)
+    route = Route.REGISTER
+    assert sample(first_got, "fedge_http_requests_total", method="POST", route=route,
+                  status="201") == 1
+    assert sample(second_got, "fedge_http_requests_total", method="POST", route=route,
+                  status="201") == 0
+    assert sample(first_got, "fedge_devices_registered") == 1
+    assert sample(second_got, "fedge_devices_registered") == 0

@@ -1,0 +1,92 @@
+"""``fedge watch`` follows a task while devices (bare HTTP) drive its rounds."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator.embedded import EmbeddedCoordinator
+from fedge.cli import build_parser, main
+from fedge.commands import watch
+from tests.fixtures.coordinator import DeviceHTTP
+
+
+def _task(coord: EmbeddedCoordinator, bundle: Path, rounds: int) -> str:
+    admin = coord.admin()
+    bundle_id = admin.upload_bundle(bundle)["bundle_id"]
+    plan = {"goal": 1, "over_selection": 1.0, "selection_window_s": 0.0, "rounds": rounds}
+    return str(admin.create_task(bundle_id, plan, name="watched")["task_id"])
+
+
+def _one_round(dev: DeviceHTTP, delta: float) -> None:
+    answer = dev.check_in()
+    if answer["action"] == "wait":
+        answer = dev.check_in()
+    status, _ = dev.upload(answer["assignment"]["assignment_id"], np.full(64, delta),
+                           loss=0.5 - delta)
+    assert status == 200
+
+
+def test_watch_prints_each_round_as_it_closes_and_ends_with_the_task(
+    coordinator: EmbeddedCoordinator, tiny_bundle: Path
+) -> None:
+    task_id = _task(coordinator, tiny_bundle, rounds=3)
+    args = build_parser().parse_args([
+        "watch", "--coordinator", coordinator.url, "--admin-token", coordinator.admin_token,
+        "--interval", "0.05", "--timeout", "60",
+    ])
+    out = io.StringIO()
+    result: dict[str, Any] = {}
+    follower = threading.Thread(target=lambda: result.update(code=watch.run(args, out=out)))
+    follower.start()
+    dev = DeviceHTTP(coordinator)
+    seen = []
+    for i in range(3):
+        _one_round(dev, 0.01 * (i + 1))
+        # it shows round i + 1 before the next one starts: it follows, not just summarizes
+        deadline = time.monotonic() + 10
+        while f"\n{i + 1:>5}  train" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen.append(out.getvalue().count("committed"))
+    follower.join(timeout=30)
+    assert result == {"code": 0}
+    assert seen == [1, 2, 3]
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith(f"watching watched ({task_id}, sync, 3 rounds planned)")
+    assert lines[1].split()[:4] == ["round", "kind", "state", "version"]
+    rounds = coordinator.admin().rounds(task_id)
+    for line, r in zip(lines[2:5], rounds, strict=True):
+        cells = line.split()
+        assert cells[:4] == [str(r["round"]), "train", "committed",
+                             str(r["metrics"]["model_version"])]
+        assert cells[9] == f"{r['metrics']['loss']:.4f}"
+    assert lines[5] == f"task {task_id} completed: version 3, 3 rounds"
+
+
+def test_watch_gives_up_at_the_timeout(
+    coordinator: EmbeddedCoordinator, tiny_bundle: Path, capsys: Any
+) -> None:
+    task_id = _task(coordinator, tiny_bundle, rounds=3)
+    code = main(["watch", task_id, "--coordinator", coordinator.url,
+                 "--admin-token", coordinator.admin_token, "--interval", "0.05",
+                 "--timeout", "0.2"])
+    assert code == 1
+    assert "still running" in capsys.readouterr().err
+
+
+def test_watch_without_a_running_task_or_token(
+    coordinator: EmbeddedCoordinator, capsys: Any, monkeypatch: Any
+) -> None:
+    auth = ["--admin-token", coordinator.admin_token]
+    assert main(["watch", "--coordinator", coordinator.url, *auth]) == 2
+    assert "no running task" in capsys.readouterr().err
+    assert main(["watch", "t-nope", "--coordinator", coordinator.url, *auth]) == 2
+    assert "404 not_found" in capsys.readouterr().err
+    monkeypatch.delenv("FEDGE_ADMIN_TOKEN", raising=False)
+    assert main(["watch", "--coordinator", coordinator.url]) == 2
+    assert "admin token" in capsys.readouterr().err
