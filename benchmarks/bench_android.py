@@ -57,16 +57,10 @@ def python_steps(bundle: Path, steps: int, warmup: int, repeats: int) -> list[fl
     return blocks
 
 
-def mvn(*args: str) -> str:
-    done = subprocess.run(
-        ["mvn", "-B", "-q", "-f", str(PROJECT / "pom.xml"), *args],
-        capture_output=True, text=True, check=True, timeout=1800,
-    )  # fmt: skip
-    return done.stdout
-
-
 def dependencies() -> dict[str, Any]:
-    """The library's runtime classpath (what an app pulls) and the provided ones."""
+    """The library's runtime classpath (what an app pulls) and its dependency tree."""
+    from tests.android_bridge.jvm import mvn
+
     listing = PROJECT / "target" / "runtime.classpath"
     mvn("dependency:build-classpath", "-DincludeScope=runtime", f"-Dmdep.outputFile={listing}")
     runtime = [Path(p) for p in listing.read_text().strip().split(":") if p]
@@ -81,7 +75,7 @@ def dependencies() -> dict[str, Any]:
 
 def run_all(steps: int, repeats: int, warmup: int) -> dict[str, Any]:
     from fedge.bundle_cache import digits_bundle
-    from tests.android_bridge.jvm import build_tools
+    from tests.android_bridge.jvm import build_tools, mvn
 
     bundle = digits_bundle()
     tools = build_tools()
@@ -92,8 +86,10 @@ def run_all(steps: int, repeats: int, warmup: int) -> dict[str, Any]:
     kotlin_all: list[float] = []
     python_all: list[float] = []
     for _ in range(3):  # interleaved, so that a busy spell of the machine hits both sides
-        out = tools.run("bench", "--bundle", str(bundle), "--steps", str(steps),
-                        "--warmup", str(warmup), "--repeats", str(repeats), "--batch", str(BATCH))  # fmt: skip
+        out = tools.run(
+            "bench", "--bundle", str(bundle), "--steps", str(steps), "--warmup", str(warmup),
+            "--repeats", str(repeats), "--batch", str(BATCH),
+        )  # fmt: skip
         k = json.loads(out.strip().splitlines()[-1])["step_s"]
         py = subprocess.run(
             [sys.executable, __file__, "--python-worker", str(bundle), "--steps", str(steps),
@@ -111,11 +107,16 @@ def run_all(steps: int, repeats: int, warmup: int) -> dict[str, Any]:
         "model": "DigitsMLP 64-32-10, SGD, cross-entropy",
         "batch": BATCH,
         "steps_per_block": steps,
-        "kotlin": {"runtime": "onnxruntime (Java) 1.29.0", "ms_median": 1e3 * statistics.median(kotlin_all),
-                   "ms_best": 1e3 * min(kotlin_best)},  # fmt: skip
-        "python": {"runtime": f"onnxruntime {onnxruntime.__version__}",
-                   "ms_median": 1e3 * statistics.median(python_all),
-                   "ms_best": 1e3 * min(python_best)},  # fmt: skip
+        "kotlin": {
+            "runtime": "onnxruntime (Java) 1.29.0",
+            "ms_median": 1e3 * statistics.median(kotlin_all),
+            "ms_best": 1e3 * min(kotlin_best),
+        },
+        "python": {
+            "runtime": f"onnxruntime {onnxruntime.__version__}",
+            "ms_median": 1e3 * statistics.median(python_all),
+            "ms_best": 1e3 * min(python_best),
+        },
         "kotlin_vs_python_best": min(python_best) / min(kotlin_best),
         "jar": {"name": jar.name, "bytes": jar.stat().st_size},
         "dependencies": dependencies(),

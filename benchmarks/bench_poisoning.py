@@ -18,9 +18,11 @@ norm bound 1e4, declaring just under 1e6 examples). Data: sklearn digits (Dirich
 skew, the demo model) and FedProx Synthetic(1, 1) (a 60-32-10 MLP), each device's data its
 own. Accuracy is on held-out data, the mean over the last ``final_window`` versions.
 
-Run: ``./dev bench bench_poisoning`` (about 10 minutes on 2 shared cores; ``--quick`` for a
-1-minute smoke run on digits with the scale attack, ``--set FIELD=VALUE`` to change the
-setup). Writes ``benchmarks/results/poisoning.json`` and ``poisoning.png``.
+Run: ``./dev bench bench_poisoning`` (one seed, about 10 minutes on 2 shared cores;
+``--quick`` for a 30-second smoke run on digits with the scale attack, ``--set FIELD=VALUE``
+to change the setup, e.g. ``--set seeds=3`` for the figures in docs/benchmarks.md: single
+runs differ by several points). Writes ``benchmarks/results/poisoning.json`` and
+``poisoning.png``.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ class Setup:
     speedup: float = 100.0  # emulated seconds per real second
     step_time_s: float = 0.05  # emulated seconds per training step
     final_window: int = 5
-    seed: int = 0
+    seed: int = 0  # the first seed
+    seeds: int = 1  # consecutive seeds (data split, hostile devices, fleet, coordinator)
     timeout_s: float = 240.0  # real seconds per scenario
 
     def scenarios(self) -> list[tuple[str, float]]:
@@ -105,6 +108,7 @@ class Data:
 
 @dataclass
 class ScenarioResult:
+    seed: int
     dataset: str
     attack: str
     fraction: float
@@ -208,30 +212,48 @@ def run_scenario(
                            if np.isfinite(params).all() else 0.0)  # fmt: skip
             accuracy[agg] = acc
             robust[agg] = [m for _, m in committed]
-    return ScenarioResult(data.name, attack, fraction, attackers, accuracy,
+    return ScenarioResult(setup.seed, data.name, attack, fraction, attackers, accuracy,
                           time.monotonic() - real0, summary, robust)  # fmt: skip
 
 
 def summarize(results: list[ScenarioResult], setup: Setup) -> dict[str, Any]:
-    """Per dataset and scenario: final accuracy per aggregator, its cost against the same
-    aggregator's clean run and against clean undefended FedAvg."""
-    out: dict[str, Any] = {}
-    clean = {r.dataset: r.final(setup.final_window) for r in results if r.attack == CLEAN}
+    """Per dataset, scenario and aggregator, over seeds: mean final accuracy, its range, and
+    the mean per-seed difference to the same aggregator's clean run and to clean undefended
+    FedAvg."""
+    clean = {(r.dataset, r.seed): r.final(setup.final_window) for r in results
+             if r.attack == CLEAN}  # fmt: skip
+    runs: dict[str, dict[str, dict[str, list[tuple[float, float | None, float | None]]]]] = {}
     for r in results:
-        final = r.final(setup.final_window)
-        base = clean.get(r.dataset, {})
         key = CLEAN if r.attack == CLEAN else f"{r.attack}@{r.fraction:.0%}"
-        out.setdefault(r.dataset, {})[key] = {
-            agg: {
-                "accuracy": acc,
-                "cost_vs_own_clean": None if agg not in base else round(base[agg] - acc, 4),
-                "cost_vs_clean_fedavg": None
-                if "fedavg" not in base
-                else round(base["fedavg"] - acc, 4),
+        base = clean.get((r.dataset, r.seed), {})
+        for agg, acc in r.final(setup.final_window).items():
+            own = base[agg] - acc if agg in base else None
+            fedavg = base["fedavg"] - acc if "fedavg" in base else None
+            runs.setdefault(r.dataset, {}).setdefault(key, {}).setdefault(agg, []).append(
+                (acc, own, fedavg)
+            )
+
+    def mean(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return round(float(np.mean(known)), 4) if len(known) == len(values) else None
+
+    return {
+        dataset: {
+            key: {
+                agg: {
+                    "accuracy": mean([a for a, _, _ in seeds]),
+                    "accuracy_min": round(min(a for a, _, _ in seeds), 4),
+                    "accuracy_max": round(max(a for a, _, _ in seeds), 4),
+                    "cost_vs_own_clean": mean([c for _, c, _ in seeds]),
+                    "cost_vs_clean_fedavg": mean([c for _, _, c in seeds]),
+                    "per_seed": [round(a, 4) for a, _, _ in seeds],
+                }
+                for agg, seeds in per.items()
             }
-            for agg, acc in final.items()
+            for key, per in scenarios.items()
         }
-    return out
+        for dataset, scenarios in runs.items()
+    }
 
 
 def table(summary: dict[str, Any], setup: Setup) -> str:
@@ -245,7 +267,7 @@ def table(summary: dict[str, Any], setup: Setup) -> str:
                 s = per.get(a)
                 if s is None:
                     cells.append("-")
-                elif scenario == CLEAN:
+                elif scenario == CLEAN or s["cost_vs_clean_fedavg"] is None:
                     cells.append(f"{s['accuracy']:.3f}")
                 else:
                     cells.append(f"{s['accuracy']:.3f} ({-s['cost_vs_clean_fedavg']:+.3f})")
@@ -271,8 +293,14 @@ def plot(summary: dict[str, Any], setup: Setup, path: Path) -> None:
         scenarios = list(summary[dataset])
         x = np.arange(len(scenarios))
         for i, agg in enumerate(aggs):
-            ys = [summary[dataset][s].get(agg, {}).get("accuracy", np.nan) for s in scenarios]
-            ax.bar(x + (i - (len(aggs) - 1) / 2) * width, ys, width, label=agg)
+            cells = [summary[dataset][s].get(agg, {}) for s in scenarios]
+            ys = np.array([c.get("accuracy", np.nan) for c in cells])
+            # the range over seeds (nothing to draw with one seed)
+            lo = ys - np.array([c.get("accuracy_min", np.nan) for c in cells])
+            hi = np.array([c.get("accuracy_max", np.nan) for c in cells]) - ys
+            ax.bar(x + (i - (len(aggs) - 1) / 2) * width, ys, width, label=agg,
+                   yerr=np.vstack([lo, hi]),
+                   error_kw={"linewidth": 0.8, "capsize": 1.5})  # fmt: skip
         clean = summary[dataset].get(CLEAN, {}).get("fedavg", {}).get("accuracy")
         if clean is not None:
             ax.axhline(clean, color="grey", linestyle="--", linewidth=1,
@@ -283,7 +311,8 @@ def plot(summary: dict[str, Any], setup: Setup, path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.set_ylabel("held-out accuracy")
         ax.set_title(f"{dataset}: {setup.devices} devices, {setup.rounds} rounds x "
-                     f"{setup.goal} updates", fontsize=9)  # fmt: skip
+                     f"{setup.goal} updates; mean (bars: range) over {setup.seeds} seed(s)",
+                     fontsize=9)  # fmt: skip
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, ncol=len(labels), loc="lower center")
@@ -301,10 +330,11 @@ def write_results(results: list[ScenarioResult], setup: Setup, directory: Path) 
         "benchmark": "bench_poisoning",
         "setup": asdict(setup),
         "aggregators": AGGREGATORS,
-        "accuracy": f"held-out, mean of the last {setup.final_window} versions",
+        "accuracy": f"held-out, mean of the last {setup.final_window} versions; summary: "
+        "mean, min, max over seeds; costs: mean of per-seed differences",
         "summary": summary,
         "scenarios": [
-            {"dataset": r.dataset, "attack": r.attack, "fraction": r.fraction,
+            {"seed": r.seed, "dataset": r.dataset, "attack": r.attack, "fraction": r.fraction,
              "attackers": r.attackers, "real_s": round(r.real_s, 1),
              "accuracy_per_version": {a: [round(v, 4) for v in acc]
                                       for a, acc in r.accuracy.items()},
@@ -322,14 +352,17 @@ def write_results(results: list[ScenarioResult], setup: Setup, directory: Path) 
 def run(setup: Setup, say: Callable[..., None], out: Path | None) -> list[ScenarioResult]:
     results: list[ScenarioResult] = []
     scenarios = setup.scenarios()
-    for name in setup.datasets:
-        data = load_data(name, setup, say)
-        say(f"{name}: {setup.devices} devices ({len(data.test)} held out); {len(scenarios)} "
-            f"scenarios x {len(setup.aggregators)} aggregators, {setup.rounds} rounds each")
-        for attack, fraction in scenarios:
-            results.append(run_scenario(data, attack, fraction, setup, say))
-            if out is not None:  # after every scenario: partial results survive
-                write_results(results, setup, out)
+    for seed in range(setup.seed, setup.seed + setup.seeds):
+        run_setup = replace(setup, seed=seed)
+        for name in setup.datasets:
+            data = load_data(name, run_setup, say)
+            say(f"seed {seed}, {name}: {setup.devices} devices ({len(data.test)} held out); "
+                f"{len(scenarios)} scenarios x {len(setup.aggregators)} aggregators, "
+                f"{setup.rounds} rounds each")  # fmt: skip
+            for attack, fraction in scenarios:
+                results.append(run_scenario(data, attack, fraction, run_setup, say))
+                if out is not None:  # after every scenario: partial results survive
+                    write_results(results, setup, out)
     return results
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.aggregation import ServerOptimizerSpec
 from coordinator.async_buffer import AsyncConfig
@@ -25,6 +25,9 @@ from coordinator.robust.spec import RobustSpec
 from coordinator.validation import Fields
 from edge_sdk.codecs.spec import CodecSpec, CodecSpecError
 from edge_sdk.local_training import BATCHNORM_MODES
+
+if TYPE_CHECKING:
+    from coordinator.privacy import DpSpec
 
 __all__ = ["TaskPlan"]
 
@@ -69,6 +72,8 @@ class TaskPlan:
     wait_for_all: bool = False
     # async mode (coordinator.rounds.buffered): buffer_k, max_concurrency, staleness policy
     buffer: AsyncConfig = field(default_factory=AsyncConfig)
+    # DP-FedAvg (coordinator.privacy.DpSpec): clip on the device, Gaussian noise on the sum
+    dp: DpSpec | None = None
 
     @property
     def target(self) -> int:
@@ -128,6 +133,7 @@ class TaskPlan:
             wait_for_all=f.boolean("wait_for_all", False),
             buffer=AsyncConfig.from_fields(f),
         )
+        dp_raw = f.raw("dp")
         f.done()
         if not f.has("selection_timeout_s"):  # the default never cuts a long window short
             timeout = max(DEFAULT_SELECTION_TIMEOUT_S, plan.selection_window_s)
@@ -141,7 +147,36 @@ class TaskPlan:
             if f.has("over_selection") and plan.over_selection != 1.0:
                 raise InvalidRequest("plan.over_selection must be 1 (or absent) with wait_for_all")
             plan = dataclasses.replace(plan, over_selection=1.0)
+        if dp_raw is not None:
+            # "robust": "none" (as a stored DP plan says) is what DP-FedAvg does anyway
+            plan = plan._with_dp(
+                dp_raw, robust_given=f.has("robust") and not plan.robust.undefended
+            )
         return plan
+
+    def _with_dp(self, raw: Any, *, robust_given: bool) -> TaskPlan:
+        try:  # the privacy extra (dp-accounting) is optional for coordinators without DP
+            from coordinator.privacy import DpSpec
+        except ImportError as e:
+            raise InvalidRequest(f"plan.dp needs the coordinator's privacy extra: {e}") from e
+        if robust_given:
+            # Robust aggregators and adaptive clipping look at individual updates in ways the
+            # Gaussian mechanism's sensitivity (clip / goal per device) does not account for.
+            raise InvalidRequest(
+                "plan.robust cannot be combined with plan.dp: DP-FedAvg clips every update "
+                "to dp.clip itself and averages with equal weights"
+            )
+        dp = DpSpec.from_json(raw, rounds=self.rounds, cohort=self.target)
+        return dataclasses.replace(self, dp=dp, robust=RobustSpec.none())
+
+    def check_mode(self, mode: str) -> None:
+        """Refuse plan options the task's mode cannot honour."""
+        if mode == "async" and self.dp is not None:
+            raise InvalidRequest(
+                "plan.dp is not available in async mode: the accountant's fixed-size cohort "
+                "sampling (replace-one) does not describe FedBuff's first-come buffers; use "
+                "sync rounds"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -162,6 +197,7 @@ class TaskPlan:
             "eval_goal": self.eval_goal,
             "wait_for_all": self.wait_for_all,
             **self.buffer.to_plan(),
+            **({} if self.dp is None else {"dp": self.dp.to_json()}),
         }
 
     def client_json(self) -> dict[str, Any]:
@@ -175,4 +211,5 @@ class TaskPlan:
             "codec": self.codec.to_json(),
             "recheck_every_steps": self.recheck_every_steps,
             "batchnorm": self.batchnorm,
+            **({} if self.dp is None else {"dp": self.dp.client_json()}),
         }

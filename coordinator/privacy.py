@@ -18,20 +18,54 @@ compose; identical rounds are grouped so that a long task stays cheap to account
     ledger.epsilon()                  # spent so far, at the task's delta
     ledger.would_exceed(next_round, budget=8.0)
 
+The plan's ``dp`` object (:class:`DpSpec`) and the commit's noised mean
+(:func:`noised_mean`) live here too: every DP-FedAvg device weighs the same and the sum is
+divided by the round's goal whatever the number of reports (the paper's fixed denominator),
+so that one device moves the mean by at most ``clip / goal``. The noise comes from AES-CTR
+keyed by 32 bytes of ``os.urandom`` drawn at each commit and never stored: nobody, the
+coordinator's operator included, can subtract it again. Each committed round records its
+``(population, cohort, noise_multiplier)`` and the whole ledger so far in its metrics, in
+the version's transaction (:func:`round_record`); the next commit reads the ledger from
+there (:func:`ledger_after`), so retention deleting old rounds loses no privacy spent.
+
 Must not import: ``coordinator.service``, aiohttp, torch. Needs the ``privacy`` extra.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
 
-__all__ = ["Ledger", "Round", "noise_for_budget"]
+from coordinator.errors import InvalidRequest
+from coordinator.validation import Fields
+from edge_sdk.dp import clip_to_norm
+from edge_sdk.secagg.crypto import mask_stream
+
+__all__ = [
+    "BUDGET_REASON",
+    "DpSpec",
+    "Ledger",
+    "Round",
+    "gaussian_noise",
+    "ledger_after",
+    "noise_for_budget",
+    "noised_mean",
+    "privacy_json",
+    "round_record",
+]
+
+# Why a task stopped (round metrics ``reason``, task JSON ``completed_reason``).
+BUDGET_REASON = "privacy_budget"
+_WHERE = "plan.dp"
 
 
 @dataclass(frozen=True, order=True)
@@ -105,3 +139,142 @@ def noise_for_budget(
         mid = (low + high) / 2
         low, high = (low, mid) if spent(mid) <= budget else (mid, high)
     return high
+
+
+@dataclass(frozen=True)
+class DpSpec:
+    """The plan's ``dp`` object::
+
+        "dp": {"clip": 1.0, "noise_multiplier": 1.1, "delta": 1e-5, "budget": 8.0}
+        "dp": {"clip": 1.0, "epsilon": 8.0, "population": 1000, "delta": 1e-5}
+
+    ``clip``: the L2 norm every update is clipped to (on the device, and again at the
+    commit). ``noise_multiplier``: Gaussian noise of std ``noise_multiplier * clip`` on the
+    sum. ``budget``: the task completes (reason ``privacy_budget``) rather than release a
+    round that would take epsilon at ``delta`` past it. ``epsilon`` with ``population`` (the
+    eligible devices expected per selection window) instead of ``noise_multiplier``: the
+    noise that keeps the plan's ``rounds`` rounds of ``target`` devices within ``epsilon``,
+    which also becomes the budget; a smaller real population spends faster and the budget
+    stops the task early. The stored plan holds the resolved noise multiplier.
+    """
+
+    clip: float
+    noise_multiplier: float
+    delta: float = 1e-5
+    budget: float | None = None
+
+    @classmethod
+    def from_json(cls, obj: Any, *, rounds: int, cohort: int) -> DpSpec:
+        f = Fields(obj, _WHERE)
+        clip = f.number("clip", None, minimum=0.0, maximum=1e6, exclusive_min=True)
+        z = f.number("noise_multiplier", None, minimum=0.0, maximum=1e4, exclusive_min=True)
+        delta = f.number("delta", 1e-5, minimum=0.0, maximum=0.1, exclusive_min=True)
+        budget = f.number("budget", None, minimum=0.0, maximum=1e4, exclusive_min=True)
+        epsilon = f.number("epsilon", None, minimum=0.0, maximum=1e3, exclusive_min=True)
+        population = f.integer("population", None, minimum=1, maximum=10**9)
+        f.done()
+        if clip is None:
+            raise InvalidRequest(f"{_WHERE}.clip is required")
+        if (z is None) == (epsilon is None):
+            raise InvalidRequest(f"{_WHERE} needs exactly one of noise_multiplier and epsilon")
+        if epsilon is not None:
+            if population is None or population < cohort:
+                raise InvalidRequest(
+                    f"{_WHERE}.epsilon needs population: the eligible devices expected per "
+                    f"selection window, at least the round's target ({cohort})"
+                )
+            try:
+                z = noise_for_budget(epsilon, population, cohort, rounds, delta)
+            except ValueError as e:
+                raise InvalidRequest(f"{_WHERE}.epsilon: {e}") from e
+            budget = epsilon if budget is None else min(budget, epsilon)
+        elif population is not None:
+            raise InvalidRequest(f"{_WHERE}.population goes with epsilon only")
+        return cls(clip=clip, noise_multiplier=z, delta=delta, budget=budget)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "clip": self.clip,
+            "noise_multiplier": self.noise_multiplier,
+            "delta": self.delta,
+            "budget": self.budget,
+        }
+
+    def client_json(self) -> dict[str, Any]:
+        """What a device needs: the norm to clip its delta to before encoding it."""
+        return {"clip": self.clip}
+
+
+def gaussian_noise(length: int, std: float, seed: bytes) -> np.ndarray:
+    """``length`` draws of N(0, std**2) from AES-256-CTR keyed by ``seed`` (Box-Muller on
+    53-bit uniforms: a cryptographic stream, unlike numpy's generators)."""
+    half = (length + 1) // 2
+    words = mask_stream(seed, 2 * half, 64) >> np.uint64(11)
+    u = words.astype(np.float64) * 2.0**-53  # [0, 1)
+    radius = np.sqrt(-2.0 * np.log1p(-u[:half]))  # 1 - u in (0, 1]: log is finite
+    angle = 2.0 * np.pi * u[half:]
+    return (std * np.concatenate([radius * np.cos(angle), radius * np.sin(angle)]))[:length]
+
+
+@dataclass(frozen=True)
+class NoisedMean:
+    mean: np.ndarray  # float64
+    reports: int
+    clipped: int  # updates whose norm exceeded the clip
+
+
+def noised_mean(
+    deltas: Iterable[np.ndarray], num_parameters: int, spec: DpSpec, goal: int
+) -> NoisedMean:
+    """``(sum_i clip(delta_i) + N(0, (z C)^2 I)) / goal``, with fresh noise from ``os.urandom``."""
+    total = np.zeros(num_parameters, dtype=np.float64)
+    reports = clipped = 0
+    for raw in deltas:
+        d = np.asarray(raw, dtype=np.float64)
+        c = clip_to_norm(d, spec.clip)
+        clipped += c is not d
+        total += c
+        reports += 1
+    noise = gaussian_noise(num_parameters, spec.noise_multiplier * spec.clip, os.urandom(32))
+    return NoisedMean((total + noise) / goal, reports, clipped)
+
+
+def ledger_after(delta: float, previous: dict[str, Any] | None) -> Ledger:
+    """The ledger a commit starts from: what the previous DP commit recorded (None: none)."""
+    ledger = Ledger(delta)
+    for population, cohort, z, times in (previous or {}).get("ledger", []):
+        ledger = ledger.plus(Round(int(population), int(cohort), float(z)), int(times))
+    return ledger
+
+
+def round_record(
+    spec: DpSpec, ledger: Ledger, rnd: Round, result: NoisedMean, goal: int
+) -> dict[str, Any]:
+    """What a committed round stores under ``metrics["dp"]`` (``ledger`` includes ``rnd``)."""
+    return {
+        "population": rnd.population,
+        "cohort": rnd.cohort,
+        "noise_multiplier": rnd.noise_multiplier,
+        "clip": spec.clip,
+        "denominator": goal,
+        "reports": result.reports,
+        "clipped": result.clipped,
+        "delta": ledger.delta,
+        "epsilon": ledger.epsilon(),
+        "budget": spec.budget,
+        "ledger": [[r.population, r.cohort, r.noise_multiplier, n] for r, n in ledger.rounds],
+    }
+
+
+def privacy_json(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A DP task's privacy status from the metrics of its latest closed rounds, oldest first:
+    epsilon spent (the latest DP commit's; 0 before the first), and ``completed_reason``
+    ``privacy_budget`` if the last closed round stopped the task."""
+    dp = next((m["dp"] for m in reversed(rounds) if "dp" in m), None)
+    stopped = bool(rounds) and rounds[-1].get("stopped") == BUDGET_REASON
+    return {
+        "epsilon": 0.0 if dp is None else dp["epsilon"],
+        "delta": None if dp is None else dp["delta"],
+        "budget": None if dp is None else dp["budget"],
+        "completed_reason": BUDGET_REASON if stopped else None,
+    }

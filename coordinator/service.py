@@ -157,6 +157,7 @@ class Coordinator:
                 config.retention_interval_s,
                 device_inactivity_s=config.device_inactivity_s,
                 receipts_s=config.retain_receipts_s,
+                closed_round_payloads=config.retain_updates,
             ),
         )
 
@@ -642,6 +643,7 @@ class Coordinator:
                 f"mode {mode!r} is not available; this coordinator runs: {', '.join(self.policies)}"
             )
         plan = TaskPlan.from_json(plan_raw)
+        plan.check_mode(mode)
         manifest = self._manifest(bundle_id)
         if not plan.eligibility.usable_runtimes(manifest.get("backends", {})):
             raise InvalidRequest("no runtime the plan allows is supported by the bundle")
@@ -681,7 +683,19 @@ class Coordinator:
             "plan": task.plan,
             "current_round": None if rnd is None else self._round_json(rnd),
             "failure": task.failure,
+            **self._privacy(task),
         }
+
+    def _privacy(self, task: Task) -> dict[str, Any]:
+        """A DP task's ``epsilon`` spent so far and ``privacy`` (:func:`coordinator.privacy.
+        privacy_json`); nothing for other tasks."""
+        if "dp" not in task.plan:
+            return {}
+        from coordinator.privacy import privacy_json  # the privacy extra: DP plans need it
+
+        rounds = self.store.list_rounds(task.task_id, max(0, task.model_version - 1))
+        out = privacy_json([r.metrics for r in rounds if not r.is_open])
+        return {"epsilon": out["epsilon"], "privacy": out}
 
     @staticmethod
     def _round_json(rnd: Round) -> dict[str, Any]:
@@ -761,6 +775,7 @@ class Coordinator:
                     "model_version": t.model_version,
                     "rounds_completed": t.rounds_completed,
                     "failure": t.failure,
+                    **self._privacy(t),
                 }
                 for t in tasks
             ],

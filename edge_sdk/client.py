@@ -63,6 +63,7 @@ from edge_sdk.cache import BundleCache
 from edge_sdk.codecs import CODECS, decode_update, encode_update
 from edge_sdk.conditions import ConditionsProvider, DeviceConditions, EligibilityPolicy
 from edge_sdk.data import Dataset, as_dataset
+from edge_sdk.dp import clip_to_norm, plan_clip
 from edge_sdk.errors import (
     ApiError,
     CacheError,
@@ -424,6 +425,9 @@ class Client:
                 local=LocalLayers.for_task(self.state.root, ids["task_id"]),
             )
             delta = trainer.get_parameters() - params
+        clip = plan_clip(a.get("plan"))
+        if clip is not None:  # DP-FedAvg: bound what this update can say before encoding it
+            delta = clip_to_norm(delta, clip)
         self._phase = FailurePhase.UPLOAD
         feedback = self.state.error_feedback(ids["task_id"]) if plan.codec.uses_error_feedback \
             else None

@@ -6,4 +6,4 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 command -v mvn >/dev/null 2>&1 || { echo "[android_bridge] mvn not found: install Maven and a JDK 17" >&2; exit 1; }
-exec mvn -B -q -f "$here/android_bridge/pom.xml" -Drobolectric.offline=true "$@" verify
+exec mvn -B -q -Dstyle.color=never -f "$here/android_bridge/pom.xml" -Drobolectric.offline=true "$@" verify

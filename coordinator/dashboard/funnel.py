@@ -18,7 +18,7 @@ from edge_sdk.protocol import FailurePhase
 if TYPE_CHECKING:
     from coordinator.store import Assignment
 
-__all__ = ["FUNNEL_STAGES", "FunnelCounts", "parse_abort_reason"]
+__all__ = ["FUNNEL_STAGES", "LATE_CODES", "FunnelCounts", "parse_abort_reason"]
 
 FUNNEL_STAGES = ("delivered", "downloaded", "runtime_loaded", "trained", "uploaded", "accepted")
 # The last stage an assignment reached when its abort names this phase.
@@ -29,6 +29,8 @@ _LEAVES_AT = {
     FailurePhase.CONDITIONS_LAPSED.value: "runtime_loaded",
     FailurePhase.UPLOAD.value: "trained",
 }
+# Upload refusals that mean "too late" rather than "bad update": the device trained and sent.
+LATE_CODES = ("round_closed", "too_stale")
 _ABORT_NOTE = re.compile(r"^(?P<reason>[a-z_]+)(?: \[(?P<phase>[a-z_]+)/(?P<code>[a-z_]+)\])?")
 
 
@@ -49,7 +51,8 @@ class FunnelCounts:
     Each assignment reaches ``delivered`` once the device fetched it; it leaves at the stage
     its abort's phase names (an upload the coordinator refused: phase ``upload``, it leaves
     after ``trained``) and reaches ``accepted`` when reported. One that expired or is still
-    out leaves at ``delivered`` (``dropped`` / ``in_flight``: nothing says how far it got).
+    out leaves at ``delivered`` (``dropped`` / ``in_flight``: nothing says how far it got),
+    unless its upload arrived late (:meth:`count_late`).
     ``lost`` maps each stage to how many left there and why, so that each stage's count is the
     next one's plus what it lost. Counts of several rounds :meth:`merge` into one.
     """
@@ -78,6 +81,19 @@ class FunnelCounts:
                 self.in_flight += 1
                 self.lost[last]["in_flight"] += 1
         self.reached.update(FUNNEL_STAGES[: FUNNEL_STAGES.index(last) + 1])
+
+    def count_late(self, late: int) -> FunnelCounts:
+        """Move ``late`` expired assignments whose upload came after their round closed from
+        ``dropped`` (at ``delivered``) to ``late`` at ``uploaded``: the device got that far."""
+        late = min(late, self.dropped)
+        if late:
+            self.dropped -= late
+            self.lost["delivered"]["dropped"] -= late
+            if not self.lost["delivered"]["dropped"]:
+                del self.lost["delivered"]["dropped"]
+            self.reached.update(dict.fromkeys(FUNNEL_STAGES[1:5], late))
+            self.lost["uploaded"]["late"] += late
+        return self
 
     def merge(self, other: FunnelCounts) -> FunnelCounts:
         self.reached.update(other.reached)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from coordinator.dashboard.funnel import FunnelCounts
+from coordinator.dashboard.funnel import LATE_CODES, FunnelCounts
 from coordinator.rounds.base import IN_FLIGHT
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ class Facts:
     candidates: int
     staleness: Counter[int]
     funnel: FunnelCounts
+    expired: list[str]  # training assignments that expired (a late upload may name one)
     # The round's row as last built, and the refusal count it was built at.
     row: dict[str, Any] | None = None
     row_version: int = -1
@@ -66,6 +67,9 @@ class _Listing:
     pending: list[Round]  # closed, but an assignment may still report
     funnel: FunnelCounts = field(default_factory=FunnelCounts)  # over the settled ones
     staleness: Counter[int] = field(default_factory=Counter)
+    expired: list[str] = field(default_factory=list)
+    late: int = 0  # how many of ``expired`` uploaded late, as of refusal count ``late_at``
+    late_at: int = -1
     versions: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -88,11 +92,14 @@ class RoundFacts:
             if "staleness" in u.report
         )
         funnel = FunnelCounts()
+        expired = []
         if rnd.kind == "train":
             for a in assignments:
                 funnel.add(a)
+                if a.state == "expired" and a.delivered_at is not None:
+                    expired.append(a.assignment_id)
         facts = Facts(rnd.task_id, assignments, self.store.count_candidates(rnd.round_id),
-                      staleness, funnel)
+                      staleness, funnel, expired)
         if not rnd.is_open and not any(a.state in IN_FLIGHT for a in assignments):
             self._settled[rnd.round_id] = facts
         return facts
@@ -109,7 +116,11 @@ class RoundFacts:
             facts.row, facts.row_version = row, version
         return row
 
-    def history(self, task: Task) -> History:
+    def history(
+        self, task: Task, refused: Mapping[str, str] | None = None, refusals: int = 0
+    ) -> History:
+        """The task's rounds and sums; with ``refused`` (assignment id -> the error code of its
+        refused upload, ``refusals`` counting them), late uploads count in the funnel."""
         open_round = self.store.open_round(task.task_id)
         signature = (
             task.state, task.model_version, task.rounds_completed, task.pending_evaluations,
@@ -125,10 +136,19 @@ class RoundFacts:
         funnel = FunnelCounts().merge(listing.funnel)
         staleness = Counter(listing.staleness)
         live = listing.pending + ([] if open_round is None else [open_round])
+        late = 0
+        if refused is not None:
+            if listing.late_at != refusals:
+                listing.late = sum(refused.get(a) in LATE_CODES for a in listing.expired)
+                listing.late_at = refusals
+            late = listing.late
         for rnd in live:
             facts = self.get(rnd)
             funnel.merge(facts.funnel)
             staleness.update(facts.staleness)
+            if refused is not None:
+                late += sum(refused.get(a) in LATE_CODES for a in facts.expired)
+        funnel.count_late(late)
         return History(listing.closed + ([] if open_round is None else [open_round]), funnel,
                        staleness, listing.versions)
 
@@ -145,6 +165,7 @@ class RoundFacts:
             if rnd.round_id in self._settled:
                 listing.funnel.merge(facts.funnel)
                 listing.staleness.update(facts.staleness)
+                listing.expired.extend(facts.expired)
             else:
                 listing.pending.append(rnd)
             m = rnd.metrics

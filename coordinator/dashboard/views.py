@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from coordinator.dashboard.funnel import FunnelCounts, parse_abort_reason
+from coordinator.dashboard.funnel import LATE_CODES, FunnelCounts, parse_abort_reason
 from coordinator.dashboard.history import Facts, RoundFacts
 from coordinator.errors import NotFound
 from coordinator.metrics import active_devices, storage_bytes
@@ -37,8 +37,6 @@ __all__ = [
 
 # Rounds the task view lists in full (charts and table); older ones count in its totals.
 DEFAULT_LAST_ROUNDS = 300
-# Upload refusals that mean "too late" rather than "bad update".
-LATE_CODES = ("round_closed", "too_stale")
 
 
 def _epsilon(coord: Coordinator, task: Task) -> float | None:
@@ -181,8 +179,8 @@ def task_detail(
     all of them."""
     task = _task(coord, task_id)
     n = coord.ctx.num_parameters(task)
-    history = cache.history(task)
     refused = metrics.refused_uploads()
+    history = cache.history(task, refused, metrics.refusals)
 
     def build(rnd: Round, facts: Facts) -> dict[str, Any]:
         return _round_row(coord, rnd, facts, n, refused)
@@ -261,6 +259,7 @@ def round_detail(
 
 
 def population(coord: Coordinator, metrics: ServiceMetrics, cache: RoundFacts) -> dict[str, Any]:
+    refused = metrics.refused_uploads()
     platforms: Counter[str] = Counter()
     runtimes: Counter[str] = Counter()
     for platform, arch, runtimes_json, count in _device_groups(coord):
@@ -275,7 +274,7 @@ def population(coord: Coordinator, metrics: ServiceMetrics, cache: RoundFacts) -
                 backends[name] += 1
     funnel = FunnelCounts()
     for task in coord.store.list_tasks():
-        funnel.merge(cache.history(task).funnel)
+        funnel.merge(cache.history(task, refused, metrics.refusals).funnel)
     checkins = metrics.labelled("fedge_checkins_total", "outcome")
     return {
         "devices_registered": coord.store.count_devices(),

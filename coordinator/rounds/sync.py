@@ -35,16 +35,18 @@ A round of a task goes through::
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import numpy as np
 
-from coordinator.errors import Conflict, Unprocessable
+from coordinator.errors import Conflict, TaskFailure, Unprocessable
 from coordinator.plan import TaskPlan
 from coordinator.robust.commit import aggregate_updates
 from coordinator.rounds.base import IN_FLIGHT, TaskPolicy, assignment_json, new_assignment_id
 from coordinator.rounds.base import wait_answer as _wait
 from coordinator.store import Assignment, EvalReport, Round, Task, Update, UpdateTotals
+from coordinator.tensors import decode_delta
 from edge_sdk.protocol import ErrorCode
 
 __all__ = ["SyncRounds"]
@@ -64,6 +66,8 @@ class SyncRounds(TaskPolicy):
         rnd = store.open_round(task.task_id)
         if rnd is not None:
             rnd = self._maybe_select(task, plan, rnd, now)  # may time the window out
+            if rnd.metrics.get("stopped"):  # the privacy budget completed the task
+                return _wait(self.steer(task, plan, now), "no_task")
         if rnd is None or not rnd.is_open:
             if task.state == "paused":
                 return _wait(self.steer(task, plan, now), "paused")
@@ -89,8 +93,13 @@ class SyncRounds(TaskPolicy):
             if mine is not None:
                 return self._deliver(mine, rnd, task, plan, now)
             return _wait(self.steer(task, plan, now), "window_full")
-        # reporting: fill slots the window left empty
-        if store.count_assignments(rnd.round_id) < rnd.target and (rnd.deadline_at or 0) > now:
+        # reporting: fill slots the window left empty (not under DP: the accountant assumes
+        # a cohort drawn uniformly from the window's candidates, not first come)
+        if (
+            plan.dp is None
+            and store.count_assignments(rnd.round_id) < rnd.target
+            and (rnd.deadline_at or 0) > now
+        ):
             a = Assignment(
                 new_assignment_id(),
                 rnd.round_id,
@@ -163,7 +172,14 @@ class SyncRounds(TaskPolicy):
             if count < rnd.min_reports:
                 return self._abandon_selection(task, rnd, now)
         candidates = store.candidates(rnd.round_id)
-        chosen = self.ctx.rng.sample(candidates, min(rnd.target, len(candidates)))
+        cohort = min(rnd.target, len(candidates))
+        rng = self.ctx.rng
+        if plan.dp is not None and rnd.kind == "train":
+            if self._dp_would_exceed(task, plan, len(candidates), cohort):
+                return self._stop_for_budget(task, rnd, now)
+            # Amplification by sampling needs a draw nobody can predict: not the seeded rng.
+            rng = random.SystemRandom()
+        chosen = rng.sample(candidates, cohort)
         with store.atomic():
             store.add_assignments(
                 [
@@ -275,18 +291,22 @@ class SyncRounds(TaskPolicy):
                     )
         elif success:
             n = self.ctx.num_parameters(task)
-            running = self.ctx.sums.get(task.task_id, rnd.round_id, n)
             metrics["outcome"] = "committed"
-            agg = aggregate_updates(
-                store, self.ctx.blobs, task, plan, rnd.round_id, n, streamed=running.mean
-            )
-            metrics["robust"] = agg.metrics
+            if plan.dp is not None:
+                delta = self._dp_mean(task, plan, rnd, n, metrics)
+            else:
+                running = self.ctx.sums.get(task.task_id, rnd.round_id, n)
+                agg = aggregate_updates(
+                    store, self.ctx.blobs, task, plan, rnd.round_id, n, streamed=running.mean
+                )
+                metrics["robust"] = agg.metrics
+                delta = agg.delta
 
             def record(new_version: int) -> None:
                 metrics["model_version"] = new_version
                 store.update_round(rnd.round_id, state="committed", closed_at=now, metrics=metrics)
                 store.expire_assignments(rnd.round_id, now)
-                done = task.rounds_completed + 1 >= plan.rounds
+                done = task.rounds_completed + 1 >= plan.rounds or "stopped" in metrics
                 store.update_task(
                     task.task_id,
                     model_version=new_version,
@@ -295,9 +315,7 @@ class SyncRounds(TaskPolicy):
                     state="completed" if done else task.state,
                 )
 
-            self.ctx.versions.commit_next(
-                task, plan, n, agg.delta, rnd.round_id, now, also=record
-            )
+            self.ctx.versions.commit_next(task, plan, n, delta, rnd.round_id, now, also=record)
         else:
             metrics.update(outcome="abandoned", reason="too_few_reports")
             with store.atomic():
@@ -306,6 +324,80 @@ class SyncRounds(TaskPolicy):
         self.ctx.sums.drop(rnd.round_id)
         self.ctx.round_closed(task.task_id, rnd.round_id)
         self._period.pop(task.task_id, None)
+
+    # -- differential privacy (coordinator.privacy) -------------------------------------------
+
+    def _dp_record(self, task: Task) -> dict[str, Any] | None:
+        """``metrics["dp"]`` of the round that made the current version (None at version 0)."""
+        if task.model_version == 0:
+            return None
+        recent = self.ctx.store.list_rounds(task.task_id, task.model_version - 1)
+        for r in reversed(recent):
+            made = r.metrics.get("model_version") == task.model_version
+            if r.state == "committed" and made and "dp" in r.metrics:
+                return dict(r.metrics["dp"])
+        # Starting from an empty ledger would understate what the task has spent.
+        raise TaskFailure(
+            f"the privacy ledger of task {task.task_id} is lost (the round that made version "
+            f"{task.model_version} is gone): refusing to release more rounds"
+        )
+
+    def _dp_ledger(self, task: Task, plan: TaskPlan, population: int, cohort: int) -> Any:
+        from coordinator import privacy  # the privacy extra; a DP plan validated with it
+
+        assert plan.dp is not None
+        this = privacy.Round(population, cohort, plan.dp.noise_multiplier)
+        return this, privacy.ledger_after(plan.dp.delta, self._dp_record(task))
+
+    def _dp_would_exceed(self, task: Task, plan: TaskPlan, population: int, cohort: int) -> bool:
+        assert plan.dp is not None
+        if plan.dp.budget is None:
+            return False
+        this, ledger = self._dp_ledger(task, plan, population, cohort)
+        return bool(ledger.would_exceed(this, plan.dp.budget))
+
+    def _stop_for_budget(self, task: Task, rnd: Round, now: float) -> Round:
+        """Complete the task instead of selecting a round its privacy budget cannot pay for."""
+        from coordinator.privacy import BUDGET_REASON
+
+        store = self.ctx.store
+        metrics = self._metrics(task, rnd, now)
+        metrics.update(outcome="abandoned", reason=BUDGET_REASON, stopped=BUDGET_REASON)
+        with store.atomic():
+            store.update_round(rnd.round_id, state="abandoned", closed_at=now, metrics=metrics)
+            store.update_task(task.task_id, state="completed")
+        self.ctx.round_closed(task.task_id, rnd.round_id)
+        self._period.pop(task.task_id, None)
+        out = store.get_round(rnd.round_id)
+        assert out is not None
+        return out
+
+    def _dp_mean(
+        self, task: Task, plan: TaskPlan, rnd: Round, n: int, metrics: dict[str, Any]
+    ) -> np.ndarray:
+        """The noised DP-FedAvg mean of the round's updates; records the round's privacy
+        cost in ``metrics`` (stored with the version), and ``stopped`` if the task cannot
+        afford another such round."""
+        from coordinator import privacy
+
+        assert plan.dp is not None
+        # The window's candidates are the eligible population the cohort was drawn from
+        # (docs/protocol.md, "Differential privacy"); every assignment was drawn from them.
+        this, ledger = self._dp_ledger(
+            task, plan, metrics["candidates"], max(1, metrics["participants"])
+        )
+        ledger = ledger.plus(this)
+        store, blobs = self.ctx.store, self.ctx.blobs
+        result = privacy.noised_mean(
+            (decode_delta(blobs.read(u.payload_sha), n) for u in store.round_updates(rnd.round_id)),
+            n,
+            plan.dp,
+            rnd.goal,
+        )
+        metrics["dp"] = privacy.round_record(plan.dp, ledger, this, result, rnd.goal)
+        if plan.dp.budget is not None and ledger.would_exceed(this, plan.dp.budget):
+            metrics["stopped"] = privacy.BUDGET_REASON
+        return result.mean
 
     def _metrics(self, task: Task, rnd: Round, now: float) -> dict[str, Any]:
         """A closing round's metrics, from aggregate queries (no per-update rows in memory)."""

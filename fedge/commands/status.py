@@ -26,6 +26,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from coordinator.admin import AdminClient
     from edge_sdk.errors import ClientError
+    from edge_sdk.protocol import Route
 
     token = admin_token(args)
     assert token is not None
@@ -43,15 +44,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"devices registered  {status['devices_registered']:>8,}")
     print(f"updates accepted    {status['updates_accepted']:>8,}")
     tasks = status.get("tasks", [])
-    if not tasks:
+    if tasks:
+        print()
+        print(render_table(
+            ["task", "id", "mode", "state", "version", "rounds"],
+            [[t["name"], t["task_id"], t["mode"], t["state"], t["model_version"],
+              t["rounds_completed"]] for t in tasks],
+        ))
+    else:
         print("no tasks")
-        return 0
-    print()
-    print(render_table(
-        ["task", "id", "mode", "state", "version", "rounds"],
-        [[t["name"], t["task_id"], t["mode"], t["state"], t["model_version"],
-          t["rounds_completed"]] for t in tasks],
-    ))
+    print(f"\ndashboard: {args.coordinator.rstrip('/')}{Route.DASHBOARD} (admin token); "
+          f"follow a task: fedge watch --coordinator {args.coordinator}")
     return 0
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = ROOT / "android_bridge"
@@ -39,23 +38,30 @@ class KotlinTools:
             return subprocess.Popen(self.command(*args), stdout=err, stderr=subprocess.STDOUT)
 
 
-def _mvn(*goals: str) -> None:
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        pytest.skip("Maven is not installed")
-    subprocess.run(
-        [mvn, "-B", "-q", "-f", str(PROJECT / "pom.xml"), *goals],
-        check=True,
+def mvn(*args: str) -> str:
+    """Run Maven quietly on the project; its standard output."""
+    exe = shutil.which("mvn")
+    if exe is None:
+        raise FileNotFoundError("Maven (mvn) is not installed")
+    done = subprocess.run(
+        [exe, "-B", "-q", "-Dstyle.color=never", "-f", str(PROJECT / "pom.xml"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
         timeout=1800,
         env={**os.environ, "MAVEN_OPTS": os.environ.get("MAVEN_OPTS", "-Xmx1g")},
     )
+    if done.returncode != 0:
+        output = done.stdout[-4000:] + done.stderr[-2000:]
+        raise RuntimeError(f"mvn {' '.join(args)} failed:\n{output}")
+    return done.stdout
 
 
 def build_tools() -> KotlinTools:
     """Compile main and test sources and list the runtime classpath, without android-all: the
     core, the trainer and the tools run on a plain JVM (org.json from Maven Central)."""
     listing = TARGET / "tools.classpath"
-    _mvn(
+    mvn(
         "test-compile",
         "dependency:build-classpath",
         "-DincludeScope=test",
@@ -84,4 +90,4 @@ def read_f32(path: Path) -> np.ndarray:
     return np.fromfile(path, dtype="<f4").astype(np.float32)
 
 
-__all__: Sequence[str] = ["KotlinTools", "build_tools", "read_f32", "write_raw_data"]
+__all__: Sequence[str] = ["KotlinTools", "build_tools", "mvn", "read_f32", "write_raw_data"]

@@ -327,3 +327,36 @@ def test_kept_history_equals_a_fresh_read_as_an_async_task_moves_on(
     lost = {s["stage"]: s["lost"] for s in d["funnel"]["stages"]}
     assert lost["runtime_loaded"] == {"training/non_finite": 1}
     assert [s["devices"] for s in d["funnel"]["stages"]] == [3, 3, 3, 2, 2, 2]
+
+
+def test_a_late_upload_moves_its_device_up_the_funnel(
+    clocked_coordinator: EmbeddedCoordinator, fake_clock: Any, tiny_bundle: Path
+) -> None:
+    coord = clocked_coordinator
+    admin = coord.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    plan = {"goal": 1, "over_selection": 3.0, "selection_window_s": 5.0, "rounds": 3}
+    task_id = admin.create_task(bundle_id, plan)["task_id"]
+    devs = [DeviceHTTP(coord) for _ in range(3)]
+    for d in devs:
+        assert d.check_in()["reason"] == "selecting"
+    fake_clock.advance(6.0)
+    aids = [d.check_in()["assignment"]["assignment_id"] for d in devs]
+    path = Route.ADMIN_DASHBOARD_TASK.format(task_id=task_id)
+    assert devs[0].upload(aids[0], np.full(N, 0.01))[0] == 200  # the goal: the round commits
+    before = _get(coord, path, coord.admin_token)[1]  # cached: two expired, no word from them
+    lost = {s["stage"]: s["lost"] for s in before["funnel"]["stages"]}
+    assert lost["delivered"] == {"dropped": 2} and before["funnel"]["dropped"] == 2
+    status, body = devs[1].upload(aids[1], np.full(N, 0.02))
+    assert status == 409 and body["error"]["code"] == "round_closed"
+
+    d = _get(coord, path, coord.admin_token)[1]
+    reached = [s["devices"] for s in d["funnel"]["stages"]]
+    assert reached == [3, 2, 2, 2, 2, 1]  # the late one trained and sent; one said nothing
+    lost = {s["stage"]: s["lost"] for s in d["funnel"]["stages"]}
+    assert lost["delivered"] == {"dropped": 1} and lost["uploaded"] == {"late": 1}
+    assert d["funnel"]["dropped"] == 1
+    (rnd,) = d["rounds"]
+    assert (rnd["reported"], rnd["late"], rnd["dropped"]) == (1, 1, 1)
+    population = _get(coord, Route.ADMIN_DASHBOARD_POPULATION, coord.admin_token)[1]
+    assert population["funnel"] == d["funnel"]

@@ -48,7 +48,10 @@ class History:
     straggler: Round  # an old round with an assignment still in flight (async)
 
     def retention(self, keep: int, max_rounds: int = 500, receipts_s: float = 0.0) -> Retention:
-        policy = RetentionPolicy(keep, 0.0, max_rounds, receipts_s=receipts_s)
+        # the history kept its closed rounds' payloads, as with retain_updates
+        policy = RetentionPolicy(
+            keep, 0.0, max_rounds, receipts_s=receipts_s, closed_round_payloads=True
+        )
         return Retention(self.store, self.blobs, policy)
 
     def versions(self) -> list[int]:
@@ -155,6 +158,16 @@ def test_deletes_exactly_the_blobs_no_remaining_row_names(history: History) -> N
     assert [v for v in range(1, VERSIONS + 1) if b.exists(history.state[v])] == [12]
     referenced = history.store.referenced_blobs(closed_round_payloads=True)
     assert referenced <= set(b.shas())  # nothing a row names was deleted
+
+
+def test_payloads_are_left_to_the_service_unless_retained(history: History) -> None:
+    # Without retain_updates the service deletes a round's payloads when it closes; a pass
+    # neither looks them up nor reads every update row to find what still names them.
+    policy = RetentionPolicy(4, 0.0, receipts_s=0.0)
+    Retention(history.store, history.blobs, policy).run(NOW)
+    assert history.versions() == [2, 9, 10, 11, 12]
+    assert not history.blobs.exists(history.params[1])
+    assert all(history.blobs.exists(s) for s in history.payloads[1])
 
 
 def test_a_second_pass_deletes_nothing_more(history: History) -> None:

@@ -12,6 +12,7 @@ implementations of the same layer (attention, recurrent layers, AdamW).
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +129,28 @@ def test_every_other_backend_trains_like_torch_or_is_refused_with_a_reason(name:
     entry = raw["backends"]["ort-training"]
     if not entry["supported"]:
         assert entry["reason"]
-        with pytest.raises(BundleNotSupported, match=entry["reason"][:40]):
+        with pytest.raises(BundleNotSupported, match=re.escape(entry["reason"][:40])):
             load_trainer(bundle, backend="ort-training")
     elif importlib.util.find_spec("onnxruntime.training") is not None:
         _check_parity(load_trainer(bundle, backend="ort-training"), bundle)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ZOO))
+def test_litert_step_trains_like_torch_where_tflite_converts_the_model(name: str) -> None:
+    """With TFLite files asked for: litert-step matches torch, or the manifest says why not
+    and the trainer refuses with that reason."""
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("ai_edge_litert")
+    spec, args, _ = ZOO[name]
+    bundle = cached_bundle(spec, **args, tflite=True, tflite_batch=8)  # the batches below fit
+    entry = load_manifest(bundle).raw["backends"]["litert-step"]
+    if not entry["supported"]:
+        assert entry["reason"]
+        with pytest.raises(BundleNotSupported, match=re.escape(entry["reason"][:40])):
+            load_trainer(bundle, backend="litert-step")
+        return
+    _check_parity(load_trainer(bundle, backend="litert-step"), bundle)
 
 
 def test_batch_norm_statistics_are_in_the_model_vector() -> None:

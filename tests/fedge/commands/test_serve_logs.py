@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from fedge.commands.serve import JsonLogFormatter
@@ -26,12 +27,15 @@ def test_served_log_lines_are_json(tmp_path: Path) -> None:
     env = {**os.environ, "FEDGE_ADMIN_TOKEN": "tok", "FEDGE_ENROLLMENT_TOKEN": "enr"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedge.cli", "serve", "--db", str(db), "--port", "0",
-         "--log-format", "json"],
+         "--log-format", "json", "--log-level", "DEBUG"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
     )
     try:
         assert proc.stdout is not None
-        assert "listening on" in proc.stdout.readline()
+        line = proc.stdout.readline()
+        assert "listening on" in line
+        with urllib.request.urlopen(line.split()[-1] + "/v1/health", timeout=10) as resp:
+            assert resp.status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
@@ -44,6 +48,9 @@ def test_served_log_lines_are_json(tmp_path: Path) -> None:
     assert removed[0]["level"] == "INFO" and removed[0]["logger"] == "fedge.coordinator"
     assert removed[0]["ts"].endswith("+00:00")
     assert not stray.exists()
+    (access,) = [r for r in records if r["logger"] == "fedge.access"]
+    assert access["level"] == "DEBUG" and access["route"] == "/v1/health"
+    assert access["status"] == 200 and access["method"] == "GET" and access["duration_ms"] >= 0
 
 
 def test_formatter_keeps_tracebacks_and_extras() -> None:

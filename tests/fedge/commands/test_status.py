@@ -32,6 +32,7 @@ def test_status_json_counts_what_was_stored(coordinator, tiny_bundle, capsys) ->
     assert set(rule.replace(" ", "")) == {"-"}
     task = status["tasks"][0]
     assert row.split() == [task["name"], task["task_id"], "sync", "running", "1", "1"]
+    assert out[-1].startswith(f"dashboard: {coordinator.url}/dashboard ")
 
 
 def test_status_needs_the_admin_token(coordinator, capsys, monkeypatch) -> None:

@@ -75,7 +75,9 @@ class Outcome(
  *     bundle (sha256-verified, resumable cache) + the version's parameters
  *     train the plan, re-checking conditions ──lapsed or stopped──▶ POST abort, ABORTED
  *     delta = new - start, encode with the plan's codec (error-feedback residual kept)
- *     upload with an Idempotency-Key, retried ──▶ TRAINED or REJECTED
+ *     persist the upload (frame, key, new residual), send it with its Idempotency-Key,
+ *     retried ──▶ TRAINED or REJECTED; an answer that never came is learnt by resending
+ *     the same bytes and key at the start of the next pass
  *
  * [runOnce] never throws for network or coordinator trouble ([Outcome.FAILED]). [requestStop]
  * (from another thread, e.g. JobService.onStopJob) ends training before its next step and
@@ -148,6 +150,7 @@ class Client @JvmOverloads constructor(
         val reasons = ineligibility()
         if (reasons.isNotEmpty()) return Outcome(Outcome.INELIGIBLE, jittered(config.ineligibleRecheckS), reasons = reasons)
         ensureRegistered()
+        resolvePending()
         val body = JSONObject()
             .put("population", config.population)
             .put("runtimes", JSONArray(RUNTIMES))
@@ -254,25 +257,60 @@ class Client @JvmOverloads constructor(
         val md = MessageDigest.getInstance("SHA-256")
         md.update(id.toByteArray(Charsets.UTF_8))
         val key = md.digest(frame).joinToString("") { "%02x".format(it.toInt() and 0xff) }.take(32)
+        val pending = PendingUpload(transport.baseUrl, deviceId!!, id, taskId, round, key, report, frame, if (feedback != null) encoded.residual else null)
+        // Durable before the first byte leaves: whatever happens to the answer, the next pass
+        // can resend exactly this and learn whether it counted.
+        state.savePending(pending)
+        val metrics = JSONObject(report.toString()).put("bytes_up", frame.size)
+        val answer = try {
+            deliver(pending)
+        } catch (e: ApiException) {
+            if (e.status == 401 || e.status >= 500) throw e
+            return Outcome(Outcome.REJECTED, jittered(config.afterAssignmentS), id, taskId, round, metrics = metrics, error = e.code, uploaded = frame)
+        }
+        return Outcome(Outcome.TRAINED, paced(answer, config.afterAssignmentS), id, taskId, round, metrics = metrics, uploaded = frame, answer = answer)
+    }
+
+    /**
+     * Sends [p] and settles it by the answer: acknowledged (its residual becomes the task's;
+     * the answer is returned) or refused with a 4xx (dropped, the residual stays; rethrown).
+     * No answer (network, 5xx) leaves it pending for the next pass.
+     */
+    private fun deliver(p: PendingUpload): JSONObject? {
         val headers = mapOf(
             "Content-Type" to Protocol.FRAME_CONTENT_TYPE,
-            Protocol.HEADER_IDEMPOTENCY_KEY to key,
-            Protocol.HEADER_REPORT to report.toString(),
+            Protocol.HEADER_IDEMPOTENCY_KEY to p.key,
+            Protocol.HEADER_REPORT to p.report.toString(),
         )
-        val metrics = JSONObject(report.toString()).put("bytes_up", frame.size)
         var answer: JSONObject? = null
         try {
-            val response = transport.request("POST", Protocol.assignmentUpdate(id), frame, headers)
+            val response = transport.request("POST", Protocol.assignmentUpdate(p.assignmentId), p.frame, headers)
             answer = try { JSONObject(String(response.body, Charsets.UTF_8)) } catch (_: org.json.JSONException) { null }
         } catch (e: ApiException) {
             if (!countedEarlier(e)) {
-                if (e.status == 401 || e.status >= 500) throw e
-                return Outcome(Outcome.REJECTED, jittered(config.afterAssignmentS), id, taskId, round, metrics = metrics, error = e.code, uploaded = frame)
+                // A 4xx is a refusal, not an outage: a counted upload's key always gets its stored answer.
+                if (e.status in 400..499) state.clearPending()
+                throw e
             }
         }
-        // Only a delivered update moves the residual on; a refused one leaves it as it was.
-        feedback?.save(encoded.residual)
-        return Outcome(Outcome.TRAINED, paced(answer, config.afterAssignmentS), id, taskId, round, metrics = metrics, uploaded = frame, answer = answer)
+        state.commitPending(p)
+        return answer
+    }
+
+    /** Settles an upload a previous pass sent without seeing the answer, before anything else. */
+    private fun resolvePending() {
+        val p = state.loadPending() ?: return
+        if (p.coordinator != transport.baseUrl || p.deviceId != deviceId) {
+            state.clearPending() // another coordinator or identity: nobody can answer for it
+            return
+        }
+        try {
+            deliver(p)
+            log.info("pending upload ${p.assignmentId} acknowledged on resend")
+        } catch (e: ApiException) {
+            if (e.status >= 500) throw e
+            log.info("pending upload ${p.assignmentId} was refused (${e.code}); residual unchanged")
+        }
     }
 
     private fun evaluate(id: String, taskId: String, round: Int, t: OrtStepTrainer, params: FloatArray, plan: JSONObject?): Outcome {

@@ -11,7 +11,8 @@ data class Credentials(val coordinator: String, val deviceId: String, val secret
 /**
  * What a device keeps between runs, in [root] (on Android: a folder of `Context.getFilesDir()`):
  * `credentials.json` (readable by the app only), `residuals/<task_id>.f32frame` (the
- * error-feedback residuals) and `local_layers/<task_id>.f32frame` (FedBN's batch norm layers). Every write goes to a temporary file renamed into place.
+ * error-feedback residuals), `local_layers/<task_id>.f32frame` (FedBN's batch norm layers) and
+ * `pending/` (an upload whose answer has not arrived yet). Every write goes to a temporary file renamed into place.
  */
 class DeviceState(val root: File) {
     init {
@@ -48,6 +49,23 @@ class DeviceState(val root: File) {
     fun errorFeedback(taskId: String): ErrorFeedback {
         require(SAFE_ID.matches(taskId)) { "task id '$taskId' is not safe as a file name" }
         return ErrorFeedback(File(File(root, "residuals"), "$taskId.f32frame"))
+    }
+
+    private val pendingDir get() = File(root, "pending")
+
+    /** An upload sent without seeing its answer yet (see [PendingUpload]), or null. */
+    fun loadPending(): PendingUpload? = PendingUpload.load(pendingDir).also { if (it == null) pendingDir.deleteRecursively() }
+
+    fun savePending(p: PendingUpload) = p.save(pendingDir)
+
+    /** Settles an acknowledged upload: its residual becomes the task's, then it is gone. */
+    fun commitPending(p: PendingUpload) {
+        if (p.residual != null) errorFeedback(p.taskId).save(p.residual)
+        clearPending()
+    }
+
+    fun clearPending() {
+        pendingDir.deleteRecursively()
     }
 
     /** The device's own batch norm layers of [taskId] under FedBN. */

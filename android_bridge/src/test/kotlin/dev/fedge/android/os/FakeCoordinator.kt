@@ -21,6 +21,12 @@ class FakeCoordinator(private val bundle: File, private val plan: JSONObject) : 
     val enrollmentToken = "enroll-me"
     val aborts: MutableList<JSONObject> = Collections.synchronizedList(ArrayList())
     val uploads: MutableList<Pair<Map<String, String>, ByteArray>> = Collections.synchronizedList(ArrayList())
+    /** Uploads to receive and then drop the connection on, without an answer (a lost answer). */
+    @Volatile
+    var dropUploads = 0
+    /** Check-ins answered so far. */
+    @Volatile
+    var checkins = 0
     private val manifest = JSONObject(File(bundle, "manifest.json").readText())
     private val bundleId = manifest.getString("bundle_id")
     private val server = HttpServer.create(InetSocketAddress("127.0.0.1", 0), 0)
@@ -47,7 +53,7 @@ class FakeCoordinator(private val bundle: File, private val plan: JSONObject) : 
         }
         if (ex.requestHeaders.getFirst("Authorization") != "Device d-1:s3cret") return error(ex, 401, "unauthorized")
         when {
-            path == "/v1/checkin" -> send(
+            path == "/v1/checkin" -> checkins++.let { _ -> send(
                 ex, 200,
                 JSONObject().put("action", "train").put(
                     "assignment",
@@ -55,7 +61,7 @@ class FakeCoordinator(private val bundle: File, private val plan: JSONObject) : 
                         .put("bundle_id", bundleId).put("params_url", "/v1/tasks/t-1/versions/0/params")
                         .put("deadline_in_s", 60.0).put("plan", plan),
                 ),
-            )
+            ) }
             path == "/v1/bundles/$bundleId" -> sendBytes(ex, 200, File(bundle, "manifest.json").readBytes())
             path.startsWith("/v1/bundles/$bundleId/files/") -> {
                 val data = File(bundle, path.substringAfterLast('/')).readBytes()
@@ -74,6 +80,11 @@ class FakeCoordinator(private val bundle: File, private val plan: JSONObject) : 
             path == "/v1/assignments/a-1/update" -> {
                 val headers = ex.requestHeaders.mapValues { it.value.first() }.mapKeys { it.key.lowercase() }
                 uploads.add(Pair(headers, body))
+                if (dropUploads > 0) {
+                    dropUploads--
+                    ex.close() // counted, but the answer never reaches the device
+                    return
+                }
                 send(ex, 200, JSONObject().put("accepted", true).put("round", 1).put("model_version", 0).put("retry_after_s", 17.0))
             }
             else -> error(ex, 404, "not_found")

@@ -1,0 +1,78 @@
+package dev.fedge.android.client
+
+import dev.fedge.android.codec.Updates
+import dev.fedge.android.os.FakeCoordinator
+import dev.fedge.android.protocol.RetryPolicy
+import dev.fedge.android.trainer.ArrayDataset
+import org.json.JSONObject
+import org.junit.After
+import org.junit.Assert.assertArrayEquals
+import org.junit.Assert.assertEquals
+import org.junit.Assert.assertNotNull
+import org.junit.Assert.assertNull
+import org.junit.Assert.assertTrue
+import org.junit.Test
+import java.io.File
+import java.nio.file.Files
+import java.util.Random
+
+/** The client's pass on a plain JVM (no Android): registration, training, top-k upload, a lost answer. */
+class ClientTest {
+    private val bundle = File(javaClass.getResource("/bundle/manifest.json")!!.toURI()).parentFile
+    private val plan = JSONObject().put("steps", 3).put("batch_size", 8).put("lr", 0.05)
+        .put("codec", JSONObject().put("name", "topk").put("fraction", 0.05).put("values", "fp32"))
+    private val coordinator = FakeCoordinator(bundle, plan)
+    private val state = Files.createTempDirectory("device").toFile()
+
+    private fun client(eligible: () -> Boolean = { true }): Client {
+        val rng = Random(3)
+        val data = ArrayDataset.classification(FloatArray(40 * 64) { rng.nextFloat() }, 64, LongArray(40) { rng.nextInt(10).toLong() })
+        return Client(
+            coordinator.url, state, data,
+            conditions = { DeviceConditions(charging = eligible(), battery = 0.9, idle = true, unmetered = true) },
+            config = ClientConfig(enrollmentToken = coordinator.enrollmentToken, seed = 1, retry = RetryPolicy(maxAttempts = 1)),
+        )
+    }
+
+    @After
+    fun stop() = coordinator.close()
+
+    @Test
+    fun anIneligibleDeviceDoesNotTouchTheNetwork() {
+        val outcome = client { false }.runOnce()
+        assertEquals(Outcome.INELIGIBLE, outcome.action)
+        assertEquals(listOf("not charging"), outcome.reasons)
+        assertEquals(0, coordinator.checkins)
+        assertTrue(outcome.nextRunInS in 300.0..330.0)
+    }
+
+    @Test
+    fun aLostAnswerIsLearntByResendingTheSameBytesAndKeyBeforeTheNextCheckIn() {
+        coordinator.dropUploads = 1
+        val c = client()
+        val first = c.runOnce()
+        assertEquals(Outcome.FAILED, first.action) // the answer never came
+        assertEquals(1, coordinator.uploads.size)
+        val residualFile = File(state, "residuals/t-1.f32frame")
+        assertTrue(!residualFile.exists()) // the residual waits for the acknowledgement
+        assertNotNull(c.state.loadPending())
+
+        val checkinsBefore = coordinator.checkins
+        val second = client().runOnce() // a new process, same state directory
+        val (h1, f1) = coordinator.uploads[0]
+        val (h2, f2) = coordinator.uploads[1]
+        assertArrayEquals(f1, f2)
+        assertEquals(h1.getValue("idempotency-key"), h2.getValue("idempotency-key"))
+        assertEquals(checkinsBefore + 1, coordinator.checkins) // resent first, then checked in
+        assertNull(c.state.loadPending())
+        // acknowledged: the residual is what the first encoding left (fp32 values: exactly the rest)
+        val residual = Updates.decode(residualFile.readBytes())
+        val sent = Updates.decode(f1)
+        assertEquals(sent.size, residual.size)
+        assertTrue(residual.any { it != 0f })
+        for (i in sent.indices) assertTrue(sent[i] == 0f || residual[i] == 0f)
+        assertEquals(Outcome.TRAINED, second.action) // and the new pass trained again
+        assertEquals(3, coordinator.uploads.size)
+        assertEquals("d-1", c.state.loadCredentials(coordinator.url)!!.deviceId)
+    }
+}

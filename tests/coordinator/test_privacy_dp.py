@@ -1,0 +1,239 @@
+"""DP-FedAvg end to end: the plan's ``dp`` object, the noised commit, the ledger recorded with
+every version, the budget that stops a task; over real HTTP and SQLite with a fake clock.
+
+Epsilon is checked against dp-accounting driven here from first principles: a round samples
+``cohort`` of ``population`` devices without replacement; under the replace-one relation one
+device moves the clipped sum by up to ``2 C``, and the noise has std ``z C``, so the Gaussian
+mechanism's noise relative to its sensitivity is ``z / 2``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.privacy_accountant import NeighboringRelation
+from dp_accounting.rdp import RdpAccountant
+from scipy import stats
+
+from coordinator.admin import ApiCallError
+from coordinator.errors import InvalidRequest
+from coordinator.plan import TaskPlan
+from coordinator.privacy import DpSpec, gaussian_noise, noised_mean
+from edge_sdk.dp import clip_to_norm, plan_clip
+from tests.coordinator.rounds.test_sync import N, PLAN, Fleet
+
+DELTA = 1e-5
+CLIP = 0.05
+Z = 1.0
+
+
+def _expected_epsilon(rounds: list[tuple[int, int]], z: float = Z) -> float:
+    acc = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    for population, cohort in rounds:
+        acc.compose(
+            dp_event.SampledWithoutReplacementDpEvent(
+                population, cohort, dp_event.GaussianDpEvent(z / 2)
+            )
+        )
+    return float(acc.get_epsilon(DELTA))
+
+
+def _delta(i: int) -> np.ndarray:
+    # Norms around 0.08: most are clipped to CLIP.
+    return np.random.default_rng(i).normal(0, 0.01, N).astype(np.float32)
+
+
+@pytest.fixture
+def dp_fleet(clocked_coordinator, fake_clock, tiny_bundle):
+    def make(devices: int, **dp: Any) -> Fleet:
+        return Fleet(
+            clocked_coordinator,
+            fake_clock,
+            tiny_bundle,
+            devices,
+            dp={"clip": CLIP, "noise_multiplier": Z, **dp},
+        )
+
+    return make
+
+
+def _commit_round(f: Fleet, offset: int = 0, devices: int | None = None) -> list[np.ndarray]:
+    """Select among the first ``devices`` devices; the first ``goal`` chosen report."""
+    everyone = f.devices
+    f.devices = everyone[: devices or len(everyone)]
+    try:
+        chosen = f.select()
+    finally:
+        f.devices = everyone
+    sent = []
+    for i, (d, a) in enumerate(chosen[: PLAN["goal"]]):
+        assert a["plan"]["dp"] == {"clip": CLIP}
+        status, _ = d.upload(a["assignment_id"], _delta(offset + i))
+        assert status == 200
+        sent.append(_delta(offset + i))
+    return sent
+
+
+def test_a_dp_round_commits_the_clipped_sum_over_goal_plus_gaussian_noise(dp_fleet) -> None:
+    f = dp_fleet(15)
+    base = f.params(0)
+    sent = _commit_round(f)
+    r = f.rounds()[0]
+    assert r["state"] == "committed"
+    dp = r["metrics"]["dp"]
+    assert (dp["population"], dp["cohort"], dp["noise_multiplier"]) == (15, 13, Z)
+    assert dp["reports"] == 10 and dp["clipped"] == sum(np.linalg.norm(d) > CLIP for d in sent)
+    clipped = [d * min(1.0, CLIP / float(np.linalg.norm(d.astype(np.float64)))) for d in sent]
+    plain = np.sum(clipped, axis=0) / PLAN["goal"]  # fixed denominator: the goal
+    noise = (f.params(1).astype(np.float64) - base - plain) * PLAN["goal"] / (Z * CLIP)
+    # 64 standard normal draws: mean and spread within a few standard errors.
+    assert abs(noise.mean()) < 4 / math.sqrt(N)
+    assert 0.6 < noise.std() < 1.4
+    assert stats.kstest(noise, "norm").pvalue > 1e-4
+
+
+def test_epsilon_per_version_matches_dp_accounting(dp_fleet) -> None:
+    f = dp_fleet(15)
+    _commit_round(f)
+    _commit_round(f, offset=20, devices=12)  # a smaller window: 12 candidates, all chosen
+    rounds = [r for r in f.rounds() if r["state"] == "committed"]
+    assert [(r["metrics"]["dp"]["population"], r["metrics"]["dp"]["cohort"]) for r in rounds] == [
+        (15, 13),
+        (12, 12),
+    ]
+    eps1, eps2 = (r["metrics"]["dp"]["epsilon"] for r in rounds)
+    assert eps1 == pytest.approx(_expected_epsilon([(15, 13)]), rel=1e-9)
+    assert eps2 == pytest.approx(_expected_epsilon([(15, 13), (12, 12)]), rel=1e-9)
+    task = f.admin.task(f.task_id)
+    assert task["epsilon"] == eps2 and task["privacy"]["delta"] == DELTA
+    listed = {t["task_id"]: t for t in f.admin.status()["tasks"]}[f.task_id]
+    assert listed["epsilon"] == eps2 and listed["privacy"]["completed_reason"] is None
+
+
+def test_budget_stops_the_task_when_the_next_round_would_exceed_it(dp_fleet) -> None:
+    two, three = _expected_epsilon([(15, 13)] * 2), _expected_epsilon([(15, 13)] * 3)
+    f = dp_fleet(15, budget=(two + three) / 2)
+    _commit_round(f)
+    assert f.admin.task(f.task_id)["state"] == "running"
+    _commit_round(f, offset=20)
+    task = f.admin.task(f.task_id)
+    assert task["state"] == "completed" and task["rounds_completed"] == 2  # of 3
+    assert task["privacy"]["completed_reason"] == "privacy_budget"
+    assert task["epsilon"] == pytest.approx(two, rel=1e-9) and task["epsilon"] <= task[
+        "privacy"
+    ]["budget"]
+    listed = f.admin.status()["tasks"][0]
+    assert listed["state"] == "completed"
+    assert listed["privacy"]["completed_reason"] == "privacy_budget"
+
+
+def test_a_smaller_window_than_the_budget_allows_completes_the_task_unselected(
+    dp_fleet,
+) -> None:
+    # Round 2 fits with 40 candidates (cohort 13 of 40) but not with 11 (all 11 chosen).
+    fits = _expected_epsilon([(40, 13)] * 2)
+    too_much = _expected_epsilon([(40, 13), (11, 11)])
+    assert fits < too_much
+    f = dp_fleet(40, budget=(fits + too_much) / 2)
+    _commit_round(f)
+    first = [d.check_in() for d in f.devices[:11]]
+    assert {a["reason"] for a in first} == {"selecting"}
+    f.clock.advance(301)  # past the selection timeout: start with the 11 candidates, or not
+    answer = f.devices[0].check_in()
+    assert answer["action"] == "wait" and answer["reason"] == "no_task"
+    rounds = f.rounds()
+    assert rounds[-1]["state"] == "abandoned"
+    assert rounds[-1]["metrics"]["reason"] == "privacy_budget"
+    task = f.admin.task(f.task_id)
+    assert task["state"] == "completed" and task["model_version"] == 1
+    assert task["privacy"]["completed_reason"] == "privacy_budget"
+    assert all(not a.get("assignment") for a in (d.check_in() for d in f.devices))
+
+
+def test_no_late_assignments_under_dp(dp_fleet) -> None:
+    """The cohort is drawn from the window's candidates only: a late check-in is not taken in
+    to fill the slots over-selection left (the accountant would not describe it)."""
+    f = dp_fleet(15)
+    f.devices, late = f.devices[:11], f.devices[11:]
+    chosen = f.select()
+    assert len(chosen) == 11  # all 11 candidates, target 13
+    answer = late[0].check_in()
+    assert answer["action"] == "wait"
+
+
+@pytest.mark.parametrize(
+    ("dp", "mode", "message"),
+    [
+        ({"noise_multiplier": 1.0}, "sync", "plan.dp.clip is required"),
+        ({"clip": 1.0}, "sync", "exactly one of noise_multiplier and epsilon"),
+        ({"clip": 1.0, "noise_multiplier": 1.0, "epsilon": 2.0}, "sync", "exactly one"),
+        ({"clip": 1.0, "epsilon": 2.0}, "sync", "needs population"),
+        ({"clip": 1.0, "epsilon": 2.0, "population": 5}, "sync", "at least the round's target"),
+        ({"clip": 1.0, "noise_multiplier": 1.0, "population": 500}, "sync", "epsilon only"),
+        ({"clip": -1.0, "noise_multiplier": 1.0}, "sync", "plan.dp.clip must be"),
+        ({"clip": 1.0, "noise_multiplier": 0}, "sync", "plan.dp.noise_multiplier must be"),
+        ({"clip": 1.0, "noise_multiplier": 1.0, "delta": 0.5}, "sync", "plan.dp.delta must"),
+        ({"clip": 1.0, "noise_multiplier": 1.0, "nois": 1}, "sync", "unknown fields in plan.dp"),
+        ({"clip": 1.0, "noise_multiplier": 1.0}, "async", "not available in async mode"),
+    ],
+)
+def test_bad_dp_plans_are_refused_and_create_nothing(
+    clocked_coordinator, tiny_bundle, dp: dict[str, Any], mode: str, message: str
+) -> None:
+    admin = clocked_coordinator.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    with pytest.raises(ApiCallError) as e:
+        admin.create_task(bundle_id, {"goal": 10, "dp": dp}, mode=mode)
+    assert (e.value.status, e.value.code) == (400, "invalid_request")
+    assert message in str(e.value)
+    assert admin.tasks() == []
+
+
+def test_dp_plans_refuse_robust_aggregation_and_round_trip() -> None:
+    with pytest.raises(InvalidRequest, match="plan.robust cannot be combined with plan.dp"):
+        TaskPlan.from_json({"dp": {"clip": 1.0, "noise_multiplier": 1.0}, "robust": {}})
+    plan = TaskPlan.from_json({"rounds": 50, "goal": 20, "dp": {"clip": 1.0, "epsilon": 4.0,
+                                                                 "population": 1000}})  # fmt: skip
+    assert plan.robust.undefended and plan.dp is not None
+    assert plan.dp.budget == 4.0
+    # the calibrated noise keeps 50 rounds of 26 out of 1000 within the budget
+    assert _expected_epsilon([(1000, 26)] * 50, plan.dp.noise_multiplier) <= 4.0
+    assert TaskPlan.from_json(plan.to_json()) == plan
+    assert plan.client_json()["dp"] == {"clip": 1.0}
+
+
+def test_gaussian_noise_is_standard_normal_and_fresh_per_seed() -> None:
+    a = gaussian_noise(200_001, 2.5, bytes(32))
+    assert a.shape == (200_001,)
+    assert stats.kstest(a / 2.5, "norm").pvalue > 1e-3
+    assert np.array_equal(a, gaussian_noise(200_001, 2.5, bytes(32)))  # a function of the seed
+    b = gaussian_noise(200_001, 2.5, bytes(31) + b"\x01")
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.01
+
+
+def test_noised_mean_is_numpys_mean_of_clipped_updates_plus_noise_of_the_right_scale() -> None:
+    rng = np.random.default_rng(7)
+    n, goal, spec = 50_000, 20, DpSpec(clip=1.0, noise_multiplier=0.7)
+    deltas = [rng.normal(0, 0.01 * (i + 1), n) for i in range(15)]  # some clipped, some not
+    norms = [float(np.linalg.norm(d)) for d in deltas]
+    expected = np.sum([d * min(1.0, 1.0 / s) for d, s in zip(deltas, norms, strict=True)], 0)
+    out = noised_mean(iter(deltas), n, spec, goal)
+    assert out.reports == 15 and out.clipped == sum(s > 1.0 for s in norms)
+    residual = (out.mean * goal - expected) / (spec.noise_multiplier * spec.clip)
+    assert stats.kstest(residual, "norm").pvalue > 1e-3
+    again = noised_mean(iter(deltas), n, spec, goal)
+    assert not np.array_equal(again.mean, out.mean)  # fresh noise at every commit
+
+
+def test_device_side_clipping() -> None:
+    x = np.array([3.0, 4.0], dtype=np.float32)
+    assert np.allclose(clip_to_norm(x, 1.0), [0.6, 0.8])
+    assert clip_to_norm(x, 5.0) is x
+    assert plan_clip({"dp": {"clip": 2}}) == 2.0 and plan_clip({"lr": 0.1}) is None
+    for bad in (0, -1, float("nan"), True, "1"):
+        with pytest.raises(ValueError):
+            plan_clip({"dp": {"clip": bad}})
