@@ -20,9 +20,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import ssl
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +33,8 @@ from aiohttp import web
 from coordinator import dashboard
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import ApiError, BodyTooLarge, Overloaded
-from coordinator.service import Coordinator, DeviceIdentity
+from coordinator.group_commit import GroupCommit
+from coordinator.service import AdmittedUpload, Coordinator, DeviceIdentity, StagedUpload
 from edge_sdk.protocol import (
     FRAME_CONTENT_TYPE,
     HEADER_ENROLLMENT,
@@ -156,6 +158,73 @@ class WorkQueue:
 _QUEUE_KEY = web.AppKey("work_queue", WorkQueue)
 
 
+class _GroupedUploads:
+    """The upload route with group commit: admission on the worker thread, frames decoded
+    and payloads staged on a pool (in parallel, off the event loop), then batches made
+    durable together (:class:`~coordinator.group_commit.GroupCommit`): fsyncs on their own
+    pool while the worker serves other requests, rows in one transaction on the worker."""
+
+    def __init__(self, coord: Coordinator, work: WorkQueue) -> None:
+        cfg = coord.config
+        self.coord, self.work = coord, work
+        self.decoders = ThreadPoolExecutor(
+            max(2, os.cpu_count() or 2), thread_name_prefix="fedge-decode"
+        )
+        # fsync waits on the disk, not the CPU: one thread per file of a batch, so that the
+        # journal commits them together.
+        self.syncers = ThreadPoolExecutor(
+            cfg.group_commit_max_batch, thread_name_prefix="fedge-fsync"
+        )
+        self.commits: GroupCommit[StagedUpload, dict[str, Any]] = GroupCommit(
+            self._commit,
+            max_batch=cfg.group_commit_max_batch,
+            max_pending=2 * cfg.group_commit_max_batch,
+            retry_after_s=cfg.overload_retry_after_s,
+        )
+
+    async def upload(
+        self, who: DeviceIdentity, assignment_id: str, key: str | None, report: str | None,
+        data: bytes,
+    ) -> dict[str, Any]:  # fmt: skip
+        self.commits.reserve()
+        try:
+            admitted = await self.work.run(self.coord.admit_upload, who, assignment_id, key, report)
+        except BaseException:
+            self.commits.release()
+            raise
+        if admitted.replay is not None:
+            self.commits.release()
+            return admitted.replay
+        # Shielded: once staged, an upload finishes (durable, or its payload dropped) even if
+        # its client leaves.
+        return await asyncio.shield(self._stage_and_commit(admitted, data))
+
+    async def _stage_and_commit(self, admitted: AdmittedUpload, data: bytes) -> dict[str, Any]:
+        try:
+            loop = asyncio.get_running_loop()
+            staged = await loop.run_in_executor(
+                self.decoders, self.coord.stage_upload, admitted, data
+            )
+            return await self.commits.submit(staged)
+        finally:
+            self.commits.release()
+
+    async def _commit(self, batch: Sequence[StagedUpload]) -> list[dict[str, Any] | ApiError]:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self.decoders, self.coord.install_uploads, batch, self.syncers
+            )
+        except ApiError as e:
+            return [e] * len(batch)
+        return await self.work.run(self.coord.accept_uploads, batch, internal=True)
+
+    async def close(self) -> None:
+        await self.commits.close()
+        self.decoders.shutdown(wait=True)
+        self.syncers.shutdown(wait=True)
+
+
 def server_tls(config: CoordinatorConfig) -> ssl.SSLContext | None:
     """The server's TLS context from ``tls_cert``/``tls_key`` (PEM), or None for plain HTTP.
 
@@ -249,16 +318,15 @@ def build_app(coord: Coordinator) -> web.Application:
     async def update(request: web.Request) -> web.Response:
         who = await device(request)
         data = await _read_body(request, cfg.max_body_bytes, "update frame")
-        return ok(
-            await run(
-                coord.upload,
-                who,
-                request.match_info["assignment_id"],
-                request.headers.get(HEADER_IDEMPOTENCY_KEY),
-                request.headers.get(HEADER_REPORT),
-                data,
-            )
+        args = (
+            who,
+            request.match_info["assignment_id"],
+            request.headers.get(HEADER_IDEMPOTENCY_KEY),
+            request.headers.get(HEADER_REPORT),
         )
+        if uploads is None:
+            return ok(await run(coord.upload, *args, data))
+        return ok(await uploads.upload(*args, data))
 
     @routes.post(Route.ASSIGNMENT_METRICS)
     async def metrics(request: web.Request) -> web.Response:
@@ -321,6 +389,7 @@ def build_app(coord: Coordinator) -> web.Application:
         return web.Response(body=data, content_type="application/x-tar")
 
     app.add_routes(routes)
+    uploads = _GroupedUploads(coord, work) if cfg.group_commit else None
     dashboard.add_routes(app, coord, run, lambda: work.pending)
 
     async def ticker() -> None:
@@ -345,6 +414,8 @@ def build_app(coord: Coordinator) -> web.Application:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if uploads is not None:
+            await uploads.close()
         await internal(coord.close)
         executor.shutdown(wait=True)
 

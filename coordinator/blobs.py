@@ -7,6 +7,13 @@ row that refers to it is committed only after :meth:`BlobStore.put` returned. A 
 those steps, or between a commit and the deletion of what it made obsolete, leaves blobs no
 record needs; :meth:`BlobStore.collect` removes them, given the set still referenced.
 
+Group commit (:meth:`BlobStore.stage`, then :meth:`BlobStore.install` of several at once):
+each payload is written to a temporary file without waiting for the disk, and the batch is
+made durable together: every file fsync'ed (concurrently, if given an executor: the
+filesystem's journal then commits them together), renamed into place, and each directory
+holding one fsync'ed once. All or nothing: after an error no blob of the batch that was not
+there before is left in place.
+
 A blob may have *derived* files beside it (:meth:`BlobStore.derived`: a version's parameter
 frame, encoded once and then served from disk). They are caches, made again if missing, and
 go with their blob (:meth:`BlobStore.delete`, :meth:`BlobStore.collect`).
@@ -27,12 +34,15 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Set
+from collections.abc import Callable, Iterator, Sequence, Set
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["DERIVED_KINDS", "BlobStore", "Collected", "fsync_dir"]
+__all__ = ["DERIVED_KINDS", "BlobStore", "Collected", "Staged", "fsync_dir"]
 
+T = TypeVar("T")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _FANOUT_RE = re.compile(r"^[0-9a-f]{2}$")
 # What a blob's derived files may be (the suffix of their name, "<sha[2:]>.<kind>").
@@ -43,6 +53,17 @@ DERIVED_KINDS = frozenset({"frame"})
 class Collected:
     blobs: int = 0
     bytes: int = 0
+
+
+@dataclass
+class Staged:
+    """A blob written to a temporary file, not yet durable nor in place. The file stays
+    open until installed or discarded: a write-back error is reported to descriptors open
+    when it happened, so the fsync must use this one."""
+
+    sha: str
+    tmp: Path
+    fd: int | None  # None once closed
 
 
 def fsync_dir(path: Path) -> None:
@@ -78,6 +99,73 @@ class BlobStore:
         sha = hashlib.sha256(data).hexdigest()
         self._install(sha, lambda f: f.write(data))
         return sha
+
+    def stage(self, data: bytes | bytearray | memoryview) -> Staged:
+        """Write ``data`` to a temporary file (not synced): :meth:`install` makes it a blob,
+        :meth:`discard` drops it. Safe from any thread."""
+        sha = hashlib.sha256(data).hexdigest()
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp_name)
+            raise
+        return Staged(sha, Path(tmp_name), fd)
+
+    def discard(self, staged: Sequence[Staged]) -> None:
+        """Drop staged files not (or no longer) needed (again: no harm)."""
+        for s in staged:
+            fd, s.fd = s.fd, None
+            if fd is not None:
+                os.close(fd)
+            s.tmp.unlink(missing_ok=True)
+
+    def install(self, staged: Sequence[Staged], executor: Executor | None = None) -> None:
+        """Make staged blobs durable and visible together (see the module docstring): one
+        fsync per file, run on ``executor`` if given, then one per directory. On any error
+        the blobs this call put in place are removed again and the error raised; the
+        temporary files are gone either way."""
+        fresh = {s.sha: s for s in staged if not self.path(s.sha).is_file()}
+        placed: list[Path] = []
+        new_dirs: set[Path] = set()
+        try:
+            self._run_all(executor, [s.fd for s in fresh.values() if s.fd is not None], os.fsync)
+            for s in fresh.values():
+                dest = self.path(s.sha)
+                if not dest.parent.exists():
+                    dest.parent.mkdir()
+                    new_dirs.add(dest.parent)
+                os.replace(s.tmp, dest)
+                placed.append(dest)
+            dirs = sorted({p.parent for p in placed}) + ([self.root] if new_dirs else [])
+            self._run_all(executor, dirs, fsync_dir)
+        except BaseException:
+            # Names that may not survive a power cut must not look written (a retry skips a
+            # blob that exists).
+            for dest in placed:
+                dest.unlink(missing_ok=True)
+            for d in new_dirs:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
+        finally:
+            self.discard(staged)
+
+    @staticmethod
+    def _run_all(executor: Executor | None, args: Sequence[T], fn: Callable[[T], None]) -> None:
+        if executor is None or len(args) < 2:
+            for a in args:
+                fn(a)
+            return
+        # Wait for every call before raising the first error: none may still be running
+        # when the caller cleans up.
+        futures = [executor.submit(fn, a) for a in args]
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
+        if errors:
+            raise errors[0]
 
     def put_file(self, source: Path, sha: str | None = None) -> str:
         """Copy a file in (its sha256 computed while copying, checked against ``sha`` if given)."""

@@ -60,6 +60,11 @@ class CoordinatorConfig:
     # (with Retry-After) instead of queueing behind minutes of work.
     max_queued_operations: int = 64
     overload_retry_after_s: float = 2.0
+    # Group commit (coordinator/group_commit.py): concurrent uploads are made durable together,
+    # at most this many per batch (one round of fsyncs, one transaction). Off: each upload
+    # is made durable on its own, on the worker thread.
+    group_commit: bool = True
+    group_commit_max_batch: int = 32
     # PEM files: with both set the service speaks HTTPS only.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -84,7 +89,7 @@ class CoordinatorConfig:
         if self.open_registration and self.enrollment_token is not None:
             raise ConfigError("open_registration contradicts an enrollment_token: choose one")
         for name in ("max_body_bytes", "max_json_bytes", "max_bundle_bytes",
-                     "max_queued_operations"):
+                     "max_queued_operations", "group_commit_max_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if min(self.retain_versions, self.retention_interval_s, self.retain_receipts_s) < 0:

@@ -23,12 +23,15 @@ import logging
 import random
 import secrets
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from coordinator.blobs import BlobStore, Collected
+import numpy as np
+
+from coordinator.blobs import BlobStore, Collected, Staged
 from coordinator.bundles import bundle_tar, extract_bundle, initial_params_name, version_manifest
 from coordinator.clock import Clock, SystemClock
 from coordinator.config import CoordinatorConfig
@@ -72,7 +75,7 @@ from edge_sdk.protocol import (
     parse_device_auth,
 )
 
-__all__ = ["Coordinator", "DeviceIdentity"]
+__all__ = ["AdmittedUpload", "Coordinator", "DeviceIdentity", "StagedUpload"]
 
 log = logging.getLogger("fedge.coordinator")
 T = TypeVar("T")
@@ -86,6 +89,30 @@ class DeviceIdentity:
     device_id: str
     population: str
     last_seen_at: float = 0.0  # as stored (registration time if never recorded)
+
+
+@dataclass(frozen=True)
+class AdmittedUpload:
+    """An upload that passed the checks needing no payload (:meth:`Coordinator.admit_upload`);
+    ``replay``: the answer to a repeat of an upload already accepted."""
+
+    who: DeviceIdentity
+    assignment_id: str
+    idempotency_key: str
+    report: dict[str, Any]
+    num_parameters: int
+    max_norm: float | None
+    replay: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StagedUpload:
+    """An admitted upload whose frame decoded and checked; its payload staged as a blob."""
+
+    admitted: AdmittedUpload
+    delta: np.ndarray
+    blob: Staged
+    payload_bytes: int
 
 
 def _header_bytes(value: str) -> bytes:
@@ -477,7 +504,45 @@ class Coordinator:
         report_header: str | None,
         body: bytes,
     ) -> dict[str, Any]:
+        """One upload made durable on its own. The HTTP layer's group commit runs the same
+        steps (:meth:`admit_upload`, :meth:`stage_upload`, :meth:`install_uploads`,
+        :meth:`accept_uploads`) with many uploads per batch."""
+        admitted = self.admit_upload(who, assignment_id, idempotency_key, report_header)
+        if admitted.replay is not None:
+            return admitted.replay
+        staged = self.stage_upload(admitted, body)
+        self.install_uploads([staged])
+        answer = self.accept_uploads([staged])[0]
+        if isinstance(answer, ApiError):
+            raise answer
+        return answer
+
+    def admit_upload(
+        self,
+        who: DeviceIdentity,
+        assignment_id: str,
+        idempotency_key: str | None,
+        report_header: str | None,
+    ) -> AdmittedUpload:
+        """Every check of an upload that needs no payload; a repeat of an accepted upload
+        gets its stored answer (``replay``)."""
         now = self._now()
+        if not idempotency_key:
+            idempotency_key = ""  # refused by _upload_checks, after the assignment's checks
+        a, task, plan, prior = self._upload_checks(who, assignment_id, idempotency_key, now)
+        if prior is not None:
+            return AdmittedUpload(who, assignment_id, idempotency_key, {}, 0, None,
+                                  replay=self._paced(who, task, now, prior))  # fmt: skip
+        report = self._parse_report(report_header, plan)
+        n = self.ctx.num_parameters(task)
+        return AdmittedUpload(who, a.assignment_id, idempotency_key, report, n,
+                              plan.max_update_norm)  # fmt: skip
+
+    def _upload_checks(
+        self, who: DeviceIdentity, assignment_id: str, idempotency_key: str, now: float
+    ) -> tuple[Assignment, Task, TaskPlan, dict[str, Any] | None]:
+        """The assignment, its task and plan, and the stored answer if this upload was
+        accepted before (same key); raises what refuses it."""
         a = self._own_assignment(who, assignment_id)
         if a.action != "train":
             raise Conflict("this is an evaluation assignment: report metrics, not an update")
@@ -495,35 +560,104 @@ class Coordinator:
         prior = self.store.get_update(a.assignment_id)
         if prior is not None:
             if hmac.compare_digest(prior.idempotency_key, idempotency_key):
-                return self._paced(who, task, now, prior.response)
+                return a, task, plan, prior.response
             raise Conflict("this assignment already reported an update", ErrorCode.DUPLICATE_UPLOAD)
-        policy = self._policy(task)
         if task.state == "failed":
             raise Conflict(f"task {task.task_id} failed: {task.failure}")
-        policy.check_upload(task, plan, a, now)
-        report = self._parse_report(report_header, plan)
-        delta = decode_delta(body, self.ctx.num_parameters(task), plan.max_update_norm)
-        payload_sha = self._task_step(task, self.blobs.put, body)
+        self._policy(task).check_upload(task, plan, a, now)
+        return a, task, plan, None
+
+    def stage_upload(self, admitted: AdmittedUpload, body: bytes) -> StagedUpload:
+        """Decode and check the frame and stage its payload (not durable yet). Touches no
+        store or policy state: safe on any thread, several at once (numpy, hashing and file
+        writes release the GIL)."""
+        delta = decode_delta(body, admitted.num_parameters, admitted.max_norm)
+        return StagedUpload(admitted, delta, self.blobs.stage(body), len(body))
+
+    def install_uploads(
+        self, staged: Sequence[StagedUpload], executor: Executor | None = None
+    ) -> None:
+        """Make the staged payloads durable together (one batch of fsyncs); a disk error
+        refuses them all with ``503`` (nothing of them stays)."""
+        try:
+            self.blobs.install([s.blob for s in staged], executor)
+        except OSError as e:
+            log.warning("uploads: storage unavailable: %s", e)
+            raise self._storage_unavailable(e) from e
+
+    def _storage_unavailable(self, e: Exception) -> Overloaded:
+        return Overloaded(
+            f"storage unavailable ({type(e).__name__}: {e}); try again later",
+            retry_after_s=max(1.0, self.config.tick_interval_s),
+        )
+
+    def accept_uploads(self, staged: Sequence[StagedUpload]) -> list[dict[str, Any] | ApiError]:
+        """Store and fold uploads whose payloads :meth:`install_uploads` made durable, in
+        one transaction; the answer (or refusal) of each, in order. Everything is checked
+        again: the state may have moved since admission (another upload of the batch may
+        even have been the same one's retry). A storage error refuses the whole batch with
+        ``503``: nothing of it was stored, and what the policies folded in memory is
+        dropped (rebuilt from the store)."""
+        now = self._now()
+        done: list[tuple[Task, dict[str, Any]] | ApiError] = []
+        tasks: dict[str, Task] = {}
+        try:
+            with self.store.atomic():
+                for s in staged:
+                    try:
+                        done.append(self._accept_staged(s, now, tasks))
+                    except Overloaded:
+                        raise
+                    except ApiError as e:
+                        done.append(e)
+        except Exception as e:
+            for task in tasks.values():
+                self._policy(task).forget(task.task_id)
+            if not isinstance(e, (Overloaded, OSError, *self.store.transient_errors)):
+                raise
+            if not isinstance(e, Overloaded):
+                log.warning("uploads: storage unavailable: %s", e)
+            refusal = e if isinstance(e, Overloaded) else self._storage_unavailable(e)
+            return [refusal] * len(staged)
+        # Durable now, and acknowledged whatever happens next: a commit that fails here
+        # stays due and is retried by the next tick.
+        for task_id in tasks:
+            self._advance(task_id, now)
+        return [
+            d if isinstance(d, ApiError) else self._paced(s.admitted.who, d[0], now, d[1])
+            for s, d in zip(staged, done, strict=True)
+        ]
+
+    def _accept_staged(
+        self, s: StagedUpload, now: float, tasks: dict[str, Task]
+    ) -> tuple[Task, dict[str, Any]] | ApiError:
+        ad = s.admitted
+        a, task, plan, prior = self._upload_checks(ad.who, ad.assignment_id,
+                                                   ad.idempotency_key, now)  # fmt: skip
+        if prior is not None:
+            return task, prior
+        if not self.blobs.exists(s.blob.sha):
+            # Deleted since it was installed (retention, an identical payload of a closed
+            # round): this one is not stored, the others go on.
+            return Overloaded("the payload was not stored; upload it again", 1.0)
+        tasks[task.task_id] = task
         response = self._receipt(a)
         update = Update(
             assignment_id=a.assignment_id,
             round_id=a.round_id,
             task_id=a.task_id,
             device_id=a.device_id,
-            idempotency_key=idempotency_key,
-            payload_sha=payload_sha,
-            payload_bytes=len(body),
-            num_examples=report["num_examples"],
-            loss=report.get("loss"),
-            report=report,
+            idempotency_key=ad.idempotency_key,
+            payload_sha=s.blob.sha,
+            payload_bytes=s.payload_bytes,
+            num_examples=ad.report["num_examples"],
+            loss=ad.report.get("loss"),
+            report=ad.report,
             accepted_at=now,
             response=response,
         )
-        self._task_step(task, policy.accept_update, task, plan, update, delta, now)
-        # Durable now, and acknowledged whatever happens next: a commit that fails here
-        # stays due and is retried by the next tick.
-        self._advance(task.task_id, now)
-        return self._paced(who, task, now, response)
+        self._task_step(task, self._policy(task).accept_update, task, plan, update, s.delta, now)
+        return task, response
 
     def _advance(self, task_id: str, now: float) -> None:
         """Whatever a report made due (a commit), isolated from the report's answer."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_sdk.dp import clip_to_norm
+
 __all__ = ["RingError", "RingSpec", "decode_sum", "encode"]
 
 
@@ -57,9 +59,7 @@ def encode(delta: np.ndarray, weight: int, spec: RingSpec, rng: np.random.Genera
     if not np.all(np.isfinite(x)):
         raise RingError("the update is not finite")
     w = min(max(int(weight), 0), spec.max_weight)
-    norm = float(np.linalg.norm(x))
-    if norm > spec.clip:
-        x = x * (spec.clip / norm)
+    x = clip_to_norm(x, spec.clip)
     scaled = x * (w / spec.max_weight) * (spec.levels / spec.clip)
     q = np.floor(scaled + rng.random(x.size)).astype(np.int64)
     np.clip(q, -spec.levels, spec.levels, out=q)  # float rounding at exactly +-levels

@@ -24,7 +24,7 @@ from coordinator.errors import InvalidRequest
 from coordinator.plan import TaskPlan
 from coordinator.privacy import DpSpec, gaussian_noise, noised_mean
 from edge_sdk.dp import clip_to_norm, plan_clip
-from tests.coordinator.rounds.test_sync import N, PLAN, Fleet
+from tests.coordinator.rounds.test_sync import PLAN, Fleet, N
 
 DELTA = 1e-5
 CLIP = 0.05
@@ -123,9 +123,10 @@ def test_budget_stops_the_task_when_the_next_round_would_exceed_it(dp_fleet) -> 
     task = f.admin.task(f.task_id)
     assert task["state"] == "completed" and task["rounds_completed"] == 2  # of 3
     assert task["privacy"]["completed_reason"] == "privacy_budget"
-    assert task["epsilon"] == pytest.approx(two, rel=1e-9) and task["epsilon"] <= task[
-        "privacy"
-    ]["budget"]
+    assert (
+        task["epsilon"] == pytest.approx(two, rel=1e-9)
+        and task["epsilon"] <= task["privacy"]["budget"]
+    )
     listed = f.admin.status()["tasks"][0]
     assert listed["state"] == "completed"
     assert listed["privacy"]["completed_reason"] == "privacy_budget"
@@ -194,7 +195,7 @@ def test_bad_dp_plans_are_refused_and_create_nothing(
 
 
 def test_dp_plans_refuse_robust_aggregation_and_round_trip() -> None:
-    with pytest.raises(InvalidRequest, match="plan.robust cannot be combined with plan.dp"):
+    with pytest.raises(InvalidRequest, match=r"plan\.robust cannot be combined with plan\.dp"):
         TaskPlan.from_json({"dp": {"clip": 1.0, "noise_multiplier": 1.0}, "robust": {}})
     plan = TaskPlan.from_json({"rounds": 50, "goal": 20, "dp": {"clip": 1.0, "epsilon": 4.0,
                                                                  "population": 1000}})  # fmt: skip

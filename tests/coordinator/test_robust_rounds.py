@@ -16,6 +16,8 @@ import pytest
 
 from coordinator.clock import FakeClock
 from coordinator.embedded import EmbeddedCoordinator
+from coordinator.plan import TaskPlan
+from coordinator.robust.commit import aggregate_updates
 from edge_sdk.errors import ApiError
 from edge_sdk.frame import decode_tensor
 from tests.fixtures.coordinator import DeviceHTTP
@@ -222,3 +224,36 @@ def test_bad_robust_plans_are_refused_over_http_and_store_nothing(
         admin.create_task(
             bundle_id, {"buffer_k": 2, "robust": {"aggregator": "median"}}, mode="async"
         )
+
+
+@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean", "multi_krum", "fedavg"])
+def test_the_commit_reads_updates_back_in_chunks_of_any_size(
+    tmp_path: Path, fake_clock: FakeClock, tiny_bundle: Path, aggregator: str
+) -> None:
+    """Aggregating the committed round again from the store, in coordinate chunks of 1, 5
+    and 64, gives the delta the commit applied; no scratch file is left beside the blobs."""
+    with EmbeddedCoordinator(tmp_path / "fedge.db", clock=fake_clock, retain_updates=True) as c:
+        t = Task(c, tiny_bundle, "sync", robust={"aggregator": aggregator, "clip": None})
+        deltas = _f32(_deltas(21))
+        deltas[2] = deltas[2] * 50
+        t.round_trip(deltas, [30, 40, 50, 60, 70, 80])
+        applied = t.params(1) - t.params(0)
+        svc = c.service
+
+        def again(chunk: int) -> np.ndarray:
+            task = svc.store.get_task(t.task_id)
+            (rnd,) = [r for r in svc.store.list_rounds(t.task_id) if r.state == "committed"]
+            plan = TaskPlan.from_json(task.plan)
+            return aggregate_updates(
+                svc.store, svc.blobs, task, plan, rnd.round_id, N, streamed=_unused, chunk=chunk
+            ).delta
+
+        for chunk in (1, 5, 64):
+            np.testing.assert_allclose(c.call(again, chunk), applied, rtol=1e-5, atol=1e-7)
+        leftovers = [p.name for p in Path(svc.blobs.root).iterdir()
+                     if not (p.is_dir() and (len(p.name) == 2 or p.name == "tmp"))]  # fmt: skip
+        assert leftovers == []
+
+
+def _unused() -> np.ndarray:
+    raise AssertionError("a defended commit reads the updates back, not the streamed sum")

@@ -129,12 +129,13 @@ def test_a_full_disk_answers_503_with_retry_after_and_fails_no_task(
     device = DeviceHTTP(clocked_coordinator)
     a = _train(device)
     blobs = clocked_coordinator.service.blobs
-    real_put = blobs.put
+    real_install = blobs.install  # where an upload's payload becomes durable
 
-    def full(data: bytes) -> str:
+    def full(staged: Any, executor: Any = None) -> None:
+        blobs.discard(staged)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    blobs.put = full
+    blobs.install = full  # type: ignore[method-assign]
     before = clocked_coordinator.call(clocked_coordinator.service.store.snapshot)
     frame, _ = encode_update(_delta(3), "fp32")
     path = Route.ASSIGNMENT_UPDATE.format(assignment_id=a["assignment_id"])
@@ -143,7 +144,7 @@ def test_a_full_disk_answers_503_with_retry_after_and_fails_no_task(
     assert (status, json.loads(body)["error"]["code"]) == (503, "overloaded")
     assert int(headers["retry-after"]) >= 1
     assert clocked_coordinator.call(clocked_coordinator.service.store.snapshot) == before
-    blobs.put = real_put  # space freed: the same upload, retried, is taken
+    blobs.install = real_install  # type: ignore[method-assign]  # space freed: the same upload, retried, is taken
     assert device.upload(a["assignment_id"], _delta(3), key="k")[0] == 200
     task = admin.task(task_id)
     assert (task["state"], task["model_version"], task["failure"]) == ("running", 1, None)

@@ -173,9 +173,9 @@ function serviceHtml(svc) {
     </div>
     <div class="grid" style="margin-top:0.9rem">
       ${panel("Requests per second (all routes)", "c-rate", "Sampled by this page while it is open.")}
-      <div class="panel"><h3>Requests since start, by route</h3>
+      <div class="panel"><h3>Requests since start, by route (latency: mean, p95 bucket)</h3>
         ${table("requests", [["Route"], ["Requests", "num"], ["Errors", "num"],
-          ["Mean latency", "num"], ["p95 latency", "num"]], rows)}
+          ["Mean", "num"], ["p95", "num"]], rows)}
       </div>
     </div>`;
 }

@@ -147,14 +147,15 @@ class Client @JvmOverloads constructor(
     }
 
     private fun pass(): Outcome {
-        val reasons = ineligibility()
+        val now = conditions.read()
+        val reasons = policy.check(now)
         if (reasons.isNotEmpty()) return Outcome(Outcome.INELIGIBLE, jittered(config.ineligibleRecheckS), reasons = reasons)
         ensureRegistered()
         resolvePending()
         val body = JSONObject()
             .put("population", config.population)
             .put("runtimes", JSONArray(RUNTIMES))
-            .put("conditions", conditions.read().toJson())
+            .put("conditions", now.toJson())
             .put("capabilities", JSONObject().put("codecs", JSONArray(Updates.names)))
         val answer = try {
             transport.call("POST", Protocol.CHECKIN, body)

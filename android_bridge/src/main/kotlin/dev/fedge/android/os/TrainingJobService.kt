@@ -45,8 +45,9 @@ abstract class TrainingJobService : JobService() {
             val outcome = c.runOnce()
             lastOutcome = outcome
             log.info("fedge pass: $outcome")
-            scheduler().schedule(outcome.nextRunInS)
+            // Finished first: scheduling this job's id while it still runs would stop it.
             jobFinished(params, false)
+            scheduler().schedule(outcome.nextRunInS)
         }, "fedge-training")
         worker = thread
         thread.start()

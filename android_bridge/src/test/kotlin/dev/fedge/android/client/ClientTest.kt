@@ -65,14 +65,15 @@ class ClientTest {
         assertEquals(h1.getValue("idempotency-key"), h2.getValue("idempotency-key"))
         assertEquals(checkinsBefore + 1, coordinator.checkins) // resent first, then checked in
         assertNull(c.state.loadPending())
-        // acknowledged: the residual is what the first encoding left (fp32 values: exactly the rest)
+        assertEquals(Outcome.TRAINED, second.action) // and the new pass trained again
+        assertEquals(3, coordinator.uploads.size)
+        // each acknowledged upload left its encoding's remainder as the residual (fp32 values:
+        // zero where sent, the rest elsewhere)
         val residual = Updates.decode(residualFile.readBytes())
-        val sent = Updates.decode(f1)
+        val sent = Updates.decode(coordinator.uploads[2].second)
         assertEquals(sent.size, residual.size)
         assertTrue(residual.any { it != 0f })
         for (i in sent.indices) assertTrue(sent[i] == 0f || residual[i] == 0f)
-        assertEquals(Outcome.TRAINED, second.action) // and the new pass trained again
-        assertEquals(3, coordinator.uploads.size)
         assertEquals("d-1", c.state.loadCredentials(coordinator.url)!!.deviceId)
     }
 }

@@ -1,0 +1,296 @@
+"""One SecAgg+ round on the server: four stages, each with a deadline, then the unmasked sum.
+
+::
+
+    advertise ──> share ──> mask ──> unmask ──> unmasked (SecAggResult)
+        │           │         │         │
+        └───────────┴─────────┴─────────┴──> abandoned (reason)
+
+A stage ends when every device expected at it answered, or at its deadline
+(:meth:`SecAggSession.tick`); the devices that answered are the next stage's cohort:
+
+1. **advertise**: each selected device sends two X25519 public keys (``c`` to encrypt shares,
+   ``s`` for pairwise masks). Devices with fewer than ``threshold`` advertising neighbours
+   cannot be protected and are left out (repeatedly, as leaving one out may strand another).
+2. **share**: each device gets its advertising neighbours' keys and sends one AES-GCM
+   ciphertext per neighbour holding Shamir shares of its self-mask seed and of its mask key.
+3. **mask**: each device gets the ciphertexts addressed to it and the list of devices that
+   shared, and uploads its masked ring vector; the server only ever adds these up.
+4. **unmask**: each uploader gets the survivors and the dropouts (shared, did not upload) and
+   opens, for each neighbour that sent it a share, the self-mask share of a survivor or the
+   mask-key share of a dropout. With ``threshold`` of them per secret the server removes
+   every mask of the sum (:func:`edge_sdk.secagg.masking.unmask`) and decodes it.
+
+A stage that ends with fewer than ``min_survivors`` devices abandons the round, as do shares
+that do not reconstruct. Bad input is refused before anything changes: a device outside the
+stage's cohort (:class:`~coordinator.errors.Forbidden`, 403), a message for another stage or
+a second message for one (:class:`~coordinator.errors.Conflict`, 409), keys, ciphertexts,
+shares or vectors of the wrong size or for the wrong neighbours (:class:`~coordinator.errors.
+InvalidRequest`, 400).
+
+The session is a fold of its :attr:`SecAggSession.events` (accepted messages and stage
+closes, in order): :meth:`SecAggSession.replay` rebuilds it from them, so that a coordinator
+that stores each event before acknowledging it can restore the round after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from coordinator.errors import Conflict, Forbidden, InvalidRequest
+from edge_sdk.secagg import crypto, graph, masking, ring, shamir
+from edge_sdk.secagg.client import CIPHERTEXT_BYTES
+
+__all__ = ["STAGES", "SecAggResult", "SecAggSession"]
+
+STAGES = ("advertise", "share", "mask", "unmask")
+
+
+@dataclass(frozen=True)
+class SecAggResult:
+    weighted_sum: np.ndarray  # float64: sum over survivors of weight * clip(delta)
+    total_weight: int
+    survivors: tuple[str, ...]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.weighted_sum / self.total_weight
+
+
+@dataclass
+class SecAggSession:
+    """The state of one round; build with :meth:`start`."""
+
+    devices: tuple[str, ...]
+    context: bytes
+    spec: ring.RingSpec
+    length: int  # model parameters; vectors carry one more element, the weight
+    min_survivors: int
+    threshold: int
+    links: list[frozenset[int]]
+    stage_timeout_s: float
+    stage: str = "advertise"
+    deadline: float = 0.0
+    reason: str | None = None  # why the round was abandoned
+    result: SecAggResult | None = None
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    cohort: dict[str, frozenset[int]] = field(default_factory=dict)  # stage -> who may answer
+    shares: dict[int, dict[int, bytes]] = field(default_factory=dict)  # sender -> recipient
+    masked_sum: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    uploaded: set[int] = field(default_factory=set)
+    opened: dict[int, dict[int, bytes]] = field(default_factory=dict)  # holder -> owner
+
+    @classmethod
+    def start(
+        cls,
+        devices: Sequence[str],
+        *,
+        context: bytes,
+        spec: ring.RingSpec,
+        length: int,
+        min_survivors: int,
+        graph_seed: bytes,
+        now: float,
+        stage_timeout_s: float,
+        dropout: float = 0.3,
+    ) -> SecAggSession:
+        """A session for ``devices`` (their index is their position), at stage advertise.
+        ``graph_seed``: 32 public random bytes drawn before any key is seen; ``dropout``: the
+        fraction of devices the graph's degree and threshold are sized to lose."""
+        if len(set(devices)) != len(devices):
+            raise ValueError("a device appears twice in the cohort")
+        degree, threshold = graph.parameters(len(devices), dropout)
+        out = cls(
+            devices=tuple(devices),
+            context=context,
+            spec=spec,
+            length=length,
+            min_survivors=max(min_survivors, threshold),
+            threshold=threshold,
+            links=graph.neighbours(len(devices), degree, graph_seed),
+            stage_timeout_s=stage_timeout_s,
+            deadline=now + stage_timeout_s,
+            masked_sum=np.zeros(length + 1, np.uint64),
+        )
+        out.cohort["advertise"] = frozenset(range(len(devices)))
+        return out
+
+    @classmethod
+    def replay(cls, session: SecAggSession, events: Sequence[tuple[Any, ...]]) -> SecAggSession:
+        """``session`` (fresh from :meth:`start`) after ``events``, as they were recorded."""
+        for event in events:
+            kind, *args = event
+            if kind == "close":
+                session._close(*args)
+            else:
+                getattr(session, kind)(*args)
+        return session
+
+    # -- what devices are told ----------------------------------------------------------------
+
+    def index(self, device_id: str) -> int:
+        try:
+            return self.devices.index(device_id)
+        except ValueError:
+            raise Forbidden("this device is not in the round's secure aggregation") from None
+
+    def neighbour_keys(self, device_id: str) -> dict[int, tuple[bytes, bytes]]:
+        """Stage share: the keys of the device's neighbours that are still in."""
+        u = self._expect(device_id, "share")
+        return {v: self.keys[v] for v in sorted(self.links[u] & self.cohort["share"])}
+
+    def inbox(self, device_id: str) -> tuple[dict[int, bytes], frozenset[int]]:
+        """Stage mask: the ciphertexts addressed to the device, and who shared."""
+        v = self._expect(device_id, "mask")
+        sharers = self.cohort["mask"]
+        return {u: self.shares[u][v] for u in sorted(sharers) if v in self.shares[u]}, sharers
+
+    def survivors(self, device_id: str) -> tuple[frozenset[int], frozenset[int]]:
+        """Stage unmask: who uploaded, and who shared but did not."""
+        self._expect(device_id, "unmask")
+        return self.cohort["unmask"], self.cohort["mask"] - self.cohort["unmask"]
+
+    # -- what devices send --------------------------------------------------------------------
+
+    def advertise(self, device_id: str, c_public: bytes, s_public: bytes) -> None:
+        u = self._expect(device_id, "advertise", fresh=self.keys)
+        if len(c_public) != crypto.KEY_BYTES or len(s_public) != crypto.KEY_BYTES:
+            raise InvalidRequest(f"public keys are {crypto.KEY_BYTES} bytes each")
+        if c_public == s_public or any(
+            k in (c_public, s_public) for pair in self.keys.values() for k in pair
+        ):
+            raise InvalidRequest("public keys must be fresh: distinct from each other and others'")
+        self.keys[u] = (c_public, s_public)
+        self.events.append(("advertise", device_id, c_public, s_public))
+
+    def share(self, device_id: str, ciphertexts: Mapping[int, bytes]) -> None:
+        u = self._expect(device_id, "share", fresh=self.shares)
+        expected = self.links[u] & self.cohort["share"]
+        if set(ciphertexts) != expected:
+            raise InvalidRequest(
+                f"shares go to exactly the device's neighbours {sorted(expected)}, "
+                f"not {sorted(ciphertexts)}"
+            )
+        if any(len(c) != CIPHERTEXT_BYTES for c in ciphertexts.values()):
+            raise InvalidRequest(f"each share ciphertext is {CIPHERTEXT_BYTES} bytes")
+        self.shares[u] = dict(ciphertexts)
+        self.events.append(("share", device_id, dict(ciphertexts)))
+
+    def mask(self, device_id: str, vector: np.ndarray) -> None:
+        u = self._expect(device_id, "mask", fresh=self.uploaded)
+        y = np.asarray(vector)
+        if y.dtype != np.uint64 or y.shape != (self.length + 1,):
+            raise InvalidRequest(f"a masked vector is {self.length + 1} uint64 ring elements")
+        if self.spec.bits < 64 and bool((y > self.spec.modulus_mask).any()):
+            raise InvalidRequest(f"masked vector elements are below 2**{self.spec.bits}")
+        self.masked_sum = (self.masked_sum + y) & self.spec.modulus_mask  # uint64 wraps
+        self.uploaded.add(u)
+        self.events.append(("mask", device_id, y))
+
+    def unmask(self, device_id: str, opened: Mapping[int, bytes]) -> None:
+        v = self._expect(device_id, "unmask", fresh=self.opened)
+        expected = {u for u in self.links[v] & self.cohort["mask"] if v in self.shares[u]}
+        if set(opened) != expected:
+            raise InvalidRequest(
+                f"open exactly the shares of the neighbours that sent you one: "
+                f"{sorted(expected)}, not {sorted(opened)}"
+            )
+        if any(len(s) != shamir.SHARE_BYTES for s in opened.values()):
+            raise InvalidRequest(f"each opened share is {shamir.SHARE_BYTES} bytes")
+        self.opened[v] = dict(opened)
+        self.events.append(("unmask", device_id, dict(opened)))
+
+    # -- time ---------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.stage in ("unmasked", "abandoned")
+
+    def tick(self, now: float) -> None:
+        """End the current stage if everyone expected answered or its deadline passed."""
+        while not self.done:
+            answered = self._answered()
+            if len(answered) < len(self.cohort[self.stage]) and now < self.deadline:
+                return
+            self._close(self.stage, now)
+
+    def _answered(self) -> frozenset[int]:
+        held = {"advertise": self.keys, "share": self.shares, "mask": self.uploaded,
+                "unmask": self.opened}[self.stage]  # fmt: skip
+        return frozenset(held)
+
+    def _close(self, stage: str, now: float) -> None:
+        if stage != self.stage:
+            raise ValueError(f"closing {stage} at stage {self.stage}")
+        self.events.append(("close", stage, now))
+        answered = set(self._answered())
+        if stage == "advertise":
+            # Leave out devices too few neighbours of which advertised (they could not be
+            # unmasked), until every remaining one has enough.
+            while True:
+                short = {u for u in answered if len(self.links[u] & answered) < self.threshold}
+                if not short:
+                    break
+                answered -= short
+        if stage == "unmask":
+            self._finish()
+            return
+        nxt = STAGES[STAGES.index(stage) + 1]
+        if len(answered) < self.min_survivors:
+            self.stage, self.reason = "abandoned", f"too_few_after_{stage}"
+            return
+        self.cohort[nxt] = frozenset(answered)
+        self.stage, self.deadline = nxt, now + self.stage_timeout_s
+
+    def _finish(self) -> None:
+        survivors, dropped = self.cohort["unmask"], self.cohort["mask"] - self.cohort["unmask"]
+        try:
+            self_seeds = [shamir.combine(self._opened_for(u)) for u in sorted(survivors)]
+            pairs = []
+            for v in sorted(dropped):
+                s_private = shamir.combine(self._opened_for(v))
+                if _public(s_private) != self.keys[v][1]:
+                    raise shamir.ShamirError(f"device {v}'s mask key does not match its shares")
+                pairs += [
+                    (u, v, masking.pair_seed(s_private, self.keys[u][1], self.context))
+                    for u in sorted(self.links[v] & survivors)
+                ]
+        except shamir.ShamirError:
+            self.stage, self.reason = "abandoned", "unmasking_failed"
+            return
+        total = masking.unmask(self.masked_sum, self_seeds, pairs, self.spec.bits)
+        weighted, weight = ring.decode_sum(total, self.spec)
+        if weight <= 0:
+            self.stage, self.reason = "abandoned", "no_weight"
+            return
+        names = tuple(self.devices[u] for u in sorted(survivors))
+        self.result = SecAggResult(weighted, weight, names)
+        self.stage = "unmasked"
+
+    def _opened_for(self, owner: int) -> dict[int, bytes]:
+        shares = {v + 1: got[owner] for v, got in self.opened.items() if owner in got}
+        if len(shares) < self.threshold:
+            raise shamir.ShamirError(f"{len(shares)} shares of device {owner}'s secret")
+        return shares
+
+    def _expect(self, device_id: str, stage: str, fresh: Collection[int] = ()) -> int:
+        u = self.index(device_id)
+        if self.stage != stage:
+            raise Conflict(f"the round's secure aggregation is at stage {self.stage}, not {stage}")
+        if u not in self.cohort[stage]:
+            raise Forbidden(f"this device is not in stage {stage} (it missed an earlier stage)")
+        if u in fresh:
+            raise Conflict(f"this device already answered stage {stage}")
+        return u
+
+
+def _public(private: bytes) -> bytes:
+    key = X25519PrivateKey.from_private_bytes(private).public_key()
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
