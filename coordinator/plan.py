@@ -134,6 +134,11 @@ class TaskPlan:
             buffer=AsyncConfig.from_fields(f),
         )
         dp_raw = f.raw("dp")
+        if f.raw("secagg") is not None:
+            raise InvalidRequest(
+                "plan.secagg is not available yet: this coordinator has the SecAgg+ state "
+                "machine (coordinator/secagg) but does not serve its stages over HTTP"
+            )
         f.done()
         if not f.has("selection_timeout_s"):  # the default never cuts a long window short
             timeout = max(DEFAULT_SELECTION_TIMEOUT_S, plan.selection_window_s)

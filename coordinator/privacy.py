@@ -25,14 +25,18 @@ so that one device moves the mean by at most ``clip / goal``. The noise comes fr
 keyed by 32 bytes of ``os.urandom`` drawn at each commit and never stored: nobody, the
 coordinator's operator included, can subtract it again. Each committed round records its
 ``(population, cohort, noise_multiplier)`` and the whole ledger so far in its metrics, in
-the version's transaction (:func:`round_record`); the next commit reads the ledger from
-there (:func:`ledger_after`), so retention deleting old rounds loses no privacy spent.
+the version's transaction (:func:`round_record`), with the RDP of all rounds so far summed
+at the accountant's orders (RDP composes by addition; ``dp_accounting``'s own
+``compute_epsilon`` turns it into epsilon); the next commit starts from there
+(:func:`ledger_after`), so retention deleting old rounds loses no privacy spent, and a
+commit costs one new RDP computation however long the task ran.
 
 Must not import: ``coordinator.service``, aiohttp, torch. Needs the ``privacy`` extra.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import Counter
@@ -44,6 +48,7 @@ import numpy as np
 from dp_accounting import dp_event
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
+from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from coordinator.errors import InvalidRequest
 from coordinator.validation import Fields
@@ -88,32 +93,60 @@ class Round:
         )
 
 
+@functools.lru_cache(maxsize=4096)
+def _round_rdp(rnd: Round) -> tuple[float, ...]:
+    """One round's RDP at each of the accountant's orders (computing it for a
+    sampled-without-replacement event takes about a second: done once per distinct round)."""
+    accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    accountant.compose(rnd.event())
+    return tuple(float(x) for x in accountant.rdp)
+
+
+def _orders() -> tuple[float, ...]:
+    return tuple(float(x) for x in RdpAccountant().orders)
+
+
+# RDP composes by addition, order by order; an order whose bound is infinite (or beyond any
+# useful value) is stored as this, which no epsilon ever comes from, so that it fits JSON.
+_RDP_CAP = 1e300
+
+
 @dataclass(frozen=True)
 class Ledger:
-    """The rounds a task has released, and the epsilon they cost at ``delta``."""
+    """The rounds a task has released, and the epsilon they cost at ``delta``.
+
+    ``prior``: the summed RDP (at the accountant's orders) of rounds released before these,
+    as a previous commit stored it (:func:`ledger_after`); empty for none.
+    """
 
     delta: float
     rounds: tuple[tuple[Round, int], ...] = field(default=())
+    prior: tuple[float, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if not 0.0 < self.delta < 1.0:
             raise ValueError("delta must be in (0, 1)")
+        if self.prior and len(self.prior) != len(_orders()):
+            raise ValueError("prior RDP of the wrong length for the accountant's orders")
 
     def plus(self, rnd: Round, times: int = 1) -> Ledger:
         counts = Counter(dict(self.rounds))
         counts[rnd] += times
-        return Ledger(self.delta, tuple(sorted(counts.items())))
+        return Ledger(self.delta, tuple(sorted(counts.items())), self.prior)
+
+    def rdp(self) -> np.ndarray:
+        """The composed RDP of every round, at the accountant's orders (what
+        ``RdpAccountant`` adds up internally when it composes the same events)."""
+        total = np.array(self.prior or np.zeros(len(_orders())), dtype=np.float64)
+        for r, n in self.rounds:
+            total += n * np.array(_round_rdp(r))
+        return np.minimum(total, _RDP_CAP)
 
     def epsilon(self) -> float:
-        if not self.rounds:
+        if not self.rounds and not any(self.prior):
             return 0.0
-        accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
-        accountant.compose(
-            dp_event.ComposedDpEvent(
-                [dp_event.SelfComposedDpEvent(r.event(), n) for r, n in self.rounds]
-            )
-        )
-        return float(accountant.get_epsilon(self.delta))
+        eps, _ = compute_epsilon(_orders(), self.rdp(), self.delta)
+        return float(eps)
 
     def would_exceed(self, rnd: Round, budget: float) -> bool:
         """Whether releasing ``rnd`` next would take the task past ``budget``."""
@@ -241,16 +274,20 @@ def noised_mean(
 
 def ledger_after(delta: float, previous: dict[str, Any] | None) -> Ledger:
     """The ledger a commit starts from: what the previous DP commit recorded (None: none)."""
-    ledger = Ledger(delta)
-    for population, cohort, z, times in (previous or {}).get("ledger", []):
-        ledger = ledger.plus(Round(int(population), int(cohort), float(z)), int(times))
-    return ledger
+    prior = (previous or {}).get("rdp")
+    return Ledger(delta, prior=tuple(float(x) for x in prior) if prior else ())
 
 
 def round_record(
-    spec: DpSpec, ledger: Ledger, rnd: Round, result: NoisedMean, goal: int
+    spec: DpSpec,
+    ledger: Ledger,
+    rnd: Round,
+    result: NoisedMean,
+    goal: int,
+    released: int,
 ) -> dict[str, Any]:
-    """What a committed round stores under ``metrics["dp"]`` (``ledger`` includes ``rnd``)."""
+    """What a committed round stores under ``metrics["dp"]`` (``ledger`` includes ``rnd``;
+    ``released``: the DP rounds released before it)."""
     return {
         "population": rnd.population,
         "cohort": rnd.cohort,
@@ -262,7 +299,8 @@ def round_record(
         "delta": ledger.delta,
         "epsilon": ledger.epsilon(),
         "budget": spec.budget,
-        "ledger": [[r.population, r.cohort, r.noise_multiplier, n] for r, n in ledger.rounds],
+        "rounds": released + sum(n for _, n in ledger.rounds),
+        "rdp": [float(x) for x in ledger.rdp()],
     }
 
 

@@ -343,17 +343,20 @@ class SyncRounds(TaskPolicy):
         )
 
     def _dp_ledger(self, task: Task, plan: TaskPlan, population: int, cohort: int) -> Any:
+        """``(this round, the ledger before it, the DP rounds released before it)``."""
         from coordinator import privacy  # the privacy extra; a DP plan validated with it
 
         assert plan.dp is not None
         this = privacy.Round(population, cohort, plan.dp.noise_multiplier)
-        return this, privacy.ledger_after(plan.dp.delta, self._dp_record(task))
+        before = self._dp_record(task)
+        released = 0 if before is None else int(before["rounds"])
+        return this, privacy.ledger_after(plan.dp.delta, before), released
 
     def _dp_would_exceed(self, task: Task, plan: TaskPlan, population: int, cohort: int) -> bool:
         assert plan.dp is not None
         if plan.dp.budget is None:
             return False
-        this, ledger = self._dp_ledger(task, plan, population, cohort)
+        this, ledger, _ = self._dp_ledger(task, plan, population, cohort)
         return bool(ledger.would_exceed(this, plan.dp.budget))
 
     def _stop_for_budget(self, task: Task, rnd: Round, now: float) -> Round:
@@ -383,7 +386,7 @@ class SyncRounds(TaskPolicy):
         assert plan.dp is not None
         # The window's candidates are the eligible population the cohort was drawn from
         # (docs/protocol.md, "Differential privacy"); every assignment was drawn from them.
-        this, ledger = self._dp_ledger(
+        this, ledger, released = self._dp_ledger(
             task, plan, metrics["candidates"], max(1, metrics["participants"])
         )
         ledger = ledger.plus(this)
@@ -394,7 +397,7 @@ class SyncRounds(TaskPolicy):
             plan.dp,
             rnd.goal,
         )
-        metrics["dp"] = privacy.round_record(plan.dp, ledger, this, result, rnd.goal)
+        metrics["dp"] = privacy.round_record(plan.dp, ledger, this, result, rnd.goal, released)
         if plan.dp.budget is not None and ledger.would_exceed(this, plan.dp.budget):
             metrics["stopped"] = privacy.BUDGET_REASON
         return result.mean

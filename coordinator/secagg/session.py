@@ -222,9 +222,11 @@ class SecAggSession:
             self._close(self.stage, now)
 
     def _answered(self) -> frozenset[int]:
-        held = {"advertise": self.keys, "share": self.shares, "mask": self.uploaded,
-                "unmask": self.opened}[self.stage]  # fmt: skip
-        return frozenset(held)
+        held: dict[str, Collection[int]] = {
+            "advertise": self.keys, "share": self.shares, "mask": self.uploaded,
+            "unmask": self.opened,
+        }  # fmt: skip
+        return frozenset(held[self.stage])
 
     def _close(self, stage: str, now: float) -> None:
         if stage != self.stage:

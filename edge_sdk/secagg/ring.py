@@ -22,7 +22,7 @@ import numpy as np
 
 from edge_sdk.dp import clip_to_norm
 
-__all__ = ["RingError", "RingSpec", "decode_sum", "encode"]
+__all__ = ["RingError", "RingSpec", "decode_sum", "encode", "pack", "unpack"]
 
 
 class RingError(ValueError):
@@ -75,3 +75,25 @@ def decode_sum(total: np.ndarray, spec: RingSpec) -> tuple[np.ndarray, int]:
         signed[signed >= (1 << (spec.bits - 1))] -= 1 << spec.bits
     weighted = signed[:-1].astype(np.float64) * (spec.max_weight * spec.clip / spec.levels)
     return weighted, int(signed[-1])
+
+
+def pack(vector: np.ndarray, bits: int) -> bytes:
+    """Ring elements on the wire: ``ceil(bits / 8)`` little-endian bytes each (a 20-bit ring
+    takes 3 bytes an element, less than a float32)."""
+    width = (bits + 7) // 8
+    raw = np.ascontiguousarray(vector, dtype="<u8").view(np.uint8).reshape(-1, 8)
+    return raw[:, :width].tobytes()
+
+
+def unpack(data: bytes, bits: int, length: int) -> np.ndarray:
+    """The inverse of :func:`pack`; ``RingError`` if ``data`` is not ``length`` elements of
+    the ring."""
+    width = (bits + 7) // 8
+    if len(data) != width * length:
+        raise RingError(f"expected {length} elements of {width} bytes, got {len(data)} bytes")
+    raw = np.zeros((length, 8), dtype=np.uint8)
+    raw[:, :width] = np.frombuffer(data, dtype=np.uint8).reshape(length, width)
+    out = raw.view("<u8").reshape(length).astype(np.uint64)
+    if bits < 64 and bool((out >> np.uint64(bits)).any()):
+        raise RingError(f"an element is not below 2**{bits}")
+    return out

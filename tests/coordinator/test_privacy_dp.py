@@ -194,6 +194,11 @@ def test_bad_dp_plans_are_refused_and_create_nothing(
     assert admin.tasks() == []
 
 
+def test_secure_aggregation_is_refused_with_its_reason() -> None:
+    with pytest.raises(InvalidRequest, match="not serve its stages over HTTP"):
+        TaskPlan.from_json({"secagg": {}})
+
+
 def test_dp_plans_refuse_robust_aggregation_and_round_trip() -> None:
     with pytest.raises(InvalidRequest, match=r"plan\.robust cannot be combined with plan\.dp"):
         TaskPlan.from_json({"dp": {"clip": 1.0, "noise_multiplier": 1.0}, "robust": {}})

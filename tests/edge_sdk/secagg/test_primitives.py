@@ -150,3 +150,20 @@ def test_neighbour_graph_is_symmetric_regular_and_connected(n: int) -> None:
     if n > 20:
         assert degree < n - 1
         assert links != graph.neighbours(n, degree, b"\x02" * 32)  # the seed decides
+
+
+@pytest.mark.parametrize("bits", [1, 8, 20, 33, 64])
+def test_packed_ring_vectors_round_trip_at_their_byte_width(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    top = np.uint64(2**bits - 1) if bits < 64 else np.uint64(2**64 - 1)
+    v = rng.integers(0, 2**63, 1000, dtype=np.uint64) * np.uint64(2) & top
+    data = ring.pack(v, bits)
+    assert len(data) == 1000 * ((bits + 7) // 8)
+    np.testing.assert_array_equal(ring.unpack(data, bits, 1000), v)
+    with pytest.raises(ring.RingError):
+        ring.unpack(data[:-1], bits, 1000)
+    if bits % 8:
+        over = bytearray(data)
+        over[(bits + 7) // 8 - 1] |= 0x80  # a bit above the ring in the first element
+        with pytest.raises(ring.RingError):
+            ring.unpack(bytes(over), bits, 1000)

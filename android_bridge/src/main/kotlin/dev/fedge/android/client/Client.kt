@@ -7,6 +7,7 @@ import dev.fedge.android.protocol.ErrorCode
 import dev.fedge.android.protocol.FedgeException
 import dev.fedge.android.protocol.Protocol
 import dev.fedge.android.protocol.RetryPolicy
+import dev.fedge.android.protocol.TlsConfig
 import dev.fedge.android.protocol.Transport
 import dev.fedge.android.protocol.TransportException
 import dev.fedge.android.trainer.Dataset
@@ -36,6 +37,8 @@ data class ClientConfig @JvmOverloads constructor(
     val retry: RetryPolicy = RetryPolicy(),
     /** Shuffling, stochastic rounding and jitter; null: fresh entropy. */
     val seed: Long? = null,
+    /** HTTPS with the coordinator's own CA and/or its public-key pin. */
+    val tls: TlsConfig? = null,
 )
 
 /** What one [Client.runOnce] ended with, and when to run again ([nextRunInS], pace-steered). */
@@ -96,7 +99,7 @@ class Client @JvmOverloads constructor(
 ) : AutoCloseable {
     val state = DeviceState(stateDir)
     private val rng: Random = config.seed?.let { Random(it) } ?: Random()
-    val transport = Transport(coordinator, config.retry, config.requestTimeoutMs, rng)
+    val transport = Transport(coordinator, config.retry, config.requestTimeoutMs, rng, tls = config.tls)
     private val stop = AtomicBoolean(false)
     private var failures = 0
     private var trainer: OrtStepTrainer? = null

@@ -9,6 +9,7 @@ import java.io.IOException
 import java.io.InputStream
 import java.net.HttpURLConnection
 import java.net.URL
+import javax.net.ssl.HttpsURLConnection
 import java.util.Random
 
 /**
@@ -34,16 +35,18 @@ data class RetryPolicy @JvmOverloads constructor(
 class Response(val status: Int, val headers: Map<String, String>, val body: ByteArray)
 
 /**
- * HTTP to the coordinator on HttpURLConnection (Android has no java.net.http): JSON calls,
+ * HTTP(S) to the coordinator on HttpURLConnection (Android has no java.net.http): JSON calls,
  * raw bodies (frame uploads), resumable downloads into a file; error bodies mapped to
  * [ApiException]; connection failures and 5xx retried with the same bytes after a jittered
- * backoff ([RetryPolicy]), never a 4xx (the same answer next time). Not thread-safe.
+ * backoff ([RetryPolicy]), never a 4xx (the same answer next time); HTTPS with a custom CA
+ * and public-key pinning ([TlsConfig]). Not thread-safe.
  */
 class Transport @JvmOverloads constructor(
     baseUrl: String,
     private val retry: RetryPolicy = RetryPolicy(),
     private val timeoutMs: Int = 30_000,
     private val rng: Random = Random(),
+    private val tls: TlsConfig? = null,
     private val sleeper: (Double) -> Unit = { s -> Thread.sleep((s * 1000).toLong()) },
 ) {
     val baseUrl: String = baseUrl.trimEnd('/')
@@ -51,6 +54,8 @@ class Transport @JvmOverloads constructor(
     init {
         val u = URL(this.baseUrl)
         require(u.protocol == "http" || u.protocol == "https") { "coordinator URL must be http(s)://host[:port]" }
+        // A CA or a pin on a plain-HTTP URL would protect nothing: say so rather than ignore it.
+        require(tls == null || u.protocol == "https") { "TLS options need an https:// URL, got $baseUrl" }
     }
 
     /** `(device_id, secret)` sent as `Authorization: Device id:secret` on every call. */
@@ -152,6 +157,11 @@ class Transport @JvmOverloads constructor(
             conn.useCaches = false
             conn.setRequestProperty("User-Agent", USER_AGENT)
             for ((k, v) in headers) conn.setRequestProperty(k, v)
+            if (conn is HttpsURLConnection && tls != null) {
+                tls.configure(conn)
+                conn.connect()
+                tls.checkPin(conn) // before a header or a byte of the body is sent
+            }
             credentials?.let { (id, secret) -> conn.setRequestProperty("Authorization", Protocol.deviceAuthorization(id, secret)) }
             if (method == "POST" || method == "PUT") {
                 conn.doOutput = true
@@ -176,6 +186,9 @@ class Transport @JvmOverloads constructor(
         } catch (e: IOException) {
             conn.disconnect()
             throw Failed(e)
+        } catch (e: TlsException) {
+            conn.disconnect()
+            throw e // not the network's fault: a retry would meet the same key
         }
     }
 
