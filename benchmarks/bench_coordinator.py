@@ -11,12 +11,16 @@ Measured:
 * registrations/s, and check-ins/s of two kinds: *candidate* (admitted to a selection window:
   one database write) and *steered* (round full: answered with pace steering, no write);
 * uploads/s: acknowledged int8 updates (decode, NaN/norm checks, blob fsync, SQLite commit,
-  fold), 4 client threads;
+  fold), 32 uploads in flight, in one run each way: group commit off (each upload made
+  durable on its own on the worker thread: file, directory and SQLite fsyncs) and on
+  (``coordinator/group_commit.py``);
+* the coordinator's CPU milliseconds per upload and per steered check-in (``/proc`` CPU time
+  over the timed interval): unlike rates, not diluted by what else runs on the shared cores;
 * peak coordinator RSS (``VmHWM`` of the server process) for one round of 1,000 updates versus
   one of 10, each in a fresh process: streaming aggregation must keep it flat, and RSS sampled
-  every 50 uploads during the 1,000-update round (plotted).
+  every 50 uploads during the 1,000-update rounds (plotted).
 
-Run: ``./dev bench bench_coordinator`` (about 2 min). Writes
+Run: ``./dev bench bench_coordinator`` (about 3 min). Writes
 ``benchmarks/results/bench_coordinator.json`` and ``bench_coordinator.png``.
 """
 
@@ -39,9 +43,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from coordinator.admin import tar_directory  # noqa: E402
+from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.embedded import EmbeddedCoordinator  # noqa: E402
+from coordinator.service import Coordinator  # noqa: E402
 from edge_sdk.codecs import encode_update  # noqa: E402
-from tests.fixtures.coordinator import DeviceHTTP, make_synthetic_bundle  # noqa: E402
+from edge_sdk.protocol import device_auth_header  # noqa: E402
+from tests.fixtures.coordinator import (  # noqa: E402
+    GOOD_CONDITIONS,
+    DeviceHTTP,
+    make_synthetic_bundle,
+)
 
 RESULTS = Path(__file__).parent / "results"
 NUM_PARAMETERS = 100_000
@@ -50,6 +62,8 @@ THREADS = 4
 # Uploads in flight at once (client threads, one new connection per upload): group commit
 # batches what arrives together, so both configurations get the same concurrent load.
 UPLOAD_THREADS = 32
+REPEATS = 2
+DURABLE_UPDATES = 320  # uploads of the in-process durable-path comparison, each way
 
 
 def proc_kib(pid: int, field: str) -> int:
@@ -107,7 +121,7 @@ def run_round(
         # upload path measured here.
         "robust": "none",
     }
-    db = workdir / f"round{updates}-{'gc' if group_commit else 'single'}.db"
+    db = Path(tempfile.mkdtemp(dir=workdir)) / "fedge.db"
     coord = EmbeddedCoordinator(db, subprocess=True, group_commit=group_commit).start()
     assert coord.process is not None
     pid = coord.process.pid
@@ -192,24 +206,110 @@ def run_round(
         coord.stop()
 
 
+def schedstat() -> tuple[float, float]:
+    """Seconds this thread has run on a CPU and waited for one (runnable, not running):
+    the rest of its wall time it was blocked (here: on the disk)."""
+    tid = threading.get_native_id()
+    run_ns, wait_ns, _ = Path(f"/proc/self/task/{tid}/schedstat").read_text().split()
+    return int(run_ns) / 1e9, int(wait_ns) / 1e9
+
+
+def durable_path(
+    bundle: Path, updates: int, frames: list[bytes], workdir: Path, batch: int, rep: int
+) -> dict[str, Any]:
+    """The service without HTTP (one thread, real SQLite file and blob directory on the
+    disk): ``updates`` uploads made durable one by one (``batch`` 1: ``Coordinator.upload``,
+    three fsyncs each) or in batches (the group-commit steps, fsyncs on a thread pool). The
+    thread's wall time split into CPU, waiting for a CPU (the shared cores' load) and blocked
+    (the fsyncs)."""
+    root = workdir / f"durable-{batch}-{rep}"
+    root.mkdir(parents=True, exist_ok=True)
+    plan = {"rounds": 1, "goal": updates, "over_selection": 1.0, "selection_window_s": 0.0,
+            "round_deadline_s": 3600.0, "codec": CODEC, "max_update_norm": None,
+            "robust": "none"}  # fmt: skip
+    coord = Coordinator(CoordinatorConfig(db_path=str(root / "fedge.db"), open_registration=True))
+    try:
+        bundle_id = coord.add_bundle(tar_directory(bundle))["bundle_id"]
+        body = json.dumps({"bundle_id": bundle_id, "plan": plan}).encode()
+        coord.create_task(body)
+        checkin = json.dumps({"runtimes": ["ort-step"], "conditions": GOOD_CONDITIONS}).encode()
+        devices = []
+        for _ in range(updates):
+            reg = coord.register(json.dumps({"runtimes": ["ort-step"]}).encode())
+            devices.append(coord.authenticate(device_auth_header(reg["device_id"], reg["secret"])))
+        for who in devices:
+            coord.checkin(who, checkin)
+        work = [(who, coord.checkin(who, checkin)["assignment"]["assignment_id"])
+                for who in devices]  # fmt: skip
+        report = json.dumps({"num_examples": 20})
+        t0, (c0, q0) = time.perf_counter(), schedstat()
+        if batch == 1:
+            for i, (who, aid) in enumerate(work):
+                coord.upload(who, aid, f"k{i}", report, frames[i % len(frames)])
+        else:
+            with ThreadPoolExecutor(batch) as syncers:
+                for start in range(0, updates, batch):
+                    staged = [
+                        coord.stage_upload(coord.admit_upload(who, aid, f"k{i}", report),
+                                           frames[i % len(frames)])
+                        for i, (who, aid) in enumerate(work[start : start + batch], start)
+                    ]  # fmt: skip
+                    coord.install_uploads(staged, syncers)
+                    assert all(isinstance(a, dict) for a in coord.accept_uploads(staged))
+        wall, (c1, q1) = time.perf_counter() - t0, schedstat()
+        cpu, queued = c1 - c0, q1 - q0
+        assert coord.store.list_tasks()[0].model_version == 1  # the round committed
+        per = 1e3 / updates
+        return {"batch": batch, "updates": updates, "uploads_per_s": updates / wall,
+                "cpu_ms_per_upload": cpu * per, "runqueue_ms_per_upload": queued * per,
+                "blocked_ms_per_upload": (wall - cpu - queued) * per}  # fmt: skip
+    finally:
+        coord.close()
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, (rss, rates) = plt.subplots(1, 2, figsize=(11, 3.8))
     for run in results["runs"]:
         xs, ys = zip(*run["rss_samples_mib"], strict=True)
-        ax.plot(xs, ys, marker="o", ms=3, label=f"round of {run['updates']} updates")
-        ax.axhline(run["rss_peak_mib"], ls="--", lw=0.8, color=ax.lines[-1].get_color())
-    ax.set_xlabel("updates accepted in the round")
-    ax.set_ylabel("coordinator RSS (MiB)")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Streaming aggregation: 100k-param int8 updates (dashed: peak)")
-    ax.legend()
+        rss.plot(xs, ys, marker="o", ms=3, label=label(run))
+        rss.axhline(run["rss_peak_mib"], ls="--", lw=0.8, color=rss.lines[-1].get_color())
+    rss.set_xlabel("updates accepted in the round")
+    rss.set_ylabel("coordinator RSS (MiB)")
+    rss.set_ylim(bottom=0)
+    rss.set_title("Coordinator RSS, 100k-param int8 updates (dashed: peak)")
+    rss.legend(fontsize=8)
+    names = ("uploads/s", "steered check-ins/s", "uploads/s, in-process")
+    xs = np.arange(len(names))
+    for offset, on in ((-0.2, False), (0.2, True)):
+        runs = [r for r in results["runs"][1:] if r["group_commit"] == on]
+        durable = [d for d in results["durable_path"] if (d["batch"] > 1) == on]
+        figures = [
+            ([r["uploads_per_s"] for r in runs], [r["upload_cpu_ms"]["server"] for r in runs]),
+            ([r["checkins_steered_per_s"] for r in runs],
+             [r["checkin_steered_cpu_ms"]["server"] for r in runs]),
+            ([d["uploads_per_s"] for d in durable], [d["cpu_ms_per_upload"] for d in durable]),
+        ]  # fmt: skip
+        means = [float(np.mean(rate)) for rate, _ in figures]
+        rates.bar(xs + offset, means, 0.4, label=f"group commit {'on' if on else 'off'}")
+        for x, (rate, cpu) in zip(xs + offset, figures, strict=True):
+            rates.plot([x] * len(rate), rate, "k.", ms=4)  # each repeat
+            top = (x, max(rate))
+            rates.annotate(f"{np.mean(cpu):.2f} ms\nCPU", top, ha="center", va="bottom", fontsize=7)
+    rates.set_xticks(xs, names)
+    rates.set_ylim(top=rates.get_ylim()[1] * 1.15)
+    rates.set_title("1,000-update rounds, alternating (dots: each repeat)")
+    rates.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def label(run: dict[str, Any]) -> str:
+    return f"{run['updates']} updates, group commit {'on' if run['group_commit'] else 'off'}"
 
 
 def main() -> None:
@@ -222,37 +322,66 @@ def main() -> None:
         work = Path(tmp)
         bundle = make_synthetic_bundle(work / "bundle", NUM_PARAMETERS)
         runs = []
-        for n in (10, 1000):
-            print(f"[bench_coordinator] round of {n} updates ...", file=sys.stderr, flush=True)
-            runs.append(run_round(bundle, n, frames, work))
-    small, big = runs
+        # The configurations alternate, so that the shared cores' changing load falls on both.
+        for n, group_commit in ((10, True), *[(1000, False), (1000, True)] * REPEATS):
+            print(f"[bench_coordinator] {label({'updates': n, 'group_commit': group_commit})}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            runs.append(run_round(bundle, n, frames, work, group_commit))
+        print("[bench_coordinator] durable path in-process", file=sys.stderr, flush=True)
+        durable = [durable_path(bundle, DURABLE_UPDATES, frames, work, b, rep)
+                   for rep in range(REPEATS) for b in (1, 32)]  # fmt: skip
+    small = runs[0]
+    befores = [r for r in runs[1:] if not r["group_commit"]]
+    afters = [r for r in runs[1:] if r["group_commit"]]
     results = {
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average": os.getloadavg(),
+        },
         "num_parameters": NUM_PARAMETERS,
         "codec": CODEC,
         "client_threads": THREADS,
+        "upload_threads": UPLOAD_THREADS,
         "runs": runs,
-        "rss_peak_ratio_1000_vs_10": big["rss_peak_mib"] / small["rss_peak_mib"],
+        "durable_path": durable,
+        "rss_peak_ratio_1000_vs_10": max(r["rss_peak_mib"] for r in afters) / small["rss_peak_mib"],
+        "uploads_ratio_group_commit": float(np.mean([r["uploads_per_s"] for r in afters]))
+        / float(np.mean([r["uploads_per_s"] for r in befores])),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_coordinator.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, RESULTS / "bench_coordinator.png")
-    print(f"| {'figure':38} | {'10 updates':>12} | {'1,000 updates':>14} |")
-    print(f"|{'-' * 40}|{'-' * 14}:|{'-' * 15}:|")
+    heads = ["10, on"] + [f"1,000, {'on' if r['group_commit'] else 'off'}" for r in runs[1:]]
+    print(f"| {'figure (group commit on/off)':40} | " + " | ".join(f"{h:>12}" for h in heads)
+          + " |")  # fmt: skip
+    print(f"|{'-' * 42}|" + "|".join("-" * 13 + ":" for _ in heads) + "|")
     rows = [
-        ("registrations/s", "registrations_per_s", "{:.0f}"),
-        ("check-ins/s, candidate (1 DB write)", "checkins_candidate_per_s", "{:.0f}"),
-        ("check-ins/s, steered away (no write)", "checkins_steered_per_s", "{:.0f}"),
-        ("uploads/s (int8, acknowledged)", "uploads_per_s", "{:.1f}"),
-        ("upload frame bytes", "upload_bytes", "{:,}"),
-        ("coordinator RSS idle (MiB)", "rss_idle_mib", "{:.1f}"),
-        ("coordinator RSS before uploads (MiB)", "rss_before_uploads_mib", "{:.1f}"),
-        ("coordinator RSS peak (MiB)", "rss_peak_mib", "{:.1f}"),
-    ]
-    for label, key, fmt in rows:
-        cells = ["-" if r[key] is None else fmt.format(r[key]) for r in runs]
-        print(f"| {label:38} | {cells[0]:>12} | {cells[1]:>14} |")
-    print(f"\npeak RSS ratio, 1,000 vs 10 updates: {results['rss_peak_ratio_1000_vs_10']:.3f}")
+        ("registrations/s", lambda r: r["registrations_per_s"], "{:.0f}"),
+        ("check-ins/s, candidate (1 DB write)", lambda r: r["checkins_candidate_per_s"], "{:.0f}"),
+        ("check-ins/s, steered away (no write)", lambda r: r["checkins_steered_per_s"], "{:.0f}"),
+        ("  coordinator CPU ms per steered check-in",
+         lambda r: r["checkin_steered_cpu_ms"] and r["checkin_steered_cpu_ms"]["server"], "{:.2f}"),
+        ("uploads/s (int8, acknowledged)", lambda r: r["uploads_per_s"], "{:.1f}"),
+        ("  coordinator CPU ms per upload", lambda r: r["upload_cpu_ms"]["server"], "{:.2f}"),
+        ("  client CPU ms per upload", lambda r: r["upload_cpu_ms"]["client"], "{:.2f}"),
+        ("upload frame bytes", lambda r: r["upload_bytes"], "{:,}"),
+        ("coordinator RSS idle (MiB)", lambda r: r["rss_idle_mib"], "{:.1f}"),
+        ("coordinator RSS before uploads (MiB)", lambda r: r["rss_before_uploads_mib"], "{:.1f}"),
+        ("coordinator RSS peak (MiB)", lambda r: r["rss_peak_mib"], "{:.1f}"),
+    ]  # fmt: skip
+    for name, get, fmt in rows:
+        cells = ["-" if get(r) is None else fmt.format(get(r)) for r in runs]
+        print(f"| {name:40} | " + " | ".join(f"{c:>12}" for c in cells) + " |")
+    print("\nin-process, no HTTP (durable path):")
+    for d in durable:
+        print(f"  batch {d['batch']:>2}: {d['uploads_per_s']:6.1f} uploads/s; per upload "
+              f"{d['cpu_ms_per_upload']:.2f} ms CPU, {d['runqueue_ms_per_upload']:.2f} ms "
+              f"waiting for a CPU, {d['blocked_ms_per_upload']:.2f} ms blocked")  # fmt: skip
+    ratio = results["uploads_ratio_group_commit"]
+    print(f"\nuploads/s with group commit vs without (means): {ratio:.2f}x")
+    print(f"peak RSS ratio, 1,000 vs 10 updates: {results['rss_peak_ratio_1000_vs_10']:.3f}")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

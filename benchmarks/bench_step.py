@@ -335,12 +335,18 @@ work on the batch just before the run makes the run itself 10-30 us slower (meas
 `np.isfinite(x)` and `x.sum()`; cause not found). That is why the 784-128-10 ratio sits near
 2x while the GEMM-light demo model is far above it. {verdict}
 """
+    write_section(SECTION, body)
+
+
+def write_section(section: str, body: str) -> None:
+    """Replace (or append) ``section`` of docs/benchmarks.md with ``body``, which starts with
+    the section's own heading; the other sections stay as they are."""
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
+    start = text.find(section + "\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + body
     else:
-        nxt = text.find("\n## ", start + len(SECTION))
+        nxt = text.find("\n## ", start + len(section))
         rest = text[nxt + 1 :] if nxt >= 0 else ""
         text = text[:start] + body + ("\n" + rest if rest else "")
     DOC.write_text(text)

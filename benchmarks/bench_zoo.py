@@ -26,10 +26,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_step import BATCH, RUNS, _python  # noqa: E402
+from benchmarks.bench_step import BATCH, RUNS, _python, write_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Model zoo"
 STEP_SCRIPT = ROOT / "benchmarks" / "bench_step.py"
 Z = "model_export.zoo:"
@@ -305,15 +304,7 @@ Which backend accepts which family (the manifest's recorded reason otherwise):
 
 {support_table(results)}
 {body_extra}"""
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        rest = text[nxt + 1 :] if nxt >= 0 else ""
-        text = text[:start] + body + ("\n" + rest if rest else "")
-    DOC.write_text(text)
+    write_section(SECTION, body)
 
 
 def main() -> None:
@@ -350,7 +341,7 @@ def main() -> None:
     (RESULTS / "bench_zoo.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, RESULTS / "bench_zoo.png")
     update_doc(results, extra)
-    print(f"\nwrote {RESULTS / 'bench_zoo.json'}, bench_zoo.png and {DOC} ({SECTION})")
+    print(f"\nwrote {RESULTS / 'bench_zoo.json'}, bench_zoo.png and docs/benchmarks.md ({SECTION})")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ reading more than the limit: update frames, JSON control messages and bundle upl
 their own), then run the matching :class:`~coordinator.service.Coordinator` method on the
 service's single worker thread, so SQLite work never blocks the event loop and operations never
 interleave. That thread's queue is bounded (:class:`WorkQueue`): past the bound a request is
-answered ``503 overloaded`` with ``Retry-After`` at once, before its body is read. Every failure
+answered ``503 overloaded`` with ``Retry-After`` at once, before its body is read. Uploads are
+group-committed (``group_commit``, :class:`_GroupedUploads`): admitted on the worker thread,
+decoded on a pool, made durable in batches. Every failure
 leaves as the JSON error shape; an unexpected exception is logged and answered ``500 internal``.
 
 ::
@@ -178,23 +180,31 @@ class _GroupedUploads:
         self.commits: GroupCommit[StagedUpload, dict[str, Any]] = GroupCommit(
             self._commit,
             max_batch=cfg.group_commit_max_batch,
-            max_pending=2 * cfg.group_commit_max_batch,
+            max_pending=max(cfg.max_queued_operations, cfg.group_commit_max_batch),
             retry_after_s=cfg.overload_retry_after_s,
         )
 
     async def upload(
-        self, who: DeviceIdentity, assignment_id: str, key: str | None, report: str | None,
-        data: bytes,
+        self, authorization: str | None, assignment_id: str, key: str | None,
+        report: str | None, frame: Callable[[], Awaitable[bytes]],
     ) -> dict[str, Any]:  # fmt: skip
+        """Authenticated and admitted in one trip to the worker thread, before the frame is
+        read: a refused upload (or a replay) costs no body read."""
+        coord = self.coord
         self.commits.reserve()
         try:
-            admitted = await self.work.run(self.coord.admit_upload, who, assignment_id, key, report)
+            admitted = await self.work.run(
+                lambda: coord.admit_upload(
+                    coord.authenticate(authorization), assignment_id, key, report
+                )
+            )
+            if admitted.replay is not None:
+                self.commits.release()
+                return admitted.replay
+            data = await frame()
         except BaseException:
             self.commits.release()
             raise
-        if admitted.replay is not None:
-            self.commits.release()
-            return admitted.replay
         # Shielded: once staged, an upload finishes (durable, or its payload dropped) even if
         # its client leaves.
         return await asyncio.shield(self._stage_and_commit(admitted, data))
@@ -287,8 +297,10 @@ def build_app(coord: Coordinator) -> web.Application:
 
     @routes.post(Route.CHECKIN)
     async def checkin(request: web.Request) -> web.Response:
-        who = await device(request)
-        return ok(await run(coord.checkin, who, await body(request)))
+        # The most frequent call: authentication and check-in in one trip to the worker
+        # thread (the body, 64 KiB at most, is read first).
+        authorization, data = request.headers.get("Authorization"), await body(request)
+        return ok(await run(lambda: coord.checkin(coord.authenticate(authorization), data)))
 
     @routes.get(Route.BUNDLE_MANIFEST)
     async def manifest(request: web.Request) -> web.Response:
@@ -316,17 +328,19 @@ def build_app(coord: Coordinator) -> web.Application:
 
     @routes.post(Route.ASSIGNMENT_UPDATE)
     async def update(request: web.Request) -> web.Response:
-        who = await device(request)
-        data = await _read_body(request, cfg.max_body_bytes, "update frame")
         args = (
-            who,
             request.match_info["assignment_id"],
             request.headers.get(HEADER_IDEMPOTENCY_KEY),
             request.headers.get(HEADER_REPORT),
         )
-        if uploads is None:
-            return ok(await run(coord.upload, *args, data))
-        return ok(await uploads.upload(*args, data))
+
+        def frame() -> Awaitable[bytes]:
+            return _read_body(request, cfg.max_body_bytes, "update frame")
+
+        if uploads is not None:
+            return ok(await uploads.upload(request.headers.get("Authorization"), *args, frame))
+        who = await device(request)
+        return ok(await run(coord.upload, who, *args, await frame()))
 
     @routes.post(Route.ASSIGNMENT_METRICS)
     async def metrics(request: web.Request) -> web.Response:

@@ -4,7 +4,9 @@
 per task mode. It is not thread-safe on purpose: the HTTP layer runs every call on one worker
 thread, which makes each operation (check-in, upload, commit) a critical section without
 locks. Handlers pass already-read bodies in; failures are raised as
-:class:`~coordinator.errors.ApiError`.
+:class:`~coordinator.errors.ApiError`. The exceptions, :meth:`Coordinator.stage_upload` and
+:meth:`Coordinator.install_uploads` (decoding a frame, writing and syncing payload files),
+touch no store or policy state and run on other threads, for group commit.
 
 Tasks are isolated from each other: every step of one task's state machine (a check-in, a
 report, a tick, start-up recovery) runs under :meth:`Coordinator._task_step`. An error there

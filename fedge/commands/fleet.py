@@ -5,6 +5,12 @@ Prints one updating progress line on stderr and, at the end, one JSON summary li
 ``--duration`` emulated seconds pass, ``--until-rounds`` rounds are completed on the
 coordinator, or Ctrl-C. Devices register with ``--enrollment-token``; ``--until-rounds`` reads
 the coordinator's status, which needs ``--admin-token``.
+
+``--partitions DIR`` uses your own data: one ``.npz`` per device (arrays ``x`` and ``y``), devices
+in file-name order. ``--processes K`` splits the fleet over K processes (for fleets past a few
+thousand devices). A plain FedAvg task without over-selection, for comparisons with other
+frameworks, is created with ``fedge task create --plan '{"over_selection": 1.0,
+"robust": "none", "server_optimizer": {"name": "fedavg"}, "goal": 10, "steps": 10}'``.
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ def register(sub: Any) -> None:
     p.add_argument("--admin-token", default=None,
                    help="for --until-rounds (default: $FEDGE_ADMIN_TOKEN)")
     add_tls_arguments(p)
-    p.add_argument("--devices", type=int, required=True)
+    p.add_argument("--devices", type=int, default=None,
+                   help="fleet size (required unless --partitions gives one file per device)")
+    p.add_argument("--partitions", type=Path, default=None,
+                   help="a directory with one .npz (x, y) per device: your own partitions")
+    p.add_argument("--processes", type=int, default=1,
+                   help="split the fleet over this many processes (default 1)")
     p.add_argument("--data", default="digits",
                    help="digits (64 features) or synthetic:ALPHA,BETA (FedProx, 60 features)")
     p.add_argument("--partition", default="dirichlet:0.5",
@@ -68,27 +79,43 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _datasets(args: argparse.Namespace) -> list[Any]:
-    import numpy as np
-
-    from fedge.fleet import fedprox_synthetic, load_digits, partition
+def _source(args: argparse.Namespace) -> Any:
+    """The device data as a :mod:`fedge.fleet.sources` recipe, checked here (a bad spec is a
+    clear error before any process starts)."""
     from fedge.fleet.partition import PartitionError
+    from fedge.fleet.sources import (
+        DigitsPartitions,
+        FedProxSynthetic,
+        NpzPartitions,
+        SourceError,
+    )
 
-    if args.data == "digits":
-        train, _ = load_digits(seed=args.seed)
+    if args.partitions is not None:
         try:
-            parts = partition(train.y, args.devices, args.partition,
-                              np.random.default_rng(args.seed))
+            source = NpzPartitions(args.partitions)
+            if args.devices is not None and args.devices > source.devices:
+                raise CommandError(f"--devices {args.devices}: {args.partitions} holds "
+                                   f"{source.devices} device files")
+            source(0, 1)  # one file read now: a malformed directory fails before the fleet
+        except SourceError as e:
+            raise CommandError(str(e)) from e
+        return source
+    if args.devices is None:
+        raise CommandError("--devices is required (or --partitions DIR)")
+    if args.data == "digits":
+        digits = DigitsPartitions(args.devices, args.partition, args.seed)
+        try:
+            digits(0, 1)
         except PartitionError as e:
             raise CommandError(str(e)) from e
-        return [train.subset(p) for p in parts]
+        return digits
     name, _, rest = args.data.partition(":")
     if name == "synthetic":
         try:
             alpha, beta = (float(v) for v in rest.split(","))
         except ValueError as e:
             raise CommandError(f"--data synthetic:ALPHA,BETA, got {args.data!r}") from e
-        return fedprox_synthetic(alpha, beta, args.devices, seed=args.seed, max_samples=1000)
+        return FedProxSynthetic(args.devices, alpha, beta, seed=args.seed)
     raise CommandError(f"unknown --data {args.data!r}: use digits or synthetic:ALPHA,BETA")
 
 
@@ -136,9 +163,13 @@ def _rounds_completed(admin: Any) -> int:
 def run(args: argparse.Namespace) -> int:
     from fedge.fleet import SimClock
     from fedge.fleet.emulator import Fleet
+    from fedge.fleet.processes import ProcessFleet
+    from fedge.fleet.running import FleetRun
 
-    if args.devices < 1:
+    if args.devices is not None and args.devices < 1:
         raise CommandError("--devices must be at least 1")
+    if args.processes < 1:
+        raise CommandError("--processes must be at least 1")
     if args.speedup <= 0:
         raise CommandError("--speedup must be > 0")
     from coordinator.admin import AdminClient
@@ -151,12 +182,20 @@ def run(args: argparse.Namespace) -> int:
         admin = AdminClient(args.coordinator, str(admin_token(args)), tls=tls)
         if _rounds_completed(admin) < 0:
             raise CommandError(f"cannot read the status of {args.coordinator} (admin token?)")
-    fleet = Fleet(
-        args.coordinator, _datasets(args), heterogeneity=_heterogeneity(args), seed=args.seed,
-        clock=SimClock(args.speedup), state_root=args.state_dir, backend=args.backend,
-        step_time_s=args.step_time, workers=args.workers, progress=not args.quiet,
-        enrollment_token=enrollment_token(args), tls=tls,
-    )
+    source = _source(args)
+    devices = args.devices or source.devices
+    common: dict[str, Any] = {
+        "heterogeneity": _heterogeneity(args), "seed": args.seed,
+        "clock": SimClock(args.speedup), "state_root": args.state_dir, "backend": args.backend,
+        "step_time_s": args.step_time, "workers": args.workers,
+        "enrollment_token": enrollment_token(args), "tls": tls,
+    }
+    fleet: FleetRun
+    if args.processes > 1:
+        fleet = ProcessFleet(args.coordinator, source, devices=devices,
+                             processes=args.processes, **common)
+    else:
+        fleet = Fleet(args.coordinator, source(0, devices), progress=not args.quiet, **common)
     interrupted = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:

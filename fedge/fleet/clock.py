@@ -11,6 +11,10 @@ times its real duration. The emulator models a device's compute time as
 sleeps only the part the real work did not already use; when the real work alone overruns the
 model (a large speedup on a fast device) the overrun is counted (``time_overruns`` in the
 summary) rather than hidden. Keep ``speedup * real_step_time`` below the modelled step time.
+
+A clock is shared across processes by its :meth:`SimClock.spec` (speedup, start and its origin
+on the host's monotonic clock, which every process of one machine reads alike): a fleet split
+over processes, and a coordinator in another, all see the same emulated time.
 """
 
 from __future__ import annotations
@@ -23,13 +27,19 @@ __all__ = ["SimClock", "UnixClock"]
 
 
 class SimClock:
-    def __init__(self, speedup: float = 1.0, start: float = 0.0) -> None:
+    def __init__(self, speedup: float = 1.0, start: float = 0.0,
+                 origin: float | None = None) -> None:
         if not speedup > 0:
             raise ValueError(f"speedup must be > 0, got {speedup}")
         self.speedup = float(speedup)
-        self._origin = time.monotonic()
+        self._origin = time.monotonic() if origin is None else float(origin)
         self._start = float(start)
         self._halted = threading.Event()
+
+    def spec(self) -> tuple[float, float, float]:
+        """``(speedup, start, origin)``: ``SimClock(*spec)`` in another process of this host
+        reads the same emulated time (``time.monotonic`` is system-wide)."""
+        return (self.speedup, self._start, self._origin)
 
     def now(self) -> float:
         """Emulated seconds: ``start`` plus ``speedup`` times the real time elapsed."""

@@ -26,7 +26,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import math
 import random
 import sys
 import tempfile
@@ -54,6 +53,8 @@ from fedge.fleet.device import (
     ProfileConditions,
 )
 from fedge.fleet.heterogeneity import DeviceProfile, Heterogeneity
+from fedge.fleet.running import FleetRun
+from fedge.fleet.runtime import TORCH_FREE_BACKENDS, import_ort_without_training
 
 __all__ = ["VANISHED", "Fleet", "FleetSummary"]
 
@@ -139,7 +140,7 @@ class _Device:
             return Outcome(VANISHED, self._rejoin_s * self._rejoin_rng.uniform(0.5, 1.5))
 
 
-class Fleet:
+class Fleet(FleetRun):
     """N emulated devices; ``datasets[i]`` is device i's local data (see the module docstring).
 
     ``heterogeneity`` (default: uniform devices) draws each device's profile from ``seed``;
@@ -150,6 +151,9 @@ class Fleet:
     ``enrollment_token`` (what devices register with) and ``tls`` (CA bundle, pin) go into
     every device's config. ``attacks`` makes the devices at those indices hostile
     (:mod:`fedge.fleet.attacks`: they train honestly and tamper with their uploads).
+    ``first_index`` numbers the devices from there (profiles, seeds, state directories and
+    attacks follow the global index): one part of a fleet split over processes
+    (:mod:`fedge.fleet.processes`) is the same devices it would be in one process.
     """
 
     def __init__(
@@ -171,6 +175,7 @@ class Fleet:
         enrollment_token: str | None = None,
         tls: TlsConfig | None = None,
         attacks: Mapping[int, Attack] | None = None,
+        first_index: int = 0,
     ) -> None:
         if not datasets:
             raise ValueError("a fleet needs at least one device")
@@ -198,11 +203,14 @@ class Fleet:
         self.state_root = Path(state_root)
         self.state_root.mkdir(parents=True, exist_ok=True)
         self.cache = BundleCache(self.state_root / "bundles")
+        if self.client_config.backend in TORCH_FREE_BACKENDS:
+            import_ort_without_training()  # keeps ~280 MB of torch out of a fleet process
         self.pool = TrainerPool(self.client_config.backend)
         self.workers = workers or min(len(datasets), 128)
-        self.profiles = self.heterogeneity.sample(len(datasets), seed)
+        self.profiles = [self.heterogeneity.sample_one(first_index + i, seed)
+                         for i in range(len(datasets))]
         self.devices = [
-            _Device(self, i, data, profile)
+            _Device(self, first_index + i, data, profile)
             for i, (data, profile) in enumerate(zip(datasets, self.profiles, strict=True))
         ]
         self._progress: TextIO | None = sys.stderr if progress is True else (progress or None)
@@ -254,31 +262,8 @@ class Fleet:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def wait_for(self, predicate: Callable[[], bool], timeout_s: float,
-                 poll_s: float = 0.2) -> bool:
-        """Poll ``predicate`` (in the caller's thread) until true or ``timeout_s`` real seconds."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if predicate():
-                return True
-            if time.monotonic() >= deadline or (self._thread and not self._thread.is_alive()):
-                return False
-            time.sleep(poll_s)
-
-    def run(self, *, until: Callable[[], bool] | None = None, emulated_s: float | None = None,
-            timeout_s: float = math.inf, poll_s: float = 0.2) -> FleetSummary:
-        """Run until ``until()`` holds, ``emulated_s`` of fleet time pass, or ``timeout_s``."""
-        self.start()
-        end = None if emulated_s is None else self.clock.now() + emulated_s
-        try:
-            self.wait_for(
-                lambda: bool((until is not None and until())
-                             or (end is not None and self.clock.now() >= end)),
-                timeout_s, poll_s,
-            )
-        finally:
-            summary = self.stop()
-        return summary
+    def alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
 
     # -- the loop ---------------------------------------------------------------------------
 

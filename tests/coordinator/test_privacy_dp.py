@@ -202,6 +202,14 @@ def test_secure_aggregation_is_refused_with_its_reason() -> None:
 def test_dp_plans_refuse_robust_aggregation_and_round_trip() -> None:
     with pytest.raises(InvalidRequest, match=r"plan\.robust cannot be combined with plan\.dp"):
         TaskPlan.from_json({"dp": {"clip": 1.0, "noise_multiplier": 1.0}, "robust": {}})
+    plan = TaskPlan.from_json({"dp": {"clip": 2.0, "noise_multiplier": 1.5, "budget": 3.0}})
+    assert plan.robust.undefended and plan.dp == DpSpec(2.0, 1.5, 1e-5, 3.0)
+    assert TaskPlan.from_json(plan.to_json()) == plan
+    assert TaskPlan.from_json({**plan.to_json(), "robust": "none"}) == plan
+
+
+@pytest.mark.slow  # the calibration's bisection runs the accountant a dozen times
+def test_a_target_epsilon_is_calibrated_to_a_noise_multiplier() -> None:
     plan = TaskPlan.from_json({"rounds": 50, "goal": 20, "dp": {"clip": 1.0, "epsilon": 4.0,
                                                                  "population": 1000}})  # fmt: skip
     assert plan.robust.undefended and plan.dp is not None
@@ -243,3 +251,26 @@ def test_device_side_clipping() -> None:
     for bad in (0, -1, float("nan"), True, "1"):
         with pytest.raises(ValueError):
             plan_clip({"dp": {"clip": bad}})
+
+
+def test_the_ledger_survives_retention_and_a_lost_ledger_fails_the_task(dp_fleet) -> None:
+    f = dp_fleet(15)
+    _commit_round(f)
+    _commit_round(f, offset=20)
+    store = f.coord.service.store
+    rounds = store.list_rounds(f.task_id)
+    store.delete_rounds([rounds[0].round_id])  # what retention does to old rounds
+    _commit_round(f, offset=40)
+    task = f.admin.task(f.task_id)
+    assert task["epsilon"] == pytest.approx(_expected_epsilon([(15, 13)] * 3), rel=1e-9)
+    # Without the round that made the current version, the spent budget is unknown: the task
+    # fails rather than start again from zero.
+    f2 = dp_fleet(15, budget=100.0)  # a budget: selection reads the ledger
+    _commit_round(f2)
+    store.delete_rounds([r.round_id for r in store.list_rounds(f2.task_id)])
+    for d in f2.devices:
+        d.check_in()
+    f2.clock.advance(PLAN["selection_window_s"] + 0.5)
+    f2.devices[0].check_in()
+    task = f2.admin.task(f2.task_id)
+    assert task["state"] == "failed" and "privacy ledger" in task["failure"]

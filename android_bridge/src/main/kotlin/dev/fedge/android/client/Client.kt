@@ -126,7 +126,7 @@ class Client @JvmOverloads constructor(
             failed(e)
         } catch (e: java.io.IOException) {
             failed(e)
-        } catch (e: IllegalArgumentException) {
+        } catch (e: RuntimeException) { // a bad value in an answer, or a bug: never the job's end
             failed(e)
         }
         if (outcome.action != Outcome.FAILED) failures = 0

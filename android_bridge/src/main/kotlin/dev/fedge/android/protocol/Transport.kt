@@ -157,15 +157,20 @@ class Transport @JvmOverloads constructor(
             conn.useCaches = false
             conn.setRequestProperty("User-Agent", USER_AGENT)
             for ((k, v) in headers) conn.setRequestProperty(k, v)
-            if (conn is HttpsURLConnection && tls != null) {
-                tls.configure(conn)
-                conn.connect()
-                tls.checkPin(conn) // before a header or a byte of the body is sent
-            }
             credentials?.let { (id, secret) -> conn.setRequestProperty("Authorization", Protocol.deviceAuthorization(id, secret)) }
-            if (method == "POST" || method == "PUT") {
+            val sending = method == "POST" || method == "PUT"
+            if (sending) {
                 conn.doOutput = true
                 conn.setFixedLengthStreamingMode(body.size)
+            }
+            if (conn is HttpsURLConnection && tls != null) {
+                // Everything about the request is set before connect(); the request itself
+                // (credential included) goes out only after the pin checked.
+                tls.configure(conn)
+                conn.connect()
+                tls.checkPin(conn)
+            }
+            if (sending) {
                 conn.outputStream.use { it.write(body) }
                 bytesSent += body.size
             }

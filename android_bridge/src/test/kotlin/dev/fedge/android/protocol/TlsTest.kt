@@ -6,6 +6,7 @@ import org.junit.After
 import org.junit.Assert.assertEquals
 import org.junit.Assert.assertTrue
 import org.junit.Assert.fail
+import org.junit.BeforeClass
 import org.junit.Test
 import java.io.File
 import java.net.InetSocketAddress
@@ -23,26 +24,13 @@ import javax.net.ssl.SSLContext
  * request reaches the server.
  */
 class TlsTest {
-    private val dir = Files.createTempDirectory("tls").toFile()
-    private val keystore = File(dir, "server.p12")
-    private val pem = File(dir, "ca.pem")
     private val requests = AtomicInteger()
-    private val server: HttpsServer
+    private val server: HttpsServer = HttpsServer.create(InetSocketAddress("127.0.0.1", 0), 0)
 
     init {
-        val keytool = File(System.getProperty("java.home"), "bin/keytool").path
-        fun run(vararg args: String) {
-            val p = ProcessBuilder(keytool, *args).redirectErrorStream(true).start()
-            val out = p.inputStream.readBytes()
-            check(p.waitFor() == 0) { String(out) }
-        }
-        run("-genkeypair", "-alias", "s", "-keyalg", "EC", "-groupname", "secp256r1", "-validity", "2", "-dname", "CN=127.0.0.1",
-            "-ext", "SAN=ip:127.0.0.1", "-keystore", keystore.path, "-storetype", "PKCS12", "-storepass", "secret")
-        run("-exportcert", "-rfc", "-alias", "s", "-keystore", keystore.path, "-storepass", "secret", "-file", pem.path)
         val ks = KeyStore.getInstance("PKCS12").apply { keystore.inputStream().use { load(it, "secret".toCharArray()) } }
         val kmf = KeyManagerFactory.getInstance(KeyManagerFactory.getDefaultAlgorithm()).apply { init(ks, "secret".toCharArray()) }
         val context = SSLContext.getInstance("TLS").apply { init(kmf.keyManagers, null, null) }
-        server = HttpsServer.create(InetSocketAddress("127.0.0.1", 0), 0)
         server.httpsConfigurator = HttpsConfigurator(context)
         server.createContext("/") { ex ->
             requests.incrementAndGet()
@@ -64,11 +52,34 @@ class TlsTest {
     @After
     fun stop() = server.stop(0)
 
+    companion object {
+        private val dir = Files.createTempDirectory("tls").toFile()
+        private val keystore = File(dir, "server.p12")
+        private val pem = File(dir, "ca.pem")
+
+        /** One self-signed certificate for 127.0.0.1 for the whole class (keytool takes seconds). */
+        @BeforeClass
+        @JvmStatic
+        fun makeCertificate() {
+            val keytool = File(System.getProperty("java.home"), "bin/keytool").path
+            fun run(vararg args: String) {
+                val p = ProcessBuilder(keytool, *args).redirectErrorStream(true).start()
+                val out = p.inputStream.readBytes()
+                check(p.waitFor() == 0) { String(out) }
+            }
+            run("-genkeypair", "-alias", "s", "-keyalg", "EC", "-groupname", "secp256r1", "-validity", "2", "-dname", "CN=127.0.0.1",
+                "-ext", "SAN=ip:127.0.0.1", "-keystore", keystore.path, "-storetype", "PKCS12", "-storepass", "secret")
+            run("-exportcert", "-rfc", "-alias", "s", "-keystore", keystore.path, "-storepass", "secret", "-file", pem.path)
+        }
+    }
+
     @Test
     fun theCoordinatorsOwnCaAndItsPinAreAccepted() {
         val t = Transport(url, RetryPolicy(maxAttempts = 1), tls = TlsConfig(caFile = pem, pinSha256 = pin()))
         assertEquals(true, t.call("GET", "/v1/health")!!.getBoolean("ok"))
-        assertEquals(1, requests.get())
+        t.credentials = Pair("d-1", "s")
+        assertEquals(true, t.call("POST", "/v1/checkin", org.json.JSONObject().put("x", 1))!!.getBoolean("ok"))
+        assertEquals(2, requests.get())
     }
 
     @Test

@@ -11,6 +11,7 @@ import dev.fedge.android.client.DeviceConditions
 import dev.fedge.android.client.EligibilityPolicy
 import dev.fedge.android.client.Manifest
 import dev.fedge.android.protocol.RetryPolicy
+import dev.fedge.android.protocol.TlsConfig
 import dev.fedge.android.trainer.ArrayDataset
 import dev.fedge.android.trainer.Batch
 import dev.fedge.android.trainer.OrtStepTrainer
@@ -83,6 +84,7 @@ private fun device(o: Map<String, String>) {
             afterAssignmentS = 0.2,
             failureBackoffS = 0.5,
             maxFailureBackoffS = 2.0,
+            tls = if (o["ca-file"] != null || o["pin"] != null) TlsConfig(o["ca-file"]?.let { File(it) }, o["pin"]) else null,
         ),
     )
     val stopFile = File(o.getValue("stop-file"))

@@ -1,0 +1,302 @@
+"""One fleet split over several processes (or, through an engine, over machines).
+
+A single process runs a few thousand devices before its one core and its GIL are the limit
+(docs/benchmarks.md, "Fleet"); :class:`ProcessFleet` cuts devices ``0..N-1`` into contiguous
+parts and runs each part as an ordinary :class:`~fedge.fleet.emulator.Fleet` with
+``first_index`` set, so device ``i`` has the same heterogeneity profile, seed, data and fates
+as in a one-process fleet. Parts share nothing but the coordinator's URL, the fleet clock (by
+its :meth:`~fedge.fleet.clock.SimClock.spec`) and a state root (each part its own
+subdirectory: bundle caches lock per process). Each part reports its running
+:class:`~fedge.fleet.emulator.FleetSummary` about twice a second; the fleet's summary adds
+them up.
+
+Where the parts run is an :class:`Engine`: :class:`ProcessEngine` starts one spawned process
+per part on this machine (spawned, not forked: a fresh interpreter that imports no torch and
+inherits no threads). A cluster engine plugs in with the same three calls; for Ray, say,
+``start`` would launch one remote task per :class:`Part` running :func:`run_part` with a
+``report`` that updates an actor and a ``stop`` that reads it, ``latest`` would read that
+actor, and ``stop`` would flag it and gather the tasks' results. Any engine must give each
+part a clock reading the same emulated time: :func:`run_part` takes the clock's spec, which is
+exact between processes of one host; across hosts it needs synchronised clocks (NTP) and a
+speedup of 1, since ``time.monotonic`` origins differ between machines.
+
+Usage::
+
+    fleet = ProcessFleet(url, DigitsWindows(size=8), devices=50_000, processes=4,
+                         heterogeneity=Heterogeneity.realistic(start_hour=14),
+                         enrollment_token=token)
+    summary = fleet.run(emulated_s=600)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edge_sdk.client import ClientConfig
+from edge_sdk.tls import TlsConfig
+from fedge.fleet.clock import SimClock
+from fedge.fleet.emulator import Fleet, FleetSummary
+from fedge.fleet.heterogeneity import Heterogeneity
+from fedge.fleet.running import FleetRun
+from fedge.fleet.runtime import TORCH_FREE_BACKENDS, import_ort_without_training
+from fedge.fleet.sources import DataSource
+
+__all__ = ["Engine", "Part", "ProcessEngine", "ProcessFleet", "merge_summaries", "run_part"]
+
+_REPORT_EVERY_S = 0.5
+
+
+@dataclass(frozen=True)
+class Part:
+    """What one part of a fleet needs to run anywhere (picklable): devices
+    ``first..first+count-1`` from ``data``, and the fleet's settings as keyword arguments of
+    :class:`~fedge.fleet.emulator.Fleet` (``clock`` as a :meth:`SimClock.spec`)."""
+
+    index: int
+    first: int
+    count: int
+    data: DataSource
+    coordinator: str
+    clock: tuple[float, float, float]
+    options: dict[str, Any]
+
+
+def run_part(part: Part, report: Callable[[FleetSummary], None],
+             stop: Callable[[], bool]) -> FleetSummary:
+    """Run one part until ``stop()`` holds, calling ``report`` with its summary meanwhile;
+    returns the final summary. The body of every engine's worker."""
+    backend = part.options.get("client_config", ClientConfig()).backend
+    if backend in TORCH_FREE_BACKENDS:
+        import_ort_without_training()  # before the data source imports anything heavier
+    fleet = Fleet(part.coordinator, part.data(part.first, part.count), clock=SimClock(*part.clock),
+                  first_index=part.first, **part.options)
+    try:
+        fleet.start()
+        while not stop() and fleet.alive():
+            report(fleet.summary())
+            time.sleep(_REPORT_EVERY_S)
+        return fleet.stop()
+    finally:
+        fleet.close()
+
+
+class Engine(Protocol):
+    """Runs the parts of a fleet somewhere (see the module docstring)."""
+
+    def start(self, parts: Sequence[Part]) -> None: ...
+
+    def latest(self) -> list[FleetSummary | None]:
+        """Each part's most recent summary (None before its first report)."""
+        ...
+
+    def alive(self) -> bool:
+        """False when a part ended on its own (it failed)."""
+        ...
+
+    def stop(self) -> list[FleetSummary]:
+        """Stop every part and return their final summaries."""
+        ...
+
+
+def _process_main(part: Part, conn: multiprocessing.connection.Connection) -> None:
+    try:
+        final = run_part(part, lambda s: conn.send(("progress", s)), conn.poll)
+    except BaseException as e:
+        conn.send(("error", f"part {part.index}: {e!r}"))
+        raise
+    conn.send(("final", final))
+
+
+class ProcessEngine:
+    """One spawned process per part, on this machine."""
+
+    def __init__(self) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self._procs: list[Any] = []
+        self._conns: list[multiprocessing.connection.Connection] = []
+        self._latest: list[FleetSummary | None] = []
+        self._finals: dict[int, FleetSummary] = {}
+        self._errors: list[str] = []
+
+    def start(self, parts: Sequence[Part]) -> None:
+        for part in parts:
+            ours, theirs = self._ctx.Pipe()
+            proc = self._ctx.Process(target=_process_main, args=(part, theirs),
+                                     name=f"fedge-fleet-part-{part.index}", daemon=True)
+            proc.start()
+            theirs.close()
+            self._procs.append(proc)
+            self._conns.append(ours)
+            self._latest.append(None)
+
+    def _drain(self, i: int, timeout_s: float = 0.0) -> None:
+        conn = self._conns[i]
+        try:
+            while i not in self._finals and conn.poll(timeout_s):
+                kind, value = conn.recv()
+                if kind == "progress":
+                    self._latest[i] = value
+                elif kind == "final":
+                    self._finals[i] = self._latest[i] = value
+                else:
+                    self._errors.append(value)
+                    return
+        except (EOFError, OSError):
+            return  # the process is gone: alive() and stop() report it
+
+    def latest(self) -> list[FleetSummary | None]:
+        for i in range(len(self._conns)):
+            self._drain(i)
+        return list(self._latest)
+
+    def alive(self) -> bool:
+        return not self._errors and all(p.is_alive() for p in self._procs)
+
+    def stop(self) -> list[FleetSummary]:
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.send("stop")
+        deadline = time.monotonic() + 120.0
+        for i, proc in enumerate(self._procs):
+            while i not in self._finals and proc.is_alive() and time.monotonic() < deadline:
+                self._drain(i, timeout_s=0.5)
+            self._drain(i)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+            self._conns[i].close()
+        missing = [i for i in range(len(self._procs)) if i not in self._finals]
+        if missing or self._errors:
+            raise RuntimeError(f"fleet parts {missing} failed: {'; '.join(self._errors)}")
+        return [self._finals[i] for i in range(len(self._procs))]
+
+
+def merge_summaries(parts: Sequence[FleetSummary]) -> FleetSummary:
+    """One summary for the whole fleet: counts add up; times are the longest part's; the lag
+    percentiles are the worst part's (an upper bound on the fleet's)."""
+    if not parts:
+        raise ValueError("no summaries to merge")
+    merged: dict[str, Any] = {}
+    for f in dataclasses.fields(FleetSummary):
+        values = [getattr(s, f.name) for s in parts]
+        if f.name in ("emulated_s", "wall_s", "lag_p50_s", "lag_p95_s"):
+            merged[f.name] = max(values)
+        elif f.name == "speedup":
+            merged[f.name] = values[0]
+        else:
+            merged[f.name] = int(np.sum(values))
+    return FleetSummary(**merged)
+
+
+class ProcessFleet(FleetRun):
+    """Devices ``0..devices-1`` of ``data`` in ``processes`` parts (see the module docstring).
+
+    Takes :class:`~fedge.fleet.emulator.Fleet`'s keyword arguments (but ``progress`` and
+    ``attacks``); ``devices`` defaults to the data source's size; ``engine`` defaults to a
+    :class:`ProcessEngine`.
+    """
+
+    def __init__(
+        self,
+        coordinator: str,
+        data: DataSource,
+        *,
+        devices: int | None = None,
+        processes: int = 2,
+        engine: Engine | None = None,
+        heterogeneity: Heterogeneity | None = None,
+        seed: int = 0,
+        clock: SimClock | None = None,
+        state_root: Path | str | None = None,
+        backend: str | None = "ort-step",
+        step_time_s: float | None = None,
+        workers: int | None = None,
+        start_spread_s: float = 5.0,
+        rejoin_s: float = 300.0,
+        client_config: ClientConfig | None = None,
+        enrollment_token: str | None = None,
+        tls: TlsConfig | None = None,
+    ) -> None:
+        n = data.devices if devices is None else devices
+        if n is None:
+            raise ValueError("this data source holds any number of devices: give devices=")
+        if n < 1 or processes < 1:
+            raise ValueError("a fleet needs at least one device and one process")
+        if data.devices is not None and n > data.devices:
+            raise ValueError(f"the data source holds {data.devices} devices, not {n}")
+        self.clock = clock or SimClock()
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if state_root is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fedge-fleet-")
+            state_root = self._tmp.name
+        root = Path(state_root)
+        config = client_config or ClientConfig(backend=backend)
+        if config.backend is None and backend is not None:
+            config = dataclasses.replace(config, backend=backend)
+        options: dict[str, Any] = {
+            "heterogeneity": heterogeneity, "seed": seed, "step_time_s": step_time_s,
+            "workers": workers, "start_spread_s": start_spread_s, "rejoin_s": rejoin_s,
+            "client_config": config, "enrollment_token": enrollment_token, "tls": tls,
+        }
+        bounds = np.linspace(0, n, min(processes, n) + 1).astype(int)
+        self.parts = [
+            Part(k, int(a), int(b - a), data, coordinator, self.clock.spec(),
+                 {**options, "state_root": root / f"part-{k:03d}"})
+            for k, (a, b) in enumerate(itertools.pairwise(bounds))
+        ]
+        self.devices = n
+        self.engine: Engine = engine or ProcessEngine()
+        self._started = False
+        self._final: FleetSummary | None = None
+
+    def start(self) -> None:
+        if self._started:
+            raise RuntimeError("the fleet is already running")
+        self._started = True
+        self.engine.start(self.parts)
+
+    def alive(self) -> bool:
+        return self.engine.alive()
+
+    def stop(self) -> FleetSummary:
+        if self._final is None:
+            self._final = merge_summaries(self.engine.stop())
+        return self._final
+
+    def summary(self) -> FleetSummary:
+        """The sum of the parts' latest reports (parts not yet reporting count as zero)."""
+        if self._final is not None:
+            return self._final
+        reports = [s for s in self.engine.latest() if s is not None]
+        if not reports:
+            return dataclasses.replace(_EMPTY, devices=self.devices, speedup=self.clock.speedup)
+        merged = merge_summaries(reports)
+        return dataclasses.replace(merged, devices=self.devices)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> ProcessFleet:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_EMPTY = FleetSummary(**{f.name: 0 for f in dataclasses.fields(FleetSummary)})
+

@@ -1,0 +1,145 @@
+"""A fleet split over processes, and a fleet process without torch: real coordinator, real
+HTTP, real ORT steps, each part a spawned interpreter."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.config import PacingConfig
+from coordinator.embedded import EmbeddedCoordinator
+from edge_sdk.bundle import load_manifest
+from edge_sdk.client import ClientConfig
+from fedge.fleet.clock import SimClock
+from fedge.fleet.emulator import FleetSummary
+from fedge.fleet.heterogeneity import Heterogeneity
+from fedge.fleet.processes import ProcessFleet, merge_summaries
+from fedge.fleet.sources import DigitsPartitions
+
+FAST_PACING = PacingConfig(min_retry_s=1.0, max_retry_s=30.0, no_task_retry_s=5.0)
+FEDAVG = {"goal": 4, "over_selection": 1.0, "robust": "none",
+          "server_optimizer": {"name": "fedavg"}, "selection_window_s": 2.0,
+          "round_deadline_s": 120.0, "steps": 5, "batch_size": 16, "lr": 0.2,
+          "codec": {"name": "fp32"}}
+
+
+def _summary(**counts: int) -> FleetSummary:
+    zero = {f.name: 0 for f in dataclasses.fields(FleetSummary)}
+    return FleetSummary(**{**zero, **counts})
+
+
+def test_merged_summary_adds_counts_and_keeps_the_worst_times() -> None:
+    a = dataclasses.replace(_summary(devices=3, checkins=10, uploads_acknowledged=2),
+                            wall_s=5.0, lag_p95_s=0.1, speedup=20.0)
+    b = dataclasses.replace(_summary(devices=4, checkins=7, bytes_up=100),
+                            wall_s=6.0, lag_p95_s=0.3, speedup=20.0)
+    m = merge_summaries([a, b])
+    assert (m.devices, m.checkins, m.uploads_acknowledged, m.bytes_up) == (7, 17, 2, 100)
+    assert (m.wall_s, m.lag_p95_s, m.speedup) == (6.0, 0.3, 20.0)
+    with pytest.raises(ValueError):
+        merge_summaries([])
+
+
+def test_parts_are_the_devices_of_one_fleet(tmp_path: Path) -> None:
+    """Cutting 10 devices into 3 parts covers each index once, in order, and each part's
+    devices get the profiles a one-process fleet would give them."""
+    model = Heterogeneity.realistic()
+    fleet = ProcessFleet("http://127.0.0.1:9", DigitsPartitions(10, "iid"), processes=3,
+                         heterogeneity=model, seed=4, state_root=tmp_path)
+    covered = [i for p in fleet.parts for i in range(p.first, p.first + p.count)]
+    assert covered == list(range(10))
+    assert len({p.options["state_root"] for p in fleet.parts}) == 3
+    for part in fleet.parts:
+        # What run_part builds: profiles drawn at the global index.
+        assert part.options["heterogeneity"] == model and part.options["seed"] == 4
+    with pytest.raises(ValueError, match="holds 10 devices"):
+        ProcessFleet("http://127.0.0.1:9", DigitsPartitions(10, "iid"), devices=11)
+    with pytest.raises(ValueError):
+        ProcessFleet("http://127.0.0.1:9", DigitsPartitions(10, "iid"), processes=0)
+
+
+@pytest.mark.slow
+def test_a_fleet_over_two_processes_trains_a_fedavg_task(digits_bundle: Path) -> None:
+    """Two spawned parts of one fleet on the coordinator's emulated clock complete a plain
+    FedAvg task; every acknowledged upload is one the coordinator counted, and the committed
+    model moved."""
+    clock = SimClock(speedup=20.0)
+    with EmbeddedCoordinator(clock=clock.unix(), pacing=FAST_PACING, seed=0) as coord:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(digits_bundle)["bundle_id"]
+        task_id = admin.create_task(bundle_id, {**FEDAVG, "rounds": 3})["task_id"]
+        fleet = ProcessFleet(
+            coord.url, DigitsPartitions(8, "dirichlet:1.0"), processes=2, clock=clock,
+            client_config=ClientConfig(backend="ort-step",
+                                       enrollment_token=coord.enrollment_token),
+        )
+        with fleet:
+            done = fleet.wait_for(lambda: admin.task(task_id)["state"] == "completed", 180)
+        summary = fleet.summary()
+        fleet.close()
+        assert done, admin.task(task_id)
+        rounds = [r for r in admin.rounds(task_id) if r["kind"] == "train"]
+        reported = sum(r["metrics"]["reported"] for r in rounds if r["state"] == "committed")
+        assert summary.devices == 8 and summary.failures == 0
+        # Uploads after the last commit may be acknowledged and then not aggregated (late).
+        assert summary.uploads_acknowledged >= reported == 3 * FEDAVG["goal"]
+        assert summary.devices_registered == len(admin.devices()) <= 8
+        n = load_manifest(digits_bundle).num_parameters
+        v0 = coord.call(coord.service.version_params, None, task_id, "0")
+        v3 = coord.call(coord.service.version_params, None, task_id, "3")
+        assert len(v0) and v0 != v3 and n > 0
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys
+    from edge_sdk.client import ClientConfig
+    from fedge.fleet.clock import SimClock
+    from fedge.fleet.emulator import Fleet
+    from fedge.fleet.sources import DigitsPartitions
+
+    url, token, speedup, start, origin = sys.argv[1:6]
+    fleet = Fleet(url, DigitsPartitions(6, "iid")(0, 6),
+                  clock=SimClock(float(speedup), float(start), float(origin)),
+                  client_config=ClientConfig(backend="ort-step", enrollment_token=token))
+    summary = fleet.run(until=lambda: fleet.summary().uploads_acknowledged >= 4,
+                        timeout_s=120)
+    fleet.close()
+    print(json.dumps({"torch": "torch" in sys.modules,
+                      "onnxruntime": "onnxruntime" in sys.modules,
+                      "training": "onnxruntime.training" in sys.modules,
+                      "uploads": summary.uploads_acknowledged}))
+""")
+
+
+@pytest.mark.slow
+def test_a_fleet_process_trains_without_importing_torch(digits_bundle: Path) -> None:
+    clock = SimClock(speedup=20.0)
+    with EmbeddedCoordinator(clock=clock.unix(), pacing=FAST_PACING, seed=0) as coord:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(digits_bundle)["bundle_id"]
+        admin.create_task(bundle_id, {**FEDAVG, "rounds": 2})
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, coord.url, str(coord.enrollment_token),
+             *map(str, clock.spec())],
+            capture_output=True, text=True, timeout=180, check=True,
+            cwd=Path(__file__).resolve().parents[3],
+        )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # It really trained (ORT loaded, uploads acknowledged) and never loaded torch.
+    assert result["uploads"] >= 4 and result["onnxruntime"]
+    assert not result["torch"] and not result["training"]
+
+
+def test_the_sim_clock_reads_the_same_time_from_its_spec() -> None:
+    clock = SimClock(speedup=50.0, start=100.0)
+    twin = SimClock(*clock.spec())
+    assert abs(twin.now() - clock.now()) < 0.5  # 10 ms of real time apart at most
+    assert twin.speedup == 50.0
+    assert np.isclose(SimClock(*clock.spec()).spec()[2], clock.spec()[2])
