@@ -10,12 +10,27 @@
    check-ins per second achieved against the rate the schedule asks for (N / mean interval),
    how late passes start (p50/p95 lag), the fleet process's CPU per check-in and RSS.
    "Sustained" = at least 95 % of the asked rate and p95 lag under 1 s.
+3. **Speed per round** (issue 15): the comparison task with Flower's simulation (digits,
+   30 devices, 10 per round, 10 local steps, int8, no dropouts) as a plain FedAvg plan
+   without over-selection, coordinator on the fleet's clock at speedup 100 (real HTTP, SQLite
+   with its fsyncs). Before: the fleet in the coordinator's process (as ``fedge demo`` runs
+   it), ORT imported whole (torch with it). After: the fleet in its own spawned process
+   (:class:`~fedge.fleet.processes.ProcessFleet`), ORT without its training part. Reported:
+   steady-state real seconds per round (rounds 5-30), the round's phases from the
+   coordinator's records, and the RSS of the process holding the fleet.
+4. **Spread** (issue 15): 50,000 devices in 3 fleet processes against a ``fedge serve``
+   subprocess (real time), the realistic heterogeneity model at 14:00 local time (most devices
+   not charging: ineligible), a running task; check-ins/s, local eligibility checks/s, round
+   times and RSS per fleet process over a window after the start-up spread.
 
-Run: ``./dev bench bench_fleet``. Writes ``benchmarks/results/bench_fleet.json`` and ``.png``.
+Run: ``./dev bench bench_fleet [rounds] [idle] [speed] [spread]`` (default: all). Writes
+``benchmarks/results/bench_fleet.json`` (sections not run keep their last figures) and
+``.png``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import platform
@@ -43,6 +58,156 @@ def _rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _rss_of(pid: int, field: str = "VmRSS") -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+FLOWER_S_PER_ROUND = 0.32  # Flower 1.42 simulation, steady state, same task (issue 15)
+SPEED_ROUNDS = 30
+
+
+def _fedavg_plan(rounds: int) -> dict[str, Any]:
+    return {"rounds": rounds, "goal": 10, "over_selection": 1.0, "robust": "none",
+            "server_optimizer": {"name": "fedavg"}, "selection_window_s": 1.0,
+            "round_deadline_s": 600.0, "steps": 10, "batch_size": 16, "lr": 0.15,
+            "codec": {"name": "int8"}}
+
+
+def speed_bench(in_process: bool) -> dict[str, Any]:
+    from coordinator.config import PacingConfig
+    from coordinator.embedded import EmbeddedCoordinator
+    from edge_sdk.client import ClientConfig
+    from fedge.demo import demo_bundle
+    from fedge.fleet import SimClock
+    from fedge.fleet.emulator import Fleet
+    from fedge.fleet.processes import ProcessEngine, ProcessFleet
+    from fedge.fleet.running import FleetRun
+    from fedge.fleet.sources import DigitsPartitions
+
+    bundle = demo_bundle(say=lambda _m: None)
+    data = DigitsPartitions(30, "dirichlet:1.0")
+    clock = SimClock(speedup=100.0)
+    pacing = PacingConfig(min_retry_s=1.0, max_retry_s=30.0, no_task_retry_s=5.0)
+    with EmbeddedCoordinator(clock=clock.unix(), pacing=pacing, seed=0) as coord:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(bundle)["bundle_id"]
+        task_id = admin.create_task(bundle_id, _fedavg_plan(SPEED_ROUNDS))["task_id"]
+        config = ClientConfig(backend="ort-step", enrollment_token=coord.enrollment_token)
+        engine = ProcessEngine()
+        fleet: FleetRun
+        if in_process:
+            import onnxruntime  # noqa: F401  (whole: as every fleet process did before)
+
+            fleet = Fleet(coord.url, data(0, 30), clock=clock, client_config=config)
+        else:
+            fleet = ProcessFleet(coord.url, data, processes=1, clock=clock,
+                                 client_config=config, engine=engine)
+        marks: dict[int, float] = {}
+        rss: list[float] = []
+
+        def done() -> bool:
+            task = admin.task(task_id)
+            marks.setdefault(int(task["rounds_completed"]), time.monotonic())
+            if task["rounds_completed"] == SPEED_ROUNDS // 2:
+                pids = [p.pid for p in engine._procs] or [0]
+                rss[:] = [_rss_mb() if in_process else _rss_of(pid) for pid in pids]
+            return bool(task["state"] == "completed")
+
+        with fleet:
+            ok = fleet.wait_for(done, 600, poll_s=0.01)
+        summary = fleet.summary()
+        fleet.close()
+        rounds = [r for r in admin.rounds(task_id) if r["kind"] == "train"][5:]
+    first, last = 5, max(marks)
+    phases = {
+        "selection_s": float(np.mean([r["selected_at"] - r["opened_at"] for r in rounds])),
+        "reporting_s": float(np.mean([r["closed_at"] - r["selected_at"] for r in rounds])),
+        "gap_s": float(np.mean([b["opened_at"] - a["closed_at"]
+                                for a, b in itertools.pairwise(rounds)])),
+    }
+    per_round = (marks[last] - marks[first]) / (last - first)
+    return {
+        "fleet": "in the coordinator's process" if in_process else "own process (torch-free)",
+        "completed": ok, "rounds": last, "real_s_per_round": per_round,
+        "vs_flower": FLOWER_S_PER_ROUND / per_round,
+        "emulated_phases_s": {k: round(v, 2) for k, v in phases.items()},
+        "checkins_per_round": summary.checkins / max(last, 1),
+        "fleet_process_rss_mb": rss[0] if rss else float("nan"),
+        "torch_in_bench_process": "torch" in sys.modules,
+    }
+
+
+SPREAD_DEVICES = 50_000
+SPREAD_PROCESSES = 3
+SPREAD_START_S = 60.0
+SPREAD_WINDOW_S = 120.0
+
+
+def spread_bench(devices: int = SPREAD_DEVICES) -> dict[str, Any]:
+    from coordinator.config import CoordinatorConfig, PacingConfig
+    from coordinator.embedded import EmbeddedCoordinator
+    from edge_sdk.client import ClientConfig
+    from fedge.demo import demo_bundle
+    from fedge.fleet import Heterogeneity, SimClock
+    from fedge.fleet.processes import ProcessEngine, ProcessFleet
+    from fedge.fleet.sources import DigitsWindows
+
+    bundle = demo_bundle(say=lambda _m: None)
+    pacing = PacingConfig(min_retry_s=10.0, max_retry_s=600.0, no_task_retry_s=60.0)
+    model = Heterogeneity.realistic(start_hour=14.0)
+    with EmbeddedCoordinator(subprocess=True, config=CoordinatorConfig(pacing=pacing)) as coord:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(bundle)["bundle_id"]
+        task_id = admin.create_task(bundle_id, {
+            "rounds": 1000, "goal": 50, "selection_window_s": 10.0, "round_deadline_s": 60.0,
+            "steps": 10, "batch_size": 8, "lr": 0.1, "codec": {"name": "int8"},
+        })["task_id"]
+        engine = ProcessEngine()
+        # An ineligible device looks at its conditions again every minute (default 5): the
+        # window then sees the local checks' steady rate too.
+        config = ClientConfig(backend="ort-step", enrollment_token=coord.enrollment_token,
+                              ineligible_recheck_s=60.0)
+        fleet = ProcessFleet(coord.url, DigitsWindows(size=8), devices=devices,
+                             processes=SPREAD_PROCESSES, engine=engine, clock=SimClock(1.0),
+                             heterogeneity=model, start_spread_s=SPREAD_START_S,
+                             client_config=config)
+        started = time.monotonic()
+        with fleet:
+            fleet.wait_for(lambda: all(s is not None for s in engine.latest()), 600, poll_s=1)
+            ready_s = time.monotonic() - started
+            time.sleep(SPREAD_START_S)  # every device has made its first pass
+            s0, t0 = fleet.summary(), time.monotonic()
+            time.sleep(SPREAD_WINDOW_S)
+            s1, t1 = fleet.summary(), time.monotonic()
+            rss = [_rss_of(p.pid) for p in engine._procs]
+            hwm = [_rss_of(p.pid, "VmHWM") for p in engine._procs]
+        fleet.close()
+        status = admin.status()
+        rounds = [r for r in admin.rounds(task_id) if r["kind"] == "train"
+                  and r["state"] == "committed"]
+    window = t1 - t0
+    durations = [r["closed_at"] - r["opened_at"] for r in rounds]
+    return {
+        "devices": devices, "processes": SPREAD_PROCESSES, "ready_s": ready_s,
+        "window_s": window,
+        "checkins_per_s": (s1.checkins - s0.checkins) / window,
+        "ineligible_checks_per_s": (s1.ineligible_checks - s0.ineligible_checks) / window,
+        "uploads_per_s": (s1.uploads_acknowledged - s0.uploads_acknowledged) / window,
+        "failures": s1.failures, "registered": s1.devices_registered,
+        "dropouts": s1.dropouts, "aborts": s1.aborts,
+        "rounds_committed": len(rounds),
+        "round_s_p50": float(np.median(durations)) if durations else float("nan"),
+        "round_s_max": float(max(durations)) if durations else float("nan"),
+        "lag_p95_s": s1.lag_p95_s,
+        "rss_mb_per_process": rss, "peak_rss_mb_per_process": hwm,
+        "coordinator_devices": status.get("devices_registered"),
+    }
 
 
 def rounds_bench(devices: int, goal: int, rounds: int) -> dict[str, Any]:
@@ -120,13 +285,27 @@ def idle_bench(n: int) -> dict[str, Any]:
     }
 
 
-def plot(idle: list[dict[str, Any]], path: Path) -> None:
+def print_speed(speed: list[dict[str, Any]], spread: dict[str, Any] | None) -> None:
+    print(f"\nspeed per round (30 devices, 10 per round, 10 steps, plain FedAvg; Flower 1.42: "
+          f"{FLOWER_S_PER_ROUND} s)")
+    print(f"{'fleet':>30} {'s/round':>8} {'x Flower':>8} {'check-ins/round':>15} {'RSS MB':>7}")
+    for r in speed:
+        print(f"{r['fleet']:>30} {r['real_s_per_round']:>8.3f} {r['vs_flower']:>8.2f} "
+              f"{r['checkins_per_round']:>15.1f} {r['fleet_process_rss_mb']:>7.0f}")
+    if spread:
+        print(f"\nspread: {spread['devices']} devices in {spread['processes']} processes: "
+              f"{spread['checkins_per_s']:.0f} check-ins/s, {spread['ineligible_checks_per_s']:.0f}"
+              f" local checks/s, {spread['rounds_committed']} rounds (p50 "
+              f"{spread['round_s_p50']:.1f} s), RSS {spread['rss_mb_per_process']} MB")
+
+
+def plot(idle: list[dict[str, Any]], speed: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4), dpi=110)
     ns = [r["devices"] for r in idle]
     a.plot(ns, [r["asked_per_s"] for r in idle], "--", color="grey", label="asked by the schedule")
     a.plot(ns, [r["checkins_per_s"] for r in idle], "o-", label="achieved")
@@ -141,6 +320,11 @@ def plot(idle: list[dict[str, Any]], path: Path) -> None:
     b.set_yscale("symlog", linthresh=0.01)
     b.legend()
     b.grid(alpha=0.3)
+    labels = [r["fleet"] for r in speed] + ["Flower 1.42 simulation"]
+    c.barh(labels, [r["real_s_per_round"] for r in speed] + [FLOWER_S_PER_ROUND],
+           color=["tab:grey", "tab:blue", "tab:orange"][: len(labels)])
+    c.set_xlabel("real seconds per round (steady state)")
+    c.set_title("digits, 30 devices, 10 per round", fontsize=9)
     fig.suptitle(f"fedge fleet: idle devices checking in every ~{IDLE_INTERVAL_S:.0f} s "
                  "(coordinator in its own process, same 2 cores)")
     fig.tight_layout()
@@ -151,12 +335,31 @@ def plot(idle: list[dict[str, Any]], path: Path) -> None:
 def main() -> int:
     logging.getLogger("edge_sdk").setLevel(logging.ERROR)
     RESULTS.mkdir(exist_ok=True)
-    rounds = []
-    for devices, goal, n in ((30, 15, 10), (300, 30, 5)):
-        log(f"rounds: {devices} devices, goal {goal}, {n} rounds ...")
-        rounds.append(rounds_bench(devices, goal, n))
-    idle = []
-    for n in IDLE_SIZES:
+    out = RESULTS / "bench_fleet.json"
+    sections = set(sys.argv[1:]) or {"rounds", "idle", "speed", "spread"}
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    speed = previous.get("speed", [])
+    if "speed" in sections:
+        speed = []
+        for in_process in (True, False):
+            log(f"speed per round, fleet {'in' if in_process else 'out of'} process ...")
+            speed.append(speed_bench(in_process))
+            log(f"  {speed[-1]['real_s_per_round']:.3f} s/round, "
+                f"RSS {speed[-1]['fleet_process_rss_mb']:.0f} MB")
+    spread = previous.get("spread")
+    if "spread" in sections:
+        log(f"spread: {SPREAD_DEVICES} devices in {SPREAD_PROCESSES} processes ...")
+        spread = spread_bench()
+        log(f"  {spread['checkins_per_s']:.0f} check-ins/s")
+    print_speed(speed, spread)
+    rounds = previous.get("rounds", [])
+    if "rounds" in sections:
+        rounds = []
+        for devices, goal, n in ((30, 15, 10), (300, 30, 5)):
+            log(f"rounds: {devices} devices, goal {goal}, {n} rounds ...")
+            rounds.append(rounds_bench(devices, goal, n))
+    idle = previous.get("idle", [])
+    for n in IDLE_SIZES if "idle" in sections else ():
         log(f"idle capacity: {n} devices ...")
         idle.append(idle_bench(n))
         log(f"  {idle[-1]['checkins_per_s']:.0f}/s of {idle[-1]['asked_per_s']:.0f}/s asked, "
@@ -174,11 +377,12 @@ def main() -> int:
               f"{r['ratio']:>6.2f} {r['lag_p50_s']:>8.3f} {r['lag_p95_s']:>8.3f} "
               f"{r['fleet_cpu_ms_per_checkin']:>10.2f} {r['fleet_cpu_share']:>9.2f} "
               f"{r['kb_per_device']:>9.0f} {r['sustained']!s:>9}")
-    out = RESULTS / "bench_fleet.json"
-    plot(idle, RESULTS / "bench_fleet.png")
+    if idle:
+        plot(idle, speed, RESULTS / "bench_fleet.png")
     out.write_text(json.dumps({
         "machine": {"python": platform.python_version(), "cpus": 2},
-        "rounds": rounds, "idle": idle,
+        "rounds": rounds, "idle": idle, "speed": speed, "spread": spread,
+        "flower_s_per_round": FLOWER_S_PER_ROUND,
         "idle_interval_s": IDLE_INTERVAL_S, "idle_window_s": IDLE_WINDOW_S,
     }, indent=1))
     print(f"\nwrote {out} and bench_fleet.png")

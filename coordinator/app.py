@@ -177,6 +177,9 @@ class _GroupedUploads:
         self.syncers = ThreadPoolExecutor(
             cfg.group_commit_max_batch, thread_name_prefix="fedge-fsync"
         )
+        # Runs each batch's install (one at a time), waiting for the fsyncs: not a decoder's
+        # thread, which would stop decoding meanwhile.
+        self.installer = ThreadPoolExecutor(1, thread_name_prefix="fedge-install")
         self.commits: GroupCommit[StagedUpload, dict[str, Any]] = GroupCommit(
             self._commit,
             max_batch=cfg.group_commit_max_batch,
@@ -223,7 +226,7 @@ class _GroupedUploads:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(
-                self.decoders, self.coord.install_uploads, batch, self.syncers
+                self.installer, self.coord.install_uploads, batch, self.syncers
             )
         except ApiError as e:
             return [e] * len(batch)
@@ -231,8 +234,8 @@ class _GroupedUploads:
 
     async def close(self) -> None:
         await self.commits.close()
-        self.decoders.shutdown(wait=True)
-        self.syncers.shutdown(wait=True)
+        for pool in (self.decoders, self.installer, self.syncers):
+            pool.shutdown(wait=True)
 
 
 def server_tls(config: CoordinatorConfig) -> ssl.SSLContext | None:

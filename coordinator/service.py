@@ -574,7 +574,11 @@ class Coordinator:
         store or policy state: safe on any thread, several at once (numpy, hashing and file
         writes release the GIL)."""
         delta = decode_delta(body, admitted.num_parameters, admitted.max_norm)
-        return StagedUpload(admitted, delta, self.blobs.stage(body), len(body))
+        try:
+            blob = self.blobs.stage(body)
+        except OSError as e:  # a full disk: nothing written, nothing acknowledged
+            raise self._storage_unavailable(e) from e
+        return StagedUpload(admitted, delta, blob, len(body))
 
     def install_uploads(
         self, staged: Sequence[StagedUpload], executor: Executor | None = None
@@ -584,10 +588,10 @@ class Coordinator:
         try:
             self.blobs.install([s.blob for s in staged], executor)
         except OSError as e:
-            log.warning("uploads: storage unavailable: %s", e)
             raise self._storage_unavailable(e) from e
 
     def _storage_unavailable(self, e: Exception) -> Overloaded:
+        log.warning("uploads: storage unavailable: %s", e)
         return Overloaded(
             f"storage unavailable ({type(e).__name__}: {e}); try again later",
             retry_after_s=max(1.0, self.config.tick_interval_s),
@@ -617,8 +621,6 @@ class Coordinator:
                 self._policy(task).forget(task.task_id)
             if not isinstance(e, (Overloaded, OSError, *self.store.transient_errors)):
                 raise
-            if not isinstance(e, Overloaded):
-                log.warning("uploads: storage unavailable: %s", e)
             refusal = e if isinstance(e, Overloaded) else self._storage_unavailable(e)
             return [refusal] * len(staged)
         # Durable now, and acknowledged whatever happens next: a commit that fails here

@@ -11,6 +11,7 @@ travel as 66 big-endian bytes::
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Iterable, Mapping
 
@@ -46,6 +47,21 @@ def split(secret: bytes, threshold: int, xs: Iterable[int]) -> dict[int, bytes]:
     return {x: _eval(coefficients, x).to_bytes(SHARE_BYTES, "big") for x in points}
 
 
+@functools.lru_cache(maxsize=256)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """The Lagrange basis at 0 for the points ``xs``: a server rebuilds most secrets of a round
+    from the same set of holders, so each set's O(len(xs)**2) work is done once."""
+    out = []
+    for j in xs:
+        num, den = 1, 1
+        for m in xs:
+            if m != j:
+                num = num * (-m) % PRIME
+                den = den * (j - m) % PRIME
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
+
+
 def combine(shares: Mapping[int, bytes]) -> bytes:
     """The secret from ``threshold`` or more shares (more are fine; all must be consistent)."""
     if not shares:
@@ -57,14 +73,8 @@ def combine(shares: Mapping[int, bytes]) -> bytes:
         values[x] = int.from_bytes(share, "big")
         if values[x] >= PRIME:
             raise ShamirError(f"share at x={x} is not a field element")
-    secret = 0
-    for j, yj in values.items():
-        num, den = 1, 1
-        for m in values:
-            if m != j:
-                num = num * (-m) % PRIME
-                den = den * (j - m) % PRIME
-        secret = (secret + yj * num * pow(den, -1, PRIME)) % PRIME
+    xs = tuple(sorted(values))
+    secret = sum(values[x] * c for x, c in zip(xs, _lagrange_at_zero(xs), strict=True)) % PRIME
     if secret >= 2 ** (8 * SECRET_BYTES):
         # Too few (or inconsistent) shares interpolate to a random field element.
         raise ShamirError("shares do not reconstruct a 32-byte secret")

@@ -11,25 +11,32 @@ run the real route, its batching and its thread pools.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from coordinator.blobs import BlobStore
+from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.embedded import EmbeddedCoordinator
 from coordinator.errors import ApiError, Overloaded
+from coordinator.group_commit import GroupCommit
 from coordinator.service import Coordinator, StagedUpload
 from edge_sdk.codecs import encode_update
 from edge_sdk.frame import decode_tensor
 from edge_sdk.protocol import ErrorCode
 from tests.coordinator.faults.harness import (
+    MODES,
     Ack,
     Fault,
     Fleet,
@@ -97,17 +104,26 @@ class BatchFleet(Fleet):
         self.acks[aid] = Ack(d, aid, base, delta_of(d, base, self.num_parameters), examples_of(d))
 
     def run(self) -> None:
-        for version in (1, 2):
-            self.report_batch(self.assign([0, 1, 2]))
-            self.settle(version)
+        if self.mode == "sync":
+            for version in (1, 2):
+                self.report_batch(self.assign([0, 1, 2]))
+                self.settle(version)
+            return
+        work = self.assign([0, 1, 2, 3])  # async: two updates a version, as the harness's
+        self.report_batch({d: work[d] for d in (0, 1)})
+        self.settle(1)
+        self.report_batch({d: work[d] for d in (2, 3)})  # one version stale
+        self.settle(2)
+        self.report_batch(self.assign([4, 5]))
+        self.settle(3)
 
 
-def _scenario(root: Path, at: int | None, crash: bool) -> BatchFleet:
+def _scenario(root: Path, at: int | None, crash: bool, mode: str = "sync") -> BatchFleet:
     root.mkdir(parents=True, exist_ok=True)
     fault, ledger = Fault(at=at, crash=crash), Ledger()
     current: list[Fault | None] = [None]
     with os_seams(lambda: current[0], ledger):
-        fleet = BatchFleet(root, "sync", fault, ledger)
+        fleet = BatchFleet(root, mode, fault, ledger)
         fleet.batches = []
         current[0] = fault
         fleet.run()
@@ -122,8 +138,15 @@ def _scenario(root: Path, at: int | None, crash: bool) -> BatchFleet:
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory: pytest.TempPathFactory) -> BatchFleet:
-    return _scenario(tmp_path_factory.mktemp("clean"), None, False)
+def cleans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BatchFleet]:
+    """Each mode's clean run (which must itself pass every check): its steps to fail."""
+    return {mode: _scenario(tmp_path_factory.mktemp(f"clean-{mode}"), None, False, mode)
+            for mode in MODES}  # fmt: skip
+
+
+@pytest.fixture
+def clean(cleans: dict[str, BatchFleet]) -> BatchFleet:
+    return cleans["sync"]
 
 
 def test_a_batch_of_three_is_one_round_of_fsyncs(clean: BatchFleet) -> None:
@@ -149,18 +172,21 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("crash", [False, True], ids=["error", "crash"])
+@pytest.mark.parametrize("mode", MODES)
 def test_a_fault_at_any_step_of_a_batch_loses_nothing_acknowledged(
-    clean: BatchFleet, crash: bool, scratch: Path
+    cleans: dict[str, BatchFleet], mode: str, crash: bool, scratch: Path
 ) -> None:
+    clean = cleans[mode]
     # the steps of the first batch (its fsyncs, its rows, its commit, the commit it makes due)
     first_batch = clean.batches[0]
     assert {clean.fault.steps[i] for i in first_batch} >= {
         "blobs.install", "os.fsync", "store.add_update", "store.commit"
     }  # fmt: skip
     labels = [clean.fault.steps[i] for i in first_batch]
-    before_commit = first_batch[labels.index("store.add_update")] + 3  # its 3 rows
+    last_row = len(labels) - 1 - labels[::-1].index("store.add_update")
+    before_commit = first_batch[last_row] + 1  # its rows written, its transaction not ended
     for i in first_batch:
-        fleet = _scenario(scratch / f"at{i}", i, crash)
+        fleet = _scenario(scratch / f"at{i}", i, crash, mode)
         if (
             not crash
             and clean.fault.steps[i] in ("blobs.install", "os.fsync", "store.add_update")
@@ -195,6 +221,27 @@ def test_a_failing_fsync_refuses_the_whole_batch_and_leaves_nothing(tmp_path: Pa
         assert not any(coord.blobs.exists(s.blob.sha) for s in staged), "a blob of it stayed"
         assert not os.listdir(coord.blobs.root / "tmp")
         coord.close()
+
+
+def test_a_full_disk_while_staging_answers_503_and_the_retry_is_taken(tmp_path: Path) -> None:
+    fleet = BatchFleet(tmp_path, "sync", Fault(), Ledger())
+    coord = fleet.coord
+    aid = fleet.assign([0, 1, 2])[0]["assignment_id"]
+    header = json.dumps({"num_examples": examples_of(0)})
+    frame, _ = encode_update(delta_of(0, 0), "fp32")
+    real_stage = coord.blobs.stage
+
+    def full(data: bytes) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    coord.blobs.stage = full  # type: ignore[method-assign]
+    with pytest.raises(Overloaded):
+        coord.upload(fleet.devices[0], aid, "k", header, frame)
+    assert fleet.read("select count(*) from updates") == [(0,)]
+    coord.blobs.stage = real_stage  # type: ignore[method-assign]
+    assert coord.upload(fleet.devices[0], aid, "k", header, frame)["accepted"]
+    assert fleet.read("select count(*) from updates") == [(1,)]
+    coord.close()
 
 
 def test_a_retry_inside_the_same_batch_gets_the_same_answer(tmp_path: Path) -> None:
@@ -277,3 +324,86 @@ def test_concurrent_uploads_over_http_are_committed_in_batches(tmp_path: Path) -
         mean = (weights[:, None] * np.stack(deltas).astype(np.float64)).sum(0) / weights.sum()
         p0 = np.fromfile(bundle / "params.f32", dtype="<f4")
         np.testing.assert_allclose(got, (p0 + mean).astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+# -- the blob store's batch step on its own -------------------------------------------------
+
+
+def test_install_with_parallel_fsyncs_is_all_or_nothing(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs")
+    kept = blobs.put(b"there before")
+    payloads = [f"payload {i}".encode() * 100 for i in range(12)] + [b"there before"]
+    real_fsync = os.fsync
+    synced_dirs: list[str] = []
+
+    def failing_dir_fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isdir(path):
+            synced_dirs.append(path)
+            if len(synced_dirs) == 3:  # files synced and renamed; a directory fails
+                raise OSError(errno.EIO, "injected")
+        real_fsync(fd)
+
+    with ThreadPoolExecutor(8) as pool:
+        staged = [blobs.stage(p) for p in payloads]
+        os.fsync = failing_dir_fsync  # type: ignore[assignment]
+        try:
+            with pytest.raises(OSError, match="injected"):
+                blobs.install(staged, pool)
+        finally:
+            os.fsync = real_fsync
+        assert set(blobs.shas()) == {kept}, "a blob of the failed batch stayed in place"
+        assert blobs.read(kept) == b"there before"
+        assert not os.listdir(blobs.root / "tmp")
+        # the same batch again, the disk well: every blob in place, each once
+        staged = [blobs.stage(p) for p in payloads]
+        blobs.install(staged, pool)
+    assert {blobs.read(s.sha) for s in staged} == set(payloads)
+    assert len(set(blobs.shas())) == len(payloads)
+    assert not os.listdir(blobs.root / "tmp")
+
+
+# -- settings and bounds ----------------------------------------------------------------------
+
+
+def test_group_commit_bounds() -> None:
+    with pytest.raises(ConfigError):
+        CoordinatorConfig(group_commit_max_batch=0)
+
+    async def commit(items: Sequence[int]) -> list[int]:
+        return [i * 10 for i in items]
+
+    with pytest.raises(ValueError):
+        GroupCommit(commit, max_batch=4, max_pending=2, retry_after_s=1.0)
+    commits = GroupCommit(commit, max_batch=2, max_pending=3, retry_after_s=1.5)
+
+    async def run() -> list[int]:
+        for _ in range(3):
+            commits.reserve()
+        with pytest.raises(Overloaded) as refused:  # past the bound: 503 at once
+            commits.reserve()
+        assert refused.value.retry_after_s == 1.5
+        answers = await asyncio.gather(*(commits.submit(i) for i in (1, 2, 3)))
+        for _ in range(3):
+            commits.release()
+        commits.reserve()  # room again
+        return list(answers)
+
+    assert asyncio.run(run()) == [10, 20, 30]
+
+
+def test_uploads_without_group_commit_over_http(tmp_path: Path) -> None:
+    bundle = make_synthetic_bundle(tmp_path / "bundle", num_parameters=64, seed=2)
+    plan = {"rounds": 1, "goal": 1, "selection_window_s": 0.0, "round_deadline_s": 600.0,
+            "robust": "none"}  # fmt: skip
+    with EmbeddedCoordinator(tmp_path / "fedge.db", seed=3, group_commit=False) as coord:
+        admin = coord.admin()
+        task_id = admin.create_task(admin.upload_bundle(bundle)["bundle_id"], plan)["task_id"]
+        device = DeviceHTTP(coord)
+        device.check_in()
+        aid = device.check_in()["assignment"]["assignment_id"]
+        delta = np.full(64, 0.01, np.float32)
+        first = device.upload(aid, delta, num_examples=4, key="k")
+        again = device.upload(aid, delta, num_examples=4, key="k")
+        assert first[0] == again[0] == 200 and first[1]["round"] == again[1]["round"]
+        assert admin.task(task_id)["model_version"] == 1

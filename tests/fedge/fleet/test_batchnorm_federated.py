@@ -97,6 +97,7 @@ def test_batch_norm_layers_follow_the_plan(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the first run exports the model (minutes on a loaded machine)
 def test_the_demo_federates_the_mobilenet_style_model(tmp_path: Path) -> None:
     """``fedge demo --model mobilenet``: depthwise convolutions and batch norm, federated over
     the emulated fleet on real digits, end better than they started."""
