@@ -161,8 +161,9 @@ def run_mode(name: str, mode: str, plan: dict[str, Any], setup: Setup, bundle: P
     real0 = time.monotonic()
     # The coordinator reads the fleet's clock (epoch 0: its times are emulated seconds) and
     # checks deadlines every 20 ms of real time, i.e. every 0.5 s emulated at speedup 25.
+    # retain_versions 0: every version stays downloadable, to be evaluated after the run.
     with EmbeddedCoordinator(clock=clock.unix(0.0), pacing=pacing, seed=setup.seed,
-                             tick_interval_s=0.02) as coord:  # fmt: skip
+                             tick_interval_s=0.02, retain_versions=0) as coord:  # fmt: skip
         admin = coord.admin()
         bundle_id = admin.upload_bundle(bundle)["bundle_id"]
         task_id = admin.create_task(bundle_id, plan, mode=mode, name=name)["task_id"]

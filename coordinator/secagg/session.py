@@ -277,10 +277,12 @@ class SecAggSession:
         self.stage = "unmasked"
 
     def _opened_for(self, owner: int) -> dict[int, bytes]:
-        shares = {v + 1: got[owner] for v, got in self.opened.items() if owner in got}
-        if len(shares) < self.threshold:
-            raise shamir.ShamirError(f"{len(shares)} shares of device {owner}'s secret")
-        return shares
+        """``threshold`` shares of ``owner``'s secret, from the lowest-numbered holders: most
+        secrets then share one holder set, whose Lagrange basis is computed once."""
+        holders = sorted(v for v, got in self.opened.items() if owner in got)
+        if len(holders) < self.threshold:
+            raise shamir.ShamirError(f"{len(holders)} shares of device {owner}'s secret")
+        return {v + 1: self.opened[v][owner] for v in holders[: self.threshold]}
 
     def _expect(self, device_id: str, stage: str, fresh: Collection[int] = ()) -> int:
         u = self.index(device_id)
