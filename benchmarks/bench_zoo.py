@@ -314,6 +314,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved runs per backend")
     parser.add_argument("--notes", type=Path, help="markdown appended to the doc section")
     parser.add_argument(
+        "--merge", action="store_true", help="keep the previous results of models not run"
+    )
+    parser.add_argument(
         "--investigate", action="store_true", help="also profile the 784-128-10 MLP's step"
     )
     parser.add_argument("--investigate-worker", type=Path, help=argparse.SUPPRESS)
@@ -326,6 +329,14 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown models {unknown} (choose from {', '.join(MODELS)})")
     results = run_all(names, args.steps, args.rounds)
+    previous = RESULTS / "bench_zoo.json"
+    if args.merge and previous.exists():
+        # re-measured models replace their rows; the others keep the previous run's
+        old = json.loads(previous.read_text())
+        merged = {**old["models"], **results["models"]}
+        results["models"] = {n: merged[n] for n in MODELS if n in merged}
+        if "investigation" in old and not args.investigate:
+            results["investigation"] = old["investigation"]
     print()
     print(timing_table(results))
     print()
@@ -333,6 +344,7 @@ def main() -> None:
     extra = args.notes.read_text() if args.notes else ""
     if args.investigate:
         results["investigation"] = investigate(args.steps)
+    if "investigation" in results:
         found = investigation_table(results["investigation"])
         print()
         print(found)

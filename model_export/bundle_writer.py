@@ -42,7 +42,12 @@ from model_export.blame import blame_layer
 from model_export.config import INPUT_DTYPES, LOSSES, OptimizerConfig, StateSpec
 from model_export.errors import ExportError, LossMismatch, UnsupportedModel
 from model_export.loading import load_model
-from model_export.ort_artifacts import ORT_DIR, ort_training_support, write_ort_artifacts
+from model_export.ort_artifacts import (
+    ORT_DIR,
+    ort_model_support,
+    ort_training_support,
+    write_ort_artifacts,
+)
 from model_export.step import StepFunctions
 from model_export.tracing import OPSET, export_onnx, trace
 
@@ -483,16 +488,10 @@ def _write(
         "ort-step": {"supported": True, "reason": None, "fedprox": True}
     }
     ort_files: dict[str, str] | None = None
-    ort_reason: str | None
-    if prep.buffers:
-        ort_reason = (
-            "ORT training artifacts hold only trainable parameters in their contiguous buffer; "
-            "the batch norm running statistics of the model vector would not be carried "
-            "(use ort-step)"
-        )
-    elif not ort_training:
+    ort_reason = ort_model_support(model)
+    if ort_reason is None and not ort_training:
         ort_reason = "exported without ORT training artifacts"
-    else:
+    elif ort_reason is None:
         say("writing ORT training artifacts")
         ort_files, ort_reason = _attempt(
             out_dir,

@@ -117,7 +117,7 @@ def _strided_taps(
     """For each kernel tap (row-major), the input elements it meets at every output position:
     a strided slice of the padded input, shaped like the output."""
     taps = []
-    for offsets in itertools.product(*(range(k) for k in kernel)):
+    for offsets in _taps_of(kernel):
         index: list[slice] = [slice(None), slice(None)]
         for o, s, d, n in zip(offsets, stride, dilation, out_sizes, strict=True):
             index.append(slice(o * d, o * d + (n - 1) * s + 1, s))
@@ -140,12 +140,16 @@ def _grouped_weight_grad(
     pads = [q for p in reversed(padding) for q in (int(p), int(p))]
     padded = F.pad(inp, pads) if any(pads) else inp
     g = grad_out.reshape(grad_out.shape[0], groups, c_out // groups, -1)
-    per_tap = []
-    for tap in _strided_taps(padded, kernel, stride, dilation, out_sizes):
-        t = tap.reshape(tap.shape[0], groups, c_in_g, -1)
-        # sum over batch and positions of input x output gradient, within each group
-        per_tap.append(torch.einsum("ngip,ngop->goi", t, g).reshape(c_out, c_in_g))
-    return torch.stack(per_tap, dim=-1).reshape(weight.shape)
+    # all taps at once: one product over batch and positions, within each group (one op for
+    # the whole kernel instead of one per tap: a depthwise 3x3 kernel has nine)
+    taps = torch.stack(_strided_taps(padded, kernel, stride, dilation, out_sizes), dim=-1)
+    t = taps.reshape(taps.shape[0], groups, c_in_g, -1, len(_taps_of(kernel)))
+    per_tap = torch.einsum("ngipk,ngop->goik", t, g)
+    return per_tap.reshape(weight.shape)
+
+
+def _taps_of(kernel: Sequence[int]) -> list[tuple[int, ...]]:
+    return list(itertools.product(*(range(k) for k in kernel)))
 
 
 def _place_windows(

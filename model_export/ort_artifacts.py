@@ -21,7 +21,13 @@ from model_export.config import OptimizerConfig
 from model_export.errors import ExportError
 from model_export.tracing import OPSET, classify, quiet
 
-__all__ = ["ORT_DIR", "ORT_FILES", "ort_training_support", "write_ort_artifacts"]
+__all__ = [
+    "ORT_DIR",
+    "ORT_FILES",
+    "ort_model_support",
+    "ort_training_support",
+    "write_ort_artifacts",
+]
 
 # The opset of the second attempt (see write_ort_artifacts).
 LEGACY_OPSET = 16
@@ -40,6 +46,25 @@ def ort_training_support(optimizer: OptimizerConfig) -> str | None:
         return "ORT training artifacts have no SGD momentum (use ort-step or litert-step)"
     if optimizer.name == "sgd" and optimizer.weight_decay:
         return "ORT training artifacts have no SGD weight decay (use ort-step or litert-step)"
+    return None
+
+
+def ort_model_support(model: nn.Module) -> str | None:
+    """Why ORT's training artifacts cannot train this model exactly, or None if they can."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            return (
+                "ORT training artifacts hold only trainable parameters in their contiguous "
+                "buffer; the batch norm running statistics of the model vector would not be "
+                "carried (use ort-step)"
+            )
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            # measured: after an AdamW step on a batch holding token 0, the padding row of a
+            # next-word LSTM had moved by lr in ORT, not at all in torch
+            return (
+                f"ORT training's embedding gradient ignores padding_idx (layer {name!r}): "
+                "the padding row would be trained (use ort-step)"
+            )
     return None
 
 

@@ -155,6 +155,14 @@ def test_litert_step_trains_like_torch_where_tflite_converts_the_model(name: str
     _check_parity(load_trainer(bundle, backend="litert-step"), bundle)
 
 
+def test_ort_training_is_refused_for_an_embedding_padding_index() -> None:
+    """ORT's Gather gradient trains the padding row (measured on the next-word LSTM); the
+    manifest says so and the trainer refuses rather than train it silently."""
+    entry = load_manifest(bundle_of("embedding-bag")).raw["backends"]["ort-training"]
+    assert entry["supported"] is False
+    assert "padding_idx (layer 'emb')" in entry["reason"]
+
+
 def test_batch_norm_statistics_are_in_the_model_vector() -> None:
     raw = load_manifest(bundle_of("batchnorm-mlp")).raw
     assert [(b["name"], b["shape"], b["offset"]) for b in raw["buffers"]] == [

@@ -25,7 +25,8 @@ from fedge.fleet.processes import ProcessFleet, merge_summaries
 from fedge.fleet.sources import DigitsPartitions
 
 FAST_PACING = PacingConfig(min_retry_s=1.0, max_retry_s=30.0, no_task_retry_s=5.0)
-FEDAVG = {"goal": 4, "over_selection": 1.0, "robust": "none",
+GOAL = 4
+FEDAVG: dict[str, object] = {"goal": GOAL, "over_selection": 1.0, "robust": "none",
           "server_optimizer": {"name": "fedavg"}, "selection_window_s": 2.0,
           "round_deadline_s": 120.0, "steps": 5, "batch_size": 16, "lr": 0.2,
           "codec": {"name": "fp32"}}
@@ -89,9 +90,10 @@ def test_a_fleet_over_two_processes_trains_a_fedavg_task(digits_bundle: Path) ->
         rounds = [r for r in admin.rounds(task_id) if r["kind"] == "train"]
         reported = sum(r["metrics"]["reported"] for r in rounds if r["state"] == "committed")
         assert summary.devices == 8 and summary.failures == 0
-        # Uploads after the last commit may be acknowledged and then not aggregated (late).
-        assert summary.uploads_acknowledged >= reported == 3 * FEDAVG["goal"]
-        assert FEDAVG["goal"] <= summary.devices_registered <= 8
+        # The coordinator is the reference; the fleet's count is at least the first two rounds'
+        # (the stop may cut the last round's passes short of recording their outcome).
+        assert reported == 3 * GOAL and summary.uploads_acknowledged >= 2 * GOAL
+        assert GOAL <= summary.devices_registered <= 8
         # Devices of both parts took part: part 1 holds devices 4..7.
         assert summary.checkins > 8
         n = load_manifest(digits_bundle).num_parameters
