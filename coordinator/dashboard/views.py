@@ -162,10 +162,24 @@ def _round_row(
         "fp32_bytes": updates * num_parameters * 4 if rnd.kind == "train" else 0,
         "duration_s": end - rnd.opened_at,
         "mean_staleness": m.get("mean_staleness"),
+        "robust": _robust_figures(m.get("robust")),
         "reason": m.get("reason"),
         "opened_at": rnd.opened_at,
         "closed_at": rnd.closed_at,
     }
+
+
+ROBUST_FIGURES = (
+    "aggregator", "updates", "capped", "example_cap", "clip_bound", "clipped", "norm_median",
+    "norm_max",
+)
+
+
+def _robust_figures(robust: Any) -> dict[str, Any] | None:
+    """What robust aggregation recorded at a round's commit (None: plain FedAvg, or open)."""
+    if not isinstance(robust, Mapping):
+        return None
+    return {k: robust.get(k) for k in ROBUST_FIGURES}
 
 
 def task_detail(
@@ -194,8 +208,10 @@ def task_detail(
         "versions": [history.versions[k] for k in sorted(history.versions)],
         "staleness": [{"staleness": k, "updates": history.staleness[k]}
                       for k in sorted(history.staleness)],
-        # The coordinator stores neither update norms nor clipping: say so instead of guessing.
-        "norms": None,
+        # Per committed round: update norms against the clipping bound, clipped and capped
+        # counts (None when no round in view was aggregated with robust defences).
+        "norms": [{"round": r["round"], **r["robust"]} for r in rounds if r.get("robust")]
+        or None,
         "max_update_norm": plan.get("max_update_norm"),
         "funnel": history.funnel.to_json(),
     }

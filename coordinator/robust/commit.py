@@ -121,6 +121,9 @@ def aggregate_updates(
         delta = total.mean()
     else:
         delta = _robust(spec, updates, weights, clipped, num_parameters, blobs, chunk, metrics)
+    if norms:
+        # For the operator's view of how large updates are against the bound.
+        metrics.update(norm_median=float(np.median(norms)), norm_max=max(norms))
     if spec.clip is not None and bound is not None:
         metrics.update(
             clip_bound=bound,

@@ -20,7 +20,7 @@ from coordinator.dashboard.funnel import parse_abort_reason
 from coordinator.dashboard.routes import STATIC_DIR
 from coordinator.dashboard.views import PARTICIPATION
 from coordinator.embedded import EmbeddedCoordinator
-from edge_sdk.codecs import encode_update
+from edge_sdk.codecs import decode_update, encode_update
 from edge_sdk.protocol import Route
 from tests.fixtures.coordinator import DeviceHTTP, HttpConnection
 
@@ -156,6 +156,13 @@ def test_task_and_round_figures_agree_with_what_was_sent(
     assert rnd["loss"] == pytest.approx((30 * 0.75 + 10 * 0.25) / 40)  # example-weighted
     assert rnd["duration_s"] == pytest.approx(8.0)
     assert d["versions"] == [{"version": 1, "train_loss": rnd["loss"]}]
+    # The default defences read the updates back: their norms as the server decoded them.
+    norms = [float(np.linalg.norm(decode_update(f, expected_length=N))) for f in frames]
+    (shown,) = d["norms"]
+    assert shown["round"] == 1 and shown["updates"] == 2 and shown["aggregator"] == "fedavg"
+    assert shown["norm_median"] == pytest.approx(np.median(norms))
+    assert shown["norm_max"] == pytest.approx(max(norms))
+    assert shown["clipped"] == sum(n > shown["clip_bound"] for n in norms)
     stored = coord.call(coord.service.store.list_rounds, task_id)
     assert rnd["duration_s"] == pytest.approx(stored[0].closed_at - stored[0].opened_at)
 

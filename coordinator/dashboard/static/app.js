@@ -11,6 +11,7 @@ const COLORS = {
   refused: "#dc2626", in_flight: "#60a5fa", loss: "#2563eb", accuracy: "#16a34a",
   eval_loss: "#f59e0b", bytes: "#2563eb", fp32: "#cbd5e1", duration: "#0891b2",
   staleness: "#7c3aed", funnel: "#2563eb", rate: "#2563eb",
+  clip_bound: "#dc2626", norm_median: "#2563eb", norm_max: "#f59e0b", clipped: "#fca5a5",
 };
 
 const $ = (sel) => document.querySelector(sel);
@@ -223,7 +224,7 @@ async function taskView(seq, taskId) {
     [secs(r.duration_s), "num"],
   ]);
   const norms = d.norms === null
-    ? `Update norms and clipping are not recorded by this coordinator` +
+    ? `This task aggregates without robust defences: no update norms or clipping recorded` +
       (d.max_update_norm ? ` (updates above norm ${d.max_update_norm} are refused).` : ".")
     : "";
   $("#view").innerHTML = `
@@ -247,6 +248,8 @@ async function taskView(seq, taskId) {
       ${panel("Round duration", "c-duration")}
       ${t.mode === "async" ? panel("Staleness of accepted updates", "c-staleness") : ""}
       ${panel("Device funnel of this task", "c-task-funnel")}
+      ${d.norms === null ? "" : panel("Update norms and clipping per round", "c-norms",
+        "Median and largest L2 norm of the round's updates, the clipping bound they were held to, and how many were clipped.")}
     </div>
     <p class="note" id="norms">${esc(norms)}</p>
     <h2>Rounds</h2>
@@ -289,6 +292,18 @@ async function taskView(seq, taskId) {
         scales: { x: { title: { display: true, text: "versions behind" } } } });
   }
   funnelChart("c-task-funnel", d.funnel);
+  if (d.norms !== null) {
+    const line = (key, label) => dataset(label, d.norms.map((n) => n[key]), COLORS[key],
+      { type: "line", yAxisID: "y", spanGaps: true });
+    chart("c-norms", "bar", d.norms.map((n) => `${n.round}`), [
+      line("norm_median", "median norm"), line("norm_max", "largest norm"),
+      line("clip_bound", "clipping bound"),
+      dataset("clipped updates", d.norms.map((n) => n.clipped), COLORS.clipped, { yAxisID: "y1" }),
+    ], { scales: { x: { title: { display: true, text: "round" } },
+      y: { type: "logarithmic", title: { display: true, text: "L2 norm" } },
+      y1: { position: "right", beginAtZero: true, grid: { drawOnChartArea: false },
+        title: { display: true, text: "clipped" } } } });
+  }
 }
 
 async function roundView(seq, taskId, number) {
