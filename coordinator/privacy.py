@@ -1,17 +1,18 @@
 """Differential-privacy accounting for DP-FedAvg tasks: what a task has spent, and can spend.
 
-Owns the arithmetic of the privacy ledger, on Google's maintained ``dp-accounting`` library;
-nothing here touches HTTP, the store or any update. One round of DP-FedAvg (McMahan et al.
-2018) samples a fixed-size cohort of ``cohort`` devices out of ``population`` eligible ones,
-clips each device's update to L2 norm ``clip`` and adds Gaussian noise of standard deviation
-``noise_multiplier * clip`` to the sum: a ``SampledWithoutReplacementDpEvent`` over a
-``GaussianDpEvent``, which the RDP accountant handles under the replace-one neighbouring
-relation (a fixed-size cohort cannot be neighbours by adding or removing one device).
-dp-accounting takes a mechanism's noise relative to its sensitivity under that relation, and
-replacing one device moves the clipped sum by up to ``2 * clip``: the Gaussian event's noise
-multiplier is therefore ``noise_multiplier / 2`` (checked against the exact curve of the
-Gaussian mechanism in the tests; passing ``noise_multiplier`` would understate epsilon). Rounds
-compose; identical rounds are grouped so that a long task stays cheap to account::
+Owns the arithmetic of the privacy ledger, on Google's maintained ``dp-accounting`` library,
+and the noised mean of a DP commit; nothing here touches HTTP or the store. One round of
+DP-FedAvg (McMahan et al. 2018) samples a fixed-size cohort of ``cohort`` devices out of
+``population`` eligible ones, clips each device's update to L2 norm ``clip`` and adds
+Gaussian noise of standard deviation ``noise_multiplier * clip`` to the sum: a
+``SampledWithoutReplacementDpEvent`` over a ``GaussianDpEvent``, which the RDP accountant
+handles under the replace-one neighbouring relation (a fixed-size cohort cannot be
+neighbours by adding or removing one device). dp-accounting takes a mechanism's noise
+relative to its sensitivity under that relation, and replacing one device moves the clipped
+sum by up to ``2 * clip``: the Gaussian event's noise multiplier is therefore
+``noise_multiplier / 2`` (checked against the exact curve of the Gaussian mechanism in the
+tests; passing ``noise_multiplier`` would understate epsilon). Rounds compose; identical
+rounds are grouped so that a long task stays cheap to account::
 
     ledger = Ledger(delta=1e-5)
     ledger = ledger.plus(Round(population=1000, cohort=50, noise_multiplier=1.0))
@@ -24,8 +25,8 @@ divided by the round's goal whatever the number of reports (the paper's fixed de
 so that one device moves the mean by at most ``clip / goal``. The noise comes from AES-CTR
 keyed by 32 bytes of ``os.urandom`` drawn at each commit and never stored: nobody, the
 coordinator's operator included, can subtract it again. Each committed round records its
-``(population, cohort, noise_multiplier)`` and the whole ledger so far in its metrics, in
-the version's transaction (:func:`round_record`), with the RDP of all rounds so far summed
+``(population, cohort, noise_multiplier)`` in its metrics, in the version's transaction
+(:func:`round_record`), with the RDP of all rounds so far summed
 at the accountant's orders (RDP composes by addition; ``dp_accounting``'s own
 ``compute_epsilon`` turns it into epsilon); the next commit starts from there
 (:func:`ledger_after`), so retention deleting old rounds loses no privacy spent, and a

@@ -104,9 +104,11 @@ def test_the_demo_federates_the_mobilenet_style_model(tmp_path: Path) -> None:
     from fedge.demo import DemoConfig, run_demo
 
     config = DemoConfig(
-        devices=8, rounds=4, goal=4, steps=5, batch_size=16, lr=0.1, model="mobilenet",
+        devices=8, rounds=8, goal=4, steps=10, batch_size=16, lr=0.2, model="mobilenet",
+        codec="fp32", server_optimizer="fedavg",
         out=tmp_path / "demo", cache_dir=REPO_CACHE.parent, timeout_s=600.0,
     )
     result = run_demo(config, say=lambda _msg: None)
-    assert len(result.points) == 4
-    assert result.final_accuracy > result.initial_accuracy + 0.1
+    assert len(result.points) == 8
+    # measured once: 0.10 -> 0.73 after 8 rounds (the pooled-data baseline reaches 0.93)
+    assert result.final_accuracy > result.initial_accuracy + 0.3
