@@ -13,6 +13,8 @@ differentiates like any other (each is checked against torch's own layer in
 * ``F.scaled_dot_product_attention`` (what ``nn.MultiheadAttention`` and transformer layers
   call): the math path, ``softmax(q k^T * scale + mask) v``; torch's CPU kernel is a flash
   attention whose backward has no ONNX translation.
+* ``F.linear`` on inputs of more than two dimensions: folded to 2-D explicitly, so that the
+  batch axis stays symbolic (see ``_linear``).
 * ``F.dropout`` (and ``dropout1d/2d/3d``, ``alpha_dropout`` refused) in training mode: a mask
   from a counter-based hash of the element index, the layer's position and the step's ``seed``
   input, computed with 64-bit integer ops that are exact in every runtime; the runtime's own
@@ -126,6 +128,7 @@ def _sdpa_math(
 
 
 _REWRITTEN = (
+    "linear",
     "batch_norm",
     "scaled_dot_product_attention",
     "dropout",
@@ -160,6 +163,7 @@ class LayerRewrites:
 
     def __enter__(self) -> LayerRewrites:
         self._saved.append({name: getattr(F, name) for name in _REWRITTEN})
+        F.linear = self._linear  # type: ignore[assignment]
         F.batch_norm = self._batch_norm  # type: ignore[assignment]
         F.scaled_dot_product_attention = self._attention  # type: ignore[assignment]
         F.dropout = self._dropout_call  # type: ignore[assignment]
@@ -182,6 +186,18 @@ class LayerRewrites:
 
     def _dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
         return x * self._mask(x, p)
+
+    @staticmethod
+    def _linear(
+        x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Batched inputs folded to 2-D first: under the gradient transform, torch's own
+        folding reads the sizes as integers and fixes the batch axis (measured on a transformer
+        feed-forward block: its step graph came out with batch 11 only)."""
+        if x.dim() <= 2:
+            return _ORIGINAL["linear"](x, weight, bias)
+        out = _ORIGINAL["linear"](x.reshape(-1, x.shape[-1]), weight, bias)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
 
     def _batch_norm(
         self,

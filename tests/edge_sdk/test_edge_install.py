@@ -77,7 +77,8 @@ def test_edge_only_device_runs_a_full_round(
     out = subprocess.run(
         [str(edge_python), "-c", DEVICE, "device", "run", "--coordinator", coordinator.url,
          "--state-dir", str(tmp_path / "state"), "--data", str(data), "--backend", "ort-step",
-         "--conditions", "always", "--once", "--json"],
+         "--conditions", "always", "--once", "--json",
+         "--enrollment-token", coordinator.enrollment_token],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
