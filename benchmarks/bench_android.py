@@ -192,15 +192,9 @@ scope left out):
 {tree}
 ```
 """
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        rest = text[nxt + 1 :] if nxt >= 0 else ""
-        text = text[:start] + body + ("\n" + rest if rest else "")
-    DOC.write_text(text)
+    from benchmarks.bench_step import write_section
+
+    write_section(SECTION, body)
 
 
 def main() -> None:

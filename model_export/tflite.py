@@ -83,4 +83,22 @@ def write_tflite(
         what = f"TFLite {name} graph"
         fns.model.train(name == "step")
         _convert(trace(fn, args, what), args, out_dir / TFLITE_FILES[name], what)
+        _check_runs(out_dir / TFLITE_FILES[name], args, what)
     return dict(TFLITE_FILES)
+
+
+def _check_runs(path: Path, args: Sequence[torch.Tensor], what: str) -> None:
+    """Run the converted graph once on ai-edge-litert, when installed: the converter can emit
+    ops the interpreter refuses at run time (measured: an embedding's gradient became a
+    STABLEHLO_SCATTER that ai-edge-litert 2.x cannot prepare)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        return
+    try:
+        interpreter = Interpreter(model_path=str(path))
+        runner = interpreter.get_signature_runner()
+        runner(**{f"args_{i}": a.detach().numpy() for i, a in enumerate(args)})
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ExportError(f"{what}: converted, but ai-edge-litert cannot run it ({first})") from e
