@@ -77,6 +77,8 @@ class Setup:
             "lr": self.lr,
             "codec": {"name": self.codec},
             "server_optimizer": {"name": "fedavg", "lr": 1.0},
+            # Plain FedAvg, as measured: the modes differ in scheduling, not in defences.
+            "robust": "none",
         }
 
     def modes(self) -> dict[str, tuple[str, dict[str, Any]]]:

@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import random
+import re
 import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -83,6 +84,9 @@ log = logging.getLogger("fedge.coordinator")
 T = TypeVar("T")
 
 MAX_IDEMPOTENCY_KEY = 128
+# Reported losses are averaged weighted by examples (up to the plan's cap): a bound keeps those
+# sums finite, so no round's metrics hold an infinity that JSON cannot carry.
+MAX_LOSS = 1e9
 ABORT_REASONS = ("conditions_lapsed", "error", "user")
 
 
@@ -124,6 +128,15 @@ def _header_bytes(value: str) -> bytes:
 
 def _hash_secret(salt: str, secret: str) -> str:
     return hmac.new(bytes.fromhex(salt), _header_bytes(secret), hashlib.sha256).hexdigest()
+
+
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def reason_kind(reason: str) -> str:
+    """An ineligibility reason without the values a device reported ("battery N below N"):
+    counted per kind, so that devices cannot grow the counters (and /metrics labels) at will."""
+    return _NUMBER.sub("N", reason)
 
 
 def parse_json(body: bytes) -> Any:
@@ -412,7 +425,7 @@ class Coordinator:
             plan, backends = found
             why = plan.eligibility.check(conditions, runtimes, codecs, backends, plan.codec.name)
             if why is not None:
-                self.ineligible_reasons.update(why.split("; "))
+                self.ineligible_reasons.update(reason_kind(r) for r in why.split("; "))
                 if fallback is None:
                     period = plan.selection_window_s + plan.round_deadline_s
                     wait = self.pacing.retry_after(now, plan.target, period)
@@ -608,7 +621,7 @@ class Coordinator:
         done: list[tuple[Task, dict[str, Any]] | ApiError] = []
         tasks: dict[str, Task] = {}
         try:
-            with self.store.atomic():
+            with self.ctx.deferring_deletes(), self.store.atomic():
                 for s in staged:
                     try:
                         done.append(self._accept_staged(s, now, tasks))
@@ -675,7 +688,7 @@ class Coordinator:
         f = Fields(parse_json(header.encode("utf-8", "replace")), "X-Fedge-Report")
         report = {
             "num_examples": f.integer("num_examples", None, minimum=1),
-            "loss": f.number("loss", None),
+            "loss": f.number("loss", None, minimum=-MAX_LOSS, maximum=MAX_LOSS),
             "accuracy": f.number("accuracy", None, minimum=0.0, maximum=1.0),
             "steps": f.integer("steps", None, minimum=0),
             "wall_time_s": f.number("wall_time_s", None, minimum=0.0),
@@ -694,7 +707,7 @@ class Coordinator:
         a = self._own_assignment(who, assignment_id)
         f = Fields(parse_json(body), "body")
         num_examples = f.integer("num_examples", None, minimum=1)
-        loss = f.number("loss", None)
+        loss = f.number("loss", None, minimum=-MAX_LOSS, maximum=MAX_LOSS)
         accuracy = f.number("accuracy", None, minimum=0.0, maximum=1.0)
         f.done()
         if num_examples is None or loss is None:

@@ -21,10 +21,13 @@ everything that could make a report unusable is checked before that write.
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -109,6 +112,9 @@ class PolicyContext:
                 self.manifests[bundle_id] = manifest
         return manifest
 
+    # Rounds closed inside a transaction that is not yet durable (see deferring_deletes).
+    closed_in_transaction: list[int] | None = None
+
     def round_closed(self, task_id: str, round_id: int) -> None:
         """Forget what a closed round held: its bytes-out count and, unless retained by
         configuration, its update payloads.
@@ -119,9 +125,36 @@ class PolicyContext:
         self.bytes_out.pop(task_id, None)
         if self.retain_updates:
             return
+        if self.closed_in_transaction is not None:
+            self.closed_in_transaction.append(round_id)
+            return
+        self._delete_payloads(round_id)
+
+    def _delete_payloads(self, round_id: int) -> None:
         for sha in set(self.store.round_payloads(round_id)):
             if not self.store.payload_in_open_round(sha):
                 self.blobs.delete(sha)
+
+    @contextmanager
+    def deferring_deletes(self) -> Iterator[None]:
+        """Around a transaction that may close rounds (a batch of uploads can fill an async
+        buffer and commit it): their payloads are deleted only once the block has committed.
+        If it rolls back, the rounds are open again and their acknowledged updates still need
+        every payload, so nothing is deleted."""
+        if self.closed_in_transaction is not None:  # nested: the outermost block decides
+            yield
+            return
+        self.closed_in_transaction = []
+        try:
+            yield
+            closed = self.closed_in_transaction
+        finally:
+            self.closed_in_transaction = None
+        for round_id in closed:
+            try:
+                self._delete_payloads(round_id)
+            except Exception:  # left for the orphan sweep at start-up; the commit stands
+                logging.getLogger(__name__).warning("payloads of round %d not deleted", round_id)
 
     def num_parameters(self, task: Task) -> int:
         manifest = self.manifest(task.bundle_id)

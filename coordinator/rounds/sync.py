@@ -232,6 +232,11 @@ class SyncRounds(TaskPolicy):
     def accept_update(
         self, task: Task, plan: TaskPlan, update: Update, delta: np.ndarray, now: float
     ) -> None:
+        rnd = self.ctx.store.get_round(update.round_id)
+        # A batch of uploads is accepted before the round closes: past the goal within one
+        # batch, the round is as good as closed (the goal is also DP's fixed denominator).
+        if rnd is not None and self.ctx.store.count_updates(rnd.round_id) >= rnd.goal:
+            raise Conflict("the round has reached its goal", ErrorCode.ROUND_CLOSED)
         n = self.ctx.num_parameters(task)
         try:  # rebuilt from the round's stored updates if not held
             staged = self.ctx.sums.stage(

@@ -27,10 +27,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--db",
         required=True,
-        help="SQLite file (blobs go in DB.blobs/ beside it), or a postgresql:// URL shared by "
-        "replicas (then --blobs is needed)",
+        help="SQLite file (blobs go in DB.blobs/ beside it), or a postgresql:// URL (then "
+        "--blobs is needed; one fedge serve per database for now: docs/deployment.md)",
     )
-    p.add_argument("--blobs", default=None, help="blob directory (replicas share one)")
+    p.add_argument(
+        "--blobs", default=None, help="blob directory (required with a postgresql:// URL)"
+    )
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (0: any free port; default 8080)")
     p.add_argument("--config", default=None, help="JSON or TOML file of CoordinatorConfig keys")
@@ -140,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _store_overrides(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
-    """``--db`` names a SQLite file or a PostgreSQL database; blobs of a database several
-    replicas share must be in a directory they share, which only the operator knows."""
+    """``--db`` names a SQLite file or a PostgreSQL database; the blobs of a database on a
+    server need a directory that only the operator can name."""
     from coordinator.store import is_database_url
 
     out: dict[str, Any] = {}
@@ -150,7 +152,7 @@ def _store_overrides(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     if not is_database_url(args.db):
         return {**out, "db_path": args.db}
     if args.blobs is None and cfg.blob_path is None:
-        raise CommandError("--db postgresql://... needs --blobs DIR (a directory replicas share)")
+        raise CommandError("--db postgresql://... needs --blobs DIR")
     return {**out, "database_url": args.db}
 
 

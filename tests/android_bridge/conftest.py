@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.fixtures.requirements import unavailable
+
 from tests.android_bridge.jvm import KotlinTools, build_tools
 
 
@@ -16,4 +18,4 @@ def kotlin_tools() -> Iterator[KotlinTools]:
     try:
         yield build_tools()
     except FileNotFoundError as e:  # no Maven on this machine
-        pytest.skip(str(e))
+        unavailable(str(e))

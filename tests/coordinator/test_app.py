@@ -416,6 +416,11 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
         400,
         E.INVALID_REQUEST,
     ),
+    "upload report loss past the bound": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), {**GOOD, "loss": 1e308}),
+        400,
+        E.INVALID_REQUEST,
+    ),
     "upload report nan loss": (
         lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), '{"num_examples": 5, "loss": NaN}'),
         400,

@@ -43,3 +43,13 @@ def test_thresholds_runtimes_and_codecs() -> None:
 def test_malformed_conditions(bad: object) -> None:
     with pytest.raises(InvalidRequest):
         parse_conditions(bad)
+
+
+def test_ineligibility_is_counted_by_kind_not_by_the_values_devices_report() -> None:
+    from coordinator.service import reason_kind
+
+    kinds = {reason_kind(r) for r in ("battery 0.12 below 0.20", "battery 0.35 below 0.2",
+                                      "battery 1e-05 below 0.20")}  # fmt: skip
+    assert kinds == {"battery N below N"}
+    assert reason_kind("not charging") == "not charging"
+    assert reason_kind("free memory 300 MB below 512 MB") == "free memory N MB below N MB"

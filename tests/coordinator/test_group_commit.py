@@ -31,7 +31,7 @@ from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.embedded import EmbeddedCoordinator
 from coordinator.errors import ApiError, Overloaded
 from coordinator.group_commit import GroupCommit
-from coordinator.service import Coordinator, StagedUpload
+from coordinator.service import Coordinator, DeviceIdentity, StagedUpload
 from edge_sdk.codecs import encode_update
 from edge_sdk.frame import decode_tensor
 from edge_sdk.protocol import ErrorCode
@@ -118,12 +118,31 @@ class BatchFleet(Fleet):
         self.settle(3)
 
 
-def _scenario(root: Path, at: int | None, crash: bool, mode: str = "sync") -> BatchFleet:
+class OverfullBatchFleet(BatchFleet):
+    """Async: one update acknowledged alone, then a batch of two, whose first fills the buffer
+    (buffer_k 2) and whose second makes the version commit inside the batch's transaction."""
+
+    def run(self) -> None:
+        work = self.assign([0, 1, 2])
+        self.report_batch({0: work[0]})
+        self.report_batch({1: work[1], 2: work[2]})
+        self.settle(1)
+        work = self.assign([3, 4])  # 3 fills the buffer with 2's update, 4 commits it
+        self.report_batch(work)
+        self.settle(2)
+        self.report_batch(self.assign([5]))
+        self.settle(3)
+
+
+def _scenario(
+    root: Path, at: int | None, crash: bool, mode: str = "sync",
+    fleet_cls: type[BatchFleet] = BatchFleet,
+) -> BatchFleet:  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
     fault, ledger = Fault(at=at, crash=crash), Ledger()
     current: list[Fault | None] = [None]
     with os_seams(lambda: current[0], ledger):
-        fleet = BatchFleet(root, mode, fault, ledger)
+        fleet = fleet_cls(root, mode, fault, ledger)
         fleet.batches = []
         current[0] = fault
         fleet.run()
@@ -195,6 +214,24 @@ def test_a_fault_at_any_step_of_a_batch_loses_nothing_acknowledged(
             # the whole batch refused with 503, then retried and taken (a fault in the commit
             # the batch made due does not touch the answers: the tick retries that commit)
             assert any(r.startswith("503 overloaded") for r in fleet.refusals), fleet.refusals
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["error", "crash"])
+def test_a_version_committed_inside_a_batch_deletes_payloads_only_once_the_batch_is_durable(
+    crash: bool, scratch: Path
+) -> None:
+    # Deleting the closed buffer's payloads before the batch's own transaction commits would,
+    # on a crash or failure at that commit, reopen the buffer with acknowledged updates whose
+    # payloads are gone: every later commit of the task would fail.
+    clean = _scenario(scratch / "clean", None, False, "async", OverfullBatchFleet)
+    batch = clean.batches[1]
+    labels = [clean.fault.steps[i] for i in batch]
+    assert "store.add_version" in labels and "blobs.delete" in labels, labels
+    last_commit = max(i for i in batch if clean.fault.steps[i] == "store.commit")
+    first_delete = min(i for i in batch if clean.fault.steps[i] == "blobs.delete")
+    assert last_commit < first_delete, labels
+    for i in batch:
+        _scenario(scratch / f"at{i}", i, crash, "async", OverfullBatchFleet)
 
 
 def test_a_failing_fsync_refuses_the_whole_batch_and_leaves_nothing(tmp_path: Path) -> None:
@@ -324,6 +361,44 @@ def test_concurrent_uploads_over_http_are_committed_in_batches(tmp_path: Path) -
         mean = (weights[:, None] * np.stack(deltas).astype(np.float64)).sum(0) / weights.sum()
         p0 = np.fromfile(bundle / "params.f32", dtype="<f4")
         np.testing.assert_allclose(got, (p0 + mean).astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_a_batch_never_takes_a_sync_round_past_its_goal(tmp_path: Path) -> None:
+    bundle = make_synthetic_bundle(tmp_path / "bundle", num_parameters=N, seed=4)
+    goal, target = 4, 6
+    plan = {"rounds": 1, "goal": goal, "over_selection": target / goal,
+            "selection_window_s": 0.0, "round_deadline_s": 600.0, "robust": "none",
+            "max_update_norm": None}  # fmt: skip
+    with EmbeddedCoordinator(tmp_path / "fedge.db", seed=3) as coord:
+        service = coord.service
+        admin = coord.admin()
+        task_id = admin.create_task(admin.upload_bundle(bundle)["bundle_id"], plan)["task_id"]
+        devices = [DeviceHTTP(coord) for _ in range(target)]
+        for d in devices:
+            d.check_in()
+        aids = [d.check_in()["assignment"]["assignment_id"] for d in devices]
+        deltas = [np.random.default_rng(i).normal(0, 0.01, N).astype(np.float32)
+                  for i in range(target)]  # fmt: skip
+        staged = []
+        for i, d in enumerate(devices):
+            who = DeviceIdentity(d.device_id, d.population)
+            header = json.dumps({"num_examples": 2 + i, "loss": 0.5})
+            admitted = coord.call(service.admit_upload, who, aids[i], f"k{i}", header)
+            frame, _ = encode_update(deltas[i], "fp32")
+            staged.append(service.stage_upload(admitted, frame))
+        answers = coord.call(_commit, service, staged)  # all six in one batch
+        taken = [i for i, a in enumerate(answers) if not isinstance(a, ApiError)]
+        refused = [a for a in answers if isinstance(a, ApiError)]
+        assert len(taken) == goal, answers
+        assert {(e.status, e.code.value) for e in refused} == {(409, "round_closed")}
+        task = admin.task(task_id)
+        assert task["model_version"] == 1 and coord.call(service.store.count_updates) == goal
+        got = decode_tensor(devices[0].params(task_id, 1))
+        weights = np.array([2.0 + i for i in taken])
+        mean = (weights[:, None] * np.stack([deltas[i] for i in taken]).astype(np.float64)).sum(0)
+        p0 = np.fromfile(bundle / "params.f32", dtype="<f4")
+        np.testing.assert_allclose(got, (p0 + mean / weights.sum()).astype(np.float32),
+                                   rtol=1e-6, atol=1e-7)  # fmt: skip
 
 
 # -- the blob store's batch step on its own -------------------------------------------------

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.requirements import unavailable
+
 from tests.coordinator.faults.harness import MODES, Fleet, run_scenario
 
 PARAMETERS = 60_000  # 240 kB a payload, a version, a frame: the disk fills in a few updates
@@ -25,7 +27,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "disk"
     mount.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root")
+        unavailable("mounting a size-limited tmpfs needs root")
     done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(mount)],
         capture_output=True,
@@ -33,7 +35,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        unavailable(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
     try:
         yield mount
     finally:
