@@ -162,7 +162,9 @@ def test_task_and_round_figures_agree_with_what_was_sent(
     assert shown["round"] == 1 and shown["updates"] == 2 and shown["aggregator"] == "fedavg"
     assert shown["norm_median"] == pytest.approx(np.median(norms))
     assert shown["norm_max"] == pytest.approx(max(norms))
-    assert shown["clipped"] == sum(n > shown["clip_bound"] for n in norms)
+    # A task's first bound is the target quantile (0.5 by default) of its first updates' norms.
+    assert shown["clip_bound"] == pytest.approx(float(np.quantile(norms, 0.5)))
+    assert shown["clipped"] == 1
     stored = coord.call(coord.service.store.list_rounds, task_id)
     assert rnd["duration_s"] == pytest.approx(stored[0].closed_at - stored[0].opened_at)
 
