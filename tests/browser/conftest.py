@@ -44,7 +44,9 @@ def chromium() -> Path:
     return CHROMIUM
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API keeps an event loop running in this thread while it is
+# open, and tests of later modules call asyncio.run().
+@pytest.fixture(scope="module")
 def playwright_driver() -> Iterator[Any]:
     try:
         from playwright import sync_api
