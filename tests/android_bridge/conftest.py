@@ -8,9 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fixtures.requirements import unavailable
-
 from tests.android_bridge.jvm import KotlinTools, build_tools
+from tests.fixtures.requirements import unavailable
 
 
 @pytest.fixture(scope="session")

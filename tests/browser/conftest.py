@@ -7,7 +7,6 @@ downloads a browser of its own. Each test gets a fresh profile directory.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile

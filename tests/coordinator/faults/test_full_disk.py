@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.requirements import unavailable
-
 from tests.coordinator.faults.harness import MODES, Fleet, run_scenario
+from tests.fixtures.requirements import unavailable
 
 PARAMETERS = 60_000  # 240 kB a payload, a version, a frame: the disk fills in a few updates
 DISK = "16m"
