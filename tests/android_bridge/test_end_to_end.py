@@ -7,6 +7,7 @@ client sent), the JVM client's included."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 import time
@@ -222,9 +223,18 @@ def test_jvm_client_joins_sync_int8_and_async_topk_rounds(fleet: dict[str, Any])
     committed = [r for r in history if r["state"] == "committed"]
     assert [r["metrics"]["model_version"] for r in committed] == [1, 2, 3, 4]
     jvm_versions = set()
-    for version in range(1, 5):
-        folded = [a for a in ours if a.answer["round"] == version]
-        assert len(folded) == 2, [(a.sender, a.answer) for a in ours]
+    coord = fleet["coord"]
+    store = coord.service.store
+    round_ids = {x.number: x.round_id for x in coord.call(store.list_rounds, task_id)}
+    for r in committed:
+        version = r["metrics"]["model_version"]
+        # The buffer an update was folded into is the coordinator's record (an answer names
+        # the assignment's round, and an update can land in a later buffer than that).
+        rid = round_ids[r["round"]]
+        stored = coord.call(lambda rid=rid: list(store.round_updates(rid)))
+        shas = {u.payload_sha for u in stored}
+        folded = [a for a in ours if hashlib.sha256(a.frame).hexdigest() in shas]
+        assert len(folded) == len(stored) == 2, [(a.sender, a.answer) for a in ours]
         staleness = np.array([version - 1 - a.answer["model_version"] for a in folded], float)
         w = np.array([a.num_examples for a in folded], float) / np.sqrt(1.0 + staleness)
         base = _params(fleet, task_id, version - 1).astype(np.float64)
