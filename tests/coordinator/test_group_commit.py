@@ -312,6 +312,21 @@ def test_a_retry_inside_the_same_batch_gets_the_same_answer(tmp_path: Path) -> N
 N = 2000
 
 
+def _task_with_assignments(
+    coord: EmbeddedCoordinator, bundle: Path, plan: dict[str, Any], count: int
+) -> tuple[str, list[DeviceHTTP], list[str], list[np.ndarray]]:
+    """A task, ``count`` devices each holding one of its assignments, and a delta for each."""
+    admin = coord.admin()
+    task_id = admin.create_task(admin.upload_bundle(bundle)["bundle_id"], plan)["task_id"]
+    devices = [DeviceHTTP(coord) for _ in range(count)]
+    for d in devices:
+        d.check_in()
+    aids = [d.check_in()["assignment"]["assignment_id"] for d in devices]
+    deltas = [np.random.default_rng(i).normal(0, 0.01, N).astype(np.float32)
+              for i in range(count)]  # fmt: skip
+    return task_id, devices, aids, deltas
+
+
 def test_concurrent_uploads_over_http_are_committed_in_batches(tmp_path: Path) -> None:
     bundle = make_synthetic_bundle(tmp_path / "bundle", num_parameters=N, seed=2)
     goal = 12
@@ -332,13 +347,7 @@ def test_concurrent_uploads_over_http_are_committed_in_batches(tmp_path: Path) -
 
         service.install_uploads = install  # type: ignore[method-assign]
         admin = coord.admin()
-        task_id = admin.create_task(admin.upload_bundle(bundle)["bundle_id"], plan)["task_id"]
-        devices = [DeviceHTTP(coord) for _ in range(goal)]
-        for d in devices:
-            d.check_in()
-        aids = [d.check_in()["assignment"]["assignment_id"] for d in devices]
-        deltas = [np.random.default_rng(i).normal(0, 0.01, N).astype(np.float32)
-                  for i in range(goal)]  # fmt: skip
+        task_id, devices, aids, deltas = _task_with_assignments(coord, bundle, plan, goal)
         statuses: list[int] = []
 
         def report(i: int) -> None:
@@ -372,13 +381,7 @@ def test_a_batch_never_takes_a_sync_round_past_its_goal(tmp_path: Path) -> None:
     with EmbeddedCoordinator(tmp_path / "fedge.db", seed=3) as coord:
         service = coord.service
         admin = coord.admin()
-        task_id = admin.create_task(admin.upload_bundle(bundle)["bundle_id"], plan)["task_id"]
-        devices = [DeviceHTTP(coord) for _ in range(target)]
-        for d in devices:
-            d.check_in()
-        aids = [d.check_in()["assignment"]["assignment_id"] for d in devices]
-        deltas = [np.random.default_rng(i).normal(0, 0.01, N).astype(np.float32)
-                  for i in range(target)]  # fmt: skip
+        task_id, devices, aids, deltas = _task_with_assignments(coord, bundle, plan, target)
         staged = []
         for i, d in enumerate(devices):
             who = DeviceIdentity(d.device_id, d.population)
