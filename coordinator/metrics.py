@@ -162,13 +162,8 @@ def active_devices(coord: Coordinator, now: float) -> int:
 
 
 def storage_bytes(coord: Coordinator) -> tuple[int, int]:
-    """(database file incl. its WAL, blob directory) sizes in bytes."""
-    from pathlib import Path
-
-    db = Path(coord.config.db_path)
-    db_bytes = sum(
-        p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.is_file()
-    )
+    """(database as its backend measures it, blob directory) sizes in bytes."""
+    db_bytes = coord.store.size_bytes()
     root = coord.blobs.root
     blob_bytes = (
         sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0

@@ -170,6 +170,10 @@ class Store(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    @abstractmethod
+    def size_bytes(self) -> int:
+        """What the database takes on its server's disk now (for metrics and the dashboard)."""
+
     # devices
     @abstractmethod
     def add_device(self, device: Device) -> None: ...

@@ -81,6 +81,10 @@ class PostgresStore(SQLStore):
     def close(self) -> None:
         self.conn.close()
 
+    def size_bytes(self) -> int:
+        row = self._connection().execute("select pg_database_size(current_database())").fetchone()
+        return int(row[0]) if row else 0
+
     def _execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
         return self._connection().execute(pg_sql(sql), list(args))
 

@@ -53,6 +53,14 @@ class SQLiteStore(SQLStore):
     def close(self) -> None:
         self.db.conn.close()
 
+    def size_bytes(self) -> int:
+        if self.path == ":memory:":
+            pages = self.db.conn.execute("PRAGMA page_count").fetchone()[0]
+            return int(pages) * int(self.db.conn.execute("PRAGMA page_size").fetchone()[0])
+        db = Path(self.path)
+        # The WAL holds committed pages not yet checkpointed into the main file.
+        return sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.is_file())
+
     def _execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
         return self.db.execute(sql, list(args))
 

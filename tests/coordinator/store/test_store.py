@@ -83,6 +83,14 @@ class TestStore:
         store.add_device(_device("d-2"))  # the failure left the connection usable
         assert store.count_devices() == 2
 
+    def test_size_grows_with_what_is_stored(self, store: Store) -> None:
+        before = store.size_bytes()
+        assert before > 0
+        with store.atomic():
+            for i in range(3000):
+                store.add_device(dataclasses.replace(_device(f"d-{i}"), platform="x" * 200))
+        assert store.size_bytes() > before + 3000 * 200 // 2
+
     def test_devices_unseen_since_are_deleted_unless_in_flight(self, with_task: Store) -> None:
         for i, at in ((1, 1.0), (2, 2.0), (3, 3.0), (4, 50.0)):
             with_task.add_device(dataclasses.replace(_device(f"d-{i}"), registered_at=at))
