@@ -61,6 +61,34 @@ ZOO: dict[str, tuple[str, dict[str, Any], bool]] = {
         False,
     ),
 }
+# What each backend supports today, pinned so that losing support fails a test instead of
+# passing as a documented refusal; the reasons' openings are part of the pin.
+_BATCH_STATS = "ORT training artifacts hold only trainable parameters"
+_PADDING = "ORT training's embedding gradient ignores padding_idx"
+_MOMENTUM = "ORT training artifacts have no SGD momentum"
+ORT_TRAINING_REFUSED: dict[str, str] = {
+    "batchnorm-mlp": _BATCH_STATS,
+    "embedding-bag": _PADDING,
+    "depthwise-cnn": _BATCH_STATS,
+    "pooling-cnn": "ORT training artifacts: cannot be exported to standard ops",
+    "gru-tagger": _MOMENTUM,
+    "attention-pool": _MOMENTUM,
+    "mobilenet": _BATCH_STATS,
+    "keyword-spotter": _BATCH_STATS,
+    "next-word-lstm": _PADDING,
+    "transformer": _PADDING,
+}
+_FIXED_BATCH = "the TFLite step has a fixed batch that shorter batches are padded to"
+_LITERT_CANNOT_RUN = "TFLite step graph: converted, but ai-edge-litert cannot run it"
+LITERT_REFUSED: dict[str, str] = {
+    "batchnorm-mlp": _FIXED_BATCH,
+    "depthwise-cnn": _FIXED_BATCH,
+    "mobilenet": _FIXED_BATCH,
+    "keyword-spotter": _FIXED_BATCH,
+    "embedding-bag": _LITERT_CANNOT_RUN,
+    "next-word-lstm": _LITERT_CANNOT_RUN,
+    "transformer": _LITERT_CANNOT_RUN,
+}
 DROPOUT = (Z + "DropoutMLP", {"input_shape": (1, 64), "optimizer": "sgd", "lr": 0.1})
 BATCHES = (1, 8, 5, 8, 3)
 RTOL = 2e-5
@@ -129,8 +157,9 @@ def test_every_other_backend_trains_like_torch_or_is_refused_with_a_reason(name:
     raw = load_manifest(bundle).raw
     assert raw["backends"]["ort-step"] == {"supported": True, "reason": None, "fedprox": True}
     entry = raw["backends"]["ort-training"]
+    assert entry["supported"] == (name not in ORT_TRAINING_REFUSED), entry["reason"]
     if not entry["supported"]:
-        assert entry["reason"]
+        assert entry["reason"].startswith(ORT_TRAINING_REFUSED[name])
         with pytest.raises(BundleNotSupported, match=re.escape(entry["reason"][:40])):
             load_trainer(bundle, backend="ort-training")
     elif importlib.util.find_spec("onnxruntime.training") is not None:
@@ -147,8 +176,9 @@ def test_litert_step_trains_like_torch_where_tflite_converts_the_model(name: str
     spec, args, _ = ZOO[name]
     bundle = cached_bundle(spec, **args, tflite=True, tflite_batch=8)  # the batches below fit
     entry = load_manifest(bundle).raw["backends"]["litert-step"]
+    assert entry["supported"] == (name not in LITERT_REFUSED), entry["reason"]
     if not entry["supported"]:
-        assert entry["reason"]
+        assert entry["reason"].startswith(LITERT_REFUSED[name])
         with pytest.raises(BundleNotSupported, match=re.escape(entry["reason"][:40])):
             load_trainer(bundle, backend="litert-step")
         return
