@@ -18,31 +18,48 @@ Measured:
   over the timed interval): unlike rates, not diluted by what else runs on the shared cores;
 * peak coordinator RSS (``VmHWM`` of the server process) for one round of 1,000 updates versus
   one of 10, each in a fresh process: streaming aggregation must keep it flat, and RSS sampled
-  every 50 uploads during the 1,000-update rounds (plotted).
+  every 50 uploads during the 1,000-update rounds (plotted);
+* before and after the one-node speed work of issue 15, in the same run: the 1,000-update
+  round also runs against a coordinator started from the source tree of commit ``BASELINE``
+  (``git archive`` into a temporary directory; the server process imports from there), so
+  that both see the same load on the shared cores. The implied capacity of one core is
+  1,000 / (server CPU ms per request): the load generator shares the 2 cores, so achieved
+  rates understate what the server alone would take.
 
-Run: ``./dev bench bench_coordinator`` (about 3 min). Writes
+Every upload carries a payload of its own (1,000 distinct frames): identical payloads would
+share one content-addressed blob and skip its fsync.
+
+Run: ``./dev bench bench_coordinator`` (about 4 min). Writes
 ``benchmarks/results/bench_coordinator.json`` and ``bench_coordinator.png``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
 import os
 import platform
+import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from coordinator import embedded  # noqa: E402
 from coordinator.admin import tar_directory  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.embedded import EmbeddedCoordinator  # noqa: E402
@@ -64,6 +81,27 @@ THREADS = 4
 UPLOAD_THREADS = 32
 REPEATS = 2
 DURABLE_UPDATES = 320  # uploads of the in-process durable-path comparison, each way
+STEERED = 2000  # steered check-ins timed in a 1,000-update round
+# The tree before the one-node speed work (decode, query layer, batched worker hand-off,
+# check-in commits without fsync); FEDGE_BENCH_BASELINE names another commit, "" skips it.
+BASELINE = os.environ.get("FEDGE_BENCH_BASELINE", "4d5d502")
+
+
+def baseline_tree(workdir: Path) -> Path | None:
+    """The source tree of commit ``BASELINE`` (read from git, nothing in the work tree
+    changes), or None without one."""
+    if not BASELINE:
+        return None
+    out = subprocess.run(["git", "-C", str(ROOT), "archive", BASELINE],
+                         capture_output=True, check=False)  # fmt: skip
+    if out.returncode != 0:
+        print(f"[bench_coordinator] no baseline {BASELINE}: {out.stderr.decode().strip()}",
+              file=sys.stderr)  # fmt: skip
+        return None
+    dest = workdir / "baseline"
+    with tarfile.open(fileobj=io.BytesIO(out.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
 
 
 def proc_kib(pid: int, field: str) -> int:
@@ -103,10 +141,34 @@ def timed(n: int, fn: Callable[[int], Any], threads: int = THREADS) -> tuple[flo
     return n / (time.perf_counter() - t0), out
 
 
+@contextlib.contextmanager
+def _served_from(source: Path | None) -> Iterator[None]:
+    """Start a coordinator process from ``source`` (None: this tree): ``python -m`` puts its
+    working directory first on the module path; the config file it is given holds only the
+    keys that tree's ``CoordinatorConfig`` knows (newer ones keep their defaults there)."""
+    if source is None:
+        yield
+        return
+    probe = ("import dataclasses, json, coordinator.config as c; "
+             "print(json.dumps([f.name for f in dataclasses.fields(c.CoordinatorConfig)]))")
+    known = set(json.loads(subprocess.run([sys.executable, "-c", probe], cwd=source, check=True,
+                                          capture_output=True, text=True).stdout))  # fmt: skip
+
+    def asdict(config: Any) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(config).items() if k in known}
+
+    shim = types.SimpleNamespace(asdict=asdict, replace=dataclasses.replace)
+    with contextlib.chdir(source), mock.patch.object(embedded, "dataclasses", shim):
+        yield
+
+
 def run_round(
-    bundle: Path, updates: int, frames: list[bytes], workdir: Path, group_commit: bool = True
+    bundle: Path, updates: int, frames: list[bytes], workdir: Path, group_commit: bool = True,
+    source: Path | None = None,
 ) -> dict[str, Any]:
-    """One coordinator process, one round of ``updates`` reports; returns figures."""
+    """One coordinator process, one round of ``updates`` reports; returns figures. With
+    ``source`` the server runs that source tree (``python -m`` puts its working directory
+    first on the module path)."""
     # over_selection 1: exactly `updates` devices are selected, later ones are steered away
     plan = {
         "rounds": 1,
@@ -122,7 +184,9 @@ def run_round(
         "robust": "none",
     }
     db = Path(tempfile.mkdtemp(dir=workdir)) / "fedge.db"
-    coord = EmbeddedCoordinator(db, subprocess=True, group_commit=group_commit).start()
+    coord = EmbeddedCoordinator(db, subprocess=True, group_commit=group_commit)
+    with _served_from(source):
+        coord.start()
     assert coord.process is not None
     pid = coord.process.pid
     try:
@@ -150,7 +214,7 @@ def run_round(
         for i, a in enumerate(second):
             answer = a if a["action"] == "train" else first[i]
             aids[i] = answer["assignment"]["assignment_id"]
-        extra = 1000 if updates >= 1000 else 0
+        extra = STEERED if updates >= 1000 else 0
         steer_rate, steer_cost = None, None
         if extra:
 
@@ -189,6 +253,7 @@ def run_round(
         return {
             "updates": updates,
             "group_commit": group_commit,
+            "code": "before" if source else "after",
             "registrations_per_s": reg_rate,
             "checkins_candidate_per_s": cand_rate,
             "checkins_steered_per_s": steer_rate,
@@ -267,119 +332,162 @@ def durable_path(
         coord.close()
 
 
+def label(run: dict[str, Any]) -> str:
+    gc = "on" if run["group_commit"] else "off"
+    return f"{run['updates']} updates, {run.get('code', 'after')}, group commit {gc}"
+
+
+# The configurations of the 1,000-update rounds: (code, group commit).
+CONFIGS = (("before", True), ("after", False), ("after", True))
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (rss, rates) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (rss, rates) = plt.subplots(1, 2, figsize=(12, 4.2))
     for run in results["runs"]:
         xs, ys = zip(*run["rss_samples_mib"], strict=True)
         rss.plot(xs, ys, marker="o", ms=3, label=label(run))
-        rss.axhline(run["rss_peak_mib"], ls="--", lw=0.8, color=rss.lines[-1].get_color())
     rss.set_xlabel("updates accepted in the round")
     rss.set_ylabel("coordinator RSS (MiB)")
     rss.set_ylim(bottom=0)
-    rss.set_title("Coordinator RSS, 100k-param int8 updates (dashed: peak)")
-    rss.legend(fontsize=8)
-    names = ("uploads/s", "steered check-ins/s", "uploads/s, in-process")
+    rss.set_title("Coordinator RSS, 100k-param int8 updates")
+    rss.legend(fontsize=7)
+    names = ("uploads/s", "steered check-ins/s")
+    keys = (("uploads_per_s", "upload_cpu_ms"),
+            ("checkins_steered_per_s", "checkin_steered_cpu_ms"))  # fmt: skip
     xs = np.arange(len(names))
-    for offset, on in ((-0.2, False), (0.2, True)):
-        runs = [r for r in results["runs"][1:] if r["group_commit"] == on]
-        durable = [d for d in results["durable_path"] if (d["batch"] > 1) == on]
-        figures = [
-            ([r["uploads_per_s"] for r in runs], [r["upload_cpu_ms"]["server"] for r in runs]),
-            ([r["checkins_steered_per_s"] for r in runs],
-             [r["checkin_steered_cpu_ms"]["server"] for r in runs]),
-            ([d["uploads_per_s"] for d in durable], [d["cpu_ms_per_upload"] for d in durable]),
-        ]  # fmt: skip
-        means = [float(np.mean(rate)) for rate, _ in figures]
-        rates.bar(xs + offset, means, 0.4, label=f"group commit {'on' if on else 'off'}")
-        for x, (rate, cpu) in zip(xs + offset, figures, strict=True):
-            rates.plot([x] * len(rate), rate, "k.", ms=4)  # each repeat
-            top = (x, max(rate))
-            rates.annotate(f"{np.mean(cpu):.2f} ms\nCPU", top, ha="center", va="bottom", fontsize=7)
+    width = 0.8 / len(CONFIGS)
+    for k, (code, gc) in enumerate(CONFIGS):
+        runs = [r for r in results["runs"][1:] if r["code"] == code and r["group_commit"] == gc]
+        offset = (k - (len(CONFIGS) - 1) / 2) * width
+        means = [float(np.mean([r[rate] for r in runs])) for rate, _ in keys]
+        rates.bar(xs + offset, means, width, label=f"{code}, group commit {'on' if gc else 'off'}")
+        for x, (rate, cpu) in zip(xs + offset, keys, strict=True):
+            rates.plot([x] * len(runs), [r[rate] for r in runs], "k.", ms=4)  # each repeat
+            ms = float(np.mean([r[cpu]["server"] for r in runs]))
+            rates.annotate(f"{ms:.2f} ms\nCPU", (x, max(r[rate] for r in runs)), ha="center",
+                           va="bottom", fontsize=7)  # fmt: skip
     rates.set_xticks(xs, names)
-    rates.set_ylim(top=rates.get_ylim()[1] * 1.15)
-    rates.set_title("1,000-update rounds, alternating (dots: each repeat)")
-    rates.legend(fontsize=8)
+    rates.set_ylim(top=rates.get_ylim()[1] * 1.2)
+    rates.set_title("1,000-update rounds, configurations alternating (dots: repeats)")
+    rates.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def label(run: dict[str, Any]) -> str:
-    return f"{run['updates']} updates, group commit {'on' if run['group_commit'] else 'off'}"
+def _mean(runs: list[dict[str, Any]], get: Callable[[dict[str, Any]], float]) -> float:
+    return float(np.mean([get(r) for r in runs]))
 
 
 def main() -> None:
     rng = np.random.default_rng(0)
+    print(f"[bench_coordinator] encoding {1000} distinct updates", file=sys.stderr, flush=True)
     frames = [
         encode_update(rng.normal(0, 0.01, NUM_PARAMETERS).astype(np.float32), CODEC, rng=rng)[0]
-        for _ in range(16)
+        for _ in range(1000)
     ]
     with tempfile.TemporaryDirectory(prefix="bench-coordinator-") as tmp:
         work = Path(tmp)
         bundle = make_synthetic_bundle(work / "bundle", NUM_PARAMETERS)
+        baseline = baseline_tree(work)
+        configs = [c for c in CONFIGS if baseline is not None or c[0] == "after"]
         runs = []
-        # The configurations alternate, so that the shared cores' changing load falls on both.
-        for n, group_commit in ((10, True), *[(1000, False), (1000, True)] * REPEATS):
-            print(f"[bench_coordinator] {label({'updates': n, 'group_commit': group_commit})}",
+        # The configurations alternate, so that the shared cores' changing load falls on all.
+        for n, (code, gc) in ((10, ("after", True)), *[(1000, c) for c in configs] * REPEATS):
+            print(f"[bench_coordinator] {label({'updates': n, 'group_commit': gc, 'code': code})}",
                   file=sys.stderr, flush=True)  # fmt: skip
-            runs.append(run_round(bundle, n, frames, work, group_commit))
+            source = baseline if code == "before" else None
+            runs.append(run_round(bundle, n, frames, work, gc, source))
         print("[bench_coordinator] durable path in-process", file=sys.stderr, flush=True)
         durable = [durable_path(bundle, DURABLE_UPDATES, frames, work, b, rep)
                    for rep in range(REPEATS) for b in (1, 32)]  # fmt: skip
     small = runs[0]
-    befores = [r for r in runs[1:] if not r["group_commit"]]
-    afters = [r for r in runs[1:] if r["group_commit"]]
+
+    def group(code: str, gc: bool) -> list[dict[str, Any]]:
+        return [r for r in runs[1:] if r["code"] == code and r["group_commit"] == gc]
+
+    after = group("after", True)
+    before = group("before", True)
+    summary: dict[str, Any] = {}
+    for name, rate, cpu in (("uploads", "uploads_per_s", "upload_cpu_ms"),
+                            ("steered_checkins", "checkins_steered_per_s",
+                             "checkin_steered_cpu_ms")):  # fmt: skip
+        entry: dict[str, float] = {}
+        for code, rs in (("before", before), ("after", after)):
+            if rs:
+                entry[f"{code}_per_s"] = float(np.mean([r[rate] for r in rs]))
+                entry[f"{code}_server_cpu_ms"] = float(np.mean([r[cpu]["server"] for r in rs]))
+                entry[f"{code}_client_cpu_ms"] = float(np.mean([r[cpu]["client"] for r in rs]))
+        for code in ("before", "after"):
+            if f"{code}_server_cpu_ms" in entry:
+                # What one core of server CPU would acknowledge, whatever else ran.
+                entry[f"{code}_capacity_per_core"] = 1e3 / entry[f"{code}_server_cpu_ms"]
+        if before:
+            entry["ratio_per_s"] = entry["after_per_s"] / entry["before_per_s"]
+            entry["ratio_server_cpu"] = entry["after_server_cpu_ms"] / entry["before_server_cpu_ms"]
+        summary[name] = entry
     results = {
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
             "load_average": os.getloadavg(),
         },
+        "baseline": BASELINE if baseline is not None else None,
         "num_parameters": NUM_PARAMETERS,
         "codec": CODEC,
         "client_threads": THREADS,
         "upload_threads": UPLOAD_THREADS,
         "runs": runs,
         "durable_path": durable,
-        "rss_peak_ratio_1000_vs_10": max(r["rss_peak_mib"] for r in afters) / small["rss_peak_mib"],
-        "uploads_ratio_group_commit": float(np.mean([r["uploads_per_s"] for r in afters]))
-        / float(np.mean([r["uploads_per_s"] for r in befores])),
+        "summary": summary,
+        "rss_peak_ratio_1000_vs_10": max(r["rss_peak_mib"] for r in after) / small["rss_peak_mib"],
+        "uploads_ratio_group_commit": _mean(after, lambda r: r["uploads_per_s"])
+        / _mean(group("after", False), lambda r: r["uploads_per_s"]),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_coordinator.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, RESULTS / "bench_coordinator.png")
-    heads = ["10, on"] + [f"1,000, {'on' if r['group_commit'] else 'off'}" for r in runs[1:]]
-    print(f"| {'figure (group commit on/off)':40} | " + " | ".join(f"{h:>12}" for h in heads)
+    heads = ["10, after/on"] + [f"{r['code']}/{'on' if r['group_commit'] else 'off'}"
+                                for r in runs[1:]]  # fmt: skip
+    print(f"| {'figure (code / group commit)':42} | " + " | ".join(f"{h:>12}" for h in heads)
           + " |")  # fmt: skip
-    print(f"|{'-' * 42}|" + "|".join("-" * 13 + ":" for _ in heads) + "|")
+    print(f"|{'-' * 44}|" + "|".join("-" * 13 + ":" for _ in heads) + "|")
     rows = [
         ("registrations/s", lambda r: r["registrations_per_s"], "{:.0f}"),
         ("check-ins/s, candidate (1 DB write)", lambda r: r["checkins_candidate_per_s"], "{:.0f}"),
         ("check-ins/s, steered away (no write)", lambda r: r["checkins_steered_per_s"], "{:.0f}"),
         ("  coordinator CPU ms per steered check-in",
-         lambda r: r["checkin_steered_cpu_ms"] and r["checkin_steered_cpu_ms"]["server"], "{:.2f}"),
+         lambda r: r["checkin_steered_cpu_ms"] and r["checkin_steered_cpu_ms"]["server"], "{:.3f}"),
         ("uploads/s (int8, acknowledged)", lambda r: r["uploads_per_s"], "{:.1f}"),
         ("  coordinator CPU ms per upload", lambda r: r["upload_cpu_ms"]["server"], "{:.2f}"),
         ("  client CPU ms per upload", lambda r: r["upload_cpu_ms"]["client"], "{:.2f}"),
         ("upload frame bytes", lambda r: r["upload_bytes"], "{:,}"),
-        ("coordinator RSS idle (MiB)", lambda r: r["rss_idle_mib"], "{:.1f}"),
         ("coordinator RSS before uploads (MiB)", lambda r: r["rss_before_uploads_mib"], "{:.1f}"),
         ("coordinator RSS peak (MiB)", lambda r: r["rss_peak_mib"], "{:.1f}"),
     ]  # fmt: skip
     for name, get, fmt in rows:
         cells = ["-" if get(r) is None else fmt.format(get(r)) for r in runs]
-        print(f"| {name:40} | " + " | ".join(f"{c:>12}" for c in cells) + " |")
+        print(f"| {name:42} | " + " | ".join(f"{c:>12}" for c in cells) + " |")
+    print("\nmeans of the 1,000-update rounds, group commit on (capacity: 1,000 / server CPU ms):")
+    for name, e in summary.items():
+        line = f"  {name}: after {e['after_per_s']:.0f}/s, {e['after_server_cpu_ms']:.3f} ms " \
+               f"server CPU (capacity {e['after_capacity_per_core']:.0f}/s per core)"
+        if "ratio_per_s" in e:
+            line += (f"; before {e['before_per_s']:.0f}/s, {e['before_server_cpu_ms']:.3f} ms "
+                     f"(capacity {e['before_capacity_per_core']:.0f}/s); after/before rate "
+                     f"{e['ratio_per_s']:.2f}x, server CPU {e['ratio_server_cpu']:.2f}x")
+        print(line)
     print("\nin-process, no HTTP (durable path):")
     for d in durable:
         print(f"  batch {d['batch']:>2}: {d['uploads_per_s']:6.1f} uploads/s; per upload "
               f"{d['cpu_ms_per_upload']:.2f} ms CPU, {d['runqueue_ms_per_upload']:.2f} ms "
               f"waiting for a CPU, {d['blocked_ms_per_upload']:.2f} ms blocked")  # fmt: skip
     ratio = results["uploads_ratio_group_commit"]
-    print(f"\nuploads/s with group commit vs without (means): {ratio:.2f}x")
+    print(f"\nuploads/s with group commit vs without (after, means): {ratio:.2f}x")
     print(f"peak RSS ratio, 1,000 vs 10 updates: {results['rss_peak_ratio_1000_vs_10']:.3f}")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 

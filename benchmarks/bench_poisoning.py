@@ -5,10 +5,12 @@ coordinator (in-process, HTTP on loopback, SQLite), running one synchronous task
 aggregator side by side on the same devices and data:
 
 * ``fedavg``: undefended FedAvg (plan ``"robust": "none"``: declared weights, no clipping);
-* ``defaults``: the plan's defaults: FedAvg with examples capped at the round's median
-  and updates clipped to an adaptive bound that tracks the median norm;
+* ``defaults``: the plan's defaults: FedAvg with examples capped at the round's median,
+  updates clipped to an adaptive bound that tracks the median norm, and updates pointing
+  away from the round's coordinate-wise median dropped (:mod:`coordinator.robust.agreement`);
+* ``cap_clip``: the defaults without that direction check (the defaults before it);
 * ``median``, ``trimmed_mean`` (trim 0.3), ``multi_krum`` (assumed hostile fraction 0.3):
-  the robust aggregators, on top of the default cap and clipping.
+  the robust aggregators, on top of the default cap, clipping and direction check.
 
 Scenarios: the clean run, then 10 % and 30 % of the devices hostile with each attack of
 :mod:`fedge.fleet.attacks` (they train honestly and tamper with the upload): ``scale`` (delta
@@ -16,13 +18,21 @@ x ``scale``), ``sign_flip`` (delta x -``flip``), ``inflate`` (negated delta decl
 server's largest accepted count, 1e6), ``outlier`` (a random direction just under the server's
 norm bound 1e4, declaring just under 1e6 examples). Data: sklearn digits (Dirichlet label
 skew, the demo model) and FedProx Synthetic(1, 1) (a 60-32-10 MLP), each device's data its
-own. Accuracy is on held-out data, the mean over the last ``final_window`` versions.
+own.
 
-Run: ``./dev bench bench_poisoning`` (one seed, about 10 minutes on 2 shared cores;
+Accuracy: the mean over the last ``final_window`` versions of a ``rounds``-round run (40: the
+clean runs have converged by about round 25; the PNG draws their curves), on held-out data.
+Digits: one held-out set for all. Synthetic: every device has its own true model, so each
+device holds out 20 % of its own data, and an attacked run is judged on the honest devices'
+held-out data only, as is the clean run it is compared with: an attacker's own data, never
+trained on, is not what the attack does to the others. A cost is the per-seed difference to
+the clean run of the same seed, judged on the same data (mean, min and max over seeds).
+
+Run: ``./dev bench bench_poisoning`` (one seed, about 15 minutes on 2 shared cores;
 ``--quick`` for a 30-second smoke run on digits with the scale attack, ``--set FIELD=VALUE``
 to change the setup, e.g. ``--set seeds=3`` for the figures in docs/benchmarks.md: single
-runs differ by several points). Writes ``benchmarks/results/poisoning.json`` and
-``poisoning.png``.
+runs differ by several points; ``--merge`` combines runs made in parallel, e.g. one process
+per dataset). Writes ``benchmarks/results/poisoning.json`` and ``poisoning.png``.
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ SYNTHETIC_MODEL = str(Path(__file__).parent / "poisoning_models.py") + ":Synthet
 AGGREGATORS: dict[str, Any] = {
     "fedavg": "none",
     "defaults": None,
+    "cap_clip": {"agreement": None},
+    "weigh": {"agreement": {"weigh": True}},
     "median": {"aggregator": "median"},
     "trimmed_mean": {"aggregator": "trimmed_mean", "trim": 0.3},
     "multi_krum": {"aggregator": "multi_krum", "byzantine": 0.3},
@@ -59,9 +71,11 @@ class Setup:
     datasets: tuple[str, ...] = ("digits", "synthetic")
     fractions: tuple[float, ...] = (0.1, 0.3)
     attacks: tuple[str, ...] = ("scale", "sign_flip", "inflate", "outlier")
-    aggregators: tuple[str, ...] = tuple(AGGREGATORS)
+    aggregators: tuple[str, ...] = (
+        "fedavg", "defaults", "cap_clip", "median", "trimmed_mean", "multi_krum"
+    )
     devices: int = 20
-    rounds: int = 16
+    rounds: int = 40
     goal: int = 8
     over_selection: float = 1.0  # every selected device reports (no dropouts here)
     epochs: int = 2
@@ -72,10 +86,15 @@ class Setup:
     flip: float = 1.0  # the sign-flip attack's magnitude
     speedup: float = 100.0  # emulated seconds per real second
     step_time_s: float = 0.05  # emulated seconds per training step
-    final_window: int = 5
+    final_window: int = 10
     seed: int = 0  # the first seed
     seeds: int = 1  # consecutive seeds (data split, hostile devices, fleet, coordinator)
-    timeout_s: float = 240.0  # real seconds per scenario
+    # Real seconds. A collapsed model (undefended FedAvg under some attacks) makes devices'
+    # updates fail the norm bound, and most of its rounds wait for their deadline: the last
+    # task still running ``straggler_s`` after all others completed is stopped there, and its
+    # accuracy is that of the versions it made (listed under "unfinished" in the JSON).
+    timeout_s: float = 900.0  # per scenario
+    straggler_s: float = 60.0
 
     def scenarios(self) -> list[tuple[str, float]]:
         return [(CLEAN, 0.0)] + [(a, f) for f in self.fractions for a in self.attacks]
@@ -103,7 +122,16 @@ class Data:
     name: str
     bundle: Path
     parts: list[Any]
-    test: Any
+    # Held-out data: digits, one set for all; synthetic, each device's own (index = device).
+    tests: list[Any]
+    per_device: bool
+
+    def honest_tests(self, attackers: list[int]) -> list[int]:
+        """The held-out sets an attacked run is judged on: a device's own data says nothing
+        about what an attack did to the others (see the module docstring)."""
+        if not self.per_device:
+            return list(range(len(self.tests)))
+        return [i for i in range(len(self.tests)) if i not in attackers]
 
 
 @dataclass
@@ -113,18 +141,44 @@ class ScenarioResult:
     attack: str
     fraction: float
     attackers: list[int]
-    accuracy: dict[str, list[float]]  # aggregator -> held-out accuracy per version
+    # aggregator -> per version, the correctly classified examples of each held-out set
+    correct: dict[str, list[list[int]]]
+    test_sizes: list[int]
+    judged_on: list[int]  # the held-out sets that count (Data.honest_tests)
     real_s: float
     fleet: dict[str, Any] = field(default_factory=dict)
     robust: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per round metrics
+    unfinished: list[str] = field(default_factory=list)  # stopped before their last version
 
-    def final(self, window: int) -> dict[str, float]:
-        return {a: round(float(np.mean(acc[-window:])), 4) for a, acc in self.accuracy.items()}
+    def curve(self, agg: str, tests: list[int] | None = None) -> list[float]:
+        """Accuracy per version over the held-out sets ``tests`` (default: judged_on)."""
+        idx = self.judged_on if tests is None else tests
+        total = sum(self.test_sizes[i] for i in idx)
+        return [sum(c[i] for i in idx) / total for c in self.correct[agg]]
+
+    def final(self, window: int, tests: list[int] | None = None) -> dict[str, float]:
+        return {a: round(float(np.mean(self.curve(a, tests)[-window:])), 4) for a in self.correct}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seed": self.seed, "dataset": self.dataset, "attack": self.attack,
+                "fraction": self.fraction, "attackers": self.attackers,
+                "real_s": round(self.real_s, 1), "judged_on": self.judged_on,
+                "test_sizes": self.test_sizes,
+                "accuracy_per_version": {a: [round(v, 4) for v in self.curve(a)]
+                                         for a in self.correct},
+                "correct_per_version": self.correct, "robust_metrics": self.robust,
+                "fleet": self.fleet, "unfinished": self.unfinished}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ScenarioResult:
+        return cls(d["seed"], d["dataset"], d["attack"], d["fraction"], d["attackers"],
+                   d["correct_per_version"], d["test_sizes"], d["judged_on"], d["real_s"],
+                   d["fleet"], d["robust_metrics"], d.get("unfinished", []))  # fmt: skip
 
 
 def load_data(name: str, setup: Setup, say: Callable[..., None]) -> Data:
     from fedge.fleet import fedprox_synthetic, load_digits, partition
-    from fedge.fleet.datasets import Dataset, stratified_split
+    from fedge.fleet.datasets import stratified_split
 
     rng = np.random.default_rng(setup.seed)
     if name == "digits":
@@ -133,16 +187,16 @@ def load_data(name: str, setup: Setup, say: Callable[..., None]) -> Data:
         train, test = load_digits(seed=setup.seed)
         parts = [train.subset(i) for i in partition(train.y, setup.devices,
                                                     f"dirichlet:{setup.alpha}", rng)]  # fmt: skip
-        return Data(name, demo_bundle(say=say), parts, test)
+        return Data(name, demo_bundle(say=say), parts, [test], per_device=False)
     if name == "synthetic":
         from fedge.bundle_cache import cached_bundle
 
         devices = fedprox_synthetic(1.0, 1.0, setup.devices, seed=setup.seed, max_samples=200)
-        # Each device keeps 80 % of its data; the held-out 20 % of all devices is the test set.
+        # Each device keeps 80 % of its data and holds out 20 %.
         splits = [stratified_split(d, 0.2, rng) for d in devices]
         bundle = cached_bundle(SYNTHETIC_MODEL, input_shape=(1, 60), loss="cross_entropy",
                                optimizer="sgd", lr=0.05)  # fmt: skip
-        return Data(name, bundle, [s[0] for s in splits], Dataset.concat([s[1] for s in splits]))
+        return Data(name, bundle, [s[0] for s in splits], [s[1] for s in splits], per_device=True)
     raise ValueError(f"unknown dataset {name!r}")
 
 
@@ -181,6 +235,7 @@ def run_scenario(
                       enrollment_token=coord.enrollment_token,
                       attacks={i: hostile for i in attackers} if hostile else None)  # fmt: skip
         shown = [""]
+        last_one_since: list[float] = []
 
         def done() -> bool:
             states = {a: admin.task(t) for a, t in tasks.items()}
@@ -188,7 +243,13 @@ def run_scenario(
             if line != shown[0]:
                 shown[0] = line
                 say(f"\r  {label} | {line} | {time.monotonic() - real0:5.0f} s\x1b[K", end="")
-            return all(s["state"] == "completed" for s in states.values())
+            running = sum(s["state"] != "completed" for s in states.values())
+            if running == 1 and len(states) > 1 and not last_one_since:
+                last_one_since.append(time.monotonic())
+            # The last task running long after the others is a collapsed one (see Setup)
+            return running == 0 or bool(
+                last_one_since and time.monotonic() - last_one_since[0] > setup.straggler_s
+            )
 
         try:
             summary = fleet.run(until=done, timeout_s=setup.timeout_s, poll_s=0.1).as_dict()
@@ -197,56 +258,70 @@ def run_scenario(
         say("")
         if not done():
             say(f"  warning: {label} did not finish in {setup.timeout_s:.0f} s real time")
-        accuracy: dict[str, list[float]] = {}
+        unfinished = [a for a, t in tasks.items() if admin.task(t)["state"] != "completed"]
+        correct: dict[str, list[list[int]]] = {}
         robust: dict[str, list[dict[str, Any]]] = {}
+
+        def counts(params: np.ndarray) -> list[int]:
+            # A poisoned model can hold values float32 cannot add up: that is chance level.
+            if not np.isfinite(params).all():
+                return [0] * len(data.tests)
+            return [round(test_accuracy(trainer, params, t) * len(t)) for t in data.tests]
+
         for agg, task_id in tasks.items():
             rounds = [r for r in admin.rounds(task_id) if r["state"] == "committed"]
             committed = sorted(((r["metrics"]["model_version"], r["metrics"].get("robust", {}))
                                 for r in rounds), key=lambda vm: vm[0])  # fmt: skip
-            acc = [test_accuracy(trainer, initial, data.test)]
+            per_version = [counts(initial)]
             for version, _ in committed:
                 frame = coord.call(coord.service.version_params, None, task_id, str(version))
-                params = decode_update(frame, expected_length=initial.size)
-                # A poisoned model can hold values float32 cannot add up: that is chance level.
-                acc.append(test_accuracy(trainer, params, data.test)
-                           if np.isfinite(params).all() else 0.0)  # fmt: skip
-            accuracy[agg] = acc
+                per_version.append(counts(decode_update(frame, expected_length=initial.size)))
+            correct[agg] = per_version
             robust[agg] = [m for _, m in committed]
-    return ScenarioResult(setup.seed, data.name, attack, fraction, attackers, accuracy,
-                          time.monotonic() - real0, summary, robust)  # fmt: skip
+    return ScenarioResult(setup.seed, data.name, attack, fraction, attackers, correct,
+                          [len(t) for t in data.tests], data.honest_tests(attackers),
+                          time.monotonic() - real0, summary, robust, unfinished)  # fmt: skip
 
 
 def summarize(results: list[ScenarioResult], setup: Setup) -> dict[str, Any]:
-    """Per dataset, scenario and aggregator, over seeds: mean final accuracy, its range, and
-    the mean per-seed difference to the same aggregator's clean run and to clean undefended
-    FedAvg."""
-    clean = {(r.dataset, r.seed): r.final(setup.final_window) for r in results
-             if r.attack == CLEAN}  # fmt: skip
-    runs: dict[str, dict[str, dict[str, list[tuple[float, float | None, float | None]]]]] = {}
+    """Per dataset, scenario and aggregator, over seeds: mean final accuracy and its range,
+    and the per-seed differences (mean, min, max) to the same aggregator's clean run and to
+    clean undefended FedAvg, each clean run judged on the attacked run's held-out sets."""
+    clean = {(r.dataset, r.seed): r for r in results if r.attack == CLEAN}
+    Cell = tuple[float, float | None, float | None]
+    runs: dict[str, dict[str, dict[str, list[Cell]]]] = {}
+    stopped: dict[tuple[str, str, str], int] = {}
     for r in results:
         key = CLEAN if r.attack == CLEAN else f"{r.attack}@{r.fraction:.0%}"
-        base = clean.get((r.dataset, r.seed), {})
+        c = clean.get((r.dataset, r.seed))
+        base = {} if c is None else c.final(setup.final_window, r.judged_on)
         for agg, acc in r.final(setup.final_window).items():
+            stopped[r.dataset, key, agg] = stopped.get((r.dataset, key, agg), 0) + (
+                agg in r.unfinished
+            )
             own = base[agg] - acc if agg in base else None
             fedavg = base["fedavg"] - acc if "fedavg" in base else None
             runs.setdefault(r.dataset, {}).setdefault(key, {}).setdefault(agg, []).append(
                 (acc, own, fedavg)
             )
 
-    def mean(values: list[float | None]) -> float | None:
-        known = [v for v in values if v is not None]
-        return round(float(np.mean(known)), 4) if len(known) == len(values) else None
+    def stats(values: list[float | None], name: str) -> dict[str, Any]:
+        if any(v is None for v in values):
+            return {name: None}
+        known = [float(v) for v in values if v is not None]
+        return {name: round(float(np.mean(known)), 4), f"{name}_min": round(min(known), 4),
+                f"{name}_max": round(max(known), 4)}  # fmt: skip
 
     return {
         dataset: {
             key: {
                 agg: {
-                    "accuracy": mean([a for a, _, _ in seeds]),
-                    "accuracy_min": round(min(a for a, _, _ in seeds), 4),
-                    "accuracy_max": round(max(a for a, _, _ in seeds), 4),
-                    "cost_vs_own_clean": mean([c for _, c, _ in seeds]),
-                    "cost_vs_clean_fedavg": mean([c for _, _, c in seeds]),
+                    **stats([a for a, _, _ in seeds], "accuracy"),
+                    **stats([c for _, c, _ in seeds], "cost_vs_own_clean"),
+                    **stats([c for _, _, c in seeds], "cost_vs_clean_fedavg"),
+                    "seeds": len(seeds),
                     "per_seed": [round(a, 4) for a, _, _ in seeds],
+                    "runs_stopped_early": stopped[dataset, key, agg],
                 }
                 for agg, seeds in per.items()
             }
@@ -267,10 +342,16 @@ def table(summary: dict[str, Any], setup: Setup) -> str:
                 s = per.get(a)
                 if s is None:
                     cells.append("-")
-                elif scenario == CLEAN or s["cost_vs_clean_fedavg"] is None:
-                    cells.append(f"{s['accuracy']:.3f}")
-                else:
-                    cells.append(f"{s['accuracy']:.3f} ({-s['cost_vs_clean_fedavg']:+.3f})")
+                elif scenario == CLEAN or s["cost_vs_own_clean"] is None:
+                    cells.append(f"{s['accuracy']:.3f} [{s['accuracy_min']:.3f}, "
+                                 f"{s['accuracy_max']:.3f}]")  # fmt: skip
+                else:  # change against the clean run in points: mean [worst, best seed]
+                    pts = [-100 * s[k] for k in ("cost_vs_own_clean", "cost_vs_own_clean_max",
+                                                 "cost_vs_own_clean_min")]  # fmt: skip
+                    cells.append(f"{s['accuracy']:.3f} ({pts[0]:+.1f} [{pts[1]:+.1f}, "
+                                 f"{pts[2]:+.1f}])")  # fmt: skip
+                if s is not None and s.get("runs_stopped_early"):
+                    cells[-1] += "*"
             rows.append((dataset, scenario, *cells))
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
@@ -278,42 +359,60 @@ def table(summary: dict[str, Any], setup: Setup) -> str:
     return "\n".join([line(cols), sep, *(line(r) for r in rows)])
 
 
-def plot(summary: dict[str, Any], setup: Setup, path: Path) -> None:
+def plot(
+    summary: dict[str, Any], results: list[ScenarioResult], setup: Setup, path: Path
+) -> None:
+    """Per dataset: final accuracy of every scenario and aggregator (bars: range over seeds),
+    and the clean runs' learning curves (mean over seeds, band: range), which show whether
+    the horizon is long enough for the clean runs to have converged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = list(summary)
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(11, 3.6 * len(datasets)), dpi=110,
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(15, 3.8 * len(datasets)), dpi=110,
+                             squeeze=False, gridspec_kw={"width_ratios": [3, 1]})  # fmt: skip
     aggs = list(setup.aggregators)
     width = 0.8 / len(aggs)
-    for ax, dataset in zip(axes[:, 0], datasets, strict=True):
+    for (ax, curves), dataset in zip(axes, datasets, strict=True):
         scenarios = list(summary[dataset])
         x = np.arange(len(scenarios))
         for i, agg in enumerate(aggs):
             cells = [summary[dataset][s].get(agg, {}) for s in scenarios]
             ys = np.array([c.get("accuracy", np.nan) for c in cells])
-            # the range over seeds (nothing to draw with one seed)
             lo = ys - np.array([c.get("accuracy_min", np.nan) for c in cells])
             hi = np.array([c.get("accuracy_max", np.nan) for c in cells]) - ys
             ax.bar(x + (i - (len(aggs) - 1) / 2) * width, ys, width, label=agg,
                    yerr=np.vstack([lo, hi]),
                    error_kw={"linewidth": 0.8, "capsize": 1.5})  # fmt: skip
-        clean = summary[dataset].get(CLEAN, {}).get("fedavg", {}).get("accuracy")
-        if clean is not None:
-            ax.axhline(clean, color="grey", linestyle="--", linewidth=1,
+            clean = np.array([r.curve(agg) for r in results
+                              if r.dataset == dataset and r.attack == CLEAN and agg in r.correct])
+            if len(clean):
+                v = np.arange(clean.shape[1])
+                curves.plot(v, clean.mean(axis=0), linewidth=1, label=agg)
+                curves.fill_between(v, clean.min(axis=0), clean.max(axis=0), alpha=0.15)
+        clean_fedavg = summary[dataset].get(CLEAN, {}).get("fedavg", {}).get("accuracy")
+        if clean_fedavg is not None:
+            ax.axhline(clean_fedavg, color="grey", linestyle="--", linewidth=1,
                        label="clean FedAvg")  # fmt: skip
-            ax.axhline(clean - 0.02, color="grey", linestyle=":", linewidth=1,
+            ax.axhline(clean_fedavg - 0.02, color="grey", linestyle=":", linewidth=1,
                        label="clean FedAvg - 2 points")  # fmt: skip
         ax.set_xticks(x, scenarios, rotation=20, fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_ylabel("held-out accuracy")
         ax.set_title(f"{dataset}: {setup.devices} devices, {setup.rounds} rounds x "
-                     f"{setup.goal} updates; mean (bars: range) over {setup.seeds} seed(s)",
-                     fontsize=9)  # fmt: skip
+                     f"{setup.goal} updates; mean of the last {setup.final_window} versions "
+                     "(bars: range over seeds)"
+                     + ("; attacked runs on the honest devices' data" if dataset == "synthetic"
+                        else ""), fontsize=9)  # fmt: skip
         ax.grid(axis="y", alpha=0.3)
+        curves.set_ylim(0, 1)
+        curves.set_xlabel("version")
+        curves.axvspan(setup.rounds - setup.final_window + 0.5, setup.rounds, color="grey",
+                       alpha=0.1)  # fmt: skip
+        curves.set_title(f"{dataset}, clean runs (shaded: the versions averaged)", fontsize=9)
+        curves.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, ncol=len(labels), loc="lower center")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
@@ -325,24 +424,17 @@ def plot(summary: dict[str, Any], setup: Setup, path: Path) -> None:
 def write_results(results: list[ScenarioResult], setup: Setup, directory: Path) -> dict[str, Any]:
     summary = summarize(results, setup)
     directory.mkdir(parents=True, exist_ok=True)
-    plot(summary, setup, directory / "poisoning.png")
+    plot(summary, results, setup, directory / "poisoning.png")
     doc = {
         "benchmark": "bench_poisoning",
         "setup": asdict(setup),
         "aggregators": AGGREGATORS,
-        "accuracy": f"held-out, mean of the last {setup.final_window} versions; summary: "
-        "mean, min, max over seeds; costs: mean of per-seed differences",
+        "accuracy": f"held-out, mean of the last {setup.final_window} versions (synthetic: "
+        "the held-out data of the honest devices; digits: one common held-out set); summary: "
+        "mean, min, max over seeds; costs: per-seed differences to the clean run judged on "
+        "the same held-out data (positive: accuracy lost)",
         "summary": summary,
-        "scenarios": [
-            {"seed": r.seed, "dataset": r.dataset, "attack": r.attack, "fraction": r.fraction,
-             "attackers": r.attackers, "real_s": round(r.real_s, 1),
-             "accuracy_per_version": {a: [round(v, 4) for v in acc]
-                                      for a, acc in r.accuracy.items()},
-             "robust_metrics": r.robust,
-             "uploads_acknowledged": r.fleet.get("uploads_acknowledged"),
-             "uploads_rejected": r.fleet.get("rejected")}
-            for r in results
-        ],
+        "scenarios": [r.to_json() for r in results],
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
     }  # fmt: skip
     (directory / "poisoning.json").write_text(json.dumps(doc, indent=1))
@@ -356,7 +448,8 @@ def run(setup: Setup, say: Callable[..., None], out: Path | None) -> list[Scenar
         run_setup = replace(setup, seed=seed)
         for name in setup.datasets:
             data = load_data(name, run_setup, say)
-            say(f"seed {seed}, {name}: {setup.devices} devices ({len(data.test)} held out); "
+            say(f"seed {seed}, {name}: {setup.devices} devices "
+                f"({sum(len(t) for t in data.tests)} held out); "
                 f"{len(scenarios)} scenarios x {len(setup.aggregators)} aggregators, "
                 f"{setup.rounds} rounds each")  # fmt: skip
             for attack, fraction in scenarios:
@@ -366,6 +459,20 @@ def run(setup: Setup, say: Callable[..., None], out: Path | None) -> list[Scenar
     return results
 
 
+def merge(paths: list[Path], out: Path) -> int:
+    """Write the results of several runs (one setup but for datasets and seeds) as one."""
+    docs = [json.loads(p.read_text()) for p in paths]
+    results = [ScenarioResult.from_json(d) for doc in docs for d in doc["scenarios"]]
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                              for k, v in docs[0]["setup"].items()}  # fmt: skip
+    seeds = sorted({r.seed for r in results})
+    setup = replace(Setup(**fields), seed=seeds[0], seeds=len(seeds),
+                    datasets=tuple(dict.fromkeys(r.dataset for r in results)))  # fmt: skip
+    summary = write_results(results, setup, out)
+    print(table(summary, setup))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -373,16 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override Setup fields, e.g. --set rounds=12 scale=20")
-    p.add_argument("--replot", action="store_true",
-                   help="only redraw the PNG from the JSON in --out (no run)")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="no run: combine the scenarios of these result files (runs of other "
+                   "datasets or seeds, e.g. in parallel processes) into --out")
     args = p.parse_args(argv)
-    if args.replot:
-        doc = json.loads((args.out / "poisoning.json").read_text())
-        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in doc["setup"].items()}  # fmt: skip
-        setup = Setup(**fields)
-        plot(doc["summary"], setup, args.out / "poisoning.png")
-        return 0
+    if args.merge:
+        return merge(args.merge, args.out)
     setup = Setup()
     if args.quick:
         setup = replace(setup, datasets=("digits",), fractions=(0.1,), attacks=("scale",),

@@ -1,5 +1,19 @@
 """Privacy costs: SecAgg+ per device and per server round, and accuracy against epsilon.
 
+**SecAgg+ over HTTP** (``http`` part). One real round per configuration: a coordinator in its
+own process (``fedge serve`` on loopback, SQLite file, blob directory) runs a sync task with
+plan ``secagg``; ``n`` devices, one thread each, check in, get their assignment and run the
+SDK's loop (:class:`edge_sdk.secagg.loop.SecAggLoop`: polls, the four stages' messages over
+real HTTP) on a random delta of ``params`` parameters. With 30 % dropouts that many devices
+vanish silently after sharing their keys (the costly case: the mask stage waits for its
+deadline, then the server rebuilds their mask keys). Per device: CPU milliseconds
+(``time.thread_time`` of its thread around the loop: crypto, encoding, JSON, HTTP client),
+bytes up and down (request and answer bodies). Per round: the coordinator process's CPU
+seconds (``/proc/PID/stat``, from the first check-in to the commit, polls included) and the
+wall time from the first advertise to the commit. Against a plain round on a fresh
+coordinator: the same devices upload their delta as an fp32 frame (the SDK's encode and
+POST). The committed version is checked against numpy's weighted mean of the survivors.
+
 **SecAgg+ cost** (``secagg`` part). One round of the protocol per configuration, with the real
 device client (:mod:`edge_sdk.secagg.client`: X25519 keys, Shamir shares in AES-GCM, AES-CTR
 masks) and the real server state machine (:mod:`coordinator.secagg.session`); the transport
@@ -31,17 +45,21 @@ thousand devices each drawing its own random true model, no global model exists 
 Synthetic-IID). The clip is ``clip_factor`` x the median update norm of the non-private
 run's first seed. Accuracy: held-out, mean of the last 5 rounds, mean over ``seeds`` seeds.
 
-Run: ``./dev bench bench_secagg`` (about 20 minutes on 2 shared cores; ``--quick`` for a
-smoke run; ``--only secagg|dp`` reruns one part and keeps the other's figures; ``--clip-factor
-F``). Writes ``benchmarks/results/bench_secagg.json`` and ``bench_secagg.png``.
+Run: ``./dev bench bench_secagg`` (about 30 minutes on 2 shared cores; ``--quick`` for a
+smoke run; ``--only http|secagg|dp`` reruns one part and keeps the others' figures;
+``--clip-factor F``). Writes ``benchmarks/results/bench_secagg.json`` and ``bench_secagg.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import secrets
+import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -50,14 +68,26 @@ from typing import Any
 import numpy as np
 
 from coordinator.aggregation import RunningSum
+from coordinator.embedded import EmbeddedCoordinator
 from coordinator.privacy import DpSpec, noise_for_budget, noised_mean
 from coordinator.secagg import SecAggSession
 from coordinator.tensors import decode_delta
-from edge_sdk.codecs import encode_update
+from edge_sdk.codecs import decode_update, encode_update
+from edge_sdk.errors import ConditionsLapsed
+from edge_sdk.protocol import (
+    FRAME_CONTENT_TYPE,
+    HEADER_ENROLLMENT,
+    HEADER_IDEMPOTENCY_KEY,
+    HEADER_REPORT,
+    Route,
+)
 from edge_sdk.secagg import ring, shamir
 from edge_sdk.secagg.client import CIPHERTEXT_BYTES, SecAggDevice
+from edge_sdk.secagg.loop import SecAggLoop
+from edge_sdk.transport import Transport
 from fedge.fleet.synthetic import NUM_CLASSES, NUM_FEATURES, fedprox_synthetic
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 INDEX_BYTES = 4
 KEY_BYTES = 32
@@ -80,10 +110,219 @@ class Setup:
     lr: float = 0.05
     max_samples: int = 250
     clip_factor: float = 1.0
+    # The HTTP rounds' stages after the first: at least this, and this much per device (a
+    # cohort's masking and uploads share the cores; at 200 devices 30 s was too short here).
+    stage_timeout_s: float = 30.0
+    stage_s_per_device: float = 0.75
 
 
 QUICK = Setup(cohorts=(10, 50), params=10_000, population=200, cohort=20, rounds=10,
-              epsilons=(8.0, None), seeds=1)  # fmt: skip
+              epsilons=(8.0, None), seeds=1, stage_timeout_s=10.0)  # fmt: skip
+
+
+# -- SecAgg+ over HTTP ----------------------------------------------------------------------
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _HttpRound:
+    """A coordinator process with one task, and ``n`` registered devices holding their
+    assignment of its first round."""
+
+    def __init__(self, n: int, plan: dict[str, Any], bundle: Path, root: Path) -> None:
+        self.coord = EmbeddedCoordinator(root / "fedge.db", subprocess=True).start()
+        assert self.coord.process is not None
+        self.pid = self.coord.process.pid
+        self.cpu0 = _process_cpu_s(self.pid)
+        admin = self.coord.admin()
+        bundle_id = admin.upload_bundle(bundle)["bundle_id"]
+        self.task_id = admin.create_task(bundle_id, plan)["task_id"]
+        self.admin = admin
+        self.devices = [Transport(self.coord.url) for _ in range(n)]
+        enroll = {HEADER_ENROLLMENT: self.coord.enrollment_token or ""}
+        for t in self.devices:
+            reg = t.call("POST", Route.REGISTER, {"runtimes": ["ort-step"]}, headers=enroll)
+            t.credentials = (reg["device_id"], reg["secret"])
+        self.assignments: list[dict[str, Any]] = []
+        sys.path.insert(0, str(ROOT))  # the test fixtures' device conditions and bundle
+        from tests.fixtures.coordinator import GOOD_CONDITIONS
+
+        body = {"runtimes": ["ort-step"], "conditions": GOOD_CONDITIONS}
+        for t in self.devices:  # candidates, then (after the window) assignments
+            t.call("POST", Route.CHECKIN, body)
+        time.sleep(plan["selection_window_s"] + 0.2)
+        for t in self.devices:
+            answer = t.call("POST", Route.CHECKIN, body)
+            assert answer["action"] == "train", answer
+            self.assignments.append(answer["assignment"])
+
+    def server_cpu_s(self) -> float:
+        return _process_cpu_s(self.pid) - self.cpu0
+
+    def version(self, number: int, length: int) -> np.ndarray:
+        frame = self.devices[0].request(
+            "GET", Route.VERSION_PARAMS.format(task_id=self.task_id, version=number)
+        ).body
+        return decode_update(frame, expected_length=length).astype(np.float64)
+
+    def close(self) -> None:
+        for t in self.devices:
+            t.close()
+        self.admin.close()
+        self.coord.stop()
+
+
+def _threads(n: int, work: Any) -> dict[int, Any]:
+    out: dict[int, Any] = {}
+
+    def run(i: int) -> None:
+        try:
+            out[i] = work(i)
+        except BaseException as e:  # recorded: a bench row must not hide a failure
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def http_round(n: int, dropout: float, setup: Setup, bundle: Path, seed: int = 0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    deltas = [rng.normal(0, 0.002, setup.params) for _ in range(n)]
+    weights = [int(rng.integers(1, setup.max_weight + 1)) for _ in range(n)]
+    gone = set(rng.choice(n, size=round(dropout * n), replace=False).tolist())
+    plan = {"goal": n, "over_selection": 1.0, "selection_window_s": 1.0, "rounds": 1,
+            "round_deadline_s": 120.0, "min_reporting_fraction": 0.5,
+            "secagg": {"stage_timeout_s": max(setup.stage_timeout_s, setup.stage_s_per_device * n),
+                       "levels": setup.levels,
+                       "max_weight": setup.max_weight, "dropout": 0.3}}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
+        r = _HttpRound(n, plan, bundle, Path(tmp))
+        try:
+            base = r.version(0, setup.params)
+            started = time.monotonic()
+
+            def device(i: int) -> tuple[float, Any, int, int]:
+                loop: SecAggLoop
+                link = r.devices[i]
+                up0, down0 = link.bytes_sent, link.bytes_received
+
+                def recheck() -> tuple[str, ...]:
+                    return ("vanished",) if i in gone and loop.answered == "share" else ()
+
+                loop = SecAggLoop(r.devices[i], r.assignments[i], deltas[i], weights[i],
+                                  rng=np.random.default_rng(i), recheck=recheck)  # fmt: skip
+                t = time.thread_time()
+                try:
+                    result: Any = loop.run()
+                except ConditionsLapsed:
+                    result = None
+                cpu = time.thread_time() - t
+                return cpu, result, link.bytes_sent - up0, link.bytes_received - down0
+
+            results = _threads(n, device)
+            wall = time.monotonic() - started
+            server = r.server_cpu_s()
+            bad = [v for v in results.values() if isinstance(v, BaseException)]
+            if bad:
+                raise bad[0]
+            kept = [i for i in range(n) if i not in gone]
+            rnd = r.admin.rounds(r.task_id)[0]
+            secagg = rnd["metrics"]["secagg"]
+            if rnd["state"] == "committed":
+                assert all(results[i][1].counted for i in kept), [results[i][1] for i in kept]
+                clipped = [deltas[i] * min(1.0, 1.0 / np.linalg.norm(deltas[i])) for i in kept]
+                want = np.average(clipped, axis=0, weights=[weights[i] for i in kept])
+                error = float(np.abs(r.version(1, setup.params) - base - want).max())
+            else:  # reported as such: a row must not hide that the round failed
+                error = float("nan")
+            row = {
+                "devices": n, "dropout": dropout, "degree": secagg["degree"],
+                "ring_bits": secagg["bits"],
+                "device_cpu_ms": 1e3 * float(np.mean([results[i][0] for i in kept])),
+                "device_cpu_ms_max": 1e3 * float(np.max([results[i][0] for i in kept])),
+                "bytes_up": float(np.mean([results[i][2] for i in kept])),
+                "bytes_down": float(np.mean([results[i][3] for i in kept])),
+                "server_cpu_s": server, "wall_s": wall, "max_error": error,
+                "outcome": rnd["state"], "reason": rnd["metrics"].get("reason"),
+                "stage_timeout_s": plan["secagg"]["stage_timeout_s"],  # type: ignore[index]
+                "uploaded": secagg["answered"]["mask"],
+            }  # fmt: skip
+        finally:
+            r.close()
+        # the plain round: the survivors' deltas as fp32 frames, uploaded as the SDK does
+        kept = [i for i in range(n) if i not in gone]
+        plain = {k: v for k, v in plan.items() if k != "secagg"}
+        plain.update(goal=len(kept), robust="none")
+        p = _HttpRound(len(kept), plain, bundle, Path(tmp) / "plain")
+        try:
+            started = time.monotonic()
+
+            def upload(j: int) -> tuple[float, int, int]:
+                i = kept[j]
+                link = p.devices[j]
+                up0, down0 = link.bytes_sent, link.bytes_received
+                t = time.thread_time()
+                frame, _ = encode_update(deltas[i].astype(np.float32), "fp32")
+                a = p.assignments[j]
+                p.devices[j].request(
+                    "POST", Route.ASSIGNMENT_UPDATE.format(assignment_id=a["assignment_id"]),
+                    body=frame, headers={"Content-Type": FRAME_CONTENT_TYPE,
+                                         HEADER_IDEMPOTENCY_KEY: f"k-{i}",
+                                         HEADER_REPORT: json.dumps({"num_examples": weights[i]})},
+                )  # fmt: skip
+                cpu = time.thread_time() - t
+                return cpu, link.bytes_sent - up0, link.bytes_received - down0
+
+            cpu = _threads(len(kept), upload)
+            bad = [v for v in cpu.values() if isinstance(v, BaseException)]
+            if bad:
+                raise bad[0]
+            deadline = time.monotonic() + 60
+            while p.admin.task(p.task_id)["model_version"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            row.update(
+                plain_device_cpu_ms=1e3 * float(np.mean([c[0] for c in cpu.values()])),
+                plain_bytes_up=float(np.mean([c[1] for c in cpu.values()])),
+                plain_bytes_down=float(np.mean([c[2] for c in cpu.values()])),
+                plain_server_cpu_s=p.server_cpu_s(), plain_wall_s=time.monotonic() - started,
+            )  # fmt: skip
+        finally:
+            p.close()
+    row["up_ratio"] = row["bytes_up"] / row["plain_bytes_up"]
+    return row
+
+
+def run_http(setup: Setup, out: dict[str, Any]) -> None:
+    out["secagg_http"] = []
+    print(f"{'devices':>7} {'drop':>5} {'deg':>4} {'bits':>4} {'dev ms':>7} {'plain ms':>8} "
+          f"{'up B':>9} {'plain B':>9} {'ratio':>5} {'down B':>8} {'srv s':>6} {'plain s':>7} "
+          f"{'wall s':>6} {'max err':>8}")  # fmt: skip
+    sys.path.insert(0, str(ROOT))
+    from tests.fixtures.coordinator import make_synthetic_bundle
+
+    with tempfile.TemporaryDirectory(prefix="bench-secagg-bundle-") as tmp:
+        bundle = make_synthetic_bundle(Path(tmp) / "bundle", num_parameters=setup.params)
+        for n in setup.cohorts:
+            for dropout in setup.dropouts:
+                r = http_round(n, dropout, setup, bundle)
+                out["secagg_http"].append(r)
+                print(
+                    f"{n:>7} {dropout:>5.0%} {r['degree']:>4} {r['ring_bits']:>4} "
+                    f"{r['device_cpu_ms']:>7.1f} {r['plain_device_cpu_ms']:>8.1f} "
+                    f"{r['bytes_up']:>9.0f} {r['plain_bytes_up']:>9.0f} {r['up_ratio']:>5.2f} "
+                    f"{r['bytes_down']:>8.0f} {r['server_cpu_s']:>6.2f} "
+                    f"{r['plain_server_cpu_s']:>7.2f} {r['wall_s']:>6.1f} {r['max_error']:>8.1e}"
+                    f" {r['outcome']}",
+                    flush=True,
+                )
 
 
 # -- SecAgg+ cost ---------------------------------------------------------------------------
@@ -254,7 +493,22 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    http = result.get("secagg_http", [])
+    fig, axes = plt.subplots(1, 3 if http else 2, figsize=(16 if http else 11, 4))
+    a, b = axes[0], axes[-1]
+    if http:
+        c = axes[1]
+        for dropout in sorted({r["dropout"] for r in http}):
+            rows = [r for r in http if r["dropout"] == dropout]
+            n = [r["devices"] for r in rows]
+            c.plot(n, [r["device_cpu_ms"] for r in rows], "o-",
+                   label=f"device CPU ms, {dropout:.0%}")  # fmt: skip
+            c.plot(n, [r["server_cpu_s"] for r in rows], "^-", label=f"server CPU s, {dropout:.0%}")
+            c.plot(n, [r["up_ratio"] for r in rows], "s--", label=f"upload / plain, {dropout:.0%}")
+        c.set_xlabel("devices in the round")
+        c.set_title("SecAgg+ over HTTP, per round")
+        c.set_yscale("log")
+        c.legend(fontsize=7)
     for dropout in sorted({r["dropout"] for r in result["secagg"]}):
         rows = [r for r in result["secagg"] if r["dropout"] == dropout]
         n = [r["devices"] for r in rows]
@@ -322,6 +576,8 @@ def run(setup: Setup, name: str, only: str | None = None) -> dict[str, Any]:
     path = RESULTS / f"{name}.json"
     out: dict[str, Any] = json.loads(path.read_text()) if only and path.exists() else {}
     out.update(setup=asdict(setup), machine=platform.platform())
+    if only in (None, "http"):
+        run_http(setup, out)
     if only in (None, "secagg"):
         run_secagg(setup, out)
     if only in (None, "dp"):
@@ -336,7 +592,8 @@ def run(setup: Setup, name: str, only: str | None = None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run (bench_secagg_quick.*)")
-    p.add_argument("--only", choices=("secagg", "dp"), help="run one part, keep the other's")
+    p.add_argument("--only", choices=("http", "secagg", "dp"),
+                   help="run one part, keep the others'")  # fmt: skip
     p.add_argument("--clip-factor", type=float, default=1.0, help="DP clip / median norm")
     args = p.parse_args(argv)
     setup, name = (QUICK, "bench_secagg_quick") if args.quick else (Setup(), "bench_secagg")

@@ -36,6 +36,7 @@ from coordinator import dashboard
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import ApiError, BodyTooLarge, Overloaded
 from coordinator.group_commit import GroupCommit
+from coordinator.secagg import routes as secagg_routes
 from coordinator.service import AdmittedUpload, Coordinator, DeviceIdentity, StagedUpload
 from edge_sdk.protocol import (
     FRAME_CONTENT_TYPE,
@@ -118,6 +119,13 @@ class WorkQueue:
     times out, retries, and adds to the queue it is stuck in. Internal work (deadline ticks,
     start-up and shutdown) is never refused. Counted on the worker side, so an operation whose
     client went away still counts until it has run.
+
+    Operations run in submission order, in batches: whatever was submitted while the worker
+    was busy runs in one executor job, and its answers go back to the event loop in one
+    wake-up. Under load that halves the cost of handing a check-in to the worker (a job
+    submission, a future chained to the loop and a wake-up each, and the GIL handed back and
+    forth) without delaying anything when idle. An operation whose caller was cancelled before
+    it started is skipped.
     """
 
     def __init__(self, bound: int, retry_after_s: float) -> None:
@@ -127,12 +135,17 @@ class WorkQueue:
         self._lock = threading.Lock()
         self.pending = 0
         self.refused = 0
+        # Submitted, not yet taken by the worker; a drain job is queued or running while set.
+        self._queued: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._draining = False
 
     def _finished(self) -> None:
         with self._lock:
             self.pending -= 1
 
     async def run(self, fn: Callable[..., T], *args: Any, internal: bool = False) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
         with self._lock:
             if not internal and self.pending >= self.bound:
                 self.refused += 1
@@ -142,19 +155,53 @@ class WorkQueue:
                     self.retry_after_s,
                 )
             self.pending += 1
-
-        def call() -> T:
+            self._queued.append(((lambda: fn(*args)) if args else fn, future))
+            start, self._draining = not self._draining, True
+        if start:
             try:
-                return fn(*args)
-            finally:
-                self._finished()
+                self.executor.submit(self._drain, loop)
+            except BaseException:  # shut down: nothing will run what was queued
+                self._drain_refused()
+                raise
+        return await future
 
-        try:
-            future = self.executor.submit(call)
-        except BaseException:
-            self._finished()
-            raise
-        return await asyncio.wrap_future(future)
+    def _drain_refused(self) -> None:
+        with self._lock:
+            queued, self._queued, self._draining = self._queued, [], False
+            self.pending -= len(queued)
+        for _, future in queued:
+            if not future.done():
+                future.cancel()
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the worker thread: run what is queued, batch after batch, until nothing is."""
+        while True:
+            with self._lock:
+                batch, self._queued = self._queued, []
+                if not batch:
+                    self._draining = False
+                    return
+            answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            for fn, future in batch:
+                try:
+                    if not future.cancelled():  # a benign race: at worst it runs anyway
+                        answers.append((future, fn(), None))
+                except BaseException as e:  # the caller's to handle, as if it ran fn itself
+                    answers.append((future, None, e))
+                finally:
+                    self._finished()
+            if answers:
+                loop.call_soon_threadsafe(self._settle, answers)
+
+    @staticmethod
+    def _settle(answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+        for future, result, error in answers:
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
 
 
 _QUEUE_KEY = web.AppKey("work_queue", WorkQueue)
@@ -408,6 +455,7 @@ def build_app(coord: Coordinator) -> web.Application:
     app.add_routes(routes)
     uploads = _GroupedUploads(coord, work) if cfg.group_commit else None
     dashboard.add_routes(app, coord, run, lambda: work.pending)
+    secagg_routes.add_routes(app, coord, run, _read_body)
 
     async def ticker() -> None:
         while True:

@@ -234,6 +234,12 @@ class AsyncBuffer:
         return Fold(staged.staleness, staged.weight, 0 if done else len(self),
                     self._commit() if done else None)  # fmt: skip
 
+    def due(self) -> Commit | None:
+        """The commit of a buffer holding K updates or more (one restored with
+        :meth:`from_state` from replicas' partial buffers, which fold without committing),
+        starting the next version's buffer; None while fewer are held."""
+        return self._commit() if len(self) >= self.config.buffer_k else None
+
     def fold(self, delta: np.ndarray, num_examples: int, base_version: int) -> Fold:
         """Add one update; on the K-th, return the commit and start the next version's buffer."""
         return self.apply(self.stage(delta, num_examples, base_version))

@@ -43,6 +43,8 @@ class CoordinatorConfig:
     # db_path; several coordinators may share it. Blobs stay in blob_dir.
     database_url: str | None = None
     blob_path: str | None = None  # blob directory; None: beside db_path (fedge.db.blobs)
+    # One of several coordinators sharing database_url and blob_path (coordinator/replicas.py).
+    replica: bool = False
     host: str = "127.0.0.1"
     port: int = 8080
     admin_token: str | None = None
@@ -100,6 +102,11 @@ class CoordinatorConfig:
             raise ConfigError("device_inactivity_s must be > 0 (or unset: keep every device)")
         if self.database_url is not None and not is_database_url(self.database_url):
             raise ConfigError("database_url must be a postgresql:// URL")
+        if self.replica and (self.database_url is None or self.blob_path is None):
+            raise ConfigError(
+                "replica needs a shared database_url (postgresql://) and blob_path: "
+                "a SQLite file has one writer"
+            )
 
     @property
     def tls(self) -> bool:

@@ -22,6 +22,7 @@ from coordinator.async_buffer import AsyncConfig
 from coordinator.eligibility import TaskEligibility
 from coordinator.errors import InvalidRequest
 from coordinator.robust.spec import RobustSpec
+from coordinator.secagg.spec import SecAggSpec
 from coordinator.validation import Fields
 from edge_sdk.codecs.spec import CodecSpec, CodecSpecError
 from edge_sdk.local_training import BATCHNORM_MODES
@@ -74,6 +75,8 @@ class TaskPlan:
     buffer: AsyncConfig = field(default_factory=AsyncConfig)
     # DP-FedAvg (coordinator.privacy.DpSpec): clip on the device, Gaussian noise on the sum
     dp: DpSpec | None = None
+    # SecAgg+ (coordinator.secagg): the server sees only the sum of the round's updates
+    secagg: SecAggSpec | None = None
 
     @property
     def target(self) -> int:
@@ -134,11 +137,7 @@ class TaskPlan:
             buffer=AsyncConfig.from_fields(f),
         )
         dp_raw = f.raw("dp")
-        if f.raw("secagg") is not None:
-            raise InvalidRequest(
-                "plan.secagg is not available yet: this coordinator has the SecAgg+ state "
-                "machine (coordinator/secagg) but does not serve its stages over HTTP"
-            )
+        secagg_raw = f.raw("secagg")
         f.done()
         if not f.has("selection_timeout_s"):  # the default never cuts a long window short
             timeout = max(DEFAULT_SELECTION_TIMEOUT_S, plan.selection_window_s)
@@ -157,7 +156,27 @@ class TaskPlan:
             plan = plan._with_dp(
                 dp_raw, robust_given=f.has("robust") and not plan.robust.undefended
             )
+        if secagg_raw is not None:
+            plan = plan._with_secagg(
+                secagg_raw, robust_given=f.has("robust") and not plan.robust.undefended
+            )
         return plan
+
+    def _with_secagg(self, raw: Any, *, robust_given: bool) -> TaskPlan:
+        if robust_given:
+            raise InvalidRequest(
+                "plan.robust cannot be combined with plan.secagg: the server sees only the "
+                "sum of the round's updates, so no robust aggregator can look at one; each "
+                "update is clipped on the device to plan.secagg.clip instead"
+            )
+        if self.dp is not None:
+            raise InvalidRequest(
+                "plan.dp cannot be combined with plan.secagg yet: central DP noises a sum the "
+                "server sees in the clear, and distributed DP (discrete Gaussian noise added "
+                "by each device in the ring) is not wired into the SecAgg stages"
+            )
+        spec = SecAggSpec.from_json(raw, cohort=self.target)
+        return dataclasses.replace(self, secagg=spec, robust=RobustSpec.none())
 
     def _with_dp(self, raw: Any, *, robust_given: bool) -> TaskPlan:
         try:  # the privacy extra (dp-accounting) is optional for coordinators without DP
@@ -176,6 +195,13 @@ class TaskPlan:
 
     def check_mode(self, mode: str) -> None:
         """Refuse plan options the task's mode cannot honour."""
+        if mode == "async" and self.secagg is not None:
+            # docs/benchmarks.md, "Secure aggregation": four stages of round trips per buffer
+            raise InvalidRequest(
+                "plan.secagg is not available in async mode: a SecAgg+ instance needs its "
+                "cohort fixed and four stages of round trips, which per FedBuff buffer of "
+                "buffer_k devices costs each device more than its training; use sync rounds"
+            )
         if mode == "async" and self.dp is not None:
             raise InvalidRequest(
                 "plan.dp is not available in async mode: the accountant's fixed-size cohort "
@@ -203,6 +229,7 @@ class TaskPlan:
             "wait_for_all": self.wait_for_all,
             **self.buffer.to_plan(),
             **({} if self.dp is None else {"dp": self.dp.to_json()}),
+            **({} if self.secagg is None else {"secagg": self.secagg.to_json()}),
         }
 
     def client_json(self) -> dict[str, Any]:
@@ -217,4 +244,5 @@ class TaskPlan:
             "recheck_every_steps": self.recheck_every_steps,
             "batchnorm": self.batchnorm,
             **({} if self.dp is None else {"dp": self.dp.client_json()}),
+            **({} if self.secagg is None else {"secagg": self.secagg.client_json()}),
         }

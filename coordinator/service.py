@@ -3,7 +3,9 @@
 :class:`Coordinator` owns the store, the blob directory, the clock, the RNG and one policy
 per task mode. It is not thread-safe on purpose: the HTTP layer runs every call on one worker
 thread, which makes each operation (check-in, upload, commit) a critical section without
-locks. Handlers pass already-read bodies in; failures are raised as
+locks within the process; several processes on one PostgreSQL database (``replica``) take
+turns through the database's row locks (:mod:`coordinator.replicas`). Handlers pass
+already-read bodies in; failures are raised as
 :class:`~coordinator.errors.ApiError`. The exceptions, :meth:`Coordinator.stage_upload` and
 :meth:`Coordinator.install_uploads` (decoding a frame, writing and syncing payload files),
 touch no store or policy state and run on other threads, for group commit.
@@ -53,6 +55,7 @@ from coordinator.errors import (
 )
 from coordinator.pacing import PaceSteering
 from coordinator.plan import TaskPlan
+from coordinator.replicas import PartialSums, Replica
 from coordinator.retention import Retention, RetentionPolicy
 from coordinator.rounds import POLICIES, PolicyContext, TaskPolicy
 from coordinator.rounds.base import IN_FLIGHT, wait_answer
@@ -179,14 +182,21 @@ class Coordinator:
         self.pacing = PaceSteering(config.pacing, self.rng)
         # Why eligible-looking devices were turned away, per reason (metrics: since start).
         self.ineligible_reasons: Counter[str] = Counter()
+        # One of several processes on this database (coordinator.replicas), or alone.
+        self.replica = Replica(self.store) if config.replica else None
         self.ctx = PolicyContext(
             store=self.store,
             blobs=self.blobs,
             pacing=self.pacing,
             rng=self.rng,
             versions=ModelVersions(self.store, self.blobs),
-            sums=RoundSums(self.store, self.blobs),
+            sums=(
+                RoundSums(self.store, self.blobs)
+                if self.replica is None
+                else PartialSums(self.store, self.blobs, self.replica)
+            ),
             retain_updates=config.retain_updates,
+            replica=self.replica,
         )
         self.policies: dict[str, TaskPolicy] = {m: cls(self.ctx) for m, cls in POLICIES.items()}
         self._plans: dict[str, TaskPlan] = {}
@@ -223,7 +233,10 @@ class Coordinator:
 
         For startup, after the first :meth:`tick` has finished what a crash interrupted and
         before any request: a blob written for a record not yet committed would look unused.
+        Among replicas the others are writing: nothing is collected (docs/deployment.md).
         """
+        if self.replica is not None:
+            return Collected()
         keep = self.store.referenced_blobs(closed_round_payloads=self.config.retain_updates)
         return self.blobs.collect(keep)
 
@@ -397,7 +410,13 @@ class Coordinator:
         return {"device_id": device.device_id, "secret": secret}
 
     def checkin(self, who: DeviceIdentity, body: bytes) -> dict[str, Any]:
-        now = self._now()
+        now = self._now()  # a tick due here commits versions durably, before what follows
+        # A check-in's writes acknowledge nothing (see Store.relaxed_durability): they need
+        # not hold the worker thread for an fsync each.
+        with self.store.relaxed_durability():
+            return self._checkin(who, body, now)
+
+    def _checkin(self, who: DeviceIdentity, body: bytes, now: float) -> dict[str, Any]:
         f = Fields(parse_json(body) or {}, "body")
         population = f.string("population", who.population, max_len=64)
         if population != who.population:
@@ -629,7 +648,11 @@ class Coordinator:
                         raise
                     except ApiError as e:
                         done.append(e)
+                if self.replica is not None:  # the partial sums folded, with their updates
+                    self.replica.flush()
         except Exception as e:
+            if self.replica is not None:
+                self.replica.discard()
             for task in tasks.values():
                 self._policy(task).forget(task.task_id)
             if not isinstance(e, (Overloaded, OSError, *self.store.transient_errors)):
@@ -638,17 +661,42 @@ class Coordinator:
             return [refusal] * len(staged)
         # Durable now, and acknowledged whatever happens next: a commit that fails here
         # stays due and is retried by the next tick.
+        self._drop_refused_payloads(staged, done)
         for task_id in tasks:
             self._advance(task_id, now)
         return [
-            d if isinstance(d, ApiError) else self._paced(s.admitted.who, d[0], now, d[1])
+            d if isinstance(d, ApiError) else self._acknowledged(s.admitted.who, d[0], now, d[1])
             for s, d in zip(staged, done, strict=True)
         ]
+
+    def _drop_refused_payloads(
+        self, staged: Sequence[StagedUpload], done: Sequence[object]
+    ) -> None:
+        """Delete the payloads installed for uploads the batch then refused (409, 422), now
+        that the batch's rows are committed, rather than at the next start-up sweep. Blobs
+        are content-addressed: bytes that any record needs (another device's identical
+        update, stored in this batch or before; a version; a bundle file) stay."""
+        checked: set[str] = set()
+        for s, d in zip(staged, done, strict=True):
+            sha = s.blob.sha
+            if not isinstance(d, ApiError) or sha in checked:
+                continue
+            checked.add(sha)
+            try:
+                if not self.store.blob_referenced(sha):
+                    self.blobs.delete(sha)
+            except Exception as e:  # the answers stand; the start-up sweep removes it
+                log.warning("uploads: refused payload %s not deleted: %s", sha, e)
 
     def _accept_staged(
         self, s: StagedUpload, now: float, tasks: dict[str, Task]
     ) -> tuple[Task, dict[str, Any]] | ApiError:
         ad = s.admitted
+        if self.replica is not None:
+            # Its round's lock (as a close takes it, before any assignment's row): the same
+            # upload retried on another replica waits for this transaction, then finds it
+            # stored (a replay).
+            self.store.lock_round_of(ad.assignment_id)
         a, task, plan, prior = self._upload_checks(ad.who, ad.assignment_id,
                                                    ad.idempotency_key, now)  # fmt: skip
         if prior is not None:
@@ -677,10 +725,29 @@ class Coordinator:
         return task, response
 
     def _advance(self, task_id: str, now: float) -> None:
-        """Whatever a report made due (a commit), isolated from the report's answer."""
-        task = self.store.get_task(task_id)
-        if task is not None and task.state != "failed":
-            self._isolated(task, self._tick_task, task, now)
+        """Whatever a report made due (a commit), isolated from the report's answer: the
+        report is durable, so nothing here may turn its answer into an error. On any error
+        the task's policy drops what it holds (rebuilt from the store) and the next tick
+        makes the commit."""
+        try:
+            task = self.store.get_task(task_id)
+            if task is not None and task.state != "failed":
+                self._isolated(task, self._tick_task, task, now)
+        except Exception:
+            log.exception("task %s: the commit after a report failed; left to the tick", task_id)
+            for policy in self.policies.values():
+                policy.forget(task_id)
+
+    def _acknowledged(
+        self, who: DeviceIdentity, task: Task, now: float, answer: dict[str, Any]
+    ) -> dict[str, Any]:
+        """:meth:`_paced` for an answer whose report is durable: if pacing fails, the device
+        still hears that it was accepted, told to come back after the shortest wait."""
+        try:
+            return self._paced(who, task, now, answer)
+        except Exception:
+            log.exception("task %s: pacing an acknowledged report failed", task.task_id)
+            return {**answer, "retry_after_s": self.config.pacing.min_retry_s}
 
     def _parse_report(self, header: str | None, plan: TaskPlan) -> dict[str, Any]:
         if not header:
@@ -739,7 +806,7 @@ class Coordinator:
         )
         self._task_step(task, self._policy(task).accept_eval, task, plan, report, now)
         self._advance(task.task_id, now)
-        return self._paced(who, task, now, response)
+        return self._acknowledged(who, task, now, response)
 
     def abort(self, who: DeviceIdentity, assignment_id: str, body: bytes) -> dict[str, Any]:
         now = self._now()
@@ -895,6 +962,13 @@ class Coordinator:
         f.done()
         if task.mode == "async":
             raise Conflict("async tasks run no evaluation rounds")
+        if "dp" in task.plan:
+            # Their metrics come from device data un-noised: the ledger would not cover them.
+            raise Conflict(
+                "a DP task runs no evaluation rounds: their loss and accuracy are released "
+                "without noise, which the task's privacy ledger does not account for "
+                "(evaluate a downloaded version on data of your own)"
+            )
         self.store.update_task(task_id, pending_evaluations=task.pending_evaluations + 1)
         return {"task_id": task_id, "pending_evaluations": task.pending_evaluations + 1}
 

@@ -429,6 +429,10 @@ class Client:
         if clip is not None:  # DP-FedAvg: bound what this update can say before encoding it
             delta = clip_to_norm(delta, clip)
         self._phase = FailurePhase.UPLOAD
+        if isinstance(a.get("plan"), dict) and a["plan"].get("secagg") is not None:
+            return self._secure_aggregation(ids, a, delta, result.num_examples, {
+                "num_examples": result.num_examples, "loss": result.loss, "steps": result.steps,
+            })  # fmt: skip
         feedback = self.state.error_feedback(ids["task_id"]) if plan.codec.uses_error_feedback \
             else None
         frame, residual = encode_update(
@@ -474,10 +478,41 @@ class Client:
         return Outcome(TRAINED, self._paced(answer, self.config.after_assignment_s),
                        metrics=metrics, **ids)
 
-    def _deliver(self, pending: PendingUpload) -> Any:
+    def _secure_aggregation(
+        self, ids: dict[str, Any], a: dict[str, Any], delta: np.ndarray, weight: int,
+        report: dict[str, Any],
+    ) -> Outcome:  # fmt: skip
+        """Instead of an upload: the SecAgg+ stages (:mod:`edge_sdk.secagg.loop`). Nothing is
+        kept pending: the round's secrets live in memory, and a device that stops is a
+        dropout the protocol recovers from."""
+        from edge_sdk.secagg.client import SecAggRefused
+        from edge_sdk.secagg.loop import SecAggLoop
+
+        up0, down0 = self.transport.bytes_sent, self.transport.bytes_received
+        loop = SecAggLoop(self.transport, a, delta, weight, rng=self._np_rng, sleep=self._sleep,
+                          clock=self._clock, recheck=lambda: self.eligibility()[1])  # fmt: skip
+        try:
+            result = loop.run()
+        except SecAggRefused as e:  # the server asked for what would expose this update
+            log.warning("assignment %s: secure aggregation refused: %s", ids["assignment_id"], e)
+            self._abort(ids["assignment_id"], "error", FailurePhase.UPLOAD,
+                        DeviceErrorCode.REFUSED)  # fmt: skip
+            return Outcome(REJECTED, self._jittered(self.config.after_assignment_s),
+                           error="secagg_refused", **ids)  # fmt: skip
+        metrics = {**report, "bytes_up": self.transport.bytes_sent - up0,
+                   "bytes_down_secagg": self.transport.bytes_received - down0,
+                   "secagg": result.outcome}  # fmt: skip
+        wait = self._paced({"retry_after_s": result.retry_after_s}, self.config.after_assignment_s)
+        if result.counted:
+            return Outcome(TRAINED, wait, metrics=metrics, **ids)
+        return Outcome(REJECTED, wait, metrics=metrics, error=f"secagg_{result.outcome}", **ids)
+
+    def _deliver(self, pending: PendingUpload, *, resend: bool = False) -> Any:
         """Send ``pending`` and settle it by the answer: acknowledged (the residual moves on;
-        returns the coordinator's answer) or refused (raises the :class:`ApiError`; the
-        residual stays). No answer (:class:`TransportError`, 5xx) leaves it pending."""
+        returns the coordinator's answer), refused (raises the :class:`ApiError`; the residual
+        stays) or its fate unknown (raises; settled as acknowledged, see :func:`_fate_unknown`).
+        No answer (:class:`TransportError`, 5xx) leaves it pending. ``resend``: a previous
+        pass may have sent it already."""
         path = Route.ASSIGNMENT_UPDATE.format(assignment_id=pending.assignment_id)
         headers = {
             "Content-Type": FRAME_CONTENT_TYPE,
@@ -491,7 +526,12 @@ class Client:
                 answer = response.json()
         except ApiError as e:
             if not _counted_earlier(e):
-                if e.status < 500:
+                if _fate_unknown(e, resend):
+                    log.warning("upload %s: the coordinator can no longer say whether it "
+                                "counted it (%s); its residual is not sent again",
+                                pending.assignment_id, e.code)  # fmt: skip
+                    self.state.commit_pending(pending)
+                elif e.status < 500:
                     # A refusal, not an outage: the coordinator did not count it (a counted
                     # upload's key always gets its stored answer back).
                     self.state.clear_pending()
@@ -508,18 +548,19 @@ class Client:
         creds = self.transport.credentials
         if pending.coordinator != self.transport.base_url or creds is None \
                 or pending.device_id != creds[0]:
-            # Another coordinator or an identity since replaced: nobody can answer for it.
-            log.warning("dropping pending upload %s of another coordinator or device",
+            # Another coordinator or an identity since replaced: nobody can answer for it, so
+            # its fate is unknown (see _fate_unknown).
+            log.warning("settling pending upload %s of another coordinator or device unsent",
                         pending.assignment_id)
-            self.state.clear_pending()
+            self.state.commit_pending(pending)
             return
         try:
-            self._deliver(pending)
+            self._deliver(pending, resend=True)
         except ApiError as e:
             if e.status >= 500:
                 raise
-            log.info("pending upload %s was refused (%s); residual unchanged",
-                     pending.assignment_id, e.code)
+            log.info("pending upload %s settled by a refusal (%s)", pending.assignment_id,
+                     e.code)
         else:
             log.info("pending upload %s acknowledged on resend", pending.assignment_id)
 
@@ -583,6 +624,25 @@ def failure_code(error: BaseException) -> DeviceErrorCode:
     if isinstance(error, RuntimeError | OSError | ValueError):
         return DeviceErrorCode.RUNTIME_ERROR
     return DeviceErrorCode.OTHER
+
+
+# The coordinator does not know the device (deleted after device_inactivity_s, or its database
+# reset), lets it no longer see the assignment, or deleted it with the receipts
+# (retain_receipts_s): none of these answers says whether an earlier send was counted.
+_FORGOTTEN = frozenset({401, 403, 404, 410})
+
+
+def _fate_unknown(error: ApiError, resend: bool) -> bool:
+    """Whether ``error`` leaves open if an earlier send of the upload was counted: it may
+    have been (a resend, or a retry within this send) and the coordinator has forgotten.
+
+    Such an upload is settled as if acknowledged: the residual it was encoded with is never
+    applied again, since the frame may have delivered it, and the residual it left becomes
+    the task's, since no frame carries it. Keeping the old residual instead would send it a
+    second time whenever the upload had been counted; the choice made can only lose the one
+    update (if it was not counted), never count anything twice.
+    """
+    return error.status in _FORGOTTEN and (resend or error.attempt > 1)
 
 
 def _counted_earlier(error: ApiError) -> bool:

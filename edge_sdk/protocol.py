@@ -63,6 +63,9 @@ class Route:
     ASSIGNMENT_UPDATE: Final = "/v1/assignments/{assignment_id}/update"
     ASSIGNMENT_METRICS: Final = "/v1/assignments/{assignment_id}/metrics"
     ASSIGNMENT_ABORT: Final = "/v1/assignments/{assignment_id}/abort"
+    # secure aggregation: the session's state for this device, and one message per stage
+    SECAGG_STATE: Final = "/v1/assignments/{assignment_id}/secagg"
+    SECAGG_MESSAGE: Final = "/v1/assignments/{assignment_id}/secagg/{stage}"
     # operator side
     ADMIN_BUNDLES: Final = "/v1/admin/bundles"
     ADMIN_TASKS: Final = "/v1/admin/tasks"
@@ -102,6 +105,11 @@ class ErrorCode(str, Enum):
     BUNDLE_INVALID = "bundle_invalid"  # 422: manifest or hashes do not check
     INTERNAL = "internal"  # 500: a bug; never caused by what a device sends
     OVERLOADED = "overloaded"  # 503: the work queue is full; come back after Retry-After
+    # secure aggregation (docs/protocol.md, "Secure aggregation")
+    SECAGG_INVALID = "secagg_invalid"  # 400: key, share, ciphertext or vector of wrong size/peers
+    SECAGG_EXCLUDED = "secagg_excluded"  # 403: the device is not in this stage's cohort
+    SECAGG_STAGE = "secagg_stage"  # 409: the round's secure aggregation is at another stage
+    SECAGG_REPLAY = "secagg_replay"  # 409: the device already answered this stage
 
 
 class FailurePhase(str, Enum):

@@ -18,7 +18,10 @@ it is the marker) before the first byte is sent, and resolved with the same idem
 (same bytes) until the coordinator's answer is known: accepted (the stored residual is
 replaced by the pending one, then the pending upload is removed) or refused (removed; the old
 residual stays). Each step is atomic and repeating a step is harmless, so a crash anywhere,
-or an acknowledgement lost on the way, neither drops the residual nor delivers it twice.
+or an acknowledgement lost on the way, neither drops the residual nor delivers it twice. When
+the answer can no longer be known (the coordinator has since forgotten the device or the
+assignment), the client settles the upload as acknowledged: the old residual may have been
+delivered, so it is never applied again (``edge_sdk.client._fate_unknown``).
 """
 
 from __future__ import annotations

@@ -11,9 +11,12 @@ acknowledged, and decoded with the SDK codecs (:func:`coordinator.tensors.decode
 2. each update is clipped to the task's current norm bound, which the previous commit
    recorded in its round's metrics (``robust.clip_bound_next``), or which the first commit
    derives from its own updates (:func:`~coordinator.robust.clipping.first_bound`);
-3. FedAvg folds the clipped updates one at a time into a
-   :class:`~coordinator.aggregation.RunningSum`; median, trimmed mean and multi-Krum write
-   them to an unlinked scratch file beside the blobs and read it back in coordinate chunks;
+3. unless the plan switches it off, the clipped updates are written to an unlinked scratch
+   file beside the blobs and read back in coordinate chunks: the updates whose direction
+   disagrees with their coordinate-wise median are dropped
+   (:mod:`~coordinator.robust.agreement`), and FedAvg, median, trimmed mean or multi-Krum
+   combine the rest; FedAvg without that check folds the clipped updates one at a time into a
+   :class:`~coordinator.aggregation.RunningSum` instead;
 4. the next bound is computed from the norms and returned in the metrics, which the caller
    stores with the round in the version's transaction.
 
@@ -33,6 +36,7 @@ import numpy as np
 from coordinator.aggregation import RunningSum
 from coordinator.blobs import BlobStore
 from coordinator.robust import aggregators
+from coordinator.robust.agreement import agree
 from coordinator.robust.clipping import clip_factor, example_cap, first_bound, next_bound
 from coordinator.robust.spec import RobustSpec
 from coordinator.staleness import StalenessPolicy
@@ -114,7 +118,7 @@ def aggregate_updates(
         "example_cap": None if cap == float("inf") else cap,
         "capped": sum(u.num_examples > cap for u in updates),
     }
-    if spec.aggregator == "fedavg":
+    if spec.aggregator == "fedavg" and spec.agreement is None:
         total = RunningSum(num_parameters)
         for u, w in zip(updates, weights, strict=True):
             total.fold(clipped(u), float(w))
@@ -147,7 +151,8 @@ def _robust(
     chunk: int,
     metrics: dict[str, Any],
 ) -> np.ndarray:
-    """Median, trimmed mean or multi-Krum over a scratch matrix of the clipped updates."""
+    """The direction check, then FedAvg, median, trimmed mean or multi-Krum, over a scratch
+    matrix of the clipped updates."""
     n = len(updates)
     # Unlinked from the start: nothing to clean up after a crash; beside the blobs: the disk
     # that is sized for updates.
@@ -156,13 +161,29 @@ def _robust(
         try:
             for i, u in enumerate(updates):
                 rows[i] = clipped(u)
+            select: np.ndarray | None = None
+            if spec.agreement is not None:
+                agreed = agree(spec.agreement, rows, weights, chunk)
+                metrics.update(
+                    disagreeing=n - len(agreed.keep),
+                    cosine_min=float(agreed.cosines.min()),
+                    cosine_median=float(np.median(agreed.cosines)),
+                )
+                if len(agreed.keep) == 0:
+                    # No update agrees with the median (it is 0, or they all oppose it):
+                    # there is no direction to take, so the model stays where it is.
+                    return np.zeros(num_parameters)
+                select, weights = agreed.keep, agreed.weights
+            kept = n if select is None else len(select)
+            if spec.aggregator == "fedavg":
+                return aggregators.weighted_mean(rows, weights, chunk, select)
             if spec.aggregator == "median":
-                return aggregators.coordinate_median(rows, chunk)
+                return aggregators.coordinate_median(rows, chunk, select)
             if spec.aggregator == "trimmed_mean":
-                metrics["trimmed"] = 2 * int(spec.trim * n)
-                return aggregators.trimmed_mean(rows, spec.trim, chunk)
-            f = int(spec.byzantine * n)
-            delta, chosen = aggregators.multi_krum(rows, weights, f, chunk)
+                metrics["trimmed"] = 2 * int(spec.trim * kept)
+                return aggregators.trimmed_mean(rows, spec.trim, chunk, select)
+            f = int(spec.byzantine * kept)
+            delta, chosen = aggregators.multi_krum(rows, weights, f, chunk, select)
             metrics["selected"] = [int(i) for i in chosen]
             return delta
         finally:

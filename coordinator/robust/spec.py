@@ -9,15 +9,18 @@ norms are clipped. Validated like every plan field (:class:`~coordinator.validat
         "byzantine": 0.1,                # multi_krum: assumed hostile fraction f/n
         "example_cap": null,             # declared num_examples above this count as this
         "example_cap_factor": 1.0,       # ... and above factor x the aggregate's median count
-        "clip": {"quantile": 0.5, "lr": 0.2, "initial": null, "adaptive": true}
+        "clip": {"quantile": 0.5, "lr": 0.2, "initial": null, "adaptive": true},
+        "agreement": {"min_cosine": 0.0, "weigh": false}
     }
 
 Every key is optional; absent keys take the defaults above, which hold against a hostile
 minority: no update weighs more than the median update, and every update's norm is
 clipped to a bound that follows the median norm (Andrew et al., "Differentially private
-learning with adaptive clipping", NeurIPS 2021). ``"clip": null`` and
-``"example_cap_factor": null`` switch those defences off; ``"robust": "none"`` is plain,
-undefended FedAvg (the streaming path: nothing is read back at the commit).
+learning with adaptive clipping", NeurIPS 2021), and an update whose direction disagrees
+with the aggregate's coordinate-wise median (cosine <= 0) counts for nothing
+(:mod:`~coordinator.robust.agreement`). ``"clip": null``, ``"example_cap_factor": null`` and
+``"agreement": null`` switch those defences off; ``"robust": "none"`` is plain, undefended
+FedAvg (the streaming path: nothing is read back at the commit).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Final
 from coordinator.errors import InvalidRequest
 from coordinator.validation import Fields
 
-__all__ = ["AGGREGATORS", "ROBUST_AGGREGATORS", "ClipSpec", "RobustSpec"]
+__all__ = ["AGGREGATORS", "ROBUST_AGGREGATORS", "AgreementSpec", "ClipSpec", "RobustSpec"]
 
 AGGREGATORS: Final = ("fedavg", "median", "trimmed_mean", "multi_krum")
 # The aggregators that combine coordinates or select updates, and so need several updates.
@@ -74,6 +77,28 @@ class ClipSpec:
 
 
 @dataclass(frozen=True)
+class AgreementSpec:
+    """Drop each update whose cosine with the aggregate's coordinate-wise median is at most
+    ``min_cosine``; ``weigh``: also scale the weight of the others by their cosine."""
+
+    min_cosine: float = 0.0
+    weigh: bool = False
+
+    @classmethod
+    def from_json(cls, obj: Any) -> AgreementSpec:
+        f = Fields(obj if obj is not None else {}, f"{_WHERE}.agreement")
+        out = cls(
+            min_cosine=f.number("min_cosine", 0.0, minimum=-1.0, maximum=1.0, exclusive_max=True),
+            weigh=f.boolean("weigh", False),
+        )
+        f.done()
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"min_cosine": self.min_cosine, "weigh": self.weigh}
+
+
+@dataclass(frozen=True)
 class RobustSpec:
     aggregator: str = "fedavg"
     trim: float = 0.1
@@ -84,11 +109,12 @@ class RobustSpec:
     # 4.7 accuracy points against the clean run and factor 1 cost 1.1.
     example_cap_factor: float | None = 1.0
     clip: ClipSpec | None = field(default_factory=ClipSpec)
+    agreement: AgreementSpec | None = field(default_factory=AgreementSpec)
 
     @classmethod
     def none(cls) -> RobustSpec:
-        """Plain FedAvg: declared weights as they are, no clipping."""
-        return cls("fedavg", example_cap=None, example_cap_factor=None, clip=None)
+        """Plain FedAvg: declared weights as they are, no clipping, no direction check."""
+        return cls("fedavg", example_cap=None, example_cap_factor=None, clip=None, agreement=None)
 
     @property
     def undefended(self) -> bool:
@@ -111,6 +137,9 @@ class RobustSpec:
             if _null(f, "example_cap_factor")
             else f.number("example_cap_factor", 1.0, minimum=1.0, maximum=1e6),
             clip=None if _null(f, "clip") else ClipSpec.from_json(f.raw("clip")),
+            agreement=None
+            if _null(f, "agreement")
+            else AgreementSpec.from_json(f.raw("agreement")),
         )
         f.done()
         return out
@@ -133,6 +162,7 @@ class RobustSpec:
             "example_cap": self.example_cap,
             "example_cap_factor": self.example_cap_factor,
             "clip": None if self.clip is None else self.clip.to_json(),
+            "agreement": None if self.agreement is None else self.agreement.to_json(),
         }
 
 

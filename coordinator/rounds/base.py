@@ -26,10 +26,10 @@ import random
 import secrets
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from coordinator.plan import TaskPlan
 from coordinator.store import Assignment, EvalReport, Round, Store, Task, Update
 from coordinator.versions import ModelVersions, RoundSums
 from edge_sdk.protocol import Route
+
+if TYPE_CHECKING:
+    from coordinator.replicas import Replica
 
 __all__ = [
     "IN_FLIGHT",
@@ -97,6 +100,8 @@ class PolicyContext:
     versions: ModelVersions
     sums: RoundSums
     retain_updates: bool = False
+    # This process among several on one database (coordinator.replicas); None: alone.
+    replica: Replica | None = None
     # Bytes served to devices per task since its last round closed (in memory: metrics only).
     bytes_out: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -123,6 +128,8 @@ class PolicyContext:
         share one: a payload an open round still needs for recovery is kept.
         """
         self.bytes_out.pop(task_id, None)
+        if self.replica is not None:  # folded into the version (or abandoned with the round)
+            self.store.delete_partials(round_id)
         if self.retain_updates:
             return
         if self.closed_in_transaction is not None:
@@ -155,6 +162,21 @@ class PolicyContext:
                 self._delete_payloads(round_id)
             except Exception:  # left for the orphan sweep at start-up; the commit stands
                 logging.getLogger(__name__).warning("payloads of round %d not deleted", round_id)
+
+    @contextmanager
+    def turn(self, rnd: Round, *, wait: bool = True) -> Iterator[Round | None]:
+        """``rnd``, for a change that must happen once (select, assign, close, commit).
+
+        Alone, as given. Among replicas, read again in a transaction holding its row lock
+        (:mod:`coordinator.replicas`), None if it closed meanwhile or, without ``wait``,
+        while another replica holds it; payloads of rounds closed inside are deleted once
+        the transaction committed."""
+        if self.replica is None:
+            yield rnd
+            return
+        with self.deferring_deletes(), self.store.atomic():
+            mine = self.store.lock_round(rnd.round_id, skip_locked=not wait)
+            yield mine if mine is not None and mine.is_open else None
 
     def num_parameters(self, task: Task) -> int:
         manifest = self.manifest(task.bundle_id)
@@ -199,6 +221,22 @@ class TaskPolicy(ABC):
         """Drop what is held in memory for a task (after an error in one of its steps); it
         is rebuilt from the store when next needed."""
         self.ctx.sums.forget_task(task_id)
+
+    def _open_once(self, task: Task, build: Callable[[Task], Round | None]) -> Round | None:
+        """The task's open round: a new one from ``build(task as stored)``, or, among
+        replicas, the one another replica opened first (under the task's row lock). None if
+        ``build`` opens none."""
+        store = self.ctx.store
+        if self.ctx.replica is None:
+            rnd = build(task)
+            return None if rnd is None else store.add_round(rnd)
+        with store.atomic():
+            fresh = store.lock_task(task.task_id)
+            found = store.open_round(task.task_id)
+            if found is not None or fresh is None:
+                return found
+            rnd = build(fresh)
+            return None if rnd is None else store.add_round(rnd)
 
     def _next_round_number(self, task: Task) -> int:
         # Numbers count every round of the task, abandoned attempts and evaluations included.

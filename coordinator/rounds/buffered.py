@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 
 from coordinator.async_buffer import AsyncBuffer, BufferedUpdate, Commit
-from coordinator.errors import ApiError, Conflict, TaskFailure, Unprocessable
+from coordinator.errors import ApiError, Conflict, Overloaded, TaskFailure, Unprocessable
 from coordinator.plan import TaskPlan
+from coordinator.replicas import combine
 from coordinator.robust.commit import aggregate_updates
 from coordinator.rounds.base import IN_FLIGHT, TaskPolicy, assignment_json, new_assignment_id
 from coordinator.rounds.base import wait_answer as _wait
@@ -95,29 +96,39 @@ class BufferedAsync(TaskPolicy):
             task = self._task(task)
         if task.state in ("completed", "failed") or not open_new:
             return None
-        rnd = store.add_round(
-            Round(
-                round_id=0,
-                task_id=task.task_id,
-                number=self._next_round_number(task),
-                kind="train",
-                state="reporting",
-                base_version=task.model_version,
-                goal=plan.buffer.buffer_k,
-                target=plan.buffer.max_concurrency,
-                min_reports=plan.buffer.buffer_k,
-                opened_at=now,
-                window_ends_at=now,
-                selected_at=now,
-            )
+        opened = self._open_once(task, lambda t: self._new_buffer(t, plan, now))
+        if opened is None:
+            return None
+        if self._held(task, plan, opened) is not None:
+            # Among replicas: another one opened it and filled it already; an upload waits
+            # for its commit (accept_update), a check-in may assign it.
+            n = self.ctx.num_parameters(task)
+            return task, opened, AsyncBuffer(n, plan.buffer, opened.base_version)
+        return task, opened, self._buffers[task.task_id][1]
+
+    def _new_buffer(self, task: Task, plan: TaskPlan, now: float) -> Round | None:
+        if task.state in ("completed", "failed"):  # as stored now (another replica's commit)
+            return None
+        return Round(
+            round_id=0,
+            task_id=task.task_id,
+            number=self._next_round_number(task),
+            kind="train",
+            state="reporting",
+            base_version=task.model_version,
+            goal=plan.buffer.buffer_k,
+            target=plan.buffer.max_concurrency,
+            min_reports=plan.buffer.buffer_k,
+            opened_at=now,
+            window_ends_at=now,
+            selected_at=now,
         )
-        buf = AsyncBuffer(self.ctx.num_parameters(task), plan.buffer, rnd.base_version)
-        self._buffers[task.task_id] = (rnd.round_id, buf)
-        return task, rnd, buf
 
     def _held(self, task: Task, plan: TaskPlan, rnd: Round) -> Commit | None:
         """The commit due for the open round, or None with its buffer held in ``_buffers``;
         rebuilt from the round's stored updates unless held for that round already."""
+        if self.ctx.replica is not None:
+            return self._shared(task, plan, rnd)
         due = self._due.get(task.task_id)
         if due is not None and due[0] == rnd.round_id:
             return due[1]
@@ -126,6 +137,13 @@ class BufferedAsync(TaskPolicy):
             return None
         self._buffers.pop(task.task_id, None)
         self._due.pop(task.task_id, None)
+        buf, pending = self._replay(task, plan, rnd)
+        if pending is None:
+            self._buffers[task.task_id] = (rnd.round_id, buf)
+        return pending
+
+    def _replay(self, task: Task, plan: TaskPlan, rnd: Round) -> tuple[AsyncBuffer, Commit | None]:
+        """The round's buffer folded again from its stored updates."""
         n = self.ctx.num_parameters(task)
         try:
             stored = [
@@ -136,12 +154,37 @@ class BufferedAsync(TaskPolicy):
                 )
                 for u in self.ctx.store.round_updates(rnd.round_id)
             ]
-            buf, pending = AsyncBuffer.replay(n, plan.buffer, rnd.base_version, stored)
+            return AsyncBuffer.replay(n, plan.buffer, rnd.base_version, stored)
         except (ApiError, TooStale, ValueError) as e:  # ApiError: a payload that does not decode
             raise TaskFailure(f"version {rnd.base_version}'s stored buffer: {e}") from e
-        if pending is None:
-            self._buffers[task.task_id] = (rnd.round_id, buf)
-        return pending
+
+    def _shared(self, task: Task, plan: TaskPlan, rnd: Round) -> Commit | None:
+        """:meth:`_held` among replicas (:mod:`coordinator.replicas`): the commit is due once
+        the round holds K updates from any replica, their partial buffers added up (or, for
+        updates stored without them, folded again); until then this replica holds its own
+        partial buffer of the round."""
+        replica, store = self.ctx.replica, self.ctx.store
+        assert replica is not None
+        n = self.ctx.num_parameters(task)
+        stored = store.count_updates(rnd.round_id)
+        if stored >= plan.buffer.buffer_k:
+            self._buffers.pop(task.task_id, None)
+            state = combine(replica.partials(rnd.round_id), n)
+            whole = AsyncBuffer.from_state(plan.buffer, {**state, "version": rnd.base_version})
+            return whole.due() if len(whole) == stored else self._replay(task, plan, rnd)[1]
+        held = self._buffers.get(task.task_id)
+        if held is not None and held[0] == rnd.round_id:
+            return None
+        own = replica.own(rnd.round_id)
+        buf = (
+            AsyncBuffer(n, plan.buffer, rnd.base_version)
+            if own is None
+            else AsyncBuffer.from_state(
+                plan.buffer, {**combine([own], n), "version": rnd.base_version}
+            )
+        )
+        self._buffers[task.task_id] = (rnd.round_id, buf)
+        return None
 
     def _window(self, task: Task, plan: TaskPlan) -> list[Round]:
         """Rounds whose assignments may still report: the last ``max_staleness + 1`` versions."""
@@ -190,11 +233,22 @@ class BufferedAsync(TaskPolicy):
             return _wait(self.steer(task, plan, now), "window_full")
         if not plan.buffer.admits(len(in_flight)):
             return _wait(self.steer(task, plan, now), "window_full")
-        a = Assignment(
-            new_assignment_id(), rnd.round_id, task.task_id, device_id,
-            "train", "delivered", now, delivered_at=now,
-        )  # fmt: skip
-        store.add_assignments([a])
+        with self.ctx.turn(rnd, wait=False) as locked:
+            # Among replicas, counted again under the buffer round's lock (every assignment
+            # goes to the open round): max_concurrency holds.
+            if locked is None or (
+                self.ctx.replica is not None
+                and (
+                    not plan.buffer.admits(len(self._in_flight(window)))
+                    or store.assignment_for(rnd.round_id, device_id) is not None
+                )
+            ):
+                return _wait(self.steer(task, plan, now), "window_full")
+            a = Assignment(
+                new_assignment_id(), rnd.round_id, task.task_id, device_id,
+                "train", "delivered", now, delivered_at=now,
+            )  # fmt: skip
+            store.add_assignments([a])
         expiry = now + plan.round_deadline_s
         self._next_expiry[task.task_id] = min(self._next_expiry.get(task.task_id, expiry), expiry)
         return self._answer(a, rnd, task, plan, now)
@@ -230,10 +284,7 @@ class BufferedAsync(TaskPolicy):
         a = self.ctx.store.get_assignment(update.assignment_id)
         assert a is not None
         base = self._base_version(a)
-        state = self._state(task, plan, now)
-        if state is None:
-            raise Conflict("the task has completed", ErrorCode.ROUND_CLOSED)
-        task, rnd, buf = state
+        task, rnd, buf = self._buffer_for_update(task, plan, now)
         try:
             staged = buf.stage(delta, update.num_examples, base)
         except TooStale as e:
@@ -246,6 +297,12 @@ class BufferedAsync(TaskPolicy):
             report={**update.report, "base_version": base, "staleness": staged.staleness},
         )
         self.ctx.store.add_update(stored)  # durable: the caller acknowledges after this
+        if self.ctx.replica is not None:
+            # This replica's partial buffer, written with the batch; the K-th update of the
+            # round, from whichever replica, makes the commit due (tick).
+            buf.apply(staged, commit=False)
+            self.ctx.replica.fold(rnd.round_id, buf.state())
+            return
         fold = buf.apply(staged)
         if fold.commit is not None:  # tick() commits it
             self._buffers.pop(task.task_id, None)
@@ -253,10 +310,45 @@ class BufferedAsync(TaskPolicy):
         job = now - (a.delivered_at if a.delivered_at is not None else a.created_at)
         self._job_s[task.task_id] = 0.8 * self._job_s.get(task.task_id, job) + 0.2 * job
 
+    def _buffer_for_update(
+        self, task: Task, plan: TaskPlan, now: float
+    ) -> tuple[Task, Round, AsyncBuffer]:
+        """The open buffer an update goes into. Among replicas, with the round's row lock
+        held (the caller's transaction) and fewer than K updates stored: a full buffer is
+        committed first (by this replica, or by the one holding it, waited for)."""
+        for _ in range(4):
+            state = self._state(task, plan, now)
+            if state is None:
+                raise Conflict("the task has completed", ErrorCode.ROUND_CLOSED)
+            if self.ctx.replica is None:
+                return state
+            task, rnd = state[0], state[1]
+            locked = self.ctx.store.lock_round(rnd.round_id)
+            store = self.ctx.store
+            if (
+                locked is not None
+                and locked.is_open
+                and store.count_updates(rnd.round_id) < plan.buffer.buffer_k
+            ):
+                return state
+            self._buffers.pop(task.task_id, None)
+        raise Overloaded("the update buffer is being committed; try again", 1.0)
+
     def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None:
         raise Conflict("async tasks run no evaluation rounds")
 
     def _commit(self, task: Task, plan: TaskPlan, rnd: Round, commit: Commit, now: float) -> None:
+        # Among replicas, once: under the round's lock, from what the store holds then.
+        with self.ctx.turn(rnd, wait=False) as mine:
+            if mine is None:
+                return  # committed already, or being committed by another replica
+            due = commit if self.ctx.replica is None else self._shared(task, plan, mine)
+            if due is not None:
+                self._commit_buffer(task, plan, mine, due, now)
+
+    def _commit_buffer(
+        self, task: Task, plan: TaskPlan, rnd: Round, commit: Commit, now: float
+    ) -> None:
         store = self.ctx.store
         task = self._task(task)
         n = self.ctx.num_parameters(task)
@@ -311,7 +403,10 @@ class BufferedAsync(TaskPolicy):
     def tick(self, task: Task, plan: TaskPlan, now: float) -> None:
         self._state(task, plan, now, open_new=False)  # commits a full buffer
         task = self._task(task)
-        if task.state == "completed" or now < self._next_expiry.get(task.task_id, -math.inf):
+        if task.state == "completed":
+            return
+        # Among replicas, others issue assignments too: scan every tick.
+        if self.ctx.replica is None and now < self._next_expiry.get(task.task_id, -math.inf):
             return
         later = float("inf")
         for a in self._in_flight(self._window(task, plan)):

@@ -27,6 +27,12 @@ A round of a task goes through::
   = selected_at + round_deadline_s``: commit if ``min_reports`` arrived, else abandon; the
   next check-in opens a new round on the same model version. Uploads for a closed round, or
   from assignments that expired or aborted, get ``409 round_closed``.
+* **Secure aggregation** (plan ``secagg``, :mod:`coordinator.secagg.rounds`): the selected
+  devices are the SecAgg+ session's cohort (no later fill-ins); after training they run its
+  four stages instead of uploading, the first stage ending at ``deadline_at`` (or once
+  ``goal`` devices advertised: over-selection), each later one ``secagg.stage_timeout_s``
+  after the one before. The round commits the unmasked mean of the survivors, or is
+  abandoned with the session's reason.
 * **Evaluation rounds** (``kind = evaluate``, scheduled by the operator) run the same way on
   the current version; devices report metrics instead of updates, nothing is committed but
   the round's metrics.
@@ -45,7 +51,16 @@ from coordinator.plan import TaskPlan
 from coordinator.robust.commit import aggregate_updates
 from coordinator.rounds.base import IN_FLIGHT, TaskPolicy, assignment_json, new_assignment_id
 from coordinator.rounds.base import wait_answer as _wait
-from coordinator.store import Assignment, EvalReport, Round, Task, Update, UpdateTotals
+from coordinator.secagg.rounds import SecAggRounds
+from coordinator.store import (
+    Assignment,
+    EvalReport,
+    Round,
+    StoreError,
+    Task,
+    Update,
+    UpdateTotals,
+)
 from coordinator.tensors import decode_delta
 from edge_sdk.protocol import ErrorCode
 
@@ -58,6 +73,7 @@ class SyncRounds(TaskPolicy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._period: dict[str, float] = {}
+        self.secagg = SecAggRounds(self.ctx)
 
     # -- check-in ---------------------------------------------------------------------------
 
@@ -71,7 +87,10 @@ class SyncRounds(TaskPolicy):
         if rnd is None or not rnd.is_open:
             if task.state == "paused":
                 return _wait(self.steer(task, plan, now), "paused")
-            rnd = self._open_round(task, plan, now)
+            opened = self._open_round(task, plan, now)
+            if opened is None:  # completed meanwhile (by another replica)
+                return _wait(self.steer(task, plan, now), "no_task")
+            rnd = opened
         mine = store.assignment_for(rnd.round_id, device_id)
         if mine is not None:
             if mine.state in IN_FLIGHT:
@@ -97,21 +116,31 @@ class SyncRounds(TaskPolicy):
         # a cohort drawn uniformly from the window's candidates, not first come)
         if (
             plan.dp is None
+            and plan.secagg is None  # its cohort is fixed at selection
             and store.count_assignments(rnd.round_id) < rnd.target
             and (rnd.deadline_at or 0) > now
         ):
-            a = Assignment(
-                new_assignment_id(),
-                rnd.round_id,
-                task.task_id,
-                device_id,
-                rnd.kind,
-                "delivered",
-                now,
-                delivered_at=now,
-            )
-            store.add_assignments([a])
-            return assignment_json(a, rnd, task, plan, now)
+            # Among replicas, counted again under the round's lock: the target holds.
+            with self.ctx.turn(rnd, wait=False) as locked:
+                if locked is not None and (
+                    self.ctx.replica is None
+                    or (
+                        store.count_assignments(rnd.round_id) < rnd.target
+                        and store.assignment_for(rnd.round_id, device_id) is None
+                    )
+                ):
+                    a = Assignment(
+                        new_assignment_id(),
+                        rnd.round_id,
+                        task.task_id,
+                        device_id,
+                        rnd.kind,
+                        "delivered",
+                        now,
+                        delivered_at=now,
+                    )
+                    store.add_assignments([a])
+                    return assignment_json(a, rnd, task, plan, now)
         return _wait(self.steer(task, plan, now), "window_full")
 
     def _deliver(
@@ -127,6 +156,7 @@ class SyncRounds(TaskPolicy):
     def forget(self, task_id: str) -> None:
         super().forget(task_id)
         self._period.pop(task_id, None)
+        self.secagg.forget(task_id)
 
     def _round_period(self, task: Task, plan: TaskPlan) -> float:
         if task.task_id not in self._period:
@@ -141,29 +171,41 @@ class SyncRounds(TaskPolicy):
             )
         return max(1.0, self._period[task.task_id])
 
-    def _open_round(self, task: Task, plan: TaskPlan, now: float) -> Round:
-        store = self.ctx.store
+    def _open_round(self, task: Task, plan: TaskPlan, now: float) -> Round | None:
+        return self._open_once(task, lambda t: self._new_round(t, plan, now))
+
+    def _new_round(self, task: Task, plan: TaskPlan, now: float) -> Round | None:
+        # What a check-in offers (the service's filter), as stored now: another replica may
+        # have completed the task since.
+        if task.state == "failed" or (task.state == "completed" and not task.pending_evaluations):
+            return None
         evaluate = task.pending_evaluations > 0
         goal = (plan.eval_goal or plan.goal) if evaluate else plan.goal
-        return store.add_round(
-            Round(
-                round_id=0,
-                task_id=task.task_id,
-                number=self._next_round_number(task),
-                kind="evaluate" if evaluate else "train",
-                state="selecting",
-                base_version=task.model_version,
-                goal=goal,
-                target=math.ceil(goal * plan.over_selection),
-                min_reports=max(1, math.ceil(goal * plan.min_reporting_fraction)),
-                opened_at=now,
-                window_ends_at=now + plan.selection_window_s,
-            )
+        return Round(
+            round_id=0,
+            task_id=task.task_id,
+            number=self._next_round_number(task),
+            kind="evaluate" if evaluate else "train",
+            state="selecting",
+            base_version=task.model_version,
+            goal=goal,
+            target=math.ceil(goal * plan.over_selection),
+            min_reports=max(1, math.ceil(goal * plan.min_reporting_fraction)),
+            opened_at=now,
+            window_ends_at=now + plan.selection_window_s,
         )
 
     def _maybe_select(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> Round:
         if rnd.state != "selecting" or now < rnd.window_ends_at or task.state == "paused":
             return rnd
+        with self.ctx.turn(rnd) as mine:
+            if mine is not None and mine.state == "selecting":
+                return self._select(task, plan, mine, now)
+        out = self.ctx.store.get_round(rnd.round_id)  # another replica selected or closed it
+        assert out is not None
+        return out
+
+    def _select(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> Round:
         store = self.ctx.store
         count = store.count_candidates(rnd.round_id)
         if count < rnd.goal:
@@ -195,6 +237,8 @@ class SyncRounds(TaskPolicy):
                     for d in chosen
                 ]
             )
+            if plan.secagg is not None and rnd.kind == "train":
+                self.secagg.start(task, plan, rnd, chosen, now)
             store.update_round(
                 rnd.round_id,
                 state="reporting",
@@ -226,13 +270,23 @@ class SyncRounds(TaskPolicy):
                 f"reports from this assignment ({assignment.state})",
                 ErrorCode.ROUND_CLOSED,
             )
+        if plan.secagg is not None and rnd.kind == "train":
+            raise Conflict(
+                "this task uses secure aggregation: send the masked update to "
+                "/v1/assignments/{assignment_id}/secagg/mask (docs/protocol.md)",
+                ErrorCode.SECAGG_STAGE,
+            )
         if rnd.deadline_at is not None and now >= rnd.deadline_at:
             raise Conflict("the round's deadline has passed", ErrorCode.ROUND_CLOSED)
 
     def accept_update(
         self, task: Task, plan: TaskPlan, update: Update, delta: np.ndarray, now: float
     ) -> None:
-        rnd = self.ctx.store.get_round(update.round_id)
+        # Locked among replicas (the caller's transaction): the round cannot close, nor
+        # another replica's upload count, between these checks and the write.
+        rnd = self.ctx.store.lock_round(update.round_id)
+        if rnd is not None and rnd.state != "reporting":
+            raise Conflict("the round has closed", ErrorCode.ROUND_CLOSED)
         # A batch of uploads is accepted before the round closes: past the goal within one
         # batch, the round is as good as closed (the goal is also DP's fixed denominator).
         if rnd is not None and self.ctx.store.count_updates(rnd.round_id) >= rnd.goal:
@@ -248,7 +302,10 @@ class SyncRounds(TaskPolicy):
         self.ctx.sums.put(update.round_id, staged)
 
     def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None:
-        self.ctx.store.add_eval_report(report)
+        try:
+            self.ctx.store.add_eval_report(report)
+        except StoreError as e:  # among replicas: the same report, stored by another meanwhile
+            raise Conflict("this assignment already reported", ErrorCode.DUPLICATE_UPLOAD) from e
 
     def tick(self, task: Task, plan: TaskPlan, now: float) -> None:
         rnd = self.ctx.store.open_round(task.task_id)
@@ -256,6 +313,10 @@ class SyncRounds(TaskPolicy):
             return
         rnd = self._maybe_select(task, plan, rnd, now)
         if rnd.state != "reporting":
+            return
+        if plan.secagg is not None and rnd.kind == "train":
+            if self.secagg.tick(task, rnd, now).done:
+                self._close(task, plan, rnd, now)
             return
         reports = self._reports(rnd)
         if (
@@ -277,10 +338,24 @@ class SyncRounds(TaskPolicy):
     # -- closing ----------------------------------------------------------------------------
 
     def _close(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> None:
+        # Among replicas, skipped while another one holds the round: it is closing it, or
+        # storing an upload (the next tick tries again).
+        with self.ctx.turn(rnd, wait=False) as mine:
+            if mine is not None:
+                self._close_round(task, plan, mine, now)
+
+    def _close_round(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> None:
         store = self.ctx.store
         task = store.get_task(task.task_id) or task
         metrics = self._metrics(task, rnd, now)
+        secagg = None
+        if plan.secagg is not None and rnd.kind == "train":
+            secagg = self.secagg.session(task, rnd)
+            metrics.update(secagg.metrics())
+            metrics["dropouts"] = metrics["participants"] - metrics["reported"]
         success = metrics["reported"] >= rnd.min_reports
+        if secagg is not None and secagg.result is None:
+            success = False
         if rnd.kind == "evaluate":
             metrics["outcome"] = "completed" if success else "abandoned"
             if not success:
@@ -299,6 +374,8 @@ class SyncRounds(TaskPolicy):
             metrics["outcome"] = "committed"
             if plan.dp is not None:
                 delta = self._dp_mean(task, plan, rnd, n, metrics)
+            elif secagg is not None and secagg.result is not None:
+                delta = secagg.result.mean  # the server never saw one update
             else:
                 running = self.ctx.sums.get(task.task_id, rnd.round_id, n)
                 agg = aggregate_updates(
@@ -310,6 +387,8 @@ class SyncRounds(TaskPolicy):
             def record(new_version: int) -> None:
                 metrics["model_version"] = new_version
                 store.update_round(rnd.round_id, state="committed", closed_at=now, metrics=metrics)
+                if secagg is not None:
+                    self.secagg.mark_reported(rnd, secagg, now)
                 store.expire_assignments(rnd.round_id, now)
                 done = task.rounds_completed + 1 >= plan.rounds or "stopped" in metrics
                 store.update_task(
@@ -322,11 +401,13 @@ class SyncRounds(TaskPolicy):
 
             self.ctx.versions.commit_next(task, plan, n, delta, rnd.round_id, now, also=record)
         else:
-            metrics.update(outcome="abandoned", reason="too_few_reports")
+            reason = secagg.reason if secagg is not None and secagg.reason else "too_few_reports"
+            metrics.update(outcome="abandoned", reason=reason)
             with store.atomic():
                 store.update_round(rnd.round_id, state="abandoned", closed_at=now, metrics=metrics)
                 store.expire_assignments(rnd.round_id, now)
         self.ctx.sums.drop(rnd.round_id)
+        self.secagg.drop(rnd.round_id)
         self.ctx.round_closed(task.task_id, rnd.round_id)
         self._period.pop(task.task_id, None)
 
@@ -403,6 +484,9 @@ class SyncRounds(TaskPolicy):
             rnd.goal,
         )
         metrics["dp"] = privacy.round_record(plan.dp, ledger, this, result, rnd.goal, released)
+        # The devices' training loss and accuracy carry no noise: published with the round,
+        # they would escape the ledger.
+        metrics.update(loss=None, accuracy=None)
         if plan.dp.budget is not None and ledger.would_exceed(this, plan.dp.budget):
             metrics["stopped"] = privacy.BUDGET_REASON
         return result.mean

@@ -28,9 +28,13 @@ a second message for one (:class:`~coordinator.errors.Conflict`, 409), keys, cip
 shares or vectors of the wrong size or for the wrong neighbours (:class:`~coordinator.errors.
 InvalidRequest`, 400).
 
-The session is a fold of its :attr:`SecAggSession.events` (accepted messages and stage
-closes, in order): :meth:`SecAggSession.replay` rebuilds it from them, so that a coordinator
-that stores each event before acknowledging it can restore the round after a restart.
+The session is a fold of its events (accepted messages and stage closes, in order). Each
+message is checked by ``check_<stage>`` (which changes nothing and returns the event) and
+folded by :meth:`SecAggSession.apply`; :meth:`SecAggSession.due` says when a stage closes.
+A coordinator stores each event between the two (:mod:`coordinator.secagg.rounds`), so what
+it holds in memory advances only after the write, and :meth:`SecAggSession.replay` restores
+the round after a restart. ``advertise()``, ``share()``, ``mask()``, ``unmask()`` and
+:meth:`SecAggSession.tick` check and fold in one call, for callers without a store.
 """
 
 from __future__ import annotations
@@ -44,12 +48,20 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from coordinator.errors import Conflict, Forbidden, InvalidRequest
+from edge_sdk.protocol import ErrorCode
 from edge_sdk.secagg import crypto, graph, masking, ring, shamir
 from edge_sdk.secagg.client import CIPHERTEXT_BYTES
 
-__all__ = ["STAGES", "SecAggResult", "SecAggSession"]
+__all__ = ["STAGES", "Event", "SecAggResult", "SecAggSession"]
 
 STAGES = ("advertise", "share", "mask", "unmask")
+# ("advertise", device, c_public, s_public) | ("share", device, {v: ciphertext})
+# | ("mask", device, vector) | ("unmask", device, {u: share}) | ("close", stage, now)
+Event = tuple[Any, ...]
+
+
+def _invalid(message: str) -> InvalidRequest:
+    return InvalidRequest(message, ErrorCode.SECAGG_INVALID)
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,10 @@ class SecAggSession:
     threshold: int
     links: list[frozenset[int]]
     stage_timeout_s: float
+    # the advertise stage closes once this many devices advertised (over-selection: the
+    # round takes the first goal devices); None: when all did or at the deadline
+    enough: int | None = None
+    record: bool = True  # keep :attr:`events` (masked vectors included) in memory
     stage: str = "advertise"
     deadline: float = 0.0
     reason: str | None = None  # why the round was abandoned
@@ -100,10 +116,15 @@ class SecAggSession:
         now: float,
         stage_timeout_s: float,
         dropout: float = 0.3,
+        first_deadline: float | None = None,
+        enough: int | None = None,
+        record: bool = True,
     ) -> SecAggSession:
         """A session for ``devices`` (their index is their position), at stage advertise.
         ``graph_seed``: 32 public random bytes drawn before any key is seen; ``dropout``: the
-        fraction of devices the graph's degree and threshold are sized to lose."""
+        fraction of devices the graph's degree and threshold are sized to lose;
+        ``first_deadline``: the advertise stage's (devices train before it; default ``now +
+        stage_timeout_s``), later stages get ``stage_timeout_s`` each."""
         if len(set(devices)) != len(devices):
             raise ValueError("a device appears twice in the cohort")
         degree, threshold = graph.parameters(len(devices), dropout)
@@ -116,7 +137,9 @@ class SecAggSession:
             threshold=threshold,
             links=graph.neighbours(len(devices), degree, graph_seed),
             stage_timeout_s=stage_timeout_s,
-            deadline=now + stage_timeout_s,
+            enough=enough,
+            record=record,
+            deadline=now + stage_timeout_s if first_deadline is None else first_deadline,
             masked_sum=np.zeros(length + 1, np.uint64),
         )
         out.cohort["advertise"] = frozenset(range(len(devices)))
@@ -126,11 +149,7 @@ class SecAggSession:
     def replay(cls, session: SecAggSession, events: Sequence[tuple[Any, ...]]) -> SecAggSession:
         """``session`` (fresh from :meth:`start`) after ``events``, as they were recorded."""
         for event in events:
-            kind, *args = event
-            if kind == "close":
-                session._close(*args)
-            else:
-                getattr(session, kind)(*args)
+            session.apply(event)
         return session
 
     # -- what devices are told ----------------------------------------------------------------
@@ -139,7 +158,9 @@ class SecAggSession:
         try:
             return self.devices.index(device_id)
         except ValueError:
-            raise Forbidden("this device is not in the round's secure aggregation") from None
+            raise Forbidden(
+                "this device is not in the round's secure aggregation", ErrorCode.SECAGG_EXCLUDED
+            ) from None
 
     def neighbour_keys(self, device_id: str) -> dict[int, tuple[bytes, bytes]]:
         """Stage share: the keys of the device's neighbours that are still in."""
@@ -159,53 +180,81 @@ class SecAggSession:
 
     # -- what devices send --------------------------------------------------------------------
 
-    def advertise(self, device_id: str, c_public: bytes, s_public: bytes) -> None:
-        u = self._expect(device_id, "advertise", fresh=self.keys)
+    def check_advertise(self, device_id: str, c_public: bytes, s_public: bytes) -> Event:
+        self._expect(device_id, "advertise", fresh=self.keys)
         if len(c_public) != crypto.KEY_BYTES or len(s_public) != crypto.KEY_BYTES:
-            raise InvalidRequest(f"public keys are {crypto.KEY_BYTES} bytes each")
+            raise _invalid(f"public keys are {crypto.KEY_BYTES} bytes each")
         if c_public == s_public or any(
             k in (c_public, s_public) for pair in self.keys.values() for k in pair
         ):
-            raise InvalidRequest("public keys must be fresh: distinct from each other and others'")
-        self.keys[u] = (c_public, s_public)
-        self.events.append(("advertise", device_id, c_public, s_public))
+            raise _invalid("public keys must be fresh: distinct from each other and others'")
+        return ("advertise", device_id, bytes(c_public), bytes(s_public))
 
-    def share(self, device_id: str, ciphertexts: Mapping[int, bytes]) -> None:
+    def check_share(self, device_id: str, ciphertexts: Mapping[int, bytes]) -> Event:
         u = self._expect(device_id, "share", fresh=self.shares)
         expected = self.links[u] & self.cohort["share"]
         if set(ciphertexts) != expected:
-            raise InvalidRequest(
+            raise _invalid(
                 f"shares go to exactly the device's neighbours {sorted(expected)}, "
                 f"not {sorted(ciphertexts)}"
             )
         if any(len(c) != CIPHERTEXT_BYTES for c in ciphertexts.values()):
-            raise InvalidRequest(f"each share ciphertext is {CIPHERTEXT_BYTES} bytes")
-        self.shares[u] = dict(ciphertexts)
-        self.events.append(("share", device_id, dict(ciphertexts)))
+            raise _invalid(f"each share ciphertext is {CIPHERTEXT_BYTES} bytes")
+        return ("share", device_id, dict(ciphertexts))
 
-    def mask(self, device_id: str, vector: np.ndarray) -> None:
-        u = self._expect(device_id, "mask", fresh=self.uploaded)
+    def check_mask(self, device_id: str, vector: np.ndarray) -> Event:
+        self._expect(device_id, "mask", fresh=self.uploaded)
         y = np.asarray(vector)
         if y.dtype != np.uint64 or y.shape != (self.length + 1,):
-            raise InvalidRequest(f"a masked vector is {self.length + 1} uint64 ring elements")
+            raise _invalid(f"a masked vector is {self.length + 1} uint64 ring elements")
         if self.spec.bits < 64 and bool((y > self.spec.modulus_mask).any()):
-            raise InvalidRequest(f"masked vector elements are below 2**{self.spec.bits}")
-        self.masked_sum = (self.masked_sum + y) & self.spec.modulus_mask  # uint64 wraps
-        self.uploaded.add(u)
-        self.events.append(("mask", device_id, y))
+            raise _invalid(f"masked vector elements are below 2**{self.spec.bits}")
+        return ("mask", device_id, y)
 
-    def unmask(self, device_id: str, opened: Mapping[int, bytes]) -> None:
+    def check_unmask(self, device_id: str, opened: Mapping[int, bytes]) -> Event:
         v = self._expect(device_id, "unmask", fresh=self.opened)
         expected = {u for u in self.links[v] & self.cohort["mask"] if v in self.shares[u]}
         if set(opened) != expected:
-            raise InvalidRequest(
+            raise _invalid(
                 f"open exactly the shares of the neighbours that sent you one: "
                 f"{sorted(expected)}, not {sorted(opened)}"
             )
         if any(len(s) != shamir.SHARE_BYTES for s in opened.values()):
-            raise InvalidRequest(f"each opened share is {shamir.SHARE_BYTES} bytes")
-        self.opened[v] = dict(opened)
-        self.events.append(("unmask", device_id, dict(opened)))
+            raise _invalid(f"each opened share is {shamir.SHARE_BYTES} bytes")
+        return ("unmask", device_id, dict(opened))
+
+    def apply(self, event: Event) -> None:
+        """Fold an event a ``check_*`` call or :meth:`due` returned (or one recorded then)."""
+        kind, who, *args = event
+        if kind == "close":
+            self._close(who, *args)
+            return
+        u = self.index(who)
+        if kind == "advertise":
+            self.keys[u] = (args[0], args[1])
+        elif kind == "share":
+            self.shares[u] = dict(args[0])
+        elif kind == "mask":
+            self.masked_sum = (self.masked_sum + args[0]) & self.spec.modulus_mask  # wraps
+            self.uploaded.add(u)
+        elif kind == "unmask":
+            self.opened[u] = dict(args[0])
+        else:
+            raise ValueError(f"unknown SecAgg event {kind!r}")
+        if self.record:
+            self.events.append(tuple(event))
+
+    def advertise(self, device_id: str, c_public: bytes, s_public: bytes) -> None:
+        self.apply(self.check_advertise(device_id, c_public, s_public))
+
+    def share(self, device_id: str, ciphertexts: Mapping[int, bytes]) -> None:
+        self.apply(self.check_share(device_id, ciphertexts))
+
+    def mask(self, device_id: str, vector: np.ndarray) -> None:
+        self.apply(self.check_mask(device_id, vector))
+
+    def unmask(self, device_id: str, opened: Mapping[int, bytes]) -> None:
+        self.apply(self.check_unmask(device_id, opened))
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -213,25 +262,70 @@ class SecAggSession:
     def done(self) -> bool:
         return self.stage in ("unmasked", "abandoned")
 
+    def due(self, now: float, gone: Collection[str] = ()) -> Event | None:
+        """The close of the current stage if everyone expected answered or is ``gone`` (gave
+        up: it will not answer), at advertise also once ``enough`` answered, or at its
+        deadline; None if it goes on."""
+        if self.done:
+            return None
+        expected = self.cohort[self.stage]
+        done = set(self._answered())
+        answered = len(done)
+        if gone:
+            done |= {u for u, d in enumerate(self.devices) if d in gone} & expected
+        enough = self.enough if self.stage == "advertise" and self.enough else None
+        if (
+            len(done) < len(expected)
+            and (enough is None or answered < enough)
+            and now < self.deadline
+        ):
+            return None
+        return ("close", self.stage, now)
+
     def tick(self, now: float) -> None:
-        """End the current stage if everyone expected answered or its deadline passed."""
-        while not self.done:
-            answered = self._answered()
-            if len(answered) < len(self.cohort[self.stage]) and now < self.deadline:
-                return
-            self._close(self.stage, now)
+        """Close every stage that is due."""
+        while (event := self.due(now)) is not None:
+            self.apply(event)
+
+    def metrics(self) -> dict[str, Any]:
+        """What the round records: devices per stage, survivors, why it was abandoned."""
+        answered = self._held()
+        return {
+            "reported": len(self.result.survivors) if self.result is not None else 0,
+            # the survivors' summed weights as the ring carried them (capped at max_weight)
+            "num_examples": self.result.total_weight if self.result is not None else 0,
+            "secagg": {
+                "cohort": len(self.devices),
+                "threshold": self.threshold,
+                "degree": max((len(n) for n in self.links), default=0),
+                "bits": self.spec.bits,
+                "answered": {stage: len(answered[stage]) for stage in STAGES},
+                "stage": self.stage,
+                "reason": self.reason,
+            },
+        }
+
+    def has_answered(self, u: int) -> bool:
+        return u in self._answered()
+
+    def check_turn(self, device_id: str, stage: str) -> int:
+        """The device's index if it may send its ``stage`` message now (before its body is
+        even parsed); raises what refuses it otherwise."""
+        return self._expect(device_id, stage, fresh=self._held()[stage])
+
+    def _held(self) -> dict[str, Collection[int]]:
+        """Who answered each stage."""
+        return {"advertise": self.keys, "share": self.shares, "mask": self.uploaded,
+                "unmask": self.opened}  # fmt: skip
 
     def _answered(self) -> frozenset[int]:
-        held: dict[str, Collection[int]] = {
-            "advertise": self.keys, "share": self.shares, "mask": self.uploaded,
-            "unmask": self.opened,
-        }  # fmt: skip
-        return frozenset(held[self.stage])
+        return frozenset(self._held()[self.stage])
 
     def _close(self, stage: str, now: float) -> None:
         if stage != self.stage:
             raise ValueError(f"closing {stage} at stage {self.stage}")
-        self.events.append(("close", stage, now))
+        if self.record:
+            self.events.append(("close", stage, now))
         answered = set(self._answered())
         if stage == "advertise":
             # Leave out devices too few neighbours of which advertised (they could not be
@@ -287,11 +381,17 @@ class SecAggSession:
     def _expect(self, device_id: str, stage: str, fresh: Collection[int] = ()) -> int:
         u = self.index(device_id)
         if self.stage != stage:
-            raise Conflict(f"the round's secure aggregation is at stage {self.stage}, not {stage}")
+            raise Conflict(
+                f"the round's secure aggregation is at stage {self.stage}, not {stage}",
+                ErrorCode.SECAGG_STAGE,
+            )
         if u not in self.cohort[stage]:
-            raise Forbidden(f"this device is not in stage {stage} (it missed an earlier stage)")
+            raise Forbidden(
+                f"this device is not in stage {stage} (it missed an earlier stage)",
+                ErrorCode.SECAGG_EXCLUDED,
+            )
         if u in fresh:
-            raise Conflict(f"this device already answered stage {stage}")
+            raise Conflict(f"this device already answered stage {stage}", ErrorCode.SECAGG_REPLAY)
         return u
 
 

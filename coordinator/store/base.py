@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,7 +17,9 @@ __all__ = [
     "Assignment",
     "Device",
     "EvalReport",
+    "PartialSum",
     "Round",
+    "SecAggEvent",
     "Store",
     "StoreError",
     "Task",
@@ -155,6 +157,36 @@ class EvalReport:
     response: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class SecAggEvent:
+    """One event of a round's secure aggregation (:mod:`coordinator.secagg.rounds`): ``seq``
+    0 starts the session, then accepted messages and stage closes in order."""
+
+    round_id: int
+    seq: int
+    kind: str  # start | advertise | share | mask | unmask | close
+    device_id: str | None
+    body: dict[str, Any]
+    payload_sha: str | None  # a masked vector's blob
+    at: float
+
+
+@dataclass(frozen=True)
+class PartialSum:
+    """One replica's durable share of an open round's aggregate (:mod:`coordinator.replicas`):
+    what it acknowledged, folded. ``total`` is the float64 weighted sum, little-endian bytes."""
+
+    round_id: int
+    replica_id: str
+    count: int
+    weight: float
+    examples: int
+    staleness_sum: int
+    staleness_max: int
+    total: bytes
+    updated_at: float
+
+
 class Store(ABC):
     """What the coordinator persists. One implementation per backend; one test suite for all."""
 
@@ -166,6 +198,16 @@ class Store(ABC):
     @abstractmethod
     def atomic(self) -> AbstractContextManager[None]:
         """Group writes into one transaction (nested use joins the outer one)."""
+
+    def relaxed_durability(self) -> AbstractContextManager[None]:
+        """Writes made inside commit without waiting for the disk: they survive the
+        process being killed, and the next write committed outside (which waits for the
+        disk) makes them durable too, as it does everything before it; a power loss before
+        that may forget them. For bookkeeping that acknowledges nothing: a check-in's
+        candidate, delivery or fill-in assignment (a device that loses one checks in again;
+        an upload for a forgotten assignment is refused, never half-counted). The default
+        waits for the disk as usual."""
+        return nullcontext()
 
     @abstractmethod
     def close(self) -> None: ...
@@ -303,16 +345,22 @@ class Store(ABC):
 
     @abstractmethod
     def round_payloads(self, round_id: int) -> list[str]:
-        """Payload blob hashes of a round's accepted updates."""
+        """Payload blob hashes of a round's accepted updates (and masked vectors)."""
 
     @abstractmethod
     def payload_in_open_round(self, payload_sha: str) -> bool:
         """Whether an update of a still-open round has this payload (identical bytes)."""
 
     @abstractmethod
+    def blob_referenced(self, sha: str) -> bool:
+        """Whether any record needs blob ``sha``: a bundle file, a version's parameters or
+        optimizer state, an update payload or masked vector of any round."""
+
+    @abstractmethod
     def referenced_blobs(self, *, closed_round_payloads: bool) -> set[str]:
         """Every blob hash a record needs: bundle files, versions' parameters and optimizer
-        state, and the update payloads of open rounds (of all rounds if asked)."""
+        state, and the update payloads and masked vectors of open rounds (of all rounds if
+        asked)."""
 
     @abstractmethod
     def assignment_counts(self, round_id: int) -> dict[str, int]:
@@ -326,6 +374,45 @@ class Store(ABC):
     def get_eval_report(self, assignment_id: str) -> EvalReport | None: ...
     @abstractmethod
     def round_eval_reports(self, round_id: int) -> list[EvalReport]: ...
+
+    # secure aggregation
+    @abstractmethod
+    def add_secagg_event(self, event: SecAggEvent) -> None:
+        """Append an event; a ``(round_id, seq)`` already stored is a :class:`StoreError`
+        (two writers raced for the same step)."""
+
+    @abstractmethod
+    def secagg_events(self, round_id: int) -> list[SecAggEvent]:
+        """The round's events in ``seq`` order."""
+
+    # replicas (several coordinator processes on one database: coordinator.replicas)
+    @abstractmethod
+    def lock_round(self, round_id: int, *, skip_locked: bool = False) -> Round | None:
+        """The round, its row locked until the enclosing :meth:`atomic` block ends; with
+        ``skip_locked``, None while another transaction holds it. A backend with one writer
+        at a time (SQLite) has nothing to lock and just reads it."""
+
+    @abstractmethod
+    def lock_task(self, task_id: str) -> Task | None:
+        """The task, its row locked like :meth:`lock_round`'s."""
+
+    @abstractmethod
+    def lock_round_of(self, assignment_id: str) -> Round | None:
+        """The round of an assignment, its row locked like :meth:`lock_round`'s (one
+        statement: the hot path of uploads among replicas)."""
+
+    @abstractmethod
+    def put_partial(self, partial: PartialSum) -> None:
+        """Insert or replace the partial sum of ``(round_id, replica_id)``."""
+
+    @abstractmethod
+    def get_partial(self, round_id: int, replica_id: str) -> PartialSum | None: ...
+    @abstractmethod
+    def round_partials(self, round_id: int) -> list[PartialSum]:
+        """Every replica's partial sum of a round, by replica id."""
+
+    @abstractmethod
+    def delete_partials(self, round_id: int) -> None: ...
 
     # inspection
     @abstractmethod

@@ -232,3 +232,45 @@ def device_last_seen(db: Schema) -> None:
     """``devices.last_seen_at``: when the device last checked in (coarse: written at most once
     per retention granularity), for retention's optional inactivity bound."""
     db.table("devices").add_column("last_seen_at", float)
+
+
+@migration(5)
+def secagg_events(db: Schema) -> None:
+    """``secagg_events``: every message a round's secure aggregation accepted and every stage
+    it closed, in order (``seq``), so that the session is rebuilt after a restart
+    (:mod:`coordinator.secagg.rounds`). ``body`` holds public keys, share ciphertexts and
+    opened shares (JSON, base64); a masked vector is a blob (``payload_sha``)."""
+    db.table("secagg_events").create(
+        {
+            "round_id": int,
+            "seq": int,
+            "kind": str,
+            "device_id": str,
+            "body": str,
+            "payload_sha": str,
+            "at": float,
+        },
+        pk=("round_id", "seq"),
+    )
+    db.table("secagg_events").create_index(["payload_sha"])
+
+
+@migration(6)
+def replica_partial_sums(db: Schema) -> None:
+    """``partial_sums``: each coordinator replica's durable share of an open round's aggregate
+    (:mod:`coordinator.replicas`), written in the transaction that stores the updates it
+    folds; a commit adds up the round's rows."""
+    db.table("partial_sums").create(
+        {
+            "round_id": int,
+            "replica_id": str,
+            "count": int,
+            "weight": float,
+            "examples": int,
+            "staleness_sum": int,
+            "staleness_max": int,
+            "total": bytes,
+            "updated_at": float,
+        },
+        pk=("round_id", "replica_id"),
+    )

@@ -113,6 +113,9 @@ class PostgresStore(SQLStore):
         # Outside a transaction the statement is one on its own (autocommit).
         return nullcontext() if idle else self.conn.transaction()
 
+    def _for_update(self, skip_locked: bool) -> str:
+        return " for update skip locked" if skip_locked else " for update"
+
     def _records_copied(self) -> None:
         self.schema.sync_identities()
 

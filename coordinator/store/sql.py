@@ -16,14 +16,16 @@ import json
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any, Protocol, TypeVar
 
 from coordinator.store.base import (
     Assignment,
     Device,
     EvalReport,
+    PartialSum,
     Round,
+    SecAggEvent,
     Store,
     StoreError,
     Task,
@@ -37,9 +39,10 @@ __all__ = ["Cursor", "SQLStore"]
 
 R = TypeVar("R")
 # Record fields stored as JSON text.
-_JSON_FIELDS = {"runtimes", "plan", "metrics", "report", "response"}
+_JSON_FIELDS = {"runtimes", "plan", "metrics", "report", "response", "body"}
 _OPEN = "('selecting', 'reporting')"
 _IN_FLIGHT = "('selected', 'delivered')"
+_PARTIAL_KEY = ("round_id", "replica_id")
 
 
 class Cursor(Protocol):
@@ -53,10 +56,22 @@ class Cursor(Protocol):
 
 
 def _to_row(record: Any) -> dict[str, Any]:
-    row = asdict(record)
+    # Shallow: the JSON fields are serialised right here, so asdict()'s deep copy of them
+    # (a tenth of an accepted upload's CPU) would be thrown away.
+    row = {name: getattr(record, name) for name in _field_order(type(record))}
     for k in _JSON_FIELDS & row.keys():
         row[k] = json.dumps(row[k], sort_keys=True)
     return row
+
+
+_FIELD_ORDER: dict[type, tuple[str, ...]] = {}
+
+
+def _field_order(cls: type) -> tuple[str, ...]:
+    names = _FIELD_ORDER.get(cls)
+    if names is None:
+        names = _FIELD_ORDER[cls] = tuple(f.name for f in fields(cls))
+    return names
 
 
 _FIELD_NAMES: dict[type, frozenset[str]] = {}
@@ -123,6 +138,11 @@ class SQLStore(Store):
         enclosing transaction usable after it. SQLite undoes just the failed statement on
         its own; PostgreSQL needs a savepoint."""
         return nullcontext()
+
+    def _for_update(self, skip_locked: bool) -> str:
+        """The clause that locks the rows a select reads until the transaction ends; none
+        where one writer at a time holds the whole database (SQLite)."""
+        return ""
 
     def _records_copied(self) -> None:
         """Called after :meth:`copy_from` wrote explicit keys (e.g. to move sequences on)."""
@@ -320,7 +340,8 @@ class SQLStore(Store):
                 ).fetchall()
                 if still_open:
                     raise StoreError(f"round {still_open[0][0]} is open: not deleted")
-                for table in ("candidates", "updates", "eval_reports", "assignments", "rounds"):
+                for table in ("candidates", "updates", "eval_reports", "assignments",
+                              "secagg_events", "partial_sums", "rounds"):  # fmt: skip
                     self._execute(f'delete from "{table}" where round_id in ({marks})', chunk)
 
     # -- candidates -------------------------------------------------------------------------
@@ -435,7 +456,11 @@ class SQLStore(Store):
                             float(row[5]), int(row[6]))  # fmt: skip
 
     def round_payloads(self, round_id: int) -> list[str]:
-        rows = self._execute("select payload_sha from updates where round_id = ?", [round_id])
+        rows = self._execute(
+            "select payload_sha from updates where round_id = ? union all select payload_sha "
+            "from secagg_events where round_id = ? and payload_sha is not null",
+            [round_id, round_id],
+        )
         return [r[0] for r in rows.fetchall()]
 
     def payload_in_open_round(self, payload_sha: str) -> bool:
@@ -446,12 +471,25 @@ class SQLStore(Store):
         ).fetchone()
         return row is not None
 
+    def blob_referenced(self, sha: str) -> bool:
+        files = self._json_members("b.manifest", "files")
+        row = self._execute(
+            "select 1 from updates where payload_sha = ? "
+            "union all select 1 from secagg_events where payload_sha = ? "
+            "union all select 1 from versions where params_sha = ? or optimizer_sha = ? "
+            f"union all select 1 from bundles b, {files} f "
+            f"where {self._json_text('f.value', 'sha256')} = ? limit 1",
+            [sha] * 5,
+        ).fetchone()
+        return row is not None
+
     def referenced_blobs(self, *, closed_round_payloads: bool) -> set[str]:
         payloads = (
-            "select payload_sha from updates"
+            "select payload_sha from updates union select payload_sha from secagg_events"
             if closed_round_payloads
             else "select u.payload_sha from updates u join rounds r on r.round_id = u.round_id "
-            f"where r.state in {_OPEN}"
+            f"where r.state in {_OPEN} union select e.payload_sha from secagg_events e "
+            f"join rounds r on r.round_id = e.round_id where r.state in {_OPEN}"
         )
         files = self._json_members("b.manifest", "files")
         rows = self._execute(
@@ -476,6 +514,51 @@ class SQLStore(Store):
 
     def round_eval_reports(self, round_id: int) -> list[EvalReport]:
         return self._list(EvalReport, "eval_reports", "round_id = ?", [round_id], "rowid")
+
+    # -- secure aggregation -----------------------------------------------------------------
+
+    def add_secagg_event(self, event: SecAggEvent) -> None:
+        self._insert("secagg_events", event)
+
+    def secagg_events(self, round_id: int) -> list[SecAggEvent]:
+        return self._list(SecAggEvent, "secagg_events", "round_id = ?", [round_id], "seq")
+
+    # -- replicas ---------------------------------------------------------------------------
+
+    def _locked(self, cls: type[R], table: str, where: str, value: Any, skip: bool) -> R | None:
+        sql = f'select * from "{table}" where {where}{self._for_update(skip)}'
+        rows = self._query(sql, [value])
+        return _from_row(cls, rows[0]) if rows else None
+
+    def lock_round(self, round_id: int, *, skip_locked: bool = False) -> Round | None:
+        return self._locked(Round, "rounds", "round_id = ?", round_id, skip_locked)
+
+    def lock_task(self, task_id: str) -> Task | None:
+        return self._locked(Task, "tasks", "task_id = ?", task_id, False)
+
+    def lock_round_of(self, assignment_id: str) -> Round | None:
+        where = "round_id = (select round_id from assignments where assignment_id = ?)"
+        return self._locked(Round, "rounds", where, assignment_id, False)
+
+    def put_partial(self, partial: PartialSum) -> None:
+        row = _to_row(partial)
+        cols = ", ".join(f'"{k}"' for k in row)
+        sets = ", ".join(f'"{k}" = excluded."{k}"' for k in row if k not in _PARTIAL_KEY)
+        self._execute(
+            f"insert into partial_sums ({cols}) values ({_marks(len(row))}) "
+            f"on conflict (round_id, replica_id) do update set {sets}",
+            list(row.values()),
+        )
+
+    def get_partial(self, round_id: int, replica_id: str) -> PartialSum | None:
+        where = "round_id = ? and replica_id = ?"
+        return self._get(PartialSum, "partial_sums", where, [round_id, replica_id])
+
+    def round_partials(self, round_id: int) -> list[PartialSum]:
+        return self._list(PartialSum, "partial_sums", "round_id = ?", [round_id], "replica_id")
+
+    def delete_partials(self, round_id: int) -> None:
+        self._execute("delete from partial_sums where round_id = ?", [round_id])
 
     # -- inspection and copying -------------------------------------------------------------
 

@@ -34,12 +34,16 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     return packed.tobytes()
 
 
-def unpack_codes(packed: bytes, bits: int, n: int) -> np.ndarray:
+def unpack_codes(packed: bytes | memoryview, bits: int, n: int) -> np.ndarray:
     """The first ``n`` codes; raise FrameError if the padding bits are not zero."""
     per_byte = 8 // bits
     raw = np.frombuffer(packed, dtype=np.uint8)
+    if per_byte == 1:  # one code a byte, no padding: the bytes are the codes (no copy)
+        return raw[:n]
     mask = np.uint8((1 << bits) - 1)
-    lanes = np.stack([(raw >> np.uint8(lane * bits)) & mask for lane in range(per_byte)], axis=1)
+    lanes = np.empty((raw.size, per_byte), dtype=np.uint8)
+    for lane in range(per_byte):
+        np.bitwise_and(raw >> np.uint8(lane * bits), mask, out=lanes[:, lane])
     codes = lanes.reshape(-1)
     if codes[n:].any():
         raise FrameError("int8 payload: padding bits after the last code are not zero")
@@ -103,15 +107,24 @@ class QuantizedCodec(Codec):
         if (scale < 0).any():
             raise FrameError("int8 payload: negative scale")
         levels = (1 << (bits - 1)) - 1
-        codes = unpack_codes(payload[_HEADER.size + 4 * nblocks :], bits, n)
-        if (codes > 2 * levels).any():
+        codes = unpack_codes(memoryview(payload)[_HEADER.size + 4 * nblocks :], bits, n)
+        if n and codes.max() > 2 * levels:
             raise FrameError(f"int8 payload: code {int(codes.max())} above {2 * levels}")
-        return _dequantize(codes.astype(np.float32) - np.float32(levels), scale, block)
+        q = np.subtract(codes, np.float32(levels), dtype=np.float32)
+        return _dequantize(q, scale, block)
 
 
 def _dequantize(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
-    # Index the scales per element: np.repeat(scale, block) would let a hostile frame with
-    # block = 2**32 - 1 allocate gigabytes for a handful of elements.
-    per_element = scale.astype(np.float32)[np.arange(q.size) // block]
+    """``q * scale`` per block, in float32 (in place: ``q`` is a float32 scratch vector).
+
+    Whole blocks broadcast their scale over a (blocks, block) view, the short last block
+    apart: nothing is allocated per block, so a hostile frame with ``block = 2**32 - 1``
+    cannot make the receiver allocate more than its elements."""
+    scale = scale.astype(np.float32, copy=False)
+    whole = q.size // block
+    body = q[: whole * block].reshape(whole, block)
     with np.errstate(over="ignore", invalid="ignore"):
-        return (q * per_element).astype(np.float32)
+        np.multiply(body, scale[:whole, None], out=body)
+        if whole * block < q.size:
+            q[whole * block :] *= scale[whole]
+    return q

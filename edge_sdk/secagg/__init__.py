@@ -11,7 +11,10 @@ and of any round state machine:
   integer ring Z/2**bits, sized so that the sum of every device's vector cannot wrap;
 * ``graph``: the sparse random neighbour graph of SecAgg+ (degree about log n);
 * ``masking``: a device's masked vector and the server's unmasking of the survivors' sum,
-  with the masks of devices that dropped out recovered from their shared secrets.
+  with the masks of devices that dropped out recovered from their shared secrets;
+* ``client``: a device's answer to each stage (:class:`~edge_sdk.secagg.client.SecAggDevice`);
+* ``loop``: the device's side over HTTP (:class:`~edge_sdk.secagg.loop.SecAggLoop`), which the
+  SDK's client runs instead of an upload for a task whose plan has ``secagg``.
 
 Must not import: ``coordinator``, torch, aiohttp. Needs numpy and ``cryptography``.
 """

@@ -24,7 +24,7 @@ import numpy as np
 
 from edge_sdk.secagg import crypto, masking, ring, shamir
 
-__all__ = ["CIPHERTEXT_BYTES", "SecAggDevice", "SecAggRefused", "share_aad"]
+__all__ = ["CIPHERTEXT_BYTES", "SecAggDevice", "SecAggRefused", "context_for", "share_aad"]
 
 # nonce || AES-GCM(b share || s share) || tag
 CIPHERTEXT_BYTES = crypto.NONCE_BYTES + 2 * shamir.SHARE_BYTES + 16
@@ -32,6 +32,12 @@ CIPHERTEXT_BYTES = crypto.NONCE_BYTES + 2 * shamir.SHARE_BYTES + 16
 
 class SecAggRefused(ValueError):
     """A stage's input the device will not act on (it would expose its update)."""
+
+
+def context_for(task_id: str, round_number: int) -> bytes:
+    """What a round's keys, shares and masks are bound to: device and server derive it from
+    the assignment's task and round number, so nothing of one round replays into another."""
+    return f"fedge/secagg/v1/{task_id}/{round_number}".encode()
 
 
 def share_aad(context: bytes, sender: int, recipient: int) -> bytes:

@@ -28,10 +28,17 @@ def register(sub: Any) -> None:
         "--db",
         required=True,
         help="SQLite file (blobs go in DB.blobs/ beside it), or a postgresql:// URL (then "
-        "--blobs is needed; one fedge serve per database for now: docs/deployment.md)",
+        "--blobs is needed; several processes on one database need --replica)",
     )
     p.add_argument(
         "--blobs", default=None, help="blob directory (required with a postgresql:// URL)"
+    )
+    p.add_argument(
+        "--replica",
+        action="store_true",
+        default=None,
+        help="share --db (postgresql://) and --blobs with other fedge serve --replica "
+        "processes behind one load balancer (docs/deployment.md)",
     )
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (0: any free port; default 8080)")
@@ -118,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = _store_overrides(args, cfg)
     names = ("host", "port", "max_body_bytes", "max_json_bytes", "max_queued_operations",
              "tls_cert", "tls_key", "open_registration", "retain_versions",
-             "device_inactivity_s")
+             "device_inactivity_s", "replica")
     for name in names:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)

@@ -11,7 +11,8 @@ from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
 from scipy.stats import norm
 
-from coordinator.privacy import Ledger, Round, noise_for_budget
+from coordinator import privacy
+from coordinator.privacy import NOISE_GRID, Ledger, Round, noise_for_budget, noise_grid
 
 
 def reference(blocks: list[tuple[int, int, float, int]], delta: float) -> float:
@@ -80,3 +81,59 @@ def test_budget_check_and_calibrated_noise() -> None:
 def test_bad_rounds_are_refused(population: int, cohort: int, z: float) -> None:
     with pytest.raises(ValueError):
         Round(population, cohort, z)
+
+
+def _epsilon(population: int, cohort: int, z: float, rounds: int, delta: float) -> float:
+    return reference([(population, cohort, z, rounds)], delta)
+
+
+@pytest.mark.parametrize(
+    ("budget", "population", "cohort", "rounds"),
+    [(8.0, 1000, 100, 50), (1.0, 500, 100, 50), (4.0, 15, 13, 3), (0.5, 40, 40, 1),
+     (30.0, 10_000, 10, 1000)],
+)
+def test_calibration_is_the_smallest_grid_noise_within_the_budget(
+    budget: float, population: int, cohort: int, rounds: int
+) -> None:
+    z = noise_for_budget(budget, population, cohort, rounds, 1e-5)
+    k = math.log(z) / math.log(NOISE_GRID)
+    assert abs(k - round(k)) < 1e-6  # a grid point
+    assert _epsilon(population, cohort, z, rounds, 1e-5) <= budget
+    below = noise_grid(round(k) - 1)
+    assert _epsilon(population, cohort, below, rounds, 1e-5) > budget
+
+
+def test_calibration_evaluates_the_full_accountant_once(monkeypatch) -> None:
+    """The reason a create request with an epsilon target answers promptly: one evaluation
+    at all the accountant's orders (a plain bisection takes a dozen); the others look at a
+    handful of cheap orders."""
+    calls: list[int | None] = []
+    inner = privacy._epsilon
+
+    def counted(rnd, rounds, delta, orders):
+        calls.append(None if orders is None else len(orders))
+        return inner(rnd, rounds, delta, orders)
+
+    monkeypatch.setattr(privacy, "_epsilon", counted)
+    privacy.noise_for_budget.cache_clear()
+    noise_for_budget(3.0, 2000, 100, 80, 1e-5)
+    assert calls.count(None) == 1
+    assert len(calls) <= 25 and max(n for n in calls if n is not None) < 80  # of 156
+
+
+@pytest.mark.slow  # the plain bisection runs the full accountant a dozen times
+def test_calibration_equals_a_plain_bisection_with_the_full_accountant() -> None:
+    for budget, population, cohort, rounds in [(2.0, 1000, 100, 50), (8.0, 300, 30, 200)]:
+        lo, hi = round(math.log(1e-3) / math.log(NOISE_GRID)), 0
+        while _epsilon(population, cohort, noise_grid(hi), rounds, 1e-5) > budget:
+            lo, hi = hi, hi + 256
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            within = _epsilon(population, cohort, noise_grid(mid), rounds, 1e-5) <= budget
+            lo, hi = (lo, mid) if within else (mid, hi)
+        assert noise_for_budget(budget, population, cohort, rounds, 1e-5) == noise_grid(hi)
+
+
+def test_an_unreachable_budget_is_refused() -> None:
+    with pytest.raises(ValueError, match="no noise multiplier"):
+        noise_for_budget(0.01, 10, 10, 1000, 1e-5)

@@ -10,6 +10,7 @@ mechanism's noise relative to its sensitivity is ``z / 2``.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from scipy import stats
 from coordinator.admin import ApiCallError
 from coordinator.errors import InvalidRequest
 from coordinator.plan import TaskPlan
-from coordinator.privacy import DpSpec, gaussian_noise, noised_mean
+from coordinator.privacy import NOISE_GRID, DpSpec, gaussian_noise, noised_mean
 from edge_sdk.dp import clip_to_norm, plan_clip
 from tests.coordinator.rounds.test_sync import PLAN, Fleet, N
 
@@ -33,11 +34,13 @@ Z = 1.0
 
 def _expected_epsilon(rounds: list[tuple[int, int]], z: float = Z) -> float:
     acc = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
-    for population, cohort in rounds:
+    # RDP composition commutes: each distinct round once, times its count (cheaper).
+    for (population, cohort), times in Counter(rounds).items():
         acc.compose(
             dp_event.SampledWithoutReplacementDpEvent(
                 population, cohort, dp_event.GaussianDpEvent(z / 2)
-            )
+            ),
+            times,
         )
     return float(acc.get_epsilon(DELTA))
 
@@ -194,9 +197,9 @@ def test_bad_dp_plans_are_refused_and_create_nothing(
     assert admin.tasks() == []
 
 
-def test_secure_aggregation_is_refused_with_its_reason() -> None:
-    with pytest.raises(InvalidRequest, match="not serve its stages over HTTP"):
-        TaskPlan.from_json({"secagg": {}})
+def test_central_dp_with_secure_aggregation_is_refused_with_its_reason() -> None:
+    with pytest.raises(InvalidRequest, match=r"plan\.dp cannot be combined with plan\.secagg"):
+        TaskPlan.from_json({"dp": {"clip": 1.0, "noise_multiplier": 1.0}, "secagg": {}})
 
 
 def test_dp_plans_refuse_robust_aggregation_and_round_trip() -> None:
@@ -208,7 +211,6 @@ def test_dp_plans_refuse_robust_aggregation_and_round_trip() -> None:
     assert TaskPlan.from_json({**plan.to_json(), "robust": "none"}) == plan
 
 
-@pytest.mark.slow  # the calibration's bisection runs the accountant a dozen times
 def test_a_target_epsilon_is_calibrated_to_a_noise_multiplier() -> None:
     plan = TaskPlan.from_json({"rounds": 50, "goal": 20, "dp": {"clip": 1.0, "epsilon": 4.0,
                                                                  "population": 1000}})  # fmt: skip
@@ -274,3 +276,43 @@ def test_the_ledger_survives_retention_and_a_lost_ledger_fails_the_task(dp_fleet
     f2.devices[0].check_in()
     task = f2.admin.task(f2.task_id)
     assert task["state"] == "failed" and "privacy ledger" in task["failure"]
+
+
+def test_a_create_with_an_epsilon_target_stores_the_calibrated_noise(
+    clocked_coordinator, tiny_bundle
+) -> None:
+    """The create request calibrates (fast: one full accountant evaluation, see
+    test_privacy.py) and stores the smallest grid noise whose rounds keep the budget, checked
+    here against dp-accounting on both sides of it."""
+    admin = clocked_coordinator.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    plan = {"rounds": 40, "goal": 20, "over_selection": 1.0,
+            "dp": {"clip": 1.0, "epsilon": 3.0, "population": 800}}  # fmt: skip
+    task = admin.create_task(bundle_id, plan)
+    dp = admin.task(task["task_id"])["plan"]["dp"]
+    assert dp["budget"] == 3.0
+    z = dp["noise_multiplier"]
+    assert _expected_epsilon([(800, 20)] * 40, z) <= 3.0
+    assert _expected_epsilon([(800, 20)] * 40, z / NOISE_GRID) > 3.0
+
+
+def test_a_dp_task_runs_no_evaluation_round_and_publishes_no_training_metrics(
+    dp_fleet,
+) -> None:
+    """Evaluation metrics and the devices' training loss/accuracy are computed on device data
+    without noise: the ledger does not cover them, so a DP task releases neither (and the
+    refusal changes nothing). A non-DP task on the same coordinator still evaluates."""
+    f = dp_fleet(15)
+    with pytest.raises(ApiCallError) as e:
+        f.admin.evaluate(f.task_id)
+    assert (e.value.status, e.value.code) == (409, "conflict")
+    assert "privacy ledger" in str(e.value)
+    assert f.admin.task(f.task_id)["pending_evaluations"] == 0
+    _commit_round(f)
+    (r,) = f.rounds()
+    assert r["state"] == "committed" and r["metrics"]["kind"] == "train"
+    assert r["metrics"]["loss"] is None and r["metrics"]["accuracy"] is None
+    assert f.admin.task(f.task_id)["pending_evaluations"] == 0
+    bundle_id = f.admin.task(f.task_id)["bundle_id"]
+    plain = f.admin.create_task(bundle_id, {"goal": 10})["task_id"]
+    assert f.admin.evaluate(plain)["pending_evaluations"] == 1

@@ -13,7 +13,7 @@ import pytest
 
 from coordinator.errors import InvalidRequest
 from coordinator.plan import TaskPlan
-from coordinator.robust import ClipSpec, RobustSpec
+from coordinator.robust import AgreementSpec, ClipSpec, RobustSpec
 from coordinator.robust.aggregators import (
     coordinate_median,
     krum_scores,
@@ -21,6 +21,7 @@ from coordinator.robust.aggregators import (
     trimmed_mean,
     weighted_mean,
 )
+from coordinator.robust.agreement import agree, cosines
 from coordinator.robust.clipping import (
     MIN_BOUND,
     clip_factor,
@@ -160,6 +161,52 @@ def test_example_cap_is_the_smaller_of_the_fixed_and_relative_bounds() -> None:
     assert example_cap(RobustSpec.none(), declared) == math.inf
 
 
+# -- direction agreement ----------------------------------------------------------------------
+
+
+def _cosines_reference(rows: np.ndarray, reference: np.ndarray) -> list[float]:
+    """In plain Python, one row at a time."""
+    ref = [float(v) for v in reference]
+    out = []
+    for row in rows:
+        r = [float(v) for v in row]
+        norms = math.sqrt(sum(v * v for v in r)) * math.sqrt(sum(v * v for v in ref))
+        out.append(0.0 if norms == 0 else sum(a * b for a, b in zip(r, ref, strict=True)) / norms)
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000, 1 << 16])
+def test_cosines_with_the_median_match_a_reference_in_any_chunking(chunk, tmp_path) -> None:
+    rows = _rows()
+    rows[1] = -rows[2]
+    rows[3] = 0.0
+    m = _memmap(rows, tmp_path)
+    med = np.median(rows, axis=0)
+    np.testing.assert_allclose(cosines(m, med, chunk), _cosines_reference(rows, med), atol=1e-12)
+    weights = np.arange(1.0, len(rows) + 1)
+    specs = [AgreementSpec(), AgreementSpec(0.05), AgreementSpec(-0.05), AgreementSpec(weigh=True)]
+    for spec in specs:
+        got = agree(spec, m, weights, chunk)
+        ref = _cosines_reference(rows, med)
+        floor = max(spec.min_cosine, 0.0) if spec.weigh else spec.min_cosine
+        keep = [i for i, c in enumerate(ref) if c > floor]
+        assert list(got.keep) == keep
+        assert (3 in keep) == (floor < 0)  # a zero update: cosine 0
+        scale = [ref[i] if spec.weigh else 1.0 for i in keep]
+        np.testing.assert_allclose(got.weights, weights[keep] * scale, rtol=1e-12)
+
+
+def test_a_flipped_minority_is_dropped_and_a_zero_reference_drops_everything() -> None:
+    rng = np.random.default_rng(4)
+    honest = rng.normal(0, 1, 50) + rng.normal(0, 0.5, (7, 50))
+    rows = np.vstack([honest, -honest[:2]])  # two sign flips of honest updates
+    got = agree(AgreementSpec(), rows, np.ones(len(rows)))
+    assert list(got.keep) == list(range(7))
+    # half one way, half the other: the median is 0, no direction to agree with
+    rows = np.vstack([honest[:3], -honest[:3]])
+    assert agree(AgreementSpec(), rows, np.ones(6)).keep.size == 0
+
+
 # -- plan validation ---------------------------------------------------------------------------
 
 
@@ -167,12 +214,15 @@ def test_plan_defaults_are_defended_fedavg_and_round_trip() -> None:
     plan = TaskPlan.from_json({})
     assert plan.robust == RobustSpec() and not plan.robust.undefended
     assert plan.robust.clip == ClipSpec() and plan.robust.example_cap_factor == 1.0
+    assert plan.robust.agreement == AgreementSpec(min_cosine=0.0, weigh=False)
     assert TaskPlan.from_json({"robust": "none"}).robust.undefended
     for robust in (
         "none",
         {"aggregator": "multi_krum", "byzantine": 0.3, "clip": None},
         {"aggregator": "trimmed_mean", "trim": 0.2, "example_cap": 500},
         {"clip": {"quantile": 0.8, "lr": 0.1, "initial": 3.0, "adaptive": False}},
+        {"agreement": None},
+        {"agreement": {"min_cosine": -0.2, "weigh": True}},
     ):
         plan = TaskPlan.from_json({"robust": robust})
         assert TaskPlan.from_json(plan.to_json()) == plan
@@ -192,6 +242,11 @@ def test_plan_defaults_are_defended_fedavg_and_round_trip() -> None:
         ({"clip": {"adaptive": False}}, "plan.robust.clip.initial is required"),
         ({"clip": {"quantile": 0.5, "gamma": 1}}, "unknown fields in plan.robust.clip: gamma"),
         ({"krum": 1}, "unknown fields in plan.robust: krum"),
+        ({"agreement": {"min_cosine": 1}}, "plan.robust.agreement.min_cosine must be < 1.0"),
+        ({"agreement": {"min_cosine": -1.5}}, "plan.robust.agreement.min_cosine must be >= -1"),
+        ({"agreement": {"weigh": 1}}, "plan.robust.agreement.weigh must be true or false"),
+        ({"agreement": {"reference": "mean"}}, "unknown fields in plan.robust.agreement"),
+        ({"agreement": "off"}, "plan.robust.agreement must be a JSON object"),
         ("fedavg", "plan.robust must be a JSON object"),
         ([], "plan.robust must be a JSON object"),
     ],

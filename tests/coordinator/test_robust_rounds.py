@@ -89,6 +89,13 @@ def _clip(deltas: list[np.ndarray], bound: float) -> np.ndarray:
     return np.stack([d * min(1.0, bound / np.linalg.norm(d)) for d in deltas])
 
 
+def _agreeing(rows: np.ndarray) -> np.ndarray:
+    """The rows whose cosine with the coordinate-wise median is positive, in plain numpy."""
+    med = np.median(rows, axis=0)
+    cos = [float(r @ med) / (np.linalg.norm(r) * np.linalg.norm(med)) for r in rows]
+    return np.array([i for i, c in enumerate(cos) if c > 0])
+
+
 def _f32(x: list[np.ndarray]) -> list[np.ndarray]:
     """What a device sends: float32 deltas (the coordinator sees these exactly)."""
     return [np.asarray(d, np.float32).astype(np.float64) for d in x]
@@ -101,14 +108,19 @@ def test_defaults_cap_the_inflated_weight_and_clip_to_an_adaptive_bound(start) -
     deltas[0] = deltas[0] * -200  # hostile: flipped, huge (still under max_update_norm)
     examples = [1_000_000, 40, 55, 60, 70, 90]
     t.round_trip(deltas, examples)
-    # the reference: weight min(n, median n), clip at the median norm (first commit)
+    # the reference: weight min(n, median n), clip at the median norm (first commit), drop
+    # what points away from the median
     cap = np.median(examples)
     norms = np.linalg.norm(np.stack(deltas), axis=1)
     bound = float(np.median(norms))
     weights = np.minimum(examples, cap)
-    expected = base + np.average(_clip(deltas, bound), axis=0, weights=weights)
+    rows = _clip(deltas, bound)
+    keep = _agreeing(rows)
+    assert list(keep) == [1, 2, 3, 4, 5]
+    expected = base + np.average(rows[keep], axis=0, weights=weights[keep])
     np.testing.assert_allclose(t.params(1), expected, rtol=1e-5, atol=1e-7)
     m = t.robust_metrics(1)
+    assert m["disagreeing"] == 1 and m["cosine_min"] < 0 < m["cosine_median"]
     unclipped = np.mean(norms <= bound)
     assert m["aggregator"] == "fedavg" and m["example_cap"] == cap
     assert m["capped"] == sum(n > cap for n in examples) == 3
@@ -150,9 +162,15 @@ def _trimmed(rows: np.ndarray, trim: float) -> np.ndarray:
 @pytest.mark.parametrize(
     ("robust", "reference"),
     [
-        ({"aggregator": "median", "clip": None}, lambda r, w: np.median(r, axis=0)),
-        ({"aggregator": "trimmed_mean", "trim": 0.2}, lambda r, w: _trimmed(r, 0.2)),
-        ({"aggregator": "multi_krum", "byzantine": 0.34, "clip": None}, None),
+        (
+            {"aggregator": "median", "clip": None, "agreement": None},
+            lambda r, w: np.median(r, axis=0),
+        ),
+        (
+            {"aggregator": "trimmed_mean", "trim": 0.2, "agreement": None},
+            lambda r, w: _trimmed(r, 0.2),
+        ),
+        ({"aggregator": "multi_krum", "byzantine": 0.34, "clip": None, "agreement": None}, None),
     ],
 )
 def test_robust_aggregators_in_both_modes_match_numpy(start, mode, robust, reference) -> None:
@@ -177,8 +195,42 @@ def test_robust_aggregators_in_both_modes_match_numpy(start, mode, robust, refer
     np.testing.assert_allclose(t.params(1), base + expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("aggregator", ["fedavg", "median", "trimmed_mean", "multi_krum"])
+def test_updates_opposing_the_median_are_dropped_before_any_aggregator(
+    start, mode: str, aggregator: str
+) -> None:
+    t = start(mode, robust={"aggregator": aggregator, "trim": 0.2, "byzantine": 0.25})
+    base = t.params(0)
+    deltas = _f32(_deltas(6))
+    deltas[2] = -deltas[2]  # a sign flip
+    deltas[5] = -deltas[5] * 1e3  # an inflated one, flipped: clipped, then dropped
+    examples = [10, 20, 1_000_000, 40, 50, 10**6]
+    t.round_trip(deltas, examples)
+    rows = _clip(deltas, float(np.median(np.linalg.norm(np.stack(deltas), axis=1))))
+    weights = np.minimum(examples, np.median(examples)).astype(float)
+    keep = _agreeing(rows)
+    assert list(keep) == [0, 1, 3, 4]
+    kept, w = rows[keep], weights[keep]
+    m = t.robust_metrics(1)
+    if aggregator == "fedavg":
+        expected = np.average(kept, axis=0, weights=w)
+    elif aggregator == "median":
+        expected = np.median(kept, axis=0)
+    elif aggregator == "trimmed_mean":
+        expected = _trimmed(kept, 0.2)
+    else:  # f = int(0.25 x 4) = 1 of the 4 kept left out: the farthest from the others
+        dist = [[float(np.sum((a - b) ** 2)) for b in kept] for a in kept]
+        scores = [sum(sorted(d[:i] + d[i + 1 :])[: len(kept) - 1 - 2]) for i, d in enumerate(dist)]
+        chosen = sorted(np.argsort(scores, kind="stable")[:3])
+        assert m["selected"] == [int(keep[i]) for i in chosen]
+        expected = np.average(kept[chosen], axis=0, weights=w[chosen])
+    assert m["disagreeing"] == 2
+    np.testing.assert_allclose(t.params(1), base + expected, rtol=1e-5, atol=1e-7)
+
+
 def test_async_fedavg_weighs_capped_examples_by_staleness(start) -> None:
-    t = start("async", buffer_k=3, max_concurrency=6, robust={"clip": None})
+    t = start("async", buffer_k=3, max_concurrency=6, robust={"clip": None, "agreement": None})
     devices = [DeviceHTTP(t.coord) for _ in range(6)]
     assignments = [d.check_in()["assignment"]["assignment_id"] for d in devices]
     deltas = _f32(_deltas(9))

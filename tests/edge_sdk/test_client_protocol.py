@@ -416,7 +416,9 @@ def test_an_injected_transport_carries_every_call(
 
 @pytest.mark.parametrize(("resend", "settled"), [
     (lambda s: json_error(409, "round_closed", "too late"), "refused"),
-    (lambda s: json_error(404, "not_found"), "refused"),
+    # the coordinator forgot the assignment: it may have counted the first send (see
+    # edge_sdk.client._fate_unknown), so the old residual is never sent again
+    (lambda s: json_error(404, "not_found"), "unknown"),
     (lambda s: json_error(500, "internal"), "pending"),
     (lambda s: Reply(200, b'{"accepted": true}'), "acknowledged"),
 ])
@@ -453,5 +455,5 @@ def test_an_upload_without_an_answer_is_settled_before_the_next_check_in(
     assert second.action == WAIT and client.state.load_pending() is None
     if settled == "refused":  # never counted: the residual stays what it was
         np.testing.assert_array_equal(store.load(2410), before)
-    else:  # counted: the residual is the one the frame left
+    else:  # counted, or perhaps counted: the residual is the one the frame left
         np.testing.assert_array_equal(store.load(2410), pending.residual)

@@ -176,3 +176,48 @@ def test_a_crash_between_acknowledgement_and_saving_state_is_resolved_on_restart
     # round 1, its resend after the restart (answered from the store), round 2
     assert len(uploads) == 3 and uploads[0] == uploads[1]
     _check_residual_moved_on_once(coordinator, task, encodings, state)
+
+
+@pytest.mark.parametrize("forgotten", ["device", "assignment"])
+def test_a_resend_the_coordinator_can_no_longer_answer_never_reapplies_the_old_residual(
+    coordinator: EmbeddedCoordinator, digits_bundle: Path, encodings: list[Encoding],
+    tmp_path: Path, forgotten: str,
+) -> None:
+    """Round 2's upload is counted but its answer lost; then the coordinator forgets the
+    device (``device_inactivity_s``: 401 to the resend) or the assignment (404). Whether round
+    2 counted is unknown to the device: the residual it was encoded with must not be sent
+    again, so round 3 starts from the residual round 2 left."""
+    admin = coordinator.admin()
+    bundle_id = admin.upload_bundle(digits_bundle)["bundle_id"]
+    plan = {"rounds": 3, "goal": 1, "selection_window_s": 0.0, "round_deadline_s": 120.0,
+            "steps": 2, "codec": {"name": "topk", "k": K}}  # fmt: skip
+    task_id = str(admin.create_task(bundle_id, plan=plan)["task_id"])
+    state = tmp_path / "dev"
+    store = coordinator.service.store
+    # one address throughout (the credential and the pending upload are per coordinator URL)
+    with CuttingProxy(coordinator.port, b"/update", mode="response", cuts=0) as proxy:
+        client = _client(proxy.url, state, coordinator, retry=RetryPolicy(max_attempts=1))
+        assert _until_not_waiting(client).action == TRAINED  # round 1: residual R1 stored
+        proxy.cuts_left = 2  # the try and the transport's free reopen
+        assert _until_not_waiting(client).action == FAILED  # round 2 counted, answer lost
+        assert len(_stored(coordinator, task_id)) == 2
+        pending = DeviceState(state).load_pending()
+        assert pending is not None
+        if forgotten == "device":
+            assert coordinator.call(store.delete_devices, time.time() + 3600) == 1
+        else:  # as receipts retention or a reset would: the assignment is gone
+            for table in ("updates", "assignments"):
+                coordinator.call(lambda t=table: store._execute(  # type: ignore[attr-defined]
+                    f"delete from {t} where assignment_id = ?", [pending.assignment_id]))
+        outcome = _until_not_waiting(client)
+        client.close()
+    assert outcome.action == TRAINED and outcome.round == 3, outcome
+    assert DeviceState(state).load_pending() is None
+    first, second, third = encodings  # one encoding per round: a resend never re-encodes
+    assert second.residual_in is not None and second.residual_out is not None
+    np.testing.assert_array_equal(second.residual_in, first.residual_out)  # R1
+    # round 2's frame carried R1; what it left (R2) is what round 3 starts from, never R1
+    np.testing.assert_array_equal(third.residual_in, second.residual_out)
+    sent = decode_update(second.frame, expected_length=second.delta.size)
+    np.testing.assert_allclose(sent + second.residual_out, second.delta + second.residual_in,
+                               rtol=0, atol=1e-6)  # fmt: skip

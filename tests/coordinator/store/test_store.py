@@ -13,7 +13,9 @@ from coordinator.store import (
     Assignment,
     Device,
     EvalReport,
+    PartialSum,
     Round,
+    SecAggEvent,
     SQLiteStore,
     Store,
     StoreError,
@@ -276,6 +278,9 @@ class TestStore:
         live = {c * 64 for c in "12345"}
         assert store.referenced_blobs(closed_round_payloads=False) == live
         assert store.referenced_blobs(closed_round_payloads=True) == live | {"6" * 64}
+        everything = store.referenced_blobs(closed_round_payloads=True)
+        for sha in [c * 64 for c in "1234567"]:
+            assert store.blob_referenced(sha) == (sha in everything), sha
 
     def test_eval_report(self, with_task: Store) -> None:
         r = with_task.add_round(_round("t-1", "reporting"))
@@ -358,6 +363,60 @@ class TestStore:
         assert with_task.get_update("a-1") is None and with_task.get_eval_report("a-3") is None
         assert with_task.get_update("a-2") is not None
         assert with_task.candidates(live.round_id) == ["a-2"]
+
+    def test_partial_sums_replace_per_replica_and_go_with_their_round(
+        self, with_task: Store
+    ) -> None:
+        r = with_task.add_round(_round("t-1", "reporting"))
+        other = with_task.add_round(_round("t-1", "committed"))
+        a = PartialSum(r.round_id, "r-a", 2, 3.5, 4, 1, 1, b"\x00" * 8 + b"\xff" * 8, 1.0)
+        with_task.put_partial(a)
+        with_task.put_partial(dataclasses.replace(a, replica_id="r-0", count=1))
+        with_task.put_partial(dataclasses.replace(a, round_id=other.round_id))
+        moved = dataclasses.replace(a, count=3, weight=4.5, total=b"\x01" * 16, updated_at=2.0)
+        with_task.put_partial(moved)  # the same replica's row, replaced
+        assert with_task.get_partial(r.round_id, "r-a") == moved
+        assert with_task.get_partial(r.round_id, "r-b") is None
+        assert [p.replica_id for p in with_task.round_partials(r.round_id)] == ["r-0", "r-a"]
+        with_task.delete_partials(r.round_id)
+        assert with_task.round_partials(r.round_id) == []
+        with_task.delete_rounds([other.round_id])
+        assert with_task.round_partials(other.round_id) == []
+
+    def test_locked_reads_return_the_records(self, with_task: Store) -> None:
+        r = with_task.add_round(_round("t-1", "reporting"))
+        with_task.add_assignments([Assignment("a-1", r.round_id, "t-1", "d", "train",
+                                              "delivered", 1.0)])  # fmt: skip
+        with with_task.atomic():
+            assert with_task.lock_round(r.round_id) == r
+            assert with_task.lock_round(r.round_id, skip_locked=True) == r  # its own lock
+            assert with_task.lock_task("t-1") == _task()
+            assert with_task.lock_round_of("a-1") == r
+        assert with_task.lock_round(999) is None and with_task.lock_task("t-9") is None
+
+    def test_secagg_events_in_order_once_each_and_go_with_their_round(
+        self, with_task: Store
+    ) -> None:
+        r = with_task.add_round(_round("t-1", "reporting"))
+        start = SecAggEvent(r.round_id, 0, "start", None, {"devices": ["d-1"]}, None, 1.0)
+        shares = SecAggEvent(r.round_id, 2, "share", "d-1", {"shares": {"1": "AA=="}}, None, 3.0)
+        masked = SecAggEvent(r.round_id, 1, "mask", "d-1", {}, "7" * 64, 2.0)
+        for e in (start, shares, masked):
+            with_task.add_secagg_event(e)
+        assert with_task.secagg_events(r.round_id) == [start, masked, shares]
+        assert with_task.secagg_events(r.round_id + 1) == []
+        before = with_task.snapshot()
+        with pytest.raises(StoreError):  # two writers for one step: the second is refused
+            with_task.add_secagg_event(dataclasses.replace(masked, kind="unmask"))
+        assert with_task.snapshot() == before
+        # a masked vector is a payload of its round: kept while open, deleted with it
+        assert with_task.round_payloads(r.round_id) == ["7" * 64]
+        assert "7" * 64 in with_task.referenced_blobs(closed_round_payloads=False)
+        with_task.update_round(r.round_id, state="committed")
+        assert "7" * 64 not in with_task.referenced_blobs(closed_round_payloads=False)
+        assert "7" * 64 in with_task.referenced_blobs(closed_round_payloads=True)
+        with_task.delete_rounds([r.round_id])
+        assert with_task.secagg_events(r.round_id) == []
 
     def test_survives_reopen_and_migrates_once(self, opener: Opener) -> None:
         s = opener()

@@ -77,7 +77,8 @@ class Outcome(
  *     check in ──wait──▶ WAIT, next run after retry_after_s + up to 10 % jitter
  *     bundle (sha256-verified, resumable cache) + the version's parameters
  *     train the plan, re-checking conditions ──lapsed or stopped──▶ POST abort, ABORTED
- *     delta = new - start, encode with the plan's codec (error-feedback residual kept)
+ *     delta = new - start (clipped to dp.clip for a DP task), encode with the plan's codec
+ *     (error-feedback residual kept)
  *     persist the upload (frame, key, new residual), send it with its Idempotency-Key,
  *     retried ──▶ TRAINED or REJECTED; an answer that never came is learnt by resending
  *     the same bytes and key at the start of the next pass
@@ -213,6 +214,13 @@ class Client @JvmOverloads constructor(
         val started = clock()
         val paramsUrl = a.getString("params_url")
         if (!paramsUrl.startsWith(Protocol.API_PREFIX + "/")) throw TransportException("assignment's params_url '$paramsUrl' is not an API path")
+        if (action == "train" && a.optJSONObject("plan")?.has("secagg") == true) {
+            // Secure aggregation (docs/protocol.md) is not implemented here yet: refuse before
+            // downloading anything, and free the slot so the round need not wait for us.
+            log.warning("assignment $id asks for secure aggregation, which this client does not implement")
+            val answer = abort(id, "error", "download", "unsupported", SECAGG_UNSUPPORTED)
+            return Outcome(Outcome.REJECTED, paced(answer, config.afterAssignmentS), id, taskId, round, error = SECAGG_UNSUPPORTED)
+        }
         phase = "download"
         return try {
             val (dir, manifest) = cache.fetch(transport, a.getString("bundle_id"))
@@ -246,7 +254,9 @@ class Client @JvmOverloads constructor(
         val result = LocalTraining.train(t, data, plan, params, round, rng, recheck = ::ineligibility, stopped = stop::get, local = local)
         phase = "upload"
         val trained = t.getParameters()
-        val delta = FloatArray(trained.size) { trained[it] - params[it] }
+        val trainedDelta = FloatArray(trained.size) { trained[it] - params[it] }
+        // DP-FedAvg: bound what this update can say before encoding it
+        val delta = plan.dpClip?.let { Dp.clipToNorm(trainedDelta, it) } ?: trainedDelta
         val feedback = if (plan.codec.usesErrorFeedback) state.errorFeedback(taskId) else null
         val encoded = Updates.encode(delta, plan.codec, { rng.nextDouble() }, feedback?.load(delta.size))
         val frame = encoded.frame
@@ -337,8 +347,10 @@ class Client @JvmOverloads constructor(
      * (the enumerations of docs/protocol.md, "Abort": never free text or data); its answer
      * (pace steering), or null if there is none.
      */
-    private fun abort(id: String, reason: String, phase: String, code: String): JSONObject? = try {
-        transport.call("POST", Protocol.assignmentAbort(id), JSONObject().put("reason", reason).put("phase", phase).put("code", code))
+    private fun abort(id: String, reason: String, phase: String, code: String, message: String? = null): JSONObject? = try {
+        val body = JSONObject().put("reason", reason).put("phase", phase).put("code", code)
+        if (message != null) body.put("message", message)
+        transport.call("POST", Protocol.assignmentAbort(id), body)
     } catch (e: ApiException) {
         // 409: the round closed while we trained, so there is no slot left to free.
         if (e.status != 409) log.warning("could not tell the coordinator about the abort of $id: ${e.message}")
@@ -370,6 +382,8 @@ class Client @JvmOverloads constructor(
     companion object {
         /** The runtime this library trains with (the protocol's `runtimes`). */
         const val RUNTIME = "ort-step"
+        /** The error of an [Outcome] (and the abort's message) for a SecAgg task this client refuses. */
+        const val SECAGG_UNSUPPORTED = "secagg_unsupported: secure aggregation is not implemented by the Android client"
         private val RUNTIMES = listOf(RUNTIME)
         private val log = Logger.getLogger(Client::class.java.name)
     }

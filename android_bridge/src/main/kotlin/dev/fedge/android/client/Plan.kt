@@ -19,6 +19,8 @@ data class Plan(
     val recheckEverySteps: Int = 0,
     /** `aggregate`, or `local` (FedBN): batch norm layers stay on the device. */
     val batchnorm: String = "aggregate",
+    /** A DP-FedAvg task's `dp.clip`: the L2 norm the delta is clipped to ([Dp]); null without DP. */
+    val dpClip: Double? = null,
 ) {
     init {
         if ((epochs == null) == (steps == null)) throw PlanException("a plan needs exactly one of 'epochs' and 'steps'")
@@ -28,6 +30,7 @@ data class Plan(
         }
         if (recheckEverySteps < 0) throw PlanException("plan 'recheck_every_steps' must be >= 0")
         if (batchnorm !in BATCHNORM_MODES) throw PlanException("plan 'batchnorm' must be aggregate or local, got '$batchnorm'")
+        if (dpClip != null && !(dpClip.isFinite() && dpClip > 0)) throw PlanException("plan 'dp.clip' must be a positive finite number, got $dpClip")
     }
 
     /** The round's client learning rate: `lr * lr_decay^round`. */
@@ -50,6 +53,10 @@ data class Plan(
                 return v.toInt()
             }
             val lr = num("lr") ?: throw PlanException("plan lacks 'lr'")
+            val dp = o.opt("dp")
+            if (dp != null && dp != JSONObject.NULL && dp !is JSONObject) throw PlanException("plan 'dp' must be an object, got $dp")
+            val clip = (dp as? JSONObject)?.opt("clip")?.takeIf { it != JSONObject.NULL }
+            if (clip != null && clip !is Number) throw PlanException("plan 'dp.clip' must be a positive finite number, got $clip")
             val steps = int("steps", null)
             return try {
                 Plan(
@@ -62,6 +69,7 @@ data class Plan(
                     codec = CodecSpec.fromJson(o.opt("codec") ?: "fp32"),
                     recheckEverySteps = int("recheck_every_steps", 0)!!,
                     batchnorm = o.opt("batchnorm") as? String ?: "aggregate",
+                    dpClip = (clip as Number?)?.toDouble(),
                 )
             } catch (e: IllegalArgumentException) {
                 throw PlanException(e.message ?: "bad plan")

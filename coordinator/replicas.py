@@ -1,0 +1,183 @@
+"""Replicas: several coordinator processes on one PostgreSQL database and one blob directory.
+
+A coordinator started with ``replica = true`` (``fedge serve --replica``) shares every task
+with the other replicas on its database; devices may reach any of them for any call. What a
+single process holds in memory is either read from the database on every use or made
+durable per replica:
+
+* **Turns.** Whatever must happen once per round happens in a transaction holding the
+  round's row lock (``select ... for update``), in which the round is read again: selection,
+  filling free slots, the close and commit, an async buffer's commit
+  (:meth:`~coordinator.rounds.base.PolicyContext.turn`), and each batch of uploads, for the
+  rounds it stores updates into (their goal, or K, bounds them). A close asks with
+  ``skip locked``: while another replica holds the round (closing it, or storing an upload
+  into it) this one leaves it, and the next tick tries again. A replica that dies holding a
+  lock loses its connection, the server rolls its transaction back and releases the lock:
+  the others take the round over at their next tick. Opening a task's round takes the
+  task's row lock instead (one open round per task).
+* **Hierarchical aggregation.** Each replica folds the updates it accepts into its own
+  :class:`~coordinator.store.PartialSum` row per round, written in the transaction that
+  stores those updates (:meth:`Replica.flush`, once per batch of uploads): acknowledged
+  means folded and durable. A commit, under the round's lock, adds up the round's rows
+  (:func:`combine`); their count must equal the round's stored updates, else (updates
+  stored by a coordinator that was not a replica) the sum is rebuilt from the payloads, as
+  a single process does after a restart. Robust aggregators read the updates back from the
+  blob store as always.
+* **Identity.** A replica draws a new random id at every start, so that two live processes
+  can never write the same row; the rows of a replica that died stay and are counted.
+
+Not shared, per replica: pace steering's estimates (each sees its share of check-ins) and the
+bytes-served metric of a round.
+
+::
+
+    replica = Replica(store)                      # inside Coordinator, when config.replica
+    sums = PartialSums(store, blobs, replica)      # the sync mode's sums
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from coordinator.aggregation import RunningSum
+from coordinator.blobs import BlobStore
+from coordinator.store import PartialSum, Store
+from coordinator.versions import RoundSums
+
+__all__ = ["PartialSums", "Replica", "combine", "partial_record"]
+
+
+def partial_record(
+    round_id: int, replica_id: str, state: Mapping[str, Any], at: float
+) -> PartialSum:
+    """A store row from an :meth:`~coordinator.async_buffer.AsyncBuffer.state`-shaped dict
+    (``count``, ``weight``, ``examples``, ``staleness_sum``, ``staleness_max``, ``sum``)."""
+    return PartialSum(
+        round_id=round_id,
+        replica_id=replica_id,
+        count=int(state["count"]),
+        weight=float(state["weight"]),
+        examples=int(state["examples"]),
+        staleness_sum=int(state["staleness_sum"]),
+        staleness_max=int(state["staleness_max"]),
+        total=np.asarray(state["sum"], dtype="<f8").tobytes(),
+        updated_at=at,
+    )
+
+
+def combine(partials: Sequence[PartialSum], num_parameters: int) -> dict[str, Any]:
+    """The round's aggregate from every replica's row, in the same dict shape."""
+    total = np.zeros(num_parameters, dtype=np.float64)
+    for p in partials:
+        total += np.frombuffer(p.total, dtype="<f8")
+    return {
+        "count": sum(p.count for p in partials),
+        "weight": sum(p.weight for p in partials),
+        "examples": sum(p.examples for p in partials),
+        "staleness_sum": sum(p.staleness_sum for p in partials),
+        "staleness_max": max((p.staleness_max for p in partials), default=0),
+        "sum": total,
+    }
+
+
+class Replica:
+    """This process among the replicas: its id and its partial sums not yet written."""
+
+    def __init__(self, store: Store, replica_id: str | None = None) -> None:
+        self.store = store
+        self.replica_id = replica_id or "r-" + secrets.token_hex(8)
+        self._unwritten: dict[int, PartialSum] = {}
+
+    def own(self, round_id: int) -> PartialSum | None:
+        """This replica's partial sum of a round (as folded, written or not)."""
+        held = self._unwritten.get(round_id)
+        return held if held is not None else self.store.get_partial(round_id, self.replica_id)
+
+    def fold(self, round_id: int, state: Mapping[str, Any]) -> None:
+        """Record this replica's new partial sum of a round; :meth:`flush` writes it."""
+        self._unwritten[round_id] = partial_record(round_id, self.replica_id, state, time.time())
+
+    def flush(self) -> None:
+        """Write the partial sums folded since the last flush: inside the transaction that
+        stores their updates, before it commits."""
+        while self._unwritten:
+            _, partial = self._unwritten.popitem()
+            self.store.put_partial(partial)
+
+    def discard(self) -> None:
+        """Forget unwritten sums (their transaction rolled back; the store has the truth)."""
+        self._unwritten.clear()
+
+    def partials(self, round_id: int) -> list[PartialSum]:
+        """Every replica's partial sum of a round, this one's flushed first."""
+        self.flush()
+        return self.store.round_partials(round_id)
+
+
+def _state_of(s: RunningSum) -> dict[str, Any]:
+    # Synchronous rounds weigh by examples and know no staleness.
+    return {"count": s.count, "weight": s.weight, "examples": round(s.weight),
+            "staleness_sum": 0, "staleness_max": 0, "sum": s.total}  # fmt: skip
+
+
+def _sum_of(state: Mapping[str, Any]) -> RunningSum:
+    out = RunningSum(0)
+    out.total = np.array(state["sum"], dtype=np.float64)
+    out.weight = float(state["weight"])
+    out.count = int(state["count"])
+    return out
+
+
+class PartialSums(RoundSums):
+    """The synchronous mode's running sums among replicas: :meth:`stage` and :meth:`put` move
+    this replica's partial sum (written with the batch's updates), :meth:`get` adds up every
+    replica's for the commit."""
+
+    def __init__(self, store: Store, blobs: BlobStore, replica: Replica) -> None:
+        super().__init__(store, blobs)
+        self.replica = replica
+        self._own: dict[int, RunningSum] = {}
+
+    def _own_sum(self, task_id: str, round_id: int, num_parameters: int) -> RunningSum:
+        s = self._own.get(round_id)
+        if s is None:
+            row = self.replica.own(round_id)
+            s = (
+                RunningSum(num_parameters)
+                if row is None
+                else _sum_of(combine([row], num_parameters))
+            )
+            self._own[round_id] = s
+            self._task_of[round_id] = task_id
+        return s
+
+    def get(self, task_id: str, round_id: int, num_parameters: int) -> RunningSum:
+        """Every replica's partial sums added up (call it under the round's lock)."""
+        combined = _sum_of(combine(self.replica.partials(round_id), num_parameters))
+        if combined.count == self.store.count_updates(round_id):
+            return combined
+        rebuilt = super().get(task_id, round_id, num_parameters)  # from the payloads
+        self._sums.pop(round_id, None)  # the partial rows stay what later folds build on
+        return rebuilt
+
+    def stage(
+        self, task_id: str, round_id: int, num_parameters: int, delta: np.ndarray, weight: float
+    ) -> RunningSum:
+        return self._own_sum(task_id, round_id, num_parameters).folded(delta, weight)
+
+    def put(self, round_id: int, staged: RunningSum) -> None:
+        held = self._own.get(round_id)
+        if held is None or staged.count != held.count + 1:
+            self.drop(round_id)
+            return
+        self._own[round_id] = staged
+        self.replica.fold(round_id, _state_of(staged))
+
+    def drop(self, round_id: int) -> None:
+        super().drop(round_id)
+        self._own.pop(round_id, None)

@@ -1,0 +1,177 @@
+"""Asynchronous (FedBuff) buffers served by three replicas: each replica folds what it
+accepts into its own durable partial buffer, the K-th update from any replica makes the
+commit due, one replica commits it; the versions match numpy (staleness weights
+1/sqrt(1+s)), also when uploads race across the K boundary."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.clock import FakeClock
+from coordinator.rounds.buffered import BufferedAsync
+from coordinator.store import open_store
+from edge_sdk.frame import decode_tensor
+from tests.coordinator.replicas.fleet import (
+    Spread,
+    fedavg,
+    partial_rows,
+    start_task,
+    thread_replicas,
+)
+
+N = 64
+PLAN: dict[str, Any] = {"rounds": 100, "buffer_k": 4, "max_concurrency": 8,
+                        "round_deadline_s": 600.0, "robust": "none",
+                        "eligibility": {"require_charging": False}}  # fmt: skip
+
+
+def _delta(seed: int) -> np.ndarray:
+    return np.random.default_rng(2000 + seed).normal(0, 0.01, N).astype(np.float32)
+
+
+def _assign(d: Spread) -> str:
+    answer = d.check_in()
+    assert answer["action"] == "train", answer
+    return str(answer["assignment"]["assignment_id"])
+
+
+def test_buffers_across_replicas_match_numpy(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    with thread_replicas(3, postgres_url, tmp_path / "blobs", FakeClock()) as reps:
+        admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 12, "async")
+        v0 = decode_tensor(devices[0].params(task_id, 0))
+        on_v0 = [(d, _assign(d)) for d in devices[:8]]
+        # max_concurrency holds across replicas
+        assert devices[8].check_in()["reason"] == "window_full"
+        sent = []
+        for k, (d, aid) in enumerate(on_v0[:4]):
+            assert d.to(k).upload(aid, _delta(k), 5 + k)[0] == 200
+            sent.append((_delta(k), 5 + k))
+            if k == 2:
+                rows = partial_rows(postgres_url)
+                assert sorted(p.count for p in rows) == [1, 1, 1]
+        v1 = v0 + fedavg(sent)
+        for i in range(3):
+            got = decode_tensor(devices[i].to(i).params(task_id, "current"))
+            np.testing.assert_allclose(got, v1, rtol=1e-6, atol=1e-7)
+        # Version 2: two fresh updates (on version 1) and two one version stale.
+        fresh = [(d, _assign(d)) for d in devices[8:10]]
+        w1 = 1 / math.sqrt(2)
+        buffer2 = []
+        for k, (d, aid) in enumerate(fresh + on_v0[4:6]):
+            n = 4 + k
+            assert d.to(k + 1).upload(aid, _delta(10 + k), n)[0] == 200
+            buffer2.append((_delta(10 + k), n * (1.0 if k < 2 else w1)))
+        v2 = v1.astype(np.float32) + fedavg(buffer2)
+        np.testing.assert_allclose(
+            decode_tensor(devices[0].params(task_id, 2)), v2, rtol=1e-6, atol=1e-7
+        )
+        rounds = admin.rounds(task_id)
+        assert [r["metrics"].get("model_version") for r in rounds[:2]] == [1, 2]
+        assert rounds[1]["metrics"]["mean_staleness"] == 0.5
+
+
+def test_uploads_racing_across_the_k_boundary(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """Eight concurrent uploads over three replicas into buffers of four: two versions, each
+    exactly four acknowledged updates, each the weighted mean of the four it records."""
+    with thread_replicas(3, postgres_url, tmp_path / "blobs", FakeClock()) as reps:
+        plan = {**PLAN, "max_staleness": 4}
+        admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, plan, 8, "async")
+        v0 = decode_tensor(devices[0].params(task_id, 0))
+        work = [(d, _assign(d), k) for k, d in enumerate(devices)]
+        answers: dict[int, tuple[int, dict[str, Any]]] = {}
+
+        def upload(d: Spread, aid: str, k: int) -> None:
+            for _ in range(20):  # a 503 (buffer being committed) is retried, as the SDK does
+                status, body = d.upload(aid, _delta(k), 3 + k, key=f"key-{k}")
+                if status != 503:
+                    break
+            answers[k] = (status, body)
+
+        threads = [threading.Thread(target=upload, args=w) for w in work]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(s == 200 for s, _ in answers.values()), answers
+        task = admin.task(task_id)
+        assert task["model_version"] == 2
+        store = open_store(postgres_url)
+        try:
+            buffers = [r for r in store.list_rounds(task_id) if r.state == "committed"]
+            by_device = {d.device_id: k for d, _, k in work}
+            version = v0.astype(np.float32)
+            for r in buffers:
+                updates = list(store.round_updates(r.round_id))
+                assert len(updates) == 4
+                terms = [(_delta(by_device[u.device_id]),
+                          (3 + by_device[u.device_id]) / math.sqrt(1 + u.report["staleness"]))
+                         for u in updates]  # fmt: skip
+                version = (version + fedavg(terms)).astype(np.float32)
+                got = decode_tensor(devices[0].params(task_id, r.metrics["model_version"]))
+                np.testing.assert_allclose(got, version, rtol=1e-6, atol=1e-7)
+            assert sorted(u.device_id for r in buffers for u in store.round_updates(r.round_id)) \
+                == sorted(by_device)  # fmt: skip
+        finally:
+            store.close()
+
+
+def test_replicas_racing_to_commit_a_full_buffer_commit_it_once(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The K-th upload's replica commits (made slow); the other replicas' ticks, run while it
+    is inside, leave the buffer alone."""
+    committing: list[int] = []
+    inside = threading.Event()
+    commit_buffer = BufferedAsync._commit_buffer
+
+    def slow(self: BufferedAsync, *args: Any) -> None:
+        committing.append(args[2].round_id)
+        inside.set()
+        time.sleep(1.0)
+        commit_buffer(self, *args)
+
+    monkeypatch.setattr(BufferedAsync, "_commit_buffer", slow)
+    with thread_replicas(3, postgres_url, tmp_path / "blobs", FakeClock()) as reps:
+        admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 4, "async")
+        work = [(d, _assign(d)) for d in devices]
+        for k, (d, aid) in enumerate(work[:3]):
+            assert d.to(k).upload(aid, _delta(k), 2)[0] == 200
+        last = threading.Thread(target=lambda: work[3][0].to(0).upload(work[3][1], _delta(3), 2))
+        last.start()
+        assert inside.wait(10)
+        ticks = [threading.Thread(target=r.call, args=(r.service.tick,)) for r in reps[1:] * 2]
+        for t in ticks:
+            t.start()
+        for t in [*ticks, last]:
+            t.join(30)
+        assert len(committing) == 1
+        assert admin.task(task_id)["model_version"] == 1
+
+
+def test_concurrent_check_ins_respect_max_concurrency(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """Sixteen devices check in at once over three replicas; eight may train."""
+    with thread_replicas(3, postgres_url, tmp_path / "blobs", FakeClock()) as reps:
+        _, _, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 16, "async")
+        actions: list[str] = []
+        threads = [
+            threading.Thread(target=lambda d=d: actions.append(d.check_in()["action"]))
+            for d in devices
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(actions) == ["train"] * 8 + ["wait"] * 8

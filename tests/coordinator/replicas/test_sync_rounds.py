@@ -1,0 +1,216 @@
+"""Synchronous rounds served by three replicas (thread mode, real HTTP, one PostgreSQL
+schema, one blob directory), every device call going to the next replica: selection once,
+hierarchical sums that add up to the numpy reference, a version every replica serves."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from coordinator.clock import FakeClock
+from coordinator.rounds.sync import SyncRounds
+from coordinator.store import open_store
+from edge_sdk.frame import decode_tensor
+from tests.coordinator.replicas.fleet import (
+    Spread,
+    fedavg,
+    partial_rows,
+    select,
+    start_task,
+    thread_replicas,
+)
+from tests.fixtures.coordinator import HttpConnection
+
+N = 64
+WINDOW = 10.0
+PLAN = {"rounds": 2, "goal": 6, "over_selection": 1.5, "selection_window_s": WINDOW,
+        "round_deadline_s": 600.0, "robust": "none",
+        "eligibility": {"require_charging": False}}  # fmt: skip
+
+
+def _delta(seed: int) -> np.ndarray:
+    return np.random.default_rng(1000 + seed).normal(0, 0.01, N).astype(np.float32)
+
+
+def _selected(devices: list[Spread], clock: FakeClock) -> list[tuple[Spread, str]]:
+    return select(devices, lambda: clock.advance(WINDOW + 0.5))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_700_000_000.0)
+
+
+def test_three_replicas_commit_the_numpy_reference(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
+) -> None:
+    with thread_replicas(3, postgres_url, tmp_path / "blobs", clock) as reps:
+        admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 12)
+        base = decode_tensor(devices[0].params(task_id, 0))
+        versions = [base]
+        for r in range(2):
+            chosen = _selected(devices, clock)
+            # Selection happened once: exactly the target, each device once.
+            assert len(chosen) == 9 and len({d.device_id for d, _ in chosen}) == 9
+            round_id = _open_round_id(postgres_url, task_id)
+            sent = []
+            for k, (d, assignment_id) in enumerate(chosen[:6]):
+                seed = 10 * r + k
+                status, body = d.to(k % 3).upload(assignment_id, _delta(seed), 3 + seed)
+                assert status == 200 and body["accepted"] is True, body
+                sent.append((_delta(seed), 3 + seed))
+                if k == 4:  # before the goal: one durable partial sum per replica
+                    rows = partial_rows(postgres_url, round_id)
+                    assert sorted(p.count for p in rows) == [1, 2, 2]
+                    total = sum(np.frombuffer(p.total, "<f8") for p in rows)
+                    want = sum(w * d.astype(np.float64) for d, w in sent)
+                    np.testing.assert_allclose(total, want, rtol=1e-12)
+            # Uploads past the goal are refused whichever replica they reach.
+            for k, (d, assignment_id) in enumerate(chosen[6:]):
+                status, body = d.to(k).upload(assignment_id, _delta(99), 5)
+                assert status == 409 and body["error"]["code"] == "round_closed", body
+            expected = versions[-1] + fedavg(sent)
+            versions.append(expected.astype(np.float32))
+            for i, d in enumerate(devices[:3]):  # every replica serves the new version
+                got = decode_tensor(d.to(i).params(task_id, "current"))
+                np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+            assert partial_rows(postgres_url, round_id) == []  # folded into the version
+        rounds = admin.rounds(task_id)
+        assert [x["state"] for x in rounds] == ["committed", "committed"]
+        assert [x["metrics"]["model_version"] for x in rounds] == [1, 2]
+        assert admin.task(task_id)["state"] == "completed"
+        served = {i for d in devices for i in d.served_by}
+        assert served == {0, 1, 2}
+
+
+def _open_round_id(url: str, task_id: str) -> int:
+    store = open_store(url)
+    try:
+        rnd = store.open_round(task_id)
+        assert rnd is not None
+        return rnd.round_id
+    finally:
+        store.close()
+
+
+def test_two_replicas_racing_to_close_a_round_close_it_once(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Both replicas' ticks find the round due at once (its deadline passed); the close is
+    made slow so that they overlap. One closes it; the other skips it, also when it asks
+    again while the first is still inside."""
+    closing: list[str] = []
+    inside = threading.Event()
+    close_round = SyncRounds._close_round
+
+    def slow(self: SyncRounds, *args: Any) -> None:
+        closing.append(threading.current_thread().name)
+        inside.set()
+        time.sleep(1.0)
+        close_round(self, *args)
+
+    monkeypatch.setattr(SyncRounds, "_close_round", slow)
+    plan = {**PLAN, "rounds": 1, "round_deadline_s": 30.0}
+    with thread_replicas(2, postgres_url, tmp_path / "blobs", clock) as reps:
+        admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, plan, 9)
+        chosen = _selected(devices, clock)
+        sent = []
+        for k, (d, assignment_id) in enumerate(chosen[:5]):  # min_reports of 6: 5
+            assert d.upload(assignment_id, _delta(k), 7)[0] == 200
+            sent.append((_delta(k), 7))
+        clock.advance(31.0)  # past the deadline: due on both
+        results: list[BaseException | None] = []
+
+        def tick(i: int) -> None:
+            try:
+                reps[i].call(reps[i].service.tick)
+                results.append(None)
+            except BaseException as e:
+                results.append(e)
+
+        threads = [threading.Thread(target=tick, args=(i,)) for i in (0, 1, 0, 1)]
+        for t in threads[:2]:
+            t.start()
+        assert inside.wait(10)
+        for t in threads[2:]:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == [None] * 4
+        assert len(closing) == 1
+        rounds = admin.rounds(task_id)
+        assert [r["state"] for r in rounds] == ["committed"]
+        task = admin.task(task_id)
+        assert (task["model_version"], task["rounds_completed"]) == (1, 1)
+        base = decode_tensor(devices[0].params(task_id, 0))
+        got = decode_tensor(devices[0].params(task_id, 1))
+        np.testing.assert_allclose(got, base + fedavg(sent), rtol=1e-6, atol=1e-7)
+
+
+def test_two_replicas_racing_to_select_assign_the_target_once(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
+) -> None:
+    """Check-ins on both replicas at once, after the window: the round's assignments are its
+    target, whatever the interleaving; later check-ins fill no slot twice."""
+    with thread_replicas(2, postgres_url, tmp_path / "blobs", clock) as reps:
+        plan = {**PLAN, "goal": 8, "over_selection": 1.25}
+        _, task_id, devices = start_task([r.url for r in reps], tiny_bundle, plan, 16)
+        for d in devices:
+            assert d.check_in()["action"] == "wait"
+        clock.advance(WINDOW + 0.5)
+        answers: list[dict[str, Any]] = []
+        lock = threading.Lock()
+
+        def check_in(d: Spread) -> None:
+            a = d.check_in()
+            with lock:
+                answers.append(a)
+
+        threads = [threading.Thread(target=check_in, args=(d,)) for d in devices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        trained = [a for a in answers if a["action"] == "train"]
+        assert len(trained) == 10
+        store = open_store(postgres_url)
+        try:
+            rnd = store.open_round(task_id)
+            assert rnd is not None and rnd.state == "reporting"
+            assert store.count_assignments(rnd.round_id) == 10
+            assert len(store.list_rounds(task_id)) == 1
+        finally:
+            store.close()
+
+
+def test_a_round_carries_on_from_one_process_to_replicas(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
+) -> None:
+    """Half a round acknowledged by a process alone (sums in memory, no partial rows), the
+    rest by two replicas after a restart with --replica: the commit folds the first half
+    again from the payloads and adds the replicas' partial sums."""
+    plan = {**PLAN, "rounds": 1}
+    with thread_replicas(1, postgres_url, tmp_path / "blobs", clock, replica=False) as (alone,):
+        _, task_id, devices = start_task([alone.url], tiny_bundle, plan, 9)
+        chosen = _selected(devices, clock)
+        base = decode_tensor(devices[0].params(task_id, 0))
+        sent = []
+        for k, (d, aid) in enumerate(chosen[:3]):
+            assert d.upload(aid, _delta(k), 2 + k)[0] == 200
+            sent.append((_delta(k), 2 + k))
+        assert partial_rows(postgres_url) == []
+    with thread_replicas(2, postgres_url, tmp_path / "blobs", clock) as reps:
+        for d in devices:
+            d.close()
+            d.conns = [HttpConnection(r.url) for r in reps]
+        for k, (d, aid) in enumerate(chosen[3:6], 3):
+            assert d.upload(aid, _delta(k), 2 + k)[0] == 200
+            sent.append((_delta(k), 2 + k))
+        got = decode_tensor(devices[0].params(task_id, 1))
+        np.testing.assert_allclose(got, base + fedavg(sent), rtol=1e-6, atol=1e-7)
