@@ -127,9 +127,15 @@ def _participants(
     }
 
 
+def _private(task: Task) -> bool:
+    """A DP task's device-reported loss and accuracy carry no noise: the guarantee covers
+    what leaves the service, and these pages are served out of it, so they are withheld."""
+    return "dp" in task.plan
+
+
 def _round_row(
     coord: Coordinator, rnd: Round, facts: Facts, num_parameters: int,
-    refused: Mapping[str, str],
+    refused: Mapping[str, str], private: bool = False,
 ) -> dict[str, Any]:
     store = coord.store
     m = rnd.metrics
@@ -142,6 +148,8 @@ def _round_row(
     else:
         updates, bytes_in = int(m.get("reported") or 0), int(m.get("bytes_in") or 0)
         loss, accuracy = m.get("loss"), m.get("accuracy")
+    if private:
+        loss = accuracy = None
     return {
         "round": rnd.number,
         "kind": rnd.kind,
@@ -197,7 +205,7 @@ def task_detail(
     history = cache.history(task, refused, metrics.refusals)
 
     def build(rnd: Round, facts: Facts) -> dict[str, Any]:
-        return _round_row(coord, rnd, facts, n, refused)
+        return _round_row(coord, rnd, facts, n, refused, _private(task))
 
     rounds = [cache.row(r, metrics.refusals, build) for r in history.rounds[-last:]]
     plan = task.plan
@@ -265,10 +273,14 @@ def round_detail(
                 "staleness": u.report.get("staleness"),
                 "wall_time_s": u.report.get("wall_time_s"),
             })
+    if _private(task):
+        for row in rows:
+            row.update(loss=None, accuracy=None)
     n = coord.ctx.num_parameters(task)
     return {
         "task": _task_row(coord, task),
-        "round": _round_row(coord, rnd, RoundFacts(coord.store).get(rnd), n, refused),
+        "round": _round_row(coord, rnd, RoundFacts(coord.store).get(rnd), n, refused,
+                            _private(task)),
         "metrics": rnd.metrics,
         "assignments": rows,
     }

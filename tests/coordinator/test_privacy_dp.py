@@ -25,6 +25,7 @@ from coordinator.errors import InvalidRequest
 from coordinator.plan import TaskPlan
 from coordinator.privacy import NOISE_GRID, DpSpec, gaussian_noise, noised_mean
 from edge_sdk.dp import clip_to_norm, plan_clip
+from edge_sdk.protocol import Route
 from tests.coordinator.rounds.test_sync import PLAN, Fleet, N
 
 DELTA = 1e-5
@@ -313,6 +314,13 @@ def test_a_dp_task_runs_no_evaluation_round_and_publishes_no_training_metrics(
     assert r["state"] == "committed" and r["metrics"]["kind"] == "train"
     assert r["metrics"]["loss"] is None and r["metrics"]["accuracy"] is None
     assert f.admin.task(f.task_id)["pending_evaluations"] == 0
+    # Nor does the operator's dashboard show them, per round or per device (each reported 0.5).
+    views = [f.admin._call("GET", Route.ADMIN_DASHBOARD_TASK.format(task_id=f.task_id)),
+             f.admin._call("GET", Route.ADMIN_DASHBOARD_ROUND.format(task_id=f.task_id,
+                                                                     number=r["round"]))]
+    rows = [*views[0]["rounds"], views[1]["round"], *views[1]["assignments"]]
+    assert sum(1 for row in rows if row.get("num_examples")) == PLAN["goal"]
+    assert all(row["loss"] is None and row["accuracy"] is None for row in rows)
     bundle_id = f.admin.task(f.task_id)["bundle_id"]
     plain = f.admin.create_task(bundle_id, {"goal": 10})["task_id"]
     assert f.admin.evaluate(plain)["pending_evaluations"] == 1
