@@ -29,7 +29,7 @@ Measured:
 Every upload carries a payload of its own (1,000 distinct frames): identical payloads would
 share one content-addressed blob and skip its fsync.
 
-Run: ``./dev bench bench_coordinator`` (about 4 min). Writes
+Run: ``./dev bench bench_coordinator`` (about 10 min at a load of 30 on 2 cores). Writes
 ``benchmarks/results/bench_coordinator.json`` and ``bench_coordinator.png``.
 """
 
@@ -332,6 +332,37 @@ def durable_path(
         coord.close()
 
 
+def decode_cpu_ms(frame: bytes, baseline: Path | None) -> dict[str, float]:
+    """CPU ms to decode one int8 payload of the model, median of 5 x 200, with this tree's
+    codec and (``before``) the baseline tree's ``quantize.py`` loaded beside it; both must
+    decode to the same vector."""
+    import importlib.util
+
+    from edge_sdk.codecs.quantize import QuantizedCodec
+    from edge_sdk.frame import decode_frame
+
+    payload = decode_frame(frame).payload
+    codecs = {"after": QuantizedCodec()}
+    if baseline is not None:
+        spec = importlib.util.spec_from_file_location(
+            "baseline_quantize", baseline / "edge_sdk" / "codecs" / "quantize.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        codecs["before"] = module.QuantizedCodec()
+        before = codecs["before"].decode(payload, NUM_PARAMETERS)
+        assert np.array_equal(before, codecs["after"].decode(payload, NUM_PARAMETERS))
+    times: dict[str, list[float]] = {name: [] for name in codecs}
+    for _ in range(5):
+        for name, codec in codecs.items():
+            t0 = time.process_time()
+            for _ in range(200):
+                codec.decode(payload, NUM_PARAMETERS)
+            times[name].append((time.process_time() - t0) / 200 * 1e3)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
 def label(run: dict[str, Any]) -> str:
     gc = "on" if run["group_commit"] else "off"
     return f"{run['updates']} updates, {run.get('code', 'after')}, group commit {gc}"
@@ -402,6 +433,7 @@ def main() -> None:
                   file=sys.stderr, flush=True)  # fmt: skip
             source = baseline if code == "before" else None
             runs.append(run_round(bundle, n, frames, work, gc, source))
+        decode = decode_cpu_ms(frames[0], baseline)
         print("[bench_coordinator] durable path in-process", file=sys.stderr, flush=True)
         durable = [durable_path(bundle, DURABLE_UPDATES, frames, work, b, rep)
                    for rep in range(REPEATS) for b in (1, 32)]  # fmt: skip
@@ -443,6 +475,7 @@ def main() -> None:
         "upload_threads": UPLOAD_THREADS,
         "runs": runs,
         "durable_path": durable,
+        "decode_cpu_ms": decode,
         "summary": summary,
         "rss_peak_ratio_1000_vs_10": max(r["rss_peak_mib"] for r in after) / small["rss_peak_mib"],
         "uploads_ratio_group_commit": _mean(after, lambda r: r["uploads_per_s"])
@@ -481,6 +514,8 @@ def main() -> None:
                      f"(capacity {e['before_capacity_per_core']:.0f}/s); after/before rate "
                      f"{e['ratio_per_s']:.2f}x, server CPU {e['ratio_server_cpu']:.2f}x")
         print(line)
+    print("\nint8 decode of one update, CPU ms: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in decode.items()))
     print("\nin-process, no HTTP (durable path):")
     for d in durable:
         print(f"  batch {d['batch']:>2}: {d['uploads_per_s']:6.1f} uploads/s; per upload "

@@ -37,7 +37,8 @@ disk's fsyncs (docs/benchmarks.md, "Fleet").
 
 Run: ``./dev bench bench_dp`` (about 35 minutes on the 2 shared cores; ``--quick`` for a
 smoke run of 200 devices; ``--set FIELD=VALUE`` changes the setup; ``--calibration`` times
-the create request's epsilon calibration against a plain bisection). Progress: one line per
+the create request's epsilon calibration against a plain bisection; ``--dgauss`` times the
+discrete Gaussian sampler of distributed DP). Progress: one line per
 committed version of any task. Writes ``benchmarks/results/bench_dp.json`` and
 ``bench_dp.png``.
 """
@@ -248,7 +249,9 @@ def tune_clip(factors: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0), seed: int = 1,
     """The clip this benchmark uses, chosen on a validation draw: ``bench_secagg``'s numpy
     simulation of the same rounds (data seed ``seed``, not the fleet's), epsilon 8; the clip is
     ``factor x`` the median update norm of that draw's non-private run, and the factor with the
-    best held-out accuracy of that draw wins."""
+    best held-out accuracy of that draw wins. The simulation draws its cohorts from all
+    ``devices`` (its population is its device count), not from windows of ``population``:
+    the clip is chosen at the noise of q = goal / devices, milder than the fleet run's."""
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_secagg as sim
 
@@ -301,6 +304,21 @@ def calibration(setup: Setup, say: Any = print) -> dict[str, Any]:
     return {"setup": asdict(setup), "rows": rows}
 
 
+def dgauss_speed(draws: int = 50_000, say: Any = print) -> dict[str, Any]:
+    """CPU microseconds per draw of the exact discrete Gaussian sampler
+    (:mod:`edge_sdk.secagg.dgauss`) for a few variances (ring units)."""
+    from edge_sdk.secagg.dgauss import CryptoIntegers, sample
+
+    rows = []
+    for sigma2 in (1, 100, 10**4, 10**8):
+        t = time.process_time()
+        x = sample(sigma2, draws, CryptoIntegers())
+        us = 1e6 * (time.process_time() - t) / draws
+        rows.append({"sigma2": sigma2, "us_per_draw": us, "variance": float(x.var())})
+        say(f"sigma2 {sigma2:>9}: {us:5.1f} us a draw, sample variance {x.var():.4g}")
+    return {"draws": draws, "rows": rows}
+
+
 def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -339,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run (bench_dp_quick.*)")
     p.add_argument("--tune-clip", action="store_true", help="rerun the clip's selection only")
+    p.add_argument("--dgauss", action="store_true",
+                   help="time the discrete Gaussian sampler only (bench_dp_dgauss.json)")
     p.add_argument("--calibration", action="store_true",
                    help="time the epsilon calibration only (bench_dp_calibration.json)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
@@ -354,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown field {key!r}")
         setup = replace(setup, **{key: json.loads(value)})
     RESULTS.mkdir(exist_ok=True)
+    if args.dgauss:
+        (RESULTS / "bench_dp_dgauss.json").write_text(json.dumps(dgauss_speed(), indent=1))
+        return 0
     if args.calibration:
         out = calibration(setup)
         (RESULTS / f"{name}_calibration.json").write_text(json.dumps(out, indent=1))

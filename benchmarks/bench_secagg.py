@@ -73,7 +73,7 @@ from coordinator.privacy import DpSpec, noise_for_budget, noised_mean
 from coordinator.secagg import SecAggSession
 from coordinator.tensors import decode_delta
 from edge_sdk.codecs import decode_update, encode_update
-from edge_sdk.errors import ConditionsLapsed
+from edge_sdk.errors import ConditionsLapsed, Overloaded
 from edge_sdk.protocol import (
     FRAME_CONTENT_TYPE,
     HEADER_ENROLLMENT,
@@ -272,12 +272,19 @@ def http_round(n: int, dropout: float, setup: Setup, bundle: Path, seed: int = 0
                 t = time.thread_time()
                 frame, _ = encode_update(deltas[i].astype(np.float32), "fp32")
                 a = p.assignments[j]
-                p.devices[j].request(
-                    "POST", Route.ASSIGNMENT_UPDATE.format(assignment_id=a["assignment_id"]),
-                    body=frame, headers={"Content-Type": FRAME_CONTENT_TYPE,
-                                         HEADER_IDEMPOTENCY_KEY: f"k-{i}",
-                                         HEADER_REPORT: json.dumps({"num_examples": weights[i]})},
-                )  # fmt: skip
+                while True:  # as the SDK's next pass would: resend the same upload when busy
+                    try:
+                        link.request(
+                            "POST",
+                            Route.ASSIGNMENT_UPDATE.format(assignment_id=a["assignment_id"]),
+                            body=frame, headers={
+                                "Content-Type": FRAME_CONTENT_TYPE,
+                                HEADER_IDEMPOTENCY_KEY: f"k-{i}",
+                                HEADER_REPORT: json.dumps({"num_examples": weights[i]})},
+                        )  # fmt: skip
+                        break
+                    except Overloaded as e:
+                        time.sleep(e.retry_after_s or 1.0)
                 cpu = time.thread_time() - t
                 return cpu, link.bytes_sent - up0, link.bytes_received - down0
 
@@ -300,8 +307,11 @@ def http_round(n: int, dropout: float, setup: Setup, bundle: Path, seed: int = 0
     return row
 
 
-def run_http(setup: Setup, out: dict[str, Any]) -> None:
-    out["secagg_http"] = []
+def run_http(setup: Setup, out: dict[str, Any], save: Any) -> None:
+    """Rows for ``setup.cohorts``, replacing those of earlier runs for the same cohorts;
+    ``save()`` after each row, so that a long run stopped midway keeps what it measured."""
+    out["secagg_http"] = [r for r in out.get("secagg_http", [])
+                          if r["devices"] not in setup.cohorts]  # fmt: skip
     print(f"{'devices':>7} {'drop':>5} {'deg':>4} {'bits':>4} {'dev ms':>7} {'plain ms':>8} "
           f"{'up B':>9} {'plain B':>9} {'ratio':>5} {'down B':>8} {'srv s':>6} {'plain s':>7} "
           f"{'wall s':>6} {'max err':>8}")  # fmt: skip
@@ -314,6 +324,8 @@ def run_http(setup: Setup, out: dict[str, Any]) -> None:
             for dropout in setup.dropouts:
                 r = http_round(n, dropout, setup, bundle)
                 out["secagg_http"].append(r)
+                out["secagg_http"].sort(key=lambda row: (row["devices"], row["dropout"]))
+                save()
                 print(
                     f"{n:>7} {dropout:>5.0%} {r['degree']:>4} {r['ring_bits']:>4} "
                     f"{r['device_cpu_ms']:>7.1f} {r['plain_device_cpu_ms']:>8.1f} "
@@ -576,8 +588,13 @@ def run(setup: Setup, name: str, only: str | None = None) -> dict[str, Any]:
     path = RESULTS / f"{name}.json"
     out: dict[str, Any] = json.loads(path.read_text()) if only and path.exists() else {}
     out.update(setup=asdict(setup), machine=platform.platform())
+    RESULTS.mkdir(exist_ok=True)
+
+    def save() -> None:
+        path.write_text(json.dumps(out, indent=1))
+
     if only in (None, "http"):
-        run_http(setup, out)
+        run_http(setup, out, save)
     if only in (None, "secagg"):
         run_secagg(setup, out)
     if only in (None, "dp"):
@@ -595,9 +612,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("http", "secagg", "dp"),
                    help="run one part, keep the others'")  # fmt: skip
     p.add_argument("--clip-factor", type=float, default=1.0, help="DP clip / median norm")
+    p.add_argument("--cohorts", help="comma-separated cohort sizes (default 10,50,100,200)")
     args = p.parse_args(argv)
     setup, name = (QUICK, "bench_secagg_quick") if args.quick else (Setup(), "bench_secagg")
     setup = replace(setup, clip_factor=args.clip_factor)
+    if args.cohorts:
+        setup = replace(setup, cohorts=tuple(int(c) for c in args.cohorts.split(",")))
     run(setup, name, args.only)
     return 0
 

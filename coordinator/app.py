@@ -25,6 +25,7 @@ import math
 import os
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -121,12 +122,15 @@ class WorkQueue:
     client went away still counts until it has run.
 
     Operations run in submission order, in batches: whatever was submitted while the worker
-    was busy runs in one executor job, and its answers go back to the event loop in one
-    wake-up. Under load that halves the cost of handing a check-in to the worker (a job
+    was busy runs in one executor job, and its answers go back to the event loop together.
+    Under load that saves most of the cost of handing a check-in to the worker (a job
     submission, a future chained to the loop and a wake-up each, and the GIL handed back and
-    forth) without delaying anything when idle. An operation whose caller was cancelled before
-    it started is skipped.
+    forth) without delaying anything when idle. Answers wait for at most ``FLUSH_S`` of later
+    work, and never for internal work (commits, ticks: fsyncs that take milliseconds). An
+    operation whose caller was cancelled before it started is skipped.
     """
+
+    FLUSH_S = 0.0005
 
     def __init__(self, bound: int, retry_after_s: float) -> None:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="fedge-coordinator")
@@ -135,8 +139,9 @@ class WorkQueue:
         self._lock = threading.Lock()
         self.pending = 0
         self.refused = 0
-        # Submitted, not yet taken by the worker; a drain job is queued or running while set.
-        self._queued: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        # Submitted, not yet taken by the worker (the call, its future, internal or not); a
+        # drain job is queued or running while _draining is set.
+        self._queued: list[tuple[Callable[[], Any], asyncio.Future[Any], bool]] = []
         self._draining = False
 
     def _finished(self) -> None:
@@ -155,7 +160,7 @@ class WorkQueue:
                     self.retry_after_s,
                 )
             self.pending += 1
-            self._queued.append(((lambda: fn(*args)) if args else fn, future))
+            self._queued.append(((lambda: fn(*args)) if args else fn, future, internal))
             start, self._draining = not self._draining, True
         if start:
             try:
@@ -169,7 +174,7 @@ class WorkQueue:
         with self._lock:
             queued, self._queued, self._draining = self._queued, [], False
             self.pending -= len(queued)
-        for _, future in queued:
+        for _, future, _ in queued:
             if not future.done():
                 future.cancel()
 
@@ -182,7 +187,11 @@ class WorkQueue:
                     self._draining = False
                     return
             answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-            for fn, future in batch:
+            since = 0.0  # when the oldest answer not yet sent was ready
+            for fn, future, internal in batch:
+                if answers and (internal or time.perf_counter() - since > self.FLUSH_S):
+                    loop.call_soon_threadsafe(self._settle, answers)
+                    answers = []
                 try:
                     if not future.cancelled():  # a benign race: at worst it runs anyway
                         answers.append((future, fn(), None))
@@ -190,6 +199,8 @@ class WorkQueue:
                     answers.append((future, None, e))
                 finally:
                     self._finished()
+                if len(answers) == 1:
+                    since = time.perf_counter()
             if answers:
                 loop.call_soon_threadsafe(self._settle, answers)
 

@@ -190,7 +190,8 @@ class TaskPlan:
                 "plan.robust cannot be combined with plan.dp: DP-FedAvg clips every update "
                 "to dp.clip itself and averages with equal weights"
             )
-        dp = DpSpec.from_json(raw, rounds=self.rounds, cohort=self.target)
+        window = math.ceil(self.target * self.max_candidates_factor)  # the selection's cap
+        dp = DpSpec.from_json(raw, rounds=self.rounds, cohort=self.target, window=window)
         return dataclasses.replace(self, dp=dp, robust=RobustSpec.none())
 
     def check_mode(self, mode: str) -> None:

@@ -53,7 +53,6 @@ from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from coordinator.errors import InvalidRequest
 from coordinator.validation import Fields
-from edge_sdk.dp import clip_to_norm
 from edge_sdk.secagg.crypto import mask_stream
 
 __all__ = [
@@ -294,7 +293,9 @@ class DpSpec:
     budget: float | None = None
 
     @classmethod
-    def from_json(cls, obj: Any, *, rounds: int, cohort: int) -> DpSpec:
+    def from_json(cls, obj: Any, *, rounds: int, cohort: int, window: int) -> DpSpec:
+        """``cohort``: the devices a round selects; ``window``: the most candidates a
+        selection window admits (the largest population a round can sample from)."""
         f = Fields(obj, _WHERE)
         clip = f.number("clip", None, minimum=0.0, maximum=1e6, exclusive_min=True)
         z = f.number("noise_multiplier", None, minimum=0.0, maximum=1e4, exclusive_min=True)
@@ -312,6 +313,14 @@ class DpSpec:
                 raise InvalidRequest(
                     f"{_WHERE}.epsilon needs population: the eligible devices expected per "
                     f"selection window, at least the round's target ({cohort})"
+                )
+            if population > window:
+                # Calibrating for a population no window can hold understates what each
+                # round spends: the budget would stop the task long before its rounds.
+                raise InvalidRequest(
+                    f"{_WHERE}.population ({population}) exceeds the candidates a selection "
+                    f"window admits (target x max_candidates_factor = {window}): raise "
+                    "plan.max_candidates_factor or lower the population"
                 )
             try:
                 z = noise_for_budget(epsilon, population, cohort, rounds, delta)
@@ -361,9 +370,12 @@ def noised_mean(
     reports = clipped = 0
     for raw in deltas:
         d = np.asarray(raw, dtype=np.float64)
-        c = clip_to_norm(d, spec.clip)
-        clipped += c is not d
-        total += c
+        # The sensitivity bound needs the norm within the clip, not the device's exact bits
+        # (edge_sdk.dp.clip_to_norm): numpy's norm keeps a commit of large models fast.
+        norm = float(np.linalg.norm(d))
+        over = norm > spec.clip
+        total += d * (spec.clip / norm) if over else d
+        clipped += over
         reports += 1
     noise = gaussian_noise(num_parameters, spec.noise_multiplier * spec.clip, os.urandom(32))
     return NoisedMean((total + noise) / goal, reports, clipped)

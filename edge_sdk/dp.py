@@ -16,9 +16,14 @@ __all__ = ["clip_to_norm", "plan_clip"]
 
 
 def clip_to_norm(x: np.ndarray, bound: float) -> np.ndarray:
-    """``x`` scaled to L2 norm ``bound`` if it is longer; ``x`` itself (same object) if not."""
-    # Elementwise, not BLAS: the same norm on every platform.
-    norm = float(np.sqrt(np.square(x, dtype=np.float64).sum()))
+    """``x`` scaled to L2 norm ``bound`` if it is longer; ``x`` itself (same object) if not.
+
+    The norm is the correctly rounded one: float32 squares are exact in float64 and
+    ``math.fsum`` rounds their exact sum once, so the result does not depend on a summation
+    order (numpy's pairwise sum, BLAS, a loop) and the Kotlin client (``Dp.kt``) gets the same
+    bits. The scale is applied in ``x``'s dtype (float32 for a delta), as Kotlin does.
+    """
+    norm = math.sqrt(math.fsum(np.square(x, dtype=np.float64).ravel().tolist()))
     return x if norm <= bound else x * (bound / norm)
 
 

@@ -487,7 +487,9 @@ class SyncRounds(TaskPolicy):
         # The devices' training loss and accuracy carry no noise: published with the round,
         # they would escape the ledger.
         metrics.update(loss=None, accuracy=None)
-        if plan.dp.budget is not None and ledger.would_exceed(this, plan.dp.budget):
+        # The plan's last round completes the task anyway: no budget stop to report.
+        last = task.rounds_completed + 1 >= plan.rounds
+        if not last and plan.dp.budget is not None and ledger.would_exceed(this, plan.dp.budget):
             metrics["stopped"] = privacy.BUDGET_REASON
         return result.mean
 

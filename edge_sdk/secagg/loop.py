@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_sdk.errors import ApiError, ConditionsLapsed, TransportError
+from edge_sdk.errors import ApiError, ConditionsLapsed, Overloaded, TransportError
 from edge_sdk.protocol import ErrorCode, Route
 from edge_sdk.secagg import ring
 from edge_sdk.secagg.client import SecAggDevice, SecAggRefused, context_for
@@ -110,9 +110,15 @@ class SecAggLoop:
 
     def run(self) -> SecAggResult:
         while self.clock() < self.give_up_at:
-            state = self.transport.call(
-                "GET", Route.SECAGG_STATE.format(assignment_id=self.assignment_id)
-            )
+            try:
+                state = self.transport.call(
+                    "GET", Route.SECAGG_STATE.format(assignment_id=self.assignment_id)
+                )
+            except Overloaded as e:
+                # Busy past the transport's own retries (a whole cohort polls one worker):
+                # the stage's deadline is what counts, so wait and ask again.
+                self._busy(e)
+                continue
             stage = state.get("stage")
             if stage == "closed":
                 return SecAggResult(str(state.get("outcome")), self.answered, state.get("reason"),
@@ -136,12 +142,19 @@ class SecAggLoop:
                 self.transport.request("POST", path, body=payload, headers=binary)
             else:
                 self.transport.call("POST", path, payload)
+        except Overloaded as e:
+            self._busy(e)
+            return  # not in (or its answer lost): the next poll says, a resend may be a replay
         except ApiError as e:
             if e.code != _ALREADY_IN and e.code not in _TOO_LATE:
                 raise
             if e.code in _TOO_LATE:
                 return  # the next poll says where the session is
         self.answered = stage
+
+    def _busy(self, e: Overloaded) -> None:
+        wait = e.retry_after_s if e.retry_after_s is not None else self.plan.stage_timeout_s / 20
+        self.sleep(min(max(wait, 0.1), self.plan.stage_timeout_s / 4))
 
     def _message(self, stage: str, state: dict[str, Any]) -> Any:
         if self.device is None:

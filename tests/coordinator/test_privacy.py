@@ -137,3 +137,40 @@ def test_calibration_equals_a_plain_bisection_with_the_full_accountant() -> None
 def test_an_unreachable_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="no noise multiplier"):
         noise_for_budget(0.01, 10, 10, 1000, 1e-5)
+
+
+def test_the_calibrated_noise_pays_for_every_round_in_the_coordinators_own_ledger() -> None:
+    """The create request's promise, checked the way the task spends: round after round, each
+    commit starting from the JSON the previous one stored (``ledger_after``), each selection
+    asking ``would_exceed``. All ``rounds`` rounds are released at the calibrated noise, and
+    one grid step less noise would stop the task early; both against dp-accounting composing
+    the same events independently."""
+    import json
+
+    import numpy as np
+
+    budget, population, cohort, rounds, delta = 4.0, 500, 100, 50, 1e-5
+    z = noise_for_budget(budget, population, cohort, rounds, delta)
+    spec = privacy.DpSpec(clip=1.0, noise_multiplier=z, delta=delta, budget=budget)
+
+    def released(noise: float) -> tuple[int, float]:
+        before: dict | None = None
+        for n in range(rounds):
+            this = Round(population, cohort, noise)
+            ledger = privacy.ledger_after(delta, before)
+            if ledger.would_exceed(this, budget):  # the selection's check
+                return n, ledger.epsilon()
+            ledger = ledger.plus(this)
+            result = privacy.NoisedMean(np.zeros(1), cohort, 0)
+            record = privacy.round_record(spec, ledger, this, result, cohort, n)
+            before = json.loads(json.dumps(record))  # as the store keeps it
+        assert before is not None and before["rounds"] == rounds
+        return rounds, before["epsilon"]
+
+    done, spent = released(z)
+    assert done == rounds and spent <= budget
+    acc = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_event.SelfComposedDpEvent(dp_event.SampledWithoutReplacementDpEvent(
+        population, cohort, dp_event.GaussianDpEvent(z / 2)), rounds))  # fmt: skip
+    assert spent == pytest.approx(float(acc.get_epsilon(delta)), rel=1e-9)
+    assert released(z / NOISE_GRID)[0] < rounds

@@ -179,6 +179,8 @@ def test_no_late_assignments_under_dp(dp_fleet) -> None:
         ({"clip": 1.0, "epsilon": 2.0}, "sync", "needs population"),
         ({"clip": 1.0, "epsilon": 2.0, "population": 5}, "sync", "at least the round's target"),
         ({"clip": 1.0, "noise_multiplier": 1.0, "population": 500}, "sync", "epsilon only"),
+        # goal 10: target 13, a window admits ceil(13 x 4) = 52 candidates, never 53
+        ({"clip": 1.0, "epsilon": 2.0, "population": 53}, "sync", "window admits"),
         ({"clip": -1.0, "noise_multiplier": 1.0}, "sync", "plan.dp.clip must be"),
         ({"clip": 1.0, "noise_multiplier": 0}, "sync", "plan.dp.noise_multiplier must be"),
         ({"clip": 1.0, "noise_multiplier": 1.0, "delta": 0.5}, "sync", "plan.dp.delta must"),
@@ -213,8 +215,8 @@ def test_dp_plans_refuse_robust_aggregation_and_round_trip() -> None:
 
 
 def test_a_target_epsilon_is_calibrated_to_a_noise_multiplier() -> None:
-    plan = TaskPlan.from_json({"rounds": 50, "goal": 20, "dp": {"clip": 1.0, "epsilon": 4.0,
-                                                                 "population": 1000}})  # fmt: skip
+    dp = {"clip": 1.0, "epsilon": 4.0, "population": 1000}
+    plan = TaskPlan.from_json({"rounds": 50, "goal": 20, "max_candidates_factor": 40.0, "dp": dp})
     assert plan.robust.undefended and plan.dp is not None
     assert plan.dp.budget == 4.0
     # the calibrated noise keeps 50 rounds of 26 out of 1000 within the budget
@@ -287,7 +289,7 @@ def test_a_create_with_an_epsilon_target_stores_the_calibrated_noise(
     here against dp-accounting on both sides of it."""
     admin = clocked_coordinator.admin()
     bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
-    plan = {"rounds": 40, "goal": 20, "over_selection": 1.0,
+    plan = {"rounds": 40, "goal": 20, "over_selection": 1.0, "max_candidates_factor": 40.0,
             "dp": {"clip": 1.0, "epsilon": 3.0, "population": 800}}  # fmt: skip
     task = admin.create_task(bundle_id, plan)
     dp = admin.task(task["task_id"])["plan"]["dp"]

@@ -82,3 +82,43 @@ def test_devices_run_every_stage_and_a_lapsed_one_drops_out(
 def test_a_malformed_secagg_plan_is_refused_before_any_message(raw: Any) -> None:
     with pytest.raises(ValueError, match="plan 'secagg'"):
         SecAggPlan.from_json(raw)
+
+
+def test_a_busy_coordinator_is_waited_for_not_a_failed_round() -> None:
+    """503 overloaded past the transport's own retries (a whole cohort polling one worker):
+    the loop waits and asks again, and a resend the server already had is a replay."""
+    import json as _json
+
+    from edge_sdk.transport import RetryPolicy
+    from tests.edge_sdk.loopback import Loopback, Reply, Seen
+
+    busy = _json.dumps({"error": {"code": "overloaded", "message": "busy"}}).encode()
+    answers = iter([
+        Reply(503, busy, {"Retry-After": "1"}),  # the first poll
+        Reply(200, _json.dumps({"stage": "advertise", "index": 0, "threshold": 1,
+                                "answered": False, "retry_after_s": 0.1}).encode()),
+        Reply(503, busy, {"Retry-After": "1"}),  # the advertisement: in, its answer lost
+        Reply(200, _json.dumps({"stage": "advertise", "index": 0, "threshold": 1,
+                                "answered": False, "retry_after_s": 0.1}).encode()),
+        Reply(409, _json.dumps({"error": {"code": "secagg_replay", "message": "again"}}).encode()),
+        Reply(200, _json.dumps({"stage": "closed", "outcome": "abandoned",
+                                "reason": "too_few_after_share", "retry_after_s": 9.0}).encode()),
+    ])  # fmt: skip
+    slept: list[float] = []
+
+    def handle(seen: Seen) -> Reply:
+        return next(answers)
+
+    with Loopback(handle) as server:
+        t = Transport(server.url, retry=RetryPolicy(max_attempts=1))
+        t.credentials = ("d-1", "s")
+        plan = {"bits": 20, "clip": 1.0, "levels": 100, "max_weight": 10, "stage_timeout_s": 4.0}
+        assignment = {"assignment_id": "a-1", "task_id": "t-1", "round": 1,
+                      "plan": {"secagg": plan}, "deadline_in_s": 10.0}  # fmt: skip
+        loop = SecAggLoop(t, assignment, np.zeros(3), 1, rng=np.random.default_rng(0),
+                          sleep=slept.append)  # fmt: skip
+        result = loop.run()
+        t.close()
+    assert result == SecAggResult("abandoned", "advertise", "too_few_after_share", 9.0)
+    assert slept == [1.0, 1.0]  # the coordinator's Retry-After, twice
+    assert [s.method for s in server.seen] == ["GET", "GET", "POST", "GET", "POST", "GET"]

@@ -28,6 +28,41 @@ class DpTest {
         assertSame(x, Dp.clipToNorm(x, 4.3)) // norm 4.2168 is within: the same array
     }
 
+    /** tests/edge_sdk/test_dp.py's pinned vector: full-mantissa floats over 13 binades, exact. */
+    private fun pinnedVector(n: Int = 459) = FloatArray(n) { i ->
+        val h = (i.toLong() * 2654435761L) and 0xFFFFFFFFL
+        (((h and 0xFFFFFFL) - (1L shl 23)).toDouble() * Math.scalb(1.0, -24) * Math.scalb(1.0, i % 13 - 6)).toFloat()
+    }
+
+    @Test
+    fun clipsBitForBitWhereASummationOrderWouldShow() {
+        val x = pinnedVector()
+        // A plain loop sums these squares an ulp short, and at this bound the float scale then
+        // rounds the other way; the correctly rounded norm is what Python's math.fsum gives.
+        var loop = 0.0
+        for (v in x) loop += v.toDouble() * v.toDouble()
+        val bound = 36.97016603233627
+        val norm = Math.sqrt(Dp.exactSum(DoubleArray(x.size) { x[it].toDouble() * x[it].toDouble() }))
+        assertEquals(0x405ecef7d2055c22L, norm.toRawBits()) // Python: math.sqrt(math.fsum(...))
+        assertTrue((bound / Math.sqrt(loop)).toFloat() != (bound / norm).toFloat())
+        val clipped = Dp.clipToNorm(x, bound)
+        // Python: clip_to_norm(pinned_vector(), bound).view(np.uint32), summed and first/last
+        assertEquals(966508802657L, clipped.sumOf { it.toRawBits().toLong() and 0xFFFFFFFFL })
+        assertEquals(0xbb19999a.toInt(), clipped[0].toRawBits())
+        assertEquals(0xbc1a499c.toInt(), clipped[458].toRawBits())
+    }
+
+    @Test
+    fun theExactSumIsCorrectlyRounded() {
+        assertEquals(0.0, Dp.exactSum(DoubleArray(0)), 0.0)
+        // 1 + 10,000 x 1e-10: a loop rounds at every step and misses 1.000001 (Python: fsum hits it)
+        val many = DoubleArray(10_001) { if (it == 0) 1.0 else 1e-10 }
+        assertEquals(1.000001, Dp.exactSum(many), 0.0)
+        // a half-way case the last partial decides (math.fsum([1, 2**-53, 2**-80]) == 1 + 2**-52)
+        assertEquals(1.0 + Math.ulp(1.0), Dp.exactSum(doubleArrayOf(1.0, Math.scalb(1.0, -53), Math.scalb(1.0, -80))), 0.0)
+        assertEquals(1.0, Dp.exactSum(doubleArrayOf(1.0, Math.scalb(1.0, -53), -Math.scalb(1.0, -80))), 0.0)
+    }
+
     @Test
     fun aPlanCarriesTheClipAndRefusesABadOne() {
         val base = JSONObject().put("lr", 0.1).put("epochs", 1)
