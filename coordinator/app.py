@@ -37,6 +37,7 @@ from coordinator import dashboard
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import ApiError, BodyTooLarge, Overloaded
 from coordinator.group_commit import GroupCommit
+from coordinator.plan import calibrate_ahead
 from coordinator.secagg import routes as secagg_routes
 from coordinator.service import AdmittedUpload, Coordinator, DeviceIdentity, StagedUpload
 from edge_sdk.protocol import (
@@ -424,7 +425,11 @@ def build_app(coord: Coordinator) -> web.Application:
     @routes.post(Route.ADMIN_TASKS)
     async def create_task(request: web.Request) -> web.Response:
         admin(request)
-        return ok(await run(coord.create_task, await body(request)), 201)
+        data = await body(request)
+        # An epsilon target's noise calibration runs here, on a spare thread, and not on the
+        # worker that device requests queue behind (the worker then finds it cached).
+        await asyncio.to_thread(calibrate_ahead, data)
+        return ok(await run(coord.create_task, data), 201)
 
     @routes.get(Route.ADMIN_TASKS)
     async def list_tasks(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ part a device receives in its assignment.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from coordinator.aggregation import ServerOptimizerSpec
 from coordinator.async_buffer import AsyncConfig
 from coordinator.eligibility import TaskEligibility
-from coordinator.errors import InvalidRequest
+from coordinator.errors import ApiError, InvalidRequest
 from coordinator.robust.spec import RobustSpec
 from coordinator.secagg.spec import SecAggSpec
 from coordinator.validation import Fields
@@ -30,7 +31,7 @@ from edge_sdk.local_training import BATCHNORM_MODES
 if TYPE_CHECKING:
     from coordinator.privacy import DpSpec
 
-__all__ = ["TaskPlan"]
+__all__ = ["TaskPlan", "calibrate_ahead"]
 
 # A selection phase that has not gathered goal candidates by then gives up or starts smaller;
 # five minutes is a few pace-steering intervals of a small population.
@@ -247,3 +248,19 @@ class TaskPlan:
             **({} if self.dp is None else {"dp": self.dp.client_json()}),
             **({} if self.secagg is None else {"secagg": self.secagg.client_json()}),
         }
+
+
+def calibrate_ahead(body: bytes) -> None:
+    """Validate a task-create body's plan once for a side effect: a ``dp.epsilon`` target's
+    noise calibration (``coordinator.privacy.noise_for_budget``, up to seconds of accountant
+    time under load) lands in that function's cache. The HTTP layer runs this on a spare
+    thread before queueing the request, so that the serialized worker which device requests
+    wait behind finds the answer there. Errors are left to the worker's own validation."""
+    try:
+        raw = json.loads(body)
+        plan = raw.get("plan") if isinstance(raw, dict) else None
+        dp = plan.get("dp") if isinstance(plan, dict) else None
+        if isinstance(dp, dict) and "epsilon" in dp:
+            TaskPlan.from_json(plan)
+    except (ValueError, TypeError, ApiError):
+        pass

@@ -299,6 +299,45 @@ def test_a_create_with_an_epsilon_target_stores_the_calibrated_noise(
     assert _expected_epsilon([(800, 20)] * 40, z / NOISE_GRID) > 3.0
 
 
+def test_the_calibration_does_not_hold_the_worker_device_requests_wait_behind(
+    clocked_coordinator, tiny_bundle, monkeypatch
+) -> None:
+    """Requests run one at a time on the coordinator's worker: a create request's epsilon
+    calibration (seconds of accountant time under load) must not run there. Held here until
+    the test lets it go; meanwhile a request through the worker must answer."""
+    import threading
+
+    from coordinator import privacy
+
+    admin = clocked_coordinator.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    entered, release, real = threading.Event(), threading.Event(), privacy.noise_for_budget
+
+    def held(*args: Any) -> float:
+        entered.set()
+        release.wait(20.0)
+        return real(*args)
+
+    monkeypatch.setattr(privacy, "noise_for_budget", held)
+    plan = {"rounds": 5, "goal": 10, "dp": {"clip": 1.0, "epsilon": 2.0, "population": 20}}
+    created: dict[str, Any] = {}
+    create = threading.Thread(target=lambda: created.update(admin.create_task(bundle_id, plan)))
+    listed: list[Any] = []
+    listing = threading.Thread(target=lambda: listed.append(admin.tasks()))
+    create.start()
+    try:
+        assert entered.wait(20.0)
+        listing.start()
+        listing.join(5.0)
+        assert listed == [[]]  # answered while the calibration was held: not on the worker
+    finally:
+        release.set()
+        create.join(30.0)
+        listing.join(30.0)
+    stored = admin.task(created["task_id"])["plan"]["dp"]
+    assert stored["noise_multiplier"] == real(2.0, 20, 13, 5, DELTA)
+
+
 def test_a_dp_task_runs_no_evaluation_round_and_publishes_no_training_metrics(
     dp_fleet,
 ) -> None:
