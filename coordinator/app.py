@@ -25,7 +25,6 @@ import math
 import os
 import ssl
 import threading
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -123,15 +122,13 @@ class WorkQueue:
     client went away still counts until it has run.
 
     Operations run in submission order, in batches: whatever was submitted while the worker
-    was busy runs in one executor job, and its answers go back to the event loop together.
-    Under load that saves most of the cost of handing a check-in to the worker (a job
-    submission, a future chained to the loop and a wake-up each, and the GIL handed back and
-    forth) without delaying anything when idle. Answers wait for at most ``FLUSH_S`` of later
-    work, and never for internal work (commits, ticks: fsyncs that take milliseconds). An
-    operation whose caller was cancelled before it started is skipped.
+    was busy runs in one executor job. Each answer goes out as soon as its operation ends,
+    never behind later work (any operation may be slow: a check-in running a due tick, an
+    fsync); answers ready before the event loop got round to them go back together, on one
+    wake-up. Under load that saves most of the cost of handing a check-in to the worker (a
+    job submission, a future chained to the loop and a wake-up each, and the GIL handed
+    back and forth). An operation whose caller was cancelled before it started is skipped.
     """
-
-    FLUSH_S = 0.0005
 
     def __init__(self, bound: int, retry_after_s: float) -> None:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="fedge-coordinator")
@@ -144,6 +141,8 @@ class WorkQueue:
         # drain job is queued or running while _draining is set.
         self._queued: list[tuple[Callable[[], Any], asyncio.Future[Any], bool]] = []
         self._draining = False
+        # Answers the event loop has not taken yet; a wake-up is scheduled while non-empty.
+        self._ready: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
 
     def _finished(self) -> None:
         with self._lock:
@@ -187,26 +186,28 @@ class WorkQueue:
                 if not batch:
                     self._draining = False
                     return
-            answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-            since = 0.0  # when the oldest answer not yet sent was ready
-            for fn, future, internal in batch:
-                if answers and (internal or time.perf_counter() - since > self.FLUSH_S):
-                    loop.call_soon_threadsafe(self._settle, answers)
-                    answers = []
+            for fn, future, _ in batch:
+                if future.cancelled():  # a benign race: at worst it runs anyway
+                    self._finished()
+                    continue
+                result: Any = None
+                error: BaseException | None = None
                 try:
-                    if not future.cancelled():  # a benign race: at worst it runs anyway
-                        answers.append((future, fn(), None))
+                    result = fn()
                 except BaseException as e:  # the caller's to handle, as if it ran fn itself
-                    answers.append((future, None, e))
+                    error = e
                 finally:
                     self._finished()
-                if len(answers) == 1:
-                    since = time.perf_counter()
-            if answers:
-                loop.call_soon_threadsafe(self._settle, answers)
+                with self._lock:
+                    self._ready.append((future, result, error))
+                    wake = len(self._ready) == 1
+                if wake:
+                    loop.call_soon_threadsafe(self._settle)
 
-    @staticmethod
-    def _settle(answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    def _settle(self) -> None:
+        """On the event loop: hand out every answer ready now."""
+        with self._lock:
+            answers, self._ready = self._ready, []
         for future, result, error in answers:
             if future.done():
                 continue

@@ -27,6 +27,7 @@ from coordinator.secagg.spec import SecAggSpec
 from coordinator.validation import Fields
 from edge_sdk.codecs.spec import CodecSpec, CodecSpecError
 from edge_sdk.local_training import BATCHNORM_MODES
+from edge_sdk.secagg import graph
 
 if TYPE_CHECKING:
     from coordinator.privacy import DpSpec
@@ -152,31 +153,38 @@ class TaskPlan:
             if f.has("over_selection") and plan.over_selection != 1.0:
                 raise InvalidRequest("plan.over_selection must be 1 (or absent) with wait_for_all")
             plan = dataclasses.replace(plan, over_selection=1.0)
-        if dp_raw is not None:
+        if dp_raw is not None and secagg_raw is None:
             # "robust": "none" (as a stored DP plan says) is what DP-FedAvg does anyway
             plan = plan._with_dp(
                 dp_raw, robust_given=f.has("robust") and not plan.robust.undefended
             )
         if secagg_raw is not None:
             plan = plan._with_secagg(
-                secagg_raw, robust_given=f.has("robust") and not plan.robust.undefended
+                secagg_raw, dp_raw, robust_given=f.has("robust") and not plan.robust.undefended
             )
         return plan
 
-    def _with_secagg(self, raw: Any, *, robust_given: bool) -> TaskPlan:
+    def _with_secagg(self, raw: Any, dp_raw: Any, *, robust_given: bool) -> TaskPlan:
         if robust_given:
             raise InvalidRequest(
                 "plan.robust cannot be combined with plan.secagg: the server sees only the "
                 "sum of the round's updates, so no robust aggregator can look at one; each "
                 "update is clipped on the device to plan.secagg.clip instead"
             )
-        if self.dp is not None:
-            raise InvalidRequest(
-                "plan.dp cannot be combined with plan.secagg yet: central DP noises a sum the "
-                "server sees in the clear, and distributed DP (discrete Gaussian noise added "
-                "by each device in the ring) is not wired into the SecAgg stages"
-            )
         spec = SecAggSpec.from_json(raw, cohort=self.target)
+        if dp_raw is not None:  # distributed DP: each device noises its own update
+            try:  # the privacy extra (dp-accounting), as for central DP
+                from coordinator.secagg.dp import DistributedDp
+            except ImportError as e:
+                raise InvalidRequest(f"plan.dp needs the coordinator's privacy extra: {e}") from e
+            # The fewest survivors a round can commit with: min_reports, or the SecAgg
+            # threshold of the smallest cohort selection allows (it grows with the cohort).
+            smallest = max(2, min(self.min_reports, self.target))
+            fewest = max(self.min_reports, graph.parameters(smallest, spec.dropout)[1])
+            dp = DistributedDp.from_json(
+                dp_raw, levels=spec.levels, rounds=self.rounds, min_survivors=fewest
+            )
+            spec = spec.with_dp(dp, clip_given=isinstance(raw, dict) and "clip" in raw)
         return dataclasses.replace(self, secagg=spec, robust=RobustSpec.none())
 
     def _with_dp(self, raw: Any, *, robust_given: bool) -> TaskPlan:
@@ -231,7 +239,7 @@ class TaskPlan:
             "wait_for_all": self.wait_for_all,
             **self.buffer.to_plan(),
             **({} if self.dp is None else {"dp": self.dp.to_json()}),
-            **({} if self.secagg is None else {"secagg": self.secagg.to_json()}),
+            **({} if self.secagg is None else self.secagg.plan_json()),
         }
 
     def client_json(self) -> dict[str, Any]:

@@ -228,12 +228,13 @@ def noise_for_budget(
     """The smallest noise multiplier on the grid ``NOISE_GRID ** k`` whose ``rounds`` rounds
     stay within ``budget`` at ``delta`` by the ledger's accountant.
 
-    Fast enough for the task-create request: a search on a few cheap RDP orders, a second on
-    the accountant's orders around the best of those, then one evaluation with all of its
-    orders one grid step below the answer (epsilon from a subset of orders is never below the
-    accountant's, so the answer can only be too high, and that check proves it is not). About
-    ten evaluations of a few orders and one full one, against a dozen full ones for a plain
-    bisection; the answer is the same grid point.
+    Cached, and run for a create request on a spare thread before the request reaches the
+    serialized worker (:func:`coordinator.plan.calibrate_ahead`). A search on a few cheap RDP
+    orders, a second on the accountant's orders around the best of those, then one evaluation
+    with all of its orders one grid step below the answer (epsilon from a subset of orders is
+    never below the accountant's, so the answer can only be too high, and that check proves it
+    is not). About ten evaluations of a few orders and one full one, against a dozen full ones
+    for a plain bisection; the answer is the same grid point.
     """
     if not (math.isfinite(budget) and budget > 0) or rounds < 1:
         raise ValueError("the budget must be positive and finite, rounds at least 1")

@@ -233,9 +233,10 @@ class BufferedAsync(TaskPolicy):
             return _wait(self.steer(task, plan, now), "window_full")
         if not plan.buffer.admits(len(in_flight)):
             return _wait(self.steer(task, plan, now), "window_full")
-        with self.ctx.turn(rnd, wait=False) as locked:
+        with self.ctx.turn(rnd) as locked:
             # Among replicas, counted again under the buffer round's lock (every assignment
-            # goes to the open round): max_concurrency holds.
+            # goes to the open round; held briefly: by a check-in, a batch of uploads or the
+            # commit of K updates): max_concurrency holds.
             if locked is None or (
                 self.ctx.replica is not None
                 and (
@@ -248,7 +249,8 @@ class BufferedAsync(TaskPolicy):
                 new_assignment_id(), rnd.round_id, task.task_id, device_id,
                 "train", "delivered", now, delivered_at=now,
             )  # fmt: skip
-            store.add_assignments([a])
+            with store.relaxed_durability():  # its upload's commit syncs it
+                store.add_assignments([a])
         expiry = now + plan.round_deadline_s
         self._next_expiry[task.task_id] = min(self._next_expiry.get(task.task_id, expiry), expiry)
         return self._answer(a, rnd, task, plan, now)

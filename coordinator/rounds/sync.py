@@ -63,6 +63,7 @@ from coordinator.store import (
 )
 from coordinator.tensors import decode_delta
 from edge_sdk.protocol import ErrorCode
+from edge_sdk.secagg import graph
 
 __all__ = ["SyncRounds"]
 
@@ -104,7 +105,8 @@ class SyncRounds(TaskPolicy):
                 store.candidates(rnd.round_id)
             ):
                 return _wait(self.steer(task, plan, now), "window_full")
-            store.add_candidate(rnd.round_id, device_id, now)
+            with store.relaxed_durability():  # a lost candidate checks in again
+                store.add_candidate(rnd.round_id, device_id, now)
             rnd = self._maybe_select(task, plan, rnd, now)
             if rnd.state == "selecting":
                 return _wait(self.ctx.pacing.after_window(now, rnd.window_ends_at), "selecting")
@@ -139,7 +141,8 @@ class SyncRounds(TaskPolicy):
                         now,
                         delivered_at=now,
                     )
-                    store.add_assignments([a])
+                    with store.relaxed_durability():  # its upload's commit syncs it
+                        store.add_assignments([a])
                     return assignment_json(a, rnd, task, plan, now)
         return _wait(self.steer(task, plan, now), "window_full")
 
@@ -147,7 +150,10 @@ class SyncRounds(TaskPolicy):
         self, a: Assignment, rnd: Round, task: Task, plan: TaskPlan, now: float
     ) -> dict[str, Any]:
         if a.state == "selected":
-            self.ctx.store.update_assignment(a.assignment_id, state="delivered", delivered_at=now)
+            with self.ctx.store.relaxed_durability():  # a lost delivery is delivered again
+                self.ctx.store.update_assignment(
+                    a.assignment_id, state="delivered", delivered_at=now
+                )
         return assignment_json(a, rnd, task, plan, now)
 
     def steer(self, task: Task, plan: TaskPlan, now: float) -> float:
@@ -221,6 +227,10 @@ class SyncRounds(TaskPolicy):
                 return self._stop_for_budget(task, rnd, now)
             # Amplification by sampling needs a draw nobody can predict: not the seeded rng.
             rng = random.SystemRandom()
+        if plan.secagg is not None and plan.secagg.dp is not None and rnd.kind == "train":
+            fewest = max(rnd.min_reports, graph.parameters(cohort, plan.secagg.dropout)[1])
+            if self._ddp_would_exceed(task, plan, fewest):
+                return self._stop_for_budget(task, rnd, now)
         chosen = rng.sample(candidates, cohort)
         with store.atomic():
             store.add_assignments(
@@ -375,7 +385,12 @@ class SyncRounds(TaskPolicy):
             if plan.dp is not None:
                 delta = self._dp_mean(task, plan, rnd, n, metrics)
             elif secagg is not None and secagg.result is not None:
-                delta = secagg.result.mean  # the server never saw one update
+                # the server never saw one update; with distributed DP, nor an un-noised sum
+                delta = (
+                    secagg.result.mean
+                    if plan.secagg is None or plan.secagg.dp is None
+                    else self._ddp_mean(task, plan, rnd, secagg, n, metrics)
+                )
             else:
                 running = self.ctx.sums.get(task.task_id, rnd.round_id, n)
                 agg = aggregate_updates(
@@ -484,14 +499,69 @@ class SyncRounds(TaskPolicy):
             rnd.goal,
         )
         metrics["dp"] = privacy.round_record(plan.dp, ledger, this, result, rnd.goal, released)
+        budget = plan.dp.budget
+        exceeds = budget is not None and ledger.would_exceed(this, budget)
+        self._dp_released(task, plan, metrics, exceeds)
+        return result.mean
+
+    def _dp_released(
+        self, task: Task, plan: TaskPlan, metrics: dict[str, Any], next_exceeds: bool
+    ) -> None:
+        """What every DP commit adds to its metrics besides its record."""
+        from coordinator.privacy import BUDGET_REASON
+
         # The devices' training loss and accuracy carry no noise: published with the round,
         # they would escape the ledger.
         metrics.update(loss=None, accuracy=None)
         # The plan's last round completes the task anyway: no budget stop to report.
-        last = task.rounds_completed + 1 >= plan.rounds
-        if not last and plan.dp.budget is not None and ledger.would_exceed(this, plan.dp.budget):
-            metrics["stopped"] = privacy.BUDGET_REASON
-        return result.mean
+        if next_exceeds and task.rounds_completed + 1 < plan.rounds:
+            metrics["stopped"] = BUDGET_REASON
+
+    # -- distributed DP (coordinator.secagg.dp): the devices noised the sum in the ring --------
+
+    def _ddp_ledger(self, task: Task, plan: TaskPlan) -> Any:
+        """``(the ledger before this round, the DP rounds released before it)``."""
+        from coordinator import privacy
+
+        assert plan.secagg is not None and plan.secagg.dp is not None
+        before = self._dp_record(task)
+        released = 0 if before is None else int(before["rounds"])
+        return privacy.ledger_after(plan.secagg.dp.delta, before), released
+
+    def _ddp_would_exceed(self, task: Task, plan: TaskPlan, fewest: int) -> bool:
+        from coordinator.secagg.dp import ledger_plus
+
+        assert plan.secagg is not None and plan.secagg.dp is not None
+        dp = plan.secagg.dp
+        if dp.budget is None:
+            return False
+        ledger, _ = self._ddp_ledger(task, plan)
+        this = dp.rdp(self.ctx.num_parameters(task), fewest)
+        return bool(ledger_plus(ledger, this).epsilon() > dp.budget)
+
+    def _ddp_mean(
+        self, task: Task, plan: TaskPlan, rnd: Round, session: Any, n: int,
+        metrics: dict[str, Any],
+    ) -> np.ndarray:  # fmt: skip
+        """The unmasked noisy sum over the fixed denominator (the round's goal, every device
+        at full weight); records the round's privacy cost, accounted with the fewest
+        survivors the session could have committed with."""
+        from coordinator.secagg.dp import ledger_plus, round_record
+
+        assert plan.secagg is not None and plan.secagg.dp is not None
+        dp, result = plan.secagg.dp, session.result
+        ledger, released = self._ddp_ledger(task, plan)
+        this = dp.rdp(n, session.min_survivors)
+        ledger = ledger_plus(ledger, this)
+        metrics["dp"] = round_record(
+            dp, ledger, dim=n, min_survivors=session.min_survivors,
+            survivors=len(result.survivors), cohort=len(session.devices), goal=rnd.goal,
+            released=released,
+        )  # fmt: skip
+        exceeds = dp.budget is not None and ledger_plus(ledger, this).epsilon() > dp.budget
+        self._dp_released(task, plan, metrics, exceeds)
+        mean: np.ndarray = result.weighted_sum / (session.spec.max_weight * rnd.goal)
+        return mean
 
     def _metrics(self, task: Task, rnd: Round, now: float) -> dict[str, Any]:
         """A closing round's metrics, from aggregate queries (no per-update rows in memory)."""

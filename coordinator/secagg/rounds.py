@@ -298,7 +298,9 @@ def _indexed(raw: Any, what: str) -> dict[int, bytes]:
                              ErrorCode.SECAGG_INVALID)  # fmt: skip
     out: dict[int, bytes] = {}
     for key, value in raw.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):
+        # canonical only: "01" and "1" would name one device, and one of them be dropped
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9
+                and key == str(int(key))):  # fmt: skip
             raise InvalidRequest(f"{what}: {key!r} is not a device index",
                                  ErrorCode.SECAGG_INVALID)  # fmt: skip
         out[int(key)] = b64decode(value, f"{what}.{key}")

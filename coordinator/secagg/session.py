@@ -14,6 +14,8 @@ A stage ends when every device expected at it answered, or at its deadline
    cannot be protected and are left out (repeatedly, as leaving one out may strand another).
 2. **share**: each device gets its advertising neighbours' keys and sends one AES-GCM
    ciphertext per neighbour holding Shamir shares of its self-mask seed and of its mask key.
+   When the stage ends, devices fewer than ``threshold`` neighbours of which shared are left
+   out the same way (nobody could open their self mask).
 3. **mask**: each device gets the ciphertexts addressed to it and the list of devices that
    shared, and uploads its masked ring vector; the server only ever adds these up.
 4. **unmask**: each uploader gets the survivors and the dropouts (shared, did not upload) and
@@ -45,7 +47,7 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from coordinator.errors import Conflict, Forbidden, InvalidRequest
 from edge_sdk.protocol import ErrorCode
@@ -127,6 +129,10 @@ class SecAggSession:
         stage_timeout_s``), later stages get ``stage_timeout_s`` each."""
         if len(set(devices)) != len(devices):
             raise ValueError("a device appears twice in the cohort")
+        needed = ring.RingSpec.for_cohort(len(devices), spec.clip, spec.levels, spec.max_weight)
+        if needed.bits > spec.bits:
+            # The masked sum would wrap and decode to garbage (weights included).
+            raise ValueError(f"a {spec.bits}-bit ring cannot hold {len(devices)} devices' sum")
         degree, threshold = graph.parameters(len(devices), dropout)
         out = cls(
             devices=tuple(devices),
@@ -188,6 +194,10 @@ class SecAggSession:
             k in (c_public, s_public) for pair in self.keys.values() for k in pair
         ):
             raise _invalid("public keys must be fresh: distinct from each other and others'")
+        if not (_agreeable(c_public) and _agreeable(s_public)):
+            # A low-order point makes every neighbour's agreement with it fail: one device
+            # would stall its neighbours' shares and masks, and this server's unmasking.
+            raise _invalid("a public key is a low-order X25519 point")
         return ("advertise", device_id, bytes(c_public), bytes(s_public))
 
     def check_share(self, device_id: str, ciphertexts: Mapping[int, bytes]) -> Event:
@@ -327,9 +337,11 @@ class SecAggSession:
         if self.record:
             self.events.append(("close", stage, now))
         answered = set(self._answered())
-        if stage == "advertise":
-            # Leave out devices too few neighbours of which advertised (they could not be
-            # unmasked), until every remaining one has enough.
+        if stage in ("advertise", "share"):
+            # Leave out devices too few neighbours of which advertised (after advertise) or
+            # hold their shares (after share): their self mask could never be opened, and
+            # one such vector in the sum would leave the whole sum masked. Repeated until
+            # every remaining one has enough. (Not after mask: a vector in the sum stays.)
             while True:
                 short = {u for u in answered if len(self.links[u] & answered) < self.threshold}
                 if not short:
@@ -358,7 +370,7 @@ class SecAggSession:
                     (u, v, masking.pair_seed(s_private, self.keys[u][1], self.context))
                     for u in sorted(self.links[v] & survivors)
                 ]
-        except shamir.ShamirError:
+        except (shamir.ShamirError, crypto.CryptoError):
             self.stage, self.reason = "abandoned", "unmasking_failed"
             return
         total = masking.unmask(self.masked_sum, self_seeds, pairs, self.spec.bits)
@@ -393,6 +405,16 @@ class SecAggSession:
         if u in fresh:
             raise Conflict(f"this device already answered stage {stage}", ErrorCode.SECAGG_REPLAY)
         return u
+
+
+def _agreeable(public: bytes) -> bool:
+    """Whether X25519 agreement with ``public`` yields a key (not the all-zero point that
+    every low-order public key gives, whatever the private key)."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return False
+    return True
 
 
 def _public(private: bytes) -> bytes:

@@ -16,12 +16,15 @@ the first (the first is the round's training deadline).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from coordinator.errors import InvalidRequest
 from coordinator.validation import Fields
 from edge_sdk.secagg import graph, ring
+
+if TYPE_CHECKING:
+    from coordinator.secagg.dp import DistributedDp
 
 __all__ = ["SecAggSpec"]
 
@@ -34,6 +37,7 @@ class SecAggSpec:
     max_weight: int = 1000
     stage_timeout_s: float = 60.0
     cohort: int = 2  # the round's target: the most vectors a sum can hold
+    dp: DistributedDp | None = None  # distributed DP (coordinator.secagg.dp): noise per device
 
     @classmethod
     def from_json(cls, raw: Any, *, cohort: int) -> SecAggSpec:
@@ -53,15 +57,27 @@ class SecAggSpec:
             raise InvalidRequest(
                 "plan.secagg needs a cohort of at least 2 devices (goal x over_selection)"
             )
+        return spec._checked()
+
+    def with_dp(self, dp: DistributedDp, *, clip_given: bool) -> SecAggSpec:
+        """The spec with distributed DP: the ring clips to ``dp.clip`` and holds the noise."""
+        if clip_given and self.clip != dp.clip:
+            raise InvalidRequest("plan.secagg.clip must equal plan.dp.clip (or be left out)")
+        return replace(self, clip=dp.clip, dp=dp)._checked()
+
+    def _checked(self) -> SecAggSpec:
         try:
-            spec.ring_spec  # noqa: B018  # sized now: a plan whose sum cannot fit is refused here
+            self.ring_spec  # noqa: B018  # sized now: a plan whose sum cannot fit is refused here
         except ring.RingError as e:
             raise InvalidRequest(f"plan.secagg: {e}") from e
-        return spec
+        return self
 
     @property
     def ring_spec(self) -> ring.RingSpec:
-        return ring.RingSpec.for_cohort(self.cohort, self.clip, self.levels, self.max_weight)
+        headroom = 0 if self.dp is None else self.dp.headroom(self.cohort)
+        return ring.RingSpec.for_cohort(
+            self.cohort, self.clip, self.levels, self.max_weight, headroom
+        )
 
     @property
     def threshold(self) -> int:
@@ -76,8 +92,13 @@ class SecAggSpec:
             "stage_timeout_s": self.stage_timeout_s,
         }
 
+    def plan_json(self) -> dict[str, Any]:
+        """The stored plan's keys: ``secagg``, and ``dp`` with distributed DP."""
+        return {"secagg": self.to_json(), **({} if self.dp is None else {"dp": self.dp.to_json()})}
+
     def client_json(self) -> dict[str, Any]:
         """What a device needs to encode its update: the ring (and the clip it implies)."""
         r = self.ring_spec
         return {"bits": r.bits, "clip": r.clip, "levels": r.levels, "max_weight": r.max_weight,
-                "stage_timeout_s": self.stage_timeout_s}  # fmt: skip
+                "stage_timeout_s": self.stage_timeout_s,
+                **({} if self.dp is None else {"dp": self.dp.client_json()})}  # fmt: skip

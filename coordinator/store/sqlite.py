@@ -35,8 +35,9 @@ class SQLiteStore(SQLStore):
         # isolation_level=None: no implicit transactions; db.atomic() opens explicit ones.
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self.db = Database(conn)
-        if not memory:
-            conn.execute("PRAGMA journal_mode=WAL")
+        # The mode in force: a file system without shared memory keeps the rollback journal.
+        mode = "memory" if memory else conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        self._wal = str(mode).lower() == "wal"
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         self.schema = self.db  # what migrations run against
@@ -52,12 +53,15 @@ class SQLiteStore(SQLStore):
 
     def relaxed_durability(self) -> AbstractContextManager[None]:
         # synchronous=NORMAL in WAL mode: a commit appends to the WAL without an fsync; the
-        # next FULL commit's fsync of the same file covers it. Only outside a transaction: the
-        # setting is the connection's, and an enclosing transaction decides for itself.
+        # next FULL commit's fsync of the same file covers it (recovery replays a prefix of
+        # the WAL: a power cut loses the newest commits, never leaves a gap). Only in WAL
+        # mode: with a rollback journal, NORMAL risks a corrupt file, not just recent rows.
+        # Only outside a transaction: the setting is the connection's, and an enclosing
+        # transaction decides for itself.
         @contextmanager
         def block() -> Iterator[None]:
             conn = self.db.conn
-            if conn.in_transaction:
+            if not self._wal or conn.in_transaction:
                 yield
                 return
             conn.execute("PRAGMA synchronous=NORMAL")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_sdk.secagg import crypto, masking, ring, shamir
+from edge_sdk.secagg.noise import DeviceNoise, noisy_encode
 
 __all__ = ["CIPHERTEXT_BYTES", "SecAggDevice", "SecAggRefused", "context_for", "share_aad"]
 
@@ -85,12 +86,17 @@ class SecAggDevice:
         spec: ring.RingSpec,
         sharers: Set[int],
         rng: np.random.Generator,
+        noise: DeviceNoise | None = None,
     ) -> np.ndarray:
         """The masked ring vector of ``(delta, weight)``; pairwise masks with the neighbours
-        that shared (``sharers``: the server's list of stage-2 senders)."""
+        that shared (``sharers``: the server's list of stage-2 senders). With ``noise``
+        (distributed DP): at full weight, with discrete Gaussian noise, whatever ``weight``."""
         if self.index not in sharers:
             raise SecAggRefused("the server says this device did not share its keys")
-        x = ring.encode(delta, weight, spec, rng)
+        if noise is None:
+            x = ring.encode(delta, weight, spec, rng)
+        else:
+            x = noisy_encode(delta, spec, noise, rng)
         seeds = {
             v: masking.pair_seed(self.s.private, s_pub, self.context)
             for v, (_, s_pub) in self._keys.items()

@@ -31,6 +31,7 @@ from edge_sdk.errors import ApiError, ConditionsLapsed, Overloaded, TransportErr
 from edge_sdk.protocol import ErrorCode, Route
 from edge_sdk.secagg import ring
 from edge_sdk.secagg.client import SecAggDevice, SecAggRefused, context_for
+from edge_sdk.secagg.noise import DeviceNoise
 from edge_sdk.transport import Transport
 
 __all__ = ["SecAggLoop", "SecAggPlan", "SecAggResult"]
@@ -45,10 +46,12 @@ _TOO_LATE = (ErrorCode.SECAGG_STAGE.value, ErrorCode.SECAGG_EXCLUDED.value,
 
 @dataclass(frozen=True)
 class SecAggPlan:
-    """The assignment plan's ``secagg`` part: the ring and the stage timeout."""
+    """The assignment plan's ``secagg`` part: the ring, the stage timeout, and the noise of
+    distributed DP (None without)."""
 
     spec: ring.RingSpec
     stage_timeout_s: float
+    noise: DeviceNoise | None = None
 
     @classmethod
     def from_json(cls, raw: Any) -> SecAggPlan:
@@ -61,7 +64,7 @@ class SecAggPlan:
         if not (1 <= spec.bits <= 64 and spec.clip > 0 and math.isfinite(spec.clip)
                 and spec.levels >= 1 and spec.max_weight >= 1 and timeout > 0):  # fmt: skip
             raise ValueError(f"plan 'secagg' is out of range: {raw!r}")
-        return cls(spec, timeout)
+        return cls(spec, timeout, DeviceNoise.from_json(raw.get("dp")))
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class SecAggLoop:
         self.give_up_at = clock() + deadline + 5 * self.plan.stage_timeout_s
         self.device: SecAggDevice | None = None
         self.inbox: dict[int, bytes] = {}
+        self._sent: dict[str, Any] = {}
         self.answered = ""
 
     def run(self) -> SecAggResult:
@@ -134,7 +138,12 @@ class SecAggLoop:
         return SecAggResult("timeout", self.answered)
 
     def _answer(self, stage: str, state: dict[str, Any]) -> None:
-        payload = self._message(stage, state)
+        # Built once per stage: a resend (its first answer lost, or a 503) repeats the same
+        # bytes. A fresh mask would round the update anew under the same masks, and the
+        # difference of two such vectors is the difference of two roundings, in the clear.
+        payload = self._sent.get(stage)
+        if payload is None:
+            payload = self._sent[stage] = self._message(stage, state)
         path = Route.SECAGG_MESSAGE.format(assignment_id=self.assignment_id, stage=stage)
         try:
             if isinstance(payload, bytes):
@@ -172,7 +181,8 @@ class SecAggLoop:
             if stage == "mask":
                 self.inbox = {int(v): _unb64(c) for v, c in state["inbox"].items()}
                 sharers = {int(v) for v in state["sharers"]}
-                y = dev.mask(self.delta, self.weight, self.plan.spec, sharers, self.rng)
+                y = dev.mask(self.delta, self.weight, self.plan.spec, sharers, self.rng,
+                             self.plan.noise)  # fmt: skip
                 return ring.pack(y, self.plan.spec.bits)
             survivors = {int(v) for v in state["survivors"]}
             dropped = {int(v) for v in state["dropped"]}

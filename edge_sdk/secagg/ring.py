@@ -37,12 +37,16 @@ class RingSpec:
     max_weight: int
 
     @classmethod
-    def for_cohort(cls, cohort: int, clip: float, levels: int, max_weight: int) -> RingSpec:
-        if cohort < 1 or levels < 1 or max_weight < 1:
+    def for_cohort(
+        cls, cohort: int, clip: float, levels: int, max_weight: int, headroom: int = 0
+    ) -> RingSpec:
+        """``headroom``: ring units that noise added to the sum may move a coordinate by
+        (distributed DP), on top of the updates' own range."""
+        if cohort < 1 or levels < 1 or max_weight < 1 or headroom < 0:
             raise RingError("cohort, levels and max_weight must be positive")
         if not (math.isfinite(clip) and clip > 0):
             raise RingError("clip must be a positive finite number")
-        bound = cohort * max(levels, max_weight)
+        bound = cohort * max(levels, max_weight) + headroom
         bits = (2 * bound).bit_length() + 1  # 2 * bound + 1 values, with room to spare
         if bits > 64:
             raise RingError(f"a sum of {cohort} vectors needs {bits} bits, more than 64")

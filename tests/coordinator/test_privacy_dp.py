@@ -200,9 +200,12 @@ def test_bad_dp_plans_are_refused_and_create_nothing(
     assert admin.tasks() == []
 
 
-def test_central_dp_with_secure_aggregation_is_refused_with_its_reason() -> None:
-    with pytest.raises(InvalidRequest, match=r"plan\.dp cannot be combined with plan\.secagg"):
-        TaskPlan.from_json({"dp": {"clip": 1.0, "noise_multiplier": 1.0}, "secagg": {}})
+def test_dp_with_secure_aggregation_is_distributed_dp_not_central() -> None:
+    # the server never sees the sum in the clear: devices noise it (tests/coordinator/secagg/
+    # test_dp.py), so no central DpSpec is made
+    plan = TaskPlan.from_json({"dp": {"clip": 1.0, "noise_multiplier": 1.0}, "secagg": {}})
+    assert plan.dp is None and plan.secagg is not None and plan.secagg.dp is not None
+    assert "dp" not in plan.client_json() and "dp" in plan.client_json()["secagg"]
 
 
 def test_dp_plans_refuse_robust_aggregation_and_round_trip() -> None:

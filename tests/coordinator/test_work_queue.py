@@ -23,6 +23,9 @@ def test_a_batch_runs_in_order_on_one_thread_with_each_callers_answer() -> None:
     gate = threading.Event()
     ran: list[int] = []
     threads: set[int] = set()
+    jobs: list[object] = []  # executor jobs submitted: the batch rides in the blocker's
+    submit = queue.executor.submit
+    queue.executor.submit = lambda *a, **k: jobs.append(a) or submit(*a, **k)  # type: ignore[method-assign]
 
     def op(i: int) -> int:
         threads.add(threading.get_ident())
@@ -42,7 +45,7 @@ def test_a_batch_runs_in_order_on_one_thread_with_each_callers_answer() -> None:
         return list(await asyncio.gather(*calls, return_exceptions=True))
 
     answers = _run(main)
-    assert ran == [0, 1, 2, 3, 4, 5] and len(threads) == 1
+    assert ran == [0, 1, 2, 3, 4, 5] and len(threads) == 1 and len(jobs) == 1
     assert answers[:3] == [0, 10, 20] and answers[4:] == [40, 50]
     assert isinstance(answers[3], ValueError) and str(answers[3]) == "three"
     assert queue.pending == 0
@@ -112,3 +115,30 @@ def test_an_answer_does_not_wait_for_internal_work_queued_behind_it() -> None:
     answered, committed = _run(main)
     assert answered < committed - 0.3  # answered while the commit still ran
     queue.executor.shutdown()
+
+
+def test_an_answer_does_not_wait_for_a_slow_request_queued_behind_it() -> None:
+    """A request can take long too (a check-in that runs a due tick, an abort's fsync, an
+    operator's bundle upload): the answers before it go out as soon as they are ready. The
+    slow request waits until the test has seen the quick answer, so holding that answer back
+    would stall for its 5 s timeout."""
+    queue = WorkQueue(bound=100, retry_after_s=1.0)
+    gate, seen_quick = threading.Event(), threading.Event()
+
+    async def main() -> bool:
+        blocker = asyncio.ensure_future(queue.run(gate.wait, 5.0))
+        await asyncio.sleep(0.05)
+        quick = asyncio.ensure_future(queue.run(lambda: "quick"))
+        slow = asyncio.ensure_future(queue.run(seen_quick.wait, 5.0))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await blocker
+        assert await asyncio.wait_for(quick, 2.0) == "quick"
+        seen_quick.set()
+        return await slow
+
+    try:
+        assert _run(main) is True  # the slow request saw the quick answer delivered first
+    finally:
+        seen_quick.set()
+        queue.executor.shutdown()

@@ -41,6 +41,7 @@ __all__ = [
     "start_task",
     "thread_replicas",
     "wait_for",
+    "wait_version",
 ]
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -223,6 +224,12 @@ def partial_rows(url: str, round_id: int | None = None) -> list[Any]:
         return [p for r in store.open_rounds() for p in store.round_partials(r.round_id)]
     finally:
         store.close()
+
+
+def wait_version(admin: AdminClient, task_id: str, version: int) -> None:
+    """Until the task's version is ``version``: an acknowledgement comes before the commit it
+    makes due, which another replica may be making."""
+    wait_for(lambda: admin.task(task_id)["model_version"] >= version, what=f"version {version}")
 
 
 def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:

@@ -23,6 +23,7 @@ from tests.coordinator.replicas.fleet import (
     select,
     start_task,
     thread_replicas,
+    wait_version,
 )
 from tests.fixtures.coordinator import HttpConnection
 
@@ -76,6 +77,7 @@ def test_three_replicas_commit_the_numpy_reference(
                 assert status == 409 and body["error"]["code"] == "round_closed", body
             expected = versions[-1] + fedavg(sent)
             versions.append(expected.astype(np.float32))
+            wait_version(admin, task_id, r + 1)
             for i, d in enumerate(devices[:3]):  # every replica serves the new version
                 got = decode_tensor(d.to(i).params(task_id, "current"))
                 np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
@@ -143,6 +145,7 @@ def test_two_replicas_racing_to_close_a_round_close_it_once(
         for t in threads:
             t.join(30)
         assert results == [None] * 4
+        wait_version(admin, task_id, 1)
         assert len(closing) == 1
         rounds = admin.rounds(task_id)
         assert [r["state"] for r in rounds] == ["committed"]
@@ -212,5 +215,6 @@ def test_a_round_carries_on_from_one_process_to_replicas(
         for k, (d, aid) in enumerate(chosen[3:6], 3):
             assert d.upload(aid, _delta(k), 2 + k)[0] == 200
             sent.append((_delta(k), 2 + k))
+        wait_version(reps[0].admin(), task_id, 1)
         got = decode_tensor(devices[0].params(task_id, 1))
         np.testing.assert_allclose(got, base + fedavg(sent), rtol=1e-6, atol=1e-7)

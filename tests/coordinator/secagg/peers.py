@@ -22,6 +22,7 @@ from edge_sdk.codecs import decode_update
 from edge_sdk.protocol import Route
 from edge_sdk.secagg import ring
 from edge_sdk.secagg.client import SecAggDevice
+from edge_sdk.secagg.noise import DeviceNoise
 from tests.fixtures.coordinator import DeviceHTTP, check
 
 PARAMS = 64
@@ -44,6 +45,7 @@ class Peer:
         self.weight = weight
         plan = assignment["plan"]["secagg"]
         self.spec = ring.RingSpec(plan["bits"], plan["clip"], plan["levels"], plan["max_weight"])
+        self.noise = DeviceNoise.from_json(plan.get("dp"))  # distributed DP
         self.device: SecAggDevice | None = None
         self.inbox: dict[int, bytes] = {}
 
@@ -82,7 +84,7 @@ class Peer:
         if stage == "mask":
             self.inbox = {int(v): base64.b64decode(c) for v, c in state["inbox"].items()}
             y = dev.mask(self.delta, self.weight, self.spec, set(state["sharers"]),
-                         np.random.default_rng(self.weight))  # fmt: skip
+                         np.random.default_rng(self.weight), self.noise)  # fmt: skip
             return stage, ring.pack(y, self.spec.bits)
         opened = dev.unmask(self.inbox, set(state["survivors"]), set(state["dropped"]))
         return stage, {"shares": {str(u): b64(s) for u, s in opened.items()}}
@@ -98,7 +100,7 @@ class Peer:
 class SecAggRound:
     def __init__(
         self, coord: EmbeddedCoordinator, bundle: Any, n: int, *, goal: int | None = None,
-        seed: int = 0, **secagg: Any,
+        seed: int = 0, extra: dict[str, Any] | None = None, **secagg: Any,
     ) -> None:  # fmt: skip
         self.coord = coord
         self.admin = coord.admin()
@@ -107,7 +109,7 @@ class SecAggRound:
         plan = {"goal": goal, "over_selection": n / goal, "selection_window_s": 1.0,
                 "round_deadline_s": TRAIN_S, "min_reporting_fraction": 0.3, "rounds": 5,
                 "secagg": {"stage_timeout_s": STAGE_S, "max_weight": 100, "clip": 2.0,
-                           **secagg}}  # fmt: skip
+                           **secagg}, **(extra or {})}  # fmt: skip
         self.task = self.admin.create_task(bundle_id, plan)
         self.task_id = self.task["task_id"]
         rng = np.random.default_rng(seed)

@@ -162,6 +162,7 @@ def test_the_server_stores_no_update_in_the_clear(
     monkeypatch.setattr(service, "decode_delta", never)
     sums: list[object] = []
     real_decode = session.ring.decode_sum
+
     def decode_once(total: np.ndarray, spec: ring.RingSpec) -> tuple[np.ndarray, int]:
         sums.append(total)
         return real_decode(total, spec)
@@ -234,6 +235,8 @@ def test_bad_input_at_each_stage_gets_a_clear_refusal_and_changes_nothing(
         refused(first, "advertise", {"c_public": key, "s_public": key}, 400, "secagg_invalid")
         refused(first, "advertise", {**good, "extra": 1}, 400, "invalid_request")
         refused(first, "advertise", [1, 2], 400, "invalid_request")
+        low_order = b64(bytes(32))  # agreement with it fails: it would stall the neighbours
+        refused(first, "advertise", {**good, "s_public": low_order}, 400, "secagg_invalid")
         refused(first, "share", {"shares": {}}, 409, "secagg_stage")
         refused(first, "mask", b"\x00" * 8, 409, "secagg_stage")
         refused(first, "sideways", {}, 400, "secagg_invalid")
@@ -263,6 +266,9 @@ def test_bad_input_at_each_stage_gets_a_clear_refusal_and_changes_nothing(
         short = {v: b64(b"\x00" * 10) for v in shares}
         refused(first, "share", {"shares": short}, 400, "secagg_invalid")
         refused(first, "share", {"shares": {"-1": key}}, 400, "secagg_invalid")
+        v = next(iter(shares))  # the same neighbour twice, once as "0<v>"
+        refused(first, "share", {"shares": {**shares, "0" + v: shares[v]}}, 400,
+                "secagg_invalid")  # fmt: skip
         assert first.post("share", {"shares": shares})[0] == 200
         refused(first, "share", {"shares": shares}, 409, "secagg_replay")
         for p in r.peers[1:-1]:

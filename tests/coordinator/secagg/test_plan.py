@@ -37,7 +37,7 @@ def test_defaults_round_trip_and_reach_the_device() -> None:
         ({"levels": 2**40}, {"goal": 10**6, "over_selection": 10.0}, "more than 64"),
         ({}, {"goal": 1, "over_selection": 1.0}, "at least 2 devices"),
         ({}, {"robust": {"aggregator": "median"}}, "plan.robust cannot be combined"),
-        ({}, {"dp": {"clip": 1.0, "noise_multiplier": 1.0}}, "plan.dp cannot be combined"),
+        ({"clip": 2.0}, {"dp": {"clip": 1.0, "noise_multiplier": 1.0}}, "must equal plan.dp.clip"),
     ],
 )
 def test_bad_secagg_plans_are_refused(secagg: Any, extra: dict[str, Any], message: str) -> None:

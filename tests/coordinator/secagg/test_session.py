@@ -17,8 +17,8 @@ import pytest
 from coordinator.errors import ApiError, Conflict, Forbidden, InvalidRequest
 from coordinator.secagg import STAGES, SecAggSession
 from coordinator.secagg import session as session_module
-from edge_sdk.secagg import ring
-from edge_sdk.secagg.client import CIPHERTEXT_BYTES, SecAggDevice, SecAggRefused
+from edge_sdk.secagg import crypto, ring, shamir
+from edge_sdk.secagg.client import CIPHERTEXT_BYTES, SecAggDevice, SecAggRefused, share_aad
 
 CONTEXT = b"t-test/round-1"
 LENGTH = 40
@@ -269,3 +269,87 @@ def test_a_device_refuses_to_open_both_secrets_of_a_neighbour() -> None:
         dev.unmask(inbox, survivors - {0}, frozenset())  # leaves this device out
     with pytest.raises(SecAggRefused):
         dev.unmask(inbox, frozenset({0}), frozenset())  # fewer than the threshold
+
+
+# X25519 points of small order: agreement with any of them gives the all-zero secret.
+LOW_ORDER = [
+    bytes(32),
+    (1).to_bytes(32, "little"),
+    bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+]
+
+
+@pytest.mark.parametrize("point", LOW_ORDER, ids=["zero", "one", "order-8"])
+def test_low_order_public_keys_are_refused_and_change_nothing(point: bytes) -> None:
+    h = Harness(6)
+    s = h.server
+    c_pub, s_pub = h.devices["d-0"].advertise()
+    _refused(s, InvalidRequest, s.advertise, "d-0", point, s_pub)
+    _refused(s, InvalidRequest, s.advertise, "d-0", c_pub, point)
+    s.advertise("d-0", c_pub, s_pub)  # the device's real keys still go in
+    assert 0 in s.keys
+
+
+def test_a_cohort_larger_than_its_ring_holds_is_refused() -> None:
+    small = ring.RingSpec.for_cohort(cohort=4, clip=1.0, levels=2**12, max_weight=100)
+    args: dict[str, Any] = dict(context=CONTEXT, length=LENGTH, min_survivors=1,
+                                graph_seed=bytes(32), now=0.0, stage_timeout_s=1.0)  # fmt: skip
+    SecAggSession.start([f"d-{i}" for i in range(4)], spec=small, **args)
+    with pytest.raises(ValueError, match="cannot hold"):
+        SecAggSession.start([f"d-{i}" for i in range(64)], spec=small, **args)
+
+
+@pytest.mark.parametrize("drops", [{"mask": 0.3}, {"mask": 0.2, "unmask": 0.1}])
+def test_the_server_gets_one_kind_of_share_per_device(drops: dict[str, float]) -> None:
+    """SecAgg's core invariant: of each device the server obtains self-mask shares only (it
+    uploaded) or mask-key shares only (it shared, then dropped), never both. Checked by
+    opening every share ciphertext with the holder's key, as the test (not the server) can."""
+    h = Harness(24, seed=5)
+    s = h.run(drops)
+    assert s.stage == "unmasked", s.reason
+    survivors, dropped = s.cohort["unmask"], s.cohort["mask"] - s.cohort["unmask"]
+    assert dropped, "the case needs devices that shared and then dropped"
+    kinds: dict[int, set[str]] = {}
+    for v, opened in s.opened.items():
+        holder = h.devices[h.names[v]]
+        for u, share in opened.items():
+            key = crypto.agree(holder.c.private, s.keys[u][0], crypto.LABEL_SHARES, CONTEXT)
+            plain = crypto.decrypt(key, s.shares[u][v], share_aad(CONTEXT, u, v))
+            b_share, s_share = plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :]
+            assert share in (b_share, s_share)
+            kinds.setdefault(u, set()).add("self" if share == b_share else "key")
+    assert {u for u, k in kinds.items() if k == {"self"}} == set(survivors)
+    assert {u for u, k in kinds.items() if k == {"key"}} == set(dropped)
+    assert all(len(k) == 1 for k in kinds.values())
+
+
+def test_a_device_too_few_neighbours_of_which_shared_is_left_out_not_the_round() -> None:
+    """Device 0 sends its shares, but only 16 of its 32 neighbours send theirs (threshold 17):
+    nobody could open 17 shares of its self mask, so it must not upload. Left in, its vector
+    would make the whole sum impossible to unmask; left out, the others' round goes on."""
+    h = Harness(60)
+    h.graph_seed = bytes(32)  # a fixed graph, for which these 16 silent neighbours are known
+    h.server = s = SecAggSession.start(
+        h.names, context=CONTEXT, spec=SPEC, length=LENGTH, min_survivors=1,
+        graph_seed=h.graph_seed, now=0.0, stage_timeout_s=30.0, dropout=0.1,
+    )  # fmt: skip
+    assert (len(s.links[0]), s.threshold) == (32, 17)
+    silent = {3, 5, 12, 15, 17, 21, 25, 29, 41, 42, 44, 46, 52, 53, 54, 59}
+    assert silent <= s.links[0]
+    for name in h.names:
+        h.answer(name)
+    s.tick(0.0)  # everyone advertised
+    for u in sorted(s.cohort["share"] - silent):
+        h.answer(h.names[u])
+    s.tick(s.deadline)
+    assert s.stage == "mask" and 0 not in s.cohort["mask"]
+    for stage in ("mask", "unmask"):
+        for u in sorted(s.cohort[stage]):
+            h.answer(h.names[u])
+        s.tick(s.deadline)
+    assert s.stage == "unmasked", s.reason
+    assert s.result is not None and len(s.result.survivors) == len(s.cohort["mask"]) >= 17
+    exact = sum((h.vectors[d] for d in s.result.survivors), start=np.zeros(LENGTH + 1, np.uint64))
+    weighted, weight = ring.decode_sum(exact & SPEC.modulus_mask, SPEC)
+    np.testing.assert_array_equal(s.result.weighted_sum, weighted)
+    assert s.result.total_weight == weight
