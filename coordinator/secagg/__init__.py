@@ -9,7 +9,9 @@ from :mod:`edge_sdk.secagg`; the session touches neither HTTP nor the store.
 
 Around it: :mod:`coordinator.secagg.spec` (the plan's ``secagg`` key),
 :mod:`coordinator.secagg.rounds` (a sync round's session, stored event by event before it is
-applied, and rebuilt from the store), :mod:`coordinator.secagg.routes` (the HTTP calls).
+applied, and rebuilt from the store), :mod:`coordinator.secagg.routes` (the HTTP calls),
+:mod:`coordinator.secagg.dp` (distributed DP: a plan's ``dp`` with ``secagg``, the devices'
+noise, the ring's headroom for it, and a committed round's privacy cost; privacy extra).
 """
 
 from __future__ import annotations

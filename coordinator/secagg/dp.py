@@ -26,6 +26,7 @@ Must not import: ``coordinator.service``, aiohttp, torch. Needs the ``privacy`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -124,18 +125,10 @@ class DistributedDp:
         return self.round(dim, min_survivors).rdp(RdpAccountant().orders)
 
     def _calibrate(self, epsilon: float, rounds: int) -> float:
-        def spent(z: float) -> float:
-            at = dataclasses.replace(self, noise_multiplier=z)
-            return distributed_epsilon([(at.round(SIZING_DIM, self.min_survivors), rounds)],
-                                       self.delta)  # fmt: skip
-
-        lo, hi = 1e-3, 1e4
-        if spent(hi) > epsilon:
+        z = _calibrated(epsilon, rounds, self.delta, self.levels, self.min_survivors)
+        if z is None:
             raise InvalidRequest(f"{_WHERE}.epsilon: no noise multiplier reaches that budget")
-        while hi / lo > 1.001:
-            mid = math.sqrt(lo * hi)
-            lo, hi = (lo, mid) if spent(mid) <= epsilon else (mid, hi)
-        return hi
+        return z
 
     def to_json(self) -> dict[str, Any]:
         """The stored plan's ``dp``: the same fields as central DP's, the noise resolved."""
@@ -145,6 +138,28 @@ class DistributedDp:
         """What a device needs: its exact noise variance and the norm bound it rounds to."""
         s = self.sigma2
         return {"sigma2": f"{s.numerator}/{s.denominator}", "norm_bound": self.norm_bound}
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(
+    epsilon: float, rounds: int, delta: float, levels: int, min_survivors: int
+) -> float | None:
+    """The bisection behind ``epsilon`` (about a second of accountant time): cached, so that
+    the create request's spare-thread pass (``coordinator.plan.calibrate_ahead``) leaves the
+    answer for the worker."""
+    base = DistributedDp(1.0, 1.0, delta, None, levels, min_survivors)
+
+    def spent(z: float) -> float:
+        at = dataclasses.replace(base, noise_multiplier=z)
+        return distributed_epsilon([(at.round(SIZING_DIM, min_survivors), rounds)], delta)
+
+    lo, hi = 1e-3, 1e4
+    if spent(hi) > epsilon:
+        return None
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if spent(mid) <= epsilon else (mid, hi)
+    return hi
 
 
 def ledger_plus(ledger: Ledger, rdp: np.ndarray) -> Ledger:

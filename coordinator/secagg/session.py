@@ -407,11 +407,15 @@ class SecAggSession:
         return u
 
 
+# Any private key tells a low-order point: the agreement is all zeros whatever the scalar.
+_PROBE = X25519PrivateKey.generate()
+
+
 def _agreeable(public: bytes) -> bool:
     """Whether X25519 agreement with ``public`` yields a key (not the all-zero point that
-    every low-order public key gives, whatever the private key)."""
+    every low-order public key gives)."""
     try:
-        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError:
         return False
     return True

@@ -12,6 +12,8 @@ and of any round state machine:
 * ``graph``: the sparse random neighbour graph of SecAgg+ (degree about log n);
 * ``masking``: a device's masked vector and the server's unmasking of the survivors' sum,
   with the masks of devices that dropped out recovered from their shared secrets;
+* ``dgauss`` and ``noise``: distributed DP's exact discrete Gaussian sampler, and a device's
+  update encoded at full weight, conditionally rounded and noised before masking;
 * ``client``: a device's answer to each stage (:class:`~edge_sdk.secagg.client.SecAggDevice`);
 * ``loop``: the device's side over HTTP (:class:`~edge_sdk.secagg.loop.SecAggLoop`), which the
   SDK's client runs instead of an upload for a task whose plan has ``secagg``.

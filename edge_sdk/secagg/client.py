@@ -65,7 +65,7 @@ class SecAggDevice:
         """Shamir shares of ``b`` and of the mask key, one ciphertext per neighbour."""
         if self.index in neighbour_keys:
             raise SecAggRefused("a device is not its own neighbour")
-        if not 1 <= threshold <= len(neighbour_keys):
+        if not 1 <= threshold <= len(neighbour_keys) < 2 * threshold:  # a strict majority
             raise SecAggRefused(f"threshold {threshold} for {len(neighbour_keys)} neighbours")
         self._keys = dict(neighbour_keys)
         self.threshold = threshold

@@ -102,6 +102,8 @@ def test_a_round_commits_the_clipped_mean_plus_the_accounted_noise(
         task = r.admin.task(r.task_id)
         assert task["epsilon"] == rec["epsilon"]
         assert task["privacy"]["delta"] == 1e-5
+        [listed] = [t for t in r.admin.status()["tasks"] if t["task_id"] == r.task_id]
+        assert listed["epsilon"] == rec["epsilon"]
         assert rnd["metrics"]["loss"] is None
     finally:
         r.close()

@@ -353,3 +353,30 @@ def test_a_device_too_few_neighbours_of_which_shared_is_left_out_not_the_round()
     weighted, weight = ring.decode_sum(exact & SPEC.modulus_mask, SPEC)
     np.testing.assert_array_equal(s.result.weighted_sum, weighted)
     assert s.result.total_weight == weight
+
+
+def test_a_device_refuses_a_threshold_short_of_a_majority_of_its_neighbours() -> None:
+    """Each neighbour opens one kind of share per device; with ``2 t <= k`` a server telling
+    half of the ``k`` neighbours "it survived" and half "it dropped" would get ``t`` of both."""
+    dev = SecAggDevice(0, CONTEXT)
+    keys = {v: SecAggDevice(v, CONTEXT).advertise() for v in range(1, 5)}
+    for threshold in (0, 1, 2, 5):
+        with pytest.raises(SecAggRefused):
+            dev.share(keys, threshold)
+    assert sorted(dev.share(keys, 3)) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_replay_of_the_events_is_the_accepted_state_mid_stage(stage: str) -> None:
+    """What a restarted coordinator rebuilds: every field the next message is checked
+    against, with half of ``stage``'s cohort in (and earlier stages closed with dropouts)."""
+    h = Harness(16, seed=2)
+    s = h.server
+    for earlier in STAGES[: STAGES.index(stage)]:
+        h.stage(0.1 if earlier != "advertise" else 0.0)
+    cohort = sorted(s.cohort[stage])
+    for u in cohort[: len(cohort) // 2]:
+        h.answer(h.names[u])
+    again = SecAggSession.replay(h.fresh(), s.events)
+    assert _state(again) == _state(s)
+    assert (again.cohort, again.deadline, again.threshold) == (s.cohort, s.deadline, s.threshold)
