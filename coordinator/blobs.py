@@ -38,9 +38,12 @@ from collections.abc import Callable, Iterator, Sequence, Set
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-__all__ = ["DERIVED_KINDS", "BlobStore", "Collected", "Staged", "fsync_dir"]
+if TYPE_CHECKING:
+    from coordinator.store import Store
+
+__all__ = ["DERIVED_KINDS", "BlobStore", "Collected", "Staged", "delete_unneeded", "fsync_dir"]
 
 T = TypeVar("T")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -285,3 +288,19 @@ class BlobStore:
                     size += f.stat().st_size
                     f.unlink()
         return Collected(count, size)
+
+
+def delete_unneeded(
+    blobs: BlobStore, store: Store, sha: str, needed: Callable[[str], bool]
+) -> bool:
+    """Delete the blob ``sha`` unless ``needed(sha)``, deciding and deleting under the
+    store's exclusive :meth:`~coordinator.store.Store.lock_blob`: a transaction storing a
+    row that names the same bytes (on this process or another replica) holds it shared from
+    its existence check to its commit, so it either commits first (and ``needed`` sees its
+    row) or finds the file gone (and refuses its upload). True if deleted."""
+    with store.atomic():
+        store.lock_blob(sha)
+        if needed(sha):
+            return False
+        blobs.delete(sha)
+        return True

@@ -172,6 +172,14 @@ class TaskPlan:
                 "update is clipped on the device to plan.secagg.clip instead"
             )
         spec = SecAggSpec.from_json(raw, cohort=self.target)
+        if self.goal - 1 < spec.threshold:
+            # Stage 1 closes at goal advertisers, each with at most goal - 1 neighbours
+            # among them: with fewer than the threshold, every round would be abandoned.
+            raise InvalidRequest(
+                f"plan.secagg: goal {self.goal} leaves each device at most {self.goal - 1} "
+                f"neighbours, fewer than the Shamir threshold {spec.threshold} of a "
+                f"{self.target}-device cohort; raise goal or lower over_selection"
+            )
         if dp_raw is not None:  # distributed DP: each device noises its own update
             try:  # the privacy extra (dp-accounting), as for central DP
                 from coordinator.secagg.dp import DistributedDp

@@ -55,7 +55,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from coordinator.blobs import BlobStore
+from coordinator.blobs import BlobStore, delete_unneeded
 from coordinator.store import Store, Task
 
 __all__ = ["Pruned", "Retention", "RetentionPolicy"]
@@ -149,10 +149,14 @@ class Retention:
             )
             count = size = 0
             for sha in doomed_blobs - keep:
-                if self.blobs.exists(sha):
-                    size += self.blobs.size(sha)
+                had = self.blobs.size(sha) if self.blobs.exists(sha) else None
+                # Re-checked under the blob's lock: an upload of the same bytes may be
+                # storing its row now (keep is a snapshot).
+                in_use = self.store.payload_in_open_round
+                gone = delete_unneeded(self.blobs, self.store, sha, in_use)
+                if gone and had is not None:
+                    size += had
                     count += 1
-                self.blobs.delete(sha)
             total += Pruned(blobs=count, bytes=size)
         if total != Pruned():
             log.info("retention: deleted %s", total)

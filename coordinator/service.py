@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from coordinator.blobs import BlobStore, Collected, Staged
+from coordinator.blobs import BlobStore, Collected, Staged, delete_unneeded
 from coordinator.bundles import bundle_tar, extract_bundle, initial_params_name, version_manifest
 from coordinator.clock import Clock, SystemClock
 from coordinator.config import CoordinatorConfig
@@ -682,8 +682,7 @@ class Coordinator:
                 continue
             checked.add(sha)
             try:
-                if not self.store.blob_referenced(sha):
-                    self.blobs.delete(sha)
+                delete_unneeded(self.blobs, self.store, sha, self.store.blob_referenced)
             except Exception as e:  # the answers stand; the start-up sweep removes it
                 log.warning("uploads: refused payload %s not deleted: %s", sha, e)
 
@@ -700,6 +699,8 @@ class Coordinator:
                                                    ad.idempotency_key, now)  # fmt: skip
         if prior is not None:
             return task, prior
+        # Held to the commit: a replica deleting identical bytes waits, then sees this row.
+        self.store.lock_blob(s.blob.sha, shared=True)
         if not self.blobs.exists(s.blob.sha):
             # Deleted since it was installed (retention, an identical payload of a closed
             # round): this one is not stored, the others go on.

@@ -173,6 +173,10 @@ _BY_CODE: dict[str, type[ApiError]] = {
     ErrorCode.TOO_STALE.value: TooStale,
     ErrorCode.BAD_UPDATE.value: Unprocessable,
     ErrorCode.BUNDLE_INVALID.value: Unprocessable,
+    ErrorCode.SECAGG_INVALID.value: BadRequest,
+    ErrorCode.SECAGG_EXCLUDED.value: Forbidden,
+    ErrorCode.SECAGG_STAGE.value: Conflict,
+    ErrorCode.SECAGG_REPLAY.value: Conflict,
     ErrorCode.INTERNAL.value: ServerError,
     ErrorCode.OVERLOADED.value: Overloaded,
 }

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from coordinator.blobs import BlobStore
+from coordinator.blobs import BlobStore, delete_unneeded
 from coordinator.pacing import PaceSteering
 from coordinator.plan import TaskPlan
 from coordinator.store import Assignment, EvalReport, Round, Store, Task, Update
@@ -139,8 +139,7 @@ class PolicyContext:
 
     def _delete_payloads(self, round_id: int) -> None:
         for sha in set(self.store.round_payloads(round_id)):
-            if not self.store.payload_in_open_round(sha):
-                self.blobs.delete(sha)
+            delete_unneeded(self.blobs, self.store, sha, self.store.payload_in_open_round)
 
     @contextmanager
     def deferring_deletes(self) -> Iterator[None]:

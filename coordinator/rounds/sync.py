@@ -312,10 +312,21 @@ class SyncRounds(TaskPolicy):
         self.ctx.sums.put(update.round_id, staged)
 
     def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None:
-        try:
-            self.ctx.store.add_eval_report(report)
-        except StoreError as e:  # among replicas: the same report, stored by another meanwhile
-            raise Conflict("this assignment already reported", ErrorCode.DUPLICATE_UPLOAD) from e
+        store = self.ctx.store
+        # Like an upload, under the round's lock among replicas: the goal bounds the reports
+        # whichever replicas store them, and the round cannot close in between.
+        with store.atomic():
+            rnd = store.lock_round(report.round_id)
+            if rnd is not None and rnd.state != "reporting":
+                raise Conflict("the round has closed", ErrorCode.ROUND_CLOSED)
+            if rnd is not None and self._reports(rnd) >= rnd.goal:
+                raise Conflict("the round has reached its goal", ErrorCode.ROUND_CLOSED)
+            try:
+                store.add_eval_report(report)
+            except StoreError as e:  # among replicas: the same report, stored by another
+                raise Conflict(
+                    "this assignment already reported", ErrorCode.DUPLICATE_UPLOAD
+                ) from e
 
     def tick(self, task: Task, plan: TaskPlan, now: float) -> None:
         rnd = self.ctx.store.open_round(task.task_id)

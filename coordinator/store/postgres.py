@@ -39,11 +39,25 @@ _MIGRATION_LOCK = 0x6665646765
 class PostgresStore(SQLStore):
     schema: PostgresSchema
     _integrity_errors = (psycopg.IntegrityError,)
-    # A lost connection, a server restarting or shutting down, a serialization failure.
-    transient_errors = (psycopg.OperationalError,)
+    # A lost connection, a server restarting or shutting down, a serialization failure, a
+    # lock not granted in time, a session ended for idling in a transaction (a stall).
+    transient_errors = (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout)
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self, url: str, *, lock_timeout_s: float = 30.0, idle_timeout_s: float = 300.0
+    ) -> None:
         self.url = url
+        # Among replicas (coordinator.replicas) a process that stalls without dying (paused,
+        # swapping, cut off) would hold its row locks for ever: the server ends its session
+        # once it sits idle inside a transaction for idle_timeout_s (its transaction rolls
+        # back, its locks go; longer than the slowest close, which computes between its
+        # statements), and a wait for a lock gives up after lock_timeout_s (a transient
+        # error: 503, retry later) instead of hanging a request. A value the operator set
+        # (server, database, role, or the URL's options) is kept: these fill in only unset ones.
+        self._settings = {
+            "lock_timeout": f"{round(lock_timeout_s * 1000)}ms",
+            "idle_in_transaction_session_timeout": f"{round(idle_timeout_s * 1000)}ms",
+        }
         self.conn = psycopg.connect(url, autocommit=True)
         self.schema = PostgresSchema(self.conn)
         self._depth = 0  # nesting of atomic() blocks
@@ -53,9 +67,16 @@ class PostgresStore(SQLStore):
                 self.schema_version = apply_migrations(self.schema)
             finally:
                 self.conn.execute("select pg_advisory_unlock(%s)", [_MIGRATION_LOCK])
+            self._apply_settings()  # after migrating: waiting for the migration lock is fine
         except BaseException:
             self.conn.close()
             raise
+
+    def _apply_settings(self) -> None:
+        for name, value in self._settings.items():
+            row = self.conn.execute("select current_setting(%s)", [name]).fetchone()
+            if row is not None and row[0] == "0":  # PostgreSQL's default: no limit
+                self.conn.execute("select set_config(%s, %s, false)", [name, value])
 
     def _connection(self) -> psycopg.Connection[Any]:
         """The connection, opened again if the last one broke (a server restart, a network
@@ -64,6 +85,7 @@ class PostgresStore(SQLStore):
         if self.conn.broken and self._depth == 0:
             self.conn = psycopg.connect(self.url, autocommit=True)
             self.schema.conn = self.conn
+            self._apply_settings()
         return self.conn
 
     def atomic(self) -> AbstractContextManager[None]:
@@ -115,6 +137,12 @@ class PostgresStore(SQLStore):
 
     def _for_update(self, skip_locked: bool) -> str:
         return " for update skip locked" if skip_locked else " for update"
+
+    def lock_blob(self, sha: str, *, shared: bool = False) -> None:
+        # A transaction-scoped advisory lock on the hash's 64-bit digest: released by the
+        # commit or rollback (or the server, when the connection dies).
+        fn = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        self._execute(f"select {fn}(hashtextextended(?, 0))", [sha])
 
     def _records_copied(self) -> None:
         self.schema.sync_identities()

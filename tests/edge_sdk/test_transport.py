@@ -112,6 +112,10 @@ EXPECTED = [
     (409, ErrorCode.CONFLICT, errors.Conflict),
     (422, ErrorCode.BAD_UPDATE, errors.Unprocessable),
     (422, ErrorCode.BUNDLE_INVALID, errors.Unprocessable),
+    (400, ErrorCode.SECAGG_INVALID, errors.BadRequest),
+    (403, ErrorCode.SECAGG_EXCLUDED, errors.Forbidden),
+    (409, ErrorCode.SECAGG_STAGE, errors.Conflict),
+    (409, ErrorCode.SECAGG_REPLAY, errors.Conflict),
 ]
 
 

@@ -36,6 +36,8 @@ def test_defaults_round_trip_and_reach_the_device() -> None:
         ([], {}, "plan.secagg must be a JSON object"),
         ({"levels": 2**40}, {"goal": 10**6, "over_selection": 10.0}, "more than 64"),
         ({}, {"goal": 1, "over_selection": 1.0}, "at least 2 devices"),
+        # 20 selected, threshold 10, but stage 1 closes at 10 advertisers with 9 neighbours
+        ({}, {"over_selection": 2.0}, "fewer than the Shamir threshold 10"),
         ({}, {"robust": {"aggregator": "median"}}, "plan.robust cannot be combined"),
         ({"clip": 2.0}, {"dp": {"clip": 1.0, "noise_multiplier": 1.0}}, "must equal plan.dp.clip"),
     ],

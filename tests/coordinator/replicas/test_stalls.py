@@ -1,0 +1,71 @@
+"""A replica that stalls without dying while it holds a round's row lock: the others give
+up waiting after the store's lock timeout (a transient error: 503, retry), and the server
+ends the stalled session after its idle timeout, so another replica takes the round."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from coordinator.store import Round, Task, open_store
+from coordinator.store.postgres import PostgresStore
+
+
+def test_a_stalled_lock_holder_is_cut_off_and_another_replica_proceeds(
+    postgres_url: str,
+) -> None:
+    stalled = PostgresStore(postgres_url, idle_timeout_s=1.5)
+    other = PostgresStore(postgres_url, lock_timeout_s=0.3)
+    try:
+        stalled.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
+        stalled.add_task(Task("t-1", "x", "b-1", "sync", "default", {}, "running", 0, 0, 0, 1.0))
+        rnd = stalled.add_round(Round(0, "t-1", 1, "train", "reporting", 0, 3, 4, 3, 1.0, 9.0))
+        holding, resume = threading.Event(), threading.Event()
+        outcome: list[BaseException | None] = []
+
+        def hold_and_stall() -> None:
+            try:
+                with stalled.atomic():
+                    stalled.lock_round(rnd.round_id)
+                    stalled.update_round(rnd.round_id, state="committed")  # never committed
+                    holding.set()
+                    resume.wait(10)  # paused: no statement, the transaction left open
+                outcome.append(None)
+            except BaseException as e:  # what the stalled replica meets when it wakes
+                outcome.append(e)
+
+        thread = threading.Thread(target=hold_and_stall)
+        thread.start()
+        assert holding.wait(10)
+        started = time.monotonic()
+        with pytest.raises(other.transient_errors), other.atomic():
+            other.lock_round(rnd.round_id)  # gives up instead of hanging the request
+        assert time.monotonic() - started < 1.2
+        time.sleep(1.8)  # past the stalled session's idle timeout
+        with other.atomic():
+            taken = other.lock_round(rnd.round_id, skip_locked=True)
+        # Its lock went with its session, and its write was rolled back.
+        assert taken is not None and taken.state == "reporting"
+        resume.set()
+        thread.join()
+        assert outcome and isinstance(outcome[0], stalled.transient_errors)
+        # The stalled replica carries on with a new connection (and the same settings).
+        stalled_round = stalled.get_round(rnd.round_id)
+        assert stalled_round is not None and stalled_round.state == "reporting"
+        row = stalled.conn.execute("show idle_in_transaction_session_timeout").fetchone()
+        assert row is not None and row[0] == "1500ms"
+    finally:
+        stalled.close()
+        other.close()
+
+
+def test_settings_named_in_the_url_are_kept(postgres_url: str) -> None:
+    assert "options=" in postgres_url  # the fixture's search_path
+    store = open_store(postgres_url.replace("options=", "options=-clock_timeout%3D7s%20", 1))
+    try:
+        row = store.conn.execute("show lock_timeout").fetchone()  # type: ignore[attr-defined]
+        assert row is not None and row[0] == "7s"
+    finally:
+        store.close()

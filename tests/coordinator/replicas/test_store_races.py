@@ -1,0 +1,130 @@
+"""Two replicas' steps interleaved on one PostgreSQL schema, at the policies' level:
+
+* content-addressed payloads: one replica deleting the payload of a closed round while
+  another stores an update with the same bytes (two zero updates) into an open round; the
+  update, once committed, must find its payload;
+* an evaluation round's goal: a report reaching a replica after another stored the last
+  one the goal allows, before any tick closed the round."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+from coordinator.blobs import BlobStore
+from coordinator.config import PacingConfig
+from coordinator.errors import Conflict, ErrorCode
+from coordinator.pacing import PaceSteering
+from coordinator.plan import TaskPlan
+from coordinator.rounds import PolicyContext
+from coordinator.rounds.sync import SyncRounds
+from coordinator.store import Assignment, EvalReport, Round, Store, Task, Update, open_store
+from coordinator.versions import ModelVersions, RoundSums
+
+HOLD_S = 0.6
+
+
+def _update(assignment_id: str, round_id: int, sha: str) -> Update:
+    return Update(assignment_id, round_id, "t-1", "d-" + assignment_id, "k-" + assignment_id,
+                  sha, 3, 5, None, {"num_examples": 5}, 1.0, {"accepted": True})  # fmt: skip
+
+
+def _context(store: Store, blobs: BlobStore) -> PolicyContext:
+    rng = random.Random(0)
+    return PolicyContext(
+        store=store,
+        blobs=blobs,
+        pacing=PaceSteering(PacingConfig(), rng),
+        rng=rng,
+        versions=ModelVersions(store, blobs),
+        sums=RoundSums(store, blobs),
+    )
+
+
+def test_a_payload_stored_by_one_replica_survives_another_deleting_the_same_bytes(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    uploader, closer = open_store(postgres_url), open_store(postgres_url)
+    blobs = BlobStore(tmp_path / "blobs")
+    try:
+        uploader.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
+        uploader.add_task(Task("t-1", "x", "b-1", "sync", "default", {}, "running", 0, 0, 0, 1.0))
+        done = uploader.add_round(Round(0, "t-1", 1, "train", "committed", 0, 3, 4, 3, 1.0, 2.0))
+        live = uploader.add_round(Round(0, "t-1", 2, "train", "reporting", 1, 3, 4, 3, 3.0, 9.0))
+        sha = blobs.put(b"\x00\x00\x00")  # the zero update both rounds received
+        uploader.add_assignments([
+            Assignment("a-1", done.round_id, "t-1", "d-a-1", "train", "delivered", 1.0),
+            Assignment("a-2", live.round_id, "t-1", "d-a-2", "train", "delivered", 3.0),
+        ])  # fmt: skip
+        uploader.add_update(_update("a-1", done.round_id, sha))
+        stored = threading.Event()
+        committing_at: list[float] = []
+
+        def upload() -> None:
+            # What Coordinator._accept_staged does on a replica: the round's lock, the
+            # payload held shared, its file checked, the row stored; the commit comes later
+            # (the rest of the batch).
+            with uploader.atomic():
+                uploader.lock_round(live.round_id)
+                uploader.lock_blob(sha, shared=True)
+                assert blobs.exists(sha)
+                uploader.add_update(_update("a-2", live.round_id, sha))
+                stored.set()
+                time.sleep(HOLD_S)
+                committing_at.append(time.monotonic())
+
+        thread = threading.Thread(target=upload)
+        thread.start()
+        assert stored.wait(10)
+        # The other replica closed the first round and now drops its payloads.
+        _context(closer, blobs)._delete_payloads(done.round_id)
+        deleted_at = time.monotonic()
+        thread.join()
+        # It waited for the upload's commit, then saw the open round still needs the bytes.
+        assert committing_at and committing_at[0] <= deleted_at
+        assert blobs.exists(sha)
+        assert [u.payload_sha for u in closer.round_updates(live.round_id)] == [sha]
+        # Once no open round names them, the bytes go.
+        closer.update_round(live.round_id, state="committed")
+        _context(closer, blobs)._delete_payloads(live.round_id)
+        assert not blobs.exists(sha)
+    finally:
+        uploader.close()
+        closer.close()
+
+
+def test_eval_reports_stop_at_the_goal_whichever_replica_stores_them(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    first, second = open_store(postgres_url), open_store(postgres_url)
+    blobs = BlobStore(tmp_path / "blobs")
+    try:
+        first.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
+        task = Task("t-1", "x", "b-1", "sync", "default", {}, "running", 0, 0, 0, 1.0)
+        first.add_task(task)
+        rnd = first.add_round(Round(0, "t-1", 1, "evaluate", "reporting", 0, 2, 3, 2, 1.0, 9.0))
+        ids = [f"e-{i}" for i in range(3)]
+        first.add_assignments(
+            [Assignment(a, rnd.round_id, "t-1", "d-" + a, "evaluate", "delivered", 1.0)
+             for a in ids]
+        )  # fmt: skip
+
+        def report(store: Store, assignment_id: str) -> None:
+            device = "d-" + assignment_id
+            sent = EvalReport(assignment_id, rnd.round_id, "t-1", device, 10, 0.5, 0.9, 2.0, {})
+            SyncRounds(_context(store, blobs)).accept_eval(task, TaskPlan.from_json({}), sent, 2.0)
+
+        report(first, ids[0])
+        report(second, ids[1])  # the goal (2), across replicas; no tick closed the round yet
+        try:
+            report(first, ids[2])
+        except Conflict as e:
+            assert e.code == ErrorCode.ROUND_CLOSED
+        else:
+            raise AssertionError("a report past the goal was stored")
+        assert [r.assignment_id for r in second.round_eval_reports(rnd.round_id)] == ids[:2]
+    finally:
+        first.close()
+        second.close()
