@@ -27,7 +27,6 @@ from coordinator.secagg.spec import SecAggSpec
 from coordinator.validation import Fields
 from edge_sdk.codecs.spec import CodecSpec, CodecSpecError
 from edge_sdk.local_training import BATCHNORM_MODES
-from edge_sdk.secagg import graph
 
 if TYPE_CHECKING:
     from coordinator.privacy import DpSpec
@@ -171,7 +170,7 @@ class TaskPlan:
                 "sum of the round's updates, so no robust aggregator can look at one; each "
                 "update is clipped on the device to plan.secagg.clip instead"
             )
-        spec = SecAggSpec.from_json(raw, cohort=self.target)
+        spec = SecAggSpec.from_json(raw, cohort=self.target, goal=self.goal)
         if self.goal - 1 < spec.threshold:
             # Stage 1 closes at goal advertisers, each with at most goal - 1 neighbours
             # among them: with fewer than the threshold, every round would be abandoned.
@@ -188,7 +187,7 @@ class TaskPlan:
             # The fewest survivors a round can commit with: min_reports, or the SecAgg
             # threshold of the smallest cohort selection allows (it grows with the cohort).
             smallest = max(2, min(self.min_reports, self.target))
-            fewest = max(self.min_reports, graph.parameters(smallest, spec.dropout)[1])
+            fewest = max(self.min_reports, spec.graph_parameters(smallest)[1])
             dp = DistributedDp.from_json(
                 dp_raw, levels=spec.levels, rounds=self.rounds, min_survivors=fewest
             )

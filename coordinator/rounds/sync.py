@@ -63,7 +63,6 @@ from coordinator.store import (
 )
 from coordinator.tensors import decode_delta
 from edge_sdk.protocol import ErrorCode
-from edge_sdk.secagg import graph
 
 __all__ = ["SyncRounds"]
 
@@ -228,7 +227,7 @@ class SyncRounds(TaskPolicy):
             # Amplification by sampling needs a draw nobody can predict: not the seeded rng.
             rng = random.SystemRandom()
         if plan.secagg is not None and plan.secagg.dp is not None and rnd.kind == "train":
-            fewest = max(rnd.min_reports, graph.parameters(cohort, plan.secagg.dropout)[1])
+            fewest = max(rnd.min_reports, plan.secagg.graph_parameters(cohort)[1])
             if self._ddp_would_exceed(task, plan, fewest):
                 return self._stop_for_budget(task, rnd, now)
         chosen = rng.sample(candidates, cohort)

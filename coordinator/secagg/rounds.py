@@ -83,7 +83,7 @@ class SecAggRounds:
             "graph_seed": secrets.token_hex(32),
             "length": self.ctx.num_parameters(task),
             "min_survivors": rnd.min_reports,
-            "dropout": plan.secagg.dropout,
+            "dropout": plan.secagg.graph_dropout(len(devices)),
             "stage_timeout_s": plan.secagg.stage_timeout_s,
             # Devices train before they advertise: the first stage lasts the round's deadline.
             "first_deadline": now + plan.round_deadline_s,

@@ -37,10 +37,11 @@ class SecAggSpec:
     max_weight: int = 1000
     stage_timeout_s: float = 60.0
     cohort: int = 2  # the round's target: the most vectors a sum can hold
+    goal: int | None = None  # stage 1 closes at this many advertisers (None: the cohort)
     dp: DistributedDp | None = None  # distributed DP (coordinator.secagg.dp): noise per device
 
     @classmethod
-    def from_json(cls, raw: Any, *, cohort: int) -> SecAggSpec:
+    def from_json(cls, raw: Any, *, cohort: int, goal: int | None = None) -> SecAggSpec:
         f = Fields(raw, "plan.secagg")
         spec = cls(
             dropout=f.number("dropout", 0.3, minimum=0.0, maximum=0.5, exclusive_max=True),
@@ -51,6 +52,7 @@ class SecAggSpec:
                 "stage_timeout_s", 60.0, minimum=0.0, maximum=86400.0, exclusive_min=True
             ),
             cohort=cohort,
+            goal=goal,
         )
         f.done()
         if cohort < 2:
@@ -79,9 +81,20 @@ class SecAggSpec:
             self.cohort, self.clip, self.levels, self.max_weight, headroom
         )
 
+    def graph_dropout(self, cohort: int) -> float:
+        """The fraction of a ``cohort`` its neighbour graph must be able to lose: stage 1
+        closes at ``goal`` advertisers, which leaves out the over-selected rest, and then
+        ``dropout`` of those may vanish."""
+        kept = min(self.goal or cohort, cohort) / cohort
+        return 1.0 - (1.0 - self.dropout) * kept
+
+    def graph_parameters(self, cohort: int) -> tuple[int, int]:
+        """``(degree, threshold)`` of a ``cohort``'s neighbour graph."""
+        return graph.parameters(cohort, self.graph_dropout(cohort))
+
     @property
     def threshold(self) -> int:
-        return graph.parameters(self.cohort, self.dropout)[1]
+        return self.graph_parameters(self.cohort)[1]
 
     def to_json(self) -> dict[str, Any]:
         return {

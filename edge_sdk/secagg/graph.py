@@ -29,17 +29,24 @@ def parameters(n: int, dropout: float = 0.1, failure: float = 1e-6) -> tuple[int
     """
     if n < 2:
         raise ValueError("secure aggregation needs at least two devices")
-    if not 0.0 <= dropout < 0.5:
-        raise ValueError("dropout must be in [0, 0.5)")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError("dropout must be in [0, 1)")
+    if dropout >= 0.5:  # no sparse graph keeps a majority of neighbours: the complete one
+        return n - 1, (n - 1) // 2 + 1
     for degree in range(2, n - 1, 2):
         threshold = degree // 2 + 1
-        short = sum(
-            math.comb(degree, k) * (1 - dropout) ** k * dropout ** (degree - k)
-            for k in range(threshold)
-        )
+        short = sum(_binomial(degree, k, 1.0 - dropout) for k in range(threshold))
         if short < failure / n:
             return degree, threshold
     return n - 1, (n - 1) // 2 + 1
+
+
+def _binomial(n: int, k: int, p: float) -> float:
+    """P(Binomial(n, p) = k), in logs: the coefficients of large degrees overflow a float."""
+    if p in (0.0, 1.0):
+        return float(k == (n if p == 1.0 else 0))
+    log = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+    return math.exp(log + k * math.log(p) + (n - k) * math.log1p(-p))
 
 
 def neighbours(n: int, degree: int, seed: bytes) -> list[frozenset[int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 from coordinator.errors import InvalidRequest
@@ -64,3 +65,31 @@ def test_refused_over_http_and_nothing_is_created(clocked_coordinator, tiny_bund
         admin.create_task(bundle_id, {"goal": 10, "secagg": {}}, mode="async")
     assert (e.value.status, e.value.code) == (400, "invalid_request")
     assert admin.tasks() == []
+
+
+def _majority_survives(cohort: int, goal: int, dropout: float, degree: int, threshold: int,
+                       trials: int, seed: int) -> float:
+    """The fraction of simulated rounds in which every survivor keeps ``threshold`` surviving
+    neighbours: stage 1 takes the first ``goal`` of the ``cohort``, then ``dropout`` of those
+    vanish (each independently)."""
+    rng = np.random.default_rng(seed)
+    links = graph.neighbours(cohort, degree, bytes(32))
+    ok = 0
+    for _ in range(trials):
+        advertised = rng.permutation(cohort)[:goal]
+        alive = set(advertised[rng.random(goal) >= dropout].tolist())
+        ok += all(len(links[u] & alive) >= threshold for u in alive)
+    return ok / trials
+
+
+def test_the_graph_is_sized_for_the_devices_over_selection_leaves_out() -> None:
+    """Stage 1 closes at ``goal`` advertisers, so the over-selected rest are dropouts too: a
+    graph sized for ``dropout`` alone loses its majority; the plan's sizing keeps it."""
+    plan = TaskPlan.from_json({"goal": 300, "over_selection": 1.3, "secagg": {"dropout": 0.2}})
+    assert plan.secagg is not None
+    cohort = plan.target
+    degree, threshold = plan.secagg.graph_parameters(cohort)
+    naive = graph.parameters(cohort, 0.2)
+    assert degree > naive[0]
+    assert _majority_survives(cohort, 300, 0.2, degree, threshold, 40, seed=1) == 1.0
+    assert _majority_survives(cohort, 300, 0.2, *naive, 40, seed=1) < 0.9
