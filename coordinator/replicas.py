@@ -23,6 +23,12 @@ durable per replica:
   stored by a coordinator that was not a replica) the sum is rebuilt from the payloads, as
   a single process does after a restart. Robust aggregators read the updates back from the
   blob store as always.
+* **Shared payloads.** Blobs are content-addressed: a payload is deleted only under an
+  exclusive advisory lock on its hash (:func:`~coordinator.blobs.delete_unneeded`), which an
+  upload's transaction holds shared from its existence check to its commit.
+* **Stalls.** The store's sessions carry ``lock_timeout`` and
+  ``idle_in_transaction_session_timeout`` (:class:`~coordinator.store.postgres.PostgresStore`):
+  a replica paused inside a transaction loses its session and its locks.
 * **Identity.** A replica draws a new random id at every start, so that two live processes
   can never write the same row; the rows of a replica that died stay and are counted.
 
