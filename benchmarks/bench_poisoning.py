@@ -437,7 +437,11 @@ def write_results(results: list[ScenarioResult], setup: Setup, directory: Path) 
         "scenarios": [r.to_json() for r in results],
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
     }  # fmt: skip
-    (directory / "poisoning.json").write_text(json.dumps(doc, indent=1))
+    # One line per scenario, not per number: the per-device counts are most of the file.
+    body = ",\n".join(json.dumps(r.to_json(), separators=(",", ":")) for r in results)
+    head = json.dumps({**doc, "scenarios": []}, indent=1)
+    (directory / "poisoning.json").write_text(head.replace('"scenarios": []',
+                                                           f'"scenarios": [\n{body}\n]'))
     return summary
 
 
