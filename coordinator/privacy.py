@@ -32,11 +32,18 @@ at the accountant's orders (RDP composes by addition; ``dp_accounting``'s own
 (:func:`ledger_after`), so retention deleting old rounds loses no privacy spent, and a
 commit costs one new RDP computation however long the task ran.
 
+With the plan's ``dp.adaptive`` (:class:`AdaptiveClip`; Andrew et al., NeurIPS 2021) the
+bound follows a quantile of the update norms: each commit also releases the count of updates
+left unclipped, noised, and records the next round's bound (``clip_next``); a round then
+records its update noise and its count's noise, and :meth:`Round.gaussian` accounts for both
+as one Gaussian mechanism.
+
 Must not import: ``coordinator.service``, aiohttp, torch. Needs the ``privacy`` extra.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -52,12 +59,14 @@ from dp_accounting.rdp import RdpAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from coordinator.errors import InvalidRequest
+from coordinator.robust.clipping import geometric_step
 from coordinator.validation import Fields
 from edge_sdk.secagg.crypto import mask_stream
 
 __all__ = [
     "BUDGET_REASON",
     "NOISE_GRID",
+    "AdaptiveClip",
     "DpSpec",
     "Ledger",
     "Round",
@@ -82,16 +91,31 @@ class Round:
     population: int
     cohort: int
     noise_multiplier: float
+    # Adaptive clipping's noise on the count of unclipped updates (0: not adaptive).
+    bit_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.cohort <= self.population:
             raise ValueError("a round samples between 1 and `population` devices")
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
             raise ValueError("the noise multiplier must be a positive finite number")
+        if not (math.isfinite(self.bit_noise) and self.bit_noise >= 0):
+            raise ValueError("the bit noise must be a finite number >= 0")
+
+    def gaussian(self) -> float:
+        """The round's noise relative to its sensitivity under replace-one, as ONE Gaussian
+        mechanism: the update sum (sensitivity ``2 C``, noise ``z C``) and, if adaptive, the
+        bit count (sensitivity 1, noise ``bit_noise``) released together; two Gaussian
+        mechanisms on one input compose to one with ``(a**-2 + b**-2) ** -0.5``
+        (Andrew et al. 2021, Thm 1)."""
+        z = self.noise_multiplier / 2
+        if not self.bit_noise:
+            return z
+        return float((z**-2 + self.bit_noise**-2) ** -0.5)
 
     def event(self) -> dp_event.DpEvent:
         return dp_event.SampledWithoutReplacementDpEvent(
-            self.population, self.cohort, dp_event.GaussianDpEvent(self.noise_multiplier / 2)
+            self.population, self.cohort, dp_event.GaussianDpEvent(self.gaussian())
         )
 
 
@@ -272,6 +296,55 @@ def _optimal_order(rnd: Round, rounds: int, delta: float) -> float:
 
 
 @dataclass(frozen=True)
+class AdaptiveClip:
+    """The plan's ``dp.adaptive`` object: DP-FedAvg with adaptive clipping (Andrew, Thakkar,
+    McMahan, Ramaswamy, NeurIPS 2021)::
+
+        "adaptive": {"quantile": 0.5, "lr": 0.2, "bit_noise": 10.0}
+
+    Each commit counts the updates that were not clipped, noised with std ``bit_noise``, and
+    moves the bound geometrically toward the norm ``quantile`` of the updates unclipped.
+    """
+
+    quantile: float
+    lr: float
+    bit_noise: float
+
+    @classmethod
+    def from_json(cls, obj: Any, z: float) -> AdaptiveClip:
+        where = f"{_WHERE}.adaptive"
+        f = Fields(obj, where)
+        quantile = f.number("quantile", 0.5, minimum=0.0, maximum=1.0)
+        lr = f.number("lr", 0.2, minimum=0.0, maximum=10.0, exclusive_min=True)
+        bit_noise = f.number("bit_noise", None, minimum=0.0, maximum=1e6, exclusive_min=True)
+        f.done()
+        if bit_noise is None:
+            raise InvalidRequest(f"{where}.bit_noise is required")
+        if 2 * bit_noise <= z * (1 + 1e-9):
+            # The update noise that keeps the round at z would have to be infinite (or
+            # imaginary): the count alone would spend the round's whole budget.
+            raise InvalidRequest(
+                f"{where}.bit_noise ({bit_noise}) must exceed noise_multiplier / 2 ({z / 2}): "
+                "the noised count would spend more than the whole round's privacy"
+            )
+        return cls(quantile=quantile, lr=lr, bit_noise=bit_noise)
+
+    def update_noise(self, z: float) -> float:
+        """The update sum's noise multiplier that, with the noised count, costs what a
+        non-adaptive round at ``z`` costs: ``(z**-2 - (2 bit_noise)**-2) ** -0.5``."""
+        return float((z**-2 - (2 * self.bit_noise) ** -2) ** -0.5)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"quantile": self.quantile, "lr": self.lr, "bit_noise": self.bit_noise}
+
+
+# An update the device clipped to the bound arrives with its norm at the bound up to rounding
+# (float32 scaling, and a lossy codec's error, well under this); one unclipped arrives below
+# it. The server infers each device's bit from that, which central DP lets it see anyway.
+_AT_BOUND = 1e-3
+
+
+@dataclass(frozen=True)
 class DpSpec:
     """The plan's ``dp`` object::
 
@@ -285,13 +358,16 @@ class DpSpec:
     eligible devices expected per selection window) instead of ``noise_multiplier``: the
     noise that keeps the plan's ``rounds`` rounds of ``target`` devices within ``epsilon``,
     which also becomes the budget; a smaller real population spends faster and the budget
-    stops the task early. The stored plan holds the resolved noise multiplier.
+    stops the task early. The stored plan holds the resolved noise multiplier. ``adaptive``
+    (:class:`AdaptiveClip`): ``clip`` is the first round's bound, and each round costs what a
+    non-adaptive one at ``noise_multiplier`` costs (its update noise is a little higher).
     """
 
     clip: float
     noise_multiplier: float
     delta: float = 1e-5
     budget: float | None = None
+    adaptive: AdaptiveClip | None = None
 
     @classmethod
     def from_json(cls, obj: Any, *, rounds: int, cohort: int, window: int) -> DpSpec:
@@ -304,6 +380,7 @@ class DpSpec:
         budget = f.number("budget", None, minimum=0.0, maximum=1e4, exclusive_min=True)
         epsilon = f.number("epsilon", None, minimum=0.0, maximum=1e3, exclusive_min=True)
         population = f.integer("population", None, minimum=1, maximum=10**9)
+        adaptive = f.raw("adaptive")
         f.done()
         if clip is None:
             raise InvalidRequest(f"{_WHERE}.clip is required")
@@ -330,7 +407,36 @@ class DpSpec:
             budget = epsilon if budget is None else min(budget, epsilon)
         elif population is not None:
             raise InvalidRequest(f"{_WHERE}.population goes with epsilon only")
-        return cls(clip=clip, noise_multiplier=z, delta=delta, budget=budget)
+        return cls(
+            clip=clip,
+            noise_multiplier=z,
+            delta=delta,
+            budget=budget,
+            adaptive=None if adaptive is None else AdaptiveClip.from_json(adaptive, z),
+        )
+
+    def round(self, population: int, cohort: int) -> Round:
+        """A round of this plan (adaptive: its update noise and its count's noise)."""
+        if self.adaptive is None:
+            return Round(population, cohort, self.noise_multiplier)
+        z = self.adaptive.update_noise(self.noise_multiplier)
+        return Round(population, cohort, z, self.adaptive.bit_noise)
+
+    def at_bound(self, clip: float) -> DpSpec:
+        """This plan at a round's clipping bound, with the noise that round adds to the sum."""
+        if self.adaptive is None:
+            return self
+        z = self.adaptive.update_noise(self.noise_multiplier)
+        return dataclasses.replace(self, clip=clip, noise_multiplier=z)
+
+    def next_bound(self, bound: float, unclipped: int, goal: int) -> tuple[float, float]:
+        """``(noised count, next bound)`` after a round at ``bound`` with ``unclipped``
+        updates not clipped: the count gets N(0, bit_noise**2) from the same cryptographic
+        source as the update noise; ``goal`` is the fixed denominator."""
+        assert self.adaptive is not None
+        a = self.adaptive
+        count = unclipped + float(gaussian_noise(1, a.bit_noise, os.urandom(32))[0])
+        return count, geometric_step(bound, count / goal, a.quantile, a.lr)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -338,6 +444,7 @@ class DpSpec:
             "noise_multiplier": self.noise_multiplier,
             "delta": self.delta,
             "budget": self.budget,
+            **({} if self.adaptive is None else {"adaptive": self.adaptive.to_json()}),
         }
 
     def client_json(self) -> dict[str, Any]:
@@ -361,6 +468,7 @@ class NoisedMean:
     mean: np.ndarray  # float64
     reports: int
     clipped: int  # updates whose norm exceeded the clip
+    unclipped: int = 0  # updates that arrived below the clip: the device did not clip them
 
 
 def noised_mean(
@@ -368,7 +476,7 @@ def noised_mean(
 ) -> NoisedMean:
     """``(sum_i clip(delta_i) + N(0, (z C)^2 I)) / goal``, with fresh noise from ``os.urandom``."""
     total = np.zeros(num_parameters, dtype=np.float64)
-    reports = clipped = 0
+    reports = clipped = unclipped = 0
     for raw in deltas:
         d = np.asarray(raw, dtype=np.float64)
         # The sensitivity bound needs the norm within the clip, not the device's exact bits
@@ -377,9 +485,10 @@ def noised_mean(
         over = norm > spec.clip
         total += d * (spec.clip / norm) if over else d
         clipped += over
+        unclipped += norm < spec.clip * (1 - _AT_BOUND)
         reports += 1
     noise = gaussian_noise(num_parameters, spec.noise_multiplier * spec.clip, os.urandom(32))
-    return NoisedMean((total + noise) / goal, reports, clipped)
+    return NoisedMean((total + noise) / goal, reports, clipped, unclipped)
 
 
 def ledger_after(delta: float, previous: dict[str, Any] | None) -> Ledger:
@@ -395,9 +504,16 @@ def round_record(
     result: NoisedMean,
     goal: int,
     released: int,
+    adaptive: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """What a committed round stores under ``metrics["dp"]`` (``ledger`` includes ``rnd``;
-    ``released``: the DP rounds released before it)."""
+    ``released``: the DP rounds released before it; ``adaptive``: the noised count of
+    unclipped updates and the next round's bound)."""
+    extra: dict[str, Any] = {}
+    if adaptive is not None:
+        # The exact clipped count would release the bits the count's noise hides.
+        extra = {"bit_noise": rnd.bit_noise, "unclipped_noised": adaptive[0],
+                 "clip_next": adaptive[1], "clipped": None}  # fmt: skip
     return {
         "population": rnd.population,
         "cohort": rnd.cohort,
@@ -411,6 +527,7 @@ def round_record(
         "budget": spec.budget,
         "rounds": released + sum(n for _, n in ledger.rounds),
         "rdp": [float(x) for x in ledger.rdp()],
+        **extra,
     }
 
 

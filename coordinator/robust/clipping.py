@@ -23,7 +23,14 @@ import numpy as np
 
 from coordinator.robust.spec import ClipSpec, RobustSpec
 
-__all__ = ["MIN_BOUND", "clip_factor", "example_cap", "first_bound", "next_bound"]
+__all__ = [
+    "MIN_BOUND",
+    "clip_factor",
+    "example_cap",
+    "first_bound",
+    "geometric_step",
+    "next_bound",
+]
 
 # A bound never falls below this: at 0 no update passes, the fraction unclipped stays 0 and
 # the geometric step can never bring it back (zero updates for many commits would get there).
@@ -50,7 +57,12 @@ def next_bound(clip: ClipSpec, bound: float, norms: Sequence[float]) -> float:
     if not clip.adaptive or not norms:
         return bound
     unclipped = sum(1 for n in norms if n <= bound) / len(norms)
-    return max(MIN_BOUND, bound * math.exp(-clip.lr * (unclipped - clip.quantile)))
+    return geometric_step(bound, unclipped, clip.quantile, clip.lr)
+
+
+def geometric_step(bound: float, unclipped: float, quantile: float, lr: float) -> float:
+    """The step above; DP-FedAvg's adaptive clipping takes it with a noised ``unclipped``."""
+    return max(MIN_BOUND, bound * math.exp(-lr * (unclipped - quantile)))
 
 
 def clip_factor(norm: float, bound: float) -> float:

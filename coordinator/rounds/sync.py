@@ -73,6 +73,9 @@ class SyncRounds(TaskPolicy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._period: dict[str, float] = {}
+        # Adaptive DP clipping bounds by (task, model version): each derived from the round
+        # that made that version (durable), so a version's bound never changes.
+        self._bounds: dict[tuple[str, int], float] = {}
         self.secagg = SecAggRounds(self.ctx)
 
     # -- check-in ---------------------------------------------------------------------------
@@ -142,7 +145,7 @@ class SyncRounds(TaskPolicy):
                     )
                     with store.relaxed_durability():  # its upload's commit syncs it
                         store.add_assignments([a])
-                    return assignment_json(a, rnd, task, plan, now)
+                    return self._assignment(a, rnd, task, plan, now)
         return _wait(self.steer(task, plan, now), "window_full")
 
     def _deliver(
@@ -153,7 +156,16 @@ class SyncRounds(TaskPolicy):
                 self.ctx.store.update_assignment(
                     a.assignment_id, state="delivered", delivered_at=now
                 )
-        return assignment_json(a, rnd, task, plan, now)
+        return self._assignment(a, rnd, task, plan, now)
+
+    def _assignment(
+        self, a: Assignment, rnd: Round, task: Task, plan: TaskPlan, now: float
+    ) -> dict[str, Any]:
+        answer = assignment_json(a, rnd, task, plan, now)
+        if plan.dp is not None and plan.dp.adaptive is not None:
+            # the device (Python SDK or Kotlin) clips to the plan's dp.clip: today's bound
+            answer["assignment"]["plan"]["dp"]["clip"] = self._dp_bound(task, plan)
+        return answer
 
     def steer(self, task: Task, plan: TaskPlan, now: float) -> float:
         return self.ctx.pacing.retry_after(now, plan.target, self._round_period(task, plan))
@@ -453,12 +465,26 @@ class SyncRounds(TaskPolicy):
             f"{task.model_version} is gone): refusing to release more rounds"
         )
 
+    def _dp_bound(self, task: Task, plan: TaskPlan) -> float:
+        """The clipping bound of the task's next round: the plan's ``dp.clip``, or with
+        adaptive clipping the bound the last DP commit chose (the plan's before the first)."""
+        assert plan.dp is not None
+        if plan.dp.adaptive is None:
+            return plan.dp.clip
+        key = (task.task_id, task.model_version)
+        if key not in self._bounds:
+            before = self._dp_record(task)
+            bound = plan.dp.clip if before is None else float(before["clip_next"])
+            self._bounds = {k: v for k, v in self._bounds.items() if k[0] != task.task_id}
+            self._bounds[key] = bound
+        return self._bounds[key]
+
     def _dp_ledger(self, task: Task, plan: TaskPlan, population: int, cohort: int) -> Any:
         """``(this round, the ledger before it, the DP rounds released before it)``."""
         from coordinator import privacy  # the privacy extra; a DP plan validated with it
 
         assert plan.dp is not None
-        this = privacy.Round(population, cohort, plan.dp.noise_multiplier)
+        this = plan.dp.round(population, cohort)
         before = self._dp_record(task)
         released = 0 if before is None else int(before["rounds"])
         return this, privacy.ledger_after(plan.dp.delta, before), released
@@ -502,13 +528,19 @@ class SyncRounds(TaskPolicy):
         )
         ledger = ledger.plus(this)
         store, blobs = self.ctx.store, self.ctx.blobs
+        spec = plan.dp.at_bound(self._dp_bound(task, plan))
         result = privacy.noised_mean(
             (decode_delta(blobs.read(u.payload_sha), n) for u in store.round_updates(rnd.round_id)),
             n,
-            plan.dp,
+            spec,
             rnd.goal,
         )
-        metrics["dp"] = privacy.round_record(plan.dp, ledger, this, result, rnd.goal, released)
+        adaptive = None
+        if plan.dp.adaptive is not None:
+            adaptive = plan.dp.next_bound(spec.clip, result.unclipped, rnd.goal)
+        metrics["dp"] = privacy.round_record(
+            spec, ledger, this, result, rnd.goal, released, adaptive
+        )
         budget = plan.dp.budget
         exceeds = budget is not None and ledger.would_exceed(this, budget)
         self._dp_released(task, plan, metrics, exceeds)

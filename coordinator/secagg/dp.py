@@ -71,6 +71,11 @@ class DistributedDp:
     @classmethod
     def from_json(cls, obj: Any, *, levels: int, rounds: int, min_survivors: int) -> DistributedDp:
         f = Fields(obj, _WHERE)
+        if f.has("adaptive"):
+            raise InvalidRequest(
+                f"{_WHERE}.adaptive needs central DP: with plan.secagg the server never sees an "
+                "update, so it cannot count the clipped ones"
+            )
         clip = f.number("clip", None, minimum=0.0, maximum=1e6, exclusive_min=True)
         z = f.number("noise_multiplier", None, minimum=0.0, maximum=1e4, exclusive_min=True)
         delta = f.number("delta", 1e-5, minimum=0.0, maximum=0.1, exclusive_min=True)

@@ -161,6 +161,8 @@ def test_an_epsilon_target_calibrates_the_smallest_noise_within_it() -> None:
         ({}, {"clip": 1.0}, "exactly one of noise_multiplier and epsilon"),
         ({}, {"clip": 1.0, "noise_multiplier": 1.0, "epsilon": 3.0}, "exactly one"),
         ({}, {"clip": 1.0, "epsilon": 3.0, "population": 100}, "unknown fields in plan.dp"),
+        ({}, {"clip": 1.0, "noise_multiplier": 1.0, "adaptive": {"bit_noise": 5.0}},
+         "plan.dp.adaptive needs central DP"),
         ({"clip": 2.0}, {"clip": 1.0, "noise_multiplier": 1.0}, "must equal plan.dp.clip"),
         ({"levels": 1}, {"clip": 1.0, "noise_multiplier": 0.01}, "below the accountant's 1/4"),
         ({}, {"clip": 1.0, "noise_multiplier": -1}, "plan.dp.noise_multiplier must be > 0"),
