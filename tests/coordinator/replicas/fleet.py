@@ -6,7 +6,8 @@ and devices whose every call may reach any of them (a round-robin load balancer)
 * :func:`serve_replica`: a ``fedge serve --replica`` child process on the system clock
   (``module`` runs another entry point, e.g. one that dies at a chosen step);
 * :class:`Spread`: a device registered once, its calls sent to the replicas in turn;
-  :func:`start_task` and :func:`select` set up a task and a round's cohort with such devices.
+  :func:`start_task` and :func:`~tests.fixtures.coordinator.select_devices` set up a task
+  and a round's cohort with such devices.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,6 @@ __all__ = [
     "Spread",
     "fedavg",
     "partial_rows",
-    "select",
     "serve_replica",
     "start_task",
     "thread_replicas",
@@ -190,22 +190,6 @@ def start_task(
     bundle_id = admin.upload_bundle(bundle)["bundle_id"]
     task_id = admin.create_task(bundle_id, plan, mode=mode)["task_id"]
     return admin, task_id, [Spread(urls, start=i) for i in range(devices)]
-
-
-def select(
-    devices: Sequence[Spread], pass_window: Callable[[], object]
-) -> list[tuple[Spread, str]]:
-    """Everyone checks in, the selection window passes, everyone checks in again: the
-    devices given an assignment, with its id."""
-    for d in devices:
-        assert d.check_in()["action"] == "wait"
-    pass_window()
-    chosen = []
-    for d in devices:
-        answer = d.check_in()
-        if answer["action"] == "train":
-            chosen.append((d, str(answer["assignment"]["assignment_id"])))
-    return chosen
 
 
 def fedavg(sent: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:

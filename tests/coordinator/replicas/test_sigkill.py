@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,11 @@ from tests.coordinator.replicas.fleet import (
     Spread,
     fedavg,
     partial_rows,
-    select,
     serve_replica,
     start_task,
     wait_for,
 )
-from tests.fixtures.coordinator import HttpConnection
+from tests.fixtures.coordinator import HttpConnection, select_devices
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def _delta(seed: int) -> np.ndarray:
 def _round(reps: list[ServedReplica], tiny_bundle: Path) -> tuple[AdminClient, str, list[Spread],
                                                                    list[str]]:  # fmt: skip
     admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 6)
-    chosen = select(devices, lambda: time.sleep(WINDOW + 0.5))
+    chosen = select_devices(devices, lambda: time.sleep(WINDOW + 0.5))
     assert [d for d, _ in chosen] == devices
     return admin, task_id, devices, [aid for _, aid in chosen]
 
@@ -82,15 +82,15 @@ def test_sigkill_mid_round_loses_no_acknowledged_update(
         assert admin.rounds(task_id)[0]["metrics"]["reported"] == 6
 
 
-def test_sigkill_of_the_replica_closing_the_round(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path
-) -> None:
-    """The last upload goes to a replica that dies as it starts the close, before it answers:
-    the device resends it to another replica (a replay), which closes the round once the
-    dead one's transaction is gone."""
+@contextmanager
+def _dying_and_two_others(
+    postgres_url: str, tmp_path: Path
+) -> Iterator[tuple[ServedReplica, list[ServedReplica]]]:
+    """A replica that dies as it starts a close or commit, and two that tick slowly (so that
+    the dying one closes first), on one database and blob directory."""
     blobs = tmp_path / "blobs"
     slow = tmp_path / "slow.json"
-    slow.write_text(json.dumps({"tick_interval_s": 3.0}))  # the dying one closes first
+    slow.write_text(json.dumps({"tick_interval_s": 3.0}))
     with ExitStack() as stack:
         dying = stack.enter_context(serve_replica(
             postgres_url, blobs, tmp_path / "dying.log", "tests.coordinator.replicas.dying_replica"
@@ -98,6 +98,16 @@ def test_sigkill_of_the_replica_closing_the_round(
         others = [stack.enter_context(serve_replica(postgres_url, blobs, tmp_path / f"r{i}.log",
                                                     "fedge.cli", "--config", str(slow)))
                   for i in range(2)]  # fmt: skip
+        yield dying, others
+
+
+def test_sigkill_of_the_replica_closing_the_round(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """The last upload goes to a replica that dies as it starts the close, before it answers:
+    the device resends it to another replica (a replay), which closes the round once the
+    dead one's transaction is gone."""
+    with _dying_and_two_others(postgres_url, tmp_path) as (dying, others):
         reps = [dying, *others]
         admin, task_id, devices, chosen = _round(reps, tiny_bundle)
         base = decode_tensor(devices[0].params(task_id, 0))
@@ -127,18 +137,9 @@ def test_sigkill_of_the_replica_committing_an_async_buffer(
 ) -> None:
     """The K-th update of a buffer goes to a replica that dies as it starts the commit; the
     others commit the buffer (every replica's partial buffer, the dead one's included)."""
-    blobs = tmp_path / "blobs"
-    slow = tmp_path / "slow.json"
-    slow.write_text(json.dumps({"tick_interval_s": 3.0}))
     plan = {"rounds": 1, "buffer_k": 4, "max_concurrency": 4, "round_deadline_s": 300.0,
             "robust": "none", "eligibility": {"require_charging": False}}  # fmt: skip
-    with ExitStack() as stack:
-        dying = stack.enter_context(serve_replica(
-            postgres_url, blobs, tmp_path / "dying.log", "tests.coordinator.replicas.dying_replica"
-        ))  # fmt: skip
-        others = [stack.enter_context(serve_replica(postgres_url, blobs, tmp_path / f"r{i}.log",
-                                                    "fedge.cli", "--config", str(slow)))
-                  for i in range(2)]  # fmt: skip
+    with _dying_and_two_others(postgres_url, tmp_path) as (dying, others):
         urls = [r.url for r in (dying, *others)]
         admin, task_id, devices = start_task(urls, tiny_bundle, plan, 4, "async")
         aids = [d.check_in()["assignment"]["assignment_id"] for d in devices]

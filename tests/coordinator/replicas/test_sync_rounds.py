@@ -20,12 +20,11 @@ from tests.coordinator.replicas.fleet import (
     Spread,
     fedavg,
     partial_rows,
-    select,
     start_task,
     thread_replicas,
     wait_version,
 )
-from tests.fixtures.coordinator import HttpConnection
+from tests.fixtures.coordinator import HttpConnection, select_devices
 
 N = 64
 WINDOW = 10.0
@@ -39,7 +38,7 @@ def _delta(seed: int) -> np.ndarray:
 
 
 def _selected(devices: list[Spread], clock: FakeClock) -> list[tuple[Spread, str]]:
-    return select(devices, lambda: clock.advance(WINDOW + 0.5))
+    return select_devices(devices, lambda: clock.advance(WINDOW + 0.5))
 
 
 @pytest.fixture

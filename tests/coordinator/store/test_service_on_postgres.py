@@ -28,7 +28,7 @@ from coordinator.store.postgres import PostgresStore
 from edge_sdk.frame import decode_tensor
 from edge_sdk.protocol import HEADER_ENROLLMENT, Route
 from fedge.cli import main
-from tests.fixtures.coordinator import DeviceHTTP, HttpConnection
+from tests.fixtures.coordinator import DeviceHTTP, HttpConnection, select_devices
 
 ROOT = Path(__file__).resolve().parents[3]
 N = 64
@@ -55,15 +55,7 @@ def _records(coord: EmbeddedCoordinator) -> dict[str, Any]:
 def _select(
     pass_window: Callable[[], object], devices: list[DeviceHTTP]
 ) -> list[tuple[DeviceHTTP, str]]:
-    """Everyone checks in, the window passes, everyone checks in again: (device, assignment)."""
-    for d in devices:
-        assert d.check_in()["action"] == "wait"
-    pass_window()
-    chosen = []
-    for d in devices:
-        answer = d.check_in()
-        if answer["action"] == "train":
-            chosen.append((d, answer["assignment"]["assignment_id"]))
+    chosen = select_devices(devices, pass_window)
     assert len(chosen) == 6  # ceil(4 x 1.3) of 6 candidates
     return chosen
 
