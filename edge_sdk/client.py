@@ -202,6 +202,9 @@ class Client:
         self._busy = threading.Lock()
         # The step an assignment is in, for the abort's phase (one pass at a time: _busy).
         self._phase = FailurePhase.DOWNLOAD
+        # Uploads whose acknowledgement came to a resend on a later pass: that pass's outcome
+        # is about its own check-in, so counters of acknowledged uploads need this too.
+        self.acknowledged_on_resend = 0
 
     @property
     def device_id(self) -> str | None:
@@ -562,6 +565,7 @@ class Client:
             log.info("pending upload %s settled by a refusal (%s)", pending.assignment_id,
                      e.code)
         else:
+            self.acknowledged_on_resend += 1
             log.info("pending upload %s acknowledged on resend", pending.assignment_id)
 
     def _evaluate(

@@ -348,7 +348,8 @@ class Fleet(FleetRun):
             devices=len(self.devices),
             checkins=sum(o[a] for a in answered),
             tasks_started=sum(log.jobs for log in logs),
-            uploads_acknowledged=o["trained"],
+            uploads_acknowledged=o["trained"]
+            + sum(d.client.acknowledged_on_resend for d in self.devices),
             evaluations_reported=o["evaluated"],
             aborts=o["aborted"],
             dropouts=o[VANISHED],

@@ -135,11 +135,13 @@ def test_a_lost_acknowledgement_is_resolved_by_resending_the_same_upload(
         pending = DeviceState(state).load_pending()
         assert pending is not None and pending.frame == encodings[0].frame
         assert DeviceState(state).error_feedback(task).load(encodings[0].delta.size) is None
+        assert client.acknowledged_on_resend == 0
 
         # next pass: the pending upload goes first (same key), then round 2 trains
         outcome = _until_not_waiting(client)
         client.close()
     assert outcome.action == TRAINED and outcome.round == 2, outcome
+    assert client.acknowledged_on_resend == 1  # what an upload counter adds to TRAINED passes
     uploads = [line for line in proxy.request_lines if b"/update" in line]
     assert len(uploads) == 4  # round 1 (answer lost twice), its resend, round 2
     assert uploads[0] == uploads[1] == uploads[2]
