@@ -8,6 +8,8 @@ the round; nothing the server stores is an update in the clear.
 
 from __future__ import annotations
 
+import sqlite3
+
 import numpy as np
 import pytest
 
@@ -372,4 +374,46 @@ def test_a_device_that_aborts_is_a_dropout_no_stage_waits_for(
         expected, bound = r.expected_mean(r.peers[1:])
         assert abs(r.version(1) - r.base - expected).max() <= bound
     finally:
+        r.close()
+
+
+def test_a_failing_event_write_at_each_stage_answers_503_and_the_retry_goes_through(
+    clocked_coordinator, tiny_bundle
+) -> None:
+    """A storage error while a stage's message is stored (the masked vector's blob is already
+    in place at the mask stage) refuses it with 503 and changes nothing the session holds:
+    the same message again is accepted, and the round commits the survivors' mean."""
+    r = SecAggRound(clocked_coordinator, tiny_bundle, 6)
+    store = clocked_coordinator.service.store
+    real = store.add_secagg_event
+    try:
+        for stage in STAGES:
+            first, *rest = r.peers
+            state = first.state()
+            assert state["stage"] == stage
+            message = first.message(state)
+            round_id = clocked_coordinator.call(store.open_round, r.task_id).round_id
+            before = clocked_coordinator.call(store.secagg_events, round_id)
+
+            def failing(event: object) -> None:
+                raise sqlite3.OperationalError("disk I/O error")
+
+            store.add_secagg_event = failing
+            try:
+                status, body = first.post(*message)
+            finally:
+                store.add_secagg_event = real
+            assert (status, body["error"]["code"]) == (503, "overloaded"), body
+            assert clocked_coordinator.call(store.secagg_events, round_id) == before
+            assert first.state()["stage"] == stage  # not taken as answered
+            status, body = first.post(*message)
+            assert status == 200, body
+            for p in rest:
+                p.answer()
+        [rnd] = r.admin.rounds(r.task_id)
+        assert rnd["state"] == "committed", rnd["metrics"]
+        expected, bound = r.expected_mean(r.peers)
+        assert abs(r.version(1) - r.base - expected).max() <= bound
+    finally:
+        store.add_secagg_event = real
         r.close()
