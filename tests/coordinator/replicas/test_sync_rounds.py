@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg
 import pytest
 
 from coordinator.clock import FakeClock
@@ -217,3 +218,42 @@ def test_a_round_carries_on_from_one_process_to_replicas(
         wait_version(reps[0].admin(), task_id, 1)
         got = decode_tensor(devices[0].params(task_id, 1))
         np.testing.assert_allclose(got, base + fedavg(sent), rtol=1e-6, atol=1e-7)
+
+
+def test_a_failing_partial_sum_write_refuses_the_batch_and_the_retry_counts_once(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
+) -> None:
+    """The partial sum is written in the upload's transaction: when that write fails the
+    upload is answered 503 and nothing of it is stored (no update row, the replica's partial
+    unchanged); the same upload again is acknowledged and counted once in the version."""
+    with thread_replicas(2, postgres_url, tmp_path / "blobs", clock) as reps:
+        admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 9)
+        base = decode_tensor(devices[0].params(task_id, 0))
+        chosen = _selected(devices, clock)
+        round_id = _open_round_id(postgres_url, task_id)
+        sent = []
+        for k, (d, assignment_id) in enumerate(chosen[:6]):
+            if k == 3:
+                store = reps[1].service.store
+                real = store.put_partial
+                before = partial_rows(postgres_url, round_id)
+
+                def failing(*args: Any, **kwargs: Any) -> None:
+                    raise psycopg.OperationalError("connection lost")
+
+                store.put_partial = failing  # type: ignore[method-assign]
+                try:
+                    status, body = d.to(1).upload(assignment_id, _delta(k), 3 + k, key=f"k{k}")
+                finally:
+                    store.put_partial = real  # type: ignore[method-assign]
+                assert (status, body["error"]["code"]) == (503, "overloaded"), body
+                assert partial_rows(postgres_url, round_id) == before
+                assert sum(p.count for p in before) == 3
+            status, body = d.to(k % 2).upload(assignment_id, _delta(k), 3 + k, key=f"k{k}")
+            assert status == 200 and body["accepted"] is True, body
+            sent.append((_delta(k), 3 + k))
+        wait_version(admin, task_id, 1)
+        got = decode_tensor(devices[0].params(task_id, 1))
+        np.testing.assert_allclose(got, base + fedavg(sent), rtol=1e-6, atol=1e-7)
+        [rnd] = [x for x in admin.rounds(task_id) if x["metrics"].get("model_version") == 1]
+        assert rnd["metrics"]["reported"] == 6
