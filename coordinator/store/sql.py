@@ -471,34 +471,31 @@ class SQLStore(Store):
         ).fetchone()
         return row is not None
 
-    def blob_referenced(self, sha: str) -> bool:
+    def _blob_references(self, closed_round_payloads: bool = True) -> list[tuple[str, str]]:
+        """Every place a blob hash is named, as (``from`` clause, hash expression): bundle
+        files, versions, and the payloads of updates and SecAgg messages, which belong to a
+        round (without ``closed_round_payloads``: only those of open rounds)."""
         files = self._json_members("b.manifest", "files")
-        row = self._execute(
-            "select 1 from updates where payload_sha = ? "
-            "union all select 1 from secagg_events where payload_sha = ? "
-            "union all select 1 from versions where params_sha = ? or optimizer_sha = ? "
-            f"union all select 1 from bundles b, {files} f "
-            f"where {self._json_text('f.value', 'sha256')} = ? limit 1",
-            [sha] * 5,
-        ).fetchone()
-        return row is not None
+        refs = [(f"bundles b, {files} f", self._json_text("f.value", "sha256")),
+                ("versions v", "v.params_sha"), ("versions v", "v.optimizer_sha")]  # fmt: skip
+        for table in ("updates", "secagg_events"):
+            if closed_round_payloads:
+                refs.append((f"{table} p", "p.payload_sha"))
+            else:
+                on = f"r.round_id = p.round_id and r.state in {_OPEN}"
+                refs.append((f"{table} p join rounds r on {on}", "p.payload_sha"))
+        return refs
+
+    def blob_referenced(self, sha: str) -> bool:
+        refs = self._blob_references()
+        # One indexed lookup per place, stopping at the first hit.
+        sql = " union all ".join(f"select 1 from {src} where {col} = ?" for src, col in refs)
+        return self._execute(f"{sql} limit 1", [sha] * len(refs)).fetchone() is not None
 
     def referenced_blobs(self, *, closed_round_payloads: bool) -> set[str]:
-        payloads = (
-            "select payload_sha from updates union select payload_sha from secagg_events"
-            if closed_round_payloads
-            else "select u.payload_sha from updates u join rounds r on r.round_id = u.round_id "
-            f"where r.state in {_OPEN} union select e.payload_sha from secagg_events e "
-            f"join rounds r on r.round_id = e.round_id where r.state in {_OPEN}"
-        )
-        files = self._json_members("b.manifest", "files")
-        rows = self._execute(
-            f"select {self._json_text('f.value', 'sha256')} from bundles b, {files} f "
-            "union select params_sha from versions "
-            "union select optimizer_sha from versions "
-            f"union {payloads}"
-        ).fetchall()
-        return {r[0] for r in rows if r[0] is not None}
+        refs = self._blob_references(closed_round_payloads)
+        rows = self._execute(" union ".join(f"select {col} from {src}" for src, col in refs))
+        return {r[0] for r in rows.fetchall() if r[0] is not None}
 
     def assignment_counts(self, round_id: int) -> dict[str, int]:
         rows = self._execute(
