@@ -1,36 +1,51 @@
-"""Coordinator throughput and memory on loopback: check-ins/s, uploads/s, peak RSS.
+"""Coordinator throughput and memory on loopback: check-ins/s, uploads/s, peak RSS, with one
+and with several server processes.
 
 The coordinator runs as its own process (``fedge serve`` through ``EmbeddedCoordinator``,
-real SQLite file with fsync, real HTTP); simulated devices are threads of this process, each
-with one keep-alive connection, speaking the wire protocol with ``http.client``. The model is a
-synthetic 100,000-parameter bundle; updates are int8 frames (block 256), 16 distinct deltas
-cycled (the coordinator decodes, checks and folds every one).
+real SQLite file with fsync, real HTTP), or as K processes on one SQLite file sharing the
+port (``fedge serve --processes K``, SO_REUSEPORT). The model is a synthetic
+100,000-parameter bundle; updates are int8 frames (block 256), every upload a payload of its
+own (identical payloads would share one content-addressed blob and skip its fsync).
 
-Measured:
+Devices are set up (registration, candidate check-ins, selection) with ``http.client``
+(``DeviceHTTP``, 4 threads); the timed upload and steered check-in phases use the light load
+generator of ``benchmarks/loadgen.py`` (requests built before the clock starts, raw sockets),
+so that the client's CPU, which shares the machine's two cores, stays a small part of each
+request's cost.
 
-* registrations/s, and check-ins/s of two kinds: *candidate* (admitted to a selection window:
-  one database write) and *steered* (round full: answered with pace steering, no write);
+Measured, in rounds of one coordinator (tree) each:
+
+* registrations/s and *candidate* check-ins/s (admitted to a selection window: one
+  database write), with ``DeviceHTTP``;
+* *steered* check-ins/s (round full: answered with pace steering, no write), keep-alive,
+  ``STEER_CONNECTIONS`` connections;
 * uploads/s: acknowledged int8 updates (decode, NaN/norm checks, blob fsync, SQLite commit,
-  fold), 32 uploads in flight, in one run each way: group commit off (each upload made
-  durable on its own on the worker thread: file, directory and SQLite fsyncs) and on
-  (``coordinator/group_commit.py``);
-* the coordinator's CPU milliseconds per upload and per steered check-in (``/proc`` CPU time
-  over the timed interval): unlike rates, not diluted by what else runs on the shared cores;
-* peak coordinator RSS (``VmHWM`` of the server process) for one round of 1,000 updates versus
-  one of 10, each in a fresh process: streaming aggregation must keep it flat, and RSS sampled
-  every 50 uploads during the 1,000-update rounds (plotted);
-* before and after the one-node speed work of issue 15, in the same run: the 1,000-update
-  round also runs against a coordinator started from the source tree of commit ``BASELINE``
-  (``git archive`` into a temporary directory; the server process imports from there), so
-  that both see the same load on the shared cores. The implied capacity of one core is
-  1,000 / (server CPU ms per request): the load generator shares the 2 cores, so achieved
-  rates understate what the server alone would take.
+  fold), ``UPLOAD_CONNECTIONS`` in flight, either a new connection per upload (like phones)
+  or keep-alive (like a load balancer's pooled connections to its backend);
+* the server's CPU milliseconds per upload and per steered check-in: user + system time of
+  the server process and all its descendants over the timed interval (``/proc``), which,
+  unlike a rate, is not diluted by what else runs on the shared cores, and how it fell on the
+  processes; the client's (and its kernel part: on loopback the sender's system time
+  includes much of the receiver's TCP work);
+* latency percentiles of both (send to last byte of the answer);
+* peak server RSS (``VmHWM``, summed over the processes) for a round of ``UPDATES`` updates
+  versus one of 10, each in a fresh process: streaming aggregation must keep it flat; RSS
+  sampled during the uploads (plotted);
+* configurations alternating in each repeat, so that the shared cores' changing load falls on
+  all: 1 and 2 processes (when ``CoordinatorConfig`` has ``processes``), each with new and
+  keep-alive connections; group commit off (one process); and the tree of commit
+  ``BASELINE`` (``git archive`` into a temporary directory, the server process imports from
+  there; ``FEDGE_BENCH_BASELINE=""`` skips it). Rounds at group commit off and of the
+  baseline acknowledge a few hundred uploads/s at most, so they are ``SLOW_UPDATES`` long;
+* the durable path in-process (no HTTP): one by one versus batches of 32, the thread's wall
+  time split into CPU, waiting for a CPU and blocked on the disk; and the int8 decode's CPU.
 
-Every upload carries a payload of its own (1,000 distinct frames): identical payloads would
-share one content-addressed blob and skip its fsync.
+The implied capacity of one core is 1,000 / (server CPU ms per request).
 
-Run: ``./dev bench bench_coordinator`` (about 10 min at a load of 30 on 2 cores). Writes
+Run: ``./dev bench bench_coordinator`` (about 10 min on a quiet 2-core machine). Writes
 ``benchmarks/results/bench_coordinator.json`` and ``bench_coordinator.png``.
+``.venv/bin/python benchmarks/bench_coordinator.py quick`` (or ``FEDGE_BENCH_QUICK=1``): small
+rounds, one repeat, results in the temporary directory (the committed ones stay).
 """
 
 from __future__ import annotations
@@ -59,6 +74,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import loadgen  # noqa: E402
 from coordinator import embedded  # noqa: E402
 from coordinator.admin import tar_directory  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
@@ -72,19 +88,46 @@ from tests.fixtures.coordinator import (  # noqa: E402
     make_synthetic_bundle,
 )
 
-RESULTS = Path(__file__).parent / "results"
+QUICK = "quick" in sys.argv[1:] or os.environ.get("FEDGE_BENCH_QUICK", "") not in ("", "0")
+RESULTS = Path(tempfile.gettempdir()) if QUICK else Path(__file__).parent / "results"
 NUM_PARAMETERS = 100_000
 CODEC = {"name": "int8", "bits": 8, "block": 256}
-THREADS = 4
-# Uploads in flight at once (client threads, one new connection per upload): group commit
-# batches what arrives together, so both configurations get the same concurrent load.
-UPLOAD_THREADS = 32
-REPEATS = 2
-DURABLE_UPDATES = 320  # uploads of the in-process durable-path comparison, each way
-STEERED = 2000  # steered check-ins timed in a 1,000-update round
+THREADS = 4  # DeviceHTTP threads of the setup (registrations, candidate check-ins)
+UPLOAD_CONNECTIONS = 32  # uploads in flight: group commit batches what arrives together
+STEER_CONNECTIONS = 8
+# Updates per timed round: at 1,000 uploads/s a round of 1,000 lasts one second, too short
+# to time; group commit off and the baseline acknowledge about 150/s.
+UPDATES = 300 if QUICK else 3000
+SLOW_UPDATES = 100 if QUICK else 1000
+SMALL = 10  # the RSS reference round
+STEERED = 2000 if QUICK else 20_000  # steered check-ins timed per round (baseline: a quarter)
+REPEATS = 1 if QUICK else 2
+DURABLE_UPDATES = 64 if QUICK else 320  # uploads of the in-process durable-path comparison
 # The tree before the one-node speed work (decode, query layer, batched worker hand-off,
 # check-in commits without fsync); FEDGE_BENCH_BASELINE names another commit, "" skips it.
 BASELINE = os.environ.get("FEDGE_BENCH_BASELINE", "4d5d502")
+# `fedge serve --processes K`: measured at 2 when this tree's configuration has the field.
+MULTI_PROCESS = "processes" in {f.name for f in dataclasses.fields(CoordinatorConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One kind of timed round."""
+
+    code: str = "after"  # "before": the server runs the BASELINE tree
+    group_commit: bool = True
+    processes: int = 1
+    keep_alive: bool = False  # uploads on pooled connections, else one connection each
+    updates: int = UPDATES
+    steered: int = STEERED
+
+    @property
+    def label(self) -> str:
+        parts = [self.code, f"{self.processes} proc" + ("s" if self.processes > 1 else "")]
+        parts.append("keep-alive" if self.keep_alive else "new conn")
+        if not self.group_commit:
+            parts.append("group commit off")
+        return ", ".join(parts)
 
 
 def baseline_tree(workdir: Path) -> Path | None:
@@ -104,6 +147,7 @@ def baseline_tree(workdir: Path) -> Path | None:
     return dest
 
 
+# proc_kib, cpu_s and timed serve bench_replicas too.
 def proc_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -116,21 +160,6 @@ def cpu_s(pid: int) -> float:
     else the shared cores are doing."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Costs:
-    """CPU milliseconds per item from now on, of the coordinator and of this (client)
-    process."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.server, self.client = cpu_s(pid), time.process_time()
-
-    def per_item(self, n: int) -> dict[str, float]:
-        return {
-            "server": (cpu_s(self.pid) - self.server) / n * 1e3,
-            "client": (time.process_time() - self.client) / n * 1e3,
-        }
 
 
 def timed(n: int, fn: Callable[[int], Any], threads: int = THREADS) -> tuple[float, list[Any]]:
@@ -162,15 +191,9 @@ def _served_from(source: Path | None) -> Iterator[None]:
         yield
 
 
-def run_round(
-    bundle: Path, updates: int, frames: list[bytes], workdir: Path, group_commit: bool = True,
-    source: Path | None = None,
-) -> dict[str, Any]:
-    """One coordinator process, one round of ``updates`` reports; returns figures. With
-    ``source`` the server runs that source tree (``python -m`` puts its working directory
-    first on the module path)."""
+def _plan(updates: int) -> dict[str, Any]:
     # over_selection 1: exactly `updates` devices are selected, later ones are steered away
-    plan = {
+    return {
         "rounds": 1,
         "goal": updates,
         "over_selection": 1.0,
@@ -183,17 +206,48 @@ def run_round(
         # upload path measured here.
         "robust": "none",
     }
+
+
+def _measured(
+    pid: int, port: int, requests: list[loadgen.Request], connections: int,
+    expect: loadgen.Expect, on_progress: Callable[[int], None] | None = None,
+) -> tuple[loadgen.LoadResult, dict[str, Any]]:
+    """``loadgen.run`` and the CPU ms per request of the server tree and of this client;
+    ``server_shares``: how the server's CPU fell on its processes (largest first; with
+    SO_REUSEPORT the kernel spreads connections, not requests, over them)."""
+    before = loadgen.tree_cpu(pid)
+    result = loadgen.run(port, requests, connections, expect, on_progress)
+    after = loadgen.tree_cpu(pid)
+    spent = sum(after.values()) - sum(before.values())
+    each = [after[p] - before.get(p, 0.0) for p in after]
+    cpu = {
+        "server": spent / result.requests * 1e3,
+        "client": result.client_cpu_ms,
+        "client_sys": result.client_sys_ms,
+        "server_shares": sorted((round(c / spent, 3) for c in each if c > 0), reverse=True)
+        if spent > 0 else [],
+    }  # fmt: skip
+    return result, cpu
+
+
+def run_round(
+    bundle: Path, config: Config, frames: list[bytes], workdir: Path, source: Path | None = None
+) -> dict[str, Any]:
+    """One coordinator (tree of processes), one round of ``config.updates`` reports; returns
+    figures. With ``source`` the server runs that source tree."""
+    started = time.perf_counter()
     db = Path(tempfile.mkdtemp(dir=workdir)) / "fedge.db"
-    coord = EmbeddedCoordinator(db, subprocess=True, group_commit=group_commit)
+    extra: dict[str, Any] = {"processes": config.processes} if config.processes > 1 else {}
+    coord = EmbeddedCoordinator(db, subprocess=True, group_commit=config.group_commit, **extra)
     with _served_from(source):
         coord.start()
     assert coord.process is not None
-    pid = coord.process.pid
+    pid, port = coord.process.pid, coord.port
     try:
         admin = coord.admin()
+        plan = _plan(config.updates)
         task_id = admin.create_task(admin.upload_bundle(bundle)["bundle_id"], plan)["task_id"]
-        rss_idle = proc_kib(pid, "VmRSS")
-        local = threading.local()
+        rss_idle = loadgen.tree_kib(pid, "VmRSS")
 
         def register(_: int) -> DeviceHTTP:
             dev = DeviceHTTP(coord)
@@ -206,66 +260,65 @@ def run_round(
             finally:
                 devices[i].close()
 
-        reg_rate, devices = timed(updates, register)
-        cand_rate, first = timed(updates, check_in)
-        assert sum(a["action"] == "train" for a in first) <= 1 or updates <= 1
-        _, second = timed(updates, check_in)
-        aids = {}
-        for i, a in enumerate(second):
-            answer = a if a["action"] == "train" else first[i]
-            aids[i] = answer["assignment"]["assignment_id"]
-        extra = STEERED if updates >= 1000 else 0
-        steer_rate, steer_cost = None, None
-        if extra:
-
-            def steered(i: int) -> None:
-                dev = getattr(local, "dev", None)
-                if dev is None:  # one device (and connection) per client thread
-                    dev = local.dev = DeviceHTTP(coord)
-                assert dev.check_in()["reason"] == "window_full"
-
-            costs = Costs(pid)
-            steer_rate, _ = timed(extra, steered)
-            steer_cost = costs.per_item(extra)
-        rss_reporting = proc_kib(pid, "VmRSS")
+        reg_rate, devices = timed(config.updates, register)
+        cand_rate, first = timed(config.updates, check_in)
+        _, second = timed(config.updates, check_in)
+        aids = [(s if s["action"] == "train" else f)["assignment"]["assignment_id"]
+                for f, s in zip(first, second, strict=True)]  # fmt: skip
+        figures: dict[str, Any] = {}
+        if config.steered:
+            # Devices outside the round, which is full: every check-in is steered away.
+            outside = [register(0) for _ in range(STEER_CONNECTIONS)]
+            body = {"population": "default", "runtimes": ["ort-step"],
+                    "conditions": GOOD_CONDITIONS}  # fmt: skip
+            checkins = [loadgen.checkin_request(port, (d.device_id, d.secret), body, close=False)
+                        for d in outside]  # fmt: skip
+            requests = [checkins[i % len(checkins)] for i in range(config.steered)]
+            steer, steer_cpu = _measured(pid, port, requests, STEER_CONNECTIONS,
+                                         loadgen.expect_steered)  # fmt: skip
+            figures |= {
+                "checkins_steered_per_s": steer.per_s,
+                "checkin_steered_cpu_ms": steer_cpu,
+                "checkin_steered_latency_ms": steer.latency_ms,
+            }
+        rss_reporting = loadgen.tree_kib(pid, "VmRSS")
         samples: list[tuple[int, int]] = [(0, rss_reporting)]
-        done = [0]
-        lock = threading.Lock()
 
-        def upload(i: int) -> None:
-            status, body = devices[i].upload_raw(
-                aids[i], frames[i % len(frames)], report={"num_examples": 20 + i % 7}
-            )
-            devices[i].close()
-            assert status == 200, body
-            with lock:
-                done[0] += 1
-                if done[0] % 50 == 0 or done[0] == updates:
-                    samples.append((done[0], proc_kib(pid, "VmRSS")))
+        def sample(done: int) -> None:
+            if done > samples[-1][0]:
+                samples.append((done, loadgen.tree_kib(pid, "VmRSS")))
 
-        costs = Costs(pid)
-        up_rate, _ = timed(updates, upload, UPLOAD_THREADS)
-        up_cost = costs.per_item(updates)
+        uploads = [
+            loadgen.upload_request(port, (d.device_id, d.secret), aids[i], frames[i],
+                                   {"num_examples": 20 + i % 7}, close=not config.keep_alive)
+            for i, d in enumerate(devices)
+        ]  # fmt: skip
+        up, up_cpu = _measured(pid, port, uploads, UPLOAD_CONNECTIONS,
+                               loadgen.expect_status(200), sample)  # fmt: skip
+        rss_peak = loadgen.tree_kib(pid, "VmHWM")
         rounds = admin.rounds(task_id)
         assert rounds[0]["state"] == "committed", rounds
         status = admin.status()
-        assert status["updates_accepted"] == updates and status["model_version"] == 1
+        assert status["updates_accepted"] == config.updates and status["model_version"] == 1
         return {
-            "updates": updates,
-            "group_commit": group_commit,
-            "code": "before" if source else "after",
+            **dataclasses.asdict(config),
+            "label": config.label,
             "registrations_per_s": reg_rate,
             "checkins_candidate_per_s": cand_rate,
-            "checkins_steered_per_s": steer_rate,
-            "uploads_per_s": up_rate,
-            "upload_cpu_ms": up_cost,
-            "checkin_steered_cpu_ms": steer_cost,
+            "checkins_steered_per_s": None,
+            "checkin_steered_cpu_ms": None,
+            "checkin_steered_latency_ms": None,
+            **figures,
+            "uploads_per_s": up.per_s,
+            "upload_cpu_ms": up_cpu,
+            "upload_latency_ms": up.latency_ms,
             "upload_bytes": len(frames[0]),
             "rss_idle_mib": rss_idle / 1024,
             "rss_before_uploads_mib": rss_reporting / 1024,
-            "rss_peak_mib": proc_kib(pid, "VmHWM") / 1024,
+            "rss_peak_mib": rss_peak / 1024,
             "rss_samples_mib": [(n, kib / 1024) for n, kib in samples],
             "round_duration_s": rounds[0]["metrics"]["duration_s"],
+            "wall_s": time.perf_counter() - started,  # all of it, the setup included
         }
     finally:
         coord.stop()
@@ -289,9 +342,7 @@ def durable_path(
     (the fsyncs)."""
     root = workdir / f"durable-{batch}-{rep}"
     root.mkdir(parents=True, exist_ok=True)
-    plan = {"rounds": 1, "goal": updates, "over_selection": 1.0, "selection_window_s": 0.0,
-            "round_deadline_s": 3600.0, "codec": CODEC, "max_update_norm": None,
-            "robust": "none"}  # fmt: skip
+    plan = _plan(updates)
     coord = Coordinator(CoordinatorConfig(db_path=str(root / "fedge.db"), open_registration=True))
     try:
         bundle_id = coord.add_bundle(tar_directory(bundle))["bundle_id"]
@@ -363,13 +414,76 @@ def decode_cpu_ms(frame: bytes, baseline: Path | None) -> dict[str, float]:
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-def label(run: dict[str, Any]) -> str:
-    gc = "on" if run["group_commit"] else "off"
-    return f"{run['updates']} updates, {run.get('code', 'after')}, group commit {gc}"
+def schedule(baseline: bool) -> list[Config]:
+    """The RSS reference round, then the timed rounds of each repeat: process counts and
+    connection kinds interleaved, then group commit off and the baseline."""
+    counts = (1, 2) if MULTI_PROCESS else (1,)
+    repeat = [Config(processes=k, keep_alive=keep) for keep in (False, True) for k in counts]
+    repeat.append(Config(group_commit=False, updates=SLOW_UPDATES, steered=0))
+    if baseline:
+        repeat.append(Config(code="before", updates=SLOW_UPDATES, steered=STEERED // 4))
+    return [Config(updates=SMALL, steered=0), *repeat * REPEATS]
 
 
-# The configurations of the 1,000-update rounds: (code, group commit).
-CONFIGS = (("before", True), ("after", False), ("after", True))
+def _mean(runs: list[dict[str, Any]], key: str, inner: str | None = None) -> float:
+    """Mean of ``run[key]`` (or ``run[key][inner]``) over ``runs``."""
+    return float(np.mean([r[key] if inner is None else r[key][inner] for r in runs]))
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Means over the repeats of each configuration (label); capacity: what one core of
+    server CPU would answer, 1,000 / server CPU ms."""
+    out: dict[str, dict[str, Any]] = {}
+    for label in dict.fromkeys(r["label"] for r in runs):
+        rs = [r for r in runs if r["label"] == label]
+        keys = ("code", "group_commit", "processes", "keep_alive", "updates")
+        e: dict[str, Any] = {key: rs[0][key] for key in keys}
+        e["repeats"] = len(rs)
+        for key in ("registrations_per_s", "checkins_candidate_per_s", "rss_peak_mib"):
+            e[key] = _mean(rs, key)
+        for name, rate, cpu, lat in (
+            ("uploads", "uploads_per_s", "upload_cpu_ms", "upload_latency_ms"),
+            ("steered", "checkins_steered_per_s", "checkin_steered_cpu_ms",
+             "checkin_steered_latency_ms"),
+        ):  # fmt: skip
+            if rs[0][rate] is None:
+                continue
+            e[f"{name}_per_s"] = _mean(rs, rate)
+            for side in ("server", "client"):
+                e[f"{name}_{side}_cpu_ms"] = _mean(rs, cpu, side)
+            for p in ("p50", "p99"):
+                e[f"{name}_{p}_ms"] = _mean(rs, lat, p)
+            # the busiest server process's share of the server CPU (1 with one process)
+            e[f"{name}_busiest_share"] = float(np.mean([r[cpu]["server_shares"][0] for r in rs]))
+            e[f"{name}_capacity_per_core"] = 1e3 / e[f"{name}_server_cpu_ms"]
+        out[label] = e
+    return out
+
+
+def _ratio(summary: dict[str, dict[str, Any]], a: str, b: str, key: str) -> float | None:
+    if a in summary and b in summary and key in summary[a] and key in summary[b]:
+        return float(summary[a][key] / summary[b][key])
+    return None
+
+
+def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    one, two = Config(), Config(processes=2)
+    one_ka, two_ka = Config(keep_alive=True), Config(processes=2, keep_alive=True)
+    pairs = {
+        "uploads_2_vs_1_processes_new_conn": (two, one, "uploads_per_s"),
+        "uploads_2_vs_1_processes_keep_alive": (two_ka, one_ka, "uploads_per_s"),
+        "upload_server_cpu_2_vs_1_processes": (two, one, "uploads_server_cpu_ms"),
+        "steered_2_vs_1_processes": (two, one, "steered_per_s"),
+        "steered_server_cpu_2_vs_1_processes": (two, one, "steered_server_cpu_ms"),
+        "uploads_keep_alive_vs_new_conn": (one_ka, one, "uploads_per_s"),
+        "uploads_group_commit_on_vs_off": (one, Config(group_commit=False), "uploads_per_s"),
+        "uploads_after_vs_before": (one, Config(code="before"), "uploads_per_s"),
+        "upload_server_cpu_after_vs_before": (one, Config(code="before"), "uploads_server_cpu_ms"),
+        "steered_after_vs_before": (one, Config(code="before"), "steered_per_s"),
+        "steered_server_cpu_after_vs_before": (one, Config(code="before"),
+                                               "steered_server_cpu_ms"),
+    }  # fmt: skip
+    return {name: _ratio(summary, a.label, b.label, key) for name, (a, b, key) in pairs.items()}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -378,142 +492,146 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (rss, rates) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (rss, uploads, steered) = plt.subplots(1, 3, figsize=(16, 4.6))
+    shown: set[str] = set()
     for run in results["runs"]:
+        label = f"{run['updates']} updates, {run['label']}"
+        if label in shown:  # first repeat of each configuration
+            continue
+        shown.add(label)
         xs, ys = zip(*run["rss_samples_mib"], strict=True)
-        rss.plot(xs, ys, marker="o", ms=3, label=label(run))
+        rss.plot(xs, ys, marker="o", ms=2, label=label)
     rss.set_xlabel("updates accepted in the round")
-    rss.set_ylabel("coordinator RSS (MiB)")
+    rss.set_ylabel("coordinator RSS, all processes (MiB)")
     rss.set_ylim(bottom=0)
     rss.set_title("Coordinator RSS, 100k-param int8 updates")
-    rss.legend(fontsize=7)
-    names = ("uploads/s", "steered check-ins/s")
-    keys = (("uploads_per_s", "upload_cpu_ms"),
-            ("checkins_steered_per_s", "checkin_steered_cpu_ms"))  # fmt: skip
-    xs = np.arange(len(names))
-    width = 0.8 / len(CONFIGS)
-    for k, (code, gc) in enumerate(CONFIGS):
-        runs = [r for r in results["runs"][1:] if r["code"] == code and r["group_commit"] == gc]
-        offset = (k - (len(CONFIGS) - 1) / 2) * width
-        means = [float(np.mean([r[rate] for r in runs])) for rate, _ in keys]
-        rates.bar(xs + offset, means, width, label=f"{code}, group commit {'on' if gc else 'off'}")
-        for x, (rate, cpu) in zip(xs + offset, keys, strict=True):
-            rates.plot([x] * len(runs), [r[rate] for r in runs], "k.", ms=4)  # each repeat
-            ms = float(np.mean([r[cpu]["server"] for r in runs]))
-            rates.annotate(f"{ms:.2f} ms\nCPU", (x, max(r[rate] for r in runs)), ha="center",
-                           va="bottom", fontsize=7)  # fmt: skip
-    rates.set_xticks(xs, names)
-    rates.set_ylim(top=rates.get_ylim()[1] * 1.2)
-    rates.set_title("1,000-update rounds, configurations alternating (dots: repeats)")
-    rates.legend(fontsize=7)
+    rss.legend(fontsize=6, loc="center right")
+    summary = results["summary"]
+    for ax, name, title, target in ((uploads, "uploads", "acknowledged int8 uploads/s", 1000),
+                                    (steered, "steered", "steered check-ins/s", 5000)):  # fmt: skip
+        ax.axhline(target, color="tab:red", ls="--", lw=1, label="issue 15 target, one node")
+        labels = [k for k, e in summary.items() if f"{name}_per_s" in e and e["updates"] > SMALL]
+        at = np.arange(len(labels))
+        ax.bar(at, [summary[k][f"{name}_per_s"] for k in labels], 0.6, color="tab:blue")
+        rate = "uploads_per_s" if name == "uploads" else "checkins_steered_per_s"
+        for x, k in zip(at, labels, strict=True):
+            each = [r[rate] for r in results["runs"] if r["label"] == k and r["updates"] > SMALL]
+            ax.plot([x] * len(each), each, "k.", ms=4)  # each repeat
+            e = summary[k]
+            ax.annotate(f"{e[f'{name}_server_cpu_ms']:.3f} ms\nserver CPU", (x, max(each)),
+                        ha="center", va="bottom", fontsize=7)  # fmt: skip
+        ax.set_xticks(at, labels, rotation=25, ha="right", fontsize=7)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.2)
+        ax.set_title(f"{title} (dots: repeats)")
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def _mean(runs: list[dict[str, Any]], get: Callable[[dict[str, Any]], float]) -> float:
-    return float(np.mean([get(r) for r in runs]))
+def print_table(summary: dict[str, dict[str, Any]]) -> None:
+    cols = [
+        ("updates", "updates", "{:,}"),
+        ("reg/s", "registrations_per_s", "{:.0f}"),
+        ("cand. ci/s", "checkins_candidate_per_s", "{:.0f}"),
+        ("steered/s", "steered_per_s", "{:.0f}"),
+        ("srv ms", "steered_server_cpu_ms", "{:.3f}"),
+        ("cli ms", "steered_client_cpu_ms", "{:.3f}"),
+        ("p99 ms", "steered_p99_ms", "{:.1f}"),
+        ("uploads/s", "uploads_per_s", "{:.0f}"),
+        ("srv ms", "uploads_server_cpu_ms", "{:.2f}"),
+        ("cli ms", "uploads_client_cpu_ms", "{:.3f}"),
+        ("p50 ms", "uploads_p50_ms", "{:.1f}"),
+        ("p99 ms", "uploads_p99_ms", "{:.1f}"),
+        ("RSS MiB", "rss_peak_mib", "{:.1f}"),
+    ]
+    print("\nmeans over the repeats (steered check-ins: keep-alive, "
+          f"{STEER_CONNECTIONS} connections; uploads: {UPLOAD_CONNECTIONS} in flight; "
+          "ms: CPU per request)")  # fmt: skip
+    print(f"| {'configuration':42} | " + " | ".join(f"{h:>10}" for h, _, _ in cols) + " |")
+    print(f"|{'-' * 44}|" + "|".join("-" * 11 + ":" for _ in cols) + "|")
+    for label, e in summary.items():
+        cells = [fmt.format(e[key]) if key in e else "-" for _, key, fmt in cols]
+        print(f"| {label:42} | " + " | ".join(f"{c:>10}" for c in cells) + " |")
 
 
 def main() -> None:
     rng = np.random.default_rng(0)
-    print(f"[bench_coordinator] encoding {1000} distinct updates", file=sys.stderr, flush=True)
+    print(f"[bench_coordinator] encoding {UPDATES} distinct updates", file=sys.stderr, flush=True)
     frames = [
         encode_update(rng.normal(0, 0.01, NUM_PARAMETERS).astype(np.float32), CODEC, rng=rng)[0]
-        for _ in range(1000)
+        for _ in range(UPDATES)
     ]
+    if not MULTI_PROCESS:
+        print("[bench_coordinator] CoordinatorConfig has no `processes`: only 1 process",
+              file=sys.stderr)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-coordinator-") as tmp:
         work = Path(tmp)
         bundle = make_synthetic_bundle(work / "bundle", NUM_PARAMETERS)
         baseline = baseline_tree(work)
-        configs = [c for c in CONFIGS if baseline is not None or c[0] == "after"]
-        runs = []
-        # The configurations alternate, so that the shared cores' changing load falls on all.
-        for n, (code, gc) in ((10, ("after", True)), *[(1000, c) for c in configs] * REPEATS):
-            print(f"[bench_coordinator] {label({'updates': n, 'group_commit': gc, 'code': code})}",
+        runs, failures = [], []
+        start = time.perf_counter()
+        for config in schedule(baseline is not None):
+            print(f"[bench_coordinator] {time.perf_counter() - start:4.0f} s: "
+                  f"{config.updates} updates, {config.label}",
                   file=sys.stderr, flush=True)  # fmt: skip
-            source = baseline if code == "before" else None
-            runs.append(run_round(bundle, n, frames, work, gc, source))
+            source = baseline if config.code == "before" else None
+            try:
+                runs.append(run_round(bundle, config, frames, work, source))
+            except Exception as e:
+                # A wrong answer fails the run, but the other configurations still run and
+                # their figures are written (the failure with them, and the exit status).
+                print(f"[bench_coordinator] FAILED: {e!r}", file=sys.stderr, flush=True)
+                failures.append({**dataclasses.asdict(config), "label": config.label,
+                                 "error": repr(e)})  # fmt: skip
         decode = decode_cpu_ms(frames[0], baseline)
         print("[bench_coordinator] durable path in-process", file=sys.stderr, flush=True)
         durable = [durable_path(bundle, DURABLE_UPDATES, frames, work, b, rep)
                    for rep in range(REPEATS) for b in (1, 32)]  # fmt: skip
-    small = runs[0]
-
-    def group(code: str, gc: bool) -> list[dict[str, Any]]:
-        return [r for r in runs[1:] if r["code"] == code and r["group_commit"] == gc]
-
-    after = group("after", True)
-    before = group("before", True)
-    summary: dict[str, Any] = {}
-    for name, rate, cpu in (("uploads", "uploads_per_s", "upload_cpu_ms"),
-                            ("steered_checkins", "checkins_steered_per_s",
-                             "checkin_steered_cpu_ms")):  # fmt: skip
-        entry: dict[str, float] = {}
-        for code, rs in (("before", before), ("after", after)):
-            if rs:
-                entry[f"{code}_per_s"] = float(np.mean([r[rate] for r in rs]))
-                entry[f"{code}_server_cpu_ms"] = float(np.mean([r[cpu]["server"] for r in rs]))
-                entry[f"{code}_client_cpu_ms"] = float(np.mean([r[cpu]["client"] for r in rs]))
-        for code in ("before", "after"):
-            if f"{code}_server_cpu_ms" in entry:
-                # What one core of server CPU would acknowledge, whatever else ran.
-                entry[f"{code}_capacity_per_core"] = 1e3 / entry[f"{code}_server_cpu_ms"]
-        if before:
-            entry["ratio_per_s"] = entry["after_per_s"] / entry["before_per_s"]
-            entry["ratio_server_cpu"] = entry["after_server_cpu_ms"] / entry["before_server_cpu_ms"]
-        summary[name] = entry
+    small = [r["rss_peak_mib"] for r in runs if r["updates"] == SMALL]
+    timed_runs = [r for r in runs if r["updates"] != SMALL]
+    summary = summarize(timed_runs)
+    ratio = ratios(summary)
+    large = [r["rss_peak_mib"] for r in timed_runs if r["label"] == Config().label]
     results = {
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "cpus": os.cpu_count(),
             "load_average": os.getloadavg(),
         },
+        "quick": QUICK,
         "baseline": BASELINE if baseline is not None else None,
+        "multi_process": MULTI_PROCESS,
         "num_parameters": NUM_PARAMETERS,
         "codec": CODEC,
-        "client_threads": THREADS,
-        "upload_threads": UPLOAD_THREADS,
+        "setup_threads": THREADS,
+        "upload_connections": UPLOAD_CONNECTIONS,
+        "steer_connections": STEER_CONNECTIONS,
         "runs": runs,
+        "failures": failures,
+        "summary": summary,
+        "ratios": ratio,
         "durable_path": durable,
         "decode_cpu_ms": decode,
-        "summary": summary,
-        "rss_peak_ratio_1000_vs_10": max(r["rss_peak_mib"] for r in after) / small["rss_peak_mib"],
-        "uploads_ratio_group_commit": _mean(after, lambda r: r["uploads_per_s"])
-        / _mean(group("after", False), lambda r: r["uploads_per_s"]),
+        "rss_peak_ratio_vs_10": max(large) / small[0] if large and small else None,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_coordinator.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, RESULTS / "bench_coordinator.png")
-    heads = ["10, after/on"] + [f"{r['code']}/{'on' if r['group_commit'] else 'off'}"
-                                for r in runs[1:]]  # fmt: skip
-    print(f"| {'figure (code / group commit)':42} | " + " | ".join(f"{h:>12}" for h in heads)
-          + " |")  # fmt: skip
-    print(f"|{'-' * 44}|" + "|".join("-" * 13 + ":" for _ in heads) + "|")
-    rows = [
-        ("registrations/s", lambda r: r["registrations_per_s"], "{:.0f}"),
-        ("check-ins/s, candidate (1 DB write)", lambda r: r["checkins_candidate_per_s"], "{:.0f}"),
-        ("check-ins/s, steered away (no write)", lambda r: r["checkins_steered_per_s"], "{:.0f}"),
-        ("  coordinator CPU ms per steered check-in",
-         lambda r: r["checkin_steered_cpu_ms"] and r["checkin_steered_cpu_ms"]["server"], "{:.3f}"),
-        ("uploads/s (int8, acknowledged)", lambda r: r["uploads_per_s"], "{:.1f}"),
-        ("  coordinator CPU ms per upload", lambda r: r["upload_cpu_ms"]["server"], "{:.2f}"),
-        ("  client CPU ms per upload", lambda r: r["upload_cpu_ms"]["client"], "{:.2f}"),
-        ("upload frame bytes", lambda r: r["upload_bytes"], "{:,}"),
-        ("coordinator RSS before uploads (MiB)", lambda r: r["rss_before_uploads_mib"], "{:.1f}"),
-        ("coordinator RSS peak (MiB)", lambda r: r["rss_peak_mib"], "{:.1f}"),
-    ]  # fmt: skip
-    for name, get, fmt in rows:
-        cells = ["-" if get(r) is None else fmt.format(get(r)) for r in runs]
-        print(f"| {name:42} | " + " | ".join(f"{c:>12}" for c in cells) + " |")
-    print("\nmeans of the 1,000-update rounds, group commit on (capacity: 1,000 / server CPU ms):")
-    for name, e in summary.items():
-        line = f"  {name}: after {e['after_per_s']:.0f}/s, {e['after_server_cpu_ms']:.3f} ms " \
-               f"server CPU (capacity {e['after_capacity_per_core']:.0f}/s per core)"
-        if "ratio_per_s" in e:
-            line += (f"; before {e['before_per_s']:.0f}/s, {e['before_server_cpu_ms']:.3f} ms "
-                     f"(capacity {e['before_capacity_per_core']:.0f}/s); after/before rate "
-                     f"{e['ratio_per_s']:.2f}x, server CPU {e['ratio_server_cpu']:.2f}x")
-        print(line)
+    out = RESULTS / ("bench_coordinator-quick.json" if QUICK else "bench_coordinator.json")
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out.with_suffix(".png"))
+    print_table(summary)
+    for label, entry in summary.items():
+        if entry["processes"] > 1:
+            shares = [
+                f"{name} {entry[f'{name}_busiest_share']:.2f}"
+                for name in ("uploads", "steered")
+                if f"{name}_busiest_share" in entry
+            ]
+            print(f"{label}: busiest process's share of the server CPU: {', '.join(shares)}")
+    print("\nratios (means):")
+    for name, value in ratio.items():
+        if value is not None:
+            print(f"  {name}: {value:.2f}x")
     print("\nint8 decode of one update, CPU ms: "
           + ", ".join(f"{k} {v:.3f}" for k, v in decode.items()))
     print("\nin-process, no HTTP (durable path):")
@@ -521,10 +639,15 @@ def main() -> None:
         print(f"  batch {d['batch']:>2}: {d['uploads_per_s']:6.1f} uploads/s; per upload "
               f"{d['cpu_ms_per_upload']:.2f} ms CPU, {d['runqueue_ms_per_upload']:.2f} ms "
               f"waiting for a CPU, {d['blocked_ms_per_upload']:.2f} ms blocked")  # fmt: skip
-    ratio = results["uploads_ratio_group_commit"]
-    print(f"\nuploads/s with group commit vs without (after, means): {ratio:.2f}x")
-    print(f"peak RSS ratio, 1,000 vs 10 updates: {results['rss_peak_ratio_1000_vs_10']:.3f}")
+    if results["rss_peak_ratio_vs_10"] is not None:
+        print(f"\npeak RSS ratio, {UPDATES:,} vs {SMALL} updates (1 process): "
+              f"{results['rss_peak_ratio_vs_10']:.3f}")  # fmt: skip
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"wrote {out} and {out.with_suffix('.png').name}")
+    for failure in failures:
+        print(f"FAILED: {failure['updates']} updates, {failure['label']}: {failure['error']}")
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

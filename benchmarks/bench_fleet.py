@@ -13,10 +13,11 @@
 3. **Speed per round** (issue 15): the comparison task with Flower's simulation (digits,
    30 devices, 10 per round, 10 local steps, int8, no dropouts) as a plain FedAvg plan
    without over-selection, coordinator on the fleet's clock (real HTTP, SQLite with its
-   fsyncs), the fleet in its own spawned process (torch-free). Two settings alternate
-   (:data:`SPEED_SETTINGS`): as measured before the one-node speed work, and the same
-   protocol run for speed (a larger speedup, the coordinator's periodic work at its real
-   cadence, pace steering for a 30-device population, device state in memory). Reported:
+   fsyncs), the fleet in its own spawned process (torch-free). Three settings alternate
+   (:data:`SPEED_SETTINGS`): as measured before the one-node speed work; the same protocol
+   run for speed (a larger speedup, the coordinator's periodic work at its real cadence, pace
+   steering for a 30-device population, device state in memory); and that with the plan's
+   ``first_come`` (each round's first 10 eligible check-ins assigned at once). Reported:
    steady-state real seconds per round (rounds 5-30), the round's phases from the
    coordinator's records, CPU seconds per round of the coordinator's and the fleet's
    process, and the fleet process's RSS.
@@ -101,6 +102,7 @@ class SpeedSettings:
     tick_interval_s: float = 0.5
     retention_interval_s: float = 60.0
     device_state_in_memory: bool = False
+    first_come: bool = False  # the plan's first_come: no selection window to draw from
 
 
 SPEED_SETTINGS = (
@@ -119,6 +121,18 @@ SPEED_SETTINGS = (
                   headroom=4.0, selection_window_s=0.0, selection_return_spread_s=0.5,
                   round_deadline_s=20_000.0, tick_interval_s=50.0,
                   retention_interval_s=60_000.0, device_state_in_memory=True),
+    # The same, with the round's cohort taken first come (plan first_come): the first 10
+    # eligible check-ins of a round are assigned at once instead of becoming candidates that
+    # check in again after the selection. Pace steering then asks for 2x the check-ins a round
+    # needs, not 4x: no candidate waits for the window's tenth, and each surplus check-in is
+    # CPU on both sides (headroom 2, 3, 4, 6 measured alternately: 2 and 3 fastest, 2 the
+    # least CPU). (Candidates of a window short of its goal wait for the missing ones rather
+    # than polling, and the new version's frame is written at its commit: both in the code,
+    # so in every setting.)
+    SpeedSettings("first come: x1000, cohort assigned on check-in", 1000.0, 1.0, 200.0,
+                  headroom=2.0, selection_window_s=0.0, selection_return_spread_s=0.5,
+                  round_deadline_s=20_000.0, tick_interval_s=50.0,
+                  retention_interval_s=60_000.0, device_state_in_memory=True, first_come=True),
 )
 
 
@@ -138,6 +152,7 @@ def speed_bench(settings: SpeedSettings) -> dict[str, Any]:
                           no_task_retry_s=5.0, headroom=settings.headroom,
                           selection_return_spread_s=settings.selection_return_spread_s)
     plan = {**_fedavg_plan(SPEED_ROUNDS), "selection_window_s": settings.selection_window_s,
+            "first_come": settings.first_come,
             "round_deadline_s": settings.round_deadline_s,
             "selection_timeout_s": max(300.0, settings.round_deadline_s)}
     state = (tempfile.TemporaryDirectory(prefix="fedge-speed-", dir="/dev/shm")
@@ -211,6 +226,9 @@ def _cpu_of(pid: int) -> float:
 
 SPREAD_DEVICES = 50_000
 SPREAD_PROCESSES = 3
+# The coordinator as a node of two serving processes on one SQLite file (replicas,
+# `fedge serve --processes 2`).
+SPREAD_SERVER_PROCESSES = 2
 SPREAD_START_S = 60.0
 SPREAD_WINDOW_S = 120.0
 
@@ -227,7 +245,13 @@ def spread_bench(devices: int = SPREAD_DEVICES) -> dict[str, Any]:
     bundle = demo_bundle(say=lambda _m: None)
     pacing = PacingConfig(min_retry_s=10.0, max_retry_s=600.0, no_task_retry_s=60.0)
     model = Heterogeneity.realistic(start_hour=14.0)
-    with EmbeddedCoordinator(subprocess=True, config=CoordinatorConfig(pacing=pacing)) as coord:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.loadgen import tree_cpu_s
+
+    config = CoordinatorConfig(pacing=pacing, processes=SPREAD_SERVER_PROCESSES)
+    with EmbeddedCoordinator(subprocess=True, config=config) as coord:
+        assert coord.process is not None
+        server = coord.process.pid
         admin = coord.admin()
         bundle_id = admin.upload_bundle(bundle)["bundle_id"]
         task_id = admin.create_task(bundle_id, {
@@ -248,9 +272,9 @@ def spread_bench(devices: int = SPREAD_DEVICES) -> dict[str, Any]:
             fleet.wait_for(lambda: all(s is not None for s in engine.latest()), 600, poll_s=1)
             ready_s = time.monotonic() - started
             time.sleep(SPREAD_START_S)  # every device has made its first pass
-            s0, t0 = fleet.summary(), time.monotonic()
+            s0, t0, c0 = fleet.summary(), time.monotonic(), tree_cpu_s(server)
             time.sleep(SPREAD_WINDOW_S)
-            s1, t1 = fleet.summary(), time.monotonic()
+            s1, t1, c1 = fleet.summary(), time.monotonic(), tree_cpu_s(server)
             rss = [_rss_of(p.pid) for p in engine._procs]
             hwm = [_rss_of(p.pid, "VmHWM") for p in engine._procs]
         fleet.close()
@@ -261,6 +285,7 @@ def spread_bench(devices: int = SPREAD_DEVICES) -> dict[str, Any]:
     durations = [r["closed_at"] - r["opened_at"] for r in rounds]
     return {
         "devices": devices, "processes": SPREAD_PROCESSES, "ready_s": ready_s,
+        "server_processes": SPREAD_SERVER_PROCESSES, "server_cpu_share": (c1 - c0) / window,
         "window_s": window,
         "checkins_per_s": (s1.checkins - s0.checkins) / window,
         "ineligible_checks_per_s": (s1.ineligible_checks - s0.ineligible_checks) / window,
@@ -354,17 +379,22 @@ def idle_bench(n: int) -> dict[str, Any]:
 def print_speed(speed: list[dict[str, Any]], spread: dict[str, Any] | None) -> None:
     print(f"\nspeed per round (30 devices, 10 per round, 10 steps, plain FedAvg; Flower 1.42: "
           f"{FLOWER_S_PER_ROUND} s)")
-    print(f"{'settings':>48} {'s/round':>8} {'x Flower':>8} {'check-ins':>9} "
-          f"{'coord CPU s':>11} {'fleet CPU s':>11} {'RSS MB':>7}")
+    print(f"{'settings':>48} {'s/round':>8} {'x Flower':>8} {'sel/rep/gap ms':>14} "
+          f"{'check-ins':>9} {'coord CPU s':>11} {'fleet CPU s':>11} {'RSS MB':>7}")
     for r in speed:
+        phases = "/".join(f"{1000 * r['real_phases_s'][k]:.0f}"
+                          for k in ("selection_s", "reporting_s", "gap_s"))
         print(f"{r['fleet']:>48} {r['real_s_per_round']:>8.3f} {r['vs_flower']:>8.2f} "
-              f"{r['checkins_per_round']:>9.1f} {r.get('coordinator_cpu_s_per_round', 0):>11.3f}"
+              f"{phases:>14} {r['checkins_per_round']:>9.1f} "
+              f"{r.get('coordinator_cpu_s_per_round', 0):>11.3f}"
               f" {r.get('fleet_cpu_s_per_round', 0):>11.3f} {r['fleet_process_rss_mb']:>7.0f}")
     if spread:
         print(f"\nspread: {spread['devices']} devices in {spread['processes']} processes: "
               f"{spread['checkins_per_s']:.0f} check-ins/s, {spread['ineligible_checks_per_s']:.0f}"
               f" local checks/s, {spread['rounds_committed']} rounds (p50 "
-              f"{spread['round_s_p50']:.1f} s), RSS {spread['rss_mb_per_process']} MB")
+              f"{spread['round_s_p50']:.1f} s), RSS {spread['rss_mb_per_process']} MB; "
+              f"coordinator: {spread.get('server_processes', 1)} processes using "
+              f"{spread.get('server_cpu_share', float('nan')):.2f} of a core")
 
 
 def plot(idle: list[dict[str, Any]], speed: list[dict[str, Any]], path: Path) -> None:
@@ -393,7 +423,7 @@ def plot(idle: list[dict[str, Any]], speed: list[dict[str, Any]], path: Path) ->
              for n in names]  # fmt: skip
     labels = [n.split(":")[0] for n in names] + ["Flower 1.42 simulation"]
     c.barh(labels, [*means, FLOWER_S_PER_ROUND],
-           color=["tab:grey", "tab:blue", "tab:orange"][: len(labels)])
+           color=["tab:grey", "tab:blue", "tab:green", "tab:orange"][-len(labels):])
     c.axvline(FLOWER_S_PER_ROUND / 3, ls="--", color="k", lw=0.8, label="3x Flower")
     c.legend(fontsize=8)
     c.set_xlabel("real seconds per round (steady state)")

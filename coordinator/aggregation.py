@@ -38,6 +38,11 @@ __all__ = [
 ]
 
 
+def _weighted(delta: np.ndarray, weight: float) -> np.ndarray:
+    """``weight * delta`` as a new float64 vector (a float32 delta widened exactly)."""
+    return np.multiply(delta, weight, dtype=np.float64)
+
+
 class RunningSum:
     """``Σ wᵢ Δᵢ`` and ``Σ wᵢ`` in float64."""
 
@@ -51,7 +56,7 @@ class RunningSum:
             raise ValueError(f"delta of shape {delta.shape}, expected {self.total.shape}")
         if not weight > 0:
             raise ValueError("an update's weight must be positive")
-        self.total += weight * delta.astype(np.float64, copy=False)
+        self.total += _weighted(delta, weight)
         self.weight += weight
         self.count += 1
 
@@ -65,8 +70,11 @@ class RunningSum:
         if not (weight > 0 and np.isfinite(weight)):
             raise ValueError("an update's weight must be a positive finite number")
         out = RunningSum(0)
-        with np.errstate(over="ignore"):  # checked just below
-            out.total = self.total + weight * delta.astype(np.float64, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            # One new vector per update (it becomes the new sum): float32 deltas are widened
+            # inside the multiplication, not copied first.
+            total = _weighted(delta, weight)
+            out.total = np.add(total, self.total, out=total)
         out.weight = self.weight + weight
         out.count = self.count + 1
         if not (np.isfinite(out.weight) and np.isfinite(out.total).all()):

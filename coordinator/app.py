@@ -36,6 +36,7 @@ from coordinator import dashboard
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import ApiError, BodyTooLarge, Overloaded
 from coordinator.group_commit import GroupCommit
+from coordinator.metrics import OUTCOME, checkin_outcome
 from coordinator.plan import calibrate_ahead
 from coordinator.secagg import routes as secagg_routes
 from coordinator.service import AdmittedUpload, Coordinator, DeviceIdentity, StagedUpload
@@ -77,15 +78,18 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except Overloaded as e:
+        request[OUTCOME] = e.code.value
         # Whole seconds, as HTTP wants them; clients add their own jitter on top.
         wait = str(max(1, math.ceil(e.retry_after_s)))
         return web.json_response(e.body(), status=e.status, headers={"Retry-After": wait})
     except ApiError as e:
+        request[OUTCOME] = e.code.value
         return web.json_response(e.body(), status=e.status)
     except web.HTTPException as e:
         if e.status < 400:
             raise
         code = _HTTP_CODES.get(e.status, ErrorCode.INVALID_REQUEST)
+        request[OUTCOME] = code.value
         return _error(e.status, code, e.reason or "request refused")
     except ConnectionResetError:
         # The client went away mid-request (a timeout, a lost link): nobody to answer, no bug.
@@ -93,6 +97,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
+        request[OUTCOME] = ErrorCode.INTERNAL.value
         return _error(500, ErrorCode.INTERNAL, "internal error (logged on the coordinator)")
 
 
@@ -224,7 +229,8 @@ class _GroupedUploads:
     """The upload route with group commit: admission on the worker thread, frames decoded
     and payloads staged on a pool (in parallel, off the event loop), then batches made
     durable together (:class:`~coordinator.group_commit.GroupCommit`): fsyncs on their own
-    pool while the worker serves other requests, rows in one transaction on the worker."""
+    pool while the worker serves other requests, rows in one transaction on the worker. A
+    batch's fsyncs overlap the previous batch's transaction."""
 
     def __init__(self, coord: Coordinator, work: WorkQueue) -> None:
         cfg = coord.config
@@ -238,10 +244,12 @@ class _GroupedUploads:
             cfg.group_commit_max_batch, thread_name_prefix="fedge-fsync"
         )
         # Runs each batch's install (one at a time), waiting for the fsyncs: not a decoder's
-        # thread, which would stop decoding meanwhile.
+        # thread, which would stop decoding meanwhile. It overlaps the previous batch's
+        # transaction on the worker (GroupCommit's two stages).
         self.installer = ThreadPoolExecutor(1, thread_name_prefix="fedge-install")
         self.commits: GroupCommit[StagedUpload, dict[str, Any]] = GroupCommit(
-            self._commit,
+            self._accept,
+            prepare=self._install,
             max_batch=cfg.group_commit_max_batch,
             max_pending=max(cfg.max_queued_operations, cfg.group_commit_max_batch),
             retry_after_s=cfg.overload_retry_after_s,
@@ -282,14 +290,13 @@ class _GroupedUploads:
         finally:
             self.commits.release()
 
-    async def _commit(self, batch: Sequence[StagedUpload]) -> list[dict[str, Any] | ApiError]:
+    async def _install(self, batch: Sequence[StagedUpload]) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(
-                self.installer, self.coord.install_uploads, batch, self.syncers
-            )
-        except ApiError as e:
-            return [e] * len(batch)
+        await loop.run_in_executor(self.installer, self.coord.install_uploads, batch, self.syncers)
+
+    async def _accept(self, batch: Sequence[StagedUpload]) -> list[dict[str, Any] | ApiError]:
+        # Safe while the next batch installs: the transaction checks everything again, and a
+        # payload this one deletes (refused, or its round's) answers that batch's upload 503.
         return await self.work.run(self.coord.accept_uploads, batch, internal=True)
 
     async def close(self) -> None:
@@ -363,7 +370,9 @@ def build_app(coord: Coordinator) -> web.Application:
         # The most frequent call: authentication and check-in in one trip to the worker
         # thread (the body, 64 KiB at most, is read first).
         authorization, data = request.headers.get("Authorization"), await body(request)
-        return ok(await run(lambda: coord.checkin(coord.authenticate(authorization), data)))
+        answer = await run(lambda: coord.checkin(coord.authenticate(authorization), data))
+        request[OUTCOME] = checkin_outcome(answer)
+        return ok(answer)
 
     @routes.get(Route.BUNDLE_MANIFEST)
     async def manifest(request: web.Request) -> web.Response:
@@ -401,9 +410,12 @@ def build_app(coord: Coordinator) -> web.Application:
             return _read_body(request, cfg.max_body_bytes, "update frame")
 
         if uploads is not None:
-            return ok(await uploads.upload(request.headers.get("Authorization"), *args, frame))
-        who = await device(request)
-        return ok(await run(coord.upload, who, *args, await frame()))
+            answer = await uploads.upload(request.headers.get("Authorization"), *args, frame)
+        else:
+            who = await device(request)
+            answer = await run(coord.upload, who, *args, await frame())
+        request[OUTCOME] = "accepted"
+        return ok(answer)
 
     @routes.post(Route.ASSIGNMENT_METRICS)
     async def metrics(request: web.Request) -> web.Response:
@@ -507,13 +519,19 @@ def build_app(coord: Coordinator) -> web.Application:
 
 
 async def start(
-    app: web.Application, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on ``host:port`` (0: a free port), over TLS with ``ssl_context``; returns
-    the runner and the bound port."""
+    the runner and the bound port. ``reuse_port``: share the port with other processes
+    (SO_REUSEPORT; the kernel spreads connections over them)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port)
     await site.start()
     server = site._server
     assert server is not None

@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence, Set
-from concurrent.futures import Executor
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["DERIVED_KINDS", "BlobStore", "Collected", "Staged", "delete_unneeded", "fsync_dir"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _FANOUT_RE = re.compile(r"^[0-9a-f]{2}$")
 # What a blob's derived files may be (the suffix of their name, "<sha[2:]>.<kind>").
@@ -78,17 +83,45 @@ def fsync_dir(path: Path) -> None:
 
 
 class BlobStore:
-    def __init__(self, root: Path | str) -> None:
+    """``unlink_later``: :meth:`delete` only marks a blob gone (:meth:`exists` says so at
+    once) and a thread of its own unlinks the files, off the caller's thread (a closed
+    round's payloads, hundreds of unlinks, would otherwise hold up the service's worker).
+    Writing the same bytes again waits for that unlink first. Only for a blob directory one
+    process writes: another process would still see the file. :meth:`close` waits for the
+    unlinks; a crash leaves them to the start-up sweep (:meth:`collect`)."""
+
+    def __init__(
+        self, root: Path | str, *, unlink_later: bool = False, shared_after_s: float | None = None
+    ) -> None:
+        """``shared_after_s``: other processes write here too (replicas): their temporary
+        files are theirs, so only leftovers older than this are dropped at start."""
         self.root = Path(root)
+        # Blobs deleted and not yet unlinked: hash -> unlinks pending.
+        self._doomed: Counter[str] = Counter()
+        self._doomed_changed = threading.Condition()
+        self._unlinker = (
+            ThreadPoolExecutor(1, thread_name_prefix="fedge-unlink") if unlink_later else None
+        )
         self._tmp = self.root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
+        if shared_after_s is not None:
+            # Every fan-out directory exists, durably, before any blob goes in: a directory
+            # another process had just made, and not yet synced into the root, would
+            # otherwise carry this process's acknowledged blob away in a power cut.
+            for i in range(256):
+                (self.root / f"{i:02x}").mkdir(exist_ok=True)
+            fsync_dir(self.root)
         # Leftovers of writes a crash interrupted are never referenced: drop them (files of
         # put(), directories of a bundle upload being unpacked).
+        cutoff = None if shared_after_s is None else time.time() - shared_after_s
         for stale in self._tmp.iterdir():
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale)
-            else:
-                stale.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # another process's, just removed
+                if cutoff is not None and stale.lstat().st_mtime >= cutoff:
+                    continue
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink(missing_ok=True)
 
     def path(self, sha: str) -> Path:
         if not _SHA_RE.match(sha):
@@ -96,7 +129,26 @@ class BlobStore:
         return self.root / sha[:2] / sha[2:]
 
     def exists(self, sha: str) -> bool:
+        with self._doomed_changed:
+            if sha in self._doomed:
+                return False
         return self.path(sha).is_file()
+
+    def _wait_unlinked(self, shas: Sequence[str]) -> None:
+        """Before writing blobs: a pending unlink of the same bytes must not remove them."""
+        if self._unlinker is not None:
+            with self._doomed_changed:
+                self._doomed_changed.wait_for(lambda: self._doomed.keys().isdisjoint(shas))
+
+    def wait_unlinked(self) -> None:
+        """Return once every blob deleted so far is unlinked (``unlink_later``)."""
+        with self._doomed_changed:
+            self._doomed_changed.wait_for(lambda: not self._doomed)
+
+    def close(self) -> None:
+        """Wait for the unlinks under way (``unlink_later``); later deletes unlink at once."""
+        if self._unlinker is not None:
+            self._unlinker.shutdown(wait=True)
 
     def put(self, data: bytes | bytearray | memoryview) -> str:
         sha = hashlib.sha256(data).hexdigest()
@@ -131,6 +183,7 @@ class BlobStore:
         fsync per file, run on ``executor`` if given, then one per directory. On any error
         the blobs this call put in place are removed again and the error raised; the
         temporary files are gone either way."""
+        self._wait_unlinked([s.sha for s in staged])
         fresh = {s.sha: s for s in staged if not self.path(s.sha).is_file()}
         placed: list[Path] = []
         new_dirs: set[Path] = set()
@@ -138,8 +191,9 @@ class BlobStore:
             self._run_all(executor, [s.fd for s in fresh.values() if s.fd is not None], os.fsync)
             for s in fresh.values():
                 dest = self.path(s.sha)
-                if not dest.parent.exists():
-                    dest.parent.mkdir()
+                if not dest.parent.exists():  # made at start; removed by hand since
+                    with contextlib.suppress(FileExistsError):
+                        dest.parent.mkdir()
                     new_dirs.add(dest.parent)
                 os.replace(s.tmp, dest)
                 placed.append(dest)
@@ -190,12 +244,14 @@ class BlobStore:
             digest = h.hexdigest()
             if sha is not None and digest != sha:
                 raise ValueError(f"{source} has sha256 {digest}, expected {sha}")
+            self._wait_unlinked([digest])
             self._rename_into_place(tmp, digest)
         finally:
             tmp.unlink(missing_ok=True)
         return digest
 
     def _install(self, sha: str, write: object, dest: Path | None = None) -> None:
+        self._wait_unlinked([sha])
         if (dest or self.path(sha)).is_file():
             return
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
@@ -227,6 +283,40 @@ class BlobStore:
             self._install(sha, lambda f: f.write(data), dest)
         return dest
 
+    def put_with_derived(self, data: bytes, derived: Mapping[str, bytes]) -> str:
+        """:meth:`put` a blob together with derived files (``{kind: bytes}``, what
+        :meth:`derived` would make), in one round of fsyncs: every file synced, the blob
+        renamed into place before its derived files, their directory synced once. A version
+        committed so is served without a write on its first download."""
+        sha = hashlib.sha256(data).hexdigest()
+        self._wait_unlinked([sha])
+        files = {self.path(sha): data, **{self.derived_path(sha, k): v for k, v in derived.items()}}
+        todo = [(dest, self.stage(body)) for dest, body in files.items() if not dest.is_file()]
+        placed: list[Path] = []
+        folder = self.path(sha).parent
+        new_dir = not folder.exists()
+        try:
+            for _, staged in todo:
+                os.fsync(staged.fd)  # type: ignore[arg-type]
+            folder.mkdir(exist_ok=True)
+            for dest, staged in todo:
+                os.replace(staged.tmp, dest)
+                placed.append(dest)
+            if placed:
+                fsync_dir(folder)
+            if new_dir:
+                fsync_dir(self.root)
+        except BaseException:
+            for dest in reversed(placed):  # derived files first: none outlives its blob
+                dest.unlink(missing_ok=True)
+            if new_dir:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+        finally:
+            self.discard([staged for _, staged in todo])
+        return sha
+
     def _rename_into_place(self, tmp: Path, sha: str, dest: Path | None = None) -> None:
         dest = dest or self.path(sha)
         new_dir = not dest.parent.exists()
@@ -252,10 +342,37 @@ class BlobStore:
         return self.path(sha).stat().st_size
 
     def delete(self, sha: str) -> None:
-        """Delete a blob and its derived files (derived first: none outlives its blob)."""
-        for kind in DERIVED_KINDS:
+        """Delete a blob and its derived files (now, or soon with ``unlink_later``)."""
+        self.path(sha)  # a bad hash raises here, on the caller's thread
+        if self._unlinker is not None:
+            with self._doomed_changed:
+                self._doomed[sha] += 1
+            try:
+                self._unlinker.submit(self._unlink_doomed, sha)
+                return
+            except RuntimeError:  # closed: unlink here
+                self._undoom(sha)
+        self._unlink(sha)
+
+    def _unlink(self, sha: str) -> None:
+        for kind in DERIVED_KINDS:  # derived first: none outlives its blob
             self.derived_path(sha, kind).unlink(missing_ok=True)
         self.path(sha).unlink(missing_ok=True)
+
+    def _unlink_doomed(self, sha: str) -> None:
+        try:
+            self._unlink(sha)
+        except OSError as e:  # unreferenced: the start-up sweep removes it
+            log.warning("blob %s not deleted: %s", sha, e)
+        finally:
+            self._undoom(sha)
+
+    def _undoom(self, sha: str) -> None:
+        with self._doomed_changed:
+            self._doomed[sha] -= 1
+            if self._doomed[sha] <= 0:
+                del self._doomed[sha]
+            self._doomed_changed.notify_all()
 
     def _fanouts(self) -> Iterator[Path]:
         for fanout in sorted(self.root.iterdir()):
@@ -263,16 +380,18 @@ class BlobStore:
                 yield fanout
 
     def shas(self) -> Iterator[str]:
-        """Every stored blob's hash (files that do not look like blobs are not ours: skipped)."""
+        """Every stored blob's hash (files that do not look like blobs are not ours: skipped;
+        nor are blobs deleted and not yet unlinked)."""
         for fanout in self._fanouts():
             for f in sorted(fanout.iterdir()):
                 sha = fanout.name + f.name
-                if f.is_file() and _SHA_RE.match(sha):
+                if f.is_file() and _SHA_RE.match(sha) and self.exists(sha):
                     yield sha
 
     def collect(self, keep: Set[str]) -> Collected:
         """Delete every blob not in ``keep``, and derived files whose blob is gone or not
         kept (counted in ``bytes`` only). Only safe while nothing is being written."""
+        self.wait_unlinked()  # they would race the walk
         count = size = 0
         for sha in list(self.shas()):
             if sha not in keep:

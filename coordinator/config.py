@@ -43,8 +43,16 @@ class CoordinatorConfig:
     # db_path; several coordinators may share it. Blobs stay in blob_dir.
     database_url: str | None = None
     blob_path: str | None = None  # blob directory; None: beside db_path (fedge.db.blobs)
-    # One of several coordinators sharing database_url and blob_path (coordinator/replicas.py).
+    # One of several coordinators sharing the database (a PostgreSQL database_url, or the
+    # SQLite db_path on one machine) and blob_dir (coordinator/replicas.py).
     replica: bool = False
+    # Serving processes on this node, sharing host:port (SO_REUSEPORT) and the database as
+    # replicas (fedge/supervisor.py); 1: this process serves alone.
+    processes: int = 1
+    # Among replicas a payload is installed moments before the row that names it commits, on
+    # another process: only blobs no row names and older than this are collected (and only
+    # temporary files older than this are dropped at start: the others' are in use).
+    replica_orphan_age_s: float = 3600.0
     host: str = "127.0.0.1"
     port: int = 8080
     admin_token: str | None = None
@@ -98,19 +106,29 @@ class CoordinatorConfig:
             raise ConfigError(
                 "retain_versions, retention_interval_s and retain_receipts_s must be >= 0"
             )
+        if not self.replica_orphan_age_s > 0:
+            raise ConfigError("replica_orphan_age_s must be > 0")
         if self.device_inactivity_s is not None and not self.device_inactivity_s > 0:
             raise ConfigError("device_inactivity_s must be > 0 (or unset: keep every device)")
         if self.database_url is not None and not is_database_url(self.database_url):
             raise ConfigError("database_url must be a postgresql:// URL")
-        if self.replica and (self.database_url is None or self.blob_path is None):
+        if self.processes < 1:
+            raise ConfigError("processes must be at least 1")
+        if self.shared and self.database_url is None and self.db_path == ":memory:":
+            raise ConfigError("replica and processes > 1 need a database file, not :memory:")
+        if self.shared and self.database_url is not None and self.blob_path is None:
             raise ConfigError(
-                "replica needs a shared database_url (postgresql://) and blob_path: "
-                "a SQLite file has one writer"
+                "replica and processes > 1 with a database_url need a shared blob_path"
             )
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes serve from the same database (replica mode)."""
+        return self.replica or self.processes > 1
 
     @property
     def store_location(self) -> str:

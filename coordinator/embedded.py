@@ -8,6 +8,8 @@ process, on 127.0.0.1 and a free port: for tests, the fleet emulator and the dem
         ...
     with EmbeddedCoordinator(db, subprocess=True) as coord:            # child process
         coord.kill()                                                   # SIGKILL, for crash tests
+    with EmbeddedCoordinator(db, subprocess=True, processes=2) as coord:   # fedge.supervisor
+        ...                             # coord.process is the supervisor; its children serve
 
 Thread mode also exposes the :class:`~coordinator.service.Coordinator` (``.service``) and
 accepts an injected clock (``clock=FakeClock()``); ``call(fn)`` runs a function on the
@@ -17,6 +19,10 @@ Registration needs ``coord.enrollment_token`` (drawn at random unless given, lik
 token; ``open_registration=True`` opens it). With ``tls_cert``/``tls_key`` (PEM files) the
 service speaks HTTPS on ``https://127.0.0.1:PORT``; ``ca_file`` is the CA that
 :meth:`admin` (and whoever reads ``client_tls``) trusts for it.
+
+With ``processes=K`` (subprocess mode) the child is ``fedge serve --processes K``: a
+supervisor whose K children share the port and the database; :meth:`kill` kills the
+supervisor, and its children then stop (cleanly: they are told by SIGTERM).
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ class EmbeddedCoordinator:
         self.db_path = Path(db_path)
         self.admin_token = admin_token or secrets.token_hex(24)
         base = dataclasses.replace(config or CoordinatorConfig(), **overrides)
+        if base.processes > 1 and not subprocess:
+            raise ValueError("processes > 1 needs subprocess mode (fedge serve --processes)")
         # Drawn here, not by the service, so that a child process gets the same one.
         self.enrollment_token: str | None = base.enrollment_token or (
             None if base.open_registration else secrets.token_hex(16)

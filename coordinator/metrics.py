@@ -23,7 +23,6 @@ A scrape job needs the admin token::
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -57,11 +56,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METRICS_PATH",
+    "OUTCOME",
     "ROUND_BUCKETS",
     "ServiceMetrics",
     "StoreFigures",
     "StoreReader",
     "active_devices",
+    "checkin_outcome",
 ]
 
 METRICS_PATH = "/metrics"
@@ -73,6 +74,10 @@ MAX_REFUSED_KEPT = 100_000
 REFUSALS = (400, 409, 413, 422)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A check-in's or an upload's outcome, set where its answer is made (the route, or the error
+# middleware: the error code), so that counting it costs no second parse of the answer.
+OUTCOME = web.RequestKey("fedge_outcome", str)
+_ROUTE = web.RequestKey("fedge_route", str)
 # One line per request at DEBUG (``fedge serve --log-level DEBUG``; with ``--log-format json``
 # its fields come out as keys). The path, not the query: tokens never travel in queries here.
 access_log = logging.getLogger("fedge.access")
@@ -227,6 +232,9 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def route_of(request: web.Request) -> str:
     """The route template (bounded label values), or ``other`` for unmatched paths."""
+    known = request.get(_ROUTE)
+    if known is not None:
+        return known
     info = request.match_info
     route = getattr(info, "route", None)
     resource = getattr(route, "resource", None)
@@ -247,6 +255,14 @@ class _TimedVersions(ModelVersions):
             return super().commit_next(task, *args, **kwargs)
         finally:
             self._histogram.labels(task.mode).observe(time.perf_counter() - started)
+
+
+_Metric = Counter | Histogram
+
+
+def checkin_outcome(answer: Mapping[str, Any]) -> str:
+    """What a check-in answer counts as: its action, or the reason it is told to wait."""
+    return str(answer.get("reason") if answer.get("action") == "wait" else answer.get("action"))
 
 
 class ServiceMetrics:
@@ -302,6 +318,9 @@ class ServiceMetrics:
         # bounded: the oldest entries go first.
         self._refused: dict[str, str] = {}
         self.refusals = 0  # refused uploads counted so far (a change tells caches to refresh)
+        # (id of one of the instruments above, label values) -> its child; as bounded as
+        # the label values themselves.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.queue = _QueueGauge(queue_depth)
         r.register(self.queue)
         self.round_seconds = Histogram(
@@ -321,7 +340,7 @@ class ServiceMetrics:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        route = route_of(request)
+        route = request[_ROUTE] = route_of(request)
         status = 500
         resp: web.StreamResponse | None = None
         try:
@@ -333,8 +352,8 @@ class ServiceMetrics:
             raise
         finally:
             elapsed = time.perf_counter() - started
-            self.requests.labels(request.method, route, str(status)).inc()
-            self.latency.labels(route).observe(elapsed)
+            self._child(self.requests, request.method, route, str(status)).inc()
+            self._child(self.latency, route).observe(elapsed)
             if access_log.isEnabledFor(logging.DEBUG):
                 access_log.debug(
                     "%s %s %d %.1f ms", request.method, request.path, status, elapsed * 1000,
@@ -342,33 +361,34 @@ class ServiceMetrics:
                            "duration_ms": round(elapsed * 1000, 3)},
                 )
             if request.content_length:
-                self.bytes_in.labels(route).inc(request.content_length)
+                self._child(self.bytes_in, route).inc(request.content_length)
             if resp is not None:
                 self._outcomes(request, route, resp)
 
     def on_response_prepare(self, request: web.Request, resp: web.StreamResponse) -> None:
         """Counts response bytes once headers are final (file responses set them late)."""
         if resp.content_length:
-            self.bytes_out.labels(route_of(request)).inc(resp.content_length)
+            self._child(self.bytes_out, route_of(request)).inc(resp.content_length)
 
     def _outcomes(self, request: web.Request, route: str, resp: web.StreamResponse) -> None:
         if route not in (Route.CHECKIN, Route.ASSIGNMENT_UPDATE):
             return
-        body = _json_body(resp)
-        if resp.status >= 400:
-            err = body.get("error") if isinstance(body, dict) else None
-            outcome = str(err.get("code")) if isinstance(err, dict) else str(resp.status)
-        elif route == Route.CHECKIN:
-            action = body.get("action") if isinstance(body, dict) else None
-            outcome = str(body.get("reason") if action == "wait" else action)
-        else:
-            outcome = "accepted"
-        (self.checkins if route == Route.CHECKIN else self.uploads).labels(outcome).inc()
+        outcome = request.get(OUTCOME) or str(resp.status)
+        self._child(self.checkins if route == Route.CHECKIN else self.uploads, outcome).inc()
         if route == Route.ASSIGNMENT_UPDATE and resp.status in REFUSALS:
             self._refused[request.match_info["assignment_id"]] = outcome
             self.refusals += 1
             while len(self._refused) > MAX_REFUSED_KEPT:
                 del self._refused[next(iter(self._refused))]
+
+    def _child(self, metric: _Metric, *labels: str) -> Any:
+        """``metric.labels(*labels)``, memoised: prometheus_client validates and converts the
+        values and takes a lock on every call, and every request makes four or five."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def refused_uploads(self) -> Mapping[str, str]:
         """assignment_id -> error code, for uploads refused since this process started.
@@ -446,16 +466,6 @@ class _QueueGauge:
         yield _gauge(
             "fedge_queue_depth", "Operations waiting for the service's worker thread", self.depth()
         )
-
-
-def _json_body(resp: web.StreamResponse) -> Any:
-    body = getattr(resp, "body", None)
-    if not isinstance(body, bytes | bytearray) or resp.content_type != "application/json":
-        return None
-    try:
-        return json.loads(body)
-    except ValueError:
-        return None
 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

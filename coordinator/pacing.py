@@ -16,8 +16,13 @@ interval ``I = N / λ = N P / (h R)``, clamped to ``[min_retry_s, max_retry_s]``
 ``retry_after_s = I · U(1 - j, 1 + j)`` with ``j = jitter``: each device's return time is
 drawn uniformly around ``I``, so N devices arrive spread over a window ``2 j I`` wide at about
 ``λ`` per second in total, never as a herd. Candidates waiting for a selection window to close
-come back at ``window end + U(0, selection_return_spread_s)``; with nothing to do a device
-waits ``no_task_retry_s · U(1 - j, 1 + j)``.
+come back at ``window end + U(0, selection_return_spread_s)``. Once the window is over but
+short of its goal (it selects when the goal-th candidate arrives), a candidate comes back when
+the missing ones should have arrived at the pace the window has seen so far (``missing x
+elapsed / candidates``, never past the selection timeout), plus the same spread: waiting
+candidates then check in about once more per window instead of polling it, whether a round
+needs ten devices or thousands. With nothing to do a device waits ``no_task_retry_s · U(1 -
+j, 1 + j)``.
 """
 
 from __future__ import annotations
@@ -78,6 +83,14 @@ class PaceSteering:
         return max(0.0, window_ends_at - now) + self.rng.uniform(
             0.05, max(0.05, self.config.selection_return_spread_s)
         )
+
+    def until_goal(
+        self, now: float, opened_at: float, candidates: int, goal: int, timeout_at: float
+    ) -> float:
+        """For a candidate of a window that is over but has fewer than ``goal`` candidates."""
+        pace = (now - opened_at) / max(1, candidates)  # mean seconds between arrivals so far
+        eta = min(max(0, goal - candidates) * pace, max(0.0, timeout_at - now))
+        return self.after_window(now, now + eta)
 
     def idle(self) -> float:
         return self._jittered(self.config.no_task_retry_s)

@@ -72,6 +72,10 @@ class TaskPlan:
     # sync straggler policy: select exactly goal devices and close when all of them reported
     # or gave up (or at the deadline), instead of over-selecting and taking the first goal.
     wait_for_all: bool = False
+    # sync selection: no window to draw from; a round starts reporting when it opens and its
+    # first target eligible check-ins are assigned (plain plans: not with dp, secagg or
+    # wait_for_all). For populations not much larger than a round's target.
+    first_come: bool = False
     # async mode (coordinator.rounds.buffered): buffer_k, max_concurrency, staleness policy
     buffer: AsyncConfig = field(default_factory=AsyncConfig)
     # DP-FedAvg (coordinator.privacy.DpSpec): clip on the device, Gaussian noise on the sum
@@ -135,6 +139,7 @@ class TaskPlan:
             robust=RobustSpec.from_json(f.raw("robust")),
             eval_goal=f.integer("eval_goal", None, minimum=1, maximum=1_000_000),
             wait_for_all=f.boolean("wait_for_all", False),
+            first_come=f.boolean("first_come", False),
             buffer=AsyncConfig.from_fields(f),
         )
         dp_raw = f.raw("dp")
@@ -148,6 +153,11 @@ class TaskPlan:
                 "plan.selection_timeout_s must be at least plan.selection_window_s"
             )
         plan.robust.check_updates_per_aggregate(min(plan.min_reports, plan.buffer.buffer_k))
+        if plan.first_come and (plan.wait_for_all or dp_raw is not None or secagg_raw is not None):
+            raise InvalidRequest(
+                "plan.first_come cannot be combined with wait_for_all, dp or secagg: they need "
+                "a cohort drawn from a selection window"
+            )
         if plan.wait_for_all:
             if f.has("over_selection") and plan.over_selection != 1.0:
                 raise InvalidRequest("plan.over_selection must be 1 (or absent) with wait_for_all")
@@ -244,6 +254,7 @@ class TaskPlan:
             "robust": self.robust.to_json(),
             "eval_goal": self.eval_goal,
             "wait_for_all": self.wait_for_all,
+            "first_come": self.first_come,
             **self.buffer.to_plan(),
             **({} if self.dp is None else {"dp": self.dp.to_json()}),
             **({} if self.secagg is None else self.secagg.plan_json()),

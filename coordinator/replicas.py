@@ -1,9 +1,11 @@
-"""Replicas: several coordinator processes on one PostgreSQL database and one blob directory.
+"""Replicas: several coordinator processes on one database and one blob directory.
 
 A coordinator started with ``replica = true`` (``fedge serve --replica``) shares every task
-with the other replicas on its database; devices may reach any of them for any call. What a
-single process holds in memory is either read from the database on every use or made
-durable per replica:
+with the other replicas on its database; devices may reach any of them for any call. The
+database is PostgreSQL (replicas on several machines behind a load balancer), or a SQLite
+file that the processes of one machine share (``fedge serve --processes K``,
+:mod:`fedge.supervisor`). What a single process holds in memory is either read from the
+database on every use or made durable per replica:
 
 * **Turns.** Whatever must happen once per round happens in a transaction holding the
   round's row lock (``select ... for update``), in which the round is read again: selection,
@@ -14,7 +16,10 @@ durable per replica:
   into it) this one leaves it, and the next tick tries again. A replica that dies holding a
   lock loses its connection, the server rolls its transaction back and releases the lock:
   the others take the round over at their next tick. Opening a task's round takes the
-  task's row lock instead (one open round per task).
+  task's row lock instead (one open round per task). On SQLite every transaction takes the
+  file's one write lock as it begins (:class:`~coordinator.store.SQLiteStore`): stronger
+  than any row lock, the lock methods take nothing more, and a close that would skip a
+  held round waits for the holder's commit, then finds the round closed or still due.
 * **Hierarchical aggregation.** Each replica folds the updates it accepts into its own
   :class:`~coordinator.store.PartialSum` row per round, written in the transaction that
   stores those updates (:meth:`Replica.flush`, once per batch of uploads): acknowledged
@@ -29,8 +34,9 @@ durable per replica:
 * **Stalls.** The store's sessions carry ``lock_timeout`` and
   ``idle_in_transaction_session_timeout`` (:class:`~coordinator.store.postgres.PostgresStore`):
   a replica paused inside a transaction loses its session and its locks.
-* **Identity.** A replica draws a new random id at every start, so that two live processes
-  can never write the same row; the rows of a replica that died stay and are counted.
+* **Identity.** A replica draws a new random id at every start (after its process id, for
+  the operator), so that two live processes can never write the same row; the rows of a
+  replica that died stay and are counted.
 
 Not shared, per replica: pace steering's estimates (each sees its share of check-ins) and the
 bytes-served metric of a round.
@@ -43,6 +49,7 @@ bytes-served metric of a round.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -96,7 +103,7 @@ class Replica:
 
     def __init__(self, store: Store, replica_id: str | None = None) -> None:
         self.store = store
-        self.replica_id = replica_id or "r-" + secrets.token_hex(8)
+        self.replica_id = replica_id or f"r-{os.getpid()}-{secrets.token_hex(6)}"
         self._unwritten: dict[int, PartialSum] = {}
 
     def own(self, round_id: int) -> PartialSum | None:

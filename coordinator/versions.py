@@ -41,8 +41,9 @@ class ModelVersions:
         self.blobs = blobs
 
     def params_frame(self, v: Version, num_parameters: int) -> Path:
-        """The file holding version ``v``'s parameter frame: encoded on the first download,
-        then served from disk (a cache beside the parameters' blob: :mod:`coordinator.blobs`)."""
+        """The file holding version ``v``'s parameter frame: written at the commit (made
+        again on a download if it is missing: a cache beside the parameters' blob,
+        :mod:`coordinator.blobs`)."""
         return self.blobs.derived(
             v.params_sha,
             "frame",
@@ -84,7 +85,11 @@ class ModelVersions:
                 f"the server step ({plan.server_optimizer.name}) would make version "
                 f"{task.model_version + 1} non-finite: nothing committed"
             )
-        params_sha = self.blobs.put(params_to_bytes(new_params))
+        # The version's download frame is written with its parameters, in the same round of
+        # fsyncs: its first download is the next round's, and it would wait on the disk.
+        params_sha = self.blobs.put_with_derived(
+            params_to_bytes(new_params), {"frame": encode_params(new_params)}
+        )
         opt_sha = self.blobs.put(opt.pack_state(state)) if opt.state_names else None
         new_version = task.model_version + 1
         tx: AbstractContextManager[None] = self.store.atomic()

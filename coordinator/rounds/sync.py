@@ -17,6 +17,10 @@ A round of a task goes through::
   least ``min_reports`` came (it can still commit), else it is abandoned (``reason``
   ``selection_timeout`` in its metrics) and the next check-in opens a new window. A paused
   task's window neither selects nor times out.
+* **First come** (plan ``first_come``, plain plans only): no window to draw from. The round
+  opens straight into reporting (``deadline_at = opened_at + round_deadline_s``) and its first
+  ``target`` eligible check-ins are assigned directly: no candidate checks in twice, and no
+  round trip between the goal-th arrival and the cohort's assignments.
 * **Configuration.** A selected device receives its assignment at its next check-in. While
   fewer than ``target`` assignments exist (too few candidates), later eligible check-ins are
   assigned directly until the deadline.
@@ -111,7 +115,7 @@ class SyncRounds(TaskPolicy):
                 store.add_candidate(rnd.round_id, device_id, now)
             rnd = self._maybe_select(task, plan, rnd, now)
             if rnd.state == "selecting":
-                return _wait(self.ctx.pacing.after_window(now, rnd.window_ends_at), "selecting")
+                return _wait(self._until_selection(plan, rnd, now), "selecting")
             mine = store.assignment_for(rnd.round_id, device_id)
             if mine is not None:
                 return self._deliver(mine, rnd, task, plan, now)
@@ -167,6 +171,18 @@ class SyncRounds(TaskPolicy):
             answer["assignment"]["plan"]["dp"]["clip"] = self._dp_bound(task, plan)
         return answer
 
+    def _until_selection(self, plan: TaskPlan, rnd: Round, now: float) -> float:
+        """When a candidate of a round still selecting should check in again."""
+        if now < rnd.window_ends_at:
+            return self.ctx.pacing.after_window(now, rnd.window_ends_at)
+        return self.ctx.pacing.until_goal(
+            now,
+            rnd.opened_at,
+            self.ctx.store.count_candidates(rnd.round_id),
+            rnd.goal,
+            rnd.opened_at + plan.selection_timeout_s,
+        )
+
     def steer(self, task: Task, plan: TaskPlan, now: float) -> float:
         return self.ctx.pacing.retry_after(now, plan.target, self._round_period(task, plan))
 
@@ -198,18 +214,21 @@ class SyncRounds(TaskPolicy):
             return None
         evaluate = task.pending_evaluations > 0
         goal = (plan.eval_goal or plan.goal) if evaluate else plan.goal
+        window = 0.0 if plan.first_come else plan.selection_window_s
         return Round(
             round_id=0,
             task_id=task.task_id,
             number=self._next_round_number(task),
             kind="evaluate" if evaluate else "train",
-            state="selecting",
+            state="reporting" if plan.first_come else "selecting",
             base_version=task.model_version,
             goal=goal,
             target=math.ceil(goal * plan.over_selection),
             min_reports=max(1, math.ceil(goal * plan.min_reporting_fraction)),
             opened_at=now,
-            window_ends_at=now + plan.selection_window_s,
+            window_ends_at=now + window,
+            selected_at=now if plan.first_come else None,
+            deadline_at=now + plan.round_deadline_s if plan.first_come else None,
         )
 
     def _maybe_select(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> Round:

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from coordinator.store.base import (
     Assignment,
     Device,
+    DeviceAuth,
     EvalReport,
     PartialSum,
     Round,
@@ -36,6 +37,7 @@ from coordinator.store.sqlite import SQLiteStore
 __all__ = [
     "Assignment",
     "Device",
+    "DeviceAuth",
     "EvalReport",
     "PartialSum",
     "Round",

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 __all__ = [
     "Assignment",
     "Device",
+    "DeviceAuth",
     "EvalReport",
     "PartialSum",
     "Round",
@@ -44,6 +45,18 @@ class Device:
     population: str
     registered_at: float
     last_seen_at: float | None = None  # last check-in, coarse (see coordinator.retention)
+
+
+@dataclass(frozen=True)
+class DeviceAuth:
+    """What authenticating a device's call reads (:meth:`Store.device_auth`): a few columns
+    of its row, not the whole record."""
+
+    device_id: str
+    secret_salt: str
+    secret_hash: str
+    population: str
+    last_seen_at: float  # registration time if never recorded
 
 
 @dataclass(frozen=True)
@@ -221,6 +234,8 @@ class Store(ABC):
     def add_device(self, device: Device) -> None: ...
     @abstractmethod
     def get_device(self, device_id: str) -> Device | None: ...
+    @abstractmethod
+    def device_auth(self, device_id: str) -> DeviceAuth | None: ...
     @abstractmethod
     def count_devices(self) -> int: ...
     @abstractmethod

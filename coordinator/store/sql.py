@@ -8,13 +8,18 @@ dialects spell differently (reading a member of a JSON text column). Statements 
 placeholders and double-quoted identifiers; a driver with another parameter style
 translates them. Insertion order is ``rowid`` in both: SQLite's own, a hidden identity
 column on PostgreSQL (see :mod:`coordinator.store.postgres_schema`).
+
+What every check-in reads and rarely changes (a population's tasks, a task's open round, a
+round's assignment count) is cached while the database is unchanged, where the backend can
+tell (``_change_marker``: SQLite's ``PRAGMA data_version`` and the connection's own change
+count, which see commits of every connection and process; never inside a transaction).
 """
 
 from __future__ import annotations
 
 import json
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import fields
 from typing import Any, Protocol, TypeVar
@@ -22,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 from coordinator.store.base import (
     Assignment,
     Device,
+    DeviceAuth,
     EvalReport,
     PartialSum,
     Round,
@@ -43,6 +49,8 @@ _JSON_FIELDS = {"runtimes", "plan", "metrics", "report", "response", "body"}
 _OPEN = "('selecting', 'reporting')"
 _IN_FLIGHT = "('selected', 'delivered')"
 _PARTIAL_KEY = ("round_id", "replica_id")
+# Entries of the read cache (SQLStore._cached); past it the cache starts again, empty.
+_CACHE_MAX = 4096
 
 
 class Cursor(Protocol):
@@ -112,6 +120,8 @@ class SQLStore(Store):
     schema_version: int
     # The driver's exceptions for a broken unique, primary or foreign key.
     _integrity_errors: tuple[type[Exception], ...] = ()
+    # (change marker, {key: value}): see _cached.
+    _read_cache: tuple[Hashable, dict[tuple[Any, ...], Any]] | None = None
 
     # -- what a backend supplies ------------------------------------------------------------
 
@@ -221,6 +231,33 @@ class SQLStore(Store):
     def _count(self, sql: str, args: Sequence[Any] = ()) -> int:
         return int(self._execute(sql, args).fetchone()[0])
 
+    # -- reads every check-in makes, cached while the database is unchanged ----------------
+
+    def _change_marker(self) -> Hashable | None:
+        """A value that moves whenever the database may have changed since it was taken: a
+        commit by this connection or by any other, in any process. None when the backend
+        cannot tell, or inside a transaction (its reads may be rolled back, and what it
+        locks must be read from the database): nothing is then served from the cache, or
+        put in it."""
+        return None
+
+    def _cached(self, key: tuple[Any, ...], load: Callable[[], R]) -> R:
+        """``load()``, or what it returned last time for ``key`` if the database has not
+        changed since. Records are frozen; callers must not mutate what they get."""
+        marker = self._change_marker()
+        if marker is None:
+            return load()
+        # Taken before loading: a commit landing in between makes the entry look older
+        # than it is (re-read next time), never newer.
+        cache = self._read_cache
+        if cache is None or cache[0] != marker or len(cache[1]) >= _CACHE_MAX:
+            cache = self._read_cache = (marker, {})
+        entries = cache[1]
+        if key in entries:
+            return entries[key]
+        value = entries[key] = load()
+        return value
+
     # -- devices ----------------------------------------------------------------------------
 
     def add_device(self, device: Device) -> None:
@@ -228,6 +265,18 @@ class SQLStore(Store):
 
     def get_device(self, device_id: str) -> Device | None:
         return self._get(Device, "devices", "device_id = ?", [device_id])
+
+    def device_auth(self, device_id: str) -> DeviceAuth | None:
+        # Every device call reads this: five columns, no JSON, no full record.
+        cols = ("device_id, secret_salt, secret_hash, population, "
+                "coalesce(last_seen_at, registered_at) as seen")  # fmt: skip
+        rows = self._rows("devices", "device_id = ?", [device_id], select=cols, limit=1)
+        if not rows:
+            return None
+        r = rows[0]
+        return DeviceAuth(
+            r["device_id"], r["secret_salt"], r["secret_hash"], r["population"], float(r["seen"])
+        )
 
     def count_devices(self) -> int:
         return self._count("select count(*) from devices")
@@ -267,6 +316,11 @@ class SQLStore(Store):
         return self._get(Task, "tasks", "task_id = ?", [task_id])
 
     def list_tasks(self, population: str | None = None, state: str | None = None) -> list[Task]:
+        # A copy of the cached list (each check-in reads its population's tasks).
+        return list(self._cached(("tasks", population, state),
+                                 lambda: self._list_tasks(population, state)))  # fmt: skip
+
+    def _list_tasks(self, population: str | None, state: str | None) -> list[Task]:
         where, args = ["1 = 1"], []
         if population is not None:
             where.append("population = ?")
@@ -317,7 +371,10 @@ class SQLStore(Store):
         return self._get(Round, "rounds", "round_id = ?", [round_id])
 
     def open_round(self, task_id: str) -> Round | None:
-        return self._get(Round, "rounds", f"task_id = ? and state in {_OPEN}", [task_id])
+        return self._cached(
+            ("open_round", task_id),
+            lambda: self._get(Round, "rounds", f"task_id = ? and state in {_OPEN}", [task_id]),
+        )
 
     def open_rounds(self) -> list[Round]:
         return self._list(Round, "rounds", f"state in {_OPEN}", [], "round_id")
@@ -393,7 +450,10 @@ class SQLStore(Store):
         return self._list(Assignment, "assignments", "round_id = ?", [round_id], "rowid")
 
     def count_assignments(self, round_id: int) -> int:
-        return self._count("select count(*) from assignments where round_id = ?", [round_id])
+        return self._cached(
+            ("assignments", round_id),
+            lambda: self._count("select count(*) from assignments where round_id = ?", [round_id]),
+        )
 
     def update_assignment(self, assignment_id: str, **values: Any) -> None:
         self._update("assignments", {"assignment_id": assignment_id}, values)

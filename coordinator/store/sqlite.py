@@ -6,6 +6,14 @@ The store's methods are :class:`~coordinator.store.sql.SQLStore`'s (portable SQL
 module supplies the connection, migrations through sqlite-utils' table API, and SQLite's
 spelling of JSON access. The object is used from one thread at a time (the service
 serialises its calls).
+
+Several processes may share one file (replicas on one node, :mod:`coordinator.replicas`):
+SQLite lets one writer at a time into the whole database, and :meth:`SQLiteStore.atomic`
+takes that write lock as its transaction begins (``BEGIN IMMEDIATE``), so a transaction
+that reads and then writes sees no other process's commit in between: the row locks the
+PostgreSQL backend takes are implied. A process that finds the lock taken waits for it
+(``busy_timeout``, like PostgreSQL's ``lock_timeout`` among replicas) instead of failing at
+once; reads outside a transaction never wait (WAL).
 """
 
 from __future__ import annotations
@@ -29,11 +37,14 @@ class SQLiteStore(SQLStore):
     # SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY, ... all arrive as OperationalError.
     transient_errors = (sqlite3.OperationalError,)
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
         self.path = str(path)
         memory = self.path == ":memory:"
-        # isolation_level=None: no implicit transactions; db.atomic() opens explicit ones.
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # isolation_level=None: no implicit transactions; atomic() opens explicit ones.
+        # timeout: how long a write waits for another process's write lock (busy_timeout).
+        conn = sqlite3.connect(
+            self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None
+        )
         self.db = Database(conn)
         # The mode in force: a file system without shared memory keeps the rollback journal.
         mode = "memory" if memory else conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -41,13 +52,30 @@ class SQLiteStore(SQLStore):
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         self.schema = self.db  # what migrations run against
-        self.schema_version = apply_migrations(self.db)
+        # Under the write lock: processes starting together on one file migrate it once
+        # (each migration's own transaction becomes a savepoint of this one).
+        with self.atomic():
+            self.schema_version = apply_migrations(self.db)
 
     def atomic(self) -> AbstractContextManager[None]:
         @contextmanager
         def block() -> Iterator[None]:
-            with self.db.atomic():
+            conn = self.db.conn
+            if conn.in_transaction:
+                with self.db.atomic():  # nested: a savepoint
+                    yield
+                return
+            # IMMEDIATE: the write lock from the start. A deferred BEGIN would read first
+            # and upgrade at its first write, when another process may have committed in
+            # between (SQLITE_BUSY_SNAPSHOT, which no waiting can cure).
+            conn.execute("BEGIN IMMEDIATE")
+            try:
                 yield
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
         return block()
 
@@ -71,6 +99,14 @@ class SQLiteStore(SQLStore):
                 conn.execute("PRAGMA synchronous=FULL")
 
         return block()
+
+    def _change_marker(self) -> tuple[int, int] | None:
+        conn = self.db.conn
+        if conn.in_transaction:
+            return None
+        # data_version moves when another connection (of any process) commits;
+        # total_changes counts the rows this one wrote (rolled back or not).
+        return conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes
 
     def close(self) -> None:
         self.db.conn.close()

@@ -3,7 +3,8 @@
 Registration needs an enrollment token: the given one, or a random one printed to stderr at
 start (``--open-registration`` lets any device register: closed test networks only). With
 ``--tls-cert``/``--tls-key`` it serves HTTPS only and prints the certificate's public-key pin
-for devices that pin it (``fedge device run --pin-sha256``).
+for devices that pin it (``fedge device run --pin-sha256``). With ``--processes K`` it runs
+K serving processes on one port and one database (:mod:`fedge.supervisor`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from fedge.cli import CommandError
@@ -37,8 +39,16 @@ def register(sub: Any) -> None:
         "--replica",
         action="store_true",
         default=None,
-        help="share --db (postgresql://) and --blobs with other fedge serve --replica "
-        "processes behind one load balancer (docs/deployment.md)",
+        help="share --db and --blobs with other fedge serve --replica processes behind one "
+        "load balancer (PostgreSQL; a SQLite file: processes on this machine only; "
+        "docs/deployment.md)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="serving processes on this node, sharing the port and --db as replicas "
+        "(default 1; e.g. the number of cores)",
     )
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (0: any free port; default 8080)")
@@ -125,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = _store_overrides(args, cfg)
     names = ("host", "port", "max_body_bytes", "max_json_bytes", "max_queued_operations",
              "tls_cert", "tls_key", "open_registration", "retain_versions",
-             "device_inactivity_s", "replica")
+             "device_inactivity_s", "replica", "processes")
     for name in names:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -139,13 +149,22 @@ def run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, **overrides)
     except ConfigError as e:
         raise CommandError(str(e)) from e
+    configure_logging(args.log_level, args.log_format)
+    if cfg.processes > 1:
+        from fedge.supervisor import Supervisor
+
+        return Supervisor(cfg, print_token=not token, log=(args.log_level, args.log_format)).run()
+    return asyncio.run(serve(cfg, print_token=not token))
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Log records to stderr: text, or one JSON object a line (``fmt`` "json")."""
     logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
-    if args.log_format == "json":
+    if fmt == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonLogFormatter())
-    return asyncio.run(_serve(cfg, print_token=not token))
 
 
 def _store_overrides(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
@@ -163,7 +182,7 @@ def _store_overrides(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     return {**out, "database_url": args.db}
 
 
-def _tls_context(cfg: Any) -> Any:
+def tls_context(cfg: Any, *, print_pin: bool = True) -> Any:
     """The server's TLS context; prints the certificate's public-key pin (stderr)."""
     import ssl
 
@@ -177,35 +196,61 @@ def _tls_context(cfg: Any) -> Any:
         pin = pem_pin(open(cfg.tls_cert).read())  # noqa: SIM115 - one read of a small file
     except (OSError, ValueError, ssl.SSLError) as e:
         raise CommandError(f"cannot use --tls-cert/--tls-key: {e}") from e
-    print(f"tls public-key pin (sha256 of SPKI): {pin}", file=sys.stderr, flush=True)
+    if print_pin:
+        print(f"tls public-key pin (sha256 of SPKI): {pin}", file=sys.stderr, flush=True)
     return context
 
 
-async def _serve(cfg: Any, print_token: bool) -> int:
+def announce_tokens(cfg: Any, admin_token: str, enrollment_token: str | None,
+                    print_token: bool) -> None:  # fmt: skip
+    """Print the tokens drawn at start (stderr), or warn that registration is open."""
+    if print_token:
+        print(f"admin token: {admin_token}", file=sys.stderr, flush=True)
+    if cfg.enrollment_token is None and enrollment_token is not None:
+        print(f"enrollment token: {enrollment_token}", file=sys.stderr, flush=True)
+    elif enrollment_token is None:
+        log.warning("registration is open: any device that reaches this port can join")
+
+
+def listening(cfg: Any, port: int) -> str:
+    """The line that says the service answers (whoever starts ``fedge serve`` waits for it)."""
+    return f"fedge coordinator listening on {'https' if cfg.tls else 'http'}://{cfg.host}:{port}"
+
+
+async def serve(
+    cfg: Any,
+    print_token: bool,
+    *,
+    ready: Callable[[int], None] | None = None,
+) -> int:
+    """Serve until SIGINT/SIGTERM. Alone it announces the tokens, the pin and
+    :func:`listening` itself; a supervised child (``ready`` given) shares the port with its
+    siblings and tells ``ready`` the port instead."""
     from coordinator.app import build_app, start
     from coordinator.service import Coordinator
 
-    context = _tls_context(cfg)
+    alone = ready is None
+    context = tls_context(cfg, print_pin=alone)
     try:
         coord = Coordinator(cfg)
     except Exception as e:  # a database that cannot be opened or migrated
         from coordinator.store import redacted
 
         raise CommandError(f"cannot open {redacted(cfg.store_location)}: {e}") from e
-    if print_token:
-        print(f"admin token: {coord.admin_token}", file=sys.stderr, flush=True)
-    if cfg.enrollment_token is None and coord.enrollment_token is not None:
-        print(f"enrollment token: {coord.enrollment_token}", file=sys.stderr, flush=True)
-    elif coord.enrollment_token is None:
-        log.warning("registration is open: any device that reaches this port can join")
-    runner, port = await start(build_app(coord), cfg.host, cfg.port, ssl_context=context)
-    scheme = "https" if context is not None else "http"
+    if alone:
+        announce_tokens(cfg, coord.admin_token, coord.enrollment_token, print_token)
+    runner, port = await start(
+        build_app(coord), cfg.host, cfg.port, ssl_context=context, reuse_port=not alone
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # Only now: whoever waits for this line may signal at once and expect a clean stop.
-    print(f"fedge coordinator listening on {scheme}://{cfg.host}:{port}", flush=True)
+    if ready is None:
+        print(listening(cfg, port), flush=True)
+    else:
+        ready(port)
     await stop.wait()
     await runner.cleanup()
     return 0

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +89,58 @@ def test_derived_file_is_made_once_and_goes_with_its_blob(tmp_path: Path) -> Non
         blobs.derived(sha, "../x", make)
 
 
+def test_put_with_derived_syncs_blob_and_derived_file_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import coordinator.blobs as module
+
+    blobs = BlobStore(tmp_path / "b")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        # fsync_dir calls os.fsync too: a directory is recorded by its path
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append("file")
+        real_fsync(fd)
+
+    real_dir = module.fsync_dir
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(module, "fsync_dir", lambda p: (synced.append(str(p)), real_dir(p)))
+    sha = blobs.put_with_derived(b"parameters", {"frame": b"PARAMETERS"})
+    assert sha == hashlib.sha256(b"parameters").hexdigest() and blobs.read(sha) == b"parameters"
+    # two files, their new fan-out directory once, and the root that gained it
+    assert synced == ["file", "file", str(blobs.path(sha).parent), str(tmp_path / "b")]
+    made = blobs.derived(sha, "frame", lambda raw: pytest.fail("made again"))  # type: ignore[arg-type,return-value]
+    assert made.read_bytes() == b"PARAMETERS"
+    assert list(blobs.shas()) == [sha] and list((tmp_path / "b" / "tmp").iterdir()) == []
+    synced.clear()
+    assert blobs.put_with_derived(b"parameters", {"frame": b"PARAMETERS"}) == sha
+    assert synced == []  # both there: nothing written
+
+
+def test_put_with_derived_leaves_nothing_when_the_directory_sync_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import coordinator.blobs as module
+
+    blobs = BlobStore(tmp_path / "b")
+    real_dir = module.fsync_dir
+
+    def failing(path: Path) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(module, "fsync_dir", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        blobs.put_with_derived(b"parameters", {"frame": b"PARAMETERS"})
+    sha = hashlib.sha256(b"parameters").hexdigest()
+    assert not blobs.exists(sha) and not blobs.derived_path(sha, "frame").exists()
+    assert list((tmp_path / "b" / "tmp").iterdir()) == []
+    monkeypatch.setattr(module, "fsync_dir", real_dir)
+    assert blobs.put_with_derived(b"parameters", {"frame": b"PARAMETERS"}) == sha  # a retry
+    assert blobs.derived_path(sha, "frame").read_bytes() == b"PARAMETERS"
+
+
 def test_derived_file_written_whole_or_not_at_all(tmp_path: Path) -> None:
     blobs = BlobStore(tmp_path / "b")
     sha = blobs.put(b"parameters")
@@ -139,3 +195,63 @@ def test_a_failed_directory_fsync_leaves_no_blob_a_retry_would_skip(
     assert not blobs.path(sha).parent.exists()  # the fanout dir it made: removed too
     assert blobs.put(b"payload") == sha and blobs.read(sha) == b"payload"
     assert {blobs.path(sha).parent, blobs.root} <= set(synced)  # both synced this time
+
+
+def test_unlink_later_hides_the_blob_at_once_and_a_rewrite_waits_for_the_unlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blobs = BlobStore(tmp_path / "b", unlink_later=True)
+    sha = blobs.put(b"payload")
+    other = blobs.put(b"other")
+    release, unlinking = threading.Event(), threading.Event()
+    real_unlink = blobs._unlink
+
+    def slow_unlink(s: str) -> None:
+        unlinking.set()
+        assert release.wait(10)
+        real_unlink(s)
+
+    monkeypatch.setattr(blobs, "_unlink", slow_unlink)
+    blobs.delete(sha)
+    assert unlinking.wait(10)
+    # gone for every reader at once, though the file is still there
+    assert not blobs.exists(sha) and list(blobs.shas()) == [other]
+    assert blobs.path(sha).is_file()
+    # the same bytes written again: not skipped as present, and not lost to the unlink
+    rewrite = threading.Thread(target=blobs.put, args=(b"payload",))
+    rewrite.start()
+    rewrite.join(0.2)
+    assert rewrite.is_alive(), "the rewrite did not wait for the pending unlink"
+    release.set()
+    rewrite.join(10)
+    assert blobs.exists(sha) and blobs.read(sha) == b"payload"
+    blobs.delete(other)
+    blobs.close()  # waits for the unlink
+    assert not blobs.path(other).exists() and sorted(blobs.shas()) == [sha]
+    blobs.delete(sha)  # closed: unlinked at once
+    assert not blobs.path(sha).exists()
+
+
+def test_a_shared_directory_keeps_the_others_temporary_files_and_has_every_fanout(
+    tmp_path: Path,
+) -> None:
+    """Replicas write one blob directory: a process (re)starting must not take away the
+    temporary files of uploads the others are staging, nor make fan-out directories while
+    they write (one not yet synced into the root could lose their blobs in a power cut)."""
+    BlobStore(tmp_path / "b")
+    tmp = tmp_path / "b" / "tmp"
+    (tmp / "in-use").write_bytes(b"being staged by another replica")
+    (tmp / "crashed").write_bytes(b"left by a crash an hour ago")
+    old = time.time() - 7200
+    os.utime(tmp / "crashed", (old, old))
+    fanouts = {f"{i:02x}" for i in range(256)}
+    assert not fanouts & {p.name for p in (tmp_path / "b").iterdir()}
+
+    blobs = BlobStore(tmp_path / "b", shared_after_s=3600)
+
+    assert sorted(p.name for p in tmp.iterdir()) == ["in-use"]
+    assert fanouts <= {p.name for p in (tmp_path / "b").iterdir() if p.is_dir()}
+    sha = blobs.put(b"payload")
+    assert blobs.read(sha) == b"payload"
+    BlobStore(tmp_path / "b")  # alone again: every leftover goes
+    assert list(tmp.iterdir()) == []

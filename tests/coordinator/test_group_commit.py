@@ -316,6 +316,13 @@ def test_a_retry_inside_the_same_batch_gets_the_same_answer(tmp_path: Path) -> N
 N = 2000
 
 
+def _one_round(goal: int, selected: int | None = None) -> dict[str, Any]:
+    """A plan of one plain FedAvg round of ``goal`` updates, ``selected`` devices assigned."""
+    return {"rounds": 1, "goal": goal, "over_selection": (selected or goal) / goal,
+            "selection_window_s": 0.0, "round_deadline_s": 600.0, "robust": "none",
+            "max_update_norm": None}  # fmt: skip
+
+
 def _task_with_assignments(
     coord: EmbeddedCoordinator, bundle: Path, plan: dict[str, Any], count: int
 ) -> tuple[str, list[DeviceHTTP], list[str], list[np.ndarray]]:
@@ -331,11 +338,39 @@ def _task_with_assignments(
     return task_id, devices, aids, deltas
 
 
+def _report_at_once(
+    devices: list[DeviceHTTP], aids: list[str], deltas: list[np.ndarray], examples: int
+) -> list[int]:
+    """Every device uploads its delta at the same time (``examples + i`` examples for device
+    ``i``); the statuses."""
+    statuses: list[int] = []
+
+    def report(i: int) -> None:
+        status, _ = devices[i].upload(aids[i], deltas[i], num_examples=examples + i, key=f"k{i}")
+        statuses.append(status)
+
+    threads = [threading.Thread(target=report, args=(i,)) for i in range(len(devices))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return statuses
+
+
+def _check_version_1(
+    device: DeviceHTTP, task_id: str, bundle: Path, deltas: list[np.ndarray], weights: np.ndarray
+) -> None:
+    """Version 1 is the bundle's parameters plus the weighted mean of ``deltas`` (numpy)."""
+    got = decode_tensor(device.params(task_id, 1))
+    mean = (weights[:, None] * np.stack(deltas).astype(np.float64)).sum(0) / weights.sum()
+    p0 = np.fromfile(bundle / "params.f32", dtype="<f4")
+    np.testing.assert_allclose(got, (p0 + mean).astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
 def test_concurrent_uploads_over_http_are_committed_in_batches(tmp_path: Path) -> None:
     bundle = make_synthetic_bundle(tmp_path / "bundle", num_parameters=N, seed=2)
     goal = 12
-    plan = {"rounds": 1, "goal": goal, "over_selection": 1.0, "selection_window_s": 0.0,
-            "round_deadline_s": 600.0, "robust": "none", "max_update_norm": None}  # fmt: skip
+    plan = _one_round(goal)
     with EmbeddedCoordinator(tmp_path / "fedge.db", seed=3) as coord:
         service = coord.service
         sizes: list[int] = []
@@ -352,36 +387,19 @@ def test_concurrent_uploads_over_http_are_committed_in_batches(tmp_path: Path) -
         service.install_uploads = install  # type: ignore[method-assign]
         admin = coord.admin()
         task_id, devices, aids, deltas = _task_with_assignments(coord, bundle, plan, goal)
-        statuses: list[int] = []
-
-        def report(i: int) -> None:
-            status, _ = devices[i].upload(aids[i], deltas[i], num_examples=3 + i, key=f"k{i}")
-            statuses.append(status)
-
-        threads = [threading.Thread(target=report, args=(i,)) for i in range(goal)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert statuses == [200] * goal
+        assert _report_at_once(devices, aids, deltas, examples=3) == [200] * goal
         assert sum(sizes) == goal and max(sizes) > 1, sizes
         # the same key again: the stored answer, through the admission step
         status, body = devices[0].upload(aids[0], deltas[0], num_examples=3, key="k0")
         assert status == 200 and body["accepted"]
         assert admin.task(task_id)["model_version"] == 1
-        got = decode_tensor(devices[0].params(task_id, 1))
-        weights = np.arange(goal) + 3.0
-        mean = (weights[:, None] * np.stack(deltas).astype(np.float64)).sum(0) / weights.sum()
-        p0 = np.fromfile(bundle / "params.f32", dtype="<f4")
-        np.testing.assert_allclose(got, (p0 + mean).astype(np.float32), rtol=1e-6, atol=1e-7)
+        _check_version_1(devices[0], task_id, bundle, deltas, np.arange(goal) + 3.0)
 
 
 def test_a_batch_never_takes_a_sync_round_past_its_goal(tmp_path: Path) -> None:
     bundle = make_synthetic_bundle(tmp_path / "bundle", num_parameters=N, seed=4)
     goal, target = 4, 6
-    plan = {"rounds": 1, "goal": goal, "over_selection": target / goal,
-            "selection_window_s": 0.0, "round_deadline_s": 600.0, "robust": "none",
-            "max_update_norm": None}  # fmt: skip
+    plan = _one_round(goal, target)
     with EmbeddedCoordinator(tmp_path / "fedge.db", seed=3) as coord:
         service = coord.service
         admin = coord.admin()
@@ -400,12 +418,8 @@ def test_a_batch_never_takes_a_sync_round_past_its_goal(tmp_path: Path) -> None:
         assert {(e.status, e.code.value) for e in refused} == {(409, "round_closed")}
         task = admin.task(task_id)
         assert task["model_version"] == 1 and coord.call(service.store.count_updates) == goal
-        got = decode_tensor(devices[0].params(task_id, 1))
         weights = np.array([2.0 + i for i in taken])
-        mean = (weights[:, None] * np.stack([deltas[i] for i in taken]).astype(np.float64)).sum(0)
-        p0 = np.fromfile(bundle / "params.f32", dtype="<f4")
-        np.testing.assert_allclose(got, (p0 + mean / weights.sum()).astype(np.float32),
-                                   rtol=1e-6, atol=1e-7)  # fmt: skip
+        _check_version_1(devices[0], task_id, bundle, [deltas[i] for i in taken], weights)
 
 
 # -- the blob store's batch step on its own -------------------------------------------------
@@ -443,6 +457,233 @@ def test_install_with_parallel_fsyncs_is_all_or_nothing(tmp_path: Path) -> None:
     assert {blobs.read(s.sha) for s in staged} == set(payloads)
     assert len(set(blobs.shas())) == len(payloads)
     assert not os.listdir(blobs.root / "tmp")
+
+
+# -- pipelined stages: batch k+1 installs while batch k commits -------------------------------
+
+
+class Stages:
+    """A prepare and a commit stage that each block until released, recording what ran."""
+
+    def __init__(self, fail_prepare: set[int] | None = None) -> None:
+        self.log: list[str] = []
+        self.prepared: list[list[int]] = []
+        self.committed: list[list[int]] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self.fail_prepare = fail_prepare or set()
+        self.busy = {"prepare": 0, "commit": 0}
+        self.most = {"prepare": 0, "commit": 0}
+
+    def gate(self, name: str) -> asyncio.Event:
+        return self.gates.setdefault(name, asyncio.Event())
+
+    async def _run(self, stage: str, items: Sequence[int], done: list[list[int]]) -> int:
+        k = len(done)
+        done.append(list(items))
+        self.busy[stage] += 1
+        self.most[stage] = max(self.most[stage], self.busy[stage])
+        self.log.append(f"{stage} {k} start")
+        try:
+            await self.gate(f"{stage} {k}").wait()
+        finally:
+            self.busy[stage] -= 1
+        self.log.append(f"{stage} {k} end")
+        return k
+
+    async def prepare(self, items: Sequence[int]) -> None:
+        k = await self._run("prepare", items, self.prepared)
+        if k in self.fail_prepare:
+            raise Overloaded(f"batch {k}: storage unavailable", 1.0)
+
+    async def commit(self, items: Sequence[int]) -> list[int | BaseException]:
+        await self._run("commit", items, self.committed)
+        return [i * 10 for i in items]
+
+
+async def _until(condition: Any, what: str) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never: {what}")
+
+
+def _pipeline(stages: Stages, max_batch: int = 4) -> GroupCommit[int, int]:
+    return GroupCommit(stages.commit, prepare=stages.prepare, max_batch=max_batch,
+                       max_pending=64, retry_after_s=1.0)  # fmt: skip
+
+
+def test_the_next_batch_prepares_while_one_commits_and_answers_keep_their_order() -> None:
+    async def run() -> None:
+        stages = Stages()
+        commits = _pipeline(stages)
+        answered: list[int] = []
+
+        async def submit(i: int) -> None:
+            answered.append(await commits.submit(i))
+
+        tasks = [asyncio.create_task(submit(0))]
+        await _until(lambda: stages.log == ["prepare 0 start"], "batch 0 prepares")
+        tasks += [asyncio.create_task(submit(i)) for i in (1, 2)]  # arrive meanwhile
+        stages.gate("prepare 0").set()
+        # batch 0 commits; what queued meanwhile prepares at the same time
+        await _until(lambda: "prepare 1 start" in stages.log, "batch 1 prepares")
+        assert stages.log[-2:] in (["commit 0 start", "prepare 1 start"],
+                                   ["prepare 1 start", "commit 0 start"])  # fmt: skip
+        assert stages.prepared[1] == [1, 2]
+        # batch 1 prepared while 0 still commits: it waits, and nothing else prepares (no
+        # queue between the stages); new arrivals keep merging into the next batch
+        stages.gate("prepare 1").set()
+        await _until(lambda: "prepare 1 end" in stages.log, "batch 1 prepared")
+        tasks += [asyncio.create_task(submit(i)) for i in (3, 4, 5, 6, 7)]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert "commit 1 start" not in stages.log and "prepare 2 start" not in stages.log
+        assert answered == []  # nobody hears before their batch committed
+        stages.gate("commit 0").set()
+        await _until(lambda: "prepare 2 start" in stages.log, "batch 2 prepares")
+        assert answered == [0]
+        assert stages.log.index("commit 1 start") > stages.log.index("commit 0 end")
+        assert stages.prepared[2] == [3, 4, 5, 6]  # max_batch; 7 goes next
+        for name in ("commit 1", "prepare 2", "commit 2", "prepare 3", "commit 3"):
+            stages.gate(name).set()
+        await asyncio.gather(*tasks)
+        assert answered == [0, 10, 20, 30, 40, 50, 60, 70]
+        assert stages.committed == [[0], [1, 2], [3, 4, 5, 6], [7]]
+        assert stages.most == {"prepare": 1, "commit": 1}
+
+    asyncio.run(run())
+
+
+def test_a_failing_prepare_answers_its_whole_batch_while_the_one_before_commits() -> None:
+    async def run() -> None:
+        stages = Stages(fail_prepare={1})
+        commits = _pipeline(stages)
+        first = asyncio.create_task(commits.submit(0))
+        await _until(lambda: stages.log == ["prepare 0 start"], "batch 0 prepares")
+        second = [asyncio.create_task(commits.submit(i)) for i in (1, 2)]
+        stages.gate("prepare 0").set()
+        await _until(lambda: "prepare 1 start" in stages.log, "batch 1 prepares")
+        stages.gate("prepare 1").set()  # fails, while batch 0 is still committing
+        for t in second:
+            with pytest.raises(Overloaded, match="batch 1"):
+                await t
+        assert not first.done()
+        third = asyncio.create_task(commits.submit(3))  # the prepare stage is free again
+        await _until(lambda: "prepare 2 start" in stages.log, "batch 2 prepares")
+        stages.gate("prepare 2").set()
+        stages.gate("commit 0").set()
+        assert await first == 0
+        stages.gate("commit 1").set()
+        assert await third == 30
+        # the failed batch never reached the commit stage
+        assert stages.committed == [[0], [3]]
+
+    asyncio.run(run())
+
+
+def test_close_waits_for_both_stages_and_what_queued_behind_them() -> None:
+    async def run() -> None:
+        stages = Stages()
+        commits = _pipeline(stages, max_batch=1)
+        tasks = [asyncio.create_task(commits.submit(0))]
+        await _until(lambda: "prepare 0 start" in stages.log, "batch 0 prepares")
+        stages.gate("prepare 0").set()
+        tasks.append(asyncio.create_task(commits.submit(1)))
+        await _until(lambda: "prepare 1 start" in stages.log, "batch 1 prepares")
+        tasks.append(asyncio.create_task(commits.submit(2)))  # queued behind both
+        await asyncio.sleep(0)
+        closing = asyncio.create_task(commits.close())
+        for name in ("commit 0", "prepare 1", "commit 1", "prepare 2"):
+            await asyncio.sleep(0.01)
+            assert not closing.done(), f"close returned before {name}"
+            stages.gate(name).set()
+        await asyncio.sleep(0.01)
+        assert not closing.done()
+        stages.gate("commit 2").set()
+        await asyncio.wait_for(closing, 5)
+        assert all(t.done() for t in tasks)
+        assert [t.result() for t in tasks] == [0, 10, 20]
+
+    asyncio.run(run())
+
+
+def test_a_payload_deleted_by_the_batch_before_answers_503_and_the_retry_is_taken(
+    tmp_path: Path,
+) -> None:
+    # The pipeline's order: batch k installs, batch k+1 installs (its payload already there,
+    # so it writes nothing), k commits and deletes the payload of the upload it refused,
+    # which k+1 shares; k+1's commit must not store an update whose payload is gone.
+    ledger = Ledger()
+    with os_seams(lambda: None, ledger):  # the fsync ledger: durability of the retry
+        fleet = BatchFleet(tmp_path, "sync", Fault(), ledger)
+        coord = fleet.coord
+        work = fleet.assign([0, 1, 2])
+        same = delta_of(7, 0)  # identical bytes for two uploads: content-addressed, one blob
+
+        def staged(d: int, key: str, delta: np.ndarray) -> StagedUpload:
+            header = json.dumps({"num_examples": examples_of(d)})
+            admitted = coord.admit_upload(fleet.devices[d], work[d]["assignment_id"], key, header)
+            return coord.stage_upload(admitted, encode_update(delta, "fp32")[0])
+
+        # batch k: device 0's upload and an impostor of it (another key: refused, 409)
+        batch_k = [staged(0, "k0", delta_of(0, 0)), staged(0, "other", same)]
+        batch_next = [staged(1, "k1", same)]
+        coord.install_uploads(batch_k)
+        coord.install_uploads(batch_next)
+        answers_k = coord.accept_uploads(batch_k)
+        assert isinstance(answers_k[0], dict) and answers_k[0]["accepted"]
+        refused = answers_k[1]
+        assert isinstance(refused, ApiError) and refused.code == ErrorCode.DUPLICATE_UPLOAD
+        sha = batch_next[0].blob.sha
+        assert not coord.blobs.exists(sha), "the refused upload's payload should be deleted"
+        (answer,) = coord.accept_uploads(batch_next)
+        assert isinstance(answer, Overloaded) and answer.status == 503, answer
+        assert "upload it again" in answer.message
+        rows = fleet.read("select assignment_id from updates order by accepted_at")
+        assert rows == [(work[0]["assignment_id"],)], "an update without its payload was stored"
+        # the device's retry (same key) is taken, its payload on disk and durable
+        retry = [staged(1, "k1", same)]
+        coord.install_uploads(retry)
+        (answer,) = coord.accept_uploads(retry)
+        assert isinstance(answer, dict) and answer["accepted"], answer
+        assert coord.blobs.exists(sha)
+        fleet._check_durable(work[1]["assignment_id"])
+        assert not os.listdir(coord.blobs.root / "tmp")
+        coord.close()
+
+
+def test_over_http_a_batch_installs_while_the_one_before_commits(tmp_path: Path) -> None:
+    goal, bundle = 10, make_synthetic_bundle(tmp_path / "bundle", num_parameters=N, seed=5)
+    with EmbeddedCoordinator(tmp_path / "fedge.db", seed=3) as coord:
+        service = coord.service
+        real_install, real_accept = service.install_uploads, service.accept_uploads
+        installs: list[int] = []
+        second_install = threading.Event()
+        overlapped: list[bool] = []
+
+        def install(staged: Sequence[StagedUpload], executor: Any = None) -> None:
+            installs.append(len(staged))
+            if len(installs) == 2:
+                second_install.set()
+            real_install(staged, executor)
+
+        def accept(staged: Sequence[StagedUpload]) -> list[dict[str, Any] | ApiError]:
+            if not overlapped:  # the first batch's transaction: the next batch installs now
+                overlapped.append(second_install.wait(20))
+            return real_accept(staged)
+
+        service.install_uploads = install  # type: ignore[method-assign]
+        service.accept_uploads = accept  # type: ignore[method-assign]
+        admin = coord.admin()
+        task_id, devices, aids, deltas = _task_with_assignments(
+            coord, bundle, _one_round(goal), goal
+        )
+        assert _report_at_once(devices, aids, deltas, examples=2) == [200] * goal
+        assert overlapped == [True], "the second batch did not install during the first's commit"
+        assert sum(installs) == goal
+        assert admin.task(task_id)["model_version"] == 1
+        _check_version_1(devices[0], task_id, bundle, deltas, np.arange(goal) + 2.0)
 
 
 # -- settings and bounds ----------------------------------------------------------------------

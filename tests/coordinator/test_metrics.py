@@ -166,3 +166,25 @@ def test_each_app_has_its_own_registry(coordinator: EmbeddedCoordinator, tmp_pat
                   status="201") == 0
     assert sample(first_got, "fedge_devices_registered") == 1
     assert sample(second_got, "fedge_devices_registered") == 0
+
+
+def test_refused_checkins_count_under_their_error_code(coordinator: EmbeddedCoordinator) -> None:
+    """The outcome of a refused check-in is the code its answer carries, whichever layer
+    refused it (authentication, the body's JSON, its fields, the body limit)."""
+    dev = DeviceHTTP(coordinator)
+    wrong = {"Authorization": f"Device {dev.device_id}:wrong"}
+    big = b"{" + b" " * (coordinator.config.max_json_bytes + 1) + b"}"
+    sent = [("POST", b"{}", wrong), ("POST", b"{not json", None),
+            ("POST", b'{"population": "other", "runtimes": ["ort-step"]}', None),
+            ("POST", b"{}", None), ("POST", big, None)]  # fmt: skip
+    codes: Counter[str] = Counter()
+    for method, body, headers in sent:
+        status, _, data = dev.raw(method, Route.CHECKIN, body, headers)
+        assert status >= 400
+        codes[json.loads(data)["error"]["code"]] += 1
+    assert codes == {"unauthorized": 1, "malformed_json": 1, "forbidden": 1,
+                     "invalid_request": 1, "body_too_large": 1}  # fmt: skip
+    got = scrape(coordinator)
+    for code, n in codes.items():
+        assert sample(got, "fedge_checkins_total", outcome=code) == n
+    assert sum(v for (name, _), v in got.items() if name == "fedge_checkins_total") == len(sent)

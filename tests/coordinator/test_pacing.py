@@ -55,6 +55,19 @@ def test_jitter_spreads_returns_uniformly() -> None:
     assert hist.min() > 0.9 * 2000 and hist.max() < 1.1 * 2000  # flat: no herd
 
 
+def test_candidates_short_of_the_goal_wait_for_the_missing_ones_at_the_pace_seen() -> None:
+    p = PaceSteering(PacingConfig(selection_return_spread_s=2.0), random.Random(0))
+    # opened at 100, 5 candidates by 120 (one per 4 s), 8 missing of 13: back in 32 s + U(0.05, 2)
+    waits = [p.until_goal(120.0, 100.0, 5, 13, 400.0) for _ in range(2000)]
+    assert 32.05 <= min(waits) < 32.1 and 33.95 < max(waits) <= 34.0
+    # never past the selection timeout (then the round starts with what it has, or not)
+    assert 10.05 <= p.until_goal(390.0, 100.0, 5, 13, 400.0) <= 12.0
+    # the goal reached (a window kept open only by its length): just the spread
+    assert 0.05 <= p.until_goal(120.0, 100.0, 13, 13, 400.0) <= 2.0
+    # a window that opened this instant has seen no pace yet: it asks again soon
+    assert 0.05 <= p.until_goal(100.0, 100.0, 1, 13, 400.0) <= 2.0
+
+
 def _coordinator(tmp_path: Path, clock: FakeClock, pacing: PacingConfig) -> Coordinator:
     cfg = CoordinatorConfig(db_path=str(tmp_path / "unused.db"), seed=5, pacing=pacing)
     return Coordinator(

@@ -25,7 +25,7 @@ def test_round_trip_is_lossless() -> None:
         "eligibility": {"require_charging": False, "min_battery": 0.3, "runtimes": ["ort-step"],
                         "unknown_ok": ["unmetered"]},
         "server_optimizer": {"name": "fedyogi", "lr": 0.02, "tau": 0.01},
-        "max_update_norm": None, "max_examples": 5000, "eval_goal": 5,
+        "max_update_norm": None, "max_examples": 5000, "eval_goal": 5, "first_come": True,
     }  # fmt: skip
     plan = TaskPlan.from_json(raw)
     assert TaskPlan.from_json(plan.to_json()) == plan
@@ -84,6 +84,12 @@ def test_selection_timeout_default_never_cuts_a_window_short() -> None:
         {"codec": {"name": "topk", "fraction": 10**400}},
         {"lr": 10**400},
         {"nonsense": 1},
+        {"first_come": 1},
+        # a first-come cohort is not drawn from a window: no DP amplification, no fixed
+        # SecAgg cohort, no exact selection to wait for
+        {"first_come": True, "wait_for_all": True},
+        {"first_come": True, "dp": {"clip": 1.0, "noise_multiplier": 1.0}},
+        {"first_come": True, "secagg": {}},
         "plan",
     ],
 )

@@ -318,6 +318,7 @@ def test_many_rounds_stay_bounded_and_a_restart_continues(
             devices[0].params(task_id, "current")  # every version's frame gets made once
             if r in (9, 23):
                 coord.call(coord.service.tick)
+                coord.service.blobs.wait_unlinked()  # deletes unlink off the worker thread
                 sizes.append((_table_counts(db), _blob_files(db)))
         assert admin.task(task_id)["model_version"] == 24
         # flat: after 24 rounds the same rows and files as after 10

@@ -254,10 +254,14 @@ def test_the_cli_speaks_tls_with_a_ca_file(
     assert "pinned" in capsys.readouterr().err
 
 
-def test_fedge_serve_with_tls_prints_its_pin_and_serves_https(pki: Pki, tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", ["1", "2"])  # 2: a supervisor, its children serve
+def test_fedge_serve_with_tls_prints_its_pin_and_serves_https(
+    pki: Pki, tmp_path: Path, processes: str
+) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedge.cli", "serve", "--db", str(tmp_path / "f.db"), "--port",
-         "0", "--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--admin-token", "tok"],
+         "0", "--tls-cert", str(pki.cert), "--tls-key", str(pki.key), "--admin-token", "tok",
+         "--processes", processes],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     try:

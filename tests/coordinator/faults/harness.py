@@ -7,7 +7,8 @@ counted at the seams where durability happens:
 
 * every write method of the store (``add_*``, ``update_*``, ``delete_*``, ``expire_*``) and
   the end of every ``Store.atomic()`` block (the transaction's commit, which rolls back);
-* ``BlobStore.put``, ``put_file``, ``install`` (uploads' payloads) and ``delete``;
+* ``BlobStore.put``, ``put_file``, ``put_with_derived`` (versions), ``install`` (uploads'
+  payloads) and ``delete``;
 * every ``os.fsync`` (blob files and directories).
 
 A clean run lists the steps; scenario ``i`` fails step ``i`` once, either as the error the
@@ -174,7 +175,7 @@ def instrument(coord: Coordinator, fault: Fault) -> None:
         return block()
 
     store.atomic = atomic  # type: ignore[method-assign]
-    for name in ("put", "put_file", "install", "delete"):
+    for name in ("put", "put_file", "put_with_derived", "install", "delete"):
         setattr(blobs, name, counted(f"blobs.{name}", getattr(blobs, name)))
 
 

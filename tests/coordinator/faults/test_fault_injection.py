@@ -23,7 +23,8 @@ VARIANTS = ("error", "crash")
 # Seams the workloads must pass through, or the sweep proves less than it claims.
 REQUIRED = {
     "store.add_update", "store.add_version", "store.update_task", "store.update_round",
-    "store.add_assignments", "store.add_round", "store.commit", "blobs.put", "blobs.delete",
+    "store.add_assignments", "store.add_round", "store.commit", "blobs.put_with_derived",
+    "blobs.delete",
     "os.fsync",
 }  # fmt: skip
 

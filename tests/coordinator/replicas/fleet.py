@@ -1,10 +1,12 @@
-"""Replicas for tests: several coordinators on one PostgreSQL schema and one blob directory,
-and devices whose every call may reach any of them (a round-robin load balancer).
+"""Replicas for tests: several coordinators on one database (a PostgreSQL schema or a SQLite
+file: ``db``, from the ``replica_db`` fixture) and one blob directory, and devices whose every
+call may reach any of them (a round-robin load balancer).
 
 * :func:`thread_replicas`: :class:`~coordinator.embedded.EmbeddedCoordinator` s in this
   process (thread mode, real HTTP, one shared :class:`~coordinator.clock.FakeClock`);
 * :func:`serve_replica`: a ``fedge serve --replica`` child process on the system clock
   (``module`` runs another entry point, e.g. one that dies at a chosen step);
+* :func:`serving_children`: the serving processes of a ``fedge serve --processes K``;
 * :class:`Spread`: a device registered once, its calls sent to the replicas in turn;
   :func:`start_task` and :func:`~tests.fixtures.coordinator.select_devices` set up a task
   and a round's cohort with such devices.
@@ -27,7 +29,7 @@ import numpy as np
 from coordinator.admin import AdminClient
 from coordinator.clock import FakeClock
 from coordinator.embedded import EmbeddedCoordinator
-from coordinator.store import open_store
+from coordinator.store import is_database_url, open_store
 from tests.fixtures.coordinator import DeviceHTTP, HttpConnection
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "fedavg",
     "partial_rows",
     "serve_replica",
+    "serving_children",
     "start_task",
     "thread_replicas",
     "wait_for",
@@ -51,14 +54,15 @@ ENROLL = "enrollment-token-for-replicas"
 
 @contextmanager
 def thread_replicas(
-    n: int, url: str, blobs: Path, clock: FakeClock, **overrides: Any
+    n: int, db: str, blobs: Path, clock: FakeClock, **overrides: Any
 ) -> Iterator[list[EmbeddedCoordinator]]:
     replica = overrides.pop("replica", True)  # False: processes alone, for comparison
+    url = db if is_database_url(db) else None
     with ExitStack() as stack:
         yield [
             stack.enter_context(
                 EmbeddedCoordinator(
-                    blobs.parent / f"replica{i}" / "fedge.db",
+                    blobs.parent / f"replica{i}" / "fedge.db" if url else db,
                     database_url=url,
                     blob_path=str(blobs),
                     replica=replica,
@@ -208,6 +212,21 @@ def partial_rows(url: str, round_id: int | None = None) -> list[Any]:
         return [p for r in store.open_rounds() for p in store.round_partials(r.round_id)]
     finally:
         store.close()
+
+
+def serving_children(supervisor: int) -> set[int]:
+    """The pids of a ``fedge serve --processes K`` supervisor's serving children (not
+    multiprocessing's resource tracker), from ``/proc``."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        if ppid == supervisor and b"spawn_main" in cmdline:
+            out.add(int(stat.parent.name))
+    return out
 
 
 def wait_version(admin: AdminClient, task_id: str, version: int) -> None:

@@ -44,9 +44,9 @@ def _assign(d: Spread) -> str:
 
 
 def test_buffers_across_replicas_match_numpy(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+    replica_db: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
-    with thread_replicas(3, postgres_url, tmp_path / "blobs", FakeClock()) as reps:
+    with thread_replicas(3, replica_db, tmp_path / "blobs", FakeClock()) as reps:
         admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 12, "async")
         v0 = decode_tensor(devices[0].params(task_id, 0))
         on_v0 = [(d, _assign(d)) for d in devices[:8]]
@@ -57,7 +57,7 @@ def test_buffers_across_replicas_match_numpy(
             assert d.to(k).upload(aid, _delta(k), 5 + k)[0] == 200
             sent.append((_delta(k), 5 + k))
             if k == 2:
-                rows = partial_rows(postgres_url)
+                rows = partial_rows(replica_db)
                 assert sorted(p.count for p in rows) == [1, 1, 1]
         v1 = v0 + fedavg(sent)
         wait_version(admin, task_id, 1)
@@ -83,11 +83,11 @@ def test_buffers_across_replicas_match_numpy(
 
 
 def test_uploads_racing_across_the_k_boundary(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+    replica_db: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
     """Eight concurrent uploads over three replicas into buffers of four: two versions, each
     exactly four acknowledged updates, each the weighted mean of the four it records."""
-    with thread_replicas(3, postgres_url, tmp_path / "blobs", FakeClock()) as reps:
+    with thread_replicas(3, replica_db, tmp_path / "blobs", FakeClock()) as reps:
         plan = {**PLAN, "max_staleness": 4}
         admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, plan, 8, "async")
         v0 = decode_tensor(devices[0].params(task_id, 0))
@@ -108,7 +108,7 @@ def test_uploads_racing_across_the_k_boundary(
             t.join(60)
         assert all(s == 200 for s, _ in answers.values()), answers
         wait_version(admin, task_id, 2)
-        store = open_store(postgres_url)
+        store = open_store(replica_db)
         try:
             buffers = [r for r in store.list_rounds(task_id) if r.state == "committed"]
             by_device = {d.device_id: k for d, _, k in work}
@@ -129,7 +129,7 @@ def test_uploads_racing_across_the_k_boundary(
 
 
 def test_replicas_racing_to_commit_a_full_buffer_commit_it_once(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The K-th upload's replica commits (made slow); the other replicas' ticks, run while it
     is inside, leave the buffer alone."""
@@ -144,7 +144,7 @@ def test_replicas_racing_to_commit_a_full_buffer_commit_it_once(
         commit_buffer(self, *args)
 
     monkeypatch.setattr(BufferedAsync, "_commit_buffer", slow)
-    with thread_replicas(3, postgres_url, tmp_path / "blobs", FakeClock()) as reps:
+    with thread_replicas(3, replica_db, tmp_path / "blobs", FakeClock()) as reps:
         admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 4, "async")
         work = [(d, _assign(d)) for d in devices]
         for k, (d, aid) in enumerate(work[:3]):
@@ -162,10 +162,10 @@ def test_replicas_racing_to_commit_a_full_buffer_commit_it_once(
 
 
 def test_concurrent_check_ins_respect_max_concurrency(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+    replica_db: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
     """Sixteen devices check in at once over three replicas; eight may train."""
-    with thread_replicas(3, postgres_url, tmp_path / "blobs", FakeClock()) as reps:
+    with thread_replicas(3, replica_db, tmp_path / "blobs", FakeClock()) as reps:
         _, _, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 16, "async")
         actions: list[str] = []
         threads = [

@@ -56,11 +56,11 @@ def _only(devices: list[Spread], urls: list[str]) -> None:
 
 
 def test_sigkill_mid_round_loses_no_acknowledged_update(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+    replica_db: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
     blobs = tmp_path / "blobs"
     with ExitStack() as stack:
-        reps = [stack.enter_context(serve_replica(postgres_url, blobs, tmp_path / f"r{i}.log"))
+        reps = [stack.enter_context(serve_replica(replica_db, blobs, tmp_path / f"r{i}.log"))
                 for i in range(3)]  # fmt: skip
         admin, task_id, devices, chosen = _round(reps, tiny_bundle)
         base = decode_tensor(devices[0].params(task_id, 0))
@@ -69,7 +69,7 @@ def test_sigkill_mid_round_loses_no_acknowledged_update(
             status, body = devices[k].to(k).upload(chosen[k], _delta(k), 4 + k)
             assert status == 200 and body["accepted"], body
             sent.append((_delta(k), 4 + k))
-        assert sorted(p.count for p in partial_rows(postgres_url)) == [1, 1, 1]
+        assert sorted(p.count for p in partial_rows(replica_db)) == [1, 1, 1]
         reps[1].kill()
         _only(devices, [reps[0].url, reps[2].url])
         for k in range(3, 6):
@@ -84,7 +84,7 @@ def test_sigkill_mid_round_loses_no_acknowledged_update(
 
 @contextmanager
 def _dying_and_two_others(
-    postgres_url: str, tmp_path: Path
+    replica_db: str, tmp_path: Path
 ) -> Iterator[tuple[ServedReplica, list[ServedReplica]]]:
     """A replica that dies as it starts a close or commit, and two that tick slowly (so that
     the dying one closes first), on one database and blob directory."""
@@ -93,21 +93,21 @@ def _dying_and_two_others(
     slow.write_text(json.dumps({"tick_interval_s": 3.0}))
     with ExitStack() as stack:
         dying = stack.enter_context(serve_replica(
-            postgres_url, blobs, tmp_path / "dying.log", "tests.coordinator.replicas.dying_replica"
+            replica_db, blobs, tmp_path / "dying.log", "tests.coordinator.replicas.dying_replica"
         ))  # fmt: skip
-        others = [stack.enter_context(serve_replica(postgres_url, blobs, tmp_path / f"r{i}.log",
+        others = [stack.enter_context(serve_replica(replica_db, blobs, tmp_path / f"r{i}.log",
                                                     "fedge.cli", "--config", str(slow)))
                   for i in range(2)]  # fmt: skip
         yield dying, others
 
 
 def test_sigkill_of_the_replica_closing_the_round(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+    replica_db: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
     """The last upload goes to a replica that dies as it starts the close, before it answers:
     the device resends it to another replica (a replay), which closes the round once the
     dead one's transaction is gone."""
-    with _dying_and_two_others(postgres_url, tmp_path) as (dying, others):
+    with _dying_and_two_others(replica_db, tmp_path) as (dying, others):
         reps = [dying, *others]
         admin, task_id, devices, chosen = _round(reps, tiny_bundle)
         base = decode_tensor(devices[0].params(task_id, 0))
@@ -133,13 +133,13 @@ def test_sigkill_of_the_replica_closing_the_round(
 
 
 def test_sigkill_of_the_replica_committing_an_async_buffer(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+    replica_db: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
     """The K-th update of a buffer goes to a replica that dies as it starts the commit; the
     others commit the buffer (every replica's partial buffer, the dead one's included)."""
     plan = {"rounds": 1, "buffer_k": 4, "max_concurrency": 4, "round_deadline_s": 300.0,
             "robust": "none", "eligibility": {"require_charging": False}}  # fmt: skip
-    with _dying_and_two_others(postgres_url, tmp_path) as (dying, others):
+    with _dying_and_two_others(replica_db, tmp_path) as (dying, others):
         urls = [r.url for r in (dying, *others)]
         admin, task_id, devices = start_task(urls, tiny_bundle, plan, 4, "async")
         aids = [d.check_in()["assignment"]["assignment_id"] for d in devices]

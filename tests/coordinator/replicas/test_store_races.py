@@ -1,4 +1,5 @@
-"""Two replicas' steps interleaved on one PostgreSQL schema, at the policies' level:
+"""Two replicas' steps interleaved on one database (PostgreSQL, or a SQLite file), at the
+policies' level:
 
 * content-addressed payloads: one replica deleting the payload of a closed round while
   another stores an update with the same bytes (two zero updates) into an open round; the
@@ -44,9 +45,9 @@ def _context(store: Store, blobs: BlobStore) -> PolicyContext:
 
 
 def test_a_payload_stored_by_one_replica_survives_another_deleting_the_same_bytes(
-    postgres_url: str, tmp_path: Path
+    replica_db: str, tmp_path: Path
 ) -> None:
-    uploader, closer = open_store(postgres_url), open_store(postgres_url)
+    uploader, closer = open_store(replica_db), open_store(replica_db)
     blobs = BlobStore(tmp_path / "blobs")
     try:
         uploader.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
@@ -96,9 +97,9 @@ def test_a_payload_stored_by_one_replica_survives_another_deleting_the_same_byte
 
 
 def test_eval_reports_stop_at_the_goal_whichever_replica_stores_them(
-    postgres_url: str, tmp_path: Path
+    replica_db: str, tmp_path: Path
 ) -> None:
-    first, second = open_store(postgres_url), open_store(postgres_url)
+    first, second = open_store(replica_db), open_store(replica_db)
     blobs = BlobStore(tmp_path / "blobs")
     try:
         first.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)

@@ -32,10 +32,10 @@ def _delta(device: int, round_number: int) -> np.ndarray:
 
 
 def test_concurrent_devices_over_three_replicas(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+    replica_db: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
     clock = FakeClock()
-    with thread_replicas(3, postgres_url, tmp_path / "blobs", clock) as reps:
+    with thread_replicas(3, replica_db, tmp_path / "blobs", clock) as reps:
         admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 24)
         acked: dict[str, tuple[int, int]] = {}  # assignment -> (device, round number)
         lock = threading.Lock()
@@ -78,7 +78,7 @@ def test_concurrent_devices_over_three_replicas(
         assert not errors, errors[0]
         task = admin.task(task_id)
         assert task["state"] == "completed", task
-        _check(postgres_url, task_id, acked, decode_tensor(devices[0].params(task_id, 0)), devices)
+        _check(replica_db, task_id, acked, decode_tensor(devices[0].params(task_id, 0)), devices)
 
 
 def _check(url: str, task_id: str, acked: dict[str, tuple[int, int]], base: np.ndarray,

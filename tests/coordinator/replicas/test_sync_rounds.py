@@ -1,6 +1,7 @@
 """Synchronous rounds served by three replicas (thread mode, real HTTP, one PostgreSQL
-schema, one blob directory), every device call going to the next replica: selection once,
-hierarchical sums that add up to the numpy reference, a version every replica serves."""
+schema or SQLite file, one blob directory), every device call going to the next replica:
+selection once, hierarchical sums that add up to the numpy reference, a version every
+replica serves."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg
 import pytest
 
 from coordinator.clock import FakeClock
@@ -38,6 +38,13 @@ def _delta(seed: int) -> np.ndarray:
     return np.random.default_rng(1000 + seed).normal(0, 0.01, N).astype(np.float32)
 
 
+def _raising(error: Exception) -> Any:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise error
+
+    return fail
+
+
 def _selected(devices: list[Spread], clock: FakeClock) -> list[tuple[Spread, str]]:
     return select_devices(devices, lambda: clock.advance(WINDOW + 0.5))
 
@@ -48,9 +55,9 @@ def clock() -> FakeClock:
 
 
 def test_three_replicas_commit_the_numpy_reference(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
 ) -> None:
-    with thread_replicas(3, postgres_url, tmp_path / "blobs", clock) as reps:
+    with thread_replicas(3, replica_db, tmp_path / "blobs", clock) as reps:
         admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 12)
         base = decode_tensor(devices[0].params(task_id, 0))
         versions = [base]
@@ -58,7 +65,7 @@ def test_three_replicas_commit_the_numpy_reference(
             chosen = _selected(devices, clock)
             # Selection happened once: exactly the target, each device once.
             assert len(chosen) == 9 and len({d.device_id for d, _ in chosen}) == 9
-            round_id = _open_round_id(postgres_url, task_id)
+            round_id = _open_round_id(replica_db, task_id)
             sent = []
             for k, (d, assignment_id) in enumerate(chosen[:6]):
                 seed = 10 * r + k
@@ -66,7 +73,7 @@ def test_three_replicas_commit_the_numpy_reference(
                 assert status == 200 and body["accepted"] is True, body
                 sent.append((_delta(seed), 3 + seed))
                 if k == 4:  # before the goal: one durable partial sum per replica
-                    rows = partial_rows(postgres_url, round_id)
+                    rows = partial_rows(replica_db, round_id)
                     assert sorted(p.count for p in rows) == [1, 2, 2]
                     total = sum(np.frombuffer(p.total, "<f8") for p in rows)
                     want = sum(w * d.astype(np.float64) for d, w in sent)
@@ -81,7 +88,7 @@ def test_three_replicas_commit_the_numpy_reference(
             for i, d in enumerate(devices[:3]):  # every replica serves the new version
                 got = decode_tensor(d.to(i).params(task_id, "current"))
                 np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
-            assert partial_rows(postgres_url, round_id) == []  # folded into the version
+            assert partial_rows(replica_db, round_id) == []  # folded into the version
         rounds = admin.rounds(task_id)
         assert [x["state"] for x in rounds] == ["committed", "committed"]
         assert [x["metrics"]["model_version"] for x in rounds] == [1, 2]
@@ -101,7 +108,7 @@ def _open_round_id(url: str, task_id: str) -> int:
 
 
 def test_two_replicas_racing_to_close_a_round_close_it_once(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock,
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """Both replicas' ticks find the round due at once (its deadline passed); the close is
@@ -119,7 +126,7 @@ def test_two_replicas_racing_to_close_a_round_close_it_once(
 
     monkeypatch.setattr(SyncRounds, "_close_round", slow)
     plan = {**PLAN, "rounds": 1, "round_deadline_s": 30.0}
-    with thread_replicas(2, postgres_url, tmp_path / "blobs", clock) as reps:
+    with thread_replicas(2, replica_db, tmp_path / "blobs", clock) as reps:
         admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, plan, 9)
         chosen = _selected(devices, clock)
         sent = []
@@ -157,11 +164,11 @@ def test_two_replicas_racing_to_close_a_round_close_it_once(
 
 
 def test_two_replicas_racing_to_select_assign_the_target_once(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
 ) -> None:
     """Check-ins on both replicas at once, after the window: the round's assignments are its
     target, whatever the interleaving; later check-ins fill no slot twice."""
-    with thread_replicas(2, postgres_url, tmp_path / "blobs", clock) as reps:
+    with thread_replicas(2, replica_db, tmp_path / "blobs", clock) as reps:
         plan = {**PLAN, "goal": 8, "over_selection": 1.25}
         _, task_id, devices = start_task([r.url for r in reps], tiny_bundle, plan, 16)
         for d in devices:
@@ -182,7 +189,7 @@ def test_two_replicas_racing_to_select_assign_the_target_once(
             t.join(60)
         trained = [a for a in answers if a["action"] == "train"]
         assert len(trained) == 10
-        store = open_store(postgres_url)
+        store = open_store(replica_db)
         try:
             rnd = store.open_round(task_id)
             assert rnd is not None and rnd.state == "reporting"
@@ -193,13 +200,13 @@ def test_two_replicas_racing_to_select_assign_the_target_once(
 
 
 def test_a_round_carries_on_from_one_process_to_replicas(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
 ) -> None:
     """Half a round acknowledged by a process alone (sums in memory, no partial rows), the
     rest by two replicas after a restart with --replica: the commit folds the first half
     again from the payloads and adds the replicas' partial sums."""
     plan = {**PLAN, "rounds": 1}
-    with thread_replicas(1, postgres_url, tmp_path / "blobs", clock, replica=False) as (alone,):
+    with thread_replicas(1, replica_db, tmp_path / "blobs", clock, replica=False) as (alone,):
         _, task_id, devices = start_task([alone.url], tiny_bundle, plan, 9)
         chosen = _selected(devices, clock)
         base = decode_tensor(devices[0].params(task_id, 0))
@@ -207,8 +214,8 @@ def test_a_round_carries_on_from_one_process_to_replicas(
         for k, (d, aid) in enumerate(chosen[:3]):
             assert d.upload(aid, _delta(k), 2 + k)[0] == 200
             sent.append((_delta(k), 2 + k))
-        assert partial_rows(postgres_url) == []
-    with thread_replicas(2, postgres_url, tmp_path / "blobs", clock) as reps:
+        assert partial_rows(replica_db) == []
+    with thread_replicas(2, replica_db, tmp_path / "blobs", clock) as reps:
         for d in devices:
             d.close()
             d.conns = [HttpConnection(r.url) for r in reps]
@@ -221,33 +228,30 @@ def test_a_round_carries_on_from_one_process_to_replicas(
 
 
 def test_a_failing_partial_sum_write_refuses_the_batch_and_the_retry_counts_once(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
 ) -> None:
     """The partial sum is written in the upload's transaction: when that write fails the
     upload is answered 503 and nothing of it is stored (no update row, the replica's partial
     unchanged); the same upload again is acknowledged and counted once in the version."""
-    with thread_replicas(2, postgres_url, tmp_path / "blobs", clock) as reps:
+    with thread_replicas(2, replica_db, tmp_path / "blobs", clock) as reps:
         admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 9)
         base = decode_tensor(devices[0].params(task_id, 0))
         chosen = _selected(devices, clock)
-        round_id = _open_round_id(postgres_url, task_id)
+        round_id = _open_round_id(replica_db, task_id)
         sent = []
         for k, (d, assignment_id) in enumerate(chosen[:6]):
             if k == 3:
                 store = reps[1].service.store
                 real = store.put_partial
-                before = partial_rows(postgres_url, round_id)
-
-                def failing(*args: Any, **kwargs: Any) -> None:
-                    raise psycopg.OperationalError("connection lost")
-
-                store.put_partial = failing  # type: ignore[method-assign]
+                before = partial_rows(replica_db, round_id)
+                lost = store.transient_errors[0]("connection lost")
+                store.put_partial = _raising(lost)  # type: ignore[method-assign]
                 try:
                     status, body = d.to(1).upload(assignment_id, _delta(k), 3 + k, key=f"k{k}")
                 finally:
                     store.put_partial = real  # type: ignore[method-assign]
                 assert (status, body["error"]["code"]) == (503, "overloaded"), body
-                assert partial_rows(postgres_url, round_id) == before
+                assert partial_rows(replica_db, round_id) == before
                 assert sum(p.count for p in before) == 3
             status, body = d.to(k % 2).upload(assignment_id, _delta(k), 3 + k, key=f"k{k}")
             assert status == 200 and body["accepted"] is True, body

@@ -102,6 +102,55 @@ def test_goal_reached_early_commits_fedavg_of_the_first_goal_reports(fleet) -> N
     assert f.admin.status()["updates_accepted"] == 10
 
 
+def test_a_commit_writes_the_new_versions_download_frame(fleet, clocked_coordinator) -> None:
+    """The next round's first download serves a file the commit wrote, with the parameters'
+    fsyncs, instead of encoding and syncing it then."""
+    f = fleet(10)
+    chosen = f.select()
+    base = f.params(0)
+    for i, (d, a) in enumerate(chosen):
+        assert d.upload(a["assignment_id"], _delta(i), num_examples=1)[0] == 200
+    service = clocked_coordinator.service
+    version = clocked_coordinator.call(service.store.get_version, f.task_id, 1)
+    frame = service.blobs.derived_path(version.params_sha, "frame")
+    assert frame.is_file()  # before anyone downloaded version 1
+    expected = base + np.mean(np.stack([_delta(i) for i in range(10)]), axis=0)
+    np.testing.assert_allclose(decode_tensor(frame.read_bytes()), expected, rtol=1e-6, atol=1e-7)
+    assert f.devices[0].params(f.task_id, 1) == frame.read_bytes()
+    frame.unlink()  # a cache: made again from the parameters if it is missing
+    np.testing.assert_array_equal(f.params(1), decode_tensor(frame.read_bytes()))
+
+
+def test_first_come_assigns_the_first_target_check_ins_at_once(fleet, fake_clock) -> None:
+    """Without a window (plan first_come) the round opens reporting: each of the first
+    target eligible check-ins is assigned on the spot, and it commits FedAvg as usual."""
+    f = fleet(15, first_come=True, over_selection=1.2)  # target 12 of 15
+    answers = [d.check_in() for d in f.devices]
+    assert [a["action"] for a in answers] == ["train"] * 12 + ["wait"] * 3
+    assert {a["reason"] for a in answers[12:]} == {"window_full"}
+    rnd = f.admin.task(f.task_id)["current_round"]
+    assert rnd["state"] == "reporting" and rnd["selected_at"] == rnd["opened_at"]
+    assert rnd["deadline_at"] == rnd["opened_at"] + PLAN["round_deadline_s"]
+    chosen = [(d, a["assignment"]) for d, a in zip(f.devices[:12], answers[:12], strict=True)]
+    assert [a["deadline_in_s"] for _, a in chosen] == [pytest.approx(60.0)] * 12
+    base = f.params(0)
+    for i, (d, a) in enumerate(chosen[:10]):
+        assert d.upload(a["assignment_id"], _delta(i), num_examples=3 + i)[0] == 200
+    r = f.rounds()[0]
+    assert r["state"] == "committed" and r["metrics"]["participants"] == 12
+    expected = base + np.average(
+        np.stack([_delta(i) for i in range(10)]), axis=0, weights=[3 + i for i in range(10)]
+    )
+    np.testing.assert_allclose(f.params(1), expected, rtol=1e-6, atol=1e-7)
+    # the next check-in opens round 2 the same way, on version 1
+    nxt = f.devices[14].check_in()
+    assert nxt["action"] == "train" and nxt["assignment"]["model_version"] == 1
+    # too few reports by the deadline: abandoned as any round, the version stays
+    fake_clock.advance(61.0)
+    assert [r["state"] for r in f.rounds()] == ["committed", "abandoned"]
+    assert f.admin.task(f.task_id)["model_version"] == 1
+
+
 def test_deadline_with_enough_reports_commits(fleet, fake_clock) -> None:
     f = fleet(13)
     chosen = f.select()
@@ -231,6 +280,33 @@ def test_window_waits_for_goal_candidates_then_tops_up(fleet, fake_clock) -> Non
     assert f.devices[10].check_in()["action"] == "train"
     assert f.devices[11].check_in()["action"] == "train"
     assert f.admin.task(f.task_id)["current_round"]["state"] == "reporting"
+
+
+def test_candidates_short_of_the_goal_return_when_the_rest_should_have_come(
+    fleet, fake_clock
+) -> None:
+    """Past its window, a round short of its goal tells its candidates to come back when the
+    missing ones should have arrived at the pace seen so far (not to poll every second), but
+    never after the selection timeout; inside the window they return just after it."""
+    f = fleet(12, goal=10, selection_timeout_s=100.0)
+    spread = PacingConfig().selection_return_spread_s
+    first = [d.check_in() for d in f.devices[:4]]
+    opened = f.admin.task(f.task_id)["current_round"]["opened_at"]
+    now = fake_clock.now()
+    for a in first:  # the window (10 s) is still open
+        assert a["reason"] == "selecting"
+        back = now + a["retry_after_s"]
+        assert opened + 10.0 + 0.05 - 1e-3 <= back <= opened + 10.0 + spread + 1e-3
+    fake_clock.advance(opened + 20.0 - fake_clock.now())  # 4 candidates in 20 s: one per 5 s
+    again = f.devices[0].check_in()
+    assert again["reason"] == "selecting"
+    eta = (10 - 4) * 20.0 / 4  # 6 missing at 5 s each
+    assert eta + 0.05 - 1e-3 <= again["retry_after_s"] <= eta + spread + 1e-3
+    fake_clock.advance(opened + 90.0 - fake_clock.now())  # 6 x 22.5 s would pass the timeout
+    late = f.devices[1].check_in()
+    assert late["reason"] == "selecting"
+    assert 10.0 + 0.05 - 1e-3 <= late["retry_after_s"] <= 10.0 + spread + 1e-3
+    assert f.admin.task(f.task_id)["current_round"]["state"] == "selecting"
 
 
 def test_selection_timeout_starts_a_short_round_with_enough_candidates(fleet, fake_clock) -> None:

@@ -12,6 +12,7 @@ import pytest
 from coordinator.store import (
     Assignment,
     Device,
+    DeviceAuth,
     EvalReport,
     PartialSum,
     Round,
@@ -84,6 +85,18 @@ class TestStore:
             store.add_device(d)
         store.add_device(_device("d-2"))  # the failure left the connection usable
         assert store.count_devices() == 2
+
+    def test_device_auth_is_the_row_s_credentials(self, store: Store) -> None:
+        d = _device("d-1")
+        store.add_device(d)
+        assert store.device_auth("d-2") is None
+        assert store.device_auth("d-1") == DeviceAuth(
+            "d-1", d.secret_salt, d.secret_hash, d.population, d.registered_at
+        )  # never seen: registration time
+        store.update_device("d-1", last_seen_at=42.5)
+        assert store.device_auth("d-1") == DeviceAuth(
+            "d-1", d.secret_salt, d.secret_hash, d.population, 42.5
+        )
 
     def test_size_grows_with_what_is_stored(self, store: Store) -> None:
         before = store.size_bytes()

@@ -1,0 +1,51 @@
+"""Device authentication against the stored secret hash, over real HTTP.
+
+The stored hash is checked against HMAC-SHA256(salt, secret) computed here with hashlib's
+own HMAC (an independent reference), so that a change in how the coordinator hashes can
+never lock out devices registered before it; a wrong secret, another device's secret, an
+unknown device and a malformed header are refused with ``401 unauthorized`` (a deleted
+device: tests/coordinator/store/test_read_cache.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+from coordinator.embedded import EmbeddedCoordinator
+from coordinator.store import SQLiteStore
+from edge_sdk.protocol import Route
+from tests.fixtures.coordinator import DeviceHTTP
+
+
+def test_stored_hash_is_hmac_sha256_and_only_the_right_secret_passes(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    path = tmp_path / "fedge.db"
+    with EmbeddedCoordinator(path) as coord:
+        admin = coord.admin()
+        admin.create_task(admin.upload_bundle(tiny_bundle)["bundle_id"], {"goal": 1})
+        dev, other = DeviceHTTP(coord), DeviceHTTP(coord)
+        store = SQLiteStore(path)
+        try:
+            row = store.get_device(dev.device_id)
+        finally:
+            store.close()
+        assert row is not None
+        reference = hmac.new(bytes.fromhex(row.secret_salt), dev.secret.encode(), hashlib.sha256)
+        assert row.secret_hash == reference.hexdigest()
+
+        assert dev.check_in()["action"] == "wait"
+        for header in (
+            f"Device {dev.device_id}:{dev.secret[:-1]}x",  # wrong secret
+            f"Device {dev.device_id}:{other.secret}",  # another device's secret
+            f"Device d-unknown:{dev.secret}",
+            f"Device {dev.device_id}",
+            "Bearer nope",
+        ):
+            status, _, body = dev.http.request(
+                "POST", Route.CHECKIN, b"{}", {"Authorization": header}
+            )
+            assert status == 401, (header, body)
+            assert b'"unauthorized"' in body
