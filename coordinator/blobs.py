@@ -88,7 +88,14 @@ class BlobStore:
     round's payloads, hundreds of unlinks, would otherwise hold up the service's worker).
     Writing the same bytes again waits for that unlink first. Only for a blob directory one
     process writes: another process would still see the file. :meth:`close` waits for the
-    unlinks; a crash leaves them to the start-up sweep (:meth:`collect`)."""
+    unlinks; a crash leaves them to the start-up sweep (:meth:`collect`).
+
+    A name is durable once its directory was synced after it appeared. A write that fails
+    after its rename leaves the file (its bytes were synced first): whoever relies on a name
+    syncs its directory before it answers (:meth:`install` and :meth:`put` do so for blobs
+    they find already there), so a leftover is never trusted unsynced, and removing it could
+    take away what another batch or process just found and relies on. Fan-out directories
+    are all made, durably, when the store opens: none is made while blobs are written."""
 
     def __init__(
         self, root: Path | str, *, unlink_later: bool = False, shared_after_s: float | None = None
@@ -104,13 +111,15 @@ class BlobStore:
         )
         self._tmp = self.root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
-        if shared_after_s is not None:
-            # Every fan-out directory exists, durably, before any blob goes in: a directory
-            # another process had just made, and not yet synced into the root, would
-            # otherwise carry this process's acknowledged blob away in a power cut.
-            for i in range(256):
-                (self.root / f"{i:02x}").mkdir(exist_ok=True)
-            fsync_dir(self.root)
+        # Blobs an install() under way is placing anew: not there for exists() until their
+        # directory is synced (another batch must not acknowledge on an unsynced name).
+        self._installing: Counter[str] = Counter()
+        # Every fan-out directory exists, durably, before any blob goes in: a directory made
+        # on the way, and not yet synced into the root (by another process, or by a write
+        # that failed), could carry an acknowledged blob away in a power cut.
+        for i in range(256):
+            (self.root / f"{i:02x}").mkdir(exist_ok=True)
+        fsync_dir(self.root)
         # Leftovers of writes a crash interrupted are never referenced: drop them (files of
         # put(), directories of a bundle upload being unpacked).
         cutoff = None if shared_after_s is None else time.time() - shared_after_s
@@ -130,9 +139,26 @@ class BlobStore:
 
     def exists(self, sha: str) -> bool:
         with self._doomed_changed:
-            if sha in self._doomed:
+            if sha in self._doomed or sha in self._installing:
                 return False
         return self.path(sha).is_file()
+
+    def installing(self, sha: str) -> bool:
+        """Whether an :meth:`install` under way is placing this blob anew."""
+        with self._doomed_changed:
+            return sha in self._installing
+
+    def sync_name(self, sha: str) -> None:
+        """Make a blob's name durable (found there, maybe placed by another process whose
+        directory sync is still to come)."""
+        fsync_dir(self.path(sha).parent)
+
+    def _found(self, path: Path) -> None:
+        """A write skipped because ``path`` is there: its name synced, and its time
+        refreshed (the replicas' orphan sweep goes by age)."""
+        fsync_dir(path.parent)
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)
 
     def _wait_unlinked(self, shas: Sequence[str]) -> None:
         """Before writing blobs: a pending unlink of the same bytes must not remove them."""
@@ -181,34 +207,26 @@ class BlobStore:
     def install(self, staged: Sequence[Staged], executor: Executor | None = None) -> None:
         """Make staged blobs durable and visible together (see the module docstring): one
         fsync per file, run on ``executor`` if given, then one per directory. On any error
-        the blobs this call put in place are removed again and the error raised; the
-        temporary files are gone either way."""
+        the error is raised (files renamed already stay: see the class); the temporary
+        files are gone either way. The directories of blobs found already there are synced
+        too: such a name may be another batch's or process's, not yet synced."""
         self._wait_unlinked([s.sha for s in staged])
         fresh = {s.sha: s for s in staged if not self.path(s.sha).is_file()}
-        placed: list[Path] = []
-        new_dirs: set[Path] = set()
+        with self._doomed_changed:
+            self._installing.update(list(fresh))
         try:
             self._run_all(executor, [s.fd for s in fresh.values() if s.fd is not None], os.fsync)
             for s in fresh.values():
-                dest = self.path(s.sha)
-                if not dest.parent.exists():  # made at start; removed by hand since
-                    with contextlib.suppress(FileExistsError):
-                        dest.parent.mkdir()
-                    new_dirs.add(dest.parent)
-                os.replace(s.tmp, dest)
-                placed.append(dest)
-            dirs = sorted({p.parent for p in placed}) + ([self.root] if new_dirs else [])
-            self._run_all(executor, dirs, fsync_dir)
-        except BaseException:
-            # Names that may not survive a power cut must not look written (a retry skips a
-            # blob that exists).
-            for dest in placed:
-                dest.unlink(missing_ok=True)
-            for d in new_dirs:
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-            raise
+                os.replace(s.tmp, self.path(s.sha))
+            self._run_all(executor, sorted({self.path(s.sha).parent for s in staged}), fsync_dir)
+            for s in staged:
+                if s.sha not in fresh:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.utime(self.path(s.sha))
         finally:
+            with self._doomed_changed:
+                self._installing.subtract(list(fresh))
+                self._installing += Counter()  # drops the zero counts
             self.discard(staged)
 
     @staticmethod
@@ -253,6 +271,7 @@ class BlobStore:
     def _install(self, sha: str, write: object, dest: Path | None = None) -> None:
         self._wait_unlinked([sha])
         if (dest or self.path(sha)).is_file():
+            self._found(dest or self.path(sha))
             return
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
         tmp = Path(tmp_name)
@@ -292,48 +311,23 @@ class BlobStore:
         self._wait_unlinked([sha])
         files = {self.path(sha): data, **{self.derived_path(sha, k): v for k, v in derived.items()}}
         todo = [(dest, self.stage(body)) for dest, body in files.items() if not dest.is_file()]
-        placed: list[Path] = []
-        folder = self.path(sha).parent
-        new_dir = not folder.exists()
         try:
             for _, staged in todo:
                 os.fsync(staged.fd)  # type: ignore[arg-type]
-            folder.mkdir(exist_ok=True)
-            for dest, staged in todo:
+            for dest, staged in todo:  # the blob before its derived files
                 os.replace(staged.tmp, dest)
-                placed.append(dest)
-            if placed:
-                fsync_dir(folder)
-            if new_dir:
-                fsync_dir(self.root)
-        except BaseException:
-            for dest in reversed(placed):  # derived files first: none outlives its blob
-                dest.unlink(missing_ok=True)
-            if new_dir:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-            raise
+            if todo:
+                fsync_dir(self.path(sha).parent)
+            else:
+                self._found(self.path(sha))
         finally:
             self.discard([staged for _, staged in todo])
         return sha
 
     def _rename_into_place(self, tmp: Path, sha: str, dest: Path | None = None) -> None:
         dest = dest or self.path(sha)
-        new_dir = not dest.parent.exists()
-        dest.parent.mkdir(exist_ok=True)
         os.replace(tmp, dest)
-        try:
-            fsync_dir(dest.parent)
-            if new_dir:
-                fsync_dir(self.root)
-        except BaseException:
-            # Its name may not survive a power cut, and a retry skips a blob that exists:
-            # leave nothing that looks written (found by tests/coordinator/faults).
-            dest.unlink(missing_ok=True)
-            if new_dir:
-                with contextlib.suppress(OSError):
-                    dest.parent.rmdir()
-            raise
+        fsync_dir(dest.parent)  # failing, the file stays: see the class
 
     def read(self, sha: str) -> bytes:
         return self.path(sha).read_bytes()

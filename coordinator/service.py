@@ -212,7 +212,8 @@ class Coordinator:
         self.policies: dict[str, TaskPolicy] = {m: cls(self.ctx) for m, cls in POLICIES.items()}
         self._plans: dict[str, TaskPlan] = {}
         self._last_tick = float("-inf")
-        self._last_sweep = float("-inf")  # replicas: orphaned blobs last collected
+        # Replicas: orphaned blobs last collected (at start-up by the HTTP layer).
+        self._last_sweep = self.clock.now()
         self.retention = Retention(
             self.store,
             self.blobs,
@@ -240,8 +241,10 @@ class Coordinator:
             if task is not None and task.state != "failed":
                 self._isolated(task, self._tick_task, task, now)
         self.retention.maybe_run(now)  # after the policies: what they closed can go
-        interval = self.config.retention_interval_s
-        if self.replica is not None and interval > 0 and now - self._last_sweep >= interval:
+        # Orphans are at least replica_orphan_age_s old when collected: looking for them much
+        # more often than that finds nothing new (each look lists the whole directory).
+        interval = max(self.config.retention_interval_s, self.config.replica_orphan_age_s / 4)
+        if self.replica is not None and now - self._last_sweep >= interval:
             self._last_sweep = now
             try:
                 self.collect_garbage()
@@ -257,9 +260,12 @@ class Coordinator:
         this at the retention cadence): only blobs older than ``replica_orphan_age_s`` are
         candidates, each deleted under its lock after a fresh look (``delete_unneeded``).
         """
-        keep = self.store.referenced_blobs(closed_round_payloads=self.config.retain_updates)
         if self.replica is None:
+            keep = self.store.referenced_blobs(closed_round_payloads=self.config.retain_updates)
             return self.blobs.collect(keep)
+        # What delete_unneeded will call needed (closed rounds' payloads included: the close
+        # deletes those), so that a blob kept once is not looked at again and again.
+        keep = self.store.referenced_blobs(closed_round_payloads=True)
         # File times are the host's wall clock, whatever clock the service runs on.
         cutoff = time.time() - self.config.replica_orphan_age_s
         count = size = 0
@@ -707,11 +713,16 @@ class Coordinator:
         """Delete the payloads installed for uploads the batch then refused (409, 422), now
         that the batch's rows are committed, rather than at the next start-up sweep. Blobs
         are content-addressed: bytes that any record needs (another device's identical
-        update, stored in this batch or before; a version; a bundle file) stay."""
+        update, stored in this batch or before; a version; a bundle file) stay, and so do
+        bytes the next batch is installing anew (identical, and wanted there). An upload
+        answered ``Overloaded`` was not refused for its bytes: they were gone already, or
+        the next batch's."""
         checked: set[str] = set()
         for s, d in zip(staged, done, strict=True):
             sha = s.blob.sha
-            if not isinstance(d, ApiError) or sha in checked:
+            if not isinstance(d, ApiError) or isinstance(d, Overloaded) or sha in checked:
+                continue
+            if self.blobs.installing(sha):
                 continue
             checked.add(sha)
             try:
@@ -739,6 +750,10 @@ class Coordinator:
             # round or of an upload the batch before refused, committed while this batch
             # installed): this one is not stored, the others go on.
             return Overloaded("the payload was not stored; upload it again", 1.0)
+        if self.replica is not None:
+            # The name may be another process's, placed again after a delete and not yet
+            # synced: this acknowledgement must not depend on that process's sync.
+            self.blobs.sync_name(s.blob.sha)
         tasks[task.task_id] = task
         response = self._receipt(a)
         update = Update(

@@ -90,8 +90,9 @@ class Supervisor:
             old_fd = signal.set_wakeup_fd(wake_w.fileno())
             try:
                 self._start_all()
-                print(listening(self.config, port), flush=True)
-                self._watch(wake_r)
+                if not self._stopping:
+                    print(listening(self.config, port), flush=True)
+                    self._watch(wake_r)
             finally:
                 self._stopping = True
                 self._stop_all()
@@ -171,11 +172,11 @@ class Supervisor:
             child, conn = self._spawn(i)
             pending[conn] = (i, child, conn)
         deadline = time.monotonic() + self.startup_timeout_s
-        while pending:
+        while pending and not self._stopping:  # a signal meanwhile: stop, do not announce
             left = deadline - time.monotonic()
             if left <= 0:
                 raise CommandError(f"{len(pending)} serving processes did not start in time")
-            for ready in wait(list(pending), left):
+            for ready in wait(list(pending), min(left, 0.5)):
                 i, child, conn = pending.pop(ready)
                 message = _receive(conn)
                 if message != "ready":

@@ -128,8 +128,10 @@ class SyncRounds(TaskPolicy):
             and store.count_assignments(rnd.round_id) < rnd.target
             and (rnd.deadline_at or 0) > now
         ):
-            # Among replicas, counted again under the round's lock: the target holds.
-            with self.ctx.turn(rnd, wait=False) as locked:
+            # Among replicas, counted again under the round's lock: the target holds. First
+            # come waits for the lock (an upload batch holds it for milliseconds): fills are
+            # its only way in, and skipping would turn devices away from free slots.
+            with self.ctx.turn(rnd, wait=plan.first_come) as locked:
                 if locked is not None and (
                     self.ctx.replica is None
                     or (
@@ -175,12 +177,12 @@ class SyncRounds(TaskPolicy):
         """When a candidate of a round still selecting should check in again."""
         if now < rnd.window_ends_at:
             return self.ctx.pacing.after_window(now, rnd.window_ends_at)
+        # Never later than a quarter of the round's deadline from now: the rest may arrive
+        # at once and select this candidate while it is away, and it must come back with
+        # time left to train and report.
+        latest = min(rnd.opened_at + plan.selection_timeout_s, now + plan.round_deadline_s / 4)
         return self.ctx.pacing.until_goal(
-            now,
-            rnd.opened_at,
-            self.ctx.store.count_candidates(rnd.round_id),
-            rnd.goal,
-            rnd.opened_at + plan.selection_timeout_s,
+            now, rnd.opened_at, self.ctx.store.count_candidates(rnd.round_id), rnd.goal, latest
         )
 
     def steer(self, task: Task, plan: TaskPlan, now: float) -> float:

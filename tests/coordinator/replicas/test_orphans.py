@@ -16,7 +16,7 @@ from tests.fixtures.coordinator import select_devices
 
 WINDOW = 10.0
 PLAN = {"rounds": 1, "goal": 2, "over_selection": 1.0, "selection_window_s": WINDOW,
-        "round_deadline_s": 600.0, "robust": "none",
+        "round_deadline_s": 86400.0, "robust": "none",
         "eligibility": {"require_charging": False}}  # fmt: skip
 HOUR = 3600.0
 
@@ -27,10 +27,10 @@ def _age(path: Path, seconds: float) -> None:
 
 
 def test_old_unnamed_blobs_go_and_everything_else_stays(
-    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+    replica_db: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
     clock = FakeClock(1_700_000_000.0)
-    with thread_replicas(2, postgres_url, tmp_path / "blobs", clock) as reps:
+    with thread_replicas(2, replica_db, tmp_path / "blobs", clock) as reps:
         _, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 2)
         (device, aid), (second, aid2) = select_devices(devices, lambda: clock.advance(WINDOW + 0.5))
         delta = np.random.default_rng(0).normal(0, 0.01, 64).astype(np.float32)
@@ -48,7 +48,7 @@ def test_old_unnamed_blobs_go_and_everything_else_stays(
         assert set(blobs.shas()) == named | {fresh}
         # The other replica's tick collects at the retention cadence, on its own.
         _age(blobs.path(fresh), 2 * HOUR)
-        clock.advance(reps[1].config.retention_interval_s + 1)
+        clock.advance(reps[1].config.replica_orphan_age_s)
         reps[1].call(reps[1].service.tick)
         assert set(blobs.shas()) == named
         # The round still commits from what stayed.

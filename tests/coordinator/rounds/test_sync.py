@@ -282,13 +282,34 @@ def test_window_waits_for_goal_candidates_then_tops_up(fleet, fake_clock) -> Non
     assert f.admin.task(f.task_id)["current_round"]["state"] == "reporting"
 
 
+def test_a_candidate_sent_away_comes_back_in_time_to_report(
+    clocked_coordinator, fake_clock, tiny_bundle
+) -> None:
+    """A window over with one candidate: the other nine may arrive right after it left and
+    select it while away; it must be back with most of the round's deadline still ahead."""
+    f = Fleet(clocked_coordinator, fake_clock, tiny_bundle, 10, goal=10, over_selection=1.0,
+              selection_window_s=10.0, round_deadline_s=60.0)  # fmt: skip
+    first = f.devices[0]
+    assert first.check_in()["reason"] == "selecting"
+    fake_clock.advance(10.5)
+    told = first.check_in()
+    assert told["action"] == "wait"
+    for d in f.devices[1:]:
+        d.check_in()
+    rnd = f.admin.task(f.task_id)["current_round"]
+    assert rnd["state"] == "reporting"  # selected, the first one included, while it is away
+    left = rnd["deadline_at"] - fake_clock.now()
+    assert told["retry_after_s"] <= 60.0 / 4 + 2.0 < left  # the spread on top of the cap
+
+
 def test_candidates_short_of_the_goal_return_when_the_rest_should_have_come(
     fleet, fake_clock
 ) -> None:
     """Past its window, a round short of its goal tells its candidates to come back when the
     missing ones should have arrived at the pace seen so far (not to poll every second), but
     never after the selection timeout; inside the window they return just after it."""
-    f = fleet(12, goal=10, selection_timeout_s=100.0)
+    # a long deadline: its quarter (the other cap, tested below) is not what binds here
+    f = fleet(12, goal=10, selection_timeout_s=100.0, round_deadline_s=1000.0)
     spread = PacingConfig().selection_return_spread_s
     first = [d.check_in() for d in f.devices[:4]]
     opened = f.admin.task(f.task_id)["current_round"]["opened_at"]
