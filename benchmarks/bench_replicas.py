@@ -333,7 +333,7 @@ the next process in turn (a round-robin load balancer). "alone" is one process w
 lists the runs in the order they ran (alone, 1, 2, 3, then 3, 2, 1). CPU: the replica processes'
 own time summed (`/proc`), per item; "cores busy" = uploads/s x CPU per upload. Machine:
 {results["machine"]}, load average {results["load_before"]} before the run and
-{results["load_after"]} after (other engineers' jobs share the cores).
+{results["load_after"]} after (a load above 2 means other jobs shared the cores).
 
 {table(results)}
 
