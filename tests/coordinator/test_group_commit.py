@@ -20,6 +20,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -629,19 +630,11 @@ def test_a_payload_deleted_by_the_batch_before_answers_503_and_the_retry_is_take
     # which k+1 shares; k+1's commit must not store an update whose payload is gone.
     ledger = Ledger()
     with os_seams(lambda: None, ledger):  # the fsync ledger: durability of the retry
-        fleet = BatchFleet(tmp_path, "sync", Fault(), ledger)
-        coord = fleet.coord
-        work = fleet.assign([0, 1, 2])
-        same = delta_of(7, 0)  # identical bytes for two uploads: content-addressed, one blob
-
-        def staged(d: int, key: str, delta: np.ndarray) -> StagedUpload:
-            header = json.dumps({"num_examples": examples_of(d)})
-            admitted = coord.admit_upload(fleet.devices[d], work[d]["assignment_id"], key, header)
-            return coord.stage_upload(admitted, encode_update(delta, "fp32")[0])
-
-        # batch k: device 0's upload and an impostor of it (another key: refused, 409)
-        batch_k = [staged(0, "k0", delta_of(0, 0)), staged(0, "other", same)]
-        batch_next = [staged(1, "k1", same)]
+        b = _SharedBytes(tmp_path, ledger)  # X: identical bytes, content-addressed, one blob
+        fleet, coord, work, staged = b.fleet, b.coord, b.work, b.staged
+        # batch k: device 0's upload and an impostor of it carrying X (another key: 409)
+        batch_k = [staged(0, "k0", delta_of(0, 0)), staged(0, "other")]
+        batch_next = [staged(1, "k1")]
         coord.install_uploads(batch_k)
         coord.install_uploads(batch_next)
         answers_k = coord.accept_uploads(batch_k)
@@ -656,7 +649,7 @@ def test_a_payload_deleted_by_the_batch_before_answers_503_and_the_retry_is_take
         rows = fleet.read("select assignment_id from updates order by accepted_at")
         assert rows == [(work[0]["assignment_id"],)], "an update without its payload was stored"
         # the device's retry (same key) is taken, its payload on disk and durable
-        retry = [staged(1, "k1", same)]
+        retry = [staged(1, "k1")]
         coord.install_uploads(retry)
         (answer,) = coord.accept_uploads(retry)
         assert isinstance(answer, dict) and answer["accepted"], answer
@@ -693,6 +686,20 @@ class _SharedBytes:
         self.coord.blobs.wait_unlinked()
 
 
+@contextmanager
+def _x_deleted_between(tmp_path: Path) -> Iterator[tuple[_SharedBytes, list[StagedUpload],
+                                                          list[StagedUpload]]]:  # fmt: skip
+    """Batch k+1 (device 1's X) installed, then batch k committed (X deleted), and batch
+    k+2 (device 2's X) staged, under the fsync ledger: ``(b, k+1, k+2)``."""
+    ledger = Ledger()
+    with os_seams(lambda: None, ledger):
+        b = _SharedBytes(tmp_path, ledger)
+        batch_k1 = [b.staged(1, "k1")]
+        b.batch_k_committed(batch_k1)
+        yield b, batch_k1, [b.staged(2, "k2")]
+        b.coord.close()
+
+
 def test_a_failing_install_never_takes_away_what_the_batch_before_acknowledged(
     tmp_path: Path,
 ) -> None:
@@ -701,12 +708,7 @@ def test_a_failing_install_never_takes_away_what_the_batch_before_acknowledged(
     # acknowledged on k+2's unsynced name, nor lose the payload it was acknowledged on.
     import coordinator.blobs as module
 
-    ledger = Ledger()
-    with os_seams(lambda: None, ledger):
-        b = _SharedBytes(tmp_path, ledger)
-        batch_k1 = [b.staged(1, "k1")]
-        b.batch_k_committed(batch_k1)
-        batch_k2 = [b.staged(2, "k2")]
+    with _x_deleted_between(tmp_path) as (b, batch_k1, batch_k2):
         answers: list[Any] = []
         real_run_all = BlobStore._run_all
 
@@ -733,18 +735,12 @@ def test_a_failing_install_never_takes_away_what_the_batch_before_acknowledged(
         (answer,) = b.coord.accept_uploads(retry)
         assert isinstance(answer, dict) and answer["accepted"], answer
         b.fleet._check_durable(b.work[1]["assignment_id"])
-        b.coord.close()
 
 
 def test_a_refusal_for_vanished_bytes_does_not_delete_the_next_batch_s(tmp_path: Path) -> None:
     # Batch k+1 answers 503 (its X was deleted by batch k); while it commits, batch k+2
     # places X anew. k+1's clean-up must leave X: k+2 is acknowledged, the chain stops.
-    ledger = Ledger()
-    with os_seams(lambda: None, ledger):
-        b = _SharedBytes(tmp_path, ledger)
-        batch_k1 = [b.staged(1, "k1")]
-        b.batch_k_committed(batch_k1)
-        batch_k2 = [b.staged(2, "k2")]
+    with _x_deleted_between(tmp_path) as (b, batch_k1, batch_k2):
         real_drop = b.coord._drop_refused_payloads
 
         def drop(staged: Sequence[StagedUpload], done: Sequence[object]) -> None:
@@ -758,7 +754,6 @@ def test_a_refusal_for_vanished_bytes_does_not_delete_the_next_batch_s(tmp_path:
         (a_k2,) = b.coord.accept_uploads(batch_k2)
         assert isinstance(a_k2, dict) and a_k2["accepted"], a_k2
         b.fleet._check_durable(b.work[2]["assignment_id"])
-        b.coord.close()
 
 
 def test_over_http_a_batch_installs_while_the_one_before_commits(tmp_path: Path) -> None:
