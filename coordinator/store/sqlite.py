@@ -14,11 +14,20 @@ that reads and then writes sees no other process's commit in between: the row lo
 PostgreSQL backend takes are implied. A process that finds the lock taken waits for it
 (``busy_timeout``, like PostgreSQL's ``lock_timeout`` among replicas) instead of failing at
 once; reads outside a transaction never wait (WAL).
+
+The wait itself goes through :class:`WriterLock`, an ``flock`` on a file beside the database
+taken before ``BEGIN IMMEDIATE``: SQLite's own wait sleeps 1, 2, 5, 10, ... ms between tries,
+so two busy processes would leave the write lock idle most of the time they take turns. The
+``flock`` is only the queue: SQLite's lock still decides, so a writer that does not take it
+(the ``sqlite3`` shell) stays excluded as before.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -29,7 +38,49 @@ from sqlite_utils import Database
 from coordinator.store.migrations import apply_migrations
 from coordinator.store.sql import Cursor, SQLStore
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SQLiteStore", "WriterLock"]
+
+
+class WriterLock:
+    """The turn of this connection's writing transactions among the processes on one
+    file: an exclusive ``flock`` on ``PATH-writer``, tried at short intervals (no blocking
+    call: it could not give up) until ``timeout_s``, then SQLite's ``database is locked``
+    (a transient error: 503, retry). A dead holder's lock goes with its process."""
+
+    # The first retries follow a release within tens of microseconds; a long wait (a
+    # stalled holder) settles at a poll per millisecond.
+    _FIRST_PAUSE_S = 20e-6
+    _LONGEST_PAUSE_S = 1e-3
+
+    def __init__(self, db_path: str, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._fd = os.open(db_path + "-writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def _try(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def acquire(self) -> None:
+        if self._try():
+            return
+        deadline = time.monotonic() + self.timeout_s
+        pause = self._FIRST_PAUSE_S
+        while not self._try():
+            if time.monotonic() >= deadline:
+                raise sqlite3.OperationalError(
+                    f"database is locked (another process has written for {self.timeout_s} s)"
+                )
+            time.sleep(pause)
+            pause = min(2 * pause, self._LONGEST_PAUSE_S)
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class SQLiteStore(SQLStore):
@@ -46,6 +97,7 @@ class SQLiteStore(SQLStore):
             self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None
         )
         self.db = Database(conn)
+        self._writer = None if memory else WriterLock(self.path, busy_timeout_s)
         # The mode in force: a file system without shared memory keeps the rollback journal.
         mode = "memory" if memory else conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         self._wal = str(mode).lower() == "wal"
@@ -68,14 +120,21 @@ class SQLiteStore(SQLStore):
             # IMMEDIATE: the write lock from the start. A deferred BEGIN would read first
             # and upgrade at its first write, when another process may have committed in
             # between (SQLITE_BUSY_SNAPSHOT, which no waiting can cure).
-            conn.execute("BEGIN IMMEDIATE")
+            writer = self._writer
+            if writer is not None:
+                writer.acquire()
             try:
-                yield
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if writer is not None:
+                    writer.release()
 
         return block()
 
@@ -110,6 +169,8 @@ class SQLiteStore(SQLStore):
 
     def close(self) -> None:
         self.db.conn.close()
+        if self._writer is not None:
+            self._writer.close()
 
     def size_bytes(self) -> int:
         if self.path == ":memory:":
