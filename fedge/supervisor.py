@@ -177,6 +177,8 @@ class Supervisor:
             if left <= 0:
                 raise CommandError(f"{len(pending)} serving processes did not start in time")
             for ready in wait(list(pending), min(left, 0.5)):
+                if self._stopping:  # children a signal stopped too (Ctrl-C): no failure
+                    break
                 i, child, conn = pending.pop(ready)
                 message = _receive(conn)
                 if message != "ready":

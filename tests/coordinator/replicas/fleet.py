@@ -29,7 +29,7 @@ import numpy as np
 from coordinator.admin import AdminClient
 from coordinator.clock import FakeClock
 from coordinator.embedded import EmbeddedCoordinator
-from coordinator.store import is_database_url, open_store
+from coordinator.store import PartialSum, is_database_url, open_store
 from tests.fixtures.coordinator import DeviceHTTP, HttpConnection
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "ServedReplica",
     "Spread",
     "fedavg",
+    "folded_by_pid",
     "partial_rows",
     "serve_replica",
     "serving_children",
@@ -90,6 +91,7 @@ class ServedReplica:
         *extra: str,
         replica: bool = True,
     ) -> None:
+        self.log = log
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGE_")}
         env.update(FEDGE_ADMIN_TOKEN=ADMIN, FEDGE_ENROLLMENT_TOKEN=ENROLL, PYTHONPATH=str(ROOT))
         with open(log, "ab") as err:
@@ -212,6 +214,11 @@ def partial_rows(url: str, round_id: int | None = None) -> list[Any]:
         return [p for r in store.open_rounds() for p in store.round_partials(r.round_id)]
     finally:
         store.close()
+
+
+def folded_by_pid(rows: Sequence[PartialSum]) -> dict[int, int]:
+    """Updates folded per process, from partial sums whose replica ids are ``r-PID-RANDOM``."""
+    return {int(p.replica_id.split("-")[1]): p.count for p in rows}
 
 
 def serving_children(supervisor: int) -> set[int]:

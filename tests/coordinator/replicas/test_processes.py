@@ -18,10 +18,15 @@ import numpy as np
 import pytest
 
 from coordinator.embedded import EmbeddedCoordinator
-from coordinator.store import PartialSum
 from edge_sdk.frame import decode_tensor
 from fedge.cli import main
-from tests.coordinator.replicas.fleet import fedavg, partial_rows, serving_children, wait_for
+from tests.coordinator.replicas.fleet import (
+    fedavg,
+    folded_by_pid,
+    partial_rows,
+    serving_children,
+    wait_for,
+)
 from tests.fixtures.coordinator import DeviceHTTP, select_devices
 
 N = 64
@@ -54,11 +59,6 @@ def _round(coord: EmbeddedCoordinator, bundle: Path) -> tuple[str, list[tuple[De
     return task_id, chosen
 
 
-def _by_pid(rows: list[PartialSum]) -> dict[int, int]:
-    """Updates folded per serving process (replica ids are ``r-PID-RANDOM``)."""
-    return {int(p.replica_id.split("-")[1]): p.count for p in rows}
-
-
 def _upload(chosen: list[tuple[DeviceHTTP, str]], ks: range,
             sent: list[tuple[np.ndarray, float]]) -> None:  # fmt: skip
     for k in ks:
@@ -87,7 +87,7 @@ def test_two_processes_share_the_port_and_commit_the_numpy_reference(
     task_id, chosen = _round(node, tiny_bundle)
     sent: list[tuple[np.ndarray, float]] = []
     _upload(chosen, range(GOAL - 1), sent)
-    folded = _by_pid(partial_rows(str(node.db_path)))
+    folded = folded_by_pid(partial_rows(str(node.db_path)))
     assert set(folded) == children  # both processes acknowledged uploads
     assert sum(folded.values()) == GOAL - 1
     _upload(chosen, range(GOAL - 1, GOAL), sent)
@@ -104,13 +104,13 @@ def test_sigkill_of_one_process_mid_round_loses_nothing_and_it_is_replaced(
     task_id, chosen = _round(node, tiny_bundle)
     sent: list[tuple[np.ndarray, float]] = []
     _upload(chosen, range(GOAL // 2), sent)
-    folded = _by_pid(partial_rows(str(node.db_path)))
+    folded = folded_by_pid(partial_rows(str(node.db_path)))
     victim = max(folded, key=lambda pid: folded[pid])
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: (len(now := serving_children(supervisor)) == 2 and victim not in now),
              what="a new serving process")  # fmt: skip
     # Its acknowledged updates live on in its partial sum; devices it served reconnect.
-    assert _by_pid(partial_rows(str(node.db_path)))[victim] == folded[victim]
+    assert folded_by_pid(partial_rows(str(node.db_path)))[victim] == folded[victim]
     _upload(chosen, range(GOAL // 2, GOAL), sent)
     _committed(node, task_id, chosen[0][0], sent)
     # The supervisor killed too: its children do not serve on.
