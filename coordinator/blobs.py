@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,17 +403,29 @@ class BlobStore:
         return Collected(count, size)
 
 
+# Blobs decided in one transaction: among replicas each is an advisory lock held to the
+# commit (PostgreSQL's lock table has about 64 per connection to spare), and on SQLite each
+# transaction is a turn of the file's one writer, so a round's thousands of payloads go in a
+# few dozen turns rather than one each.
+DELETE_CHUNK = 128
+
+
 def delete_unneeded(
-    blobs: BlobStore, store: Store, sha: str, needed: Callable[[str], bool]
-) -> bool:
-    """Delete the blob ``sha`` unless ``needed(sha)``, deciding and deleting under the
+    blobs: BlobStore, store: Store, shas: Iterable[str], needed: Callable[[str], bool]
+) -> list[str]:
+    """Delete each blob of ``shas`` unless ``needed(sha)``, deciding and deleting under the
     store's exclusive :meth:`~coordinator.store.Store.lock_blob`: a transaction storing a
     row that names the same bytes (on this process or another replica) holds it shared from
     its existence check to its commit, so it either commits first (and ``needed`` sees its
-    row) or finds the file gone (and refuses its upload). True if deleted."""
-    with store.atomic():
-        store.lock_blob(sha)
-        if needed(sha):
-            return False
-        blobs.delete(sha)
-        return True
+    row) or finds the file gone (and refuses its upload). ``DELETE_CHUNK`` blobs per
+    transaction; returns the hashes deleted."""
+    deleted: list[str] = []
+    todo = list(dict.fromkeys(shas))
+    for start in range(0, len(todo), DELETE_CHUNK):
+        with store.atomic():
+            for sha in todo[start : start + DELETE_CHUNK]:
+                store.lock_blob(sha)
+                if not needed(sha):
+                    blobs.delete(sha)
+                    deleted.append(sha)
+    return deleted

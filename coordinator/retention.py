@@ -147,17 +147,13 @@ class Retention:
             keep = self.store.referenced_blobs(
                 closed_round_payloads=self.policy.closed_round_payloads
             )
-            count = size = 0
-            for sha in doomed_blobs - keep:
-                had = self.blobs.size(sha) if self.blobs.exists(sha) else None
-                # Re-checked under the blob's lock: an upload of the same bytes may be
-                # storing its row now (keep is a snapshot).
-                in_use = self.store.payload_in_open_round
-                gone = delete_unneeded(self.blobs, self.store, sha, in_use)
-                if gone and had is not None:
-                    size += had
-                    count += 1
-            total += Pruned(blobs=count, bytes=size)
+            doomed = doomed_blobs - keep
+            had = {sha: self.blobs.size(sha) for sha in doomed if self.blobs.exists(sha)}
+            # Re-checked under each blob's lock: an upload of the same bytes may be storing
+            # its row now (keep is a snapshot).
+            gone = delete_unneeded(self.blobs, self.store, doomed, self.store.payload_in_open_round)
+            counted = [sha for sha in gone if sha in had]
+            total += Pruned(blobs=len(counted), bytes=sum(had[sha] for sha in counted))
         if total != Pruned():
             log.info("retention: deleted %s", total)
         return total

@@ -268,17 +268,16 @@ class Coordinator:
         keep = self.store.referenced_blobs(closed_round_payloads=True)
         # File times are the host's wall clock, whatever clock the service runs on.
         cutoff = time.time() - self.config.replica_orphan_age_s
-        count = size = 0
+        old: dict[str, int] = {}
         for sha in [s for s in self.blobs.shas() if s not in keep]:
             try:
                 stat = self.blobs.path(sha).stat()
             except FileNotFoundError:  # deleted meanwhile by another replica
                 continue
-            if stat.st_mtime < cutoff and delete_unneeded(
-                self.blobs, self.store, sha, self.store.blob_referenced
-            ):
-                count, size = count + 1, size + stat.st_size
-        return Collected(count, size)
+            if stat.st_mtime < cutoff:
+                old[sha] = stat.st_size
+        gone = delete_unneeded(self.blobs, self.store, old, self.store.blob_referenced)
+        return Collected(len(gone), sum(old[sha] for sha in gone))
 
     def _now(self) -> float:
         now = self.clock.now()
@@ -726,7 +725,7 @@ class Coordinator:
                 continue
             checked.add(sha)
             try:
-                delete_unneeded(self.blobs, self.store, sha, self.store.blob_referenced)
+                delete_unneeded(self.blobs, self.store, [sha], self.store.blob_referenced)
             except Exception as e:  # the answers stand; the start-up sweep removes it
                 log.warning("uploads: refused payload %s not deleted: %s", sha, e)
 

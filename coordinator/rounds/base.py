@@ -138,8 +138,10 @@ class PolicyContext:
         self._delete_payloads(round_id)
 
     def _delete_payloads(self, round_id: int) -> None:
-        for sha in set(self.store.round_payloads(round_id)):
-            delete_unneeded(self.blobs, self.store, sha, self.store.payload_in_open_round)
+        delete_unneeded(
+            self.blobs, self.store, self.store.round_payloads(round_id),
+            self.store.payload_in_open_round,
+        )  # fmt: skip
 
     @contextmanager
     def deferring_deletes(self) -> Iterator[None]:

@@ -88,7 +88,10 @@ class SQLiteStore(SQLStore):
     # SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY, ... all arrive as OperationalError.
     transient_errors = (sqlite3.OperationalError,)
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, path: str | Path, *, busy_timeout_s: float = 30.0, queue_writers: bool = True
+    ) -> None:
+        """``queue_writers=False`` leaves the waiting to SQLite alone (benchmarks compare)."""
         self.path = str(path)
         memory = self.path == ":memory:"
         # isolation_level=None: no implicit transactions; atomic() opens explicit ones.
@@ -97,7 +100,9 @@ class SQLiteStore(SQLStore):
             self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None
         )
         self.db = Database(conn)
-        self._writer = None if memory else WriterLock(self.path, busy_timeout_s)
+        self._writer = (
+            WriterLock(self.path, busy_timeout_s) if queue_writers and not memory else None
+        )
         # The mode in force: a file system without shared memory keeps the rollback journal.
         mode = "memory" if memory else conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         self._wal = str(mode).lower() == "wal"
