@@ -16,6 +16,15 @@ What is held in memory (the sessions) is a fold of ``secagg_events`` and is rebu
 them when missing (after a restart, or :meth:`SecAggRounds.forget` after an error). The
 store holds public keys, share ciphertexts the server cannot open, masked vectors, opened
 shares and stage closes: never a device's update in the clear.
+
+Among replicas (:mod:`coordinator.replicas`) every replica appends to the same log, and
+each event is stored only at the next free ``seq``: its writer checked it against every
+event before it (optimistic concurrency; the log has no gaps). Before a replica answers
+from a session it holds, it folds in the events stored since its last one (one read of the
+rows past ``seq``); a replica that loses the race for a ``seq`` catches up the same way and
+checks its message again (the stage may have closed meanwhile, or the device's retry gone
+to another replica), so that a device is never sent back to retry because of another
+replica's write. A process alone on its database is the only writer: it reads nothing back.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +54,9 @@ __all__ = ["SecAggRounds", "b64decode", "b64encode"]
 # stage's timeout (bounded), so a stage that ends early is noticed within a few percent.
 POLL_FRACTION = 0.05
 POLL_BOUNDS_S = (0.05, 5.0)
+# Races lost for the next event's ``seq`` before a device is told to retry (each loss means
+# another replica stored an event meanwhile: the session moved on).
+RACES = 8
 
 
 def b64encode(data: bytes) -> str:
@@ -64,6 +76,10 @@ def b64decode(value: Any, what: str) -> bytes:
 class _Held:
     session: SecAggSession
     seq: int  # the next event's number
+
+
+class _Raced(Exception):
+    """Another writer stored the event at the ``seq`` this one tried."""
 
 
 class SecAggRounds:
@@ -155,29 +171,28 @@ class SecAggRounds:
         self, task: Task, rnd: Round, device_id: str, stage: str, body: bytes | Any, now: float
     ) -> dict[str, Any]:
         """Check a device's message for ``stage``, store it, fold it, close what is due."""
-        held = self._get(task, rnd)
-        s = held.session
         if stage not in STAGES:
             raise InvalidRequest(
                 f"unknown SecAgg stage {stage!r}; one of {', '.join(STAGES)}",
                 ErrorCode.SECAGG_INVALID,
             )
-        s.check_turn(device_id, stage)
-        if stage == "mask":
-            event = s.check_mask(device_id, self._vector(s, body))
-        else:
-            event = self._check_json(s, device_id, stage, body)
-        self._record(rnd, held, event, now)
+
+        def check(s: SecAggSession) -> Event:
+            s.check_turn(device_id, stage)
+            if stage == "mask":
+                return s.check_mask(device_id, self._vector(s, body))
+            return self._check_json(s, device_id, stage, body)
+
+        self._append(task, rnd, check, now)
         self.tick(task, rnd, now)
         return {"accepted": True, "stage": stage}
 
     def tick(self, task: Task, rnd: Round, now: float) -> SecAggSession:
         """Close (durably) every stage of the round's session that is due."""
-        held = self._get(task, rnd)
         gone = self._aborted(rnd)
-        while (event := held.session.due(now, gone)) is not None:
-            self._record(rnd, held, event, now)
-        return held.session
+        while self._append(task, rnd, lambda s: s.due(now, gone), now):
+            pass
+        return self._held[rnd.round_id].session
 
     def _aborted(self, rnd: Round) -> frozenset[str]:
         """Devices of the round that gave up (an abort): no stage waits for them."""
@@ -189,6 +204,24 @@ class SecAggRounds:
         )
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _append(
+        self, task: Task, rnd: Round, make: Callable[[SecAggSession], Event | None], now: float
+    ) -> bool:
+        """Store, then fold, the event ``make`` derives from the session as stored (None:
+        nothing to store; a refusal it raises passes through); whether one was stored."""
+        for _ in range(RACES):
+            held = self._get(task, rnd)
+            event = make(held.session)
+            if event is None:
+                return False
+            try:
+                self._record(rnd, held, event, now)
+                return True
+            except _Raced:
+                self._catch_up(held, rnd)  # what the winner stored; then derive again
+        self.drop(rnd.round_id)
+        raise Overloaded("the round's secure aggregation is busy (other replicas); retry", 1.0)
 
     @staticmethod
     def _vector(s: SecAggSession, body: Any) -> np.ndarray:
@@ -234,19 +267,36 @@ class SecAggRounds:
             )
         except StoreError as e:
             # That step is taken: another coordinator sharing the database advanced the
-            # session. What this one holds is stale; rebuilt on the retry.
-            self.drop(rnd.round_id)
-            raise Overloaded(f"the round's secure aggregation moved on ({e}); retry", 1.0) from e
+            # session past what this one holds.
+            raise _Raced(str(e)) from e
         held.seq += 1
         held.session.apply(event)
 
     def _get(self, task: Task, rnd: Round) -> _Held:
         held = self._held.get(rnd.round_id)
         if held is None:
+            # A task has one open round: one of its sessions held here is of a round that
+            # another replica closed.
+            self.forget(task.task_id)
             held = self._rebuild(task, rnd)
             self._held[rnd.round_id] = held
             self._task_of[rnd.round_id] = task.task_id
+        elif self.ctx.replica is not None:
+            self._catch_up(held, rnd)
         return held
+
+    def _catch_up(self, held: _Held, rnd: Round) -> None:
+        """Fold the events other writers stored after the last one ``held`` has."""
+        self._fold(held, rnd, self.ctx.store.secagg_events(rnd.round_id, since=held.seq))
+
+    def _fold(self, held: _Held, rnd: Round, events: list[SecAggEvent]) -> None:
+        for e in events:
+            if e.seq != held.seq:  # cannot happen: a writer of seq n read n - 1 first
+                self.drop(rnd.round_id)
+                raise Overloaded(f"secagg event {held.seq} of round {rnd.round_id} is "
+                                 "missing; retry", 1.0)  # fmt: skip
+            held.session.apply(self._event(e, held.session))
+            held.seq += 1
 
     def _rebuild(self, task: Task, rnd: Round) -> _Held:
         events = self.ctx.store.secagg_events(rnd.round_id)
@@ -273,9 +323,9 @@ class SecAggRounds:
             enough=int(b["enough"]),
             record=False,
         )
-        for e in events[1:]:
-            session.apply(self._event(e, session))
-        return _Held(session, len(events))
+        held = _Held(session, 1)
+        self._fold(held, rnd, events[1:])
+        return held
 
     def _event(self, e: SecAggEvent, s: SecAggSession) -> Event:
         if e.kind == "close":

@@ -397,8 +397,8 @@ class Store(ABC):
         (two writers raced for the same step)."""
 
     @abstractmethod
-    def secagg_events(self, round_id: int) -> list[SecAggEvent]:
-        """The round's events in ``seq`` order."""
+    def secagg_events(self, round_id: int, since: int = 0) -> list[SecAggEvent]:
+        """The round's events from ``seq`` ``since`` on, in ``seq`` order."""
 
     # replicas (several coordinator processes on one database: coordinator.replicas)
     @abstractmethod

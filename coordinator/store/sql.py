@@ -577,8 +577,9 @@ class SQLStore(Store):
     def add_secagg_event(self, event: SecAggEvent) -> None:
         self._insert("secagg_events", event)
 
-    def secagg_events(self, round_id: int) -> list[SecAggEvent]:
-        return self._list(SecAggEvent, "secagg_events", "round_id = ?", [round_id], "seq")
+    def secagg_events(self, round_id: int, since: int = 0) -> list[SecAggEvent]:
+        where, args = "round_id = ? and seq >= ?", [round_id, since]
+        return self._list(SecAggEvent, "secagg_events", where, args, "seq")
 
     # -- replicas ---------------------------------------------------------------------------
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-from coordinator.embedded import EmbeddedCoordinator
+from coordinator.admin import AdminClient
 from edge_sdk.codecs import decode_update
 from edge_sdk.protocol import Route
 from edge_sdk.secagg import ring
@@ -97,11 +98,22 @@ class Peer:
         return body
 
 
+class Front(Protocol):
+    """Where a round is set up: an :class:`~coordinator.embedded.EmbeddedCoordinator`, or
+    anything with its admin client and a clock whose ``advance`` passes a window."""
+
+    clock: Any
+
+    def admin(self) -> AdminClient: ...
+
+
 class SecAggRound:
     def __init__(
-        self, coord: EmbeddedCoordinator, bundle: Any, n: int, *, goal: int | None = None,
-        seed: int = 0, extra: dict[str, Any] | None = None, **secagg: Any,
+        self, coord: Front, bundle: Any, n: int, *, goal: int | None = None,
+        seed: int = 0, extra: dict[str, Any] | None = None,
+        devices: Sequence[DeviceHTTP] | None = None, **secagg: Any,
     ) -> None:  # fmt: skip
+        """``devices``: ``n`` registered devices (default: new ones on ``coord``)."""
         self.coord = coord
         self.admin = coord.admin()
         bundle_id = self.admin.upload_bundle(bundle)["bundle_id"]
@@ -113,7 +125,7 @@ class SecAggRound:
         self.task = self.admin.create_task(bundle_id, plan)
         self.task_id = self.task["task_id"]
         rng = np.random.default_rng(seed)
-        self.http = [DeviceHTTP(coord) for _ in range(n)]
+        self.http = list(devices) if devices is not None else [DeviceHTTP(coord) for _ in range(n)]
         for d in self.http:  # candidates
             d.check_in()
         coord.clock.advance(1.0)  # the selection window ends

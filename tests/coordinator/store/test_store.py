@@ -418,6 +418,9 @@ class TestStore:
             with_task.add_secagg_event(e)
         assert with_task.secagg_events(r.round_id) == [start, masked, shares]
         assert with_task.secagg_events(r.round_id + 1) == []
+        # what a replica holding the session up to seq 1 has not folded yet
+        assert with_task.secagg_events(r.round_id, since=2) == [shares]
+        assert with_task.secagg_events(r.round_id, since=3) == []
         before = with_task.snapshot()
         with pytest.raises(StoreError):  # two writers for one step: the second is refused
             with_task.add_secagg_event(dataclasses.replace(masked, kind="unmask"))
