@@ -417,15 +417,17 @@ def delete_unneeded(
     store's exclusive :meth:`~coordinator.store.Store.lock_blob`: a transaction storing a
     row that names the same bytes (on this process or another replica) holds it shared from
     its existence check to its commit, so it either commits first (and ``needed`` sees its
-    row) or finds the file gone (and refuses its upload). ``DELETE_CHUNK`` blobs per
+    row) or finds the file gone (and refuses its upload). A blob whose lock another
+    transaction holds is left (to the sweeps, should that upload fail): an upload storing it
+    needs it, a delete has it in hand; and never waiting for one, a delete holding some
+    blobs' locks cannot deadlock with an upload holding others. ``DELETE_CHUNK`` blobs per
     transaction; returns the hashes deleted."""
     deleted: list[str] = []
     todo = list(dict.fromkeys(shas))
     for start in range(0, len(todo), DELETE_CHUNK):
         with store.atomic():
             for sha in todo[start : start + DELETE_CHUNK]:
-                store.lock_blob(sha)
-                if not needed(sha):
+                if store.lock_blob(sha, wait=False) and not needed(sha):
                     blobs.delete(sha)
                     deleted.append(sha)
     return deleted

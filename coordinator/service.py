@@ -112,6 +112,7 @@ class AdmittedUpload:
     num_parameters: int
     max_norm: float | None
     replay: dict[str, Any] | None = None
+    round_id: int = 0  # the assignment's: a batch locks its rounds in this order
 
 
 @dataclass(frozen=True)
@@ -418,7 +419,7 @@ class Coordinator:
         the next selection window ahead of devices waiting their turn. Never stored (a replay
         gets a fresh value)."""
         wait = round(self._policy(task).steer(task, self._plan(task), now), 3)
-        self.pacing.expect(who.device_id, now + wait)
+        self.pacing.expect(who.device_id, now, wait)
         return {**answer, "retry_after_s": wait}
 
     # -- device calls -----------------------------------------------------------------------
@@ -498,7 +499,7 @@ class Coordinator:
                 fallback = answer
         if fallback is None:
             fallback = wait_answer(self.pacing.idle(), "no_task")
-        self.pacing.expect(who.device_id, now + fallback["retry_after_s"])
+        self.pacing.expect(who.device_id, now, fallback["retry_after_s"])
         return fallback
 
     def _task_setup(self, task: Task) -> tuple[TaskPlan, dict[str, Any]]:
@@ -607,7 +608,7 @@ class Coordinator:
         report = self._parse_report(report_header, plan)
         n = self.ctx.num_parameters(task)
         return AdmittedUpload(who, a.assignment_id, idempotency_key, report, n,
-                              plan.max_update_norm)  # fmt: skip
+                              plan.max_update_norm, round_id=a.round_id)  # fmt: skip
 
     def _upload_checks(
         self, who: DeviceIdentity, assignment_id: str, idempotency_key: str, now: float
@@ -674,17 +675,23 @@ class Coordinator:
         ``503``: nothing of it was stored, and what the policies folded in memory is
         dropped (rebuilt from the store)."""
         now = self._now()
-        done: list[tuple[Task, dict[str, Any]] | ApiError] = []
+        answers: dict[int, tuple[Task, dict[str, Any]] | ApiError] = {}
         tasks: dict[str, Task] = {}
+        # Among replicas each upload locks its round's row: a batch takes them in round
+        # order (a stable sort: one assignment's uploads keep theirs), so that two batches
+        # with uploads to the same rounds cannot deadlock.
+        order: Sequence[int] = range(len(staged))
+        if self.replica is not None:
+            order = sorted(order, key=lambda i: staged[i].admitted.round_id)
         try:
             with self.ctx.deferring_deletes(), self.store.atomic():
-                for s in staged:
+                for i in order:
                     try:
-                        done.append(self._accept_staged(s, now, tasks))
+                        answers[i] = self._accept_staged(staged[i], now, tasks)
                     except Overloaded:
                         raise
                     except ApiError as e:
-                        done.append(e)
+                        answers[i] = e
                 if self.replica is not None:  # the partial sums folded, with their updates
                     self.replica.flush()
         except Exception as e:
@@ -698,6 +705,7 @@ class Coordinator:
             return [refusal] * len(staged)
         # Durable now, and acknowledged whatever happens next: a commit that fails here
         # stays due and is retried by the next tick.
+        done = [answers[i] for i in range(len(staged))]
         self._drop_refused_payloads(staged, done)
         for task_id in tasks:
             self._advance(task_id, now)

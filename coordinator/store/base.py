@@ -417,12 +417,13 @@ class Store(ABC):
         statement: the hot path of uploads among replicas)."""
 
     @abstractmethod
-    def lock_blob(self, sha: str, *, shared: bool = False) -> None:
+    def lock_blob(self, sha: str, *, shared: bool = False, wait: bool = True) -> bool:
         """Hold the payload ``sha`` until the enclosing :meth:`atomic` block ends: shared by
         transactions that store a row naming it (after checking the file exists), exclusive
         around deleting its file (after checking no row needs it). Blobs are
         content-addressed, so among replicas an identical payload may be deleted by one
-        while another stores it. A backend with one writer at a time has nothing to lock."""
+        while another stores it. Without ``wait``, False at once if another transaction
+        holds it (else True). A backend with one writer at a time has nothing to lock."""
 
     @abstractmethod
     def put_partial(self, partial: PartialSum) -> None:

@@ -138,11 +138,14 @@ class PostgresStore(SQLStore):
     def _for_update(self, skip_locked: bool) -> str:
         return " for update skip locked" if skip_locked else " for update"
 
-    def lock_blob(self, sha: str, *, shared: bool = False) -> None:
+    def lock_blob(self, sha: str, *, shared: bool = False, wait: bool = True) -> bool:
         # A transaction-scoped advisory lock on the hash's 64-bit digest: released by the
         # commit or rollback (or the server, when the connection dies).
-        fn = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
-        self._execute(f"select {fn}(hashtextextended(?, 0))", [sha])
+        fn = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+        row = self._execute(
+            f"select {fn}{'_shared' if shared else ''}(hashtextextended(?, 0))", [sha]
+        ).fetchone()
+        return wait or bool(row[0])
 
     def _records_copied(self) -> None:
         self.schema.sync_identities()

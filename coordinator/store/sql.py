@@ -598,8 +598,8 @@ class SQLStore(Store):
         where = "round_id = (select round_id from assignments where assignment_id = ?)"
         return self._locked(Round, "rounds", where, assignment_id, False)
 
-    def lock_blob(self, sha: str, *, shared: bool = False) -> None:
-        return None
+    def lock_blob(self, sha: str, *, shared: bool = False, wait: bool = True) -> bool:
+        return True
 
     def put_partial(self, partial: PartialSum) -> None:
         row = _to_row(partial)
