@@ -34,6 +34,13 @@ class PacingConfig:
     horizon_s: float = 120.0  # a device overdue by more than this leaves the population
     selection_return_spread_s: float = 2.0  # candidates return within this after the window
     no_task_retry_s: float = 60.0  # mean retry when there is nothing to do
+    # Coordinators whose devices come back to any of them (replicas behind one address):
+    # each sees 1/K of the check-ins. `fedge serve --processes K` multiplies it by K.
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ConfigError("pacing.replicas must be at least 1")
 
 
 @dataclass(frozen=True)

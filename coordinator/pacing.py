@@ -5,7 +5,11 @@ rounds need, evenly spread, rather than all devices coming back at once. With
 
 * ``N``: the population currently checking in: devices that checked in within ``horizon_s``,
   or that were told to come back and are not more than ``horizon_s`` overdue (a device that
-  does not return drops out of ``N`` by itself),
+  does not return drops out of ``N`` by itself). Among ``K = replicas`` coordinators that
+  share the devices, each sees 1/K of the check-ins: a device told to wait counts for ``K``
+  waits (its next visit to this one is expected after a geometric number of them, mean
+  ``K``), and the count is divided by the chance ``1 - (1 - 1/K)^(K + horizon_s/I)`` that
+  the device is back by then, so that every coordinator's ``N`` is the whole population,
 * ``R``: devices a round needs (its target, goal x over-selection),
 * ``P``: the round period in seconds (mean duration of the task's recent rounds, or
   ``selection_window_s + round_deadline_s`` before any round closed),
@@ -44,6 +48,7 @@ class PaceSteering:
         # write per check-in is not free.
         self._expiry: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
+        self._interval = max(config.min_retry_s, 1e-3)  # the last one given
 
     def _keep(self, device_id: str, until: float) -> None:
         self._expiry[device_id] = until
@@ -56,21 +61,31 @@ class PaceSteering:
         """A device checked in."""
         self._keep(device_id, now + self.config.horizon_s)
 
-    def expect(self, device_id: str, return_at: float) -> None:
-        """A device was told to come back at ``return_at``."""
-        self._keep(device_id, return_at + self.config.horizon_s)
+    def expect(self, device_id: str, now: float, wait_s: float) -> None:
+        """A device was told to come back after ``wait_s``. Among K replicas it comes back
+        to this one after about K such waits: it counts until then (plus the horizon), so
+        that each replica's population is the whole one, not the share it saw lately."""
+        self._keep(device_id, now + self.config.replicas * wait_s + self.config.horizon_s)
 
     def population(self, now: float) -> int:
         while self._heap and self._heap[0][0] < now:
             until, device_id = heapq.heappop(self._heap)
             if self._expiry.get(device_id) == until:
                 del self._expiry[device_id]
-        return max(1, len(self._expiry))
+        seen = len(self._expiry)
+        k = self.config.replicas
+        if k > 1:
+            # A device comes back here after a geometric number of visits (mean k): it still
+            # counts at its next visit unless that takes more than k waits plus the horizon.
+            visits = k + self.config.horizon_s / self._interval
+            seen = round(seen / (1 - (1 - 1 / k) ** visits))
+        return max(1, seen)
 
     def interval(self, now: float, needed_per_round: int, round_period_s: float) -> float:
         c = self.config
         rate = c.headroom * max(1, needed_per_round) / max(round_period_s, 1e-3)
-        return min(c.max_retry_s, max(c.min_retry_s, self.population(now) / rate))
+        self._interval = min(c.max_retry_s, max(c.min_retry_s, self.population(now) / rate))
+        return self._interval
 
     def _jittered(self, interval: float) -> float:
         j = self.config.jitter

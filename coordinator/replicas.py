@@ -38,8 +38,9 @@ database on every use or made durable per replica:
   the operator), so that two live processes can never write the same row; the rows of a
   replica that died stay and are counted.
 
-Not shared, per replica: pace steering's estimates (each sees its share of check-ins) and the
-bytes-served metric of a round.
+Not shared, per replica: pace steering's estimates (each sees its share of check-ins, and
+scales what it sees by ``pacing.replicas``: :mod:`coordinator.pacing`) and the bytes-served
+metric of a round.
 
 ::
 

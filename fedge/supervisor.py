@@ -112,6 +112,8 @@ class Supervisor:
             cfg,
             replica=True,
             processes=1,
+            # Devices come back to any of the K: each child sees 1/K of the check-ins.
+            pacing=dataclasses.replace(cfg.pacing, replicas=cfg.pacing.replicas * cfg.processes),
             admin_token=cfg.admin_token or secrets.token_hex(24),
             enrollment_token=cfg.enrollment_token
             or (None if cfg.open_registration else secrets.token_hex(24)),

@@ -33,6 +33,7 @@ def test_json_and_toml(tmp_path: Path) -> None:
         '{"max_json_bytes": 0}',
         '{"max_queued_operations": 0}',
         '{"open_registration": "yes"}',
+        '{"pacing": {"replicas": 0}}',
     ],
 )
 def test_refused(tmp_path: Path, text: str) -> None:

@@ -35,7 +35,7 @@ def test_population_forgets_devices_that_do_not_come_back() -> None:
     p = PaceSteering(PacingConfig(horizon_s=60), random.Random(0))
     p.saw("a", 0.0)
     p.saw("b", 0.0)
-    p.expect("b", 500.0)  # told to come back at 500: counts until 560
+    p.expect("b", 0.0, 500.0)  # told to come back at 500: counts until 560
     assert p.population(59.0) == 2
     assert p.population(61.0) == 1
     assert p.population(559.0) == 1
@@ -66,6 +66,41 @@ def test_candidates_short_of_the_goal_wait_for_the_missing_ones_at_the_pace_seen
     assert 0.05 <= p.until_goal(120.0, 100.0, 13, 13, 400.0) <= 2.0
     # a window that opened this instant has seen no pace yet: it asks again soon
     assert 0.05 <= p.until_goal(100.0, 100.0, 1, 13, 400.0) <= 2.0
+
+
+def _arrival_rate(processes: int, replicas: int, devices: int = 2000) -> float:
+    """Check-ins per second, in the steady state, of ``devices`` that each come back when
+    told, to any of ``processes`` coordinators (chosen at random, as a load balancer does)
+    whose pacing assumes ``replicas``; rounds need R = 20 every P = 100 s."""
+    cfg = PacingConfig(min_retry_s=1, max_retry_s=1e6, headroom=1.5, horizon_s=120,
+                       replicas=replicas)  # fmt: skip
+    pick = random.Random(7)
+    nodes = [PaceSteering(cfg, random.Random(i)) for i in range(processes)]
+    due = [(pick.uniform(0, 600), f"d{i}") for i in range(devices)]
+    heapq.heapify(due)
+    end, counted = 400_000.0, 0
+    while due[0][0] < end:
+        now, device = heapq.heappop(due)
+        node = pick.choice(nodes)
+        node.saw(device, now)
+        wait = node.retry_after(now, 20, 100.0)
+        node.expect(device, now, wait)
+        heapq.heappush(due, (now + wait, device))
+        counted += now >= end / 2
+    return counted / (end / 2)
+
+
+@pytest.mark.parametrize("devices", [100, 2000])  # waits shorter and longer than the horizon
+def test_replicas_sharing_the_devices_ask_for_the_rate_one_coordinator_would(
+    devices: int,
+) -> None:
+    wanted = 1.5 * 20 / 100.0  # headroom x R / P
+    assert _arrival_rate(1, 1, devices) == pytest.approx(wanted, rel=0.05)
+    # Two or three coordinators that know they share the devices: as one would.
+    assert _arrival_rate(2, 2, devices) == pytest.approx(wanted, rel=0.05)
+    assert _arrival_rate(3, 3, devices) == pytest.approx(wanted, rel=0.05)
+    # Had each counted only the devices it saw lately, they would ask for far more.
+    assert _arrival_rate(3, 1, devices) > 1.5 * wanted
 
 
 def _coordinator(tmp_path: Path, clock: FakeClock, pacing: PacingConfig) -> Coordinator:

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coordinator.config import CoordinatorConfig, PacingConfig
 from coordinator.embedded import EmbeddedCoordinator
 from edge_sdk.frame import decode_tensor
 from fedge.cli import main
+from fedge.supervisor import Supervisor
 from tests.coordinator.replicas.fleet import (
     fedavg,
     folded_by_pid,
@@ -120,6 +122,15 @@ def test_sigkill_of_one_process_mid_round_loses_nothing_and_it_is_replaced(
         lambda: not any(Path(f"/proc/{pid}").exists() for pid in survivors),
         what="the children's exit",
     )
+
+
+def test_each_child_paces_for_every_process_sharing_the_devices(tmp_path: Path) -> None:
+    pacing = PacingConfig(replicas=2)  # two such nodes behind one address
+    node = Supervisor(CoordinatorConfig(db_path=str(tmp_path / "f.db"), processes=3,
+                                        pacing=pacing))  # fmt: skip
+    child = node._child_config()
+    assert (child.processes, child.replica, child.pacing.replicas) == (1, True, 6)
+    assert child.pacing.horizon_s == pacing.horizon_s
 
 
 def test_several_processes_need_subprocess_mode(tmp_path: Path) -> None:
