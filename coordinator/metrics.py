@@ -160,10 +160,9 @@ class StoreReader:
 
 
 def active_devices(coord: Coordinator, now: float) -> int:
-    """Devices that checked in within the pacing horizon (what pace steering plans for)."""
-    # PaceSteering.population() floors at 1 for its own division; report the true count.
-    coord.pacing.population(now)
-    return len(coord.pacing._expiry)
+    """Devices checking in (what pace steering plans for: among replicas, its estimate of
+    the whole population)."""
+    return coord.pacing.estimate(now)
 
 
 def storage_bytes(coord: Coordinator) -> tuple[int, int]:

@@ -68,6 +68,11 @@ class PaceSteering:
         self._keep(device_id, now + self.config.replicas * wait_s + self.config.horizon_s)
 
     def population(self, now: float) -> int:
+        """:meth:`estimate`, at least one (the interval divides by the wanted rate only)."""
+        return max(1, self.estimate(now))
+
+    def estimate(self, now: float) -> int:
+        """The devices checking in now (across replicas: the whole population)."""
         while self._heap and self._heap[0][0] < now:
             until, device_id = heapq.heappop(self._heap)
             if self._expiry.get(device_id) == until:
@@ -79,7 +84,7 @@ class PaceSteering:
             # counts at its next visit unless that takes more than k waits plus the horizon.
             visits = k + self.config.horizon_s / self._interval
             seen = round(seen / (1 - (1 - 1 / k) ** visits))
-        return max(1, seen)
+        return seen
 
     def interval(self, now: float, needed_per_round: int, round_period_s: float) -> float:
         c = self.config
