@@ -188,7 +188,7 @@ class _StoreCollector:
         f = self.figures
         yield _gauge("fedge_devices_registered", "Registered devices", f.devices)
         yield _gauge(
-            "fedge_devices_active", "Devices seen within the pacing horizon", f.active_devices
+            "fedge_devices_active", "Devices checking in (as paced)", f.active_devices
         )
         tasks = GaugeMetricFamily("fedge_tasks", "Tasks by state", labels=["state"])
         for state, n in sorted(f.tasks_by_state.items()):
