@@ -24,7 +24,9 @@
 4. **Spread** (issue 15): 50,000 devices in 3 fleet processes against a ``fedge serve``
    subprocess (real time), the realistic heterogeneity model at 14:00 local time (most devices
    not charging: ineligible), a running task; check-ins/s, local eligibility checks/s, round
-   times and RSS per fleet process over a window after the start-up spread.
+   times and RSS per fleet process over a window after the start-up spread; once against one
+   serving process, then against ``--processes 2`` (pace steering should ask both for the
+   same rate).
 
 Run: ``./dev bench bench_fleet [rounds] [idle] [speed] [spread]`` (default: all). Writes
 ``benchmarks/results/bench_fleet.json`` (sections not run keep their last figures) and
@@ -233,7 +235,9 @@ SPREAD_START_S = 60.0
 SPREAD_WINDOW_S = 120.0
 
 
-def spread_bench(devices: int = SPREAD_DEVICES) -> dict[str, Any]:
+def spread_bench(
+    devices: int = SPREAD_DEVICES, server_processes: int = SPREAD_SERVER_PROCESSES
+) -> dict[str, Any]:
     from coordinator.config import CoordinatorConfig, PacingConfig
     from coordinator.embedded import EmbeddedCoordinator
     from edge_sdk.client import ClientConfig
@@ -248,7 +252,7 @@ def spread_bench(devices: int = SPREAD_DEVICES) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks.loadgen import tree_cpu_s
 
-    config = CoordinatorConfig(pacing=pacing, processes=SPREAD_SERVER_PROCESSES)
+    config = CoordinatorConfig(pacing=pacing, processes=server_processes)
     with EmbeddedCoordinator(subprocess=True, config=config) as coord:
         assert coord.process is not None
         server = coord.process.pid
@@ -285,7 +289,7 @@ def spread_bench(devices: int = SPREAD_DEVICES) -> dict[str, Any]:
     durations = [r["closed_at"] - r["opened_at"] for r in rounds]
     return {
         "devices": devices, "processes": SPREAD_PROCESSES, "ready_s": ready_s,
-        "server_processes": SPREAD_SERVER_PROCESSES, "server_cpu_share": (c1 - c0) / window,
+        "server_processes": server_processes, "server_cpu_share": (c1 - c0) / window,
         "window_s": window,
         "checkins_per_s": (s1.checkins - s0.checkins) / window,
         "ineligible_checks_per_s": (s1.ineligible_checks - s0.ineligible_checks) / window,
@@ -376,7 +380,7 @@ def idle_bench(n: int) -> dict[str, Any]:
     }
 
 
-def print_speed(speed: list[dict[str, Any]], spread: dict[str, Any] | None) -> None:
+def print_speed(speed: list[dict[str, Any]]) -> None:
     print(f"\nspeed per round (30 devices, 10 per round, 10 steps, plain FedAvg; Flower 1.42: "
           f"{FLOWER_S_PER_ROUND} s)")
     print(f"{'settings':>48} {'s/round':>8} {'x Flower':>8} {'sel/rep/gap ms':>14} "
@@ -388,13 +392,15 @@ def print_speed(speed: list[dict[str, Any]], spread: dict[str, Any] | None) -> N
               f"{phases:>14} {r['checkins_per_round']:>9.1f} "
               f"{r.get('coordinator_cpu_s_per_round', 0):>11.3f}"
               f" {r.get('fleet_cpu_s_per_round', 0):>11.3f} {r['fleet_process_rss_mb']:>7.0f}")
-    if spread:
-        print(f"\nspread: {spread['devices']} devices in {spread['processes']} processes: "
-              f"{spread['checkins_per_s']:.0f} check-ins/s, {spread['ineligible_checks_per_s']:.0f}"
-              f" local checks/s, {spread['rounds_committed']} rounds (p50 "
-              f"{spread['round_s_p50']:.1f} s), RSS {spread['rss_mb_per_process']} MB; "
-              f"coordinator: {spread.get('server_processes', 1)} processes using "
-              f"{spread.get('server_cpu_share', float('nan')):.2f} of a core")
+
+
+def print_spread(spread: dict[str, Any]) -> None:
+    print(f"\nspread: {spread['devices']} devices in {spread['processes']} processes: "
+          f"{spread['checkins_per_s']:.1f} check-ins/s, {spread['ineligible_checks_per_s']:.0f}"
+          f" local checks/s, {spread['rounds_committed']} rounds (p50 "
+          f"{spread['round_s_p50']:.1f} s), RSS {spread['rss_mb_per_process']} MB; "
+          f"coordinator: {spread.get('server_processes', 1)} processes using "
+          f"{spread.get('server_cpu_share', float('nan')):.2f} of a core")
 
 
 def plot(idle: list[dict[str, Any]], speed: list[dict[str, Any]], path: Path) -> None:
@@ -449,12 +455,23 @@ def main() -> int:
             speed.append(speed_bench(settings))
             log(f"  {speed[-1]['real_s_per_round']:.3f} s/round, "
                 f"RSS {speed[-1]['fleet_process_rss_mb']:.0f} MB")
-    spread = previous.get("spread")
+    spread, spread_one = previous.get("spread"), previous.get("spread_one_process")
     if "spread" in sections:
-        log(f"spread: {SPREAD_DEVICES} devices in {SPREAD_PROCESSES} processes ...")
-        spread = spread_bench()
-        log(f"  {spread['checkins_per_s']:.0f} check-ins/s")
-    print_speed(speed, spread)
+        # The same fleet against one serving process and against the node of two: pace
+        # steering must ask both for the same check-in rate.
+        for server_processes in (1, SPREAD_SERVER_PROCESSES):
+            log(f"spread: {SPREAD_DEVICES} devices in {SPREAD_PROCESSES} processes against "
+                f"{server_processes} serving process(es) ...")
+            result = spread_bench(server_processes=server_processes)
+            log(f"  {result['checkins_per_s']:.1f} check-ins/s")
+            if server_processes == 1:
+                spread_one = result
+            else:
+                spread = result
+    print_speed(speed)
+    for result in (spread_one, spread):
+        if result:
+            print_spread(result)
     rounds = previous.get("rounds", [])
     if "rounds" in sections:
         rounds = []
@@ -485,6 +502,7 @@ def main() -> int:
     out.write_text(json.dumps({
         "machine": {"python": platform.python_version(), "cpus": 2},
         "rounds": rounds, "idle": idle, "speed": speed, "spread": spread,
+        "spread_one_process": spread_one,
         "flower_s_per_round": FLOWER_S_PER_ROUND,
         "idle_interval_s": IDLE_INTERVAL_S, "idle_window_s": IDLE_WINDOW_S,
     }, indent=1))
