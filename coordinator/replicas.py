@@ -53,7 +53,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -105,23 +105,26 @@ class Replica:
     def __init__(self, store: Store, replica_id: str | None = None) -> None:
         self.store = store
         self.replica_id = replica_id or f"r-{os.getpid()}-{secrets.token_hex(6)}"
-        self._unwritten: dict[int, PartialSum] = {}
+        self._unwritten: dict[int, Callable[[], PartialSum]] = {}
 
     def own(self, round_id: int) -> PartialSum | None:
         """This replica's partial sum of a round (as folded, written or not)."""
         held = self._unwritten.get(round_id)
-        return held if held is not None else self.store.get_partial(round_id, self.replica_id)
+        return held() if held is not None else self.store.get_partial(round_id, self.replica_id)
 
-    def fold(self, round_id: int, state: Mapping[str, Any]) -> None:
-        """Record this replica's new partial sum of a round; :meth:`flush` writes it."""
-        self._unwritten[round_id] = partial_record(round_id, self.replica_id, state, time.time())
+    def fold(self, round_id: int, state: Callable[[], Mapping[str, Any]]) -> None:
+        """Record that this replica's partial sum of a round moved: :meth:`flush` writes
+        what ``state`` then gives (the sum as of the batch's last update: one copy of it per
+        batch, not per update)."""
+        at = time.time()
+        self._unwritten[round_id] = lambda: partial_record(round_id, self.replica_id, state(), at)
 
     def flush(self) -> None:
         """Write the partial sums folded since the last flush: inside the transaction that
         stores their updates, before it commits."""
         while self._unwritten:
             _, partial = self._unwritten.popitem()
-            self.store.put_partial(partial)
+            self.store.put_partial(partial())
 
     def discard(self) -> None:
         """Forget unwritten sums (their transaction rolled back; the store has the truth)."""
@@ -190,7 +193,7 @@ class PartialSums(RoundSums):
             self.drop(round_id)
             return
         self._own[round_id] = staged
-        self.replica.fold(round_id, _state_of(staged))
+        self.replica.fold(round_id, lambda: _state_of(staged))
 
     def drop(self, round_id: int) -> None:
         super().drop(round_id)

@@ -303,7 +303,7 @@ class BufferedAsync(TaskPolicy):
             # This replica's partial buffer, written with the batch; the K-th update of the
             # round, from whichever replica, makes the commit due (tick).
             buf.apply(staged, commit=False)
-            self.ctx.replica.fold(rnd.round_id, buf.state())
+            self.ctx.replica.fold(rnd.round_id, buf.state)
             return
         fold = buf.apply(staged)
         if fold.commit is not None:  # tick() commits it

@@ -26,24 +26,27 @@ def _stores(url: str) -> tuple[Store, Store, Round]:
 def test_a_locked_round_is_skipped_or_waited_for(postgres_url: str) -> None:
     a, b, rnd = _stores(postgres_url)
     try:
-        released = threading.Event()
+        # Set inside the holder's transaction: a waiter gets the row only after its commit,
+        # which may come before the holder's thread runs again.
+        held, committing = threading.Event(), threading.Event()
 
         def hold() -> None:
             with a.atomic():
                 assert a.lock_round(rnd.round_id) is not None
                 a.update_round(rnd.round_id, state="committed")
+                held.set()
                 time.sleep(0.5)
-            released.set()
+                committing.set()
 
         holder = threading.Thread(target=hold)
         holder.start()
-        time.sleep(0.2)
+        assert held.wait(10)
         with b.atomic():
             assert b.lock_round(rnd.round_id, skip_locked=True) is None  # another's turn
             assert b.lock_task("t-1") is not None  # other rows are free
         with b.atomic():
             waited = b.lock_round(rnd.round_id)  # waits, then reads what the holder committed
-            assert released.is_set() and waited is not None and waited.state == "committed"
+            assert committing.is_set() and waited is not None and waited.state == "committed"
         holder.join()
     finally:
         a.close()
