@@ -174,17 +174,23 @@ def timed(n: int, fn: Callable[[int], Any], threads: int = THREADS) -> tuple[flo
 def _served_from(source: Path | None) -> Iterator[None]:
     """Start a coordinator process from ``source`` (None: this tree): ``python -m`` puts its
     working directory first on the module path; the config file it is given holds only the
-    keys that tree's ``CoordinatorConfig`` knows (newer ones keep their defaults there)."""
+    keys that tree's ``CoordinatorConfig`` (and ``PacingConfig``) knows (newer ones keep
+    their defaults there)."""
     if source is None:
         yield
         return
     probe = ("import dataclasses, json, coordinator.config as c; "
-             "print(json.dumps([f.name for f in dataclasses.fields(c.CoordinatorConfig)]))")
-    known = set(json.loads(subprocess.run([sys.executable, "-c", probe], cwd=source, check=True,
-                                          capture_output=True, text=True).stdout))  # fmt: skip
+             "print(json.dumps([[f.name for f in dataclasses.fields(k)] "
+             "for k in (c.CoordinatorConfig, c.PacingConfig)]))")
+    known, known_pacing = (set(names) for names in json.loads(subprocess.run(
+        [sys.executable, "-c", probe], cwd=source, check=True, capture_output=True, text=True
+    ).stdout))  # fmt: skip
 
     def asdict(config: Any) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(config).items() if k in known}
+        out = {k: v for k, v in dataclasses.asdict(config).items() if k in known}
+        if isinstance(out.get("pacing"), dict):  # a nested table: its keys too
+            out["pacing"] = {k: v for k, v in out["pacing"].items() if k in known_pacing}
+        return out
 
     shim = types.SimpleNamespace(asdict=asdict, replace=dataclasses.replace)
     with contextlib.chdir(source), mock.patch.object(embedded, "dataclasses", shim):
