@@ -112,7 +112,8 @@ class AdmittedUpload:
     num_parameters: int
     max_norm: float | None
     replay: dict[str, Any] | None = None
-    round_id: int = 0  # the assignment's: a batch locks its rounds in this order
+    round_id: int = 0  # the assignment's (among replicas a batch locks its rounds first)
+    task_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -608,7 +609,8 @@ class Coordinator:
         report = self._parse_report(report_header, plan)
         n = self.ctx.num_parameters(task)
         return AdmittedUpload(who, a.assignment_id, idempotency_key, report, n,
-                              plan.max_update_norm, round_id=a.round_id)  # fmt: skip
+                              plan.max_update_norm, round_id=a.round_id,
+                              task_id=a.task_id)  # fmt: skip
 
     def _upload_checks(
         self, who: DeviceIdentity, assignment_id: str, idempotency_key: str, now: float
@@ -677,14 +679,15 @@ class Coordinator:
         now = self._now()
         answers: dict[int, tuple[Task, dict[str, Any]] | ApiError] = {}
         tasks: dict[str, Task] = {}
-        # Among replicas each upload locks its round's row: a batch takes them in round
-        # order (a stable sort: one assignment's uploads keep theirs), so that two batches
-        # with uploads to the same rounds cannot deadlock.
+        # Among replicas, in round order (a stable sort: one assignment's uploads keep
+        # theirs), after every round they will lock (_lock_rounds).
         order: Sequence[int] = range(len(staged))
         if self.replica is not None:
             order = sorted(order, key=lambda i: staged[i].admitted.round_id)
         try:
             with self.ctx.deferring_deletes(), self.store.atomic():
+                if self.replica is not None:
+                    self._lock_rounds(staged)
                 for i in order:
                     try:
                         answers[i] = self._accept_staged(staged[i], now, tasks)
@@ -713,6 +716,20 @@ class Coordinator:
             d if isinstance(d, ApiError) else self._acknowledged(s.admitted.who, d[0], now, d[1])
             for s, d in zip(staged, done, strict=True)
         ]
+
+    def _lock_rounds(self, staged: Sequence[StagedUpload]) -> None:
+        """Among replicas, before a batch stores anything: lock every round its uploads will
+        lock, in round order. An upload locks its assignment's round and, in an async task,
+        the open buffer round it folds into (then, opening the next one, the task's row):
+        taken upload by upload, two batches would take them in opposite orders and
+        deadlock. A round this transaction opens is its own until it commits."""
+        rounds = {s.admitted.round_id for s in staged}
+        for task_id in {s.admitted.task_id for s in staged}:
+            current = self.store.open_round(task_id)
+            if current is not None:
+                rounds.add(current.round_id)
+        for round_id in sorted(rounds):
+            self.store.lock_round(round_id)
 
     def _drop_refused_payloads(
         self, staged: Sequence[StagedUpload], done: Sequence[object]
