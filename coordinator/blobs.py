@@ -417,17 +417,29 @@ def delete_unneeded(
     store's exclusive :meth:`~coordinator.store.Store.lock_blob`: a transaction storing a
     row that names the same bytes (on this process or another replica) holds it shared from
     its existence check to its commit, so it either commits first (and ``needed`` sees its
-    row) or finds the file gone (and refuses its upload). A blob whose lock another
-    transaction holds is left (to the sweeps, should that upload fail): an upload storing it
-    needs it, a delete has it in hand; and never waiting for one, a delete holding some
-    blobs' locks cannot deadlock with an upload holding others. ``DELETE_CHUNK`` blobs per
-    transaction; returns the hashes deleted."""
+    row) or finds the file gone (and refuses its upload). ``DELETE_CHUNK`` blobs per
+    transaction, none waited for there (holding some blobs' locks while waiting for another
+    could deadlock with an upload holding that one and waiting for ours); those another
+    transaction held are decided again at the end, one per transaction, waiting for their
+    lock while holding none. Returns the hashes deleted."""
     deleted: list[str] = []
+    held: list[str] = []
+
+    def decide(sha: str) -> None:
+        if not needed(sha):
+            blobs.delete(sha)
+            deleted.append(sha)
+
     todo = list(dict.fromkeys(shas))
     for start in range(0, len(todo), DELETE_CHUNK):
         with store.atomic():
             for sha in todo[start : start + DELETE_CHUNK]:
-                if store.lock_blob(sha, wait=False) and not needed(sha):
-                    blobs.delete(sha)
-                    deleted.append(sha)
+                if store.lock_blob(sha, wait=False):
+                    decide(sha)
+                else:
+                    held.append(sha)
+    for sha in held:
+        with store.atomic():
+            store.lock_blob(sha)
+            decide(sha)
     return deleted

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from coordinator.blobs import BlobStore
+from coordinator.blobs import BlobStore, delete_unneeded
 from coordinator.config import PacingConfig
 from coordinator.errors import Conflict, ErrorCode
 from coordinator.pacing import PaceSteering
@@ -28,7 +28,6 @@ from coordinator.store import (
     Store,
     Task,
     Update,
-    is_database_url,
     open_store,
 )
 from coordinator.versions import ModelVersions, RoundSums
@@ -91,11 +90,11 @@ def test_a_payload_stored_by_one_replica_survives_another_deleting_the_same_byte
         # The other replica closed the first round and now drops its payloads.
         _context(closer, blobs)._delete_payloads(done.round_id)
         deleted_at = time.monotonic()
-        # The bytes stay: on PostgreSQL the delete leaves a blob whose lock an upload holds,
-        # at once; on SQLite it waits for the file's write lock, then sees the open round's row.
-        assert blobs.exists(sha)
         thread.join()
-        assert committing_at and (deleted_at < committing_at[0]) == is_database_url(replica_db)
+        # It waited for the upload's commit (on PostgreSQL after trying the blob's lock and
+        # finding it held), then saw the open round still needs the bytes.
+        assert committing_at and committing_at[0] <= deleted_at
+        assert blobs.exists(sha)
         assert [u.payload_sha for u in closer.round_updates(live.round_id)] == [sha]
         # Once no open round names them, the bytes go.
         closer.update_round(live.round_id, state="committed")
@@ -104,6 +103,38 @@ def test_a_payload_stored_by_one_replica_survives_another_deleting_the_same_byte
     finally:
         uploader.close()
         closer.close()
+
+
+def test_a_payload_whose_lock_was_held_is_decided_again_once_it_is_free(
+    replica_db: str, tmp_path: Path
+) -> None:
+    """Another transaction holds the bytes' lock (a replica deciding them for a round that
+    still needed them, say) when this one's chunk comes to them: they are decided again,
+    alone, once the lock is free, not left for ever."""
+    holder, deleter = open_store(replica_db), open_store(replica_db)
+    blobs = BlobStore(tmp_path / "blobs")
+    try:
+        sha = blobs.put(b"\x00\x00\x00")
+        others = [blobs.put(bytes([i])) for i in range(1, 4)]
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with holder.atomic():
+                holder.lock_blob(sha)
+                held.set()
+                release.wait(10)
+
+        thread = threading.Thread(target=hold)
+        thread.start()
+        assert held.wait(10)
+        threading.Timer(HOLD_S, release.set).start()
+        gone = delete_unneeded(blobs, deleter, [*others, sha], lambda _: False)
+        thread.join()
+        assert release.is_set()  # it waited for the holder (on SQLite: the file's writer)
+        assert gone == [*others, sha] and not any(blobs.exists(s) for s in [*others, sha])
+    finally:
+        holder.close()
+        deleter.close()
 
 
 def test_eval_reports_stop_at_the_goal_whichever_replica_stores_them(
