@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from coordinator.admin import tar_directory
 from coordinator.clock import FakeClock
@@ -114,21 +115,28 @@ def _race(
     return answers
 
 
-def test_two_batches_take_the_same_rounds_in_one_order(
-    replica_db: str, tmp_path: Path, tiny_bundle: Path
-) -> None:
+@pytest.fixture
+def replicas(replica_db: str, tmp_path: Path) -> Iterator[tuple[Coordinator, Coordinator]]:
+    """Two replicas on one database and blob directory, on one fake clock."""
     clock = FakeClock(1_700_000_000.0)
     a, b = (_replica(replica_db, tmp_path / "blobs", clock) for _ in range(2))
     try:
-        (first, x), (second, y) = _staged(a, tiny_bundle).items()
-        assert a.store.get_task(first) is not None and a.store.get_task(second) is not None
-        # A's batch lists the first task's upload first, B's the second task's.
-        _race(a, b, [x[0], y[0]], [y[1], x[1]])
-        for batch in (x, y):
-            assert a.store.count_updates(batch[0].admitted.round_id) == 2
+        yield a, b
     finally:
         a.close()
         b.close()
+
+
+def test_two_batches_take_the_same_rounds_in_one_order(
+    replicas: tuple[Coordinator, Coordinator], tiny_bundle: Path
+) -> None:
+    a, b = replicas
+    (first, x), (second, y) = _staged(a, tiny_bundle).items()
+    assert a.store.get_task(first) is not None and a.store.get_task(second) is not None
+    # A's batch lists the first task's upload first, B's the second task's.
+    _race(a, b, [x[0], y[0]], [y[1], x[1]])
+    for batch in (x, y):
+        assert a.store.count_updates(batch[0].admitted.round_id) == 2
 
 
 ASYNC_PLAN = {"rounds": 100, "buffer_k": 3, "max_concurrency": 20, "max_staleness": 5,
@@ -137,51 +145,46 @@ ASYNC_PLAN = {"rounds": 100, "buffer_k": 3, "max_concurrency": 20, "max_stalenes
 
 
 def test_async_batches_lock_the_buffer_round_in_order_too(
-    replica_db: str, tmp_path: Path, tiny_bundle: Path
+    replicas: tuple[Coordinator, Coordinator], tiny_bundle: Path
 ) -> None:
-    clock = FakeClock(1_700_000_000.0)
-    a, b = (_replica(replica_db, tmp_path / "blobs", clock) for _ in range(2))
-    try:
-        bundle_id = a.add_bundle(tar_directory(tiny_bundle))["bundle_id"]
-        body = {"bundle_id": bundle_id, "mode": "async", "plan": ASYNC_PLAN}
-        task_id = a.create_task(json.dumps(body).encode())["task_id"]
-        checkin = json.dumps({"runtimes": ["ort-step"], "conditions": GOOD_CONDITIONS}).encode()
-        n = a.ctx.num_parameters(a.store.get_task(task_id))
-        keys = iter(range(1000))
+    a, b = replicas
+    bundle_id = a.add_bundle(tar_directory(tiny_bundle))["bundle_id"]
+    body = {"bundle_id": bundle_id, "mode": "async", "plan": ASYNC_PLAN}
+    task_id = a.create_task(json.dumps(body).encode())["task_id"]
+    checkin = json.dumps({"runtimes": ["ort-step"], "conditions": GOOD_CONDITIONS}).encode()
+    n = a.ctx.num_parameters(a.store.get_task(task_id))
+    keys = iter(range(1000))
 
-        def assigned(count: int) -> list[tuple[DeviceIdentity, str]]:
-            out = []
-            for _ in range(count):
-                reg = a.register(json.dumps({"runtimes": ["ort-step"]}).encode())
-                who = a.authenticate(device_auth_header(reg["device_id"], reg["secret"]))
-                answer = a.checkin(who, checkin)
-                assert answer["action"] == "train", answer
-                out.append((who, answer["assignment"]["assignment_id"]))
-            return out
+    def assigned(count: int) -> list[tuple[DeviceIdentity, str]]:
+        out = []
+        for _ in range(count):
+            reg = a.register(json.dumps({"runtimes": ["ort-step"]}).encode())
+            who = a.authenticate(device_auth_header(reg["device_id"], reg["secret"]))
+            answer = a.checkin(who, checkin)
+            assert answer["action"] == "train", answer
+            out.append((who, answer["assignment"]["assignment_id"]))
+        return out
 
-        def staged(coord: Coordinator, who: DeviceIdentity, assignment: str) -> StagedUpload:
-            k = next(keys)
-            frame = encode_update(np.full(n, 0.001 * (k + 1), np.float32), "int8")[0]
-            admitted = coord.admit_upload(who, assignment, f"k-{k}", '{"num_examples": 5}')
-            upload = coord.stage_upload(admitted, frame)
-            coord.install_uploads([upload])
-            return upload
+    def staged(coord: Coordinator, who: DeviceIdentity, assignment: str) -> StagedUpload:
+        k = next(keys)
+        frame = encode_update(np.full(n, 0.001 * (k + 1), np.float32), "int8")[0]
+        admitted = coord.admit_upload(who, assignment, f"k-{k}", '{"num_examples": 5}')
+        upload = coord.stage_upload(admitted, frame)
+        coord.install_uploads([upload])
+        return upload
 
-        # Versions 1 and 2 committed (K = 3), one device left assigned on each older version.
-        older = []
-        for version in (1, 2):
-            devices = assigned(4 if version == 1 else 5)
-            for who, assignment in devices[:3]:
-                assert a.accept_uploads([staged(a, who, assignment)])[0]["accepted"]
-            a.tick()
-            assert a.store.get_task(task_id).model_version == version  # type: ignore[union-attr]
-            older.append(devices[3:])
-        (x,), (y, z) = older
-        ux, uy, uz = staged(a, *x), staged(a, *y), staged(b, *z)
-        assert ux.admitted.round_id < uy.admitted.round_id == uz.admitted.round_id
-        # A: version 0's round, then (buffer) the open one, then version 1's, which B holds.
-        _race(a, b, [ux, uy], [uz])
-        assert a.store.count_updates() == 9
-    finally:
-        a.close()
-        b.close()
+    # Versions 1 and 2 committed (K = 3), one device left assigned on each older version.
+    older = []
+    for version in (1, 2):
+        devices = assigned(4 if version == 1 else 5)
+        for who, assignment in devices[:3]:
+            assert a.accept_uploads([staged(a, who, assignment)])[0]["accepted"]
+        a.tick()
+        assert a.store.get_task(task_id).model_version == version  # type: ignore[union-attr]
+        older.append(devices[3:])
+    (x,), (y, z) = older
+    ux, uy, uz = staged(a, *x), staged(a, *y), staged(b, *z)
+    assert ux.admitted.round_id < uy.admitted.round_id == uz.admitted.round_id
+    # A: version 0's round, then (buffer) the open one, then version 1's, which B holds.
+    _race(a, b, [ux, uy], [uz])
+    assert a.store.count_updates() == 9
