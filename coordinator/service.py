@@ -677,24 +677,19 @@ class Coordinator:
         ``503``: nothing of it was stored, and what the policies folded in memory is
         dropped (rebuilt from the store)."""
         now = self._now()
-        answers: dict[int, tuple[Task, dict[str, Any]] | ApiError] = {}
+        done: list[tuple[Task, dict[str, Any]] | ApiError] = []
         tasks: dict[str, Task] = {}
-        # Among replicas, in round order (a stable sort: one assignment's uploads keep
-        # theirs), after every round they will lock (_lock_rounds).
-        order: Sequence[int] = range(len(staged))
-        if self.replica is not None:
-            order = sorted(order, key=lambda i: staged[i].admitted.round_id)
         try:
             with self.ctx.deferring_deletes(), self.store.atomic():
                 if self.replica is not None:
                     self._lock_rounds(staged)
-                for i in order:
+                for s in staged:
                     try:
-                        answers[i] = self._accept_staged(staged[i], now, tasks)
+                        done.append(self._accept_staged(s, now, tasks))
                     except Overloaded:
                         raise
                     except ApiError as e:
-                        answers[i] = e
+                        done.append(e)
                 if self.replica is not None:  # the partial sums folded, with their updates
                     self.replica.flush()
         except Exception as e:
@@ -708,7 +703,6 @@ class Coordinator:
             return [refusal] * len(staged)
         # Durable now, and acknowledged whatever happens next: a commit that fails here
         # stays due and is retried by the next tick.
-        done = [answers[i] for i in range(len(staged))]
         self._drop_refused_payloads(staged, done)
         for task_id in tasks:
             self._advance(task_id, now)
