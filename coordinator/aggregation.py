@@ -52,6 +52,7 @@ class RunningSum:
         self.count = 0
 
     def fold(self, delta: np.ndarray, weight: float) -> None:
+        """Add one update in place (:meth:`check` it first where it may be refused)."""
         if delta.shape != self.total.shape:
             raise ValueError(f"delta of shape {delta.shape}, expected {self.total.shape}")
         if not weight > 0:
@@ -60,15 +61,26 @@ class RunningSum:
         self.weight += weight
         self.count += 1
 
+    def check(self, delta: np.ndarray, weight: float) -> None:
+        """``ValueError`` if the update could not count: a weight that is not a positive
+        finite number, a delta that is not finite, or a sum that would overflow.
+
+        A finite float32 delta times a weight below 2**64 is below 7e57, so no count of them
+        a coordinator can hold reaches float64's 1.8e308: only other deltas need the sum
+        itself checked (a pass over a copy)."""
+        self._check_weight(delta, weight)
+        if delta.dtype.kind == "f" and delta.dtype.itemsize <= 4 and weight < 2.0**64:
+            if not np.isfinite(delta).all():
+                raise ValueError("the update is not finite")
+        else:
+            self.folded(delta, weight)
+
     def folded(self, delta: np.ndarray, weight: float) -> RunningSum:
         """This sum plus one update, as a new object (``self`` unchanged), so that a caller
         can check and store the update before its sum moves. ``ValueError`` if the update
         could not count: a weight that is not a positive finite number, or a sum that would
         overflow."""
-        if delta.shape != self.total.shape:
-            raise ValueError(f"delta of shape {delta.shape}, expected {self.total.shape}")
-        if not (weight > 0 and np.isfinite(weight)):
-            raise ValueError("an update's weight must be a positive finite number")
+        self._check_weight(delta, weight)
         out = RunningSum(0)
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
             # One new vector per update (it becomes the new sum): float32 deltas are widened
@@ -80,6 +92,12 @@ class RunningSum:
         if not (np.isfinite(out.weight) and np.isfinite(out.total).all()):
             raise ValueError("the weighted update overflows the running sum")
         return out
+
+    def _check_weight(self, delta: np.ndarray, weight: float) -> None:
+        if delta.shape != self.total.shape:
+            raise ValueError(f"delta of shape {delta.shape}, expected {self.total.shape}")
+        if not (weight > 0 and np.isfinite(weight)):
+            raise ValueError("an update's weight must be a positive finite number")
 
     def mean(self) -> np.ndarray:
         if self.count == 0:

@@ -61,7 +61,7 @@ import numpy as np
 from coordinator.aggregation import RunningSum
 from coordinator.blobs import BlobStore
 from coordinator.store import PartialSum, Store
-from coordinator.versions import RoundSums
+from coordinator.versions import RoundSums, StagedFold
 
 __all__ = ["PartialSums", "Replica", "combine", "partial_record"]
 
@@ -184,16 +184,18 @@ class PartialSums(RoundSums):
 
     def stage(
         self, task_id: str, round_id: int, num_parameters: int, delta: np.ndarray, weight: float
-    ) -> RunningSum:
-        return self._own_sum(task_id, round_id, num_parameters).folded(delta, weight)
+    ) -> StagedFold:
+        own = self._own_sum(task_id, round_id, num_parameters)
+        own.check(delta, weight)
+        return StagedFold(round_id, own.count, delta, weight)
 
-    def put(self, round_id: int, staged: RunningSum) -> None:
-        held = self._own.get(round_id)
-        if held is None or staged.count != held.count + 1:
-            self.drop(round_id)
+    def put(self, staged: StagedFold) -> None:
+        held = self._own.get(staged.round_id)
+        if held is None or held.count != staged.count:
+            self.drop(staged.round_id)
             return
-        self._own[round_id] = staged
-        self.replica.fold(round_id, lambda: _state_of(staged))
+        held.fold(staged.delta, staged.weight)
+        self.replica.fold(staged.round_id, lambda: _state_of(held))
 
     def drop(self, round_id: int) -> None:
         super().drop(round_id)

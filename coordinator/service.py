@@ -1056,7 +1056,7 @@ class Coordinator:
         return {
             "model_version": latest.model_version if latest else 0,
             "rounds_completed": latest.rounds_completed if latest else 0,
-            "updates_accepted": self.store.count_updates(),
+            "updates_accepted": self.store.count_accepted_updates(),
             "devices_registered": self.store.count_devices(),
             "tasks": [
                 {

@@ -11,8 +11,8 @@ transaction ends leaves only unreferenced blobs; the round is still open and com
 memory, derived from the store: for a round it has not seen (after a restart, or after
 :meth:`RoundSums.forget_task` dropped a task's sums on an error) it decodes and folds the round's
 accepted update payloads, which were stored before they were acknowledged. An update is
-staged first (:meth:`RoundSums.stage`: checked, summed into a copy), stored, and only then
-:meth:`RoundSums.put` in: a failed store leaves the sum as the database says. Memory stays
+staged first (:meth:`RoundSums.stage`: checked), stored, and only then :meth:`RoundSums.put`
+in: a failed store leaves the sum as the database says. Memory stays
 O(model size) per open round.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from coordinator.plan import TaskPlan
 from coordinator.store import Store, Task, Version
 from coordinator.tensors import decode_delta, encode_params, params_from_bytes, params_to_bytes
 
-__all__ = ["ModelVersions", "RoundSums"]
+__all__ = ["ModelVersions", "RoundSums", "StagedFold"]
 
 
 class ModelVersions:
@@ -110,6 +111,17 @@ def _running_statistics(manifest: dict[str, Any] | None) -> np.ndarray:
     return np.concatenate(spans) if spans else np.zeros(0, np.int64)
 
 
+@dataclass(frozen=True)
+class StagedFold:
+    """An update checked for a round's sum (:meth:`RoundSums.stage`), to fold once stored;
+    ``count``: the sum's count it was checked against."""
+
+    round_id: int
+    count: int
+    delta: np.ndarray
+    weight: float
+
+
 class RoundSums:
     def __init__(self, store: Store, blobs: BlobStore) -> None:
         self.store = store
@@ -130,19 +142,22 @@ class RoundSums:
 
     def stage(
         self, task_id: str, round_id: int, num_parameters: int, delta: np.ndarray, weight: float
-    ) -> RunningSum:
-        """The round's sum with one more update, not yet taken in (``ValueError`` if the
-        update could not count)."""
-        return self.get(task_id, round_id, num_parameters).folded(delta, weight)
+    ) -> StagedFold:
+        """One more update for the round's sum, checked (``ValueError`` if it could not
+        count) but not taken in."""
+        held = self.get(task_id, round_id, num_parameters)
+        held.check(delta, weight)
+        return StagedFold(round_id, held.count, delta, weight)
 
-    def put(self, round_id: int, staged: RunningSum) -> None:
-        """Take a staged sum in, once the update it adds is durable."""
-        held = self._sums.get(round_id)
-        if held is None or staged.count != held.count + 1:
+    def put(self, staged: StagedFold) -> None:
+        """Take a staged update in, once it is stored: folded in place (a batch of uploads
+        copies no sum; if its transaction fails, the policy forgets the task's sums)."""
+        held = self._sums.get(staged.round_id)
+        if held is None or held.count != staged.count:
             # Something else moved the sum in between: only the store knows the truth now.
-            self.drop(round_id)
+            self.drop(staged.round_id)
             return
-        self._sums[round_id] = staged
+        held.fold(staged.delta, staged.weight)
 
     def drop(self, round_id: int) -> None:
         self._sums.pop(round_id, None)

@@ -79,7 +79,7 @@ def overview(coord: Coordinator) -> dict[str, Any]:
         "tasks": tasks,
         "dp": any(t["epsilon"] is not None for t in tasks),
         "devices_registered": coord.store.count_devices(),
-        "updates_accepted": coord.store.count_updates(),
+        "updates_accepted": coord.store.count_accepted_updates(),
     }
 
 

@@ -20,7 +20,9 @@ A round of a task goes through::
 * **First come** (plan ``first_come``, plain plans only): no window to draw from. The round
   opens straight into reporting (``deadline_at = opened_at + round_deadline_s``) and its first
   ``target`` eligible check-ins are assigned directly: no candidate checks in twice, and no
-  round trip between the goal-th arrival and the cohort's assignments.
+  round trip between the goal-th arrival and the cohort's assignments. Its candidates are the
+  devices it took (each recorded with its assignment); the check-ins it turned away came
+  after its draw, like those after a window's.
 * **Configuration.** A selected device receives its assignment at its next check-in. While
   fewer than ``target`` assignments exist (too few candidates), later eligible check-ins are
   assigned directly until the deadline.
@@ -149,7 +151,10 @@ class SyncRounds(TaskPolicy):
                         now,
                         delivered_at=now,
                     )
-                    with store.relaxed_durability():  # its upload's commit syncs it
+                    # relaxed: its upload's commit syncs it
+                    with store.relaxed_durability(), store.atomic():
+                        if plan.first_come:  # no window: its candidates are those it takes
+                            store.add_candidate(rnd.round_id, device_id, now)
                         store.add_assignments([a])
                     return self._assignment(a, rnd, task, plan, now)
         return _wait(self.steer(task, plan, now), "window_full")
@@ -341,7 +346,7 @@ class SyncRounds(TaskPolicy):
         except ValueError as e:
             raise Unprocessable(f"update: {e}", ErrorCode.BAD_UPDATE) from e
         self.ctx.store.add_update(update)  # durable: the caller acknowledges after this
-        self.ctx.sums.put(update.round_id, staged)
+        self.ctx.sums.put(staged)
 
     def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None:
         store = self.ctx.store

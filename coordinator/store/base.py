@@ -303,7 +303,8 @@ class Store(ABC):
     @abstractmethod
     def delete_rounds(self, round_ids: Sequence[int]) -> None:
         """Delete closed rounds with every row that hangs off them (candidates, assignments,
-        updates, evaluation reports), in one transaction. An open round is refused with
+        updates, evaluation reports), in one transaction; the update rows are added to their
+        tasks' count of retired updates in it. An open round is refused with
         :class:`StoreError` and nothing is deleted."""
 
     # selection candidates
@@ -352,7 +353,13 @@ class Store(ABC):
 
     @abstractmethod
     def count_updates(self, round_id: int | None = None, device_id: str | None = None) -> int:
-        """Accepted updates of one round, or of all rounds (of one device, if given)."""
+        """Accepted updates of one round, or of all rounds (of one device, if given), among
+        those still stored."""
+
+    @abstractmethod
+    def count_accepted_updates(self) -> int:
+        """Every update ever accepted: those stored, plus those :meth:`delete_rounds` deleted
+        (counted per task in its transaction), so retention does not shrink the figure."""
 
     @abstractmethod
     def update_totals(self, round_id: int) -> UpdateTotals:

@@ -274,3 +274,11 @@ def replica_partial_sums(db: Schema) -> None:
         },
         pk=("round_id", "replica_id"),
     )
+
+
+@migration(7)
+def retired_updates(db: Schema) -> None:
+    """``tasks.updates_retired``: how many of the task's update rows retention deleted with
+    their rounds, added in the transaction that deletes them (NULL: none), so that the
+    updates ever accepted (the rows stored plus these) do not shrink with history."""
+    db.table("tasks").add_column("updates_retired", int)

@@ -387,6 +387,7 @@ class SQLStore(Store):
         self._update("rounds", {"round_id": round_id}, values)
 
     def delete_rounds(self, round_ids: Sequence[int]) -> None:
+        retired: dict[str, int] = {}  # task -> update rows deleted
         with self.atomic():
             for chunk in _chunks(round_ids):
                 marks = _marks(len(chunk))
@@ -397,9 +398,23 @@ class SQLStore(Store):
                 ).fetchall()
                 if still_open:
                     raise StoreError(f"round {still_open[0][0]} is open: not deleted")
-                for table in ("candidates", "updates", "eval_reports", "assignments",
-                              "secagg_events", "partial_sums", "rounds"):  # fmt: skip
+                # The rows this statement deleted, not a count read before it: a replica's
+                # concurrent pass over the same rounds counts each row once.
+                gone = self._execute(
+                    f"delete from updates where round_id in ({marks}) returning task_id", chunk
+                ).fetchall()
+                for (task_id,) in gone:
+                    retired[task_id] = retired.get(task_id, 0) + 1
+                for table in ("candidates", "eval_reports", "assignments", "secagg_events",
+                              "partial_sums", "rounds"):  # fmt: skip
                     self._execute(f'delete from "{table}" where round_id in ({marks})', chunk)
+            # Last, after the rounds' rows: an upload batch locks rounds before the task.
+            for task_id, n in sorted(retired.items()):
+                self._execute(
+                    "update tasks set updates_retired = coalesce(updates_retired, 0) + ? "
+                    "where task_id = ?",
+                    [n, task_id],
+                )
 
     # -- candidates -------------------------------------------------------------------------
 
@@ -498,6 +513,14 @@ class SQLStore(Store):
                 where.append(f"{column} = ?")
                 args.append(value)
         return self._count(f"select count(*) from updates where {' and '.join(where)}", args)
+
+    def count_accepted_updates(self) -> int:
+        # One statement: one snapshot of both tables (retention moves rows from one to the
+        # other in a transaction).
+        return self._count(
+            "select (select count(*) from updates) + "
+            "(select coalesce(sum(updates_retired), 0) from tasks)"
+        )
 
     def update_totals(self, round_id: int) -> UpdateTotals:
         # The accuracy is read out of each report once (PostgreSQL parses the JSON per read).

@@ -70,6 +70,45 @@ def test_running_sum_refuses_bad_input() -> None:
         s.fold(np.zeros(4), 0)
 
 
+def test_check_refuses_what_folded_refuses() -> None:
+    """``check`` (then an in-place ``fold``) refuses what ``folded`` (a checked copy) refuses,
+    and leaves the sum as it was either way."""
+    s = RunningSum(4)
+    s.fold(np.full(4, 1e308), 1.0)  # float64 sums can sit near the top of the range
+    before = s.total.copy()
+    bad = [
+        (np.array([1.0, np.nan, 0.0, 0.0], np.float32), 1.0),
+        (np.array([np.inf, 0.0, 0.0, 0.0], np.float32), 1.0),
+        (np.ones(4, np.float32), float("inf")),
+        (np.ones(4, np.float32), -1.0),
+        (np.ones(5, np.float32), 1.0),
+        (np.full(4, 1e308), 1.0),  # a float64 delta whose sum overflows
+        (np.full(4, 3e38, np.float32), 1e300),  # past the bound of 2**64: the sum is checked
+    ]
+    for delta, weight in bad:
+        with pytest.raises(ValueError):
+            s.folded(delta, weight)
+        with pytest.raises(ValueError):
+            s.check(delta, weight)
+    np.testing.assert_array_equal(s.total, before)
+    assert s.count == 1
+
+
+def test_check_then_fold_is_the_weighted_mean() -> None:
+    """float32 deltas at the edge of their range with weights near 2**63: the in-place fold
+    that ``check`` allows gives numpy's float64 weighted mean, finite."""
+    rng = np.random.default_rng(3)
+    deltas = [rng.uniform(-3e38, 3e38, N).astype(np.float32) for _ in range(5)]
+    weights = [float(2**63 - 1), 1.0, 7.0, float(2**62), 3.0]
+    s = RunningSum(N)
+    for d, w in zip(deltas, weights, strict=True):
+        s.check(d, w)
+        s.fold(d, w)
+    expected = np.average(np.stack(deltas).astype(np.float64), axis=0, weights=weights)
+    assert np.isfinite(s.total).all()
+    np.testing.assert_allclose(s.mean(), expected, rtol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("spec", "kwargs"),
     [

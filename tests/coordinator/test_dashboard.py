@@ -203,6 +203,24 @@ def test_task_and_round_figures_agree_with_what_was_sent(
     assert svc["queue_depth"] == 0
 
 
+def test_a_first_come_round_shows_the_devices_it_took_as_candidates(
+    clocked_coordinator: EmbeddedCoordinator, tiny_bundle: Path
+) -> None:
+    coord = clocked_coordinator
+    admin = coord.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    plan = {"goal": 2, "over_selection": 1.5, "first_come": True, "rounds": 5,
+            "round_deadline_s": 600.0}  # fmt: skip
+    task_id = admin.create_task(bundle_id, plan, name="first come")["task_id"]
+    answers = [DeviceHTTP(coord).check_in() for _ in range(5)]
+    assert [a["action"] for a in answers] == ["train"] * 3 + ["wait"] * 2
+    status, d = _get(coord, Route.ADMIN_DASHBOARD_TASK.format(task_id=task_id),
+                     coord.admin_token)  # fmt: skip
+    assert status == 200
+    (rnd,) = d["rounds"]
+    assert rnd["state"] == "reporting" and (rnd["candidates"], rnd["selected"]) == (3, 3)
+
+
 @pytest.mark.parametrize(
     ("note", "parsed"),
     [
@@ -256,6 +274,8 @@ def test_rounds_retention_deleted_leave_the_views_but_not_the_counters(
     key = {"mode": "sync", "outcome": "committed"}
     assert sample(rescraped, "fedge_round_duration_seconds_count", **key) == 2
     assert coordinator.call(store.count_updates) == 1  # the store itself went down
+    overview = _get(coordinator, Route.ADMIN_DASHBOARD_OVERVIEW, coordinator.admin_token)[1]
+    assert overview["updates_accepted"] == 2  # as /v1/status: every update accepted
 
 
 def test_epsilon_column_shows_the_spent_privacy_of_dp_tasks_only(

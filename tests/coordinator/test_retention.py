@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -272,7 +273,10 @@ PLAN = {"rounds": 1000, "goal": GOAL, "over_selection": 1.0, "selection_window_s
         "round_deadline_s": 600.0, "server_optimizer": {"name": "fedadam"}}  # fmt: skip
 
 
-def _one_round(devices: list[DeviceHTTP], clock: FakeClock, seed: int) -> None:
+Sent = tuple[DeviceHTTP, str, str, np.ndarray]  # device, assignment, idempotency key, delta
+
+
+def _one_round(devices: list[DeviceHTTP], clock: FakeClock, seed: int) -> list[Sent]:
     """Every device checks in until it holds an assignment, then uploads: one commit."""
     clock.advance(1.0)  # a tick (and a retention pass) is due
     held: dict[str, tuple[DeviceHTTP, str]] = {}
@@ -284,9 +288,12 @@ def _one_round(devices: list[DeviceHTTP], clock: FakeClock, seed: int) -> None:
                     held[d.device_id] = (d, answer["assignment"]["assignment_id"])
     assert len(held) == len(devices)
     rng = np.random.default_rng(seed)
-    for d, aid in held.values():
-        status, body = d.upload(aid, rng.normal(0, 0.01, N).astype(np.float32))
+    sent = [(d, aid, uuid.uuid4().hex, rng.normal(0, 0.01, N).astype(np.float32))
+            for d, aid in held.values()]  # fmt: skip
+    for d, aid, key, delta in sent:
+        status, body = d.upload(aid, delta, key=key)
         assert status == 200, body
+    return sent
 
 
 def _table_counts(db: Path) -> dict[str, int]:
@@ -314,7 +321,7 @@ def test_many_rounds_stay_bounded_and_a_restart_continues(
         devices = [DeviceHTTP(coord) for _ in range(GOAL)]
         sizes = []
         for r in range(24):
-            _one_round(devices, fake_clock, r)
+            last = _one_round(devices, fake_clock, r)
             devices[0].params(task_id, "current")  # every version's frame gets made once
             if r in (9, 23):
                 coord.call(coord.service.tick)
@@ -337,6 +344,11 @@ def test_many_rounds_stay_bounded_and_a_restart_continues(
         current = decode_tensor(devices[0].params(task_id, "current"))
         numbers = [r["round"] for r in admin.rounds(task_id)]
         assert numbers == sorted(numbers) and numbers[-1] == 24
+        # every upload acknowledged, though most rows are gone; a resend is not one more
+        d, aid, key, delta = last[0]
+        status, receipt = d.upload(aid, delta, key=key)
+        assert status == 200 and receipt["accepted"], receipt
+        assert admin.status()["updates_accepted"] == 24 * GOAL > counts["updates"]
 
     with EmbeddedCoordinator(db, clock=fake_clock, seed=2, **config) as coord:
         for d in devices:
@@ -351,6 +363,7 @@ def test_many_rounds_stay_bounded_and_a_restart_continues(
         assert admin.rounds(task_id)[-1]["round"] == 25
         coord.call(coord.service.tick)
         assert _table_counts(db)["versions"] == 3
+        assert admin.status()["updates_accepted"] == 25 * GOAL  # across the restart
 
 
 def test_parameter_frames_are_encoded_once_and_served_conditionally(

@@ -11,6 +11,11 @@ counted at the seams where durability happens:
   payloads) and ``delete``;
 * every ``os.fsync`` (blob files and directories).
 
+With DP-FedAvg's adaptive clipping (``dp=True``: sync rounds, the plan's ``dp.adaptive``),
+the commit's write of the round's metrics, which holds the next round's clipping bound
+(``clip_next``), and the commit of its transaction are labelled steps of their own
+(:data:`BOUND_WRITE`, :data:`BOUND_COMMIT`), so that a sweep can fail them by name.
+
 A clean run lists the steps; scenario ``i`` fails step ``i`` once, either as the error the
 disk would give (``ENOSPC`` / SQLite's "database or disk is full") with the same process
 going on, or as a crash (:class:`Crash`, which no ``except Exception`` catches) followed by a
@@ -20,7 +25,12 @@ same idempotency key, as the SDK does, until the workload completes.
 :func:`check_invariants` then holds the run to: every acknowledged update stored and in
 exactly one committed version; nothing stored that was not acknowledged; each version the
 numpy reference of exactly its round's acknowledged updates (FedAvg weights, async
-staleness weights); versions monotonic and contiguous; no task failed. Durability of each
+staleness weights); versions monotonic and contiguous; no task failed. With DP, whose
+noise no reference reproduces, each version is instead held to its round's DP record: the
+record's bound is the one every device of the round was given, and the previous record's
+``clip_next`` (the plan's ``clip`` for the first); the record counts the round's
+acknowledged updates; what the version adds to its base is the updates clipped to that
+bound over the goal plus noise of the recorded scale. Durability of each
 acknowledgement is checked when it is given: the update's row is visible to another
 connection, and its payload blob's directory entry was fsync'ed after the blob was renamed
 into place (the fsync ledger).
@@ -52,7 +62,17 @@ from edge_sdk.codecs import encode_update
 from edge_sdk.protocol import device_auth_header
 from tests.fixtures.coordinator import GOOD_CONDITIONS, make_synthetic_bundle
 
-__all__ = ["MODES", "Crash", "Fault", "Fleet", "Ledger", "check_invariants", "run_scenario"]
+__all__ = [
+    "BOUND_COMMIT",
+    "BOUND_WRITE",
+    "MODES",
+    "Crash",
+    "Fault",
+    "Fleet",
+    "Ledger",
+    "check_invariants",
+    "run_scenario",
+]
 
 N = 48  # parameters of the synthetic model
 STORE_WRITES = tuple(
@@ -77,6 +97,12 @@ PLANS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 MODES = tuple(PLANS)
+# DP-FedAvg with adaptive clipping (sync only: DP refuses async): a first bound below most
+# updates' norms (about 0.07), so that the bound matters and moves.
+DP_PLAN = {"clip": 0.05, "noise_multiplier": 1.0,
+           "adaptive": {"quantile": 0.5, "lr": 0.2, "bit_noise": 5.0}}  # fmt: skip
+BOUND_WRITE = "store.update_round[dp.clip_next]"
+BOUND_COMMIT = "store.commit[dp.clip_next]"
 
 
 class Crash(BaseException):
@@ -150,13 +176,25 @@ def os_seams(fault_of: Callable[[], Fault | None], ledger: Ledger) -> Iterator[N
         os.fsync, os.replace = real_fsync, real_replace
 
 
+def _records_bound(label: str, kwargs: dict[str, Any]) -> bool:
+    """Whether a store write is a DP commit's round metrics with the next clipping bound."""
+    metrics = kwargs.get("metrics")
+    dp = metrics.get("dp") if label == "store.update_round" and metrics else None
+    return isinstance(dp, dict) and "clip_next" in dp
+
+
 def instrument(coord: Coordinator, fault: Fault) -> None:
     """Count (and fail) ``coord``'s store writes, commits and blob writes."""
     store, blobs = coord.store, coord.blobs
+    bounds_written = [0]  # a transaction that saw one more commits a clipping bound
 
     def counted(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            fault.step(label)
+            if _records_bound(label, kwargs):
+                bounds_written[0] += 1
+                fault.step(BOUND_WRITE)
+            else:
+                fault.step(label)
             return fn(*args, **kwargs)
 
         return wrapper
@@ -168,9 +206,11 @@ def instrument(coord: Coordinator, fault: Fault) -> None:
     def atomic() -> AbstractContextManager[None]:
         @contextmanager
         def block() -> Iterator[None]:
+            before = bounds_written[0]
             with real_atomic():
                 yield
-                fault.step("store.commit")  # raising here rolls the transaction back
+                # raising here rolls the transaction back
+                fault.step(BOUND_COMMIT if bounds_written[0] > before else "store.commit")
 
         return block()
 
@@ -194,6 +234,7 @@ class Ack:
     base_version: int  # the version the device trained on (its assignment's)
     delta: np.ndarray
     num_examples: int
+    clip: float | None = None  # DP: the clipping bound the assignment gave the device
 
 
 class Fleet:
@@ -207,6 +248,7 @@ class Fleet:
         ledger: Ledger,
         num_parameters: int = N,
         robust: bool = False,
+        dp: bool = False,
     ) -> None:
         self.root, self.mode, self.fault, self.ledger = root, mode, fault, ledger
         self.num_parameters = num_parameters
@@ -226,8 +268,12 @@ class Fleet:
         bundle_id = self.coord.add_bundle(tar_directory(bundle))["bundle_id"]
         # robust: the plan's default defences (weight cap, adaptive clipping), whose commit
         # reads the updates back from the blob store and keeps a clipping bound
-        self.plan = {k: v for k, v in PLANS[mode].items() if not (robust and k == "robust")}
-        self.reference = not robust
+        self.plan = {k: v for k, v in PLANS[mode].items()
+                     if not ((robust or dp) and k == "robust")}  # fmt: skip
+        if dp:  # DP-FedAvg brings its own clipping and refuses a robust plan
+            self.plan["dp"] = DP_PLAN
+        self.dp = dp
+        self.reference = not (robust or dp)
         body = {"bundle_id": bundle_id, "mode": mode, "plan": self.plan}
         self.task_id = self.coord.create_task(json.dumps(body).encode())["task_id"]
         self.devices: list[DeviceIdentity] = []
@@ -312,7 +358,8 @@ class Fleet:
             answer = self.call(lambda: self.coord.upload(who, aid, key, header, frame))
             if answer is not None and answer.get("accepted"):
                 self._check_durable(aid)
-                self.acks[aid] = Ack(device, aid, base, delta, n)
+                clip = assignment["plan"]["dp"]["clip"] if self.dp else None
+                self.acks[aid] = Ack(device, aid, base, delta, n, clip)
                 return
         raise AssertionError(f"device {device}'s upload was never acknowledged: {self.refusals}")
 
@@ -385,14 +432,42 @@ def check_invariants(fleet: Fleet) -> None:
         if fleet.mode == "async":  # FedBuff: n / sqrt(1 + staleness), staleness vs v - 1
             weights /= np.sqrt(1.0 + np.array([v - 1 - u.base_version for u in ups], float))
         mean = (weights[:, None] * deltas).sum(0) / weights.sum()
-        params = (params.astype(np.float64) + mean).astype(np.float32)
         got = np.frombuffer(blobs.read(params_sha), dtype="<f4")
         if fleet.reference:
-            np.testing.assert_allclose(got, params, rtol=1e-6, atol=1e-7, err_msg=f"version {v}")
+            expected = (params.astype(np.float64) + mean).astype(np.float32)
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7, err_msg=f"version {v}")
+        if fleet.dp:
+            check_dp_round(fleet, v, ups, params, got)
         assert np.isfinite(got).all()
         params = got
     assert sum(1 for _ in stored) == len(fleet.acks)
     assert math.isfinite(float(np.abs(params).sum()))
+
+
+def check_dp_round(
+    fleet: Fleet, version: int, ups: list[Ack], base: np.ndarray, got: np.ndarray
+) -> None:
+    """Version ``version`` against its round's DP record (``base``: the version before)."""
+    records = {v: json.loads(m)["dp"] for v, m in fleet.read(
+        "select v.version, r.metrics from versions v join rounds r on r.round_id = v.round_id"
+    )}  # fmt: skip
+    record = records[version]
+    first = float(fleet.plan["dp"]["clip"])
+    bound = first if version == 1 else float(records[version - 1]["clip_next"])
+    chosen = f"the bound chosen before version {version} was {bound}"
+    assert record["clip"] == bound, f"{chosen}, it committed at {record['clip']}"
+    given = {u.clip for u in ups}
+    assert given == {bound}, f"{chosen}, its devices were given {given}"
+    assert record["reports"] == len(ups) and record["rounds"] == version, record
+    assert math.isfinite(record["clip_next"]) and record["clip_next"] > 0, record
+    goal = record["denominator"]
+    deltas = [u.delta.astype(np.float64) for u in ups]
+    clipped = sum(d * min(1.0, bound / float(np.linalg.norm(d))) for d in deltas)
+    noise = got.astype(np.float64) - base.astype(np.float64) - clipped / goal
+    # The noise's scale (its own multiplier, a little above the plan's with adaptive
+    # clipping): 48 draws put the sample std within 0.5x-2x with overwhelming probability.
+    expected = record["noise_multiplier"] * bound / goal
+    assert 0.5 < float(noise.std()) / expected < 2.0, (float(noise.std()), expected)
 
 
 def run_scenario(
@@ -403,16 +478,18 @@ def run_scenario(
     *,
     num_parameters: int = N,
     robust: bool = False,
+    dp: bool = False,
     prepare: Callable[[Fleet], None] = lambda fleet: None,
 ) -> Fleet:
     """One scenario end to end (then a clean restart, which must change nothing);
-    ``prepare`` runs after the setup, before the workload."""
+    ``prepare`` runs after the setup, before the workload; ``dp``: a sync workload with
+    DP-FedAvg's adaptive clipping."""
     root.mkdir(parents=True, exist_ok=True)
     fault = Fault(at=at, crash=crash)
     ledger = Ledger()
     current: list[Fault | None] = [None]
     with os_seams(lambda: current[0], ledger):
-        fleet = Fleet(root, mode, fault, ledger, num_parameters, robust)
+        fleet = Fleet(root, mode, fault, ledger, num_parameters, robust, dp)
         prepare(fleet)
         current[0] = fault
         fleet.run()

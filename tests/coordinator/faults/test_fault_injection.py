@@ -5,6 +5,9 @@ The default suite fails the first two occurrences of every kind of step (each st
 commit, blob write and delete, fsync) in both modes; ``--slow`` fails every single step, with
 plain FedAvg (checked against numpy) and with the plan's default robust aggregation (whose
 commit reads updates back from the blob store; checked for everything but the values).
+DP-FedAvg with adaptive clipping runs as a third sync workload: the default suite fails its
+clipping bound's write and that write's commit, ``--slow`` every step (each version checked
+against its round's DP record and the bound chain, see :func:`.harness.check_dp_round`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.coordinator.faults.harness import MODES, Fleet, run_scenario
+from tests.coordinator.faults.harness import BOUND_COMMIT, BOUND_WRITE, MODES, Fleet, run_scenario
 
 VARIANTS = ("error", "crash")
 # Seams the workloads must pass through, or the sweep proves less than it claims.
@@ -39,6 +42,12 @@ def scratch() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="fedge-faults-", dir=parent))
     yield root
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dp_steps(scratch: Path) -> list[str]:
+    """The durable steps of the DP workload's clean run (checked like the others)."""
+    return run_scenario(scratch / "clean-dp", "sync", None, False, dp=True).fault.steps
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +74,14 @@ def _sweep(
     indices: Iterable[int],
     steps: list[str],
     robust: bool = False,
+    dp: bool = False,
 ) -> None:
     failures, outcomes = [], []
     for i in indices:
         where = root / f"{mode}-{variant}-{i}"
         try:
-            fleet: Fleet = run_scenario(where, mode, i, variant == "crash", robust=robust)
+            crash = variant == "crash"
+            fleet: Fleet = run_scenario(where, mode, i, crash, robust=robust, dp=dp)
         except Exception as e:  # collected: one scenario's failure must not hide the others'
             failures.append(f"step {i} ({steps[i]}): {type(e).__name__}: {str(e)[:400]}")
             continue
@@ -86,6 +97,23 @@ def _sweep(
 def test_the_workloads_pass_through_every_seam(steps: dict[str, list[str]]) -> None:
     for mode in MODES:
         assert set(steps[mode]) >= REQUIRED, REQUIRED - set(steps[mode])
+
+
+def test_the_dp_workload_writes_and_commits_the_clipping_bound(dp_steps: list[str]) -> None:
+    # once per version: the sweep below fails each of them
+    assert dp_steps.count(BOUND_WRITE) == dp_steps.count(BOUND_COMMIT) == 2
+    assert set(dp_steps) >= REQUIRED | {BOUND_WRITE, BOUND_COMMIT}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_adaptive_clipping_bound_write_failing(
+    scratch: Path, dp_steps: list[str], variant: str
+) -> None:
+    """A failure at the bound's write or its commit, or a crash there: the round commits on
+    a retry (or after the restart) and every version is at the bound the one before chose,
+    which is the bound its devices were given."""
+    at = [i for i, label in enumerate(dp_steps) if label in (BOUND_WRITE, BOUND_COMMIT)]
+    _sweep(scratch / "dp", "sync", variant, at, dp_steps, dp=True)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -116,3 +144,11 @@ def test_every_durable_step_failing_with_robust_defaults(
                          robust=True)  # fmt: skip
     steps = clean.fault.steps
     _sweep(scratch / "robust", mode, variant, range(len(steps)), steps, robust=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_durable_step_failing_with_adaptive_dp(
+    scratch: Path, dp_steps: list[str], variant: str
+) -> None:
+    _sweep(scratch / "dp-all", "sync", variant, range(len(dp_steps)), dp_steps, dp=True)

@@ -2,7 +2,8 @@
 or SQLite file): check-ins racing on every replica at once. The round's lock bounds the
 fills: exactly ``goal x over_selection`` assignments, each device at most once, every
 device turned away steered (told when to come back), and none turned away from a free slot
-(a fill waits for the lock rather than skip the round)."""
+(a fill waits for the lock rather than skip the round); each device taken recorded as the
+round's candidate, in the transaction of its assignment."""
 
 from __future__ import annotations
 
@@ -51,10 +52,13 @@ def test_racing_check_ins_fill_exactly_the_free_slots_once(
         try:
             [rnd] = store.list_rounds(task_id)  # opened once
             rows = store.round_assignments(rnd.round_id)
+            candidates = store.candidates(rnd.round_id)
         finally:
             store.close()
     assigned = {a.device_id: a.assignment_id for a in rows}
     assert len(rows) == len(assigned) == TARGET  # never more, each device at most once
+    # the round's candidates: the devices it took (a lost race records none)
+    assert sorted(candidates) == sorted(assigned)
     given: dict[str, set[str]] = {}
     for (k, _), answer in zip(callers, answers, strict=True):
         if answer["action"] == "train":

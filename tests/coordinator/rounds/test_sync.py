@@ -138,6 +138,8 @@ def test_first_come_assigns_the_first_target_check_ins_at_once(fleet, fake_clock
         assert d.upload(a["assignment_id"], _delta(i), num_examples=3 + i)[0] == 200
     r = f.rounds()[0]
     assert r["state"] == "committed" and r["metrics"]["participants"] == 12
+    # its candidates are the check-ins it took: those turned away came after its "draw"
+    assert r["metrics"]["candidates"] == 12
     expected = base + np.average(
         np.stack([_delta(i) for i in range(10)]), axis=0, weights=[3 + i for i in range(10)]
     )
@@ -148,6 +150,7 @@ def test_first_come_assigns_the_first_target_check_ins_at_once(fleet, fake_clock
     # too few reports by the deadline: abandoned as any round, the version stays
     fake_clock.advance(61.0)
     assert [r["state"] for r in f.rounds()] == ["committed", "abandoned"]
+    assert f.rounds()[1]["metrics"]["candidates"] == 1
     assert f.admin.task(f.task_id)["model_version"] == 1
 
 

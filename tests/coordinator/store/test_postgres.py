@@ -4,6 +4,7 @@ same database at once, keys the database generates after a copy."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -138,3 +139,41 @@ def test_processes_starting_together_migrate_once(postgres_url: str) -> None:
     assert [v for v, _ in stores[0].snapshot()["schema_version"]] == sorted(MIGRATIONS)
     for s in stores:
         s.close()
+
+
+def test_replicas_deleting_the_same_rounds_count_their_updates_once(postgres_url: str) -> None:
+    """Two replicas' retention passes over the same rounds: the second one's delete waits for
+    the first's row locks and then finds the rows gone, so it retires nothing more (a count
+    read before its delete would have counted them again)."""
+    first, second = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    _fill(first)
+    done = first.list_rounds("t-1")[0]
+    assert done.state == "committed" and first.count_accepted_updates() == 2
+    errors: list[BaseException] = []
+
+    def delete() -> None:
+        try:
+            second.delete_rounds([done.round_id])
+        except BaseException as e:
+            errors.append(e)
+
+    late = threading.Thread(target=delete)
+    with first.atomic():
+        first.delete_rounds([done.round_id])
+        late.start()
+        pid = second.conn.info.backend_pid
+        with psycopg.connect(postgres_url, autocommit=True) as watcher:
+            for _ in range(1000):  # until the second waits for the first's locks
+                row = watcher.execute(
+                    "select wait_event_type from pg_stat_activity where pid = %s", [pid]
+                ).fetchone()
+                if row is not None and row[0] == "Lock":
+                    break
+                time.sleep(0.01)
+            else:
+                pytest.fail("the second delete never waited for the first's row locks")
+    late.join(30)
+    assert errors == [] and not late.is_alive()
+    assert first.count_updates() == 1 and second.count_accepted_updates() == 2
+    first.close()
+    second.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,25 @@ def _device(device_id: str = "d-1") -> Device:
     return Device(device_id, "00" * 16, "ab" * 32, "linux", "x86_64", ("ort-step",), "default", 5.0)
 
 
+def _round_with_updates(store: Store, task_id: str, state: str, n: int) -> int:
+    """A round of ``task_id`` in ``state`` with ``n`` accepted updates; returns its id."""
+    rnd = store.add_round(_round(task_id, "reporting"))
+    for i in range(n):
+        aid = f"{task_id}-{rnd.round_id}-{i}"
+        store.add_assignments([Assignment(aid, rnd.round_id, task_id, aid, "train", "delivered",
+                                          1.0)])  # fmt: skip
+        store.add_update(Update(aid, rnd.round_id, task_id, aid, "k", "5" * 64, 1, 1, None, {},
+                                2.0, {}))  # fmt: skip
+    if state != "reporting":
+        store.update_round(rnd.round_id, state=state, closed_at=3.0)
+    return rnd.round_id
+
+
+def _rows(store: SQLStore, table: str) -> list[dict[str, Any]]:
+    cols = store._columns(table)
+    return [dict(zip(cols, row, strict=True)) for row in store.snapshot()[table]]
+
+
 @pytest.fixture(params=["sqlite-file", "sqlite-memory", "postgres"])
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
     """Opens the test's database, the same one on each call as a new process would (except
@@ -56,6 +76,15 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
     if request.param == "sqlite-memory":
         return lambda: SQLiteStore(":memory:")
     return lambda: SQLiteStore(tmp_path / "store.db")
+
+
+def _reopenable(opener: Opener) -> SQLStore:
+    """The test's store, where opening it again finds the same data (not in memory)."""
+    s = opener()
+    if isinstance(s, SQLiteStore) and s.path == ":memory:":
+        s.close()
+        pytest.skip("an in-memory database ends with its connection")
+    return s
 
 
 @pytest.fixture
@@ -377,6 +406,38 @@ class TestStore:
         assert with_task.get_update("a-2") is not None
         assert with_task.candidates(live.round_id) == ["a-2"]
 
+    def test_accepted_updates_outlive_their_deleted_rounds(self, opener: Opener) -> None:
+        """Deleting rounds counts their update rows into their tasks' retired updates in the
+        same transaction, so the updates ever accepted stay the total: across a reopen (a
+        restart), a refused delete and a second delete of the same rounds."""
+        store = _reopenable(opener)
+        store.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
+        closed: dict[str, int] = {}
+        for task_id, n in (("t-1", 3), ("t-2", 2)):
+            store.add_task(_task(task_id))
+            closed[task_id] = _round_with_updates(store, task_id, "committed", n)
+        live = _round_with_updates(store, "t-1", "reporting", 1)
+        empty = store.add_round(_round("t-2", "abandoned")).round_id
+        assert store.count_accepted_updates() == store.count_updates() == 6
+        before = store.snapshot()
+        with pytest.raises(StoreError):
+            store.delete_rounds([closed["t-1"], live])
+        assert store.snapshot() == before
+        store.delete_rounds([closed["t-1"], closed["t-2"], empty])
+        assert store.count_updates() == 1 and store.count_accepted_updates() == 6
+        store.delete_rounds([closed["t-1"]])  # gone already: nothing to count again
+        assert store.count_accepted_updates() == 6
+        store.close()
+        store = opener()
+        assert store.count_accepted_updates() == 6
+        store.update_round(live, state="committed")
+        store.delete_rounds([live])
+        assert store.count_updates() == 0 and store.count_accepted_updates() == 6
+        # kept per task, beside the task's other counters
+        retired = {r["task_id"]: r["updates_retired"] for r in _rows(store, "tasks")}
+        assert retired == {"t-1": 4, "t-2": 2}
+        store.close()
+
     def test_partial_sums_replace_per_replica_and_go_with_their_round(
         self, with_task: Store
     ) -> None:
@@ -435,10 +496,7 @@ class TestStore:
         assert with_task.secagg_events(r.round_id) == []
 
     def test_survives_reopen_and_migrates_once(self, opener: Opener) -> None:
-        s = opener()
-        if isinstance(s, SQLiteStore) and s.path == ":memory:":
-            s.close()
-            pytest.skip("an in-memory database ends with its connection")
+        s = _reopenable(opener)
         s.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
         s.add_task(_task())
         s.close()
@@ -447,6 +505,22 @@ class TestStore:
         assert again.schema_version == max(MIGRATIONS)
         assert len(again.snapshot()["schema_version"]) == len(MIGRATIONS)
         again.close()
+
+    def test_tasks_of_an_older_schema_count_their_retired_updates_from_none(
+        self, opener: Opener
+    ) -> None:
+        with pytest.MonkeyPatch.context() as m:
+            m.delitem(MIGRATIONS, 7)  # a database made before tasks.updates_retired
+            old = _reopenable(opener)
+            old.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
+            old.add_task(_task())
+            done = _round_with_updates(old, "t-1", "committed", 2)
+            old.close()
+        store = opener()
+        assert store.schema_version == 7 and store.count_accepted_updates() == 2
+        store.delete_rounds([done])
+        assert store.count_updates() == 0 and store.count_accepted_updates() == 2
+        store.close()
 
     def test_refuses_a_newer_schema(self, store: SQLStore) -> None:
         version = {"version": max(MIGRATIONS) + 1, "applied_at": 0.0}
