@@ -139,7 +139,7 @@ class Fold:
 
 @dataclass(frozen=True)
 class Staged:
-    """An update checked and folded into a copy of the buffer's totals, not yet applied.
+    """An update checked against the buffer, not yet folded in.
 
     The coordinator stages an update, stores it durably, then :meth:`AsyncBuffer.apply`-s
     the staged fold: whatever fails in between leaves the buffer as it was.
@@ -148,10 +148,9 @@ class Staged:
     staleness: int
     weight: float
     version: int  # the buffer version it was staged on
-    sum: RunningSum
+    count: int  # updates in the buffer it was staged on
+    delta: np.ndarray
     examples: int
-    staleness_sum: int
-    staleness_max: int
 
 
 class AsyncBuffer:
@@ -211,25 +210,19 @@ class AsyncBuffer:
         """Everything :meth:`fold` checks and computes, without changing the buffer."""
         staleness = self.check(delta, num_examples, base_version)
         weight = num_examples * self.config.staleness.weight(staleness)
-        return Staged(
-            staleness=staleness,
-            weight=weight,
-            version=self.version,
-            sum=self._sum.folded(delta, weight),  # ValueError if the sum would overflow
-            examples=self._examples + int(num_examples),
-            staleness_sum=self._staleness_sum + staleness,
-            staleness_max=max(self._staleness_max, staleness),
-        )
+        self._sum.check(delta, weight)  # ValueError if the sum would overflow
+        return Staged(staleness=staleness, weight=weight, version=self.version,
+                      count=len(self), delta=delta, examples=int(num_examples))  # fmt: skip
 
     def apply(self, staged: Staged, *, commit: bool = True) -> Fold:
         """Take a staged fold in; on the K-th update (unless ``commit=False``), return the
         commit and start the next version's buffer."""
-        if staged.version != self.version or staged.sum.count != len(self) + 1:
+        if staged.version != self.version or staged.count != len(self):
             raise ValueError("the fold was staged on another state of this buffer")
-        self._sum = staged.sum
-        self._examples = staged.examples
-        self._staleness_sum = staged.staleness_sum
-        self._staleness_max = staged.staleness_max
+        self._sum.fold(staged.delta, staged.weight)  # in place: no copy of the sum per update
+        self._examples += staged.examples
+        self._staleness_sum += staged.staleness
+        self._staleness_max = max(self._staleness_max, staged.staleness)
         done = commit and len(self) >= self.config.buffer_k
         return Fold(staged.staleness, staged.weight, 0 if done else len(self),
                     self._commit() if done else None)  # fmt: skip
