@@ -91,6 +91,13 @@ MAX_IDEMPOTENCY_KEY = 128
 # sums finite, so no round's metrics hold an infinity that JSON cannot carry.
 MAX_LOSS = 1e9
 ABORT_REASONS = ("conditions_lapsed", "error", "user")
+# Among replicas, how often a batch takes its locks again because one of its tasks opened a
+# round while it waited (each time another transaction got there first), before a 503.
+LOCK_TRIES = 8
+
+
+class _RoundOpened(Exception):
+    """A round opened while a batch took its locks (:meth:`Coordinator._lock_rounds`)."""
 
 
 @dataclass(frozen=True)
@@ -329,6 +336,8 @@ class Coordinator:
         now = self.clock.now()
         try:
             with self.store.atomic():
+                if self.replica is not None:  # the open round before the task's row
+                    self._lock_in_order_retrying(set(), [task.task_id])
                 self.store.update_task(task.task_id, state="failed", failure=reason)
                 rnd = self.store.open_round(task.task_id)
                 if rnd is not None:
@@ -713,17 +722,47 @@ class Coordinator:
 
     def _lock_rounds(self, staged: Sequence[StagedUpload]) -> None:
         """Among replicas, before a batch stores anything: lock every round its uploads will
-        lock, in round order. An upload locks its assignment's round and, in an async task,
-        the open buffer round it folds into (then, opening the next one, the task's row):
-        taken upload by upload, two batches would take them in opposite orders and
-        deadlock. A round this transaction opens is its own until it commits."""
-        rounds = {s.admitted.round_id for s in staged}
-        for task_id in {s.admitted.task_id for s in staged}:
-            current = self.store.open_round(task_id)
-            if current is not None:
-                rounds.add(current.round_id)
-        for round_id in sorted(rounds):
-            self.store.lock_round(round_id)
+        lock, in round order, then its tasks' rows, in task-id order. Commits and closes
+        keep that order (they hold their round, then update their task's row); opening a
+        round takes only the task's row (the new round is its opener's until it commits).
+        Locked upload by upload, batches would deadlock: one holding an older version's
+        round and then the buffer round, another the two the other way round; or, at an
+        async buffer's turn-over (no round open), each holding one task's row to open its
+        next buffer and then wanting the other's, or one holding the row and then wanting
+        the buffer round that another replica opened meanwhile and is committing.
+
+        Once the rows are held, no other transaction can open a round of these tasks; a
+        round one opened while this waited would be locked after a row, out of order: the
+        locks are let go (a savepoint rolled back) and taken again, that round among them."""
+        self._lock_in_order_retrying(
+            {s.admitted.round_id for s in staged}, sorted({s.admitted.task_id for s in staged})
+        )
+
+    def _lock_in_order_retrying(self, assigned: set[int], task_ids: list[str]) -> None:
+        """``assigned`` rounds and the tasks' open rounds, then the tasks' rows (see
+        :meth:`_lock_rounds`), taken again if a round opened meanwhile."""
+        for _ in range(LOCK_TRIES):
+            try:
+                with self.store.atomic():
+                    self._lock_in_order(assigned, task_ids)
+                return
+            except _RoundOpened:
+                continue
+        raise Overloaded("buffer rounds are turning over; try again", 1.0)
+
+    def _lock_in_order(self, assigned: set[int], task_ids: list[str]) -> None:
+        current = {t: self.store.open_round(t) for t in task_ids}
+        rounds = assigned | {r.round_id for r in current.values() if r is not None}
+        locked = {round_id: self.store.lock_round(round_id) for round_id in sorted(rounds)}
+        for task_id in task_ids:
+            self.store.lock_task(task_id)
+        for task_id, rnd in current.items():
+            held = None if rnd is None else locked[rnd.round_id]
+            if held is not None and held.is_open:
+                continue  # it cannot close now, and no other round opens while it is open
+            found = self.store.open_round(task_id)
+            if found is not None and found.round_id not in rounds:
+                raise _RoundOpened
 
     def _drop_refused_payloads(
         self, staged: Sequence[StagedUpload], done: Sequence[object]
