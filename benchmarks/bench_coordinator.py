@@ -38,7 +38,10 @@ Measured, in rounds of one coordinator (tree) each:
   there; ``FEDGE_BENCH_BASELINE=""`` skips it). Rounds at group commit off and of the
   baseline acknowledge a few hundred uploads/s at most, so they are ``SLOW_UPDATES`` long;
 * the durable path in-process (no HTTP): one by one versus batches of 32, the thread's wall
-  time split into CPU, waiting for a CPU and blocked on the disk; and the int8 decode's CPU.
+  time split into CPU, waiting for a CPU and blocked on the disk; and the int8 decode's CPU;
+* the platform's floor, after the rounds: the same uploads and connections against
+  ``upload_floor.py`` (aiohttp reading each body and making it durable with the coordinator's
+  blob store, nothing else), new connections and keep-alive in each repeat.
 
 The implied capacity of one core is 1,000 / (server CPU ms per request).
 
@@ -330,6 +333,30 @@ def run_round(
         coord.stop()
 
 
+def upload_floor(frames: list[bytes], workdir: Path, keep_alive: bool) -> dict[str, Any]:
+    """The same uploads, load and connections against ``upload_floor.py`` (aiohttp and one
+    durable payload per upload, nothing else): what this machine allows before the
+    coordinator's own work."""
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("upload_floor.py")),
+         tempfile.mkdtemp(dir=workdir)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        uploads = [loadgen.upload_request(port, ("d-floor", "s"), f"a-{i}", frame,
+                                          {"num_examples": 20}, close=not keep_alive)
+                   for i, frame in enumerate(frames)]  # fmt: skip
+        up, cpu = _measured(server.pid, port, uploads, UPLOAD_CONNECTIONS,
+                            loadgen.expect_status(200))  # fmt: skip
+        return {"keep_alive": keep_alive, "uploads_per_s": up.per_s,
+                "server_cpu_ms": cpu["server"], "latency_ms": up.latency_ms}  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def schedstat() -> tuple[float, float]:
     """Seconds this thread has run on a CPU and waited for one (runnable, not running):
     the rest of its wall time it was blocked (here: on the disk)."""
@@ -516,6 +543,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for ax, name, title, target in ((uploads, "uploads", "acknowledged int8 uploads/s", 1000),
                                     (steered, "steered", "steered check-ins/s", 5000)):  # fmt: skip
         ax.axhline(target, color="tab:red", ls="--", lw=1, label="issue 15 target, one node")
+        if name == "uploads" and results.get("upload_floor"):
+            floor = np.mean([f["uploads_per_s"] for f in results["upload_floor"]])
+            ax.axhline(floor, color="tab:gray", ls=":", lw=1,
+                       label="aiohttp + durable payload only (upload_floor.py)")
         labels = [k for k, e in summary.items() if f"{name}_per_s" in e and e["updates"] > SMALL]
         at = np.arange(len(labels))
         ax.bar(at, [summary[k][f"{name}_per_s"] for k in labels], 0.6, color="tab:blue")
@@ -589,6 +620,9 @@ def main() -> None:
                 print(f"[bench_coordinator] FAILED: {e!r}", file=sys.stderr, flush=True)
                 failures.append({**dataclasses.asdict(config), "label": config.label,
                                  "error": repr(e)})  # fmt: skip
+        print("[bench_coordinator] the platform's floor (upload_floor.py)", file=sys.stderr,
+              flush=True)  # fmt: skip
+        floor = [upload_floor(frames, work, keep) for _ in range(REPEATS) for keep in (False, True)]
         decode = decode_cpu_ms(frames[0], baseline)
         print("[bench_coordinator] durable path in-process", file=sys.stderr, flush=True)
         durable = [durable_path(bundle, DURABLE_UPDATES, frames, work, b, rep)
@@ -618,6 +652,7 @@ def main() -> None:
         "summary": summary,
         "ratios": ratio,
         "durable_path": durable,
+        "upload_floor": floor,
         "decode_cpu_ms": decode,
         "rss_peak_ratio_vs_10": max(large) / small[0] if large and small else None,
     }
@@ -638,6 +673,10 @@ def main() -> None:
     for name, value in ratio.items():
         if value is not None:
             print(f"  {name}: {value:.2f}x")
+    print("\nthe platform's floor (aiohttp + one durable payload per upload, no database):")
+    for f in floor:
+        print(f"  {'keep-alive' if f['keep_alive'] else 'new conn  '}: "
+              f"{f['uploads_per_s']:6.0f} uploads/s, {f['server_cpu_ms']:.2f} ms server CPU")
     print("\nint8 decode of one update, CPU ms: "
           + ", ".join(f"{k} {v:.3f}" for k, v in decode.items()))
     print("\nin-process, no HTTP (durable path):")

@@ -1,0 +1,50 @@
+"""What this machine allows an upload path in Python before the coordinator does anything:
+an aiohttp server that reads each upload's body and makes it durable with the coordinator's
+own blob store, one payload at a time (written, fsync'ed on a pool of threads, renamed,
+its directory fsync'ed), then answers 200 with a small JSON body. No database, no
+authentication, no decoding, no aggregation: ``bench_coordinator`` runs it beside the real
+server, under the same load, as the ceiling the coordinator's own work lowers.
+
+Run by ``bench_coordinator`` as ``python benchmarks/upload_floor.py BLOB_DIR``: it listens
+on a free port of 127.0.0.1 and prints it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from coordinator.blobs import BlobStore
+
+MAX_BODY = 1 << 22
+
+
+def main() -> None:
+    blobs = BlobStore(Path(sys.argv[1]))
+    # The coordinator's group commit runs its fsyncs on as many threads as uploads in flight.
+    syncers = ThreadPoolExecutor(32, thread_name_prefix="floor-fsync")
+
+    def durable(body: bytes) -> None:
+        blobs.install([blobs.stage(body)])
+
+    async def upload(request: web.Request) -> web.Response:
+        body = await request.read()
+        await asyncio.get_running_loop().run_in_executor(syncers, durable, body)
+        return web.json_response({"accepted": True})
+
+    app = web.Application(client_max_size=MAX_BODY)
+    app.router.add_post("/v1/assignments/{assignment_id}/update", upload)
+    listener = socket.create_server(("127.0.0.1", 0))  # listening before the port is told
+    print(listener.getsockname()[1], flush=True)
+    web.run_app(app, sock=listener, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
