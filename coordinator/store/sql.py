@@ -122,6 +122,9 @@ class SQLStore(Store):
     _integrity_errors: tuple[type[Exception], ...] = ()
     # (change marker, {key: value}): see _cached.
     _read_cache: tuple[Hashable, dict[tuple[Any, ...], Any]] | None = None
+    # {(table, primary key): record}: see _txn_row. None outside a write transaction that
+    # excludes every other writer.
+    _txn_rows: dict[tuple[str, Any], Any] | None = None
 
     # -- what a backend supplies ------------------------------------------------------------
 
@@ -231,6 +234,36 @@ class SQLStore(Store):
     def _count(self, sql: str, args: Sequence[Any] = ()) -> int:
         return int(self._execute(sql, args).fetchone()[0])
 
+    # -- rows read again and again inside one write transaction --------------------------
+
+    def _txn_row(self, table: str, key: Any, load: Callable[[], R | None]) -> R | None:
+        """``load()`` (a record of ``table``, or None), kept for the rest of the write
+        transaction while the backend keeps :attr:`_txn_rows`: a batch of uploads reads its
+        round and task several times per upload, and nothing but this transaction can
+        change them. :meth:`_may_write` forgets a table's records before any statement that
+        may write it; the backend forgets all of them when a savepoint rolls back."""
+        rows = self._txn_rows
+        if rows is None:
+            return load()
+        k = (table, key)
+        if k in rows:
+            return rows[k]
+        value = rows[k] = load()
+        return value
+
+    def _may_write(self, sql: str) -> None:
+        """Before the backend runs ``sql`` while it keeps :attr:`_txn_rows`: anything but a
+        read that names a kept table (a join or subquery included) forgets that table. A
+        statement writing a table it does not name (through a trigger or a cascading key:
+        the schema has neither) would have to forget it too."""
+        rows = self._txn_rows
+        if not rows or sql.lstrip()[:6].lower() in ("select", "pragma"):
+            return
+        for table in {k[0] for k in rows}:
+            if table in sql:
+                for k in [k for k in rows if k[0] == table]:
+                    del rows[k]
+
     # -- reads every check-in makes, cached while the database is unchanged ----------------
 
     def _change_marker(self) -> Hashable | None:
@@ -313,7 +346,9 @@ class SQLStore(Store):
         self._insert("tasks", task)
 
     def get_task(self, task_id: str) -> Task | None:
-        return self._get(Task, "tasks", "task_id = ?", [task_id])
+        return self._txn_row(
+            "tasks", task_id, lambda: self._get(Task, "tasks", "task_id = ?", [task_id])
+        )
 
     def list_tasks(self, population: str | None = None, state: str | None = None) -> list[Task]:
         # A copy of the cached list (each check-in reads its population's tasks).
@@ -368,7 +403,9 @@ class SQLStore(Store):
         return stored
 
     def get_round(self, round_id: int) -> Round | None:
-        return self._get(Round, "rounds", "round_id = ?", [round_id])
+        return self._txn_row(
+            "rounds", round_id, lambda: self._get(Round, "rounds", "round_id = ?", [round_id])
+        )
 
     def open_round(self, task_id: str) -> Round | None:
         return self._cached(
@@ -612,7 +649,13 @@ class SQLStore(Store):
         return _from_row(cls, rows[0]) if rows else None
 
     def lock_round(self, round_id: int, *, skip_locked: bool = False) -> Round | None:
-        return self._locked(Round, "rounds", "round_id = ?", round_id, skip_locked)
+        # Kept like get_round only where a transaction locks the whole database (SQLite):
+        # PostgreSQL keeps no _txn_rows, and its row lock is taken here.
+        return self._txn_row(
+            "rounds",
+            round_id,
+            lambda: self._locked(Round, "rounds", "round_id = ?", round_id, skip_locked),
+        )
 
     def lock_task(self, task_id: str) -> Task | None:
         return self._locked(Task, "tasks", "task_id = ?", task_id, False)

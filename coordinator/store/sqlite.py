@@ -119,8 +119,13 @@ class SQLiteStore(SQLStore):
         def block() -> Iterator[None]:
             conn = self.db.conn
             if conn.in_transaction:
-                with self.db.atomic():  # nested: a savepoint
-                    yield
+                try:
+                    with self.db.atomic():  # nested: a savepoint
+                        yield
+                except BaseException:
+                    if self._txn_rows:  # what it wrote is undone: reads may differ again
+                        self._txn_rows.clear()
+                    raise
                 return
             # IMMEDIATE: the write lock from the start. A deferred BEGIN would read first
             # and upgrade at its first write, when another process may have committed in
@@ -130,6 +135,9 @@ class SQLiteStore(SQLStore):
                 writer.acquire()
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                # The file's write lock is held until COMMIT: no other connection, of this
+                # process or another, writes meanwhile (SQLStore._txn_row).
+                self._txn_rows = {}
                 try:
                     yield
                     conn.execute("COMMIT")
@@ -138,6 +146,7 @@ class SQLiteStore(SQLStore):
                         conn.execute("ROLLBACK")
                     raise
             finally:
+                self._txn_rows = None
                 if writer is not None:
                     writer.release()
 
@@ -189,12 +198,15 @@ class SQLiteStore(SQLStore):
     # savepoint of its own (three statements instead of one), a third of a check-in's cost.
     # Autocommit (isolation_level=None) opens no implicit transaction that it would guard.
     def _execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        self._may_write(sql)
         return self.db.conn.execute(sql, args)
 
     def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._may_write(sql)
         self.db.conn.executemany(sql, rows)
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        self._may_write(sql)
         cursor = self.db.conn.execute(sql, args)
         keys = [d[0] for d in cursor.description]
         return [dict(zip(keys, row, strict=True)) for row in cursor]

@@ -343,6 +343,39 @@ class TestStore:
         assert with_task.snapshot() == before
 
 
+    def test_reads_inside_a_transaction_see_its_own_writes(self, with_task: Store) -> None:
+        """A round or task read again inside one transaction (SQLite keeps such records for
+        the transaction) is what the transaction's writes made it: updated, inserted after
+        it was read as missing, deleted, set by a statement of its own (expiry, retention),
+        and back to before after a savepoint rolled back."""
+        s = with_task
+        with s.atomic():
+            rnd = s.add_round(_round())
+            assert s.get_round(rnd.round_id + 1) is None
+            assert s.lock_round(rnd.round_id) == rnd
+            s.update_round(rnd.round_id, state="reporting")
+            got = s.get_round(rnd.round_id)
+            assert got is not None and got.state == "reporting"
+            nxt = s.add_round(_round())
+            assert nxt.round_id == rnd.round_id + 1 and s.get_round(nxt.round_id) == nxt
+            assert s.get_task("t-1") is not None and s.get_task("t-1").model_version == 0
+            s.update_task("t-1", model_version=4)
+            assert s.get_task("t-1").model_version == 4
+            with pytest.raises(RuntimeError), s.atomic():  # nested: a savepoint
+                s.update_task("t-1", model_version=5)
+                s.update_round(rnd.round_id, state="committed", closed_at=2.0)
+                assert s.get_task("t-1").model_version == 5
+                assert s.get_round(rnd.round_id).state == "committed"
+                raise RuntimeError("rolled back")
+            assert s.get_task("t-1").model_version == 4
+            got = s.lock_round(rnd.round_id)
+            assert got is not None and got.state == "reporting"
+            s.update_round(nxt.round_id, state="abandoned", closed_at=2.0)
+            s.delete_rounds([nxt.round_id])
+            assert s.get_round(nxt.round_id) is None
+        assert s.get_round(rnd.round_id) == dataclasses.replace(rnd, state="reporting")
+        assert s.get_task("t-1").model_version == 4
+
     def test_failed_write_inside_a_transaction_leaves_it_usable(self, store: Store) -> None:
         with store.atomic():
             store.add_device(_device("d-1"))
