@@ -8,9 +8,12 @@ the coordinator's status, which needs ``--admin-token``.
 
 ``--partitions DIR`` uses your own data: one ``.npz`` per device (arrays ``x`` and ``y``), devices
 in file-name order. ``--processes K`` splits the fleet over K processes (for fleets past a few
-thousand devices). A plain FedAvg task without over-selection, for comparisons with other
-frameworks, is created with ``fedge task create --plan '{"over_selection": 1.0,
-"robust": "none", "server_optimizer": {"name": "fedavg"}, "goal": 10, "steps": 10}'``.
+thousand devices); ``--engine ray`` runs those K parts as tasks on a Ray cluster instead
+(``--ray-address HEAD:6379``; without one a private Ray on this machine; needs
+``pip install 'fedge[cluster]'``, see docs/deployment.md). A plain FedAvg task without
+over-selection, for comparisons with other frameworks, is created with
+``fedge task create --plan '{"over_selection": 1.0, "robust": "none",
+"server_optimizer": {"name": "fedavg"}, "goal": 10, "steps": 10}'``.
 """
 
 from __future__ import annotations
@@ -47,10 +50,19 @@ def register(sub: Any) -> None:
                    help="a directory with one .npz (x, y) per device: your own partitions")
     p.add_argument("--processes", type=int, default=1,
                    help="split the fleet over this many processes (default 1)")
+    p.add_argument("--engine", choices=("processes", "ray"), default="processes",
+                   help="where the --processes parts run: spawned processes on this machine "
+                   "(default) or Ray tasks (a cluster's machines)")
+    p.add_argument("--ray-address", default=None,
+                   help="a running Ray cluster (HEAD:6379, auto, ray://HEAD:10001; default: "
+                   "start a private Ray here)")
+    p.add_argument("--cpus-per-part", type=float, default=None,
+                   help="logical CPUs each part holds on the Ray cluster (default 1)")
     p.add_argument("--data", default="digits",
                    help="digits (64 features) or synthetic:ALPHA,BETA (FedProx, 60 features)")
     p.add_argument("--partition", default="dirichlet:0.5",
-                   help="how digits are split: iid, dirichlet:ALPHA, shards:K, quantity:SIGMA")
+                   help="how digits are split: iid, dirichlet:ALPHA, shards:K, quantity:SIGMA; "
+                   "or windows:SIZE (SIZE consecutive digits per device: any number of devices)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speedup", type=float, default=1.0,
                    help="emulated seconds per real second (pace steering and schedules shrink)")
@@ -85,6 +97,7 @@ def _source(args: argparse.Namespace) -> Any:
     from fedge.fleet.partition import PartitionError
     from fedge.fleet.sources import (
         DigitsPartitions,
+        DigitsWindows,
         FedProxSynthetic,
         NpzPartitions,
         SourceError,
@@ -103,6 +116,11 @@ def _source(args: argparse.Namespace) -> Any:
     if args.devices is None:
         raise CommandError("--devices is required (or --partitions DIR)")
     if args.data == "digits":
+        kind, _, size = args.partition.partition(":")
+        if kind == "windows":
+            if not size.isdigit() or int(size) < 1:
+                raise CommandError(f"--partition windows:SIZE (SIZE >= 1), got {args.partition!r}")
+            return DigitsWindows(size=int(size), seed=args.seed)
         digits = DigitsPartitions(args.devices, args.partition, args.seed)
         try:
             digits(0, 1)
@@ -160,10 +178,31 @@ def _rounds_completed(admin: Any) -> int:
         return -1
 
 
+def _engine(args: argparse.Namespace) -> Any:
+    """The :class:`~fedge.fleet.ray_engine.RayEngine` asked for, else None (the parts run as
+    processes here); Ray is imported now so that its absence is a clear error up front."""
+    if args.engine != "ray":
+        for option, value in (("--ray-address", args.ray_address),
+                              ("--cpus-per-part", args.cpus_per_part)):
+            if value is not None:
+                raise CommandError(f"{option} needs --engine ray")
+        return None
+    from fedge.fleet.ray_engine import RayEngine, RayUnavailable, import_ray
+
+    if args.cpus_per_part is not None and not args.cpus_per_part > 0:
+        raise CommandError("--cpus-per-part must be > 0")
+    try:
+        import_ray()
+    except RayUnavailable as e:
+        raise CommandError(str(e)) from e
+    return RayEngine(args.ray_address, cpus_per_part=args.cpus_per_part or 1.0)
+
+
 def run(args: argparse.Namespace) -> int:
     from fedge.fleet import SimClock
     from fedge.fleet.emulator import Fleet
     from fedge.fleet.processes import ProcessFleet
+    from fedge.fleet.ray_engine import ClusterError
     from fedge.fleet.running import FleetRun
 
     if args.devices is not None and args.devices < 1:
@@ -172,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--processes must be at least 1")
     if args.speedup <= 0:
         raise CommandError("--speedup must be > 0")
+    engine = _engine(args)
     from coordinator.admin import AdminClient
 
     tls = tls_config(args)
@@ -191,9 +231,9 @@ def run(args: argparse.Namespace) -> int:
         "enrollment_token": enrollment_token(args), "tls": tls,
     }
     fleet: FleetRun
-    if args.processes > 1:
+    if engine is not None or args.processes > 1:
         fleet = ProcessFleet(args.coordinator, source, devices=devices,
-                             processes=args.processes, **common)
+                             processes=args.processes, engine=engine, **common)
     else:
         fleet = Fleet(args.coordinator, source(0, devices), progress=not args.quiet, **common)
     interrupted = threading.Event()
@@ -205,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
             emulated_s=args.duration,
             poll_s=0.5,
         )
+    except ClusterError as e:
+        raise CommandError(str(e)) from e
     finally:
         signal.signal(signal.SIGINT, previous)
         fleet.close()

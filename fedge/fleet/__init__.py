@@ -4,8 +4,9 @@ Owns: data sets and partitioners (``datasets``, ``partition``, ``synthetic``), t
 heterogeneity model (``heterogeneity``) and emulated time (``clock``), the emulated device
 (``device``: the SDK client's conditions, link and trainer, emulated) and the fleet
 (``emulator``), the fleet split over processes behind an engine interface (``processes``,
-``running``), device data recipes a worker process can run (``sources``), ORT loaded without
-its torch-importing training part (``runtime``), and the demo's baselines (``baselines``).
+``running``; a Ray cluster's engine in ``ray_engine``), device data recipes a worker process
+can run (``sources``), ORT loaded without its torch-importing training part (``runtime``), and
+the demo's baselines (``baselines``).
 
 Talks to the coordinator only over HTTP, through ``edge_sdk``'s client. Must not import
 ``coordinator`` or ``model_export`` (the demo wires those in) nor torch.

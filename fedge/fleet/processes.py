@@ -5,20 +5,21 @@ A single process runs a few thousand devices before its one core and its GIL are
 parts and runs each part as an ordinary :class:`~fedge.fleet.emulator.Fleet` with
 ``first_index`` set, so device ``i`` has the same heterogeneity profile, seed, data and fates
 as in a one-process fleet. Parts share nothing but the coordinator's URL, the fleet clock (by
-its :meth:`~fedge.fleet.clock.SimClock.spec`) and a state root (each part its own
-subdirectory: bundle caches lock per process). Each part reports its running
+its :meth:`~fedge.fleet.clock.SimClock.spec`) and the state root if one is given (each part
+its own subdirectory: bundle caches lock per process; without one, each part makes and
+removes a temporary directory on the host it runs on). Each part reports its running
 :class:`~fedge.fleet.emulator.FleetSummary` about twice a second; the fleet's summary adds
 them up.
 
-Where the parts run is an :class:`Engine`: :class:`ProcessEngine` starts one spawned process
-per part on this machine (spawned, not forked: a fresh interpreter that imports no torch and
-inherits no threads). A cluster engine plugs in with the same three calls; for Ray, say,
-``start`` would launch one remote task per :class:`Part` running :func:`run_part` with a
-``report`` that updates an actor and a ``stop`` that reads it, ``latest`` would read that
-actor, and ``stop`` would flag it and gather the tasks' results. Any engine must give each
-part a clock reading the same emulated time: :func:`run_part` takes the clock's spec, which is
-exact between processes of one host; across hosts it needs synchronised clocks (NTP) and a
-speedup of 1, since ``time.monotonic`` origins differ between machines.
+Where the parts run is an :class:`Engine` (start, latest, alive, stop), with :func:`run_part`
+as every engine's worker body. :class:`ProcessEngine` starts one spawned process per part on
+this machine (spawned, not forked: a fresh interpreter that imports no torch and inherits no
+threads). :class:`~fedge.fleet.ray_engine.RayEngine` runs each part as a Ray task on a
+cluster of machines, reports and the stop flag passing through one actor. Any engine must
+give each part a clock reading the same emulated time: the clock's spec is exact between
+processes of one host; across hosts ``time.monotonic`` origins differ, which the Ray engine
+handles by re-deriving the origin from the wall clock, at speedup 1 only (see
+:mod:`fedge.fleet.ray_engine`).
 
 Usage::
 
@@ -35,7 +36,6 @@ import dataclasses
 import itertools
 import multiprocessing
 import multiprocessing.connection
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,7 +53,10 @@ from fedge.fleet.running import FleetRun
 from fedge.fleet.runtime import TORCH_FREE_BACKENDS, import_ort_without_training
 from fedge.fleet.sources import DataSource
 
-__all__ = ["Engine", "Part", "ProcessEngine", "ProcessFleet", "merge_summaries", "run_part"]
+__all__ = [
+    "Engine", "Part", "ProcessEngine", "ProcessFleet", "merge_summaries", "parts_failed",
+    "run_part",
+]
 
 _REPORT_EVERY_S = 0.5
 
@@ -108,6 +111,11 @@ class Engine(Protocol):
     def stop(self) -> list[FleetSummary]:
         """Stop every part and return their final summaries."""
         ...
+
+
+def parts_failed(missing: Sequence[int], errors: Sequence[str]) -> RuntimeError:
+    """What an engine's ``stop`` raises when parts gave no final summary."""
+    return RuntimeError(f"fleet parts {list(missing)} failed: {'; '.join(errors)}")
 
 
 def _process_main(part: Part, conn: multiprocessing.connection.Connection) -> None:
@@ -179,7 +187,7 @@ class ProcessEngine:
             self._conns[i].close()
         missing = [i for i in range(len(self._procs)) if i not in self._finals]
         if missing or self._errors:
-            raise RuntimeError(f"fleet parts {missing} failed: {'; '.join(self._errors)}")
+            raise parts_failed(missing, self._errors)
         return [self._finals[i] for i in range(len(self._procs))]
 
 
@@ -237,11 +245,6 @@ class ProcessFleet(FleetRun):
         if data.devices is not None and n > data.devices:
             raise ValueError(f"the data source holds {data.devices} devices, not {n}")
         self.clock = clock or SimClock()
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        if state_root is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="fedge-fleet-")
-            state_root = self._tmp.name
-        root = Path(state_root)
         config = client_config or ClientConfig(backend=backend)
         if config.backend is None and backend is not None:
             config = dataclasses.replace(config, backend=backend)
@@ -251,9 +254,12 @@ class ProcessFleet(FleetRun):
             "client_config": config, "enrollment_token": enrollment_token, "tls": tls,
         }
         bounds = np.linspace(0, n, min(processes, n) + 1).astype(int)
+        # Without a root each part's Fleet makes (and removes) a temporary one where it runs:
+        # a path made here would not exist on another machine, nor be cleaned up there.
         self.parts = [
             Part(k, int(a), int(b - a), data, coordinator, self.clock.spec(),
-                 {**options, "state_root": root / f"part-{k:03d}"})
+                 {**options,
+                  "state_root": None if state_root is None else Path(state_root) / f"part-{k:03d}"})
             for k, (a, b) in enumerate(itertools.pairwise(bounds))
         ]
         self.devices = n
@@ -286,9 +292,7 @@ class ProcessFleet(FleetRun):
         return dataclasses.replace(merged, devices=self.devices)
 
     def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        """Nothing to remove: each part removes its own temporary state where it ran."""
 
     def __enter__(self) -> ProcessFleet:
         self.start()
