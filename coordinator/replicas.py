@@ -182,6 +182,10 @@ class PartialSums(RoundSums):
         self._sums.pop(round_id, None)  # the partial rows stay what later folds build on
         return rebuilt
 
+    def stored(self, task_id: str, round_id: int, num_parameters: int) -> int:
+        # Every replica's updates count; this one's sum holds only its own.
+        return self.store.count_updates(round_id)
+
     def stage(
         self, task_id: str, round_id: int, num_parameters: int, delta: np.ndarray, weight: float
     ) -> StagedFold:

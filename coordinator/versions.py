@@ -140,6 +140,11 @@ class RoundSums:
             self._task_of[round_id] = task_id
         return s
 
+    def stored(self, task_id: str, round_id: int, num_parameters: int) -> int:
+        """How many updates of the round are stored: the count of its sum, which is derived
+        from them (no query per upload)."""
+        return self.get(task_id, round_id, num_parameters).count
+
     def stage(
         self, task_id: str, round_id: int, num_parameters: int, delta: np.ndarray, weight: float
     ) -> StagedFold:

@@ -336,9 +336,9 @@ class SyncRounds(TaskPolicy):
             raise Conflict("the round has closed", ErrorCode.ROUND_CLOSED)
         # A batch of uploads is accepted before the round closes: past the goal within one
         # batch, the round is as good as closed (the goal is also DP's fixed denominator).
-        if rnd is not None and self.ctx.store.count_updates(rnd.round_id) >= rnd.goal:
-            raise Conflict("the round has reached its goal", ErrorCode.ROUND_CLOSED)
         n = self.ctx.num_parameters(task)
+        if rnd is not None and self.ctx.sums.stored(task.task_id, rnd.round_id, n) >= rnd.goal:
+            raise Conflict("the round has reached its goal", ErrorCode.ROUND_CLOSED)
         try:  # rebuilt from the round's stored updates if not held
             staged = self.ctx.sums.stage(
                 task.task_id, update.round_id, n, delta, update.num_examples
