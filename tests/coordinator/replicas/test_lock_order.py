@@ -230,6 +230,14 @@ class _AsyncTasks:
         self.a.tick()
         assert self.a.store.open_round(task_id) is None
 
+    def turned_over(self) -> tuple[str, list[StagedUpload]]:
+        """A task (K = 1) whose version 1 is committed, so that no buffer round is open, and
+        the upload of a device still on version 0, staged on ``a``."""
+        task_id = self.task("default", buffer_k=1)
+        v0 = self.assigned(task_id, 2)
+        self.committed(task_id, v0[:1])
+        return task_id, [self.staged(self.a, *v0[1])]
+
     def version(self, task_id: str) -> int:
         task = self.a.store.get_task(task_id)
         assert task is not None
@@ -307,10 +315,7 @@ def test_an_async_batch_opening_a_buffer_meets_its_commit_by_another_replica(
     A, holding the row, must not then wait for either round (found open while it waited)."""
     a, b = replicas
     tasks = _AsyncTasks(a, tiny_bundle)
-    task_id = tasks.task("default", buffer_k=1)
-    v0 = tasks.assigned(task_id, 2)
-    tasks.committed(task_id, v0[:1])
-    x = [tasks.staged(a, *v0[1])]
+    task_id, x = tasks.turned_over()
     b.tick()  # now, not inside the choreography below
     answers: dict[str, list[Any]] = {}
     y: list[StagedUpload] = []
@@ -378,10 +383,7 @@ def test_a_batch_whose_tasks_keep_opening_rounds_is_refused_whole(
     answered 503 and nothing is stored."""
     a, _ = replicas
     tasks = _AsyncTasks(a, tiny_bundle)
-    task_id = tasks.task("default", buffer_k=1)
-    v0 = tasks.assigned(task_id, 2)
-    tasks.committed(task_id, v0[:1])
-    x = [tasks.staged(a, *v0[1])]
+    _, x = tasks.turned_over()
     before = a.store.snapshot()
     old = a.store.get_round(x[0].admitted.round_id)
     assert old is not None
