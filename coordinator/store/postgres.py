@@ -26,6 +26,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
+from coordinator.store.base import StoreError
 from coordinator.store.migrations import apply_migrations
 from coordinator.store.postgres_schema import PostgresSchema, pg_sql
 from coordinator.store.sql import Cursor, SQLStore
@@ -95,6 +96,15 @@ class PostgresStore(SQLStore):
                 self._depth += 1
                 try:
                     yield
+                    if self.conn.info.transaction_status == TransactionStatus.INERROR:
+                        # A statement failed and its error was caught: PostgreSQL has
+                        # aborted the transaction, and its COMMIT would roll back without a
+                        # word. What the block did must not be taken as stored (a batch
+                        # would acknowledge uploads that are gone): it fails instead.
+                        raise StoreError(
+                            "a statement failed inside the transaction and its error was "
+                            "caught; the transaction is rolled back"
+                        )
                 finally:
                     self._depth -= 1
 

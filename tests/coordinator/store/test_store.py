@@ -376,6 +376,25 @@ class TestStore:
         assert s.get_round(rnd.round_id) == dataclasses.replace(rnd, state="reporting")
         assert s.get_task("t-1").model_version == 4
 
+    def test_a_transaction_is_never_taken_as_stored_when_it_was_not(self, store: SQLStore) -> None:
+        """A statement fails inside a transaction and its caller catches the error (as an
+        upload batch does for one upload's error, going on with the others). SQLite undoes
+        that statement only, and the rest commits; PostgreSQL aborts the whole transaction,
+        whose COMMIT then rolls back without an error: the block must fail instead, or a
+        batch would acknowledge uploads that were not stored."""
+        try:
+            with store.atomic():
+                store.add_device(_device("d-1"))
+                with pytest.raises(Exception, match="no_such_table"):
+                    store._execute("select * from no_such_table")
+        except StoreError:
+            assert store.get_device("d-1") is None  # refused, and nothing of it stored
+            assert not isinstance(store, SQLiteStore)
+        else:
+            assert store.get_device("d-1") == _device("d-1")  # taken as stored, and stored
+        store.add_device(_device("d-2"))  # the connection is usable either way
+        assert store.get_device("d-2") is not None
+
     def test_failed_write_inside_a_transaction_leaves_it_usable(self, store: Store) -> None:
         with store.atomic():
             store.add_device(_device("d-1"))
