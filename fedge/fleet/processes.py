@@ -90,6 +90,15 @@ def run_part(part: Part, report: Callable[[FleetSummary], None],
         while not stop() and fleet.alive():
             report(fleet.summary())
             time.sleep(_REPORT_EVERY_S)
+    except BaseException:
+        # A part that fails (its engine's report or stop call raising, an interrupt) stops
+        # its devices too: an engine's worker process may outlive the part (Ray reuses its
+        # workers), and they would go on checking in.
+        with contextlib.suppress(Exception):
+            fleet.stop()
+        fleet.close()
+        raise
+    try:
         return fleet.stop()
     finally:
         fleet.close()

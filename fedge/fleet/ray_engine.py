@@ -260,8 +260,10 @@ class RayEngine:
         if not self._parts:
             return []
         if self._finals is None:
-            self._finals, self._error = self._gather()
-            self._disconnect()
+            try:
+                self._finals, self._error = self._gather()
+            finally:  # a private Ray must not outlive a gather that failed or was interrupted
+                self._disconnect()
         if self._error is not None:
             raise self._error
         return [self._finals[k] for k in range(len(self._parts))]

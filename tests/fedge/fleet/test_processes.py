@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from edge_sdk.codecs import decode_update
 from fedge.fleet.clock import SimClock
 from fedge.fleet.emulator import FleetSummary
 from fedge.fleet.heterogeneity import Heterogeneity
-from fedge.fleet.processes import ProcessFleet, merge_summaries
+from fedge.fleet.processes import Part, ProcessFleet, merge_summaries, run_part
 from fedge.fleet.sources import DigitsPartitions
 
 FAST_PACING = PacingConfig(min_retry_s=1.0, max_retry_s=30.0, no_task_retry_s=5.0)
@@ -47,6 +48,27 @@ def test_merged_summary_adds_counts_and_keeps_the_worst_times() -> None:
     assert (m.wall_s, m.lag_p95_s, m.speedup) == (6.0, 0.3, 20.0)
     with pytest.raises(ValueError):
         merge_summaries([])
+
+
+def test_a_part_whose_engine_fails_stops_its_devices(tmp_path: Path) -> None:
+    """The engine's stop call raises (Ray's board not answering) after the part started: the
+    part raises, and its fleet's devices do not go on running in the worker, which an engine
+    may reuse."""
+    part = Part(0, 0, 3, DigitsPartitions(3, "iid"), "http://127.0.0.1:9", SimClock().spec(),
+                {"state_root": tmp_path})  # fmt: skip
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        if len(calls) > 1:
+            raise TimeoutError("the board did not answer")
+        return False
+
+    before = {t for t in threading.enumerate() if t.name == "fedge-fleet"}
+    with pytest.raises(TimeoutError, match="board"):
+        run_part(part, lambda _: None, stop)
+    running = {t for t in threading.enumerate() if t.name == "fedge-fleet"} - before
+    assert not running, running
 
 
 def test_parts_are_the_devices_of_one_fleet(tmp_path: Path) -> None:
