@@ -61,7 +61,7 @@ import numpy as np
 from coordinator.aggregation import RunningSum
 from coordinator.blobs import BlobStore
 from coordinator.store import PartialSum, Store
-from coordinator.versions import RoundSums, StagedFold
+from coordinator.versions import RoundSums
 
 __all__ = ["PartialSums", "Replica", "combine", "partial_record"]
 
@@ -160,7 +160,7 @@ class PartialSums(RoundSums):
         self.replica = replica
         self._own: dict[int, RunningSum] = {}
 
-    def _own_sum(self, task_id: str, round_id: int, num_parameters: int) -> RunningSum:
+    def _folding(self, task_id: str, round_id: int, num_parameters: int) -> RunningSum:
         s = self._own.get(round_id)
         if s is None:
             row = self.replica.own(round_id)
@@ -186,20 +186,11 @@ class PartialSums(RoundSums):
         # Every replica's updates count; this one's sum holds only its own.
         return self.store.count_updates(round_id)
 
-    def stage(
-        self, task_id: str, round_id: int, num_parameters: int, delta: np.ndarray, weight: float
-    ) -> StagedFold:
-        own = self._own_sum(task_id, round_id, num_parameters)
-        own.check(delta, weight)
-        return StagedFold(round_id, own.count, delta, weight)
+    def _held(self, round_id: int) -> RunningSum | None:
+        return self._own.get(round_id)
 
-    def put(self, staged: StagedFold) -> None:
-        held = self._own.get(staged.round_id)
-        if held is None or held.count != staged.count:
-            self.drop(staged.round_id)
-            return
-        held.fold(staged.delta, staged.weight)
-        self.replica.fold(staged.round_id, lambda: _state_of(held))
+    def _moved(self, round_id: int, held: RunningSum) -> None:
+        self.replica.fold(round_id, lambda: _state_of(held))
 
     def drop(self, round_id: int) -> None:
         super().drop(round_id)

@@ -150,19 +150,31 @@ class RoundSums:
     ) -> StagedFold:
         """One more update for the round's sum, checked (``ValueError`` if it could not
         count) but not taken in."""
-        held = self.get(task_id, round_id, num_parameters)
+        held = self._folding(task_id, round_id, num_parameters)
         held.check(delta, weight)
         return StagedFold(round_id, held.count, delta, weight)
 
     def put(self, staged: StagedFold) -> None:
         """Take a staged update in, once it is stored: folded in place (a batch of uploads
         copies no sum; if its transaction fails, the policy forgets the task's sums)."""
-        held = self._sums.get(staged.round_id)
+        held = self._held(staged.round_id)
         if held is None or held.count != staged.count:
             # Something else moved the sum in between: only the store knows the truth now.
             self.drop(staged.round_id)
             return
         held.fold(staged.delta, staged.weight)
+        self._moved(staged.round_id, held)
+
+    # What :meth:`stage` and :meth:`put` fold into (among replicas: this replica's share).
+
+    def _folding(self, task_id: str, round_id: int, num_parameters: int) -> RunningSum:
+        return self.get(task_id, round_id, num_parameters)
+
+    def _held(self, round_id: int) -> RunningSum | None:
+        return self._sums.get(round_id)
+
+    def _moved(self, round_id: int, held: RunningSum) -> None:
+        """Called once :meth:`put` folded an update into ``held``."""
 
     def drop(self, round_id: int) -> None:
         self._sums.pop(round_id, None)
