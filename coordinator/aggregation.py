@@ -71,7 +71,7 @@ class RunningSum:
         self._check_weight(delta, weight)
         if delta.dtype.kind == "f" and delta.dtype.itemsize <= 4 and weight < 2.0**64:
             if not np.isfinite(delta).all():
-                raise ValueError("the update is not finite")
+                raise ValueError("the update contains NaN or Inf")
         else:
             self.folded(delta, weight)
 

@@ -198,19 +198,19 @@ class AsyncBuffer:
         staleness = self.staleness_of(base_version)
         policy = self.config.staleness
         policy.check(staleness)
-        if not num_examples * policy.weight(staleness) > 0:
+        weight = num_examples * policy.weight(staleness)
+        if not weight > 0:
             raise TooStale(staleness, policy.max_staleness, weightless=True)
         if delta.shape != (self.num_parameters,):
             raise ValueError(f"update has shape {delta.shape}, the model has {self.num_parameters}")
-        if not np.all(np.isfinite(delta)):
-            raise ValueError("update contains NaN or Inf")
+        # Finite, and within what the running sum can hold (one pass over the delta).
+        self._sum.check(delta, weight)
         return staleness
 
     def stage(self, delta: np.ndarray, num_examples: int, base_version: int) -> Staged:
         """Everything :meth:`fold` checks and computes, without changing the buffer."""
         staleness = self.check(delta, num_examples, base_version)
         weight = num_examples * self.config.staleness.weight(staleness)
-        self._sum.check(delta, weight)  # ValueError if the sum would overflow
         return Staged(staleness=staleness, weight=weight, version=self.version,
                       count=len(self), delta=delta, examples=int(num_examples))  # fmt: skip
 
