@@ -96,9 +96,8 @@ def run_part(part: Part, report: Callable[[FleetSummary], None],
         # workers), and they would go on checking in.
         with contextlib.suppress(Exception):
             fleet.stop()
-        fleet.close()
         raise
-    try:
+    else:
         return fleet.stop()
     finally:
         fleet.close()
