@@ -141,8 +141,7 @@ def _header_bytes(value: str) -> bytes:
 def _hash_secret(salt: str, secret: str) -> str:
     # Not the one-shot hmac.digest: it lets the GIL go around every call, and the worker
     # thread, authenticating each request, then queues for it behind the event loop and the
-    # decoders (96 us a call in a profile under upload load; over a millisecond behind a
-    # busy thread). An HMAC object hashes a short message holding it.
+    # decoders. An HMAC object hashes a short message holding it.
     return hmac.new(bytes.fromhex(salt), _header_bytes(secret), "sha256").hexdigest()
 
 
