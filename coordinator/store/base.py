@@ -24,6 +24,7 @@ __all__ = [
     "Store",
     "StoreError",
     "Task",
+    "TransactionLost",
     "Update",
     "UpdateTotals",
     "Version",
@@ -32,6 +33,13 @@ __all__ = [
 
 class StoreError(Exception):
     """A write that would break an invariant of the stored data (e.g. a duplicate key)."""
+
+
+class TransactionLost(StoreError):
+    """An ``atomic()`` block whose transaction the database rolled back under it: a statement
+    failed and its error was caught inside the block (SQLite undoes the whole transaction on
+    some errors, e.g. a full disk; PostgreSQL aborts it on any). Nothing of the block is
+    stored. A transient error of every backend: the caller answers 503 and retries."""
 
 
 @dataclass(frozen=True)
@@ -210,7 +218,9 @@ class Store(ABC):
 
     @abstractmethod
     def atomic(self) -> AbstractContextManager[None]:
-        """Group writes into one transaction (nested use joins the outer one)."""
+        """Group writes into one transaction (nested use joins the outer one). A block
+        whose transaction the database rolled back under it (an error caught inside the
+        block) raises :class:`TransactionLost` instead of committing."""
 
     def relaxed_durability(self) -> AbstractContextManager[None]:
         """Writes made inside commit without waiting for the disk: they survive the

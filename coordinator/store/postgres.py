@@ -26,7 +26,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
-from coordinator.store.base import StoreError
+from coordinator.store.base import TransactionLost
 from coordinator.store.migrations import apply_migrations
 from coordinator.store.postgres_schema import PostgresSchema, pg_sql
 from coordinator.store.sql import Cursor, SQLStore
@@ -41,8 +41,13 @@ class PostgresStore(SQLStore):
     schema: PostgresSchema
     _integrity_errors = (psycopg.IntegrityError,)
     # A lost connection, a server restarting or shutting down, a serialization failure, a
-    # lock not granted in time, a session ended for idling in a transaction (a stall).
-    transient_errors = (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout)
+    # lock not granted in time, a session ended for idling in a transaction (a stall), a
+    # transaction aborted under its block.
+    transient_errors = (
+        psycopg.OperationalError,
+        psycopg.errors.IdleInTransactionSessionTimeout,
+        TransactionLost,
+    )
 
     def __init__(
         self, url: str, *, lock_timeout_s: float = 30.0, idle_timeout_s: float = 300.0
@@ -101,7 +106,7 @@ class PostgresStore(SQLStore):
                         # aborted the transaction, and its COMMIT would roll back without a
                         # word. What the block did must not be taken as stored (a batch
                         # would acknowledge uploads that are gone): it fails instead.
-                        raise StoreError(
+                        raise TransactionLost(
                             "a statement failed inside the transaction and its error was "
                             "caught; the transaction is rolled back"
                         )

@@ -35,6 +35,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from coordinator.store.base import TransactionLost
 from coordinator.store.migrations import apply_migrations
 from coordinator.store.sql import Cursor, SQLStore
 
@@ -86,7 +87,7 @@ class WriterLock:
 class SQLiteStore(SQLStore):
     _integrity_errors = (sqlite3.IntegrityError,)
     # SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY, ... all arrive as OperationalError.
-    transient_errors = (sqlite3.OperationalError,)
+    transient_errors = (sqlite3.OperationalError, TransactionLost)
 
     def __init__(
         self, path: str | Path, *, busy_timeout_s: float = 30.0, queue_writers: bool = True
@@ -109,48 +110,88 @@ class SQLiteStore(SQLStore):
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         self.schema = self.db  # what migrations run against
+        self._depth = 0  # nesting of atomic() blocks
+        self._lost = False  # the outermost block's transaction was rolled back under it
         # Under the write lock: processes starting together on one file migrate it once
         # (each migration's own transaction becomes a savepoint of this one).
         with self.atomic():
             self.schema_version = apply_migrations(self.db)
 
     def atomic(self) -> AbstractContextManager[None]:
-        @contextmanager
-        def block() -> Iterator[None]:
-            conn = self.db.conn
-            if conn.in_transaction:
-                try:
-                    with self.db.atomic():  # nested: a savepoint
-                        yield
-                except BaseException:
-                    if self._txn_rows:  # what it wrote is undone: reads may differ again
-                        self._txn_rows.clear()
-                    raise
-                return
-            # IMMEDIATE: the write lock from the start. A deferred BEGIN would read first
-            # and upgrade at its first write, when another process may have committed in
-            # between (SQLITE_BUSY_SNAPSHOT, which no waiting can cure).
-            writer = self._writer
-            if writer is not None:
-                writer.acquire()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                # The file's write lock is held until COMMIT: no other connection, of this
-                # process or another, writes meanwhile (SQLStore._txn_row).
-                self._txn_rows = {}
-                try:
-                    yield
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            finally:
-                self._txn_rows = None
-                if writer is not None:
-                    writer.release()
+        """A transaction (``BEGIN IMMEDIATE``), or inside one a savepoint. A block whose
+        transaction SQLite rolled back under it fails with :class:`TransactionLost`, and so
+        does every block of that transaction after it (see :meth:`_lose`)."""
+        return self._savepoint() if self._depth else self._transaction()
 
-        return block()
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        conn = self.db.conn
+        # IMMEDIATE: the write lock from the start. A deferred BEGIN would read first and
+        # upgrade at its first write, when another process may have committed in between
+        # (SQLITE_BUSY_SNAPSHOT, which no waiting can cure).
+        writer = self._writer
+        if writer is not None:
+            writer.acquire()
+        self._depth, self._lost = 1, False
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            # The file's write lock is held until COMMIT: no other connection, of this
+            # process or another, writes meanwhile (SQLStore._txn_row).
+            self._txn_rows = {}
+            try:
+                yield
+                if self._lost or not conn.in_transaction:
+                    raise self._lose()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            self._depth = 0
+            self._txn_rows = None
+            if writer is not None:
+                writer.release()
+
+    @contextmanager
+    def _savepoint(self) -> Iterator[None]:
+        conn = self.db.conn
+        if self._lost or not conn.in_transaction:
+            raise self._lose()
+        conn.execute("SAVEPOINT fedge")  # the innermost of that name is this block's
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            if not conn.in_transaction:
+                self._lose()
+            elif not self._lost:
+                conn.execute("ROLLBACK TO fedge")
+                conn.execute("RELEASE fedge")
+                if self._txn_rows:  # what it wrote is undone: reads may differ again
+                    self._txn_rows.clear()
+            raise
+        finally:
+            self._depth -= 1
+        if self._lost or not conn.in_transaction:
+            raise self._lose()
+        conn.execute("RELEASE fedge")
+
+    def _lose(self) -> TransactionLost:
+        """SQLite rolled back the transaction of the outermost block (a full disk, an I/O
+        error, an interrupt: it may undo the whole transaction, not just the statement) and
+        the caller caught the error. Until the outermost block ends, what the caller still
+        runs goes into a new transaction, which that block rolls back: in autocommit each
+        statement would be stored on its own, outside the guarantees of the block."""
+        self._lost = True
+        if self._txn_rows:
+            self._txn_rows.clear()
+        if not self.db.conn.in_transaction:
+            self.db.conn.execute("BEGIN IMMEDIATE")
+        return TransactionLost(
+            "SQLite rolled the transaction back after an error that was caught inside it "
+            "(storage unavailable?); nothing of it is stored"
+        )
 
     def relaxed_durability(self) -> AbstractContextManager[None]:
         # synchronous=NORMAL in WAL mode: a commit appends to the WAL without an fsync; the

@@ -22,6 +22,7 @@ from coordinator.store import (
     Store,
     StoreError,
     Task,
+    TransactionLost,
     Update,
     UpdateTotals,
     Version,
@@ -381,13 +382,15 @@ class TestStore:
         upload batch does for one upload's error, going on with the others). SQLite undoes
         that statement only, and the rest commits; PostgreSQL aborts the whole transaction,
         whose COMMIT then rolls back without an error: the block must fail instead, or a
-        batch would acknowledge uploads that were not stored."""
+        batch would acknowledge uploads that were not stored (with an error it answers 503,
+        as for storage unavailable: see also test_lost_transaction.py)."""
         try:
             with store.atomic():
                 store.add_device(_device("d-1"))
                 with pytest.raises(Exception, match="no_such_table"):
                     store._execute("select * from no_such_table")
-        except StoreError:
+        except TransactionLost as e:
+            assert isinstance(e, store.transient_errors)
             assert store.get_device("d-1") is None  # refused, and nothing of it stored
             assert not isinstance(store, SQLiteStore)
         else:
