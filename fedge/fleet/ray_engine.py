@@ -12,8 +12,13 @@ the flag and gathers the tasks' final summaries.
 Where Ray comes from: ``RayEngine(address)`` joins a running cluster (``ray start --head`` on
 one machine, ``ray start --address HEAD:6379`` on the others, then ``address="HEAD:6379"`` or
 ``"auto"`` on a cluster node); without an address it starts a private Ray on this machine and
-shuts it down again in :meth:`~RayEngine.stop`. Ray is imported only here and only when an
-engine starts (``pip install 'fedge[cluster]'``); devices and the rest of fedge never need it.
+shuts it down again in :meth:`~RayEngine.stop`. In a process where Ray is initialised already,
+the engine runs on that Ray (left running), given no address or that cluster's; another
+cluster's address is a :class:`ClusterError`. Either way the parts' CPUs must be free on the
+cluster when the engine starts (a part waiting for CPUs would run unseen): else a
+:class:`ClusterError` naming the CPUs needed and free. Ray is imported only here and only
+when an engine starts (``pip install 'fedge[cluster]'``); devices and the rest of fedge
+never need it.
 
 What every node needs: this project importable by the Python that runs Ray's workers (the
 same ``pip install 'fedge[edge,fleet,cluster]'`` on each machine, or a ``runtime_env``
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import math
 import os
@@ -61,6 +67,7 @@ __all__ = ["ClockError", "ClusterError", "HostClock", "RayEngine", "RayUnavailab
 # The parts exchange only small summaries; Ray's default store would claim 30 % of the RAM.
 _LOCAL_OBJECT_STORE_BYTES = 80 * 1024 * 1024
 _BOARD_TIMEOUT_S = 10.0
+_FREE_CPUS_WAIT_S = 3.0
 
 
 class RayUnavailable(ImportError):
@@ -164,6 +171,32 @@ def _check_answers(address: str, timeout_s: float = 5.0) -> None:
         raise ClusterError(f"no Ray cluster answers at {address} ({e})") from e
 
 
+def _same_cluster(address: str, gcs_address: str, node_ip: str) -> bool:
+    """Whether an engine's ``address`` names the cluster whose GCS Ray reports at
+    ``gcs_address`` (``HOST:PORT``); ``node_ip``: this host's address in the cluster, which
+    a loopback name also means."""
+    if address == "auto":
+        return True  # the cluster of this node, whichever it is
+    client = address.startswith("ray://")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    gcs_host, _, gcs_port = gcs_address.rpartition(":")
+    # A Ray client's port is its server's, not the GCS's: its host must match.
+    if not host or (not client and port != gcs_port):
+        return False
+    return bool(_host_addresses(host, node_ip) & _host_addresses(gcs_host, node_ip))
+
+
+def _host_addresses(host: str, node_ip: str) -> set[str]:
+    name = host.strip("[]")
+    try:
+        found = {str(info[4][0]) for info in socket.getaddrinfo(name, None)}
+    except OSError:
+        return {name}
+    if any(ipaddress.ip_address(a.partition("%")[0]).is_loopback for a in found):
+        found.add(node_ip)
+    return found
+
+
 def _failure(error: Exception) -> str:
     cause = getattr(error, "cause", None)  # a RayTaskError carries the part's own exception
     return repr(cause if isinstance(cause, BaseException) else error)
@@ -215,11 +248,7 @@ class RayEngine:
             raise ValueError("no parts to run")
         ray = self._connect(len(parts))
         try:
-            need = len(parts) * self.cpus_per_part
-            have = float(ray.cluster_resources().get("CPU", 0.0))
-            if need > have:
-                raise ClusterError(f"{len(parts)} parts of {self.cpus_per_part:g} CPUs need "
-                                   f"{need:g} CPUs; the Ray cluster has {have:g}")
+            self._check_cpus(ray, len(parts))
             clock = HostClock.on(parts[0].clock, ray.util.get_node_ip_address())
             clock.check(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
             options: dict[str, Any] = {}
@@ -270,10 +299,40 @@ class RayEngine:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _check_cpus(self, ray: Any, parts: int) -> None:
+        """:class:`ClusterError` unless the cluster's free CPUs hold every part at once: a
+        part that waits for CPUs busy elsewhere would not run, and nothing would say so
+        until :meth:`stop` found it without a summary."""
+        need = parts * self.cpus_per_part
+        total = float(ray.cluster_resources().get("CPU", 0.0))
+        free = float(ray.available_resources().get("CPU", 0.0))
+        # Ray's view of the free CPUs follows the nodes' reports by a moment (a node that
+        # just joined, a task that just ended): a short wait before refusing.
+        deadline = time.monotonic() + _FREE_CPUS_WAIT_S
+        while total >= need > free and time.monotonic() < deadline:
+            time.sleep(0.1)
+            free = float(ray.available_resources().get("CPU", 0.0))
+        ask = f"{parts} parts of {self.cpus_per_part:g} CPUs need {need:g} CPUs"
+        if need > total:
+            raise ClusterError(f"{ask}; the Ray cluster has {total:g}")
+        if need > free:
+            raise ClusterError(f"{ask}; only {free:g} of the Ray cluster's {total:g} are free "
+                               "(the others are held by other work)")
+
     def _connect(self, parts: int) -> Any:
         ray = self._ray = import_ray()
         if ray.is_initialized():
-            return ray  # the caller's Ray session: theirs to shut down
+            # The caller's Ray session (theirs to shut down), if it is the one asked for.
+            joined = ray.get_runtime_context().gcs_address
+            if self.address is not None and not _same_cluster(
+                self.address, joined, ray.util.get_node_ip_address()
+            ):
+                raise ClusterError(
+                    f"Ray is already initialised in this process, on the cluster at {joined}, "
+                    f"not at {self.address}: call ray.shutdown() first, or give the engine "
+                    "no address to run on that cluster"
+                )
+            return ray
         if self.address is None:
             # A Ray this engine starts for itself sends no usage reports anywhere.
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import socket
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,57 @@ def test_parts_on_two_nodes_of_the_callers_ray(
     assert fleet.summary().devices_registered == 8
 
 
+@pytest.mark.slow
+def test_busy_cpus_and_another_cluster_s_address_are_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The caller's Ray (2 CPUs, one held by an actor of theirs): a fleet of two one-CPU
+    parts is refused at start, naming the CPUs needed and free, whether the engine is given
+    no address, the cluster's own or a loopback name of it; an address of another cluster
+    is refused as such (not ignored). Nothing is submitted, the caller's Ray and actor
+    stay."""
+    _needs_ray()
+    import ray
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=80 * 1024**2)  # fmt: skip
+    try:
+
+        @ray.remote(num_cpus=1)
+        class Busy:
+            def ping(self) -> int:
+                return 1
+
+        busy = Busy.remote()  # type: ignore[attr-defined]
+        assert ray.get(busy.ping.remote()) == 1
+        # Ray's view of the free resources follows the nodes' reports a moment later.
+        deadline = time.monotonic() + 30.0
+        while ray.available_resources().get("CPU", 0.0) != 1.0:
+            assert time.monotonic() < deadline, ray.available_resources()
+            time.sleep(0.05)
+        gcs = ray.get_runtime_context().gcs_address
+        port = gcs.rpartition(":")[2]
+
+        def start(engine: RayEngine) -> None:
+            fleet = ProcessFleet("http://127.0.0.1:9", DigitsPartitions(4, "iid"),
+                                 processes=2, engine=engine)  # fmt: skip
+            fleet.start()
+
+        for address in (None, gcs, f"127.0.0.1:{port}"):
+            with pytest.raises(ClusterError, match=r"2 parts of 1 CPUs need 2 CPUs; only 1 "
+                                                   r"of the Ray cluster's 2 are free"):
+                start(RayEngine(address, stop_timeout_s=5.0))
+        other = f"127.0.0.1:{int(port) + 1}"
+        with pytest.raises(ClusterError, match=f"already initialised in this process, on the "
+                                               f"cluster at {gcs}, not at {other}"):
+            start(RayEngine(other, stop_timeout_s=5.0))
+        assert ray.is_initialized() and ray.get(busy.ping.remote()) == 1
+        assert ray.available_resources().get("CPU", 0.0) == 1.0  # no part holds one
+    finally:
+        ray.shutdown()
+
+
 # -- refusals: the clock across hosts, a cluster too small or not there (no Ray started) ----
 
 
@@ -200,20 +252,24 @@ def test_a_clock_read_on_its_own_host_is_its_spec_and_elsewhere_only_at_speedup_
 
 class _FakeRay(types.SimpleNamespace):
     """Just enough of a connected Ray for :meth:`RayEngine.start`'s checks: a two-node
-    cluster; submitting anything is a test failure."""
+    cluster whose GCS is at 10.0.0.1:6379; submitting anything is a test failure."""
 
-    def __init__(self, cpus: float) -> None:
+    def __init__(self, cpus: float, free: float) -> None:
         super().__init__(
             exceptions=types.SimpleNamespace(RayError=RuntimeError),
             util=types.SimpleNamespace(get_node_ip_address=lambda: "10.0.0.1"),
+            get_runtime_context=lambda: types.SimpleNamespace(gcs_address="10.0.0.1:6379"),
         )
-        self.cpus = cpus
+        self.cpus, self.free = cpus, free
 
     def is_initialized(self) -> bool:
         return True
 
     def cluster_resources(self) -> dict[str, float]:
         return {"CPU": self.cpus}
+
+    def available_resources(self) -> dict[str, float]:
+        return {"CPU": self.free}
 
     def nodes(self) -> list[dict[str, Any]]:
         return [{"NodeManagerAddress": "10.0.0.1", "Alive": True},
@@ -224,16 +280,18 @@ class _FakeRay(types.SimpleNamespace):
         raise AssertionError("a part was submitted")
 
 
-@pytest.mark.parametrize("speedup, cpus, error, message", [
-    (20.0, 8.0, ClockError, r"speedup 20 but the Ray cluster spans hosts \['10.0.0.1', "
-                            r"'10.0.0.2'\]"),
-    (1.0, 1.0, ClusterError, "2 parts of 1 CPUs need 2 CPUs; the Ray cluster has 1"),
+@pytest.mark.parametrize("speedup, cpus, free, error, message", [
+    (20.0, 8.0, 8.0, ClockError, r"speedup 20 but the Ray cluster spans hosts \['10.0.0.1', "
+                                 r"'10.0.0.2'\]"),
+    (1.0, 1.0, 1.0, ClusterError, "2 parts of 1 CPUs need 2 CPUs; the Ray cluster has 1"),
+    (1.0, 8.0, 1.0, ClusterError, "2 parts of 1 CPUs need 2 CPUs; only 1 of the Ray "
+                                  "cluster's 8 are free"),
 ])
 def test_the_engine_refuses_a_cluster_it_cannot_run_the_fleet_on(
-    monkeypatch: pytest.MonkeyPatch, speedup: float, cpus: float, error: type[Exception],
-    message: str,
+    monkeypatch: pytest.MonkeyPatch, speedup: float, cpus: float, free: float,
+    error: type[Exception], message: str,
 ) -> None:
-    monkeypatch.setitem(sys.modules, "ray", _FakeRay(cpus))
+    monkeypatch.setitem(sys.modules, "ray", _FakeRay(cpus, free))
     fleet = ProcessFleet("http://10.0.0.1:8080", DigitsPartitions(4, "iid"), processes=2,
                          clock=SimClock(speedup), engine=RayEngine("10.0.0.1:6379"))
     with pytest.raises(error, match=message):
