@@ -106,6 +106,27 @@ class Replica:
         self.store = store
         self.replica_id = replica_id or f"r-{os.getpid()}-{secrets.token_hex(6)}"
         self._unwritten: dict[int, Callable[[], PartialSum]] = {}
+        # Rounds' stored updates as counted in this batch's transaction (see stored()).
+        self._stored: dict[int, int] = {}
+
+    def stored(self, round_id: int) -> int:
+        """How many updates of a round are stored, every replica's: counted once per batch
+        of uploads, then moved by the batch's own (:meth:`added`). The batch holds the
+        round's lock, so no other replica stores into it before the batch commits; counted
+        per upload, a round of thousands cost a scan of its index each."""
+        n = self._stored.get(round_id)
+        if n is None:
+            n = self._stored[round_id] = self.store.count_updates(round_id)
+        return n
+
+    def added(self, round_id: int) -> None:
+        """One more update of the batch stored into ``round_id``."""
+        if round_id in self._stored:
+            self._stored[round_id] += 1
+
+    def recount(self, round_id: int) -> None:
+        """The count of ``round_id`` is no longer known: the next :meth:`stored` counts."""
+        self._stored.pop(round_id, None)
 
     def own(self, round_id: int) -> PartialSum | None:
         """This replica's partial sum of a round (as folded, written or not)."""
@@ -122,6 +143,7 @@ class Replica:
     def flush(self) -> None:
         """Write the partial sums folded since the last flush: inside the transaction that
         stores their updates, before it commits."""
+        self._stored.clear()  # the batch ends: other replicas' updates count again
         while self._unwritten:
             _, partial = self._unwritten.popitem()
             self.store.put_partial(partial())
@@ -129,6 +151,7 @@ class Replica:
     def discard(self) -> None:
         """Forget unwritten sums (their transaction rolled back; the store has the truth)."""
         self._unwritten.clear()
+        self._stored.clear()
 
     def partials(self, round_id: int) -> list[PartialSum]:
         """Every replica's partial sum of a round, this one's flushed first."""
@@ -184,14 +207,16 @@ class PartialSums(RoundSums):
 
     def stored(self, task_id: str, round_id: int, num_parameters: int) -> int:
         # Every replica's updates count; this one's sum holds only its own.
-        return self.store.count_updates(round_id)
+        return self.replica.stored(round_id)
 
     def _held(self, round_id: int) -> RunningSum | None:
         return self._own.get(round_id)
 
     def _moved(self, round_id: int, held: RunningSum) -> None:
         self.replica.fold(round_id, lambda: _state_of(held))
+        self.replica.added(round_id)
 
     def drop(self, round_id: int) -> None:
         super().drop(round_id)
         self._own.pop(round_id, None)
+        self.replica.recount(round_id)

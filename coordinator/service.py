@@ -192,6 +192,7 @@ class Coordinator:
                 config.blob_dir,
                 unlink_later=not config.shared,
                 shared_after_s=config.replica_orphan_age_s if config.shared else None,
+                sync=config.blob_sync,
             )
         )
         self.clock = clock or SystemClock()
@@ -701,8 +702,13 @@ class Coordinator:
                         raise
                     except ApiError as e:
                         done.append(e)
-                if self.replica is not None:  # the partial sums folded, with their updates
-                    self.replica.flush()
+                if self.replica is not None:
+                    # A stored update's payload name may be another process's, placed again
+                    # after a delete and not yet synced: these acknowledgements must not
+                    # depend on that process's sync (the blobs' locks are held to the commit).
+                    self.blobs.sync_names(s.blob.sha for s, d in zip(staged, done, strict=True)
+                                          if not isinstance(d, ApiError))  # fmt: skip
+                    self.replica.flush()  # the partial sums folded, with their updates
         except Exception as e:
             if self.replica is not None:
                 self.replica.discard()
@@ -809,10 +815,6 @@ class Coordinator:
             # round or of an upload the batch before refused, committed while this batch
             # installed): this one is not stored, the others go on.
             return Overloaded("the payload was not stored; upload it again", 1.0)
-        if self.replica is not None:
-            # The name may be another process's, placed again after a delete and not yet
-            # synced: this acknowledgement must not depend on that process's sync.
-            self.blobs.sync_name(s.blob.sha)
         tasks[task.task_id] = task
         response = self._receipt(a)
         update = Update(

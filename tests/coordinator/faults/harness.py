@@ -9,12 +9,22 @@ counted at the seams where durability happens:
   the end of every ``Store.atomic()`` block (the transaction's commit, which rolls back);
 * ``BlobStore.put``, ``put_file``, ``put_with_derived`` (versions), ``install`` (uploads'
   payloads) and ``delete``;
-* every ``os.fsync`` (blob files and directories).
+* every ``os.fsync`` (blob files and directories) and every ``syncfs`` of the blob
+  directory's filesystem (a batch's bytes, then its names, where the blob store syncs so).
 
 With DP-FedAvg's adaptive clipping (``dp=True``: sync rounds, the plan's ``dp.adaptive``),
 the commit's write of the round's metrics, which holds the next round's clipping bound
 (``clip_next``), and the commit of its transaction are labelled steps of their own
 (:data:`BOUND_WRITE`, :data:`BOUND_COMMIT`), so that a sweep can fail them by name.
+
+With ``retire=True`` the workload is followed by a retention phase (:meth:`Fleet.retire`):
+the coordinator restarts with retention on (one version kept, no receipts), and its pass
+deletes the older rounds with their update rows and adds the rows it deleted to
+``tasks.updates_retired``, in one transaction. That counter's statement and the commit of
+the transactions around it are labelled steps (:data:`RETIRED_WRITE`,
+:data:`RETIRED_COMMIT`); :func:`check_retired` then holds ``/v1/status``'s
+``updates_accepted`` to the number of acknowledged updates (none lost, none counted twice),
+with the retention done (retried after a failed pass, or after the restart).
 
 A clean run lists the steps; scenario ``i`` fails step ``i`` once, either as the error the
 disk would give (``ENOSPC`` / SQLite's "database or disk is full") with the same process
@@ -38,6 +48,7 @@ into place (the fsync ledger).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import json
@@ -52,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator import blobs as blobs_module
 from coordinator.admin import tar_directory
 from coordinator.clock import FakeClock
 from coordinator.config import CoordinatorConfig
@@ -66,11 +78,15 @@ __all__ = [
     "BOUND_COMMIT",
     "BOUND_WRITE",
     "MODES",
+    "RETIRED_COMMIT",
+    "RETIRED_WRITE",
     "Crash",
     "Fault",
     "Fleet",
     "Ledger",
     "check_invariants",
+    "check_retired",
+    "page_limit",
     "run_scenario",
 ]
 
@@ -103,6 +119,22 @@ DP_PLAN = {"clip": 0.05, "noise_multiplier": 1.0,
            "adaptive": {"quantile": 0.5, "lr": 0.2, "bit_noise": 5.0}}  # fmt: skip
 BOUND_WRITE = "store.update_round[dp.clip_next]"
 BOUND_COMMIT = "store.commit[dp.clip_next]"
+RETIRED_WRITE = "store.delete_rounds[tasks.updates_retired]"
+RETIRED_COMMIT = "store.commit[tasks.updates_retired]"
+
+
+@contextmanager
+def page_limit(conn: sqlite3.Connection) -> Iterator[None]:
+    """A database file with no room to grow: ``PRAGMA max_page_count`` at its size. A write
+    that needs a new page fails with SQLite's real "database or disk is full", and inside a
+    transaction SQLite then rolls the whole transaction back (shown by
+    ``tests/coordinator/store/test_lost_transaction.py``)."""
+    limit = conn.execute("PRAGMA max_page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA max_page_count = {limit}")
 
 
 class Crash(BaseException):
@@ -136,44 +168,55 @@ class Fault:
 
 @dataclass
 class Ledger:
-    """What reached the disk: the step number of each rename into place and of each
-    successful directory fsync."""
+    """What reached the disk: the step number of each rename into place, of each
+    successful directory fsync and of the last successful ``syncfs`` (every name)."""
 
     seq: int = 0
     renamed: dict[str, int] = field(default_factory=dict)
     dir_synced: dict[str, int] = field(default_factory=dict)
+    fs_synced: int = -1
 
     def durable(self, path: Path) -> bool:
-        """Whether ``path``'s directory entry was fsync'ed after it was last renamed."""
+        """Whether ``path``'s directory entry was synced after it was last renamed."""
         renamed = self.renamed.get(str(path))
-        return renamed is not None and self.dir_synced.get(str(path.parent), -1) > renamed
+        synced = max(self.dir_synced.get(str(path.parent), -1), self.fs_synced)
+        return renamed is not None and synced > renamed
 
 
 @contextmanager
 def os_seams(fault_of: Callable[[], Fault | None], ledger: Ledger) -> Iterator[None]:
-    """Route ``os.fsync`` and ``os.replace`` through the fault counter and the ledger."""
-    real_fsync, real_replace = os.fsync, os.replace
+    """Route ``os.fsync``, the blob store's ``syncfs`` and ``os.replace`` through the fault
+    counter and the ledger."""
+    real_fsync, real_replace, real_syncfs = os.fsync, os.replace, blobs_module.sync_filesystem
 
-    def fsync(fd: int) -> None:
-        fault = fault_of()
-        if fault is not None:
-            fault.step("os.fsync")
-        real_fsync(fd)
-        ledger.seq += 1
-        path = os.readlink(f"/proc/self/fd/{fd}")
-        if os.path.isdir(path):
-            ledger.dir_synced[path] = ledger.seq
+    def sync_seam(label: str, real: Callable[[int], None]) -> Callable[[int], None]:
+        def sync(fd: int) -> None:
+            fault = fault_of()
+            if fault is not None:
+                fault.step(label)
+            real(fd)
+            ledger.seq += 1
+            if real is real_syncfs:  # every name on the filesystem
+                ledger.fs_synced = ledger.seq
+                return
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if os.path.isdir(path):
+                ledger.dir_synced[path] = ledger.seq
+
+        return sync
 
     def replace(src: Any, dst: Any, **kwargs: Any) -> None:
         real_replace(src, dst, **kwargs)
         ledger.seq += 1
         ledger.renamed[os.path.realpath(dst)] = ledger.seq
 
-    os.fsync, os.replace = fsync, replace  # type: ignore[assignment]
+    os.fsync, os.replace = sync_seam("os.fsync", real_fsync), replace  # type: ignore[assignment]
+    blobs_module.sync_filesystem = sync_seam("blobs.syncfs", real_syncfs)
     try:
         yield
     finally:
         os.fsync, os.replace = real_fsync, real_replace
+        blobs_module.sync_filesystem = real_syncfs
 
 
 def _records_bound(label: str, kwargs: dict[str, Any]) -> bool:
@@ -186,12 +229,14 @@ def _records_bound(label: str, kwargs: dict[str, Any]) -> bool:
 def instrument(coord: Coordinator, fault: Fault) -> None:
     """Count (and fail) ``coord``'s store writes, commits and blob writes."""
     store, blobs = coord.store, coord.blobs
-    bounds_written = [0]  # a transaction that saw one more commits a clipping bound
+    # The commit label of each labelled write so far: a transaction that saw one more
+    # commits that write (the last one's label).
+    marked: list[str] = []
 
     def counted(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if _records_bound(label, kwargs):
-                bounds_written[0] += 1
+                marked.append(BOUND_COMMIT)
                 fault.step(BOUND_WRITE)
             else:
                 fault.step(label)
@@ -201,20 +246,28 @@ def instrument(coord: Coordinator, fault: Fault) -> None:
 
     for name in STORE_WRITES:
         setattr(store, name, counted(f"store.{name}", getattr(store, name)))
-    real_atomic = store.atomic
+    real_atomic, real_execute = store.atomic, store._execute  # type: ignore[attr-defined]
 
     def atomic() -> AbstractContextManager[None]:
         @contextmanager
         def block() -> Iterator[None]:
-            before = bounds_written[0]
+            before = len(marked)
             with real_atomic():
                 yield
                 # raising here rolls the transaction back
-                fault.step(BOUND_COMMIT if bounds_written[0] > before else "store.commit")
+                fault.step(marked[-1] if len(marked) > before else "store.commit")
 
         return block()
 
+    def execute(sql: str, *args: Any) -> Any:
+        # Retention's count of the update rows it deleted: a statement inside delete_rounds.
+        if sql.startswith("update tasks set updates_retired"):
+            marked.append(RETIRED_COMMIT)
+            fault.step(RETIRED_WRITE)
+        return real_execute(sql, *args)
+
     store.atomic = atomic  # type: ignore[method-assign]
+    store._execute = execute  # type: ignore[attr-defined]
     for name in ("put", "put_file", "put_with_derived", "install", "delete"):
         setattr(blobs, name, counted(f"blobs.{name}", getattr(blobs, name)))
 
@@ -240,6 +293,9 @@ class Ack:
 class Fleet:
     """One coordinator (restarted on the same files after a crash), one task, six devices."""
 
+    # How the blob store makes a batch durable (coordinator/blobs.py SYNC_MODES).
+    blob_sync = "auto"
+
     def __init__(
         self,
         root: Path,
@@ -261,6 +317,7 @@ class Fleet:
             seed=7,
             tick_interval_s=1.0,
             retention_interval_s=2.0,  # retention passes run among the faults too
+            blob_sync=self.blob_sync,
         )
         self.clock = FakeClock()
         self.coord = Coordinator(self.config, clock=self.clock)
@@ -284,6 +341,7 @@ class Fleet:
         self.acks: dict[str, Ack] = {}
         self.versions_seen: list[int] = [0]
         self.restarts = 0
+        self.retire_steps = range(0)  # the steps of the retention phase (retire())
         self.refusals: list[str] = []
         self.p0 = np.fromfile(bundle / "params.f32", dtype="<f4")
         instrument(self.coord, fault)
@@ -383,6 +441,23 @@ class Fleet:
                 self.on_trouble()
         raise AssertionError(f"version {version} never came: {self.refusals[-3:]}")
 
+    def retire(self) -> None:
+        """The retention phase: a new coordinator on the same files with retention on (the
+        current version kept, no receipts: every round but the last goes), and ticks until
+        its pass has deleted the older rounds (a failed pass is retried after
+        ``retention_interval_s``, a crash's after the restart)."""
+        self.config = dataclasses.replace(self.config, retain_versions=1, retain_receipts_s=0.0)
+        self.coord.close()
+        self.coord = Coordinator(self.config, clock=self.clock)
+        instrument(self.coord, self.fault)
+        first = len(self.fault.steps)
+        for _ in range(30):
+            self.call(self.coord.tick)
+            if self.read("select count(*) from rounds") == [(1,)]:
+                self.retire_steps = range(first, len(self.fault.steps))
+                return
+        raise AssertionError(f"retention never deleted the older rounds: {self.refusals[-3:]}")
+
     def run(self) -> None:
         if self.mode == "sync":
             for version in (1, 2):
@@ -444,6 +519,23 @@ def check_invariants(fleet: Fleet) -> None:
     assert math.isfinite(float(np.abs(params).sum()))
 
 
+def check_retired(fleet: Fleet) -> None:
+    """After the retention phase (and a restart): the older rounds and versions are gone,
+    and ``/v1/status`` still counts every acknowledged update once: the rows kept plus the
+    rows retention counted as it deleted them."""
+    acked = len(fleet.acks)
+    kept, retired = fleet.read(
+        "select (select count(*) from updates), "
+        "(select coalesce(sum(updates_retired), 0) from tasks)"
+    )[0]
+    current = fleet.read("select model_version from tasks")[0][0]
+    assert fleet.read("select version from versions") == [(current,)]
+    assert 0 < retired == acked - kept, f"{retired} retired, {kept} kept, {acked} acknowledged"
+    status = fleet.coord.status()
+    assert status["updates_accepted"] == acked, (status["updates_accepted"], acked)
+    assert status["tasks"][0]["state"] == "completed"
+
+
 def check_dp_round(
     fleet: Fleet, version: int, ups: list[Ack], base: np.ndarray, got: np.ndarray
 ) -> None:
@@ -479,11 +571,13 @@ def run_scenario(
     num_parameters: int = N,
     robust: bool = False,
     dp: bool = False,
+    retire: bool = False,
     prepare: Callable[[Fleet], None] = lambda fleet: None,
 ) -> Fleet:
     """One scenario end to end (then a clean restart, which must change nothing);
     ``prepare`` runs after the setup, before the workload; ``dp``: a sync workload with
-    DP-FedAvg's adaptive clipping."""
+    DP-FedAvg's adaptive clipping; ``retire``: the retention phase after the workload's
+    checks (:meth:`Fleet.retire`), then a restart and :func:`check_retired`."""
     root.mkdir(parents=True, exist_ok=True)
     fault = Fault(at=at, crash=crash)
     ledger = Ledger()
@@ -493,12 +587,18 @@ def run_scenario(
         prepare(fleet)
         current[0] = fault
         fleet.run()
-        if at is not None:
-            assert fault.fired is not None, f"step {at} never came"
         current[0] = None
         before = fleet.read("select version, params_sha from versions")
         fleet.restart()
         assert fleet.read("select version, params_sha from versions") == before
         check_invariants(fleet)
+        if retire:
+            current[0] = fault
+            fleet.retire()
+            current[0] = None
+            fleet.restart()
+            check_retired(fleet)
+        if at is not None:
+            assert fault.fired is not None, f"step {at} never came"
         fleet.coord.close()
     return fleet

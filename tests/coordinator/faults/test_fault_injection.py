@@ -8,6 +8,9 @@ commit reads updates back from the blob store; checked for everything but the va
 DP-FedAvg with adaptive clipping runs as a third sync workload: the default suite fails its
 clipping bound's write and that write's commit, ``--slow`` every step (each version checked
 against its round's DP record and the bound chain, see :func:`.harness.check_dp_round`).
+Retention's deletion of old rounds, with its count of their update rows in
+``tasks.updates_retired``, runs after each mode's workload as a phase of its own: the
+default suite fails every one of its steps (see :func:`.harness.check_retired`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.coordinator.faults.harness import BOUND_COMMIT, BOUND_WRITE, MODES, Fleet, run_scenario
+from tests.coordinator.faults.harness import (
+    BOUND_COMMIT,
+    BOUND_WRITE,
+    MODES,
+    RETIRED_COMMIT,
+    RETIRED_WRITE,
+    Fleet,
+    run_scenario,
+)
 
 VARIANTS = ("error", "crash")
 # Seams the workloads must pass through, or the sweep proves less than it claims.
@@ -57,6 +68,14 @@ def steps(scratch: Path) -> dict[str, list[str]]:
             for mode in MODES}  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def retiring(scratch: Path) -> dict[str, Fleet]:
+    """Each mode's clean run with the retention phase: its steps, and which are that
+    phase's."""
+    return {mode: run_scenario(scratch / f"clean-retire-{mode}", mode, None, False, retire=True)
+            for mode in MODES}  # fmt: skip
+
+
 def _first(steps: list[str], per_label: int) -> list[int]:
     seen: dict[str, int] = {}
     out = []
@@ -75,13 +94,15 @@ def _sweep(
     steps: list[str],
     robust: bool = False,
     dp: bool = False,
+    retire: bool = False,
 ) -> None:
     failures, outcomes = [], []
     for i in indices:
         where = root / f"{mode}-{variant}-{i}"
         try:
             crash = variant == "crash"
-            fleet: Fleet = run_scenario(where, mode, i, crash, robust=robust, dp=dp)
+            fleet: Fleet = run_scenario(where, mode, i, crash, robust=robust, dp=dp,
+                                        retire=retire)  # fmt: skip
         except Exception as e:  # collected: one scenario's failure must not hide the others'
             failures.append(f"step {i} ({steps[i]}): {type(e).__name__}: {str(e)[:400]}")
             continue
@@ -114,6 +135,27 @@ def test_the_adaptive_clipping_bound_write_failing(
     which is the bound its devices were given."""
     at = [i for i, label in enumerate(dp_steps) if label in (BOUND_WRITE, BOUND_COMMIT)]
     _sweep(scratch / "dp", "sync", variant, at, dp_steps, dp=True)
+
+
+def test_the_retention_phase_deletes_rounds_and_counts_their_updates(
+    retiring: dict[str, Fleet],
+) -> None:
+    for fleet in retiring.values():
+        labels = [fleet.fault.steps[i] for i in fleet.retire_steps]
+        assert {"store.delete_rounds", RETIRED_WRITE, RETIRED_COMMIT} <= set(labels), labels
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_retention_s_delete_and_count_failing(
+    scratch: Path, retiring: dict[str, Fleet], mode: str, variant: str
+) -> None:
+    """A failure at any step of the retention pass (its deletes, the count of the update
+    rows deleted, the commits, the blobs' deletion), or a crash there: the pass is retried
+    and ``updates_accepted`` counts every acknowledged update exactly once."""
+    clean = retiring[mode]
+    _sweep(scratch / "retire", mode, variant, clean.retire_steps, clean.fault.steps,
+           retire=True)  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
