@@ -106,9 +106,10 @@ SMALL = 10  # the RSS reference round
 STEERED = 2000 if QUICK else 20_000  # steered check-ins timed per round (baseline: a quarter)
 REPEATS = 1 if QUICK else 2
 DURABLE_UPDATES = 64 if QUICK else 320  # uploads of the in-process durable-path comparison
-# The tree before the one-node speed work (decode, query layer, batched worker hand-off,
-# check-in commits without fsync); FEDGE_BENCH_BASELINE names another commit, "" skips it.
-BASELINE = os.environ.get("FEDGE_BENCH_BASELINE", "4d5d502")
+# The tree this pass of the one-node work started from (earlier passes: 4d5d502, before the
+# decode, query layer, worker hand-off and check-in commit work); FEDGE_BENCH_BASELINE names
+# another commit, "" skips it.
+BASELINE = os.environ.get("FEDGE_BENCH_BASELINE", "3d0f832")
 # `fedge serve --processes K`: measured at 2 when this tree's configuration has the field.
 MULTI_PROCESS = "processes" in {f.name for f in dataclasses.fields(CoordinatorConfig)}
 

@@ -14,12 +14,6 @@ filesystem's journal then commits them together), renamed into place, and each d
 holding one fsync'ed once. All or nothing: after an error no blob of the batch that was not
 there before is left in place.
 
-On a local Linux filesystem (:class:`FilesystemSync`) a batch takes two ``syncfs`` calls
-instead: one for every file's bytes before any is renamed, one for the names after. A name
-still never points at bytes that are not on disk, and a batch of 32 payloads costs two
-system calls instead of 32 file and about 30 directory fsyncs (the fan-out spreads a
-batch over that many directories).
-
 A blob may have *derived* files beside it (:meth:`BlobStore.derived`: a version's parameter
 frame, encoded once and then served from disk). They are caches, made again if missing, and
 go with their blob (:meth:`BlobStore.delete`, :meth:`BlobStore.collect`).
@@ -35,18 +29,14 @@ go with their blob (:meth:`BlobStore.delete`, :meth:`BlobStore.collect`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import hashlib
 import logging
 import os
-import platform
 import re
 import shutil
 import tempfile
 import threading
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -57,10 +47,7 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     from coordinator.store import Store
 
-__all__ = [
-    "DERIVED_KINDS", "SYNC_MODES", "BlobStore", "Collected", "FilesystemSync", "Staged",
-    "delete_unneeded", "fsync_dir", "sync_filesystem",
-]  # fmt: skip
+__all__ = ["DERIVED_KINDS", "BlobStore", "Collected", "Staged", "delete_unneeded", "fsync_dir"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -68,15 +55,6 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _FANOUT_RE = re.compile(r"^[0-9a-f]{2}$")
 # What a blob's derived files may be (the suffix of their name, "<sha[2:]>.<kind>").
 DERIVED_KINDS = frozenset({"frame"})
-# How a batch is made durable: "file" (each file and directory fsync'ed), "filesystem" (two
-# syncfs calls, where FilesystemSync.supported), "auto" (filesystem where supported).
-SYNC_MODES = ("auto", "file", "filesystem")
-# Local filesystems whose sync commits every file's data and every name changed before it
-# (a journal or copy-on-write commit of the whole filesystem). Network and FUSE file systems
-# are not among them: what their syncfs promises varies.
-_SYNCFS_TYPES = frozenset({"ext4", "xfs", "btrfs", "f2fs", "tmpfs"})
-# The first kernel whose syncfs reports writeback errors (earlier ones returned 0 regardless).
-_SYNCFS_KERNEL = (5, 8)
 
 
 @dataclass(frozen=True)
@@ -104,87 +82,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def sync_filesystem(fd: int) -> None:
-    """``syncfs(2)``: everything written to ``fd``'s filesystem so far is on disk, or an
-    ``OSError`` (a writeback error anywhere on it since ``fd`` was opened)."""
-    if _libc().syncfs(fd) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"syncfs: {os.strerror(code)}")
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _mount_type(path: Path) -> str | None:
-    """The type of the filesystem mounted deepest above ``path`` (Linux's mount table)."""
-    target = os.path.realpath(path)
-    best, kind = "", None
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields, _, tail = line.partition(" - ")
-        parts = fields.split()
-        if len(parts) < 5 or not tail:
-            continue
-        # Octal escapes (a space is \040) as the kernel writes them.
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best):
-            best, kind = point, tail.split()[0]
-    return kind
-
-
-class FilesystemSync:
-    """One ``syncfs`` at a time on the blob directory's filesystem, for whole batches.
-
-    A writeback error is reported once, to one call, whichever file it hit: after one, this
-    store syncs file by file for good (each staged file's own descriptor still reports its
-    errors to its fsync), so that no later batch is acknowledged on a sync that missed it.
-    The descriptor stays open with the store: an error from before its opening would not
-    be reported to it (closed when the object goes: a store's users may sync after its
-    ``close``)."""
-
-    def __init__(self, root: Path) -> None:
-        self._fd = os.open(root, os.O_RDONLY | os.O_CLOEXEC)
-        weakref.finalize(self, os.close, self._fd)
-        self._lock = threading.Lock()
-        self.failed = False
-
-    @staticmethod
-    def supported(root: Path) -> str | None:
-        """Why ``syncfs`` cannot make ``root``'s batches durable here, or None if it can."""
-        if not hasattr(os, "O_CLOEXEC") or platform.system() != "Linux":
-            return "not Linux"
-        release = re.match(r"(\d+)\.(\d+)", platform.release())
-        if release is None or tuple(map(int, release.groups())) < _SYNCFS_KERNEL:
-            return f"Linux {platform.release()} does not report writeback errors to syncfs"
-        kind = _mount_type(root)
-        if kind not in _SYNCFS_TYPES:
-            return f"{root} is on a {kind or 'unknown'} filesystem"
-        try:
-            _libc().syncfs  # noqa: B018
-        except (AttributeError, OSError):
-            return "the C library has no syncfs"
-        return None
-
-    def sync(self) -> bool:
-        """True once everything written so far is on disk; False: sync file by file."""
-        with self._lock:
-            if self.failed:
-                return False
-            try:
-                sync_filesystem(self._fd)
-            except OSError:
-                self.failed = True
-                log.error("blobs: syncfs failed; syncing file by file from now on")
-                raise
-            return True
-
-
 class BlobStore:
     """``unlink_later``: :meth:`delete` only marks a blob gone (:meth:`exists` says so at
     once) and a thread of its own unlinks the files, off the caller's thread (a closed
@@ -201,18 +98,10 @@ class BlobStore:
     are all made, durably, when the store opens: none is made while blobs are written."""
 
     def __init__(
-        self,
-        root: Path | str,
-        *,
-        unlink_later: bool = False,
-        shared_after_s: float | None = None,
-        sync: str = "auto",
+        self, root: Path | str, *, unlink_later: bool = False, shared_after_s: float | None = None
     ) -> None:
         """``shared_after_s``: other processes write here too (replicas): their temporary
-        files are theirs, so only leftovers older than this are dropped at start. ``sync``:
-        one of :data:`SYNC_MODES` (``filesystem`` where unsupported is a ``ValueError``)."""
-        if sync not in SYNC_MODES:
-            raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
+        files are theirs, so only leftovers older than this are dropped at start."""
         self.root = Path(root)
         # Blobs deleted and not yet unlinked: hash -> unlinks pending.
         self._doomed: Counter[str] = Counter()
@@ -231,10 +120,6 @@ class BlobStore:
         for i in range(256):
             (self.root / f"{i:02x}").mkdir(exist_ok=True)
         fsync_dir(self.root)
-        why_not = None if sync == "file" else FilesystemSync.supported(self.root)
-        if sync == "filesystem" and why_not is not None:
-            raise ValueError(f"blob sync 'filesystem' is not possible: {why_not}")
-        self._fs = FilesystemSync(self.root) if sync != "file" and why_not is None else None
         # Leftovers of writes a crash interrupted are never referenced: drop them (files of
         # put(), directories of a bundle upload being unpacked).
         cutoff = None if shared_after_s is None else time.time() - shared_after_s
@@ -263,23 +148,11 @@ class BlobStore:
         with self._doomed_changed:
             return sha in self._installing
 
-    @property
-    def sync_mode(self) -> str:
-        """How batches are made durable now: ``filesystem`` or ``file``."""
-        return "filesystem" if self._fs is not None and not self._fs.failed else "file"
-
     def sync_names(self, shas: Iterable[str]) -> None:
         """Make blobs' names durable (found there, maybe placed by another process whose
-        directory sync is still to come)."""
-        self._sync(None, sorted({self.path(sha).parent for sha in shas}), fsync_dir)
-
-    def _sync(
-        self, executor: Executor | None, targets: Sequence[T], fn: Callable[[T], None]
-    ) -> None:
-        """``fn`` on each of ``targets`` (files or directories), or one sync of the whole
-        filesystem that covers them all."""
-        if targets and (self._fs is None or not self._fs.sync()):
-            self._run_all(executor, targets, fn)
+        directory sync is still to come): each directory holding one synced once."""
+        for directory in sorted({self.path(sha).parent for sha in shas}):
+            fsync_dir(directory)
 
     def _found(self, path: Path) -> None:
         """A write skipped because ``path`` is there: its name synced, and its time
@@ -334,8 +207,7 @@ class BlobStore:
 
     def install(self, staged: Sequence[Staged], executor: Executor | None = None) -> None:
         """Make staged blobs durable and visible together (see the module docstring): one
-        fsync per file, run on ``executor`` if given, then one per directory (or one
-        filesystem sync for each of the two). On any error
+        fsync per file, run on ``executor`` if given, then one per directory. On any error
         the error is raised (files renamed already stay: see the class); the temporary
         files are gone either way. The directories of blobs found already there are synced
         too: such a name may be another batch's or process's, not yet synced."""
@@ -344,10 +216,10 @@ class BlobStore:
         with self._doomed_changed:
             self._installing.update(list(fresh))
         try:
-            self._sync(executor, [s.fd for s in fresh.values() if s.fd is not None], os.fsync)
+            self._run_all(executor, [s.fd for s in fresh.values() if s.fd is not None], os.fsync)
             for s in fresh.values():
                 os.replace(s.tmp, self.path(s.sha))
-            self._sync(executor, sorted({self.path(s.sha).parent for s in staged}), fsync_dir)
+            self._run_all(executor, sorted({self.path(s.sha).parent for s in staged}), fsync_dir)
             for s in staged:
                 if s.sha not in fresh:
                     with contextlib.suppress(FileNotFoundError):

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.blobs import SYNC_MODES
 from coordinator.store import is_database_url
 
 __all__ = ["ConfigError", "CoordinatorConfig", "PacingConfig"]
@@ -83,10 +82,6 @@ class CoordinatorConfig:
     # is made durable on its own, on the worker thread.
     group_commit: bool = True
     group_commit_max_batch: int = 32
-    # How a batch's payloads are made durable (coordinator/blobs.py): "file" fsyncs each file
-    # and directory; "filesystem" one syncfs for their bytes and one for their names (local
-    # Linux filesystems only); "auto" the second where possible.
-    blob_sync: str = "auto"
     # PEM files: with both set the service speaks HTTPS only.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -124,8 +119,6 @@ class CoordinatorConfig:
             raise ConfigError("device_inactivity_s must be > 0 (or unset: keep every device)")
         if self.database_url is not None and not is_database_url(self.database_url):
             raise ConfigError("database_url must be a postgresql:// URL")
-        if self.blob_sync not in SYNC_MODES:
-            raise ConfigError(f"blob_sync must be one of {', '.join(SYNC_MODES)}")
         if self.processes < 1:
             raise ConfigError("processes must be at least 1")
         if self.shared and self.database_url is None and self.db_path == ":memory:":

@@ -192,7 +192,6 @@ class Coordinator:
                 config.blob_dir,
                 unlink_later=not config.shared,
                 shared_after_s=config.replica_orphan_age_s if config.shared else None,
-                sync=config.blob_sync,
             )
         )
         self.clock = clock or SystemClock()

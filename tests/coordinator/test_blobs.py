@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.blobs import BlobStore, FilesystemSync
+from coordinator.blobs import BlobStore
 
 
 def test_put_read_is_content_addressed(tmp_path: Path) -> None:
@@ -272,79 +272,18 @@ def test_writing_bytes_already_there_refreshes_their_age(tmp_path: Path) -> None
         assert blobs.path(sha).stat().st_mtime > time.time() - 60
 
 
-# -- a batch made durable by syncing the filesystem -------------------------------------------
-
-
-def test_the_sync_mode_is_checked_and_filesystem_sync_only_where_it_is_sound(
-    tmp_path: Path,
-) -> None:
-    with pytest.raises(ValueError, match="sync must be one of"):
-        BlobStore(tmp_path / "a", sync="sometimes")
-    assert BlobStore(tmp_path / "b", sync="file").sync_mode == "file"
-    # tmp_path is on a local filesystem of a kernel that reports writeback errors (Linux
-    # CI); /proc is neither a disk nor among the filesystems whose sync covers every file
-    assert FilesystemSync.supported(tmp_path) is None
-    assert BlobStore(tmp_path / "c").sync_mode == "filesystem"
-    why = FilesystemSync.supported(Path("/proc"))
-    assert why is not None and "proc filesystem" in why
-
-
-def test_a_failed_filesystem_sync_fails_the_batch_and_the_store_goes_file_by_file(
+def test_names_are_synced_once_per_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A writeback error is reported to one syncfs only: after the batch it failed, no later
-    batch may be acknowledged on another syncfs (which would not report it again), so the
-    store syncs each file and directory from then on; the retry syncs every name."""
+    """A batch among replicas syncs its payloads' names together: each directory holding one
+    once, however many of them it holds."""
     import coordinator.blobs as module
 
-    blobs = BlobStore(tmp_path / "b", sync="filesystem")
-    real_sync, real_dir = module.sync_filesystem, module.fsync_dir
-    calls: list[str] = []
-
-    def sync_filesystem(fd: int) -> None:
-        calls.append("syncfs")
-        if calls.count("syncfs") == 2:  # the bytes synced, the files renamed; the names fail
-            raise OSError(5, "Input/output error")
-        real_sync(fd)
-
-    def fsync_dir(path: Path) -> None:
-        calls.append(str(path))
-        real_dir(path)
-
-    monkeypatch.setattr(module, "sync_filesystem", sync_filesystem)
-    monkeypatch.setattr(module, "fsync_dir", fsync_dir)
-    payloads = [f"payload {i}".encode() for i in range(5)]
-    with pytest.raises(OSError, match="Input/output"):
-        blobs.install([blobs.stage(p) for p in payloads])
-    assert calls == ["syncfs", "syncfs"] and blobs.sync_mode == "file"
-    for sha in blobs.shas():  # renamed files may stay, whole (see the class)
-        assert blobs.read(sha) in payloads
-    calls.clear()
-    staged = [blobs.stage(p) for p in payloads]
-    blobs.install(staged)
-    assert "syncfs" not in calls
-    assert set(calls) == {str(blobs.path(s.sha).parent) for s in staged}
-    assert {blobs.read(s.sha) for s in staged} == set(payloads)
-    assert not os.listdir(blobs.root / "tmp")
-
-
-def test_names_are_synced_once_for_a_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import coordinator.blobs as module
-
-    shas = [BlobStore(tmp_path / "x").put(f"p{i}".encode()) for i in range(3)]
-    whole = BlobStore(tmp_path / "x", sync="filesystem")
-    each = BlobStore(tmp_path / "x", sync="file")
-    calls: list[str] = []
-    real_sync, real_dir = module.sync_filesystem, module.fsync_dir
-    monkeypatch.setattr(module, "sync_filesystem", lambda fd: (calls.append("fs"), real_sync(fd)))
-    monkeypatch.setattr(module, "fsync_dir", lambda p: (calls.append(p.name), real_dir(p)))
-    whole.sync_names(shas + shas)
-    assert calls == ["fs"]
-    calls.clear()
-    each.sync_names(shas + shas)
-    assert sorted(calls) == sorted({s[:2] for s in shas})
-    calls.clear()
-    whole.sync_names([])
-    assert calls == []
+    blobs = BlobStore(tmp_path / "b")
+    shas = [blobs.put(f"payload {i}".encode()) for i in range(40)]  # some share a fan-out
+    synced: list[Path] = []
+    real = module.fsync_dir
+    monkeypatch.setattr(module, "fsync_dir", lambda p: (synced.append(p), real(p)))
+    blobs.sync_names(shas + shas)
+    assert sorted(synced) == sorted({blobs.path(sha).parent for sha in shas})
+    assert len(synced) < len(shas)

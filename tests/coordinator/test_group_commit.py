@@ -135,23 +135,15 @@ class OverfullBatchFleet(BatchFleet):
         self.settle(3)
 
 
-# The blob store's two ways of making a batch durable (coordinator/blobs.py): one fsync per
-# file and directory, or two syncfs calls (the tests' directories are on local filesystems).
-SYNCS = ("file", "filesystem")
-
-
 def _scenario(
     root: Path, at: int | None, crash: bool, mode: str = "sync",
-    fleet_cls: type[BatchFleet] = BatchFleet, sync: str = "filesystem",
+    fleet_cls: type[BatchFleet] = BatchFleet,
 ) -> BatchFleet:  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
     fault, ledger = Fault(at=at, crash=crash), Ledger()
     current: list[Fault | None] = [None]
     with os_seams(lambda: current[0], ledger):
-        fleet = type(fleet_cls.__name__, (fleet_cls,), {"blob_sync": sync})(
-            root, mode, fault, ledger
-        )
-        assert fleet.coord.blobs.sync_mode == sync
+        fleet = fleet_cls(root, mode, fault, ledger)
         fleet.batches = []
         current[0] = fault
         fleet.run()
@@ -166,16 +158,18 @@ def _scenario(
 
 
 @pytest.fixture(scope="module")
-def cleans(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], BatchFleet]:
-    """Each mode's clean run (which must itself pass every check), with each way of syncing:
-    its steps to fail."""
-    return {(mode, sync): _scenario(tmp_path_factory.mktemp(f"clean-{mode}-{sync}"), None,
-                                    False, mode, sync=sync)
-            for mode in MODES for sync in SYNCS}  # fmt: skip
+def cleans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BatchFleet]:
+    """Each mode's clean run (which must itself pass every check): its steps to fail."""
+    return {mode: _scenario(tmp_path_factory.mktemp(f"clean-{mode}"), None, False, mode)
+            for mode in MODES}  # fmt: skip
 
 
-def test_a_batch_of_three_is_one_round_of_fsyncs(cleans: dict[tuple[str, str], BatchFleet]) -> None:
-    clean = cleans["sync", "file"]
+@pytest.fixture
+def clean(cleans: dict[str, BatchFleet]) -> BatchFleet:
+    return cleans["sync"]
+
+
+def test_a_batch_of_three_is_one_round_of_fsyncs(clean: BatchFleet) -> None:
     for batch in clean.batches:
         steps = [clean.fault.steps[i] for i in batch]
         # blobs.install: 3 file fsyncs, then one per directory holding one (3 fan-out
@@ -183,18 +177,6 @@ def test_a_batch_of_three_is_one_round_of_fsyncs(cleans: dict[tuple[str, str], B
         durable = steps[: steps.index("store.add_update")]
         assert durable[0] == "blobs.install" and set(durable[1:]) == {"os.fsync"}, durable
         assert 3 + 1 <= len(durable) - 1 <= 3 + 3 + 1
-        assert steps.count("store.add_update") == 3
-
-
-def test_a_batch_of_three_is_two_filesystem_syncs(
-    cleans: dict[tuple[str, str], BatchFleet],
-) -> None:
-    clean = cleans["sync", "filesystem"]
-    for batch in clean.batches:
-        steps = [clean.fault.steps[i] for i in batch]
-        # the bytes of all three, then their names: no fsync of any file or directory
-        durable = steps[: steps.index("store.add_update")]
-        assert durable == ["blobs.install", "blobs.syncfs", "blobs.syncfs"], durable
         assert steps.count("store.add_update") == 3
 
 
@@ -209,27 +191,25 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize("sync", SYNCS)
 @pytest.mark.parametrize("crash", [False, True], ids=["error", "crash"])
 @pytest.mark.parametrize("mode", MODES)
 def test_a_fault_at_any_step_of_a_batch_loses_nothing_acknowledged(
-    cleans: dict[tuple[str, str], BatchFleet], mode: str, crash: bool, sync: str, scratch: Path
+    cleans: dict[str, BatchFleet], mode: str, crash: bool, scratch: Path
 ) -> None:
-    clean = cleans[mode, sync]
-    syncs = {"file": "os.fsync", "filesystem": "blobs.syncfs"}[sync]
-    # the steps of the first batch (its syncs, its rows, its commit, the commit it makes due)
+    clean = cleans[mode]
+    # the steps of the first batch (its fsyncs, its rows, its commit, the commit it makes due)
     first_batch = clean.batches[0]
     assert {clean.fault.steps[i] for i in first_batch} >= {
-        "blobs.install", syncs, "store.add_update", "store.commit"
+        "blobs.install", "os.fsync", "store.add_update", "store.commit"
     }  # fmt: skip
     labels = [clean.fault.steps[i] for i in first_batch]
     last_row = len(labels) - 1 - labels[::-1].index("store.add_update")
     before_commit = first_batch[last_row] + 1  # its rows written, its transaction not ended
     for i in first_batch:
-        fleet = _scenario(scratch / f"at{i}", i, crash, mode, sync=sync)
+        fleet = _scenario(scratch / f"at{i}", i, crash, mode)
         if (
             not crash
-            and clean.fault.steps[i] in ("blobs.install", syncs, "store.add_update")
+            and clean.fault.steps[i] in ("blobs.install", "os.fsync", "store.add_update")
             and i < before_commit
         ):
             # the whole batch refused with 503, then retried and taken (a fault in the commit
@@ -259,14 +239,11 @@ def test_a_version_committed_inside_a_batch_deletes_payloads_only_once_the_batch
         _scenario(scratch / f"at{i}", i, crash, "async", OverfullBatchFleet)
 
 
-@pytest.mark.parametrize("sync", SYNCS)
-def test_a_failing_fsync_refuses_the_whole_batch_and_leaves_nothing(
-    tmp_path: Path, sync: str
-) -> None:
+def test_a_failing_fsync_refuses_the_whole_batch_and_leaves_nothing(tmp_path: Path) -> None:
     fault, ledger = Fault(), Ledger()
     current: list[Fault | None] = [None]
     with os_seams(lambda: current[0], ledger):
-        fleet = type("Fleet", (BatchFleet,), {"blob_sync": sync})(tmp_path, "sync", fault, ledger)
+        fleet = BatchFleet(tmp_path, "sync", fault, ledger)
         coord = fleet.coord
         work = fleet.assign([0, 1, 2])
         before = fleet.read("select count(*) from updates")
@@ -276,12 +253,11 @@ def test_a_failing_fsync_refuses_the_whole_batch_and_leaves_nothing(
             admitted = coord.admit_upload(fleet.devices[d], a["assignment_id"], f"k{d}", header)
             frame, _ = encode_update(delta_of(d, 0), "fp32")
             staged.append(coord.stage_upload(admitted, frame))
-        # blobs.install, then the third file's fsync, or the sync of the three files' bytes
-        fault.at = len(fault.steps) + (3 if sync == "file" else 1)
+        fault.at = len(fault.steps) + 3  # blobs.install, then the third file's fsync
         current[0] = fault
         answers = _commit(coord, staged)
         current[0] = None
-        assert fault.fired == ("os.fsync" if sync == "file" else "blobs.syncfs")
+        assert fault.fired == "os.fsync"
         assert all(isinstance(a, Overloaded) and a.status == 503 for a in answers), answers
         assert fleet.read("select count(*) from updates") == before
         assert not any(coord.blobs.exists(s.blob.sha) for s in staged), "a blob of it stayed"
@@ -453,7 +429,7 @@ def test_a_batch_never_takes_a_sync_round_past_its_goal(tmp_path: Path) -> None:
 def test_install_with_parallel_fsyncs_fails_whole_and_its_retry_syncs_every_name(
     tmp_path: Path,
 ) -> None:
-    blobs = BlobStore(tmp_path / "blobs", sync="file")
+    blobs = BlobStore(tmp_path / "blobs")
     kept = blobs.put(b"there before")
     payloads = [f"payload {i}".encode() * 100 for i in range(12)] + [b"there before"]
     real_fsync = os.fsync
@@ -686,12 +662,10 @@ def test_a_payload_deleted_by_the_batch_before_answers_503_and_the_retry_is_take
 class _SharedBytes:
     """Batches around one payload X shared by several uploads: batch k holds device 0's
     upload and an impostor carrying X (refused 409: X is then deleted), and each later
-    batch one device's upload of X. Files and directories synced one by one: the cases
-    fail one directory's sync among others."""
+    batch one device's upload of X."""
 
     def __init__(self, tmp_path: Path, ledger: Ledger) -> None:
-        fleet_cls = type("Fleet", (BatchFleet,), {"blob_sync": "file"})
-        self.fleet = fleet_cls(tmp_path, "sync", Fault(), ledger)
+        self.fleet = BatchFleet(tmp_path, "sync", Fault(), ledger)
         self.coord = self.fleet.coord
         self.work = self.fleet.assign([0, 1, 2])
         self.same = delta_of(7, 0)

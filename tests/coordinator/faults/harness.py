@@ -9,8 +9,7 @@ counted at the seams where durability happens:
   the end of every ``Store.atomic()`` block (the transaction's commit, which rolls back);
 * ``BlobStore.put``, ``put_file``, ``put_with_derived`` (versions), ``install`` (uploads'
   payloads) and ``delete``;
-* every ``os.fsync`` (blob files and directories) and every ``syncfs`` of the blob
-  directory's filesystem (a batch's bytes, then its names, where the blob store syncs so).
+* every ``os.fsync`` (blob files and directories).
 
 With DP-FedAvg's adaptive clipping (``dp=True``: sync rounds, the plan's ``dp.adaptive``),
 the commit's write of the round's metrics, which holds the next round's clipping bound
@@ -63,7 +62,6 @@ from typing import Any
 
 import numpy as np
 
-from coordinator import blobs as blobs_module
 from coordinator.admin import tar_directory
 from coordinator.clock import FakeClock
 from coordinator.config import CoordinatorConfig
@@ -168,55 +166,44 @@ class Fault:
 
 @dataclass
 class Ledger:
-    """What reached the disk: the step number of each rename into place, of each
-    successful directory fsync and of the last successful ``syncfs`` (every name)."""
+    """What reached the disk: the step number of each rename into place and of each
+    successful directory fsync."""
 
     seq: int = 0
     renamed: dict[str, int] = field(default_factory=dict)
     dir_synced: dict[str, int] = field(default_factory=dict)
-    fs_synced: int = -1
 
     def durable(self, path: Path) -> bool:
-        """Whether ``path``'s directory entry was synced after it was last renamed."""
+        """Whether ``path``'s directory entry was fsync'ed after it was last renamed."""
         renamed = self.renamed.get(str(path))
-        synced = max(self.dir_synced.get(str(path.parent), -1), self.fs_synced)
-        return renamed is not None and synced > renamed
+        return renamed is not None and self.dir_synced.get(str(path.parent), -1) > renamed
 
 
 @contextmanager
 def os_seams(fault_of: Callable[[], Fault | None], ledger: Ledger) -> Iterator[None]:
-    """Route ``os.fsync``, the blob store's ``syncfs`` and ``os.replace`` through the fault
-    counter and the ledger."""
-    real_fsync, real_replace, real_syncfs = os.fsync, os.replace, blobs_module.sync_filesystem
+    """Route ``os.fsync`` and ``os.replace`` through the fault counter and the ledger."""
+    real_fsync, real_replace = os.fsync, os.replace
 
-    def sync_seam(label: str, real: Callable[[int], None]) -> Callable[[int], None]:
-        def sync(fd: int) -> None:
-            fault = fault_of()
-            if fault is not None:
-                fault.step(label)
-            real(fd)
-            ledger.seq += 1
-            if real is real_syncfs:  # every name on the filesystem
-                ledger.fs_synced = ledger.seq
-                return
-            path = os.readlink(f"/proc/self/fd/{fd}")
-            if os.path.isdir(path):
-                ledger.dir_synced[path] = ledger.seq
-
-        return sync
+    def fsync(fd: int) -> None:
+        fault = fault_of()
+        if fault is not None:
+            fault.step("os.fsync")
+        real_fsync(fd)
+        ledger.seq += 1
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isdir(path):
+            ledger.dir_synced[path] = ledger.seq
 
     def replace(src: Any, dst: Any, **kwargs: Any) -> None:
         real_replace(src, dst, **kwargs)
         ledger.seq += 1
         ledger.renamed[os.path.realpath(dst)] = ledger.seq
 
-    os.fsync, os.replace = sync_seam("os.fsync", real_fsync), replace  # type: ignore[assignment]
-    blobs_module.sync_filesystem = sync_seam("blobs.syncfs", real_syncfs)
+    os.fsync, os.replace = fsync, replace  # type: ignore[assignment]
     try:
         yield
     finally:
         os.fsync, os.replace = real_fsync, real_replace
-        blobs_module.sync_filesystem = real_syncfs
 
 
 def _records_bound(label: str, kwargs: dict[str, Any]) -> bool:
@@ -293,9 +280,6 @@ class Ack:
 class Fleet:
     """One coordinator (restarted on the same files after a crash), one task, six devices."""
 
-    # How the blob store makes a batch durable (coordinator/blobs.py SYNC_MODES).
-    blob_sync = "auto"
-
     def __init__(
         self,
         root: Path,
@@ -317,7 +301,6 @@ class Fleet:
             seed=7,
             tick_interval_s=1.0,
             retention_interval_s=2.0,  # retention passes run among the faults too
-            blob_sync=self.blob_sync,
         )
         self.clock = FakeClock()
         self.coord = Coordinator(self.config, clock=self.clock)
