@@ -20,7 +20,10 @@ Measured, in rounds of one coordinator (tree) each:
 * *steered* check-ins/s (round full: answered with pace steering, no write), keep-alive,
   ``STEER_CONNECTIONS`` connections;
 * uploads/s: acknowledged int8 updates (decode, NaN/norm checks, blob fsync, SQLite commit,
-  fold), ``UPLOAD_CONNECTIONS`` in flight, either a new connection per upload (like phones)
+  fold), ``UPLOAD_CONNECTIONS`` in flight (and, once per repeat, ``DEEP_CONNECTIONS``: just
+  under the 64 operations the service queues by default, ``max_queued_operations``; whether
+  one process is bound by its pipeline's latency or by its work), either a new connection
+  per upload (like phones)
   or keep-alive (like a load balancer's pooled connections to its backend);
 * the server's CPU milliseconds per upload and per steered check-in: user + system time of
   the server process and all its descendants over the timed interval (``/proc``), which,
@@ -97,6 +100,7 @@ NUM_PARAMETERS = 100_000
 CODEC = {"name": "int8", "bits": 8, "block": 256}
 THREADS = 4  # DeviceHTTP threads of the setup (registrations, candidate check-ins)
 UPLOAD_CONNECTIONS = 32  # uploads in flight: group commit batches what arrives together
+DEEP_CONNECTIONS = 60
 STEER_CONNECTIONS = 8
 # Updates per timed round: at 1,000 uploads/s a round of 1,000 lasts one second, too short
 # to time; group commit off and the baseline acknowledge about 150/s.
@@ -124,6 +128,7 @@ class Config:
     keep_alive: bool = False  # uploads on pooled connections, else one connection each
     updates: int = UPDATES
     steered: int = STEERED
+    connections: int = UPLOAD_CONNECTIONS  # uploads in flight
 
     @property
     def label(self) -> str:
@@ -131,6 +136,8 @@ class Config:
         parts.append("keep-alive" if self.keep_alive else "new conn")
         if not self.group_commit:
             parts.append("group commit off")
+        if self.connections != UPLOAD_CONNECTIONS:
+            parts.append(f"{self.connections} in flight")
         return ", ".join(parts)
 
 
@@ -303,7 +310,7 @@ def run_round(
                                    {"num_examples": 20 + i % 7}, close=not config.keep_alive)
             for i, d in enumerate(devices)
         ]  # fmt: skip
-        up, up_cpu = _measured(pid, port, uploads, UPLOAD_CONNECTIONS,
+        up, up_cpu = _measured(pid, port, uploads, config.connections,
                                loadgen.expect_status(200), sample)  # fmt: skip
         rss_peak = loadgen.tree_kib(pid, "VmHWM")
         rounds = admin.rounds(task_id)
@@ -453,6 +460,7 @@ def schedule(baseline: bool) -> list[Config]:
     connection kinds interleaved, then group commit off and the baseline."""
     counts = (1, 2) if MULTI_PROCESS else (1,)
     repeat = [Config(processes=k, keep_alive=keep) for keep in (False, True) for k in counts]
+    repeat.append(Config(keep_alive=True, connections=DEEP_CONNECTIONS, steered=0))
     repeat.append(Config(group_commit=False, updates=SLOW_UPDATES, steered=0))
     if baseline:
         repeat.append(Config(code="before", updates=SLOW_UPDATES, steered=STEERED // 4))
@@ -503,6 +511,7 @@ def _ratio(summary: dict[str, dict[str, Any]], a: str, b: str, key: str) -> floa
 def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     one, two = Config(), Config(processes=2)
     one_ka, two_ka = Config(keep_alive=True), Config(processes=2, keep_alive=True)
+    deep_ka = Config(keep_alive=True, connections=DEEP_CONNECTIONS, steered=0)
     pairs = {
         "uploads_2_vs_1_processes_new_conn": (two, one, "uploads_per_s"),
         "uploads_2_vs_1_processes_keep_alive": (two_ka, one_ka, "uploads_per_s"),
@@ -510,6 +519,8 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "steered_2_vs_1_processes": (two, one, "steered_per_s"),
         "steered_server_cpu_2_vs_1_processes": (two, one, "steered_server_cpu_ms"),
         "uploads_keep_alive_vs_new_conn": (one_ka, one, "uploads_per_s"),
+        "uploads_60_vs_32_in_flight": (deep_ka, one_ka, "uploads_per_s"),
+        "upload_server_cpu_60_vs_32_in_flight": (deep_ka, one_ka, "uploads_server_cpu_ms"),
         "uploads_group_commit_on_vs_off": (one, Config(group_commit=False), "uploads_per_s"),
         "uploads_after_vs_before": (one, Config(code="before"), "uploads_per_s"),
         "upload_server_cpu_after_vs_before": (one, Config(code="before"), "uploads_server_cpu_ms"),

@@ -315,6 +315,15 @@ def _mean(results: dict[str, Any], name: str, key: str, sub: str | None = None) 
     return float(np.mean(vals))
 
 
+def _cost(extra_ms: float, three_ms: float) -> str:
+    three = f"{three_ms:.2f} ms per upload with three"
+    if extra_ms >= 0:
+        return f"+{extra_ms:.2f} ms of coordinator CPU (one replica against one process; {three})"
+    return (f"not measurable this run (one replica took {-extra_ms:.2f} ms less than the process "
+            "alone, which runs once, first, and so takes any drift of the machine alone; "
+            f"{three})")
+
+
 def doc(results: dict[str, Any]) -> str:
     one, three = "1 replica", "3 replicas"
     up = {n: _mean(results, n, "uploads_per_s") for n in ("alone", one, three)}
@@ -342,11 +351,10 @@ three ({up[three] / up[one]:.2f}x one replica); steered check-ins {steer[one]:.0
 replica, {steer[three]:.0f}/s with three ({steer[three] / steer[one]:.2f}x). Peak RSS per
 process at most {rss:.0f} MiB, whatever the number of replicas.
 
-What replication costs per upload, measured: {cpu[one] - cpu["alone"]:+.2f} ms of coordinator
-CPU (one replica against the process alone; {cpu[three]:.2f} ms per upload with three), for
-the statements that lock the round and the replica's partial sum written with every batch of
-uploads (the acknowledged-means-folded-and-durable rule). That write is also wall time on
-the replica's one worker thread, inside each batch's transaction: committing one
+What replication costs per upload, measured: {_cost(cpu[one] - cpu["alone"], cpu[three])}.
+What it adds is the statements that lock the round and the replica's partial sum written with
+every batch of uploads (the acknowledged-means-folded-and-durable rule). That write is also
+wall time on the replica's one worker thread, inside each batch's transaction: committing one
 100,000-parameter partial sum (0.8 MB of float64) took {results["partial_write_ms"]:.0f} ms
 (median, measured alone after the runs, at this load), once per group-commit batch: the main
 addition to the worker's time per batch. One replica acknowledged {up[one] / up["alone"]:.2f}x
