@@ -179,8 +179,10 @@ class AsyncBuffer:
     def staleness_of(self, base_version: int) -> int:
         return self.version - base_version
 
-    def check(self, delta: np.ndarray, num_examples: int, base_version: int) -> int:
-        """Validate an update without folding it; returns its staleness.
+    def check(
+        self, delta: np.ndarray, num_examples: int, base_version: int
+    ) -> tuple[int, float]:
+        """Validate an update without folding it; returns its staleness and its weight.
 
         Raises :class:`TooStale` past the bound or when its weight would be 0 (a steep
         staleness function can underflow), ``ValueError`` for anything malformed. The
@@ -205,12 +207,11 @@ class AsyncBuffer:
             raise ValueError(f"update has shape {delta.shape}, the model has {self.num_parameters}")
         # Finite, and within what the running sum can hold (one pass over the delta).
         self._sum.check(delta, weight)
-        return staleness
+        return staleness, weight
 
     def stage(self, delta: np.ndarray, num_examples: int, base_version: int) -> Staged:
         """Everything :meth:`fold` checks and computes, without changing the buffer."""
-        staleness = self.check(delta, num_examples, base_version)
-        weight = num_examples * self.config.staleness.weight(staleness)
+        staleness, weight = self.check(delta, num_examples, base_version)
         return Staged(staleness=staleness, weight=weight, version=self.version,
                       count=len(self), delta=delta, examples=int(num_examples))  # fmt: skip
 
