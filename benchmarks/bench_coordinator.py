@@ -38,7 +38,10 @@ Measured, in rounds of one coordinator (tree) each:
   all: 1 and 2 processes (when ``CoordinatorConfig`` has ``processes``), each with new and
   keep-alive connections; group commit off (one process); and the tree of commit
   ``BASELINE`` (``git archive`` into a temporary directory, the server process imports from
-  there; ``FEDGE_BENCH_BASELINE=""`` skips it). Rounds at group commit off and of the
+  there; ``FEDGE_BENCH_BASELINE=""`` skips it); and two coordinators that share nothing
+  (each its own database file, blob directory and half of the round), loaded at once:
+  what two processes could answer on these cores if they never waited for one another,
+  the bound of ``--processes 2``. Rounds at group commit off and of the
   baseline acknowledge a few hundred uploads/s at most, so they are ``SLOW_UPDATES`` long;
 * the durable path in-process (no HTTP): one by one versus batches of 32, the thread's wall
   time split into CPU, waiting for a CPU and blocked on the disk; and the int8 decode's CPU;
@@ -69,7 +72,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -129,10 +132,14 @@ class Config:
     updates: int = UPDATES
     steered: int = STEERED
     connections: int = UPLOAD_CONNECTIONS  # uploads in flight
+    # Coordinators sharing nothing, loaded at once (run_separate); 1: the one coordinator.
+    separate: int = 1
 
     @property
     def label(self) -> str:
         parts = [self.code, f"{self.processes} proc" + ("s" if self.processes > 1 else "")]
+        if self.separate > 1:
+            parts[1] = f"{self.separate} separate 1-proc coordinators"
         parts.append("keep-alive" if self.keep_alive else "new conn")
         if not self.group_commit:
             parts.append("group commit off")
@@ -226,50 +233,87 @@ def _plan(updates: int) -> dict[str, Any]:
 
 
 def _measured(
-    pid: int, port: int, requests: list[loadgen.Request], connections: int,
+    pids: Sequence[int], parts: Sequence[tuple[int, list[loadgen.Request]]], connections: int,
     expect: loadgen.Expect, on_progress: Callable[[int], None] | None = None,
 ) -> tuple[loadgen.LoadResult, dict[str, Any]]:
-    """``loadgen.run`` and the CPU ms per request of the server tree and of this client;
-    ``server_shares``: how the server's CPU fell on its processes (largest first; with
-    SO_REUSEPORT the kernel spreads connections, not requests, over them)."""
-    before = loadgen.tree_cpu(pid)
-    result = loadgen.run(port, requests, connections, expect, on_progress)
-    after = loadgen.tree_cpu(pid)
+    """``loadgen.run_parts`` and the CPU ms per request of the server trees (``pids``: their
+    roots) and of this client; ``server_shares``: how the servers' CPU fell on their
+    processes (largest first; with SO_REUSEPORT the kernel spreads connections, not
+    requests, over them)."""
+
+    def cpu() -> dict[int, float]:
+        return {p: c for root in pids for p, c in loadgen.tree_cpu(root).items()}
+
+    before = cpu()
+    result = loadgen.run_parts(parts, connections, expect, on_progress)
+    after = cpu()
     spent = sum(after.values()) - sum(before.values())
     each = [after[p] - before.get(p, 0.0) for p in after]
-    cpu = {
+    figures = {
         "server": spent / result.requests * 1e3,
         "client": result.client_cpu_ms,
         "client_sys": result.client_sys_ms,
         "server_shares": sorted((round(c / spent, 3) for c in each if c > 0), reverse=True)
         if spent > 0 else [],
     }  # fmt: skip
-    return result, cpu
+    return result, figures
 
 
-def run_round(
-    bundle: Path, config: Config, frames: list[bytes], workdir: Path, source: Path | None = None
-) -> dict[str, Any]:
-    """One coordinator (tree of processes), one round of ``config.updates`` reports; returns
-    figures. With ``source`` the server runs that source tree."""
-    started = time.perf_counter()
+@dataclasses.dataclass
+class _Served:
+    """A coordinator serving one task whose round has selected ``len(devices)`` devices."""
+
+    coord: EmbeddedCoordinator
+    pid: int
+    port: int
+    task_id: str
+    devices: list[DeviceHTTP]
+    assignments: list[str]
+    registrations_per_s: float
+    checkins_candidate_per_s: float
+    rss_idle_kib: int
+
+    def uploads(self, frames: list[bytes], keep_alive: bool) -> list[loadgen.Request]:
+        return [
+            loadgen.upload_request(self.port, (d.device_id, d.secret), self.assignments[i],
+                                   frames[i], {"num_examples": 20 + i % 7}, close=not keep_alive)
+            for i, d in enumerate(self.devices)
+        ]  # fmt: skip
+
+    def check_committed(self, updates: int) -> dict[str, Any]:
+        """The round's record, once it committed with every upload counted."""
+        admin = self.coord.admin()
+        rounds = admin.rounds(self.task_id)
+        assert rounds[0]["state"] == "committed", rounds
+        status = admin.status()
+        assert status["updates_accepted"] == updates and status["model_version"] == 1
+        return dict(rounds[0])
+
+
+def register(coord: EmbeddedCoordinator) -> DeviceHTTP:
+    dev = DeviceHTTP(coord)
+    dev.close()  # like a phone: connect, ask, go away (no idle keep-alive socket)
+    return dev
+
+
+@contextlib.contextmanager
+def _served(
+    bundle: Path, config: Config, updates: int, workdir: Path, source: Path | None
+) -> Iterator[_Served]:
+    """A coordinator (tree of processes; with ``source`` that source tree) on a database of
+    its own, its task's round of ``updates`` selected (registrations and candidate check-ins
+    timed on the way), stopped at the end."""
     db = Path(tempfile.mkdtemp(dir=workdir)) / "fedge.db"
     extra: dict[str, Any] = {"processes": config.processes} if config.processes > 1 else {}
     coord = EmbeddedCoordinator(db, subprocess=True, group_commit=config.group_commit, **extra)
     with _served_from(source):
         coord.start()
     assert coord.process is not None
-    pid, port = coord.process.pid, coord.port
     try:
         admin = coord.admin()
-        plan = _plan(config.updates)
+        plan = _plan(updates)
         task_id = admin.create_task(admin.upload_bundle(bundle)["bundle_id"], plan)["task_id"]
-        rss_idle = loadgen.tree_kib(pid, "VmRSS")
-
-        def register(_: int) -> DeviceHTTP:
-            dev = DeviceHTTP(coord)
-            dev.close()  # like a phone: connect, ask, go away (no idle keep-alive socket)
-            return dev
+        rss_idle = loadgen.tree_kib(coord.process.pid, "VmRSS")
 
         def check_in(i: int) -> dict[str, Any]:
             try:
@@ -277,21 +321,39 @@ def run_round(
             finally:
                 devices[i].close()
 
-        reg_rate, devices = timed(config.updates, register)
-        cand_rate, first = timed(config.updates, check_in)
-        _, second = timed(config.updates, check_in)
+        reg_rate, devices = timed(updates, lambda _: register(coord))
+        cand_rate, first = timed(updates, check_in)
+        _, second = timed(updates, check_in)
         aids = [(s if s["action"] == "train" else f)["assignment"]["assignment_id"]
                 for f, s in zip(first, second, strict=True)]  # fmt: skip
+        yield _Served(coord, coord.process.pid, coord.port, task_id, devices, aids, reg_rate,
+                      cand_rate, rss_idle)  # fmt: skip
+    finally:
+        coord.stop()
+
+
+def run_round(
+    bundle: Path, config: Config, frames: list[bytes], workdir: Path, source: Path | None = None
+) -> dict[str, Any]:
+    """One coordinator (tree of processes), one round of ``config.updates`` reports; returns
+    figures. With ``source`` the server runs that source tree. ``config.separate`` > 1: that
+    many coordinators instead, each its own round of an equal share of the updates, loaded
+    at once (uploads only)."""
+    if config.separate > 1:
+        return run_separate(bundle, config, frames, workdir)
+    started = time.perf_counter()
+    with _served(bundle, config, config.updates, workdir, source) as served:
+        pid, port = served.pid, served.port
         figures: dict[str, Any] = {}
         if config.steered:
             # Devices outside the round, which is full: every check-in is steered away.
-            outside = [register(0) for _ in range(STEER_CONNECTIONS)]
+            outside = [register(served.coord) for _ in range(STEER_CONNECTIONS)]
             body = {"population": "default", "runtimes": ["ort-step"],
                     "conditions": GOOD_CONDITIONS}  # fmt: skip
             checkins = [loadgen.checkin_request(port, (d.device_id, d.secret), body, close=False)
                         for d in outside]  # fmt: skip
             requests = [checkins[i % len(checkins)] for i in range(config.steered)]
-            steer, steer_cpu = _measured(pid, port, requests, STEER_CONNECTIONS,
+            steer, steer_cpu = _measured([pid], [(port, requests)], STEER_CONNECTIONS,
                                          loadgen.expect_steered)  # fmt: skip
             figures |= {
                 "checkins_steered_per_s": steer.per_s,
@@ -305,40 +367,71 @@ def run_round(
             if done > samples[-1][0]:
                 samples.append((done, loadgen.tree_kib(pid, "VmRSS")))
 
-        uploads = [
-            loadgen.upload_request(port, (d.device_id, d.secret), aids[i], frames[i],
-                                   {"num_examples": 20 + i % 7}, close=not config.keep_alive)
-            for i, d in enumerate(devices)
-        ]  # fmt: skip
-        up, up_cpu = _measured(pid, port, uploads, config.connections,
+        uploads = served.uploads(frames, config.keep_alive)
+        up, up_cpu = _measured([pid], [(port, uploads)], config.connections,
                                loadgen.expect_status(200), sample)  # fmt: skip
         rss_peak = loadgen.tree_kib(pid, "VmHWM")
-        rounds = admin.rounds(task_id)
-        assert rounds[0]["state"] == "committed", rounds
-        status = admin.status()
-        assert status["updates_accepted"] == config.updates and status["model_version"] == 1
+        committed = served.check_committed(config.updates)
         return {
-            **dataclasses.asdict(config),
-            "label": config.label,
-            "registrations_per_s": reg_rate,
-            "checkins_candidate_per_s": cand_rate,
-            "checkins_steered_per_s": None,
-            "checkin_steered_cpu_ms": None,
-            "checkin_steered_latency_ms": None,
+            **_figures(config, up, up_cpu, frames),
+            "registrations_per_s": served.registrations_per_s,
+            "checkins_candidate_per_s": served.checkins_candidate_per_s,
             **figures,
-            "uploads_per_s": up.per_s,
-            "upload_cpu_ms": up_cpu,
-            "upload_latency_ms": up.latency_ms,
-            "upload_bytes": len(frames[0]),
-            "rss_idle_mib": rss_idle / 1024,
+            "rss_idle_mib": served.rss_idle_kib / 1024,
             "rss_before_uploads_mib": rss_reporting / 1024,
             "rss_peak_mib": rss_peak / 1024,
             "rss_samples_mib": [(n, kib / 1024) for n, kib in samples],
-            "round_duration_s": rounds[0]["metrics"]["duration_s"],
+            "round_duration_s": committed["metrics"]["duration_s"],
             "wall_s": time.perf_counter() - started,  # all of it, the setup included
         }
-    finally:
-        coord.stop()
+
+
+def _figures(
+    config: Config, up: loadgen.LoadResult, up_cpu: dict[str, Any], frames: list[bytes]
+) -> dict[str, Any]:
+    return {
+        **dataclasses.asdict(config),
+        "label": config.label,
+        "checkins_steered_per_s": None,
+        "checkin_steered_cpu_ms": None,
+        "checkin_steered_latency_ms": None,
+        "uploads_per_s": up.per_s,
+        "upload_cpu_ms": up_cpu,
+        "upload_latency_ms": up.latency_ms,
+        "upload_bytes": len(frames[0]),
+    }
+
+
+def run_separate(
+    bundle: Path, config: Config, frames: list[bytes], workdir: Path
+) -> dict[str, Any]:
+    """``config.separate`` coordinators that share nothing (each its own database file,
+    blob directory and round of ``updates // separate``), their uploads sent at once on
+    ``config.connections`` in all: what that many processes of the service could answer
+    on these cores if they never waited for one another, the bound of ``--processes``."""
+    started = time.perf_counter()
+    share = config.updates // config.separate
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(_served(bundle, config, share, workdir, None))
+                   for _ in range(config.separate)]  # fmt: skip
+        parts = [(s.port, s.uploads(frames[k * share : (k + 1) * share], config.keep_alive))
+                 for k, s in enumerate(servers)]  # fmt: skip
+        up, up_cpu = _measured([s.pid for s in servers], parts, config.connections,
+                               loadgen.expect_status(200))  # fmt: skip
+        rss_peak = sum(loadgen.tree_kib(s.pid, "VmHWM") for s in servers)
+        for s in servers:
+            s.check_committed(share)
+        return {
+            **_figures(config, up, up_cpu, frames),
+            "registrations_per_s": float(np.mean([s.registrations_per_s for s in servers])),
+            "checkins_candidate_per_s": float(
+                np.mean([s.checkins_candidate_per_s for s in servers])
+            ),
+            "rss_idle_mib": sum(s.rss_idle_kib for s in servers) / 1024,
+            "rss_peak_mib": rss_peak / 1024,
+            "rss_samples_mib": [],
+            "wall_s": time.perf_counter() - started,
+        }
 
 
 def upload_floor(frames: list[bytes], workdir: Path, keep_alive: bool) -> dict[str, Any]:
@@ -356,7 +449,7 @@ def upload_floor(frames: list[bytes], workdir: Path, keep_alive: bool) -> dict[s
         uploads = [loadgen.upload_request(port, ("d-floor", "s"), f"a-{i}", frame,
                                           {"num_examples": 20}, close=not keep_alive)
                    for i, frame in enumerate(frames)]  # fmt: skip
-        up, cpu = _measured(server.pid, port, uploads, UPLOAD_CONNECTIONS,
+        up, cpu = _measured([server.pid], [(port, uploads)], UPLOAD_CONNECTIONS,
                             loadgen.expect_status(200))  # fmt: skip
         return {"keep_alive": keep_alive, "uploads_per_s": up.per_s,
                 "server_cpu_ms": cpu["server"], "latency_ms": up.latency_ms}  # fmt: skip
@@ -455,12 +548,18 @@ def decode_cpu_ms(frame: bytes, baseline: Path | None) -> dict[str, float]:
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
+# Two coordinators sharing nothing, keep-alive: what two processes could answer on these
+# cores if they never waited for one another (the 2-process rows' bound).
+SEPARATE = Config(keep_alive=True, separate=2, steered=0)
+
+
 def schedule(baseline: bool) -> list[Config]:
     """The RSS reference round, then the timed rounds of each repeat: process counts and
     connection kinds interleaved, then group commit off and the baseline."""
     counts = (1, 2) if MULTI_PROCESS else (1,)
     repeat = [Config(processes=k, keep_alive=keep) for keep in (False, True) for k in counts]
     repeat.append(Config(keep_alive=True, connections=DEEP_CONNECTIONS, steered=0))
+    repeat.append(SEPARATE)
     repeat.append(Config(group_commit=False, updates=SLOW_UPDATES, steered=0))
     if baseline:
         repeat.append(Config(code="before", updates=SLOW_UPDATES, steered=STEERED // 4))
@@ -519,6 +618,9 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "steered_2_vs_1_processes": (two, one, "steered_per_s"),
         "steered_server_cpu_2_vs_1_processes": (two, one, "steered_server_cpu_ms"),
         "uploads_keep_alive_vs_new_conn": (one_ka, one, "uploads_per_s"),
+        "uploads_2_separate_vs_1_process": (SEPARATE, one_ka, "uploads_per_s"),
+        "uploads_2_processes_vs_2_separate": (two_ka, SEPARATE, "uploads_per_s"),
+        "upload_server_cpu_2_separate_vs_1_process": (SEPARATE, one_ka, "uploads_server_cpu_ms"),
         "uploads_60_vs_32_in_flight": (deep_ka, one_ka, "uploads_per_s"),
         "upload_server_cpu_60_vs_32_in_flight": (deep_ka, one_ka, "uploads_server_cpu_ms"),
         "uploads_group_commit_on_vs_off": (one, Config(group_commit=False), "uploads_per_s"),
@@ -541,7 +643,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     shown: set[str] = set()
     for run in results["runs"]:
         label = f"{run['updates']} updates, {run['label']}"
-        if label in shown:  # first repeat of each configuration
+        if label in shown or not run["rss_samples_mib"]:  # first repeat of each configuration
             continue
         shown.add(label)
         xs, ys = zip(*run["rss_samples_mib"], strict=True)
@@ -596,11 +698,12 @@ def print_table(summary: dict[str, dict[str, Any]]) -> None:
     print("\nmeans over the repeats (steered check-ins: keep-alive, "
           f"{STEER_CONNECTIONS} connections; uploads: {UPLOAD_CONNECTIONS} in flight; "
           "ms: CPU per request)")  # fmt: skip
-    print(f"| {'configuration':42} | " + " | ".join(f"{h:>10}" for h, _, _ in cols) + " |")
-    print(f"|{'-' * 44}|" + "|".join("-" * 11 + ":" for _ in cols) + "|")
+    w = max(len("configuration"), *map(len, summary))
+    print(f"| {'configuration':{w}} | " + " | ".join(f"{h:>10}" for h, _, _ in cols) + " |")
+    print(f"|{'-' * (w + 2)}|" + "|".join("-" * 11 + ":" for _ in cols) + "|")
     for label, e in summary.items():
         cells = [fmt.format(e[key]) if key in e else "-" for _, key, fmt in cols]
-        print(f"| {label:42} | " + " | ".join(f"{c:>10}" for c in cells) + " |")
+        print(f"| {label:{w}} | " + " | ".join(f"{c:>10}" for c in cells) + " |")
 
 
 def main() -> None:

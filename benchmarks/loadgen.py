@@ -53,6 +53,7 @@ __all__ = [
     "expect_status",
     "expect_steered",
     "run",
+    "run_parts",
     "tree_cpu",
     "tree_cpu_s",
     "tree_kib",
@@ -202,10 +203,27 @@ def run(
     next request not yet sent), checking every answer with ``expect``; raises on the first
     unexpected answer. ``on_progress(answers checked so far)`` is called every ``every_s``
     seconds from a thread of its own, and once at the end (e.g. to sample the server's RSS)."""
+    return run_parts([(port, requests)], connections, expect, on_progress, every_s)
+
+
+def run_parts(
+    parts: Sequence[tuple[int, Sequence[Request]]],
+    connections: int,
+    expect: Expect,
+    on_progress: Callable[[int], None] | None = None,
+    every_s: float = 0.05,
+) -> LoadResult:
+    """:func:`run` over several servers at once, ``(port, requests)`` each: connection ``k``
+    serves part ``k % len(parts)`` only, so that every server sees its share of the
+    connections and a request reaches only the server it was built for."""
+    requests = [r for _, part in parts for r in part]
     closing = {r.close for r in requests}
     if len(closing) != 1:
         raise ValueError("requests must all be keep-alive or all close their connection")
-    next_index = itertools.count().__next__  # one C call: atomic under the GIL
+    if not len(parts) <= connections:
+        raise ValueError(f"{connections} connections cannot serve {len(parts)} servers")
+    # one C call each: atomic under the GIL
+    next_of = [itertools.count().__next__ for _ in parts]
     counts = [0] * connections  # answers checked, one counter per worker: no lock
     latencies: list[list[float]] = [[] for _ in range(connections)]
     failures: list[BaseException] = []
@@ -215,12 +233,14 @@ def run(
         conn: _Connection | None = None
         lat = latencies[k]
         clock = time.perf_counter
+        port, mine = parts[k % len(parts)]
+        next_index = next_of[k % len(parts)]
         try:
             while not stop.is_set():
                 i = next_index()
-                if i >= len(requests):
+                if i >= len(mine):
                     break
-                request = requests[i]
+                request = mine[i]
                 t0 = clock()
                 if conn is None:
                     conn = _Connection(port)

@@ -1,7 +1,8 @@
 """The benchmarks' load generator: every request sent once and its answer read whole (however
 the server splits or batches its bytes), connections reused or not as asked, an unexpected
-answer raised; against a real coordinator, uploads acknowledged and check-ins steered; the
-server tree's CPU summed over descendants, including those already exited."""
+answer raised, several servers loaded at once with their own requests; against a real
+coordinator, uploads acknowledged and check-ins steered; the server tree's CPU summed over
+descendants, including those already exited."""
 
 from __future__ import annotations
 
@@ -104,6 +105,22 @@ def test_every_request_answered_once_on_the_connections_asked(
     assert result.keep_alive is not close
     assert seen[-1] == 60 and seen == sorted(seen)
     assert 0 < result.latency_ms["p50"] <= result.latency_ms["p99"] <= result.latency_ms["max"]
+
+
+def test_parts_go_to_their_own_server_on_their_share_of_the_connections() -> None:
+    first, second = ChoppyServer(), ChoppyServer()
+    try:
+        parts = [(first.port, _requests(first.port, 30, close=False)),
+                 (second.port, _requests(second.port, 11, close=False))]  # fmt: skip
+        result = loadgen.run_parts(parts, 5, loadgen.expect_steered)
+        assert result.requests == 41
+        assert (first.requests, second.requests) == (30, 11)
+        assert (first.connections, second.connections) == (3, 2)  # connections 0, 2, 4 | 1, 3
+        with pytest.raises(ValueError, match="cannot serve"):
+            loadgen.run_parts(parts, 1, loadgen.expect_steered)
+    finally:
+        first.close()
+        second.close()
 
 
 def test_an_unexpected_answer_is_raised(choppy: ChoppyServer) -> None:
