@@ -235,20 +235,29 @@ class SQLiteStore(SQLStore):
         # The WAL holds committed pages not yet checkpointed into the main file.
         return sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.is_file())
 
+    def _conn(self) -> sqlite3.Connection:
+        """The connection, for a statement. Inside a block whose transaction is gone (its
+        error caught around a bare statement, no savepoint between), the statement would
+        run in autocommit, stored on its own before the block fails: it fails at once."""
+        conn = self.db.conn
+        if self._depth and not conn.in_transaction:
+            raise self._lose()
+        return conn
+
     # Statements go to the connection itself: sqlite-utils' query() wraps each SELECT in a
     # savepoint of its own (three statements instead of one), a third of a check-in's cost.
     # Autocommit (isolation_level=None) opens no implicit transaction that it would guard.
     def _execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
         self._may_write(sql)
-        return self.db.conn.execute(sql, args)
+        return self._conn().execute(sql, args)
 
     def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         self._may_write(sql)
-        self.db.conn.executemany(sql, rows)
+        self._conn().executemany(sql, rows)
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         self._may_write(sql)
-        cursor = self.db.conn.execute(sql, args)
+        cursor = self._conn().execute(sql, args)
         keys = [d[0] for d in cursor.description]
         return [dict(zip(keys, row, strict=True)) for row in cursor]
 

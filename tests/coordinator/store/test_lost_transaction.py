@@ -111,6 +111,24 @@ def test_an_error_caught_in_the_outer_block_fails_it(store: SQLiteStore) -> None
     _usable_after(store)
 
 
+def test_a_statement_after_an_error_caught_around_a_bare_statement_fails(
+    store: SQLiteStore,
+) -> None:
+    """No savepoint around the failed statement: the next one, which would run in
+    autocommit (a write stored on its own), fails at once; what the caller runs after that
+    goes into a transaction the block rolls back."""
+    with disk_full(store), pytest.raises(TransactionLost), store.atomic():
+        store.add_device(_device("d-1"))
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            store.add_device(HUGE)
+        with pytest.raises(TransactionLost):
+            store.get_device("d-1")  # a read too: it would not see what the block wrote
+        store.add_device(_device("d-2"))
+        assert _stored(store) == ["d-2"]  # held by the block, not committed on its own
+    assert _stored(store) == []
+    _usable_after(store)
+
+
 def test_a_statement_error_that_spares_the_transaction_changes_nothing(
     store: SQLiteStore,
 ) -> None:
