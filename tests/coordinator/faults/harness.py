@@ -1,9 +1,9 @@
 """Fault injection at the coordinator's durable seams, and the invariants checked after it.
 
 A scenario runs one small federated workload (:class:`Fleet`: sync rounds or async buffers,
-real SQLite file, real blob directory, the real :class:`~coordinator.service.Coordinator`
-called the way the HTTP layer calls it) with one durable step made to fail. The steps are
-counted at the seams where durability happens:
+real SQLite file or PostgreSQL schema, real blob directory, the real
+:class:`~coordinator.service.Coordinator` called the way the HTTP layer calls it) with one
+durable step made to fail. The steps are counted at the seams where durability happens:
 
 * every write method of the store (``add_*``, ``update_*``, ``delete_*``, ``expire_*``) and
   the end of every ``Store.atomic()`` block (the transaction's commit, which rolls back);
@@ -28,8 +28,10 @@ with the retention done (retried after a failed pass, or after the restart).
 A clean run lists the steps; scenario ``i`` fails step ``i`` once, either as the error the
 disk would give (``ENOSPC`` / SQLite's "database or disk is full") with the same process
 going on, or as a crash (:class:`Crash`, which no ``except Exception`` catches) followed by a
-new coordinator on the same files. Devices retry whatever was not acknowledged with the
-same idempotency key, as the SDK does, until the workload completes.
+new coordinator on the same files (on PostgreSQL, a store write fails as psycopg's
+``DiskFull``; the crashed coordinator's connection closes, which rolls its transaction
+back). Devices retry whatever was not acknowledged with the same idempotency key, as the SDK
+does, until the workload completes.
 
 :func:`check_invariants` then holds the run to: every acknowledged update stored and in
 exactly one committed version; nothing stored that was not acknowledged; each version the
@@ -139,18 +141,24 @@ class Crash(BaseException):
     """The process dies at this step: nothing after it runs (no handler catches it)."""
 
 
-def _injected_error(label: str) -> Exception:
-    if label.startswith("store."):
-        return sqlite3.OperationalError(f"database or disk is full (injected at {label})")
-    return OSError(errno.ENOSPC, f"No space left on device (injected at {label})")
+def _injected_error(label: str, postgres: bool) -> Exception:
+    if not label.startswith("store."):
+        return OSError(errno.ENOSPC, f"No space left on device (injected at {label})")
+    if postgres:
+        import psycopg
+
+        return psycopg.errors.DiskFull(f"could not extend file (injected at {label})")
+    return sqlite3.OperationalError(f"database or disk is full (injected at {label})")
 
 
 @dataclass
 class Fault:
-    """Counts durable steps; fails step ``at`` once (as an error, or as a crash)."""
+    """Counts durable steps; fails step ``at`` once (as an error, or as a crash). A store's
+    error is the one its driver raises for a full disk (``postgres``: psycopg's)."""
 
     at: int | None = None
     crash: bool = False
+    postgres: bool = False
     steps: list[str] = field(default_factory=list)
     fired: str | None = None
 
@@ -161,7 +169,7 @@ class Fault:
             self.fired = label
             if self.crash:
                 raise Crash(label)
-            raise _injected_error(label)
+            raise _injected_error(label, self.postgres)
 
 
 @dataclass
@@ -278,7 +286,8 @@ class Ack:
 
 
 class Fleet:
-    """One coordinator (restarted on the same files after a crash), one task, six devices."""
+    """One coordinator (restarted on the same files after a crash), one task, six devices;
+    its records in a SQLite file, or in PostgreSQL at ``database_url``."""
 
     def __init__(
         self,
@@ -289,6 +298,7 @@ class Fleet:
         num_parameters: int = N,
         robust: bool = False,
         dp: bool = False,
+        database_url: str | None = None,
     ) -> None:
         self.root, self.mode, self.fault, self.ledger = root, mode, fault, ledger
         self.num_parameters = num_parameters
@@ -296,7 +306,8 @@ class Fleet:
         # version (the full-disk test frees space there).
         self.on_trouble: Callable[[], None] = lambda: None
         self.config = CoordinatorConfig(
-            db_path=str(root / "fedge.db"),
+            db_path=str(root / "fedge.db"),  # with a database_url: where the blobs go
+            database_url=database_url,
             open_registration=True,
             seed=7,
             tick_interval_s=1.0,
@@ -365,6 +376,13 @@ class Fleet:
 
     def read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """What another connection sees: only committed data."""
+        if self.config.database_url is not None:
+            import psycopg
+
+            from coordinator.store.postgres_schema import pg_sql
+
+            with psycopg.connect(self.config.database_url, autocommit=True) as pg:
+                return pg.execute(pg_sql(sql), args).fetchall()
         conn = sqlite3.connect(f"file:{self.config.db_path}?mode=ro", uri=True)
         try:
             return conn.execute(sql, args).fetchall()
@@ -556,17 +574,19 @@ def run_scenario(
     dp: bool = False,
     retire: bool = False,
     prepare: Callable[[Fleet], None] = lambda fleet: None,
+    database_url: str | None = None,
 ) -> Fleet:
     """One scenario end to end (then a clean restart, which must change nothing);
     ``prepare`` runs after the setup, before the workload; ``dp``: a sync workload with
     DP-FedAvg's adaptive clipping; ``retire``: the retention phase after the workload's
-    checks (:meth:`Fleet.retire`), then a restart and :func:`check_retired`."""
+    checks (:meth:`Fleet.retire`), then a restart and :func:`check_retired`;
+    ``database_url``: the records in that (empty) PostgreSQL schema."""
     root.mkdir(parents=True, exist_ok=True)
-    fault = Fault(at=at, crash=crash)
+    fault = Fault(at=at, crash=crash, postgres=database_url is not None)
     ledger = Ledger()
     current: list[Fault | None] = [None]
     with os_seams(lambda: current[0], ledger):
-        fleet = Fleet(root, mode, fault, ledger, num_parameters, robust, dp)
+        fleet = Fleet(root, mode, fault, ledger, num_parameters, robust, dp, database_url)
         prepare(fleet)
         current[0] = fault
         fleet.run()

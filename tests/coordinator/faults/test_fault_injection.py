@@ -11,10 +11,16 @@ against its round's DP record and the bound chain, see :func:`.harness.check_dp_
 Retention's deletion of old rounds, with its count of their update rows in
 ``tasks.updates_retired``, runs after each mode's workload as a phase of its own: the
 default suite fails every one of its steps (see :func:`.harness.check_retired`).
+
+The same workloads run with their records in PostgreSQL (a fresh schema per scenario on the
+test server; a store write fails as psycopg's full disk): the default suite fails the first
+occurrence of every kind of step in both modes, ``--slow`` every step, and every step of the
+retention phase.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -32,6 +38,7 @@ from tests.coordinator.faults.harness import (
     Fleet,
     run_scenario,
 )
+from tests.fixtures.postgres import new_schema
 
 VARIANTS = ("error", "crash")
 # Seams the workloads must pass through, or the sweep proves less than it claims.
@@ -95,14 +102,18 @@ def _sweep(
     robust: bool = False,
     dp: bool = False,
     retire: bool = False,
+    postgres: str | None = None,
 ) -> None:
+    """Scenario ``i`` for each index; ``postgres``: the server whose fresh schema holds each
+    scenario's records."""
     failures, outcomes = [], []
     for i in indices:
         where = root / f"{mode}-{variant}-{i}"
         try:
-            crash = variant == "crash"
-            fleet: Fleet = run_scenario(where, mode, i, crash, robust=robust, dp=dp,
-                                        retire=retire)  # fmt: skip
+            with contextlib.ExitStack() as stack:
+                url = None if postgres is None else stack.enter_context(new_schema(postgres))
+                fleet: Fleet = run_scenario(where, mode, i, variant == "crash", robust=robust,
+                                            dp=dp, retire=retire, database_url=url)  # fmt: skip
         except Exception as e:  # collected: one scenario's failure must not hide the others'
             failures.append(f"step {i} ({steps[i]}): {type(e).__name__}: {str(e)[:400]}")
             continue
@@ -194,3 +205,71 @@ def test_every_durable_step_failing_with_adaptive_dp(
     scratch: Path, dp_steps: list[str], variant: str
 ) -> None:
     _sweep(scratch / "dp-all", "sync", variant, range(len(dp_steps)), dp_steps, dp=True)
+
+
+# -- the same seams with the records in PostgreSQL (the replicas' database) ------------------
+
+
+@pytest.fixture(scope="module")
+def pg_steps(scratch: Path, postgres_server: str) -> dict[str, list[str]]:
+    """Each mode's clean run on PostgreSQL: its durable steps."""
+    out = {}
+    for mode in MODES:
+        with new_schema(postgres_server) as url:
+            fleet = run_scenario(scratch / f"pg-clean-{mode}", mode, None, False,
+                                 database_url=url)  # fmt: skip
+        assert type(fleet.coord.store).__name__ == "PostgresStore"
+        assert not (scratch / f"pg-clean-{mode}" / "fedge.db").exists()  # no SQLite file
+        out[mode] = fleet.fault.steps
+    return out
+
+
+@pytest.fixture(scope="module")
+def pg_retiring(scratch: Path, postgres_server: str) -> dict[str, Fleet]:
+    """Each mode's clean run with the retention phase, on PostgreSQL."""
+    out = {}
+    for mode in MODES:
+        with new_schema(postgres_server) as url:
+            out[mode] = run_scenario(scratch / f"pg-clean-retire-{mode}", mode, None, False,
+                                     retire=True, database_url=url)  # fmt: skip
+    return out
+
+
+def test_the_workloads_on_postgresql_pass_through_every_seam(
+    pg_steps: dict[str, list[str]],
+) -> None:
+    for mode in MODES:
+        assert set(pg_steps[mode]) >= REQUIRED, REQUIRED - set(pg_steps[mode])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_each_kind_of_durable_step_failing_on_postgresql(
+    scratch: Path, postgres_server: str, pg_steps: dict[str, list[str]], mode: str, variant: str
+) -> None:
+    """The first occurrence of each kind of step (a store write failing as psycopg's full
+    disk, a transaction's commit, a blob write, an fsync), or a crash there: nothing
+    acknowledged is lost or counted twice."""
+    steps = pg_steps[mode]
+    _sweep(scratch / "pg", mode, variant, _first(steps, 1), steps, postgres=postgres_server)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_every_durable_step_failing_on_postgresql(
+    scratch: Path, postgres_server: str, pg_steps: dict[str, list[str]], mode: str, variant: str
+) -> None:
+    steps = pg_steps[mode]
+    _sweep(scratch / "pg-all", mode, variant, range(len(steps)), steps, postgres=postgres_server)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_retention_s_delete_and_count_failing_on_postgresql(
+    scratch: Path, postgres_server: str, pg_retiring: dict[str, Fleet], mode: str, variant: str
+) -> None:
+    clean = pg_retiring[mode]
+    _sweep(scratch / "pg-retire", mode, variant, clean.retire_steps, clean.fault.steps,
+           retire=True, postgres=postgres_server)  # fmt: skip
