@@ -471,7 +471,7 @@ def durable_path(
 ) -> dict[str, Any]:
     """The service without HTTP (one thread, real SQLite file and blob directory on the
     disk): ``updates`` uploads made durable one by one (``batch`` 1: ``Coordinator.upload``,
-    three fsyncs each) or in batches (the group-commit steps, fsyncs on a thread pool). The
+    three fsyncs each) or in batches (the group-commit steps, as the service runs them). The
     thread's wall time split into CPU, waiting for a CPU (the shared cores' load) and blocked
     (the fsyncs)."""
     root = workdir / f"durable-{batch}-{rep}"
@@ -497,15 +497,14 @@ def durable_path(
             for i, (who, aid) in enumerate(work):
                 coord.upload(who, aid, f"k{i}", report, frames[i % len(frames)])
         else:
-            with ThreadPoolExecutor(batch) as syncers:
-                for start in range(0, updates, batch):
-                    staged = [
-                        coord.stage_upload(coord.admit_upload(who, aid, f"k{i}", report),
-                                           frames[i % len(frames)])
-                        for i, (who, aid) in enumerate(work[start : start + batch], start)
-                    ]  # fmt: skip
-                    coord.install_uploads(staged, syncers)
-                    assert all(isinstance(a, dict) for a in coord.accept_uploads(staged))
+            for start in range(0, updates, batch):
+                staged = [
+                    coord.stage_upload(coord.admit_upload(who, aid, f"k{i}", report),
+                                       frames[i % len(frames)])
+                    for i, (who, aid) in enumerate(work[start : start + batch], start)
+                ]  # fmt: skip
+                coord.install_uploads(staged)
+                assert all(isinstance(a, dict) for a in coord.accept_uploads(staged))
         wall, (c1, q1) = time.perf_counter() - t0, schedstat()
         cpu, queued = c1 - c0, q1 - q0
         assert coord.store.list_tasks()[0].model_version == 1  # the round committed

@@ -28,7 +28,8 @@ MAX_BODY = 1 << 22
 
 def main() -> None:
     blobs = BlobStore(Path(sys.argv[1]))
-    # The coordinator's group commit runs its fsyncs on as many threads as uploads in flight.
+    # Each upload durable on its own, as many at once as uploads in flight (32): nothing
+    # waits for a batch to form.
     syncers = ThreadPoolExecutor(32, thread_name_prefix="floor-fsync")
 
     def durable(body: bytes) -> None:

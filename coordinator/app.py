@@ -7,7 +7,7 @@ service's single worker thread, so SQLite work never blocks the event loop and o
 interleave. That thread's queue is bounded (:class:`WorkQueue`): past the bound a request is
 answered ``503 overloaded`` with ``Retry-After`` at once, before its body is read. Uploads are
 group-committed (``group_commit``, :class:`_GroupedUploads`): admitted on the worker thread,
-decoded on a pool, made durable in batches. Every failure
+decoded on the event loop (large frames on a pool), made durable in batches. Every failure
 leaves as the JSON error shape; an unexpected exception is logged and answered ``500 internal``.
 
 ::
@@ -56,6 +56,10 @@ T = TypeVar("T")
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 COORDINATOR_KEY = web.AppKey("coordinator", Coordinator)
 _EXECUTOR_KEY = web.AppKey("executor", ThreadPoolExecutor)
+# An update frame up to this size is decoded, checked and staged on the event loop (about
+# 0.2 ms for 100k int8 parameters): a trip to a thread and back costs more CPU than that.
+# A larger one goes to a pool rather than stall every other request on the loop.
+INLINE_FRAME_BYTES = 1 << 20
 _TICKER_KEY = web.AppKey("ticker", asyncio.Task)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -227,10 +231,15 @@ _QUEUE_KEY = web.AppKey("work_queue", WorkQueue)
 
 class _GroupedUploads:
     """The upload route with group commit: admission on the worker thread, frames decoded
-    and payloads staged on a pool (in parallel, off the event loop), then batches made
-    durable together (:class:`~coordinator.group_commit.GroupCommit`): fsyncs on their own
-    pool while the worker serves other requests, rows in one transaction on the worker. A
-    batch's fsyncs overlap the previous batch's transaction."""
+    and payloads staged where they were read (large ones on a pool), then batches made
+    durable together (:class:`~coordinator.group_commit.GroupCommit`): fsyncs on a thread
+    of their own while the worker serves other requests, rows in one transaction on the
+    worker. A batch's fsyncs overlap the previous batch's transaction.
+
+    Few threads on purpose: every thread that wants the GIL while another holds it turns
+    each release (a numpy loop, a hash, a write, an SQLite statement) into a hand-off and
+    two context switches. A decoding pool and a thread per fsync cost one process more CPU
+    per upload than they overlapped (``docs/benchmarks.md``, "One node, eighth pass")."""
 
     def __init__(self, coord: Coordinator, work: WorkQueue) -> None:
         cfg = coord.config
@@ -238,14 +247,8 @@ class _GroupedUploads:
         self.decoders = ThreadPoolExecutor(
             max(2, os.cpu_count() or 2), thread_name_prefix="fedge-decode"
         )
-        # fsync waits on the disk, not the CPU: one thread per file of a batch, so that the
-        # journal commits them together.
-        self.syncers = ThreadPoolExecutor(
-            cfg.group_commit_max_batch, thread_name_prefix="fedge-fsync"
-        )
-        # Runs each batch's install (one at a time), waiting for the fsyncs: not a decoder's
-        # thread, which would stop decoding meanwhile. It overlaps the previous batch's
-        # transaction on the worker (GroupCommit's two stages).
+        # Runs each batch's install (one at a time), waiting for the disk. It overlaps the
+        # previous batch's transaction on the worker (GroupCommit's two stages).
         self.installer = ThreadPoolExecutor(1, thread_name_prefix="fedge-install")
         self.commits: GroupCommit[StagedUpload, dict[str, Any]] = GroupCommit(
             self._accept,
@@ -282,17 +285,19 @@ class _GroupedUploads:
 
     async def _stage_and_commit(self, admitted: AdmittedUpload, data: bytes) -> dict[str, Any]:
         try:
-            loop = asyncio.get_running_loop()
-            staged = await loop.run_in_executor(
-                self.decoders, self.coord.stage_upload, admitted, data
-            )
+            if len(data) <= INLINE_FRAME_BYTES:
+                staged = self.coord.stage_upload(admitted, data)
+            else:
+                staged = await asyncio.get_running_loop().run_in_executor(
+                    self.decoders, self.coord.stage_upload, admitted, data
+                )
             return await self.commits.submit(staged)
         finally:
             self.commits.release()
 
     async def _install(self, batch: Sequence[StagedUpload]) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.installer, self.coord.install_uploads, batch, self.syncers)
+        await loop.run_in_executor(self.installer, self.coord.install_uploads, batch)
 
     async def _accept(self, batch: Sequence[StagedUpload]) -> list[dict[str, Any] | ApiError]:
         # Safe while the next batch installs: the transaction checks everything again, and a
@@ -301,7 +306,7 @@ class _GroupedUploads:
 
     async def close(self) -> None:
         await self.commits.close()
-        for pool in (self.decoders, self.installer, self.syncers):
+        for pool in (self.decoders, self.installer):
             pool.shutdown(wait=True)
 
 

@@ -8,7 +8,7 @@ turns through the database's row locks (:mod:`coordinator.replicas`). Handlers p
 already-read bodies in; failures are raised as
 :class:`~coordinator.errors.ApiError`. The exceptions, :meth:`Coordinator.stage_upload` and
 :meth:`Coordinator.install_uploads` (decoding a frame, writing and syncing payload files),
-touch no store or policy state and run on other threads, for group commit.
+touch no store or policy state and run off the worker thread, for group commit.
 
 Tasks are isolated from each other: every step of one task's state machine (a check-in, a
 report, a tick, start-up recovery) runs under :meth:`Coordinator._task_step`. An error there
@@ -29,7 +29,6 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -663,13 +662,11 @@ class Coordinator:
             raise self._storage_unavailable(e) from e
         return StagedUpload(admitted, delta, blob, len(body))
 
-    def install_uploads(
-        self, staged: Sequence[StagedUpload], executor: Executor | None = None
-    ) -> None:
+    def install_uploads(self, staged: Sequence[StagedUpload]) -> None:
         """Make the staged payloads durable together (one batch of fsyncs); a disk error
         refuses them all with ``503`` (nothing of them stays)."""
         try:
-            self.blobs.install([s.blob for s in staged], executor)
+            self.blobs.install([s.blob for s in staged])
         except OSError as e:
             raise self._storage_unavailable(e) from e
 

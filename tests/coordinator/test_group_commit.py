@@ -19,7 +19,6 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -378,12 +377,12 @@ def test_concurrent_uploads_over_http_are_committed_in_batches(tmp_path: Path) -
         real_install = service.install_uploads
         first = threading.Event()
 
-        def install(staged: Sequence[StagedUpload], executor: Any = None) -> None:
+        def install(staged: Sequence[StagedUpload]) -> None:
             sizes.append(len(staged))
             if not first.is_set():  # hold the first batch: the others arrive meanwhile
                 first.set()
                 threading.Event().wait(0.5)
-            real_install(staged, executor)
+            real_install(staged)
 
         service.install_uploads = install  # type: ignore[method-assign]
         admin = coord.admin()
@@ -426,9 +425,7 @@ def test_a_batch_never_takes_a_sync_round_past_its_goal(tmp_path: Path) -> None:
 # -- the blob store's batch step on its own -------------------------------------------------
 
 
-def test_install_with_parallel_fsyncs_fails_whole_and_its_retry_syncs_every_name(
-    tmp_path: Path,
-) -> None:
+def test_install_fails_whole_and_its_retry_syncs_every_name(tmp_path: Path) -> None:
     blobs = BlobStore(tmp_path / "blobs")
     kept = blobs.put(b"there before")
     payloads = [f"payload {i}".encode() * 100 for i in range(12)] + [b"there before"]
@@ -443,30 +440,29 @@ def test_install_with_parallel_fsyncs_fails_whole_and_its_retry_syncs_every_name
                 raise OSError(errno.EIO, "injected")
         real_fsync(fd)
 
-    with ThreadPoolExecutor(8) as pool:
-        staged = [blobs.stage(p) for p in payloads]
-        os.fsync = failing_dir_fsync  # type: ignore[assignment]
-        try:
-            with pytest.raises(OSError, match="injected"):
-                blobs.install(staged, pool)
-        finally:
-            os.fsync = real_fsync
-        # Renamed files may stay (their bytes were synced before the rename; the class
-        # docstring says why none is removed), whole: nothing else, no temporary file.
-        for sha in blobs.shas():
-            assert blobs.read(sha) in payloads
-        assert blobs.read(kept) == b"there before"
-        assert not os.listdir(blobs.root / "tmp")
-        # the same batch again, the disk well: every blob in place, each once, and every
-        # blob's directory synced again, those found already there included
-        staged = [blobs.stage(p) for p in payloads]
-        synced_dirs.clear()
-        os.fsync = failing_dir_fsync  # type: ignore[assignment]
-        synced_dirs.extend(["", "", ""])  # past the injected failure
-        try:
-            blobs.install(staged, pool)
-        finally:
-            os.fsync = real_fsync
+    staged = [blobs.stage(p) for p in payloads]
+    os.fsync = failing_dir_fsync  # type: ignore[assignment]
+    try:
+        with pytest.raises(OSError, match="injected"):
+            blobs.install(staged)
+    finally:
+        os.fsync = real_fsync
+    # Renamed files may stay (their bytes were synced before the rename; the class
+    # docstring says why none is removed), whole: nothing else, no temporary file.
+    for sha in blobs.shas():
+        assert blobs.read(sha) in payloads
+    assert blobs.read(kept) == b"there before"
+    assert not os.listdir(blobs.root / "tmp")
+    # the same batch again, the disk well: every blob in place, each once, and every
+    # blob's directory synced again, those found already there included
+    staged = [blobs.stage(p) for p in payloads]
+    synced_dirs.clear()
+    os.fsync = failing_dir_fsync  # type: ignore[assignment]
+    synced_dirs.extend(["", "", ""])  # past the injected failure
+    try:
+        blobs.install(staged)
+    finally:
+        os.fsync = real_fsync
     assert {str(blobs.path(s.sha).parent) for s in staged} <= set(synced_dirs)
     assert {blobs.read(s.sha) for s in staged} == set(payloads)
     assert len(set(blobs.shas())) == len(payloads)
@@ -701,7 +697,7 @@ def _x_deleted_between(tmp_path: Path) -> Iterator[tuple[_SharedBytes, list[Stag
 
 
 def test_a_failing_install_never_takes_away_what_the_batch_before_acknowledged(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Batch k+1 installed X; batch k deletes X; batch k+2 places X anew, and while its
     # directory sync is under way batch k+1 commits; then k+2's sync fails. k+1 must not be
@@ -710,20 +706,20 @@ def test_a_failing_install_never_takes_away_what_the_batch_before_acknowledged(
 
     with _x_deleted_between(tmp_path) as (b, batch_k1, batch_k2):
         answers: list[Any] = []
-        real_run_all = BlobStore._run_all
+        injected: list[Path] = []
+        real_fsync_dir = module.fsync_dir
 
-        def run_all(executor: Any, args: Sequence[Any], fn: Any) -> None:
-            if fn is module.fsync_dir and not answers:
+        def fsync_dir(path: Path) -> None:
+            if not injected:  # install's first directory sync
+                injected.append(path)
                 answers.extend(b.coord.accept_uploads(batch_k1))  # the worker, meanwhile
                 raise OSError(errno.EIO, "injected on the directory sync")
-            real_run_all(executor, args, fn)
+            real_fsync_dir(path)
 
-        BlobStore._run_all = staticmethod(run_all)  # type: ignore[method-assign]
-        try:
+        with monkeypatch.context() as patch:
+            patch.setattr(module, "fsync_dir", fsync_dir)
             with pytest.raises(Overloaded):
                 b.coord.install_uploads(batch_k2)
-        finally:
-            BlobStore._run_all = staticmethod(real_run_all)  # type: ignore[method-assign]
         sha = batch_k1[0].blob.sha
         if isinstance(answers[0], dict):
             assert b.coord.blobs.path(sha).is_file(), "acknowledged, and its payload is gone"
@@ -765,11 +761,11 @@ def test_over_http_a_batch_installs_while_the_one_before_commits(tmp_path: Path)
         second_install = threading.Event()
         overlapped: list[bool] = []
 
-        def install(staged: Sequence[StagedUpload], executor: Any = None) -> None:
+        def install(staged: Sequence[StagedUpload]) -> None:
             installs.append(len(staged))
             if len(installs) == 2:
                 second_install.set()
-            real_install(staged, executor)
+            real_install(staged)
 
         def accept(staged: Sequence[StagedUpload]) -> list[dict[str, Any] | ApiError]:
             if not overlapped:  # the first batch's transaction: the next batch installs now

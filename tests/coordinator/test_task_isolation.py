@@ -131,7 +131,7 @@ def test_a_full_disk_answers_503_with_retry_after_and_fails_no_task(
     blobs = clocked_coordinator.service.blobs
     real_install = blobs.install  # where an upload's payload becomes durable
 
-    def full(staged: Any, executor: Any = None) -> None:
+    def full(staged: Any) -> None:
         blobs.discard(staged)
         raise OSError(errno.ENOSPC, "No space left on device")
 
