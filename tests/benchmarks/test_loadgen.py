@@ -223,4 +223,8 @@ def test_tree_cpu_counts_descendants_alive_and_exited(tmp_path: Path) -> None:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     reference = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     assert total >= 0.6 * 0.95  # both children's burn counted
-    assert total == pytest.approx(reference, abs=0.08)
+    # None counted twice: at most what the kernel charged the whole tree in the end. That
+    # total also holds what the parent spent after the reading (reaping, exiting), and
+    # /proc truncates each of the six fields read to 10 ms: the reading may fall short by
+    # both (CI once measured 0.65 against 0.74), never exceed it.
+    assert reference - 0.15 <= total <= reference + 0.01

@@ -271,5 +271,7 @@ def test_retention_s_delete_and_count_failing_on_postgresql(
     scratch: Path, postgres_server: str, pg_retiring: dict[str, Fleet], mode: str, variant: str
 ) -> None:
     clean = pg_retiring[mode]
+    labels = {clean.fault.steps[i] for i in clean.retire_steps}
+    assert {"store.delete_rounds", RETIRED_WRITE, RETIRED_COMMIT} <= labels, labels
     _sweep(scratch / "pg-retire", mode, variant, clean.retire_steps, clean.fault.steps,
            retire=True, postgres=postgres_server)  # fmt: skip
