@@ -220,7 +220,7 @@ def run_parts(
     closing = {r.close for r in requests}
     if len(closing) != 1:
         raise ValueError("requests must all be keep-alive or all close their connection")
-    if not len(parts) <= connections:
+    if len(parts) > connections:
         raise ValueError(f"{connections} connections cannot serve {len(parts)} servers")
     # one C call each: atomic under the GIL
     next_of = [itertools.count().__next__ for _ in parts]

@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,6 +94,16 @@ def _first(steps: list[str], per_label: int) -> list[int]:
     return out
 
 
+def _scenario(
+    root: Path, mode: str, at: int | None, crash: bool, postgres: str | None, **kwargs: Any
+) -> Fleet:
+    """:func:`run_scenario`, with its records in a fresh schema of the ``postgres`` server
+    if given (dropped after it), else in a SQLite file."""
+    with contextlib.ExitStack() as stack:
+        url = None if postgres is None else stack.enter_context(new_schema(postgres))
+        return run_scenario(root, mode, at, crash, database_url=url, **kwargs)
+
+
 def _sweep(
     root: Path,
     mode: str,
@@ -110,10 +121,8 @@ def _sweep(
     for i in indices:
         where = root / f"{mode}-{variant}-{i}"
         try:
-            with contextlib.ExitStack() as stack:
-                url = None if postgres is None else stack.enter_context(new_schema(postgres))
-                fleet: Fleet = run_scenario(where, mode, i, variant == "crash", robust=robust,
-                                            dp=dp, retire=retire, database_url=url)  # fmt: skip
+            fleet = _scenario(where, mode, i, variant == "crash", postgres, robust=robust,
+                              dp=dp, retire=retire)  # fmt: skip
         except Exception as e:  # collected: one scenario's failure must not hide the others'
             failures.append(f"step {i} ({steps[i]}): {type(e).__name__}: {str(e)[:400]}")
             continue
@@ -215,9 +224,7 @@ def pg_steps(scratch: Path, postgres_server: str) -> dict[str, list[str]]:
     """Each mode's clean run on PostgreSQL: its durable steps."""
     out = {}
     for mode in MODES:
-        with new_schema(postgres_server) as url:
-            fleet = run_scenario(scratch / f"pg-clean-{mode}", mode, None, False,
-                                 database_url=url)  # fmt: skip
+        fleet = _scenario(scratch / f"pg-clean-{mode}", mode, None, False, postgres_server)
         assert type(fleet.coord.store).__name__ == "PostgresStore"
         assert not (scratch / f"pg-clean-{mode}" / "fedge.db").exists()  # no SQLite file
         out[mode] = fleet.fault.steps
@@ -227,12 +234,9 @@ def pg_steps(scratch: Path, postgres_server: str) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def pg_retiring(scratch: Path, postgres_server: str) -> dict[str, Fleet]:
     """Each mode's clean run with the retention phase, on PostgreSQL."""
-    out = {}
-    for mode in MODES:
-        with new_schema(postgres_server) as url:
-            out[mode] = run_scenario(scratch / f"pg-clean-retire-{mode}", mode, None, False,
-                                     retire=True, database_url=url)  # fmt: skip
-    return out
+    return {mode: _scenario(scratch / f"pg-clean-retire-{mode}", mode, None, False,
+                            postgres_server, retire=True)
+            for mode in MODES}  # fmt: skip
 
 
 def test_the_workloads_on_postgresql_pass_through_every_seam(
