@@ -19,7 +19,10 @@ def test_demo_prints_rounds_a_table_and_json_last(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out_dir = tmp_path / "out"
+    # Nearly IID and no dropouts: with label skew, which 4 of 8 devices report first (timing)
+    # moved the 3-round accuracy between 0.24 and 0.42; like this it stays within 0.64-0.67.
     code = main(["demo", "--rounds", "3", "--devices", "8", "--goal", "4", "--seed", "1",
+                 "--alpha", "100", "--dropout", "0",
                  "--out", str(out_dir), "--cache-dir", str(CACHE)])
     out = capsys.readouterr().out
     assert code == 0
@@ -28,7 +31,7 @@ def test_demo_prints_rounds_a_table_and_json_last(
     assert all(k in result for k in REQUIRED)
     assert result["rounds"] == 3 and result["devices"] == 8
     assert sum("round " in line and "accuracy" in line for line in lines) == 3
-    assert result["final_accuracy"] > result["initial_accuracy"] + 0.2
+    assert result["final_accuracy"] > result["initial_accuracy"] + 0.4
     assert 0 < result["local_only_accuracy"] < result["centralized_accuracy"] <= 1
     # int8 deltas: about a quarter of fp32 (4-byte block scales and the frame header on top).
     assert 3.5 < result["bytes_uploaded_fp32"] / result["bytes_uploaded"] < 4.0
