@@ -270,10 +270,14 @@ class AsyncBuffer:
         inconsistent, which is an error, not something to skip.
         """
         buf = cls(num_parameters, config, version)
-        for u in updates:
-            buf.apply(buf.stage(u.delta, u.num_examples, u.base_version), commit=False)
+        buf.restore(updates)
         pending = buf._commit() if len(buf) >= config.buffer_k else None
         return buf, pending
+
+    def restore(self, updates: Iterable[BufferedUpdate]) -> None:
+        """Fold accepted updates again, without committing (see :meth:`replay`)."""
+        for u in updates:
+            self.apply(self.stage(u.delta, u.num_examples, u.base_version), commit=False)
 
     def state(self) -> dict[str, Any]:
         """Everything :meth:`from_state` needs; ``sum`` is the float64 running sum."""

@@ -60,6 +60,10 @@ class CoordinatorConfig:
     # another process: only blobs no row names and older than this are collected (and only
     # temporary files older than this are dropped at start: the others' are in use).
     replica_orphan_age_s: float = 3600.0
+    # A replica writes its partial sums (a model's float64 sum each) every this many
+    # uploads, not with every batch; a commit folds the updates stored since from their
+    # payloads: at most this many per replica to read then (coordinator/replicas.py).
+    replica_partial_every: int = 64
     host: str = "127.0.0.1"
     port: int = 8080
     admin_token: str | None = None
@@ -106,7 +110,7 @@ class CoordinatorConfig:
         if self.open_registration and self.enrollment_token is not None:
             raise ConfigError("open_registration contradicts an enrollment_token: choose one")
         for name in ("max_body_bytes", "max_json_bytes", "max_bundle_bytes",
-                     "max_queued_operations", "group_commit_max_batch"):
+                     "max_queued_operations", "group_commit_max_batch", "replica_partial_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if min(self.retain_versions, self.retention_interval_s, self.retain_receipts_s) < 0:

@@ -21,13 +21,19 @@ database on every use or made durable per replica:
   than any row lock, the lock methods take nothing more, and a close that would skip a
   held round waits for the holder's commit, then finds the round closed or still due.
 * **Hierarchical aggregation.** Each replica folds the updates it accepts into its own
-  :class:`~coordinator.store.PartialSum` row per round, written in the transaction that
-  stores those updates (:meth:`Replica.flush`, once per batch of uploads): acknowledged
-  means folded and durable. A commit, under the round's lock, adds up the round's rows
-  (:func:`combine`); their count must equal the round's stored updates, else (updates
-  stored by a coordinator that was not a replica) the sum is rebuilt from the payloads, as
-  a single process does after a restart. Robust aggregators read the updates back from the
-  blob store as always.
+  :class:`~coordinator.store.PartialSum` row per round, and numbers the updates it stores
+  in each round (``Update.replica_id``, ``replica_seq``: a row of ``count`` covers those
+  numbered up to it). The row is written in a batch's transaction once ``write_every``
+  updates of the round were stored since its last write (:meth:`Replica.flush`), not with
+  every batch: a model's float64 sum weighs what several uploads do. Acknowledged means
+  stored and numbered; what no row covers yet is folded from its payload by whoever needs
+  it. A commit, under the round's lock, adds up the round's rows (:func:`combine`) and folds
+  the updates none covers (:meth:`Replica.covered`: at most ``write_every - 1`` per replica,
+  and any stored by a coordinator that was not a replica); a replica that lost its sum in
+  memory (a failed batch) rebuilds it from its row and its own uncovered updates
+  (:meth:`Replica.own`). Should the count still differ from the round's stored updates,
+  the sum is rebuilt from every payload, as a single process does after a restart. Robust
+  aggregators read the updates back from the blob store as always.
 * **Shared payloads.** Blobs are content-addressed: a payload is deleted only under an
   exclusive advisory lock on its hash (:func:`~coordinator.blobs.delete_unneeded`), which an
   upload's transaction holds shared from its existence check to its commit.
@@ -50,6 +56,7 @@ metric of a round.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import time
@@ -60,8 +67,8 @@ import numpy as np
 
 from coordinator.aggregation import RunningSum
 from coordinator.blobs import BlobStore
-from coordinator.store import PartialSum, Store
-from coordinator.versions import RoundSums
+from coordinator.store import PartialSum, Store, Update
+from coordinator.versions import RoundSums, StagedFold
 
 __all__ = ["PartialSums", "Replica", "combine", "partial_record"]
 
@@ -100,12 +107,19 @@ def combine(partials: Sequence[PartialSum], num_parameters: int) -> dict[str, An
 
 
 class Replica:
-    """This process among the replicas: its id and its partial sums not yet written."""
+    """This process among the replicas: its id, the updates it stores numbered per round, and
+    its partial sums, each written once ``write_every`` uploads folded into it are due rather
+    than with every batch."""
 
-    def __init__(self, store: Store, replica_id: str | None = None) -> None:
+    def __init__(
+        self, store: Store, replica_id: str | None = None, *, write_every: int = 1
+    ) -> None:
         self.store = store
         self.replica_id = replica_id or f"r-{os.getpid()}-{secrets.token_hex(6)}"
-        self._unwritten: dict[int, Callable[[], PartialSum]] = {}
+        self.write_every = write_every
+        self._unwritten: dict[int, Callable[[], PartialSum]] = {}  # round_id -> its row
+        self._due: dict[int, int] = {}  # round_id -> its updates stored since its row
+        self._batch: set[int] = set()  # rounds folded into in this batch (their locks held)
         # Rounds' stored updates as counted in this batch's transaction (see stored()).
         self._stored: dict[int, int] = {}
 
@@ -128,35 +142,66 @@ class Replica:
         """The count of ``round_id`` is no longer known: the next :meth:`stored` counts."""
         self._stored.pop(round_id, None)
 
-    def own(self, round_id: int) -> PartialSum | None:
-        """This replica's partial sum of a round (as folded, written or not)."""
-        held = self._unwritten.get(round_id)
-        return held() if held is not None else self.store.get_partial(round_id, self.replica_id)
+    def tagged(self, update: Update, folded: int) -> Update:
+        """``update`` as this replica stores it, its sum of the round holding ``folded``
+        updates before it: numbered next (what its partial sum's count covers)."""
+        return dataclasses.replace(update, replica_id=self.replica_id, replica_seq=folded + 1)
+
+    def own(self, round_id: int) -> tuple[PartialSum | None, list[Update]]:
+        """What this replica's share of a round is rebuilt from (its sum in memory lost): its
+        partial sum as written, and its updates stored past it, to fold from their payloads.
+        A sum not written yet is dropped: it is rebuilt from those."""
+        self.forget(round_id)
+        row = self.store.get_partial(round_id, self.replica_id)
+        tail = self.store.uncovered_updates(round_id, self.replica_id)
+        self._due[round_id] = len(tail)
+        return row, tail
 
     def fold(self, round_id: int, state: Callable[[], Mapping[str, Any]]) -> None:
-        """Record that this replica's partial sum of a round moved: :meth:`flush` writes
-        what ``state`` then gives (the sum as of the batch's last update: one copy of it per
-        batch, not per update)."""
+        """Record that this replica's sum of a round moved by one update stored in this
+        batch: a write writes what ``state`` then gives (the sum as of the last update
+        folded: one copy per write, not per update)."""
         at = time.time()
         self._unwritten[round_id] = lambda: partial_record(round_id, self.replica_id, state(), at)
+        self._due[round_id] = self._due.get(round_id, 0) + 1
+        self._batch.add(round_id)
 
     def flush(self) -> None:
-        """Write the partial sums folded since the last flush: inside the transaction that
-        stores their updates, before it commits."""
+        """At the end of a batch's transaction, before it commits: write the partial sums of
+        the batch's rounds that ``write_every`` uploads have moved since their last write.
+        Each write of a model's float64 sum costs the transaction what several uploads do
+        (800 KB for 100k parameters, and its share of the log's checkpoints); a sum not
+        written is no less durable: its updates are, numbered, and a commit folds those past
+        a partial sum from their payloads (:meth:`covered`). Only rounds the batch holds the
+        locks of: a round another replica committed meanwhile gets no row again."""
         self._stored.clear()  # the batch ends: other replicas' updates count again
-        while self._unwritten:
-            _, partial = self._unwritten.popitem()
-            self.store.put_partial(partial())
+        batch, self._batch = self._batch, set()
+        for round_id in sorted(batch):
+            if round_id in self._unwritten and self._due[round_id] >= self.write_every:
+                self._write(round_id)
+
+    def _write(self, round_id: int) -> None:
+        self.store.put_partial(self._unwritten.pop(round_id)())
+        self._due.pop(round_id, None)
+
+    def forget(self, round_id: int) -> None:
+        """This replica's sum of a round was dropped from memory: nothing of it to write."""
+        self._unwritten.pop(round_id, None)
+        self._due.pop(round_id, None)
 
     def discard(self) -> None:
         """Forget unwritten sums (their transaction rolled back; the store has the truth)."""
         self._unwritten.clear()
+        self._due.clear()
+        self._batch.clear()
         self._stored.clear()
 
-    def partials(self, round_id: int) -> list[PartialSum]:
-        """Every replica's partial sum of a round, this one's flushed first."""
-        self.flush()
-        return self.store.round_partials(round_id)
+    def covered(self, round_id: int) -> tuple[list[PartialSum], list[Update]]:
+        """A round's aggregate at its commit, under the round's lock: every replica's partial
+        sum, this one's written first, and the updates none of them covers."""
+        if round_id in self._unwritten:
+            self._write(round_id)
+        return self.store.round_partials(round_id), self.store.uncovered_updates(round_id)
 
 
 def _state_of(s: RunningSum) -> dict[str, Any]:
@@ -175,8 +220,8 @@ def _sum_of(state: Mapping[str, Any]) -> RunningSum:
 
 class PartialSums(RoundSums):
     """The synchronous mode's running sums among replicas: :meth:`stage` and :meth:`put` move
-    this replica's partial sum (written with the batch's updates), :meth:`get` adds up every
-    replica's for the commit."""
+    this replica's partial sum (:meth:`tag` numbers the update), :meth:`get` adds up every
+    replica's and the updates none covers, for the commit."""
 
     def __init__(self, store: Store, blobs: BlobStore, replica: Replica) -> None:
         super().__init__(store, blobs)
@@ -186,24 +231,27 @@ class PartialSums(RoundSums):
     def _folding(self, task_id: str, round_id: int, num_parameters: int) -> RunningSum:
         s = self._own.get(round_id)
         if s is None:
-            row = self.replica.own(round_id)
-            s = (
-                RunningSum(num_parameters)
-                if row is None
-                else _sum_of(combine([row], num_parameters))
-            )
+            row, tail = self.replica.own(round_id)
+            s = _sum_of(combine([] if row is None else [row], num_parameters))
+            self.fold_stored(s, tail, num_parameters)
             self._own[round_id] = s
             self._task_of[round_id] = task_id
         return s
 
     def get(self, task_id: str, round_id: int, num_parameters: int) -> RunningSum:
-        """Every replica's partial sums added up (call it under the round's lock)."""
-        combined = _sum_of(combine(self.replica.partials(round_id), num_parameters))
+        """Every replica's partial sum added up, and the updates they do not cover folded
+        from their payloads (call it under the round's lock)."""
+        partials, tail = self.replica.covered(round_id)
+        combined = _sum_of(combine(partials, num_parameters))
+        self.fold_stored(combined, tail, num_parameters)
         if combined.count == self.store.count_updates(round_id):
             return combined
-        rebuilt = super().get(task_id, round_id, num_parameters)  # from the payloads
+        rebuilt = super().get(task_id, round_id, num_parameters)  # from every payload
         self._sums.pop(round_id, None)  # the partial rows stay what later folds build on
         return rebuilt
+
+    def tag(self, update: Update, staged: StagedFold) -> Update:
+        return self.replica.tagged(update, staged.count)
 
     def stored(self, task_id: str, round_id: int, num_parameters: int) -> int:
         # Every replica's updates count; this one's sum holds only its own.
@@ -219,4 +267,5 @@ class PartialSums(RoundSums):
     def drop(self, round_id: int) -> None:
         super().drop(round_id)
         self._own.pop(round_id, None)
+        self.replica.forget(round_id)
         self.replica.recount(round_id)

@@ -204,7 +204,11 @@ class Coordinator:
         # Why eligible-looking devices were turned away, per reason (metrics: since start).
         self.ineligible_reasons: Counter[str] = Counter()
         # One of several processes on this database (coordinator.replicas), or alone.
-        self.replica = Replica(self.store) if config.shared else None
+        self.replica = (
+            Replica(self.store, write_every=config.replica_partial_every)
+            if config.shared
+            else None
+        )
         self.ctx = PolicyContext(
             store=self.store,
             blobs=self.blobs,

@@ -18,7 +18,7 @@ O(model size) per open round.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ from coordinator.aggregation import RunningSum, make_server_optimizer
 from coordinator.blobs import BlobStore
 from coordinator.errors import TaskFailure
 from coordinator.plan import TaskPlan
-from coordinator.store import Store, Task, Version
+from coordinator.store import Store, Task, Update, Version
 from coordinator.tensors import decode_delta, encode_params, params_from_bytes, params_to_bytes
 
 __all__ = ["ModelVersions", "RoundSums", "StagedFold"]
@@ -134,11 +134,20 @@ class RoundSums:
         s = self._sums.get(round_id)
         if s is None:
             s = RunningSum(num_parameters)
-            for u in self.store.round_updates(round_id):
-                s.fold(decode_delta(self.blobs.read(u.payload_sha), num_parameters), u.num_examples)
+            self.fold_stored(s, self.store.round_updates(round_id), num_parameters)
             self._sums[round_id] = s
             self._task_of[round_id] = task_id
         return s
+
+    def fold_stored(self, s: RunningSum, updates: Iterable[Update], num_parameters: int) -> None:
+        """Fold stored updates into ``s`` from their payloads, weighted by their examples."""
+        for u in updates:
+            s.fold(decode_delta(self.blobs.read(u.payload_sha), num_parameters), u.num_examples)
+
+    def tag(self, update: Update, staged: StagedFold) -> Update:
+        """``update`` as it is stored once ``staged`` was checked for it (among replicas,
+        numbered: :meth:`coordinator.replicas.Replica.tagged`)."""
+        return update
 
     def stored(self, task_id: str, round_id: int, num_parameters: int) -> int:
         """How many updates of the round are stored: the count of its sum, which is derived

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -48,11 +49,21 @@ from coordinator.robust.commit import aggregate_updates
 from coordinator.rounds.base import IN_FLIGHT, TaskPolicy, assignment_json, new_assignment_id
 from coordinator.rounds.base import wait_answer as _wait
 from coordinator.staleness import TooStale
-from coordinator.store import Assignment, EvalReport, Round, Task, Update
+from coordinator.store import Assignment, EvalReport, PartialSum, Round, Task, Update
 from coordinator.tensors import decode_delta
 from edge_sdk.protocol import ErrorCode
 
 __all__ = ["BufferedAsync"]
+
+
+@contextmanager
+def _refolding(rnd: Round) -> Iterator[None]:
+    """Around folding stored updates again: one that does not fold now means the stored
+    history is inconsistent, and the task fails."""
+    try:
+        yield
+    except (ApiError, TooStale, ValueError) as e:  # ApiError: a payload that does not decode
+        raise TaskFailure(f"version {rnd.base_version}'s stored buffer: {e}") from e
 
 
 class BufferedAsync(TaskPolicy):
@@ -145,18 +156,14 @@ class BufferedAsync(TaskPolicy):
     def _replay(self, task: Task, plan: TaskPlan, rnd: Round) -> tuple[AsyncBuffer, Commit | None]:
         """The round's buffer folded again from its stored updates."""
         n = self.ctx.num_parameters(task)
-        try:
-            stored = [
-                BufferedUpdate(
-                    decode_delta(self.ctx.blobs.read(u.payload_sha), n),
-                    u.num_examples,
-                    int(u.report["base_version"]),
-                )
-                for u in self.ctx.store.round_updates(rnd.round_id)
-            ]
+        with _refolding(rnd):
+            stored = self._buffered(self.ctx.store.round_updates(rnd.round_id), n)
             return AsyncBuffer.replay(n, plan.buffer, rnd.base_version, stored)
-        except (ApiError, TooStale, ValueError) as e:  # ApiError: a payload that does not decode
-            raise TaskFailure(f"version {rnd.base_version}'s stored buffer: {e}") from e
+
+    def _buffered(self, updates: Iterable[Update], n: int) -> Iterator[BufferedUpdate]:
+        for u in updates:
+            delta = decode_delta(self.ctx.blobs.read(u.payload_sha), n)
+            yield BufferedUpdate(delta, u.num_examples, int(u.report["base_version"]))
 
     def _shared(self, task: Task, plan: TaskPlan, rnd: Round) -> Commit | None:
         """:meth:`_held` among replicas (:mod:`coordinator.replicas`): the commit is due once
@@ -169,22 +176,27 @@ class BufferedAsync(TaskPolicy):
         stored = store.count_updates(rnd.round_id)
         if stored >= plan.buffer.buffer_k:
             self._buffers.pop(task.task_id, None)
-            state = combine(replica.partials(rnd.round_id), n)
-            whole = AsyncBuffer.from_state(plan.buffer, {**state, "version": rnd.base_version})
+            partials, tail = replica.covered(rnd.round_id)
+            whole = self._restored(plan, rnd, partials, tail, n)
             return whole.due() if len(whole) == stored else self._replay(task, plan, rnd)[1]
         held = self._buffers.get(task.task_id)
         if held is not None and held[0] == rnd.round_id:
             return None
-        own = replica.own(rnd.round_id)
-        buf = (
-            AsyncBuffer(n, plan.buffer, rnd.base_version)
-            if own is None
-            else AsyncBuffer.from_state(
-                plan.buffer, {**combine([own], n), "version": rnd.base_version}
-            )
-        )
+        row, tail = replica.own(rnd.round_id)
+        buf = self._restored(plan, rnd, [] if row is None else [row], tail, n)
         self._buffers[task.task_id] = (rnd.round_id, buf)
         return None
+
+    def _restored(
+        self, plan: TaskPlan, rnd: Round, partials: Sequence[PartialSum],
+        tail: Sequence[Update], n: int,
+    ) -> AsyncBuffer:  # fmt: skip
+        """A buffer from partial buffers and the stored updates they do not cover."""
+        state = {**combine(partials, n), "version": rnd.base_version}
+        buf = AsyncBuffer.from_state(plan.buffer, state)
+        with _refolding(rnd):
+            buf.restore(self._buffered(tail, n))
+        return buf
 
     def _window(self, task: Task, plan: TaskPlan) -> list[Round]:
         """Rounds whose assignments may still report: the last ``max_staleness + 1`` versions."""
@@ -298,6 +310,8 @@ class BufferedAsync(TaskPolicy):
             round_id=rnd.round_id,
             report={**update.report, "base_version": base, "staleness": staged.staleness},
         )
+        if self.ctx.replica is not None:
+            stored = self.ctx.replica.tagged(stored, staged.count)
         self.ctx.store.add_update(stored)  # durable: the caller acknowledges after this
         if self.ctx.replica is not None:
             # This replica's partial buffer, written with the batch; the K-th update of the

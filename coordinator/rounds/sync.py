@@ -345,7 +345,8 @@ class SyncRounds(TaskPolicy):
             )
         except ValueError as e:
             raise Unprocessable(f"update: {e}", ErrorCode.BAD_UPDATE) from e
-        self.ctx.store.add_update(update)  # durable: the caller acknowledges after this
+        # Durable: the caller acknowledges after this.
+        self.ctx.store.add_update(self.ctx.sums.tag(update, staged))
         self.ctx.sums.put(staged)
 
     def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None:

@@ -144,6 +144,11 @@ class Update:
     report: dict[str, Any]
     accepted_at: float
     response: dict[str, Any]
+    # Among replicas (coordinator/replicas.py): the replica that stored it and its place
+    # among that replica's updates of the round (1, 2, ...); a partial sum of ``count``
+    # updates covers those numbered up to ``count``. None when stored by a lone coordinator.
+    replica_id: str | None = None
+    replica_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -454,6 +459,12 @@ class Store(ABC):
 
     @abstractmethod
     def delete_partials(self, round_id: int) -> None: ...
+
+    @abstractmethod
+    def uncovered_updates(self, round_id: int, replica_id: str | None = None) -> list[Update]:
+        """A round's updates (of one replica, if given) that no partial sum covers: stored by
+        a lone coordinator, by a replica without a partial row, or numbered past its row's
+        ``count``; in the order stored."""
 
     # inspection
     @abstractmethod

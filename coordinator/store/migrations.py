@@ -282,3 +282,13 @@ def retired_updates(db: Schema) -> None:
     their rounds, added in the transaction that deletes them (NULL: none), so that the
     updates ever accepted (the rows stored plus these) do not shrink with history."""
     db.table("tasks").add_column("updates_retired", int)
+
+
+@migration(8)
+def replica_update_numbers(db: Schema) -> None:
+    """``updates.replica_id`` and ``updates.replica_seq``: which replica stored an update and
+    its number among that replica's updates of the round, so that a partial sum need not be
+    written with every batch (:mod:`coordinator.replicas`): a commit folds, from their
+    payloads, the updates numbered past their replica's partial sum."""
+    db.table("updates").add_column("replica_id", str)
+    db.table("updates").add_column("replica_seq", int)

@@ -687,6 +687,18 @@ class SQLStore(Store):
     def delete_partials(self, round_id: int) -> None:
         self._execute("delete from partial_sums where round_id = ?", [round_id])
 
+    def uncovered_updates(self, round_id: int, replica_id: str | None = None) -> list[Update]:
+        where = (
+            "round_id = ? and not exists (select 1 from partial_sums p where "
+            "p.round_id = updates.round_id and p.replica_id = updates.replica_id "
+            'and updates.replica_seq <= p."count")'
+        )
+        args: list[Any] = [round_id]
+        if replica_id is not None:
+            where += " and replica_id = ?"
+            args.append(replica_id)
+        return self._list(Update, "updates", where, args, "rowid")
+
     # -- inspection and copying -------------------------------------------------------------
 
     def copy_from(self, source: SQLStore, batch: int = 1000) -> dict[str, int]:

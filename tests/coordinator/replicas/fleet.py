@@ -29,7 +29,7 @@ import numpy as np
 from coordinator.admin import AdminClient
 from coordinator.clock import FakeClock
 from coordinator.embedded import EmbeddedCoordinator
-from coordinator.store import PartialSum, is_database_url, open_store
+from coordinator.store import is_database_url, open_store
 from tests.fixtures.coordinator import DeviceHTTP, HttpConnection
 
 __all__ = [
@@ -37,11 +37,12 @@ __all__ = [
     "ENROLL",
     "ServedReplica",
     "Spread",
+    "by_pid",
     "fedavg",
-    "folded_by_pid",
     "partial_rows",
     "serve_replica",
     "serving_children",
+    "shares",
     "start_task",
     "thread_replicas",
     "wait_for",
@@ -216,9 +217,22 @@ def partial_rows(url: str, round_id: int | None = None) -> list[Any]:
         store.close()
 
 
-def folded_by_pid(rows: Sequence[PartialSum]) -> dict[int, int]:
-    """Updates folded per process, from partial sums whose replica ids are ``r-PID-RANDOM``."""
-    return {int(p.replica_id.split("-")[1]): p.count for p in rows}
+def shares(url: str, round_id: int | None = None) -> dict[str, int]:
+    """The updates stored now per replica id (of one round, or of every open round): what
+    each replica acknowledged, durably, whether or not its partial sum covers it yet."""
+    store = open_store(url)
+    try:
+        rounds = [round_id] if round_id is not None else [r.round_id for r in store.open_rounds()]
+        ids = [u.replica_id for r in rounds for u in store.round_updates(r)]
+    finally:
+        store.close()
+    assert None not in ids, "an update stored by a replica without its replica id"
+    return {i: ids.count(i) for i in set(ids) if i is not None}
+
+
+def by_pid(counts: dict[str, int]) -> dict[int, int]:
+    """``shares`` per process, from replica ids of the form ``r-PID-RANDOM``."""
+    return {int(replica_id.split("-")[1]): n for replica_id, n in counts.items()}
 
 
 def serving_children(supervisor: int) -> set[int]:

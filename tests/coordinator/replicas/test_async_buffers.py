@@ -22,6 +22,7 @@ from tests.coordinator.replicas.fleet import (
     Spread,
     fedavg,
     partial_rows,
+    shares,
     start_task,
     thread_replicas,
     wait_version,
@@ -46,7 +47,10 @@ def _assign(d: Spread) -> str:
 def test_buffers_across_replicas_match_numpy(
     replica_db: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
-    with thread_replicas(3, replica_db, tmp_path / "blobs", FakeClock()) as reps:
+    """Partial buffers written every second upload: the commit adds up what rows there are
+    and folds the uploads none covers from their payloads."""
+    blobs = tmp_path / "blobs"
+    with thread_replicas(3, replica_db, blobs, FakeClock(), replica_partial_every=2) as reps:
         admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 12, "async")
         v0 = decode_tensor(devices[0].params(task_id, 0))
         on_v0 = [(d, _assign(d)) for d in devices[:8]]
@@ -56,9 +60,9 @@ def test_buffers_across_replicas_match_numpy(
         for k, (d, aid) in enumerate(on_v0[:4]):
             assert d.to(k).upload(aid, _delta(k), 5 + k)[0] == 200
             sent.append((_delta(k), 5 + k))
-            if k == 2:
-                rows = partial_rows(replica_db)
-                assert sorted(p.count for p in rows) == [1, 1, 1]
+            if k == 2:  # one upload each: no partial buffer written yet
+                assert sorted(shares(replica_db).values()) == [1, 1, 1]
+                assert partial_rows(replica_db) == []
         v1 = v0 + fedavg(sent)
         wait_version(admin, task_id, 1)
         for i in range(3):

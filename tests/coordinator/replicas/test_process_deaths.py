@@ -34,10 +34,10 @@ from tests.coordinator.replicas.fleet import (
     ROOT,
     ServedReplica,
     Spread,
+    by_pid,
     fedavg,
-    folded_by_pid,
-    partial_rows,
     serving_children,
+    shares,
     start_task,
     wait_for,
 )
@@ -128,11 +128,11 @@ def test_a_process_killed_inside_an_upload_batch_loses_and_doubles_nothing(
         admin, task_id, chosen = _round(node, tiny_bundle)
         for k in range(DYING):
             _send(chosen, k)
-        folded = folded_by_pid(partial_rows(replica_db))
+        folded = by_pid(shares(replica_db))
         trigger.touch()  # the batch of the next upload dies
         _send(chosen, DYING)
         assert not trigger.exists()  # a process died in this upload's batch
-        now = folded_by_pid(partial_rows(replica_db))
+        now = by_pid(shares(replica_db))
         [victim] = before - serving_children(supervisor)
         [survivor] = before - {victim}
         # Committed before the death: the dead process's sum holds it and the retry is a

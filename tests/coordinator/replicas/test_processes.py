@@ -23,10 +23,11 @@ from edge_sdk.frame import decode_tensor
 from fedge.cli import main
 from fedge.supervisor import Supervisor
 from tests.coordinator.replicas.fleet import (
+    by_pid,
     fedavg,
-    folded_by_pid,
     partial_rows,
     serving_children,
+    shares,
     wait_for,
 )
 from tests.fixtures.coordinator import DeviceHTTP, select_devices
@@ -89,7 +90,7 @@ def test_two_processes_share_the_port_and_commit_the_numpy_reference(
     task_id, chosen = _round(node, tiny_bundle)
     sent: list[tuple[np.ndarray, float]] = []
     _upload(chosen, range(GOAL - 1), sent)
-    folded = folded_by_pid(partial_rows(str(node.db_path)))
+    folded = by_pid(shares(str(node.db_path)))
     assert set(folded) == children  # both processes acknowledged uploads
     assert sum(folded.values()) == GOAL - 1
     _upload(chosen, range(GOAL - 1, GOAL), sent)
@@ -106,13 +107,13 @@ def test_sigkill_of_one_process_mid_round_loses_nothing_and_it_is_replaced(
     task_id, chosen = _round(node, tiny_bundle)
     sent: list[tuple[np.ndarray, float]] = []
     _upload(chosen, range(GOAL // 2), sent)
-    folded = folded_by_pid(partial_rows(str(node.db_path)))
+    folded = by_pid(shares(str(node.db_path)))
     victim = max(folded, key=lambda pid: folded[pid])
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: (len(now := serving_children(supervisor)) == 2 and victim not in now),
              what="a new serving process")  # fmt: skip
     # Its acknowledged updates live on in its partial sum; devices it served reconnect.
-    assert folded_by_pid(partial_rows(str(node.db_path)))[victim] == folded[victim]
+    assert by_pid(shares(str(node.db_path)))[victim] == folded[victim]
     _upload(chosen, range(GOAL // 2, GOAL), sent)
     _committed(node, task_id, chosen[0][0], sent)
     # The supervisor killed too: its children do not serve on.

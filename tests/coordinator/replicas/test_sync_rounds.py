@@ -21,6 +21,7 @@ from tests.coordinator.replicas.fleet import (
     Spread,
     fedavg,
     partial_rows,
+    shares,
     start_task,
     thread_replicas,
     wait_version,
@@ -57,7 +58,10 @@ def clock() -> FakeClock:
 def test_three_replicas_commit_the_numpy_reference(
     replica_db: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
 ) -> None:
-    with thread_replicas(3, replica_db, tmp_path / "blobs", clock) as reps:
+    """Each replica writes its partial sum every second upload: the commit adds up the rows
+    and folds the uploads no row covers yet from their payloads."""
+    blobs = tmp_path / "blobs"
+    with thread_replicas(3, replica_db, blobs, clock, replica_partial_every=2) as reps:
         admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 12)
         base = decode_tensor(devices[0].params(task_id, 0))
         versions = [base]
@@ -72,11 +76,12 @@ def test_three_replicas_commit_the_numpy_reference(
                 status, body = d.to(k % 3).upload(assignment_id, _delta(seed), 3 + seed)
                 assert status == 200 and body["accepted"] is True, body
                 sent.append((_delta(seed), 3 + seed))
-                if k == 4:  # before the goal: one durable partial sum per replica
+                if k == 4:  # before the goal: replicas 0 and 1 wrote their two, 2 has one
+                    assert sorted(shares(replica_db, round_id).values()) == [1, 2, 2]
                     rows = partial_rows(replica_db, round_id)
-                    assert sorted(p.count for p in rows) == [1, 2, 2]
+                    assert sorted(p.count for p in rows) == [2, 2]
                     total = sum(np.frombuffer(p.total, "<f8") for p in rows)
-                    want = sum(w * d.astype(np.float64) for d, w in sent)
+                    want = sum(w * d.astype(np.float64) for i, (d, w) in enumerate(sent) if i != 2)
                     np.testing.assert_allclose(total, want, rtol=1e-12)
             # Uploads past the goal are refused whichever replica they reach.
             for k, (d, assignment_id) in enumerate(chosen[6:]):
@@ -233,7 +238,8 @@ def test_a_failing_partial_sum_write_refuses_the_batch_and_the_retry_counts_once
     """The partial sum is written in the upload's transaction: when that write fails the
     upload is answered 503 and nothing of it is stored (no update row, the replica's partial
     unchanged); the same upload again is acknowledged and counted once in the version."""
-    with thread_replicas(2, replica_db, tmp_path / "blobs", clock) as reps:
+    blobs = tmp_path / "blobs"
+    with thread_replicas(2, replica_db, blobs, clock, replica_partial_every=1) as reps:
         admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 9)
         base = decode_tensor(devices[0].params(task_id, 0))
         chosen = _selected(devices, clock)
@@ -261,3 +267,42 @@ def test_a_failing_partial_sum_write_refuses_the_batch_and_the_retry_counts_once
         np.testing.assert_allclose(got, base + fedavg(sent), rtol=1e-6, atol=1e-7)
         [rnd] = [x for x in admin.rounds(task_id) if x["metrics"].get("model_version") == 1]
         assert rnd["metrics"]["reported"] == 6
+
+
+def test_a_batch_failing_before_the_partial_sum_is_due_rebuilds_the_share_from_payloads(
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
+) -> None:
+    """Partial sums every third upload: two uploads acknowledged unwritten, the third's batch
+    fails (503). The replica's share in memory is dropped and rebuilt from its row (none)
+    and its numbered updates' payloads; the retry writes a row that holds exactly the three,
+    and the version is the numpy reference."""
+    blobs = tmp_path / "blobs"
+    with thread_replicas(2, replica_db, blobs, clock, replica_partial_every=3) as reps:
+        admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 9)
+        base = decode_tensor(devices[0].params(task_id, 0))
+        chosen = _selected(devices, clock)
+        round_id = _open_round_id(replica_db, task_id)
+        sent = []
+        for k, (d, assignment_id) in enumerate(chosen[:6]):
+            if k == 2:
+                store = reps[0].service.store
+                real = store.add_update
+                store.add_update = _raising(store.transient_errors[0]("lost"))  # type: ignore[method-assign]
+                try:
+                    status, body = d.to(0).upload(assignment_id, _delta(k), 3 + k, key=f"k{k}")
+                finally:
+                    store.add_update = real  # type: ignore[method-assign]
+                assert (status, body["error"]["code"]) == (503, "overloaded"), body
+                assert partial_rows(replica_db, round_id) == []
+                assert sorted(shares(replica_db, round_id).values()) == [2]
+            status, body = d.to(k // 3).upload(assignment_id, _delta(k), 3 + k, key=f"k{k}")
+            assert status == 200 and body["accepted"] is True, body
+            sent.append((_delta(k), 3 + k))
+            if k == 2:
+                [row] = partial_rows(replica_db, round_id)
+                assert row.count == 3
+                want = sum(w * x.astype(np.float64) for x, w in sent)
+                np.testing.assert_allclose(np.frombuffer(row.total, "<f8"), want, rtol=1e-12)
+        wait_version(admin, task_id, 1)
+        got = decode_tensor(devices[0].params(task_id, 1))
+        np.testing.assert_allclose(got, base + fedavg(sent), rtol=1e-6, atol=1e-7)

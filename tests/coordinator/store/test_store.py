@@ -512,6 +512,34 @@ class TestStore:
         with_task.delete_rounds([other.round_id])
         assert with_task.round_partials(other.round_id) == []
 
+    def test_uncovered_updates_are_those_past_their_replica_s_partial_sum(
+        self, with_task: Store
+    ) -> None:
+        r = with_task.add_round(_round("t-1", "reporting"))
+        other = with_task.add_round(_round("t-1", "reporting"))
+        tags = [("r-a", 1), ("r-b", 1), ("r-a", 2), (None, None), ("r-a", 3), ("r-c", 1),
+                ("r-b", 2)]  # fmt: skip
+        for i, (replica, seq) in enumerate(tags):
+            aid = f"a-{i}"
+            with_task.add_assignments([Assignment(aid, r.round_id, "t-1", aid, "train",
+                                                  "delivered", 1.0)])  # fmt: skip
+            with_task.add_update(Update(aid, r.round_id, "t-1", aid, "k", "5" * 64, 1, 1, None,
+                                        {}, 2.0, {}, replica, seq))  # fmt: skip
+        row = PartialSum(r.round_id, "r-a", 2, 2.0, 2, 0, 0, b"\x00" * 8, 1.0)
+        with_task.put_partial(row)  # r-a's first two
+        with_task.put_partial(dataclasses.replace(row, replica_id="r-b", count=2))  # all of r-b's
+        # r-c's row is another round's: it covers nothing here
+        with_task.put_partial(dataclasses.replace(row, round_id=other.round_id, replica_id="r-c"))
+        uncovered = with_task.uncovered_updates(r.round_id)
+        assert [u.assignment_id for u in uncovered] == ["a-3", "a-4", "a-5"]
+        assert uncovered[1] == with_task.get_update("a-4")
+        assert uncovered[1].replica_id == "r-a" and uncovered[1].replica_seq == 3
+        assert [u.assignment_id for u in with_task.uncovered_updates(r.round_id, "r-a")] == ["a-4"]
+        assert with_task.uncovered_updates(r.round_id, "r-b") == []
+        assert with_task.uncovered_updates(other.round_id) == []
+        with_task.delete_partials(r.round_id)
+        assert len(with_task.uncovered_updates(r.round_id)) == len(tags)
+
     def test_locked_reads_return_the_records(self, with_task: Store) -> None:
         r = with_task.add_round(_round("t-1", "reporting"))
         with_task.add_assignments([Assignment("a-1", r.round_id, "t-1", "d", "train",
@@ -572,7 +600,7 @@ class TestStore:
             done = _round_with_updates(old, "t-1", "committed", 2)
             old.close()
         store = opener()
-        assert store.schema_version == 7 and store.count_accepted_updates() == 2
+        assert store.schema_version == max(MIGRATIONS) and store.count_accepted_updates() == 2
         store.delete_rounds([done])
         assert store.count_updates() == 0 and store.count_accepted_updates() == 2
         store.close()
