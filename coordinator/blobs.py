@@ -47,7 +47,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from coordinator.store import Store
 
-__all__ = ["DERIVED_KINDS", "BlobStore", "Collected", "Staged", "delete_unneeded", "fsync_dir"]
+__all__ = [
+    "DERIVED_KINDS",
+    "BackgroundDeletes",
+    "BlobStore",
+    "Collected",
+    "Staged",
+    "delete_unneeded",
+    "fsync_dir",
+]
 
 log = logging.getLogger(__name__)
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -449,3 +457,39 @@ def delete_unneeded(
             store.lock_blob(sha)
             decide(sha)
     return deleted
+
+
+class BackgroundDeletes:
+    """:func:`delete_unneeded` on a thread of its own, through a store connection of its own
+    (``open_store``, opened on that thread when first needed), for a process among replicas:
+    the closed round's thousands of payloads are decided and unlinked as another replica
+    would, chunk by chunk, while this process's worker goes on answering (it would otherwise
+    hold up the answers of the batch that closed the round for as long). A blob is decided
+    under its lock, so what the worker stores meanwhile is never taken away; a failure (or
+    a crash) leaves the payloads to the orphan sweep."""
+
+    def __init__(self, blobs: BlobStore, open_store: Callable[[], Store]) -> None:
+        self.blobs = blobs
+        self._open = open_store
+        self._store: Store | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fedge-deletes")
+
+    def submit(self, shas: Sequence[str]) -> None:
+        self._pool.submit(self._delete, list(shas))
+
+    def _delete(self, shas: list[str]) -> None:
+        try:
+            if self._store is None:
+                self._store = self._open()
+            delete_unneeded(self.blobs, self._store, shas, self._store.payload_in_open_round)
+        except Exception as e:
+            log.warning("%d payloads not deleted (left to the orphan sweep): %s", len(shas), e)
+
+    def wait(self) -> None:
+        """Return once the deletes submitted so far are done."""
+        self._pool.submit(lambda: None).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._store is not None:
+            self._store.close()

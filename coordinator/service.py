@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from coordinator.blobs import BlobStore, Collected, Staged, delete_unneeded
+from coordinator.blobs import BackgroundDeletes, BlobStore, Collected, Staged, delete_unneeded
 from coordinator.bundles import bundle_tar, extract_bundle, initial_params_name, version_manifest
 from coordinator.clock import Clock, SystemClock
 from coordinator.config import CoordinatorConfig
@@ -222,6 +222,11 @@ class Coordinator:
             ),
             retain_updates=config.retain_updates,
             replica=self.replica,
+            deletes=(
+                BackgroundDeletes(self.blobs, lambda: open_store(config.store_location))
+                if self.replica is not None
+                else None
+            ),
         )
         self.policies: dict[str, TaskPolicy] = {m: cls(self.ctx) for m, cls in POLICIES.items()}
         self._plans: dict[str, TaskPlan] = {}
@@ -241,6 +246,8 @@ class Coordinator:
         )
 
     def close(self) -> None:
+        if self.ctx.deletes is not None:
+            self.ctx.deletes.close()
         self.blobs.close()
         self.store.close()
 

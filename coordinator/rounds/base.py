@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from coordinator.blobs import BlobStore, delete_unneeded
+from coordinator.blobs import BackgroundDeletes, BlobStore, delete_unneeded
 from coordinator.pacing import PaceSteering
 from coordinator.plan import TaskPlan
 from coordinator.store import Assignment, EvalReport, Round, Store, Task, Update
@@ -102,6 +102,8 @@ class PolicyContext:
     retain_updates: bool = False
     # This process among several on one database (coordinator.replicas); None: alone.
     replica: Replica | None = None
+    # Among replicas: where a closed round's payloads are deleted (off the worker thread).
+    deletes: BackgroundDeletes | None = None
     # Bytes served to devices per task since its last round closed (in memory: metrics only).
     bytes_out: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -138,10 +140,11 @@ class PolicyContext:
         self._delete_payloads(round_id)
 
     def _delete_payloads(self, round_id: int) -> None:
-        delete_unneeded(
-            self.blobs, self.store, self.store.round_payloads(round_id),
-            self.store.payload_in_open_round,
-        )  # fmt: skip
+        shas = self.store.round_payloads(round_id)
+        if self.deletes is not None:
+            self.deletes.submit(shas)
+            return
+        delete_unneeded(self.blobs, self.store, shas, self.store.payload_in_open_round)
 
     @contextmanager
     def deferring_deletes(self) -> Iterator[None]:

@@ -287,3 +287,31 @@ def test_names_are_synced_once_per_directory(
     blobs.sync_names(shas + shas)
     assert sorted(synced) == sorted({blobs.path(sha).parent for sha in shas})
     assert len(synced) < len(shas)
+
+
+def test_background_deletes_use_a_store_of_their_own_and_outlive_a_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from coordinator.blobs import BackgroundDeletes
+    from coordinator.store import open_store
+
+    blobs = BlobStore(tmp_path / "blobs")
+    shas = [blobs.put(b"one"), blobs.put(b"two")]
+    opened: list[threading.Thread] = []
+
+    def opener() -> object:
+        opened.append(threading.current_thread())
+        if len(opened) == 1:
+            raise OSError("database unreachable")
+        return open_store(tmp_path / "fedge.db")
+
+    deletes = BackgroundDeletes(blobs, opener)  # type: ignore[arg-type]
+    deletes.submit(shas)
+    deletes.wait()
+    assert all(blobs.exists(s) for s in shas)  # nothing deleted, nothing raised
+    assert "2 payloads not deleted" in caplog.text and "database unreachable" in caplog.text
+    deletes.submit(shas)  # no row names them: both go
+    deletes.wait()
+    assert not any(blobs.exists(s) or blobs.path(s).exists() for s in shas)
+    assert len(opened) == 2 and threading.current_thread() not in opened
+    deletes.close()

@@ -94,6 +94,13 @@ def test_three_replicas_commit_the_numpy_reference(
                 got = decode_tensor(d.to(i).params(task_id, "current"))
                 np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
             assert partial_rows(replica_db, round_id) == []  # folded into the version
+            # The round's payloads go, on each replica's deleting thread, not in the answers.
+            for rep in reps:
+                rep.service.ctx.deletes.wait()
+            store = open_store(replica_db)
+            shas = store.round_payloads(round_id)
+            store.close()
+            assert len(shas) == 6 and not any((blobs / s[:2] / s[2:]).exists() for s in shas)
         rounds = admin.rounds(task_id)
         assert [x["state"] for x in rounds] == ["committed", "committed"]
         assert [x["metrics"]["model_version"] for x in rounds] == [1, 2]
