@@ -37,12 +37,13 @@ Measured, in rounds of one coordinator (tree) each:
 * configurations alternating in each repeat, so that the shared cores' changing load falls on
   all: 1 and 2 processes (when ``CoordinatorConfig`` has ``processes``), each with new and
   keep-alive connections; group commit off (one process); and the tree of commit
-  ``BASELINE`` (``git archive`` into a temporary directory, the server process imports from
-  there; ``FEDGE_BENCH_BASELINE=""`` skips it); and two coordinators that share nothing
+  ``BASELINE`` as ``--processes 2`` with keep-alive (``git archive`` into a temporary
+  directory, the server processes import from there; ``FEDGE_BENCH_BASELINE=""`` skips it);
+  and two coordinators that share nothing
   (each its own database file, blob directory and half of the round), loaded at once:
   what two processes could answer on these cores if they never waited for one another,
-  the bound of ``--processes 2``. Rounds at group commit off and of the
-  baseline acknowledge a few hundred uploads/s at most, so they are ``SLOW_UPDATES`` long;
+  the bound of ``--processes 2``. Rounds at group commit off acknowledge a few hundred
+  uploads/s at most, so they are ``SLOW_UPDATES`` long;
 * the durable path in-process (no HTTP): one by one versus batches of 32, the thread's wall
   time split into CPU, waiting for a CPU and blocked on the disk; and the int8 decode's CPU;
 * the platform's floor, after the rounds: the same uploads and connections against
@@ -113,10 +114,10 @@ SMALL = 10  # the RSS reference round
 STEERED = 2000 if QUICK else 20_000  # steered check-ins timed per round (baseline: a quarter)
 REPEATS = 1 if QUICK else 2
 DURABLE_UPDATES = 64 if QUICK else 320  # uploads of the in-process durable-path comparison
-# The tree this pass of the one-node work started from (earlier passes: 4d5d502, before the
-# decode, query layer, worker hand-off and check-in commit work); FEDGE_BENCH_BASELINE names
-# another commit, "" skips it.
-BASELINE = os.environ.get("FEDGE_BENCH_BASELINE", "3d0f832")
+# The tree this pass of the one-node work started from, run as `--processes 2` (earlier
+# passes: 3d0f832 before the thread work, 4d5d502 before the decode, query layer, worker
+# hand-off and check-in commit work); FEDGE_BENCH_BASELINE names another commit, "" skips it.
+BASELINE = os.environ.get("FEDGE_BENCH_BASELINE", "494181e")
 # `fedge serve --processes K`: measured at 2 when this tree's configuration has the field.
 MULTI_PROCESS = "processes" in {f.name for f in dataclasses.fields(CoordinatorConfig)}
 
@@ -550,6 +551,8 @@ def decode_cpu_ms(frame: bytes, baseline: Path | None) -> dict[str, float]:
 # Two coordinators sharing nothing, keep-alive: what two processes could answer on these
 # cores if they never waited for one another (the 2-process rows' bound).
 SEPARATE = Config(keep_alive=True, separate=2, steered=0)
+# The baseline tree as `--processes 2` (or alone, if it has no such field), keep-alive.
+BEFORE = Config(code="before", processes=2 if MULTI_PROCESS else 1, keep_alive=True, steered=0)
 
 
 def schedule(baseline: bool) -> list[Config]:
@@ -561,7 +564,7 @@ def schedule(baseline: bool) -> list[Config]:
     repeat.append(SEPARATE)
     repeat.append(Config(group_commit=False, updates=SLOW_UPDATES, steered=0))
     if baseline:
-        repeat.append(Config(code="before", updates=SLOW_UPDATES, steered=STEERED // 4))
+        repeat.append(BEFORE)
     return [Config(updates=SMALL, steered=0), *repeat * REPEATS]
 
 
@@ -623,11 +626,9 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "uploads_60_vs_32_in_flight": (deep_ka, one_ka, "uploads_per_s"),
         "upload_server_cpu_60_vs_32_in_flight": (deep_ka, one_ka, "uploads_server_cpu_ms"),
         "uploads_group_commit_on_vs_off": (one, Config(group_commit=False), "uploads_per_s"),
-        "uploads_after_vs_before": (one, Config(code="before"), "uploads_per_s"),
-        "upload_server_cpu_after_vs_before": (one, Config(code="before"), "uploads_server_cpu_ms"),
-        "steered_after_vs_before": (one, Config(code="before"), "steered_per_s"),
-        "steered_server_cpu_after_vs_before": (one, Config(code="before"),
-                                               "steered_server_cpu_ms"),
+        "uploads_after_vs_before": (two_ka if MULTI_PROCESS else one_ka, BEFORE, "uploads_per_s"),
+        "upload_server_cpu_after_vs_before": (two_ka if MULTI_PROCESS else one_ka, BEFORE,
+                                              "uploads_server_cpu_ms"),
     }  # fmt: skip
     return {name: _ratio(summary, a.label, b.label, key) for name, (a, b, key) in pairs.items()}
 
