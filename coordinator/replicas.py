@@ -231,6 +231,10 @@ class PartialSums(RoundSums):
     def _folding(self, task_id: str, round_id: int, num_parameters: int) -> RunningSum:
         s = self._own.get(round_id)
         if s is None:
+            # A task has one round open at a time: a sum held for another of its rounds is
+            # of one that another replica closed (a replica drops those it closes itself).
+            for done in [r for r, t in self._task_of.items() if t == task_id and r != round_id]:
+                self.drop(done)
             row, tail = self.replica.own(round_id)
             s = _sum_of(combine([] if row is None else [row], num_parameters))
             self.fold_stored(s, tail, num_parameters)

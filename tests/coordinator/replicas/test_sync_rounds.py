@@ -94,6 +94,9 @@ def test_three_replicas_commit_the_numpy_reference(
                 got = decode_tensor(d.to(i).params(task_id, "current"))
                 np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
             assert partial_rows(replica_db, round_id) == []  # folded into the version
+            # Each replica holds a sum for this round at most (the first round's, which
+            # another replica committed, is let go as the second one's uploads come).
+            assert all(set(rep.service.ctx.sums._own) <= {round_id} for rep in reps)
             # The round's payloads go, on each replica's deleting thread, not in the answers.
             for rep in reps:
                 rep.service.ctx.deletes.wait()
