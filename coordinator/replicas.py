@@ -190,17 +190,18 @@ class Replica:
         self._due.pop(round_id, None)
 
     def discard(self) -> None:
-        """Forget unwritten sums (their transaction rolled back; the store has the truth)."""
-        self._unwritten.clear()
-        self._due.clear()
+        """The batch's transaction rolled back: forget the sums it moved (their owners drop
+        them too, and rebuild them from the store); those of other rounds stand."""
+        for round_id in self._batch:
+            self.forget(round_id)
         self._batch.clear()
         self._stored.clear()
 
     def covered(self, round_id: int) -> tuple[list[PartialSum], list[Update]]:
-        """A round's aggregate at its commit, under the round's lock: every replica's partial
-        sum, this one's written first, and the updates none of them covers."""
-        if round_id in self._unwritten:
-            self._write(round_id)
+        """A round's aggregate, read: every replica's partial sum and the updates none of
+        them covers (this one's unwritten among them, from their payloads like the others':
+        nothing is written here, where the round's lock may not be held and another replica
+        may have committed the round already)."""
         return self.store.round_partials(round_id), self.store.uncovered_updates(round_id)
 
 
@@ -244,7 +245,7 @@ class PartialSums(RoundSums):
 
     def get(self, task_id: str, round_id: int, num_parameters: int) -> RunningSum:
         """Every replica's partial sum added up, and the updates they do not cover folded
-        from their payloads (call it under the round's lock)."""
+        from their payloads (call it under the round's lock, for the commit)."""
         partials, tail = self.replica.covered(round_id)
         combined = _sum_of(combine(partials, num_parameters))
         self.fold_stored(combined, tail, num_parameters)

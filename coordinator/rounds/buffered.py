@@ -82,9 +82,16 @@ class BufferedAsync(TaskPolicy):
 
     def forget(self, task_id: str) -> None:
         super().forget(task_id)
-        self._buffers.pop(task_id, None)
+        self._let_go(task_id)
         self._due.pop(task_id, None)
         self._next_expiry.pop(task_id, None)
+
+    def _let_go(self, task_id: str) -> None:
+        """Drop the task's buffer in memory; among replicas, with this replica's unwritten
+        partial buffer of its round (rebuilt from the store if that round is still open)."""
+        held = self._buffers.pop(task_id, None)
+        if held is not None and self.ctx.replica is not None:
+            self.ctx.replica.forget(held[0])
 
     # -- state ------------------------------------------------------------------------------
 
@@ -146,7 +153,7 @@ class BufferedAsync(TaskPolicy):
         held = self._buffers.get(task.task_id)
         if held is not None and held[0] == rnd.round_id:
             return None
-        self._buffers.pop(task.task_id, None)
+        self._let_go(task.task_id)
         self._due.pop(task.task_id, None)
         buf, pending = self._replay(task, plan, rnd)
         if pending is None:
@@ -175,13 +182,14 @@ class BufferedAsync(TaskPolicy):
         n = self.ctx.num_parameters(task)
         stored = store.count_updates(rnd.round_id)
         if stored >= plan.buffer.buffer_k:
-            self._buffers.pop(task.task_id, None)
+            self._let_go(task.task_id)
             partials, tail = replica.covered(rnd.round_id)
             whole = self._restored(plan, rnd, partials, tail, n)
             return whole.due() if len(whole) == stored else self._replay(task, plan, rnd)[1]
         held = self._buffers.get(task.task_id)
         if held is not None and held[0] == rnd.round_id:
             return None
+        self._let_go(task.task_id)  # a buffer another replica committed
         row, tail = replica.own(rnd.round_id)
         buf = self._restored(plan, rnd, [] if row is None else [row], tail, n)
         self._buffers[task.task_id] = (rnd.round_id, buf)
@@ -321,7 +329,7 @@ class BufferedAsync(TaskPolicy):
             return
         fold = buf.apply(staged)
         if fold.commit is not None:  # tick() commits it
-            self._buffers.pop(task.task_id, None)
+            self._let_go(task.task_id)
             self._due[task.task_id] = (rnd.round_id, fold.commit)
         job = now - (a.delivered_at if a.delivered_at is not None else a.created_at)
         self._job_s[task.task_id] = 0.8 * self._job_s.get(task.task_id, job) + 0.2 * job
@@ -347,7 +355,7 @@ class BufferedAsync(TaskPolicy):
                 and store.count_updates(rnd.round_id) < plan.buffer.buffer_k
             ):
                 return state
-            self._buffers.pop(task.task_id, None)
+            self._let_go(task.task_id)
         raise Overloaded("the update buffer is being committed; try again", 1.0)
 
     def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None:
@@ -409,7 +417,7 @@ class BufferedAsync(TaskPolicy):
             )
 
         # Dropped whatever happens: after a failure the due commit is rebuilt from the store.
-        self._buffers.pop(task.task_id, None)
+        self._let_go(task.task_id)
         self._due.pop(task.task_id, None)
         self.ctx.versions.commit_next(task, plan, n, agg.delta, rnd.round_id, now, also=record)
         self.ctx.round_closed(task.task_id, rnd.round_id)

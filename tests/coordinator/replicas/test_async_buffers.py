@@ -84,6 +84,12 @@ def test_buffers_across_replicas_match_numpy(
         rounds = admin.rounds(task_id)
         assert [r["metrics"].get("model_version") for r in rounds[:2]] == [1, 2]
         assert rounds[1]["metrics"]["mean_staleness"] == 0.5
+        # No replica holds an unwritten partial buffer of version 1's round, which another
+        # replica committed: let go when it folded into version 2's.
+        store = open_store(replica_db)
+        [first] = [r.round_id for r in store.list_rounds(task_id) if r.base_version == 0]
+        store.close()
+        assert all(first not in rep.service.ctx.replica._unwritten for rep in reps)
 
 
 def test_uploads_racing_across_the_k_boundary(

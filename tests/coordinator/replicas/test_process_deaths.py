@@ -11,6 +11,7 @@ starts another process."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -61,9 +62,14 @@ def _dying_node(db: str, tmp_path: Path, step: str) -> Iterator[tuple[ServedRepl
     """``fedge serve --processes 2`` whose serving processes die after ``step`` once the
     file it yields exists (the one that removes it)."""
     trigger = tmp_path / "die"
+    # Partial sums with every batch, so that "flushed" dies with one written (the default,
+    # every 64 uploads, is what test_processes.py and test_sigkill.py run).
+    config = tmp_path / "node.json"
+    config.write_text(json.dumps({"replica_partial_every": 1}))
     node = ServedReplica(db, tmp_path / "blobs", tmp_path / "node.log",
                          "tests.coordinator.replicas.dying_replica", "--processes", "2",
-                         "--die-after", step, str(trigger), replica=False)  # fmt: skip
+                         "--config", str(config), "--die-after", step, str(trigger),
+                         replica=False)  # fmt: skip
     try:
         wait_for(lambda: len(serving_children(node.process.pid)) == 2, what="two processes")
         yield node, trigger
