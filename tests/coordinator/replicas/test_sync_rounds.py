@@ -242,6 +242,31 @@ def test_a_round_carries_on_from_one_process_to_replicas(
         np.testing.assert_allclose(got, base + fedavg(sent), rtol=1e-6, atol=1e-7)
 
 
+def _round(
+    reps: list[Any], db: str, bundle: Path, clock: FakeClock
+) -> tuple[Any, str, np.ndarray, list[tuple[Spread, str]], int]:
+    """A task on 9 devices and its first round selected: the admin client, the task's id,
+    version 0, the chosen devices with their assignments, and the round's id."""
+    admin, task_id, devices = start_task([r.url for r in reps], bundle, PLAN, 9)
+    base = decode_tensor(devices[0].params(task_id, 0))
+    chosen = _selected(devices, clock)
+    return admin, task_id, base, chosen, _open_round_id(db, task_id)
+
+
+def _failing_upload(
+    rep: Any, method: str, d: Spread, to: int, assignment_id: str, k: int
+) -> tuple[int, dict[str, Any]]:
+    """Upload ``k`` to replica ``to`` while its store's ``method`` raises the backend's
+    transient error (a lost connection)."""
+    store = rep.service.store
+    real = getattr(store, method)
+    setattr(store, method, _raising(store.transient_errors[0]("connection lost")))
+    try:
+        return d.to(to).upload(assignment_id, _delta(k), 3 + k, key=f"k{k}")
+    finally:
+        setattr(store, method, real)
+
+
 def test_a_failing_partial_sum_write_refuses_the_batch_and_the_retry_counts_once(
     replica_db: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
 ) -> None:
@@ -250,22 +275,12 @@ def test_a_failing_partial_sum_write_refuses_the_batch_and_the_retry_counts_once
     unchanged); the same upload again is acknowledged and counted once in the version."""
     blobs = tmp_path / "blobs"
     with thread_replicas(2, replica_db, blobs, clock, replica_partial_every=1) as reps:
-        admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 9)
-        base = decode_tensor(devices[0].params(task_id, 0))
-        chosen = _selected(devices, clock)
-        round_id = _open_round_id(replica_db, task_id)
+        admin, task_id, base, chosen, round_id = _round(reps, replica_db, tiny_bundle, clock)
         sent = []
         for k, (d, assignment_id) in enumerate(chosen[:6]):
             if k == 3:
-                store = reps[1].service.store
-                real = store.put_partial
                 before = partial_rows(replica_db, round_id)
-                lost = store.transient_errors[0]("connection lost")
-                store.put_partial = _raising(lost)  # type: ignore[method-assign]
-                try:
-                    status, body = d.to(1).upload(assignment_id, _delta(k), 3 + k, key=f"k{k}")
-                finally:
-                    store.put_partial = real  # type: ignore[method-assign]
+                status, body = _failing_upload(reps[1], "put_partial", d, 1, assignment_id, k)
                 assert (status, body["error"]["code"]) == (503, "overloaded"), body
                 assert partial_rows(replica_db, round_id) == before
                 assert sum(p.count for p in before) == 3
@@ -273,7 +288,7 @@ def test_a_failing_partial_sum_write_refuses_the_batch_and_the_retry_counts_once
             assert status == 200 and body["accepted"] is True, body
             sent.append((_delta(k), 3 + k))
         wait_version(admin, task_id, 1)
-        got = decode_tensor(devices[0].params(task_id, 1))
+        got = decode_tensor(chosen[0][0].params(task_id, 1))
         np.testing.assert_allclose(got, base + fedavg(sent), rtol=1e-6, atol=1e-7)
         [rnd] = [x for x in admin.rounds(task_id) if x["metrics"].get("model_version") == 1]
         assert rnd["metrics"]["reported"] == 6
@@ -288,20 +303,11 @@ def test_a_batch_failing_before_the_partial_sum_is_due_rebuilds_the_share_from_p
     and the version is the numpy reference."""
     blobs = tmp_path / "blobs"
     with thread_replicas(2, replica_db, blobs, clock, replica_partial_every=3) as reps:
-        admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 9)
-        base = decode_tensor(devices[0].params(task_id, 0))
-        chosen = _selected(devices, clock)
-        round_id = _open_round_id(replica_db, task_id)
+        admin, task_id, base, chosen, round_id = _round(reps, replica_db, tiny_bundle, clock)
         sent = []
         for k, (d, assignment_id) in enumerate(chosen[:6]):
             if k == 2:
-                store = reps[0].service.store
-                real = store.add_update
-                store.add_update = _raising(store.transient_errors[0]("lost"))  # type: ignore[method-assign]
-                try:
-                    status, body = d.to(0).upload(assignment_id, _delta(k), 3 + k, key=f"k{k}")
-                finally:
-                    store.add_update = real  # type: ignore[method-assign]
+                status, body = _failing_upload(reps[0], "add_update", d, 0, assignment_id, k)
                 assert (status, body["error"]["code"]) == (503, "overloaded"), body
                 assert partial_rows(replica_db, round_id) == []
                 assert sorted(shares(replica_db, round_id).values()) == [2]
@@ -314,5 +320,5 @@ def test_a_batch_failing_before_the_partial_sum_is_due_rebuilds_the_share_from_p
                 want = sum(w * x.astype(np.float64) for x, w in sent)
                 np.testing.assert_allclose(np.frombuffer(row.total, "<f8"), want, rtol=1e-12)
         wait_version(admin, task_id, 1)
-        got = decode_tensor(devices[0].params(task_id, 1))
+        got = decode_tensor(chosen[0][0].params(task_id, 1))
         np.testing.assert_allclose(got, base + fedavg(sent), rtol=1e-6, atol=1e-7)
