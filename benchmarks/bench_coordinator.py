@@ -116,8 +116,9 @@ REPEATS = 1 if QUICK else 2
 DURABLE_UPDATES = 64 if QUICK else 320  # uploads of the in-process durable-path comparison
 # The tree this pass of the one-node work started from, run as `--processes 2` (earlier
 # passes: 3d0f832 before the thread work, 4d5d502 before the decode, query layer, worker
-# hand-off and check-in commit work); FEDGE_BENCH_BASELINE names another commit, "" skips it.
-BASELINE = os.environ.get("FEDGE_BENCH_BASELINE", "494181e")
+# hand-off and check-in commit work, 494181e before partial sums every N uploads; 3757a0f
+# serves on asyncio's loop); FEDGE_BENCH_BASELINE names another commit, "" skips it.
+BASELINE = os.environ.get("FEDGE_BENCH_BASELINE", "3757a0f")
 # `fedge serve --processes K`: measured at 2 when this tree's configuration has the field.
 MULTI_PROCESS = "processes" in {f.name for f in dataclasses.fields(CoordinatorConfig)}
 

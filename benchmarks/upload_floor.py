@@ -3,7 +3,8 @@ an aiohttp server that reads each upload's body and makes it durable with the co
 own blob store, one payload at a time (written, fsync'ed on a pool of threads, renamed,
 its directory fsync'ed), then answers 200 with a small JSON body. No database, no
 authentication, no decoding, no aggregation: ``bench_coordinator`` runs it beside the real
-server, under the same load, as the ceiling the coordinator's own work lowers.
+server, under the same load, as the ceiling the coordinator's own work lowers. It runs on
+the event loop the service runs on by default (:mod:`coordinator.event_loop`).
 
 Run by ``bench_coordinator`` as ``python benchmarks/upload_floor.py BLOB_DIR``: it listens
 on a free port of 127.0.0.1 and prints it.
@@ -22,6 +23,8 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coordinator.blobs import BlobStore
+from coordinator.config import CoordinatorConfig
+from coordinator.event_loop import new_loop
 
 MAX_BODY = 1 << 22
 
@@ -44,7 +47,8 @@ def main() -> None:
     app.router.add_post("/v1/assignments/{assignment_id}/update", upload)
     listener = socket.create_server(("127.0.0.1", 0))  # listening before the port is told
     print(listener.getsockname()[1], flush=True)
-    web.run_app(app, sock=listener, print=None, access_log=None)
+    loop = new_loop(CoordinatorConfig().event_loop)
+    web.run_app(app, sock=listener, print=None, access_log=None, loop=loop)
 
 
 if __name__ == "__main__":

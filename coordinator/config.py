@@ -18,7 +18,10 @@ from typing import Any
 
 from coordinator.store import is_database_url
 
-__all__ = ["ConfigError", "CoordinatorConfig", "PacingConfig"]
+__all__ = ["EVENT_LOOPS", "ConfigError", "CoordinatorConfig", "PacingConfig"]
+
+# coordinator/event_loop.py: "auto" is uvloop where it is installed, else asyncio's loop.
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 class ConfigError(ValueError):
@@ -86,6 +89,8 @@ class CoordinatorConfig:
     # is made durable on its own, on the worker thread.
     group_commit: bool = True
     group_commit_max_batch: int = 32
+    # The serving processes' event loop, one of EVENT_LOOPS (coordinator/event_loop.py).
+    event_loop: str = "auto"
     # PEM files: with both set the service speaks HTTPS only.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -125,6 +130,10 @@ class CoordinatorConfig:
             raise ConfigError("database_url must be a postgresql:// URL")
         if self.processes < 1:
             raise ConfigError("processes must be at least 1")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(
+                f"event_loop must be one of {', '.join(EVENT_LOOPS)}, not {self.event_loop!r}"
+            )
         if self.shared and self.database_url is None and self.db_path == ":memory:":
             raise ConfigError("replica and processes > 1 need a database file, not :memory:")
         if self.shared and self.database_url is not None and self.blob_path is None:

@@ -183,14 +183,19 @@ class EmbeddedCoordinator:
 
     def _start_thread(self) -> None:
         from coordinator.app import build_app, server_tls, start
+        from coordinator.event_loop import new_loop
         from coordinator.service import Coordinator
 
-        self.service = Coordinator(self.config, clock=self.clock)
+        loop = new_loop(self.config.event_loop)
+        try:
+            self.service = Coordinator(self.config, clock=self.clock)
+        except BaseException:
+            loop.close()
+            raise
         ready = threading.Event()
         failure: list[BaseException] = []
 
         def main() -> None:
-            loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
             self._loop = loop
             try:

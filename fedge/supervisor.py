@@ -21,7 +21,6 @@ then the supervisor; a child whose supervisor died (even by SIGKILL) stops as we
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import dataclasses
 import logging
@@ -270,6 +269,7 @@ def _die_with(parent: int) -> None:
 def _child_main(
     cfg: CoordinatorConfig, conn: Connection, parent: int, log_settings: tuple[str, str]
 ) -> None:
+    from coordinator import event_loop
     from fedge.commands.serve import configure_logging, serve
 
     _die_with(parent)
@@ -281,7 +281,7 @@ def _child_main(
         conn.close()
 
     try:
-        asyncio.run(serve(cfg, print_token=False, ready=ready))
+        event_loop.run(serve(cfg, print_token=False, ready=ready), cfg.event_loop)
     except BaseException as e:  # told to the supervisor (when it still listens), then raised
         if not conn.closed:
             conn.send(f"{type(e).__name__}: {e}")

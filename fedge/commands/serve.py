@@ -50,6 +50,12 @@ def register(sub: Any) -> None:
         help="serving processes on this node, sharing the port and --db as replicas "
         "(default 1; e.g. the number of cores)",
     )
+    p.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default=None,
+        help="the serving processes' event loop (default auto: uvloop where installed)",
+    )
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (0: any free port; default 8080)")
     p.add_argument("--config", default=None, help="JSON or TOML file of CoordinatorConfig keys")
@@ -135,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = _store_overrides(args, cfg)
     names = ("host", "port", "max_body_bytes", "max_json_bytes", "max_queued_operations",
              "tls_cert", "tls_key", "open_registration", "retain_versions",
-             "device_inactivity_s", "replica", "processes")
+             "device_inactivity_s", "replica", "processes", "event_loop")
     for name in names:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -154,7 +160,12 @@ def run(args: argparse.Namespace) -> int:
         from fedge.supervisor import Supervisor
 
         return Supervisor(cfg, print_token=not token, log=(args.log_level, args.log_format)).run()
-    return asyncio.run(serve(cfg, print_token=not token))
+    from coordinator import event_loop
+
+    try:
+        return event_loop.run(serve(cfg, print_token=not token), cfg.event_loop)
+    except ConfigError as e:  # event_loop = "uvloop" where it is not installed
+        raise CommandError(str(e)) from e
 
 
 def configure_logging(level: str, fmt: str) -> None:
@@ -227,6 +238,7 @@ async def serve(
     :func:`listening` itself; a supervised child (``ready`` given) shares the port with its
     siblings and tells ``ready`` the port instead."""
     from coordinator.app import build_app, start
+    from coordinator.event_loop import loop_kind
     from coordinator.service import Coordinator
 
     alone = ready is None
@@ -246,6 +258,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    log.info("pid %d serving with the %s event loop", os.getpid(), loop_kind(loop))
     # Only now: whoever waits for this line may signal at once and expect a clean stop.
     if ready is None:
         print(listening(cfg, port), flush=True)

@@ -1,0 +1,108 @@
+"""The service's event loop: uvloop where installed (the ``coordinator`` extra installs it
+here), asyncio's on request or where uvloop is missing; ``fedge serve`` and its supervised
+processes serve on the one chosen and say so in their log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import ConfigError, CoordinatorConfig
+from coordinator.embedded import EmbeddedCoordinator
+from coordinator.event_loop import loop_kind, new_loop, run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def _kind() -> str:
+    return loop_kind(asyncio.get_running_loop())
+
+
+@pytest.mark.parametrize(("choice", "kind"),
+                         [("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
+def test_the_chosen_loop_runs(choice: str, kind: str) -> None:
+    loop = new_loop(choice)
+    try:
+        assert loop_kind(loop) == kind
+        assert loop.run_until_complete(_kind()) == kind
+    finally:
+        loop.close()
+    assert run(_kind(), choice) == kind
+
+
+def test_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    loop = new_loop("auto")
+    loop.close()
+    assert loop_kind(loop) == "asyncio"
+    assert run(_kind(), "auto") == "asyncio"
+    with pytest.raises(ConfigError, match="uvloop is not installed"):
+        new_loop("uvloop")
+    main = _kind()
+    with pytest.raises(ConfigError, match="uvloop is not installed"):
+        run(main, "uvloop")
+    assert main.cr_frame is None  # closed, not left to warn that it was never awaited
+
+
+def test_config_refuses_other_loops() -> None:
+    with pytest.raises(ConfigError, match="event_loop must be one of auto, uvloop, asyncio"):
+        CoordinatorConfig(event_loop="trio")
+
+
+def test_in_process_coordinator_on_asyncio_loop(tmp_path: Path) -> None:
+    config = CoordinatorConfig(db_path=str(tmp_path / "f.db"), event_loop="asyncio")
+    with EmbeddedCoordinator(config=config) as coord:
+        assert coord._loop is not None and loop_kind(coord._loop) == "asyncio"
+        with urllib.request.urlopen(coord.url + "/v1/health", timeout=10) as resp:
+            assert resp.status == 200
+
+
+def _serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None
+           ) -> subprocess.Popen[str]:  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedge.cli", "serve", "--db", str(tmp_path / "f.db"),
+         "--port", "0", "--log-format", "json", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "FEDGE_ADMIN_TOKEN": "tok", "FEDGE_ENROLLMENT_TOKEN": "enr",
+             **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "kinds"), [
+    ((), ["uvloop"]),
+    (("--event-loop", "asyncio", "--processes", "2"), ["asyncio", "asyncio"]),
+])  # fmt: skip
+def test_serve_logs_its_loop(tmp_path: Path, args: tuple[str, ...], kinds: list[str]) -> None:
+    proc = _serve(tmp_path, *args)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on" in line, line
+        with urllib.request.urlopen(line.split()[-1] + "/v1/health", timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    said = [json.loads(r)["message"] for r in err.splitlines() if r.startswith("{")]
+    loops = sorted(m.rsplit(" event loop", 1)[0].rsplit(" ", 1)[1]
+                   for m in said if m.endswith(" event loop"))
+    assert loops == kinds, said
+
+
+def test_serve_refuses_uvloop_where_missing(tmp_path: Path) -> None:
+    hidden = tmp_path / "hide"
+    hidden.mkdir()
+    (hidden / "uvloop.py").write_text("raise ImportError('not installed for this test')\n")
+    proc = _serve(tmp_path, "--event-loop", "uvloop", env={"PYTHONPATH": str(hidden)})
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert "uvloop is not installed" in err and "Traceback" not in err
