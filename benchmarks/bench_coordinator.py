@@ -111,7 +111,7 @@ STEER_CONNECTIONS = 8
 UPDATES = 300 if QUICK else 3000
 SLOW_UPDATES = 100 if QUICK else 1000
 SMALL = 10  # the RSS reference round
-STEERED = 2000 if QUICK else 20_000  # steered check-ins timed per round (baseline: a quarter)
+STEERED = 2000 if QUICK else 20_000  # steered check-ins timed per round
 REPEATS = 1 if QUICK else 2
 DURABLE_UPDATES = 64 if QUICK else 320  # uploads of the in-process durable-path comparison
 # The tree this pass of the one-node work started from, run as `--processes 2` (earlier
@@ -552,8 +552,9 @@ def decode_cpu_ms(frame: bytes, baseline: Path | None) -> dict[str, float]:
 # Two coordinators sharing nothing, keep-alive: what two processes could answer on these
 # cores if they never waited for one another (the 2-process rows' bound).
 SEPARATE = Config(keep_alive=True, separate=2, steered=0)
-# The baseline tree as `--processes 2` (or alone, if it has no such field), keep-alive.
-BEFORE = Config(code="before", processes=2 if MULTI_PROCESS else 1, keep_alive=True, steered=0)
+# The baseline tree as `--processes 2` (or alone, if it has no such field), keep-alive; its
+# steered check-ins too (the event loop's part is largest there).
+BEFORE = Config(code="before", processes=2 if MULTI_PROCESS else 1, keep_alive=True)
 
 
 def schedule(baseline: bool) -> list[Config]:
@@ -630,6 +631,10 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "uploads_after_vs_before": (two_ka if MULTI_PROCESS else one_ka, BEFORE, "uploads_per_s"),
         "upload_server_cpu_after_vs_before": (two_ka if MULTI_PROCESS else one_ka, BEFORE,
                                               "uploads_server_cpu_ms"),
+        "steered_after_vs_before": (two_ka if MULTI_PROCESS else one_ka, BEFORE,
+                                    "steered_per_s"),
+        "steered_server_cpu_after_vs_before": (two_ka if MULTI_PROCESS else one_ka, BEFORE,
+                                               "steered_server_cpu_ms"),
     }  # fmt: skip
     return {name: _ratio(summary, a.label, b.label, key) for name, (a, b, key) in pairs.items()}
 
