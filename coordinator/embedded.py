@@ -206,6 +206,7 @@ class EmbeddedCoordinator:
                 )
             except BaseException as e:
                 failure.append(e)
+                loop.close()  # uvloop logs an error for a loop dropped open, and keeps its fds
                 ready.set()
                 return
             ready.set()

@@ -1,9 +1,12 @@
 """The service's event loop: uvloop where it is installed (the ``coordinator`` extra brings
 it on Linux and macOS), asyncio's own otherwise or when the config asks for it.
 
-uvloop runs the same aiohttp application on libuv's sockets: in ``bench_coordinator`` it
-cuts the server's CPU per upload enough to matter on a small node. Owns the choice only;
-imports nothing of the service.
+uvloop runs the same aiohttp application on libuv's sockets. In ``bench_coordinator`` it
+answers steered check-ins, where the event loop's share of the work is largest, at 1.10x the
+rate and 0.91x the CPU of asyncio's loop; uploads, whose time goes to the worker's and
+installer's threads, neither gain nor lose (``docs/benchmarks.md``, tenth pass). It has no
+``sendfile``: aiohttp then streams plain-HTTP downloads through a thread pool (over TLS it
+does so on either loop). Owns the choice only; imports nothing of the service.
 """
 
 from __future__ import annotations
@@ -13,16 +16,18 @@ from collections.abc import Coroutine
 from types import ModuleType
 from typing import Any, TypeVar
 
-from coordinator.config import ConfigError
+from coordinator.config import EVENT_LOOPS, ConfigError
 
-__all__ = ["loop_kind", "new_loop", "run"]
+__all__ = ["check", "loop_kind", "new_loop", "run"]
 
 T = TypeVar("T")
 
 
 def _uvloop(choice: str) -> ModuleType | None:
-    """uvloop's module when ``choice`` (a validated ``CoordinatorConfig.event_loop``)
-    means it and it is importable; None for asyncio's loop."""
+    """uvloop's module when ``choice`` (one of ``EVENT_LOOPS``) means it and it is
+    importable; None for asyncio's loop."""
+    if choice not in EVENT_LOOPS:  # CoordinatorConfig refuses it; a caller passed its own
+        raise ValueError(f"no event loop called {choice!r}")
     if choice == "asyncio":
         return None
     try:
@@ -35,6 +40,11 @@ def _uvloop(choice: str) -> ModuleType | None:
             ) from None
         return None
     return uvloop
+
+
+def check(choice: str) -> None:
+    """Raise the :class:`ConfigError` that :func:`run` would, before anything starts."""
+    _uvloop(choice)
 
 
 def new_loop(choice: str) -> asyncio.AbstractEventLoop:

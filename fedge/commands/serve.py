@@ -22,6 +22,9 @@ from typing import Any
 from fedge.cli import CommandError
 
 log = logging.getLogger("fedge.serve")
+# coordinator.config.EVENT_LOOPS (a test keeps them equal): the parser is built for every
+# fedge command, and importing the coordinator's config there would load its store modules.
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 def register(sub: Any) -> None:
@@ -52,7 +55,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--event-loop",
-        choices=("auto", "uvloop", "asyncio"),
+        choices=EVENT_LOOPS,
         default=None,
         help="the serving processes' event loop (default auto: uvloop where installed)",
     )
@@ -156,16 +159,17 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise CommandError(str(e)) from e
     configure_logging(args.log_level, args.log_format)
+    from coordinator import event_loop
+
+    try:  # once, before a supervisor starts K children that would each fail on it
+        event_loop.check(cfg.event_loop)
+    except ConfigError as e:  # event_loop = "uvloop" where it is not installed
+        raise CommandError(str(e)) from e
     if cfg.processes > 1:
         from fedge.supervisor import Supervisor
 
         return Supervisor(cfg, print_token=not token, log=(args.log_level, args.log_format)).run()
-    from coordinator import event_loop
-
-    try:
-        return event_loop.run(serve(cfg, print_token=not token), cfg.event_loop)
-    except ConfigError as e:  # event_loop = "uvloop" where it is not installed
-        raise CommandError(str(e)) from e
+    return event_loop.run(serve(cfg, print_token=not token), cfg.event_loop)
 
 
 def configure_logging(level: str, fmt: str) -> None:
@@ -258,7 +262,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("pid %d serving with the %s event loop", os.getpid(), loop_kind(loop))
+    kind = loop_kind(loop)
+    log.info("pid %d serving with the %s event loop", os.getpid(), kind, extra={"event_loop": kind})
     # Only now: whoever waits for this line may signal at once and expect a clean stop.
     if ready is None:
         print(listening(cfg, port), flush=True)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import ConfigError, CoordinatorConfig
+from coordinator.config import EVENT_LOOPS, ConfigError, CoordinatorConfig
 from coordinator.embedded import EmbeddedCoordinator
 from coordinator.event_loop import loop_kind, new_loop, run
+from fedge.commands import serve as serve_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,12 +58,20 @@ def test_config_refuses_other_loops() -> None:
         CoordinatorConfig(event_loop="trio")
 
 
-def test_in_process_coordinator_on_asyncio_loop(tmp_path: Path) -> None:
-    config = CoordinatorConfig(db_path=str(tmp_path / "f.db"), event_loop="asyncio")
+@pytest.mark.parametrize(("choice", "kind"), [("auto", "uvloop"), ("asyncio", "asyncio")])
+def test_in_process_coordinator_runs_the_chosen_loop(tmp_path: Path, choice: str,
+                                                     kind: str) -> None:  # fmt: skip
+    config = CoordinatorConfig(db_path=str(tmp_path / "f.db"), event_loop=choice)
     with EmbeddedCoordinator(config=config) as coord:
-        assert coord._loop is not None and loop_kind(coord._loop) == "asyncio"
+        assert coord._loop is not None and loop_kind(coord._loop) == kind
         with urllib.request.urlopen(coord.url + "/v1/health", timeout=10) as resp:
             assert resp.status == 200
+
+
+def test_unknown_loop_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="no event loop called 'trio'"):
+        new_loop("trio")
+    assert serve_command.EVENT_LOOPS == EVENT_LOOPS  # the command's choices are the config's
 
 
 def _serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None
@@ -90,19 +99,47 @@ def test_serve_logs_its_loop(tmp_path: Path, args: tuple[str, ...], kinds: list[
             assert resp.status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        err = _finish(proc)
     assert proc.returncode == 0, err
-    said = [json.loads(r)["message"] for r in err.splitlines() if r.startswith("{")]
-    loops = sorted(m.rsplit(" event loop", 1)[0].rsplit(" ", 1)[1]
-                   for m in said if m.endswith(" event loop"))
-    assert loops == kinds, said
+    records = [json.loads(r) for r in err.splitlines() if r.startswith("{")]
+    assert sorted(r["event_loop"] for r in records if "event_loop" in r) == kinds, records
 
 
-def test_serve_refuses_uvloop_where_missing(tmp_path: Path) -> None:
+def _finish(proc: subprocess.Popen[str]) -> str:
+    """Its stderr once it exited; killed if it does not within a minute."""
+    try:
+        return proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
+@pytest.mark.parametrize("args", [(), ("--processes", "2")])
+def test_serve_refuses_uvloop_where_missing(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """One line, exit 2, before anything starts (with K processes: no child started)."""
     hidden = tmp_path / "hide"
     hidden.mkdir()
     (hidden / "uvloop.py").write_text("raise ImportError('not installed for this test')\n")
-    proc = _serve(tmp_path, "--event-loop", "uvloop", env={"PYTHONPATH": str(hidden)})
-    _, err = proc.communicate(timeout=60)
+    path = os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")]))
+    proc = _serve(tmp_path, "--event-loop", "uvloop", *args, env={"PYTHONPATH": path})
+    err = _finish(proc)
     assert proc.returncode == 2, err
     assert "uvloop is not installed" in err and "Traceback" not in err
+    assert not (tmp_path / "f.db").exists()  # nothing opened, migrated or served
+
+
+def test_a_coordinator_that_fails_to_start_closes_its_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvloop's loop, dropped open, logs an error and keeps its descriptors."""
+    import coordinator.event_loop as module
+
+    made: list[asyncio.AbstractEventLoop] = []
+    monkeypatch.setattr(module, "new_loop", lambda choice: made.append(new_loop(choice))
+                        or made[-1])  # fmt: skip
+    missing = str(tmp_path / "missing.pem")
+    config = CoordinatorConfig(db_path=str(tmp_path / "f.db"), tls_cert=missing, tls_key=missing)
+    with pytest.raises(RuntimeError, match="failed to start"):
+        EmbeddedCoordinator(config=config).start()
+    assert len(made) == 1 and loop_kind(made[0]) == "uvloop" and made[0].is_closed()
