@@ -1,5 +1,6 @@
 """The service's event loop: uvloop where it is installed (the ``coordinator`` extra brings
-it on Linux and macOS), asyncio's own otherwise or when the config asks for it.
+it on CPython for 64-bit Linux and macOS), asyncio's own otherwise or when the config asks
+for it.
 
 uvloop runs the same aiohttp application on libuv's sockets. In ``bench_coordinator`` it
 answers steered check-ins, where the event loop's share of the work is largest, at 1.10x the
@@ -35,8 +36,8 @@ def _uvloop(choice: str) -> ModuleType | None:
     except ImportError:
         if choice == "uvloop":
             raise ConfigError(
-                "event_loop = 'uvloop' but uvloop is not installed "
-                "(pip install 'fedge[coordinator]'; not on Windows)"
+                "event_loop = 'uvloop' but uvloop is not installed (the coordinator extra "
+                "installs it on CPython for 64-bit Linux and macOS)"
             ) from None
         return None
     return uvloop
