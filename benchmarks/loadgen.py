@@ -50,6 +50,7 @@ __all__ = [
     "LoadResult",
     "Request",
     "checkin_request",
+    "download_request",
     "expect_status",
     "expect_steered",
     "run",
@@ -111,6 +112,11 @@ def checkin_request(
 ) -> Request:
     headers = {"Authorization": device_auth_header(*device), "Content-Type": "application/json"}
     return _request("POST", Route.CHECKIN, port, headers, json.dumps(checkin).encode(), close)
+
+
+def download_request(port: int, device: tuple[str, str], path: str, close: bool) -> Request:
+    """A GET of ``path`` (a model version's frame, a bundle file) as ``device``."""
+    return _request("GET", path, port, {"Authorization": device_auth_header(*device)}, b"", close)
 
 
 def expect_status(code: int) -> Expect:

@@ -1,13 +1,14 @@
-"""The service's event loop: uvloop where it is installed (the ``coordinator`` extra brings
-it on CPython for 64-bit Linux and macOS), asyncio's own otherwise or when the config asks
-for it.
+"""The service's event loop: asyncio's own by default, or uvloop (``auto``: where it is
+installed, which the ``coordinator`` extra does on CPython for 64-bit Linux and macOS;
+``uvloop``: refusing to start without it).
 
 uvloop runs the same aiohttp application on libuv's sockets. In ``bench_coordinator`` it
-answers steered check-ins, where the event loop's share of the work is largest, at 1.10x the
-rate and 0.91x the CPU of asyncio's loop; uploads, whose time goes to the worker's and
-installer's threads, neither gain nor lose (``docs/benchmarks.md``, tenth pass). It has no
-``sendfile``: aiohttp then streams plain-HTTP downloads through a thread pool (over TLS it
-does so on either loop). Owns the choice only; imports nothing of the service.
+answers steered check-ins at 1.10x the rate and 0.91x the CPU of asyncio's loop and uploads
+alike; but it has no ``sendfile``, so aiohttp streams plain-HTTP downloads through a thread
+pool, and ``bench_downloads`` measures a model frame's download at 0.73x the rate and 1.42x
+the CPU (``docs/benchmarks.md``, tenth pass). A device downloads once a round and checks in
+a few times, so asyncio's loop stays the default. Owns the choice only; imports nothing of
+the service.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from fedge.cli import CommandError
 log = logging.getLogger("fedge.serve")
 # coordinator.config.EVENT_LOOPS (a test keeps them equal): the parser is built for every
 # fedge command, and importing the coordinator's config there would load its store modules.
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+EVENT_LOOPS = ("asyncio", "auto", "uvloop")
 
 
 def register(sub: Any) -> None:
@@ -57,7 +57,8 @@ def register(sub: Any) -> None:
         "--event-loop",
         choices=EVENT_LOOPS,
         default=None,
-        help="the serving processes' event loop (default auto: uvloop where installed)",
+        help="the serving processes' event loop (default asyncio; auto: uvloop where "
+        "installed; docs/deployment.md)",
     )
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (0: any free port; default 8080)")

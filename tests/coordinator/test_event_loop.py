@@ -1,10 +1,11 @@
-"""The service's event loop: uvloop where installed (the ``coordinator`` extra installs it
-here), asyncio's on request or where uvloop is missing; ``fedge serve`` and its supervised
-processes serve on the one chosen and say so in their log."""
+"""The service's event loop: asyncio's by default, uvloop on request (``auto``: where
+installed, and the ``coordinator`` extra installs it here); ``fedge serve`` and its
+supervised processes serve on the one chosen and say so in their log."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -54,14 +55,17 @@ def test_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_config_refuses_other_loops() -> None:
-    with pytest.raises(ConfigError, match="event_loop must be one of auto, uvloop, asyncio"):
+    with pytest.raises(ConfigError, match="event_loop must be one of asyncio, auto, uvloop"):
         CoordinatorConfig(event_loop="trio")
 
 
-@pytest.mark.parametrize(("choice", "kind"), [("auto", "uvloop"), ("asyncio", "asyncio")])
-def test_in_process_coordinator_runs_the_chosen_loop(tmp_path: Path, choice: str,
+@pytest.mark.parametrize(("choice", "kind"),
+                         [(None, "asyncio"), ("auto", "uvloop"), ("asyncio", "asyncio")])
+def test_in_process_coordinator_runs_the_chosen_loop(tmp_path: Path, choice: str | None,
                                                      kind: str) -> None:  # fmt: skip
-    config = CoordinatorConfig(db_path=str(tmp_path / "f.db"), event_loop=choice)
+    config = CoordinatorConfig(db_path=str(tmp_path / "f.db"))
+    if choice is not None:
+        config = dataclasses.replace(config, event_loop=choice)
     with EmbeddedCoordinator(config=config) as coord:
         assert coord._loop is not None and loop_kind(coord._loop) == kind
         with urllib.request.urlopen(coord.url + "/v1/health", timeout=10) as resp:
@@ -86,8 +90,8 @@ def _serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None
 
 
 @pytest.mark.parametrize(("args", "kinds"), [
-    ((), ["uvloop"]),
-    (("--event-loop", "asyncio", "--processes", "2"), ["asyncio", "asyncio"]),
+    ((), ["asyncio"]),
+    (("--event-loop", "auto", "--processes", "2"), ["uvloop", "uvloop"]),
 ])  # fmt: skip
 def test_serve_logs_its_loop(tmp_path: Path, args: tuple[str, ...], kinds: list[str]) -> None:
     proc = _serve(tmp_path, *args)
@@ -139,7 +143,8 @@ def test_a_coordinator_that_fails_to_start_closes_its_loop(
     monkeypatch.setattr(module, "new_loop", lambda choice: made.append(new_loop(choice))
                         or made[-1])  # fmt: skip
     missing = str(tmp_path / "missing.pem")
-    config = CoordinatorConfig(db_path=str(tmp_path / "f.db"), tls_cert=missing, tls_key=missing)
+    config = CoordinatorConfig(db_path=str(tmp_path / "f.db"), tls_cert=missing, tls_key=missing,
+                               event_loop="uvloop")
     with pytest.raises(RuntimeError, match="failed to start"):
         EmbeddedCoordinator(config=config).start()
     assert len(made) == 1 and loop_kind(made[0]) == "uvloop" and made[0].is_closed()
