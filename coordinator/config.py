@@ -182,18 +182,29 @@ class CoordinatorConfig:
             text = p.read_text()
         except OSError as e:
             raise ConfigError(f"cannot read config {p}: {e}") from e
+        loads = toml_loads if p.suffix == ".toml" else json.loads
         try:
-            if p.suffix == ".toml":
-                import tomllib
-
-                raw = tomllib.loads(text)
-            else:
-                raw = json.loads(text)
+            raw = loads(text)
         except ValueError as e:
             raise ConfigError(f"config {p} does not parse: {e}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"config {p} must hold a table/object")
         return cls.from_dict(raw)
+
+
+def toml_loads(text: str) -> dict[str, Any]:
+    """Parse TOML with Python 3.11's ``tomllib`` or, on 3.10, ``tomli``, the package it was
+    taken from (the same parser and errors; the coordinator extra installs it there)."""
+    try:
+        import tomllib as parser
+    except ModuleNotFoundError:
+        try:
+            import tomli as parser  # type: ignore[no-redef]
+        except ModuleNotFoundError as e:
+            raise ConfigError(
+                "a TOML config needs Python 3.11 or the tomli package (pip install tomli)"
+            ) from e
+    return parser.loads(text)
 
 
 def _check_keys(cls: type, raw: Any, where: str) -> None:

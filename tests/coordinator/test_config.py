@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,22 @@ def test_secure_defaults() -> None:
     assert not cfg.open_registration and cfg.enrollment_token is None  # the service draws one
     assert not cfg.tls and cfg.max_json_bytes < cfg.max_body_bytes
     assert CoordinatorConfig(tls_cert="c.pem", tls_key="k.pem").tls
+
+
+def test_toml_without_tomllib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.10 has no ``tomllib``: the same config reads through ``tomli``, a file that
+    does not parse is refused the same way, and without either the error says what to
+    install."""
+    (tmp_path / "c.toml").write_text("seed = 5\n[pacing]\nmin_retry_s = 4\n")
+    (tmp_path / "bad.toml").write_text("seed = \n")
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # import tomllib now raises
+    cfg = CoordinatorConfig.from_file(tmp_path / "c.toml")
+    assert (cfg.seed, cfg.pacing.min_retry_s) == (5, 4)
+    with pytest.raises(ConfigError, match="does not parse"):
+        CoordinatorConfig.from_file(tmp_path / "bad.toml")
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(ConfigError, match="pip install tomli"):
+        CoordinatorConfig.from_file(tmp_path / "c.toml")
+    # JSON never needed either.
+    (tmp_path / "c.json").write_text('{"seed": 6}')
+    assert CoordinatorConfig.from_file(tmp_path / "c.json").seed == 6

@@ -322,3 +322,46 @@ def test_a_batch_failing_before_the_partial_sum_is_due_rebuilds_the_share_from_p
         wait_version(admin, task_id, 1)
         got = decode_tensor(chosen[0][0].params(task_id, 1))
         np.testing.assert_allclose(got, base + fedavg(sent), rtol=1e-6, atol=1e-7)
+
+
+def test_a_failing_batch_of_one_task_leaves_another_tasks_unwritten_sum(
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock
+) -> None:
+    """Partial sums every third upload, two tasks on one replica: two of task B's uploads
+    acknowledged unwritten, then a batch of task A's fails (503). Only A's share is dropped:
+    B's third upload writes a row that holds exactly B's three, and both versions are the
+    numpy reference."""
+    blobs = tmp_path / "blobs"
+    with thread_replicas(2, replica_db, blobs, clock, replica_partial_every=3) as reps:
+        admin, task_a, base_a, chosen_a, round_a = _round(reps, replica_db, tiny_bundle, clock)
+        _, task_b, base_b, chosen_b, round_b = _round(reps, replica_db, tiny_bundle, clock)
+        sent_a: list[tuple[np.ndarray, float]] = []
+        sent_b: list[tuple[np.ndarray, float]] = []
+        for k, (d, assignment_id) in enumerate(chosen_b[:2]):
+            assert d.to(0).upload(assignment_id, _delta(10 + k), 2 + k, key=f"b{k}")[0] == 200
+            sent_b.append((_delta(10 + k), 2 + k))
+        d, assignment_id = chosen_a[0]
+        status, body = _failing_upload(reps[0], "add_update", d, 0, assignment_id, 0)
+        assert (status, body["error"]["code"]) == (503, "overloaded"), body
+        assert partial_rows(replica_db, round_b) == []
+        assert list(shares(replica_db, round_b).values()) == [2]
+        assert shares(replica_db, round_a) == {}
+        d, assignment_id = chosen_b[2]
+        assert d.to(0).upload(assignment_id, _delta(12), 4, key="b2")[0] == 200
+        sent_b.append((_delta(12), 4))
+        [row] = partial_rows(replica_db, round_b)
+        assert row.count == 3
+        want = sum(w * x.astype(np.float64) for x, w in sent_b)
+        np.testing.assert_allclose(np.frombuffer(row.total, "<f8"), want, rtol=1e-12)
+        for k, (d, assignment_id) in enumerate(chosen_a[:6]):
+            status, body = d.to(k % 2).upload(assignment_id, _delta(k), 3 + k, key=f"k{k}")
+            assert status == 200 and body["accepted"] is True, body
+            sent_a.append((_delta(k), 3 + k))
+        for k, (d, assignment_id) in enumerate(chosen_b[3:6], 3):
+            assert d.to(k % 2).upload(assignment_id, _delta(10 + k), 2 + k, key=f"b{k}")[0] == 200
+            sent_b.append((_delta(10 + k), 2 + k))
+        for task_id, base, chosen, sent in ((task_a, base_a, chosen_a, sent_a),
+                                            (task_b, base_b, chosen_b, sent_b)):  # fmt: skip
+            wait_version(admin, task_id, 1)
+            got = decode_tensor(chosen[0][0].params(task_id, 1))
+            np.testing.assert_allclose(got, base + fedavg(sent), rtol=1e-6, atol=1e-7)
