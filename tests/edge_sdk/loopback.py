@@ -13,7 +13,10 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Self
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # typing.Self is 3.11's; the project runs on 3.10 too
+    from typing_extensions import Self
 
 
 @dataclass(frozen=True)
