@@ -62,10 +62,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import os
 import platform
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -97,6 +99,7 @@ from tests.fixtures.coordinator import (  # noqa: E402
     DeviceHTTP,
     make_synthetic_bundle,
 )
+from tests.fixtures.pki import Pki, make_pki  # noqa: E402
 
 QUICK = "quick" in sys.argv[1:] or os.environ.get("FEDGE_BENCH_QUICK", "") not in ("", "0")
 RESULTS = Path(tempfile.gettempdir()) if QUICK else Path(__file__).parent / "results"
@@ -136,12 +139,18 @@ class Config:
     connections: int = UPLOAD_CONNECTIONS  # uploads in flight
     # Coordinators sharing nothing, loaded at once (run_separate); 1: the one coordinator.
     separate: int = 1
+    tls: bool = False  # HTTPS (a certificate from a CA made for the run), else plain HTTP
+    event_loop: str | None = None  # CoordinatorConfig.event_loop; None: its default
 
     @property
     def label(self) -> str:
         parts = [self.code, f"{self.processes} proc" + ("s" if self.processes > 1 else "")]
         if self.separate > 1:
             parts[1] = f"{self.separate} separate 1-proc coordinators"
+        if self.tls:
+            parts.append("https")
+        if self.event_loop is not None:
+            parts.append(f"event_loop {self.event_loop}")
         parts.append("keep-alive" if self.keep_alive else "new conn")
         if not self.group_commit:
             parts.append("group commit off")
@@ -237,6 +246,7 @@ def _plan(updates: int) -> dict[str, Any]:
 def _measured(
     pids: Sequence[int], parts: Sequence[tuple[int, list[loadgen.Request]]], connections: int,
     expect: loadgen.Expect, on_progress: Callable[[int], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[loadgen.LoadResult, dict[str, Any]]:
     """``loadgen.run_parts`` and the CPU ms per request of the server trees (``pids``: their
     roots) and of this client; ``server_shares``: how the servers' CPU fell on their
@@ -247,7 +257,7 @@ def _measured(
         return {p: c for root in pids for p, c in loadgen.tree_cpu(root).items()}
 
     before = cpu()
-    result = loadgen.run_parts(parts, connections, expect, on_progress)
+    result = loadgen.run_parts(parts, connections, expect, on_progress, tls=tls)
     after = cpu()
     spent = sum(after.values()) - sum(before.values())
     each = [after[p] - before.get(p, 0.0) for p in after]
@@ -274,6 +284,7 @@ class _Served:
     registrations_per_s: float
     checkins_candidate_per_s: float
     rss_idle_kib: int
+    tls: ssl.SSLContext | None  # the client's, when the coordinator serves HTTPS
 
     def uploads(self, frames: list[bytes], keep_alive: bool) -> list[loadgen.Request]:
         return [
@@ -292,6 +303,13 @@ class _Served:
         return dict(rounds[0])
 
 
+@functools.cache
+def _pki(workdir: Path) -> Pki:
+    """The run's CA and coordinator certificate (made once per work directory)."""
+    (workdir / "pki").mkdir()
+    return make_pki(workdir / "pki")
+
+
 def register(coord: EmbeddedCoordinator) -> DeviceHTTP:
     dev = DeviceHTTP(coord)
     dev.close()  # like a phone: connect, ask, go away (no idle keep-alive socket)
@@ -307,6 +325,11 @@ def _served(
     timed on the way), stopped at the end."""
     db = Path(tempfile.mkdtemp(dir=workdir)) / "fedge.db"
     extra: dict[str, Any] = {"processes": config.processes} if config.processes > 1 else {}
+    if config.event_loop is not None:
+        extra["event_loop"] = config.event_loop
+    if config.tls:
+        pki = _pki(workdir)
+        extra |= {"tls_cert": str(pki.cert), "tls_key": str(pki.key), "ca_file": pki.ca}
     coord = EmbeddedCoordinator(db, subprocess=True, group_commit=config.group_commit, **extra)
     with _served_from(source):
         coord.start()
@@ -328,8 +351,9 @@ def _served(
         _, second = timed(updates, check_in)
         aids = [(s if s["action"] == "train" else f)["assignment"]["assignment_id"]
                 for f, s in zip(first, second, strict=True)]  # fmt: skip
+        tls = coord.client_tls.context() if config.tls else None
         yield _Served(coord, coord.process.pid, coord.port, task_id, devices, aids, reg_rate,
-                      cand_rate, rss_idle)  # fmt: skip
+                      cand_rate, rss_idle, tls)  # fmt: skip
     finally:
         coord.stop()
 
@@ -356,7 +380,7 @@ def run_round(
                         for d in outside]  # fmt: skip
             requests = [checkins[i % len(checkins)] for i in range(config.steered)]
             steer, steer_cpu = _measured([pid], [(port, requests)], STEER_CONNECTIONS,
-                                         loadgen.expect_steered)  # fmt: skip
+                                         loadgen.expect_steered, tls=served.tls)  # fmt: skip
             figures |= {
                 "checkins_steered_per_s": steer.per_s,
                 "checkin_steered_cpu_ms": steer_cpu,
@@ -371,7 +395,7 @@ def run_round(
 
         uploads = served.uploads(frames, config.keep_alive)
         up, up_cpu = _measured([pid], [(port, uploads)], config.connections,
-                               loadgen.expect_status(200), sample)  # fmt: skip
+                               loadgen.expect_status(200), sample, served.tls)  # fmt: skip
         rss_peak = loadgen.tree_kib(pid, "VmHWM")
         committed = served.check_committed(config.updates)
         return {
@@ -419,7 +443,7 @@ def run_separate(
         parts = [(s.port, s.uploads(frames[k * share : (k + 1) * share], config.keep_alive))
                  for k, s in enumerate(servers)]  # fmt: skip
         up, up_cpu = _measured([s.pid for s in servers], parts, config.connections,
-                               loadgen.expect_status(200))  # fmt: skip
+                               loadgen.expect_status(200), tls=servers[0].tls)  # fmt: skip
         rss_peak = sum(loadgen.tree_kib(s.pid, "VmHWM") for s in servers)
         for s in servers:
             s.check_committed(share)

@@ -1,13 +1,16 @@
-"""Model downloads on each event loop the service offers: what uvloop, which has no
-``sendfile``, costs the calls that stream a file.
+"""Model downloads on each event loop the service offers, over plain HTTP and over TLS: what
+uvloop, which has no ``sendfile``, costs the calls that stream a file, and what it gives where
+no loop can hand the file to the kernel (HTTPS: the bytes are encrypted in the process).
 
 A coordinator process (``fedge serve`` through ``EmbeddedCoordinator``, one process) per
-timed phase, on asyncio's loop and on uvloop (``event_loop`` = ``asyncio`` / ``auto``),
-alternating in each of ``REPEATS`` repeats so that the shared cores' load falls on both.
-Each phase: ``DOWNLOADS`` GETs of a 100k-parameter task's version 0 frame (400 KB, the
-file a device fetches before training) by one registered device, on ``CONNECTIONS``
-keep-alive connections (``loadgen``). Figures: downloads/s, the server's CPU ms per
-download (user + system of its process tree), latency percentiles.
+timed phase, on asyncio's loop and on uvloop (``event_loop`` = ``asyncio`` / ``auto``), plain
+HTTP and HTTPS (a certificate from a CA made for the run, ``tests/fixtures/pki.py``),
+alternating in each of ``REPEATS`` repeats so that the shared cores' load falls on all. Each
+phase: ``DOWNLOADS`` GETs of a 100k-parameter task's version 0 frame (400 KB, the file a
+device fetches before training) by one registered device, on ``CONNECTIONS`` keep-alive
+connections (``loadgen``; over TLS each connection's handshake precedes its first download,
+in the timed interval). Figures: downloads/s, the server's CPU ms per download (user +
+system of its process tree), the client's, latency percentiles.
 
 Writes ``results/bench_downloads.json`` and ``bench_downloads.png``; ``quick`` (or
 ``FEDGE_BENCH_QUICK=1``) runs a short version into the temporary directory.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import ssl
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +34,7 @@ from benchmarks import loadgen  # noqa: E402
 from coordinator.embedded import EmbeddedCoordinator  # noqa: E402
 from edge_sdk.protocol import Route  # noqa: E402
 from tests.fixtures.coordinator import DeviceHTTP, make_synthetic_bundle  # noqa: E402
+from tests.fixtures.pki import Pki, make_pki  # noqa: E402
 
 QUICK = "quick" in sys.argv[1:] or os.environ.get("FEDGE_BENCH_QUICK", "") not in ("", "0")
 RESULTS = Path(tempfile.gettempdir()) if QUICK else Path(__file__).parent / "results"
@@ -38,13 +43,18 @@ DOWNLOADS = 300 if QUICK else 3000
 CONNECTIONS = 16
 REPEATS = 1 if QUICK else 3
 LOOPS = {"asyncio": "asyncio", "uvloop": "auto"}  # label: CoordinatorConfig.event_loop
+TRANSPORTS = ("http", "https")
 PLAN = {"rounds": 1, "goal": 10, "over_selection": 1.0, "selection_window_s": 0.0,
         "round_deadline_s": 3600.0, "robust": "none"}  # fmt: skip
 
 
-def phase(workdir: Path, bundle: Path, event_loop: str) -> dict[str, Any]:
+def phase(workdir: Path, bundle: Path, event_loop: str, pki: Pki | None) -> dict[str, Any]:
+    """One coordinator on ``event_loop`` (HTTPS with ``pki``'s certificate), timed."""
+    tls = {} if pki is None else {"tls_cert": str(pki.cert), "tls_key": str(pki.key),
+                                  "ca_file": pki.ca}  # fmt: skip
+    client_tls = None if pki is None else ssl.create_default_context(cafile=str(pki.ca))
     with EmbeddedCoordinator(workdir / "fedge.db", subprocess=True,
-                             event_loop=event_loop) as coord:  # fmt: skip
+                             event_loop=event_loop, **tls) as coord:  # fmt: skip
         assert coord.process is not None and coord.port is not None
         admin = coord.admin()
         task_id = admin.create_task(admin.upload_bundle(bundle)["bundle_id"], PLAN)["task_id"]
@@ -59,10 +69,16 @@ def phase(workdir: Path, bundle: Path, event_loop: str) -> dict[str, Any]:
             return status == 200 and len(body) == size
 
         cpu0 = loadgen.tree_cpu_s(coord.process.pid)
-        result = loadgen.run(coord.port, requests, CONNECTIONS, whole)
+        result = loadgen.run(coord.port, requests, CONNECTIONS, whole, tls=client_tls)
         cpu = loadgen.tree_cpu_s(coord.process.pid) - cpu0
     return {"bytes": size, "downloads_per_s": result.per_s,
-            "server_cpu_ms": 1e3 * cpu / DOWNLOADS, "latency_ms": result.latency_ms}  # fmt: skip
+            "server_cpu_ms": 1e3 * cpu / DOWNLOADS, "client_cpu_ms": result.client_cpu_ms,
+            "latency_ms": result.latency_ms}  # fmt: skip
+
+
+def _kinds() -> list[tuple[str, str]]:
+    """(transport, loop label) of every phase of a repeat, in order."""
+    return [(transport, label) for transport in TRANSPORTS for label in LOOPS]
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
@@ -71,14 +87,16 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (rate, cpu) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, label in enumerate(LOOPS):
-        mine = [r for r in runs if r["loop"] == label]
-        rate.scatter([i] * len(mine), [r["downloads_per_s"] for r in mine], label=label)
-        cpu.scatter([i] * len(mine), [r["server_cpu_ms"] for r in mine], label=label)
+    fig, (rate, cpu) = plt.subplots(1, 2, figsize=(11, 4))
+    kinds = _kinds()
+    for i, (transport, label) in enumerate(kinds):
+        mine = [r for r in runs if (r["transport"], r["loop"]) == (transport, label)]
+        color = f"C{list(LOOPS).index(label)}"
+        rate.scatter([i] * len(mine), [r["downloads_per_s"] for r in mine], color=color)
+        cpu.scatter([i] * len(mine), [r["server_cpu_ms"] for r in mine], color=color)
     for ax, title in ((rate, "downloads/s (400 KB frame, keep-alive)"),
                       (cpu, "server CPU ms per download")):  # fmt: skip
-        ax.set_xticks(range(len(LOOPS)), list(LOOPS))
+        ax.set_xticks(range(len(kinds)), [f"{t}\n{label}" for t, label in kinds])
         ax.set_title(title)
         ax.set_ylim(bottom=0)
     fig.tight_layout()
@@ -91,33 +109,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         bundle = make_synthetic_bundle(work / "bundle", NUM_PARAMETERS)
+        (work / "pki").mkdir()
+        pki = make_pki(work / "pki")
         for repeat in range(REPEATS):
-            for label, choice in LOOPS.items():
-                run = phase(work / f"{label}-{repeat}", bundle, choice)
-                runs.append({"loop": label, "repeat": repeat, **run})
-                print(f"[bench_downloads] repeat {repeat + 1}/{REPEATS}, {label}: "
+            for transport, label in _kinds():
+                run = phase(work / f"{transport}-{label}-{repeat}", bundle, LOOPS[label],
+                            pki if transport == "https" else None)  # fmt: skip
+                runs.append({"transport": transport, "loop": label, "repeat": repeat, **run})
+                print(f"[bench_downloads] repeat {repeat + 1}/{REPEATS}, {transport}, {label}: "
                       f"{run['downloads_per_s']:.0f}/s", file=sys.stderr, flush=True)  # fmt: skip
     summary: dict[str, dict[str, float]] = {}
-    for label in LOOPS:
-        mine = [r for r in runs if r["loop"] == label]
-        summary[label] = {
-            "downloads_per_s": sum(r["downloads_per_s"] for r in mine) / len(mine),
-            "server_cpu_ms": sum(r["server_cpu_ms"] for r in mine) / len(mine),
+    for transport, label in _kinds():
+        mine = [r for r in runs if (r["transport"], r["loop"]) == (transport, label)]
+        summary[f"{transport} {label}"] = {
+            key: sum(r[key] for r in mine) / len(mine)
+            for key in ("downloads_per_s", "server_cpu_ms", "client_cpu_ms")
         }
-    ratios = {
-        "downloads_uvloop_vs_asyncio":
-            summary["uvloop"]["downloads_per_s"] / summary["asyncio"]["downloads_per_s"],
-        "server_cpu_uvloop_vs_asyncio":
-            summary["uvloop"]["server_cpu_ms"] / summary["asyncio"]["server_cpu_ms"],
-    }  # fmt: skip
+    ratios = {}
+    for transport in TRANSPORTS:
+        uv, aio = summary[f"{transport} uvloop"], summary[f"{transport} asyncio"]
+        suffix = "" if transport == "http" else "_tls"
+        for key, name in (("downloads_per_s", "downloads"), ("server_cpu_ms", "server_cpu")):
+            ratios[f"{name}_uvloop_vs_asyncio{suffix}"] = uv[key] / aio[key]
     print(f"\n{DOWNLOADS} downloads of a {runs[0]['bytes']:,}-byte frame, {CONNECTIONS} "
           "keep-alive connections, one server process; each repeat")  # fmt: skip
-    print("| loop | downloads/s | server CPU ms / download | p50 / p99 ms |")
-    print("|---|---:|---:|---|")
+    print("| transport | loop | downloads/s | server CPU ms / download | p50 / p99 ms |")
+    print("|---|---|---:|---:|---|")
     for r in runs:
         lat = r["latency_ms"]
-        print(f"| {r['loop']} | {r['downloads_per_s']:,.0f} | {r['server_cpu_ms']:.2f} | "
-              f"{lat['p50']:.1f} / {lat['p99']:.1f} |")  # fmt: skip
+        print(f"| {r['transport']} | {r['loop']} | {r['downloads_per_s']:,.0f} | "
+              f"{r['server_cpu_ms']:.2f} | {lat['p50']:.1f} / {lat['p99']:.1f} |")  # fmt: skip
     for name, value in ratios.items():
         print(f"  {name}: {value:.2f}x (means)")
     out = {"machine": platform.platform(), "quick": QUICK, "downloads": DOWNLOADS,

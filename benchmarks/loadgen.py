@@ -26,6 +26,7 @@ import json
 import os
 import resource
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -62,7 +63,7 @@ __all__ = [
     "upload_request",
 ]
 
-_RECV_TIMEOUT = struct.pack("ll", 120, 0)  # struct timeval: 120 s
+_RECV_TIMEOUT_S = 120.0  # a server that stops answering fails the run instead of hanging it
 # (status, body) -> whether the answer is the one expected
 Expect = Callable[[int, bytes], bool]
 
@@ -148,24 +149,40 @@ class LoadResult:
         return asdict(self)
 
 
+def _handshake(tls: ssl.SSLContext, sock: socket.socket) -> socket.socket:
+    # An SSL socket retries a read that SO_RCVTIMEO cut short: it needs settimeout()'s
+    # deadline (and the poll() it adds to every read; the decryption costs far more).
+    sock.settimeout(_RECV_TIMEOUT_S)
+    try:
+        return tls.wrap_socket(sock, server_hostname="127.0.0.1")
+    except TimeoutError as e:
+        sock.close()
+        raise TimeoutError(f"no TLS handshake with the server within {_RECV_TIMEOUT_S} s") from e
+
+
 class _Connection:
     """One client socket and what it has read past the last answer."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
         # Not socket.create_connection: its name lookup would be paid on every connection.
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.connect(("127.0.0.1", port))
-        # A server that stops answering fails the run instead of hanging it; a kernel
-        # timeout, not settimeout(), which would add a poll() before every recv.
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RECV_TIMEOUT)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.connect(("127.0.0.1", port))
+        # A kernel timeout, not settimeout(), which would add a poll() before every recv.
+        timeout = struct.pack("ll", int(_RECV_TIMEOUT_S), round(_RECV_TIMEOUT_S % 1 * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
+        self.tls = tls is not None
+        self.sock = sock if tls is None else _handshake(tls, sock)
 
     def exchange(self, request: Request) -> tuple[int, bytes, bool]:
         """Send ``request``, read its answer: (status, body, server closes)."""
-        sent = self.sock.sendmsg([request.head, request.body])
-        if sent < len(request.head) + len(request.body):  # cut short (a signal): the rest
-            self.sock.sendall((request.head + request.body)[sent:])
+        if self.tls:  # an SSL socket has no sendmsg
+            self.sock.sendall(request.head + request.body)
+        else:
+            sent = self.sock.sendmsg([request.head, request.body])
+            if sent < len(request.head) + len(request.body):  # cut short (a signal): the rest
+                self.sock.sendall((request.head + request.body)[sent:])
         buf = self.buf
         end = buf.find(b"\r\n\r\n")
         while end < 0:
@@ -187,8 +204,8 @@ class _Connection:
     def _recv(self) -> bytes:
         try:
             chunk = self.sock.recv(65536)
-        except BlockingIOError as e:  # SO_RCVTIMEO ran out
-            raise TimeoutError("no answer from the server within 120 s") from e
+        except (BlockingIOError, TimeoutError) as e:  # SO_RCVTIMEO or settimeout() ran out
+            raise TimeoutError(f"no answer from the server within {_RECV_TIMEOUT_S} s") from e
         if not chunk:
             raise ConnectionError("the server closed the connection before answering")
         return chunk
@@ -204,12 +221,14 @@ def run(
     expect: Expect,
     on_progress: Callable[[int], None] | None = None,
     every_s: float = 0.05,
+    tls: ssl.SSLContext | None = None,
 ) -> LoadResult:
     """Send ``requests`` to 127.0.0.1:``port`` from ``connections`` threads (each takes the
     next request not yet sent), checking every answer with ``expect``; raises on the first
     unexpected answer. ``on_progress(answers checked so far)`` is called every ``every_s``
-    seconds from a thread of its own, and once at the end (e.g. to sample the server's RSS)."""
-    return run_parts([(port, requests)], connections, expect, on_progress, every_s)
+    seconds from a thread of its own, and once at the end (e.g. to sample the server's RSS).
+    With ``tls`` every connection is HTTPS, its handshake made with that context."""
+    return run_parts([(port, requests)], connections, expect, on_progress, every_s, tls)
 
 
 def run_parts(
@@ -218,6 +237,7 @@ def run_parts(
     expect: Expect,
     on_progress: Callable[[int], None] | None = None,
     every_s: float = 0.05,
+    tls: ssl.SSLContext | None = None,
 ) -> LoadResult:
     """:func:`run` over several servers at once, ``(port, requests)`` each: connection ``k``
     serves part ``k % len(parts)`` only, so that every server sees its share of the
@@ -249,7 +269,7 @@ def run_parts(
                 request = mine[i]
                 t0 = clock()
                 if conn is None:
-                    conn = _Connection(port)
+                    conn = _Connection(port, tls)
                 status, body, closes = conn.exchange(request)
                 lat.append(clock() - t0)
                 if not expect(status, body):

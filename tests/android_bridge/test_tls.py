@@ -12,7 +12,8 @@ import pytest
 
 from coordinator.embedded import EmbeddedCoordinator
 from tests.android_bridge.jvm import KotlinTools, write_raw_data
-from tests.coordinator.test_tls import Pki, pki  # noqa: F401  (the fixture)
+from tests.coordinator.test_tls import pki  # noqa: F401  (the fixture)
+from tests.fixtures.pki import Pki
 
 pytestmark = pytest.mark.slow
 

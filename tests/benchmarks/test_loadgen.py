@@ -1,6 +1,7 @@
 """The benchmarks' load generator: every request sent once and its answer read whole (however
 the server splits or batches its bytes), connections reused or not as asked, an unexpected
-answer raised, several servers loaded at once with their own requests; against a real
+answer raised, several servers loaded at once with their own requests, over TLS as over
+plain TCP; against a real
 coordinator, uploads acknowledged and check-ins steered; the server tree's CPU summed over
 descendants, including those already exited."""
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import resource
 import socket
-import struct
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,15 +25,21 @@ from benchmarks import loadgen
 from coordinator.embedded import EmbeddedCoordinator
 from edge_sdk.codecs import encode_update
 from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP
+from tests.fixtures.pki import Pki, make_pki
 
 
 class ChoppyServer:
     """A raw HTTP server on loopback that answers each request with a numbered body, in
     pieces of 7 bytes (and with a second answer glued to the first when two requests are
-    already read), counting the connections it accepts."""
+    already read), counting the connections it accepts; with ``tls``, over TLS (``silent``:
+    it then completes each handshake and never answers)."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(
+        self, status: int = 200, tls: ssl.SSLContext | None = None, silent: bool = False
+    ) -> None:
         self.status = status
+        self.tls = tls
+        self.silent = silent
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.connections = 0
@@ -52,6 +59,15 @@ class ChoppyServer:
 
     def _serve(self, conn: socket.socket) -> None:
         buf = b""
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:  # a client without TLS, or one that gave up: its test says
+                conn.close()
+                return
+            if self.silent:
+                time.sleep(5)
+                return
         with conn:
             while True:
                 out = b""
@@ -130,11 +146,57 @@ def test_an_unexpected_answer_is_raised(choppy: ChoppyServer) -> None:
 
 
 def test_a_silent_server_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loadgen, "_RECV_TIMEOUT", struct.pack("ll", 0, 200_000))
+    monkeypatch.setattr(loadgen, "_RECV_TIMEOUT_S", 0.2)
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
         port = silent.getsockname()[1]
         with pytest.raises(TimeoutError):
             loadgen.run(port, _requests(port, 3, close=False), 2, loadgen.expect_status(200))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _tls(pki: Pki) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(pki.cert, pki.key)
+    return server, ssl.create_default_context(cafile=str(pki.ca))
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_over_tls_every_request_is_answered_once(pki: Pki, close: bool) -> None:
+    server_tls, client_tls = _tls(pki)
+    server = ChoppyServer(tls=server_tls)
+    try:
+        reqs = _requests(server.port, 30, close)
+        result = loadgen.run(server.port, reqs, 3, loadgen.expect_steered, tls=client_tls)
+        assert result.requests == 30 and server.requests == 30
+        assert server.connections == (30 if close else 3)
+        # Without the client's context the server's answers are not HTTP: nothing passes.
+        with pytest.raises((ConnectionError, AssertionError, ValueError)):
+            loadgen.run(server.port, reqs[:1], 1, loadgen.expect_steered)
+    finally:
+        server.close()
+
+
+def test_a_tls_server_that_never_answers_fails_the_run(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loadgen, "_RECV_TIMEOUT_S", 0.2)
+    server_tls, client_tls = _tls(pki)
+    silent = ChoppyServer(tls=server_tls, silent=True)
+    try:
+        reqs = _requests(silent.port, 2, close=False)
+        with pytest.raises(TimeoutError):
+            loadgen.run(silent.port, reqs, 1, loadgen.expect_status(200), tls=client_tls)
+    finally:
+        silent.close()
+    with socket.create_server(("127.0.0.1", 0)) as mute:  # accepts, never shakes hands
+        port = mute.getsockname()[1]
+        with pytest.raises(TimeoutError, match="handshake"):
+            loadgen.run(port, _requests(port, 1, close=False), 1, loadgen.expect_status(200),
+                        tls=client_tls)  # fmt: skip
 
 
 def test_mixed_connection_kinds_are_refused() -> None:

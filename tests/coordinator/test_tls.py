@@ -7,22 +7,17 @@ expect are computed with it too, independently of :mod:`edge_sdk.tls`'s own DER 
 from __future__ import annotations
 
 import base64
-import datetime
-import hashlib
-import ipaddress
 import json
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from coordinator.admin import AdminClient
 from coordinator.embedded import EmbeddedCoordinator
@@ -33,104 +28,15 @@ from edge_sdk.protocol import Route
 from edge_sdk.tls import TlsConfig, spki_der
 from edge_sdk.transport import RetryPolicy, Transport
 from fedge.cli import main
-from tests.fixtures.coordinator import GOOD_CONDITIONS
+from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP, HttpConnection
+from tests.fixtures.pki import Pki, make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path  # PEM of the CA the coordinator's certificate chains to
-    other_ca: Path  # a CA nobody signed the coordinator's certificate with
-    cert: Path
-    key: Path
-    pin: str  # base64 sha256 of the server certificate's SubjectPublicKeyInfo
-    wrong_pin: str
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                          content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, encipher_only=False,
-                          decipher_only=False),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _server_cert(
-    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, key: rsa.RSAPrivateKey
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(_name("fedge coordinator"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-
-def _spki_pin(cert: x509.Certificate) -> str:
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    ca_key, ca = _ca("fedge test CA")
-    _, other = _ca("someone else's CA")
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = _server_cert(ca_key, ca, key)
-    (d / "ca.pem").write_bytes(_pem(ca))
-    (d / "other-ca.pem").write_bytes(_pem(other))
-    (d / "server.pem").write_bytes(_pem(cert))
-    (d / "server.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption())
-    )
-    return Pki(d / "ca.pem", d / "other-ca.pem", d / "server.pem", d / "server.key",
-               _spki_pin(cert), _spki_pin(other))
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +216,20 @@ def test_an_emulated_fleet_enrolls_over_tls(https: EmbeddedCoordinator, pki: Pki
         fleet.close()
     assert summary.devices_registered == 3 and summary.failures == 0
     assert summary.checkins >= 3
+
+
+def test_the_bare_test_device_speaks_https_to_a_tls_coordinator(
+    https: EmbeddedCoordinator, pki: Pki
+) -> None:
+    """The tests' and benchmarks' http.client device registers over HTTPS, trusting the
+    coordinator's CA; with the system's CAs only, the same URL refuses the certificate."""
+    before = _devices(https)
+    device = DeviceHTTP(https)
+    try:
+        assert device.http.https and _devices(https) == before + 1
+        status, _, _ = device.http.request("GET", Route.HEALTH)
+        assert status == 200
+    finally:
+        device.close()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        HttpConnection(https.url).request("GET", Route.HEALTH)
