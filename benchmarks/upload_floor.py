@@ -4,7 +4,7 @@ own blob store, one payload at a time (written, fsync'ed on a pool of threads, r
 its directory fsync'ed), then answers 200 with a small JSON body. No database, no
 authentication, no decoding, no aggregation: ``bench_coordinator`` runs it beside the real
 server, under the same load, as the ceiling the coordinator's own work lowers. It runs on
-the event loop the service runs on by default (:mod:`coordinator.event_loop`).
+the event loop the service runs plain HTTP on by default (:mod:`coordinator.event_loop`).
 
 Run by ``bench_coordinator`` as ``python benchmarks/upload_floor.py BLOB_DIR``: it listens
 on a free port of 127.0.0.1 and prints it.

@@ -20,7 +20,7 @@ from coordinator.store import is_database_url
 
 __all__ = ["EVENT_LOOPS", "ConfigError", "CoordinatorConfig", "PacingConfig"]
 
-# coordinator/event_loop.py: "auto" is uvloop where it is installed, else asyncio's loop.
+# coordinator/event_loop.py: "auto" is uvloop for HTTPS where it is installed, else asyncio's.
 EVENT_LOOPS = ("asyncio", "auto", "uvloop")
 
 
@@ -89,9 +89,10 @@ class CoordinatorConfig:
     # is made durable on its own, on the worker thread.
     group_commit: bool = True
     group_commit_max_batch: int = 32
-    # The serving processes' event loop, one of EVENT_LOOPS (coordinator/event_loop.py).
-    # asyncio's by default: uvloop answers check-ins faster but streams downloads slower.
-    event_loop: str = "asyncio"
+    # The serving processes' event loop, one of EVENT_LOOPS (coordinator/event_loop.py):
+    # by default uvloop over TLS (its TLS costs far less CPU), asyncio's over plain HTTP
+    # (which streams downloads with sendfile, which uvloop lacks).
+    event_loop: str = "auto"
     # PEM files: with both set the service speaks HTTPS only.
     tls_cert: str | None = None
     tls_key: str | None = None

@@ -186,7 +186,7 @@ class EmbeddedCoordinator:
         from coordinator.event_loop import new_loop
         from coordinator.service import Coordinator
 
-        loop = new_loop(self.config.event_loop)
+        loop = new_loop(self.config.event_loop, self.config.tls)
         try:
             self.service = Coordinator(self.config, clock=self.clock)
         except BaseException:

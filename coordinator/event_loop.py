@@ -1,14 +1,14 @@
-"""The service's event loop: asyncio's own by default, or uvloop (``auto``: where it is
-installed, which the ``coordinator`` extra does on CPython for 64-bit Linux and macOS;
-``uvloop``: refusing to start without it).
+"""The service's event loop: asyncio's own or uvloop. ``auto`` (the default) runs uvloop
+where it is installed (the ``coordinator`` extra installs it on CPython for 64-bit Linux and
+macOS) and the service serves HTTPS, and asyncio's loop for plain HTTP; ``asyncio`` and
+``uvloop`` (refusing to start without it) choose one outright.
 
-uvloop runs the same aiohttp application on libuv's sockets. In ``bench_coordinator`` it
-answers steered check-ins at 1.10x the rate and 0.91x the CPU of asyncio's loop and uploads
-alike; but it has no ``sendfile``, so aiohttp streams plain-HTTP downloads through a thread
-pool, and ``bench_downloads`` measures a model frame's download at 0.73x the rate and 1.42x
-the CPU (``docs/benchmarks.md``, tenth pass). A device downloads once a round and checks in
-a few times, so asyncio's loop stays the default. Owns the choice only; imports nothing of
-the service.
+Why by transport (``docs/benchmarks.md``, eleventh pass): uvloop has no ``sendfile``, so over
+plain HTTP aiohttp streams a download through a thread pool where asyncio's loop hands the
+file to the kernel (``bench_downloads``: uvloop 0.73x the downloads at 1.42x the CPU). Over
+TLS neither loop can hand a file to the kernel, and uvloop's TLS, in C, carries the bytes at
+a fraction of the CPU of asyncio's, which encrypts through Python objects (``bench_downloads``
+and ``bench_tls`` over HTTPS). Owns the choice only; imports nothing of the service.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ __all__ = ["check", "loop_kind", "new_loop", "run"]
 T = TypeVar("T")
 
 
-def _uvloop(choice: str) -> ModuleType | None:
-    """uvloop's module when ``choice`` (one of ``EVENT_LOOPS``) means it and it is
-    importable; None for asyncio's loop."""
+def _uvloop(choice: str, tls: bool) -> ModuleType | None:
+    """uvloop's module when ``choice`` (one of ``EVENT_LOOPS``) means it for a service that
+    serves HTTPS (``tls``) or not, and it is importable; None for asyncio's loop."""
     if choice not in EVENT_LOOPS:  # CoordinatorConfig refuses it; a caller passed its own
         raise ValueError(f"no event loop called {choice!r}")
-    if choice == "asyncio":
+    if choice == "asyncio" or (choice == "auto" and not tls):
         return None
     try:
         import uvloop
@@ -44,22 +44,23 @@ def _uvloop(choice: str) -> ModuleType | None:
     return uvloop
 
 
-def check(choice: str) -> None:
+def check(choice: str, tls: bool = False) -> None:
     """Raise the :class:`ConfigError` that :func:`run` would, before anything starts."""
-    _uvloop(choice)
+    _uvloop(choice, tls)
 
 
-def new_loop(choice: str) -> asyncio.AbstractEventLoop:
-    uv = _uvloop(choice)
+def new_loop(choice: str, tls: bool = False) -> asyncio.AbstractEventLoop:
+    """A new loop of the kind ``choice`` means for a service serving HTTPS (``tls``) or not."""
+    uv = _uvloop(choice, tls)
     loop: asyncio.AbstractEventLoop = uv.new_event_loop() if uv else asyncio.new_event_loop()
     return loop
 
 
-def run(main: Coroutine[Any, Any, T], choice: str) -> T:
-    """``asyncio.run(main)`` on the chosen loop (``asyncio.run`` has no loop factory before
-    Python 3.12; ``uvloop.run`` has one on every version)."""
+def run(main: Coroutine[Any, Any, T], choice: str, tls: bool = False) -> T:
+    """``asyncio.run(main)`` on the loop :func:`new_loop` would make (``asyncio.run`` has no
+    loop factory before Python 3.12; ``uvloop.run`` has one on every version)."""
     try:
-        uv = _uvloop(choice)
+        uv = _uvloop(choice, tls)
     except ConfigError:
         main.close()  # never to run: closed, so that Python does not warn it was not awaited
         raise

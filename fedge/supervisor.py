@@ -281,7 +281,7 @@ def _child_main(
         conn.close()
 
     try:
-        event_loop.run(serve(cfg, print_token=False, ready=ready), cfg.event_loop)
+        event_loop.run(serve(cfg, print_token=False, ready=ready), cfg.event_loop, cfg.tls)
     except BaseException as e:  # told to the supervisor (when it still listens), then raised
         if not conn.closed:
             conn.send(f"{type(e).__name__}: {e}")

@@ -57,8 +57,8 @@ def register(sub: Any) -> None:
         "--event-loop",
         choices=EVENT_LOOPS,
         default=None,
-        help="the serving processes' event loop (default asyncio; auto: uvloop where "
-        "installed; docs/deployment.md)",
+        help="the serving processes' event loop (default auto: uvloop over TLS where "
+        "installed, asyncio over plain HTTP; docs/deployment.md)",
     )
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (0: any free port; default 8080)")
@@ -163,14 +163,14 @@ def run(args: argparse.Namespace) -> int:
     from coordinator import event_loop
 
     try:  # once, before a supervisor starts K children that would each fail on it
-        event_loop.check(cfg.event_loop)
+        event_loop.check(cfg.event_loop, cfg.tls)
     except ConfigError as e:  # event_loop = "uvloop" where it is not installed
         raise CommandError(str(e)) from e
     if cfg.processes > 1:
         from fedge.supervisor import Supervisor
 
         return Supervisor(cfg, print_token=not token, log=(args.log_level, args.log_format)).run()
-    return event_loop.run(serve(cfg, print_token=not token), cfg.event_loop)
+    return event_loop.run(serve(cfg, print_token=not token), cfg.event_loop, cfg.tls)
 
 
 def configure_logging(level: str, fmt: str) -> None:

@@ -1,6 +1,7 @@
-"""The service's event loop: asyncio's by default, uvloop on request (``auto``: where
-installed, and the ``coordinator`` extra installs it here); ``fedge serve`` and its
-supervised processes serve on the one chosen and say so in their log."""
+"""The service's event loop: by default uvloop over TLS (where installed, and the
+``coordinator`` extra installs it here) and asyncio's over plain HTTP, or one of them on
+request; ``fedge serve`` and its supervised processes serve on the one chosen and say so in
+their log."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import dataclasses
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import urllib.request
@@ -20,6 +22,7 @@ from coordinator.config import EVENT_LOOPS, ConfigError, CoordinatorConfig
 from coordinator.embedded import EmbeddedCoordinator
 from coordinator.event_loop import loop_kind, new_loop, run
 from fedge.commands import serve as serve_command
+from tests.fixtures.pki import Pki, make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,24 +31,27 @@ async def _kind() -> str:
     return loop_kind(asyncio.get_running_loop())
 
 
-@pytest.mark.parametrize(("choice", "kind"),
-                         [("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
-def test_the_chosen_loop_runs(choice: str, kind: str) -> None:
-    loop = new_loop(choice)
+@pytest.mark.parametrize(("choice", "tls", "kind"), [
+    ("auto", True, "uvloop"), ("auto", False, "asyncio"),
+    ("uvloop", False, "uvloop"), ("uvloop", True, "uvloop"),
+    ("asyncio", True, "asyncio"), ("asyncio", False, "asyncio"),
+])  # fmt: skip
+def test_the_chosen_loop_runs(choice: str, tls: bool, kind: str) -> None:
+    loop = new_loop(choice, tls)
     try:
         assert loop_kind(loop) == kind
         assert loop.run_until_complete(_kind()) == kind
     finally:
         loop.close()
-    assert run(_kind(), choice) == kind
+    assert run(_kind(), choice, tls) == kind
 
 
 def test_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
-    loop = new_loop("auto")
+    loop = new_loop("auto", tls=True)
     loop.close()
     assert loop_kind(loop) == "asyncio"
-    assert run(_kind(), "auto") == "asyncio"
+    assert run(_kind(), "auto", tls=True) == "asyncio"
     with pytest.raises(ConfigError, match="uvloop is not installed"):
         new_loop("uvloop")
     main = _kind()
@@ -59,16 +65,28 @@ def test_config_refuses_other_loops() -> None:
         CoordinatorConfig(event_loop="trio")
 
 
-@pytest.mark.parametrize(("choice", "kind"),
-                         [(None, "asyncio"), ("auto", "uvloop"), ("asyncio", "asyncio")])
-def test_in_process_coordinator_runs_the_chosen_loop(tmp_path: Path, choice: str | None,
-                                                     kind: str) -> None:  # fmt: skip
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.mark.parametrize(("choice", "tls", "kind"), [
+    (None, False, "asyncio"), (None, True, "uvloop"), ("uvloop", False, "uvloop"),
+    ("asyncio", True, "asyncio"),
+])  # fmt: skip
+def test_in_process_coordinator_runs_the_chosen_loop(
+    tmp_path: Path, pki: Pki, choice: str | None, tls: bool, kind: str
+) -> None:
     config = CoordinatorConfig(db_path=str(tmp_path / "f.db"))
+    if tls:
+        config = dataclasses.replace(config, tls_cert=str(pki.cert), tls_key=str(pki.key))
     if choice is not None:
         config = dataclasses.replace(config, event_loop=choice)
-    with EmbeddedCoordinator(config=config) as coord:
+    with EmbeddedCoordinator(config=config, ca_file=pki.ca) as coord:
         assert coord._loop is not None and loop_kind(coord._loop) == kind
-        with urllib.request.urlopen(coord.url + "/v1/health", timeout=10) as resp:
+        context = coord.client_tls.context() if tls else None
+        with urllib.request.urlopen(coord.url + "/v1/health", timeout=10,
+                                    context=context) as resp:  # fmt: skip
             assert resp.status == 200
 
 
@@ -89,17 +107,25 @@ def _serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(("args", "kinds"), [
-    ((), ["asyncio"]),
-    (("--event-loop", "auto", "--processes", "2"), ["uvloop", "uvloop"]),
+@pytest.mark.parametrize(("args", "tls", "kinds"), [
+    ((), False, ["asyncio"]),
+    ((), True, ["uvloop"]),
+    (("--event-loop", "uvloop", "--processes", "2"), False, ["uvloop", "uvloop"]),
+    (("--event-loop", "asyncio", "--processes", "2"), True, ["asyncio", "asyncio"]),
 ])  # fmt: skip
-def test_serve_logs_its_loop(tmp_path: Path, args: tuple[str, ...], kinds: list[str]) -> None:
+def test_serve_logs_its_loop(
+    tmp_path: Path, pki: Pki, args: tuple[str, ...], tls: bool, kinds: list[str]
+) -> None:
+    if tls:
+        args = (*args, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
     proc = _serve(tmp_path, *args)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert "listening on" in line, line
-        with urllib.request.urlopen(line.split()[-1] + "/v1/health", timeout=10) as resp:
+        context = ssl.create_default_context(cafile=str(pki.ca)) if tls else None
+        with urllib.request.urlopen(line.split()[-1] + "/v1/health", timeout=10,
+                                    context=context) as resp:  # fmt: skip
             assert resp.status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -140,7 +166,7 @@ def test_a_coordinator_that_fails_to_start_closes_its_loop(
     import coordinator.event_loop as module
 
     made: list[asyncio.AbstractEventLoop] = []
-    monkeypatch.setattr(module, "new_loop", lambda choice: made.append(new_loop(choice))
+    monkeypatch.setattr(module, "new_loop", lambda *args: made.append(new_loop(*args))
                         or made[-1])  # fmt: skip
     missing = str(tmp_path / "missing.pem")
     config = CoordinatorConfig(db_path=str(tmp_path / "f.db"), tls_cert=missing, tls_key=missing,
