@@ -335,6 +335,10 @@ def _served(
         coord.start()
     assert coord.process is not None
     try:
+        if config.event_loop in ("asyncio", "uvloop"):  # chosen outright: what the log says ran
+            served = db.with_name(db.name + ".log").read_text()
+            if f"serving with the {config.event_loop} event loop" not in served:
+                raise AssertionError(f"not on the {config.event_loop} loop: {served[-500:]!r}")
         admin = coord.admin()
         plan = _plan(updates)
         task_id = admin.create_task(admin.upload_bundle(bundle)["bundle_id"], plan)["task_id"]

@@ -3,7 +3,8 @@ uvloop, which has no ``sendfile``, costs the calls that stream a file, and what 
 no loop can hand the file to the kernel (HTTPS: the bytes are encrypted in the process).
 
 A coordinator process (``fedge serve`` through ``EmbeddedCoordinator``, one process) per
-timed phase, on asyncio's loop and on uvloop (``event_loop`` = ``asyncio`` / ``auto``), plain
+timed phase, on asyncio's loop and on uvloop (``event_loop`` = ``asyncio`` / ``uvloop``, the
+loop checked in the server's log), plain
 HTTP and HTTPS (a certificate from a CA made for the run, ``tests/fixtures/pki.py``),
 alternating in each of ``REPEATS`` repeats so that the shared cores' load falls on all. Each
 phase: ``DOWNLOADS`` GETs of a 100k-parameter task's version 0 frame (400 KB, the file a
@@ -42,7 +43,7 @@ NUM_PARAMETERS = 100_000
 DOWNLOADS = 300 if QUICK else 3000
 CONNECTIONS = 16
 REPEATS = 1 if QUICK else 3
-LOOPS = {"asyncio": "asyncio", "uvloop": "auto"}  # label: CoordinatorConfig.event_loop
+LOOPS = ("asyncio", "uvloop")  # CoordinatorConfig.event_loop, chosen outright
 TRANSPORTS = ("http", "https")
 PLAN = {"rounds": 1, "goal": 10, "over_selection": 1.0, "selection_window_s": 0.0,
         "round_deadline_s": 3600.0, "robust": "none"}  # fmt: skip
@@ -71,6 +72,9 @@ def phase(workdir: Path, bundle: Path, event_loop: str, pki: Pki | None) -> dict
         cpu0 = loadgen.tree_cpu_s(coord.process.pid)
         result = loadgen.run(coord.port, requests, CONNECTIONS, whole, tls=client_tls)
         cpu = loadgen.tree_cpu_s(coord.process.pid) - cpu0
+    served = (workdir / "fedge.db.log").read_text()
+    if f"serving with the {event_loop} event loop" not in served:
+        raise AssertionError(f"the server did not run the {event_loop} loop: {served[-500:]!r}")
     return {"bytes": size, "downloads_per_s": result.per_s,
             "server_cpu_ms": 1e3 * cpu / DOWNLOADS, "client_cpu_ms": result.client_cpu_ms,
             "latency_ms": result.latency_ms}  # fmt: skip
@@ -91,7 +95,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     kinds = _kinds()
     for i, (transport, label) in enumerate(kinds):
         mine = [r for r in runs if (r["transport"], r["loop"]) == (transport, label)]
-        color = f"C{list(LOOPS).index(label)}"
+        color = f"C{LOOPS.index(label)}"
         rate.scatter([i] * len(mine), [r["downloads_per_s"] for r in mine], color=color)
         cpu.scatter([i] * len(mine), [r["server_cpu_ms"] for r in mine], color=color)
     for ax, title in ((rate, "downloads/s (400 KB frame, keep-alive)"),
@@ -113,7 +117,7 @@ def main() -> None:
         pki = make_pki(work / "pki")
         for repeat in range(REPEATS):
             for transport, label in _kinds():
-                run = phase(work / f"{transport}-{label}-{repeat}", bundle, LOOPS[label],
+                run = phase(work / f"{transport}-{label}-{repeat}", bundle, label,
                             pki if transport == "https" else None)  # fmt: skip
                 runs.append({"transport": transport, "loop": label, "repeat": repeat, **run})
                 print(f"[bench_downloads] repeat {repeat + 1}/{REPEATS}, {transport}, {label}: "

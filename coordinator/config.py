@@ -186,6 +186,8 @@ class CoordinatorConfig:
         loads = toml_loads if p.suffix == ".toml" else json.loads
         try:
             raw = loads(text)
+        except ConfigError:  # no TOML parser at all: not the file's fault
+            raise
         except ValueError as e:
             raise ConfigError(f"config {p} does not parse: {e}") from e
         if not isinstance(raw, dict):
@@ -194,8 +196,9 @@ class CoordinatorConfig:
 
 
 def toml_loads(text: str) -> dict[str, Any]:
-    """Parse TOML with Python 3.11's ``tomllib`` or, on 3.10, ``tomli``, the package it was
-    taken from (the same parser and errors; the coordinator extra installs it there)."""
+    """Parse TOML 1.0 with Python 3.11's ``tomllib`` or, on 3.10, ``tomli`` below 2.4 (the
+    package tomllib was taken from, before it read TOML 1.1; its errors are ValueErrors too;
+    the coordinator extra installs it there)."""
     try:
         import tomllib as parser
     except ModuleNotFoundError:

@@ -3,12 +3,13 @@ where it is installed (the ``coordinator`` extra installs it on CPython for 64-b
 macOS) and the service serves HTTPS, and asyncio's loop for plain HTTP; ``asyncio`` and
 ``uvloop`` (refusing to start without it) choose one outright.
 
-Why by transport (``docs/benchmarks.md``, eleventh pass): uvloop has no ``sendfile``, so over
-plain HTTP aiohttp streams a download through a thread pool where asyncio's loop hands the
-file to the kernel (``bench_downloads``: uvloop 0.73x the downloads at 1.42x the CPU). Over
-TLS neither loop can hand a file to the kernel, and uvloop's TLS, in C, carries the bytes at
-a fraction of the CPU of asyncio's, which encrypts through Python objects (``bench_downloads``
-and ``bench_tls`` over HTTPS). Owns the choice only; imports nothing of the service.
+Why by transport (``docs/benchmarks.md``, tenth and eleventh passes): uvloop has no
+``sendfile``, so over plain HTTP aiohttp streams a download through a thread pool where
+asyncio's loop hands the file to the kernel (``bench_downloads``: uvloop 0.73x the downloads
+at 1.42x the CPU in one run, 0.98x at 1.04x in another). Over TLS neither loop can hand a
+file to the kernel, and uvloop serves a download at 2.97x the rate and 0.34x the CPU, and
+check-ins and uploads at no more CPU (``bench_downloads``, ``bench_tls``). Owns the choice
+only; imports nothing of the service.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ class ChoppyServer:
         self.status = status
         self.tls = tls
         self.silent = silent
+        self.closed = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.connections = 0
@@ -66,7 +67,8 @@ class ChoppyServer:
                 conn.close()
                 return
             if self.silent:
-                time.sleep(5)
+                with conn:
+                    self.closed.wait(5)
                 return
         with conn:
             while True:
@@ -95,6 +97,7 @@ class ChoppyServer:
                 buf += chunk
 
     def close(self) -> None:
+        self.closed.set()
         self.listener.close()
 
 

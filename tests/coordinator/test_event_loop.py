@@ -112,6 +112,7 @@ def _serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None
     ((), True, ["uvloop"]),
     (("--event-loop", "uvloop", "--processes", "2"), False, ["uvloop", "uvloop"]),
     (("--event-loop", "asyncio", "--processes", "2"), True, ["asyncio", "asyncio"]),
+    (("--processes", "2"), True, ["uvloop", "uvloop"]),  # the default, in each child
 ])  # fmt: skip
 def test_serve_logs_its_loop(
     tmp_path: Path, pki: Pki, args: tuple[str, ...], tls: bool, kinds: list[str]
@@ -145,18 +146,40 @@ def _finish(proc: subprocess.Popen[str]) -> str:
         raise
 
 
-@pytest.mark.parametrize("args", [(), ("--processes", "2")])
-def test_serve_refuses_uvloop_where_missing(tmp_path: Path, args: tuple[str, ...]) -> None:
-    """One line, exit 2, before anything starts (with K processes: no child started)."""
+def _without_uvloop(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Python cannot import uvloop."""
     hidden = tmp_path / "hide"
     hidden.mkdir()
     (hidden / "uvloop.py").write_text("raise ImportError('not installed for this test')\n")
     path = os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")]))
-    proc = _serve(tmp_path, "--event-loop", "uvloop", *args, env={"PYTHONPATH": path})
+    return {"PYTHONPATH": path}
+
+
+@pytest.mark.parametrize("args", [(), ("--processes", "2")])
+def test_serve_refuses_uvloop_where_missing(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """One line, exit 2, before anything starts (with K processes: no child started)."""
+    proc = _serve(tmp_path, "--event-loop", "uvloop", *args, env=_without_uvloop(tmp_path))
     err = _finish(proc)
     assert proc.returncode == 2, err
     assert "uvloop is not installed" in err and "Traceback" not in err
     assert not (tmp_path / "f.db").exists()  # nothing opened, migrated or served
+
+
+def test_serve_over_tls_without_uvloop_runs_asyncio_by_default(tmp_path: Path, pki: Pki) -> None:
+    """The default asks for uvloop over TLS only where it is installed: without it the
+    service starts on asyncio's loop and says so."""
+    proc = _serve(tmp_path, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key),
+                  env=_without_uvloop(tmp_path))  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on https://" in line, line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        err = _finish(proc)
+    assert proc.returncode == 0, err
+    records = [json.loads(r) for r in err.splitlines() if r.startswith("{")]
+    assert [r["event_loop"] for r in records if "event_loop" in r] == ["asyncio"], records
 
 
 def test_a_coordinator_that_fails_to_start_closes_its_loop(
