@@ -328,17 +328,14 @@ def _served(
     if config.event_loop is not None:
         extra["event_loop"] = config.event_loop
     if config.tls:
-        pki = _pki(workdir)
-        extra |= {"tls_cert": str(pki.cert), "tls_key": str(pki.key), "ca_file": pki.ca}
+        extra |= _pki(workdir).coordinator_tls()
     coord = EmbeddedCoordinator(db, subprocess=True, group_commit=config.group_commit, **extra)
     with _served_from(source):
         coord.start()
     assert coord.process is not None
     try:
         if config.event_loop in ("asyncio", "uvloop"):  # chosen outright: what the log says ran
-            served = db.with_name(db.name + ".log").read_text()
-            if f"serving with the {config.event_loop} event loop" not in served:
-                raise AssertionError(f"not on the {config.event_loop} loop: {served[-500:]!r}")
+            loadgen.check_event_loop(db, config.event_loop)
         admin = coord.admin()
         plan = _plan(updates)
         task_id = admin.create_task(admin.upload_bundle(bundle)["bundle_id"], plan)["task_id"]
@@ -740,13 +737,18 @@ def print_table(summary: dict[str, dict[str, Any]]) -> None:
         print(f"| {label:{w}} | " + " | ".join(f"{c:>10}" for c in cells) + " |")
 
 
-def main() -> None:
+def int8_frames(n: int) -> list[bytes]:
+    """``n`` distinct int8 update frames of the synthetic model (seeded: the same every run)."""
     rng = np.random.default_rng(0)
-    print(f"[bench_coordinator] encoding {UPDATES} distinct updates", file=sys.stderr, flush=True)
-    frames = [
+    return [
         encode_update(rng.normal(0, 0.01, NUM_PARAMETERS).astype(np.float32), CODEC, rng=rng)[0]
-        for _ in range(UPDATES)
+        for _ in range(n)
     ]
+
+
+def main() -> None:
+    print(f"[bench_coordinator] encoding {UPDATES} distinct updates", file=sys.stderr, flush=True)
+    frames = int8_frames(UPDATES)
     if not MULTI_PROCESS:
         print("[bench_coordinator] CoordinatorConfig has no `processes`: only 1 process",
               file=sys.stderr)  # fmt: skip

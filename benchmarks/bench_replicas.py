@@ -49,11 +49,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_coordinator import CODEC, NUM_PARAMETERS, cpu_s, proc_kib, timed  # noqa: E402
+from benchmarks.bench_coordinator import (  # noqa: E402
+    CODEC,
+    NUM_PARAMETERS,
+    cpu_s,
+    int8_frames,
+    proc_kib,
+    timed,
+)
 from benchmarks.bench_step import write_section  # noqa: E402
 from coordinator.admin import AdminClient  # noqa: E402
 from coordinator.store import PartialSum, Round, Task, open_store  # noqa: E402
-from edge_sdk.codecs import encode_update  # noqa: E402
 from tests.coordinator.replicas.fleet import ADMIN, ServedReplica, Spread  # noqa: E402
 from tests.fixtures.coordinator import make_synthetic_bundle  # noqa: E402
 from tests.fixtures.postgres import ENV, in_schema  # noqa: E402
@@ -399,11 +405,7 @@ def main() -> None:
         write_section(SECTION, doc(results))
         return
     server = server_url()
-    rng = np.random.default_rng(0)
-    frames = [
-        encode_update(rng.normal(0, 0.01, NUM_PARAMETERS).astype(np.float32), CODEC, rng=rng)[0]
-        for _ in range(16)
-    ]
+    frames = int8_frames(16)
     order = [(1, True), (1, False), (2, False), (3, False)]
     if args.repeats > 1:
         order += [(3, False), (2, False), (1, False)]

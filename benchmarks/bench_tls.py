@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_coordinator as bc  # noqa: E402
-from edge_sdk.codecs import encode_update  # noqa: E402
 
 QUICK = bc.QUICK
 RESULTS = bc.RESULTS
@@ -99,12 +98,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
-    rng = np.random.default_rng(0)
-    frames = [
-        encode_update(rng.normal(0, 0.01, bc.NUM_PARAMETERS).astype(np.float32), bc.CODEC,
-                      rng=rng)[0]
-        for _ in range(UPDATES)
-    ]  # fmt: skip
+    frames = bc.int8_frames(UPDATES)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
         work = Path(tmp)

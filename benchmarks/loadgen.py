@@ -50,6 +50,7 @@ __all__ = [
     "Expect",
     "LoadResult",
     "Request",
+    "check_event_loop",
     "checkin_request",
     "download_request",
     "expect_status",
@@ -118,6 +119,14 @@ def checkin_request(
 def download_request(port: int, device: tuple[str, str], path: str, close: bool) -> Request:
     """A GET of ``path`` (a model version's frame, a bundle file) as ``device``."""
     return _request("GET", path, port, {"Authorization": device_auth_header(*device)}, b"", close)
+
+
+def check_event_loop(db: Path, event_loop: str) -> None:
+    """Raise unless the coordinator serving ``db`` (``EmbeddedCoordinator`` in a subprocess,
+    which logs to ``<db>.log``) said it serves on ``event_loop``."""
+    log = db.with_name(db.name + ".log").read_text()
+    if f"serving with the {event_loop} event loop" not in log:
+        raise AssertionError(f"the server did not run the {event_loop} loop: {log[-500:]!r}")
 
 
 def expect_status(code: int) -> Expect:

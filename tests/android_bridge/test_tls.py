@@ -12,7 +12,6 @@ import pytest
 
 from coordinator.embedded import EmbeddedCoordinator
 from tests.android_bridge.jvm import KotlinTools, write_raw_data
-from tests.coordinator.test_tls import pki  # noqa: F401  (the fixture)
 from tests.fixtures.pki import Pki
 
 pytestmark = pytest.mark.slow
@@ -34,10 +33,9 @@ def _one_pass(tools: KotlinTools, tmp_path: Path, coord: EmbeddedCoordinator, *e
 
 
 def test_kotlin_client_speaks_tls_with_the_ca_and_pin(
-    kotlin_tools: KotlinTools, pki: Pki, tmp_path: Path  # noqa: F811
+    kotlin_tools: KotlinTools, pki: Pki, tmp_path: Path
 ) -> None:
-    with EmbeddedCoordinator(tmp_path / "c.db", tls_cert=str(pki.cert), tls_key=str(pki.key),
-                             ca_file=pki.ca, seed=3) as coord:  # fmt: skip
+    with EmbeddedCoordinator(tmp_path / "c.db", seed=3, **pki.coordinator_tls()) as coord:
         assert coord.url.startswith("https://")
         wrong = _one_pass(kotlin_tools, tmp_path / "wrong", coord, "--ca-file", str(pki.ca),
                           "--pin", f"sha256/{pki.wrong_pin}")  # fmt: skip

@@ -25,7 +25,7 @@ from benchmarks import loadgen
 from coordinator.embedded import EmbeddedCoordinator
 from edge_sdk.codecs import encode_update
 from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP
-from tests.fixtures.pki import Pki, make_pki
+from tests.fixtures.pki import Pki
 
 
 class ChoppyServer:
@@ -154,11 +154,6 @@ def test_a_silent_server_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
         port = silent.getsockname()[1]
         with pytest.raises(TimeoutError):
             loadgen.run(port, _requests(port, 3, close=False), 2, loadgen.expect_status(200))
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _tls(pki: Pki) -> tuple[ssl.SSLContext, ssl.SSLContext]:

@@ -22,7 +22,7 @@ from coordinator.config import EVENT_LOOPS, ConfigError, CoordinatorConfig
 from coordinator.embedded import EmbeddedCoordinator
 from coordinator.event_loop import loop_kind, new_loop, run
 from fedge.commands import serve as serve_command
-from tests.fixtures.pki import Pki, make_pki
+from tests.fixtures.pki import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,11 +63,6 @@ def test_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_config_refuses_other_loops() -> None:
     with pytest.raises(ConfigError, match="event_loop must be one of asyncio, auto, uvloop"):
         CoordinatorConfig(event_loop="trio")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.mark.parametrize(("choice", "tls", "kind"), [

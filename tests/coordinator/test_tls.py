@@ -29,21 +29,15 @@ from edge_sdk.tls import TlsConfig, spki_der
 from edge_sdk.transport import RetryPolicy, Transport
 from fedge.cli import main
 from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP, HttpConnection
-from tests.fixtures.pki import Pki, make_pki
+from tests.fixtures.pki import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def https(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCoordinator]:
     db = tmp_path_factory.mktemp("tls") / "fedge.db"
-    with EmbeddedCoordinator(db, tls_cert=str(pki.cert), tls_key=str(pki.key), ca_file=pki.ca,
-                             seed=3) as coord:
+    with EmbeddedCoordinator(db, seed=3, **pki.coordinator_tls()) as coord:
         yield coord
 
 
@@ -195,8 +189,7 @@ def test_serve_refuses_half_a_tls_configuration(pki: Pki, tmp_path: Path) -> Non
 
 
 def test_subprocess_coordinator_with_tls(pki: Pki, tmp_path: Path) -> None:
-    with EmbeddedCoordinator(tmp_path / "p.db", subprocess=True, tls_cert=str(pki.cert),
-                             tls_key=str(pki.key), ca_file=pki.ca) as coord:
+    with EmbeddedCoordinator(tmp_path / "p.db", subprocess=True, **pki.coordinator_tls()) as coord:
         assert coord.url.startswith("https://")
         assert coord.admin().status()["devices_registered"] == 0
 
