@@ -67,6 +67,11 @@ class CoordinatorConfig:
     # uploads, not with every batch; a commit folds the updates stored since from their
     # payloads: at most this many per replica to read then (coordinator/replicas.py).
     replica_partial_every: int = 64
+    # A directory shared by the serving processes of one node, in which each publishes its
+    # event counters so that a scrape of any of them reports their sum
+    # (coordinator/metrics_sharing.py). `fedge serve --processes K` makes one per run.
+    # None: /metrics reports this process's own events.
+    metrics_dir: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     admin_token: str | None = None
@@ -138,6 +143,8 @@ class CoordinatorConfig:
             )
         if self.shared and self.database_url is None and self.db_path == ":memory:":
             raise ConfigError("replica and processes > 1 need a database file, not :memory:")
+        if self.processes > 1 and self.metrics_dir is not None:
+            raise ConfigError("processes > 1 makes its own metrics_dir: leave it unset")
         if self.shared and self.database_url is not None and self.blob_path is None:
             raise ConfigError(
                 "replica and processes > 1 with a database_url need a shared blob_path"

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from coordinator.metrics_sharing import SharedCounters
 from coordinator.versions import ModelVersions
 from edge_sdk.protocol import Route
 
@@ -95,7 +97,6 @@ class StoreFigures:
     open_rounds: int = 0
     updates: int = 0
     update_bytes: int = 0
-    ineligible: dict[str, int] = field(default_factory=dict)
     db_bytes: int = 0
     blob_bytes: int = 0
 
@@ -154,7 +155,6 @@ class StoreReader:
         self._seen &= listed  # rounds retention deleted will not come back
         out.updates = self._updates + open_updates
         out.update_bytes = self._bytes + open_bytes
-        out.ineligible = dict(coord.ineligible_reasons)
         out.db_bytes, out.blob_bytes = storage_bytes(coord)
         return out
 
@@ -213,16 +213,33 @@ class _StoreCollector:
         yield CounterMetricFamily(
             "fedge_update_bytes", "Bytes of accepted update payloads", value=f.update_bytes
         )
-        inel = CounterMetricFamily(
-            "fedge_checkin_ineligible",
-            "Coordinator-side ineligibility of check-ins, by reason",
-            labels=["reason"],
-        )
-        for reason, n in sorted(f.ineligible.items()):
-            inel.add_metric([reason], n)
-        yield inel
         yield _gauge("fedge_db_bytes", "Database file size (with its WAL)", f.db_bytes)
         yield _gauge("fedge_blob_bytes", "Blob directory size", f.blob_bytes)
+
+
+def _ineligible(reasons: Mapping[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(
+        "fedge_checkin_ineligible",
+        "Coordinator-side ineligibility of check-ins, by reason",
+        labels=["reason"],
+    )
+    # Counted on the worker thread, read here from others: list() copies it in one C call.
+    for reason, n in sorted(list(reasons.items())):
+        family.add_metric([reason], n)
+    return family
+
+
+class _Collected:
+    """A collector yielding what ``families`` returns at each collection."""
+
+    def __init__(self, families: Callable[[], Iterable[Metric]]) -> None:
+        self.families = families
+
+    def describe(self) -> list[Metric]:
+        return []  # label values change between collections: nothing to declare up front
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families()
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -274,11 +291,9 @@ class ServiceMetrics:
         rounds_of: Callable[[Task], list[Round]] | None = None,
     ) -> None:
         self.coord = coord
-        self.registry = CollectorRegistry()
-        r = self.registry
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
+        # Events counted here (summed over a node's processes where they share a directory);
+        # the scrape's registry adds what is read at scrape time.
+        self.events = r = CollectorRegistry()
         self.requests = Counter(
             "fedge_http_requests", "HTTP requests", ["method", "route", "status"], registry=r
         )
@@ -320,6 +335,15 @@ class ServiceMetrics:
         # (id of one of the instruments above, label values) -> its child; as bounded as
         # the label values themselves.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        r.register(_Collected(lambda: [_ineligible(coord.ineligible_reasons)]))
+        shared = coord.config.metrics_dir
+        self.shared = None if shared is None else SharedCounters(Path(shared), self.events)
+
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        r.register(_Collected(self.event_families))
         self.queue = _QueueGauge(queue_depth)
         r.register(self.queue)
         self.round_seconds = Histogram(
@@ -402,11 +426,15 @@ class ServiceMetrics:
         self.store_figures.figures = figures
         return generate_latest(self.registry)
 
+    def event_families(self) -> list[Metric]:
+        """The events counted: by this process, or by every process sharing its directory."""
+        return list(self.events.collect()) if self.shared is None else self.shared.families()
+
     def labelled(self, sample: str, label: str) -> dict[str, float]:
-        """``{label value: sample value}`` of one of this process's counters."""
+        """``{label value: sample value}`` of one of the event counters."""
         return {
             s.labels[label]: s.value
-            for family in self.registry.collect()
+            for family in self.event_families()
             for s in family.samples
             if s.name == sample and label in s.labels
         }
@@ -415,7 +443,7 @@ class ServiceMetrics:
         """Per route: requests, errors (status >= 400), mean and p95 latency (from buckets)."""
         rows: dict[str, dict[str, Any]] = {}
         buckets: dict[str, list[tuple[float, float]]] = {}
-        for family in self.registry.collect():
+        for family in self.event_families():
             for s in family.samples:
                 route = s.labels.get("route")
                 if route is None:

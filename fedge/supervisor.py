@@ -11,7 +11,9 @@ child shares, reserves the port (bound, never listening: with port 0 it chooses 
 other program can take it between two children's starts), starts the children (spawned,
 so that none inherits a database connection) and prints the one ``listening`` line once all
 answer. A child that dies is started again (logged); what it acknowledged is durable in the
-database, and its siblings answer meanwhile. SIGTERM or SIGINT stops every child cleanly,
+database, and its siblings answer meanwhile. The children publish their event counters in a
+directory the supervisor makes for the run, so that ``/metrics`` on the shared port reports
+the node's sum (:mod:`coordinator.metrics_sharing`). SIGTERM or SIGINT stops every child cleanly,
 then the supervisor; a child whose supervisor died (even by SIGKILL) stops as well.
 
 ::
@@ -29,6 +31,7 @@ import os
 import secrets
 import signal
 import socket
+import tempfile
 import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -80,9 +83,12 @@ class Supervisor:
         self._migrate(child_cfg)
         announce_tokens(self.config, child_cfg.admin_token or "", child_cfg.enrollment_token,
                         self.print_token)  # fmt: skip
-        with self._reserve_port() as placeholder:
+        with self._reserve_port() as placeholder, tempfile.TemporaryDirectory(
+            prefix="fedge-metrics-"
+        ) as metrics_dir:
             port = int(placeholder.getsockname()[1])
-            self.child_config = dataclasses.replace(child_cfg, port=port)
+            # Each child publishes its counters there; a scrape of any reports their sum.
+            self.child_config = dataclasses.replace(child_cfg, port=port, metrics_dir=metrics_dir)
             wake_r, wake_w = socket.socketpair()
             wake_w.setblocking(False)
             previous = {sig: signal.signal(sig, self._on_signal) for sig in _SIGNALS}

@@ -6,7 +6,10 @@ interleave with device operations); the admin token is checked before any of the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,12 +20,14 @@ from coordinator.dashboard import views
 from coordinator.dashboard.history import RoundFacts
 from coordinator.errors import NotFound
 from coordinator.metrics import CONTENT_TYPE, ServiceMetrics
+from coordinator.metrics_sharing import SharedCounters
 from coordinator.service import Coordinator
 from edge_sdk.protocol import Route
 
 __all__ = ["METRICS_KEY", "STATIC_DIR", "add_routes"]
 
 T = TypeVar("T")
+log = logging.getLogger("fedge.metrics")
 Run = Callable[..., Awaitable[Any]]
 STATIC_DIR = Path(__file__).with_name("static")
 METRICS_KEY = web.AppKey("metrics", ServiceMetrics)
@@ -101,7 +106,40 @@ def add_routes(
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     app.add_routes(routes)
+    if metrics.shared is not None:
+        _publish_periodically(app, metrics.shared)
     return metrics
+
+
+_PUBLISHER_KEY = web.AppKey("metrics_publisher", asyncio.Task[None])
+
+
+def _publish_periodically(app: web.Application, shared: SharedCounters) -> None:
+    """Keeps this process's share of the node's counters current between its own scrapes
+    (the scrapes of its siblings read it), and leaves its last counts at a clean stop."""
+
+    async def publish() -> None:
+        while True:
+            try:
+                shared.publish()
+            except OSError:
+                log.exception("cannot publish this process's metrics to %s", shared.directory)
+            await asyncio.sleep(shared.interval_s)
+
+    async def on_startup(app: web.Application) -> None:
+        app[_PUBLISHER_KEY] = asyncio.create_task(publish())
+
+    async def on_cleanup(app: web.Application) -> None:
+        task = app.get(_PUBLISHER_KEY)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(OSError):
+            shared.publish()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
 
 
 def _asset(name: str) -> web.Response:

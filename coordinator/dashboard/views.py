@@ -304,6 +304,7 @@ def population(coord: Coordinator, metrics: ServiceMetrics, cache: RoundFacts) -
     for task in coord.store.list_tasks():
         funnel.merge(cache.history(task, refused, metrics.refusals).funnel)
     checkins = metrics.labelled("fedge_checkins_total", "outcome")
+    ineligible = metrics.labelled("fedge_checkin_ineligible_total", "reason")
     return {
         "devices_registered": coord.store.count_devices(),
         "devices_active": active_devices(coord, coord.clock.now()),
@@ -314,7 +315,7 @@ def population(coord: Coordinator, metrics: ServiceMetrics, cache: RoundFacts) -
             "since_start": True,
             "total": sum(checkins.values()),
             "outcomes": checkins,
-            "ineligible_reasons": dict(coord.ineligible_reasons),
+            "ineligible_reasons": {reason: int(n) for reason, n in ineligible.items()},
         },
         "funnel": funnel.to_json(),
     }

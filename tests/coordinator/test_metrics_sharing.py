@@ -1,0 +1,209 @@
+"""The event counters of a node's serving processes, summed (coordinator/metrics_sharing.py).
+
+The reference for a sum is one registry that saw every event of every process: the merged
+snapshots must equal it. Then the service: two replicas on one SQLite file sharing a metrics
+directory, each scraped over real HTTP, report the traffic both received; and ``fedge serve
+--processes 2`` reports the node's traffic whichever child answers the scrape, through the
+death of a child, and removes its directory at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections import Counter as Tally
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from coordinator.config import ConfigError, CoordinatorConfig
+from coordinator.embedded import EmbeddedCoordinator
+from coordinator.metrics_sharing import SharedCounters
+from edge_sdk.protocol import Route
+from tests.coordinator.replicas.fleet import serving_children, wait_for
+from tests.coordinator.test_dashboard import _get
+from tests.coordinator.test_metrics import sample, scrape
+from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class Instruments:
+    """A counter and a histogram with labels, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("t_requests", "Requests", ["route", "status"],
+                                registry=self.registry)  # fmt: skip
+        self.seconds = Histogram("t_seconds", "Seconds", ["route"], buckets=(0.1, 1.0),
+                                 registry=self.registry)  # fmt: skip
+
+    def event(self, route: str, status: str, seconds: float) -> None:
+        self.requests.labels(route, status).inc()
+        self.seconds.labels(route).observe(seconds)
+
+
+def samples(families: Any, created: bool = False) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in families
+        for s in family.samples
+        if created or not s.name.endswith("_created")
+    }
+
+
+def checkins(got: Samples) -> float:
+    return sum(v for (name, _), v in got.items() if name == "fedge_checkins_total")
+
+
+EVENTS = [("/a", "200", 0.05), ("/a", "200", 0.5), ("/a", "503", 2.0), ("/b", "200", 0.2)]
+
+
+def test_the_merged_snapshots_equal_one_registry_that_saw_every_event(tmp_path: Path) -> None:
+    one, two, union = Instruments(), Instruments(), Instruments()
+    for k, event in enumerate(EVENTS * 3):
+        (one if k % 3 else two).event(*event)  # a label set in one process only, too
+        union.event(*event)
+    mine = SharedCounters(tmp_path, one.registry)
+    SharedCounters(tmp_path, two.registry).publish()
+    merged = mine.families()
+    assert samples(merged) == samples(union.registry.collect())
+    assert {f.name: f.type for f in merged} == {"t_requests": "counter", "t_seconds": "histogram"}
+    # a creation time is the earliest, not a sum
+    created = samples(merged, created=True)
+    for key, value in samples(two.registry.collect(), created=True).items():
+        if key[0].endswith("_created"):
+            assert created[key] == min(value, samples(one.registry.collect(), True)[key])
+
+
+def test_the_sum_never_goes_down_whichever_process_is_scraped(tmp_path: Path) -> None:
+    one, two = Instruments(), Instruments()
+    shares = [SharedCounters(tmp_path, one.registry), SharedCounters(tmp_path, two.registry)]
+    for share in shares:
+        share.publish()  # as each does at its start
+    sent, last = 0, 0.0
+    for k in range(12):
+        (one, two)[k % 2 == 0 and k % 3 != 0].event("/a", "200", 0.1)
+        sent += 1
+        got = sample(samples(shares[k % 2].families()), "t_requests_total", route="/a",
+                     status="200")  # fmt: skip
+        assert last <= got <= sent
+        last = got
+    # A process that died keeps its file; the one started in its place adds its own.
+    counted = sample(samples(shares[0].families()), "t_requests_total", route="/a", status="200")
+    assert counted == sent
+    del shares[1], two
+    again = Instruments()
+    replacement = SharedCounters(tmp_path, again.registry)
+    again.event("/a", "200", 0.1)
+    got = samples(replacement.families())
+    assert sample(got, "t_requests_total", route="/a", status="200") == sent + 1
+    assert len(list(tmp_path.glob("*.json"))) == 3
+
+
+def test_foreign_or_broken_files_are_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mine = Instruments()
+    mine.event("/a", "200", 0.1)
+    (tmp_path / "broken.json").write_text('[["t_requests", "counter", "Requests", [')
+    (tmp_path / "other.json").write_text('{"not": "a snapshot"}')
+    (tmp_path / "left-over.tmp").write_text("[]")
+    with caplog.at_level(logging.WARNING, logger="fedge.metrics"):
+        got = samples(SharedCounters(tmp_path, mine.registry).families())
+    assert got == samples(mine.registry.collect())
+    assert [r.getMessage() for r in caplog.records if "broken.json" in r.getMessage()]
+
+
+def test_the_publishing_interval_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="interval_s"):
+        SharedCounters(tmp_path, CollectorRegistry(), interval_s=0)
+
+
+def test_a_supervised_node_makes_its_own_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="metrics_dir"):
+        CoordinatorConfig(db_path=str(tmp_path / "f.db"), processes=2, metrics_dir="/tmp")
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[tuple[EmbeddedCoordinator, EmbeddedCoordinator]]:
+    shared: dict[str, Any] = dict(replica=True, metrics_dir=str(tmp_path / "metrics"))
+    (tmp_path / "metrics").mkdir()
+    with EmbeddedCoordinator(tmp_path / "f.db", **shared) as a, EmbeddedCoordinator(
+        tmp_path / "f.db", admin_token=a.admin_token, **shared
+    ) as b:
+        yield a, b
+
+
+def test_replicas_sharing_a_directory_each_report_both_shares(
+    replicas: tuple[EmbeddedCoordinator, EmbeddedCoordinator], tiny_bundle: Path
+) -> None:
+    a, b = replicas
+    admin = a.admin()
+    plan = {"goal": 2, "rounds": 1, "selection_window_s": 600.0, "round_deadline_s": 600.0}
+    admin.create_task(admin.upload_bundle(tiny_bundle)["bundle_id"], plan)
+    outcomes: Tally[str] = Tally()
+    for coord, n, charging in ((a, 3, True), (b, 2, False), (b, 4, True)):
+        dev = DeviceHTTP(coord)
+        for _ in range(n):
+            answer = dev.check_in({**GOOD_CONDITIONS, "charging": charging})
+            outcomes[answer["action"] if answer["action"] != "wait" else answer["reason"]] += 1
+    for coord in (a, b):
+        # the other's share as it last published it: at most its interval (1 s) old
+        wait_for(lambda: checkins(scrape(coord)) == outcomes.total(), what="both shares")  # noqa: B023
+        got = scrape(coord)
+        for outcome, n in outcomes.items():
+            assert sample(got, "fedge_checkins_total", outcome=outcome) == n
+        assert sample(got, "fedge_checkin_ineligible_total", reason="not charging") == 2
+        assert sample(got, "fedge_http_requests_total", method="POST", route=Route.REGISTER,
+                      status="201") == 3  # fmt: skip
+        # read at scrape time from the store both share: not summed
+        assert sample(got, "fedge_devices_registered") == 3
+    status, population = _get(b, Route.ADMIN_DASHBOARD_POPULATION, a.admin_token)
+    assert status == 200
+    assert population["checkins"]["total"] == sum(outcomes.values())
+    assert population["checkins"]["ineligible_reasons"] == {"not charging": 2}
+    status, service = _get(a, Route.ADMIN_DASHBOARD_SERVICE, a.admin_token)
+    assert status == 200
+    [register] = [r for r in service["requests"] if r["route"] == Route.REGISTER]
+    assert register["requests"] == 3
+
+
+@pytest.mark.slow
+def test_fedge_serve_processes_reports_the_node_whichever_child_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # where the supervisor makes its directory
+    with EmbeddedCoordinator(tmp_path / "f.db", subprocess=True, processes=2) as node:
+        assert node.process is not None
+        supervisor = node.process.pid
+        wait_for(lambda: len(serving_children(supervisor)) == 2, what="two serving processes")
+        [directory] = temp.glob("fedge-metrics-*")
+        sent = 0
+        for _ in range(12):  # each device on its own connection: both children serve some
+            dev = DeviceHTTP(node)
+            for _ in range(3):
+                dev.check_in()
+                sent += 1
+            dev.close()
+        assert len(list(directory.glob("*.json"))) == 2
+
+        def total() -> float:
+            return checkins(scrape(node))  # a new connection each time: either child answers
+
+        wait_for(lambda: total() == sent, what="the node's check-ins in one scrape")
+        assert {total() for _ in range(10)} == {sent}
+        victim = min(serving_children(supervisor))
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: (len(now := serving_children(supervisor)) == 2 and victim not in now),
+                 what="a new serving process")  # fmt: skip
+        # what the dead child counted stays in the sum; its replacement publishes beside it
+        assert {total() for _ in range(10)} == {sent}
+        wait_for(lambda: len(list(directory.glob("*.json"))) == 3, what="the new child's file")
+    assert not directory.exists()
