@@ -14,7 +14,11 @@ cost is time the devices wait. The store holds one synchronous task with ``R`` c
 * ``population``: the population endpoint (all tasks' funnel, device groups), cached;
 * ``overview``, ``service``: the overview and service endpoints;
 * ``metrics scrape``: ``/metrics`` (store figures plus the registry's text rendering), on the
-  rounds the dashboard's cache keeps current, as the app wires it;
+  rounds the dashboard's cache keeps current, as the app wires it, with event counters for
+  every route and outcome (:func:`fill_events`);
+* ``metrics publish (every 2 s)``: what a process of ``fedge serve --processes K`` spends
+  every 2 s writing its event counters for its siblings (on its event loop, not the worker);
+* ``metrics scrape, 2 processes``: the scrape summing its own and a sibling's counters;
 * ``check-in`` (the reference): a device check-in answered ``selecting`` on the same store.
 
 Each figure is the median of ``--repeats`` calls; compare the ratios to a check-in within a
@@ -100,6 +104,24 @@ def build(root: Path, rounds: int) -> tuple[Any, Any, str, Any]:
         "charging": True, "idle": True, "unmetered": True, "battery": 0.9}}), who
 
 
+def fill_events(metrics: Any) -> None:
+    """Every route with three statuses, every check-in and upload outcome: the series a
+    service that has run a while holds in its event counters."""
+    from edge_sdk.protocol import Route
+
+    routes = [v for k, v in vars(Route).items() if k.isupper() and isinstance(v, str)]
+    for route, status in itertools.product(routes, ("200", "400", "503")):
+        metrics._child(metrics.requests, "POST", route, status).inc(7)
+        metrics._child(metrics.latency, route).observe(0.004)
+        metrics._child(metrics.bytes_in, route).inc(900)
+        metrics._child(metrics.bytes_out, route).inc(300)
+    for outcome in ("train", "evaluate", "selecting", "window_full", "ineligible", "paused",
+                    "no_task", "unauthorized", "invalid_request"):  # fmt: skip
+        metrics._child(metrics.checkins, outcome).inc(5)
+    for outcome in ("accepted", "malformed_frame", "duplicate_upload", "round_closed"):
+        metrics._child(metrics.uploads, outcome).inc(3)
+
+
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -112,6 +134,7 @@ def median_ms(fn: Callable[[], Any], repeats: int) -> float:
 def measure(rounds: int, repeats: int, root: Path) -> dict[str, float]:
     from coordinator.dashboard import views
     from coordinator.dashboard.history import RELIST_S, RoundFacts
+    from coordinator.metrics_sharing import SharedCounters
 
     coord, metrics, checkin_body, who = build(root, rounds)
     task_id = "t-bench"
@@ -133,7 +156,21 @@ def measure(rounds: int, repeats: int, root: Path) -> dict[str, float]:
     out["population"] = median_ms(lambda: views.population(coord, metrics, cache), repeats)
     out["overview"] = median_ms(lambda: views.overview(coord), repeats)
     out["service"] = median_ms(lambda: views.service(coord, metrics), repeats)
+    fill_events(metrics)
     out["metrics scrape"] = median_ms(lambda: metrics.render(metrics.reader.read()), repeats)
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-metrics-", dir=root) as d:
+        metrics.shared = SharedCounters(Path(d), metrics.events)
+        SharedCounters(Path(d), metrics.events).publish()  # a sibling with as many series
+        counted = metrics._child(metrics.checkins, "train")
+
+        def publish() -> None:
+            counted.inc()  # an unchanged snapshot is not written again
+            metrics.shared.publish()
+
+        out["metrics publish (every 2 s)"] = median_ms(publish, repeats)
+        out["metrics scrape, 2 processes"] = median_ms(
+            lambda: metrics.render(metrics.reader.read()), repeats)
+        metrics.shared = None
     body = checkin_body.encode()
     answer = coord.checkin(who, body)
     assert answer.get("reason") == "selecting", answer  # the reference path, not an error

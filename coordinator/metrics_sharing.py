@@ -7,10 +7,11 @@ counts and Prometheus would read every change of process as a counter reset.
 
 Each process writes its snapshot to a file of its own in a directory the processes share
 (the supervisor makes one per run and removes it at the end): at every scrape of it, and
-every ``interval_s`` from a task on its event loop. A scrape of any process publishes its own
-snapshot, then sums every file: a sibling's figures are at most ``interval_s`` old. Each file
-only ever grows, and a process that died keeps its file (its replacement writes a new one),
-so the sum never goes down between two scrapes, whichever processes answer them.
+every ``interval_s`` from a task on its event loop (unless nothing changed). A scrape of any
+process publishes its own snapshot, then sums every file: a sibling's figures are at most
+``interval_s`` old. Each file only ever grows, and a process that died keeps its file (its
+replacement writes a new one), so the sum never goes down between two scrapes, whichever
+processes answer them.
 
 Imports prometheus_client and the standard library only; nothing of the service.
 """
@@ -29,10 +30,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-__all__ = ["SharedCounters"]
+__all__ = ["INTERVAL_S", "SharedCounters"]
 
 log = logging.getLogger("fedge.metrics")
 
+# Prometheus scrapes every 15 s or so, the dashboard polls every 2 s: a sibling's share this
+# old is current enough, and a process's snapshot of a few hundred series costs milliseconds.
+INTERVAL_S = 2.0
 _SUFFIX = ".json"
 # A creation time is when the first process created the series, not a sum.
 _CREATED = "_created"
@@ -43,7 +47,9 @@ _Key = tuple[str, tuple[tuple[str, str], ...]]
 class SharedCounters:
     """This process's snapshot file in ``directory``, and the sum over every process's."""
 
-    def __init__(self, directory: Path, local: CollectorRegistry, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, directory: Path, local: CollectorRegistry, interval_s: float = INTERVAL_S
+    ) -> None:
         if not interval_s > 0:
             raise ValueError("interval_s must be > 0")
         self.directory = directory
@@ -52,6 +58,7 @@ class SharedCounters:
         # Two coordinators in one process (tests) must not share a file: pid and a nonce.
         self.path = directory / f"{os.getpid()}-{secrets.token_hex(4)}{_SUFFIX}"
         self._lock = threading.Lock()
+        self._last = ""
 
     def publish(self) -> None:
         """Replace this process's file with its current counters (atomically: a reader sees
@@ -61,9 +68,13 @@ class SharedCounters:
                 [f.name, f.type, f.documentation, [[s.name, s.labels, s.value] for s in f.samples]]
                 for f in self.local.collect()
             ]
+            text = json.dumps(families)
+            if text == self._last:  # an idle process rewrites nothing
+                return
             temp = self.path.with_suffix(".tmp")
-            temp.write_text(json.dumps(families))
+            temp.write_text(text)
             os.replace(temp, self.path)
+            self._last = text
 
     def families(self) -> list[Metric]:
         """Publish, then the sum of every process's snapshot, as metric families."""

@@ -119,6 +119,19 @@ def test_foreign_or_broken_files_are_skipped_with_a_warning(
     assert [r.getMessage() for r in caplog.records if "broken.json" in r.getMessage()]
 
 
+def test_an_unchanged_snapshot_is_not_written_again(tmp_path: Path) -> None:
+    mine = Instruments()
+    share = SharedCounters(tmp_path, mine.registry)
+    share.publish()
+    first = share.path.stat().st_ino
+    share.publish()
+    assert share.path.stat().st_ino == first  # not replaced
+    mine.event("/a", "200", 0.1)
+    share.publish()
+    assert share.path.stat().st_ino != first
+    assert samples(share.families()) == samples(mine.registry.collect())
+
+
 def test_the_publishing_interval_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="interval_s"):
         SharedCounters(tmp_path, CollectorRegistry(), interval_s=0)
@@ -153,7 +166,7 @@ def test_replicas_sharing_a_directory_each_report_both_shares(
             answer = dev.check_in({**GOOD_CONDITIONS, "charging": charging})
             outcomes[answer["action"] if answer["action"] != "wait" else answer["reason"]] += 1
     for coord in (a, b):
-        # the other's share as it last published it: at most its interval (1 s) old
+        # the other's share as it last published it: at most its interval (2 s) old
         wait_for(lambda: checkins(scrape(coord)) == outcomes.total(), what="both shares")  # noqa: B023
         got = scrape(coord)
         for outcome, n in outcomes.items():
