@@ -257,10 +257,13 @@ class SQLStore(Store):
         statement writing a table it does not name (through a trigger or a cascading key:
         the schema has neither) would have to forget it too."""
         rows = self._txn_rows
-        if not rows or sql.lstrip()[:6].lower() in ("select", "pragma"):
+        if not rows:
+            return
+        lowered = sql.lower()  # SQL keywords and names are case-blind: UPDATE TASKS writes tasks
+        if lowered.lstrip()[:6] in ("select", "pragma"):
             return
         for table in {k[0] for k in rows}:
-            if table in sql:
+            if table in lowered:
                 for k in [k for k in rows if k[0] == table]:
                     del rows[k]
 

@@ -223,3 +223,24 @@ def test_steered_checkins_follow_changes_made_through_another_connection(
             assert status == 401  # revoked at once
         finally:
             elsewhere.close()
+
+
+@pytest.mark.parametrize("statement", [
+    "update tasks set state = ? where task_id = ?",
+    "UPDATE TASKS SET state = ? WHERE task_id = ?",
+    "  Update \"Tasks\" set state = ? where task_id = ?",
+])  # fmt: skip
+def test_a_record_kept_in_a_transaction_is_forgotten_by_any_write_of_its_table(
+    db: tuple[Path, SQLiteStore, SQLiteStore, Reference], statement: str
+) -> None:
+    """Inside a write transaction a task read once is kept (a batch reads it per upload);
+    a statement that writes its table, however it spells the name, must drop it."""
+    _, cached, _, ref = db
+    cached.add_task(_task("t-1", "default", 1.0))
+    with cached.atomic():
+        before = cached.get_task("t-1")
+        assert before is not None and before.state == "running"
+        cached._execute(statement, ["paused", "t-1"])
+        inside = cached.get_task("t-1")
+        assert inside is not None and inside.state == "paused"
+    assert ref.tasks("default") == [("t-1", "paused")]
