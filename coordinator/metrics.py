@@ -23,8 +23,10 @@ A scrape job needs the admin token::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections import ChainMap
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +50,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from coordinator.metrics_sharing import SharedCounters
+from coordinator.metrics_sharing import SharedCounters, SharedRefusals
 from coordinator.versions import ModelVersions
 from edge_sdk.protocol import Route
 
@@ -331,13 +333,16 @@ class ServiceMetrics:
         # assignment_id -> error code of its refused upload (the round page's late/refused);
         # bounded: the oldest entries go first.
         self._refused: dict[str, str] = {}
-        self.refusals = 0  # refused uploads counted so far (a change tells caches to refresh)
+        self._refusals = 0
         # (id of one of the instruments above, label values) -> its child; as bounded as
         # the label values themselves.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r.register(_Collected(lambda: [_ineligible(coord.ineligible_reasons)]))
         shared = coord.config.metrics_dir
         self.shared = None if shared is None else SharedCounters(Path(shared), self.events)
+        self.shared_refusals = (
+            None if shared is None else SharedRefusals(Path(shared), MAX_REFUSED_KEPT)
+        )
 
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)
@@ -399,8 +404,11 @@ class ServiceMetrics:
         outcome = request.get(OUTCOME) or str(resp.status)
         self._child(self.checkins if route == Route.CHECKIN else self.uploads, outcome).inc()
         if route == Route.ASSIGNMENT_UPDATE and resp.status in REFUSALS:
-            self._refused[request.match_info["assignment_id"]] = outcome
-            self.refusals += 1
+            assignment_id = request.match_info["assignment_id"]
+            self._refused[assignment_id] = outcome
+            self._refusals += 1
+            if self.shared_refusals is not None:
+                self.shared_refusals.record(assignment_id, outcome)
             while len(self._refused) > MAX_REFUSED_KEPT:
                 del self._refused[next(iter(self._refused))]
 
@@ -414,11 +422,35 @@ class ServiceMetrics:
         return child
 
     def refused_uploads(self) -> Mapping[str, str]:
-        """assignment_id -> error code, for uploads refused since this process started.
+        """assignment_id -> error code, for uploads refused since this process started (and,
+        sharing a directory, by the other processes of the node: read on the worker thread).
 
         A read-only view, not a copy (it may hold 10^5 entries): look entries up, do not
         iterate it from another thread while requests run."""
-        return MappingProxyType(self._refused)
+        if self.shared_refusals is None:
+            return MappingProxyType(self._refused)
+        return MappingProxyType(ChainMap(self._refused, self.shared_refusals.theirs()))
+
+    @property
+    def refusals(self) -> int:
+        """Refused uploads counted so far, as of the last :meth:`refused_uploads` (a change
+        tells caches to refresh)."""
+        theirs = 0 if self.shared_refusals is None else self.shared_refusals.count
+        return self._refusals + theirs
+
+    def publish(self) -> None:
+        """With a shared directory: this process's counters and refusals, for the others."""
+        if self.shared is not None:
+            self.shared.publish()
+        if self.shared_refusals is not None:
+            self.shared_refusals.flush()
+
+    def close(self) -> None:
+        """Publishes for the last time (a clean stop keeps this process's counts)."""
+        with contextlib.suppress(OSError):
+            self.publish()
+        if self.shared_refusals is not None:
+            self.shared_refusals.close()
 
     # -- scrape -----------------------------------------------------------------------------
 

@@ -13,6 +13,10 @@ process publishes its own snapshot, then sums every file: a sibling's figures ar
 replacement writes a new one), so the sum never goes down between two scrapes, whichever
 processes answer them.
 
+The dashboard's refused uploads (assignment id -> error code, which its funnel and round
+pages read) are shared too, as one append-only log per process (:class:`SharedRefusals`):
+a map of up to 10^5 entries is too large to rewrite every few seconds.
+
 Imports prometheus_client and the standard library only; nothing of the service.
 """
 
@@ -30,7 +34,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-__all__ = ["INTERVAL_S", "SharedCounters"]
+__all__ = ["INTERVAL_S", "SharedCounters", "SharedRefusals"]
 
 log = logging.getLogger("fedge.metrics")
 
@@ -38,6 +42,7 @@ log = logging.getLogger("fedge.metrics")
 # old is current enough, and a process's snapshot of a few hundred series costs milliseconds.
 INTERVAL_S = 2.0
 _SUFFIX = ".json"
+_REFUSALS = ".refused"
 # A creation time is when the first process created the series, not a sum.
 _CREATED = "_created"
 
@@ -117,3 +122,76 @@ def _merge(snapshots: Iterable[list[Any]]) -> list[Metric]:
             family.add_sample(sample, dict(labels), value)
         out.append(family)
     return out
+
+
+class SharedRefusals:
+    """Refused uploads of the other processes sharing ``directory``, read from their logs,
+    and this process's log for them.
+
+    One JSON line ``[assignment id, code]`` per refusal, appended by :meth:`record` and
+    flushed by :meth:`flush` (with the counters' publish); a reader takes complete lines only,
+    from where it stopped. A log stops growing at ``limit`` lines (a device sending oversized
+    bodies to made-up assignment ids must not fill the disk): refusals past that are seen by
+    their own process only, as without sharing."""
+
+    def __init__(self, directory: Path, limit: int) -> None:
+        self.directory = directory
+        self.limit = limit
+        self.path = directory / f"{os.getpid()}-{secrets.token_hex(4)}{_REFUSALS}"
+        self._log = self.path.open("a", encoding="utf-8")
+        self._written = 0
+        self._lock = threading.Lock()
+        self._theirs: dict[str, str] = {}
+        self._offsets: dict[Path, int] = {}
+        self.count = 0  # refusals read from the others' logs
+
+    def record(self, assignment_id: str, code: str) -> None:
+        if self._written >= self.limit:
+            if self._written == self.limit:
+                log.warning("refused uploads: %s is full (%d); further refusals are seen by "
+                            "this process only", self.path.name, self.limit)  # fmt: skip
+                self._written += 1
+            return
+        with self._lock:
+            # JSON: an assignment id comes from the request's path (any character).
+            self._log.write(json.dumps([assignment_id, code]) + "\n")
+        self._written += 1
+
+    def flush(self) -> None:
+        with self._lock:
+            self._log.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._log.close()
+
+    def theirs(self) -> dict[str, str]:
+        """The other processes' refusals (the latest code per assignment), read up to now;
+        call from one thread at a time."""
+        for path in self.directory.glob(f"*{_REFUSALS}"):
+            if path != self.path:
+                self._read(path)
+        while len(self._theirs) > self.limit:
+            del self._theirs[next(iter(self._theirs))]
+        return self._theirs
+
+    def _read(self, path: Path) -> None:
+        start = self._offsets.get(path, 0)
+        try:
+            with path.open("rb") as f:
+                f.seek(start)
+                data = f.read()
+        except OSError as e:
+            log.warning("refused uploads %s skipped: %s", path.name, e)
+            return
+        complete = data.rfind(b"\n") + 1  # a line being written is read next time
+        for line in data[:complete].splitlines():
+            try:
+                assignment_id, code = json.loads(line)
+            except (ValueError, TypeError):
+                log.warning("refused uploads %s: a malformed line skipped", path.name)
+                continue
+            self._theirs.pop(assignment_id, None)  # the latest goes last (the newest kept)
+            self._theirs[str(assignment_id)] = str(code)
+            self.count += 1
+        self._offsets[path] = start + complete

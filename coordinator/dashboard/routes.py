@@ -20,7 +20,6 @@ from coordinator.dashboard import views
 from coordinator.dashboard.history import RoundFacts
 from coordinator.errors import NotFound
 from coordinator.metrics import CONTENT_TYPE, ServiceMetrics
-from coordinator.metrics_sharing import SharedCounters
 from coordinator.service import Coordinator
 from edge_sdk.protocol import Route
 
@@ -107,24 +106,25 @@ def add_routes(
 
     app.add_routes(routes)
     if metrics.shared is not None:
-        _publish_periodically(app, metrics.shared)
+        _publish_periodically(app, metrics, metrics.shared.interval_s)
     return metrics
 
 
 _PUBLISHER_KEY = web.AppKey("metrics_publisher", asyncio.Task[None])
 
 
-def _publish_periodically(app: web.Application, shared: SharedCounters) -> None:
-    """Keeps this process's share of the node's counters current between its own scrapes
-    (the scrapes of its siblings read it), and leaves its last counts at a clean stop."""
+def _publish_periodically(app: web.Application, metrics: ServiceMetrics, every_s: float) -> None:
+    """Keeps this process's share of the node's counters and refusals current between its
+    own scrapes (the scrapes of its siblings read it), and leaves its last counts at a clean
+    stop."""
 
     async def publish() -> None:
         while True:
             try:
-                shared.publish()
+                metrics.publish()
             except OSError:
-                log.exception("cannot publish this process's metrics to %s", shared.directory)
-            await asyncio.sleep(shared.interval_s)
+                log.exception("cannot publish this process's metrics")
+            await asyncio.sleep(every_s)
 
     async def on_startup(app: web.Application) -> None:
         app[_PUBLISHER_KEY] = asyncio.create_task(publish())
@@ -135,8 +135,7 @@ def _publish_periodically(app: web.Application, shared: SharedCounters) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        with contextlib.suppress(OSError):
-            shared.publish()
+        metrics.close()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)

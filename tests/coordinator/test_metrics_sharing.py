@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +23,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.embedded import EmbeddedCoordinator
-from coordinator.metrics_sharing import SharedCounters
+from coordinator.metrics_sharing import SharedCounters, SharedRefusals
 from edge_sdk.protocol import Route
 from tests.coordinator.replicas.fleet import serving_children, wait_for
 from tests.coordinator.test_dashboard import _get
 from tests.coordinator.test_metrics import sample, scrape
-from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP
+from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP, select_devices
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -132,6 +133,49 @@ def test_an_unchanged_snapshot_is_not_written_again(tmp_path: Path) -> None:
     assert samples(share.families()) == samples(mine.registry.collect())
 
 
+def test_refusals_reach_the_other_processes_as_complete_lines(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mine, theirs = SharedRefusals(tmp_path, 100), SharedRefusals(tmp_path, 100)
+    odd = 'a-1\n"]\t'  # an id from a request's path: any character
+    theirs.record("a-0", "malformed_frame")
+    theirs.record(odd, "round_closed")
+    assert mine.theirs() == {} and mine.count == 0  # buffered until published
+    theirs.flush()
+    assert mine.theirs() == {"a-0": "malformed_frame", odd: "round_closed"}
+    assert mine.count == 2
+    theirs.record("a-0", "duplicate_upload")  # the latest code of an assignment wins
+    theirs.flush()
+    with theirs.path.open("a") as f:
+        f.write('["a-2", "round_')  # a line being written: read once it is complete
+    assert mine.theirs() == {"a-0": "duplicate_upload", odd: "round_closed"}
+    assert list(mine.theirs()) == [odd, "a-0"]  # the newest last
+    with theirs.path.open("a") as f:
+        f.write('closed"]\n{"not": "a line"}\n')
+    with caplog.at_level(logging.WARNING, logger="fedge.metrics"):
+        assert mine.theirs()["a-2"] == "round_closed"
+    assert mine.count == 4
+    assert any("malformed line" in r.getMessage() for r in caplog.records)
+    assert theirs.theirs() == {}  # its own log is not its siblings'
+    mine.close()
+    theirs.close()
+
+
+def test_a_refusal_log_stops_at_its_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mine, theirs = SharedRefusals(tmp_path, 3), SharedRefusals(tmp_path, 3)
+    with caplog.at_level(logging.WARNING, logger="fedge.metrics"):
+        for k in range(6):
+            theirs.record(f"a-{k}", "malformed_frame")
+    theirs.flush()
+    assert list(mine.theirs()) == ["a-0", "a-1", "a-2"]
+    assert len(theirs.path.read_text().splitlines()) == 3
+    assert len([r for r in caplog.records if "is full" in r.getMessage()]) == 1
+    mine.close()
+    theirs.close()
+
+
 def test_the_publishing_interval_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="interval_s"):
         SharedCounters(tmp_path, CollectorRegistry(), interval_s=0)
@@ -184,6 +228,31 @@ def test_replicas_sharing_a_directory_each_report_both_shares(
     assert status == 200
     [register] = [r for r in service["requests"] if r["route"] == Route.REGISTER]
     assert register["requests"] == 3
+
+
+def test_a_refusal_by_one_replica_shows_on_the_others_round_page(
+    replicas: tuple[EmbeddedCoordinator, EmbeddedCoordinator], tiny_bundle: Path
+) -> None:
+    a, b = replicas
+    admin = a.admin()
+    plan = {"goal": 2, "rounds": 1, "over_selection": 1.0, "selection_window_s": 1.0,
+            "round_deadline_s": 600.0, "eligibility": {"require_charging": False}}  # fmt: skip
+    task_id = admin.create_task(admin.upload_bundle(tiny_bundle)["bundle_id"], plan)["task_id"]
+    chosen = select_devices([DeviceHTTP(b), DeviceHTTP(b)], lambda: time.sleep(1.5))
+    assert len(chosen) == 2
+    device, assignment_id = chosen[0]
+    status, body = device.upload_raw(assignment_id, b"not a frame")
+    assert status == 400 and body["error"]["code"] == "malformed_frame", body
+    page = Route.ADMIN_DASHBOARD_ROUND.format(task_id=task_id, number=1)
+
+    def refused_on_a() -> Any:
+        status, detail = _get(a, page, a.admin_token)
+        assert status == 200, detail
+        return {r["device_id"]: r["upload_refused"] for r in detail["assignments"]}
+
+    wait_for(lambda: refused_on_a()[device.device_id] == "malformed_frame",
+             what="b's refusal on a's round page")  # fmt: skip
+    assert refused_on_a()[chosen[1][0].device_id] is None
 
 
 @pytest.mark.slow
