@@ -29,12 +29,14 @@ import logging
 import multiprocessing
 import os
 import secrets
+import shutil
 import signal
 import socket
 import tempfile
 import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
@@ -83,8 +85,9 @@ class Supervisor:
         self._migrate(child_cfg)
         announce_tokens(self.config, child_cfg.admin_token or "", child_cfg.enrollment_token,
                         self.print_token)  # fmt: skip
+        _remove_dead_metrics_dirs()
         with self._reserve_port() as placeholder, tempfile.TemporaryDirectory(
-            prefix="fedge-metrics-"
+            prefix=f"{_METRICS_PREFIX}{os.getpid()}-"
         ) as metrics_dir:
             port = int(placeholder.getsockname()[1])
             # Each child publishes its counters there; a scrape of any reports their sum.
@@ -245,6 +248,22 @@ class Supervisor:
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_METRICS_PREFIX = "fedge-metrics-"
+
+
+def _remove_dead_metrics_dirs() -> None:
+    """The metrics directories of supervisors that were killed (SIGKILL leaves them behind):
+    those named after a process that no longer exists."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
+        pid = path.name[len(_METRICS_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not path.is_dir() or path.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _status(code: int | None) -> str:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -110,9 +110,6 @@ def add_routes(
     return metrics
 
 
-_PUBLISHER_KEY = web.AppKey("metrics_publisher", asyncio.Task[None])
-
-
 def _publish_periodically(app: web.Application, metrics: ServiceMetrics, every_s: float) -> None:
     """Keeps this process's share of the node's counters and refusals current between its
     own scrapes (the scrapes of its siblings read it), and leaves its last counts at a clean
@@ -126,19 +123,15 @@ def _publish_periodically(app: web.Application, metrics: ServiceMetrics, every_s
                 log.exception("cannot publish this process's metrics")
             await asyncio.sleep(every_s)
 
-    async def on_startup(app: web.Application) -> None:
-        app[_PUBLISHER_KEY] = asyncio.create_task(publish())
-
-    async def on_cleanup(app: web.Application) -> None:
-        task = app.get(_PUBLISHER_KEY)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async def publishing(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(publish())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         metrics.close()
 
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
+    app.cleanup_ctx.append(publishing)
 
 
 def _asset(name: str) -> web.Response:

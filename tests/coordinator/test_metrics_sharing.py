@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import tempfile
 import time
 from collections import Counter as Tally
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.embedded import EmbeddedCoordinator
 from coordinator.metrics_sharing import SharedCounters, SharedRefusals
 from edge_sdk.protocol import Route
+from fedge.supervisor import _remove_dead_metrics_dirs
 from tests.coordinator.replicas.fleet import serving_children, wait_for
 from tests.coordinator.test_dashboard import _get
 from tests.coordinator.test_metrics import sample, scrape
@@ -184,6 +187,25 @@ def test_the_publishing_interval_must_be_positive(tmp_path: Path) -> None:
 def test_a_supervised_node_makes_its_own_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="metrics_dir"):
         CoordinatorConfig(db_path=str(tmp_path / "f.db"), processes=2, metrics_dir="/tmp")
+
+
+def test_a_killed_supervisors_directory_is_removed_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / f"fedge-metrics-{gone.pid}-x1"
+    alive = tmp_path / f"fedge-metrics-{os.getpid()}-x2"
+    other = tmp_path / "fedge-metrics-notapid-x3"
+    plain = tmp_path / f"fedge-metrics-{gone.pid}-x4"
+    for d in (dead, alive, other):
+        d.mkdir()
+        (d / "1-ab.json").write_text("[]")
+    plain.write_text("not a directory")
+    _remove_dead_metrics_dirs()
+    assert not dead.exists()
+    assert alive.is_dir() and other.is_dir() and plain.is_file()
 
 
 @pytest.fixture
