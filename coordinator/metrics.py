@@ -338,11 +338,13 @@ class ServiceMetrics:
         # the label values themselves.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r.register(_Collected(lambda: [_ineligible(coord.ineligible_reasons)]))
-        shared = coord.config.metrics_dir
-        self.shared = None if shared is None else SharedCounters(Path(shared), self.events)
-        self.shared_refusals = (
-            None if shared is None else SharedRefusals(Path(shared), MAX_REFUSED_KEPT)
-        )
+        self.shared: SharedCounters | None = None
+        self.shared_refusals: SharedRefusals | None = None
+        if coord.config.metrics_dir is not None:
+            shared = Path(coord.config.metrics_dir)
+            shared.mkdir(parents=True, exist_ok=True)  # the first of the processes makes it
+            self.shared = SharedCounters(shared, self.events)
+            self.shared_refusals = SharedRefusals(shared, MAX_REFUSED_KEPT)
 
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)

@@ -210,8 +210,8 @@ def test_a_killed_supervisors_directory_is_removed_by_the_next(
 
 @pytest.fixture
 def replicas(tmp_path: Path) -> Iterator[tuple[EmbeddedCoordinator, EmbeddedCoordinator]]:
-    shared: dict[str, Any] = dict(replica=True, metrics_dir=str(tmp_path / "metrics"))
-    (tmp_path / "metrics").mkdir()
+    # not there yet: the first replica makes it
+    shared: dict[str, Any] = dict(replica=True, metrics_dir=str(tmp_path / "node" / "metrics"))
     with EmbeddedCoordinator(tmp_path / "f.db", **shared) as a, EmbeddedCoordinator(
         tmp_path / "f.db", admin_token=a.admin_token, **shared
     ) as b:
