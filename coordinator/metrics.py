@@ -8,6 +8,8 @@ Two kinds of figures:
 * **events counted by this process** (reset at restart, as Prometheus counters are):
   HTTP requests by route and status with their latency, request and response bytes, check-ins
   by outcome, uploads by outcome, coordinator-side ineligibility reasons, commit durations;
+  with ``metrics_dir`` (the processes of ``fedge serve --processes K``), summed over every
+  process sharing it (:mod:`coordinator.metrics_sharing`), as are refused uploads;
 * **figures read from the store at scrape time** (so they agree with it exactly): devices,
   tasks by state, model versions, rounds by state, open rounds, accepted updates and their
   bytes, round durations, database and blob sizes, plus the worker queue's depth and the

@@ -153,6 +153,8 @@ class SharedRefusals:
                 self._written += 1
             return
         with self._lock:
+            if self._log.closed:  # a request answered while the app shuts down
+                return
             # JSON: an assignment id comes from the request's path (any character).
             self._log.write(json.dumps([assignment_id, code]) + "\n")
         self._written += 1

@@ -87,7 +87,7 @@ class Supervisor:
                         self.print_token)  # fmt: skip
         _remove_dead_metrics_dirs()
         with self._reserve_port() as placeholder, tempfile.TemporaryDirectory(
-            prefix=f"{_METRICS_PREFIX}{os.getpid()}-"
+            prefix=_metrics_prefix(os.getpid())
         ) as metrics_dir:
             port = int(placeholder.getsockname()[1])
             # Each child publishes its counters there; a scrape of any reports their sum.
@@ -251,11 +251,30 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _METRICS_PREFIX = "fedge-metrics-"
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (Linux), so that a pid is only ever compared within it:
+    containers sharing a temporary directory each number their processes from 1."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return None
+
+
+def _metrics_prefix(pid: int) -> str:
+    namespace = _pid_namespace()
+    return _METRICS_PREFIX if namespace is None else f"{_METRICS_PREFIX}{namespace}.{pid}-"
+
+
 def _remove_dead_metrics_dirs() -> None:
     """The metrics directories of supervisors that were killed (SIGKILL leaves them behind):
-    those named after a process that no longer exists."""
-    for path in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
-        pid = path.name[len(_METRICS_PREFIX):].split("-", 1)[0]
+    ours, named after a process of this PID namespace that no longer exists. Without a
+    namespace to tell (not Linux) none is removed."""
+    namespace = _pid_namespace()
+    if namespace is None:
+        return
+    mine = f"{_METRICS_PREFIX}{namespace}."
+    for path in Path(tempfile.gettempdir()).glob(f"{mine}*-*"):
+        pid = path.name[len(mine):].split("-", 1)[0]
         if not pid.isdigit() or not path.is_dir() or path.stat().st_uid != os.getuid():
             continue
         try:
