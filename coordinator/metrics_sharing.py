@@ -9,7 +9,7 @@ Each process writes its snapshot to a file of its own in a directory the process
 (the supervisor makes one per run and removes it at the end): at every scrape of it, and
 every ``interval_s`` from a task on its event loop (unless nothing changed). A scrape of any
 process publishes its own snapshot, then sums every file: a sibling's figures are at most
-``interval_s`` old. Each file only ever grows, and a process that died keeps its file (its
+``interval_s`` old. The counts in a file only ever grow, a process that died keeps its file (its
 replacement writes a new one), so the sum never goes down between two scrapes, whichever
 processes answer them.
 
