@@ -22,7 +22,7 @@ from coordinator.dashboard.views import PARTICIPATION
 from coordinator.embedded import EmbeddedCoordinator
 from edge_sdk.codecs import decode_update, encode_update
 from edge_sdk.protocol import Route
-from tests.fixtures.coordinator import DeviceHTTP, HttpConnection
+from tests.fixtures.coordinator import DeviceHTTP, admin_get, sample, scrape
 
 N = 64
 DATA_ROUTES = (
@@ -35,25 +35,15 @@ DATA_ROUTES = (
 )
 
 
-def _get(coord: EmbeddedCoordinator, path: str, token: str | None = None) -> tuple[int, Any]:
-    http = HttpConnection(coord.url)
-    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-    status, hdrs, body = http.request("GET", path, headers=headers)
-    http.close()
-    if hdrs.get("content-type", "").startswith("application/json"):
-        return status, json.loads(body)
-    return status, body
-
-
 def test_data_needs_the_admin_token_and_the_page_does_not(
     coordinator: EmbeddedCoordinator,
 ) -> None:
     for path in DATA_ROUTES:
         for token in (None, "wrong", coordinator.admin_token[:-1]):
-            status, body = _get(coordinator, path, token)
+            status, body = admin_get(coordinator, path, token)
             assert status == 401, path
             assert body["error"]["code"] == "unauthorized"
-    status, page = _get(coordinator, Route.DASHBOARD)
+    status, page = admin_get(coordinator, Route.DASHBOARD)
     assert status == 200 and b'id="login-form"' in page
     # The page holds no data: nothing of the coordinator's state is in it.
     assert coordinator.admin_token.encode() not in page
@@ -62,11 +52,11 @@ def test_data_needs_the_admin_token_and_the_page_does_not(
 def test_every_asset_the_page_names_is_served_from_the_package(
     coordinator: EmbeddedCoordinator,
 ) -> None:
-    _, page = _get(coordinator, Route.DASHBOARD)
+    _, page = admin_get(coordinator, Route.DASHBOARD)
     named = re.findall(rb'(?:src|href)="(/dashboard/static/[^"]+)"', page)
     assert len(named) == 3
     for path in named:
-        status, body = _get(coordinator, path.decode())
+        status, body = admin_get(coordinator, path.decode())
         assert status == 200
         assert body == (STATIC_DIR / path.decode().rsplit("/", 1)[1]).read_bytes()
     # No external URL anywhere: the dashboard works without the internet.
@@ -82,7 +72,7 @@ def test_every_asset_the_page_names_is_served_from_the_package(
     "path", ["app.js/../index.html", "..%2Fviews.py", "views.py", "%2e%2e%2fapp.py", "nope.js"]
 )
 def test_unknown_assets_are_404(coordinator: EmbeddedCoordinator, path: str) -> None:
-    status, body = _get(coordinator, "/dashboard/static/" + path)
+    status, body = admin_get(coordinator, "/dashboard/static/" + path)
     assert status == 404
     assert body["error"]["code"] == "not_found"
 
@@ -142,8 +132,8 @@ def test_task_and_round_figures_agree_with_what_was_sent(
     assert _upload(devs[2], aids[2], frames[0], 30, 0.75) == 200
     assert _upload(devs[3], aids[3], frames[1], 10, 0.25) == 200
 
-    status, d = _get(coord, Route.ADMIN_DASHBOARD_TASK.format(task_id=task_id),
-                     coord.admin_token)
+    status, d = admin_get(coord, Route.ADMIN_DASHBOARD_TASK.format(task_id=task_id),
+                          coord.admin_token)
     assert status == 200
     (rnd,) = d["rounds"]
     assert rnd["state"] == "committed" and rnd["model_version"] == 1
@@ -168,8 +158,8 @@ def test_task_and_round_figures_agree_with_what_was_sent(
     stored = coord.call(coord.service.store.list_rounds, task_id)
     assert rnd["duration_s"] == pytest.approx(stored[0].closed_at - stored[0].opened_at)
 
-    status, page = _get(coord, Route.ADMIN_DASHBOARD_ROUND.format(task_id=task_id, number=1),
-                        coord.admin_token)
+    round_page = Route.ADMIN_DASHBOARD_ROUND.format(task_id=task_id, number=1)
+    status, page = admin_get(coord, round_page, coord.admin_token)
     rows = {r["device_id"]: r for r in page["assignments"]}
     assert rows[devs[0].device_id]["upload_refused"] == "malformed_frame"
     assert rows[devs[0].device_id]["abort_phase"] == "upload"
@@ -180,21 +170,21 @@ def test_task_and_round_figures_agree_with_what_was_sent(
     for path in (Route.ADMIN_DASHBOARD_TASK.format(task_id="t-nope"),
                  Route.ADMIN_DASHBOARD_ROUND.format(task_id=task_id, number="99"),
                  Route.ADMIN_DASHBOARD_ROUND.format(task_id=task_id, number="x")):
-        status, body = _get(coord, path, coord.admin_token)
+        status, body = admin_get(coord, path, coord.admin_token)
         assert status == 404 and body["error"]["code"] == "not_found"
 
-    status, overview = _get(coord, Route.ADMIN_DASHBOARD_OVERVIEW, coord.admin_token)
+    status, overview = admin_get(coord, Route.ADMIN_DASHBOARD_OVERVIEW, coord.admin_token)
     (task,) = overview["tasks"]
     assert (task["name"], task["model_version"], task["rounds_completed"],
             task["rounds_planned"], task["epsilon"]) == ("figures", 1, 1, 5, None)
     assert overview["dp"] is False
     assert overview["updates_accepted"] == coord.call(coord.service.store.count_updates) == 2
 
-    status, pop = _get(coord, Route.ADMIN_DASHBOARD_POPULATION, coord.admin_token)
+    status, pop = admin_get(coord, Route.ADMIN_DASHBOARD_POPULATION, coord.admin_token)
     assert pop["devices_registered"] == 4 and pop["devices_active"] == 4
     assert pop["runtimes"] == {"ort-step": 4} and pop["platforms"] == {"linux/x86_64": 4}
     assert pop["checkins"]["outcomes"] == {"selecting": 4, "train": 4}
-    status, svc = _get(coord, Route.ADMIN_DASHBOARD_SERVICE, coord.admin_token)
+    status, svc = admin_get(coord, Route.ADMIN_DASHBOARD_SERVICE, coord.admin_token)
     checkin = next(r for r in svc["requests"] if r["route"] == Route.CHECKIN)
     assert checkin["requests"] == 8 and checkin["errors"] == 0
     update = next(r for r in svc["requests"] if r["route"] == Route.ASSIGNMENT_UPDATE)
@@ -214,8 +204,8 @@ def test_a_first_come_round_shows_the_devices_it_took_as_candidates(
     task_id = admin.create_task(bundle_id, plan, name="first come")["task_id"]
     answers = [DeviceHTTP(coord).check_in() for _ in range(5)]
     assert [a["action"] for a in answers] == ["train"] * 3 + ["wait"] * 2
-    status, d = _get(coord, Route.ADMIN_DASHBOARD_TASK.format(task_id=task_id),
-                     coord.admin_token)  # fmt: skip
+    status, d = admin_get(coord, Route.ADMIN_DASHBOARD_TASK.format(task_id=task_id),
+                          coord.admin_token)  # fmt: skip
     assert status == 200
     (rnd,) = d["rounds"]
     assert rnd["state"] == "reporting" and (rnd["candidates"], rnd["selected"]) == (3, 3)
@@ -240,7 +230,6 @@ def test_abort_notes_parse_old_and_new_forms(note: str | None, parsed: tuple[Any
 def test_rounds_retention_deleted_leave_the_views_but_not_the_counters(
     coordinator: EmbeddedCoordinator, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.coordinator.test_metrics import sample, scrape
 
     admin = coordinator.admin()
     bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
@@ -253,7 +242,7 @@ def test_rounds_retention_deleted_leave_the_views_but_not_the_counters(
             answer = dev.check_in()
         assert dev.upload(answer["assignment"]["assignment_id"], np.full(N, 0.01))[0] == 200
     path = Route.ADMIN_DASHBOARD_TASK.format(task_id=task_id)
-    before = _get(coordinator, path, coordinator.admin_token)[1]
+    before = admin_get(coordinator, path, coordinator.admin_token)[1]
     assert [r["round"] for r in before["rounds"]] == [1, 2]
     scraped = scrape(coordinator)
     store = coordinator.service.store
@@ -261,10 +250,10 @@ def test_rounds_retention_deleted_leave_the_views_but_not_the_counters(
     coordinator.call(store.delete_rounds, [first.round_id])  # what retention does
 
     # Within RELIST_S the kept list still shows it; the next listing drops it.
-    kept = _get(coordinator, path, coordinator.admin_token)[1]
+    kept = admin_get(coordinator, path, coordinator.admin_token)[1]
     assert [r["round"] for r in kept["rounds"]] == [1, 2]
     monkeypatch.setattr(history, "RELIST_S", 0.0)
-    after = _get(coordinator, path, coordinator.admin_token)[1]
+    after = admin_get(coordinator, path, coordinator.admin_token)[1]
     assert [r["round"] for r in after["rounds"]] == [2]
     assert after["funnel"]["stages"][-1]["devices"] == 1  # the deleted round's report is gone
     rescraped = scrape(coordinator)
@@ -274,7 +263,7 @@ def test_rounds_retention_deleted_leave_the_views_but_not_the_counters(
     key = {"mode": "sync", "outcome": "committed"}
     assert sample(rescraped, "fedge_round_duration_seconds_count", **key) == 2
     assert coordinator.call(store.count_updates) == 1  # the store itself went down
-    overview = _get(coordinator, Route.ADMIN_DASHBOARD_OVERVIEW, coordinator.admin_token)[1]
+    overview = admin_get(coordinator, Route.ADMIN_DASHBOARD_OVERVIEW, coordinator.admin_token)[1]
     assert overview["updates_accepted"] == 2  # as /v1/status: every update accepted
 
 
@@ -295,7 +284,9 @@ def test_epsilon_column_shows_the_spent_privacy_of_dp_tasks_only(
     coordinator.call(store.add_version, Version("t-dp", 0, "0" * 64, None, None, 0.0))
 
     def epsilons() -> dict[str, Any]:
-        status, body = _get(coordinator, Route.ADMIN_DASHBOARD_OVERVIEW, coordinator.admin_token)
+        status, body = admin_get(
+            coordinator, Route.ADMIN_DASHBOARD_OVERVIEW, coordinator.admin_token
+        )
         assert status == 200 and body["dp"] is True
         return {t["name"]: t["epsilon"] for t in body["tasks"]}
 
@@ -326,7 +317,7 @@ def test_kept_history_equals_a_fresh_read_as_an_async_task_moves_on(
     path = Route.ADMIN_DASHBOARD_TASK.format(task_id=task_id)
 
     def same_as_fresh() -> dict[str, Any]:
-        kept = _get(coordinator, path, coordinator.admin_token)[1]
+        kept = admin_get(coordinator, path, coordinator.admin_token)[1]
         fresh = coordinator.call(
             lambda: task_detail(service, metrics, RoundFacts(service.store), task_id))
         fresh = json.loads(json.dumps(fresh))
@@ -373,13 +364,13 @@ def test_a_late_upload_moves_its_device_up_the_funnel(
     aids = [d.check_in()["assignment"]["assignment_id"] for d in devs]
     path = Route.ADMIN_DASHBOARD_TASK.format(task_id=task_id)
     assert devs[0].upload(aids[0], np.full(N, 0.01))[0] == 200  # the goal: the round commits
-    before = _get(coord, path, coord.admin_token)[1]  # cached: two expired, no word from them
+    before = admin_get(coord, path, coord.admin_token)[1]  # cached: two expired, no word from them
     lost = {s["stage"]: s["lost"] for s in before["funnel"]["stages"]}
     assert lost["delivered"] == {"dropped": 2} and before["funnel"]["dropped"] == 2
     status, body = devs[1].upload(aids[1], np.full(N, 0.02))
     assert status == 409 and body["error"]["code"] == "round_closed"
 
-    d = _get(coord, path, coord.admin_token)[1]
+    d = admin_get(coord, path, coord.admin_token)[1]
     reached = [s["devices"] for s in d["funnel"]["stages"]]
     assert reached == [3, 2, 2, 2, 2, 1]  # the late one trained and sent; one said nothing
     lost = {s["stage"]: s["lost"] for s in d["funnel"]["stages"]}
@@ -387,5 +378,5 @@ def test_a_late_upload_moves_its_device_up_the_funnel(
     assert d["funnel"]["dropped"] == 1
     (rnd,) = d["rounds"]
     assert (rnd["reported"], rnd["late"], rnd["dropped"]) == (1, 1, 1)
-    population = _get(coord, Route.ADMIN_DASHBOARD_POPULATION, coord.admin_token)[1]
+    population = admin_get(coord, Route.ADMIN_DASHBOARD_POPULATION, coord.admin_token)[1]
     assert population["funnel"] == d["funnel"]

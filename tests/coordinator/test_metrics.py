@@ -16,34 +16,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.embedded import EmbeddedCoordinator
 from edge_sdk.codecs import encode_update
 from edge_sdk.protocol import Route
-from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP, HttpConnection
+from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP, sample, scrape
 
 N = 64
 UPDATE_ROUTE = Route.ASSIGNMENT_UPDATE
-
-
-def scrape(coord: EmbeddedCoordinator) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    http = HttpConnection(coord.url)
-    status, headers, body = http.request(
-        "GET", Route.METRICS, headers={"Authorization": f"Bearer {coord.admin_token}"}
-    )
-    http.close()
-    assert status == 200, body
-    assert headers["content-type"].startswith("text/plain")
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-    }
-
-
-def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def upload(dev: DeviceHTTP, aid: str, frame: bytes) -> tuple[int, dict[str, Any]]:

@@ -29,11 +29,15 @@ from coordinator.metrics_sharing import SharedCounters, SharedRefusals
 from edge_sdk.protocol import Route
 from fedge.supervisor import _metrics_prefix, _pid_namespace, _remove_dead_metrics_dirs
 from tests.coordinator.replicas.fleet import serving_children, wait_for
-from tests.coordinator.test_dashboard import _get
-from tests.coordinator.test_metrics import sample, scrape
-from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP, select_devices
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+from tests.fixtures.coordinator import (
+    GOOD_CONDITIONS,
+    DeviceHTTP,
+    Samples,
+    admin_get,
+    sample,
+    scrape,
+    select_devices,
+)
 
 
 class Instruments:
@@ -104,8 +108,8 @@ def test_the_sum_never_goes_down_whichever_process_is_scraped(tmp_path: Path) ->
     again = Instruments()
     replacement = SharedCounters(tmp_path, again.registry)
     again.event("/a", "200", 0.1)
-    got = samples(replacement.families())
-    assert sample(got, "t_requests_total", route="/a", status="200") == sent + 1
+    merged = samples(replacement.families())
+    assert sample(merged, "t_requests_total", route="/a", status="200") == sent + 1
     assert len(list(tmp_path.glob("*.json"))) == 3
 
 
@@ -247,11 +251,11 @@ def test_replicas_sharing_a_directory_each_report_both_shares(
                       status="201") == 3  # fmt: skip
         # read at scrape time from the store both share: not summed
         assert sample(got, "fedge_devices_registered") == 3
-    status, population = _get(b, Route.ADMIN_DASHBOARD_POPULATION, a.admin_token)
+    status, population = admin_get(b, Route.ADMIN_DASHBOARD_POPULATION, a.admin_token)
     assert status == 200
     assert population["checkins"]["total"] == sum(outcomes.values())
     assert population["checkins"]["ineligible_reasons"] == {"not charging": 2}
-    status, service = _get(a, Route.ADMIN_DASHBOARD_SERVICE, a.admin_token)
+    status, service = admin_get(a, Route.ADMIN_DASHBOARD_SERVICE, a.admin_token)
     assert status == 200
     [register] = [r for r in service["requests"] if r["route"] == Route.REGISTER]
     assert register["requests"] == 3
@@ -273,7 +277,7 @@ def test_a_refusal_by_one_replica_shows_on_the_others_round_page(
     page = Route.ADMIN_DASHBOARD_ROUND.format(task_id=task_id, number=1)
 
     def refused_on_a() -> Any:
-        status, detail = _get(a, page, a.admin_token)
+        status, detail = admin_get(a, page, a.admin_token)
         assert status == 200, detail
         return {r["device_id"]: r["upload_refused"] for r in detail["assignments"]}
 
