@@ -68,27 +68,42 @@ class SharedCounters:
     def publish(self) -> None:
         """Replace this process's file with its current counters (atomically: a reader sees
         the old snapshot or the new one, never part of one)."""
+        self._write(self._snapshot())
+
+    def families(self) -> list[Metric]:
+        """Publish, then the sum of this process's counters and every other process's
+        snapshot, as metric families. A snapshot that cannot be written (the directory
+        removed under a running node, a full disk) is logged: the scrape still answers."""
+        own = self._snapshot()
+        try:
+            self._write(own)
+        except OSError as e:
+            log.warning("metrics snapshot %s not written: %s", self.path.name, e)
+        return _merge([own, *self._snapshots()])
+
+    def _snapshot(self) -> list[Any]:
+        return [
+            [f.name, f.type, f.documentation, [[s.name, s.labels, s.value] for s in f.samples]]
+            for f in self.local.collect()
+        ]
+
+    def _write(self, snapshot: list[Any]) -> None:
+        text = json.dumps(snapshot)
         with self._lock:  # the event loop and the worker thread both publish
-            families = [
-                [f.name, f.type, f.documentation, [[s.name, s.labels, s.value] for s in f.samples]]
-                for f in self.local.collect()
-            ]
-            text = json.dumps(families)
             if text == self._last:  # an idle process rewrites nothing
                 return
+            # made again if removed meanwhile (a temporary directory cleaner, an operator)
+            self.directory.mkdir(parents=True, exist_ok=True)
             temp = self.path.with_suffix(".tmp")
             temp.write_text(text)
             os.replace(temp, self.path)
             self._last = text
 
-    def families(self) -> list[Metric]:
-        """Publish, then the sum of every process's snapshot, as metric families."""
-        self.publish()
-        return _merge(self._snapshots())
-
     def _snapshots(self) -> Iterable[list[Any]]:
-        paths = sorted(self.directory.glob(f"*{_SUFFIX}"), key=lambda p: p != self.path)
-        for path in paths:
+        """The other processes' snapshots."""
+        for path in self.directory.glob(f"*{_SUFFIX}"):
+            if path == self.path:
+                continue
             try:
                 snapshot = json.loads(path.read_text())
             except (OSError, ValueError) as e:
@@ -193,7 +208,8 @@ class SharedRefusals:
             except (ValueError, TypeError):
                 log.warning("refused uploads %s: a malformed line skipped", path.name)
                 continue
-            self._theirs.pop(assignment_id, None)  # the latest goes last (the newest kept)
-            self._theirs[str(assignment_id)] = str(code)
+            key = str(assignment_id)
+            self._theirs.pop(key, None)  # the latest goes last (the newest kept)
+            self._theirs[key] = str(code)
             self.count += 1
         self._offsets[path] = start + complete

@@ -9,8 +9,10 @@ death of a child, and removes its directory at the end.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -183,6 +185,26 @@ def test_a_refusal_log_stops_at_its_limit(
     assert len([r for r in caplog.records if "is full" in r.getMessage()]) == 1
     mine.close()
     theirs.close()
+
+
+def test_a_scrape_answers_when_the_directory_is_gone_and_makes_it_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mine = Instruments()
+    mine.event("/a", "200", 0.1)
+    directory = tmp_path / "metrics"
+    share = SharedCounters(directory, mine.registry)
+    share.publish()
+    shutil.rmtree(directory)  # a temporary-directory cleaner under a long-running node
+    mine.event("/a", "200", 0.2)
+    assert samples(share.families()) == samples(mine.registry.collect())
+    assert json.loads(share.path.read_text())  # made again, with this process's snapshot
+    shutil.rmtree(directory)
+    directory.write_text("in the way")  # cannot be made again: logged, the scrape answers
+    mine.event("/b", "503", 2.0)
+    with caplog.at_level(logging.WARNING, logger="fedge.metrics"):
+        assert samples(share.families()) == samples(mine.registry.collect())
+    assert any("not written" in r.getMessage() for r in caplog.records)
 
 
 def test_the_publishing_interval_must_be_positive(tmp_path: Path) -> None:
