@@ -64,6 +64,7 @@ __all__ = [
     "METRICS_PATH",
     "OUTCOME",
     "ROUND_BUCKETS",
+    "EventReading",
     "ServiceMetrics",
     "StoreFigures",
     "StoreReader",
@@ -346,7 +347,7 @@ class ServiceMetrics:
             shared = Path(coord.config.metrics_dir)
             shared.mkdir(parents=True, exist_ok=True)  # the first of the processes makes it
             self.shared = SharedCounters(shared, self.events)
-            self.shared_refusals = SharedRefusals(shared, MAX_REFUSED_KEPT)
+            self.shared_refusals = SharedRefusals(shared, MAX_REFUSED_KEPT, self._refused)
 
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)
@@ -466,11 +467,24 @@ class ServiceMetrics:
         """The events counted: by this process, or by every process sharing its directory."""
         return list(self.events.collect()) if self.shared is None else self.shared.families()
 
+    def reading(self) -> EventReading:
+        """The event counters as of now, read once (with a shared directory a reading
+        publishes this process's share and reads every other's: a dashboard view that
+        needs several figures takes one)."""
+        return EventReading(self.event_families())
+
+
+@dataclass(frozen=True)
+class EventReading:
+    """Figures of one reading of the event counters."""
+
+    families: list[Metric]
+
     def labelled(self, sample: str, label: str) -> dict[str, float]:
         """``{label value: sample value}`` of one of the event counters."""
         return {
             s.labels[label]: s.value
-            for family in self.event_families()
+            for family in self.families
             for s in family.samples
             if s.name == sample and label in s.labels
         }
@@ -479,7 +493,7 @@ class ServiceMetrics:
         """Per route: requests, errors (status >= 400), mean and p95 latency (from buckets)."""
         rows: dict[str, dict[str, Any]] = {}
         buckets: dict[str, list[tuple[float, float]]] = {}
-        for family in self.event_families():
+        for family in self.families:
             for s in family.samples:
                 route = s.labels.get("route")
                 if route is None:

@@ -27,7 +27,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -149,16 +149,22 @@ class SharedRefusals:
     bodies to made-up assignment ids must not fill the disk): refusals past that are seen by
     their own process only, as without sharing."""
 
-    def __init__(self, directory: Path, limit: int) -> None:
+    def __init__(self, directory: Path, limit: int, own: Mapping[str, str] | None = None) -> None:
+        """``own``: this process's refusals as it keeps them (assignment id -> code, the
+        latest last), written again if its log is removed (:meth:`flush`)."""
         self.directory = directory
         self.limit = limit
-        self.path = directory / f"{os.getpid()}-{secrets.token_hex(4)}{_REFUSALS}"
+        self._own: Mapping[str, str] = {} if own is None else own
+        self.path = self._new_path()
         self._log = self.path.open("a", encoding="utf-8")
         self._written = 0
         self._lock = threading.Lock()
         self._theirs: dict[str, str] = {}
         self._offsets: dict[Path, int] = {}
         self.count = 0  # refusals read from the others' logs
+
+    def _new_path(self) -> Path:
+        return self.directory / f"{os.getpid()}-{secrets.token_hex(4)}{_REFUSALS}"
 
     def record(self, assignment_id: str, code: str) -> None:
         if self._written >= self.limit:
@@ -170,12 +176,39 @@ class SharedRefusals:
         with self._lock:
             if self._log.closed:  # a request answered while the app shuts down
                 return
-            # JSON: an assignment id comes from the request's path (any character).
-            self._log.write(json.dumps([assignment_id, code]) + "\n")
+            self._write(assignment_id, code)
+
+    def _write(self, assignment_id: str, code: str) -> None:
+        # JSON: an assignment id comes from the request's path (any character).
+        self._log.write(json.dumps([assignment_id, code]) + "\n")
         self._written += 1
 
     def flush(self) -> None:
+        """Make what :meth:`record` wrote readable by the others. If the log was removed
+        meanwhile (with the directory, by a temporary-file cleaner or an operator), its
+        lines would go on into a file no one can open: a new log is started instead, under
+        a new name (the others read it from its start), holding this process's refusals
+        again (``own``), which the lost file held."""
         with self._lock:
+            if self._log.closed:
+                return
+            self._log.flush()
+            if os.fstat(self._log.fileno()).st_nlink > 0:
+                return
+            path = self._new_path()
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                fresh = path.open("a", encoding="utf-8")
+            except OSError as e:  # tried again at the next flush
+                log.warning("refused uploads: %s was removed and cannot be made again: %s",
+                            self.path.name, e)  # fmt: skip
+                return
+            log.warning("refused uploads: %s was removed; %s holds this process's %d again",
+                        self.path.name, path.name, len(self._own))  # fmt: skip
+            self._log.close()
+            self._log, self.path, self._written = fresh, path, 0
+            for assignment_id, code in list(self._own.items())[-self.limit :]:
+                self._write(assignment_id, code)
             self._log.flush()
 
     def close(self) -> None:
@@ -185,9 +218,11 @@ class SharedRefusals:
     def theirs(self) -> dict[str, str]:
         """The other processes' refusals (the latest code per assignment), read up to now;
         call from one thread at a time."""
-        for path in self.directory.glob(f"*{_REFUSALS}"):
-            if path != self.path:
-                self._read(path)
+        logs = [path for path in self.directory.glob(f"*{_REFUSALS}") if path != self.path]
+        for path in logs:
+            self._read(path)
+        for gone in self._offsets.keys() - set(logs):  # removed logs (their lines are kept)
+            del self._offsets[gone]
         while len(self._theirs) > self.limit:
             del self._theirs[next(iter(self._theirs))]
         return self._theirs

@@ -303,8 +303,9 @@ def population(coord: Coordinator, metrics: ServiceMetrics, cache: RoundFacts) -
     funnel = FunnelCounts()
     for task in coord.store.list_tasks():
         funnel.merge(cache.history(task, refused, metrics.refusals).funnel)
-    checkins = metrics.labelled("fedge_checkins_total", "outcome")
-    ineligible = metrics.labelled("fedge_checkin_ineligible_total", "reason")
+    events = metrics.reading()
+    checkins = events.labelled("fedge_checkins_total", "outcome")
+    ineligible = events.labelled("fedge_checkin_ineligible_total", "reason")
     return {
         "devices_registered": coord.store.count_devices(),
         "devices_active": active_devices(coord, coord.clock.now()),
@@ -337,11 +338,12 @@ def _device_groups(coord: Coordinator) -> list[tuple[str, str, str, int]]:
 
 def service(coord: Coordinator, metrics: ServiceMetrics) -> dict[str, Any]:
     db_bytes, blob_bytes = storage_bytes(coord)
+    events = metrics.reading()
     return {
         "now": coord.clock.now(),
         "since_start": True,
-        "requests": metrics.request_table(),
-        "uploads": metrics.labelled("fedge_uploads_total", "outcome"),
+        "requests": events.request_table(),
+        "uploads": events.labelled("fedge_uploads_total", "outcome"),
         "open_rounds": len(coord.store.open_rounds()),
         "db_bytes": db_bytes,
         "blob_bytes": blob_bytes,

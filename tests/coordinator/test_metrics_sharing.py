@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Iterator
@@ -187,6 +188,43 @@ def test_a_refusal_log_stops_at_its_limit(
     theirs.close()
 
 
+def test_a_removed_refusal_log_is_started_again_with_the_processs_refusals(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    own = {"a-0": "malformed_frame", "a-1": "round_closed"}  # as the process keeps them
+    theirs = SharedRefusals(directory, 100, own)
+    for assignment_id, code in own.items():
+        theirs.record(assignment_id, code)
+    theirs.flush()
+    first = theirs.path
+    shutil.rmtree(directory)  # a temporary-directory cleaner under a long-running node
+    own["a-2"] = "not_finite"
+    theirs.record("a-2", "not_finite")  # into the removed file
+    with caplog.at_level(logging.WARNING, logger="fedge.metrics"):
+        theirs.flush()
+    assert any("was removed" in r.getMessage() for r in caplog.records)
+    assert theirs.path != first and theirs.path.is_file()
+    mine = SharedRefusals(directory, 100)  # e.g. a process started after the removal
+    assert mine.theirs() == own
+    own["a-3"] = "round_closed"
+    theirs.record("a-3", "round_closed")
+    theirs.flush()
+    assert mine.theirs() == own  # the new log goes on growing
+    shutil.rmtree(directory)
+    directory.write_text("in the way")  # cannot be made again: logged, tried next time
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedge.metrics"):
+        theirs.flush()
+    assert any("cannot be made again" in r.getMessage() for r in caplog.records)
+    directory.unlink()
+    theirs.flush()
+    assert SharedRefusals(directory, 100).theirs() == own
+    theirs.close()
+    mine.close()
+
+
 def test_a_scrape_answers_when_the_directory_is_gone_and_makes_it_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -250,7 +288,9 @@ def replicas(tmp_path: Path) -> Iterator[tuple[EmbeddedCoordinator, EmbeddedCoor
 
 
 def test_replicas_sharing_a_directory_each_report_both_shares(
-    replicas: tuple[EmbeddedCoordinator, EmbeddedCoordinator], tiny_bundle: Path
+    replicas: tuple[EmbeddedCoordinator, EmbeddedCoordinator],
+    tiny_bundle: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     a, b = replicas
     admin = a.admin()
@@ -273,6 +313,14 @@ def test_replicas_sharing_a_directory_each_report_both_shares(
                       status="201") == 3  # fmt: skip
         # read at scrape time from the store both share: not summed
         assert sample(got, "fedge_devices_registered") == 3
+    readings = Tally[str]()  # a view reads (and so publishes) every process's file once
+    read = SharedCounters.families
+
+    def counted(self: SharedCounters) -> Any:
+        readings[threading.current_thread().name] += 1
+        return read(self)
+
+    monkeypatch.setattr(SharedCounters, "families", counted)
     status, population = admin_get(b, Route.ADMIN_DASHBOARD_POPULATION, a.admin_token)
     assert status == 200
     assert population["checkins"]["total"] == sum(outcomes.values())
@@ -281,6 +329,7 @@ def test_replicas_sharing_a_directory_each_report_both_shares(
     assert status == 200
     [register] = [r for r in service["requests"] if r["route"] == Route.REGISTER]
     assert register["requests"] == 3
+    assert readings.total() == 2, readings
 
 
 def test_a_refusal_by_one_replica_shows_on_the_others_round_page(
