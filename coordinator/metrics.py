@@ -9,11 +9,13 @@ Two kinds of figures:
   HTTP requests by route and status with their latency, request and response bytes, check-ins
   by outcome, uploads by outcome, coordinator-side ineligibility reasons, commit durations;
   with ``metrics_dir`` (the processes of ``fedge serve --processes K``), summed over every
-  process sharing it (:mod:`coordinator.metrics_sharing`), as are refused uploads;
+  process sharing it (:mod:`coordinator.metrics_sharing`), as are refused uploads and the
+  figures of the next point;
+* **the process's own figures**: the worker queue's depth and the process collectors (CPU,
+  memory, file descriptors, GC);
 * **figures read from the store at scrape time** (so they agree with it exactly): devices,
   tasks by state, model versions, rounds by state, open rounds, accepted updates and their
-  bytes, round durations, database and blob sizes, plus the worker queue's depth and the
-  process collectors (CPU, memory, file descriptors, GC).
+  bytes, round durations, database and blob sizes.
 
 A scrape job needs the admin token::
 
@@ -350,12 +352,16 @@ class ServiceMetrics:
             self.shared_refusals = SharedRefusals(shared, MAX_REFUSED_KEPT, self._refused)
 
         self.registry = r = CollectorRegistry()
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
-        r.register(_Collected(self.event_families))
+        # A process's own figures: the node's sum where its processes share a directory
+        # (a scrape would otherwise report whichever process answered, and Prometheus read
+        # its CPU counter going down as a reset).
+        own = self.events if self.shared is not None else r
+        ProcessCollector(registry=own)
+        GCCollector(registry=own)
         self.queue = _QueueGauge(queue_depth)
-        r.register(self.queue)
+        own.register(self.queue)
+        PlatformCollector(registry=r)  # the same on every process
+        r.register(_Collected(self.event_families))
         self.round_seconds = Histogram(
             "fedge_round_duration_seconds",
             "Duration of closed rounds (async: buffers), opening to close, from the store",

@@ -7,11 +7,16 @@ counts and Prometheus would read every change of process as a counter reset.
 
 Each process writes its snapshot to a file of its own in a directory the processes share
 (the supervisor makes one per run and removes it at the end): at every scrape of it, and
-every ``interval_s`` from a task on its event loop (unless nothing changed). A scrape of any
-process publishes its own snapshot, then sums every file: a sibling's figures are at most
-``interval_s`` old. The counts in a file only ever grow, a process that died keeps its file (its
-replacement writes a new one), so the sum never goes down between two scrapes, whichever
-processes answer them.
+every ``interval_s`` from a task on its event loop (an unchanged one is only touched). A
+scrape of any process publishes its own snapshot, then sums every file: a sibling's figures
+are at most ``interval_s`` old. The counts in a file only ever grow, a process that died
+keeps its file (its replacement writes a new one), so the sum never goes down between two
+scrapes, whichever processes answer them.
+
+Gauges (a process's memory, open files, the worker queue's depth) are summed over the live
+processes only: those whose file was written or touched within ``STALE_AFTER`` intervals.
+A start time, like a series' creation time, is the earliest; a limit (``process_max_fds``)
+the smallest.
 
 The dashboard's refused uploads (assignment id -> error code, which its funnel and round
 pages read) are shared too, as one append-only log per process (:class:`SharedRefusals`):
@@ -27,6 +32,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,17 +40,23 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-__all__ = ["INTERVAL_S", "SharedCounters", "SharedRefusals"]
+__all__ = ["INTERVAL_S", "STALE_AFTER", "SharedCounters", "SharedRefusals"]
 
 log = logging.getLogger("fedge.metrics")
 
 # Prometheus scrapes every 15 s or so, the dashboard polls every 2 s: a sibling's share this
 # old is current enough, and a process's snapshot of a few hundred series costs milliseconds.
 INTERVAL_S = 2.0
+# A file not written or touched for this many intervals is a dead process's: its gauges are
+# no longer the node's (its counts still are).
+STALE_AFTER = 3
 _SUFFIX = ".json"
 _REFUSALS = ".refused"
-# A creation time is when the first process created the series, not a sum.
+# A creation or start time is when the first process made the series or started, not a sum.
 _CREATED = "_created"
+_EARLIEST = frozenset({"process_start_time_seconds"})
+# The node can open as many files as its tightest process.
+_SMALLEST = frozenset({"process_max_fds"})
 
 _Key = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -79,7 +91,7 @@ class SharedCounters:
             self._write(own)
         except OSError as e:
             log.warning("metrics snapshot %s not written: %s", self.path.name, e)
-        return _merge([own, *self._snapshots()])
+        return _merge([(own, True), *self._snapshots()])
 
     def _snapshot(self) -> list[Any]:
         return [
@@ -90,8 +102,12 @@ class SharedCounters:
     def _write(self, snapshot: list[Any]) -> None:
         text = json.dumps(snapshot)
         with self._lock:  # the event loop and the worker thread both publish
-            if text == self._last:  # an idle process rewrites nothing
-                return
+            if text == self._last:  # an idle process rewrites nothing, but shows it is alive
+                try:
+                    os.utime(self.path)
+                    return
+                except FileNotFoundError:  # removed meanwhile: written again below
+                    pass
             # made again if removed meanwhile (a temporary directory cleaner, an operator)
             self.directory.mkdir(parents=True, exist_ok=True)
             temp = self.path.with_suffix(".tmp")
@@ -99,34 +115,40 @@ class SharedCounters:
             os.replace(temp, self.path)
             self._last = text
 
-    def _snapshots(self) -> Iterable[list[Any]]:
-        """The other processes' snapshots."""
+    def _snapshots(self) -> Iterable[tuple[list[Any], bool]]:
+        """The other processes' snapshots, each with whether its process is alive."""
+        stale = time.time() - STALE_AFTER * self.interval_s
         for path in self.directory.glob(f"*{_SUFFIX}"):
             if path == self.path:
                 continue
             try:
+                written = path.stat().st_mtime
                 snapshot = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 # Not ours (our writes are atomic) or gone meanwhile: skipped, not a failed scrape.
                 log.warning("metrics snapshot %s skipped: %s", path.name, e)
                 continue
             if isinstance(snapshot, list):
-                yield snapshot
+                yield snapshot, written >= stale
 
 
-def _merge(snapshots: Iterable[list[Any]]) -> list[Metric]:
+def _merge(snapshots: Iterable[tuple[list[Any], bool]]) -> list[Metric]:
+    """The node's families from ``(snapshot, its process is alive)`` pairs."""
     heads: dict[str, tuple[str, str]] = {}
     values: dict[str, dict[_Key, float]] = {}
-    for snapshot in snapshots:
+    for snapshot, live in snapshots:
         for name, typ, doc, samples in snapshot:
             heads.setdefault(name, (typ, doc))
             into = values.setdefault(name, {})
             for sample, labels, value in samples:
+                earliest = sample.endswith(_CREATED) or sample in _EARLIEST
+                if typ == "gauge" and not live and not earliest:
+                    continue
                 key = (sample, tuple(sorted(labels.items())))
                 old = into.get(key)
                 if old is None:
                     into[key] = value
-                elif sample.endswith(_CREATED):
+                elif earliest or sample in _SMALLEST:
                     into[key] = min(old, value)
                 else:
                     into[key] = old + value

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.embedded import EmbeddedCoordinator
-from coordinator.metrics_sharing import SharedCounters, SharedRefusals
+from coordinator.metrics_sharing import INTERVAL_S, STALE_AFTER, SharedCounters, SharedRefusals
 from edge_sdk.protocol import Route
 from fedge.supervisor import _metrics_prefix, _pid_namespace, _remove_dead_metrics_dirs
 from tests.coordinator.replicas.fleet import serving_children, wait_for
@@ -114,6 +114,42 @@ def test_the_sum_never_goes_down_whichever_process_is_scraped(tmp_path: Path) ->
     merged = samples(replacement.families())
     assert sample(merged, "t_requests_total", route="/a", status="200") == sent + 1
     assert len(list(tmp_path.glob("*.json"))) == 3
+
+
+def gauges(registry: CollectorRegistry, values: dict[str, float]) -> None:
+    for name, value in values.items():
+        Gauge(name, name, registry=registry).set(value)
+
+
+def test_gauges_are_summed_over_the_live_processes_only(tmp_path: Path) -> None:
+    alive, dead, mine = Instruments(), Instruments(), Instruments()
+    for who, rss, start, fds in [
+        (alive, 100, 30.0, 1024), (dead, 200, 10.0, 512), (mine, 400, 20.0, 4096)
+    ]:  # fmt: skip
+        who.event("/a", "200", 0.1)
+        gauges(who.registry, {"process_resident_memory_bytes": rss,
+                              "process_start_time_seconds": start,
+                              "process_max_fds": fds})  # fmt: skip
+    shares = {who: SharedCounters(tmp_path, who.registry) for who in (alive, dead, mine)}
+    for share in shares.values():
+        share.publish()
+
+    def node() -> Samples:
+        return samples(shares[mine].families())
+
+    assert sample(node(), "process_resident_memory_bytes") == 700
+    assert sample(node(), "process_start_time_seconds") == 10.0  # the earliest
+    assert sample(node(), "process_max_fds") == 512  # the tightest
+    quiet = time.time() - STALE_AFTER * INTERVAL_S - 1
+    os.utime(shares[dead].path, (quiet, quiet))  # its process stopped publishing
+    os.utime(shares[alive].path, (quiet, quiet))
+    shares[alive].publish()  # unchanged: not rewritten, touched
+    assert shares[alive].path.stat().st_mtime > quiet + 1
+    got = node()
+    assert sample(got, "process_resident_memory_bytes") == 500  # the dead one's gone
+    assert sample(got, "process_max_fds") == 1024
+    assert sample(got, "process_start_time_seconds") == 10.0  # the node's start
+    assert sample(got, "t_requests_total", route="/a", status="200") == 3  # counts stay
 
 
 def test_foreign_or_broken_files_are_skipped_with_a_warning(
@@ -383,6 +419,9 @@ def test_fedge_serve_processes_reports_the_node_whichever_child_answers(
 
         wait_for(lambda: total() == sent, what="the node's check-ins in one scrape")
         assert {total() for _ in range(10)} == {sent}
+        # the node's CPU: a counter that never goes down, whichever child answers
+        cpu = [sample(scrape(node), "process_cpu_seconds_total") for _ in range(10)]
+        assert cpu == sorted(cpu)
         victim = min(serving_children(supervisor))
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: (len(now := serving_children(supervisor)) == 2 and victim not in now),
@@ -390,4 +429,20 @@ def test_fedge_serve_processes_reports_the_node_whichever_child_answers(
         # what the dead child counted stays in the sum; its replacement publishes beside it
         assert {total() for _ in range(10)} == {sent}
         wait_for(lambda: len(list(directory.glob("*.json"))) == 3, what="the new child's file")
+        assert sample(scrape(node), "process_cpu_seconds_total") >= cpu[-1]
+
+        def memory_is_the_live_childrens() -> bool:
+            live = sum(rss(pid) for pid in serving_children(supervisor))
+            return 0.8 * live <= sample(scrape(node), "process_resident_memory_bytes") <= 1.2 * live
+
+        # the dead child's memory leaves the sum once its file is stale
+        wait_for(memory_is_the_live_childrens, what="the live children's memory")
     assert not directory.exists()
+
+
+def rss(pid: int) -> int:
+    """A process's resident memory in bytes, from ``/proc``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
