@@ -473,6 +473,20 @@ class ServiceMetrics:
         """The events counted: by this process, or by every process sharing its directory."""
         return list(self.events.collect()) if self.shared is None else self.shared.families()
 
+    def queue_depth(self) -> float:
+        """The worker queue's depth: this process's now, and (sharing a directory) the other
+        live processes' as they last published it. Call on the event loop: on the worker
+        thread its own operation would count itself."""
+        own = self.queue.depth()
+        if self.shared is None:
+            return own
+        return own + sum(
+            s.value
+            for family in self.shared.others()
+            for s in family.samples
+            if s.name == _QueueGauge.NAME
+        )
+
     def reading(self) -> EventReading:
         """The event counters as of now, read once (with a shared directory a reading
         publishes this process's share and reads every other's: a dashboard view that
@@ -539,6 +553,8 @@ def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
 
 
 class _QueueGauge:
+    NAME = "fedge_queue_depth"
+
     def __init__(self, depth: Callable[[], int]) -> None:
         self.depth = depth
 
@@ -547,7 +563,7 @@ class _QueueGauge:
 
     def collect(self) -> Iterator[Metric]:
         yield _gauge(
-            "fedge_queue_depth", "Operations waiting for the service's worker thread", self.depth()
+            self.NAME, "Operations waiting for the service's worker thread", self.depth()
         )
 
 

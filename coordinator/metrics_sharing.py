@@ -93,6 +93,10 @@ class SharedCounters:
             log.warning("metrics snapshot %s not written: %s", self.path.name, e)
         return _merge([(own, True), *self._snapshots()])
 
+    def others(self) -> list[Metric]:
+        """The sum over the other processes' snapshots only (nothing published)."""
+        return _merge(self._snapshots())
+
     def _snapshot(self) -> list[Any]:
         return [
             [f.name, f.type, f.documentation, [[s.name, s.labels, s.value] for s in f.samples]]

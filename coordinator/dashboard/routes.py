@@ -93,8 +93,7 @@ def add_routes(
     async def service(request: web.Request) -> web.Response:
         admin(request)
         answer = await run(functools.partial(views.service, coord, metrics))
-        # Read here, not on the worker thread, whose own operation would count itself.
-        answer["queue_depth"] = metrics.queue.depth()
+        answer["queue_depth"] = metrics.queue_depth()  # here: see its docstring
         return web.json_response(answer)
 
     @routes.get(Route.METRICS)

@@ -368,6 +368,34 @@ def test_replicas_sharing_a_directory_each_report_both_shares(
     assert readings.total() == 2, readings
 
 
+def test_the_dashboards_queue_depth_is_the_nodes(
+    replicas: tuple[EmbeddedCoordinator, EmbeddedCoordinator],
+) -> None:
+    a, b = replicas
+
+    def depth_on_a() -> float:
+        status, service = admin_get(a, Route.ADMIN_DASHBOARD_SERVICE, a.admin_token)
+        assert status == 200, service
+        return float(service["queue_depth"])
+
+    # b's start-up work may be in the share it published first
+    wait_for(lambda: depth_on_a() == 0, what="an idle node")
+    release = threading.Event()
+    busy = threading.Thread(target=b.call, args=(release.wait,))
+    waiting = threading.Thread(target=DeviceHTTP, args=(b,))  # a registration, queued on b
+    try:
+        busy.start()
+        waiting.start()
+        # the registration, and the deadline ticks due meanwhile
+        wait_for(lambda: depth_on_a() >= 1, what="b's waiting registration on a's dashboard")
+        assert min(depth_on_a() for _ in range(10)) >= 1  # not a's own work of a moment
+    finally:
+        release.set()
+        busy.join()
+        waiting.join()
+    wait_for(lambda: depth_on_a() == 0, what="b's queue empty again")
+
+
 def test_a_refusal_by_one_replica_shows_on_the_others_round_page(
     replicas: tuple[EmbeddedCoordinator, EmbeddedCoordinator], tiny_bundle: Path
 ) -> None:
