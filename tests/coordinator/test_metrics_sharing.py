@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from benchmarks.loadgen import tree_kib
 from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.embedded import EmbeddedCoordinator
 from coordinator.metrics_sharing import INTERVAL_S, STALE_AFTER, SharedCounters, SharedRefusals
@@ -460,17 +461,9 @@ def test_fedge_serve_processes_reports_the_node_whichever_child_answers(
         assert sample(scrape(node), "process_cpu_seconds_total") >= cpu[-1]
 
         def memory_is_the_live_childrens() -> bool:
-            live = sum(rss(pid) for pid in serving_children(supervisor))
+            live = 1024 * sum(tree_kib(pid, "VmRSS") for pid in serving_children(supervisor))
             return 0.8 * live <= sample(scrape(node), "process_resident_memory_bytes") <= 1.2 * live
 
         # the dead child's memory leaves the sum once its file is stale
         wait_for(memory_is_the_live_childrens, what="the live children's memory")
     assert not directory.exists()
-
-
-def rss(pid: int) -> int:
-    """A process's resident memory in bytes, from ``/proc``."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
