@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import cli
 from edge_sdk.codecs import decode_update, encode_update
 
 RESULTS = Path(__file__).parent / "results"
@@ -185,6 +189,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
+    cli.words(__doc__, known=())
     repeats = 15
     print("training the digits model and client deltas ...", flush=True)
     deltas = digits_deltas(rounds=300)

@@ -86,7 +86,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import loadgen  # noqa: E402
+from benchmarks import cli, loadgen  # noqa: E402
 from coordinator import embedded  # noqa: E402
 from coordinator.admin import tar_directory  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
@@ -747,6 +747,7 @@ def int8_frames(n: int) -> list[bytes]:
 
 
 def main() -> None:
+    cli.words(__doc__)
     print(f"[bench_coordinator] encoding {UPDATES} distinct updates", file=sys.stderr, flush=True)
     frames = int8_frames(UPDATES)
     if not MULTI_PROCESS:

@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import loadgen  # noqa: E402
+from benchmarks import cli, loadgen  # noqa: E402
 from coordinator.embedded import EmbeddedCoordinator  # noqa: E402
 from edge_sdk.protocol import Route  # noqa: E402
 from tests.fixtures.coordinator import DeviceHTTP, make_synthetic_bundle  # noqa: E402
@@ -104,6 +104,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
+    cli.words(__doc__)
     RESULTS.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -50,10 +50,15 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import cli
+
 RESULTS = Path(__file__).parent / "results"
 IDLE_SIZES = (500, 2000, 4000, 8000, 12000)
 IDLE_INTERVAL_S = 10.0
 IDLE_WINDOW_S = 30.0
+SECTIONS = ("rounds", "idle", "speed", "spread")
 
 
 def log(msg: str, end: str = "\n") -> None:
@@ -249,7 +254,6 @@ def spread_bench(
     bundle = demo_bundle(say=lambda _m: None)
     pacing = PacingConfig(min_retry_s=10.0, max_retry_s=600.0, no_task_retry_s=60.0)
     model = Heterogeneity.realistic(start_hour=14.0)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks.loadgen import tree_cpu_s
 
     config = CoordinatorConfig(pacing=pacing, processes=server_processes)
@@ -445,7 +449,7 @@ def main() -> int:
     logging.getLogger("edge_sdk").setLevel(logging.ERROR)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "bench_fleet.json"
-    sections = set(sys.argv[1:]) or {"rounds", "idle", "speed", "spread"}
+    sections = cli.words(__doc__, SECTIONS) or set(SECTIONS)
     previous = json.loads(out.read_text()) if out.exists() else {}
     speed = previous.get("speed", [])
     if "speed" in sections:

@@ -34,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import cli
 from benchmarks.loadgen import tree_cpu, tree_pids
 
 RESULTS = Path(__file__).parent / "results"
@@ -184,6 +185,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> int:
+    cli.words(__doc__)
     logging.getLogger("edge_sdk").setLevel(logging.ERROR)
     results = []
     for name in ENGINES:

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_coordinator as bc  # noqa: E402
+from benchmarks import cli  # noqa: E402
 
 QUICK = bc.QUICK
 RESULTS = bc.RESULTS
@@ -98,6 +99,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
+    cli.words(__doc__)
     frames = bc.int8_frames(UPDATES)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
