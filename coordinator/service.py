@@ -936,19 +936,24 @@ class Coordinator:
         code = f.string("code", None, choices=tuple(c.value for c in DeviceErrorCode))
         f.done()
         task = self._task(a.task_id)
-        if a.state == "aborted":
-            return self._paced(who, task, now, {"aborted": True})
-        if a.state == "expired":
-            # Its round closed (or its deadline passed) first: there is no slot left to free.
-            raise Conflict("the assignment's round has closed", ErrorCode.ROUND_CLOSED)
-        if a.state not in IN_FLIGHT:
-            raise Conflict(f"assignment is {a.state}; it can no longer be aborted")
         note = reason if phase is None else f"{reason} [{phase}/{code or 'other'}]"
         note = note if message is None else f"{note}: {message}"
-        self.store.update_assignment(
-            a.assignment_id, state="aborted", closed_at=now, abort_reason=note
-        )
-        return self._paced(who, task, now, {"aborted": True})
+        # Only from in flight: among replicas, another may have reported or expired it since
+        # it was read; then the answer is that state's, as if read now.
+        if a.state in IN_FLIGHT and self.store.update_assignment(
+            a.assignment_id, only_from=IN_FLIGHT, state="aborted", closed_at=now,
+            abort_reason=note,
+        ):  # fmt: skip
+            return self._paced(who, task, now, {"aborted": True})
+        state = a.state
+        if state in IN_FLIGHT:
+            state = self._own_assignment(who, a.assignment_id).state
+        if state == "aborted":
+            return self._paced(who, task, now, {"aborted": True})
+        if state == "expired":
+            # Its round closed (or its deadline passed) first: there is no slot left to free.
+            raise Conflict("the assignment's round has closed", ErrorCode.ROUND_CLOSED)
+        raise Conflict(f"assignment is {state}; it can no longer be aborted")
 
     # -- operator calls ---------------------------------------------------------------------
 

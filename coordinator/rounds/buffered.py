@@ -436,7 +436,11 @@ class BufferedAsync(TaskPolicy):
         for a in self._in_flight(self._window(task, plan)):
             due = (a.delivered_at or a.created_at) + plan.round_deadline_s
             if due <= now:
-                self.ctx.store.update_assignment(a.assignment_id, state="expired", closed_at=now)
+                # Only from in flight: another replica's batch may have stored its update
+                # since the read, and "reported" stays.
+                self.ctx.store.update_assignment(
+                    a.assignment_id, only_from=IN_FLIGHT, state="expired", closed_at=now
+                )
             else:
                 later = min(later, due)
         self._next_expiry[task.task_id] = later

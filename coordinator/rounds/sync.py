@@ -165,7 +165,7 @@ class SyncRounds(TaskPolicy):
         if a.state == "selected":
             with self.ctx.store.relaxed_durability():  # a lost delivery is delivered again
                 self.ctx.store.update_assignment(
-                    a.assignment_id, state="delivered", delivered_at=now
+                    a.assignment_id, only_from=("selected",), state="delivered", delivered_at=now
                 )
         return self._assignment(a, rnd, task, plan, now)
 

@@ -346,7 +346,13 @@ class Store(ABC):
     @abstractmethod
     def count_assignments(self, round_id: int) -> int: ...
     @abstractmethod
-    def update_assignment(self, assignment_id: str, **fields: Any) -> None: ...
+    def update_assignment(
+        self, assignment_id: str, *, only_from: Sequence[str] | None = None, **fields: Any
+    ) -> bool:
+        """Set the assignment's ``fields``; with ``only_from``, only if its state is one of
+        those, else False and nothing changes: a state read before (an assignment in flight)
+        may have moved since, another replica's transaction having reported, aborted or
+        expired it. An assignment that does not exist is a :class:`StoreError`."""
     @abstractmethod
     def expire_assignments(self, round_id: int, at: float) -> int:
         """Mark the round's still-open assignments expired; returns how many."""

@@ -218,18 +218,29 @@ class SQLStore(Store):
     ) -> list[R]:
         return [_from_row(cls, r) for r in self._rows(table, where, args, order_by=order)]
 
-    def _update(self, table: str, key: dict[str, Any], values: dict[str, Any]) -> None:
+    def _update(
+        self, table: str, key: dict[str, Any], values: dict[str, Any],
+        states: Sequence[str] | None = None,
+    ) -> bool:  # fmt: skip
         """Set columns of the record with primary ``key`` (column -> value); a record that is
-        not there is a :class:`StoreError`."""
+        not there is a :class:`StoreError`. With ``states``, only a record whose ``state`` is
+        one of them changes: False if it is in another."""
         if not values:
-            return
+            return True
         sets = ", ".join(f'"{k}" = ?' for k in values)
-        where = " and ".join(f'"{k}" = ?' for k in key)
+        keyed = " and ".join(f'"{k}" = ?' for k in key)
         args = [json.dumps(v, sort_keys=True) if k in _JSON_FIELDS else v
                 for k, v in values.items()]  # fmt: skip
-        cur = self._execute(f'update "{table}" set {sets} where {where}', [*args, *key.values()])
-        if cur.rowcount != 1:
+        guard = [] if states is None else list(states)
+        if states is not None and not guard:
+            raise ValueError("no state to move from")
+        where = f"{keyed} and state in ({_marks(len(guard))})" if guard else keyed
+        sql = f'update "{table}" set {sets} where {where}'
+        if self._execute(sql, [*args, *key.values(), *guard]).rowcount == 1:
+            return True
+        if not guard or not self._rows(table, keyed, list(key.values()), select="1"):
             raise StoreError(f"{table}: no record {key}")
+        return False
 
     def _count(self, sql: str, args: Sequence[Any] = ()) -> int:
         return int(self._execute(sql, args).fetchone()[0])
@@ -510,8 +521,10 @@ class SQLStore(Store):
             lambda: self._count("select count(*) from assignments where round_id = ?", [round_id]),
         )
 
-    def update_assignment(self, assignment_id: str, **values: Any) -> None:
-        self._update("assignments", {"assignment_id": assignment_id}, values)
+    def update_assignment(
+        self, assignment_id: str, *, only_from: Sequence[str] | None = None, **values: Any
+    ) -> bool:
+        return self._update("assignments", {"assignment_id": assignment_id}, values, only_from)
 
     def expire_assignments(self, round_id: int, at: float) -> int:
         cur = self._execute(

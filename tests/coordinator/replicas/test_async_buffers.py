@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from coordinator.clock import FakeClock
+from coordinator.errors import Conflict
 from coordinator.rounds.buffered import BufferedAsync
 from coordinator.store import open_store
 from edge_sdk.frame import decode_tensor
@@ -187,3 +188,57 @@ def test_concurrent_check_ins_respect_max_concurrency(
         for t in threads:
             t.join(60)
         assert sorted(actions) == ["train"] * 8 + ["wait"] * 8
+
+
+@pytest.mark.parametrize("meanwhile", ["expiry", "abort"])
+def test_a_report_stored_meanwhile_stays_reported(
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, meanwhile: str
+) -> None:
+    """Replica 1 reads an assignment in flight while replica 0's batch, which has stored its
+    update, commits; then replica 1 writes the expiry its tick found due, or the abort its
+    device sent. The acknowledged report's assignment stays "reported", the abort is refused
+    (before: both overwrote it, an update counted under an assignment marked expired or
+    aborted)."""
+    clock = FakeClock()
+    with thread_replicas(2, replica_db, tmp_path / "blobs", clock) as reps:
+        _, _, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 1, "async")
+        d = devices[0]
+        aid = _assign(d.to(0))
+        first, other = reps[0], reps[1]
+        real_add = first.service.store.add_update
+        outcome: list[Any] = []
+
+        def act() -> None:
+            try:
+                if meanwhile == "expiry":
+                    outcome.append(other.call(other.service.tick))
+                else:
+                    who = other.call(other.service.authenticate, d.auth["Authorization"])
+                    outcome.append(other.call(other.service.abort, who, aid, b"{}"))
+            except Exception as e:  # the refused abort
+                outcome.append(e)
+
+        acting = threading.Thread(target=act)
+
+        def add_update(update: Any) -> None:  # inside replica 0's batch transaction
+            real_add(update)
+            if meanwhile == "expiry":
+                clock.advance(PLAN["round_deadline_s"] + 1.0)  # the deadline passes meanwhile
+            acting.start()
+            time.sleep(1.0)  # replica 1 reads "delivered", then waits to write
+
+        first.service.store.add_update = add_update  # type: ignore[method-assign]
+        status, body = d.to(0).upload(aid, _delta(0), 5, key="k0")
+        first.service.store.add_update = real_add  # type: ignore[method-assign]
+        acting.join(60)
+        assert status == 200 and body["accepted"], body
+        if meanwhile == "abort":
+            assert isinstance(outcome[0], Conflict), outcome
+            assert "reported" in str(outcome[0])
+        store = open_store(replica_db)
+        try:
+            a, u = store.get_assignment(aid), store.get_update(aid)
+        finally:
+            store.close()
+        assert u is not None and a is not None
+        assert a.state == "reported", a

@@ -247,6 +247,30 @@ class TestStore:
         assert [a.assignment_id for a in got] == ["a-2", "a-1"]  # open ones, oldest first
         assert with_task.open_assignments([]) == []
 
+    def test_assignment_moves_only_from_the_states_given(self, with_task: Store) -> None:
+        r = with_task.add_round(_round("t-1", "reporting"))
+        with_task.add_assignments(
+            [Assignment("a-1", r.round_id, "t-1", "d-1", "train", "delivered", 20.0),
+             Assignment("a-2", r.round_id, "t-1", "d-2", "train", "selected", 20.0)]
+        )  # fmt: skip
+        with_task.update_assignment("a-1", state="reported", closed_at=30.0)
+        before = with_task.snapshot()
+        # Read as in flight before another replica reported it: the expiry changes nothing.
+        moved = with_task.update_assignment(
+            "a-1", only_from=("selected", "delivered"), state="expired", closed_at=40.0
+        )
+        assert moved is False and with_task.snapshot() == before
+        assert with_task.get_assignment("a-1").state == "reported"  # type: ignore[union-attr]
+        assert with_task.update_assignment(
+            "a-2", only_from=("selected",), state="delivered", delivered_at=41.0
+        ) is True
+        got = with_task.get_assignment("a-2")
+        assert got is not None and (got.state, got.delivered_at) == ("delivered", 41.0)
+        with pytest.raises(StoreError):  # missing is still an error, not a state that moved
+            with_task.update_assignment("a-9", only_from=("selected",), state="expired")
+        with pytest.raises(ValueError):
+            with_task.update_assignment("a-2", only_from=(), state="expired")
+
     def test_update_marks_assignment_reported_atomically(self, with_task: Store) -> None:
         r = with_task.add_round(_round("t-1", "reporting"))
         with_task.add_assignments(
