@@ -170,3 +170,33 @@ def test_eval_reports_stop_at_the_goal_whichever_replica_stores_them(
     finally:
         first.close()
         second.close()
+
+
+def test_a_delivery_read_before_another_replica_closed_the_round_revives_nothing(
+    replica_db: str, tmp_path: Path
+) -> None:
+    """A check-in on one replica read its assignment "selected"; another replica then closed
+    the round, expiring it. The delivery written after that leaves it expired (before, it
+    set it "delivered" again: in flight in a closed round)."""
+    checking_in, closer = open_store(replica_db), open_store(replica_db)
+    blobs = BlobStore(tmp_path / "blobs")
+    try:
+        checking_in.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
+        task = Task("t-1", "x", "b-1", "sync", "default", {}, "running", 0, 0, 0, 1.0)
+        checking_in.add_task(task)
+        rnd = checking_in.add_round(Round(0, "t-1", 1, "train", "reporting", 0, 2, 3, 2, 1.0, 9.0))
+        checking_in.add_assignments(
+            [Assignment("a-1", rnd.round_id, "t-1", "d-1", "train", "selected", 1.0)]
+        )
+        read = checking_in.get_assignment("a-1")
+        assert read is not None and read.state == "selected"
+        closer.update_round(rnd.round_id, state="committed")
+        assert closer.expire_assignments(rnd.round_id, 5.0) == 1
+        SyncRounds(_context(checking_in, blobs))._deliver(
+            read, rnd, task, TaskPlan.from_json({}), 6.0
+        )
+        after = closer.get_assignment("a-1")
+        assert after is not None and (after.state, after.delivered_at) == ("expired", None)
+    finally:
+        checking_in.close()
+        closer.close()
