@@ -99,6 +99,16 @@ class _RoundOpened(Exception):
     """A round opened while a batch took its locks (:meth:`Coordinator._lock_rounds`)."""
 
 
+class _TaskFilesFailed(Exception):
+    """One task's step in a batch of uploads could not write its files (a version's
+    parameters on a full disk, say): its ``refusal`` answers that task's uploads, not the
+    batch's (:meth:`Coordinator.accept_uploads`)."""
+
+    def __init__(self, task_id: str, refusal: Overloaded) -> None:
+        super().__init__(task_id)
+        self.task_id, self.refusal = task_id, refusal
+
+
 @dataclass(frozen=True)
 class DeviceIdentity:
     device_id: str
@@ -694,7 +704,9 @@ class Coordinator:
         again: the state may have moved since admission (another upload of the batch may
         even have been the same one's retry). A storage error refuses the whole batch with
         ``503``: nothing of it was stored, and what the policies folded in memory is
-        dropped (rebuilt from the store)."""
+        dropped (rebuilt from the store). Files that one task's step could not write (its
+        version, on a full disk) refuse that task's uploads only: the batch is made again
+        without them (:meth:`_without_task`)."""
         now = self._now()
         done: list[tuple[Task, dict[str, Any]] | ApiError] = []
         tasks: dict[str, Task] = {}
@@ -705,7 +717,12 @@ class Coordinator:
                 for s in staged:
                     try:
                         done.append(self._accept_staged(s, now, tasks))
-                    except Overloaded:
+                    except Overloaded as e:
+                        cause = e.__cause__
+                        if isinstance(cause, OSError) and not isinstance(
+                            cause, self.store.transient_errors
+                        ):
+                            raise _TaskFilesFailed(s.admitted.task_id, e) from e
                         raise
                     except ApiError as e:
                         done.append(e)
@@ -721,6 +738,8 @@ class Coordinator:
                 self.replica.discard()
             for task in tasks.values():
                 self._policy(task).forget(task.task_id)
+            if isinstance(e, _TaskFilesFailed):
+                return self._without_task(staged, e)
             if not isinstance(e, (Overloaded, OSError, *self.store.transient_errors)):
                 raise
             refusal = e if isinstance(e, Overloaded) else self._storage_unavailable(e)
@@ -734,6 +753,18 @@ class Coordinator:
             d if isinstance(d, ApiError) else self._acknowledged(s.admitted.who, d[0], now, d[1])
             for s, d in zip(staged, done, strict=True)
         ]
+
+    def _without_task(
+        self, staged: Sequence[StagedUpload], failed: _TaskFilesFailed
+    ) -> list[dict[str, Any] | ApiError]:
+        """The batch, rolled back, made again without the uploads of the task whose files
+        could not be written; those are answered its ``503``. Each pass leaves out one more
+        task, so a disk that refuses every task's files ends the batch after one pass per
+        task in it."""
+        rest = [s for s in staged if s.admitted.task_id != failed.task_id]
+        answers = iter(self.accept_uploads(rest) if rest else [])
+        return [failed.refusal if s.admitted.task_id == failed.task_id else next(answers)
+                for s in staged]  # fmt: skip
 
     def _lock_rounds(self, staged: Sequence[StagedUpload]) -> None:
         """Among replicas, before a batch stores anything: lock every round its uploads will

@@ -188,3 +188,55 @@ def test_an_error_after_the_commit_still_acknowledges_the_durable_uploads(
         p0 = np.fromfile(bundle / "params.f32", dtype="<f4")
         got = decode_tensor(devices[0].params(task_id, 1))
         np.testing.assert_allclose(got, (p0 + mean).astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_one_tasks_files_failing_refuses_only_that_tasks_uploads_of_the_batch(
+    tmp_path: Path,
+) -> None:
+    """Async task T's buffer is full and its commit cannot write the new version (a full
+    disk); a batch holding an upload of T and one of U: T's is answered 503, U's is stored
+    and acknowledged (before, U's was refused too, and stayed so while T's disk was full).
+    Once T's files can be written, T's retry commits both of T's versions; nothing is
+    counted twice."""
+    bundle = make_synthetic_bundle(tmp_path / "bundle", num_parameters=N, seed=1)
+    base = {"rounds": 5, "max_concurrency": 4, "round_deadline_s": 600.0, "robust": "none",
+            "max_update_norm": None, "eligibility": {"require_charging": False}}  # fmt: skip
+    with EmbeddedCoordinator(tmp_path / "fedge.db", seed=3) as coord:
+        service, admin = coord.service, coord.admin()
+        bundle_id = admin.upload_bundle(bundle)["bundle_id"]
+        t = admin.create_task(bundle_id, {**base, "buffer_k": 1}, population="pt", mode="async")
+        u = admin.create_task(bundle_id, {**base, "buffer_k": 2}, population="pu", mode="async")
+        on_t = [DeviceHTTP(coord, population="pt") for _ in range(2)]
+        on_u = DeviceHTTP(coord, population="pu")
+        t_aids = [d.check_in()["assignment"]["assignment_id"] for d in on_t]
+        u_aid = on_u.check_in()["assignment"]["assignment_id"]
+        writes = service.blobs.put_with_derived
+
+        def batch(*staged: StagedUpload) -> list[Any]:
+            service.install_uploads(staged)
+            return service.accept_uploads(staged)
+
+        def no_space(*_: Any) -> str:
+            raise OSError(28, "No space left on device")
+
+        service.blobs.put_with_derived = no_space  # type: ignore[method-assign]
+        # T's first upload fills its buffer; the commit it makes due fails after the answer
+        [first] = coord.call(lambda: batch(_stage(service, on_t[0], t_aids[0], _delta(0), 3)))
+        assert not isinstance(first, ApiError), first
+        answers = coord.call(lambda: batch(
+            _stage(service, on_t[1], t_aids[1], _delta(1), 4, key="t1"),
+            _stage(service, on_u, u_aid, _delta(2), 5, key="u0"),
+        ))  # fmt: skip
+        assert isinstance(answers[0], ApiError) and answers[0].status == 503, answers
+        assert not isinstance(answers[1], ApiError) and answers[1]["accepted"], answers
+        assert _updates_on_disk(coord.db_path) == 2  # T's first and U's
+        service.blobs.put_with_derived = writes  # type: ignore[method-assign]
+        [again] = coord.call(lambda: batch(_stage(service, on_t[1], t_aids[1], _delta(1), 4,
+                                                  key="t1")))  # fmt: skip
+        assert not isinstance(again, ApiError) and again["accepted"], again
+        assert _updates_on_disk(coord.db_path) == 3
+        assert admin.task(t["task_id"])["model_version"] == 2
+        assert admin.task(u["task_id"])["model_version"] == 0
+        with sqlite3.connect(coord.db_path) as conn:
+            per_task = dict(conn.execute("select task_id, count(*) from updates group by task_id"))
+        assert per_task == {t["task_id"]: 2, u["task_id"]: 1}
