@@ -134,7 +134,8 @@ class Supervisor:
         try:
             open_store(cfg.store_location).close()
         except Exception as e:
-            raise CommandError(f"cannot open {redacted(cfg.store_location)}: {e}") from e
+            where = cfg.store_location
+            raise CommandError(redacted(where, f"cannot open {where}: {e}")) from e
 
     def _reserve_port(self) -> socket.socket:
         host, port = self.config.host, self.config.port

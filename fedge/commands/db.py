@@ -32,9 +32,21 @@ def register(sub: Any) -> None:
 
 
 def migrate(args: argparse.Namespace) -> int:
-    from coordinator.store import StoreError, is_database_url, open_store, redacted, sqlite_path
+    from coordinator.store import (
+        StoreError,
+        check_location,
+        is_database_url,
+        open_store,
+        redacted,
+        sqlite_path,
+    )
     from coordinator.store.sql import SQLStore
 
+    for location in (args.source, args.target):
+        try:
+            check_location(location)
+        except StoreError as e:
+            raise CommandError(f"{redacted(location)}: {e}") from e
     if not is_database_url(args.source) and not Path(sqlite_path(args.source)).is_file():
         raise CommandError(f"no SQLite database at {args.source}")
     stores: list[Any] = []
@@ -43,13 +55,17 @@ def migrate(args: argparse.Namespace) -> int:
             try:
                 stores.append(open_store(location))
             except Exception as e:  # unreachable server, bad credentials, newer schema
-                raise CommandError(f"cannot open {redacted(location)}: {e}") from e
+                raise CommandError(redacted(location, f"cannot open {location}: {e}")) from e
         source, target = stores
         assert isinstance(source, SQLStore) and isinstance(target, SQLStore)
         try:
             copied = target.copy_from(source)
         except StoreError as e:
-            raise CommandError(f"{redacted(args.target)}: {e}") from e
+            raise CommandError(redacted(args.target, f"{args.target}: {e}")) from e
+        except Exception as e:  # the driver's: a constraint, a lost connection, a full disk
+            message = (f"copying into {args.target} failed, nothing was kept there "
+                       f"(one transaction, rolled back): {type(e).__name__}: {e}")  # fmt: skip
+            raise CommandError(redacted(args.source, redacted(args.target, message))) from e
     finally:
         for s in stores:
             s.close()

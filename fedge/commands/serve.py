@@ -253,7 +253,8 @@ async def serve(
     except Exception as e:  # a database that cannot be opened or migrated
         from coordinator.store import redacted
 
-        raise CommandError(f"cannot open {redacted(cfg.store_location)}: {e}") from e
+        where = cfg.store_location
+        raise CommandError(redacted(where, f"cannot open {where}: {e}")) from e
     if alone:
         announce_tokens(cfg, coord.admin_token, coord.enrollment_token, print_token)
     runner, port = await start(

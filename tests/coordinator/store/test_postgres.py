@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -24,6 +25,7 @@ from coordinator.store import (
 from coordinator.store.migrations import MIGRATIONS
 from coordinator.store.postgres import PostgresStore
 from coordinator.store.sql import SQLStore
+from fedge.cli import main
 
 
 def _fill(store: SQLStore) -> None:
@@ -81,7 +83,9 @@ def test_copy_sqlite_to_postgresql_and_back(tmp_path: Path, postgres_url: str) -
         s.close()
 
 
-def test_a_failed_copy_leaves_the_destination_empty(tmp_path: Path, postgres_url: str) -> None:
+def test_a_failed_copy_leaves_the_destination_empty(
+    tmp_path: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = SQLiteStore(tmp_path / "a.db")
     _fill(source)
     # A task whose bundle is missing breaks the destination's foreign key half-way.
@@ -93,6 +97,15 @@ def test_a_failed_copy_leaves_the_destination_empty(tmp_path: Path, postgres_url
         pg.copy_from(source)
     assert pg.snapshot() == empty
     source.close()
+    # The command says so as an error, without the password (before: a traceback).
+    migrate = ["db", "migrate", "--from", str(tmp_path / "a.db"), "--to", postgres_url]
+    assert main(migrate) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedge db: error: copying into") and "Traceback" not in err
+    assert "ForeignKeyViolation" in err and "nothing was kept" in err
+    password = urlsplit(postgres_url).password
+    assert password and password not in err
+    assert pg.snapshot() == empty
     pg.close()
 
 
