@@ -68,7 +68,7 @@ _PASSWORD_PARAM = re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]*)"
 
 def is_database_url(location: str | Path) -> bool:
     """Whether ``location`` names a PostgreSQL database rather than a SQLite file."""
-    return str(location).lower().startswith(_URL_SCHEMES)
+    return str(location).startswith(_URL_SCHEMES)
 
 
 def check_location(location: str | Path) -> None:

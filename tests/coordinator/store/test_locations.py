@@ -26,7 +26,7 @@ SECRET = "S3cr/et@x"  # a "/" and an "@" in it, as generated passwords have
 
 @pytest.mark.parametrize("location", [
     "fedge.db", "/var/lib/fedge/fedge.db", "sqlite:host=x.db", "sqlite:///tmp/a.db",
-    "postgresql://fedge@db/fedge", "POSTGRES://fedge:pw@db:5432/fedge",
+    "postgresql://fedge@db/fedge", "postgres://fedge:pw@db:5432/fedge",
 ])  # fmt: skip
 def test_files_and_postgresql_urls_are_locations(location: str) -> None:
     check_location(location)
@@ -35,6 +35,7 @@ def test_files_and_postgresql_urls_are_locations(location: str) -> None:
 @pytest.mark.parametrize("location", [
     "host=db port=5432 user=fedge password=pw dbname=fedge", " dbname = fedge",
     "postgresql+psycopg://fedge:pw@db/fedge", "mysql://fedge@db/fedge",
+    "POSTGRESQL://fedge@db/fedge",  # libpq reads the scheme in lower case only
 ])  # fmt: skip
 def test_what_is_meant_for_a_server_but_not_a_postgresql_url_is_refused(location: str) -> None:
     with pytest.raises(StoreError, match="postgresql://USER:PASSWORD@HOST"):
