@@ -180,6 +180,8 @@ class Supervisor:
     def _start_all(self) -> None:
         pending: dict[Any, tuple[int, BaseProcess, Connection]] = {}
         for i in range(len(self._children)):
+            if self._stopping:  # a signal while starting them: start no more
+                break
             child, conn = self._spawn(i)
             pending[conn] = (i, child, conn)
         deadline = time.monotonic() + self.startup_timeout_s

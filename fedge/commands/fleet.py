@@ -7,11 +7,11 @@ coordinator, or Ctrl-C. Devices register with ``--enrollment-token``; ``--until-
 the coordinator's status, which needs ``--admin-token``.
 
 ``--partitions DIR`` uses your own data: one ``.npz`` per device (arrays ``x`` and ``y``), devices
-in file-name order. ``--processes K`` splits the fleet over K processes (for fleets past a few
-thousand devices); ``--engine ray`` runs those K parts as tasks on a Ray cluster instead
-(``--ray-address HEAD:6379``; without one a private Ray on this machine; needs
-``pip install 'fedge[cluster]'``, see docs/deployment.md). A plain FedAvg task without
-over-selection, for comparisons with other frameworks, is created with
+in file-name order, every file checked before any device starts. ``--processes K`` splits the
+fleet over K processes (for fleets past a few thousand devices); ``--engine ray`` runs those
+K parts as tasks on a Ray cluster instead (``--ray-address HEAD:6379``; without one a private
+Ray on this machine; needs ``pip install 'fedge[cluster]'``, see docs/deployment.md). A plain
+FedAvg task without over-selection, for comparisons with other frameworks, is created with
 ``fedge task create --plan '{"over_selection": 1.0, "robust": "none",
 "server_optimizer": {"name": "fedavg"}, "goal": 10, "steps": 10}'``.
 """
@@ -109,7 +109,7 @@ def _source(args: argparse.Namespace) -> Any:
             if args.devices is not None and args.devices > source.devices:
                 raise CommandError(f"--devices {args.devices}: {args.partitions} holds "
                                    f"{source.devices} device files")
-            source(0, 1)  # one file read now: a malformed directory fails before the fleet
+            source.check()  # every file, before the fleet: not one device failing mid-run
         except SourceError as e:
             raise CommandError(str(e)) from e
         return source
@@ -235,7 +235,11 @@ def run(args: argparse.Namespace) -> int:
         fleet = ProcessFleet(args.coordinator, source, devices=devices,
                              processes=args.processes, engine=engine, **common)
     else:
-        fleet = Fleet(args.coordinator, source(0, devices), progress=not args.quiet, **common)
+        try:
+            datasets = source(0, devices)
+        except ValueError as e:  # SourceError, DatasetError: what the checks could not see
+            raise CommandError(str(e)) from e
+        fleet = Fleet(args.coordinator, datasets, progress=not args.quiet, **common)
     interrupted = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:

@@ -25,6 +25,9 @@ log = logging.getLogger("fedge.serve")
 # coordinator.config.EVENT_LOOPS (a test keeps them equal): the parser is built for every
 # fedge command, and importing the coordinator's config there would load its store modules.
 EVENT_LOOPS = ("asyncio", "auto", "uvloop")
+# The most --processes per CPU: past one per core they only share it, and a typo must not
+# start interpreters until memory runs out.
+PROCESSES_PER_CPU = 4
 
 
 def register(sub: Any) -> None:
@@ -166,6 +169,12 @@ def run(args: argparse.Namespace) -> int:
         event_loop.check(cfg.event_loop, cfg.tls)
     except ConfigError as e:  # event_loop = "uvloop" where it is not installed
         raise CommandError(str(e)) from e
+    if cfg.processes > (most := PROCESSES_PER_CPU * (os.cpu_count() or 1)):
+        raise CommandError(
+            f"--processes {cfg.processes}: at most {PROCESSES_PER_CPU} per CPU, {most} on this "
+            f"machine (each is a Python interpreter of about 50 MB; more than one per core "
+            "adds no throughput)"
+        )
     if cfg.processes > 1:
         from fedge.supervisor import Supervisor
 

@@ -18,6 +18,7 @@ device ``i`` gets the same data whichever process builds it.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +94,35 @@ class NpzPartitions:
         try:
             with np.load(path, allow_pickle=False) as z:
                 x, y = np.asarray(z["x"], np.float32), np.asarray(z["y"])
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise SourceError(f"{path}: not an .npz with arrays x and y ({e})") from e
         if not np.issubdtype(y.dtype, np.integer):
             raise SourceError(f"{path}: labels y must be integers, got {y.dtype}")
         x = x.reshape(len(x), -1) if x.ndim != 2 and len(x) else x
         return x, y.astype(np.int64)
+
+    def check(self) -> None:
+        """Every file read once, before any device starts (a bad one would otherwise fail
+        its device mid-run, or its part of the fleet after the others registered): x and y
+        of one length, not empty, finite, labels from 0 (below ``num_classes`` if given),
+        and every file's examples shaped as the first file's. Labels the model has no
+        class for show only once its bundle is known."""
+        shape: tuple[int, ...] | None = None
+        for path in self.files():
+            x, y = self._arrays(path)
+            if len(x) == 0 or len(x) != len(y):
+                raise SourceError(f"{path}: {len(x)} examples in x, {len(y)} labels in y "
+                                  "(one or more of each, as many labels as examples)")  # fmt: skip
+            if not np.isfinite(x).all():
+                raise SourceError(f"{path}: x holds NaN or Inf")
+            if y.min() < 0 or (self.num_classes is not None and y.max() >= self.num_classes):
+                top = "" if self.num_classes is None else f" below {self.num_classes}"
+                raise SourceError(f"{path}: labels must be from 0{top}, found {y.min()}..{y.max()}")
+            if shape is None:
+                shape, first = x.shape[1:], path
+            elif x.shape[1:] != shape:
+                raise SourceError(f"{path}: examples of shape {x.shape[1:]}, but "
+                                  f"{first.name}'s are {shape}")  # fmt: skip
 
     def __call__(self, first: int, count: int) -> list[Dataset]:
         _check_slice(self, first, count)

@@ -101,3 +101,16 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
     proc = _serve("--db", str(tmp_path / "f.db"), "--config", str(tmp_path / "c.json"))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "unknown config keys: prot" in err
+
+
+def test_processes_beyond_a_few_per_cpu_are_refused_before_any_starts(tmp_path: Path) -> None:
+    """``--processes 100000`` (a typo) started interpreters until the kernel's OOM killer
+    took the supervisor; now it is a one-line error and nothing is started or written."""
+    from fedge.commands.serve import PROCESSES_PER_CPU
+
+    most = PROCESSES_PER_CPU * (os.cpu_count() or 1)
+    proc = _serve("--db", str(tmp_path / "f.db"), "--port", "0", "--processes", str(most + 1))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert f"--processes {most + 1}: at most {PROCESSES_PER_CPU} per CPU, {most}" in err
+    assert list(tmp_path.iterdir()) == []  # not even the database

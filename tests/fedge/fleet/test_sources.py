@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ def test_npz_partitions_give_each_device_its_file_in_name_order(tmp_path: Path) 
     (lambda d: np.savez(d / "a.npz", x=np.zeros((3, 2)), y=np.zeros(3)), "integers"),
     (lambda d: np.savez(d / "a.npz", x=np.zeros((3, 2)), y=np.zeros(4, int)), "data set"),
     (lambda d: (d / "a.npz").write_bytes(b"not a zip"), "arrays x and y"),
+    (lambda d: _truncated(d / "a.npz"), "arrays x and y"),  # was a BadZipFile traceback
 ])
 def test_bad_partition_files_are_clear_errors(tmp_path: Path, make: object,
                                               message: str) -> None:
@@ -60,6 +62,47 @@ def test_bad_partition_files_are_clear_errors(tmp_path: Path, make: object,
     make(d)  # type: ignore[operator]
     with pytest.raises(SourceError, match=message):
         NpzPartitions(d)(0, 1)
+
+
+def _truncated(path: Path) -> None:
+    np.savez(path, x=np.zeros((30, 4)), y=np.zeros(30, int))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+_LATER_FILE_DEFECTS = [
+    (dict(y=-1), "labels must be from 0, found -1"),
+    (dict(n=0), "0 examples in x"),
+    (dict(features=60), "examples of shape (60,), but device-000.npz's are (64,)"),
+    (dict(x=np.nan), "NaN or Inf"),
+]
+
+
+def _bad_later_file(root: Path, y: int = 0, n: int = 8, features: int = 64,
+                    x: float = 0.0) -> None:  # fmt: skip
+    """Three good device files, then a fourth with one defect."""
+    _write_parts(root, 3)
+    np.savez(root / "device-999.npz", x=np.full((n, features), x, np.float32),
+             y=np.full(n, y, np.int64))  # fmt: skip
+
+
+@pytest.mark.parametrize("defect, message", _LATER_FILE_DEFECTS)
+def test_check_reads_every_file_not_only_the_first(tmp_path: Path, defect: dict[str, float],
+                                                   message: str) -> None:  # fmt: skip
+    """Before, only the first file was checked: a later bad one failed its device mid-run
+    (a run that ended "successfully" with a round left open) or its part after the others
+    registered."""
+    _bad_later_file(tmp_path / "parts", **defect)  # type: ignore[arg-type]
+    source = NpzPartitions(tmp_path / "parts")
+    source(0, 1)  # the first file is fine
+    with pytest.raises(SourceError, match=re.escape(message)):
+        source.check()
+
+
+def test_check_holds_labels_below_the_classes_given(tmp_path: Path) -> None:
+    _write_parts(tmp_path / "parts", 2)
+    NpzPartitions(tmp_path / "parts", num_classes=10).check()
+    with pytest.raises(SourceError, match=re.escape("labels must be from 0 below 9, found 0..9")):
+        NpzPartitions(tmp_path / "parts", num_classes=9).check()
 
 
 def test_slices_outside_a_source_are_refused(tmp_path: Path) -> None:
@@ -115,6 +158,7 @@ def test_fleet_command_trains_a_plain_fedavg_task_on_own_partitions(
 
 @pytest.mark.parametrize("args, message", [
     (["--partitions", "{empty}"], "no .npz"),
+    (["--partitions", "{bad_later}"], "examples of shape (60,)"),
     (["--partitions", "{parts}", "--devices", "9"], "holds 4 device files"),
     (["--processes", "0", "--devices", "2"], "--processes"),
     ([], "--devices is required"),
@@ -125,7 +169,9 @@ def test_fleet_command_refuses_bad_partitions(
 ) -> None:
     (tmp_path / "empty").mkdir()
     _write_parts(tmp_path / "parts", 4)
-    args = [a.format(empty=tmp_path / "empty", parts=tmp_path / "parts") for a in args]
+    _bad_later_file(tmp_path / "bad_later", features=60)
+    args = [a.format(empty=tmp_path / "empty", parts=tmp_path / "parts",
+                     bad_later=tmp_path / "bad_later") for a in args]  # fmt: skip
     assert main(["fleet", "--coordinator", coordinator.url, *args]) == 2
     assert message in capsys.readouterr().err
     assert coordinator.admin().status()["devices_registered"] == 0
