@@ -137,16 +137,21 @@ def test_a_payload_whose_lock_was_held_is_decided_again_once_it_is_free(
         deleter.close()
 
 
+def _open_round(store: Store, kind: str) -> tuple[Task, Round]:
+    """A sync task "t-1" (goal 2) and its first round of ``kind``, reporting."""
+    store.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
+    task = Task("t-1", "x", "b-1", "sync", "default", {}, "running", 0, 0, 0, 1.0)
+    store.add_task(task)
+    return task, store.add_round(Round(0, "t-1", 1, kind, "reporting", 0, 2, 3, 2, 1.0, 9.0))
+
+
 def test_eval_reports_stop_at_the_goal_whichever_replica_stores_them(
     replica_db: str, tmp_path: Path
 ) -> None:
     first, second = open_store(replica_db), open_store(replica_db)
     blobs = BlobStore(tmp_path / "blobs")
     try:
-        first.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
-        task = Task("t-1", "x", "b-1", "sync", "default", {}, "running", 0, 0, 0, 1.0)
-        first.add_task(task)
-        rnd = first.add_round(Round(0, "t-1", 1, "evaluate", "reporting", 0, 2, 3, 2, 1.0, 9.0))
+        task, rnd = _open_round(first, "evaluate")
         ids = [f"e-{i}" for i in range(3)]
         first.add_assignments(
             [Assignment(a, rnd.round_id, "t-1", "d-" + a, "evaluate", "delivered", 1.0)
@@ -181,10 +186,7 @@ def test_a_delivery_read_before_another_replica_closed_the_round_revives_nothing
     checking_in, closer = open_store(replica_db), open_store(replica_db)
     blobs = BlobStore(tmp_path / "blobs")
     try:
-        checking_in.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
-        task = Task("t-1", "x", "b-1", "sync", "default", {}, "running", 0, 0, 0, 1.0)
-        checking_in.add_task(task)
-        rnd = checking_in.add_round(Round(0, "t-1", 1, "train", "reporting", 0, 2, 3, 2, 1.0, 9.0))
+        task, rnd = _open_round(checking_in, "train")
         checking_in.add_assignments(
             [Assignment("a-1", rnd.round_id, "t-1", "d-1", "train", "selected", 1.0)]
         )
