@@ -3,8 +3,7 @@ section's name). ``--help`` prints the benchmark's docstring and a word it does 
 refused, both before anything runs: otherwise either would start minutes of measuring and
 then overwrite the results that ``docs/benchmarks.md`` cites.
 
-Imports nothing of the project: a benchmark checks its command line before its heavy imports
-need to have happened.
+Imports nothing of the project, so that every benchmark can use it.
 """
 
 from __future__ import annotations

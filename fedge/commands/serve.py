@@ -172,8 +172,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.processes > (most := PROCESSES_PER_CPU * (os.cpu_count() or 1)):
         raise CommandError(
             f"--processes {cfg.processes}: at most {PROCESSES_PER_CPU} per CPU, {most} on this "
-            f"machine (each is a Python interpreter of about 50 MB; more than one per core "
-            "adds no throughput)"
+            "machine (each is a whole Python interpreter, and past one per core they share it)"
         )
     if cfg.processes > 1:
         from fedge.supervisor import Supervisor
