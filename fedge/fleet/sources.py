@@ -87,13 +87,16 @@ class NpzPartitions:
     def classes(self) -> int:
         if self.num_classes is not None:
             return self.num_classes
-        return 1 + max(int(np.max(self._arrays(f)[1], initial=0)) for f in self.files())
+        labels = (self._arrays(f, features=False)[1] for f in self.files())
+        return 1 + max(int(np.max(y, initial=0)) for y in labels)
 
     @staticmethod
-    def _arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    def _arrays(path: Path, features: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """x and y of one file; without ``features`` only y is read (x comes back empty)."""
         try:
             with np.load(path, allow_pickle=False) as z:
-                x, y = np.asarray(z["x"], np.float32), np.asarray(z["y"])
+                y = np.asarray(z["y"])
+                x = np.asarray(z["x"], np.float32) if features else np.empty((0, 0), np.float32)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise SourceError(f"{path}: not an .npz with arrays x and y ({e})") from e
         if not np.issubdtype(y.dtype, np.integer):
