@@ -12,6 +12,7 @@ on a free port of 127.0.0.1 and prints it.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import socket
 import sys
@@ -29,8 +30,17 @@ from coordinator.event_loop import new_loop
 MAX_BODY = 1 << 22
 
 
-def main() -> None:
-    blobs = BlobStore(Path(sys.argv[1]))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("blob_dir", metavar="BLOB_DIR", type=Path,
+                        help="an existing directory the payloads are written under")  # fmt: skip
+    blob_dir: Path = parser.parse_args(argv).blob_dir
+    if not blob_dir.is_dir():
+        # BlobStore would create it: a mistyped word must not leave a tree of directories.
+        parser.error(f"{blob_dir} is not a directory")
+    blobs = BlobStore(blob_dir)
     # Each upload durable on its own, as many at once as uploads in flight (32): nothing
     # waits for a batch to form.
     syncers = ThreadPoolExecutor(32, thread_name_prefix="floor-fsync")

@@ -46,3 +46,19 @@ def test_words_are_checked_against_the_known_ones(capsys: pytest.CaptureFixture[
             cli.words("doc", known, argv)
         assert e.value.code == 2
     assert "unknown 'quick'; known: none" in capsys.readouterr().err
+
+
+def test_upload_floor_answers_help_and_creates_no_directory(tmp_path: Path) -> None:
+    """``upload_floor.py`` is a server the coordinator benchmark starts, not a benchmark: it
+    took its first argument as the directory to create, so ``--help`` made a tree named
+    ``--help`` and then served forever."""
+    script = ROOT / "benchmarks" / "upload_floor.py"
+    helped = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    assert "BLOB_DIR" in helped.stdout
+    missing = subprocess.run([sys.executable, str(script), "no-such-dir"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert missing.returncode == 2
+    assert "no-such-dir is not a directory" in missing.stderr
+    assert list(tmp_path.iterdir()) == []
