@@ -19,6 +19,7 @@ FedAvg task without over-selection, for comparisons with other frameworks, is cr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -109,7 +110,9 @@ def _source(args: argparse.Namespace) -> Any:
             if args.devices is not None and args.devices > source.devices:
                 raise CommandError(f"--devices {args.devices}: {args.partitions} holds "
                                    f"{source.devices} device files")
-            source.check()  # every file, before the fleet: not one device failing mid-run
+            # Every file, before the fleet: not one device failing mid-run; with the classes
+            # fixed, no process of the fleet reads every file's labels again.
+            source = dataclasses.replace(source, num_classes=source.check())
         except SourceError as e:
             raise CommandError(str(e)) from e
         return source

@@ -104,13 +104,18 @@ class NpzPartitions:
         x = x.reshape(len(x), -1) if x.ndim != 2 and len(x) else x
         return x, y.astype(np.int64)
 
-    def check(self) -> None:
+    def check(self) -> int:
         """Every file read once, before any device starts (a bad one would otherwise fail
         its device mid-run, or its part of the fleet after the others registered): x and y
         of one length, not empty, finite, labels from 0 (below ``num_classes`` if given),
         and every file's examples shaped as the first file's. Labels the model has no
-        class for show only once its bundle is known."""
+        class for show only once its bundle is known.
+
+        Returns the number of classes (as :meth:`classes`), so that a caller can fix
+        ``num_classes`` and the processes of a fleet need not read every file's labels
+        again."""
         shape: tuple[int, ...] | None = None
+        top = -1
         for path in self.files():
             x, y = self._arrays(path)
             if len(x) == 0 or len(x) != len(y):
@@ -119,13 +124,16 @@ class NpzPartitions:
             if not np.isfinite(x).all():
                 raise SourceError(f"{path}: x holds NaN or Inf")
             if y.min() < 0 or (self.num_classes is not None and y.max() >= self.num_classes):
-                top = "" if self.num_classes is None else f" below {self.num_classes}"
-                raise SourceError(f"{path}: labels must be from 0{top}, found {y.min()}..{y.max()}")
+                below = "" if self.num_classes is None else f" below {self.num_classes}"
+                raise SourceError(f"{path}: labels must be from 0{below}, "
+                                  f"found {y.min()}..{y.max()}")  # fmt: skip
+            top = max(top, int(y.max()))
             if shape is None:
                 shape, first = x.shape[1:], path
             elif x.shape[1:] != shape:
                 raise SourceError(f"{path}: examples of shape {x.shape[1:]}, but "
                                   f"{first.name}'s are {shape}")  # fmt: skip
+        return self.num_classes if self.num_classes is not None else top + 1
 
     def __call__(self, first: int, count: int) -> list[Dataset]:
         _check_slice(self, first, count)
