@@ -200,7 +200,9 @@ def _store_overrides(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
     if args.blobs is not None:
         out["blob_path"] = args.blobs
     if not is_database_url(args.db):
-        return {**out, "db_path": args.db}
+        # A file on the command line wins over the config file's database_url, as every
+        # flag wins over the file (the way back from PostgreSQL keeps the replicas' file).
+        return {**out, "db_path": args.db, "database_url": None}
     if args.blobs is None and cfg.blob_path is None:
         raise CommandError("--db postgresql://... needs --blobs DIR")
     return {**out, "database_url": args.db}

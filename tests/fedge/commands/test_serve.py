@@ -114,3 +114,23 @@ def test_processes_beyond_a_few_per_cpu_are_refused_before_any_starts(tmp_path: 
     assert proc.returncode == 2, err
     assert f"--processes {most + 1}: at most {PROCESSES_PER_CPU} per CPU, {most}" in err
     assert list(tmp_path.iterdir()) == []  # not even the database
+
+
+def test_db_on_the_command_line_wins_over_the_config_files_database_url(tmp_path: Path) -> None:
+    """The way back from PostgreSQL (``fedge db migrate --to f.db``) keeps the replicas'
+    config file: ``--db f.db`` serves that file. Before, the file's ``database_url`` won
+    silently, and the coordinator served (or failed to reach) the old database."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'database_url = "postgresql://fedge@127.0.0.1:1/gone"\n'
+                      f'blob_path = "{tmp_path / "blobs"}"\n')  # fmt: skip
+    proc = _serve("--db", str(tmp_path / "f.db"), "--port", "0", "--config", str(config),
+                  env={"FEDGE_ADMIN_TOKEN": "tok"})  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, proc.stderr.read()
+        assert AdminClient(line.split()[-1], "tok").tasks() == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert (tmp_path / "f.db").is_file() and (tmp_path / "blobs").is_dir()
