@@ -162,6 +162,12 @@ class PostgresStore(SQLStore):
         ).fetchone()
         return wait or bool(row[0])
 
+    @contextmanager
+    def _read_snapshot(self) -> Iterator[None]:
+        with self._connection().transaction():
+            self._execute("set transaction isolation level repeatable read, read only")
+            yield
+
     def _records_copied(self) -> None:
         self.schema.sync_identities()
 

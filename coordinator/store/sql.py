@@ -161,6 +161,11 @@ class SQLStore(Store):
         """Called after :meth:`copy_from` wrote explicit keys (e.g. to move sequences on)."""
 
     @abstractmethod
+    def _read_snapshot(self) -> AbstractContextManager[None]:
+        """A read-only transaction whose reads all see the database as it was at its first
+        one, whatever other connections commit meanwhile (:meth:`copy_from`'s source)."""
+
+    @abstractmethod
     def _json_text(self, expr: str, key: str) -> str:
         """SQL for member ``key`` of the JSON text ``expr``, as SQL text (null if absent)."""
 
@@ -731,7 +736,9 @@ class SQLStore(Store):
         # Tasks refer to bundles (a foreign key): bundles go in first.
         tables.sort(key=lambda t: (t != "bundles", t))
         copied: dict[str, int] = {}
-        with self.atomic():
+        # One snapshot of the source: a coordinator still serving it commits between the
+        # tables' reads (a round read open, then the version its commit made).
+        with self.atomic(), source._read_snapshot():
             for table in tables:
                 cols = source._columns(table)
                 names = ", ".join(f'"{c}"' for c in cols)

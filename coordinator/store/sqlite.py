@@ -193,6 +193,16 @@ class SQLiteStore(SQLStore):
             "(storage unavailable?); nothing of it is stored"
         )
 
+    @contextmanager
+    def _read_snapshot(self) -> Iterator[None]:
+        # Deferred: the first read fixes the snapshot (WAL) and no write lock is taken.
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")  # it wrote nothing
+
     def relaxed_durability(self) -> AbstractContextManager[None]:
         # synchronous=NORMAL in WAL mode: a commit appends to the WAL without an fsync; the
         # next FULL commit's fsync of the same file covers it (recovery replays a prefix of
