@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DERIVED_KINDS",
     "BackgroundDeletes",
+    "BlobDirectoryTaken",
     "BlobStore",
     "Collected",
     "Staged",
@@ -62,6 +64,14 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _FANOUT_RE = re.compile(r"^[0-9a-f]{2}$")
 # What a blob's derived files may be (the suffix of their name, "<sha[2:]>.<kind>").
 DERIVED_KINDS = frozenset({"frame"})
+
+
+# The file in a blob directory naming the database it belongs to (BlobStore.claim).
+OWNER_FILE = "store.json"
+
+
+class BlobDirectoryTaken(RuntimeError):
+    """The blob directory belongs to another database than the one the coordinator opened."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,52 @@ class BlobStore:
                     shutil.rmtree(stale)
                 else:
                     stale.unlink(missing_ok=True)
+
+    def claim(self, store_id: str, predecessor: str | None = None) -> None:
+        """Make this directory the blobs of database ``store_id``
+        (:class:`~coordinator.store.base.StoreIdentity`), or refuse with
+        :class:`BlobDirectoryTaken` if it holds another database's.
+
+        A coordinator alone on its database deletes at start every blob its records do not
+        name, so a wrong ``--db`` (a mistyped file, a fresh one, a database migrated away
+        from and served again) on a directory in use would delete that deployment's models
+        and acknowledged updates. A directory naming no database (new, or from before this
+        file) is taken; one naming ``predecessor`` passes to the database migrated from it,
+        after which the database it was copied from is refused here."""
+        owner = self.root / OWNER_FILE
+        mine = json.dumps({"store_id": store_id, "predecessor": predecessor}).encode()
+        for _ in range(2):
+            try:
+                current = json.loads(owner.read_bytes())
+            except FileNotFoundError:
+                current = None
+            except ValueError as e:
+                raise BlobDirectoryTaken(f"{owner} is not the file fedge wrote: {e}") from e
+            if current is not None and current.get("store_id") == store_id:
+                return
+            if current is not None and current.get("store_id") != predecessor:
+                raise BlobDirectoryTaken(_taken_message(self.root, store_id, predecessor, current))
+            fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(mine)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if current is None:
+                    try:  # only if still unclaimed: another database may be claiming it now
+                        os.link(tmp_name, owner)
+                    except FileExistsError:
+                        continue
+                else:
+                    os.replace(tmp_name, owner)
+            finally:
+                Path(tmp_name).unlink(missing_ok=True)
+            fsync_dir(self.root)
+            if current is not None:
+                log.info("blob directory %s passes from database %s to %s, migrated from it",
+                         self.root, predecessor, store_id)  # fmt: skip
+            return
+        raise BlobDirectoryTaken(f"{owner} changed while it was claimed; try again")
 
     def path(self, sha: str) -> Path:
         if not _SHA_RE.match(sha):
@@ -415,6 +471,20 @@ class BlobStore:
                     size += f.stat().st_size
                     f.unlink()
         return Collected(count, size)
+
+
+def _taken_message(root: Path, store_id: str, predecessor: str | None,
+                   current: dict[str, object]) -> str:  # fmt: skip
+    owner = current.get("store_id")
+    if current.get("predecessor") == store_id:
+        return (f"blob directory {root} belongs to database {owner}, migrated from this one "
+                f"({store_id}), which has served from it since: serving this one on it would "
+                "delete what that one wrote. Give this database a directory of its own "
+                "(--blobs)")  # fmt: skip
+    this = f"{store_id}, migrated from {predecessor}" if predecessor else store_id
+    return (f"blob directory {root} belongs to database {owner}, not to this one ({this}): "
+            "give this database's own directory (--blobs), or an empty one for a new "
+            "deployment")  # fmt: skip
 
 
 # Blobs decided in one transaction: among replicas each is an advisory lock held to the

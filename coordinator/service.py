@@ -203,6 +203,9 @@ class Coordinator:
                 shared_after_s=config.replica_orphan_age_s if config.shared else None,
             )
         )
+        # Before anything reads or sweeps the directory: it must be this database's.
+        identity = self.store.identity()
+        self.blobs.claim(identity.store_id, identity.predecessor)
         self.clock = clock or SystemClock()
         self.admin_token = config.admin_token or secrets.token_hex(24)
         # None only when the operator opened registration on purpose.

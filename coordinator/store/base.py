@@ -23,6 +23,7 @@ __all__ = [
     "SecAggEvent",
     "Store",
     "StoreError",
+    "StoreIdentity",
     "Task",
     "TransactionLost",
     "Update",
@@ -213,6 +214,17 @@ class PartialSum:
     updated_at: float
 
 
+@dataclass(frozen=True)
+class StoreIdentity:
+    """Which database this is: ``store_id`` made when it was created, and ``predecessor``,
+    the ``store_id`` of the database ``fedge db migrate`` copied its records from (None: it
+    began empty). A blob directory names the database it belongs to
+    (:meth:`coordinator.blobs.BlobStore.claim`)."""
+
+    store_id: str
+    predecessor: str | None
+
+
 class Store(ABC):
     """What the coordinator persists. One implementation per backend; one test suite for all."""
 
@@ -243,6 +255,9 @@ class Store(ABC):
     @abstractmethod
     def size_bytes(self) -> int:
         """What the database takes on its server's disk now (for metrics and the dashboard)."""
+
+    @abstractmethod
+    def identity(self) -> StoreIdentity: ...
 
     # devices
     @abstractmethod

@@ -19,6 +19,7 @@ guessed at.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
@@ -292,3 +293,18 @@ def replica_update_numbers(db: Schema) -> None:
     payloads, the updates numbered past their replica's partial sum."""
     db.table("updates").add_column("replica_id", str)
     db.table("updates").add_column("replica_seq", int)
+
+
+@migration(9)
+def store_identity(db: Schema) -> None:
+    """``store_identity``: one row naming this database (``store_id``, random) and the one
+    ``fedge db migrate`` copied its records from (``predecessor``), so that a blob directory
+    can name the database it belongs to: a coordinator started on another database would
+    otherwise take the directory for its own and, as it starts, delete every blob its
+    records do not name (:meth:`coordinator.blobs.BlobStore.claim`)."""
+    db.table("store_identity").create(
+        {"store_id": str, "predecessor": str, "created_at": float}, pk="store_id"
+    )
+    db.table("store_identity").insert(
+        {"store_id": uuid.uuid4().hex, "predecessor": None, "created_at": time.time()}
+    )

@@ -34,6 +34,7 @@ from coordinator.store.base import (
     SecAggEvent,
     Store,
     StoreError,
+    StoreIdentity,
     Task,
     Update,
     UpdateTotals,
@@ -49,6 +50,8 @@ _JSON_FIELDS = {"runtimes", "plan", "metrics", "report", "response", "body"}
 _OPEN = "('selecting', 'reporting')"
 _IN_FLIGHT = "('selected', 'delivered')"
 _PARTIAL_KEY = ("round_id", "replica_id")
+# Tables that describe the database itself, not its records: never copied.
+_OWN_TABLES = ("schema_version", "store_identity")
 # Entries of the read cache (SQLStore._cached); past it the cache starts again, empty.
 _CACHE_MAX = 4096
 
@@ -729,7 +732,8 @@ class SQLStore(Store):
         Rows go in the source's insertion order, so "oldest first" answers stay the same.
         Both stores were migrated by this code on opening, so their tables are the same.
         """
-        tables = [t for t in source._table_names() if t != "schema_version"]
+        # Each database keeps its own identity; the copy names its source as predecessor.
+        tables = [t for t in source._table_names() if t not in _OWN_TABLES]
         filled = [t for t in tables if self._count(f'select count(*) from "{t}"')]
         if filled:
             raise StoreError(f"the destination already holds records ({', '.join(filled)})")
@@ -749,12 +753,19 @@ class SQLStore(Store):
                     self._execute_many(insert, rows)
                     copied[table] += len(rows)
             self._records_copied()
+            self._execute("update store_identity set predecessor = ?",
+                          [source.identity().store_id])  # fmt: skip
         return copied
 
+    def identity(self) -> StoreIdentity:
+        row = self._execute("select store_id, predecessor from store_identity").fetchone()
+        return StoreIdentity(row[0], row[1])
 
     def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every record, table by table (sorted): what a copy must reproduce (the identity,
+        each database's own, is left out)."""
         out: dict[str, list[tuple[Any, ...]]] = {}
-        for name in sorted(self._table_names()):
+        for name in sorted(t for t in self._table_names() if t != "store_identity"):
             cols = ", ".join(f'"{c}"' for c in self._columns(name))
             rows = self._execute(f'select {cols} from "{name}"').fetchall()
             out[name] = sorted((tuple(r) for r in rows), key=repr)

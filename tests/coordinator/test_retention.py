@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.blobs import BlobStore
+from coordinator.blobs import OWNER_FILE, BlobStore
 from coordinator.clock import FakeClock
 from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.embedded import EmbeddedCoordinator
@@ -306,7 +306,7 @@ def _table_counts(db: Path) -> dict[str, int]:
 
 
 def _blob_files(db: Path) -> int:
-    return sum(1 for p in Path(f"{db}.blobs").rglob("*") if p.is_file())
+    return sum(1 for p in Path(f"{db}.blobs").rglob("*") if p.is_file() and p.name != OWNER_FILE)
 
 
 def test_many_rounds_stay_bounded_and_a_restart_continues(

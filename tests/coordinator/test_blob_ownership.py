@@ -1,0 +1,97 @@
+"""A blob directory belongs to one database (``store.json``, :meth:`BlobStore.claim`): a
+coordinator alone on a database deletes, as it starts, every blob its records do not name,
+so one started on the wrong database (a mistyped or fresh ``--db``, or a database migrated
+away from and served again) must be refused before it deletes another deployment's models.
+Real SQLite files, a real PostgreSQL server for the migration, the service's own start-up
+sweep (``collect_garbage``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from coordinator.admin import tar_directory
+from coordinator.blobs import OWNER_FILE, BlobDirectoryTaken, BlobStore
+from coordinator.config import CoordinatorConfig
+from coordinator.service import Coordinator
+from coordinator.store import SQLiteStore
+from coordinator.store.postgres import PostgresStore
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _started(db: str, blobs: Path) -> Coordinator:
+    """A coordinator as ``fedge serve`` starts one alone: open, then the start-up sweep."""
+    cfg = CoordinatorConfig(blob_path=str(blobs))
+    url = db.startswith("postgresql://")
+    cfg = dataclasses.replace(cfg, database_url=db) if url else dataclasses.replace(cfg, db_path=db)
+    coord = Coordinator(cfg)
+    coord.collect_garbage()
+    return coord
+
+
+def _in_use(tmp_path: Path, tiny_bundle: Path) -> tuple[Path, dict[str, bytes]]:
+    blobs = tmp_path / "blobs"
+    a = _started(str(tmp_path / "a.db"), blobs)
+    a.add_bundle(tar_directory(tiny_bundle))
+    a.close()
+    files = _files(blobs)
+    assert files
+    return blobs, files
+
+
+def test_a_new_database_on_a_directory_in_use_is_refused_and_deletes_nothing(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """Before, the new database's start-up sweep deleted the bundle: no record names it."""
+    blobs, files = _in_use(tmp_path, tiny_bundle)
+    with pytest.raises(BlobDirectoryTaken, match=r"belongs to database \w+, not to this one"):
+        _started(str(tmp_path / "mistyped.db"), blobs)
+    assert _files(blobs) == files
+    _started(str(tmp_path / "a.db"), blobs).close()  # its own database still serves it
+    assert _files(blobs) == files
+
+
+def test_the_directory_passes_to_the_migrated_database_and_not_back(
+    tmp_path: Path, tiny_bundle: Path, postgres_url: str
+) -> None:
+    """deployment.md's move to PostgreSQL on the old directory: the copy takes it over; the
+    SQLite file served on it again would delete what PostgreSQL's coordinator wrote."""
+    blobs, _ = _in_use(tmp_path, tiny_bundle)
+    source, target = SQLiteStore(tmp_path / "a.db"), PostgresStore(postgres_url)
+    target.copy_from(source)
+    assert target.identity().predecessor == source.identity().store_id
+    assert target.identity().store_id != source.identity().store_id
+    source.close()
+    target.close()
+    b = _started(postgres_url, blobs)
+    b.blobs.put(b"written after the move")  # what the old database's sweep would delete
+    b.close()
+    files = _files(blobs)
+    with pytest.raises(BlobDirectoryTaken, match="migrated from this one"):
+        _started(str(tmp_path / "a.db"), blobs)
+    assert _files(blobs) == files
+    _started(postgres_url, blobs).close()
+
+
+def test_claim_takes_a_free_directory_once(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "b")
+    blobs.claim("s-1")
+    blobs.claim("s-1")  # again: nothing changes
+    assert json.loads((tmp_path / "b" / OWNER_FILE).read_text()) == {
+        "store_id": "s-1", "predecessor": None}  # fmt: skip
+    with pytest.raises(BlobDirectoryTaken, match="belongs to database s-1, not to this one "
+                       r"\(s-2, migrated from s-9\)"):  # fmt: skip
+        blobs.claim("s-2", "s-9")
+    blobs.claim("s-2", "s-1")
+    with pytest.raises(BlobDirectoryTaken, match=r"s-2, migrated from this one \(s-1\)"):
+        blobs.claim("s-1")
+    (tmp_path / "b" / OWNER_FILE).write_text("{not json")
+    with pytest.raises(BlobDirectoryTaken, match="not the file fedge wrote"):
+        blobs.claim("s-2")
+    assert list((tmp_path / "b" / "tmp").iterdir()) == []
