@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from coordinator.blobs import BackgroundDeletes, BlobStore, delete_unneeded
+from coordinator.errors import Conflict
 from coordinator.pacing import PaceSteering
 from coordinator.plan import TaskPlan
 from coordinator.store import Assignment, EvalReport, Round, Store, Task, Update
 from coordinator.versions import ModelVersions, RoundSums
-from edge_sdk.protocol import Route
+from edge_sdk.protocol import ErrorCode, Route
 
 if TYPE_CHECKING:
     from coordinator.replicas import Replica
@@ -48,6 +49,7 @@ __all__ = [
     "PolicyContext",
     "TaskPolicy",
     "assignment_json",
+    "closed_meanwhile",
     "new_assignment_id",
     "wait_answer",
 ]
@@ -59,6 +61,15 @@ IN_FLIGHT = ("selected", "delivered")
 def wait_answer(retry_after_s: float, reason: str) -> dict[str, Any]:
     """A check-in's ``wait`` answer (docs/protocol.md)."""
     return {"action": "wait", "retry_after_s": round(retry_after_s, 3), "reason": reason}
+
+
+def closed_meanwhile() -> Conflict:
+    """The refusal of a report whose assignment was expired or aborted after its checks
+    read it in flight (among replicas: by another one), before it was stored."""
+    return Conflict(
+        "the assignment was closed (expired or aborted) while its report was stored",
+        ErrorCode.ROUND_CLOSED,
+    )
 
 
 def new_assignment_id() -> str:

@@ -46,7 +46,13 @@ from coordinator.errors import ApiError, Conflict, Overloaded, TaskFailure, Unpr
 from coordinator.plan import TaskPlan
 from coordinator.replicas import combine
 from coordinator.robust.commit import aggregate_updates
-from coordinator.rounds.base import IN_FLIGHT, TaskPolicy, assignment_json, new_assignment_id
+from coordinator.rounds.base import (
+    IN_FLIGHT,
+    TaskPolicy,
+    assignment_json,
+    closed_meanwhile,
+    new_assignment_id,
+)
 from coordinator.rounds.base import wait_answer as _wait
 from coordinator.staleness import TooStale
 from coordinator.store import Assignment, EvalReport, PartialSum, Round, Task, Update
@@ -320,7 +326,8 @@ class BufferedAsync(TaskPolicy):
         )
         if self.ctx.replica is not None:
             stored = self.ctx.replica.tagged(stored, staged.count)
-        self.ctx.store.add_update(stored)  # durable: the caller acknowledges after this
+        if not self.ctx.store.add_update(stored):  # durable: the caller acknowledges after this
+            raise closed_meanwhile()
         if self.ctx.replica is not None:
             # This replica's partial buffer, written with the batch; the K-th update of the
             # round, from whichever replica, makes the commit due (tick).

@@ -55,7 +55,13 @@ import numpy as np
 from coordinator.errors import Conflict, TaskFailure, Unprocessable
 from coordinator.plan import TaskPlan
 from coordinator.robust.commit import aggregate_updates
-from coordinator.rounds.base import IN_FLIGHT, TaskPolicy, assignment_json, new_assignment_id
+from coordinator.rounds.base import (
+    IN_FLIGHT,
+    TaskPolicy,
+    assignment_json,
+    closed_meanwhile,
+    new_assignment_id,
+)
 from coordinator.rounds.base import wait_answer as _wait
 from coordinator.secagg.rounds import SecAggRounds
 from coordinator.store import (
@@ -346,7 +352,8 @@ class SyncRounds(TaskPolicy):
         except ValueError as e:
             raise Unprocessable(f"update: {e}", ErrorCode.BAD_UPDATE) from e
         # Durable: the caller acknowledges after this.
-        self.ctx.store.add_update(self.ctx.sums.tag(update, staged))
+        if not self.ctx.store.add_update(self.ctx.sums.tag(update, staged)):
+            raise closed_meanwhile()
         self.ctx.sums.put(staged)
 
     def accept_eval(self, task: Task, plan: TaskPlan, report: EvalReport, now: float) -> None:
@@ -360,11 +367,13 @@ class SyncRounds(TaskPolicy):
             if rnd is not None and self._reports(rnd) >= rnd.goal:
                 raise Conflict("the round has reached its goal", ErrorCode.ROUND_CLOSED)
             try:
-                store.add_eval_report(report)
+                stored = store.add_eval_report(report)
             except StoreError as e:  # among replicas: the same report, stored by another
                 raise Conflict(
                     "this assignment already reported", ErrorCode.DUPLICATE_UPLOAD
                 ) from e
+            if not stored:
+                raise closed_meanwhile()
 
     def tick(self, task: Task, plan: TaskPlan, now: float) -> None:
         rnd = self.ctx.store.open_round(task.task_id)

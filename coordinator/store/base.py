@@ -378,8 +378,11 @@ class Store(ABC):
 
     # updates and evaluation reports
     @abstractmethod
-    def add_update(self, update: Update) -> None:
-        """Record an accepted update and mark its assignment reported, in one transaction."""
+    def add_update(self, update: Update) -> bool:
+        """Record an accepted update and mark its assignment reported, in one transaction (a
+        second update of it is a :class:`StoreError`); False, and nothing stored, if the
+        assignment is no longer in flight (aborted or expired since it was read: among
+        replicas, by another one)."""
 
     @abstractmethod
     def get_update(self, assignment_id: str) -> Update | None: ...
@@ -425,8 +428,9 @@ class Store(ABC):
         """How many of a round's assignments are in each state."""
 
     @abstractmethod
-    def add_eval_report(self, report: EvalReport) -> None:
-        """Record an evaluation report and mark its assignment reported, in one transaction."""
+    def add_eval_report(self, report: EvalReport) -> bool:
+        """Record an evaluation report and mark its assignment reported, in one transaction;
+        False, and nothing stored, as :meth:`add_update`."""
 
     @abstractmethod
     def get_eval_report(self, assignment_id: str) -> EvalReport | None: ...

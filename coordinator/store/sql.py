@@ -48,12 +48,17 @@ R = TypeVar("R")
 # Record fields stored as JSON text.
 _JSON_FIELDS = {"runtimes", "plan", "metrics", "report", "response", "body"}
 _OPEN = "('selecting', 'reporting')"
+_IN_FLIGHT_STATES = ("selected", "delivered")
 _IN_FLIGHT = "('selected', 'delivered')"
 _PARTIAL_KEY = ("round_id", "replica_id")
 # Tables that describe the database itself, not its records: never copied.
 _OWN_TABLES = ("schema_version", "store_identity")
 # Entries of the read cache (SQLStore._cached); past it the cache starts again, empty.
 _CACHE_MAX = 4096
+
+
+class _NotInFlight(Exception):
+    """Rolls back a report whose assignment is no longer in flight (``_add_report``)."""
 
 
 class Cursor(Protocol):
@@ -551,15 +556,24 @@ class SQLStore(Store):
 
     # -- updates and evaluation reports -----------------------------------------------------
 
-    def _add_report(self, table: str, report: Update | EvalReport, at: float) -> None:
-        """Store a report and close its assignment as reported, in one transaction."""
-        with self.atomic():
-            self._insert(table, report)
-            key = {"assignment_id": report.assignment_id}
-            self._update("assignments", key, {"state": "reported", "closed_at": at})
+    def _add_report(self, table: str, report: Update | EvalReport, at: float) -> bool:
+        """Store a report and close its assignment as reported, in one transaction; a second
+        report of the assignment is a :class:`StoreError`. Only from in flight: an abort or
+        expiry committed since the caller read the assignment (among replicas, by another
+        one) stands, and nothing is stored (False)."""
+        try:
+            with self.atomic():
+                self._insert(table, report)
+                key = {"assignment_id": report.assignment_id}
+                values = {"state": "reported", "closed_at": at}
+                if not self._update("assignments", key, values, _IN_FLIGHT_STATES):
+                    raise _NotInFlight
+        except _NotInFlight:
+            return False
+        return True
 
-    def add_update(self, update: Update) -> None:
-        self._add_report("updates", update, update.accepted_at)
+    def add_update(self, update: Update) -> bool:
+        return self._add_report("updates", update, update.accepted_at)
 
     def get_update(self, assignment_id: str) -> Update | None:
         return self._get(Update, "updates", "assignment_id = ?", [assignment_id])
@@ -647,8 +661,8 @@ class SQLStore(Store):
         )
         return {state: int(n) for state, n in rows.fetchall()}
 
-    def add_eval_report(self, report: EvalReport) -> None:
-        self._add_report("eval_reports", report, report.reported_at)
+    def add_eval_report(self, report: EvalReport) -> bool:
+        return self._add_report("eval_reports", report, report.reported_at)
 
     def get_eval_report(self, assignment_id: str) -> EvalReport | None:
         return self._get(EvalReport, "eval_reports", "assignment_id = ?", [assignment_id])

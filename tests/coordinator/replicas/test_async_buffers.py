@@ -17,7 +17,7 @@ import pytest
 from coordinator.clock import FakeClock
 from coordinator.errors import Conflict
 from coordinator.rounds.buffered import BufferedAsync
-from coordinator.store import open_store
+from coordinator.store import is_database_url, open_store
 from edge_sdk.frame import decode_tensor
 from tests.coordinator.replicas.fleet import (
     Spread,
@@ -190,15 +190,14 @@ def test_concurrent_check_ins_respect_max_concurrency(
         assert sorted(actions) == ["train"] * 8 + ["wait"] * 8
 
 
-@pytest.mark.parametrize("meanwhile", ["expiry", "abort"])
-def test_a_report_stored_meanwhile_stays_reported(
-    replica_db: str, tmp_path: Path, tiny_bundle: Path, meanwhile: str
-) -> None:
-    """Replica 1 reads an assignment in flight while replica 0's batch, which has stored its
-    update, commits; then replica 1 writes the expiry its tick found due, or the abort its
-    device sent. The acknowledged report's assignment stays "reported", the abort is refused
-    (before: both overwrote it, an update counted under an assignment marked expired or
-    aborted)."""
+def _upload_racing(
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, meanwhile: str, after_write: bool
+) -> tuple[int, dict[str, Any], Any, Any, Any]:
+    """Replica 0 accepts an upload while replica 1 writes the expiry its tick found due (the
+    deadline passing meanwhile) or the abort the device sent, started once replica 0's batch
+    has checked the assignment: before it stores the update (``after_write`` False) or
+    after. The upload's status and body, replica 1's answer (or its refusal), and the
+    assignment and update as stored at the end."""
     clock = FakeClock()
     with thread_replicas(2, replica_db, tmp_path / "blobs", clock) as reps:
         _, _, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 1, "async")
@@ -220,25 +219,72 @@ def test_a_report_stored_meanwhile_stays_reported(
 
         acting = threading.Thread(target=act)
 
-        def add_update(update: Any) -> None:  # inside replica 0's batch transaction
-            real_add(update)
+        def add_update(update: Any) -> bool:  # inside replica 0's batch transaction
             if meanwhile == "expiry":
                 clock.advance(PLAN["round_deadline_s"] + 1.0)  # the deadline passes meanwhile
-            acting.start()
-            time.sleep(1.0)  # replica 1 reads "delivered", then waits to write
+            if not after_write:
+                acting.start()
+                # Replica 1 writes and commits (PostgreSQL), or waits for this batch's
+                # write lock (a SQLite file).
+                acting.join(1.0)
+            stored = real_add(update)
+            if after_write:
+                acting.start()
+                time.sleep(1.0)  # replica 1 reads "delivered", then waits to write
+            return stored
 
         first.service.store.add_update = add_update  # type: ignore[method-assign]
         status, body = d.to(0).upload(aid, _delta(0), 5, key="k0")
         first.service.store.add_update = real_add  # type: ignore[method-assign]
         acting.join(60)
-        assert status == 200 and body["accepted"], body
-        if meanwhile == "abort":
-            assert isinstance(outcome[0], Conflict), outcome
-            assert "reported" in str(outcome[0])
         store = open_store(replica_db)
         try:
-            a, u = store.get_assignment(aid), store.get_update(aid)
+            return status, body, outcome[0], store.get_assignment(aid), store.get_update(aid)
         finally:
             store.close()
-        assert u is not None and a is not None
-        assert a.state == "reported", a
+
+
+@pytest.mark.parametrize("meanwhile", ["expiry", "abort"])
+def test_a_report_stored_meanwhile_stays_reported(
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, meanwhile: str
+) -> None:
+    """Replica 1 reads an assignment in flight while replica 0's batch, which has stored its
+    update, commits; then replica 1 writes the expiry its tick found due, or the abort its
+    device sent. The acknowledged report's assignment stays "reported", the abort is refused
+    (before: both overwrote it, an update counted under an assignment marked expired or
+    aborted)."""
+    status, body, outcome, a, u = _upload_racing(
+        replica_db, tmp_path, tiny_bundle, meanwhile, after_write=True
+    )
+    assert status == 200 and body["accepted"], body
+    if meanwhile == "abort":
+        assert isinstance(outcome, Conflict), outcome
+        assert "reported" in str(outcome)
+    assert u is not None and a is not None
+    assert a.state == "reported", a
+
+
+@pytest.mark.parametrize("meanwhile", ["expiry", "abort"])
+def test_an_assignment_closed_meanwhile_takes_no_report(
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, meanwhile: str
+) -> None:
+    """Replica 0's batch checked the assignment in flight; replica 1 then expires or aborts
+    it, before the batch stores the update. On PostgreSQL replica 1 commits first: the
+    upload is refused ``409 round_closed`` and nothing of it is stored. On a SQLite file
+    replica 1 waits for the batch: the report is stored and the abort refused. Before, on
+    PostgreSQL, the batch overwrote the expiry or abort with "reported": an update counted
+    for an assignment its device had been told was aborted."""
+    status, body, outcome, a, u = _upload_racing(
+        replica_db, tmp_path, tiny_bundle, meanwhile, after_write=False
+    )
+    assert a is not None
+    if is_database_url(replica_db):
+        assert status == 409 and body["error"]["code"] == "round_closed", body
+        assert u is None and a.state == ("expired" if meanwhile == "expiry" else "aborted"), a
+        if meanwhile == "abort":
+            assert outcome["aborted"] is True, outcome
+    else:
+        assert status == 200 and body["accepted"], body
+        assert u is not None and a.state == "reported", a
+        if meanwhile == "abort":
+            assert isinstance(outcome, Conflict), outcome

@@ -309,6 +309,26 @@ class TestStore:
             with_task.add_update(u)
         assert with_task.snapshot() == before
 
+    def test_a_report_of_an_assignment_no_longer_in_flight_stores_nothing(
+        self, with_task: Store
+    ) -> None:
+        """Aborted or expired after the caller read it in flight (among replicas, by another
+        one): the abort or expiry stands, neither report is stored."""
+        r = with_task.add_round(_round("t-1", "reporting"))
+        with_task.add_assignments(
+            [Assignment(a, r.round_id, "t-1", "d-" + a, "train", "delivered", 20.0)
+             for a in ("a-1", "a-2")]
+        )  # fmt: skip
+        with_task.update_assignment("a-1", state="aborted", closed_at=21.0)
+        with_task.expire_assignments(r.round_id, 22.0)
+        before = with_task.snapshot()
+        u = Update("a-1", r.round_id, "t-1", "d-a-1", "k", "c" * 64, 100, 7, None,
+                   {"num_examples": 7}, 25.0, {})  # fmt: skip
+        assert with_task.add_update(u) is False
+        report = EvalReport("a-2", r.round_id, "t-1", "d-a-2", 5, 0.1, None, 25.0, {})
+        assert with_task.add_eval_report(report) is False
+        assert with_task.snapshot() == before
+
     def test_update_totals_are_example_weighted(self, with_task: Store) -> None:
         r = with_task.add_round(_round("t-1", "reporting"))
         assert with_task.update_totals(r.round_id) == UpdateTotals()
