@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from coordinator.errors import Conflict
+from coordinator.rounds.base import IN_FLIGHT
 from coordinator.rounds.sync import SyncRounds
 from coordinator.secagg.rounds import SecAggRounds
 from coordinator.service import Coordinator, DeviceIdentity, parse_json
@@ -42,9 +43,17 @@ class SecAggEndpoints:
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
 
-    def _session(self, who: DeviceIdentity, assignment_id: str) -> tuple[Task, Round, SecAggRounds]:
+    def _session(
+        self, who: DeviceIdentity, assignment_id: str, *, in_flight: bool = False
+    ) -> tuple[Task, Round, SecAggRounds]:
+        """``in_flight``: only for an assignment still in flight; one its device aborted (or
+        that expired) takes no more messages, as it would take no plain upload."""
         coord = self.coord
         a = coord._own_assignment(who, assignment_id)
+        if in_flight and a.state not in IN_FLIGHT:
+            raise Conflict(
+                f"the assignment is {a.state}: it takes no more messages", ErrorCode.ROUND_CLOSED
+            )
         task = coord._task(a.task_id)
         plan = coord._task_step(task, coord._plan, task)
         policy = coord._policy(task)
@@ -75,7 +84,7 @@ class SecAggEndpoints:
     ) -> dict[str, Any]:
         coord = self.coord
         now = coord._now()
-        task, rnd, secagg = self._session(who, assignment_id)
+        task, rnd, secagg = self._session(who, assignment_id, in_flight=True)
         if rnd.state != "reporting":
             raise Conflict(
                 f"round {rnd.number} of task {task.task_id} no longer takes messages",

@@ -380,6 +380,35 @@ def test_a_device_that_aborts_is_a_dropout_no_stage_waits_for(
         r.close()
 
 
+def test_a_device_that_aborted_sends_nothing_more_to_its_session(
+    clocked_coordinator, fake_clock, tiny_bundle
+) -> None:
+    """An abort is final, as for a plain upload (``409 round_closed``): the device's later
+    messages are refused and its assignment stays aborted. Before, its share (sent while
+    the stage still waited for others) was accepted, it went on to mask and unmask, counted
+    as a survivor, and the commit marked the aborted assignment "reported"."""
+    r = SecAggRound(clocked_coordinator, tiny_bundle, 6)
+    try:
+        for p in r.peers:
+            p.answer()  # advertise
+        quitter = r.peers[0]
+        state = quitter.state()
+        assert quitter.http.abort(quitter.id)[0] == 200
+        status, body = quitter.post(*quitter.message(state))
+        assert status == 409 and body["error"]["code"] == "round_closed", body
+        for _stage in ("share", "mask", "unmask"):
+            for p in r.peers[1:]:
+                p.answer()
+        [rnd] = r.admin.rounds(r.task_id)
+        assert rnd["state"] == "committed" and rnd["metrics"]["reported"] == 5
+        assert rnd["metrics"]["aborted"] == 1
+        store = clocked_coordinator.service.store
+        a = clocked_coordinator.call(store.get_assignment, quitter.id)
+        assert a.state == "aborted"
+    finally:
+        r.close()
+
+
 def test_a_failing_event_write_at_each_stage_answers_503_and_the_retry_goes_through(
     clocked_coordinator, tiny_bundle
 ) -> None:
