@@ -424,7 +424,10 @@ class Coordinator:
         if parsed is None:
             raise Unauthorized("device calls need 'Authorization: Device <device_id>:<secret>'")
         device_id, secret = parsed
-        device = self.store.device_auth(device_id) if len(device_id) <= 64 else None
+        # Ids are short ASCII: one that is not cannot exist, and is not looked up (bytes of a
+        # header that are not UTF-8 come as lone surrogates, which no store takes: a 500).
+        possible = len(device_id) <= 64 and device_id.isascii()
+        device = self.store.device_auth(device_id) if possible else None
         # Hash even for unknown devices so that timing does not tell which ids exist.
         salt = device.secret_salt if device else "00" * 16
         expected = device.secret_hash if device else "0" * 64

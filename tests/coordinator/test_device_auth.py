@@ -3,8 +3,8 @@
 The stored hash is checked against HMAC-SHA256(salt, secret) computed here with hashlib's
 own HMAC (an independent reference), so that a change in how the coordinator hashes can
 never lock out devices registered before it; a wrong secret, another device's secret, an
-unknown device and a malformed header are refused with ``401 unauthorized`` (a deleted
-device: tests/coordinator/store/test_read_cache.py).
+unknown device (also one whose id no device can have) and a malformed header are refused
+with ``401 unauthorized`` (a deleted device: tests/coordinator/store/test_read_cache.py).
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def test_stored_hash_is_hmac_sha256_and_only_the_right_secret_passes(
             f"Device {dev.device_id}:{dev.secret[:-1]}x",  # wrong secret
             f"Device {dev.device_id}:{other.secret}",  # another device's secret
             f"Device d-unknown:{dev.secret}",
+            # A byte that is not UTF-8 in the id: aiohttp hands it over as a lone surrogate,
+            # which no store can take as a query parameter.
+            f"Device {dev.device_id}\xff:{dev.secret}",
             f"Device {dev.device_id}",
             "Bearer nope",
         ):
