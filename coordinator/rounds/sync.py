@@ -362,6 +362,15 @@ class SyncRounds(TaskPolicy):
         # whichever replicas store them, and the round cannot close in between.
         with store.atomic():
             rnd = store.lock_round(report.round_id)
+            # First: a retry that reached this replica while another stored its first try
+            # (the caller found none) is that report, whatever happened to the round since.
+            prior = store.get_eval_report(report.assignment_id)
+            if prior is not None:
+                if (prior.num_examples, prior.loss, prior.accuracy) == (
+                    report.num_examples, report.loss, report.accuracy
+                ):  # fmt: skip
+                    return
+                raise Conflict("this assignment already reported", ErrorCode.DUPLICATE_UPLOAD)
             if rnd is not None and rnd.state != "reporting":
                 raise Conflict("the round has closed", ErrorCode.ROUND_CLOSED)
             if rnd is not None and self._reports(rnd) >= rnd.goal:

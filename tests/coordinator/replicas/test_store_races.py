@@ -5,7 +5,8 @@ policies' level:
   another stores an update with the same bytes (two zero updates) into an open round; the
   update, once committed, must find its payload;
 * an evaluation round's goal: a report reaching a replica after another stored the last
-  one the goal allows, before any tick closed the round."""
+  one the goal allows, before any tick closed the round; and a report retried on another
+  replica while the first try was being stored."""
 
 from __future__ import annotations
 
@@ -172,6 +173,46 @@ def test_eval_reports_stop_at_the_goal_whichever_replica_stores_them(
         else:
             raise AssertionError("a report past the goal was stored")
         assert [r.assignment_id for r in second.round_eval_reports(rnd.round_id)] == ids[:2]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_an_eval_report_retried_on_another_replica_is_the_same_report(
+    replica_db: str, tmp_path: Path
+) -> None:
+    """A device's report reached replica 2 while replica 1 was storing its first try (the
+    service's check for a stored report found none): the same values are that report, stored
+    once and answered as accepted, even when it was the one that reached the goal; other
+    values are ``409 duplicate_upload``. Before, the retry was refused, ``duplicate_upload``
+    or, at the goal, ``round_closed``: the device was told its counted report was not."""
+    first, second = open_store(replica_db), open_store(replica_db)
+    blobs = BlobStore(tmp_path / "blobs")
+    try:
+        task, rnd = _open_round(first, "evaluate")
+        first.add_assignments(
+            [Assignment(a, rnd.round_id, "t-1", "d-" + a, "evaluate", "delivered", 1.0)
+             for a in ("e-0", "e-1")]
+        )  # fmt: skip
+
+        def report(store: Store, assignment_id: str, loss: float = 0.5) -> None:
+            sent = EvalReport(assignment_id, rnd.round_id, "t-1", "d-" + assignment_id, 10,
+                              loss, 0.9, 2.0, {})  # fmt: skip
+            SyncRounds(_context(store, blobs)).accept_eval(task, TaskPlan.from_json({}), sent, 2.0)
+
+        report(first, "e-0")
+        report(second, "e-0")
+        report(second, "e-1")  # the goal (2)
+        report(first, "e-1")
+        for assignment_id in ("e-0", "e-1"):
+            try:
+                report(first, assignment_id, loss=0.7)
+            except Conflict as e:
+                assert e.code == ErrorCode.DUPLICATE_UPLOAD
+            else:
+                raise AssertionError("a different report was taken for a reported assignment")
+        stored = second.round_eval_reports(rnd.round_id)
+        assert [(r.assignment_id, r.loss) for r in stored] == [("e-0", 0.5), ("e-1", 0.5)]
     finally:
         first.close()
         second.close()
