@@ -297,6 +297,9 @@ class SyncRounds(TaskPolicy):
                 state="reporting",
                 selected_at=now,
                 deadline_at=now + plan.round_deadline_s,
+                # The population the cohort was drawn from: among replicas a check-in that
+                # read the window open may store a candidate after this draw.
+                metrics={"candidates": len(candidates)},
             )
         out = store.get_round(rnd.round_id)
         assert out is not None
@@ -667,12 +670,14 @@ class SyncRounds(TaskPolicy):
         else:
             totals = store.update_totals(rnd.round_id)
         participants = sum(states.values())
+        drawn = rnd.metrics.get("candidates")
         return {
             "kind": rnd.kind,
             "base_version": rnd.base_version,
             "goal": rnd.goal,
             "target": rnd.target,
-            "candidates": store.count_candidates(rnd.round_id),
+            # the draw's population, which DP accounts the round with (recorded at selection)
+            "candidates": drawn if drawn is not None else store.count_candidates(rnd.round_id),
             "participants": participants,
             "reported": totals.count,
             "dropouts": participants - totals.count,
