@@ -257,10 +257,13 @@ class SyncRounds(TaskPolicy):
     def _select(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> Round:
         store = self.ctx.store
         count = store.count_candidates(rnd.round_id)
+        fewest = rnd.min_reports
+        if plan.secagg is not None and rnd.kind == "train":
+            fewest = max(fewest, 2)  # no SecAgg session has one device, whatever min_reports
         if count < rnd.goal:
             if now < rnd.opened_at + plan.selection_timeout_s:
                 return rnd
-            if count < rnd.min_reports:
+            if count < fewest:
                 return self._abandon_selection(task, rnd, now)
         candidates = store.candidates(rnd.round_id)
         cohort = min(rnd.target, len(candidates))

@@ -15,6 +15,7 @@ import pytest
 
 from coordinator.secagg import STAGES
 from tests.coordinator.secagg.peers import STAGE_S, TRAIN_S, Peer, SecAggRound
+from tests.fixtures.coordinator import DeviceHTTP
 
 
 def run_stages(r: SecAggRound, fake_clock, drops: dict[str, float], seed: int = 0) -> list[Peer]:
@@ -22,7 +23,7 @@ def run_stages(r: SecAggRound, fake_clock, drops: dict[str, float], seed: int = 
     (the clock then passes the stage's deadline); returns the peers that uploaded a masked
     vector: the survivors whose sum the server must unmask."""
     rng = np.random.default_rng(seed)
-    alive, uploaded = list(r.peers), []
+    alive, uploaded = list(r.peers), list[Peer]()
     for stage in STAGES:
         if alive[0].state()["stage"] == "closed":  # abandoned
             break
@@ -82,6 +83,35 @@ def test_fewer_survivors_than_the_threshold_abandon_the_round(
         assert [x["base_version"] for x in r.admin.rounds(r.task_id)] == [0, 0]
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("extra", [{}, {"dp": {"clip": 2.0, "noise_multiplier": 1.0}}])
+def test_a_window_that_times_out_with_one_candidate_abandons_the_selection_not_the_task(
+    clocked_coordinator, fake_clock, tiny_bundle, extra: dict
+) -> None:
+    """``min_reports`` may be 1 (goal 3 x 0.3), but no SecAgg session has one device: a
+    window that times out with a single candidate is abandoned like one with too few
+    candidates, and the check-in opens a new one. Selecting it failed the task (the session,
+    or distributed DP's threshold for it, could not be built)."""
+    admin = clocked_coordinator.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    plan = {"goal": 3, "over_selection": 1.0, "min_reporting_fraction": 0.3, "secagg": {},
+            "selection_window_s": 1.0, "selection_timeout_s": 5.0, **extra}  # fmt: skip
+    task_id = admin.create_task(bundle_id, plan)["task_id"]
+    d = DeviceHTTP(clocked_coordinator)
+    try:
+        assert d.check_in()["action"] == "wait"
+        fake_clock.advance(6.0)  # past the selection timeout
+        assert d.check_in()["action"] == "wait"
+        task = admin.task(task_id)
+        assert task["state"] == "running", task
+        timed_out, opened = admin.rounds(task_id)
+        assert (timed_out["state"], timed_out["metrics"]["reason"]) == (
+            "abandoned", "selection_timeout")  # fmt: skip
+        assert opened["state"] == "selecting"
+    finally:
+        d.close()
+        admin.close()
 
 
 def test_over_selection_takes_the_first_goal_devices_that_advertise(
