@@ -1101,13 +1101,18 @@ class Coordinator:
         return self.task_json(self._task(task_id))
 
     def set_paused(self, task_id: str, paused: bool) -> dict[str, Any]:
-        task = self._task(task_id)
+        self._task(task_id)
         want_from, to = ("running", "paused") if paused else ("paused", "running")
-        if task.state != want_from:
-            raise Conflict(f"task is {task.state}; only a {want_from} task can be made {to}")
-        if not paused and task.rounds_completed >= self._task_step(task, self._plan, task).rounds:
-            to = "completed"  # paused during its last round by an older coordinator
-        self.store.update_task(task_id, state=to)
+        # Read under the task's lock: among replicas another may be committing the task's
+        # last round (completed must not turn paused).
+        with self.store.atomic():
+            task = self.store.lock_task(task_id) or self._task(task_id)
+            if task.state != want_from:
+                raise Conflict(f"task is {task.state}; only a {want_from} task can be made {to}")
+            rounds = self._task_step(task, self._plan, task).rounds
+            if not paused and task.rounds_completed >= rounds:
+                to = "completed"  # paused during its last round by an older coordinator
+            self.store.update_task(task_id, state=to)
         return self.task_json(self._task(task_id))
 
     def rounds(self, task_id: str) -> dict[str, Any]:
@@ -1128,8 +1133,13 @@ class Coordinator:
                 "without noise, which the task's privacy ledger does not account for "
                 "(evaluate a downloaded version on data of your own)"
             )
-        self.store.update_task(task_id, pending_evaluations=task.pending_evaluations + 1)
-        return {"task_id": task_id, "pending_evaluations": task.pending_evaluations + 1}
+        # Counted under the task's lock: among replicas another may count one at once, or
+        # close an evaluation round and count it down.
+        with self.store.atomic():
+            fresh = self.store.lock_task(task_id) or task
+            pending = fresh.pending_evaluations + 1
+            self.store.update_task(task_id, pending_evaluations=pending)
+        return {"task_id": task_id, "pending_evaluations": pending}
 
     def task_bundle(self, task_id: str) -> bytes:
         task = self._task(task_id)

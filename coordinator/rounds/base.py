@@ -253,6 +253,19 @@ class TaskPolicy(ABC):
             rnd = build(fresh)
             return None if rnd is None else store.add_round(rnd)
 
+    def _advance(self, task: Task, new_version: int, done: bool) -> None:
+        """Count the commit of ``new_version`` on the task, inside the commit's transaction,
+        completing it if ``done`` (over a pause too: a task paused during its last round
+        must not train on). The state is read under the task's row lock: among replicas
+        another may have paused the task since ``task`` was read, and the pause stands."""
+        fresh = self.ctx.store.lock_task(task.task_id) or task
+        self.ctx.store.update_task(
+            task.task_id,
+            model_version=new_version,
+            rounds_completed=fresh.rounds_completed + 1,
+            state="completed" if done else fresh.state,
+        )
+
     def _next_round_number(self, task: Task) -> int:
         # Numbers count every round of the task, abandoned attempts and evaluations included.
         # From the newest round, not a count: retention deletes old rounds (never the newest).

@@ -415,13 +415,7 @@ class BufferedAsync(TaskPolicy):
             for old in store.list_rounds(task.task_id, min_base_version=0 if done else too_old):
                 if old.base_version == too_old or done:
                     store.expire_assignments(old.round_id, now)
-            store.update_task(
-                task.task_id,
-                model_version=new_version,
-                rounds_completed=task.rounds_completed + 1,
-                # paused too: a task paused during its last version must not train on
-                state="completed" if done else task.state,
-            )
+            self._advance(task, new_version, done)
 
         # Dropped whatever happens: after a failure the due commit is rebuilt from the store.
         self._let_go(task.task_id)

@@ -449,8 +449,10 @@ class SyncRounds(TaskPolicy):
                 )
                 store.expire_assignments(rnd.round_id, now)
                 if success:
+                    # Under the task's lock: another replica may have counted a new request.
+                    fresh = store.lock_task(task.task_id) or task
                     store.update_task(
-                        task.task_id, pending_evaluations=max(0, task.pending_evaluations - 1)
+                        task.task_id, pending_evaluations=max(0, fresh.pending_evaluations - 1)
                     )
         elif success:
             n = self.ctx.num_parameters(task)
@@ -479,13 +481,7 @@ class SyncRounds(TaskPolicy):
                     self.secagg.mark_reported(rnd, secagg, now)
                 store.expire_assignments(rnd.round_id, now)
                 done = task.rounds_completed + 1 >= plan.rounds or "stopped" in metrics
-                store.update_task(
-                    task.task_id,
-                    model_version=new_version,
-                    rounds_completed=task.rounds_completed + 1,
-                    # paused too: a task paused during its last round must not train on
-                    state="completed" if done else task.state,
-                )
+                self._advance(task, new_version, done)
 
             self.ctx.versions.commit_next(task, plan, n, delta, rnd.round_id, now, also=record)
         else:
