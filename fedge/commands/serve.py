@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, **overrides)
     except ConfigError as e:
         raise CommandError(str(e)) from e
+    _check_replica_tokens(cfg)
     configure_logging(args.log_level, args.log_format)
     from coordinator import event_loop
 
@@ -179,6 +180,22 @@ def run(args: argparse.Namespace) -> int:
 
         return Supervisor(cfg, print_token=not token, log=(args.log_level, args.log_format)).run()
     return event_loop.run(serve(cfg, print_token=not token), cfg.event_loop, cfg.tls)
+
+
+def _check_replica_tokens(cfg: Any) -> None:
+    """A replica drawing its own random tokens, as a coordinator alone does, would answer
+    an operator's or a new device's call or refuse it by which replica the load balancer
+    picked: every replica needs the same ones, given."""
+    if not cfg.replica:
+        return
+    missing = [what for what, given in (
+        ("admin token (--admin-token, $FEDGE_ADMIN_TOKEN or admin_token)", cfg.admin_token),
+        ("enrollment token (--enrollment-token, $FEDGE_ENROLLMENT_TOKEN or enrollment_token; "
+         "or --open-registration)", cfg.enrollment_token or cfg.open_registration),
+    ) if not given]  # fmt: skip
+    if missing:
+        raise CommandError(f"--replica needs the {' and the '.join(missing)}, the same on every "
+                           "replica: one drawn by each replica would not be")  # fmt: skip
 
 
 def configure_logging(level: str, fmt: str) -> None:

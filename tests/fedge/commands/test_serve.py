@@ -134,3 +134,16 @@ def test_db_on_the_command_line_wins_over_the_config_files_database_url(tmp_path
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert (tmp_path / "f.db").is_file() and (tmp_path / "blobs").is_dir()
+
+
+def test_a_replica_needs_its_tokens_given_not_drawn(tmp_path: Path) -> None:
+    """Each ``--replica`` drew random tokens of its own: an operator's call or a new device's
+    registration passed or got 401 by which replica the load balancer picked."""
+    cases = (({"FEDGE_ADMIN_TOKEN": "", "FEDGE_ENROLLMENT_TOKEN": "e"}, "admin"),
+             ({"FEDGE_ADMIN_TOKEN": "a", "FEDGE_ENROLLMENT_TOKEN": ""}, "enrollment"))
+    for env, missing in cases:
+        proc = _serve("--db", str(tmp_path / "f.db"), "--port", "0", "--replica", env=env)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        assert f"--replica needs the {missing} token" in err and "same on every replica" in err
+    assert list(tmp_path.iterdir()) == []
