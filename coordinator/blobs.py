@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from coordinator.store import Store
@@ -51,10 +51,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DERIVED_KINDS",
     "BackgroundDeletes",
-    "BlobDirectoryTaken",
     "BlobStore",
     "Collected",
     "Staged",
+    "WrongBlobDirectory",
     "delete_unneeded",
     "fsync_dir",
 ]
@@ -70,8 +70,9 @@ DERIVED_KINDS = frozenset({"frame"})
 OWNER_FILE = "store.json"
 
 
-class BlobDirectoryTaken(RuntimeError):
-    """The blob directory belongs to another database than the one the coordinator opened."""
+class WrongBlobDirectory(RuntimeError):
+    """The blob directory is not the opened database's: another database's, or a new one
+    without its blobs."""
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,27 @@ class BlobStore:
                 else:
                     stale.unlink(missing_ok=True)
 
+    def _marker(self) -> dict[str, Any] | None:
+        owner = self.root / OWNER_FILE
+        try:
+            found = json.loads(owner.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            raise WrongBlobDirectory(f"{owner} is not the file fedge wrote: {e}") from e
+        if not isinstance(found, dict):
+            raise WrongBlobDirectory(f"{owner} is not the file fedge wrote: {found!r}")
+        return found
+
+    def owner(self) -> str | None:
+        """The ``store_id`` of the database this directory belongs to (None: none yet)."""
+        found = self._marker()
+        return None if found is None else str(found.get("store_id"))
+
     def claim(self, store_id: str, predecessor: str | None = None) -> None:
         """Make this directory the blobs of database ``store_id``
         (:class:`~coordinator.store.base.StoreIdentity`), or refuse with
-        :class:`BlobDirectoryTaken` if it holds another database's.
+        :class:`WrongBlobDirectory` if it holds another database's.
 
         A coordinator alone on its database deletes at start every blob its records do not
         name, so a wrong ``--db`` (a mistyped file, a fresh one, a database migrated away
@@ -173,16 +191,11 @@ class BlobStore:
         owner = self.root / OWNER_FILE
         mine = json.dumps({"store_id": store_id, "predecessor": predecessor}).encode()
         for _ in range(2):
-            try:
-                current = json.loads(owner.read_bytes())
-            except FileNotFoundError:
-                current = None
-            except ValueError as e:
-                raise BlobDirectoryTaken(f"{owner} is not the file fedge wrote: {e}") from e
+            current = self._marker()
             if current is not None and current.get("store_id") == store_id:
                 return
             if current is not None and current.get("store_id") != predecessor:
-                raise BlobDirectoryTaken(_taken_message(self.root, store_id, predecessor, current))
+                raise WrongBlobDirectory(_taken_message(self.root, store_id, predecessor, current))
             fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -203,7 +216,7 @@ class BlobStore:
                 log.info("blob directory %s passes from database %s to %s, migrated from it",
                          self.root, predecessor, store_id)  # fmt: skip
             return
-        raise BlobDirectoryTaken(f"{owner} changed while it was claimed; try again")
+        raise WrongBlobDirectory(f"{owner} changed while it was claimed; try again")
 
     def path(self, sha: str) -> Path:
         if not _SHA_RE.match(sha):

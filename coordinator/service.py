@@ -35,7 +35,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from coordinator.blobs import BackgroundDeletes, BlobStore, Collected, Staged, delete_unneeded
+from coordinator.blobs import (
+    BackgroundDeletes,
+    BlobStore,
+    Collected,
+    Staged,
+    WrongBlobDirectory,
+    delete_unneeded,
+)
 from coordinator.bundles import bundle_tar, extract_bundle, initial_params_name, version_manifest
 from coordinator.clock import Clock, SystemClock
 from coordinator.config import CoordinatorConfig
@@ -205,6 +212,8 @@ class Coordinator:
         )
         # Before anything reads or sweeps the directory: it must be this database's.
         identity = self.store.identity()
+        if self.blobs.owner() is None:
+            self._check_versions_present()
         self.blobs.claim(identity.store_id, identity.predecessor)
         self.clock = clock or SystemClock()
         self.admin_token = config.admin_token or secrets.token_hex(24)
@@ -284,6 +293,19 @@ class Coordinator:
                 self.collect_garbage()
             except Exception:  # retried at the next interval
                 log.exception("replica: collecting orphaned blobs failed")
+
+    def _check_versions_present(self) -> None:
+        """A directory no database has claimed yet must hold the tasks' current versions:
+        a database with tasks started on a new, empty directory (``--blobs`` forgotten after
+        ``fedge db migrate``) would accept uploads for rounds it can never commit."""
+        for task in self.store.list_tasks():
+            version = self.store.get_version(task.task_id, task.model_version)
+            if version is not None and not self.blobs.exists(version.params_sha):
+                raise WrongBlobDirectory(
+                    f"blob directory {self.blobs.root} does not hold task {task.task_id}'s "
+                    f"version {task.model_version}: give the directory this database's blobs "
+                    "are in (--blobs)"
+                )
 
     def collect_garbage(self) -> Collected:
         """Delete blobs no record needs any more (see :mod:`coordinator.blobs`).

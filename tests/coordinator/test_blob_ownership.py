@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.admin import tar_directory
-from coordinator.blobs import OWNER_FILE, BlobDirectoryTaken, BlobStore
+from coordinator.blobs import OWNER_FILE, BlobStore, WrongBlobDirectory
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator
 from coordinator.store import SQLiteStore
@@ -50,7 +50,7 @@ def test_a_new_database_on_a_directory_in_use_is_refused_and_deletes_nothing(
 ) -> None:
     """Before, the new database's start-up sweep deleted the bundle: no record names it."""
     blobs, files = _in_use(tmp_path, tiny_bundle)
-    with pytest.raises(BlobDirectoryTaken, match=r"belongs to database \w+, not to this one"):
+    with pytest.raises(WrongBlobDirectory, match=r"belongs to database \w+, not to this one"):
         _started(str(tmp_path / "mistyped.db"), blobs)
     assert _files(blobs) == files
     _started(str(tmp_path / "a.db"), blobs).close()  # its own database still serves it
@@ -73,10 +73,27 @@ def test_the_directory_passes_to_the_migrated_database_and_not_back(
     b.blobs.put(b"written after the move")  # what the old database's sweep would delete
     b.close()
     files = _files(blobs)
-    with pytest.raises(BlobDirectoryTaken, match="migrated from this one"):
+    with pytest.raises(WrongBlobDirectory, match="migrated from this one"):
         _started(str(tmp_path / "a.db"), blobs)
     assert _files(blobs) == files
     _started(postgres_url, blobs).close()
+
+
+def test_a_database_with_tasks_on_a_new_directory_is_refused(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """The way back from PostgreSQL without ``--blobs``: the file's blobs were looked for in
+    an empty ``NEW.db.blobs``, and the coordinator took uploads for rounds it could never
+    commit (its versions not found)."""
+    a = _started(str(tmp_path / "a.db"), tmp_path / "blobs")
+    bundle_id = a.add_bundle(tar_directory(tiny_bundle))["bundle_id"]
+    task = a.create_task(json.dumps({"bundle_id": bundle_id, "plan": {"goal": 2}}).encode())
+    a.close()
+    with pytest.raises(WrongBlobDirectory,
+                       match=f"does not hold task {task['task_id']}'s version 0"):  # fmt: skip
+        _started(str(tmp_path / "a.db"), tmp_path / "empty")
+    assert not (tmp_path / "empty" / OWNER_FILE).exists()  # nor taken by it
+    _started(str(tmp_path / "a.db"), tmp_path / "blobs").close()
 
 
 def test_claim_takes_a_free_directory_once(tmp_path: Path) -> None:
@@ -85,13 +102,13 @@ def test_claim_takes_a_free_directory_once(tmp_path: Path) -> None:
     blobs.claim("s-1")  # again: nothing changes
     assert json.loads((tmp_path / "b" / OWNER_FILE).read_text()) == {
         "store_id": "s-1", "predecessor": None}  # fmt: skip
-    with pytest.raises(BlobDirectoryTaken, match="belongs to database s-1, not to this one "
+    with pytest.raises(WrongBlobDirectory, match="belongs to database s-1, not to this one "
                        r"\(s-2, migrated from s-9\)"):  # fmt: skip
         blobs.claim("s-2", "s-9")
     blobs.claim("s-2", "s-1")
-    with pytest.raises(BlobDirectoryTaken, match=r"s-2, migrated from this one \(s-1\)"):
+    with pytest.raises(WrongBlobDirectory, match=r"s-2, migrated from this one \(s-1\)"):
         blobs.claim("s-1")
     (tmp_path / "b" / OWNER_FILE).write_text("{not json")
-    with pytest.raises(BlobDirectoryTaken, match="not the file fedge wrote"):
+    with pytest.raises(WrongBlobDirectory, match="not the file fedge wrote"):
         blobs.claim("s-2")
     assert list((tmp_path / "b" / "tmp").iterdir()) == []
