@@ -126,11 +126,20 @@ class BlobStore:
     are all made, durably, when the store opens: none is made while blobs are written."""
 
     def __init__(
-        self, root: Path | str, *, unlink_later: bool = False, shared_after_s: float | None = None
+        self,
+        root: Path | str,
+        *,
+        unlink_later: bool = False,
+        shared_after_s: float | None = None,
+        drop_leftovers: bool = True,
     ) -> None:
         """``shared_after_s``: other processes write here too (replicas): their temporary
-        files are theirs, so only leftovers older than this are dropped at start."""
+        files are theirs, so only leftovers older than this are dropped at start.
+        ``drop_leftovers`` False: not yet, the owner calls :meth:`drop_leftovers` once it
+        knows the directory is its own (:meth:`claim`): in another deployment's directory
+        they are that deployment's writes under way."""
         self.root = Path(root)
+        self._shared_after_s = shared_after_s
         # Blobs deleted and not yet unlinked: hash -> unlinks pending.
         self._doomed: Counter[str] = Counter()
         self._doomed_changed = threading.Condition()
@@ -148,8 +157,13 @@ class BlobStore:
         for i in range(256):
             (self.root / f"{i:02x}").mkdir(exist_ok=True)
         fsync_dir(self.root)
-        # Leftovers of writes a crash interrupted are never referenced: drop them (files of
-        # put(), directories of a bundle upload being unpacked).
+        if drop_leftovers:
+            self.drop_leftovers()
+
+    def drop_leftovers(self) -> None:
+        """Leftovers of writes a crash interrupted are never referenced: drop them (files of
+        put(), directories of a bundle upload being unpacked)."""
+        shared_after_s = self._shared_after_s
         cutoff = None if shared_after_s is None else time.time() - shared_after_s
         for stale in self._tmp.iterdir():
             with contextlib.suppress(FileNotFoundError):  # another process's, just removed

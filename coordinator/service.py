@@ -208,6 +208,7 @@ class Coordinator:
                 config.blob_dir,
                 unlink_later=not config.shared,
                 shared_after_s=config.replica_orphan_age_s if config.shared else None,
+                drop_leftovers=False,  # below, once the directory is known to be ours
             )
         )
         # Before anything reads or sweeps the directory: it must be this database's.
@@ -215,6 +216,8 @@ class Coordinator:
         if self.blobs.owner() is None:
             self._check_versions_present()
         self.blobs.claim(identity.store_id, identity.predecessor)
+        if blobs is None:
+            self.blobs.drop_leftovers()
         self.clock = clock or SystemClock()
         self.admin_token = config.admin_token or secrets.token_hex(24)
         # None only when the operator opened registration on purpose.

@@ -112,3 +112,24 @@ def test_claim_takes_a_free_directory_once(tmp_path: Path) -> None:
     with pytest.raises(WrongBlobDirectory, match="not the file fedge wrote"):
         blobs.claim("s-2")
     assert list((tmp_path / "b" / "tmp").iterdir()) == []
+
+
+def test_a_refused_database_leaves_the_directory_s_writes_under_way(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """The directory's temporary files are its coordinator's writes under way (an upload
+    staged for the next group commit, a bundle being unpacked). Before, the refused
+    coordinator's blob store dropped them as leftovers of a crash before the directory was
+    checked, and the serving coordinator's install then failed: nothing of another
+    deployment's may be deleted before the claim."""
+    blobs, _ = _in_use(tmp_path, tiny_bundle)
+    serving = BlobStore(blobs)
+    staged = serving.stage(b"an upload of the serving coordinator")
+    with pytest.raises(WrongBlobDirectory, match="not to this one"):
+        _started(str(tmp_path / "mistyped.db"), blobs)
+    assert staged.tmp.exists()
+    serving.install([staged])
+    assert serving.read(staged.sha) == b"an upload of the serving coordinator"
+    (blobs / "tmp" / "leftover").write_bytes(b"half a blob")  # a crash's, on its own database
+    _started(str(tmp_path / "a.db"), blobs).close()
+    assert list((blobs / "tmp").iterdir()) == []
