@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from coordinator.store import Store
+    from coordinator.store.base import StoreIdentity
 
 __all__ = [
     "DERIVED_KINDS",
@@ -191,25 +192,26 @@ class BlobStore:
         found = self._marker()
         return None if found is None else str(found.get("store_id"))
 
-    def claim(self, store_id: str, predecessor: str | None = None) -> None:
-        """Make this directory the blobs of database ``store_id``
-        (:class:`~coordinator.store.base.StoreIdentity`), or refuse with
+    def claim(self, identity: StoreIdentity) -> None:
+        """Make this directory the blobs of the database ``identity`` names (as its latest
+        start, :meth:`~coordinator.store.base.Store.start`, left it), or refuse with
         :class:`WrongBlobDirectory` if it holds another database's.
 
         A coordinator alone on its database deletes at start every blob its records do not
         name, so a wrong ``--db`` (a mistyped file, a fresh one, a database migrated away
         from and served again) on a directory in use would delete that deployment's models
         and acknowledged updates. A directory naming no database (new, or from before this
-        file) is taken; one naming ``predecessor`` passes to the database migrated from it,
-        after which the database it was copied from is refused here."""
+        file) is taken; one naming the database's predecessor passes to it if that one has
+        not served here since the copy (its generation then is the one the copy recorded:
+        else the copy would delete what it wrote since); after that, the database copied
+        from is refused here."""
         owner = self.root / OWNER_FILE
-        mine = json.dumps({"store_id": store_id, "predecessor": predecessor}).encode()
+        mine = json.dumps({"store_id": identity.store_id, "generation": identity.generation,
+                           "predecessor": identity.predecessor}).encode()  # fmt: skip
         for _ in range(2):
             current = self._marker()
-            if current is not None and current.get("store_id") == store_id:
-                return
-            if current is not None and current.get("store_id") != predecessor:
-                raise WrongBlobDirectory(_taken_message(self.root, store_id, predecessor, current))
+            if current is not None and current.get("store_id") != identity.store_id:
+                _check_hand_over(self.root, identity, current)
             fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -226,9 +228,9 @@ class BlobStore:
             finally:
                 Path(tmp_name).unlink(missing_ok=True)
             fsync_dir(self.root)
-            if current is not None:
+            if current is not None and current.get("store_id") != identity.store_id:
                 log.info("blob directory %s passes from database %s to %s, migrated from it",
-                         self.root, predecessor, store_id)  # fmt: skip
+                         self.root, identity.predecessor, identity.store_id)  # fmt: skip
             return
         raise WrongBlobDirectory(f"{owner} changed while it was claimed; try again")
 
@@ -500,18 +502,30 @@ class BlobStore:
         return Collected(count, size)
 
 
-def _taken_message(root: Path, store_id: str, predecessor: str | None,
-                   current: dict[str, object]) -> str:  # fmt: skip
-    owner = current.get("store_id")
-    if current.get("predecessor") == store_id:
-        return (f"blob directory {root} belongs to database {owner}, migrated from this one "
-                f"({store_id}), which has served from it since: serving this one on it would "
-                "delete what that one wrote. Give this database a directory of its own "
-                "(--blobs)")  # fmt: skip
-    this = f"{store_id}, migrated from {predecessor}" if predecessor else store_id
-    return (f"blob directory {root} belongs to database {owner}, not to this one ({this}): "
-            "give this database's own directory (--blobs), or an empty one for a new "
-            "deployment")  # fmt: skip
+def _check_hand_over(root: Path, identity: StoreIdentity, current: dict[str, Any]) -> None:
+    """Refuses unless the directory's database is ``identity``'s predecessor and has not
+    started here since the copy."""
+    owner, this = current.get("store_id"), identity.store_id
+    if current.get("predecessor") == this:
+        raise WrongBlobDirectory(
+            f"blob directory {root} belongs to database {owner}, migrated from this one "
+            f"({this}), which has served from it since: serving this one on it would delete "
+            "what that one wrote. Give this database a directory of its own (--blobs)"
+        )
+    if owner != identity.predecessor or identity.predecessor is None:
+        copied = f", migrated from {identity.predecessor}" if identity.predecessor else ""
+        raise WrongBlobDirectory(
+            f"blob directory {root} belongs to database {owner}, not to this one "
+            f"({this}{copied}): give this database's own directory (--blobs), or an empty one "
+            "for a new deployment"
+        )
+    if int(current.get("generation") or 0) > (identity.predecessor_generation or 0):
+        raise WrongBlobDirectory(
+            f"blob directory {root} belongs to database {owner}, which this one ({this}) was "
+            "copied from and which has served from it since the copy: taking it over would "
+            "delete what that one wrote since. Copy again (fedge db migrate into an empty "
+            "database) or give this database a directory of its own (--blobs)"
+        )
 
 
 # Blobs decided in one transaction: among replicas each is an advisory lock held to the

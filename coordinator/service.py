@@ -212,10 +212,9 @@ class Coordinator:
             )
         )
         # Before anything reads or sweeps the directory: it must be this database's.
-        identity = self.store.identity()
         if self.blobs.owner() is None:
             self._check_versions_present()
-        self.blobs.claim(identity.store_id, identity.predecessor)
+        self.blobs.claim(self.store.start())
         if blobs is None:
             self.blobs.drop_leftovers()
         self.clock = clock or SystemClock()

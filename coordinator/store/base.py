@@ -216,13 +216,16 @@ class PartialSum:
 
 @dataclass(frozen=True)
 class StoreIdentity:
-    """Which database this is: ``store_id`` made when it was created, and ``predecessor``,
-    the ``store_id`` of the database ``fedge db migrate`` copied its records from (None: it
-    began empty). A blob directory names the database it belongs to
-    (:meth:`coordinator.blobs.BlobStore.claim`)."""
+    """Which database this is: ``store_id`` made when it was created, ``generation`` the
+    coordinator starts on it so far (:meth:`Store.start`), and ``predecessor``, the
+    ``store_id`` of the database ``fedge db migrate`` copied its records from (None: it
+    began empty), with that database's generation at the copy. A blob directory names the
+    database it belongs to (:meth:`coordinator.blobs.BlobStore.claim`)."""
 
     store_id: str
+    generation: int
     predecessor: str | None
+    predecessor_generation: int | None
 
 
 class Store(ABC):
@@ -258,6 +261,10 @@ class Store(ABC):
 
     @abstractmethod
     def identity(self) -> StoreIdentity: ...
+
+    @abstractmethod
+    def start(self) -> StoreIdentity:
+        """Count a coordinator's start on this database (durably); its identity after."""
 
     # devices
     @abstractmethod

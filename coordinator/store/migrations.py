@@ -297,14 +297,29 @@ def replica_update_numbers(db: Schema) -> None:
 
 @migration(9)
 def store_identity(db: Schema) -> None:
-    """``store_identity``: one row naming this database (``store_id``, random) and the one
-    ``fedge db migrate`` copied its records from (``predecessor``), so that a blob directory
-    can name the database it belongs to: a coordinator started on another database would
-    otherwise take the directory for its own and, as it starts, delete every blob its
-    records do not name (:meth:`coordinator.blobs.BlobStore.claim`)."""
+    """``store_identity``: one row naming this database (``store_id``, random), counting the
+    coordinator starts on it (``generation``), and naming the database ``fedge db migrate``
+    copied its records from with that one's count at the copy (``predecessor``,
+    ``predecessor_generation``), so that a blob directory can name the database it belongs
+    to: a coordinator started on another database would otherwise take the directory for
+    its own and, as it starts, delete every blob its records do not name
+    (:meth:`coordinator.blobs.BlobStore.claim`)."""
     db.table("store_identity").create(
-        {"store_id": str, "predecessor": str, "created_at": float}, pk="store_id"
+        {
+            "store_id": str,
+            "generation": int,
+            "predecessor": str,
+            "predecessor_generation": int,
+            "created_at": float,
+        },
+        pk="store_id",
     )
     db.table("store_identity").insert(
-        {"store_id": uuid.uuid4().hex, "predecessor": None, "created_at": time.time()}
+        {
+            "store_id": uuid.uuid4().hex,
+            "generation": 0,
+            "predecessor": None,
+            "predecessor_generation": None,
+            "created_at": time.time(),
+        }
     )

@@ -767,13 +767,21 @@ class SQLStore(Store):
                     self._execute_many(insert, rows)
                     copied[table] += len(rows)
             self._records_copied()
-            self._execute("update store_identity set predecessor = ?",
-                          [source.identity().store_id])  # fmt: skip
+            was = source.identity()
+            self._execute("update store_identity set predecessor = ?, predecessor_generation = ?",
+                          [was.store_id, was.generation])  # fmt: skip
         return copied
 
     def identity(self) -> StoreIdentity:
-        row = self._execute("select store_id, predecessor from store_identity").fetchone()
-        return StoreIdentity(row[0], row[1])
+        row = self._execute(
+            "select store_id, generation, predecessor, predecessor_generation from store_identity"
+        ).fetchone()
+        return StoreIdentity(row[0], int(row[1]), row[2], row[3])
+
+    def start(self) -> StoreIdentity:
+        with self.atomic():
+            self._execute("update store_identity set generation = generation + 1")
+            return self.identity()
 
     def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every record, table by table (sorted): what a copy must reproduce (the identity,

@@ -18,11 +18,14 @@ from coordinator.blobs import OWNER_FILE, BlobStore, WrongBlobDirectory
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator
 from coordinator.store import SQLiteStore
+from coordinator.store.base import StoreIdentity
 from coordinator.store.postgres import PostgresStore
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    """Every file but the owner file (a start rewrites it with the database's generation)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and p.name != OWNER_FILE}  # fmt: skip
 
 
 def _started(db: str, blobs: Path) -> Coordinator:
@@ -41,7 +44,7 @@ def _in_use(tmp_path: Path, tiny_bundle: Path) -> tuple[Path, dict[str, bytes]]:
     a.add_bundle(tar_directory(tiny_bundle))
     a.close()
     files = _files(blobs)
-    assert files
+    assert files and (blobs / OWNER_FILE).is_file()
     return blobs, files
 
 
@@ -66,6 +69,7 @@ def test_the_directory_passes_to_the_migrated_database_and_not_back(
     source, target = SQLiteStore(tmp_path / "a.db"), PostgresStore(postgres_url)
     target.copy_from(source)
     assert target.identity().predecessor == source.identity().store_id
+    assert target.identity().predecessor_generation == source.identity().generation == 1
     assert target.identity().store_id != source.identity().store_id
     source.close()
     target.close()
@@ -96,21 +100,49 @@ def test_a_database_with_tasks_on_a_new_directory_is_refused(
     _started(str(tmp_path / "a.db"), tmp_path / "blobs").close()
 
 
-def test_claim_takes_a_free_directory_once(tmp_path: Path) -> None:
+def test_a_copy_whose_source_served_since_does_not_take_the_directory(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """The file copied, then served again on the shared directory before the copy first
+    started: the copy's records lack what the file wrote since, and before, its start-up
+    sweep deleted it (then the file was refused there). Now the copy is refused."""
+    blobs, _ = _in_use(tmp_path, tiny_bundle)
+    source, target = SQLiteStore(tmp_path / "a.db"), SQLiteStore(tmp_path / "b.db")
+    target.copy_from(source)
+    source.close()
+    target.close()
+    a = _started(str(tmp_path / "a.db"), blobs)
+    a.blobs.put(b"written by the file after the copy")
+    a.close()
+    files = _files(blobs)
+    with pytest.raises(WrongBlobDirectory, match="has served from it since the copy"):
+        _started(str(tmp_path / "b.db"), blobs)
+    assert _files(blobs) == files
+    _started(str(tmp_path / "a.db"), blobs).close()  # still the file's
+
+
+def _identity(store_id: str, generation: int = 1, predecessor: str | None = None,
+              at_copy: int | None = None) -> StoreIdentity:  # fmt: skip
+    return StoreIdentity(store_id, generation, predecessor, at_copy)
+
+
+def test_claim_takes_a_free_directory_and_hands_it_over_once(tmp_path: Path) -> None:
     blobs = BlobStore(tmp_path / "b")
-    blobs.claim("s-1")
-    blobs.claim("s-1")  # again: nothing changes
+    blobs.claim(_identity("s-1"))
+    blobs.claim(_identity("s-1", 2))  # its next start
     assert json.loads((tmp_path / "b" / OWNER_FILE).read_text()) == {
-        "store_id": "s-1", "predecessor": None}  # fmt: skip
+        "store_id": "s-1", "generation": 2, "predecessor": None}  # fmt: skip
     with pytest.raises(WrongBlobDirectory, match="belongs to database s-1, not to this one "
                        r"\(s-2, migrated from s-9\)"):  # fmt: skip
-        blobs.claim("s-2", "s-9")
-    blobs.claim("s-2", "s-1")
+        blobs.claim(_identity("s-2", 1, "s-9", 2))
+    with pytest.raises(WrongBlobDirectory, match="served from it since the copy"):
+        blobs.claim(_identity("s-2", 1, "s-1", 1))  # copied at s-1's first start
+    blobs.claim(_identity("s-2", 1, "s-1", 2))
     with pytest.raises(WrongBlobDirectory, match=r"s-2, migrated from this one \(s-1\)"):
-        blobs.claim("s-1")
+        blobs.claim(_identity("s-1", 3))
     (tmp_path / "b" / OWNER_FILE).write_text("{not json")
     with pytest.raises(WrongBlobDirectory, match="not the file fedge wrote"):
-        blobs.claim("s-2")
+        blobs.claim(_identity("s-2", 2, "s-1", 2))
     assert list((tmp_path / "b" / "tmp").iterdir()) == []
 
 
