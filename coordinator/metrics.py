@@ -112,9 +112,12 @@ class StoreReader:
     """Reads :class:`StoreFigures` for a scrape; call :meth:`read` on the worker thread.
 
     Counters and the round-duration histogram must never go down, though retention may
-    delete old rounds: each closed round is taken once, when first seen (after a restart the
-    first scrape takes the stored history), and its updates, bytes and duration are added to
-    running totals; open rounds add their current totals on top.
+    delete old rounds. Accepted updates and their bytes are the store's own totals, which
+    count the rows retention deleted (``tasks.updates_retired``, ``update_bytes_retired``):
+    every process and replica reads the same figures, whatever it saw before (the processes
+    of ``fedge serve --processes K`` answer the scrapes of one series in turn). A round's
+    duration is not kept once its round is deleted: each closed round is observed once, when
+    first seen (after a restart the first scrape takes the stored history).
     """
 
     def __init__(
@@ -129,14 +132,11 @@ class StoreReader:
         # current (the dashboard's, which re-reads a list only when its task moved on).
         self._rounds_of = rounds_of or (lambda task: coord.store.list_rounds(task.task_id))
         self._seen: set[int] = set()
-        self._updates = 0
-        self._bytes = 0
 
     def read(self) -> StoreFigures:
         coord, store = self.coord, self.coord.store
         out = StoreFigures(devices=store.count_devices(),
                            active_devices=active_devices(coord, coord.clock.now()))
-        open_updates = open_bytes = 0
         listed: set[int] = set()
         for task in store.list_tasks():
             out.tasks_by_state[task.state] = out.tasks_by_state.get(task.state, 0) + 1
@@ -147,21 +147,14 @@ class StoreReader:
                 out.rounds_by_state[key] = out.rounds_by_state.get(key, 0) + 1
                 if rnd.is_open:
                     out.open_rounds += 1
-                    if rnd.kind == "train":
-                        totals = store.update_totals(rnd.round_id)
-                        open_updates += totals.count
-                        open_bytes += totals.payload_bytes
                 elif rnd.round_id not in self._seen and rnd.closed_at is not None:
                     self._seen.add(rnd.round_id)
                     self._round_seconds.labels(task.mode, rnd.state).observe(
                         rnd.closed_at - rnd.opened_at
                     )
-                    if rnd.kind == "train":
-                        self._updates += int(rnd.metrics.get("reported") or 0)
-                        self._bytes += int(rnd.metrics.get("bytes_in") or 0)
         self._seen &= listed  # rounds retention deleted will not come back
-        out.updates = self._updates + open_updates
-        out.update_bytes = self._bytes + open_bytes
+        out.updates = store.count_accepted_updates()
+        out.update_bytes = store.accepted_update_bytes()
         out.db_bytes, out.blob_bytes = storage_bytes(coord)
         return out
 

@@ -341,8 +341,8 @@ class Store(ABC):
     def delete_rounds(self, round_ids: Sequence[int]) -> None:
         """Delete closed rounds with every row that hangs off them (candidates, assignments,
         updates, evaluation reports), in one transaction; the update rows are added to their
-        tasks' count of retired updates in it. An open round is refused with
-        :class:`StoreError` and nothing is deleted."""
+        tasks' count of retired updates, and their payload bytes to its retired bytes, in it.
+        An open round is refused with :class:`StoreError` and nothing is deleted."""
 
     # selection candidates
     @abstractmethod
@@ -406,6 +406,11 @@ class Store(ABC):
     def count_accepted_updates(self) -> int:
         """Every update ever accepted: those stored, plus those :meth:`delete_rounds` deleted
         (counted per task in its transaction), so retention does not shrink the figure."""
+
+    @abstractmethod
+    def accepted_update_bytes(self) -> int:
+        """The payload bytes of every update ever accepted, as :meth:`count_accepted_updates`
+        counts them (retention does not shrink the figure)."""
 
     @abstractmethod
     def update_totals(self, round_id: int) -> UpdateTotals:

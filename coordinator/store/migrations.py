@@ -323,3 +323,12 @@ def store_identity(db: Schema) -> None:
             "created_at": time.time(),
         }
     )
+
+
+@migration(10)
+def retired_update_bytes(db: Schema) -> None:
+    """``tasks.update_bytes_retired``: the payload bytes of the update rows counted in
+    ``updates_retired`` (NULL: none), so that the bytes of the updates ever accepted do not
+    shrink with history either: ``/metrics`` reads both from the store, and every process
+    and replica of a node reports them alike, whatever it saw before retention ran."""
+    db.table("tasks").add_column("update_bytes_retired", int)

@@ -451,7 +451,7 @@ class SQLStore(Store):
         self._update("rounds", {"round_id": round_id}, values)
 
     def delete_rounds(self, round_ids: Sequence[int]) -> None:
-        retired: dict[str, int] = {}  # task -> update rows deleted
+        retired: dict[str, tuple[int, int]] = {}  # task -> update rows deleted, their bytes
         with self.atomic():
             for chunk in _chunks(round_ids):
                 marks = _marks(len(chunk))
@@ -465,19 +465,23 @@ class SQLStore(Store):
                 # The rows this statement deleted, not a count read before it: a replica's
                 # concurrent pass over the same rounds counts each row once.
                 gone = self._execute(
-                    f"delete from updates where round_id in ({marks}) returning task_id", chunk
+                    f"delete from updates where round_id in ({marks}) "
+                    "returning task_id, payload_bytes",
+                    chunk,
                 ).fetchall()
-                for (task_id,) in gone:
-                    retired[task_id] = retired.get(task_id, 0) + 1
+                for task_id, payload_bytes in gone:
+                    n, size = retired.get(task_id, (0, 0))
+                    retired[task_id] = (n + 1, size + int(payload_bytes or 0))
                 for table in ("candidates", "eval_reports", "assignments", "secagg_events",
                               "partial_sums", "rounds"):  # fmt: skip
                     self._execute(f'delete from "{table}" where round_id in ({marks})', chunk)
             # Last, after the rounds' rows: an upload batch locks rounds before the task.
-            for task_id, n in sorted(retired.items()):
+            for task_id, (n, size) in sorted(retired.items()):
                 self._execute(
-                    "update tasks set updates_retired = coalesce(updates_retired, 0) + ? "
+                    "update tasks set updates_retired = coalesce(updates_retired, 0) + ?, "
+                    "update_bytes_retired = coalesce(update_bytes_retired, 0) + ? "
                     "where task_id = ?",
-                    [n, task_id],
+                    [n, size, task_id],
                 )
 
     # -- candidates -------------------------------------------------------------------------
@@ -595,6 +599,13 @@ class SQLStore(Store):
         return self._count(
             "select (select count(*) from updates) + "
             "(select coalesce(sum(updates_retired), 0) from tasks)"
+        )
+
+    def accepted_update_bytes(self) -> int:
+        # One statement, as count_accepted_updates.
+        return self._count(
+            "select (select coalesce(sum(payload_bytes), 0) from updates) + "
+            "(select coalesce(sum(update_bytes_retired), 0) from tasks)"
         )
 
     def update_totals(self, round_id: int) -> UpdateTotals:

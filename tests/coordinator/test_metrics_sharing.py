@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -387,9 +388,11 @@ def test_the_dashboards_queue_depth_is_the_nodes(
     try:
         busy.start()
         waiting.start()
-        # the registration, and the deadline ticks due meanwhile
-        wait_for(lambda: depth_on_a() >= 1, what="b's waiting registration on a's dashboard")
-        assert min(depth_on_a() for _ in range(10)) >= 1  # not a's own work of a moment
+        # the registration, and the deadline ticks due meanwhile, once b has published
+        # them (within its interval): ten reads in a row, so that a's own work of a moment
+        # (a deadline tick) does not pass for b's share before b wrote it
+        wait_for(lambda: min(depth_on_a() for _ in range(10)) >= 1,
+                 what="b's waiting registration on a's dashboard")  # fmt: skip
     finally:
         release.set()
         busy.join()
@@ -420,6 +423,34 @@ def test_a_refusal_by_one_replica_shows_on_the_others_round_page(
     wait_for(lambda: refused_on_a()[device.device_id] == "malformed_frame",
              what="b's refusal on a's round page")  # fmt: skip
     assert refused_on_a()[chosen[1][0].device_id] is None
+
+
+def test_a_process_started_after_retention_reports_the_nodes_accepted_updates(
+    replicas: tuple[EmbeddedCoordinator, EmbeddedCoordinator], tiny_bundle: Path
+) -> None:
+    # b stands for a child the supervisor started again, or a new replica: its first scrape
+    # comes after retention deleted rounds a had counted. On one port (--processes) the two
+    # answer scrapes of one series in turn: a counter read from the store must not depend
+    # on what its process happened to see.
+    a, b = replicas
+    admin = a.admin()
+    plan = {"goal": 1, "over_selection": 1.0, "selection_window_s": 0.0, "rounds": 5}
+    task_id = admin.create_task(admin.upload_bundle(tiny_bundle)["bundle_id"], plan)["task_id"]
+    dev = DeviceHTTP(a)
+    for _ in range(2):
+        answer = dev.check_in()
+        if answer["action"] == "wait":
+            answer = dev.check_in()
+        assert dev.upload(answer["assignment"]["assignment_id"], np.full(64, 0.01))[0] == 200
+    before = scrape(a)
+    assert sample(before, "fedge_updates_accepted_total") == 2
+    store = a.service.store
+    first = a.call(store.list_rounds, task_id)[0]
+    a.call(store.delete_rounds, [first.round_id])  # what retention does
+    for coord in (b, a):
+        got = scrape(coord)
+        for name in ("fedge_updates_accepted_total", "fedge_update_bytes_total"):
+            assert sample(got, name) == sample(before, name), (coord.url, name)
 
 
 @pytest.mark.slow

@@ -48,15 +48,16 @@ def _device(device_id: str = "d-1") -> Device:
     return Device(device_id, "00" * 16, "ab" * 32, "linux", "x86_64", ("ort-step",), "default", 5.0)
 
 
-def _round_with_updates(store: Store, task_id: str, state: str, n: int) -> int:
-    """A round of ``task_id`` in ``state`` with ``n`` accepted updates; returns its id."""
+def _round_with_updates(store: Store, task_id: str, state: str, n: int, size: int = 1) -> int:
+    """A round of ``task_id`` in ``state`` with ``n`` accepted updates of ``size`` payload
+    bytes each; returns its id."""
     rnd = store.add_round(_round(task_id, "reporting"))
     for i in range(n):
         aid = f"{task_id}-{rnd.round_id}-{i}"
         store.add_assignments([Assignment(aid, rnd.round_id, task_id, aid, "train", "delivered",
                                           1.0)])  # fmt: skip
-        store.add_update(Update(aid, rnd.round_id, task_id, aid, "k", "5" * 64, 1, 1, None, {},
-                                2.0, {}))  # fmt: skip
+        store.add_update(Update(aid, rnd.round_id, task_id, aid, "k", "5" * 64, size, 1, None,
+                                {}, 2.0, {}))  # fmt: skip
     if state != "reporting":
         store.update_round(rnd.round_id, state=state, closed_at=3.0)
     return rnd.round_id
@@ -508,33 +509,38 @@ class TestStore:
     def test_accepted_updates_outlive_their_deleted_rounds(self, opener: Opener) -> None:
         """Deleting rounds counts their update rows into their tasks' retired updates in the
         same transaction, so the updates ever accepted stay the total: across a reopen (a
-        restart), a refused delete and a second delete of the same rounds."""
+        restart), a refused delete and a second delete of the same rounds. Their payload
+        bytes likewise (``/metrics`` reads both)."""
         store = _reopenable(opener)
         store.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
         closed: dict[str, int] = {}
-        for task_id, n in (("t-1", 3), ("t-2", 2)):
+        for task_id, n, size in (("t-1", 3, 10), ("t-2", 2, 100)):
             store.add_task(_task(task_id))
-            closed[task_id] = _round_with_updates(store, task_id, "committed", n)
-        live = _round_with_updates(store, "t-1", "reporting", 1)
+            closed[task_id] = _round_with_updates(store, task_id, "committed", n, size)
+        live = _round_with_updates(store, "t-1", "reporting", 1, 10)
         empty = store.add_round(_round("t-2", "abandoned")).round_id
         assert store.count_accepted_updates() == store.count_updates() == 6
+        assert store.accepted_update_bytes() == 3 * 10 + 2 * 100 + 10
         before = store.snapshot()
         with pytest.raises(StoreError):
             store.delete_rounds([closed["t-1"], live])
         assert store.snapshot() == before
         store.delete_rounds([closed["t-1"], closed["t-2"], empty])
         assert store.count_updates() == 1 and store.count_accepted_updates() == 6
+        assert store.accepted_update_bytes() == 240
         store.delete_rounds([closed["t-1"]])  # gone already: nothing to count again
-        assert store.count_accepted_updates() == 6
+        assert store.count_accepted_updates() == 6 and store.accepted_update_bytes() == 240
         store.close()
         store = opener()
-        assert store.count_accepted_updates() == 6
+        assert store.count_accepted_updates() == 6 and store.accepted_update_bytes() == 240
         store.update_round(live, state="committed")
         store.delete_rounds([live])
         assert store.count_updates() == 0 and store.count_accepted_updates() == 6
+        assert store.accepted_update_bytes() == 240
         # kept per task, beside the task's other counters
-        retired = {r["task_id"]: r["updates_retired"] for r in _rows(store, "tasks")}
-        assert retired == {"t-1": 4, "t-2": 2}
+        retired = {r["task_id"]: (r["updates_retired"], r["update_bytes_retired"])
+                   for r in _rows(store, "tasks")}  # fmt: skip
+        assert retired == {"t-1": (4, 40), "t-2": (2, 200)}
         store.close()
 
     def test_partial_sums_replace_per_replica_and_go_with_their_round(
