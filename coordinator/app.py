@@ -146,6 +146,7 @@ class WorkQueue:
         self._lock = threading.Lock()
         self.pending = 0
         self.refused = 0
+        self._worker: int | None = None  # the worker thread's ident, once it ran
         # Submitted, not yet taken by the worker (the call, its future, internal or not); a
         # drain job is queued or running while _draining is set.
         self._queued: list[tuple[Callable[[], Any], asyncio.Future[Any], bool]] = []
@@ -156,6 +157,11 @@ class WorkQueue:
     def _finished(self) -> None:
         with self._lock:
             self.pending -= 1
+
+    def depth(self) -> int:
+        """Operations submitted and not finished: on the worker thread, without the one
+        asking (a dashboard view publishing its process's queue depth for the others)."""
+        return self.pending - (threading.get_ident() == self._worker)
 
     async def run(self, fn: Callable[..., T], *args: Any, internal: bool = False) -> T:
         loop = asyncio.get_running_loop()
@@ -189,6 +195,7 @@ class WorkQueue:
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the worker thread: run what is queued, batch after batch, until nothing is."""
+        self._worker = threading.get_ident()
         while True:
             with self._lock:
                 batch, self._queued = self._queued, []
@@ -488,7 +495,7 @@ def build_app(coord: Coordinator) -> web.Application:
 
     app.add_routes(routes)
     uploads = _GroupedUploads(coord, work) if cfg.group_commit else None
-    dashboard.add_routes(app, coord, run, lambda: work.pending)
+    dashboard.add_routes(app, coord, run, work.depth)
     secagg_routes.add_routes(app, coord, run, _read_body)
 
     async def ticker() -> None:

@@ -468,8 +468,9 @@ class ServiceMetrics:
 
     def queue_depth(self) -> float:
         """The worker queue's depth: this process's now, and (sharing a directory) the other
-        live processes' as they last published it. Call on the event loop: on the worker
-        thread its own operation would count itself."""
+        live processes' as they last published it. ``queue_depth``, the callable given, leaves
+        out the operation asking when asked on the worker thread: a view there publishes
+        this process's share, which must not count the view itself."""
         own = self.queue.depth()
         if self.shared is None:
             return own

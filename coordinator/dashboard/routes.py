@@ -93,7 +93,7 @@ def add_routes(
     async def service(request: web.Request) -> web.Response:
         admin(request)
         answer = await run(functools.partial(views.service, coord, metrics))
-        answer["queue_depth"] = metrics.queue_depth()  # here: see its docstring
+        answer["queue_depth"] = metrics.queue_depth()  # as of now, the view done
         return web.json_response(answer)
 
     @routes.get(Route.METRICS)

@@ -400,6 +400,24 @@ def test_the_dashboards_queue_depth_is_the_nodes(
     wait_for(lambda: depth_on_a() == 0, what="b's queue empty again")
 
 
+def test_a_dashboard_view_does_not_count_itself_in_the_share_it_publishes(
+    replicas: tuple[EmbeddedCoordinator, EmbeddedCoordinator],
+) -> None:
+    # A view reads the counters on the worker thread, and so publishes its process's share
+    # there, while it is itself the operation running: the others would report an idle
+    # node's queue one deep until the next publish (every dashboard poll of the process).
+    a, b = replicas
+
+    def depth_on_b() -> float:
+        return sample(scrape(b), "fedge_queue_depth")
+
+    wait_for(lambda: depth_on_b() == 0, what="an idle node")
+    for _ in range(5):
+        status, _service = admin_get(a, Route.ADMIN_DASHBOARD_SERVICE, a.admin_token)
+        assert status == 200
+        assert depth_on_b() == 0
+
+
 def test_a_refusal_by_one_replica_shows_on_the_others_round_page(
     replicas: tuple[EmbeddedCoordinator, EmbeddedCoordinator], tiny_bundle: Path
 ) -> None:
