@@ -91,7 +91,10 @@ class _Follower:
     def __init__(self, stream: TextIO, live: bool) -> None:
         self.stream = stream
         self.live = live
-        self.printed = 0  # rounds printed (closed rounds come in order of their number)
+        # Numbers of the rounds printed. Not a count of them: the task view lists the last
+        # 300 rounds and retention deletes old ones, so its list of closed rounds stops
+        # growing, or shrinks, while rounds go on closing.
+        self.printed: set[int] = set()
         self.status = ""
         self.started = False
 
@@ -104,9 +107,10 @@ class _Follower:
             self._print(_row({key: head for head, key, _ in COLUMNS}, header=True))
         rounds = detail["rounds"]
         closed = [r for r in rounds if r["closed_at"] is not None]
-        for r in closed[self.printed:]:
-            self._print(_row(r))
-        self.printed = len(closed)
+        for r in closed:  # in order of their number
+            if r["round"] not in self.printed:
+                self._print(_row(r))
+                self.printed.add(r["round"])
         current = next((r for r in rounds if r["closed_at"] is None), None)
         if self.live:
             line = "" if current is None else (

@@ -68,6 +68,36 @@ def test_watch_prints_each_round_as_it_closes_and_ends_with_the_task(
     assert lines[5] == f"task {task_id} completed: version 3, 3 rounds"
 
 
+def test_watch_prints_the_rounds_that_close_after_old_ones_left_the_view(
+    coordinator: EmbeddedCoordinator, tiny_bundle: Path
+) -> None:
+    # The task view lists the last 300 rounds, and retention deletes old ones: the list of
+    # closed rounds stops growing, or shrinks, while rounds go on closing.
+    task_id = _task(coordinator, tiny_bundle, rounds=4)
+    args = build_parser().parse_args([
+        "watch", task_id, "--coordinator", coordinator.url, "--admin-token",
+        coordinator.admin_token, "--interval", "0.05", "--timeout", "60",
+    ])
+    out = io.StringIO()
+    result: dict[str, Any] = {}
+    follower = threading.Thread(target=lambda: result.update(code=watch.run(args, out=out)))
+    follower.start()
+    dev = DeviceHTTP(coordinator)
+    store = coordinator.service.store
+    for i in range(4):
+        _one_round(dev, 0.01 * (i + 1))
+        deadline = time.monotonic() + 10
+        while f"\n{i + 1:>5}  train" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if i == 1:  # what retention does (it keeps the newest): round 1 leaves the view
+            first = coordinator.call(store.list_rounds, task_id)[0]
+            coordinator.call(store.delete_rounds, [first.round_id])
+    follower.join(timeout=30)
+    assert result == {"code": 0}
+    printed = [line.split()[0] for line in out.getvalue().splitlines()[2:-1]]
+    assert printed == ["1", "2", "3", "4"], out.getvalue()
+
+
 def test_watch_gives_up_at_the_timeout(
     coordinator: EmbeddedCoordinator, tiny_bundle: Path, capsys: Any
 ) -> None:
