@@ -1125,15 +1125,16 @@ class Coordinator:
         return self.task_json(self._task(task_id))
 
     def set_paused(self, task_id: str, paused: bool) -> dict[str, Any]:
-        self._task(task_id)
+        task = self._task(task_id)
+        # Outside the transaction: a plan that cannot be read fails the task, which stays.
+        rounds = self._task_step(task, self._plan, task).rounds
         want_from, to = ("running", "paused") if paused else ("paused", "running")
         # Read under the task's lock: among replicas another may be committing the task's
         # last round (completed must not turn paused).
         with self.store.atomic():
-            task = self.store.lock_task(task_id) or self._task(task_id)
+            task = self.store.lock_task(task_id) or task
             if task.state != want_from:
                 raise Conflict(f"task is {task.state}; only a {want_from} task can be made {to}")
-            rounds = self._task_step(task, self._plan, task).rounds
             if not paused and task.rounds_completed >= rounds:
                 to = "completed"  # paused during its last round by an older coordinator
             self.store.update_task(task_id, state=to)
