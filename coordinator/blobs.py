@@ -14,6 +14,9 @@ fsync'ed in turn (the first fsync's journal commit carries what the others need,
 rest return soon), renamed into place, and each directory holding one fsync'ed once. All or
 nothing: after an error no blob of the batch that was not there before is left in place.
 
+The directory belongs to one database (``store.json``, :meth:`BlobStore.claim`): a
+coordinator on another one is refused before it reads or deletes anything here.
+
 A blob may have *derived* files beside it (:meth:`BlobStore.derived`: a version's parameter
 frame, encoded once and then served from disk). They are caches, made again if missing, and
 go with their blob (:meth:`BlobStore.delete`, :meth:`BlobStore.collect`).
