@@ -148,3 +148,24 @@ def test_a_full_disk_answers_503_with_retry_after_and_fails_no_task(
     assert device.upload(a["assignment_id"], _delta(3), key="k")[0] == 200
     task = admin.task(task_id)
     assert (task["state"], task["model_version"], task["failure"]) == ("running", 1, None)
+
+
+def test_a_pause_that_finds_the_plan_unreadable_leaves_the_task_failed(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """Pausing reads the task's plan; one this coordinator no longer accepts fails the
+    task. The pause's own transaction must not roll that back with its refusal."""
+    db = tmp_path / "fedge.db"
+    with EmbeddedCoordinator(db, clock=FakeClock(), admin_token="t") as coord:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+        task_id = admin.create_task(bundle_id, PLAN)["task_id"]
+        conn = sqlite3.connect(db)
+        conn.execute("update tasks set plan = ? where task_id = ?",
+                     [json.dumps({"goal": "ten"}), task_id])  # fmt: skip
+        conn.commit()
+        conn.close()
+        with pytest.raises(ApiCallError, match="failed"):
+            admin.pause(task_id)
+        task = admin.task(task_id)
+        assert task["state"] == "failed" and "stored plan" in task["failure"], task
