@@ -963,7 +963,7 @@ class Coordinator:
         plan = self._task_step(task, self._plan, task)
         prior = self.store.get_eval_report(a.assignment_id)
         if prior is not None:
-            if (prior.num_examples, prior.loss, prior.accuracy) == (num_examples, loss, accuracy):
+            if prior.same_figures(num_examples, loss, accuracy):
                 return self._paced(who, task, now, prior.response)
             raise Conflict("this assignment already reported", ErrorCode.DUPLICATE_UPLOAD)
         if task.state == "failed":

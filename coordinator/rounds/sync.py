@@ -372,9 +372,7 @@ class SyncRounds(TaskPolicy):
             # (the caller found none) is that report, whatever happened to the round since.
             prior = store.get_eval_report(report.assignment_id)
             if prior is not None:
-                if (prior.num_examples, prior.loss, prior.accuracy) == (
-                    report.num_examples, report.loss, report.accuracy
-                ):  # fmt: skip
+                if prior.same_figures(report.num_examples, report.loss, report.accuracy):
                     return
                 raise Conflict("this assignment already reported", ErrorCode.DUPLICATE_UPLOAD)
             if rnd is not None and rnd.state != "reporting":

@@ -183,6 +183,10 @@ class EvalReport:
     reported_at: float
     response: dict[str, Any]
 
+    def same_figures(self, num_examples: int, loss: float, accuracy: float | None) -> bool:
+        """Whether a report of these figures is this one again (a device's retry)."""
+        return (self.num_examples, self.loss, self.accuracy) == (num_examples, loss, accuracy)
+
 
 @dataclass(frozen=True)
 class SecAggEvent:
