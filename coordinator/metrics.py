@@ -153,8 +153,7 @@ class StoreReader:
                         rnd.closed_at - rnd.opened_at
                     )
         self._seen &= listed  # rounds retention deleted will not come back
-        out.updates = store.count_accepted_updates()
-        out.update_bytes = store.accepted_update_bytes()
+        out.updates, out.update_bytes = store.accepted_updates()
         out.db_bytes, out.blob_bytes = storage_bytes(coord)
         return out
 

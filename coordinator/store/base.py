@@ -407,14 +407,13 @@ class Store(ABC):
         those still stored."""
 
     @abstractmethod
-    def count_accepted_updates(self) -> int:
-        """Every update ever accepted: those stored, plus those :meth:`delete_rounds` deleted
-        (counted per task in its transaction), so retention does not shrink the figure."""
+    def accepted_updates(self) -> tuple[int, int]:
+        """Every update ever accepted and their payload bytes: those stored, plus those
+        :meth:`delete_rounds` deleted (counted per task in its transaction), so retention
+        does not shrink either figure; read together, from one snapshot."""
 
-    @abstractmethod
-    def accepted_update_bytes(self) -> int:
-        """The payload bytes of every update ever accepted, as :meth:`count_accepted_updates`
-        counts them (retention does not shrink the figure)."""
+    def count_accepted_updates(self) -> int:
+        return self.accepted_updates()[0]
 
     @abstractmethod
     def update_totals(self, round_id: int) -> UpdateTotals:

@@ -593,20 +593,16 @@ class SQLStore(Store):
                 args.append(value)
         return self._count(f"select count(*) from updates where {' and '.join(where)}", args)
 
-    def count_accepted_updates(self) -> int:
+    def accepted_updates(self) -> tuple[int, int]:
         # One statement: one snapshot of both tables (retention moves rows from one to the
-        # other in a transaction).
-        return self._count(
-            "select (select count(*) from updates) + "
-            "(select coalesce(sum(updates_retired), 0) from tasks)"
-        )
-
-    def accepted_update_bytes(self) -> int:
-        # One statement, as count_accepted_updates.
-        return self._count(
-            "select (select coalesce(sum(payload_bytes), 0) from updates) + "
-            "(select coalesce(sum(update_bytes_retired), 0) from tasks)"
-        )
+        # other in a transaction), and one pass over the updates.
+        row = self._execute(
+            "select u.n + t.n, u.size + t.size from "
+            "(select count(*) as n, coalesce(sum(payload_bytes), 0) as size from updates) u, "
+            "(select coalesce(sum(updates_retired), 0) as n, "
+            "coalesce(sum(update_bytes_retired), 0) as size from tasks) t"
+        ).fetchone()
+        return int(row[0]), int(row[1])
 
     def update_totals(self, round_id: int) -> UpdateTotals:
         # The accuracy is read out of each report once (PostgreSQL parses the JSON per read).

@@ -520,23 +520,23 @@ class TestStore:
         live = _round_with_updates(store, "t-1", "reporting", 1, 10)
         empty = store.add_round(_round("t-2", "abandoned")).round_id
         assert store.count_accepted_updates() == store.count_updates() == 6
-        assert store.accepted_update_bytes() == 3 * 10 + 2 * 100 + 10
+        assert store.accepted_updates()[1] == 3 * 10 + 2 * 100 + 10
         before = store.snapshot()
         with pytest.raises(StoreError):
             store.delete_rounds([closed["t-1"], live])
         assert store.snapshot() == before
         store.delete_rounds([closed["t-1"], closed["t-2"], empty])
         assert store.count_updates() == 1 and store.count_accepted_updates() == 6
-        assert store.accepted_update_bytes() == 240
+        assert store.accepted_updates()[1] == 240
         store.delete_rounds([closed["t-1"]])  # gone already: nothing to count again
-        assert store.count_accepted_updates() == 6 and store.accepted_update_bytes() == 240
+        assert store.count_accepted_updates() == 6 and store.accepted_updates()[1] == 240
         store.close()
         store = opener()
-        assert store.count_accepted_updates() == 6 and store.accepted_update_bytes() == 240
+        assert store.count_accepted_updates() == 6 and store.accepted_updates()[1] == 240
         store.update_round(live, state="committed")
         store.delete_rounds([live])
         assert store.count_updates() == 0 and store.count_accepted_updates() == 6
-        assert store.accepted_update_bytes() == 240
+        assert store.accepted_updates()[1] == 240
         # kept per task, beside the task's other counters
         retired = {r["task_id"]: (r["updates_retired"], r["update_bytes_retired"])
                    for r in _rows(store, "tasks")}  # fmt: skip
