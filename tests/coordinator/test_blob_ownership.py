@@ -8,7 +8,9 @@ sweep (``collect_garbage``)."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,36 @@ def test_a_refused_database_leaves_the_directory_s_writes_under_way(
     (blobs / "tmp" / "leftover").write_bytes(b"half a blob")  # a crash's, on its own database
     _started(str(tmp_path / "a.db"), blobs).close()
     assert list((blobs / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("step", ["link", "replace"])
+def test_a_claim_that_fails_to_write_leaves_the_directory_as_it_was(
+    tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """The claim's one durable step, the owner file put in place (``link`` for a directory
+    no database owns, ``replace`` for a hand-over), failing on a full disk: the start fails,
+    the directory still names whom it named, nothing is left in ``tmp/``, and the next start
+    claims it."""
+    blobs = tmp_path / "blobs"
+    db = str(tmp_path / "a.db")
+    if step == "replace":  # a hand-over: the copy's first start on its source's directory
+        _in_use(tmp_path, tiny_bundle)
+        source, target = SQLiteStore(tmp_path / "a.db"), SQLiteStore(tmp_path / "b.db")
+        target.copy_from(source)
+        source.close()
+        target.close()
+        db = str(tmp_path / "b.db")
+    before = (blobs / OWNER_FILE).read_bytes() if step == "replace" else None
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, step, full)
+        with pytest.raises(OSError, match="No space left"):
+            _started(db, blobs)
+    owner = blobs / OWNER_FILE
+    assert (owner.read_bytes() if owner.exists() else None) == before
+    assert list((blobs / "tmp").iterdir()) == []
+    _started(db, blobs).close()
+    assert json.loads(owner.read_bytes())["store_id"] == SQLiteStore(db).identity().store_id
