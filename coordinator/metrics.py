@@ -28,6 +28,7 @@ A scrape job needs the admin token::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections import ChainMap
@@ -48,13 +49,16 @@ from prometheus_client import (
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 from coordinator.metrics_sharing import SharedCounters, SharedRefusals
+from coordinator.store import ROUND_DURATION_BOUNDS, RoundDurations
 from coordinator.versions import ModelVersions
 from edge_sdk.protocol import Route
 
@@ -65,7 +69,6 @@ if TYPE_CHECKING:
 __all__ = [
     "METRICS_PATH",
     "OUTCOME",
-    "ROUND_BUCKETS",
     "EventReading",
     "ServiceMetrics",
     "StoreFigures",
@@ -75,8 +78,6 @@ __all__ = [
 ]
 
 METRICS_PATH = "/metrics"
-# Seconds: a round lasts from a few seconds (emulation) to an hour (phones overnight).
-ROUND_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 MAX_REFUSED_KEPT = 100_000
 # Upload answers that refuse the update itself (not the caller, not an unknown assignment).
@@ -106,54 +107,42 @@ class StoreFigures:
     update_bytes: int = 0
     db_bytes: int = 0
     blob_bytes: int = 0
+    round_durations: dict[tuple[str, str], RoundDurations] = field(default_factory=dict)
 
 
 class StoreReader:
     """Reads :class:`StoreFigures` for a scrape; call :meth:`read` on the worker thread.
 
     Counters and the round-duration histogram must never go down, though retention may
-    delete old rounds. Accepted updates and their bytes are the store's own totals, which
-    count the rows retention deleted (``tasks.updates_retired``, ``update_bytes_retired``):
-    every process and replica reads the same figures, whatever it saw before (the processes
-    of ``fedge serve --processes K`` answer the scrapes of one series in turn). A round's
-    duration is not kept once its round is deleted: each closed round is observed once, when
-    first seen (after a restart the first scrape takes the stored history).
+    delete old rounds. Accepted updates, their bytes and the rounds' durations are the
+    store's own totals, which count what retention deleted (``tasks.updates_retired``,
+    ``update_bytes_retired``, ``retired_round_durations``): every process and replica reads
+    the same figures, whatever it saw before (the processes of ``fedge serve --processes K``
+    answer the scrapes of one series in turn).
     """
 
     def __init__(
-        self,
-        coord: Coordinator,
-        round_seconds: Histogram,
-        rounds_of: Callable[[Task], list[Round]] | None = None,
+        self, coord: Coordinator, rounds_of: Callable[[Task], list[Round]] | None = None
     ) -> None:
         self.coord = coord
-        self._round_seconds = round_seconds
         # A task's rounds, oldest first: the store's listing, or a cache of it that stays
         # current (the dashboard's, which re-reads a list only when its task moved on).
         self._rounds_of = rounds_of or (lambda task: coord.store.list_rounds(task.task_id))
-        self._seen: set[int] = set()
 
     def read(self) -> StoreFigures:
         coord, store = self.coord, self.coord.store
         out = StoreFigures(devices=store.count_devices(),
                            active_devices=active_devices(coord, coord.clock.now()))
-        listed: set[int] = set()
         for task in store.list_tasks():
             out.tasks_by_state[task.state] = out.tasks_by_state.get(task.state, 0) + 1
             out.model_versions[task.task_id] = task.model_version
             for rnd in self._rounds_of(task):
-                listed.add(rnd.round_id)
                 key = (task.mode, rnd.state)
                 out.rounds_by_state[key] = out.rounds_by_state.get(key, 0) + 1
                 if rnd.is_open:
                     out.open_rounds += 1
-                elif rnd.round_id not in self._seen and rnd.closed_at is not None:
-                    self._seen.add(rnd.round_id)
-                    self._round_seconds.labels(task.mode, rnd.state).observe(
-                        rnd.closed_at - rnd.opened_at
-                    )
-        self._seen &= listed  # rounds retention deleted will not come back
         out.updates, out.update_bytes = store.accepted_updates()
+        out.round_durations = store.round_durations()
         out.db_bytes, out.blob_bytes = storage_bytes(coord)
         return out
 
@@ -214,6 +203,25 @@ class _StoreCollector:
         )
         yield _gauge("fedge_db_bytes", "Database file size (with its WAL)", f.db_bytes)
         yield _gauge("fedge_blob_bytes", "Blob directory size", f.blob_bytes)
+        yield _round_seconds(f.round_durations)
+
+
+# Seconds: a round lasts from a few seconds (emulation) to an hour (phones overnight).
+_ROUND_LE = [floatToGoString(b) for b in (*ROUND_DURATION_BOUNDS, float("inf"))]
+
+
+def _round_seconds(durations: Mapping[tuple[str, str], RoundDurations]) -> Metric:
+    family = HistogramMetricFamily(
+        "fedge_round_duration_seconds",
+        "Duration of closed rounds (async: buffers), opening to close, from the store",
+        labels=["mode", "outcome"],
+    )
+    for (mode, outcome), d in sorted(durations.items()):
+        family.add_metric(
+            [mode, outcome], list(zip(_ROUND_LE, itertools.accumulate(d.counts), strict=True)),
+            d.seconds,
+        )
+    return family
 
 
 def _ineligible(reasons: Mapping[str, int]) -> CounterMetricFamily:
@@ -354,14 +362,7 @@ class ServiceMetrics:
         own.register(self.queue)
         PlatformCollector(registry=r)  # the same on every process
         r.register(_Collected(self.event_families))
-        self.round_seconds = Histogram(
-            "fedge_round_duration_seconds",
-            "Duration of closed rounds (async: buffers), opening to close, from the store",
-            ["mode", "outcome"],
-            buckets=ROUND_BUCKETS,
-            registry=r,
-        )
-        self.reader = StoreReader(coord, self.round_seconds, rounds_of)
+        self.reader = StoreReader(coord, rounds_of)
         self.store_figures = _StoreCollector()
         r.register(self.store_figures)
         coord.ctx.versions = _TimedVersions(coord.ctx.versions, self.commit_seconds)

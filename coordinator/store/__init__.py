@@ -19,12 +19,14 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from coordinator.store.base import (
+    ROUND_DURATION_BOUNDS,
     Assignment,
     Device,
     DeviceAuth,
     EvalReport,
     PartialSum,
     Round,
+    RoundDurations,
     SecAggEvent,
     Store,
     StoreError,
@@ -37,12 +39,14 @@ from coordinator.store.base import (
 from coordinator.store.sqlite import SQLiteStore
 
 __all__ = [
+    "ROUND_DURATION_BOUNDS",
     "Assignment",
     "Device",
     "DeviceAuth",
     "EvalReport",
     "PartialSum",
     "Round",
+    "RoundDurations",
     "SQLiteStore",
     "SecAggEvent",
     "Store",

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 __all__ = [
+    "ROUND_DURATION_BOUNDS",
     "Assignment",
     "Device",
     "DeviceAuth",
     "EvalReport",
     "PartialSum",
     "Round",
+    "RoundDurations",
     "SecAggEvent",
     "Store",
     "StoreError",
@@ -150,6 +152,21 @@ class Update:
     # updates covers those numbered up to ``count``. None when stored by a lone coordinator.
     replica_id: str | None = None
     replica_seq: int | None = None
+
+
+# The upper bounds, in seconds, that closed rounds are counted under by duration (what
+# /metrics reports as fedge_round_duration_seconds); a last bucket holds the longer ones.
+ROUND_DURATION_BOUNDS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+@dataclass(frozen=True)
+class RoundDurations:
+    """Closed rounds counted by duration: ``counts[i]`` took more than the bound before
+    ``ROUND_DURATION_BOUNDS[i]`` and at most it; the last count, more than every bound.
+    ``seconds`` is their durations' sum."""
+
+    counts: tuple[int, ...]
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -345,8 +362,15 @@ class Store(ABC):
     def delete_rounds(self, round_ids: Sequence[int]) -> None:
         """Delete closed rounds with every row that hangs off them (candidates, assignments,
         updates, evaluation reports), in one transaction; the update rows are added to their
-        tasks' count of retired updates, and their payload bytes to its retired bytes, in it.
+        tasks' count of retired updates, and their payload bytes to its retired bytes, and
+        the rounds to the retired rounds' durations (:meth:`round_durations`), in it.
         An open round is refused with :class:`StoreError` and nothing is deleted."""
+
+    @abstractmethod
+    def round_durations(self) -> dict[tuple[str, str], RoundDurations]:
+        """(task mode, round state) -> every closed round's duration, opening to close,
+        counted under :data:`ROUND_DURATION_BOUNDS`: the rounds stored and those
+        :meth:`delete_rounds` deleted, read in one snapshot, so retention shrinks neither."""
 
     # selection candidates
     @abstractmethod

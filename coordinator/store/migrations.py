@@ -332,3 +332,15 @@ def retired_update_bytes(db: Schema) -> None:
     shrink with history either: ``/metrics`` reads both from the store, and every process
     and replica of a node reports them alike, whatever it saw before retention ran."""
     db.table("tasks").add_column("update_bytes_retired", int)
+
+
+@migration(11)
+def retired_round_durations(db: Schema) -> None:
+    """``retired_round_durations``: the closed rounds retention deleted, counted per task and
+    outcome under the bound (``le``, seconds) their duration fell under, with the durations'
+    sum, added in the transaction that deletes them, so that the round-duration histogram
+    ``/metrics`` reads from the store does not shrink with history either."""
+    db.table("retired_round_durations").create(
+        {"task_id": str, "outcome": str, "le": float, "rounds": int, "seconds": float},
+        pk=("task_id", "outcome", "le"),
+    )

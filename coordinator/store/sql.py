@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
+from bisect import bisect_left
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import fields
 from typing import Any, Protocol, TypeVar
 
 from coordinator.store.base import (
+    ROUND_DURATION_BOUNDS,
     Assignment,
     Device,
     DeviceAuth,
     EvalReport,
     PartialSum,
     Round,
+    RoundDurations,
     SecAggEvent,
     Store,
     StoreError,
@@ -121,6 +124,17 @@ def _chunks(values: Sequence[int], size: int = 500) -> Iterator[list[int]]:
 
 def _marks(n: int) -> str:
     return ", ".join("?" * n)
+
+
+# A closed round's duration, and the bound of ROUND_DURATION_BOUNDS it is counted under:
+# the smallest at or above it, else the unbounded bucket's, infinity, which the dialects
+# spell differently and so is the statement's last parameter (NULL: no duration).
+_DURATION = "closed_at - opened_at"
+_DURATION_BOUND = (
+    f"case when {_DURATION} is null then null "
+    + " ".join(f"when {_DURATION} <= {b!r} then {b!r}" for b in ROUND_DURATION_BOUNDS)
+    + " else ? end"
+)
 
 
 class SQLStore(Store):
@@ -452,6 +466,8 @@ class SQLStore(Store):
 
     def delete_rounds(self, round_ids: Sequence[int]) -> None:
         retired: dict[str, tuple[int, int]] = {}  # task -> update rows deleted, their bytes
+        # (task, outcome, bound) -> rounds deleted, their durations' sum
+        durations: dict[tuple[str, str, float], tuple[int, float]] = {}
         with self.atomic():
             for chunk in _chunks(round_ids):
                 marks = _marks(len(chunk))
@@ -473,8 +489,16 @@ class SQLStore(Store):
                     n, size = retired.get(task_id, (0, 0))
                     retired[task_id] = (n + 1, size + int(payload_bytes or 0))
                 for table in ("candidates", "eval_reports", "assignments", "secagg_events",
-                              "partial_sums", "rounds"):  # fmt: skip
+                              "partial_sums"):  # fmt: skip
                     self._execute(f'delete from "{table}" where round_id in ({marks})', chunk)
+                for task_id, outcome, le, duration in self._execute(
+                    f"delete from rounds where round_id in ({marks}) "
+                    f"returning task_id, state, {_DURATION_BOUND}, {_DURATION}",
+                    [*chunk, float("inf")],
+                ).fetchall():
+                    if duration is not None:
+                        n, total = durations.get((task_id, outcome, le), (0, 0.0))
+                        durations[(task_id, outcome, le)] = (n + 1, total + float(duration))
             # Last, after the rounds' rows: an upload batch locks rounds before the task.
             for task_id, (n, size) in sorted(retired.items()):
                 self._execute(
@@ -483,6 +507,38 @@ class SQLStore(Store):
                     "where task_id = ?",
                     [n, size, task_id],
                 )
+            # In key order: two replicas' passes at once take these rows' locks alike.
+            for (task_id, outcome, le), (n, total) in sorted(durations.items()):
+                self._execute(
+                    "insert into retired_round_durations (task_id, outcome, le, rounds, seconds) "
+                    "values (?, ?, ?, ?, ?) on conflict (task_id, outcome, le) do update set "
+                    "rounds = retired_round_durations.rounds + excluded.rounds, "
+                    "seconds = retired_round_durations.seconds + excluded.seconds",
+                    [task_id, outcome, le, n, total],
+                )
+
+    def round_durations(self) -> dict[tuple[str, str], RoundDurations]:
+        # One statement: one snapshot of the rounds and of the retired counts retention
+        # moves them into. A retired bound no longer among ROUND_DURATION_BOUNDS (written
+        # by another version) counts under the next one up.
+        rows = self._execute(
+            "select t.mode, r.outcome, r.le, sum(r.n), sum(r.s) from ("
+            f"select task_id, state as outcome, {_DURATION_BOUND} as le, 1 as n, "
+            f"{_DURATION} as s from rounds where closed_at is not null "
+            f"and state not in {_OPEN} "
+            "union all select task_id, outcome, le, rounds, seconds "
+            "from retired_round_durations"
+            ") as r join tasks as t on t.task_id = r.task_id group by t.mode, r.outcome, r.le",
+            [float("inf")],
+        ).fetchall()
+        counts: dict[tuple[str, str], list[int]] = {}
+        seconds: dict[tuple[str, str], float] = {}
+        for mode, outcome, le, n, total in rows:
+            key = (mode, outcome)
+            bucket = counts.setdefault(key, [0] * (len(ROUND_DURATION_BOUNDS) + 1))
+            bucket[bisect_left(ROUND_DURATION_BOUNDS, float(le))] += int(n)
+            seconds[key] = seconds.get(key, 0.0) + float(total)
+        return {key: RoundDurations(tuple(c), seconds[key]) for key, c in counts.items()}
 
     # -- candidates -------------------------------------------------------------------------
 

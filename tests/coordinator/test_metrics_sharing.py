@@ -73,6 +73,18 @@ def checkins(got: Samples) -> float:
     return sum(v for (name, _), v in got.items() if name == "fedge_checkins_total")
 
 
+ROUND_SECONDS = "fedge_round_duration_seconds"
+
+
+def round_durations(got: Samples) -> Samples:
+    """The round-duration histogram's samples (not its creation time, which is a process's)."""
+    return {
+        (name, labels): v
+        for (name, labels), v in got.items()
+        if name.startswith(ROUND_SECONDS) and not name.endswith("_created")
+    }
+
+
 EVENTS = [("/a", "200", 0.05), ("/a", "200", 0.5), ("/a", "503", 2.0), ("/b", "200", 0.2)]
 
 
@@ -443,13 +455,13 @@ def test_a_refusal_by_one_replica_shows_on_the_others_round_page(
     assert refused_on_a()[chosen[1][0].device_id] is None
 
 
-def test_a_process_started_after_retention_reports_the_nodes_accepted_updates(
+def test_a_process_started_after_retention_reports_the_nodes_updates_and_round_durations(
     replicas: tuple[EmbeddedCoordinator, EmbeddedCoordinator], tiny_bundle: Path
 ) -> None:
     # b stands for a child the supervisor started again, or a new replica: its first scrape
     # comes after retention deleted rounds a had counted. On one port (--processes) the two
-    # answer scrapes of one series in turn: a counter read from the store must not depend
-    # on what its process happened to see.
+    # answer scrapes of one series in turn: a counter or a histogram read from the store
+    # must not depend on what its process happened to see.
     a, b = replicas
     admin = a.admin()
     plan = {"goal": 1, "over_selection": 1.0, "selection_window_s": 0.0, "rounds": 5}
@@ -465,10 +477,13 @@ def test_a_process_started_after_retention_reports_the_nodes_accepted_updates(
     store = a.service.store
     first = a.call(store.list_rounds, task_id)[0]
     a.call(store.delete_rounds, [first.round_id])  # what retention does
+    durations = round_durations(before)
+    assert sample(before, f"{ROUND_SECONDS}_count", mode="sync", outcome="committed") == 2
     for coord in (b, a):
         got = scrape(coord)
         for name in ("fedge_updates_accepted_total", "fedge_update_bytes_total"):
             assert sample(got, name) == sample(before, name), (coord.url, name)
+        assert round_durations(got) == durations, coord.url
 
 
 @pytest.mark.slow

@@ -8,9 +8,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from coordinator.store import (
+    ROUND_DURATION_BOUNDS,
     Assignment,
     Device,
     DeviceAuth,
@@ -541,6 +543,61 @@ class TestStore:
         retired = {r["task_id"]: (r["updates_retired"], r["update_bytes_retired"])
                    for r in _rows(store, "tasks")}  # fmt: skip
         assert retired == {"t-1": (4, 40), "t-2": (2, 200)}
+        store.close()
+
+    def test_round_durations_outlive_their_deleted_rounds(self, opener: Opener) -> None:
+        """Closed rounds counted by duration under each bound (at most it: a duration on a
+        bound counts under that bound), against numpy's counts of the same durations; and
+        deleting rounds moves them into the retired counts in its transaction, so the counts
+        stand across a refused delete, a second delete of the same rounds and a reopen."""
+        store = _reopenable(opener)
+        store.add_bundle("b-1", {"num_parameters": 8, "files": {}}, 0.0)
+        store.add_task(_task("t-1"))
+        store.add_task(dataclasses.replace(_task("t-2"), mode="async"))
+        bounds = np.array(ROUND_DURATION_BOUNDS)
+        durations = {("sync", "committed"): [0.5, 1.0, 2.5, 2.6, 3599.0, 3600.0, 7200.5],
+                     ("sync", "abandoned"): [30.0, 45.25],
+                     ("async", "committed"): [0.25, 10.0, 10.0]}  # fmt: skip
+        ids: list[int] = []
+        for (mode, outcome), seconds in durations.items():
+            task_id = "t-1" if mode == "sync" else "t-2"
+            for d in seconds:
+                rnd = store.add_round(_round(task_id, "reporting"))
+                store.update_round(rnd.round_id, state=outcome, closed_at=rnd.opened_at + d)
+                ids.append(rnd.round_id)
+        live = store.add_round(_round("t-1", "reporting")).round_id  # not closed: not counted
+        # A closed round without a closing time (none is written so, but a row may be) has
+        # no duration to count.
+        store.update_round(store.add_round(_round("t-2", "reporting")).round_id,
+                           state="abandoned")  # fmt: skip
+
+        def reference() -> dict[tuple[str, str], tuple[list[int], float]]:
+            out = {}
+            for key, seconds in durations.items():
+                d = np.array(seconds)
+                at_most = [int((d <= b).sum()) for b in bounds] + [len(d)]
+                counts = np.diff([0, *at_most]).tolist()
+                out[key] = (counts, float(d.sum()))
+            return out
+
+        def counted(s: Store) -> dict[tuple[str, str], tuple[list[int], float]]:
+            return {k: (list(v.counts), pytest.approx(v.seconds))
+                    for k, v in s.round_durations().items()}  # fmt: skip
+
+        assert counted(store) == reference()
+        before = store.snapshot()
+        with pytest.raises(StoreError):
+            store.delete_rounds([ids[0], live])
+        assert store.snapshot() == before
+        store.delete_rounds(ids[:8])
+        assert counted(store) == reference()
+        store.delete_rounds(ids[:8])  # gone already: nothing to count again
+        assert counted(store) == reference()
+        store.close()
+        store = opener()
+        store.delete_rounds(ids[8:])
+        assert counted(store) == reference()
+        assert [r.round_id for r in store.list_rounds("t-1")] == [live]
         store.close()
 
     def test_partial_sums_replace_per_replica_and_go_with_their_round(
