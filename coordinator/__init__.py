@@ -9,8 +9,9 @@ Owns, by module:
 * ``rounds`` (task modes: ``sync`` rounds, ``async`` buffered aggregation), ``pacing`` (pace
   steering), ``eligibility``, ``plan`` (a task's plan), ``aggregation`` (running sums, server
   optimizers), ``versions`` (model versions, crash recovery of running sums), ``bundles``;
-* for operators: ``dashboard`` (the page at ``/dashboard`` and its admin JSON endpoints) and
-  ``metrics`` (Prometheus at ``/metrics``, request metrics middleware);
+* for operators: ``dashboard`` (the page at ``/dashboard`` and its admin JSON endpoints),
+  ``metrics`` (Prometheus at ``/metrics``, request metrics middleware) and ``readiness``
+  (``/v1/ready``, a load balancer's check);
 * for other programs: ``embedded.EmbeddedCoordinator`` (a service in a thread or a child
   process) and ``admin.AdminClient`` (the operator API, standard library only).
 

@@ -38,6 +38,7 @@ from coordinator.errors import ApiError, BodyTooLarge, Overloaded
 from coordinator.group_commit import GroupCommit
 from coordinator.metrics import OUTCOME, checkin_outcome
 from coordinator.plan import calibrate_ahead
+from coordinator.readiness import Readiness, stale_after
 from coordinator.secagg import routes as secagg_routes
 from coordinator.service import AdmittedUpload, Coordinator, DeviceIdentity, StagedUpload
 from edge_sdk.protocol import (
@@ -358,6 +359,7 @@ def build_app(coord: Coordinator) -> web.Application:
         return web.json_response(data, status=status)
 
     routes = web.RouteTableDef()
+    readiness = Readiness(stale_after(cfg.tick_interval_s))
 
     @routes.get(Route.OPENAPI)
     async def openapi(request: web.Request) -> web.Response:
@@ -366,6 +368,13 @@ def build_app(coord: Coordinator) -> web.Application:
     @routes.get(Route.HEALTH)
     async def health(request: web.Request) -> web.Response:
         return ok({"ok": True})
+
+    @routes.get(Route.READY)
+    async def ready(request: web.Request) -> web.Response:
+        problem = readiness.problem()
+        if problem is not None:
+            return web.json_response({"ready": False, "reason": problem}, status=503)
+        return ok({"ready": True})
 
     @routes.get(Route.STATUS)
     async def status(request: web.Request) -> web.Response:
@@ -503,11 +512,15 @@ def build_app(coord: Coordinator) -> web.Application:
             await asyncio.sleep(cfg.tick_interval_s)
             try:
                 await internal(coord.tick)
-            except Exception:
+            except Exception as e:
+                readiness.failed(e)
                 log.exception("tick failed")
+            else:
+                readiness.succeeded()
 
     async def on_startup(app: web.Application) -> None:
         await internal(coord.tick)  # recover: apply deadlines that passed while we were down
+        readiness.succeeded()
         # then drop what a crash left unreferenced, before any request can write new blobs
         collected = await internal(coord.collect_garbage)
         if collected.blobs:

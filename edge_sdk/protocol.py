@@ -52,7 +52,8 @@ class Route:
     """Route templates; ``{name}`` parts are path parameters."""
 
     OPENAPI: Final = "/v1/openapi.json"
-    HEALTH: Final = "/v1/health"
+    HEALTH: Final = "/v1/health"  # the process answers
+    READY: Final = "/v1/ready"  # and its store did at the last tick: 503 if not
     STATUS: Final = "/v1/status"
     # device side
     REGISTER: Final = "/v1/devices"
