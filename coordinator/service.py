@@ -20,6 +20,7 @@ marks that task ``failed`` with its reason, and the other tasks go on.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -198,23 +199,31 @@ class Coordinator:
         clock: Clock | None = None,
     ) -> None:
         self.config = config
-        self.store = store if store is not None else open_store(config.store_location)
-        # Alone on its blob directory, deletes (a closed round's payloads) unlink off the
-        # worker thread; replicas decide and unlink under the blob's lock.
-        self.blobs = (
-            blobs
-            if blobs is not None
-            else BlobStore(
-                config.blob_dir,
-                unlink_later=not config.shared,
-                shared_after_s=config.replica_orphan_age_s if config.shared else None,
-                drop_leftovers=False,  # below, once the directory is known to be ours
+        # A refused start (the directory is another database's) closes what it opened: the
+        # caller has no coordinator to close, and the database's writer lock stays held.
+        with contextlib.ExitStack() as refused:
+            self.store = store if store is not None else open_store(config.store_location)
+            if store is None:
+                refused.callback(self.store.close)
+            # Alone on its blob directory, deletes (a closed round's payloads) unlink off the
+            # worker thread; replicas decide and unlink under the blob's lock.
+            self.blobs = (
+                blobs
+                if blobs is not None
+                else BlobStore(
+                    config.blob_dir,
+                    unlink_later=not config.shared,
+                    shared_after_s=config.replica_orphan_age_s if config.shared else None,
+                    drop_leftovers=False,  # below, once the directory is known to be ours
+                )
             )
-        )
-        # Before anything reads or sweeps the directory: it must be this database's.
-        if self.blobs.owner() is None:
-            self._check_versions_present()
-        self.blobs.claim(self.store.start())
+            if blobs is None:
+                refused.callback(self.blobs.close)
+            # Before anything reads or sweeps the directory: it must be this database's.
+            if self.blobs.owner() is None:
+                self._check_versions_present()
+            self.blobs.claim(self.store.start())
+            refused.pop_all()
         if blobs is None:
             self.blobs.drop_leftovers()
         self.clock = clock or SystemClock()

@@ -40,6 +40,20 @@ def _started(db: str, blobs: Path) -> Coordinator:
     return coord
 
 
+def _open_files(path: Path) -> list[str]:
+    """This process's open descriptors on ``path`` (a SQLite database, its WAL or journal)."""
+    fds = Path("/proc/self/fd")
+    named = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # the directory's own descriptor, closed since the listing
+            continue
+        if target.startswith(str(path)):
+            named.append(target)
+    return named
+
+
 def _in_use(tmp_path: Path, tiny_bundle: Path) -> tuple[Path, dict[str, bytes]]:
     blobs = tmp_path / "blobs"
     a = _started(str(tmp_path / "a.db"), blobs)
@@ -58,6 +72,7 @@ def test_a_new_database_on_a_directory_in_use_is_refused_and_deletes_nothing(
     with pytest.raises(WrongBlobDirectory, match=r"belongs to database \w+, not to this one"):
         _started(str(tmp_path / "mistyped.db"), blobs)
     assert _files(blobs) == files
+    assert _open_files(tmp_path / "mistyped.db") == []  # the refused start closed what it opened
     _started(str(tmp_path / "a.db"), blobs).close()  # its own database still serves it
     assert _files(blobs) == files
 
