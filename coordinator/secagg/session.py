@@ -139,7 +139,9 @@ class SecAggSession:
             context=context,
             spec=spec,
             length=length,
-            min_survivors=max(min_survivors, threshold),
+            # A sum of one is that device's update: never unmasked (its neighbours' shares
+            # of its self-mask are needed and none of them uploaded), so no stage waits for it.
+            min_survivors=max(2, min_survivors, threshold),
             threshold=threshold,
             links=graph.neighbours(len(devices), degree, graph_seed),
             stage_timeout_s=stage_timeout_s,

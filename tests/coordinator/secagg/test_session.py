@@ -136,6 +136,23 @@ def test_fewer_survivors_than_needed_abandon_the_round(stage: str, reason: str) 
     assert (s.stage, s.reason, s.result) == ("abandoned", reason, None)
 
 
+@pytest.mark.parametrize(
+    ("stage", "reason"),
+    [("advertise", "too_few_after_advertise"), ("share", "too_few_after_share"),
+     ("mask", "too_few_after_mask")],
+)  # fmt: skip
+def test_one_survivor_is_never_unmasked_whatever_the_plan_allows(stage: str, reason: str) -> None:
+    """A sum of one masked vector is that device's update. With ``min_reports`` 1 and a
+    cohort of two (whose Shamir threshold is 1) it could not be unmasked anyway (the other
+    device holds the share of its self-mask), but a round left with one device after the
+    mask stage went on to an unmasking stage that could only fail, asking the survivor for
+    its shares; now it ends there."""
+    h = Harness(2, min_survivors=1)
+    assert h.server.threshold == 1
+    s = h.run({stage: 0.5})
+    assert (s.stage, s.reason, s.result) == ("abandoned", reason, None)
+
+
 def test_too_few_unmasking_answers_abandon_the_round() -> None:
     h = Harness(20)
     s = h.run({"unmask": 0.7})
