@@ -56,7 +56,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from coordinator.blobs import BlobStore, delete_unneeded
-from coordinator.store import Store, Task
+from coordinator.store import Store, StoreError, Task
 
 __all__ = ["Pruned", "Retention", "RetentionPolicy"]
 
@@ -105,17 +105,24 @@ class Retention:
         self.policy = policy
         self._last_run = float("-inf")
 
-    def saw(self, device_id: str, last_seen_at: float, now: float) -> None:
+    def saw(self, device_id: str, last_seen_at: float, now: float) -> bool:
         """A device checked in (``last_seen_at``: what its row says); recorded only with an
         inactivity bound, and only when the row is a tenth of the bound old. A failed write
-        is logged, not raised: it must not cost the device its check-in."""
+        is logged, not raised: it must not cost the device its check-in. False if the row is
+        gone: a pass (another replica's) deleted the device since its check-in was
+        authenticated, and the check-in must not go on to an assignment. A device not due for
+        the write was seen within a tenth of the bound, so no pass can have deleted it."""
         bound = self.policy.device_inactivity_s
         if bound is None or now - last_seen_at < bound / 10:
-            return
+            return True
         try:
+            # A pass deleting it now waits for this write's row lock and then keeps the row.
             self.store.update_device(device_id, last_seen_at=now)
+        except StoreError:  # no such row
+            return False
         except Exception:
             log.exception("could not record a check-in of %s", device_id)
+        return True
 
     def maybe_run(self, now: float) -> Pruned | None:
         """A pass if one is due (never raises: a failed pass is logged and retried later)."""

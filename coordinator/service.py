@@ -537,8 +537,9 @@ class Coordinator:
         caps = f.child("capabilities")
         codecs = caps.strings("codecs", None)
         f.done()
+        if not self.retention.saw(who.device_id, who.last_seen_at, now):
+            raise Unauthorized("unknown device or wrong secret")  # as authentication says
         self.pacing.saw(who.device_id, now)
-        self.retention.saw(who.device_id, who.last_seen_at, now)
         tasks = [
             t
             for t in self.store.list_tasks(population=population)

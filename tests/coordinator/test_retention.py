@@ -9,6 +9,7 @@ import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ from coordinator.store import (
     Version,
 )
 from edge_sdk.frame import decode_tensor
-from tests.fixtures.coordinator import DeviceHTTP, HttpConnection
+from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP, HttpConnection
 
 VERSIONS = 12  # the task is at version 12; rounds 1..12 made versions 1..12
 NOW = 1000.0  # long after the history's rounds closed (at times 1..15)
@@ -459,6 +460,38 @@ def test_inactive_devices_must_register_again(
         assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized", body
         assert active.check_in()["action"] == "wait"
         assert coord.call(coord.service.store.count_devices) == 1
+
+
+def test_a_device_deleted_while_it_checks_in_gets_no_assignment(
+    tmp_path: Path, tiny_bundle: Path, fake_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention on another replica deleted an inactive device's row between its check-in's
+    authentication and the rest of it: the check-in went on, recording the visit failed (and
+    was only logged) and the device was handed an assignment it could never upload (401);
+    now it is answered 401 at once and nothing of it is stored."""
+    config = {"device_inactivity_s": 100.0, "retention_interval_s": 3600.0}
+    with EmbeddedCoordinator(tmp_path / "fedge.db", clock=fake_clock, seed=1, **config) as coord:
+        admin = coord.admin()
+        plan = {"goal": 1, "over_selection": 1.0, "selection_window_s": 0.0, "rounds": 3,
+                "eligibility": {"require_charging": False}}  # fmt: skip
+        task_id = admin.create_task(admin.upload_bundle(tiny_bundle)["bundle_id"], plan)["task_id"]
+        idle = DeviceHTTP(coord)
+        fake_clock.advance(200.0)  # past the bound: the next check-in records the visit
+        service, store = coord.service, coord.service.store
+        authenticate = service.authenticate
+
+        def then_deleted(authorization: str | None) -> Any:
+            who = authenticate(authorization)
+            assert store.delete_devices(fake_clock.now() - 100.0) == 1  # the other replica
+            return who
+
+        monkeypatch.setattr(service, "authenticate", then_deleted)
+        checkin = {"runtimes": idle.runtimes, "conditions": GOOD_CONDITIONS}
+        status, _, body = idle.raw("POST", "/v1/checkin", json.dumps(checkin).encode())
+        assert status == 401 and json.loads(body)["error"]["code"] == "unauthorized", body
+        assert [coord.call(store.round_assignments, r["round_id"])
+                for r in admin.rounds(task_id)] in ([], [[]])  # fmt: skip
+        assert coord.call(store.count_devices) == 0
 
 
 @pytest.mark.parametrize(
