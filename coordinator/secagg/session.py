@@ -376,7 +376,11 @@ class SecAggSession:
             self.stage, self.reason = "abandoned", "unmasking_failed"
             return
         total = masking.unmask(self.masked_sum, self_seeds, pairs, self.spec.bits)
-        weighted, weight = ring.decode_sum(total, self.spec)
+        try:
+            weighted, weight = ring.decode_sum(total, self.spec)
+        except ring.RingError:  # a wrong mask removed: a survivor opened a crafted share
+            self.stage, self.reason = "abandoned", "implausible_sum"
+            return
         if weight <= 0:
             self.stage, self.reason = "abandoned", "no_weight"
             return

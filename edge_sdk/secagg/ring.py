@@ -72,11 +72,19 @@ def encode(delta: np.ndarray, weight: int, spec: RingSpec, rng: np.random.Genera
 
 
 def decode_sum(total: np.ndarray, spec: RingSpec) -> tuple[np.ndarray, int]:
-    """The float64 weighted sum ``sum w * clip(delta)`` and the integer ``sum w``."""
+    """The float64 weighted sum ``sum w * clip(delta)`` and the integer ``sum w``.
+
+    ``RingError`` if a coordinate lies beyond what the vectors (and the noise) the ring was
+    sized for can add up to: :meth:`RingSpec.for_cohort` makes that bound less than a quarter
+    of the ring, so a sum unmasked with a wrong seed (a crafted Shamir share), which is
+    uniform over the ring, is caught with probability 1 - 2**-(len(total))."""
     t = np.asarray(total, dtype=np.uint64) & spec.modulus_mask
     signed = t.view(np.int64).copy() if spec.bits == 64 else t.astype(np.int64)
     if spec.bits < 64:
         signed[signed >= (1 << (spec.bits - 1))] -= 1 << spec.bits
+    reach = 1 << (spec.bits - 2)
+    if bool(((signed >= reach) | (signed < -reach)).any()):
+        raise RingError("the sum has a coordinate no vectors of this ring add up to")
     weighted = signed[:-1].astype(np.float64) * (spec.max_weight * spec.clip / spec.levels)
     return weighted, int(signed[-1])
 

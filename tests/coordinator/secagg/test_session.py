@@ -159,6 +159,38 @@ def test_too_few_unmasking_answers_abandon_the_round() -> None:
     assert (s.stage, s.reason, s.result) == ("abandoned", "unmasking_failed", None)
 
 
+@pytest.mark.parametrize("shift", [1, 2**200])
+def test_a_crafted_unmasking_share_abandons_the_round_instead_of_committing_garbage(
+    shift: int,
+) -> None:
+    """A survivor answering stage 4 with a share of a neighbour's self-mask seed moved so
+    that the seed the server rebuilds is off by ``shift`` (the holders' Lagrange
+    coefficients are public; the shares carry no proof; a random share is caught, as it
+    rebuilds no 32-byte secret) made the server remove the wrong mask: the round committed a
+    uniformly random vector as the model's update. A sum the survivors' vectors cannot reach
+    (their coordinates lie within half the ring's range) now abandons the round."""
+    h = Harness(10, seed=shift % 7)
+    for _stage in STAGES[:-1]:
+        h.stage(0.0)
+    s = h.server
+    assert s.stage == "unmask"
+    liar = h.names[0]  # the lowest index: its shares are among those the server combines
+    for name in h.names[1:]:
+        h.answer(name)
+    survivors, dropped = s.survivors(liar)
+    dev = h.devices[liar]
+    opened = dev.unmask(dev.inbox, survivors, dropped)  # type: ignore[attr-defined]
+    victim = min(opened)
+    holders = sorted(v for v, got in s.opened.items() if victim in got)
+    xs = tuple(sorted([1, *[v + 1 for v in holders]][: s.threshold]))
+    coefficient = shamir._lagrange_at_zero(xs)[xs.index(1)]
+    moved = (int.from_bytes(opened[victim], "big") + shift * pow(coefficient, -1, shamir.PRIME))
+    crafted = {**opened, victim: (moved % shamir.PRIME).to_bytes(shamir.SHARE_BYTES, "big")}
+    s.unmask(liar, crafted)
+    s.tick(h.now)
+    assert (s.stage, s.reason, s.result) == ("abandoned", "implausible_sum", None)
+
+
 def test_the_server_decodes_only_the_sum(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[np.ndarray] = []
     real = session_module.ring.decode_sum

@@ -92,6 +92,17 @@ def test_ring_is_sized_so_that_extreme_sums_do_not_wrap() -> None:
         weighted, weight = ring.decode_sum(total, spec)
         assert weight == 500
         assert weighted[0] == pytest.approx(sign * 500.0)
+    # Past what the cohort can add up to (a sum unmasked with a wrong seed is uniform over
+    # the ring: half its coordinates land there) is refused, not decoded.
+    bound = 50 * max(1000, 10)
+    assert bound < 1 << (spec.bits - 2) <= 2 * bound
+    for beyond in (1 << (spec.bits - 2), -(1 << (spec.bits - 2)) - 1):
+        total = np.array([0, beyond, 500], np.int64).astype(np.uint64) & spec.modulus_mask
+        with pytest.raises(ring.RingError, match="no vectors of this ring add up to"):
+            ring.decode_sum(total, spec)
+    uniform = rng.integers(0, 1 << spec.bits, 64, dtype=np.uint64)
+    with pytest.raises(ring.RingError):
+        ring.decode_sum(uniform, spec)
     with pytest.raises(ring.RingError):
         ring.RingSpec.for_cohort(cohort=2**40, clip=1.0, levels=2**30, max_weight=1)
 
