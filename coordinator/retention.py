@@ -193,9 +193,12 @@ class Retention:
             v for v in versions if v.version < keep_from and v.version not in needed
         ][:cap]
         doomed = {v.version for v in doomed_versions}
+        # Older than current, not merely other: among replicas another one may have committed
+        # versions since the task was read (the pass's list of tasks), and the newest of them
+        # is the one whose state the next commit reads. The next pass cleans what stays.
         stale_state = [
             v for v in versions
-            if v.optimizer_sha is not None and v.version != current and v.version not in doomed
+            if v.optimizer_sha is not None and v.version < current and v.version not in doomed
         ]  # fmt: skip
         if not (doomed_rounds or doomed_versions or stale_state):
             return Pruned(), set()

@@ -216,6 +216,32 @@ def test_recently_closed_rounds_keep_their_receipts(history: History) -> None:
     assert history.store.get_update("a-7-0") is None
 
 
+def test_a_version_another_replica_commits_during_a_pass_keeps_its_optimizer_state(
+    history: History, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Among replicas a pass reads the tasks, then each task's versions: another replica may
+    # commit the next version in between (the open round's commit, as one transaction).
+    store, blobs = history.store, history.blobs
+    listed = store.list_versions
+    new = VERSIONS + 1
+
+    def commit_then_list(task_id: str) -> list[Version]:
+        if store.get_version(task_id, new) is None:
+            params, state = blobs.put(b"params 13"), blobs.put(b"adam state 13")
+            with store.atomic():
+                store.add_version(Version(task_id, new, params, state, None, 2.0))
+                store.update_task(task_id, model_version=new)
+        return listed(task_id)
+
+    monkeypatch.setattr(store, "list_versions", commit_then_list)
+    history.retention(keep=4).run(NOW)
+    # the version the next commit reads as its base keeps its optimizer state (FedAdam's
+    # moments): a pass must not take it for a stale one
+    current = store.get_version("t-1", new)
+    assert current is not None and current.optimizer_sha is not None
+    assert blobs.exists(current.optimizer_sha)
+
+
 def test_zero_keeps_everything(history: History) -> None:
     before = history.store.snapshot()
     assert history.retention(keep=0).maybe_run(1e9) is None
