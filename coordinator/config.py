@@ -125,7 +125,10 @@ class CoordinatorConfig:
                      "max_queued_operations", "group_commit_max_batch", "replica_partial_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        if min(self.retain_versions, self.retention_interval_s, self.retain_receipts_s) < 0:
+        # "not >= 0", each on its own: NaN is neither < 0 nor >= 0 (min() may skip it), and a
+        # NaN interval or receipt window would silently run every tick or keep every round.
+        retention = (self.retain_versions, self.retention_interval_s, self.retain_receipts_s)
+        if any(not value >= 0 for value in retention):
             raise ConfigError(
                 "retain_versions, retention_interval_s and retain_receipts_s must be >= 0"
             )

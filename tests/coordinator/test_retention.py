@@ -527,6 +527,10 @@ def test_a_device_deleted_while_it_checks_in_gets_no_assignment(
         {"retention_interval_s": -1.0},
         {"retain_receipts_s": -5.0},
         {"device_inactivity_s": 0.0},
+        # NaN passed every comparison: passes on every tick, no round ever old enough to go,
+        # and (its max with the orphan age) the replicas' orphan sweep never run
+        {"retention_interval_s": float("nan")},
+        {"retain_receipts_s": float("nan")},
     ],
 )
 def test_bad_retention_settings_are_refused(bad: dict[str, float]) -> None:
