@@ -157,8 +157,10 @@ class Retention:
             doomed = doomed_blobs - keep
             had = {sha: self.blobs.size(sha) for sha in doomed if self.blobs.exists(sha)}
             # Re-checked under each blob's lock: an upload of the same bytes may be storing
-            # its row now (keep is a snapshot).
-            gone = delete_unneeded(self.blobs, self.store, doomed, self.store.payload_in_open_round)
+            # its row now (keep is a snapshot). Against every row that names a blob, as keep
+            # was, not only open rounds' updates: among replicas a row stored since may be a
+            # version, or an update of a round closed since whose payloads are kept.
+            gone = delete_unneeded(self.blobs, self.store, doomed, self.store.blob_referenced)
             counted = [sha for sha in gone if sha in had]
             total += Pruned(blobs=len(counted), bytes=sum(had[sha] for sha in counted))
         if total != Pruned():

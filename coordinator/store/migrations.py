@@ -344,3 +344,13 @@ def retired_round_durations(db: Schema) -> None:
         {"task_id": str, "outcome": str, "le": float, "rounds": int, "seconds": float},
         pk=("task_id", "outcome", "le"),
     )
+
+
+@migration(12)
+def version_blob_indexes(db: Schema) -> None:
+    """``versions(params_sha)``, ``versions(optimizer_sha)``: whether a blob is named by a
+    version (:meth:`~coordinator.store.base.Store.blob_referenced`), asked under each blob's
+    lock by retention for every blob a pass deletes and by the replicas' orphan sweep; without
+    them each lookup scans the versions: long, while retention catches up with a history."""
+    db.table("versions").create_index(["params_sha"])
+    db.table("versions").create_index(["optimizer_sha"])

@@ -242,6 +242,31 @@ def test_a_version_another_replica_commits_during_a_pass_keeps_its_optimizer_sta
     assert blobs.exists(current.optimizer_sha)
 
 
+def test_a_payload_another_replica_names_during_a_pass_stays(
+    history: History, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Among replicas, between the pass's snapshot of what is named and its deletes, another
+    # one stores an update with identical bytes (a zero delta, say) and its round closes,
+    # its payloads kept (retain_updates): the blob is named by a remaining row.
+    store, shared = history.store, history.payloads[1][0]
+    snapshot = store.referenced_blobs
+
+    def snapshot_then_store(*, closed_round_payloads: bool) -> set[str]:
+        keep = snapshot(closed_round_payloads=closed_round_payloads)
+        rnd = store.add_round(_round(40, VERSIONS, "reporting"))
+        store.add_assignments([Assignment("a-twin", rnd.round_id, "t-1", "d-twin", "train",
+                                          "delivered", 1.0)])  # fmt: skip
+        store.add_update(_update("a-twin", rnd, shared))
+        store.update_round(rnd.round_id, state="committed", closed_at=NOW)
+        return keep
+
+    monkeypatch.setattr(store, "referenced_blobs", snapshot_then_store)
+    history.retention(keep=4).run(NOW)
+    assert store.get_update("a-twin") is not None
+    assert history.blobs.exists(shared)
+    assert snapshot(closed_round_payloads=True) <= set(history.blobs.shas())
+
+
 def test_zero_keeps_everything(history: History) -> None:
     before = history.store.snapshot()
     assert history.retention(keep=0).maybe_run(1e9) is None
