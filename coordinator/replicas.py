@@ -36,7 +36,8 @@ database on every use or made durable per replica:
   aggregators read the updates back from the blob store as always.
 * **Shared payloads.** Blobs are content-addressed: a payload is deleted only under an
   exclusive advisory lock on its hash (:func:`~coordinator.blobs.delete_unneeded`), which an
-  upload's transaction holds shared from its existence check to its commit.
+  upload's transaction, and a version's commit for its blobs, hold shared from their
+  existence check to their commit.
 * **Stalls.** The store's sessions carry ``lock_timeout`` and
   ``idle_in_transaction_session_timeout`` (:class:`~coordinator.store.postgres.PostgresStore`):
   a replica paused inside a transaction loses its session and its locks.

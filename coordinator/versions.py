@@ -86,15 +86,29 @@ class ModelVersions:
                 f"the server step ({plan.server_optimizer.name}) would make version "
                 f"{task.model_version + 1} non-finite: nothing committed"
             )
-        # The version's download frame is written with its parameters, in the same round of
-        # fsyncs: its first download is the next round's, and it would wait on the disk.
-        params_sha = self.blobs.put_with_derived(
-            params_to_bytes(new_params), {"frame": encode_params(new_params)}
-        )
-        opt_sha = self.blobs.put(opt.pack_state(state)) if opt.state_names else None
+        params_bytes, frame = params_to_bytes(new_params), encode_params(new_params)
+        state_bytes = opt.pack_state(state) if opt.state_names else None
+
+        def write() -> tuple[str, str | None]:
+            # The version's download frame is written with its parameters, in the same round
+            # of fsyncs: its first download is the next round's, and it would wait on the disk.
+            sha = self.blobs.put_with_derived(params_bytes, {"frame": frame})
+            return sha, None if state_bytes is None else self.blobs.put(state_bytes)
+
+        params_sha, opt_sha = write()
         new_version = task.model_version + 1
         tx: AbstractContextManager[None] = self.store.atomic()
         with tx:
+            # As an upload does for its payload: the blobs' locks held shared to the commit,
+            # and the files looked at again under them. A write that found identical bytes
+            # already there (an old orphan: a commit whose transaction failed) skipped them,
+            # and a replica's orphan sweep may have deleted them since (no row named them):
+            # written again, the sweep now waits for this commit and then sees the version.
+            shas = [sha for sha in (params_sha, opt_sha) if sha is not None]
+            for sha in shas:
+                self.store.lock_blob(sha, shared=True)
+            if not all(self.blobs.exists(sha) for sha in shas):
+                write()
             self.store.add_version(
                 Version(task.task_id, new_version, params_sha, opt_sha, round_id, now)
             )

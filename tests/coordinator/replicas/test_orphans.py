@@ -4,8 +4,10 @@ named by no row (a payload is installed moments before the row naming it commits
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,3 +56,69 @@ def test_old_unnamed_blobs_go_and_everything_else_stays(
         # The round still commits from what stayed.
         second.upload(aid2, delta)
         assert reps[0].admin().task(task_id)["model_version"] == 1
+
+
+def test_a_version_whose_bytes_an_old_orphan_holds_keeps_its_blob(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    # PostgreSQL only: on SQLite a commit's turn holds the file's one write lock from before
+    # its blobs are written to its commit, so no sweep runs in between.
+    clock = FakeClock(1_700_000_000.0)
+    with thread_replicas(2, postgres_url, tmp_path / "blobs", clock) as reps:
+        _, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 2)
+        (device, aid), (second, aid2) = select_devices(devices, lambda: clock.advance(WINDOW + 0.5))
+        delta = np.random.default_rng(0).normal(0, 0.01, 64).astype(np.float32)
+        sweeper, committer = reps[0].service, reps[1].service
+        device.to(0).upload(aid, delta)
+        # The round's commit on replica 1 writes the version's blobs, then its transaction
+        # fails: the blobs stay, named by nothing, and the round commits again later.
+        real_add = committer.store.add_version
+        failed: list[bool] = []
+
+        def fail_once(version: Any) -> None:
+            if not failed:
+                failed.append(True)
+                raise OSError("I/O error")
+            real_add(version)
+
+        committer.store.add_version = fail_once  # type: ignore[method-assign]
+        assert second.to(1).upload(aid2, delta)[0] == 200
+        assert failed and reps[1].admin().task(task_id)["model_version"] == 0
+        named = committer.store.referenced_blobs(closed_round_payloads=True)
+        (orphan,) = set(committer.blobs.shas()) - named  # the version's parameters
+        _age(committer.blobs.path(orphan), 2 * HOUR)  # the retry comes an hour later
+
+        # The retry finds the file and skips its write; replica 0's sweep, which found it old
+        # and named by nothing just before, decides on it before the retry's version commits.
+        found, swept = threading.Event(), threading.Event()
+        real_put = committer.blobs.put_with_derived
+
+        def put_then_pause(data: bytes, derived: Any) -> str:
+            sha = real_put(data, derived)
+            found.set()
+            assert swept.wait(30)
+            return sha
+
+        committer.blobs.put_with_derived = put_then_pause  # type: ignore[method-assign]
+        real_lock = sweeper.store.lock_blob
+        retry: list[threading.Thread] = []
+
+        def lock_after_the_retry_found_it(sha: str, **kwargs: Any) -> bool:
+            if sha == orphan and not retry:
+                retry.append(threading.Thread(target=reps[1].call, args=(committer.tick,)))
+                retry[0].start()
+                assert found.wait(30)
+            return real_lock(sha, **kwargs)
+
+        sweeper.store.lock_blob = lock_after_the_retry_found_it  # type: ignore[method-assign]
+        try:
+            reps[0].call(sweeper.collect_garbage)
+        finally:
+            swept.set()
+            for t in retry:
+                t.join(30)
+        assert retry, "the sweep never looked at the orphan"
+        assert reps[0].admin().task(task_id)["model_version"] == 1
+        v = committer.store.get_version(task_id, 1)
+        assert v is not None and v.params_sha == orphan
+        assert sweeper.blobs.exists(v.params_sha), "the current version's parameters are gone"
