@@ -1032,7 +1032,17 @@ class Coordinator:
         if not body:
             raise InvalidRequest("body must be an uncompressed tar of a bundle directory")
         manifest = extract_bundle(body, self.blobs)
-        created = self.store.add_bundle(manifest["bundle_id"], manifest, self.clock.now())
+        with self.store.atomic():
+            # As an upload does for its payload: the files' locks held shared to the commit,
+            # and the files looked at again under them. Among replicas an orphan sweep may
+            # have deleted one since it was put (identical bytes left by an upload whose row
+            # failed, found old and named by nothing): refused, not stored without it.
+            shas = sorted({meta["sha256"] for meta in manifest["files"].values()})
+            for sha in shas:
+                self.store.lock_blob(sha, shared=True)
+            if not all(self.blobs.exists(sha) for sha in shas):
+                raise Overloaded("a file of the bundle was deleted meanwhile; upload it again", 1.0)
+            created = self.store.add_bundle(manifest["bundle_id"], manifest, self.clock.now())
         return {
             "bundle_id": manifest["bundle_id"],
             "num_parameters": int(manifest["num_parameters"]),

@@ -10,9 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
+import coordinator.service as service_module
+from coordinator.admin import tar_directory
 from coordinator.blobs import Collected
 from coordinator.clock import FakeClock
+from coordinator.errors import Overloaded
+from coordinator.service import Coordinator
 from tests.coordinator.replicas.fleet import start_task, thread_replicas
 from tests.fixtures.coordinator import select_devices
 
@@ -122,3 +127,85 @@ def test_a_version_whose_bytes_an_old_orphan_holds_keeps_its_blob(
         v = committer.store.get_version(task_id, 1)
         assert v is not None and v.params_sha == orphan
         assert sweeper.blobs.exists(v.params_sha), "the current version's parameters are gone"
+
+
+def test_a_bundle_whose_files_old_orphans_hold_is_stored_whole_or_not_at_all(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PostgreSQL only, like the version's case: replicas on SQLite take turns on the file.
+    clock = FakeClock(1_700_000_000.0)
+    body = tar_directory(tiny_bundle)
+    with thread_replicas(2, postgres_url, tmp_path / "blobs", clock) as reps:
+        sweeper, uploader = reps[0].service, reps[1].service
+        # An upload whose row failed (its files stay, named by nothing), retried hours later.
+        real_add = uploader.store.add_bundle
+
+        def fail(*args: Any) -> bool:
+            raise OSError("I/O error")
+
+        uploader.store.add_bundle = fail  # type: ignore[method-assign]
+        with pytest.raises(OSError):
+            reps[1].call(uploader.add_bundle, body)
+        uploader.store.add_bundle = real_add  # type: ignore[method-assign]
+        orphans = set(uploader.blobs.shas())
+        assert orphans and not uploader.store.referenced_blobs(closed_round_payloads=True)
+        for sha in orphans:
+            _age(uploader.blobs.path(sha), 2 * HOUR)
+
+        # The retry puts its files again; replica 0's sweep, which found them old and named by
+        # nothing just before, decides on them before the retry's row commits.
+        put, swept = threading.Event(), threading.Event()
+        real_extract = service_module.extract_bundle
+
+        def extract_then_pause(data: bytes, blobs: Any) -> dict[str, Any]:
+            manifest = real_extract(data, blobs)
+            put.set()
+            assert swept.wait(30)
+            return manifest
+
+        monkeypatch.setattr(service_module, "extract_bundle", extract_then_pause)
+        real_lock = sweeper.store.lock_blob
+        retry: list[threading.Thread] = []
+        outcome: list[object] = []
+
+        def add_again() -> None:
+            try:
+                outcome.append(reps[1].call(uploader.add_bundle, body))
+            except Exception as e:
+                outcome.append(e)
+
+        def lock_after_the_retry_put_them(sha: str, **kwargs: Any) -> bool:
+            if sha in orphans and not retry:
+                retry.append(threading.Thread(target=add_again))
+                retry[0].start()
+                assert put.wait(30)
+            return real_lock(sha, **kwargs)
+
+        sweeper.store.lock_blob = lock_after_the_retry_put_them  # type: ignore[method-assign]
+        try:
+            reps[0].call(sweeper.collect_garbage)
+        finally:
+            swept.set()
+            for t in retry:
+                t.join(30)
+        assert retry and outcome, "the sweep never looked at the orphans"
+        monkeypatch.undo()
+        # Refused (503: upload it again), or stored with every file it names.
+        stored = [uploader.store.get_bundle(b) for b in _bundle_ids(uploader)]
+        for manifest in stored:
+            files = [meta["sha256"] for meta in manifest["files"].values()]
+            missing = [sha for sha in files if not sweeper.blobs.exists(sha)]
+            assert not missing, f"bundle stored without {len(missing)} of its files"
+        if not stored:
+            assert isinstance(outcome[0], Overloaded), outcome
+            reps[1].call(uploader.add_bundle, body)
+            assert referenced_exist(uploader)
+
+
+def _bundle_ids(service: Coordinator) -> list[str]:
+    return [r[0] for r in service.store._execute("select bundle_id from bundles").fetchall()]  # type: ignore[attr-defined]
+
+
+def referenced_exist(service: Coordinator) -> bool:
+    named = service.store.referenced_blobs(closed_round_payloads=True)
+    return bool(named) and all(service.blobs.exists(sha) for sha in named)
