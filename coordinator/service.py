@@ -393,7 +393,7 @@ class Coordinator:
         log.error("task %s failed: %s", task.task_id, reason, exc_info=error)
         now = self.clock.now()
         try:
-            with self.store.atomic():
+            with self.ctx.deferring_deletes(), self.store.atomic():
                 if self.replica is not None:  # the open round before the task's row
                     self._lock_in_order_retrying(set(), [task.task_id])
                 self.store.update_task(task.task_id, state="failed", failure=reason)
@@ -404,6 +404,9 @@ class Coordinator:
                         rnd.round_id, state="abandoned", closed_at=now, metrics=metrics
                     )
                     self.store.expire_assignments(rnd.round_id, now)
+                    # Closed like any abandoned round: its payloads go once this (or the
+                    # batch it is part of) commits, unless retained, and its partial sums.
+                    self.ctx.round_closed(task.task_id, rnd.round_id)
         except Exception:
             log.exception("task %s: could not record its failure", task.task_id)
         self._plans.pop(task.task_id, None)

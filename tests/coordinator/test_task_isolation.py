@@ -66,6 +66,26 @@ def test_a_server_step_that_would_make_the_model_non_finite_fails_only_its_task(
     assert e.value.status == 409
 
 
+def test_a_failed_task_s_abandoned_round_lets_its_payloads_go(
+    clocked_coordinator: EmbeddedCoordinator, tiny_bundle: Path
+) -> None:
+    # Without retain_updates a round's payloads go when it closes, abandoned included: a
+    # task's failure abandons its open round like any other close, or they would stay
+    # until a restart's sweep (retention leaves payloads to the close).
+    admin = clocked_coordinator.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    wild = admin.create_task(bundle_id, {**PLAN, "server_optimizer": {"lr": 1e300}})["task_id"]
+    device = DeviceHTTP(clocked_coordinator)
+    a = _train(device)
+    assert device.upload(a["assignment_id"], _delta(0))[0] == 200
+    assert admin.task(wild)["state"] == "failed"
+    service = clocked_coordinator.service
+    update = clocked_coordinator.call(service.store.get_update, a["assignment_id"])
+    assert update is not None
+    clocked_coordinator.call(service.blobs.wait_unlinked)
+    assert not service.blobs.path(update.payload_sha).exists()
+
+
 def test_a_task_whose_policy_raises_is_failed_and_check_ins_go_on(
     clocked_coordinator: EmbeddedCoordinator, tiny_bundle: Path
 ) -> None:
