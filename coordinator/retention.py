@@ -212,12 +212,15 @@ class Retention:
         for v in doomed_versions + stale_state:
             if v.optimizer_sha is not None:
                 shas.add(v.optimizer_sha)
+        # Counted as the statements deleted, not as decided: another replica's pass over the
+        # same task may have deleted some of them since this one read them.
         with store.atomic():
-            store.delete_rounds([r.round_id for r in doomed_rounds])
-            store.delete_versions(task.task_id, sorted(doomed))
-            for v in stale_state:
-                store.update_version(task.task_id, v.version, optimizer_sha=None)
-        return Pruned(len(doomed_rounds), len(doomed_versions), len(stale_state)), shas
+            rounds_gone = store.delete_rounds([r.round_id for r in doomed_rounds])
+            versions_gone = store.delete_versions(task.task_id, sorted(doomed))
+            states_gone = store.delete_optimizer_states(
+                task.task_id, [v.version for v in stale_state]
+            )
+        return Pruned(rounds_gone, versions_gone, states_gone), shas
 
     def _rounds_in_flight(self, round_ids: Sequence[int]) -> set[int]:
         """Which of these rounds still have an assignment a device may report on."""

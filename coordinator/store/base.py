@@ -335,9 +335,15 @@ class Store(ABC):
         """The task's stored versions, oldest first (retention may have deleted old ones)."""
 
     @abstractmethod
-    def delete_versions(self, task_id: str, versions: Sequence[int]) -> None:
-        """Delete these version records (their blobs are the caller's business). The task's
+    def delete_versions(self, task_id: str, versions: Sequence[int]) -> int:
+        """Delete these version records (their blobs are the caller's business); returns how
+        many this call deleted (another replica's pass may have deleted some). The task's
         current version is refused with :class:`StoreError`: a commit builds on it."""
+
+    @abstractmethod
+    def delete_optimizer_states(self, task_id: str, versions: Sequence[int]) -> int:
+        """Forget these versions' optimizer state (``optimizer_sha`` NULL); returns how many
+        still had one (versions gone meanwhile, or cleared by another replica, count 0)."""
 
     # rounds
     @abstractmethod
@@ -359,12 +365,13 @@ class Store(ABC):
     @abstractmethod
     def update_round(self, round_id: int, **fields: Any) -> None: ...
     @abstractmethod
-    def delete_rounds(self, round_ids: Sequence[int]) -> None:
+    def delete_rounds(self, round_ids: Sequence[int]) -> int:
         """Delete closed rounds with every row that hangs off them (candidates, assignments,
         updates, evaluation reports), in one transaction; the update rows are added to their
         tasks' count of retired updates, and their payload bytes to its retired bytes, and
         the rounds to the retired rounds' durations (:meth:`round_durations`), in it.
-        An open round is refused with :class:`StoreError` and nothing is deleted."""
+        Returns how many rounds this call deleted (another replica's pass may have deleted
+        some). An open round is refused with :class:`StoreError` and nothing is deleted."""
 
     @abstractmethod
     def round_durations(self) -> dict[tuple[str, str], RoundDurations]:

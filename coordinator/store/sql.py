@@ -423,16 +423,28 @@ class SQLStore(Store):
     def list_versions(self, task_id: str) -> list[Version]:
         return self._list(Version, "versions", "task_id = ?", [task_id], "version")
 
-    def delete_versions(self, task_id: str, versions: Sequence[int]) -> None:
+    def delete_versions(self, task_id: str, versions: Sequence[int]) -> int:
+        deleted = 0
         with self.atomic():
             task = self.get_task(task_id)
             if task is not None and task.model_version in versions:
                 raise StoreError(f"version {task.model_version} is task {task_id}'s current one")
             for chunk in _chunks(versions):
-                self._execute(
+                deleted += self._execute(
                     f"delete from versions where task_id = ? and version in ({_marks(len(chunk))})",
                     [task_id, *chunk],
-                )
+                ).rowcount
+        return deleted
+
+    def delete_optimizer_states(self, task_id: str, versions: Sequence[int]) -> int:
+        cleared = 0
+        for chunk in _chunks(versions):
+            cleared += self._execute(
+                "update versions set optimizer_sha = null where task_id = ? and version in "
+                f"({_marks(len(chunk))}) and optimizer_sha is not null",
+                [task_id, *chunk],
+            ).rowcount
+        return cleared
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -464,10 +476,11 @@ class SQLStore(Store):
     def update_round(self, round_id: int, **values: Any) -> None:
         self._update("rounds", {"round_id": round_id}, values)
 
-    def delete_rounds(self, round_ids: Sequence[int]) -> None:
+    def delete_rounds(self, round_ids: Sequence[int]) -> int:
         retired: dict[str, tuple[int, int]] = {}  # task -> update rows deleted, their bytes
         # (task, outcome, bound) -> rounds deleted, their durations' sum
         durations: dict[tuple[str, str, float], tuple[int, float]] = {}
+        deleted = 0
         with self.atomic():
             for chunk in _chunks(round_ids):
                 marks = _marks(len(chunk))
@@ -491,11 +504,14 @@ class SQLStore(Store):
                 for table in ("candidates", "eval_reports", "assignments", "secagg_events",
                               "partial_sums"):  # fmt: skip
                     self._execute(f'delete from "{table}" where round_id in ({marks})', chunk)
+                # The rows this statement deleted, like the updates: a concurrent pass counts
+                # each round, and its duration, once.
                 for task_id, outcome, le, duration in self._execute(
                     f"delete from rounds where round_id in ({marks}) "
                     f"returning task_id, state, {_DURATION_BOUND}, {_DURATION}",
                     [*chunk, float("inf")],
                 ).fetchall():
+                    deleted += 1
                     if duration is not None:
                         n, total = durations.get((task_id, outcome, le), (0, 0.0))
                         durations[(task_id, outcome, le)] = (n + 1, total + float(duration))
@@ -516,6 +532,7 @@ class SQLStore(Store):
                     "seconds = retired_round_durations.seconds + excluded.seconds",
                     [task_id, outcome, le, n, total],
                 )
+        return deleted
 
     def round_durations(self) -> dict[tuple[str, str], RoundDurations]:
         # One statement: one snapshot of the rounds and of the retired counts retention

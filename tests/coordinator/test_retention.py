@@ -267,6 +267,32 @@ def test_a_payload_another_replica_names_during_a_pass_stays(
     assert snapshot(closed_round_payloads=True) <= set(history.blobs.shas())
 
 
+@pytest.mark.parametrize("between", ["list_rounds", "open_assignments"])
+def test_two_replicas_passes_at_once_count_each_deletion_once(
+    history: History, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, between: str
+) -> None:
+    # Replica B's whole pass runs while replica A's is deciding (after A listed the versions,
+    # and once after it listed the rounds too): together they count what one pass would.
+    other = SQLiteStore(tmp_path / "fedge.db")
+    b = Retention(other, BlobStore(history.blobs.root), history.retention(keep=4).policy)
+    a = history.retention(keep=4)
+    real = getattr(history.store, between)
+    by_b: list[Pruned] = []
+
+    def b_first(*args: object) -> object:
+        if not by_b:
+            by_b.append(b.run(NOW))
+        return real(*args)
+
+    monkeypatch.setattr(history.store, between, b_first)
+    by_a = a.run(NOW)
+    other.close()
+    assert history.versions() == [2, 9, 10, 11, 12]
+    total = by_a + by_b[0]
+    # what test_keeps_the_last_versions_and_what_open_work_needs counts for one pass
+    assert (total.rounds, total.versions, total.optimizer_states) == (10, 8, 4), (by_a, by_b)
+
+
 def test_zero_keeps_everything(history: History) -> None:
     before = history.store.snapshot()
     assert history.retention(keep=0).maybe_run(1e9) is None
@@ -307,7 +333,8 @@ def test_failed_row_transaction_deletes_nothing(
     def disk_full(*args: object, **kwargs: object) -> None:
         raise StoreError("disk full")
 
-    monkeypatch.setattr(store, "update_version", disk_full)  # last step of the transaction
+    # the last step of the transaction
+    monkeypatch.setattr(store, "delete_optimizer_states", disk_full)
     before = store.snapshot(), sorted(history.blobs.shas())
     with pytest.raises(StoreError):
         history.retention(keep=4).run(NOW)

@@ -158,6 +158,7 @@ def test_retention_queries_use_indexes(tmp_path: Path, monkeypatch: pytest.Monke
     store.round_payloads(rnd.round_id)
     store.update_version("t-1", 1, optimizer_sha=None)
     with store.atomic():
+        store.delete_optimizer_states("t-1", [1, 2])
         store.delete_rounds([rnd.round_id])
         store.delete_versions("t-1", [0])
     scans = {
