@@ -12,7 +12,9 @@ each payload is written to a temporary file without waiting for the disk, and th
 made durable together: the write-back of every file started at once, then every file
 fsync'ed in turn (the first fsync's journal commit carries what the others need, so the
 rest return soon), renamed into place, and each directory holding one fsync'ed once. All or
-nothing: after an error no blob of the batch that was not there before is left in place.
+nothing for the callers: an error refuses the whole batch. Files it renamed before the error
+stay (their bytes were synced first; :class:`BlobStore` says why none is removed), named by
+no record, and no name is trusted before its directory is synced again.
 
 The directory belongs to one database (``store.json``, :meth:`BlobStore.claim`): a
 coordinator on another one is refused before it reads or deletes anything here.

@@ -728,7 +728,8 @@ class Coordinator:
 
     def install_uploads(self, staged: Sequence[StagedUpload]) -> None:
         """Make the staged payloads durable together (one batch of fsyncs); a disk error
-        refuses them all with ``503`` (nothing of them stays)."""
+        refuses them all with ``503`` (no record names them: files renamed before the error
+        stay, see :meth:`BlobStore.install`)."""
         try:
             self.blobs.install([s.blob for s in staged])
         except OSError as e:
