@@ -146,8 +146,16 @@ class Retention:
             total += Pruned(devices=self.store.delete_devices(now - bound))
         if not self.policy.keep_versions:
             return total
+        # A task whose transaction fails (a lock timeout) is raised after the others and the
+        # blobs of those that committed: no later pass would look for them, their rows gone.
+        failed: Exception | None = None
         for task in self.store.list_tasks():
-            pruned, shas = self._prune_rows(task, now)
+            try:
+                pruned, shas = self._prune_rows(task, now)
+            except Exception as e:
+                log.warning("retention: task %s not pruned: %s", task.task_id, e)
+                failed = failed or e
+                continue
             total += pruned
             doomed_blobs |= shas
         if doomed_blobs:
@@ -165,6 +173,8 @@ class Retention:
             total += Pruned(blobs=len(counted), bytes=sum(had[sha] for sha in counted))
         if total != Pruned():
             log.info("retention: deleted %s", total)
+        if failed is not None:
+            raise failed
         return total
 
     def _prune_rows(self, task: Task, now: float) -> tuple[Pruned, set[str]]:

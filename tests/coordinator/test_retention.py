@@ -344,6 +344,33 @@ def test_failed_row_transaction_deletes_nothing(
     assert (store.snapshot(), sorted(history.blobs.shas())) == before
 
 
+def test_a_task_whose_rows_fail_does_not_keep_the_others_blobs(
+    history: History, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second task, listed after t-1, whose transaction fails (a lock timeout, say): t-1's
+    # rows are deleted by then, and its blobs must go too (no later pass looks for them).
+    store, blobs = history.store, history.blobs
+    store.add_task(Task("t-2", "other", "b-1", "sync", "default", {}, "running", 5, 0, 0, 1.0))
+    theirs = [blobs.put(f"t-2 params {v}".encode()) for v in range(6)]
+    for v, sha in enumerate(theirs):
+        store.add_version(Version("t-2", v, sha, None, None, 0.0))
+    real = store.delete_versions
+
+    def lock_timeout(task_id: str, versions: list[int]) -> int:
+        if task_id == "t-2":
+            raise StoreError("lock timeout")
+        return real(task_id, versions)
+
+    monkeypatch.setattr(store, "delete_versions", lock_timeout)
+    with pytest.raises(StoreError):
+        history.retention(keep=4).run(NOW)
+    assert history.versions() == [2, 9, 10, 11, 12]
+    assert not blobs.exists(history.params[1]), "t-1's deleted version left its blob"
+    assert set(blobs.shas()) == store.referenced_blobs(closed_round_payloads=True)
+    assert [v.version for v in store.list_versions("t-2")] == list(range(6))
+    assert all(blobs.exists(sha) for sha in theirs)
+
+
 # -- end to end: real HTTP, a real coordinator, a fake clock ---------------------------------
 
 N = 64
