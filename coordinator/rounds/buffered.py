@@ -277,8 +277,11 @@ class BufferedAsync(TaskPolicy):
             )  # fmt: skip
             with store.relaxed_durability():  # its upload's commit syncs it
                 store.add_assignments([a])
-        expiry = now + plan.round_deadline_s
-        self._next_expiry[task.task_id] = min(self._next_expiry.get(task.task_id, expiry), expiry)
+        if task.task_id in self._next_expiry:
+            # Unknown (a restart, or forget() after an error), it stays unknown: the next
+            # tick scans the store, whose older assignments may be due before this one.
+            expiry = now + plan.round_deadline_s
+            self._next_expiry[task.task_id] = min(self._next_expiry[task.task_id], expiry)
         return self._answer(a, rnd, task, plan, now)
 
     def _answer(

@@ -444,3 +444,27 @@ def test_restart_with_an_overfull_buffer_commits_all_of_it(tmp_path, tiny_bundle
         assert task["state"] == "running" and task["model_version"] == 1
         ref = p0.astype(np.float64) + (5 * _delta(0) + 6 * _delta(1)).astype(np.float64) / 11
         np.testing.assert_allclose(t.params(1), ref.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_assignments_from_before_a_restart_expire_at_their_deadline(tmp_path, tiny_bundle):
+    """The expiry scan is skipped until the earliest known deadline; a restarted process
+    knows none until its first scan, so a check-in before it must not hide the deadlines
+    of the assignments it finds in the store."""
+    db, clock = tmp_path / "fedge.db", FakeClock()
+    with EmbeddedCoordinator(db, clock=clock, admin_token="t") as coord:
+        t = AsyncTask(coord, tiny_bundle, 4, buffer_k=1, max_concurrency=2)
+        silent = t.assign(t.devices[0])  # never reports: its slot frees at 60 s
+        a1 = t.assign(t.devices[1])
+        assert t.devices[1].upload(a1["assignment_id"], _delta(1))[0] == 200
+        assert t.task()["model_version"] == 1  # committed; version 1's buffer not open yet
+        token, enrollment = coord.admin_token, coord.enrollment_token
+    clock.advance(30.0)
+    with EmbeddedCoordinator(db, clock=clock, admin_token=token,
+                             enrollment_token=enrollment) as coord:  # fmt: skip
+        _rebind(t.devices, coord.url)
+        assert t.assign(t.devices[2])["model_version"] == 1  # the second slot; due at 90 s
+        clock.advance(31.0)  # 61 s: the silent assignment expired, its slot is free
+        answer = t.devices[3].check_in()
+        assert answer["action"] == "train", answer
+        status, code = _code(t.devices[0].upload(silent["assignment_id"], _delta(0)))
+        assert (status, code) == (409, "round_closed")
