@@ -403,10 +403,14 @@ class Coordinator:
                     self.store.update_round(
                         rnd.round_id, state="abandoned", closed_at=now, metrics=metrics
                     )
-                    self.store.expire_assignments(rnd.round_id, now)
                     # Closed like any abandoned round: its payloads go once this (or the
                     # batch it is part of) commits, unless retained, and its partial sums.
                     self.ctx.round_closed(task.task_id, rnd.round_id)
+                # Every round's, not only the open one's: an async task's stragglers train
+                # on versions whose buffers committed, and none of them can report now (as
+                # when a task completes).
+                for held in self.store.list_rounds(task.task_id):
+                    self.store.expire_assignments(held.round_id, now)
         except Exception:
             log.exception("task %s: could not record its failure", task.task_id)
         self._plans.pop(task.task_id, None)

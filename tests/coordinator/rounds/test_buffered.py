@@ -468,3 +468,25 @@ def test_assignments_from_before_a_restart_expire_at_their_deadline(tmp_path, ti
         assert answer["action"] == "train", answer
         status, code = _code(t.devices[0].upload(silent["assignment_id"], _delta(0)))
         assert (status, code) == (409, "round_closed")
+
+
+def test_a_failed_task_releases_its_stragglers_on_older_versions(async_task) -> None:
+    """A task that fails leaves no assignment in flight, like one that completes: also none
+    on the versions before its open buffer's (which would hold those versions and rounds
+    from retention, and count as training in the dashboard, for ever)."""
+    t = async_task(3, buffer_k=1)
+    straggler = t.assign(t.devices[0])  # on version 0, still training
+    a1 = t.assign(t.devices[1])
+    assert t.devices[1].upload(a1["assignment_id"], _delta(1))[0] == 200  # version 1
+
+    def broken(*args: Any, **kwargs: Any) -> int:
+        raise RuntimeError("the server optimizer broke")
+
+    t.coord.service.ctx.versions.commit_next = broken
+    a2 = t.assign(t.devices[2])
+    assert t.devices[2].upload(a2["assignment_id"], _delta(2))[0] == 200  # stored, then fails
+    assert t.task()["state"] == "failed"
+    store = t.coord.service.store
+    left = t.coord.call(store.get_assignment, straggler["assignment_id"])
+    assert left.state == "expired"
+    assert _code(t.devices[0].abort(straggler["assignment_id"])) == (409, "round_closed")
