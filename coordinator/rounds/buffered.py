@@ -331,6 +331,9 @@ class BufferedAsync(TaskPolicy):
             stored = self.ctx.replica.tagged(stored, staged.count)
         if not self.ctx.store.add_update(stored):  # durable: the caller acknowledges after this
             raise closed_meanwhile()
+        # Pace steering's job time: among replicas too, each from the reports it accepts.
+        job = now - (a.delivered_at if a.delivered_at is not None else a.created_at)
+        self._job_s[task.task_id] = 0.8 * self._job_s.get(task.task_id, job) + 0.2 * job
         if self.ctx.replica is not None:
             # This replica's partial buffer, written with the batch; the K-th update of the
             # round, from whichever replica, makes the commit due (tick).
@@ -341,8 +344,6 @@ class BufferedAsync(TaskPolicy):
         if fold.commit is not None:  # tick() commits it
             self._let_go(task.task_id)
             self._due[task.task_id] = (rnd.round_id, fold.commit)
-        job = now - (a.delivered_at if a.delivered_at is not None else a.created_at)
-        self._job_s[task.task_id] = 0.8 * self._job_s.get(task.task_id, job) + 0.2 * job
 
     def _buffer_for_update(
         self, task: Task, plan: TaskPlan, now: float

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from coordinator.clock import FakeClock
+from coordinator.config import PacingConfig
 from coordinator.errors import Conflict
 from coordinator.rounds.buffered import BufferedAsync
 from coordinator.store import is_database_url, open_store
@@ -288,3 +289,31 @@ def test_an_assignment_closed_meanwhile_takes_no_report(
         assert u is not None and a.state == "reported", a
         if meanwhile == "abort":
             assert isinstance(outcome, Conflict), outcome
+
+
+def test_pace_steering_learns_the_job_time_on_a_replica(
+    replica_db: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """Among replicas too, check-ins are paced by the time devices take to report, as each
+    replica measures it on the reports it accepts, not by the first guess (a quarter of
+    round_deadline_s) for ever."""
+    clock = FakeClock()
+    pacing = PacingConfig(jitter=0.0, min_retry_s=0.001)
+    with thread_replicas(2, replica_db, tmp_path / "blobs", clock, pacing=pacing) as reps:
+        _, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 1, "async")
+        aid = _assign(devices[0].to(0))
+        clock.advance(10.0)  # the device trains for 10 s
+        assert devices[0].to(0).upload(aid, _delta(0), 5)[0] == 200
+        service = reps[0].service
+
+        def steer() -> tuple[float, float]:
+            task = service.store.get_task(task_id)
+            assert task is not None
+            plan, now = service._plan(task), clock.now()
+            slots = plan.buffer.max_concurrency
+            return service.policies["async"].steer(task, plan, now), service.pacing.interval(
+                now, slots, 10.0
+            )
+
+        got, want = reps[0].call(steer)
+        assert got == pytest.approx(want)
