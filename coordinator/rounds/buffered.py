@@ -244,7 +244,9 @@ class BufferedAsync(TaskPolicy):
             return _wait(self.steer(task, plan, now), "paused")
         task, rnd, _ = state
         window = self._window(task, plan)
-        in_flight = self._in_flight(window)
+        # Expired here too: the service ticks only tasks with an open round, and this
+        # check-in may have just opened the first since a commit.
+        in_flight = self._expire_due(task, plan, self._in_flight(window), now)
         rounds = {r.round_id: r for r in window}
         for a in in_flight:
             if a.device_id == device_id:
@@ -277,11 +279,9 @@ class BufferedAsync(TaskPolicy):
             )  # fmt: skip
             with store.relaxed_durability():  # its upload's commit syncs it
                 store.add_assignments([a])
-        if task.task_id in self._next_expiry:
-            # Unknown (a restart, or forget() after an error), it stays unknown: the next
-            # tick scans the store, whose older assignments may be due before this one.
-            expiry = now + plan.round_deadline_s
-            self._next_expiry[task.task_id] = min(self._next_expiry[task.task_id], expiry)
+        # _expire_due noted the earliest deadline of the others, as the store holds them.
+        expiry = now + plan.round_deadline_s
+        self._next_expiry[task.task_id] = min(self._next_expiry[task.task_id], expiry)
         return self._answer(a, rnd, task, plan, now)
 
     def _answer(
@@ -437,8 +437,15 @@ class BufferedAsync(TaskPolicy):
         # Among replicas, others issue assignments too: scan every tick.
         if self.ctx.replica is None and now < self._next_expiry.get(task.task_id, -math.inf):
             return
-        later = float("inf")
-        for a in self._in_flight(self._window(task, plan)):
+        self._expire_due(task, plan, self._in_flight(self._window(task, plan)), now)
+
+    def _expire_due(
+        self, task: Task, plan: TaskPlan, in_flight: Sequence[Assignment], now: float
+    ) -> list[Assignment]:
+        """Expire the assignments of ``in_flight`` (all the task's) past their deadline;
+        returns the others, and notes the earliest deadline among them."""
+        later, live = float("inf"), []
+        for a in in_flight:
             due = (a.delivered_at or a.created_at) + plan.round_deadline_s
             if due <= now:
                 # Only from in flight: another replica's batch may have stored its update
@@ -448,4 +455,6 @@ class BufferedAsync(TaskPolicy):
                 )
             else:
                 later = min(later, due)
+                live.append(a)
         self._next_expiry[task.task_id] = later
+        return live

@@ -490,3 +490,20 @@ def test_a_failed_task_releases_its_stragglers_on_older_versions(async_task) -> 
     left = t.coord.call(store.get_assignment, straggler["assignment_id"])
     assert left.state == "expired"
     assert _code(t.devices[0].abort(straggler["assignment_id"])) == (409, "round_closed")
+
+
+def test_an_assignment_past_its_deadline_is_not_handed_out_again(async_task, fake_clock) -> None:
+    """Between a commit and the next buffer's opening no round of the task is open, and the
+    service's tick passes it by: a check-in must still see the deadlines that passed
+    meanwhile, not hand the device its dead assignment again (deadline 0, its upload
+    refused) nor count it against max_concurrency."""
+    t = async_task(3, buffer_k=1, max_concurrency=2)
+    late = t.assign(t.devices[0])
+    a1 = t.assign(t.devices[1])
+    assert t.devices[1].upload(a1["assignment_id"], _delta(1))[0] == 200  # version 1
+    fake_clock.advance(61.0)  # the first assignment's deadline passed
+    again = t.assign(t.devices[0])
+    assert again["assignment_id"] != late["assignment_id"]
+    assert (again["model_version"], again["deadline_in_s"]) == (1, pytest.approx(60.0))
+    assert t.assign(t.devices[2])["model_version"] == 1  # the other slot
+    assert _code(t.devices[0].upload(late["assignment_id"], _delta(0))) == (409, "round_closed")
