@@ -5,7 +5,9 @@ A task created with ``"mode": "async"`` runs like this:
 * **Check-in.** An eligible device gets an assignment on the *current* model version at once,
   as long as fewer than ``max_concurrency`` assignments of the task are in flight; otherwise
   it is pace-steered away (``window_full``). A device holding an open assignment gets the
-  same one again.
+  same one again, and so does one whose assignment on the current version expired or was
+  aborted before it reported (with a new deadline): a small fleet that all missed one
+  deadline would otherwise never fill the buffer.
 * **Upload.** Each accepted update is stored durably (then acknowledged) and folded into the
   buffer of the current version (:class:`~coordinator.async_buffer.AsyncBuffer`) with weight
   ``num_examples x w(staleness)``; the ``buffer_k``-th update commits the next version through
@@ -60,6 +62,9 @@ from coordinator.tensors import decode_delta
 from edge_sdk.protocol import ErrorCode
 
 __all__ = ["BufferedAsync"]
+
+# An assignment its device gave up on (or was given up on) without reporting.
+_GAVE_UP = ("expired", "aborted")
 
 
 @contextmanager
@@ -252,12 +257,12 @@ class BufferedAsync(TaskPolicy):
             if a.device_id == device_id:
                 return self._answer(a, rounds[a.round_id], task, plan, now)
         store = self.ctx.store
+        earlier = store.assignment_for(rnd.round_id, device_id)
         if (
-            store.assignment_for(rnd.round_id, device_id) is not None
-            or store.count_updates(rnd.round_id, device_id=device_id) > 0
-        ):
+            earlier is not None and earlier.state not in _GAVE_UP
+        ) or store.count_updates(rnd.round_id, device_id=device_id) > 0:
             # It already trained on this version (or reported into its buffer on an older
-            # one, or gave up): one update per device and version.
+            # one): one update per device and version.
             return _wait(self.steer(task, plan, now), "window_full")
         if not plan.buffer.admits(len(in_flight)):
             return _wait(self.steer(task, plan, now), "window_full")
@@ -269,16 +274,30 @@ class BufferedAsync(TaskPolicy):
                 self.ctx.replica is not None
                 and (
                     not plan.buffer.admits(len(self._in_flight(window)))
-                    or store.assignment_for(rnd.round_id, device_id) is not None
+                    or store.assignment_for(rnd.round_id, device_id) != earlier
                 )
             ):
                 return _wait(self.steer(task, plan, now), "window_full")
-            a = Assignment(
-                new_assignment_id(), rnd.round_id, task.task_id, device_id,
-                "train", "delivered", now, delivered_at=now,
-            )  # fmt: skip
-            with store.relaxed_durability():  # its upload's commit syncs it
-                store.add_assignments([a])
+            if earlier is None:
+                a = Assignment(
+                    new_assignment_id(), rnd.round_id, task.task_id, device_id,
+                    "train", "delivered", now, delivered_at=now,
+                )  # fmt: skip
+                with store.relaxed_durability():  # its upload's commit syncs it
+                    store.add_assignments([a])
+            else:
+                # Its assignment on this version expired or was aborted with nothing
+                # reported: it gets the same one again, with a new deadline. Otherwise a
+                # fleet whose devices all missed a deadline (an outage) could never fill the
+                # buffer: one assignment per device and round.
+                a = dataclasses.replace(earlier, state="delivered", delivered_at=now,
+                                        closed_at=None, abort_reason=None)  # fmt: skip
+                with store.relaxed_durability():
+                    if not store.update_assignment(
+                        a.assignment_id, only_from=_GAVE_UP, state="delivered",
+                        delivered_at=now, closed_at=None, abort_reason=None,
+                    ):  # fmt: skip
+                        return _wait(self.steer(task, plan, now), "window_full")
         # _expire_due noted the earliest deadline of the others, as the store holds them.
         expiry = now + plan.round_deadline_s
         self._next_expiry[task.task_id] = min(self._next_expiry[task.task_id], expiry)

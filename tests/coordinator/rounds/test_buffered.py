@@ -470,6 +470,29 @@ def test_assignments_from_before_a_restart_expire_at_their_deadline(tmp_path, ti
         assert (status, code) == (409, "round_closed")
 
 
+def test_devices_that_all_missed_a_deadline_can_still_fill_the_buffer(
+    async_task, fake_clock
+) -> None:
+    """One assignment per device and buffer round: a fleet whose devices all let their
+    assignments on a version expire (or aborted them) was told ``window_full`` for ever and
+    the version never came. Such a device gets its assignment back with a new deadline;
+    one that reported does not."""
+    t = async_task(3, buffer_k=2, max_concurrency=3)
+    first = [t.assign(d) for d in t.devices]
+    assert t.devices[2].abort(first[2]["assignment_id"])[0] == 200
+    fake_clock.advance(61.0)  # every other assignment expired
+    again = [t.assign(d) for d in t.devices]
+    assert [a["assignment_id"] for a in again] == [a["assignment_id"] for a in first]
+    assert {(a["model_version"], a["deadline_in_s"]) for a in again} == {(0, 60.0)}
+    assert t.devices[0].upload(again[0]["assignment_id"], _delta(0))[0] == 200
+    assert t.devices[0].check_in()["reason"] == "window_full"  # it reported on version 0
+    assert t.devices[1].upload(again[1]["assignment_id"], _delta(1))[0] == 200
+    assert t.task()["model_version"] == 1
+    p0 = t.params(0).astype(np.float64)
+    ref = p0 + (_delta(0).astype(np.float64) + _delta(1).astype(np.float64)) / 2
+    np.testing.assert_allclose(t.params(1), ref.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
 def test_a_failed_task_releases_its_stragglers_on_older_versions(async_task) -> None:
     """A task that fails leaves no assignment in flight, like one that completes: also none
     on the versions before its open buffer's (which would hold those versions and rounds
