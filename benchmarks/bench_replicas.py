@@ -6,8 +6,9 @@ processes on them: one process alone (not in replica mode: the baseline), then 1
 ``fedge serve --replica`` processes. The load generator is this process: devices are threads
 speaking the wire protocol with ``http.client`` (tests.fixtures.coordinator), every call going to
 the next replica in turn, as a round-robin load balancer would send it. One synchronous round
-of a synthetic 100,000-parameter model takes ``updates`` int8 uploads (block 256, 16 distinct
-deltas cycled), with goal = updates and no over-selection.
+of a synthetic 100,000-parameter model takes ``updates`` int8 uploads (block 256, every upload
+a payload of its own: identical payloads would share one content-addressed blob, and every
+upload after the first would skip its fsync), with goal = updates and no over-selection.
 
 Measured per configuration:
 
@@ -150,6 +151,11 @@ def run(
     updates: int, steered: int,
 ) -> dict[str, Any]:  # fmt: skip
     name = "alone" if alone else f"{replicas} replica{'s' if replicas > 1 else ''}"
+    if len(set(frames[:updates])) < updates:
+        # A payload sent twice is found in the blob directory: no write, no fsync, so the
+        # rate would not be that of acknowledged-means-durable uploads.
+        raise ValueError(f"{updates} uploads need a payload of their own each, "
+                         f"{len(set(frames[:updates]))} distinct given")  # fmt: skip
     print(f"[bench_replicas] {name}", file=sys.stderr, flush=True)
     plan = {"rounds": 1, "goal": updates, "over_selection": 1.0, "selection_window_s": 0.0,
             "round_deadline_s": 3600.0, "codec": CODEC, "max_update_norm": None,
@@ -198,7 +204,7 @@ def run(
 
         def upload(i: int) -> None:
             status, body = devices[i].upload_raw(
-                aids[i], frames[i % len(frames)], report={"num_examples": 20 + i % 7}
+                aids[i], frames[i], report={"num_examples": 20 + i % 7}
             )
             devices[i].close()
             assert status == 200, body
@@ -405,7 +411,7 @@ def main() -> None:
         write_section(SECTION, doc(results))
         return
     server = server_url()
-    frames = int8_frames(16)
+    frames = int8_frames(args.updates)
     order = [(1, True), (1, False), (2, False), (3, False)]
     if args.repeats > 1:
         order += [(3, False), (2, False), (1, False)]
