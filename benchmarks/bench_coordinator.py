@@ -24,7 +24,9 @@ Measured, in rounds of one coordinator (tree) each:
   under the 64 operations the service queues by default, ``max_queued_operations``; whether
   one process is bound by its pipeline's latency or by its work), either a new connection
   per upload (like phones)
-  or keep-alive (like a load balancer's pooled connections to its backend);
+  or keep-alive (like a load balancer's pooled connections to its backend); each round is
+  then checked, or gives no figure: committed, every upload counted, and the new version
+  equal to version 0 plus the example-weighted mean of the deltas sent;
 * the server's CPU milliseconds per upload and per steered check-in: user + system time of
   the server process and all its descendants over the timed interval (``/proc``), which,
   unlike a rate, is not diluted by what else runs on the shared cores, and how it fell on the
@@ -92,7 +94,8 @@ from coordinator.admin import tar_directory  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.embedded import EmbeddedCoordinator  # noqa: E402
 from coordinator.service import Coordinator  # noqa: E402
-from edge_sdk.codecs import encode_update  # noqa: E402
+from edge_sdk.codecs import decode_update, encode_update  # noqa: E402
+from edge_sdk.frame import decode_tensor  # noqa: E402
 from edge_sdk.protocol import device_auth_header  # noqa: E402
 from tests.fixtures.coordinator import (  # noqa: E402
     GOOD_CONDITIONS,
@@ -285,21 +288,25 @@ class _Served:
     checkins_candidate_per_s: float
     rss_idle_kib: int
     tls: ssl.SSLContext | None  # the client's, when the coordinator serves HTTPS
+    base: np.ndarray  # the task's version 0, read before the uploads
 
     def uploads(self, frames: list[bytes], keep_alive: bool) -> list[loadgen.Request]:
         return [
             loadgen.upload_request(self.port, (d.device_id, d.secret), self.assignments[i],
-                                   frames[i], {"num_examples": 20 + i % 7}, close=not keep_alive)
+                                   frames[i], {"num_examples": upload_weight(i)},
+                                   close=not keep_alive)
             for i, d in enumerate(self.devices)
         ]  # fmt: skip
 
-    def check_committed(self, updates: int) -> dict[str, Any]:
-        """The round's record, once it committed with every upload counted."""
+    def check_committed(self, frames: Sequence[bytes]) -> dict[str, Any]:
+        """The round's record, once it committed with every upload of ``frames`` (those
+        :meth:`uploads` sent) counted, into the model they make."""
         admin = self.coord.admin()
         rounds = admin.rounds(self.task_id)
         assert rounds[0]["state"] == "committed", rounds
         status = admin.status()
-        assert status["updates_accepted"] == updates and status["model_version"] == 1
+        assert status["updates_accepted"] == len(frames) and status["model_version"] == 1
+        check_model(self.devices[0], self.task_id, self.base, frames)
         return dict(rounds[0])
 
 
@@ -353,8 +360,10 @@ def _served(
         aids = [(s if s["action"] == "train" else f)["assignment"]["assignment_id"]
                 for f, s in zip(first, second, strict=True)]  # fmt: skip
         tls = coord.client_tls.context() if config.tls else None
+        base = decode_tensor(devices[0].params(task_id, 0))
+        devices[0].close()
         yield _Served(coord, coord.process.pid, coord.port, task_id, devices, aids, reg_rate,
-                      cand_rate, rss_idle, tls)  # fmt: skip
+                      cand_rate, rss_idle, tls, base)  # fmt: skip
     finally:
         coord.stop()
 
@@ -398,7 +407,7 @@ def run_round(
         up, up_cpu = _measured([pid], [(port, uploads)], config.connections,
                                loadgen.expect_status(200), sample, served.tls)  # fmt: skip
         rss_peak = loadgen.tree_kib(pid, "VmHWM")
-        committed = served.check_committed(config.updates)
+        committed = served.check_committed(frames[: config.updates])
         return {
             **_figures(config, up, up_cpu, frames),
             "registrations_per_s": served.registrations_per_s,
@@ -446,8 +455,8 @@ def run_separate(
         up, up_cpu = _measured([s.pid for s in servers], parts, config.connections,
                                loadgen.expect_status(200), tls=servers[0].tls)  # fmt: skip
         rss_peak = sum(loadgen.tree_kib(s.pid, "VmHWM") for s in servers)
-        for s in servers:
-            s.check_committed(share)
+        for k, s in enumerate(servers):
+            s.check_committed(frames[k * share : (k + 1) * share])
         return {
             **_figures(config, up, up_cpu, frames),
             "registrations_per_s": float(np.mean([s.registrations_per_s for s in servers])),
@@ -735,6 +744,29 @@ def print_table(summary: dict[str, dict[str, Any]]) -> None:
     for label, e in summary.items():
         cells = [fmt.format(e[key]) if key in e else "-" for _, key, fmt in cols]
         print(f"| {label:{w}} | " + " | ".join(f"{c:>10}" for c in cells) + " |")
+
+
+def upload_weight(i: int) -> int:
+    """The ``num_examples`` upload ``i`` of a round reports: its weight in the mean."""
+    return 20 + i % 7
+
+
+def check_model(
+    device: DeviceHTTP, task_id: str, base: np.ndarray, frames: Sequence[bytes]
+) -> None:
+    """Raise unless the task's version 1 is ``base`` (version 0) plus the example-weighted
+    mean of the deltas of ``frames`` (upload ``i`` weighing :func:`upload_weight`): plain
+    FedAvg, server learning rate 1. The counts adding up is not enough: a run that folded a
+    payload other than the one sent, or lost a partial sum, must not give a figure."""
+    total = np.zeros(base.size)
+    for i, frame in enumerate(frames):
+        total += upload_weight(i) * decode_update(frame, expected_length=base.size)
+    want = base.astype(np.float64) + total / sum(map(upload_weight, range(len(frames))))
+    got = decode_tensor(device.params(task_id, 1))
+    device.close()
+    # The version is float32: its rounding (1.5e-8 at most here) is all that may differ; one
+    # upload of 3,000 swapped for another moves elements by about 5e-6.
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def int8_frames(n: int) -> list[bytes]:

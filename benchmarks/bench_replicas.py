@@ -16,7 +16,8 @@ Measured per configuration:
   *steered* check-ins/s (the round is full: pace-steered away, no write), 4 client threads;
 * uploads/s: acknowledged updates (decoded, checked, payload fsynced into the shared blob
   directory, row and the replica's partial sum committed), 32 in flight, one new connection
-  each; the round then commits (every partial sum added up) and is checked;
+  each; the round then commits (every partial sum added up) and is checked: every upload
+  counted, and the new version equal to version 0 plus the weighted mean of the deltas sent;
 * the replicas' CPU milliseconds per upload and per steered check-in, summed over the
   processes (``/proc``), and this client's; peak RSS (``VmHWM``) of each replica process.
 
@@ -53,14 +54,17 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_coordinator import (  # noqa: E402
     CODEC,
     NUM_PARAMETERS,
+    check_model,
     cpu_s,
     int8_frames,
     proc_kib,
     timed,
+    upload_weight,
 )
 from benchmarks.bench_step import write_section  # noqa: E402
 from coordinator.admin import AdminClient  # noqa: E402
 from coordinator.store import PartialSum, Round, Task, open_store  # noqa: E402
+from edge_sdk.frame import decode_tensor  # noqa: E402
 from tests.coordinator.replicas.fleet import ADMIN, ServedReplica, Spread  # noqa: E402
 from tests.fixtures.coordinator import make_synthetic_bundle  # noqa: E402
 from tests.fixtures.postgres import ENV, in_schema  # noqa: E402
@@ -190,6 +194,8 @@ def run(
             i: (a if a["action"] == "train" else first[i])["assignment"]["assignment_id"]
             for i, a in enumerate(second)
         }
+        base = decode_tensor(devices[0].params(task_id, 0))
+        devices[0].close()
         local = threading.local()
 
         def steer(i: int) -> None:
@@ -204,7 +210,7 @@ def run(
 
         def upload(i: int) -> None:
             status, body = devices[i].upload_raw(
-                aids[i], frames[i], report={"num_examples": 20 + i % 7}
+                aids[i], frames[i], report={"num_examples": upload_weight(i)}
             )
             devices[i].close()
             assert status == 200, body
@@ -220,6 +226,7 @@ def run(
             assert store.round_partials(store.list_rounds(task_id)[0].round_id) == []
         finally:
             store.close()
+        check_model(devices[0], task_id, base, frames[:updates])
         served = np.bincount([i for d in devices for i in d.served_by], minlength=replicas)
         return {
             "name": name,

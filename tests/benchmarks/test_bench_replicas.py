@@ -5,10 +5,12 @@ produce a figure from uploads that did not do the work the figure claims."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks import bench_replicas
+from tests.coordinator.replicas.fleet import Spread
 from tests.fixtures.coordinator import make_synthetic_bundle
 
 pytestmark = pytest.mark.slow
@@ -28,3 +30,26 @@ def test_a_payload_sent_twice_is_refused_before_anything_is_measured(
     frames = bench_replicas.int8_frames(3)
     with pytest.raises(ValueError, match="payload of their own"):
         bench_replicas.run(postgres_server, tmp_path, bundle, frames, 1, False, 6, 4)
+
+
+def test_a_round_that_did_not_commit_the_reference_gives_no_figure(
+    postgres_server: str, tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counts that add up are not enough: one upload carries another delta than the one the
+    benchmark means to send (as a replica folding the wrong payload, or losing a partial
+    sum, would make the model), every answer is still 200 and the round commits with the
+    right count; the model is not version 0 plus the weighted mean of the deltas sent."""
+    frames = bench_replicas.int8_frames(7)
+    sent, other = frames[:6], frames[6]
+    upload_raw = Spread.upload_raw
+
+    def swapped(self: Spread, assignment_id: str, frame: bytes, **kw: Any) -> Any:
+        return upload_raw(self, assignment_id, other if frame == sent[0] else frame, **kw)
+
+    monkeypatch.setattr(Spread, "upload_raw", swapped)
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        bench_replicas.run(postgres_server, tmp_path, bundle, sent, 2, False, 6, 4)
+    monkeypatch.undo()
+    # The same round with the deltas meant: a figure.
+    result = bench_replicas.run(postgres_server, tmp_path, bundle, sent, 2, False, 6, 4)
+    assert result["updates"] == 6 and result["uploads_per_s"] > 0
