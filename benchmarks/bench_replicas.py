@@ -197,11 +197,15 @@ def run(
         base = decode_tensor(devices[0].params(task_id, 0))
         devices[0].close()
         local = threading.local()
+        # One device a client thread, its calls spread over the replicas; registered (a
+        # write) before the clock starts, so that the figures are steered check-ins' only.
+        # next() on a list's iterator is atomic: each thread takes a device of its own.
+        outside = iter([register(i) for i in range(CHECKIN_THREADS)])
 
         def steer(i: int) -> None:
             dev = getattr(local, "dev", None)
-            if dev is None:  # one device a client thread, its calls spread over the replicas
-                dev = local.dev = Spread(urls, start=i)
+            if dev is None:
+                dev = local.dev = next(outside)
             assert dev.check_in()["reason"] == "window_full"
 
         costs = ReplicaCosts(pids)

@@ -53,3 +53,32 @@ def test_a_round_that_did_not_commit_the_reference_gives_no_figure(
     # The same round with the deltas meant: a figure.
     result = bench_replicas.run(postgres_server, tmp_path, bundle, sent, 2, False, 6, 4)
     assert result["updates"] == 6 and result["uploads_per_s"] > 0
+
+
+def test_the_steered_check_ins_timed_are_check_ins_only(
+    postgres_server: str, tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The steered figures (rate and replicas' CPU per check-in) stand for check-ins that
+    write nothing: the devices that make them register (a write) before the clock starts,
+    not in the timed interval."""
+    phase: list[str | None] = [None]  # the timed phase under way, by its function's name
+    registered: list[str | None] = []
+    timed, init = bench_replicas.timed, Spread.__init__
+
+    def in_phase(n: int, fn: Any, threads: int) -> Any:
+        phase[0] = fn.__name__
+        try:
+            return timed(n, fn, threads)
+        finally:
+            phase[0] = None
+
+    def registering(self: Spread, *args: Any, **kw: Any) -> None:
+        registered.append(phase[0])
+        init(self, *args, **kw)
+
+    monkeypatch.setattr(bench_replicas, "timed", in_phase)
+    monkeypatch.setattr(Spread, "__init__", registering)
+    frames = bench_replicas.int8_frames(4)
+    result = bench_replicas.run(postgres_server, tmp_path, bundle, frames, 1, False, 4, 40)
+    assert result["checkins_steered_per_s"] > 0
+    assert "steer" not in registered and registered.count("register") == 4
