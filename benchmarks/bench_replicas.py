@@ -93,10 +93,30 @@ def fresh_schema(server: str) -> Iterator[str]:
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f'create schema "{schema}"')
     try:
-        yield in_schema(server, schema)
+        url = in_schema(server, schema)
+        check_durable(url)
+        yield url
     finally:
         with psycopg.connect(server, autocommit=True) as conn:
             conn.execute(f'drop schema "{schema}" cascade')
+
+
+def check_durable(url: str) -> None:
+    """Exit unless a session of ``url`` (as the replicas open theirs: the server's, the
+    database's, the role's and the URL's settings) returns from a commit only once it is on
+    disk: the figures are those of acknowledged-means-durable uploads, and a test server is
+    often tuned without (``fsync=off``, ``synchronous_commit=off``). Any other
+    ``synchronous_commit`` value flushes the local WAL first."""
+    import psycopg
+
+    found = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        for name in ("fsync", "synchronous_commit"):
+            row = conn.execute(f"show {name}").fetchone()
+            found[name] = None if row is None else str(row[0])
+    if found["fsync"] != "on" or found["synchronous_commit"] == "off":
+        raise SystemExit(f"the PostgreSQL server does not make a commit durable before it "
+                         f"returns ({found}): no figure of acknowledged uploads from it")
 
 
 class LockWaits:

@@ -82,3 +82,21 @@ def test_the_steered_check_ins_timed_are_check_ins_only(
     result = bench_replicas.run(postgres_server, tmp_path, bundle, frames, 1, False, 4, 40)
     assert result["checkins_steered_per_s"] > 0
     assert "steer" not in registered and registered.count("register") == 4
+
+
+def test_a_server_whose_commits_are_not_durable_gives_no_figure(
+    postgres_server: str, tmp_path: Path, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The figures are those of acknowledged-means-durable uploads: on PostgreSQL that is
+    the server's ``fsync`` and ``synchronous_commit``, which a test server is often tuned
+    without. Here the sessions of the benchmark's URL run with ``synchronous_commit=off``
+    (a commit returns before its WAL is flushed): the benchmark must refuse, not time it."""
+    in_schema = bench_replicas.in_schema
+
+    def relaxed(url: str, schema: str) -> str:
+        return in_schema(url, schema) + "%20-csynchronous_commit%3Doff"
+
+    monkeypatch.setattr(bench_replicas, "in_schema", relaxed)
+    frames = bench_replicas.int8_frames(4)
+    with pytest.raises(SystemExit, match="synchronous_commit"):
+        bench_replicas.run(postgres_server, tmp_path, bundle, frames, 1, False, 4, 4)
