@@ -4,6 +4,9 @@ produce a figure from uploads that did not do the work the figure claims."""
 
 from __future__ import annotations
 
+import json
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +103,25 @@ def test_a_server_whose_commits_are_not_durable_gives_no_figure(
     frames = bench_replicas.int8_frames(4)
     with pytest.raises(SystemExit, match="synchronous_commit"):
         bench_replicas.run(postgres_server, tmp_path, bundle, frames, 1, False, 4, 4)
+
+
+def test_a_look_without_the_docs_leaves_the_results_they_cite(
+    postgres_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--no-doc`` (a quick look, another machine) leaves docs/benchmarks.md alone, so the
+    committed JSON and PNG, which its "Replicas" section is written from (``--doc-only``)
+    and cites, must stay too: the run's results go to the temporary directory instead."""
+    committed, scratch = tmp_path / "results", tmp_path / "tmp"
+    committed.mkdir()
+    scratch.mkdir()
+    monkeypatch.setattr(bench_replicas, "RESULTS", committed)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(bench_replicas, "write_section", lambda *_: pytest.fail("docs written"))
+    monkeypatch.setattr(bench_replicas, "partial_write_ms", lambda _server: 1.0)
+    monkeypatch.setattr(sys, "argv", ["bench_replicas.py", "--updates", "4", "--steered", "4",
+                                      "--repeats", "1", "--no-doc"])  # fmt: skip
+    bench_replicas.main()
+    assert list(committed.iterdir()) == []
+    results = json.loads((scratch / "bench_replicas.json").read_text())
+    assert results["updates"] == 4 and len(results["runs"]) == 4
+    assert (scratch / "bench_replicas.png").stat().st_size > 0
