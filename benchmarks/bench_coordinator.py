@@ -179,7 +179,35 @@ def baseline_tree(workdir: Path) -> Path | None:
     return dest
 
 
-# proc_kib, cpu_s and timed serve bench_replicas too.
+# on_disk, proc_kib, cpu_s and timed serve bench_replicas too.
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+def filesystem(path: Path) -> str:
+    """The type of the filesystem ``path`` is on: that of the last mount (the one on top) of
+    the deepest mount point above it in ``/proc/self/mountinfo``."""
+    path = path.resolve()
+    deepest, kind = Path("/"), ""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        # a mount point's spaces and the like are octal escapes (\040)
+        point = Path(fields[4].encode().decode("unicode_escape"))
+        if (point == path or point in path.parents) and len(point.parts) >= len(deepest.parts):
+            deepest, kind = point, fields[fields.index("-") + 1]
+    return kind
+
+
+def on_disk(path: Path) -> Path:
+    """``path``, once known not to be on a memory filesystem: the figures are those of
+    acknowledged-means-durable uploads, and on tmpfs (``/tmp`` on many systems) an fsync
+    costs nothing. Exits otherwise."""
+    kind = filesystem(path)
+    if kind in MEMORY_FILESYSTEMS:
+        raise SystemExit(f"{path} is on {kind}, where fsync costs nothing: set TMPDIR to a "
+                         "directory on a disk")  # fmt: skip
+    return path
+
+
 def proc_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -330,7 +358,7 @@ def _served(
     """A coordinator (tree of processes; with ``source`` that source tree) on a database of
     its own, its task's round of ``updates`` selected (registrations and candidate check-ins
     timed on the way), stopped at the end."""
-    db = Path(tempfile.mkdtemp(dir=workdir)) / "fedge.db"
+    db = on_disk(Path(tempfile.mkdtemp(dir=workdir))) / "fedge.db"
     extra: dict[str, Any] = {"processes": config.processes} if config.processes > 1 else {}
     if config.event_loop is not None:
         extra["event_loop"] = config.event_loop
@@ -476,7 +504,7 @@ def upload_floor(frames: list[bytes], workdir: Path, keep_alive: bool) -> dict[s
     coordinator's own work."""
     server = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("upload_floor.py")),
-         tempfile.mkdtemp(dir=workdir)],
+         str(on_disk(Path(tempfile.mkdtemp(dir=workdir))))],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -512,6 +540,7 @@ def durable_path(
     (the fsyncs)."""
     root = workdir / f"durable-{batch}-{rep}"
     root.mkdir(parents=True, exist_ok=True)
+    on_disk(root)
     plan = _plan(updates)
     coord = Coordinator(CoordinatorConfig(db_path=str(root / "fedge.db"), open_registration=True))
     try:

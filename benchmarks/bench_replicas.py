@@ -58,6 +58,7 @@ from benchmarks.bench_coordinator import (  # noqa: E402
     check_model,
     cpu_s,
     int8_frames,
+    on_disk,
     proc_kib,
     timed,
     upload_weight,
@@ -185,7 +186,7 @@ def run(
     plan = {"rounds": 1, "goal": updates, "over_selection": 1.0, "selection_window_s": 0.0,
             "round_deadline_s": 3600.0, "codec": CODEC, "max_update_norm": None,
             "robust": "none", "eligibility": {"require_charging": False}}  # fmt: skip
-    run_dir = Path(tempfile.mkdtemp(dir=work))
+    run_dir = on_disk(Path(tempfile.mkdtemp(dir=work)))  # the shared blob directory's
     with fresh_schema(server) as url, ExitStack() as stack:
         procs = []
         for i in range(replicas):

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +49,27 @@ def test_a_round_that_did_not_commit_the_deltas_sent_gives_no_figure(
     monkeypatch.undo()
     result = bench_coordinator.run_round(bundle, config, sent, tmp_path)
     assert result["uploads_per_s"] > 0 and result["upload_cpu_ms"]["server"] > 0
+
+
+@pytest.fixture
+def in_memory() -> Iterator[Path]:
+    """A directory on a memory filesystem (tmpfs), where fsync costs nothing: /tmp is one on
+    many systems (Debian 13's default)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    with tempfile.TemporaryDirectory(dir=shm) as tmp:
+        yield Path(tmp)
+
+
+def test_a_round_on_a_memory_filesystem_gives_no_figure(bundle: Path, in_memory: Path) -> None:
+    """Acknowledged means on disk: a database and blob directory in memory would time
+    uploads whose fsyncs cost nothing. Likewise the platform's floor and the in-process
+    durable path."""
+    frames = bench_coordinator.int8_frames(UPDATES)
+    with pytest.raises(SystemExit, match="tmpfs"):
+        bench_coordinator.run_round(bundle, Config(updates=UPDATES, steered=0), frames, in_memory)
+    with pytest.raises(SystemExit, match="tmpfs"):
+        bench_coordinator.upload_floor(frames, in_memory, keep_alive=True)
+    with pytest.raises(SystemExit, match="tmpfs"):
+        bench_coordinator.durable_path(bundle, UPDATES, frames, in_memory, 1, 0)

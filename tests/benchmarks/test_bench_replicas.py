@@ -5,6 +5,7 @@ produce a figure from uploads that did not do the work the figure claims."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -125,3 +126,16 @@ def test_a_look_without_the_docs_leaves_the_results_they_cite(
     results = json.loads((scratch / "bench_replicas.json").read_text())
     assert results["updates"] == 4 and len(results["runs"]) == 4
     assert (scratch / "bench_replicas.png").stat().st_size > 0
+
+
+def test_a_blob_directory_in_memory_gives_no_figure(
+    postgres_server: str, bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replicas' shared blob directory is made under the work directory: on a memory
+    filesystem (tmpfs: /tmp on many systems) the payloads' fsyncs would cost nothing."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    frames = bench_replicas.int8_frames(4)
+    with tempfile.TemporaryDirectory(dir=shm) as tmp, pytest.raises(SystemExit, match="tmpfs"):
+        bench_replicas.run(postgres_server, Path(tmp), bundle, frames, 1, False, 4, 4)
