@@ -181,6 +181,7 @@ class Fleet(FleetRun):
             raise ValueError("a fleet needs at least one device")
         self.url = coordinator
         self.seed = seed
+        self.first_index = first_index
         self.attacks = dict(attacks or {})
         self.heterogeneity = heterogeneity or Heterogeneity.uniform()
         self.clock = clock or SimClock()
@@ -279,6 +280,11 @@ class Fleet(FleetRun):
         self._stop = asyncio.Event()
         executor = concurrent.futures.ThreadPoolExecutor(self.workers, "fedge-device")
         rng = random.Random(self.seed)
+        # Past the draws of the devices before this part's first (one random() per uniform()):
+        # a part of a split fleet starts device i when one fleet would, not with device 0's
+        # delay, and a one-process fleet keeps the delays it always had.
+        for _ in range(self.first_index):
+            rng.random()
         self._started_wall = time.monotonic()
         self._started_emulated = self.clock.now()
         tasks = [asyncio.create_task(self._device(d, executor, rng.uniform(0, self.start_spread_s)))

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from edge_sdk.bundle import load_manifest
 from edge_sdk.client import ClientConfig
 from edge_sdk.codecs import decode_update
 from fedge.fleet.clock import SimClock
-from fedge.fleet.emulator import FleetSummary
+from fedge.fleet.emulator import Fleet, FleetSummary
 from fedge.fleet.heterogeneity import Heterogeneity
 from fedge.fleet.processes import Part, ProcessFleet, merge_summaries, run_part
 from fedge.fleet.sources import DigitsPartitions
@@ -87,6 +88,28 @@ def test_parts_are_the_devices_of_one_fleet(tmp_path: Path) -> None:
         ProcessFleet("http://127.0.0.1:9", DigitsPartitions(10, "iid"), devices=11)
     with pytest.raises(ValueError):
         ProcessFleet("http://127.0.0.1:9", DigitsPartitions(10, "iid"), processes=0)
+
+
+def test_a_part_starts_each_device_when_one_fleet_would(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device i's first pass waits the same emulated delay in a part as in a one-process
+    fleet. Before, the delays came from one generator seeded with the fleet's seed and drawn
+    in the part's order, so a part starting at device 3 gave its devices the delays of
+    devices 0, 1, ...: every part's first devices checked in together."""
+    delays: dict[str, dict[int, float]] = {}
+
+    async def record(fleet: Fleet, device: Any, executor: object, delay_s: float) -> None:
+        delays.setdefault(str(fleet.state_root), {})[device.index] = delay_s
+
+    monkeypatch.setattr(Fleet, "_device", record)
+    data = DigitsPartitions(5, "iid")
+    for name, first, count in (("whole", 0, 5), ("part", 3, 2)):
+        with Fleet("http://127.0.0.1:9", data(first, count), seed=7, first_index=first,
+                   state_root=tmp_path / name):
+            pass
+    whole, part = delays[str(tmp_path / "whole")], delays[str(tmp_path / "part")]
+    assert len(set(whole.values())) == 5  # the spread is still a spread
+    assert part == {3: whole[3], 4: whole[4]}
 
 
 @pytest.mark.slow
