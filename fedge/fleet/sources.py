@@ -101,6 +101,13 @@ class NpzPartitions:
             raise SourceError(f"{path}: not an .npz with arrays x and y ({e})") from e
         if not np.issubdtype(y.dtype, np.integer):
             raise SourceError(f"{path}: labels y must be integers, got {y.dtype}")
+        # Shapes before lengths: len() of a 0-d array raises TypeError, and a column or
+        # one-hot y would pass every later check only to fail as its device's data set.
+        if y.ndim != 1:
+            raise SourceError(f"{path}: labels y must be one integer per example (shape (n,)), "
+                              f"got shape {y.shape}")
+        if features and x.ndim == 0:
+            raise SourceError(f"{path}: x must hold one row per example, got a scalar")
         x = x.reshape(len(x), -1) if x.ndim != 2 and len(x) else x
         return x, y.astype(np.int64)
 

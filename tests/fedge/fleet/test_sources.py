@@ -100,6 +100,24 @@ def test_check_reads_every_file_not_only_the_first(tmp_path: Path, defect: dict[
         source.check()
 
 
+@pytest.mark.parametrize("arrays, message", [
+    # A column of labels, or one-hot rows: check() passed them (lengths and values were
+    # fine) and the device's data set failed later, in a fleet part after the others started.
+    (dict(x=np.zeros((3, 64)), y=np.zeros((3, 1), np.int64)), "labels y must be one"),
+    (dict(x=np.zeros((3, 64)), y=np.eye(3, dtype=np.int64)), "labels y must be one"),
+    # 0-d arrays: a TypeError traceback (len() of unsized object).
+    (dict(x=np.float32(1.0), y=np.zeros(1, np.int64)), "x must hold one row per example"),
+    (dict(x=np.zeros((1, 64)), y=np.int64(0)), "labels y must be one"),
+])
+def test_check_refuses_arrays_that_are_not_examples_and_labels(
+    tmp_path: Path, arrays: dict[str, np.ndarray], message: str,
+) -> None:
+    _write_parts(tmp_path / "parts", 2)
+    np.savez(tmp_path / "parts" / "device-999.npz", **arrays)
+    with pytest.raises(SourceError, match=message):
+        NpzPartitions(tmp_path / "parts").check()
+
+
 def test_check_holds_labels_below_the_classes_given(tmp_path: Path) -> None:
     _write_parts(tmp_path / "parts", 2)
     NpzPartitions(tmp_path / "parts", num_classes=10).check()
