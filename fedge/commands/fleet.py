@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import signal
 import sys
 import threading
@@ -201,6 +202,25 @@ def _engine(args: argparse.Namespace) -> Any:
     return RayEngine(args.ray_address, cpus_per_part=args.cpus_per_part or 1.0)
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Numbers in range before anything starts. Written as ``not x > 0`` so that NaN (which
+    argparse's float takes) fails too: a NaN duration would never end a run."""
+    for option, value in (("--devices", args.devices), ("--workers", args.workers),
+                          ("--until-rounds", args.until_rounds)):
+        if value is not None and value < 1:
+            raise CommandError(f"{option} must be at least 1")
+    if args.processes < 1:
+        raise CommandError("--processes must be at least 1")
+    if args.seed < 0:  # numpy seeds (the data split, every device's draws) are non-negative
+        raise CommandError("--seed must be >= 0")
+    if not args.speedup > 0:
+        raise CommandError("--speedup must be > 0")
+    if args.duration is not None and not args.duration > 0:
+        raise CommandError("--duration must be a number of seconds > 0")
+    if args.step_time is not None and not (math.isfinite(args.step_time) and args.step_time >= 0):
+        raise CommandError("--step-time must be a number of seconds >= 0")
+
+
 def run(args: argparse.Namespace) -> int:
     from fedge.fleet import SimClock
     from fedge.fleet.emulator import Fleet
@@ -208,12 +228,7 @@ def run(args: argparse.Namespace) -> int:
     from fedge.fleet.ray_engine import ClusterError
     from fedge.fleet.running import FleetRun
 
-    if args.devices is not None and args.devices < 1:
-        raise CommandError("--devices must be at least 1")
-    if args.processes < 1:
-        raise CommandError("--processes must be at least 1")
-    if args.speedup <= 0:
-        raise CommandError("--speedup must be > 0")
+    _check_numbers(args)
     engine = _engine(args)
     from coordinator.admin import AdminClient
 

@@ -56,6 +56,18 @@ def test_fleet_runs_until_the_rounds_and_prints_a_json_summary(
     (["--cpus-per-part", "2"], "--cpus-per-part needs --engine ray"),
     (["--engine", "ray", "--cpus-per-part", "0"], "--cpus-per-part must be > 0"),
     (["--engine", "ray", "--processes", "0"], "--processes must be at least 1"),
+    # Numbers out of range were taken: a negative seed was a numpy ValueError traceback (the
+    # data split and every device's draws seed on it), a negative worker count the fleet's
+    # event loop failing, a zero round goal or duration a run that ended at once with exit
+    # 0, and a NaN duration a run no emulated time ever ends.
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--workers", "-2"], "--workers must be at least 1"),
+    (["--until-rounds", "0"], "--until-rounds must be at least 1"),
+    (["--duration", "0"], "--duration must be a number of seconds > 0"),
+    (["--duration", "nan"], "--duration must be a number of seconds > 0"),
+    (["--speedup", "nan"], "--speedup must be > 0"),
+    (["--step-time", "-0.5"], "--step-time must be a number of seconds >= 0"),
 ])
 def test_bad_arguments_fail_with_a_clear_error(
     coordinator: EmbeddedCoordinator, capsys: pytest.CaptureFixture[str], extra: list[str],
