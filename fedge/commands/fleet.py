@@ -224,7 +224,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from fedge.fleet import SimClock
     from fedge.fleet.emulator import Fleet
-    from fedge.fleet.processes import ProcessFleet
+    from fedge.fleet.processes import PartsFailed, ProcessFleet
     from fedge.fleet.ray_engine import ClusterError
     from fedge.fleet.running import FleetRun
 
@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
             emulated_s=args.duration,
             poll_s=0.5,
         )
-    except ClusterError as e:
+    except (ClusterError, PartsFailed) as e:  # the parts say why: a data file, a directory
         raise CommandError(str(e)) from e
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -54,7 +54,8 @@ from fedge.fleet.runtime import TORCH_FREE_BACKENDS, import_ort_without_training
 from fedge.fleet.sources import DataSource
 
 __all__ = [
-    "Engine", "Part", "ProcessEngine", "ProcessFleet", "merge_summaries", "parts_failed",
+    "Engine", "Part", "PartsFailed", "ProcessEngine", "ProcessFleet", "merge_summaries",
+    "parts_failed",
     "run_part",
 ]
 
@@ -121,9 +122,14 @@ class Engine(Protocol):
         ...
 
 
-def parts_failed(missing: Sequence[int], errors: Sequence[str]) -> RuntimeError:
-    """What an engine's ``stop`` raises when parts gave no final summary."""
-    return RuntimeError(f"fleet parts {list(missing)} failed: {'; '.join(errors)}")
+class PartsFailed(RuntimeError):
+    """Parts of a fleet ended without a final summary (each one's reason in the message)."""
+
+
+def parts_failed(missing: Sequence[int], errors: Sequence[str]) -> PartsFailed:
+    """What an engine's ``stop`` raises when parts gave no final summary: its own class, so
+    that the command can report it as a user-facing error rather than a bug's traceback."""
+    return PartsFailed(f"fleet parts {list(missing)} failed: {'; '.join(errors)}")
 
 
 def _process_main(part: Part, conn: multiprocessing.connection.Connection) -> None:

@@ -97,3 +97,19 @@ def test_until_rounds_needs_the_admin_token(
 def test_an_unreachable_coordinator_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["fleet", "--coordinator", "http://127.0.0.1:9", "--devices", "2"]) == 2
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_a_part_that_fails_is_a_clear_error(
+    coordinator: EmbeddedCoordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Part 1 cannot make its state directory (a file is in the way): the command ends with
+    one line naming the part and why, exit 2. Before, the engine's RuntimeError escaped as a
+    traceback (exit 1)."""
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "part-001").write_text("in the way")
+    code = main(["fleet", "--coordinator", coordinator.url, "--devices", "4", "--processes",
+                 "2", "--duration", "600", "--state-dir", str(tmp_path / "state"), "--quiet",
+                 "--enrollment-token", str(coordinator.enrollment_token)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fedge fleet: error: fleet parts [1] failed" in err and "FileExistsError" in err
