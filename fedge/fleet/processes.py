@@ -150,7 +150,7 @@ class ProcessEngine:
         self._conns: list[multiprocessing.connection.Connection] = []
         self._latest: list[FleetSummary | None] = []
         self._finals: dict[int, FleetSummary] = {}
-        self._errors: list[str] = []
+        self._errors: dict[int, str] = {}  # by part: what the part said before it ended
 
     def start(self, parts: Sequence[Part]) -> None:
         for part in parts:
@@ -173,7 +173,7 @@ class ProcessEngine:
                 elif kind == "final":
                     self._finals[i] = self._latest[i] = value
                 else:
-                    self._errors.append(value)
+                    self._errors[i] = value
                     return
         except (EOFError, OSError):
             return  # the process is gone: alive() and stop() report it
@@ -198,11 +198,23 @@ class ProcessEngine:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
+                proc.join(timeout=5.0)
             self._conns[i].close()
         missing = [i for i in range(len(self._procs)) if i not in self._finals]
+        for i in missing:
+            # A process that died without a word (SIGKILL, the OOM killer) said nothing: its
+            # exit is the only reason there is.
+            self._errors.setdefault(i, f"part {i}: its process ended without a final summary "
+                                       f"({_exit(self._procs[i].exitcode)})")
         if missing or self._errors:
-            raise parts_failed(missing, self._errors)
+            raise parts_failed(missing, [self._errors[i] for i in sorted(self._errors)])
         return [self._finals[i] for i in range(len(self._procs))]
+
+
+def _exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
 def merge_summaries(parts: Sequence[FleetSummary]) -> FleetSummary:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -23,7 +25,13 @@ from edge_sdk.codecs import decode_update
 from fedge.fleet.clock import SimClock
 from fedge.fleet.emulator import Fleet, FleetSummary
 from fedge.fleet.heterogeneity import Heterogeneity
-from fedge.fleet.processes import Part, ProcessFleet, merge_summaries, run_part
+from fedge.fleet.processes import (
+    Part,
+    PartsFailed,
+    ProcessFleet,
+    merge_summaries,
+    run_part,
+)
 from fedge.fleet.sources import DigitsPartitions
 
 FAST_PACING = PacingConfig(min_retry_s=1.0, max_retry_s=30.0, no_task_retry_s=5.0)
@@ -110,6 +118,27 @@ def test_a_part_starts_each_device_when_one_fleet_would(tmp_path: Path,
     whole, part = delays[str(tmp_path / "whole")], delays[str(tmp_path / "part")]
     assert len(set(whole.values())) == 5  # the spread is still a spread
     assert part == {3: whole[3], 4: whole[4]}
+
+
+def test_a_part_killed_mid_run_is_reported_with_its_exit(tmp_path: Path) -> None:
+    """A part's process dies without a word (SIGKILL, the OOM killer): the fleet stops being
+    alive, stop() returns at once and says which part ended and how. Before, the reason was
+    empty: "fleet parts [1] failed: "."""
+    fleet = ProcessFleet("http://127.0.0.1:9", DigitsPartitions(4, "iid"), processes=2,
+                         state_root=tmp_path)
+    fleet.start()
+    try:
+        assert fleet.wait_for(lambda: all(s is not None for s in fleet.engine.latest()), 60)
+        victim = fleet.engine._procs[1]  # type: ignore[attr-defined]
+        os.kill(victim.pid, signal.SIGKILL)
+        assert fleet.wait_for(lambda: False, 30) is False and not fleet.alive()
+    finally:
+        with pytest.raises(PartsFailed) as failed:
+            fleet.stop()
+    assert str(failed.value) == (
+        "fleet parts [1] failed: part 1: its process ended without a final summary "
+        "(killed by signal 9)"
+    )
 
 
 @pytest.mark.slow
