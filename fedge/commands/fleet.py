@@ -223,7 +223,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedge.fleet import SimClock
-    from fedge.fleet.emulator import Fleet
+    from fedge.fleet.emulator import Fleet, status_line
     from fedge.fleet.processes import PartsFailed, ProcessFleet
     from fedge.fleet.ray_engine import ClusterError
     from fedge.fleet.running import FleetRun
@@ -259,14 +259,20 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(str(e)) from e
         fleet = Fleet(args.coordinator, datasets, progress=not args.quiet, **common)
     interrupted = threading.Event()
+    # A Fleet writes its own progress line; a fleet in parts has it written here, from the
+    # sum of the parts' reports, at each poll.
+    show = None if args.quiet or isinstance(fleet, Fleet) else sys.stderr
+
+    def until() -> bool:
+        if show is not None:
+            show.write("\r" + status_line(fleet.summary()) + "\x1b[K")
+            show.flush()
+        return interrupted.is_set() or (
+            admin is not None and _rounds_completed(admin) >= args.until_rounds)
+
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
-        summary = fleet.run(
-            until=lambda: interrupted.is_set() or (
-                admin is not None and _rounds_completed(admin) >= args.until_rounds),
-            emulated_s=args.duration,
-            poll_s=0.5,
-        )
+        summary = fleet.run(until=until, emulated_s=args.duration, poll_s=0.5)
     except (ClusterError, PartsFailed) as e:  # the parts say why: a data file, a directory
         raise CommandError(str(e)) from e
     finally:
@@ -274,5 +280,8 @@ def run(args: argparse.Namespace) -> int:
         fleet.close()
         if admin is not None:
             admin.close()
+    if show is not None:  # the final state, as a Fleet ends its own line
+        show.write("\r" + status_line(summary) + "\n")
+        show.flush()
     print(json.dumps(summary.as_dict()), file=sys.stdout, flush=True)
     return 0

@@ -56,7 +56,7 @@ from fedge.fleet.heterogeneity import DeviceProfile, Heterogeneity
 from fedge.fleet.running import FleetRun
 from fedge.fleet.runtime import TORCH_FREE_BACKENDS, import_ort_without_training
 
-__all__ = ["VANISHED", "Fleet", "FleetSummary"]
+__all__ = ["VANISHED", "Fleet", "FleetSummary", "status_line"]
 
 VANISHED = "vanished"  # the outcome the emulator records for a mid-job dropout
 CRASHED = "crashed"  # a pass raised past the client's error handling (a bug)
@@ -94,6 +94,16 @@ class FleetSummary:
         d["lag_p50_s"] = round(self.lag_p50_s, 4)
         d["lag_p95_s"] = round(self.lag_p95_s, 4)
         return d
+
+
+def status_line(s: FleetSummary) -> str:
+    """The one-line progress of a fleet (one process or the sum of its parts)."""
+    return (
+        f"[fleet] t={s.emulated_s:,.0f}s (x{s.speedup:g}) devices {s.devices}"
+        f" | check-ins {s.checkins} | jobs {s.tasks_started} | uploads "
+        f"{s.uploads_acknowledged} | aborts {s.aborts} | dropouts {s.dropouts}"
+        f" | up {s.bytes_up / 1e6:.2f} MB down {s.bytes_down / 1e6:.2f} MB"
+    )
 
 
 class _Device:
@@ -334,13 +344,7 @@ class Fleet(FleetRun):
             await asyncio.sleep(0.5)
 
     def _status_line(self) -> str:
-        s = self.summary()
-        return (
-            f"[fleet] t={s.emulated_s:,.0f}s (x{s.speedup:g}) devices {s.devices}"
-            f" | check-ins {s.checkins} | jobs {s.tasks_started} | uploads "
-            f"{s.uploads_acknowledged} | aborts {s.aborts} | dropouts {s.dropouts}"
-            f" | up {s.bytes_up / 1e6:.2f} MB down {s.bytes_down / 1e6:.2f} MB"
-        )
+        return status_line(self.summary())
 
     # -- results ----------------------------------------------------------------------------
 

@@ -113,3 +113,19 @@ def test_a_part_that_fails_is_a_clear_error(
     assert code == 2
     err = capsys.readouterr().err
     assert "fedge fleet: error: fleet parts [1] failed" in err and "FileExistsError" in err
+
+
+def test_a_fleet_in_parts_shows_the_progress_line_the_help_promises(
+    coordinator: EmbeddedCoordinator, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The command's help says it prints one updating progress line on stderr; with
+    --processes it printed none. Its last state is the fleet's final summary."""
+    code = main(["fleet", "--coordinator", coordinator.url, "--devices", "4", "--processes",
+                 "2", "--duration", "200", "--speedup", "20",
+                 "--enrollment-token", str(coordinator.enrollment_token)])
+    out, err = capsys.readouterr()
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    last = err.rstrip("\n").split("\r")[-1]
+    assert last.startswith("[fleet] ") and "devices 4 " in last, err
+    assert f"| check-ins {summary['checkins']} |" in last and summary["checkins"] >= 4
