@@ -104,6 +104,7 @@ def _source(args: argparse.Namespace) -> Any:
         NpzPartitions,
         SourceError,
     )
+    from fedge.fleet.synthetic import fedprox_synthetic
 
     if args.partitions is not None:
         try:
@@ -137,6 +138,11 @@ def _source(args: argparse.Namespace) -> Any:
             alpha, beta = (float(v) for v in rest.split(","))
         except ValueError as e:
             raise CommandError(f"--data synthetic:ALPHA,BETA, got {args.data!r}") from e
+        try:  # here, as digits are, not in each process of a fleet in parts; one device's
+            # worth, as the whole generation would be the cost of the fleet's data again
+            fedprox_synthetic(alpha, beta, 1, seed=args.seed)
+        except ValueError as e:
+            raise CommandError(f"--data {args.data}: {e}") from e
         return FedProxSynthetic(args.devices, alpha, beta, seed=args.seed)
     raise CommandError(f"unknown --data {args.data!r}: use digits or synthetic:ALPHA,BETA")
 

@@ -16,6 +16,8 @@ devices and v_k = 0. Sample counts per device follow the reference's power law:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fedge.fleet.datasets import Dataset
@@ -39,8 +41,9 @@ def fedprox_synthetic(
     lognormal_sigma: float = 2.0,
 ) -> list[Dataset]:
     """One :class:`Dataset` per device, deterministic for ``seed``."""
-    if alpha < 0 or beta < 0:
-        raise ValueError(f"alpha and beta must be >= 0, got {alpha}, {beta}")
+    # Finite too: an infinite beta makes every feature NaN or Inf, a NaN alpha every label 0.
+    if not all(math.isfinite(v) and v >= 0 for v in (alpha, beta)):
+        raise ValueError(f"alpha and beta must be finite numbers >= 0, got {alpha}, {beta}")
     if num_devices < 1:
         raise ValueError(f"need at least one device, got {num_devices}")
     rng = np.random.default_rng(seed)

@@ -68,6 +68,10 @@ def test_fleet_runs_until_the_rounds_and_prints_a_json_summary(
     (["--duration", "nan"], "--duration must be a number of seconds > 0"),
     (["--speedup", "nan"], "--speedup must be > 0"),
     (["--step-time", "-0.5"], "--step-time must be a number of seconds >= 0"),
+    # Taken before: inf made every feature NaN or Inf (trained on, uploaded); NaN gave every
+    # device the label 0.
+    (["--data", "synthetic:1,inf"], "alpha and beta must be finite numbers >= 0"),
+    (["--data", "synthetic:nan,1"], "alpha and beta must be finite numbers >= 0"),
 ])
 def test_bad_arguments_fail_with_a_clear_error(
     coordinator: EmbeddedCoordinator, capsys: pytest.CaptureFixture[str], extra: list[str],
