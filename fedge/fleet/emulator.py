@@ -164,6 +164,8 @@ class Fleet(FleetRun):
     ``first_index`` numbers the devices from there (profiles, seeds, state directories and
     attacks follow the global index): one part of a fleet split over processes
     (:mod:`fedge.fleet.processes`) is the same devices it would be in one process.
+    ``cache_root`` is where the devices' shared bundle cache lives (default
+    ``state_root/bundles``; a cache serves one process, so each part has its own).
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class Fleet(FleetRun):
         tls: TlsConfig | None = None,
         attacks: Mapping[int, Attack] | None = None,
         first_index: int = 0,
+        cache_root: Path | str | None = None,
     ) -> None:
         if not datasets:
             raise ValueError("a fleet needs at least one device")
@@ -213,7 +216,7 @@ class Fleet(FleetRun):
             state_root = self._tmp.name
         self.state_root = Path(state_root)
         self.state_root.mkdir(parents=True, exist_ok=True)
-        self.cache = BundleCache(self.state_root / "bundles")
+        self.cache = BundleCache(self.state_root / "bundles" if cache_root is None else cache_root)
         if self.client_config.backend in TORCH_FREE_BACKENDS:
             import_ort_without_training()  # keeps ~280 MB of torch out of a fleet process
         self.pool = TrainerPool(self.client_config.backend)

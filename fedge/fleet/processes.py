@@ -5,9 +5,10 @@ A single process runs a few thousand devices before its one core and its GIL are
 parts and runs each part as an ordinary :class:`~fedge.fleet.emulator.Fleet` with
 ``first_index`` set, so device ``i`` has the same heterogeneity profile, seed, data and fates
 as in a one-process fleet. Parts share nothing but the coordinator's URL, the fleet clock (by
-its :meth:`~fedge.fleet.clock.SimClock.spec`) and the state root if one is given (each part
-its own subdirectory: bundle caches lock per process; without one, each part makes and
-removes a temporary directory on the host it runs on). Each part reports its running
+its :meth:`~fedge.fleet.clock.SimClock.spec`) and the state root if one is given (device
+``i``'s state in ``device-i`` there, as in one process, whatever the split; each part its own
+bundle cache, ``bundles-part-k``: bundle caches lock per process; without a root, each part
+makes and removes a temporary directory on the host it runs on). Each part reports its running
 :class:`~fedge.fleet.emulator.FleetSummary` about twice a second; the fleet's summary adds
 them up.
 
@@ -281,11 +282,15 @@ class ProcessFleet(FleetRun):
         }
         bounds = np.linspace(0, n, min(processes, n) + 1).astype(int)
         # Without a root each part's Fleet makes (and removes) a temporary one where it runs:
-        # a path made here would not exist on another machine, nor be cleaned up there.
+        # a path made here would not exist on another machine, nor be cleaned up there. With
+        # one, every part keeps its devices in it (device-INDEX, by global index: where one
+        # fleet, or a split into any number of parts, finds them again) and its bundle cache
+        # apart (a cache serves one process).
+        root = None if state_root is None else Path(state_root)
         self.parts = [
             Part(k, int(a), int(b - a), data, coordinator, self.clock.spec(),
-                 {**options,
-                  "state_root": None if state_root is None else Path(state_root) / f"part-{k:03d}"})
+                 {**options, "state_root": root,
+                  "cache_root": None if root is None else root / f"bundles-part-{k:03d}"})
             for k, (a, b) in enumerate(itertools.pairwise(bounds))
         ]
         self.devices = n

@@ -106,11 +106,11 @@ def test_an_unreachable_coordinator_is_an_error(capsys: pytest.CaptureFixture[st
 def test_a_part_that_fails_is_a_clear_error(
     coordinator: EmbeddedCoordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Part 1 cannot make its state directory (a file is in the way): the command ends with
+    """Part 1 cannot make its bundle cache (a file is in the way): the command ends with
     one line naming the part and why, exit 2. Before, the engine's RuntimeError escaped as a
     traceback (exit 1)."""
     (tmp_path / "state").mkdir()
-    (tmp_path / "state" / "part-001").write_text("in the way")
+    (tmp_path / "state" / "bundles-part-001").write_text("in the way")
     code = main(["fleet", "--coordinator", coordinator.url, "--devices", "4", "--processes",
                  "2", "--duration", "600", "--state-dir", str(tmp_path / "state"), "--quiet",
                  "--enrollment-token", str(coordinator.enrollment_token)])

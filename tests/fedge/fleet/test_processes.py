@@ -88,7 +88,7 @@ def test_parts_are_the_devices_of_one_fleet(tmp_path: Path) -> None:
                          heterogeneity=model, seed=4, state_root=tmp_path)
     covered = [i for p in fleet.parts for i in range(p.first, p.first + p.count)]
     assert covered == list(range(10))
-    assert len({p.options["state_root"] for p in fleet.parts}) == 3
+    assert len({p.options["cache_root"] for p in fleet.parts}) == 3  # a cache per process
     for part in fleet.parts:
         # What run_part builds: profiles drawn at the global index.
         assert part.options["heterogeneity"] == model and part.options["seed"] == 4
@@ -139,6 +139,26 @@ def test_a_part_killed_mid_run_is_reported_with_its_exit(tmp_path: Path) -> None
         "fleet parts [1] failed: part 1: its process ended without a final summary "
         "(killed by signal 9)"
     )
+
+
+def test_a_state_dir_holds_each_device_where_any_split_finds_it(tmp_path: Path) -> None:
+    """Device i keeps its state directory (its credential) under a state root whatever the
+    number of parts, as it keeps its profile and data; only the bundle caches are per part
+    (a cache serves one process). Before, part k kept its devices under part-k/: a fleet run
+    again over another number of processes found none of its devices' credentials and
+    registered every device a second time (a different population on the coordinator)."""
+    url, data = "http://127.0.0.1:9", DigitsPartitions(5, "iid")
+    one = Fleet(url, data(0, 5), state_root=tmp_path)
+    expected = [d.client.state.root for d in one.devices]
+    caches = {one.cache.root}
+    for processes in (2, 3):
+        for part in ProcessFleet(url, data, processes=processes, state_root=tmp_path).parts:
+            fleet = Fleet(url, data(part.first, part.count), clock=SimClock(*part.clock),
+                          first_index=part.first, **part.options)
+            assert [d.client.state.root for d in fleet.devices] == \
+                expected[part.first : part.first + part.count]
+            caches.add(fleet.cache.root)
+    assert len(caches) == 1 + 3  # the one fleet's, one per part index (0, 1, 2)
 
 
 @pytest.mark.slow

@@ -51,9 +51,10 @@ def _ray_engine() -> RayEngine:
 
 def _device_ids(state_root: Path) -> dict[str, int]:
     """Coordinator device id -> global device index, from the devices' own credential files
-    (``part-K/device-IIIII/credentials.json``): which device registered, seen from the device."""
+    (``device-IIIII/credentials.json``, whichever part ran it): which device registered, seen
+    from the device."""
     ids = {}
-    for creds in state_root.glob("part-*/device-*/credentials.json"):
+    for creds in state_root.glob("device-*/credentials.json"):
         ids[json.loads(creds.read_text())["device_id"]] = int(creds.parent.name.split("-")[1])
     return ids
 
