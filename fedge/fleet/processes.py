@@ -37,6 +37,7 @@ import dataclasses
 import itertools
 import multiprocessing
 import multiprocessing.connection
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -134,6 +135,10 @@ def parts_failed(missing: Sequence[int], errors: Sequence[str]) -> PartsFailed:
 
 
 def _process_main(part: Part, conn: multiprocessing.connection.Connection) -> None:
+    # Ctrl-C in a terminal interrupts the whole process group, the parts too: the driver
+    # owns the stop (it sends one, or its end of the pipe closes), so a part ignores SIGINT
+    # rather than dying of it without its final summary.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         final = run_part(part, lambda s: conn.send(("progress", s)), conn.poll)
     except BaseException as e:

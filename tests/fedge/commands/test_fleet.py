@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +138,37 @@ def test_a_fleet_in_parts_shows_the_progress_line_the_help_promises(
     last = err.rstrip("\n").split("\r")[-1]
     assert last.startswith("[fleet] ") and "devices 4 " in last, err
     assert f"| check-ins {summary['checkins']} |" in last and summary["checkins"] >= 4
+
+
+@pytest.mark.parametrize("where", [
+    pytest.param([], id="processes"),
+    pytest.param(["--engine", "ray"], id="ray", marks=pytest.mark.slow),
+])
+def test_ctrl_c_ends_a_fleet_in_parts_with_its_summary(
+    coordinator: EmbeddedCoordinator, where: list[str],
+) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group, the fleet's
+    part processes too. The help names Ctrl-C as a way to end a run; with --processes the
+    parts died of the KeyboardInterrupt, so the run failed without a summary."""
+    if where and importlib.util.find_spec("ray") is None:
+        unavailable("Ray is not installed (the cluster extra: pip install -e '.[cluster]')")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedge.cli", "fleet", "--coordinator", coordinator.url,
+         "--devices", "4", "--processes", "2", "--quiet",
+         "--enrollment-token", str(coordinator.enrollment_token), *where],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while coordinator.admin().status()["devices_registered"] < 4:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["devices"] == 4 and summary["devices_registered"] == 4
