@@ -273,7 +273,7 @@ def run(
 
 def partial_write_ms(server: str, repeats: int = 30) -> float:
     """Milliseconds to commit one replica's partial sum of a 100,000-parameter round (the
-    write each batch of uploads adds among replicas), median of ``repeats``."""
+    write a replica adds once per ``replica_partial_every`` uploads), median of ``repeats``."""
     import time
 
     with fresh_schema(server) as url:
@@ -384,7 +384,8 @@ def doc(results: dict[str, Any]) -> str:
 of a 100,000-parameter model with {results["updates"]} int8 uploads; every device call goes to
 the next process in turn (a round-robin load balancer). "alone" is one process without
 `--replica` (sums in memory, no row locks); the others run `fedge serve --replica`. Each cell
-lists the runs in the order they ran (alone, 1, 2, 3, then 3, 2, 1). CPU: the replica processes'
+lists the runs in the order they ran ({"alone, 1, 2, 3, then 3, 2, 1" if len(results["runs"]) > 4
+else "alone, 1, 2, 3"}). CPU: the replica processes'
 own time summed (`/proc`), per item; "cores busy" = uploads/s x CPU per upload. Machine:
 {results["machine"]}, load average {results["load_before"]} before the run and
 {results["load_after"]} after (a load above 2 means other jobs shared the cores).
@@ -397,12 +398,13 @@ replica, {steer[three]:.0f}/s with three ({steer[three] / steer[one]:.2f}x). Pea
 process at most {rss:.0f} MiB, whatever the number of replicas.
 
 What replication costs per upload, measured: {_cost(cpu[one] - cpu["alone"], cpu[three])}.
-What it adds is the statements that lock the round and the replica's partial sum written with
-every batch of uploads (the acknowledged-means-folded-and-durable rule). That write is also
-wall time on the replica's one worker thread, inside each batch's transaction: committing one
-100,000-parameter partial sum (0.8 MB of float64) took {results["partial_write_ms"]:.0f} ms
-(median, measured alone after the runs, at this load), once per group-commit batch: the main
-addition to the worker's time per batch. One replica acknowledged {up[one] / up["alone"]:.2f}x
+What it adds is the statements that lock the round and the replica's partial sum, written in
+a batch's transaction once `replica_partial_every` (64) of its updates of the round were
+stored since its last write (an update no partial sum covers is folded again from its durable
+payload at the commit). That write is also wall time on the replica's one worker
+thread: committing one 100,000-parameter partial sum (0.8 MB of float64) took
+{results["partial_write_ms"]:.0f} ms (median, measured alone after the runs, at this load),
+once per 64 uploads of a replica. One replica acknowledged {up[one] / up["alone"]:.2f}x
 the uploads of a process alone here.
 
 Where several replicas lose time: uploads into one round serialise on the round's row lock
