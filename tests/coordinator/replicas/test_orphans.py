@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import coordinator.service as service_module
 from coordinator.admin import tar_directory
 from coordinator.blobs import Collected
 from coordinator.clock import FakeClock
+from coordinator.embedded import EmbeddedCoordinator
 from coordinator.errors import Overloaded
 from coordinator.service import Coordinator
 from tests.coordinator.replicas.fleet import start_task, thread_replicas
@@ -63,6 +65,38 @@ def test_old_unnamed_blobs_go_and_everything_else_stays(
         assert reps[0].admin().task(task_id)["model_version"] == 1
 
 
+def _sweep_racing(
+    serving: EmbeddedCoordinator,
+    sweeper: Coordinator,
+    targets: Callable[[str], bool],
+    retry: Callable[[], object],
+    reached: threading.Event,
+    swept: threading.Event,
+) -> bool:
+    """``sweeper``'s orphan sweep, which, when it first locks a blob ``targets`` names,
+    starts ``retry`` on another thread and waits until the retry ``reached`` its pause (its
+    files placed again, its row not committed yet); the retry goes on once the sweep ended
+    (``swept``). True if the sweep came to a target."""
+    real_lock = sweeper.store.lock_blob
+    started: list[threading.Thread] = []
+
+    def lock_after_the_retry_reached_it(sha: str, **kwargs: Any) -> bool:
+        if targets(sha) and not started:
+            started.append(threading.Thread(target=retry))
+            started[0].start()
+            assert reached.wait(30)
+        return real_lock(sha, **kwargs)
+
+    sweeper.store.lock_blob = lock_after_the_retry_reached_it  # type: ignore[method-assign]
+    try:
+        serving.call(sweeper.collect_garbage)
+    finally:
+        swept.set()
+        for t in started:
+            t.join(30)
+    return bool(started)
+
+
 def test_a_version_whose_bytes_an_old_orphan_holds_keeps_its_blob(
     postgres_url: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
@@ -105,24 +139,10 @@ def test_a_version_whose_bytes_an_old_orphan_holds_keeps_its_blob(
             return sha
 
         committer.blobs.put_with_derived = put_then_pause  # type: ignore[method-assign]
-        real_lock = sweeper.store.lock_blob
-        retry: list[threading.Thread] = []
-
-        def lock_after_the_retry_found_it(sha: str, **kwargs: Any) -> bool:
-            if sha == orphan and not retry:
-                retry.append(threading.Thread(target=reps[1].call, args=(committer.tick,)))
-                retry[0].start()
-                assert found.wait(30)
-            return real_lock(sha, **kwargs)
-
-        sweeper.store.lock_blob = lock_after_the_retry_found_it  # type: ignore[method-assign]
-        try:
-            reps[0].call(sweeper.collect_garbage)
-        finally:
-            swept.set()
-            for t in retry:
-                t.join(30)
-        assert retry, "the sweep never looked at the orphan"
+        retried = _sweep_racing(
+            reps[0], sweeper, orphan.__eq__, lambda: reps[1].call(committer.tick), found, swept
+        )
+        assert retried, "the sweep never looked at the orphan"
         assert reps[0].admin().task(task_id)["model_version"] == 1
         v = committer.store.get_version(task_id, 1)
         assert v is not None and v.params_sha == orphan
@@ -164,8 +184,6 @@ def test_a_bundle_whose_files_old_orphans_hold_is_stored_whole_or_not_at_all(
             return manifest
 
         monkeypatch.setattr(service_module, "extract_bundle", extract_then_pause)
-        real_lock = sweeper.store.lock_blob
-        retry: list[threading.Thread] = []
         outcome: list[object] = []
 
         def add_again() -> None:
@@ -174,21 +192,8 @@ def test_a_bundle_whose_files_old_orphans_hold_is_stored_whole_or_not_at_all(
             except Exception as e:
                 outcome.append(e)
 
-        def lock_after_the_retry_put_them(sha: str, **kwargs: Any) -> bool:
-            if sha in orphans and not retry:
-                retry.append(threading.Thread(target=add_again))
-                retry[0].start()
-                assert put.wait(30)
-            return real_lock(sha, **kwargs)
-
-        sweeper.store.lock_blob = lock_after_the_retry_put_them  # type: ignore[method-assign]
-        try:
-            reps[0].call(sweeper.collect_garbage)
-        finally:
-            swept.set()
-            for t in retry:
-                t.join(30)
-        assert retry and outcome, "the sweep never looked at the orphans"
+        retried = _sweep_racing(reps[0], sweeper, orphans.__contains__, add_again, put, swept)
+        assert retried and outcome, "the sweep never looked at the orphans"
         monkeypatch.undo()
         # Refused (503: upload it again), or stored with every file it names.
         stored = [uploader.store.get_bundle(b) for b in _bundle_ids(uploader)]
