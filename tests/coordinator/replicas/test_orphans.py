@@ -40,9 +40,7 @@ def test_old_unnamed_blobs_go_and_everything_else_stays(
 ) -> None:
     clock = FakeClock(1_700_000_000.0)
     with thread_replicas(2, replica_db, tmp_path / "blobs", clock) as reps:
-        _, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 2)
-        (device, aid), (second, aid2) = select_devices(devices, lambda: clock.advance(WINDOW + 0.5))
-        delta = np.random.default_rng(0).normal(0, 0.01, 64).astype(np.float32)
+        task_id, (device, aid), (second, aid2), delta = _two_selected(reps, tiny_bundle, clock)
         device.upload(aid, delta)  # its payload is named by an update of the open round
         service = reps[0].service
         blobs = service.blobs
@@ -63,6 +61,16 @@ def test_old_unnamed_blobs_go_and_everything_else_stays(
         # The round still commits from what stayed.
         second.upload(aid2, delta)
         assert reps[0].admin().task(task_id)["model_version"] == 1
+
+
+def _two_selected(
+    reps: list[EmbeddedCoordinator], tiny_bundle: Path, clock: FakeClock
+) -> tuple[str, tuple[Any, str], tuple[Any, str], np.ndarray]:
+    """A task of goal 2 on the replicas, its two devices selected (each with its
+    assignment), and the delta they upload."""
+    _, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 2)
+    first, second = select_devices(devices, lambda: clock.advance(WINDOW + 0.5))
+    return task_id, first, second, np.random.default_rng(0).normal(0, 0.01, 64).astype(np.float32)
 
 
 def _sweep_racing(
@@ -104,9 +112,7 @@ def test_a_version_whose_bytes_an_old_orphan_holds_keeps_its_blob(
     # its blobs are written to its commit, so no sweep runs in between.
     clock = FakeClock(1_700_000_000.0)
     with thread_replicas(2, postgres_url, tmp_path / "blobs", clock) as reps:
-        _, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 2)
-        (device, aid), (second, aid2) = select_devices(devices, lambda: clock.advance(WINDOW + 0.5))
-        delta = np.random.default_rng(0).normal(0, 0.01, 64).astype(np.float32)
+        task_id, (device, aid), (second, aid2), delta = _two_selected(reps, tiny_bundle, clock)
         sweeper, committer = reps[0].service, reps[1].service
         device.to(0).upload(aid, delta)
         # The round's commit on replica 1 writes the version's blobs, then its transaction
