@@ -19,11 +19,13 @@ the commit's write of the round's metrics, which holds the next round's clipping
 With ``retire=True`` the workload is followed by a retention phase (:meth:`Fleet.retire`):
 the coordinator restarts with retention on (one version kept, no receipts), and its pass
 deletes the older rounds with their update rows and adds the rows it deleted to
-``tasks.updates_retired``, in one transaction. That counter's statement and the commit of
-the transactions around it are labelled steps (:data:`RETIRED_WRITE`,
-:data:`RETIRED_COMMIT`); :func:`check_retired` then holds ``/v1/status``'s
-``updates_accepted`` to the number of acknowledged updates (none lost, none counted twice),
-with the retention done (retried after a failed pass, or after the restart).
+``tasks.updates_retired`` and the rounds to ``retired_round_durations``, in one transaction.
+Those statements and the commit of the transactions around them are labelled steps
+(:data:`RETIRED_WRITE`, :data:`RETIRED_DURATIONS_WRITE`, :data:`RETIRED_COMMIT`);
+:func:`check_retired` then holds ``/v1/status``'s ``updates_accepted`` to the number of
+acknowledged updates (none lost, none counted twice), and the round-duration counts to
+the rounds ever closed, with the retention done (retried after a failed pass, or after the
+restart).
 
 A clean run lists the steps; scenario ``i`` fails step ``i`` once, either as the error the
 disk would give (``ENOSPC`` / SQLite's "database or disk is full") with the same process
@@ -79,6 +81,7 @@ __all__ = [
     "BOUND_WRITE",
     "MODES",
     "RETIRED_COMMIT",
+    "RETIRED_DURATIONS_WRITE",
     "RETIRED_WRITE",
     "Crash",
     "Fault",
@@ -121,6 +124,7 @@ BOUND_WRITE = "store.update_round[dp.clip_next]"
 BOUND_COMMIT = "store.commit[dp.clip_next]"
 RETIRED_WRITE = "store.delete_rounds[tasks.updates_retired]"
 RETIRED_COMMIT = "store.commit[tasks.updates_retired]"
+RETIRED_DURATIONS_WRITE = "store.delete_rounds[retired_round_durations]"
 
 
 @contextmanager
@@ -259,6 +263,9 @@ def instrument(coord: Coordinator, fault: Fault) -> None:
         if sql.startswith("update tasks set updates_retired"):
             marked.append(RETIRED_COMMIT)
             fault.step(RETIRED_WRITE)
+        elif sql.startswith("insert into retired_round_durations"):
+            marked.append(RETIRED_COMMIT)
+            fault.step(RETIRED_DURATIONS_WRITE)
         return real_execute(sql, *args)
 
     store.atomic = atomic  # type: ignore[method-assign]
@@ -532,6 +539,14 @@ def check_retired(fleet: Fleet) -> None:
     current = fleet.read("select model_version from tasks")[0][0]
     assert fleet.read("select version from versions") == [(current,)]
     assert 0 < retired == acked - kept, f"{retired} retired, {kept} kept, {acked} acknowledged"
+    # Rounds are numbered 1, 2, ... and retention keeps the newest: every round ever closed
+    # is counted by duration once, deleted or not.
+    ever, still_open = fleet.read(
+        "select max(number), coalesce(sum(case when state in ('selecting', 'reporting') "
+        "then 1 else 0 end), 0) from rounds"
+    )[0]
+    durations = fleet.coord.store.round_durations().values()
+    assert sum(sum(d.counts) for d in durations) == ever - still_open, (durations, ever)
     status = fleet.coord.status()
     assert status["updates_accepted"] == acked, (status["updates_accepted"], acked)
     assert status["tasks"][0]["state"] == "completed"

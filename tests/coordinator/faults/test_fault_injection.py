@@ -35,6 +35,7 @@ from tests.coordinator.faults.harness import (
     BOUND_WRITE,
     MODES,
     RETIRED_COMMIT,
+    RETIRED_DURATIONS_WRITE,
     RETIRED_WRITE,
     Fleet,
     run_scenario,
@@ -162,7 +163,8 @@ def test_the_retention_phase_deletes_rounds_and_counts_their_updates(
 ) -> None:
     for fleet in retiring.values():
         labels = [fleet.fault.steps[i] for i in fleet.retire_steps]
-        assert {"store.delete_rounds", RETIRED_WRITE, RETIRED_COMMIT} <= set(labels), labels
+        assert {"store.delete_rounds", RETIRED_WRITE, RETIRED_DURATIONS_WRITE,
+            RETIRED_COMMIT} <= set(labels), labels
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -276,6 +278,7 @@ def test_retention_s_delete_and_count_failing_on_postgresql(
 ) -> None:
     clean = pg_retiring[mode]
     labels = {clean.fault.steps[i] for i in clean.retire_steps}
-    assert {"store.delete_rounds", RETIRED_WRITE, RETIRED_COMMIT} <= labels, labels
+    assert {"store.delete_rounds", RETIRED_WRITE, RETIRED_DURATIONS_WRITE,
+            RETIRED_COMMIT} <= labels, labels
     _sweep(scratch / "pg-retire", mode, variant, clean.retire_steps, clean.fault.steps,
            retire=True, postgres=postgres_server)  # fmt: skip
