@@ -21,13 +21,6 @@ from tests.coordinator.replicas.fleet import wait_for
 from tests.fixtures.coordinator import HttpConnection
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("postgres_url"))
-    return str(tmp_path / "fedge.db")
-
-
 def _run_sql(database: str) -> Callable[[str], None]:
     """Runs a statement on the coordinator's database through a connection of its own, as
     an operator's mistake or an outage would change it under the coordinator."""
@@ -44,13 +37,14 @@ def _run_sql(database: str) -> Callable[[str], None]:
 
 
 @pytest.fixture
-def served(database: str, tmp_path: Path) -> Iterator[tuple[EmbeddedCoordinator, str]]:
-    url = database if is_database_url(database) else None
+def served(replica_db: str, tmp_path: Path) -> Iterator[tuple[EmbeddedCoordinator, str]]:
+    url = replica_db if is_database_url(replica_db) else None
     with EmbeddedCoordinator(
-        tmp_path / "fedge.db", database_url=url, blob_path=str(tmp_path / "blobs"),
+        replica_db if url is None else tmp_path / "fedge.db", database_url=url,
+        blob_path=str(tmp_path / "blobs"),
         tick_interval_s=0.05,
     ) as coord:  # fmt: skip
-        yield coord, database
+        yield coord, replica_db
 
 
 def _get(coord: EmbeddedCoordinator, route: str) -> tuple[int, Any]:

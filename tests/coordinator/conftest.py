@@ -1,6 +1,7 @@
 """``replica_db``: the database replicas share, once a PostgreSQL schema (the
 ``postgres_url`` fixture) and once a SQLite file (several processes on one node), so that
-each replica test runs against both backends."""
+each replica test, and any coordinator test that needs a real database of each kind, runs
+against both backends."""
 
 from __future__ import annotations
 
