@@ -227,6 +227,13 @@ class Heterogeneity:
         for name in ("compute_median", "download_mbps", "upload_mbps", "compute_shape"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        # Written so that NaN fails too: a NaN here reaches every device's draws or schedule.
+        if not 0.0 <= self.start_hour <= 24.0:
+            raise ValueError(f"start_hour must be an hour of the day (0-24), got {self.start_hour}")
+        for name in ("compute_sigma", "download_sigma", "upload_sigma", "active_per_hour"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if self.compute not in ("lognormal", "pareto"):
             raise ValueError(f"compute must be lognormal or pareto, got {self.compute!r}")
         if self.availability not in ("always", "diurnal"):

@@ -55,6 +55,8 @@ def test_fleet_runs_until_the_rounds_and_prints_a_json_summary(
     (["--data", "mnist"], "unknown --data"),
     (["--data", "synthetic:1"], "synthetic:ALPHA,BETA"),
     (["--dropout", "1.5"], "probability"),
+    (["--start-hour", "25"], "start_hour must be an hour of the day"),
+    (["--compute-sigma", "nan"], "compute_sigma must be a finite number >= 0"),
     (["--partition", "windows:0"], "windows:SIZE (SIZE >= 1)"),
     (["--engine", "spark"], "invalid choice: 'spark'"),
     (["--ray-address", "10.0.0.1:6379"], "--ray-address needs --engine ray"),

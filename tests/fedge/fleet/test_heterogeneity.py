@@ -129,6 +129,12 @@ def test_start_hour_shifts_the_emulated_clock() -> None:
 @pytest.mark.parametrize("kwargs", [
     {"dropout_prob": 1.5}, {"lapse_prob": -0.1}, {"compute_median": 0}, {"compute": "gamma"},
     {"availability": "sometimes"}, {"upload_mbps": -1.0},
+    # Taken before: a NaN or out-of-day start hour shifted every schedule by NaN or by days (a
+    # NaN offset made every device unavailable for the whole run), a NaN or negative sigma
+    # gave NaN or mirrored multipliers, a NaN rate of user sessions no session at all.
+    {"start_hour": float("nan")}, {"start_hour": 24.5}, {"start_hour": -1.0},
+    {"compute_sigma": float("nan")}, {"download_sigma": -0.5}, {"upload_sigma": float("inf")},
+    {"active_per_hour": float("nan")}, {"active_per_hour": -1.0},
 ])
 def test_bad_parameters_are_rejected(kwargs: dict) -> None:
     with pytest.raises(ValueError):
