@@ -263,7 +263,10 @@ def run(args: argparse.Namespace) -> int:
             datasets = source(0, devices)
         except ValueError as e:  # SourceError, DatasetError: what the checks could not see
             raise CommandError(str(e)) from e
-        fleet = Fleet(args.coordinator, datasets, progress=not args.quiet, **common)
+        try:
+            fleet = Fleet(args.coordinator, datasets, progress=not args.quiet, **common)
+        except OSError as e:  # its directories: as a part in a split fleet reports them
+            raise CommandError(f"--state-dir: {e}") from e
     interrupted = threading.Event()
     # A Fleet writes its own progress line; a fleet in parts has it written here, from the
     # sum of the parts' reports, at each poll.

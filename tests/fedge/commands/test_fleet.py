@@ -126,6 +126,23 @@ def test_a_part_that_fails_is_a_clear_error(
     assert "fedge fleet: error: fleet parts [1] failed" in err and "FileExistsError" in err
 
 
+def test_a_state_dir_it_cannot_use_is_a_clear_error(
+    coordinator: EmbeddedCoordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A one-process fleet whose bundle cache cannot be made (a file is in the way) ends
+    with one line naming the path, exit 2, as a fleet in parts does; before, the
+    FileExistsError escaped as a traceback."""
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "bundles").write_text("in the way")
+    code = main(["fleet", "--coordinator", coordinator.url, "--devices", "4", "--duration",
+                 "600", "--state-dir", str(tmp_path / "state"), "--quiet",
+                 "--enrollment-token", str(coordinator.enrollment_token)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fedge fleet: error: --state-dir" in err and str(tmp_path / "state" / "bundles") in err
+    assert coordinator.admin().status()["devices_registered"] == 0
+
+
 def test_a_fleet_in_parts_shows_the_progress_line_the_help_promises(
     coordinator: EmbeddedCoordinator, capsys: pytest.CaptureFixture[str],
 ) -> None:
