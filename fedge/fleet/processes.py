@@ -312,6 +312,9 @@ class ProcessFleet(FleetRun):
     def alive(self) -> bool:
         return self.engine.alive()
 
+    def ready(self) -> bool:
+        return all(s is not None for s in self.engine.latest())
+
     def stop(self) -> FleetSummary:
         if self._final is None:
             self._final = merge_summaries(self.engine.stop())

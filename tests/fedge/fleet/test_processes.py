@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,49 @@ def test_a_part_whose_engine_fails_stops_its_devices(tmp_path: Path) -> None:
         run_part(part, lambda _: None, stop)
     running = {t for t in threading.enumerate() if t.name == "fedge-fleet"} - before
     assert not running, running
+
+
+class _SlowStartEngine:
+    """Parts that report only ``start_s`` real seconds after their start (spawned
+    interpreters importing ORT and loading data; Ray's start-up takes about 20 s)."""
+
+    def __init__(self, start_s: float, fails: bool = False) -> None:
+        self.start_s, self.fails = start_s, fails
+        self.started = self.stopped = math.inf
+        self.parts = 0
+
+    def start(self, parts: Any) -> None:
+        self.started, self.parts = time.monotonic(), len(parts)
+
+    def _up(self) -> bool:
+        return time.monotonic() - self.started >= self.start_s
+
+    def latest(self) -> list[FleetSummary | None]:
+        return [_summary(devices=1) if self._up() else None] * self.parts
+
+    def alive(self) -> bool:
+        return not (self.fails and self._up())
+
+    def stop(self) -> list[FleetSummary]:
+        self.stopped = time.monotonic()
+        return [_summary(devices=1)] * self.parts
+
+
+@pytest.mark.parametrize("start_s", [0.0, 1.5])
+def test_the_duration_counts_from_when_every_part_runs(start_s: float) -> None:
+    """``emulated_s`` is the devices' running time: before, a run of 10 emulated seconds at
+    speedup 20 (half a real second) ended before a part that needed longer to start had
+    run any device. A part that fails while starting ends the run at once."""
+    engine = _SlowStartEngine(start_s)
+    fleet = ProcessFleet("http://127.0.0.1:9", DigitsPartitions(4, "iid"), processes=2,
+                         engine=engine, clock=SimClock(20.0))
+    fleet.run(emulated_s=10.0, poll_s=0.01)
+    assert engine.stopped - engine.started >= start_s + 0.5
+    failing = _SlowStartEngine(1.0, fails=True)
+    fleet = ProcessFleet("http://127.0.0.1:9", DigitsPartitions(4, "iid"), processes=2,
+                         engine=failing, clock=SimClock(0.001))  # 10 s: 10,000 real ones
+    fleet.run(emulated_s=10.0, poll_s=0.01)
+    assert failing.stopped - failing.started < 30.0
 
 
 def test_parts_are_the_devices_of_one_fleet(tmp_path: Path) -> None:
