@@ -66,6 +66,11 @@ __all__ = ["BufferedAsync"]
 # An assignment its device gave up on (or was given up on) without reporting.
 _GAVE_UP = ("expired", "aborted")
 
+# What _held says among replicas of a buffer holding K updates: _commit computes the commit
+# itself, under the round's lock, from what the store holds then.
+_DUE_AMONG_REPLICAS = Commit(version=-1, delta=np.zeros(0), num_updates=0, num_examples=0,
+                             mean_staleness=0.0, max_staleness=0)  # fmt: skip
+
 
 @contextmanager
 def _refolding(rnd: Round) -> Iterator[None]:
@@ -157,6 +162,11 @@ class BufferedAsync(TaskPolicy):
         """The commit due for the open round, or None with its buffer held in ``_buffers``;
         rebuilt from the round's stored updates unless held for that round already."""
         if self.ctx.replica is not None:
+            if self.ctx.store.count_updates(rnd.round_id) >= plan.buffer.buffer_k:
+                # Due; what it holds is read by _commit, under the round's lock: read here
+                # too it would be folded twice, and another replica's commit meanwhile
+                # deletes the payloads.
+                return _DUE_AMONG_REPLICAS
             return self._shared(task, plan, rnd)
         due = self._due.get(task.task_id)
         if due is not None and due[0] == rnd.round_id:

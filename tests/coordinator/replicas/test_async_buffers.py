@@ -94,6 +94,36 @@ def test_buffers_across_replicas_match_numpy(
         assert all(first not in rep.service.ctx.replica._unwritten for rep in reps)
 
 
+def test_a_full_buffer_is_folded_once_under_its_round_s_lock(
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The K-th upload makes the commit due and its replica commits it, folding the payloads
+    no partial buffer covers once, under the round's lock. Before, it folded them a first
+    time outside the lock too: the commit's work twice, and a commit by another replica
+    meanwhile deleted the payloads under it (a 503)."""
+    with thread_replicas(2, replica_db, tmp_path / "blobs", FakeClock(), tick_interval_s=3600.0,
+                         replica_partial_every=1000) as reps:  # fmt: skip
+        admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, PLAN, 4, "async")
+        v0 = decode_tensor(devices[0].params(task_id, 0))
+        aids = [_assign(d) for d in devices]
+        blobs = reps[0].service.ctx.blobs
+        read, reads = blobs.read, []
+
+        def counted(sha: str) -> bytes:
+            reads.append(sha)
+            return read(sha)
+
+        monkeypatch.setattr(blobs, "read", counted)
+        for k, (d, aid) in enumerate(zip(devices, aids, strict=True)):
+            assert d.to((k + 1) % 2).upload(aid, _delta(k), 5 + k)[0] == 200
+        assert admin.task(task_id)["model_version"] == 1  # by replica 0, which took the 4th
+        # No partial rows: the four payloads (and version 0's parameters), each read once.
+        assert len(reads) == len(set(reads)) == 5, reads
+        sent = [(_delta(k), 5 + k) for k in range(4)]
+        np.testing.assert_allclose(decode_tensor(devices[0].params(task_id, 1)),
+                                   v0 + fedavg(sent), rtol=1e-6, atol=1e-7)  # fmt: skip
+
+
 def test_uploads_racing_across_the_k_boundary(
     replica_db: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
