@@ -51,7 +51,8 @@ def register(sub: Any) -> None:
     p.add_argument("--partitions", type=Path, default=None,
                    help="a directory with one .npz (x, y) per device: your own partitions")
     p.add_argument("--processes", type=int, default=1,
-                   help="split the fleet over this many processes (default 1)")
+                   help="split the fleet over this many processes (default 1; at most one "
+                   "per device)")
     p.add_argument("--engine", choices=("processes", "ray"), default="processes",
                    help="where the --processes parts run: spawned processes on this machine "
                    "(default) or Ray tasks (a cluster's machines)")

@@ -241,7 +241,8 @@ def merge_summaries(parts: Sequence[FleetSummary]) -> FleetSummary:
 
 
 class ProcessFleet(FleetRun):
-    """Devices ``0..devices-1`` of ``data`` in ``processes`` parts (see the module docstring).
+    """Devices ``0..devices-1`` of ``data`` in ``processes`` parts (see the module docstring;
+    no more parts than devices).
 
     Takes :class:`~fedge.fleet.emulator.Fleet`'s keyword arguments (but ``progress`` and
     ``attacks``); ``devices`` defaults to the data source's size; ``engine`` defaults to a
