@@ -2,9 +2,9 @@
 
 Prints one updating progress line on stderr and, at the end, one JSON summary line on stdout
 (devices, check-ins, tasks started, uploads acknowledged, aborts, dropouts, bytes). Runs until
-``--duration`` emulated seconds pass, ``--until-rounds`` rounds are completed on the
-coordinator, or Ctrl-C. Devices register with ``--enrollment-token``; ``--until-rounds`` reads
-the coordinator's status, which needs ``--admin-token``.
+``--duration`` emulated seconds pass, the coordinator's newest task has completed
+``--until-rounds`` rounds, or Ctrl-C. Devices register with ``--enrollment-token``;
+``--until-rounds`` reads the coordinator's status, which needs ``--admin-token``.
 
 ``--partitions DIR`` uses your own data: one ``.npz`` per device (arrays ``x`` and ``y``), devices
 in file-name order, every file checked before any device starts. ``--processes K`` splits the
@@ -84,7 +84,7 @@ def register(sub: Any) -> None:
                    "(default: the real step time)")
     p.add_argument("--duration", type=float, default=None, help="emulated seconds to run")
     p.add_argument("--until-rounds", type=int, default=None,
-                   help="stop when the coordinator has completed this many rounds")
+                   help="stop when the coordinator's newest task has completed this many rounds")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="device state directories (default: a temporary directory)")
     p.add_argument("--population", default="default")
