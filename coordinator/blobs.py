@@ -533,6 +533,19 @@ def _check_hand_over(root: Path, identity: StoreIdentity, current: dict[str, Any
         )
 
 
+def held(store: Store, blobs: BlobStore, shas: Iterable[str]) -> bool:
+    """Inside ``store``'s transaction, before the row that names ``shas``: each blob locked
+    shared to the commit, so that a :func:`delete_unneeded` of the same bytes (here or on
+    another replica) waits for it and then sees the row; and whether all are still there.
+    Among replicas a blob can be gone since it was put: identical bytes were there already
+    (left by a row that failed), so the put skipped its write, and another replica's orphan
+    sweep found them old and named by nothing. The caller writes them again or refuses."""
+    wanted = sorted(set(shas))  # one lock order for every transaction
+    for sha in wanted:
+        store.lock_blob(sha, shared=True)
+    return all(blobs.exists(sha) for sha in wanted)
+
+
 # Blobs decided in one transaction: among replicas each is an advisory lock held to the
 # commit (PostgreSQL's lock table has about 64 per connection to spare), and on SQLite each
 # transaction is a turn of the file's one writer, so a round's thousands of payloads go in a

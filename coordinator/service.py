@@ -43,6 +43,7 @@ from coordinator.blobs import (
     Staged,
     WrongBlobDirectory,
     delete_unneeded,
+    held,
 )
 from coordinator.bundles import bundle_tar, extract_bundle, initial_params_name, version_manifest
 from coordinator.clock import Clock, SystemClock
@@ -894,9 +895,7 @@ class Coordinator:
                                                    ad.idempotency_key, now)  # fmt: skip
         if prior is not None:
             return task, prior
-        # Held to the commit: a replica deleting identical bytes waits, then sees this row.
-        self.store.lock_blob(s.blob.sha, shared=True)
-        if not self.blobs.exists(s.blob.sha):
+        if not held(self.store, self.blobs, [s.blob.sha]):
             # Deleted since it was installed (retention, an identical payload of a closed
             # round or of an upload the batch before refused, committed while this batch
             # installed): this one is not stored, the others go on.
@@ -1041,14 +1040,7 @@ class Coordinator:
             raise InvalidRequest("body must be an uncompressed tar of a bundle directory")
         manifest = extract_bundle(body, self.blobs)
         with self.store.atomic():
-            # As an upload does for its payload: the files' locks held shared to the commit,
-            # and the files looked at again under them. Among replicas an orphan sweep may
-            # have deleted one since it was put (identical bytes left by an upload whose row
-            # failed, found old and named by nothing): refused, not stored without it.
-            shas = sorted({meta["sha256"] for meta in manifest["files"].values()})
-            for sha in shas:
-                self.store.lock_blob(sha, shared=True)
-            if not all(self.blobs.exists(sha) for sha in shas):
+            if not held(self.store, self.blobs, (m["sha256"] for m in manifest["files"].values())):
                 raise Overloaded("a file of the bundle was deleted meanwhile; upload it again", 1.0)
             created = self.store.add_bundle(manifest["bundle_id"], manifest, self.clock.now())
         return {

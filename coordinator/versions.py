@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.aggregation import RunningSum, make_server_optimizer
-from coordinator.blobs import BlobStore
+from coordinator.blobs import BlobStore, held
 from coordinator.errors import TaskFailure
 from coordinator.plan import TaskPlan
 from coordinator.store import Store, Task, Update, Version
@@ -99,15 +99,8 @@ class ModelVersions:
         new_version = task.model_version + 1
         tx: AbstractContextManager[None] = self.store.atomic()
         with tx:
-            # As an upload does for its payload: the blobs' locks held shared to the commit,
-            # and the files looked at again under them. A write that found identical bytes
-            # already there (an old orphan: a commit whose transaction failed) skipped them,
-            # and a replica's orphan sweep may have deleted them since (no row named them):
-            # written again, the sweep now waits for this commit and then sees the version.
-            shas = [sha for sha in (params_sha, opt_sha) if sha is not None]
-            for sha in shas:
-                self.store.lock_blob(sha, shared=True)
-            if not all(self.blobs.exists(sha) for sha in shas):
+            # Written again if gone: a sweep deleting them now waits for this commit.
+            if not held(self.store, self.blobs, [s for s in (params_sha, opt_sha) if s]):
                 write()
             self.store.add_version(
                 Version(task.task_id, new_version, params_sha, opt_sha, round_id, now)

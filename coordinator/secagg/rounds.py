@@ -33,11 +33,13 @@ import base64
 import binascii
 import secrets
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from coordinator.blobs import held
 from coordinator.errors import InvalidRequest, Overloaded
 from coordinator.plan import TaskPlan
 from coordinator.rounds.base import PolicyContext
@@ -246,7 +248,7 @@ class SecAggRounds:
             return s.check_share(device_id, shares)
         return s.check_unmask(device_id, shares)
 
-    def _record(self, rnd: Round, held: _Held, event: Event, now: float) -> None:
+    def _record(self, rnd: Round, mine: _Held, event: Event, now: float) -> None:
         kind, who, *args = event
         device_id: str | None = who
         sha: str | None = None
@@ -258,19 +260,26 @@ class SecAggRounds:
         elif kind == "mask":
             # The blob is durable before the row that names it; a row that then fails leaves
             # an orphan the start-up sweep removes.
-            sha, body = self.ctx.blobs.put(ring.pack(args[0], held.session.spec.bits)), {}
+            packed = ring.pack(args[0], mine.session.spec.bits)
+            sha, body = self.ctx.blobs.put(packed), {}
         else:
             body = {"shares": {str(v): b64encode(c) for v, c in args[0].items()}}
+        store = self.ctx.store
         try:
-            self.ctx.store.add_secagg_event(
-                SecAggEvent(rnd.round_id, held.seq, kind, device_id, body, sha, now)
-            )
+            # A row naming a blob: in a transaction that holds it (another event's row is
+            # one statement, its own transaction).
+            with store.atomic() if sha is not None else nullcontext():
+                if sha is not None and not held(store, self.ctx.blobs, [sha]):
+                    self.ctx.blobs.put(packed)  # gone since: written again, as a version is
+                store.add_secagg_event(
+                    SecAggEvent(rnd.round_id, mine.seq, kind, device_id, body, sha, now)
+                )
         except StoreError as e:
             # That step is taken: another coordinator sharing the database advanced the
             # session past what this one holds.
             raise _Raced(str(e)) from e
-        held.seq += 1
-        held.session.apply(event)
+        mine.seq += 1
+        mine.session.apply(event)
 
     def _get(self, task: Task, rnd: Round) -> _Held:
         held = self._held.get(rnd.round_id)

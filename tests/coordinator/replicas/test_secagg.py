@@ -131,6 +131,43 @@ def test_dropouts_at_mask_and_unmask_are_unmasked_among_replicas(
             r.close()
 
 
+def test_a_masked_vector_swept_before_its_row_is_written_again(
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A masked vector's file is gone between its write and its row (another replica's
+    orphan sweep deleting identical bytes that an earlier, failed attempt left): the row
+    is written with the file written again under its lock, as a version's are. Before, the
+    row named a missing file and the round could not be unmasked."""
+    with thread_replicas(2, replica_db, tmp_path / "blobs", clock) as reps:
+        r = _spread_round(reps[0], [x.url for x in reps], tiny_bundle, 4)
+        try:
+            swept: set[str] = set()
+            for k, stage in enumerate(STAGES):
+                if stage == "mask":
+                    for rep in reps:
+                        blobs = rep.service.ctx.blobs
+
+                        def put(data: bytes, blobs: Any = blobs, put: Any = blobs.put) -> str:
+                            sha = str(put(data))
+                            if sha not in swept:  # the sweep ran once, just after this put
+                                swept.add(sha)
+                                blobs.path(sha).unlink()
+                            return sha
+
+                        monkeypatch.setattr(blobs, "put", put)
+                for j, p in enumerate(r.peers):
+                    cast(Spread, p.http).to(j + k)
+                    assert p.answer() == {"accepted": True, "stage": stage}
+                if stage == "mask":  # every row's file there (the close deletes them later)
+                    masks = [str(e.payload_sha) for e in _events(replica_db) if e.kind == "mask"]
+                    assert len(swept) == 4 and sorted(masks) == sorted(swept)
+                    assert all(reps[0].service.ctx.blobs.exists(sha) for sha in masks)
+            _assert_reference(r, r.peers)
+        finally:
+            r.close()
+
+
 def _unmask_view(state: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(state["survivors"]), tuple(state["dropped"])
 
