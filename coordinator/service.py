@@ -81,6 +81,7 @@ from coordinator.store import (
 from coordinator.tensors import decode_delta
 from coordinator.validation import Fields
 from coordinator.versions import ModelVersions, RoundSums
+from edge_sdk.codecs import CodecSpec
 from edge_sdk.protocol import (
     HEADER_ENROLLMENT,
     DeviceErrorCode,
@@ -139,6 +140,7 @@ class AdmittedUpload:
     replay: dict[str, Any] | None = None
     round_id: int = 0  # the assignment's (among replicas a batch locks its rounds first)
     task_id: str = ""
+    codec: CodecSpec | None = None  # the plan's: the frame must be encoded with it
 
 
 @dataclass(frozen=True)
@@ -689,7 +691,7 @@ class Coordinator:
         n = self.ctx.num_parameters(task)
         return AdmittedUpload(who, a.assignment_id, idempotency_key, report, n,
                               plan.max_update_norm, round_id=a.round_id,
-                              task_id=a.task_id)  # fmt: skip
+                              task_id=a.task_id, codec=plan.codec)  # fmt: skip
 
     def _upload_checks(
         self, who: DeviceIdentity, assignment_id: str, idempotency_key: str, now: float
@@ -724,7 +726,8 @@ class Coordinator:
         """Decode and check the frame and stage its payload (not durable yet). Touches no
         store or policy state: safe on any thread, several at once (numpy, hashing and file
         writes release the GIL)."""
-        delta = decode_delta(body, admitted.num_parameters, admitted.max_norm, dtype=np.float32)
+        delta = decode_delta(body, admitted.num_parameters, admitted.max_norm, dtype=np.float32,
+                             codec=admitted.codec)  # fmt: skip
         try:
             blob = self.blobs.stage(body)
         except OSError as e:  # a full disk: nothing written, nothing acknowledged

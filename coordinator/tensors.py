@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.errors import InvalidRequest, Unprocessable
-from edge_sdk.codecs import UpdateError, decode_update
+from edge_sdk.codecs import CodecSpec, UpdateError, decode_update
 from edge_sdk.frame import encode_tensor
 from edge_sdk.protocol import ErrorCode
 
@@ -25,17 +25,22 @@ def decode_delta(
     max_norm: float | None = None,
     *,
     dtype: type[np.floating[Any]] = np.float64,
+    codec: CodecSpec | None = None,
 ) -> np.ndarray:
     """The delta in an update frame, as ``dtype``: 400 ``malformed_frame`` if the frame is
-    broken, 422 ``bad_update`` if it is not a finite vector of the model's length or its L2
-    norm is beyond ``max_norm``. ``float32`` is the decoded vector itself, no copy (what
+    broken, 422 ``bad_update`` if it is not a finite vector of the model's length, its L2
+    norm is beyond ``max_norm`` or (given the plan's ``codec``) it was encoded otherwise.
+    ``float32`` is the decoded vector itself, no copy (what
     :class:`~coordinator.aggregation.RunningSum` folds, widening it as it goes)."""
     try:
         # max_elements only bounds allocation, above the model size so that a sound frame of
         # the wrong length is answered as a bad update rather than a broken frame. NaN/Inf
         # are refused there too.
         vec = decode_update(
-            data, expected_length=num_parameters, max_elements=4 * num_parameters + 1024
+            data,
+            expected_length=num_parameters,
+            max_elements=4 * num_parameters + 1024,
+            spec=codec,
         )
     except UpdateError as e:
         raise Unprocessable(f"update: {e}", ErrorCode.BAD_UPDATE) from e

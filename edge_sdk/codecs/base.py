@@ -45,3 +45,9 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, payload: bytes, n: int) -> np.ndarray:
         """The 1-D float32 vector of ``n`` elements a payload holds."""
+
+    def mismatch(self, payload: bytes, spec: CodecSpec, n: int) -> str | None:
+        """Why a payload of ``n`` elements that :meth:`decode` accepted was not encoded with
+        ``spec``'s parameters (None if it was). Codecs without parameters have nothing to
+        differ in."""
+        return None

@@ -113,6 +113,12 @@ class QuantizedCodec(Codec):
         q = np.subtract(codes, np.float32(levels), dtype=np.float32)
         return _dequantize(q, scale, block)
 
+    def mismatch(self, payload: bytes, spec: CodecSpec, n: int) -> str | None:
+        bits, _, block = _HEADER.unpack_from(payload, 0)
+        if (bits, block) != (spec.bits, spec.block):
+            return f"int8 with {bits} bits in blocks of {block}, not {spec.bits} in {spec.block}"
+        return None
+
 
 def _dequantize(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
     """``q * scale`` per block, in float32 (in place: ``q`` is a float32 scratch vector).

@@ -70,3 +70,11 @@ class TopKCodec(Codec):
         out = np.zeros(n, dtype=np.float32)
         out[idx] = values
         return out
+
+    def mismatch(self, payload: bytes, spec: CodecSpec, n: int) -> str | None:
+        value_id, _, k = _HEADER.unpack_from(payload, 0)
+        values = next(name for name, i in _VALUE_DTYPE_IDS.items() if i == value_id)
+        want = spec.topk_count(n)
+        if (values, k) != (spec.values, want):
+            return f"topk of {k} {values} values, not {want} {spec.values}"
+        return None

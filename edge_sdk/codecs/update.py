@@ -71,13 +71,16 @@ def decode_update(
     *,
     expected_length: int | None = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    spec: CodecSpec | dict[str, Any] | str | None = None,
 ) -> np.ndarray:
     """The float32 delta a frame holds.
 
     Raises :class:`~edge_sdk.frame.FrameError` for a frame that is broken (``malformed_frame``)
     and :class:`UpdateError` for one that is sound but not an acceptable update: not 1-D, the
-    wrong length, NaN or Inf (``bad_update``). Nothing is allocated beyond the header's claim
-    until that claim is checked against ``max_elements`` and ``expected_length``.
+    wrong length, NaN or Inf, or (with ``spec``) encoded with another codec or other codec
+    parameters than ``spec`` asks for (``bad_update``); the deflate stage, lossless, may be
+    used or not. Nothing is allocated beyond the header's claim until that claim is checked
+    against ``max_elements`` and ``expected_length``.
     """
 
     def check_header(dtype: np.dtype, shape: tuple[int, ...]) -> None:
@@ -90,7 +93,18 @@ def decode_update(
             raise UpdateError(f"an update is float32, this frame holds {dtype}")
 
     frame = decode_frame(data, max_elements=max_elements, check_header=check_header)
-    out = _BY_FRAME_CODEC[frame.codec].decode(frame.payload, frame.shape[0])
+    codec = _BY_FRAME_CODEC[frame.codec]
+    wanted = None if spec is None else _spec(spec)
+    # A task's plan fixes the codec: an update in another one (fp32 where int8 was asked for,
+    # another quantization, more top-k entries) would change what the round aggregates and
+    # what each device sends, behind the operator's back.
+    if wanted is not None and codec.name != wanted.name:
+        raise UpdateError(f"update is encoded {codec.name}, the plan's codec is {wanted.name}")
+    out = codec.decode(frame.payload, frame.shape[0])
+    if wanted is not None:
+        why = codec.mismatch(frame.payload, wanted, frame.shape[0])
+        if why is not None:
+            raise UpdateError(f"update is encoded {why} as the plan's codec asks")
     if not np.isfinite(out).all():
         raise UpdateError("update decodes to NaN or Inf")
     return out

@@ -477,6 +477,16 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
         422,
         E.BAD_UPDATE,
     ),
+    "upload int8 frame, the plan says fp32": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.full(N, 0.01), "int8"), GOOD),
+        422,
+        E.BAD_UPDATE,
+    ),
+    "upload topk frame, the plan says fp32": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.full(N, 0.01), {"name": "topk", "k": N}), GOOD),
+        422,
+        E.BAD_UPDATE,
+    ),
     "upload norm beyond bound": (
         lambda c: upload(c, c.a, c.aid_a, frame(np.full(N, 2.0)), GOOD),
         422,
@@ -831,6 +841,44 @@ def test_an_enrollment_token_guards_registration(tmp_path: Path) -> None:
         assert (outcomes[None].action, outcomes[None].error) == ("failed", "unauthorized")
         assert outcomes["sesame"].action == "wait"
         assert coord.call(coord.service.store.count_devices) == 2
+
+
+INT8 = {"name": "int8", "bits": 8, "block": 256}
+
+
+@pytest.mark.parametrize(
+    ("planned", "sent"),
+    [
+        (INT8, "fp32"),
+        (INT8, "fp16"),
+        (INT8, {**INT8, "bits": 4}),
+        (INT8, {**INT8, "block": 16}),
+        ({"name": "topk", "k": 8}, {"name": "topk", "k": N}),
+        ({"name": "topk", "k": 8}, {"name": "topk", "k": 8, "values": "fp32"}),
+        ({"name": "topk", "fraction": 0.125}, {"name": "topk", "fraction": 1.0}),
+        ({"name": "fp16"}, "fp32"),
+    ],
+)
+def test_an_upload_is_held_to_the_plans_codec(
+    tmp_path: Path, tiny_bundle: Path, planned: Any, sent: Any
+) -> None:
+    """A frame in another codec, or with other codec parameters, than the plan's ``codec`` is
+    refused (422 bad_update) and changes nothing; the plan's own codec is then accepted."""
+    with EmbeddedCoordinator(tmp_path / "codec.db", seed=3) as coord:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+        plan = {"goal": 1, "selection_window_s": 0.0, "rounds": 1, "codec": planned}
+        admin.create_task(bundle_id, plan)
+        device = DeviceHTTP(coord)
+        aid = device.check_in()["assignment"]["assignment_id"]
+        delta = np.linspace(-0.01, 0.01, N)
+        before = coord.call(coord.service.store.snapshot)
+        status, body = device.upload(aid, delta, codec=sent)
+        assert (status, body["error"]["code"]) == (422, E.BAD_UPDATE.value), body
+        assert coord.call(coord.service.store.snapshot) == before
+        status, body = device.upload(aid, delta, codec=planned)
+        assert status == 200 and body["accepted"] is True, body
+        device.close()
 
 
 def test_replayed_upload_gets_the_same_answer_and_changes_nothing(ctx: Ctx) -> None:

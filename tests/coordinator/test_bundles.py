@@ -39,6 +39,7 @@ def test_real_bundle_round_trip(coordinator, digits_bundle: Path, tmp_path: Path
         "selection_window_s": 0.0,
         "rounds": 1,
         "eligibility": {"require_charging": False},
+        "codec": {"name": "int8", "bits": 8, "block": 64},  # the upload below is held to it
     }
     task = admin.create_task(manifest.bundle_id, plan, name="digits")
     status, _, body = device.raw("GET", f"/v1/bundles/{manifest.bundle_id}")
@@ -57,7 +58,7 @@ def test_real_bundle_round_trip(coordinator, digits_bundle: Path, tmp_path: Path
     assert answer["action"] == "train"
     delta = np.linspace(-0.01, 0.01, manifest.num_parameters).astype(np.float32)
     aid = answer["assignment"]["assignment_id"]
-    assert device.upload(aid, delta, codec={"name": "int8", "bits": 8, "block": 64})[0] == 200
+    assert device.upload(aid, delta, codec=plan["codec"])[0] == 200
     assert admin.task(task["task_id"])["model_version"] == 1
     v1 = decode_tensor(device.params(task["task_id"], 1))
     np.testing.assert_allclose(v1, initial + delta, atol=0.02 / 255 + 1e-7)  # int8 step

@@ -34,7 +34,7 @@ from tests.fixtures.coordinator import GOOD_CONDITIONS
 
 PLAN = {"rounds": 1, "goal": 2, "over_selection": 1.0, "selection_window_s": 0.0,
         "round_deadline_s": 600.0, "robust": "none", "max_update_norm": None,
-        "eligibility": {"require_charging": False}}  # fmt: skip
+        "eligibility": {"require_charging": False}, "codec": "int8"}  # fmt: skip
 # How long a batch holding its first round waits for the other batch to take one too: above
 # PostgreSQL's deadlock_timeout (1 s), so that a deadlock would be found (and one batch
 # failed) before the wait gives up.
@@ -173,7 +173,7 @@ def test_two_batches_take_the_same_rounds_in_one_order(
 
 ASYNC_PLAN = {"rounds": 100, "buffer_k": 3, "max_concurrency": 20, "max_staleness": 5,
               "round_deadline_s": 600.0, "robust": "none", "max_update_norm": None,
-              "eligibility": {"require_charging": False}}  # fmt: skip
+              "eligibility": {"require_charging": False}, "codec": "int8"}  # fmt: skip
 CHECKIN = {"runtimes": ["ort-step"], "conditions": GOOD_CONDITIONS}
 
 

@@ -41,6 +41,15 @@ def heavy_tailed(n: int, seed: int = 0) -> np.ndarray:
     return (rng.standard_t(3, n) * 10.0 ** rng.uniform(-4, -1, n)).astype(np.float32)
 
 
+def _wire_form(spec: CodecSpec, n: int) -> tuple[Any, ...]:
+    """What of a spec shows in its frames of ``n`` elements (deflate aside)."""
+    if spec.name == "int8":
+        return spec.name, spec.bits, spec.block
+    if spec.name == "topk":
+        return spec.name, spec.values, spec.topk_count(n)
+    return (spec.name,)
+
+
 class CodecContract:
     spec: ClassVar[dict[str, Any]]
 
@@ -124,6 +133,26 @@ class CodecContract:
     def test_wrong_length_is_a_bad_update(self) -> None:
         with pytest.raises(UpdateError, match="100 elements, the model has 101"):
             decode_update(self.encode(heavy_tailed(100)), expected_length=101)
+
+    def test_only_the_specs_own_frames_pass_a_spec_check(self) -> None:
+        """``decode_update(spec=...)`` takes frames of that spec, with or without the lossless
+        deflate stage, and refuses every other codec spec's as a bad update."""
+        x = heavy_tailed(100)
+        own = CodecSpec.from_json(self.spec)
+        for entropy in (False, True):
+            frame = self.encode(x, entropy=entropy)
+            decoded = decode_update(frame, expected_length=100, spec=own)
+            np.testing.assert_array_equal(decoded, decode_update(frame))
+        others = [{"name": "fp32"}, {"name": "fp16"}, {"name": "int8", "bits": 8},
+                  {"name": "int8", "bits": 4}, {"name": "int8", "bits": 8, "block": 64},
+                  {"name": "topk", "k": 10}, {"name": "topk", "k": 10, "values": "fp32"},
+                  {"name": "topk", "fraction": 0.5}]  # fmt: skip
+        for other in others:
+            spec = CodecSpec.from_json(other)
+            if _wire_form(spec, 100) == _wire_form(own, 100):
+                continue  # the same encoding, however the spec is written
+            with pytest.raises(UpdateError, match="plan's codec"):
+                decode_update(self.encode(x), expected_length=100, spec=spec)
 
     def test_oversized_frame_is_rejected_before_decoding(self) -> None:
         with pytest.raises(FrameError, match="more than the 99 allowed"):
