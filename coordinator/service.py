@@ -546,6 +546,7 @@ class Coordinator:
         conditions = parse_conditions(f.raw("conditions"))
         caps = f.child("capabilities")
         codecs = caps.strings("codecs", None)
+        caps.done()  # its unknown keys are refused like the body's own
         f.done()
         if not self.retention.saw(who.device_id, who.last_seen_at, now):
             raise Unauthorized("unknown device or wrong secret")  # as authentication says

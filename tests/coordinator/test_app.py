@@ -289,6 +289,13 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
         400,
         E.INVALID_REQUEST,
     ),
+    "checkin unknown capability": (
+        device_json(
+            CHECKIN, {"runtimes": ["ort-step"], "capabilities": {"codecs": ["fp32"], "gpu": 1}}
+        ),
+        400,
+        E.INVALID_REQUEST,
+    ),
     "checkin unknown field": (
         device_json(CHECKIN, {"runtimes": ["ort-step"], "hello": 1}),
         400,
