@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from coordinator import dashboard
 from coordinator.config import CoordinatorConfig
@@ -237,6 +238,24 @@ class WorkQueue:
 _QUEUE_KEY = web.AppKey("work_queue", WorkQueue)
 
 
+class _CountedFile(web.FileResponse):
+    """A file response that, once it has sent its body, awaits ``sent(n)`` with the bytes of
+    the file it sent: aiohttp decides in :meth:`prepare` whether that is the whole file, a
+    range of it (``206``) or nothing (``304``, ``HEAD``)."""
+
+    def __init__(
+        self, path: Path, sent: Callable[[int], Awaitable[object]], headers: dict[str, str]
+    ) -> None:
+        super().__init__(path, headers=headers)
+        self._sent = sent
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        writer = await super().prepare(request)
+        if request.method == "GET" and self.status in (200, 206) and self.content_length:
+            await self._sent(self.content_length)
+        return writer
+
+
 class _GroupedUploads:
     """The upload route with group commit: admission on the worker thread, frames decoded
     and payloads staged where they were read (large ones on a pool), then batches made
@@ -411,12 +430,16 @@ def build_app(coord: Coordinator) -> web.Application:
     async def params(request: web.Request) -> web.StreamResponse:
         who = await device(request)
         m = request.match_info
-        path = await run(coord.version_params_file, who, m["task_id"], m["version"])
+        task_id = m["task_id"]
+        path = await run(coord.version_params_file, who, task_id, m["version"])
         # Streamed from the frame file encoded once per version; aiohttp answers If-None-Match,
         # If-Modified-Since and Range. A numbered version never changes, 'current' does.
         cache = "no-cache" if m["version"] == "current" else "private, max-age=86400, immutable"
-        return web.FileResponse(
-            path, headers={"Content-Type": FRAME_CONTENT_TYPE, "Cache-Control": cache}
+        # The round's bytes_out counts what was sent, once aiohttp has answered.
+        return _CountedFile(
+            path,
+            lambda n: internal(lambda: coord.parameters_sent(task_id, n)),
+            {"Content-Type": FRAME_CONTENT_TYPE, "Cache-Control": cache},
         )
 
     @routes.post(Route.ASSIGNMENT_UPDATE)

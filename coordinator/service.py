@@ -623,15 +623,18 @@ class Coordinator:
         self, who: DeviceIdentity | None, task_id: str, version: str
     ) -> Path:
         """The file holding a version's parameter frame: encoded on the first download of
-        that version, then served from disk. What a device (``who``) downloads counts as the
-        round's ``bytes_out``, an operator's read (``who=None``) does not."""
+        that version, then served from disk. What the HTTP layer then sends a device counts
+        as the round's ``bytes_out`` (:meth:`parameters_sent`), an operator's read does not."""
         task = self._task(task_id)
         self._device_task(who, task)
         v = self._version(task, version)
-        path = self.ctx.versions.params_frame(v, self.ctx.num_parameters(task))
-        if who is not None:
-            self.ctx.bytes_out[task_id] += path.stat().st_size
-        return path
+        return self.ctx.versions.params_frame(v, self.ctx.num_parameters(task))
+
+    def parameters_sent(self, task_id: str, nbytes: int) -> None:
+        """Count ``nbytes`` of a parameter frame sent to a device in its task's ``bytes_out``:
+        what was sent, not the file's size (nothing for a ``304``, the rest of the frame for
+        a download resumed with ``Range``)."""
+        self.ctx.bytes_out[task_id] += nbytes
 
     def _version(self, task: Task, version: str) -> Version:
         if version == "current":

@@ -193,6 +193,32 @@ def test_task_and_round_figures_agree_with_what_was_sent(
     assert svc["queue_depth"] == 0
 
 
+def test_bytes_out_counts_the_parameter_bytes_sent(
+    coordinator: EmbeddedCoordinator, tiny_bundle: Path
+) -> None:
+    """A round's ``bytes_out`` is what its devices were sent: a conditional download answered
+    ``304`` sends no frame, a resumed one (``Range``) only the rest of it."""
+    admin = coordinator.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    plan = {"goal": 1, "over_selection": 1.0, "selection_window_s": 0.0, "rounds": 2}
+    task_id = admin.create_task(bundle_id, plan)["task_id"]
+    device = DeviceHTTP(coordinator)
+    aid = device.check_in()["assignment"]["assignment_id"]
+    path = Route.VERSION_PARAMS.format(task_id=task_id, version=0)
+    status, headers, frame = device.raw("GET", path)
+    assert status == 200
+    for _ in range(3):
+        status, _, body = device.raw("GET", path, headers={"If-None-Match": headers["etag"]})
+        assert (status, body) == (304, b"")
+    status, _, tail = device.raw("GET", path, headers={"Range": f"bytes={len(frame) - 10}-"})
+    assert (status, tail) == (206, frame[-10:])
+    assert device.upload(aid, np.zeros(N))[0] == 200
+    (rnd,) = admin.rounds(task_id)
+    assert rnd["state"] == "committed"
+    assert rnd["metrics"]["bytes_out"] == len(frame) + len(tail)
+    device.close()
+
+
 def test_a_first_come_round_shows_the_devices_it_took_as_candidates(
     clocked_coordinator: EmbeddedCoordinator, tiny_bundle: Path
 ) -> None:
