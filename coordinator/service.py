@@ -182,6 +182,14 @@ def parse_json(body: bytes) -> Any:
         raise InvalidRequest(f"body is not valid JSON: {e!s:.200}", ErrorCode.MALFORMED_JSON) from e
 
 
+def _fields_or_empty(body: bytes) -> Fields:
+    """A body whose fields are all optional: empty (or ``null``) reads as ``{}``; anything
+    else must be a JSON object (not ``or {}``: ``[]``, ``0`` and ``false`` are falsy too, and
+    were taken for an empty body)."""
+    data = parse_json(body)
+    return Fields({} if data is None else data, "body")
+
+
 def _check_examples(num_examples: int, plan: TaskPlan) -> None:
     # A report's weight: one claiming more would dominate the round (and past 2**63 it
     # would not even fit its column).
@@ -506,7 +514,7 @@ class Coordinator:
     # -- device calls -----------------------------------------------------------------------
 
     def register(self, body: bytes) -> dict[str, Any]:
-        f = Fields(parse_json(body) or {}, "body")
+        f = _fields_or_empty(body)
         runtimes = f.strings("runtimes", None)
         if runtimes is None:
             raise InvalidRequest("body.runtimes is required")
@@ -536,7 +544,7 @@ class Coordinator:
         return self._checkin(who, body, self._now())
 
     def _checkin(self, who: DeviceIdentity, body: bytes, now: float) -> dict[str, Any]:
-        f = Fields(parse_json(body) or {}, "body")
+        f = _fields_or_empty(body)
         population = f.string("population", who.population, max_len=64)
         if population != who.population:
             raise Forbidden(f"this device is registered in population {who.population!r}")
@@ -1013,7 +1021,7 @@ class Coordinator:
     def abort(self, who: DeviceIdentity, assignment_id: str, body: bytes) -> dict[str, Any]:
         now = self._now()
         a = self._own_assignment(who, assignment_id)
-        f = Fields(parse_json(body) or {}, "body")
+        f = _fields_or_empty(body)
         reason = f.string("reason", "error", choices=ABORT_REASONS)
         message = f.string("message", None, max_len=1024)
         # The device's failure phase and code (enumerations: the funnel's figures, no text).
@@ -1174,7 +1182,7 @@ class Coordinator:
 
     def schedule_evaluation(self, task_id: str, body: bytes) -> dict[str, Any]:
         task = self._task(task_id)
-        f = Fields(parse_json(body) or {}, "body")
+        f = _fields_or_empty(body)
         f.done()
         if task.mode == "async":
             raise Conflict("async tasks run no evaluation rounds")

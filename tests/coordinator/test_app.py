@@ -296,6 +296,7 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
         400,
         E.INVALID_REQUEST,
     ),
+    "checkin body a list": (device_json(CHECKIN, []), 400, E.INVALID_REQUEST),
     "checkin unknown field": (
         device_json(CHECKIN, {"runtimes": ["ort-step"], "hello": 1}),
         400,
@@ -560,6 +561,8 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
         409,
         E.CONFLICT,
     ),
+    "abort body a list": (device_json(ABT, []), 400, E.INVALID_REQUEST),
+    "abort body false": (device_json(ABT, False), 400, E.INVALID_REQUEST),
     "abort oversized": (device_json(ABT, None, b" " * (LIMIT + 1)), 413, E.BODY_TOO_LARGE),
     # -- operator
     "status without the admin token": (
