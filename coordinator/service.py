@@ -99,6 +99,9 @@ MAX_IDEMPOTENCY_KEY = 128
 # Reported losses are averaged weighted by examples (up to the plan's cap): a bound keeps those
 # sums finite, so no round's metrics hold an infinity that JSON cannot carry.
 MAX_LOSS = 1e9
+# A report's counts are stored and shown as they came: no more than a float64 (and the
+# dashboard's JavaScript) holds exactly, rather than a number of a thousand digits.
+MAX_REPORTED_COUNT = 2**53
 ABORT_REASONS = ("conditions_lapsed", "error", "user")
 # Among replicas, how often a batch takes its locks again because one of its tasks opened a
 # round while it waited (each time another transaction got there first), before a 503.
@@ -967,9 +970,9 @@ class Coordinator:
             "num_examples": f.integer("num_examples", None, minimum=1),
             "loss": f.number("loss", None, minimum=-MAX_LOSS, maximum=MAX_LOSS),
             "accuracy": f.number("accuracy", None, minimum=0.0, maximum=1.0),
-            "steps": f.integer("steps", None, minimum=0),
+            "steps": f.integer("steps", None, minimum=0, maximum=MAX_REPORTED_COUNT),
             "wall_time_s": f.number("wall_time_s", None, minimum=0.0),
-            "bytes_down": f.integer("bytes_down", None, minimum=0),
+            "bytes_down": f.integer("bytes_down", None, minimum=0, maximum=MAX_REPORTED_COUNT),
         }
         f.done()
         if report["num_examples"] is None:

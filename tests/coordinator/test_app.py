@@ -434,6 +434,17 @@ CASES: dict[str, tuple[Request, int, ErrorCode]] = {
         400,
         E.INVALID_REQUEST,
     ),
+    "upload report 3000-digit steps": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), '{"num_examples": 5, "steps": 1%s}'
+                         % ("0" * 3000)),
+        400,
+        E.INVALID_REQUEST,
+    ),
+    "upload report bytes_down past 2**53": (
+        lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), {**GOOD, "bytes_down": 2**53 + 1}),
+        400,
+        E.INVALID_REQUEST,
+    ),
     "upload too many examples": (
         lambda c: upload(c, c.a, c.aid_a, frame(np.zeros(N)), {"num_examples": 1001}),
         422,
