@@ -125,7 +125,11 @@ class TaskPlan:
             lr=f.number("lr", 0.05, minimum=0.0, exclusive_min=True),
             lr_decay=f.number("lr_decay", 1.0, minimum=0.0, maximum=1.0, exclusive_min=True),
             prox_mu=f.number("prox_mu", 0.0, minimum=0.0),
-            recheck_every_steps=f.integer("recheck_every_steps", 5, minimum=1),
+            # Sent to devices, like steps: Android parses it as a 32-bit Int and refuses the
+            # whole plan past that; re-checking less often than every 10M steps is never.
+            recheck_every_steps=f.integer(
+                "recheck_every_steps", 5, minimum=1, maximum=10_000_000
+            ),
             batchnorm=f.string("batchnorm", "aggregate", choices=BATCHNORM_MODES),
             codec=codec,
             eligibility=TaskEligibility.from_json(f.raw("eligibility")),

@@ -6,6 +6,7 @@ import pytest
 
 from coordinator.errors import InvalidRequest
 from coordinator.plan import TaskPlan
+from edge_sdk.local_training import Plan
 
 
 def test_defaults_and_derived_counts() -> None:
@@ -83,6 +84,10 @@ def test_selection_timeout_default_never_cuts_a_window_short() -> None:
         {"staleness": {"name": "polynomial", "a": 10**400}},
         {"codec": {"name": "topk", "fraction": 10**400}},
         {"lr": 10**400},
+        # sent to devices: past a 32-bit int Android's plan parser refuses the assignment,
+        # and 10**400 crashes the Python SDK's (OverflowError)
+        {"recheck_every_steps": 2**31},
+        {"recheck_every_steps": 10**400},
         {"nonsense": 1},
         {"first_come": 1},
         # a first-come cohort is not drawn from a window: no DP amplification, no fixed
@@ -96,6 +101,18 @@ def test_selection_timeout_default_never_cuts_a_window_short() -> None:
 def test_invalid_plans_are_refused(bad: object) -> None:
     with pytest.raises(InvalidRequest):
         TaskPlan.from_json(bad)
+
+
+def test_the_largest_counts_accepted_are_ones_devices_can_parse() -> None:
+    """A device parses its assignment's plan with ``edge_sdk.local_training.Plan`` (Android:
+    ``Plan.kt``, each count a 32-bit Int): a count the coordinator accepts and a device
+    refuses fails every assignment of the task, on every device."""
+    largest = {"epochs": 10_000, "batch_size": 1_000_000, "recheck_every_steps": 10_000_000}
+    client = TaskPlan.from_json(largest).client_json()
+    plan = Plan.from_json(client)
+    assert (plan.epochs, plan.batch_size, plan.recheck_every_steps) == tuple(largest.values())
+    steps = TaskPlan.from_json({"steps": 10_000_000}).client_json()["steps"]
+    assert max(*largest.values(), steps) < 2**31
 
 
 def test_momentum_and_beta1_just_below_1_are_accepted() -> None:
