@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.errors import InvalidRequest
+from coordinator.validation import Fields
 from edge_sdk.conditions import DeviceConditions, EligibilityPolicy
 
 __all__ = ["TaskEligibility", "parse_conditions"]
@@ -46,6 +47,13 @@ class TaskEligibility:
             not isinstance(runtimes, list) or not all(isinstance(r, str) for r in runtimes)
         ):
             raise InvalidRequest("plan.eligibility.runtimes must be a list of strings")
+        # Thresholds are read as every other number of a plan: a finite number or null. NaN
+        # compares false with every reading (a bound that refuses no device, silently), and
+        # an infinity or a 400-digit integer is no threshold either.
+        thresholds = Fields(rules, "plan.eligibility")
+        for f in dataclasses.fields(EligibilityPolicy):
+            if f.name.startswith(("min_", "max_")):
+                thresholds.number(f.name, None)
         try:
             policy = EligibilityPolicy.from_json(rules)
         except (ValueError, TypeError) as e:
@@ -54,12 +62,6 @@ class TaskEligibility:
             value = getattr(policy, f.name)
             if f.name.startswith(("require_", "allow_")) and not isinstance(value, bool):
                 raise InvalidRequest(f"plan.eligibility.{f.name} must be true or false")
-            if (
-                f.name.startswith(("min_", "max_"))
-                and value is not None
-                and (isinstance(value, bool) or not isinstance(value, int | float))
-            ):
-                raise InvalidRequest(f"plan.eligibility.{f.name} must be a number or null")
         return cls(policy, None if runtimes is None else tuple(runtimes))
 
     def to_json(self) -> dict[str, Any]:

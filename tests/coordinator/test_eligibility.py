@@ -37,6 +37,16 @@ def test_thresholds_runtimes_and_codecs() -> None:
     assert TaskEligibility.from_json(p.to_json()) == p
 
 
+@pytest.mark.parametrize("bound", ["min_free_memory_mb", "max_temperature_c"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 10**400, "40"])
+def test_a_threshold_must_be_a_finite_number(bound: str, value: object) -> None:
+    """As every other number of a plan (``Fields.number``). Before, NaN, an infinity and a
+    400-digit integer were stored: NaN compares false with every reading, so a NaN bound
+    refused no device, silently, and the task's JSON then held a bare ``NaN``."""
+    with pytest.raises(InvalidRequest, match=f"plan.eligibility.{bound}"):
+        TaskEligibility.from_json({bound: value})
+
+
 @pytest.mark.parametrize(
     "bad", [{"battery": "full"}, {"charging": "yes"}, {"temperature_c": 1e6}, {"x": 1}, [1]]
 )
