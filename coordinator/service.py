@@ -1200,6 +1200,10 @@ class Coordinator:
         # close an evaluation round and count it down.
         with self.store.atomic():
             fresh = self.store.lock_task(task_id) or task
+            if fresh.state == "failed":
+                # A failed task opens no round of any kind (check-ins and ticks pass it by):
+                # the evaluation asked for would never run.
+                raise Conflict(f"task failed ({fresh.failure}): it runs no evaluation rounds")
             pending = fresh.pending_evaluations + 1
             self.store.update_task(task_id, pending_evaluations=pending)
         return {"task_id": task_id, "pending_evaluations": pending}

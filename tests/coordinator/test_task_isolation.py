@@ -60,10 +60,15 @@ def test_a_server_step_that_would_make_the_model_non_finite_fails_only_its_task(
     assert b["task_id"] == sane["task_id"]
     assert device.upload(b["assignment_id"], _delta(1))[0] == 200
     assert admin.task(sane["task_id"])["model_version"] == 1
-    # a failed task takes no more reports, and cannot be resumed
+    # a failed task takes no more reports, and cannot be resumed, nor take an evaluation
+    # round it would never open (before: 202 and pending_evaluations counted up for ever)
     with pytest.raises(ApiCallError) as e:
         admin.resume(wild["task_id"])
     assert e.value.status == 409
+    with pytest.raises(ApiCallError) as e:
+        admin.evaluate(wild["task_id"])
+    assert (e.value.status, e.value.code) == (409, "conflict")
+    assert admin.task(wild["task_id"])["pending_evaluations"] == 0
 
 
 def test_a_failed_task_s_abandoned_round_lets_its_payloads_go(
