@@ -2,7 +2,8 @@
 
 Polls the dashboard's task endpoint (admin token) every ``--interval`` seconds; on a terminal
 the open round's progress is shown on a line that updates in place. Ends when the task
-completes (exit 0), at ``--timeout`` (exit 1) or on Ctrl-C.
+completes (exit 0), when it fails (exit 1, with the reason), at ``--timeout`` (exit 1) or on
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             if detail["task"]["state"] == "completed":
                 follower.done(detail)
                 return 0
+            if detail["task"]["state"] == "failed":  # for good: it will never complete
+                follower.clear()
+                failure = get(Route.ADMIN_TASK.format(task_id=task_id)).get("failure")
+                print(f"fedge watch: task {task_id} failed: {failure}", file=sys.stderr)
+                return 1
             if deadline is not None and time.monotonic() >= deadline:
                 follower.clear()
                 print(f"fedge watch: task {task_id} still {detail['task']['state']} after "

@@ -109,6 +109,28 @@ def test_watch_gives_up_at_the_timeout(
     assert "still running" in capsys.readouterr().err
 
 
+def test_watch_ends_when_the_task_fails_and_says_why(
+    coordinator: EmbeddedCoordinator, tiny_bundle: Path, capsys: Any
+) -> None:
+    """A failed task never completes: before, watch went on polling it until --timeout
+    (without one, for ever) and then called it "still failed"."""
+    admin = coordinator.admin()
+    bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+    # FedAvg with a server learning rate of 1e300: the first commit would overflow
+    plan = {"goal": 1, "over_selection": 1.0, "selection_window_s": 0.0, "rounds": 3,
+            "robust": "none", "server_optimizer": {"lr": 1e300}}
+    task_id = admin.create_task(bundle_id, plan, name="wild")["task_id"]
+    _one_round(DeviceHTTP(coordinator), 0.01)
+    assert admin.task(task_id)["state"] == "failed"
+    started = time.monotonic()
+    code = main(["watch", task_id, "--coordinator", coordinator.url,
+                 "--admin-token", coordinator.admin_token, "--interval", "0.05",
+                 "--timeout", "20"])
+    assert code == 1 and time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert f"task {task_id} failed" in err and "non-finite" in err, err
+
+
 def test_watch_without_a_running_task_or_token(
     coordinator: EmbeddedCoordinator, capsys: Any, monkeypatch: Any
 ) -> None:
