@@ -36,7 +36,9 @@ from coordinator.store.base import (
     UpdateTotals,
     Version,
 )
+from coordinator.store.sql import _OWN_TABLES
 from coordinator.store.sqlite import SQLiteStore
+from coordinator.store.sqlite import tables_with_rows as _sqlite_tables_with_rows
 
 __all__ = [
     "ROUND_DURATION_BOUNDS",
@@ -61,6 +63,7 @@ __all__ = [
     "open_store",
     "redacted",
     "sqlite_path",
+    "tables_with_records",
 ]
 
 _URL_SCHEMES = ("postgresql://", "postgres://")
@@ -138,3 +141,18 @@ def open_store(location: str | Path) -> Store:
 
         return PostgresStore(str(location))
     return SQLiteStore(sqlite_path(location))
+
+
+def tables_with_records(location: str | Path) -> list[str]:
+    """The tables of the database at ``location`` that hold records (the database's own
+    bookkeeping, its schema version and identity, left out), read without opening a store:
+    :func:`open_store` would first migrate the database to this code's schema, which a
+    coordinator of an older version then refuses to start on."""
+    check_location(location)
+    if is_database_url(location):
+        from coordinator.store.postgres import tables_with_rows
+
+        filled = tables_with_rows(str(location))
+    else:
+        filled = _sqlite_tables_with_rows(sqlite_path(location))
+    return [t for t in filled if t not in _OWN_TABLES]

@@ -28,10 +28,10 @@ from psycopg.rows import dict_row
 
 from coordinator.store.base import TransactionLost
 from coordinator.store.migrations import apply_migrations
-from coordinator.store.postgres_schema import PostgresSchema, pg_sql
+from coordinator.store.postgres_schema import PostgresSchema, _ident, pg_sql
 from coordinator.store.sql import Cursor, SQLStore
 
-__all__ = ["PostgresStore"]
+__all__ = ["PostgresStore", "tables_with_rows"]
 
 # pg_advisory_lock key held while migrating (any constant; "fedge" in ASCII).
 _MIGRATION_LOCK = 0x6665646765
@@ -180,3 +180,15 @@ class PostgresStore(SQLStore):
 
     def _json_members(self, expr: str, key: str) -> str:
         return f"json_each(({expr})::json -> '{key}')"
+
+
+def tables_with_rows(url: str) -> list[str]:
+    """The tables of the URL's schema that hold a row, read as the database is: no store is
+    opened, so no migration runs."""
+    with psycopg.connect(url, autocommit=True) as conn:
+
+        def filled(table: str) -> bool:
+            row = conn.execute(f"select exists (select 1 from {_ident(table)})").fetchone()
+            return bool(row and row[0])
+
+        return [t for t in PostgresSchema(conn).table_names() if filled(t)]

@@ -39,7 +39,7 @@ from coordinator.store.base import TransactionLost
 from coordinator.store.migrations import apply_migrations
 from coordinator.store.sql import Cursor, SQLStore
 
-__all__ = ["SQLiteStore", "WriterLock"]
+__all__ = ["SQLiteStore", "WriterLock", "tables_with_rows"]
 
 
 class WriterLock:
@@ -285,3 +285,20 @@ class SQLiteStore(SQLStore):
 
     def _json_members(self, expr: str, key: str) -> str:
         return f"json_each({expr}, '$.{key}')"
+
+
+def tables_with_rows(path: str) -> list[str]:
+    """The tables of the SQLite file at ``path`` that hold a row, read as the file is: no
+    store is opened, so no migration runs (none if there is no such file yet)."""
+    if path == ":memory:" or not Path(path).is_file():
+        return []
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        names = [row[0] for row in conn.execute(
+            "select name from sqlite_master where type = 'table' and name not like 'sqlite_%'"
+        )]  # fmt: skip
+        quoted = {n: '"' + n.replace('"', '""') + '"' for n in names}
+        return [n for n in names
+                if conn.execute(f"select exists (select 1 from {quoted[n]})").fetchone()[0]]
+    finally:
+        conn.close()

@@ -39,6 +39,7 @@ def migrate(args: argparse.Namespace) -> int:
         open_store,
         redacted,
         sqlite_path,
+        tables_with_records,
     )
     from coordinator.store.sql import SQLStore
 
@@ -49,6 +50,17 @@ def migrate(args: argparse.Namespace) -> int:
             raise CommandError(f"{redacted(location)}: {e}") from e
     if not is_database_url(args.source) and not Path(sqlite_path(args.source)).is_file():
         raise CommandError(f"no SQLite database at {args.source}")
+    # Before either store is opened: opening migrates a database to this code's schema, and
+    # a destination refused for its records must be left as it was (a deployment of an
+    # older version refuses to start on a database migrated past it).
+    try:
+        filled = tables_with_records(args.target)
+    except Exception as e:  # unreachable server, bad credentials, not a database
+        raise CommandError(redacted(args.target, f"cannot open {args.target}: {e}")) from e
+    if filled:
+        raise CommandError(redacted(args.target, f"{args.target}: the destination already "
+                                    f"holds records ({', '.join(filled)}); nothing was "
+                                    "changed there"))  # fmt: skip
     stores: list[Any] = []
     try:
         for location in (args.source, args.target):

@@ -23,6 +23,7 @@ from coordinator.store import (
     Task,
     Update,
     Version,
+    open_store,
 )
 from coordinator.store.migrations import MIGRATIONS
 from coordinator.store.postgres import PostgresStore
@@ -109,6 +110,33 @@ def test_a_failed_copy_leaves_the_destination_empty(
     assert password and password not in err
     assert pg.snapshot() == empty
     pg.close()
+
+
+def test_migrate_refuses_a_database_with_records_before_migrating_its_schema(
+    tmp_path: Path, replica_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A destination that already holds records is refused, and left as it was: before, it
+    was migrated to this code's schema first, so a mistyped ``--to`` naming the database of
+    a deployment on an older version left it one that deployment refuses to start on
+    (``SchemaTooNew``)."""
+    source = SQLiteStore(tmp_path / "a.db")
+    _fill(source)
+    source.close()
+    older = open_store(replica_db)
+    assert isinstance(older, SQLStore)
+    _fill(older)
+    newest = max(MIGRATIONS)
+    # The database as the coordinator before the newest migration left it.
+    older._execute("delete from schema_version where version = ?", [newest])
+    for index in ("idx_versions_params_sha", "idx_versions_optimizer_sha"):
+        older._execute(f'drop index "{index}"')
+    migrate = ["db", "migrate", "--from", str(tmp_path / "a.db"), "--to", replica_db]
+    assert main(migrate) == 2
+    out, err = capsys.readouterr()
+    assert "already holds records" in err and "copied" not in out
+    versions = [row[0] for row in older._execute("select version from schema_version")]
+    assert max(versions) == newest - 1
+    older.close()
 
 
 @pytest.mark.parametrize("source_on", ["sqlite", "postgresql"])
