@@ -34,8 +34,11 @@ ApiCallError = ApiError
 
 
 def tar_directory(directory: Path | str) -> bytes:
-    """An uncompressed tar of a directory's files, paths relative to it."""
+    """An uncompressed tar of a directory's files, paths relative to it. ``OSError`` if
+    ``directory`` is none (``rglob`` finds nothing there: it would be an empty tar)."""
     root = Path(directory)
+    if not root.is_dir():
+        raise NotADirectoryError(f"no bundle directory at {root}")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(p for p in root.rglob("*") if p.is_file()):

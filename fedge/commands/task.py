@@ -84,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from e
     try:
         if args.action == "create":
-            bundle = admin.upload_bundle(args.bundle)
+            try:
+                bundle = admin.upload_bundle(args.bundle)
+            except OSError as e:  # reading the bundle directory: the coordinator was not asked
+                raise CommandError(f"--bundle {args.bundle}: {e}") from e
             out: Any = admin.create_task(
                 bundle["bundle_id"],
                 _plan(args.plan),
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             out = admin.evaluate(args.task_id)
     except ApiCallError as e:
         raise CommandError(str(e)) from e
-    except (TransportError, OSError) as e:  # OSError: reading the bundle directory
+    except TransportError as e:
         raise CommandError(f"cannot reach {args.coordinator}: {e}") from e
     finally:
         admin.close()

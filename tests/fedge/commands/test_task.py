@@ -53,3 +53,20 @@ def test_errors_are_one_line(coordinator, tiny_bundle: Path, capsys, monkeypatch
     monkeypatch.setenv("FEDGE_ADMIN_TOKEN", coordinator.admin_token)
     code, _, err = run(capsys, "task", "show", "--coordinator", coordinator.url, "t-nope")
     assert code == 2 and "404 not_found" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["missing", "file"])
+def test_a_bundle_that_is_no_directory_is_refused_before_any_upload(
+    coordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """Before, a --bundle naming no directory went up as an empty tar and came back as the
+    coordinator's '422 bundle_invalid: no manifest.json', and an error reading the bundle
+    was reported as 'cannot reach' the coordinator."""
+    bundle = tmp_path / "bundle"
+    if where == "file":
+        bundle.write_text("{}")
+    code, _, err = run(capsys, "task", "create", "--coordinator", coordinator.url,
+                       f"--admin-token={coordinator.admin_token}", "--bundle", str(bundle))
+    assert code == 2 and f"--bundle {bundle}" in err, err
+    assert "cannot reach" not in err and "bundle_invalid" not in err
+    assert coordinator.admin().tasks() == []
