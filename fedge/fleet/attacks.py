@@ -27,7 +27,7 @@ from typing import Any, Final
 import numpy as np
 
 from edge_sdk.codecs import decode_update, encode_update
-from edge_sdk.protocol import HEADER_REPORT
+from edge_sdk.protocol import HEADER_REPORT, Route
 from edge_sdk.transport import Response
 from fedge.fleet.device import LinkTransport
 
@@ -84,12 +84,20 @@ class AttackTransport(LinkTransport):
         super().__init__(base_url, **kwargs)
         self.attack = attack
         self.tampered = 0
+        # Each assignment's codec, from the check-in that gave it: the coordinator refuses
+        # an update in any other (an attacker goes through the same door as every device).
+        self._codecs: dict[str, Any] = {}
 
     def request(self, method: str, path: str, *, body: bytes = b"",
                 headers: Any = None) -> Response:  # fmt: skip
         if method == "POST" and path.endswith("/update") and headers is not None:
             body, headers = self._tamper(path, body, headers)
-        return super().request(method, path, body=body, headers=headers)
+        response = super().request(method, path, body=body, headers=headers)
+        if method == "POST" and path == Route.CHECKIN and response.status == 200:
+            given = (response.json() or {}).get("assignment")
+            if given is not None:
+                self._codecs[given["assignment_id"]] = given["plan"].get("codec", "fp32")
+        return response
 
     def _tamper(
         self, path: str, body: bytes, headers: Mapping[str, str]
@@ -99,6 +107,7 @@ class AttackTransport(LinkTransport):
         delta, examples = self.attack.tamper(
             decode_update(body), int(report["num_examples"]), np.random.default_rng(seed)
         )
-        frame, _ = encode_update(delta.astype(np.float32), "fp32")
+        codec = self._codecs.get(path.split("/")[-2], "fp32")
+        frame, _ = encode_update(delta.astype(np.float32), codec, rng=np.random.default_rng(seed))
         self.tampered += 1
         return frame, {**headers, HEADER_REPORT: json.dumps({**report, "num_examples": examples})}

@@ -25,7 +25,7 @@ from edge_sdk.protocol import (
 from fedge.fleet.attacks import ATTACKS, Attack, AttackTransport, choose_attackers
 from fedge.fleet.clock import SimClock
 from fedge.fleet.heterogeneity import Heterogeneity
-from tests.fixtures.coordinator import DeviceHTTP
+from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP
 
 
 def _delta(n: int = 50) -> np.ndarray:
@@ -69,20 +69,30 @@ def test_attack_and_attacker_choice_refuse_bad_values() -> None:
     assert choose_attackers(20, 0.0, seed=4) == []
 
 
-def test_tampered_upload_is_what_the_coordinator_stores(tmp_path: Path, tiny_bundle: Path) -> None:
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_tampered_upload_is_what_the_coordinator_stores(
+    tmp_path: Path, tiny_bundle: Path, codec: str
+) -> None:
+    """The attacker's frame is in the plan's codec, which the coordinator holds uploads to
+    (re-encoded fp32 under an int8 plan, every tampered upload was refused, 422)."""
     with EmbeddedCoordinator(tmp_path / "fedge.db", retain_updates=True) as coord:
         admin = coord.admin()
         bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
-        plan = {"buffer_k": 1, "max_concurrency": 1, "robust": "none"}
+        plan = {"buffer_k": 1, "max_concurrency": 1, "robust": "none", "codec": {"name": codec}}
         task_id = admin.create_task(bundle_id, plan, mode="async")["task_id"]
         device = DeviceHTTP(coord)
-        a = device.check_in()["assignment"]
         profile = Heterogeneity.uniform().sample(1, 0)[0]
         attack = Attack("inflate", max_examples=1_000_000)
         link = AttackTransport(coord.url, attack=attack, profile=profile, clock=SimClock())
         link.credentials = (device.device_id, device.secret)
+        # The check-in through the attacker's link, as the device's client makes it.
+        body = {"population": device.population, "runtimes": device.runtimes,
+                "conditions": GOOD_CONDITIONS}  # fmt: skip
+        checkin = link.request("POST", Route.CHECKIN, body=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})  # fmt: skip
+        a = checkin.json()["assignment"]
         honest = _delta(64).astype(np.float32)
-        frame, _ = encode_update(honest, "int8", rng=np.random.default_rng(0))
+        frame, _ = encode_update(honest, codec, rng=np.random.default_rng(0))
         path = Route.ASSIGNMENT_UPDATE.format(assignment_id=a["assignment_id"])
         headers = {
             "Content-Type": FRAME_CONTENT_TYPE,
@@ -94,7 +104,8 @@ def test_tampered_upload_is_what_the_coordinator_stores(tmp_path: Path, tiny_bun
         stored = coord.call(coord.service.store.get_update, a["assignment_id"])
         assert stored.num_examples == 1_000_000
         sent = decode_update(coord.call(coord.service.blobs.read, stored.payload_sha))
-        np.testing.assert_allclose(sent, -decode_update(frame), rtol=1e-6)
+        tolerance = 1e-6 if codec == "fp32" else 2 * np.abs(honest).max() / 127  # a step
+        np.testing.assert_allclose(sent, -decode_update(frame), atol=tolerance)
         # the version it made is the tampered one (plain FedAvg, one update)
         coord.call(coord.service.tick)
         version = decode_update(device.params(task_id, 1))
