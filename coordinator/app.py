@@ -271,6 +271,7 @@ class _GroupedUploads:
     def __init__(self, coord: Coordinator, work: WorkQueue) -> None:
         cfg = coord.config
         self.coord, self.work = coord, work
+        self._reading: set[str] = set()  # assignments whose update's body is being read
         self.decoders = ThreadPoolExecutor(
             max(2, os.cpu_count() or 2), thread_name_prefix="fedge-decode"
         )
@@ -302,7 +303,18 @@ class _GroupedUploads:
             if admitted.replay is not None:
                 self.commits.release()
                 return admitted.replay
-            data = await frame()
+            # One body read per assignment: a device cannot take every slot with uploads of
+            # its own assignment that never finish (the read's timeout frees each in time).
+            if assignment_id in self._reading:
+                raise Overloaded(
+                    "an upload of this assignment is in progress; retry once it has ended",
+                    coord.config.overload_retry_after_s,
+                )
+            self._reading.add(assignment_id)
+            try:
+                data = await frame()
+            finally:
+                self._reading.discard(assignment_id)
         except BaseException:
             self.commits.release()
             raise
@@ -450,8 +462,15 @@ def build_app(coord: Coordinator) -> web.Application:
             request.headers.get(HEADER_REPORT),
         )
 
-        def frame() -> Awaitable[bytes]:
-            return _read_body(request, cfg.max_body_bytes, "update frame")
+        async def frame() -> bytes:
+            try:
+                async with asyncio.timeout(cfg.upload_body_timeout_s):
+                    return await _read_body(request, cfg.max_body_bytes, "update frame")
+            except TimeoutError as e:
+                raise Overloaded(
+                    f"the update frame did not arrive within {cfg.upload_body_timeout_s:g} s; "
+                    "upload it again", cfg.overload_retry_after_s,
+                ) from e
 
         if uploads is not None:
             answer = await uploads.upload(request.headers.get("Authorization"), *args, frame)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,10 @@ class CoordinatorConfig:
     max_body_bytes: int = 16 << 20
     max_json_bytes: int = 64 << 10
     max_bundle_bytes: int = 512 << 20
+    # An update frame's body must arrive within this once its upload is admitted: it holds
+    # one of the max_queued_operations slots meanwhile, and a phone gone silent mid-upload
+    # would hold it until TCP gives up, hours later.
+    upload_body_timeout_s: float = 300.0
     # Operations waiting for the worker thread; past this a request is answered 503 at once
     # (with Retry-After) instead of queueing behind minutes of work.
     max_queued_operations: int = 64
@@ -132,6 +137,8 @@ class CoordinatorConfig:
             raise ConfigError(
                 "retain_versions, retention_interval_s and retain_receipts_s must be >= 0"
             )
+        if not (math.isfinite(self.upload_body_timeout_s) and self.upload_body_timeout_s > 0):
+            raise ConfigError("upload_body_timeout_s must be a number of seconds > 0")
         if not self.replica_orphan_age_s > 0:
             raise ConfigError("replica_orphan_age_s must be > 0")
         if self.device_inactivity_s is not None and not self.device_inactivity_s > 0:

@@ -6,15 +6,23 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from coordinator.embedded import EmbeddedCoordinator
-from edge_sdk.protocol import ErrorCode, Route
+from edge_sdk.protocol import (
+    FRAME_CONTENT_TYPE,
+    HEADER_IDEMPOTENCY_KEY,
+    HEADER_REPORT,
+    ErrorCode,
+    Route,
+)
 from edge_sdk.transport import RetryPolicy, Transport
 from tests.fixtures.coordinator import GOOD_CONDITIONS, DeviceHTTP, HttpConnection
 
@@ -145,3 +153,69 @@ def test_deadline_ticks_are_never_refused(busy: EmbeddedCoordinator) -> None:
         _wait_for(lambda: busy.work_queue.pending == BOUND + 3)
     _wait_for(lambda: busy.work_queue.pending == 0)
     assert busy.work_queue.refused == 0
+
+
+def _stalled_upload(coord: EmbeddedCoordinator, d: DeviceHTTP, assignment_id: str) -> socket.socket:
+    """An upload whose body stops after its first bytes (a phone gone out of coverage, or a
+    client holding the connection on purpose): headers for a 100 kB frame, then 10 bytes."""
+    host, port = coord.url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)))
+    path = Route.ASSIGNMENT_UPDATE.format(assignment_id=assignment_id)
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}", "Content-Length: 100000",
+            f"Content-Type: {FRAME_CONTENT_TYPE}", f"{HEADER_IDEMPOTENCY_KEY}: stalled",
+            HEADER_REPORT + ": " + json.dumps({"num_examples": 5, "loss": 0.5}),
+            *(f"{k}: {v}" for k, v in d.auth.items())]  # fmt: skip
+    s.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + b"\0" * 10)
+    return s
+
+
+def _answer(s: socket.socket, timeout_s: float) -> bytes:
+    s.settimeout(timeout_s)
+    try:
+        return s.recv(4096)
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def one_slot(tmp_path: Any, tiny_bundle: Any) -> Iterator[tuple[EmbeddedCoordinator, str]]:
+    """A coordinator with room for two uploads at once, and a task (async: any device may
+    report at any time)."""
+    with EmbeddedCoordinator(tmp_path / "f.db", seed=5, max_queued_operations=2,
+                             group_commit_max_batch=2, upload_body_timeout_s=2.0) as coord:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+        plan = {"buffer_k": 10, "max_concurrency": 10, "robust": "none",
+                "eligibility": {"require_charging": False}}  # fmt: skip
+        task_id = admin.create_task(bundle_id, plan, mode="async")["task_id"]
+        yield coord, task_id
+
+
+def test_one_device_holds_at_most_one_upload_slot_per_assignment(
+    one_slot: tuple[EmbeddedCoordinator, str],
+) -> None:
+    """A device opening uploads of its assignment and never finishing their bodies took a
+    slot each: two of them and every other device's upload was refused (503) until the
+    connections closed, hours later for a phone gone silent. Now a second upload of an
+    assignment still reading its body is refused at once, and the one reading gives up
+    after upload_body_timeout_s, freeing its slot."""
+    coord, _ = one_slot
+    hog, other = DeviceHTTP(coord), DeviceHTTP(coord)
+    mine = hog.check_in()["assignment"]["assignment_id"]
+    theirs = other.check_in()["assignment"]["assignment_id"]
+    first = _stalled_upload(coord, hog, mine)
+    second = _stalled_upload(coord, hog, mine)
+    answer = _answer(second, 10.0)
+    assert answer.startswith(b"HTTP/1.1 503") and b"in progress" in answer, answer
+    n = coord.call(lambda: coord.service.ctx.num_parameters(coord.service.store.list_tasks()[0]))
+    status, body = other.upload(theirs, np.full(n, 0.01, np.float32), 5)
+    assert status == 200, body
+    t0 = time.monotonic()
+    answer = _answer(first, 30.0)
+    assert answer.startswith(b"HTTP/1.1 503") and b"did not arrive" in answer, answer
+    assert 1.0 <= time.monotonic() - t0 <= 20.0
+    # its slot is free again: the device's own upload, whole this time, is taken
+    status, body = hog.upload(mine, np.full(n, 0.02, np.float32), 5)
+    assert status == 200, body
+    hog.close()
+    other.close()
