@@ -7,11 +7,12 @@ protocol needs on top:
   and streamed, resumable downloads into a file (:meth:`Transport.download`);
 * error bodies mapped to the classes of :mod:`edge_sdk.errors`;
 * retries with exponential backoff and jitter for connection failures and 5xx answers, never
-  for 4xx: a 4xx is the same answer next time. A keep-alive connection the server closed while
-  idle is reopened once at once, without counting as an attempt. A ``Retry-After`` (an
-  overloaded coordinator's 503) sets the wait, plus jitter so that the devices it turned away
-  together do not return together; all the waits of one request stay within
-  ``RetryPolicy.max_total_wait_s``;
+  for 4xx: a 4xx is the same answer next time. A 3xx is no answer at all (a proxy's, a captive
+  portal's): it raises :class:`~edge_sdk.errors.TransportError` and is not followed. A
+  keep-alive connection the server closed while idle is reopened once at once, without
+  counting as an attempt. A ``Retry-After`` (an overloaded coordinator's 503) sets the wait,
+  plus jitter so that the devices it turned away together do not return together; all the
+  waits of one request stay within ``RetryPolicy.max_total_wait_s``;
 * HTTPS with verified certificates, a custom CA bundle and public-key pinning
   (:class:`~edge_sdk.tls.TlsConfig`); a certificate that fails raises
   :class:`~edge_sdk.errors.TlsError` and is not retried;
@@ -234,8 +235,17 @@ class Transport:
                         f"{method} {path}: {failure.cause!r} after {n} attempts", attempts=n
                     ) from failure.cause
                 continue
-            if response.status < 400:
+            if response.status < 300:
                 return response
+            if response.status < 400:
+                # Not the coordinator's answer (a proxy, a captive portal), and never followed:
+                # the device's credential would go to whatever host it names. Taking it for a
+                # 2xx would settle an upload that was never counted.
+                location = response.headers.get("location", "")
+                raise TransportError(
+                    f"{method} {path}: redirected ({response.status}) to {location!r}, "
+                    "not followed", attempts=n,
+                )
             error = self._error(method, path, response)
             error.attempt = tries
             if (

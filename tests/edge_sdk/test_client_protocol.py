@@ -457,3 +457,23 @@ def test_an_upload_without_an_answer_is_settled_before_the_next_check_in(
         np.testing.assert_array_equal(store.load(2410), before)
     else:  # counted, or perhaps counted: the residual is the one the frame left
         np.testing.assert_array_equal(store.load(2410), pending.residual)
+
+
+def test_a_redirected_upload_is_not_taken_for_an_acknowledgement(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    """A 3xx is no answer from the coordinator (a proxy or a captive portal sends it, and the
+    client follows no redirect: its credential would go to the other host). The upload stays
+    pending and the error-feedback residual stays where it was."""
+    with ScriptedCoordinator(digits_bundle, {"codec": {"name": "topk", "k": 50}}) as coord:
+        coord.checkin = lambda s: coord.train()
+        coord.update = lambda s: Reply(307, b"", {"Location": "http://elsewhere.example/up"})
+        client = _client(coord.loopback.url, tmp_path, digits_data)
+        store = client.state.error_feedback(TASK)
+        before = np.full(2410, 0.01, np.float32)
+        store.save(before)
+        outcome = client.run_once()
+    assert outcome.action == FAILED and "307" in (outcome.error or "")
+    assert client.state.load_pending() is not None
+    np.testing.assert_array_equal(store.load(2410), before)
+    assert not any(s.path.startswith("http") for s in coord.loopback.seen)
