@@ -282,9 +282,13 @@ class Client:
 
     def _failed(self, error: BaseException) -> Outcome:
         self._failures += 1
+        # The exponent is bounded first: 2.0 ** n overflows (OverflowError) past n = 1023, some
+        # six weeks of an unreachable coordinator at the hourly cap, and 2 ** 64 times any
+        # sensible first wait is far past any cap.
+        doublings = min(self._failures - 1, 64)
         backoff = min(
             self.config.max_failure_backoff_s,
-            self.config.failure_backoff_s * 2.0 ** (self._failures - 1),
+            self.config.failure_backoff_s * 2.0**doublings,
         )
         code = getattr(error, "code", None)
         return Outcome(FAILED, self._jittered(backoff), error=code or f"{error}")

@@ -5,6 +5,7 @@ the training are real (digits bundle, ORT); only the coordinator's answers are s
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -477,3 +478,17 @@ def test_a_redirected_upload_is_not_taken_for_an_acknowledgement(
     assert client.state.load_pending() is not None
     np.testing.assert_array_equal(store.load(2410), before)
     assert not any(s.path.startswith("http") for s in coord.loopback.seen)
+
+
+def test_the_failure_backoff_stays_at_its_cap_however_long_the_outage(
+    digits_data: Any, tmp_path: Path
+) -> None:
+    """Weeks of an unreachable coordinator (hourly passes at the cap): the pass still fails
+    quietly with the capped wait instead of raising out of run_once."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    client = _client(url, tmp_path, digits_data)
+    outcomes = [client.run_once() for _ in range(1100)]
+    assert {o.action for o in outcomes} == {FAILED}
+    assert 3600.0 <= outcomes[-1].next_run_in_s <= 3600.0 * 1.1
