@@ -324,7 +324,7 @@ class Transport:
                     sink.seek(0)
                     sink.truncate()
                 else:
-                    self._check_range(resp_headers, sink.seek(0, 2))
+                    self._check_range(resp_headers, sink)
                 complete = self._stream(raw, sink, limit)
             else:
                 # Chunked reads: read(n) would allocate n bytes up front, whatever the body.
@@ -371,16 +371,21 @@ class Transport:
             raise http.client.IncompleteRead(b"", raw.length)
 
     @staticmethod
-    def _check_range(headers: Mapping[str, str], offset: int) -> None:
+    def _check_range(headers: Mapping[str, str], sink: BinaryIO) -> None:
         # "bytes START-END/TOTAL": a server resuming from elsewhere would corrupt the file.
+        # Asking for the same range again would get the same answer, so (protocol.md) the file
+        # starts over: emptied here, the next attempt asks for all of it without Range.
+        offset = sink.seek(0, 2)
         value = headers.get("content-range", "")
         try:
             start = int(value.split()[1].split("-")[0])
         except (IndexError, ValueError):
-            bad = f"206 without a usable Content-Range: {value!r}"
-            raise http.client.HTTPException(bad) from None
+            start = None
         if start != offset:
-            raise http.client.HTTPException(f"asked for bytes from {offset}, got from {start}")
+            sink.seek(0)
+            sink.truncate()
+            got = f"from {start}" if start is not None else f"Content-Range {value!r}"
+            raise http.client.HTTPException(f"asked for bytes from {offset}, got {got}")
 
 
 def _retry_after(response: Response) -> float | None:

@@ -254,3 +254,20 @@ def test_retry_policy_rejects_nonsense() -> None:
         RetryPolicy(max_attempts=0)
     with pytest.raises(ValueError):
         RetryPolicy(jitter=1.5)
+
+
+def test_download_starts_over_when_a_206_resumes_from_elsewhere() -> None:
+    """protocol.md: a client appends only when a 206's START is the size it has; anything
+    else starts the file over (here a server that always answers from byte 0)."""
+
+    def handler(seen: Seen) -> Reply:
+        if "range" in seen.headers:
+            return Reply(206, DATA, {"Content-Range": f"bytes 0-{len(DATA) - 1}/{len(DATA)}"})
+        return Reply(200, DATA)
+
+    with Loopback(handler) as server:
+        sink = io.BytesIO(b"partial")
+        sink.seek(0, 2)
+        _transport(server.url, []).download("/v1/file", sink, limit=len(DATA))
+    assert sink.getvalue() == DATA
+    assert "range" not in server.seen[-1].headers
