@@ -20,7 +20,8 @@ error-feedback residual moves on exactly once (see :mod:`edge_sdk.state`).
 
 After an accepted report or an abort the coordinator's answer carries ``retry_after_s`` too
 (pace steering): the next wait is that plus jitter; the local defaults (``after_assignment_s``,
-``ineligible_recheck_s``) only stand in when an answer lacks it.
+``ineligible_recheck_s``) only stand in when an answer lacks it. A pass that failed on
+``503 overloaded`` waits at least the ``Retry-After`` of that answer.
 
 :meth:`Client.run_forever` repeats it, sleeping ``next_run_in_s`` in between (pace steering).
 :class:`AsyncClient` adds ``await run_once_async()`` / ``run_forever_async()`` for apps with
@@ -71,6 +72,7 @@ from edge_sdk.errors import (
     ConditionsLapsed,
     Conflict,
     DuplicateUpload,
+    Overloaded,
     TransportError,
     Unauthorized,
 )
@@ -290,6 +292,11 @@ class Client:
             self.config.max_failure_backoff_s,
             self.config.failure_backoff_s * 2.0**doublings,
         )
+        if isinstance(error, Overloaded) and error.retry_after_s is not None:
+            # Pace steering: the coordinator said when to come back, longer than one request
+            # may wait (RetryPolicy.max_delay_s and its budget); coming back sooner only adds to
+            # the load it is shedding.
+            backoff = max(backoff, min(error.retry_after_s, self.config.max_failure_backoff_s))
         code = getattr(error, "code", None)
         return Outcome(FAILED, self._jittered(backoff), error=code or f"{error}")
 

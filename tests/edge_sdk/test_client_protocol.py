@@ -492,3 +492,18 @@ def test_the_failure_backoff_stays_at_its_cap_however_long_the_outage(
     outcomes = [client.run_once() for _ in range(1100)]
     assert {o.action for o in outcomes} == {FAILED}
     assert 3600.0 <= outcomes[-1].next_run_in_s <= 3600.0 * 1.1
+
+
+def test_an_overloaded_coordinator_is_not_asked_again_before_its_retry_after(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    """A 503 whose Retry-After is past what one request may wait (max_delay_s, the request's
+    budget) fails the pass; the next pass comes no sooner than the coordinator asked."""
+    busy = json_error(503, "overloaded", "queue full")
+    busy.headers["Retry-After"] = "600"
+    with ScriptedCoordinator(digits_bundle) as coord:
+        coord.checkin = lambda s: busy
+        sleeps: list[float] = []
+        outcome = _client(coord.loopback.url, tmp_path, digits_data, sleeps).run_once()
+    assert outcome.action == FAILED and outcome.error == "overloaded"
+    assert 600.0 <= outcome.next_run_in_s <= 600.0 * 1.1
