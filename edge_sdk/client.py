@@ -331,7 +331,9 @@ class Client:
         action = answer.get("action") if isinstance(answer, dict) else None
         if action == "wait":
             retry_after_s = float(answer.get("retry_after_s", 60.0))
-            if not math.isfinite(retry_after_s):  # a device told to wait forever never returns
+            # A device told to wait forever never returns; one told a negative wait would
+            # check in again at once, pass after pass, against a coordinator already saying no.
+            if not math.isfinite(retry_after_s) or retry_after_s < 0:
                 raise TransportError(f"check-in answer's retry_after_s is {retry_after_s}")
             return Outcome(WAIT, self._jittered(retry_after_s),
                            reasons=(str(answer.get("reason", "")),))

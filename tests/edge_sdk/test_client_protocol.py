@@ -375,11 +375,13 @@ def _foreign_params_url(coord: ScriptedCoordinator) -> None:
                                                              b'"retry_after_s": "soon"}')),
         lambda c: setattr(c, "checkin", lambda s: Reply(200, b'{"action": "wait", '
                                                              b'"retry_after_s": Infinity}')),
+        lambda c: setattr(c, "checkin", lambda s: Reply(200, b'{"action": "wait", '
+                                                             b'"retry_after_s": -30}')),
         _corrupt_params,
         _foreign_params_url,
     ],
     ids=["not-json", "unknown-action", "no-assignment", "bad-retry-after", "endless-retry-after",
-         "corrupt-params", "foreign-params-url"],
+         "negative-retry-after", "corrupt-params", "foreign-params-url"],
 )
 def test_malformed_answers_fail_the_pass_without_uploading(
     digits_bundle: Path, digits_data: Any, tmp_path: Path, script: Callable[[Any], None]
