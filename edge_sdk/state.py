@@ -9,8 +9,9 @@ Layout of the state directory::
     pending/upload.frame      its encoded update, byte for byte what is sent
     pending/upload.residual.npy   the residual that becomes the task's once it is acknowledged
 
-Every write goes to a temporary file first and is renamed into place, so a device losing power
-mid-write keeps the previous version. The bundle cache lives elsewhere (:mod:`edge_sdk.cache`)
+Every write goes to a temporary file first, fsync'ed, renamed into place and its directory
+fsync'ed, so a device losing power mid-write keeps the previous version, and a step is on
+disk before the next one relies on it. The bundle cache lives elsewhere (:mod:`edge_sdk.cache`)
 because clients on one machine share it; state is per device.
 
 Exactly-once delivery of the residual: the pending upload is written (``upload.json`` last,
@@ -92,6 +93,18 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames and unlinks in ``directory`` durable: until its entry is on disk, a
+    power cut may lose a rename even though the file's data was fsync'ed, while later
+    steps (another directory's, or the coordinator's) survive."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class DeviceState:
@@ -199,7 +212,13 @@ class DeviceState:
         """The coordinator acknowledged ``pending``: its residual becomes the task's, then the
         pending upload goes. Repeating this (after a crash in between) gives the same state."""
         if pending.uses_feedback:
-            self.error_feedback(pending.task_id).save(pending.residual)
+            store = self.error_feedback(pending.task_id)
+            store.save(pending.residual)
+            # On disk before the marker goes: else a power cut could keep the old residual
+            # and lose the pending upload, and the old residual would be sent a second time.
+            # (No directory: no residual was ever stored, and none is now.)
+            if store.path.parent.is_dir():
+                _fsync_dir(store.path.parent)
         self.clear_pending()
 
     def clear_pending(self) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,3 +112,60 @@ def test_a_pending_upload_that_cannot_be_resent_as_it_was_is_dropped(
         (d / "upload.json").write_text(json.dumps({**meta, "task_id": "../x"}))
     assert state.load_pending() is None
     assert not (d / "upload.json").exists()
+
+
+def test_every_step_is_on_disk_before_the_next_one_counts_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename or unlink is durable only once its directory is fsync'ed; a power cut can
+    otherwise lose it while later steps survive. So: the credential and the pending upload
+    are durable before save_* returns (the upload is sent next), and the task's new residual
+    before the pending upload's marker goes (else the old residual would be sent again)."""
+    events: list[tuple[str, Path]] = []
+    real_fsync, real_replace, real_unlink = os.fsync, os.replace, os.unlink
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            events.append(("fsync dir", Path(os.readlink(f"/proc/self/fd/{fd}")).resolve()))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any, **kw: Any) -> None:
+        events.append(("rename", Path(dst).resolve()))
+        real_replace(src, dst, **kw)
+
+    def unlink(path: Any, **kw: Any) -> None:
+        events.append(("unlink", Path(path).resolve()))
+        real_unlink(path, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", unlink)
+    root = tmp_path.resolve()
+    state = DeviceState(root)
+
+    def durable_at(i: int, directory: Path) -> bool:
+        """Whether ``directory`` was fsync'ed after event ``i``."""
+        return ("fsync dir", directory) in events[i + 1 :]
+
+    state.save_credentials(Credentials("http://127.0.0.1:1", "d-1", "secret"))
+    assert durable_at(events.index(("rename", root / "credentials.json")), root)
+
+    events.clear()
+    state.save_pending(_pending())
+    assert durable_at(events.index(("rename", root / "pending" / "upload.json")), root / "pending")
+
+    pending = state.load_pending()
+    assert pending is not None
+    events.clear()
+    state.commit_pending(pending)
+    saved = events.index(("rename", root / "residuals" / "t-1.npy"))
+    marker_gone = events.index(("unlink", root / "pending" / "upload.json"))
+    assert ("fsync dir", root / "residuals") in events[saved + 1 : marker_gone]
+
+    # An upload that left no residual, on a device that never stored one: nothing to persist.
+    fresh = DeviceState(root / "fresh")
+    fresh.save_pending(dataclasses.replace(_pending(), residual=None))
+    empty = fresh.load_pending()
+    assert empty is not None
+    fresh.commit_pending(empty)
+    assert fresh.load_pending() is None and fresh.error_feedback("t-1").load(6) is None
