@@ -92,7 +92,7 @@ from edge_sdk.protocol import (
 from edge_sdk.state import Credentials, DeviceState, PendingUpload
 from edge_sdk.tls import TlsConfig
 from edge_sdk.trainers.base import BundleNotSupported
-from edge_sdk.transport import RetryPolicy, Transport
+from edge_sdk.transport import RetryPolicy, Transport, doubling_backoff
 
 if TYPE_CHECKING:
     import asyncio
@@ -284,13 +284,8 @@ class Client:
 
     def _failed(self, error: BaseException) -> Outcome:
         self._failures += 1
-        # The exponent is bounded first: 2.0 ** n overflows (OverflowError) past n = 1023, some
-        # six weeks of an unreachable coordinator at the hourly cap, and 2 ** 64 times any
-        # sensible first wait is far past any cap.
-        doublings = min(self._failures - 1, 64)
-        backoff = min(
-            self.config.max_failure_backoff_s,
-            self.config.failure_backoff_s * 2.0**doublings,
+        backoff = doubling_backoff(
+            self.config.failure_backoff_s, self._failures, self.config.max_failure_backoff_s
         )
         if isinstance(error, Overloaded) and error.retry_after_s is not None:
             # Pace steering: the coordinator said when to come back, longer than one request

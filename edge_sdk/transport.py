@@ -52,6 +52,15 @@ _MAX_BODY = 256 * 1024 * 1024
 _USER_AGENT = "fedge-edge/1"
 
 
+def doubling_backoff(first_s: float, n: int, cap_s: float) -> float:
+    """The ``n``-th wait (1-based) of a backoff that doubles from ``first_s`` up to ``cap_s``.
+
+    The exponent is bounded first: ``2.0 ** n`` raises OverflowError past n = 1023 (a long
+    retry policy, weeks of failed passes), and 2 ** 64 times any sensible first wait is far
+    past any cap."""
+    return min(cap_s, first_s * 2.0 ** min(n - 1, 64))
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with jitter: attempt ``n`` waits ``base * 2**(n-1)`` (capped) times a
@@ -76,7 +85,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1-based)."""
-        cap = min(self.max_delay_s, self.base_delay_s * 2.0 ** (attempt - 1))
+        cap = doubling_backoff(self.base_delay_s, attempt, self.max_delay_s)
         return cap * (1.0 - self.jitter * rng.random())
 
     def server_delay(self, asked: float, rng: random.Random) -> float:

@@ -271,3 +271,11 @@ def test_download_starts_over_when_a_206_resumes_from_elsewhere() -> None:
         _transport(server.url, []).download("/v1/file", sink, limit=len(DATA))
     assert sink.getvalue() == DATA
     assert "range" not in server.seen[-1].headers
+
+
+def test_a_long_retry_policy_keeps_its_backoff_at_the_cap() -> None:
+    """An operator's 'retry for a long time' policy: past 1024 attempts the backoff is still
+    the capped delay, not an OverflowError that no caller expects."""
+    policy = RetryPolicy(max_attempts=5000, base_delay_s=0.5, max_delay_s=30.0,
+                         max_total_wait_s=1e9)
+    assert 15.0 <= policy.delay(2000, random.Random(0)) <= 30.0
