@@ -21,7 +21,8 @@ error-feedback residual moves on exactly once (see :mod:`edge_sdk.state`).
 After an accepted report or an abort the coordinator's answer carries ``retry_after_s`` too
 (pace steering): the next wait is that plus jitter; the local defaults (``after_assignment_s``,
 ``ineligible_recheck_s``) only stand in when an answer lacks it. A pass that failed on
-``503 overloaded`` waits at least the ``Retry-After`` of that answer.
+``503 overloaded`` waits at least the ``Retry-After`` of that answer. A wait a coordinator
+asks for is capped at ``MAX_ASKED_WAIT_S`` (a day).
 
 :meth:`Client.run_forever` repeats it, sleeping ``next_run_in_s`` in between (pace steering).
 :class:`AsyncClient` adds ``await run_once_async()`` / ``run_forever_async()`` for apps with
@@ -110,6 +111,12 @@ ABORTED = "aborted"  # conditions lapsed during training; the coordinator was to
 REJECTED = "rejected"  # the coordinator refused the upload (late, stale, bad update)
 FAILED = "failed"  # network or local error; retried after a growing backoff
 ACTIONS = (INELIGIBLE, WAIT, TRAINED, EVALUATED, ABORTED, REJECTED, FAILED)
+
+# The longest wait a coordinator's answer sets (its pacing stays within max_retry_s, an hour
+# by default). A larger one is a mistake (a wrong unit, a broken coordinator): past about
+# 292 years time.sleep and threading.Event.wait raise OverflowError, which would end
+# run_forever, and well before that the device would be lost to the fleet.
+MAX_ASKED_WAIT_S = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -279,7 +286,7 @@ class Client:
         malformed hint (an older coordinator) must not turn that into a failed pass."""
         asked = answer.get("retry_after_s") if isinstance(answer, dict) else None
         if isinstance(asked, (int, float)) and math.isfinite(asked):
-            return self._jittered(float(asked))
+            return self._jittered(min(float(asked), MAX_ASKED_WAIT_S))
         return self._jittered(default)
 
     def _failed(self, error: BaseException) -> Outcome:
@@ -330,7 +337,7 @@ class Client:
             # check in again at once, pass after pass, against a coordinator already saying no.
             if not math.isfinite(retry_after_s) or retry_after_s < 0:
                 raise TransportError(f"check-in answer's retry_after_s is {retry_after_s}")
-            return Outcome(WAIT, self._jittered(retry_after_s),
+            return Outcome(WAIT, self._jittered(min(retry_after_s, MAX_ASKED_WAIT_S)),
                            reasons=(str(answer.get("reason", "")),))
         if action in ("train", "evaluate"):
             assignment = answer.get("assignment")

@@ -509,3 +509,23 @@ def test_an_overloaded_coordinator_is_not_asked_again_before_its_retry_after(
         outcome = _client(coord.loopback.url, tmp_path, digits_data, sleeps).run_once()
     assert outcome.action == FAILED and outcome.error == "overloaded"
     assert 600.0 <= outcome.next_run_in_s <= 600.0 * 1.1
+
+
+@pytest.mark.parametrize("where", ["checkin", "update"])
+def test_an_absurd_wait_from_the_coordinator_is_capped_at_a_day(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path, where: str
+) -> None:
+    """retry_after_s = 1e10 (finite; a wrong unit, a broken coordinator): sleeping it is
+    beyond threading.Event.wait and time.sleep (OverflowError, which would end run_forever)
+    and would lose the device to the fleet; it comes back within a day instead."""
+    with ScriptedCoordinator(digits_bundle, {"steps": 1}) as coord:
+        if where == "checkin":
+            coord.checkin = lambda s: coord.wait(1e10)
+        else:
+            coord.checkin = lambda s: coord.train()
+            coord.update = lambda s: Reply(200, json.dumps(
+                {"accepted": True, "round": 1, "model_version": 0, "retry_after_s": 1e10}
+            ).encode())
+        outcome = _client(coord.loopback.url, tmp_path, digits_data).run_once()
+    assert outcome.action == (WAIT if where == "checkin" else TRAINED)
+    assert 86400.0 <= outcome.next_run_in_s <= 86400.0 * 1.1
