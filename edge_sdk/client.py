@@ -486,7 +486,7 @@ class Client:
         try:
             answer = self._deliver(pending)
         except ApiError as e:
-            if isinstance(e, Unauthorized) or e.status >= 500:
+            if isinstance(e, Unauthorized) or e.transient:
                 raise
             if not isinstance(e, Conflict):  # a 409's round is closed: no slot left to free
                 self._abort(ids["assignment_id"], "error", FailurePhase.UPLOAD,
@@ -549,7 +549,7 @@ class Client:
                                 "counted it (%s); its residual is not sent again",
                                 pending.assignment_id, e.code)  # fmt: skip
                     self.state.commit_pending(pending)
-                elif e.status < 500:
+                elif not e.transient:
                     # A refusal, not an outage: the coordinator did not count it (a counted
                     # upload's key always gets its stored answer back).
                     self.state.clear_pending()
@@ -575,7 +575,7 @@ class Client:
         try:
             self._deliver(pending, resend=True)
         except ApiError as e:
-            if e.status >= 500:
+            if e.transient:
                 raise
             log.info("pending upload %s settled by a refusal (%s)", pending.assignment_id,
                      e.code)

@@ -18,7 +18,8 @@ Hierarchy::
     │   │   └── TooStale              409: too_stale (async beyond the staleness bound)
     │   ├── Unprocessable             422: bad_update, bundle_invalid
     │   └── ServerError               5xx (internal, or a proxy in between)
-    │       └── Overloaded            503 overloaded: the queue is full (``retry_after_s``)
+    │       └── Overloaded            503 overloaded: the queue is full (``retry_after_s``);
+    │                                 also a rate-limiting proxy's 429
     ├── CacheError                    a bundle file stayed corrupt after re-fetching
     └── ConditionsLapsed              local training stopped: the device became ineligible
 
@@ -89,6 +90,14 @@ class ApiError(ClientError):
         self.message = message
         self.attempt = 1
 
+    @property
+    def transient(self) -> bool:
+        """Whether the request was not acted on and may succeed when sent again: a 5xx, or a
+        429 (RFC 6585: a rate limiter, such as a load balancer's in front of the coordinator,
+        did nothing with it). Such an answer is retried, and refuses nothing: an upload it
+        ends stays pending."""
+        return self.status >= 500 or self.status == 429
+
 
 class BadRequest(ApiError):
     pass
@@ -139,8 +148,9 @@ class ServerError(ApiError):
 
 
 class Overloaded(ServerError):
-    """503: the coordinator's work queue is full; ``retry_after_s`` is the wait it asked for
-    (its ``Retry-After``), None without a usable one."""
+    """503: the coordinator's work queue is full, or 429 from a rate limiter on the way;
+    ``retry_after_s`` is the wait it asked for (its ``Retry-After``), None without a usable
+    one."""
 
     retry_after_s: float | None = None
 
@@ -198,8 +208,10 @@ def api_error(
     status: int, code: str | None, message: str, *, method: str = "", path: str = ""
 ) -> ApiError:
     """The most specific :class:`ApiError` for a status and wire code."""
-    if status >= 500:
-        cls: type[ApiError] = Overloaded if code == ErrorCode.OVERLOADED.value else ServerError
+    if status == 429:
+        cls: type[ApiError] = Overloaded  # a proxy's (the coordinator sends 503 overloaded)
+    elif status >= 500:
+        cls = Overloaded if code == ErrorCode.OVERLOADED.value else ServerError
     else:
         cls = _BY_CODE.get(code or "") or _BY_STATUS.get(status, ApiError)
     return cls(status, code, message, method=method, path=path)

@@ -6,13 +6,14 @@ protocol needs on top:
 * JSON calls (:meth:`Transport.call`), raw bodies such as frame uploads (:meth:`Transport.request`)
   and streamed, resumable downloads into a file (:meth:`Transport.download`);
 * error bodies mapped to the classes of :mod:`edge_sdk.errors`;
-* retries with exponential backoff and jitter for connection failures and 5xx answers, never
-  for 4xx: a 4xx is the same answer next time. A 3xx is no answer at all (a proxy's, a captive
-  portal's): it raises :class:`~edge_sdk.errors.TransportError` and is not followed. A
-  keep-alive connection the server closed while idle is reopened once at once, without
-  counting as an attempt. A ``Retry-After`` (an overloaded coordinator's 503) sets the wait,
-  plus jitter so that the devices it turned away together do not return together; all the
-  waits of one request stay within ``RetryPolicy.max_total_wait_s``;
+* retries with exponential backoff and jitter for connection failures and 5xx answers (and
+  a rate limiter's 429), never for other 4xx: those are the same answer next time. A 3xx is
+  no answer at all (a proxy's, a captive portal's): it raises
+  :class:`~edge_sdk.errors.TransportError` and is not followed. A keep-alive connection the
+  server closed while idle is reopened once at once, without counting as an attempt. A
+  ``Retry-After`` (an overloaded coordinator's 503, a 429) sets the wait, plus jitter so that
+  the devices it turned away together do not return together; all the waits of one request
+  stay within ``RetryPolicy.max_total_wait_s``;
 * HTTPS with verified certificates, a custom CA bundle and public-key pinning
   (:class:`~edge_sdk.tls.TlsConfig`); a certificate that fails raises
   :class:`~edge_sdk.errors.TlsError` and is not retried;
@@ -258,7 +259,7 @@ class Transport:
             error = self._error(method, path, response)
             error.attempt = tries
             if (
-                response.status >= 500
+                error.transient
                 and n < self.retry.max_attempts
                 and wait(self._server_delay(n, response))
             ):

@@ -529,3 +529,27 @@ def test_an_absurd_wait_from_the_coordinator_is_capped_at_a_day(
         outcome = _client(coord.loopback.url, tmp_path, digits_data).run_once()
     assert outcome.action == (WAIT if where == "checkin" else TRAINED)
     assert 86400.0 <= outcome.next_run_in_s <= 86400.0 * 1.1
+
+
+def test_a_rate_limiting_proxy_429_keeps_the_upload_for_later(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    """A load balancer's 429 (RFC 6585: nothing was done; come back after Retry-After) is an
+    overload, not the coordinator refusing the update: the upload stays pending, the
+    assignment is not aborted, the device comes back no sooner than asked and resends it."""
+    limited = Reply(429, b"<html>Too Many Requests</html>", {"Retry-After": "120"})
+    with ScriptedCoordinator(digits_bundle, {"codec": {"name": "topk", "k": 50}}) as coord:
+        coord.checkin = lambda s: coord.train()
+        coord.update = lambda s: limited
+        client = _client(coord.loopback.url, tmp_path, digits_data)
+        first = client.run_once()
+        pending = client.state.load_pending()
+        coord.update = lambda s: Reply(200, b'{"accepted": true}')
+        coord.checkin = lambda s: coord.wait(5.0)
+        second = client.run_once()
+    assert first.action == FAILED and 120.0 <= first.next_run_in_s <= 132.0
+    assert len(coord.calls("/update")) == 3  # retried within the pass, then on the next one
+    assert coord.calls("/abort") == []
+    assert pending is not None and coord.calls("/update")[-1].body == pending.frame
+    assert second.action == WAIT and client.acknowledged_on_resend == 1
+    np.testing.assert_array_equal(client.state.error_feedback(TASK).load(2410), pending.residual)
