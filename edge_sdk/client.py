@@ -50,6 +50,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import threading
 import time
@@ -111,6 +112,11 @@ ABORTED = "aborted"  # conditions lapsed during training; the coordinator was to
 REJECTED = "rejected"  # the coordinator refused the upload (late, stale, bad update)
 FAILED = "failed"  # network or local error; retried after a growing backoff
 ACTIONS = (INELIGIBLE, WAIT, TRAINED, EVALUATED, ABORTED, REJECTED, FAILED)
+
+# An assignment id goes into URL paths (update, abort, metrics) and into the pending upload.
+# The coordinator's are "a-" and hex; anything outside this could not be sent (http.client
+# refuses spaces and control characters) or would address another route.
+_ASSIGNMENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 # The longest wait a coordinator's answer sets (its pacing stays within max_retry_s, an hour
 # by default). A larger one is a mistake (a wrong unit, a broken coordinator): past about
@@ -381,6 +387,10 @@ class Client:
 
     def _assignment(self, action: str, a: dict[str, Any]) -> Outcome:
         assignment_id = str(a["assignment_id"])
+        if not _ASSIGNMENT_ID.match(assignment_id):
+            # Refused before any work: an upload kept pending for it could never be sent,
+            # and a pending upload is resent before every check-in.
+            raise TransportError(f"assignment id {assignment_id!r} is not a protocol id")
         ids: dict[str, Any] = {"assignment_id": assignment_id, "task_id": str(a["task_id"]),
                                "round": int(a["round"])}
         down0 = self.transport.bytes_received

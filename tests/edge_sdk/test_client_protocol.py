@@ -553,3 +553,25 @@ def test_a_rate_limiting_proxy_429_keeps_the_upload_for_later(
     assert pending is not None and coord.calls("/update")[-1].body == pending.frame
     assert second.action == WAIT and client.acknowledged_on_resend == 1
     np.testing.assert_array_equal(client.state.error_feedback(TASK).load(2410), pending.residual)
+
+
+def test_an_assignment_id_that_cannot_be_a_url_path_is_refused_before_training(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    """http.client refuses a path with a space or a control character before sending it, so
+    an upload to such an assignment could never be delivered: kept pending, it would be
+    resent, and fail, at the start of every pass, and the device would never check in
+    again."""
+    with ScriptedCoordinator(digits_bundle, {"steps": 1}) as coord:
+        def checkin(seen: Seen) -> Reply:
+            body = json.loads(coord.train().body)
+            body["assignment"]["assignment_id"] = "a 1"
+            return Reply(200, json.dumps(body).encode())
+
+        coord.checkin = checkin
+        client = _client(coord.loopback.url, tmp_path, digits_data)
+        first = client.run_once()
+        coord.checkin = lambda s: coord.wait(5.0)
+        second = client.run_once()
+    assert first.action == FAILED and client.state.load_pending() is None
+    assert second.action == WAIT
