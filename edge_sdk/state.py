@@ -124,7 +124,12 @@ class DeviceState:
         try:
             raw = json.loads(self.credentials_path.read_text())
             creds = Credentials(str(raw["coordinator"]), str(raw["device_id"]), str(raw["secret"]))
-        except (OSError, ValueError, KeyError, TypeError):
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            # Registering replaces it, and the device comes back as a new one: say why.
+            log.warning("ignoring unreadable %s (the device will register anew): %r",
+                        self.credentials_path, e)
             return None
         return creds if creds.coordinator == coordinator else None
 

@@ -169,3 +169,21 @@ def test_every_step_is_on_disk_before_the_next_one_counts_on_it(
     assert empty is not None
     fresh.commit_pending(empty)
     assert fresh.load_pending() is None and fresh.error_feedback("t-1").load(6) is None
+
+
+def test_a_damaged_credential_is_reported_before_it_is_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Registration replaces an unreadable credential (a new identity for the device): the
+    operator must be able to see why a device came back as someone else."""
+    state = DeviceState(tmp_path)
+    state.save_credentials(Credentials("http://a:1", "d-1", "x"))
+    state.credentials_path.write_bytes(b'{"coordinator": "http://a:1", "devi')
+    with caplog.at_level("WARNING", logger="edge_sdk.state"):
+        assert state.load_credentials("http://a:1") is None
+    assert any("credentials.json" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    state.forget_credentials()
+    with caplog.at_level("WARNING", logger="edge_sdk.state"):
+        assert state.load_credentials("http://a:1") is None  # none yet: nothing to report
+    assert caplog.records == []
