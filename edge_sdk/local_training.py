@@ -184,7 +184,7 @@ class LocalLayers:
     def load(self, size: int) -> np.ndarray | None:
         try:
             values = np.load(self.path, allow_pickle=False)  # never unpickle from disk
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):  # EOFError: an empty file
             return None
         if values.shape != (size,) or values.dtype != np.float32:
             return None  # another model's layers: start from the global ones

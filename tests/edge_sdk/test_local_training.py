@@ -249,5 +249,9 @@ def test_local_layers_of_another_model_are_ignored(tmp_path: Path) -> None:
     assert local.load(5) is None  # a re-exported model with other layers
     (tmp_path / "local_layers" / "t.npy").write_bytes(b"not numpy")
     assert local.load(4) is None
+    # an empty file (a lost write): np.load raises EOFError, which would fail every round
+    # of the task, since the file is only rewritten after a round trained
+    (tmp_path / "local_layers" / "t.npy").write_bytes(b"")
+    assert local.load(4) is None
     with pytest.raises(ValueError, match="not safe"):
         LocalLayers.for_task(tmp_path, "../escape")
