@@ -101,7 +101,13 @@ class Response:
     body: bytes
 
     def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
+        """The decoded body (None if empty); ValueError if it is not JSON, including JSON
+        nested deeper than the decoder recurses (which raises RecursionError, a
+        RuntimeError that no caller of an HTTP answer expects)."""
+        try:
+            return json.loads(self.body) if self.body else None
+        except RecursionError as e:
+            raise ValueError(f"JSON nested too deeply: {e}") from None
 
 
 class _Failed(Exception):
@@ -276,7 +282,7 @@ class Transport:
         code: str | None = None
         message = response.body[:200].decode("utf-8", "replace")
         try:
-            err = json.loads(response.body)["error"]
+            err = response.json()["error"]
             code = str(err["code"])
             message = str(err.get("message", ""))
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):

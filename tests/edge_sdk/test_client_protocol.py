@@ -377,11 +377,13 @@ def _foreign_params_url(coord: ScriptedCoordinator) -> None:
                                                              b'"retry_after_s": Infinity}')),
         lambda c: setattr(c, "checkin", lambda s: Reply(200, b'{"action": "wait", '
                                                              b'"retry_after_s": -30}')),
+        # deeper than the json module recurses: RecursionError, not a ValueError
+        lambda c: setattr(c, "checkin", lambda s: Reply(200, b"[" * 100_000 + b"]" * 100_000)),
         _corrupt_params,
         _foreign_params_url,
     ],
     ids=["not-json", "unknown-action", "no-assignment", "bad-retry-after", "endless-retry-after",
-         "negative-retry-after", "corrupt-params", "foreign-params-url"],
+         "negative-retry-after", "deep-json", "corrupt-params", "foreign-params-url"],
 )
 def test_malformed_answers_fail_the_pass_without_uploading(
     digits_bundle: Path, digits_data: Any, tmp_path: Path, script: Callable[[Any], None]
@@ -575,3 +577,21 @@ def test_an_assignment_id_that_cannot_be_a_url_path_is_refused_before_training(
         second = client.run_once()
     assert first.action == FAILED and client.state.load_pending() is None
     assert second.action == WAIT
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_an_answer_too_deeply_nested_for_json_is_no_crash(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path, status: int
+) -> None:
+    """An upload's answer that json cannot decode for its depth: a 2xx still acknowledges
+    the upload, a 5xx is still no answer (the upload stays pending); neither escapes
+    run_once, which promises never to raise for coordinator trouble."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with ScriptedCoordinator(digits_bundle, {"steps": 1}) as coord:
+        coord.checkin = lambda s: coord.train()
+        coord.update = lambda s: Reply(status, deep)
+        client = _client(coord.loopback.url, tmp_path, digits_data)
+        outcome = client.run_once()
+    assert outcome.action == (TRAINED if status == 200 else FAILED)
+    assert (client.state.load_pending() is None) == (status == 200)
+    assert coord.calls("/abort") == []  # an upload is never aborted for want of an answer
