@@ -237,8 +237,9 @@ class Client:
             except (ClientError, OSError, ValueError) as e:
                 log.warning("run failed: %s", e)
                 outcome = self._failed(e)
-            except (KeyError, TypeError) as e:
-                # A coordinator answer without the fields the protocol promises.
+            except (KeyError, TypeError, OverflowError) as e:
+                # A coordinator answer without the fields the protocol promises, or with a
+                # number no float holds (1e400 decodes to inf, and int() of it overflows).
                 log.warning("run failed on a malformed answer", exc_info=True)
                 outcome = self._failed(e)
             else:
@@ -291,8 +292,11 @@ class Client:
         Lenient, unlike a check-in's ``wait``: the report was accepted, and a missing or
         malformed hint (an older coordinator) must not turn that into a failed pass."""
         asked = answer.get("retry_after_s") if isinstance(answer, dict) else None
-        if isinstance(asked, (int, float)) and math.isfinite(asked):
-            return self._jittered(min(float(asked), MAX_ASKED_WAIT_S))
+        if isinstance(asked, (int, float)):
+            # float() of an integer too large for a float raises OverflowError: malformed too
+            with contextlib.suppress(OverflowError):
+                if math.isfinite(seconds := float(asked)):
+                    return self._jittered(min(seconds, MAX_ASKED_WAIT_S))
         return self._jittered(default)
 
     def _failed(self, error: BaseException) -> Outcome:

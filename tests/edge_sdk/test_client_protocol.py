@@ -365,6 +365,15 @@ def _foreign_params_url(coord: ScriptedCoordinator) -> None:
     coord.checkin = checkin
 
 
+def _huge_round(coord: ScriptedCoordinator) -> None:
+    def checkin(seen: Seen) -> Reply:
+        body = json.loads(coord.train().body)
+        body["assignment"]["round"] = "ROUND"
+        return Reply(200, json.dumps(body).replace('"ROUND"', "1e400").encode())
+
+    coord.checkin = checkin
+
+
 @pytest.mark.parametrize(
     "script",
     [
@@ -379,11 +388,17 @@ def _foreign_params_url(coord: ScriptedCoordinator) -> None:
                                                              b'"retry_after_s": -30}')),
         # deeper than the json module recurses: RecursionError, not a ValueError
         lambda c: setattr(c, "checkin", lambda s: Reply(200, b"[" * 100_000 + b"]" * 100_000)),
+        # numbers past a float: OverflowError from float() and int(), not a ValueError
+        lambda c: setattr(c, "checkin", lambda s: Reply(200, b'{"action": "wait", '
+                                                             b'"retry_after_s": 1' + b"0" * 400
+                                                             + b"}")),
+        _huge_round,
         _corrupt_params,
         _foreign_params_url,
     ],
     ids=["not-json", "unknown-action", "no-assignment", "bad-retry-after", "endless-retry-after",
-         "negative-retry-after", "deep-json", "corrupt-params", "foreign-params-url"],
+         "negative-retry-after", "deep-json", "huge-retry-after", "huge-round", "corrupt-params",
+         "foreign-params-url"],
 )
 def test_malformed_answers_fail_the_pass_without_uploading(
     digits_bundle: Path, digits_data: Any, tmp_path: Path, script: Callable[[Any], None]
@@ -595,3 +610,16 @@ def test_an_answer_too_deeply_nested_for_json_is_no_crash(
     assert outcome.action == (TRAINED if status == 200 else FAILED)
     assert (client.state.load_pending() is None) == (status == 200)
     assert coord.calls("/abort") == []  # an upload is never aborted for want of an answer
+
+
+def test_a_pacing_hint_past_a_float_on_an_accepted_upload_is_ignored(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    """_paced is lenient: an accepted report stays 'trained' whatever its retry_after_s,
+    here an integer no float holds (like Infinity, the local default stands in)."""
+    with ScriptedCoordinator(digits_bundle, {"steps": 1}) as coord:
+        coord.checkin = lambda s: coord.train()
+        coord.update = lambda s: Reply(
+            200, b'{"accepted": true, "retry_after_s": 1' + b"0" * 400 + b"}")
+        outcome = _client(coord.loopback.url, tmp_path, digits_data).run_once()
+    assert outcome.action == TRAINED and 1.0 <= outcome.next_run_in_s <= 1.1
