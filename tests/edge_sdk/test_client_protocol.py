@@ -623,3 +623,23 @@ def test_a_pacing_hint_past_a_float_on_an_accepted_upload_is_ignored(
             200, b'{"accepted": true, "retry_after_s": 1' + b"0" * 400 + b"}")
         outcome = _client(coord.loopback.url, tmp_path, digits_data).run_once()
     assert outcome.action == TRAINED and 1.0 <= outcome.next_run_in_s <= 1.1
+
+
+def test_a_credential_that_cannot_be_sent_in_a_header_is_not_kept(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    """http.client refuses a header value with a line break before sending: a secret like
+    that, once stored, would fail every later pass on the device, without a 401 that would
+    make it register again."""
+    answers = [{"device_id": "d-1", "secret": "s\r\nX-Injected: 1"},
+               {"device_id": "d-2", "secret": "fine"}]
+    with ScriptedCoordinator(digits_bundle) as coord:
+        inner = coord.handle
+        coord.loopback.handler = lambda s: (Reply(201, json.dumps(answers.pop(0)).encode())
+                                            if s.path == "/v1/devices" else inner(s))
+        client = _client(coord.loopback.url, tmp_path, digits_data)
+        first = client.run_once()
+        second = client.run_once()
+    assert first.action == FAILED and second.action == WAIT
+    assert client.device_id == "d-2"
+    assert coord.calls("/v1/checkin")[-1].headers["authorization"] == "Device d-2:fine"
