@@ -30,6 +30,7 @@ import os
 import re
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 from edge_sdk.bundle import (
     MANIFEST_NAME,
@@ -130,8 +131,11 @@ class BundleCache:
         verified.pop(name, None)
         partial = directory / _PARTIAL / name
         partial.parent.mkdir(parents=True, exist_ok=True)
+        # Percent-encoded (the coordinator's router decodes it): a manifest may name a file
+        # with a space, a non-ASCII letter, "?" or "%", which http.client would refuse to
+        # send or the server would read as something else.
         url = Route.BUNDLE_FILE.replace("{name:.+}", "{name}").format(
-            bundle_id=bundle_id, name=name
+            bundle_id=bundle_id, name=quote(name, safe="/")
         )
         size, digest = int(meta["bytes"]), str(meta["sha256"])
         for attempt in (1, 2):

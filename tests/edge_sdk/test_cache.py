@@ -226,3 +226,25 @@ def test_tampered_manifest_is_rejected_before_any_file(tmp_path: Path) -> None:
 def test_bundle_id_that_is_not_a_digest_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match="sha256"):
         BundleCache(tmp_path).path("../../etc")
+
+
+def test_file_names_that_need_quoting_in_a_url_are_fetched(tmp_path: Path) -> None:
+    """The manifest allows any relative name; the URL of one with a space or a non-ASCII
+    letter must be percent-encoded (the coordinator's router decodes it), or http.client
+    refuses to send it and the bundle can never be downloaded."""
+    from urllib.parse import unquote
+
+    files = {"my model.onnx": b"graph", "gewichte/ü.f32": b"\x00" * 16, "a%b": b"percent"}
+    manifest = _manifest(files)
+    prefix = f"/v1/bundles/{manifest['bundle_id']}"
+
+    def handler(seen: Seen) -> Reply:
+        if seen.path == prefix:
+            return Reply(200, json.dumps(manifest).encode())
+        name = unquote(seen.path[len(prefix + "/files/") :])
+        return ranged(files[name], seen) if name in files else json_error(404, "not_found")
+
+    with Loopback(handler) as server:
+        directory, _ = BundleCache(tmp_path).fetch(_transport(server.url), manifest["bundle_id"])
+    for name, data in files.items():
+        assert (directory / name).read_bytes() == data
