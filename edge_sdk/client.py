@@ -87,6 +87,7 @@ from edge_sdk.protocol import (
     HEADER_ENROLLMENT,
     HEADER_IDEMPOTENCY_KEY,
     HEADER_REPORT,
+    SAFE_ID,
     DeviceErrorCode,
     FailurePhase,
     Route,
@@ -113,11 +114,6 @@ REJECTED = "rejected"  # the coordinator refused the upload (late, stale, bad up
 FAILED = "failed"  # network or local error; retried after a growing backoff
 ACTIONS = (INELIGIBLE, WAIT, TRAINED, EVALUATED, ABORTED, REJECTED, FAILED)
 
-# An assignment id goes into URL paths (update, abort, metrics) and into the pending upload,
-# a device id into every request's Authorization header. The coordinator's are "a-"/"d-" and
-# hex; anything outside this could not be sent (http.client refuses spaces and control
-# characters), would address another route, or (a ":") would split the header elsewhere.
-_PROTOCOL_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # A device secret: visible ASCII, what a header value carries unchanged.
 _SECRET = re.compile(r"^[!-~]{1,512}$")
 
@@ -379,7 +375,7 @@ class Client:
                 else {HEADER_ENROLLMENT: self.config.enrollment_token},
             )
             creds = Credentials(url, str(answer["device_id"]), str(answer["secret"]))
-            if not _PROTOCOL_ID.match(creds.device_id) or not _SECRET.match(creds.secret):
+            if not SAFE_ID.match(creds.device_id) or not _SECRET.match(creds.secret):
                 # Stored, it could never be sent (every later pass would fail before reaching
                 # the coordinator, with no 401 to make the device register again).
                 raise TransportError("registration answer's device id or secret cannot be "
@@ -399,7 +395,7 @@ class Client:
 
     def _assignment(self, action: str, a: dict[str, Any]) -> Outcome:
         assignment_id = str(a["assignment_id"])
-        if not _PROTOCOL_ID.match(assignment_id):
+        if not SAFE_ID.match(assignment_id):
             # Refused before any work: an upload kept pending for it could never be sent,
             # and a pending upload is resent before every check-in.
             raise TransportError(f"assignment id {assignment_id!r} is not a protocol id")

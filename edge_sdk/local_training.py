@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 from edge_sdk.codecs import CodecSpec
 from edge_sdk.data import Batch, Dataset
 from edge_sdk.errors import ConditionsLapsed
+from edge_sdk.protocol import SAFE_ID
 from edge_sdk.trainers.base import BundleNotSupported, Trainer
 
 __all__ = [
@@ -53,7 +53,6 @@ EVAL_BATCH = 256
 
 _FP32 = CodecSpec("fp32")
 BATCHNORM_MODES = ("aggregate", "local")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 class PlanError(ValueError):
@@ -177,7 +176,7 @@ class LocalLayers:
 
     @classmethod
     def for_task(cls, state_dir: Path | str, task_id: str) -> LocalLayers:
-        if not _SAFE_ID.match(task_id):
+        if not SAFE_ID.match(task_id):
             raise ValueError(f"task id {task_id!r} is not safe as a file name")
         return cls(Path(state_dir) / "local_layers" / f"{task_id}.npy")
 

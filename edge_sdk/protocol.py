@@ -22,6 +22,7 @@ Conventions
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Final
 
@@ -31,6 +32,7 @@ __all__ = [
     "HEADER_ENROLLMENT",
     "HEADER_IDEMPOTENCY_KEY",
     "HEADER_REPORT",
+    "SAFE_ID",
     "DeviceErrorCode",
     "ErrorCode",
     "FailurePhase",
@@ -40,6 +42,12 @@ __all__ = [
 ]
 
 API_PREFIX: Final = "/v1"
+# The shape of an id a device sends back or keeps on disk (assignment, device and task ids):
+# it goes into URL paths, the Authorization header and file names. The coordinator's are
+# "a-"/"d-"/"t-" and hex; anything outside this could not be sent (http.client refuses
+# spaces and control characters), would address another route or file, or (a ":") would
+# split the header elsewhere.
+SAFE_ID: Final = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 FRAME_CONTENT_TYPE: Final = "application/x-fedge-frame"
 HEADER_IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 # JSON (ASCII) with the client's training report for an upload: see docs/protocol.md.

@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,13 +38,13 @@ from typing import Any
 import numpy as np
 
 from edge_sdk.codecs import ErrorFeedback
+from edge_sdk.protocol import SAFE_ID
 
 __all__ = ["Credentials", "DeviceState", "PendingUpload"]
 
 log = logging.getLogger(__name__)
 
 _CREDENTIALS = "credentials.json"
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ class DeviceState:
 
     def save_pending(self, pending: PendingUpload) -> None:
         """Make ``pending`` durable before it is sent (the JSON marker is written last)."""
-        if not _SAFE_ID.match(pending.task_id):
+        if not SAFE_ID.match(pending.task_id):
             raise ValueError(f"task id {pending.task_id!r} is not safe as a file name")
         d = self._pending_dir
         d.mkdir(exist_ok=True, mode=0o700)
@@ -203,7 +202,7 @@ class DeviceState:
                 uses_feedback=bool(meta["uses_feedback"]),
                 residual=residual,
             )
-            if not _SAFE_ID.match(pending.task_id):
+            if not SAFE_ID.match(pending.task_id):
                 raise ValueError(f"task id {pending.task_id!r} is not safe as a file name")
             if PendingUpload.key_for(pending.assignment_id, frame) != pending.key:
                 raise ValueError("its frame does not match its idempotency key")
@@ -237,6 +236,6 @@ class DeviceState:
 
     def error_feedback(self, task_id: str) -> ErrorFeedback:
         """The task's residual store (see :class:`~edge_sdk.codecs.ErrorFeedback`)."""
-        if not _SAFE_ID.match(task_id):
+        if not SAFE_ID.match(task_id):
             raise ValueError(f"task id {task_id!r} is not safe as a file name")
         return ErrorFeedback(self.root / "residuals" / f"{task_id}.npy")
