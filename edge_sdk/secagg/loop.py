@@ -134,7 +134,10 @@ class SecAggLoop:
                     raise ConditionsLapsed(reasons, step=0)
                 self._answer(stage, state)
                 continue
-            self.sleep(max(0.01, float(state.get("retry_after_s", 1.0))))
+            # No longer than the session can last: an absurd wait (or Infinity) would
+            # overflow the sleep, or outlive the round it waits for.
+            left = self.give_up_at - self.clock()
+            self.sleep(max(0.01, min(float(state.get("retry_after_s", 1.0)), left)))
         return SecAggResult("timeout", self.answered)
 
     def _answer(self, stage: str, state: dict[str, Any]) -> None:

@@ -189,3 +189,19 @@ def test_a_device_answers_one_unmask_request_whatever_the_server_says_next() -> 
     assert result.outcome == "committed"
     unmasks = [s.body for s in seen if s.path.endswith("/secagg/unmask")]
     assert len(unmasks) == 2 and unmasks[0] == unmasks[1]
+
+
+@pytest.mark.parametrize("asked", [1e12, float("inf")])
+def test_a_poll_waits_no_longer_than_the_session_can_last(asked: float) -> None:
+    """A state answer asking for an absurd wait (1e12 s; or Infinity, which Python's JSON
+    reads): the loop sleeps at most until it would give up on the session anyway (the
+    deadline plus five stage timeouts, 30 s here). Before, it slept what it was told:
+    ``time.sleep`` of such a number raises OverflowError out of the loop."""
+    answers = iter([
+        _state("advertise", answered=True, retry_after_s=asked),
+        Reply(200, b'{"stage": "closed", "outcome": "committed"}'),
+    ])  # fmt: skip
+    slept: list[float] = []
+    result, _ = _scripted(lambda s: next(answers), np.zeros(3), 1, slept.append)
+    assert result.outcome == "committed"
+    assert len(slept) == 1 and 0 < slept[0] <= 30.0, slept
