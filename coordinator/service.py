@@ -645,7 +645,7 @@ class Coordinator:
         """Count ``nbytes`` of a parameter frame sent to a device in its task's ``bytes_out``:
         what was sent, not the file's size (nothing for a ``304``, the rest of the frame for
         a download resumed with ``Range``)."""
-        self.ctx.bytes_out[task_id] += nbytes
+        self.ctx.bytes_out.add(task_id, nbytes)
 
     def _version(self, task: Task, version: str) -> Version:
         if version == "current":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -102,6 +103,28 @@ def assignment_json(
     }
 
 
+class SentBytes:
+    """Parameter bytes sent to devices per task since its last round closed (in memory:
+    metrics only). Added on the event loop as each download ends, read and reset by the
+    worker when a round closes: hence the lock, which no worker hop per download needs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sent: defaultdict[str, int] = defaultdict(int)
+
+    def add(self, task_id: str, nbytes: int) -> None:
+        with self._lock:
+            self._sent[task_id] += nbytes
+
+    def get(self, task_id: str) -> int:
+        with self._lock:
+            return self._sent.get(task_id, 0)
+
+    def forget(self, task_id: str) -> None:
+        with self._lock:
+            self._sent.pop(task_id, None)
+
+
 @dataclass
 class PolicyContext:
     store: Store
@@ -115,8 +138,7 @@ class PolicyContext:
     replica: Replica | None = None
     # Among replicas: where a closed round's payloads are deleted (off the worker thread).
     deletes: BackgroundDeletes | None = None
-    # Bytes served to devices per task since its last round closed (in memory: metrics only).
-    bytes_out: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_out: SentBytes = field(default_factory=SentBytes)
 
     # Bundles are immutable and content-addressed: their manifests are cached once read.
     # Callers must not mutate what they get.
@@ -140,7 +162,7 @@ class PolicyContext:
         Blobs are content-addressed, so two updates with identical bytes (a zero delta, say)
         share one: a payload an open round still needs for recovery is kept.
         """
-        self.bytes_out.pop(task_id, None)
+        self.bytes_out.forget(task_id)
         if self.replica is not None:  # folded into the version (or abandoned with the round)
             self.store.delete_partials(round_id)
         if self.retain_updates:

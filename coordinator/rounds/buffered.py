@@ -428,7 +428,7 @@ class BufferedAsync(TaskPolicy):
             "max_staleness": commit.max_staleness,
             "loss": totals.loss,
             "bytes_in": totals.payload_bytes,
-            "bytes_out": self.ctx.bytes_out.get(task.task_id, 0),
+            "bytes_out": self.ctx.bytes_out.get(task.task_id),
             "duration_s": now - rnd.opened_at,
             "outcome": "committed",
         }

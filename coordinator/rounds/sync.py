@@ -683,7 +683,7 @@ class SyncRounds(TaskPolicy):
             "loss": totals.loss,
             "accuracy": totals.accuracy,
             "bytes_in": totals.payload_bytes,
-            "bytes_out": self.ctx.bytes_out.get(task.task_id, 0),
+            "bytes_out": self.ctx.bytes_out.get(task.task_id),
             "duration_s": now - rnd.opened_at,
             "selection_s": (rnd.selected_at or now) - rnd.opened_at,
             "reporting_s": now - (rnd.selected_at or now),
