@@ -5,7 +5,8 @@ reading more than the limit: update frames, JSON control messages and bundle upl
 their own), then run the matching :class:`~coordinator.service.Coordinator` method on the
 service's single worker thread, so SQLite work never blocks the event loop and operations never
 interleave. That thread's queue is bounded (:class:`WorkQueue`): past the bound a request is
-answered ``503 overloaded`` with ``Retry-After`` at once, before its body is read. Uploads are
+answered ``503 overloaded`` with ``Retry-After`` at once (an update frame before its body is
+read; a JSON control message, at most ``max_json_bytes``, once read). Uploads are
 group-committed (``group_commit``, :class:`_GroupedUploads`): admitted on the worker thread,
 decoded on the event loop (large frames on a pool), made durable in batches. Every failure
 leaves as the JSON error shape; an unexpected exception is logged and answered ``500 internal``.
