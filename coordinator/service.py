@@ -459,7 +459,7 @@ class Coordinator:
 
     def check_admin(self, authorization: str | None) -> None:
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme != "Bearer" or not hmac.compare_digest(
+        if scheme.lower() != "bearer" or not hmac.compare_digest(  # RFC 9110: any case
             _header_bytes(token), self.admin_token.encode()
         ):
             raise Unauthorized("operator calls need 'Authorization: Bearer <admin token>'")

@@ -155,10 +155,12 @@ def device_auth_header(device_id: str, secret: str) -> str:
 
 
 def parse_device_auth(value: str | None) -> tuple[str, str] | None:
-    """``(device_id, secret)`` from an Authorization header value, or None if malformed."""
-    if not value or not value.startswith("Device "):
+    """``(device_id, secret)`` from an Authorization header value, or None if malformed.
+    The scheme's name is case-insensitive (RFC 9110, 11.1)."""
+    scheme, _, credentials = (value or "").partition(" ")
+    if scheme.lower() != "device":
         return None
-    device_id, sep, secret = value[len("Device ") :].partition(":")
+    device_id, sep, secret = credentials.partition(":")
     if not sep or not device_id or not secret:
         return None
     return device_id, secret

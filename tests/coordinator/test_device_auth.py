@@ -52,3 +52,23 @@ def test_stored_hash_is_hmac_sha256_and_only_the_right_secret_passes(
             )
             assert status == 401, (header, body)
             assert b'"unauthorized"' in body
+
+
+def test_the_scheme_names_are_case_insensitive(tmp_path: Path) -> None:
+    """RFC 9110 (11.1): an authentication scheme's name is case-insensitive. A proxy or
+    client library that writes ``bearer``/``DEVICE`` was refused 401 before."""
+    with EmbeddedCoordinator(tmp_path / "fedge.db") as coord:
+        dev = DeviceHTTP(coord)
+        for scheme in ("device", "DEVICE"):
+            status, _, body = dev.http.request(
+                "POST", Route.CHECKIN, b'{"runtimes": ["ort-step"]}',
+                {"Authorization": f"{scheme} {dev.device_id}:{dev.secret}"},
+            )
+            assert status == 200, body
+        for scheme in ("bearer", "BEARER"):
+            auth = {"Authorization": f"{scheme} {coord.admin_token}"}
+            assert dev.http.request("GET", Route.ADMIN_TASKS, None, auth)[0] == 200
+        # the scheme's name only: a wrong token or secret is refused whatever its case
+        bad = {"Authorization": "bearer nope"}
+        assert dev.http.request("GET", Route.ADMIN_TASKS, None, bad)[0] == 401
+        dev.close()
