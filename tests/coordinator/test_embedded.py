@@ -8,6 +8,7 @@ import pytest
 
 from coordinator.admin import AdminClient, ApiCallError, TransportError
 from coordinator.embedded import EmbeddedCoordinator
+from edge_sdk.errors import NotFound
 
 
 def test_thread_mode_serves_and_stops(tmp_path: Path, tiny_bundle: Path) -> None:
@@ -58,3 +59,15 @@ def test_misuse_is_refused(tmp_path: Path) -> None:
     coord = EmbeddedCoordinator(tmp_path / "x.db")
     with pytest.raises(RuntimeError):
         coord.kill()
+
+
+def test_the_admin_client_percent_encodes_task_ids(tmp_path: Path, tiny_bundle: Path) -> None:
+    """A task id with "?" asked the coordinator for another task: ``task("t?x=1")`` read the
+    task "t" (the rest a query string). Now the id is sent whole and is simply unknown."""
+    with EmbeddedCoordinator(tmp_path / "fedge.db") as coord:
+        admin = coord.admin()
+        task_id = admin.create_task(admin.upload_bundle(tiny_bundle)["bundle_id"])["task_id"]
+        assert admin.task(task_id)["task_id"] == task_id
+        for odd in (f"{task_id}?x=1", f"{task_id}#frag", f"{task_id}/rounds"):
+            with pytest.raises(NotFound, match="no task"):
+                admin.task(odd)
