@@ -80,17 +80,19 @@ class SharedCounters:
     def publish(self) -> None:
         """Replace this process's file with its current counters (atomically: a reader sees
         the old snapshot or the new one, never part of one)."""
-        self._write(self._snapshot())
+        with self._lock:
+            self._write(self._snapshot())
 
     def families(self) -> list[Metric]:
         """Publish, then the sum of this process's counters and every other process's
         snapshot, as metric families. A snapshot that cannot be written (the directory
         removed under a running node, a full disk) is logged: the scrape still answers."""
-        own = self._snapshot()
-        try:
-            self._write(own)
-        except OSError as e:
-            log.warning("metrics snapshot %s not written: %s", self.path.name, e)
+        with self._lock:
+            own = self._snapshot()
+            try:
+                self._write(own)
+            except OSError as e:
+                log.warning("metrics snapshot %s not written: %s", self.path.name, e)
         return _merge([(own, True), *self._snapshots()])
 
     def others(self) -> list[Metric]:
@@ -104,20 +106,22 @@ class SharedCounters:
         ]
 
     def _write(self, snapshot: list[Any]) -> None:
+        """With the lock held since ``snapshot`` was taken: the event loop and the worker
+        thread both publish, and an earlier snapshot written after a later one would take
+        back counts a scrape already reported (the node's sum would go down)."""
         text = json.dumps(snapshot)
-        with self._lock:  # the event loop and the worker thread both publish
-            if text == self._last:  # an idle process rewrites nothing, but shows it is alive
-                try:
-                    os.utime(self.path)
-                    return
-                except FileNotFoundError:  # removed meanwhile: written again below
-                    pass
-            # made again if removed meanwhile (a temporary directory cleaner, an operator)
-            self.directory.mkdir(parents=True, exist_ok=True)
-            temp = self.path.with_suffix(".tmp")
-            temp.write_text(text)
-            os.replace(temp, self.path)
-            self._last = text
+        if text == self._last:  # an idle process rewrites nothing, but shows it is alive
+            try:
+                os.utime(self.path)
+                return
+            except FileNotFoundError:  # removed meanwhile: written again below
+                pass
+        # made again if removed meanwhile (a temporary directory cleaner, an operator)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_suffix(".tmp")
+        temp.write_text(text)
+        os.replace(temp, self.path)
+        self._last = text
 
     def _snapshots(self) -> Iterable[tuple[list[Any], bool]]:
         """The other processes' snapshots, each with whether its process is alive."""

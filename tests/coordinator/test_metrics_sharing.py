@@ -130,6 +130,46 @@ def test_the_sum_never_goes_down_whichever_process_is_scraped(tmp_path: Path) ->
     assert len(list(tmp_path.glob("*.json"))) == 3
 
 
+class _Paused:
+    """A collector whose first collection, on another thread, waits for ``go`` once it has
+    read the counter: a snapshot taken, not yet written."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self.read, self.go = threading.Event(), threading.Event()
+
+    def collect(self) -> Iterator[Any]:
+        yield from self.counter.collect()
+        if not self.read.is_set():
+            self.read.set()
+            assert self.go.wait(10)
+
+
+def test_a_snapshot_taken_earlier_never_overwrites_a_later_one(tmp_path: Path) -> None:
+    """The event loop (the periodic publish, a scrape) and the worker thread (a dashboard
+    view) both publish. Each took its snapshot outside the lock: a later one written first
+    was then replaced by the earlier one, and a sibling's scrape summed less than this
+    process had reported: the node's counter went down."""
+    registry = CollectorRegistry()
+    requests = Counter("t_requests", "Requests", registry=CollectorRegistry())
+    paused = _Paused(requests)
+    registry.register(paused)  # type: ignore[arg-type]
+    share = SharedCounters(tmp_path, registry)
+    requests.inc()
+    slow = threading.Thread(target=share.publish)  # its snapshot: 1
+    slow.start()
+    assert paused.read.wait(10)
+    requests.inc()
+    fast = threading.Thread(target=share.publish)  # its snapshot: 2
+    fast.start()
+    fast.join(0.5)
+    paused.go.set()
+    slow.join(10)
+    fast.join(10)
+    sibling = SharedCounters(tmp_path, CollectorRegistry())
+    assert sample(samples(sibling.families()), "t_requests_total") == 2
+
+
 def gauges(registry: CollectorRegistry, values: dict[str, float]) -> None:
     for name, value in values.items():
         Gauge(name, name, registry=registry).set(value)
