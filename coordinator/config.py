@@ -147,6 +147,10 @@ class CoordinatorConfig:
             raise ConfigError("database_url must be a postgresql:// URL")
         if self.processes < 1:
             raise ConfigError("processes must be at least 1")
+        # Checked here, not left to bind(): that raises OverflowError (no OSError) after the
+        # database was made and the tokens printed.
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0-65535 (0: any free port), not {self.port}")
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(
                 f"event_loop must be one of {', '.join(EVENT_LOOPS)}, not {self.event_loop!r}"

@@ -116,6 +116,20 @@ def test_processes_beyond_a_few_per_cpu_are_refused_before_any_starts(tmp_path: 
     assert list(tmp_path.iterdir()) == []  # not even the database
 
 
+def test_a_port_out_of_range_is_a_one_line_error_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    """``--port 70000`` (or -1) was taken as given: alone, the coordinator made its database
+    and printed its tokens, then died with an OverflowError traceback from bind(); with
+    ``--processes 2`` the supervisor died the same way."""
+    for port, processes in (("70000", "1"), ("-1", "1"), ("65536", "2")):
+        proc = _serve("--db", str(tmp_path / "f.db"), "--port", port, "--processes", processes)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        assert "port must be 0-65535" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # not even the database
+
+
 def test_db_on_the_command_line_wins_over_the_config_files_database_url(tmp_path: Path) -> None:
     """The way back from PostgreSQL (``fedge db migrate --to f.db``) keeps the replicas'
     config file: ``--db f.db`` serves that file. Before, the file's ``database_url`` won
