@@ -256,8 +256,10 @@ def announce_tokens(cfg: Any, admin_token: str, enrollment_token: str | None,
 
 
 def listening(cfg: Any, port: int) -> str:
-    """The line that says the service answers (whoever starts ``fedge serve`` waits for it)."""
-    return f"fedge coordinator listening on {'https' if cfg.tls else 'http'}://{cfg.host}:{port}"
+    """The line that says the service answers (whoever starts ``fedge serve`` waits for it);
+    its URL is one a client can use: an IPv6 address goes in brackets there (RFC 3986)."""
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    return f"fedge coordinator listening on {'https' if cfg.tls else 'http'}://{host}:{port}"
 
 
 async def serve(

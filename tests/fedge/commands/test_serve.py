@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from coordinator.admin import AdminClient
 from tests.fixtures.coordinator import HttpConnection
@@ -128,6 +131,32 @@ def test_a_port_out_of_range_is_a_one_line_error_before_anything_is_written(
         assert proc.returncode == 2, err
         assert "port must be 0-65535" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # not even the database
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.parametrize("processes", ["1", "2"])  # 2: the supervisor prints the line
+def test_the_listening_line_is_a_url_on_an_ipv6_address(tmp_path: Path, processes: str) -> None:
+    """``--host ::1`` printed ``http://::1:PORT``, which no client parses (an IPv6 literal
+    goes in brackets in a URL): whoever reads the line to find the service could not use it."""
+    proc = _serve("--db", str(tmp_path / "f.db"), "--host", "::1", "--port", "0",
+                  "--processes", processes, env={"FEDGE_ADMIN_TOKEN": "tok"})  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline()
+        assert "listening on http://[::1]:" in line, line
+        assert AdminClient(line.split()[-1], "tok").tasks() == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
 
 
 def test_db_on_the_command_line_wins_over_the_config_files_database_url(tmp_path: Path) -> None:
