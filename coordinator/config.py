@@ -141,6 +141,10 @@ class CoordinatorConfig:
             raise ConfigError("upload_body_timeout_s must be a number of seconds > 0")
         if not self.replica_orphan_age_s > 0:
             raise ConfigError("replica_orphan_age_s must be > 0")
+        # The deadline ticker sleeps this long between ticks: 0 or less (or NaN) has each
+        # serving process tick without pause, a core busy on an idle coordinator.
+        if not self.tick_interval_s > 0:
+            raise ConfigError("tick_interval_s must be > 0")
         if self.device_inactivity_s is not None and not self.device_inactivity_s > 0:
             raise ConfigError("device_inactivity_s must be > 0 (or unset: keep every device)")
         if self.database_url is not None and not is_database_url(self.database_url):

@@ -35,6 +35,10 @@ def test_json_and_toml(tmp_path: Path) -> None:
         '{"max_queued_operations": 0}',
         '{"open_registration": "yes"}',
         '{"pacing": {"replicas": 0}}',
+        # The deadline ticker slept 0 s between ticks: an idle coordinator spun a core.
+        '{"tick_interval_s": 0}',
+        '{"tick_interval_s": -1}',
+        '{"tick_interval_s": NaN}',
     ],
 )
 def test_refused(tmp_path: Path, text: str) -> None:
