@@ -145,6 +145,9 @@ class CoordinatorConfig:
         # serving process tick without pause, a core busy on an idle coordinator.
         if not self.tick_interval_s > 0:
             raise ConfigError("tick_interval_s must be > 0")
+        # An overloaded request's Retry-After is its ceil(): NaN or infinity has no integer.
+        if not 0 <= self.overload_retry_after_s < math.inf:
+            raise ConfigError("overload_retry_after_s must be a finite number >= 0")
         if self.device_inactivity_s is not None and not self.device_inactivity_s > 0:
             raise ConfigError("device_inactivity_s must be > 0 (or unset: keep every device)")
         if self.database_url is not None and not is_database_url(self.database_url):

@@ -39,6 +39,10 @@ def test_json_and_toml(tmp_path: Path) -> None:
         '{"tick_interval_s": 0}',
         '{"tick_interval_s": -1}',
         '{"tick_interval_s": NaN}',
+        # Retry-After is ceil() of it: NaN or infinity raised there, and every request refused
+        # as overloaded was answered a bare 500 instead of 503.
+        '{"overload_retry_after_s": NaN}',
+        '{"overload_retry_after_s": Infinity}',
     ],
 )
 def test_refused(tmp_path: Path, text: str) -> None:
