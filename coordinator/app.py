@@ -52,7 +52,7 @@ from edge_sdk.protocol import (
     Route,
 )
 
-__all__ = ["COORDINATOR_KEY", "WorkQueue", "build_app", "server_tls", "start"]
+__all__ = ["COORDINATOR_KEY", "BindError", "WorkQueue", "build_app", "server_tls", "start"]
 
 log = logging.getLogger("fedge.coordinator")
 T = TypeVar("T")
@@ -348,6 +348,10 @@ class _GroupedUploads:
             pool.shutdown(wait=True)
 
 
+class BindError(OSError):
+    """:func:`start` could not bind its address (taken by another program, not this host's)."""
+
+
 def server_tls(config: CoordinatorConfig) -> ssl.SSLContext | None:
     """The server's TLS context from ``tls_cert``/``tls_key`` (PEM), or None for plain HTTP.
 
@@ -594,11 +598,17 @@ async def start(
 ) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on ``host:port`` (0: a free port), over TLS with ``ssl_context``; returns
     the runner and the bound port. ``reuse_port``: share the port with other processes
-    (SO_REUSEPORT; the kernel spreads connections over them)."""
+    (SO_REUSEPORT; the kernel spreads connections over them). Raises :class:`BindError`
+    (the app cleaned up) when the address cannot be bound."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        # Started up (its tick, its ticker, its store) but never served: closed as at a stop.
+        await runner.cleanup()
+        raise BindError(e.errno, f"cannot bind {host}:{port}: {e.strerror or e}") from e
     server = site._server
     assert server is not None
     bound = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]

@@ -271,7 +271,7 @@ async def serve(
     """Serve until SIGINT/SIGTERM. Alone it announces the tokens, the pin and
     :func:`listening` itself; a supervised child (``ready`` given) shares the port with its
     siblings and tells ``ready`` the port instead."""
-    from coordinator.app import build_app, start
+    from coordinator.app import BindError, build_app, start
     from coordinator.event_loop import loop_kind
     from coordinator.service import Coordinator
 
@@ -286,9 +286,12 @@ async def serve(
         raise CommandError(redacted(where, f"cannot open {where}: {e}")) from e
     if alone:
         announce_tokens(cfg, coord.admin_token, coord.enrollment_token, print_token)
-    runner, port = await start(
-        build_app(coord), cfg.host, cfg.port, ssl_context=context, reuse_port=not alone
-    )
+    try:
+        runner, port = await start(
+            build_app(coord), cfg.host, cfg.port, ssl_context=context, reuse_port=not alone
+        )
+    except BindError as e:  # one line, as the supervisor of K processes reports it
+        raise CommandError(e.strerror or str(e)) from e
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

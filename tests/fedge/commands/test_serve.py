@@ -133,6 +133,19 @@ def test_a_port_out_of_range_is_a_one_line_error_before_anything_is_written(
     assert list(tmp_path.iterdir()) == []  # not even the database
 
 
+def test_a_port_in_use_is_a_one_line_error_alone_too(tmp_path: Path) -> None:
+    """With ``--processes 2`` a taken port was one line (``cannot bind``, status 2); alone,
+    ``fedge serve`` died with an OSError traceback (status 1) after its start-up tick."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proc = _serve("--db", str(tmp_path / "f.db"), "--port", port)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert f"cannot bind 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:
