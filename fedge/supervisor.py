@@ -215,7 +215,11 @@ class Supervisor:
                 wake.recv(64)  # a signal: the handler set _stopping
             for conn in [r for r in ready if r in self._restarting]:
                 i = self._restarting.pop(conn)
-                log.info("serving process %d, started again: %s", i, _receive(conn))
+                message = _receive(conn)
+                if message == "ready":
+                    log.info("serving process %d, started again, answers", i)
+                else:  # why it will be tried again: a warning, seen at the operator's level
+                    log.warning("serving process %d did not start again: %s", i, message)
                 conn.close()
             for s in ready:
                 if s in sentinels:

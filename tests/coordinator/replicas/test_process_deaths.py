@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +44,7 @@ from tests.coordinator.replicas.fleet import (
     wait_for,
 )
 from tests.fixtures.coordinator import select_devices
+from tests.fixtures.pki import Pki
 
 N = 64
 GOAL = 8
@@ -230,3 +232,44 @@ def test_a_signal_while_the_children_start_stops_everything(
     with socket.socket() as alone:  # released: bindable without SO_REUSEPORT
         alone.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         alone.bind(("127.0.0.1", port))
+
+
+def test_a_child_that_cannot_start_again_says_why_in_the_supervisors_log(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A restarted child that fails at start (here its certificate, replaced by a broken one
+    since the node started) is tried again with a growing pause while its sibling serves.
+    Why it failed was logged at INFO: under ``--log-level WARNING`` the supervisor said only
+    "exited with status 1", and the reason was left to the child's raw traceback (no JSON
+    record for a log shipper)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(pki.cert, cert)
+    shutil.copy(pki.key, key)
+    log_path = tmp_path / "node.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log_path, "wb") as log:
+        node = subprocess.Popen(
+            [sys.executable, "-m", "fedge.cli", "serve", "--db", str(tmp_path / "f.db"),
+             "--processes", "2", "--port", str(_free_port()), "--tls-cert", str(cert),
+             "--tls-key", str(key), "--log-level", "WARNING", "--log-format", "json"],
+            stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env=env,
+        )  # fmt: skip
+
+    def supervisor_warnings() -> list[str]:
+        lines = log_path.read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        return [r["message"] for r in records
+                if r["logger"] == "fedge.supervisor" and r["level"] == "WARNING"]  # fmt: skip
+
+    try:
+        assert node.stdout is not None
+        assert b"listening on https://" in node.stdout.readline()
+        cert.write_text("not a certificate\n")
+        os.kill(min(serving_children(node.pid)), signal.SIGKILL)
+        wait_for(lambda: any("cannot use --tls-cert/--tls-key" in m
+                             for m in supervisor_warnings()),
+                 timeout=20, what="the reason in a supervisor warning")  # fmt: skip
+        assert len(serving_children(node.pid)) >= 1  # the sibling serves on
+    finally:
+        node.terminate()
+        assert node.wait(30) == 0
