@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         event_loop.check(cfg.event_loop, cfg.tls)
     except ConfigError as e:  # event_loop = "uvloop" where it is not installed
         raise CommandError(str(e)) from e
-    if cfg.processes > (most := PROCESSES_PER_CPU * (os.cpu_count() or 1)):
+    if cfg.processes > (most := PROCESSES_PER_CPU * usable_cpus()):
         raise CommandError(
             f"--processes {cfg.processes}: at most {PROCESSES_PER_CPU} per CPU, {most} on this "
             "machine (each is a whole Python interpreter, and past one per core they share it)"
@@ -180,6 +180,16 @@ def run(args: argparse.Namespace) -> int:
 
         return Supervisor(cfg, print_token=not token, log=(args.log_level, args.log_format)).run()
     return event_loop.run(serve(cfg, print_token=not token), cfg.event_loop, cfg.tls)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (a container's cpuset, ``taskset``),
+    which may be far fewer than the host's (``os.cpu_count()``); the host's where there is
+    no affinity to read (not Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _check_replica_tokens(cfg: Any) -> None:

@@ -109,9 +109,9 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
 def test_processes_beyond_a_few_per_cpu_are_refused_before_any_starts(tmp_path: Path) -> None:
     """``--processes 100000`` (a typo) started interpreters until the kernel's OOM killer
     took the supervisor; now it is a one-line error and nothing is started or written."""
-    from fedge.commands.serve import PROCESSES_PER_CPU
+    from fedge.commands.serve import PROCESSES_PER_CPU, usable_cpus
 
-    most = PROCESSES_PER_CPU * (os.cpu_count() or 1)
+    most = PROCESSES_PER_CPU * usable_cpus()
     proc = _serve("--db", str(tmp_path / "f.db"), "--port", "0", "--processes", str(most + 1))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, err
@@ -170,6 +170,25 @@ def test_the_listening_line_is_a_url_on_an_ipv6_address(tmp_path: Path, processe
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity (Linux)")
+def test_the_processes_limit_counts_the_cpus_this_process_may_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The limit counted every CPU of the host (``os.cpu_count()``): in a container or under
+    ``taskset`` pinned to one CPU of many, ``--processes`` up to 4 per host CPU started."""
+    from fedge.cli import main
+    from fedge.commands.serve import PROCESSES_PER_CPU
+    from fedge.supervisor import Supervisor
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(Supervisor, "run", lambda self: 99)  # started: the limit let it by
+    args = ["serve", "--db", str(tmp_path / "f.db"), "--port", "0"]
+    assert main([*args, "--processes", str(PROCESSES_PER_CPU + 1)]) == 2
+    assert f"at most {PROCESSES_PER_CPU} per CPU, {PROCESSES_PER_CPU} on" in capsys.readouterr().err
+    assert main([*args, "--processes", str(PROCESSES_PER_CPU)]) == 99
 
 
 def test_db_on_the_command_line_wins_over_the_config_files_database_url(tmp_path: Path) -> None:
