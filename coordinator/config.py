@@ -45,6 +45,20 @@ class PacingConfig:
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ConfigError("pacing.replicas must be at least 1")
+        # Each reaches every device's retry_after_s: finite, and (written "not ... >=" so
+        # that NaN fails too) in range.
+        seconds = ("min_retry_s", "max_retry_s", "horizon_s", "selection_return_spread_s",
+                   "no_task_retry_s", "headroom")  # fmt: skip
+        for name in seconds:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"pacing.{name} must be a finite number >= 0")
+        if not self.max_retry_s >= self.min_retry_s:
+            raise ConfigError("pacing.max_retry_s must be at least pacing.min_retry_s")
+        if not 0 <= self.jitter < 1:
+            raise ConfigError("pacing.jitter must be in [0, 1)")
+        if not (self.headroom > 0 and self.horizon_s > 0):
+            raise ConfigError("pacing.headroom and pacing.horizon_s must be > 0")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,17 @@ def test_json_and_toml(tmp_path: Path) -> None:
         # as overloaded was answered a bare 500 instead of 503.
         '{"overload_retry_after_s": NaN}',
         '{"overload_retry_after_s": Infinity}',
+        # Pace steering's numbers: each reaches every device's retry_after_s (NaN in a JSON
+        # answer, a negative wait, a jitter that makes intervals negative).
+        '{"pacing": {"min_retry_s": NaN}}',
+        '{"pacing": {"max_retry_s": -1}}',
+        '{"pacing": {"min_retry_s": 10, "max_retry_s": 5}}',
+        '{"pacing": {"jitter": 1.5}}',
+        '{"pacing": {"headroom": 0}}',
+        '{"pacing": {"horizon_s": NaN}}',
+        '{"pacing": {"no_task_retry_s": Infinity}}',
+        '{"pacing": {"selection_return_spread_s": -2}}',
+        '{"upload_body_timeout_s": 0}',
     ],
 )
 def test_refused(tmp_path: Path, text: str) -> None:
