@@ -38,7 +38,8 @@ class Response(val status: Int, val headers: Map<String, String>, val body: Byte
  * HTTP(S) to the coordinator on HttpURLConnection (Android has no java.net.http): JSON calls,
  * raw bodies (frame uploads), resumable downloads into a file; error bodies mapped to
  * [ApiException]; connection failures and 5xx retried with the same bytes after a jittered
- * backoff ([RetryPolicy]), never a 4xx (the same answer next time); HTTPS with a custom CA
+ * backoff ([RetryPolicy]), never a 4xx (the same answer next time); a 3xx is no answer at all
+ * ([TransportException], not followed); HTTPS with a custom CA
  * and public-key pinning ([TlsConfig]). Not thread-safe.
  */
 class Transport @JvmOverloads constructor(
@@ -111,7 +112,14 @@ class Transport @JvmOverloads constructor(
                 sleeper(retry.delay(n, rng))
                 continue
             }
-            if (response.status < 400) return response
+            if (response.status < 300) return response
+            if (response.status < 400) {
+                // Not the coordinator's answer (a proxy's, a captive portal's), and never followed:
+                // the device's credential would go to whatever host it names. Taken for a 2xx, it
+                // would settle an upload that was never counted.
+                val location = response.headers["location"] ?: ""
+                throw TransportException("$method $path: redirected (${response.status}) to '$location', not followed")
+            }
             val error = error(response, n)
             if (response.status >= 500 && n < retry.maxAttempts) {
                 // 503 overloaded: nothing was done; come back after Retry-After times U[1, 1.5]

@@ -29,13 +29,16 @@ class BundleCacheTest {
     private val requests: MutableList<Pair<String, String?>> = Collections.synchronizedList(ArrayList())
     private var corruptOnce = mutableSetOf<String>()
     private var manifestServed = manifestText
+    /** Names the server serves under another name's content (decoded path -> file of the test bundle). */
+    private val aliases = mutableMapOf<String, String>()
 
     init {
         server.createContext("/") { ex ->
             val path = ex.requestURI.path
             val range = ex.requestHeaders.getFirst("Range")
             requests.add(Pair(path, range))
-            var data = if (path == "/v1/bundles/$bundleId") manifestServed.toByteArray() else File(bundle, path.substringAfterLast('/')).readBytes()
+            val name = path.substringAfterLast('/')
+            var data = if (!path.contains("/files/")) manifestServed.toByteArray() else File(bundle, aliases[name] ?: name).readBytes()
             if (corruptOnce.remove(path.substringAfterLast('/'))) data = data.copyOf().also { it[it.size / 2] = (it[it.size / 2] + 1).toByte() }
             val from = range?.removePrefix("bytes=")?.removeSuffix("-")?.toInt() ?: 0
             if (from > 0) ex.responseHeaders.add("Content-Range", "bytes $from-${data.size - 1}/${data.size}")
@@ -105,5 +108,19 @@ class BundleCacheTest {
             assertTrue(e.message!!.contains("bad manifest"))
         }
         assertEquals(1, requests.size)
+    }
+
+    @Test
+    fun fileNamesThatNeedQuotingInAUrlAreFetched() {
+        // The manifest allows any relative name; in the URL it must be percent-encoded, or a
+        // space would not go into a request line and a '?' would start a query.
+        val odd = "my model%?.onnx"
+        val renamed = manifestText.replace("\"infer.onnx\"", "\"$odd\"")
+        val id = CanonicalJson.bundleId(renamed)
+        manifestServed = renamed.replace(bundleId, id)
+        aliases[odd] = "infer.onnx"
+        val (dir, _) = BundleCache(root).fetch(transport, id)
+        assertArrayEquals(File(bundle, "infer.onnx").readBytes(), File(dir, odd).readBytes())
+        assertTrue(requests.toString(), requests.any { it.first == "/v1/bundles/$id/files/$odd" })
     }
 }

@@ -76,4 +76,16 @@ class ClientTest {
         for (i in sent.indices) assertTrue(sent[i] == 0f || residual[i] == 0f)
         assertEquals("d-1", c.state.loadCredentials(coordinator.url)!!.deviceId)
     }
+
+    @Test
+    fun aRedirectedUploadIsNotTakenForAnAcknowledgement() {
+        coordinator.script = { path -> if (path.endsWith("/update")) Triple(307, mapOf("Location" to "http://elsewhere.example/up"), ByteArray(0)) else null }
+        val c = client()
+        val outcome = c.runOnce()
+        assertEquals(Outcome.FAILED, outcome.action)
+        assertTrue(outcome.error!!, outcome.error!!.contains("307"))
+        assertNotNull(c.state.loadPending()) // resent at the next pass
+        assertTrue(!File(state, "residuals/t-1.f32frame").exists()) // the residual did not move on
+        assertEquals(1, coordinator.uploads.size)
+    }
 }

@@ -24,6 +24,14 @@ class FakeCoordinator(private val bundle: File, private val plan: JSONObject) : 
     /** Uploads to receive and then drop the connection on, without an answer (a lost answer). */
     @Volatile
     var dropUploads = 0
+    /** Every request's path, in order. */
+    val paths: MutableList<String> = Collections.synchronizedList(ArrayList())
+    /**
+     * Scripted answers ahead of the defaults: for a request's path, a reply (status, headers,
+     * body), or null for the default answer. Uploads are recorded before it is asked.
+     */
+    @Volatile
+    var script: (String) -> Triple<Int, Map<String, String>, ByteArray>? = { null }
     /** Check-ins answered so far. */
     @Volatile
     var checkins = 0
@@ -47,21 +55,21 @@ class FakeCoordinator(private val bundle: File, private val plan: JSONObject) : 
     private fun handle(ex: HttpExchange) {
         val path = ex.requestURI.path
         val body = ex.requestBody.readBytes()
+        paths.add(path)
+        if (path.startsWith("/v1/assignments/") && path.endsWith("/update")) {
+            uploads.add(Pair(ex.requestHeaders.mapValues { it.value.first() }.mapKeys { it.key.lowercase() }, body))
+        }
+        script(path)?.let { (status, headers, data) ->
+            for ((k, v) in headers) ex.responseHeaders.add(k, v)
+            return sendBytes(ex, status, data)
+        }
         if (path == "/v1/devices") {
             if (ex.requestHeaders.getFirst("X-Fedge-Enrollment") != enrollmentToken) return error(ex, 401, "unauthorized")
             return send(ex, 201, JSONObject().put("device_id", "d-1").put("secret", "s3cret"))
         }
         if (ex.requestHeaders.getFirst("Authorization") != "Device d-1:s3cret") return error(ex, 401, "unauthorized")
         when {
-            path == "/v1/checkin" -> checkins++.let { _ -> send(
-                ex, 200,
-                JSONObject().put("action", "train").put(
-                    "assignment",
-                    JSONObject().put("assignment_id", "a-1").put("task_id", "t-1").put("round", 1).put("model_version", 0)
-                        .put("bundle_id", bundleId).put("params_url", "/v1/tasks/t-1/versions/0/params")
-                        .put("deadline_in_s", 60.0).put("plan", plan),
-                ),
-            ) }
+            path == "/v1/checkin" -> checkins++.let { _ -> send(ex, 200, trainAnswer()) }
             path == "/v1/bundles/$bundleId" -> sendBytes(ex, 200, File(bundle, "manifest.json").readBytes())
             path.startsWith("/v1/bundles/$bundleId/files/") -> {
                 val data = File(bundle, path.substringAfterLast('/')).readBytes()
@@ -78,8 +86,6 @@ class FakeCoordinator(private val bundle: File, private val plan: JSONObject) : 
                 send(ex, 200, JSONObject().put("aborted", true).put("retry_after_s", 42.0))
             }
             path == "/v1/assignments/a-1/update" -> {
-                val headers = ex.requestHeaders.mapValues { it.value.first() }.mapKeys { it.key.lowercase() }
-                uploads.add(Pair(headers, body))
                 if (dropUploads > 0) {
                     dropUploads--
                     ex.close() // counted, but the answer never reaches the device
@@ -90,6 +96,14 @@ class FakeCoordinator(private val bundle: File, private val plan: JSONObject) : 
             else -> error(ex, 404, "not_found")
         }
     }
+
+    /** The check-in answer handing out training assignment [assignmentId] on the bundle. */
+    fun trainAnswer(assignmentId: String = "a-1"): JSONObject = JSONObject().put("action", "train").put(
+        "assignment",
+        JSONObject().put("assignment_id", assignmentId).put("task_id", "t-1").put("round", 1).put("model_version", 0)
+            .put("bundle_id", bundleId).put("params_url", "/v1/tasks/t-1/versions/0/params")
+            .put("deadline_in_s", 60.0).put("plan", plan),
+    )
 
     private fun error(ex: HttpExchange, status: Int, code: String) =
         send(ex, status, JSONObject().put("error", JSONObject().put("code", code).put("message", code)))

@@ -135,4 +135,18 @@ class TransportTest {
         assertEquals(2, seen.size)
         assertArrayEquals(content, file.readBytes())
     }
+
+    @Test
+    fun aRedirectIsNeitherTakenForAnAnswerNorFollowed() {
+        // a proxy's or a captive portal's, not the coordinator's: following it would send the credential elsewhere
+        script(Triple(307, mapOf("Location" to "$url/elsewhere"), ByteArray(0)))
+        try {
+            transport().request("POST", "/v1/assignments/a/update", byteArrayOf(1, 2, 3))
+            fail("307 accepted")
+        } catch (e: TransportException) {
+            assertTrue(e.message!!, e.message!!.contains("307"))
+        }
+        assertEquals(1, seen.size)
+        assertTrue(sleeps.isEmpty())
+    }
 }
