@@ -90,7 +90,8 @@ class Transport @JvmOverloads constructor(
 
     /**
      * Streams `GET path` into [file], resuming from its size with `Range` on every attempt and
-     * stopping after [limit] bytes. A server that ignores Range (200) makes the file start over.
+     * stopping after [limit] bytes. A server that ignores Range (200), or a 206 that does not
+     * start at the file's size, makes the file start over.
      */
     fun download(path: String, file: File, limit: Long): Response =
         retrying("GET", path) {
@@ -187,7 +188,7 @@ class Transport @JvmOverloads constructor(
             val stream: InputStream? = if (status >= 400) conn.errorStream else conn.inputStream
             if (sink != null && (status == 200 || status == 206)) {
                 val append = status == 206
-                if (append) checkRange(respHeaders, sink.length())
+                if (append) checkRange(respHeaders, sink)
                 FileOutputStream(sink, append).use { out -> copy(stream!!, out, limit - (if (append) sink.length() else 0L)) }
                 return Response(status, respHeaders, ByteArray(0))
             }
@@ -218,12 +219,18 @@ class Transport @JvmOverloads constructor(
         }
     }
 
-    private fun checkRange(headers: Map<String, String>, offset: Long) {
-        // "bytes START-END/TOTAL": a server resuming elsewhere would corrupt the file.
+    private fun checkRange(headers: Map<String, String>, sink: File) {
+        // "bytes START-END/TOTAL": a server resuming elsewhere would corrupt the file. Asking for
+        // the same range again would get the same answer, so (protocol.md) the file starts over:
+        // emptied here, the next attempt asks for all of it without Range.
+        val offset = sink.length()
         val value = headers["content-range"] ?: ""
         val start = value.split(' ').getOrNull(1)?.substringBefore('-')?.toLongOrNull()
-            ?: throw IOException("206 without a usable Content-Range: '$value'")
-        if (start != offset) throw IOException("asked for bytes from $offset, got from $start")
+        if (start != offset) {
+            FileOutputStream(sink).close()
+            val got = if (start != null) "from $start" else "Content-Range '$value'"
+            throw IOException("asked for bytes from $offset, got $got")
+        }
     }
 
     private companion object {

@@ -149,4 +149,24 @@ class TransportTest {
         assertEquals(1, seen.size)
         assertTrue(sleeps.isEmpty())
     }
+
+    @Test
+    fun aDownloadStartsOverWhenA206ResumesFromElsewhere() {
+        // protocol.md: append only when the 206 starts at the size held; anything else starts the file over
+        val content = ByteArray(100) { it.toByte() }
+        val ranges = Collections.synchronizedList(ArrayList<String?>())
+        server.createContext("/") { ex ->
+            val range = ex.requestHeaders.getFirst("Range")
+            ranges.add(range)
+            if (range != null) ex.responseHeaders.add("Content-Range", "bytes 0-99/100")
+            ex.sendResponseHeaders(if (range != null) 206 else 200, content.size.toLong())
+            ex.responseBody.use { it.write(content) }
+        }
+        server.start()
+        val file = File(Files.createTempDirectory("dl").toFile(), "part")
+        file.writeBytes(content.copyOf(30))
+        transport().download("/f", file, 100)
+        assertArrayEquals(content, file.readBytes())
+        assertEquals(listOf("bytes=30-", null), ranges)
+    }
 }
