@@ -279,7 +279,7 @@ class Client @JvmOverloads constructor(
         val answer = try {
             deliver(pending)
         } catch (e: ApiException) {
-            if (e.status == 401 || e.status >= 500) throw e
+            if (e.status == 401 || e.transient) throw e
             return Outcome(Outcome.REJECTED, jittered(config.afterAssignmentS), id, taskId, round, metrics = metrics, error = e.code, uploaded = frame)
         }
         return Outcome(Outcome.TRAINED, paced(answer, config.afterAssignmentS), id, taskId, round, metrics = metrics, uploaded = frame, answer = answer)
@@ -288,7 +288,7 @@ class Client @JvmOverloads constructor(
     /**
      * Sends [p] and settles it by the answer: acknowledged (its residual becomes the task's;
      * the answer is returned) or refused with a 4xx (dropped, the residual stays; rethrown).
-     * No answer (network, 5xx) leaves it pending for the next pass.
+     * No answer (network, 5xx, a rate limiter's 429) leaves it pending for the next pass.
      */
     private fun deliver(p: PendingUpload): JSONObject? {
         val headers = mapOf(
@@ -302,8 +302,9 @@ class Client @JvmOverloads constructor(
             answer = try { JSONObject(String(response.body, Charsets.UTF_8)) } catch (_: org.json.JSONException) { null }
         } catch (e: ApiException) {
             if (!countedEarlier(e)) {
-                // A 4xx is a refusal, not an outage: a counted upload's key always gets its stored answer.
-                if (e.status in 400..499) state.clearPending()
+                // A 4xx is a refusal, not an outage: a counted upload's key always gets its stored
+                // answer. A 429 is a rate limiter's, not the coordinator's: nothing was refused.
+                if (!e.transient) state.clearPending()
                 throw e
             }
         }
@@ -322,7 +323,7 @@ class Client @JvmOverloads constructor(
             deliver(p)
             log.info("pending upload ${p.assignmentId} acknowledged on resend")
         } catch (e: ApiException) {
-            if (e.status >= 500) throw e
+            if (e.transient) throw e
             log.info("pending upload ${p.assignmentId} was refused (${e.code}); residual unchanged")
         }
     }

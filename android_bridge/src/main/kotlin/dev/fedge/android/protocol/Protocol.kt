@@ -59,7 +59,15 @@ class ApiException(
     message: String,
     /** Which request of the retried call got this answer (1-based). */
     val attempt: Int = 1,
-) : FedgeException("$status ${code ?: "?"}: $message")
+) : FedgeException("$status ${code ?: "?"}: $message") {
+    /**
+     * Whether the request was not acted on and may succeed when sent again: a 5xx, or a 429
+     * (RFC 6585: a rate limiter, such as a load balancer's in front of the coordinator, did
+     * nothing with it). Such an answer is retried, and refuses nothing: an upload it ends stays
+     * pending.
+     */
+    val transient: Boolean get() = status >= 500 || status == 429
+}
 
 class TransportException(message: String, cause: Throwable? = null) : FedgeException(message, cause)
 

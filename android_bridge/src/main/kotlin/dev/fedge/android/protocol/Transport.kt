@@ -37,8 +37,8 @@ class Response(val status: Int, val headers: Map<String, String>, val body: Byte
 /**
  * HTTP(S) to the coordinator on HttpURLConnection (Android has no java.net.http): JSON calls,
  * raw bodies (frame uploads), resumable downloads into a file; error bodies mapped to
- * [ApiException]; connection failures and 5xx retried with the same bytes after a jittered
- * backoff ([RetryPolicy]), never a 4xx (the same answer next time); a 3xx is no answer at all
+ * [ApiException]; connection failures and 5xx (and a rate limiter's 429) retried with the same
+ * bytes after a jittered backoff ([RetryPolicy]), never another 4xx (the same answer next time); a 3xx is no answer at all
  * ([TransportException], not followed); HTTPS with a custom CA
  * and public-key pinning ([TlsConfig]). Not thread-safe.
  */
@@ -122,8 +122,8 @@ class Transport @JvmOverloads constructor(
                 throw TransportException("$method $path: redirected (${response.status}) to '$location', not followed")
             }
             val error = error(response, n)
-            if (response.status >= 500 && n < retry.maxAttempts) {
-                // 503 overloaded: nothing was done; come back after Retry-After times U[1, 1.5]
+            if (error.transient && n < retry.maxAttempts) {
+                // 503 overloaded, 429: nothing was done; come back after Retry-After times U[1, 1.5]
                 // so that the refused devices do not return together.
                 val asked = response.headers["retry-after"]?.toDoubleOrNull() ?: 0.0
                 sleeper(minOf(retry.maxDelayS, maxOf(retry.delay(n, rng), asked * (1.0 + 0.5 * rng.nextDouble()))))

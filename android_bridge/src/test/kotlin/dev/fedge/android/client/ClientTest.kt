@@ -88,4 +88,21 @@ class ClientTest {
         assertTrue(!File(state, "residuals/t-1.f32frame").exists()) // the residual did not move on
         assertEquals(1, coordinator.uploads.size)
     }
+
+    @Test
+    fun aRateLimitingProxy429KeepsTheUploadForLater() {
+        // RFC 6585: nothing was done; not the coordinator refusing the update
+        val limited = Triple(429, mapOf("Retry-After" to "120"), "<html>Too Many Requests</html>".toByteArray())
+        coordinator.script = { path -> if (path.endsWith("/update")) limited else null }
+        val c = client()
+        val first = c.runOnce()
+        val pending = c.state.loadPending()
+        assertEquals(Outcome.FAILED, first.action)
+        assertNotNull(pending)
+        assertTrue(coordinator.aborts.isEmpty())
+        coordinator.script = { null }
+        client().runOnce()
+        assertArrayEquals(pending!!.frame, coordinator.uploads[1].second)
+        assertEquals(pending.key, coordinator.uploads[1].first.getValue("idempotency-key"))
+    }
 }

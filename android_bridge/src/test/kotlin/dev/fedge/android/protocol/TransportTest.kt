@@ -169,4 +169,15 @@ class TransportTest {
         assertArrayEquals(content, file.readBytes())
         assertEquals(listOf("bytes=30-", null), ranges)
     }
+
+    @Test
+    fun aRateLimiters429IsRetriedAfterItsRetryAfter() {
+        script(
+            Triple(429, mapOf("Retry-After" to "4"), "<html>Too Many Requests</html>".toByteArray()),
+            Triple(200, emptyMap(), """{"ok": true}""".toByteArray()),
+        )
+        assertEquals(true, transport().call("POST", "/v1/checkin", JSONObject())!!.getBoolean("ok"))
+        assertEquals(2, seen.size)
+        assertTrue(sleeps.toString(), sleeps.single() in 4.0..6.0)
+    }
 }
