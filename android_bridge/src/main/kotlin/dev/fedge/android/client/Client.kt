@@ -65,7 +65,7 @@ class Outcome(
         const val EVALUATED = "evaluated" // evaluation metrics were accepted
         const val ABORTED = "aborted" // conditions lapsed or the job was stopped; the coordinator was told
         const val REJECTED = "rejected" // the coordinator refused the upload (late, stale, bad)
-        const val FAILED = "failed" // network or local error; retried after a growing backoff
+        const val FAILED = "failed" // network or local error; retried after a growing backoff (at least an overload's Retry-After)
     }
 }
 
@@ -144,7 +144,13 @@ class Client @JvmOverloads constructor(
 
     private fun failed(e: Exception): Outcome {
         failures++
-        val backoff = minOf(config.maxFailureBackoffS, config.failureBackoffS * Math.pow(2.0, (failures - 1).toDouble()))
+        var backoff = minOf(config.maxFailureBackoffS, config.failureBackoffS * Math.pow(2.0, (failures - 1).toDouble()))
+        val asked = (e as? ApiException)?.takeIf { it.overloaded }?.retryAfterS
+        if (asked != null) {
+            // Pace steering: the coordinator (or its rate limiter) said when to come back, longer
+            // than one request may wait (RetryPolicy.maxDelayS); sooner only adds to the load it sheds.
+            backoff = maxOf(backoff, minOf(asked, config.maxFailureBackoffS))
+        }
         val code = (e as? ApiException)?.code ?: "${e.javaClass.simpleName}: ${e.message}"
         log.log(Level.WARNING, "run failed: $code")
         return Outcome(Outcome.FAILED, jittered(backoff), error = code)

@@ -40,6 +40,7 @@ object ErrorCode {
     const val DUPLICATE_UPLOAD = "duplicate_upload"
     const val TOO_STALE = "too_stale"
     const val CONFLICT = "conflict"
+    const val OVERLOADED = "overloaded"
 }
 
 /**
@@ -59,6 +60,8 @@ class ApiException(
     message: String,
     /** Which request of the retried call got this answer (1-based). */
     val attempt: Int = 1,
+    /** The answer's `Retry-After` in seconds (finite, not negative), or null. */
+    val retryAfterS: Double? = null,
 ) : FedgeException("$status ${code ?: "?"}: $message") {
     /**
      * Whether the request was not acted on and may succeed when sent again: a 5xx, or a 429
@@ -67,6 +70,9 @@ class ApiException(
      * pending.
      */
     val transient: Boolean get() = status >= 500 || status == 429
+
+    /** 503 overloaded (the coordinator's work queue is full) or a rate limiter's 429: come back after [retryAfterS]. */
+    val overloaded: Boolean get() = status == 429 || (status >= 500 && code == ErrorCode.OVERLOADED)
 }
 
 class TransportException(message: String, cause: Throwable? = null) : FedgeException(message, cause)

@@ -125,7 +125,7 @@ class Transport @JvmOverloads constructor(
             if (error.transient && n < retry.maxAttempts) {
                 // 503 overloaded, 429: nothing was done; come back after Retry-After times U[1, 1.5]
                 // so that the refused devices do not return together.
-                val asked = response.headers["retry-after"]?.toDoubleOrNull() ?: 0.0
+                val asked = error.retryAfterS ?: 0.0
                 sleeper(minOf(retry.maxDelayS, maxOf(retry.delay(n, rng), asked * (1.0 + 0.5 * rng.nextDouble()))))
                 continue
             }
@@ -142,7 +142,9 @@ class Transport @JvmOverloads constructor(
             message = err.optString("message", "")
         } catch (_: org.json.JSONException) {
         }
-        return ApiException(response.status, code, message, attempt)
+        // Kotlin's toDouble reads "NaN" and "Infinity" too: neither is a wait.
+        val retryAfter = response.headers["retry-after"]?.toDoubleOrNull()?.takeIf { it.isFinite() && it >= 0.0 }
+        return ApiException(response.status, code, message, attempt, retryAfter)
     }
 
     private fun exchange(

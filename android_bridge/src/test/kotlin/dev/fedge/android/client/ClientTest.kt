@@ -105,4 +105,15 @@ class ClientTest {
         assertArrayEquals(pending!!.frame, coordinator.uploads[1].second)
         assertEquals(pending.key, coordinator.uploads[1].first.getValue("idempotency-key"))
     }
+
+    @Test
+    fun anOverloadedCoordinatorIsNotAskedAgainBeforeItsRetryAfter() {
+        val busy = JSONObject().put("error", JSONObject().put("code", "overloaded").put("message", "queue full")).toString().toByteArray()
+        for ((status, body) in listOf(503 to busy, 429 to ByteArray(0))) {
+            coordinator.script = { path -> if (path == "/v1/checkin") Triple(status, mapOf("Retry-After" to "600"), body) else null }
+            val outcome = client().runOnce()
+            assertEquals(Outcome.FAILED, outcome.action)
+            assertTrue("$status: ${outcome.nextRunInS}", outcome.nextRunInS in 600.0..660.0)
+        }
+    }
 }
