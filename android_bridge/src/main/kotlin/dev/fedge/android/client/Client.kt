@@ -214,6 +214,9 @@ class Client @JvmOverloads constructor(
 
     private fun assignment(action: String, a: JSONObject): Outcome {
         val id = a.getString("assignment_id")
+        // Refused before any work: it goes into the update/abort/metrics paths, and an upload kept
+        // pending for an id that cannot be sent as it is would be resent before every check-in.
+        if (!Protocol.SAFE_ID.matches(id)) throw TransportException("assignment id '$id' is not a protocol id")
         val taskId = a.getString("task_id")
         val round = a.getInt("round")
         val down0 = transport.bytesReceived

@@ -1,6 +1,7 @@
 package dev.fedge.android.client
 
 import dev.fedge.android.codec.ErrorFeedback
+import dev.fedge.android.protocol.Protocol.SAFE_ID
 import org.json.JSONObject
 import java.io.File
 import java.io.FileOutputStream
@@ -72,9 +73,5 @@ class DeviceState(val root: File) {
     fun localLayers(taskId: String): dev.fedge.android.trainer.LocalLayers {
         require(SAFE_ID.matches(taskId)) { "task id '$taskId' is not safe as a file name" }
         return dev.fedge.android.trainer.LocalLayers(File(File(root, "local_layers"), "$taskId.f32frame"))
-    }
-
-    private companion object {
-        val SAFE_ID = Regex("^[A-Za-z0-9._-]{1,128}$")
     }
 }

@@ -12,6 +12,14 @@ object Protocol {
     const val HEADER_REPORT = "X-Fedge-Report"
     const val HEADER_ENROLLMENT = "X-Fedge-Enrollment"
 
+    /**
+     * The ids a device sends back in URL paths or headers, or keeps as file names (edge_sdk's
+     * SAFE_ID): the coordinator's are "a-"/"d-"/"t-" and hex. Anything else could not be sent,
+     * would address another route, or (a ":") would split the Authorization header elsewhere.
+     */
+    @JvmField
+    val SAFE_ID = Regex("^[A-Za-z0-9._-]{1,128}$")
+
     const val REGISTER = "/v1/devices"
     const val CHECKIN = "/v1/checkin"
 

@@ -116,4 +116,17 @@ class ClientTest {
             assertTrue("$status: ${outcome.nextRunInS}", outcome.nextRunInS in 600.0..660.0)
         }
     }
+
+    @Test
+    fun anAssignmentIdThatCannotBeAUrlPathIsRefusedBeforeTraining() {
+        val odd = coordinator.trainAnswer("a 1").toString().toByteArray()
+        coordinator.script = { path -> if (path == "/v1/checkin") Triple(200, emptyMap(), odd) else null }
+        val c = client()
+        val outcome = c.runOnce()
+        assertEquals(Outcome.FAILED, outcome.action)
+        assertTrue(coordinator.paths.toString(), coordinator.paths.none { it.contains("/params") || it.contains("/assignments/") })
+        assertNull(c.state.loadPending())
+        coordinator.script = { null }
+        assertEquals(Outcome.TRAINED, c.runOnce().action) // nothing left behind blocks the next pass
+    }
 }
