@@ -200,6 +200,11 @@ class Client @JvmOverloads constructor(
             val headers = config.enrollmentToken?.let { mapOf(Protocol.HEADER_ENROLLMENT to it) } ?: emptyMap()
             val answer = transport.call("POST", Protocol.REGISTER, body, headers) ?: throw TransportException("empty registration answer")
             creds = Credentials(transport.baseUrl, answer.getString("device_id"), answer.getString("secret"))
+            if (!Protocol.SAFE_ID.matches(creds.deviceId) || !SECRET.matches(creds.secret)) {
+                // Stored, it could never be sent: every later pass would fail before reaching the
+                // coordinator, with no 401 to make the device register again.
+                throw TransportException("registration answer's device id or secret cannot be sent in an Authorization header")
+            }
             state.saveCredentials(creds)
         }
         transport.credentials = Pair(creds.deviceId, creds.secret)
@@ -395,6 +400,8 @@ class Client @JvmOverloads constructor(
         /** The error of an [Outcome] (and the abort's message) for a SecAgg task this client refuses. */
         const val SECAGG_UNSUPPORTED = "secagg_unsupported: secure aggregation is not implemented by the Android client"
         private val RUNTIMES = listOf(RUNTIME)
+        /** A device secret: visible ASCII, what a header value carries unchanged. */
+        private val SECRET = Regex("^[!-~]{1,512}$")
         private val log = Logger.getLogger(Client::class.java.name)
     }
 }

@@ -129,4 +129,15 @@ class ClientTest {
         coordinator.script = { null }
         assertEquals(Outcome.TRAINED, c.runOnce().action) // nothing left behind blocks the next pass
     }
+
+    @Test
+    fun aCredentialThatCannotBeSentInAHeaderIsNotKept() {
+        val bad = JSONObject().put("device_id", "d-1").put("secret", "s3\ncret").toString().toByteArray()
+        coordinator.script = { path -> if (path == "/v1/devices") Triple(201, emptyMap(), bad) else null }
+        val c = client()
+        assertEquals(Outcome.FAILED, c.runOnce().action)
+        assertNull(c.state.loadCredentials(coordinator.url))
+        coordinator.script = { null }
+        assertEquals(Outcome.TRAINED, c.runOnce().action) // registered again
+    }
 }
