@@ -25,7 +25,12 @@ object Protocol {
 
     fun bundleManifest(bundleId: String) = "/v1/bundles/$bundleId"
 
-    fun bundleFile(bundleId: String, name: String) = "/v1/bundles/$bundleId/files/$name"
+    /**
+     * A manifest may name a file with a space, a non-ASCII letter, "?" or "%": percent-encoded,
+     * or it would not go into a request line or would be read as another path or a query (the
+     * coordinator's router decodes it back).
+     */
+    fun bundleFile(bundleId: String, name: String) = "/v1/bundles/$bundleId/files/${quotePath(name)}"
 
     fun assignmentUpdate(id: String) = "/v1/assignments/$id/update"
 
@@ -34,6 +39,16 @@ object Protocol {
     fun assignmentAbort(id: String) = "/v1/assignments/$id/abort"
 
     fun deviceAuthorization(deviceId: String, secret: String) = "Device $deviceId:$secret"
+
+    /** [s] percent-encoded as UTF-8 for a URL path, "/" kept: Python's `urllib.parse.quote(s, safe="/")`. */
+    fun quotePath(s: String): String {
+        val out = StringBuilder()
+        for (b in s.toByteArray(Charsets.UTF_8)) {
+            val c = b.toInt() and 0xff
+            if (c < 0x80 && (c.toChar().isLetterOrDigit() || c.toChar() in "-._~/")) out.append(c.toChar()) else out.append("%%%02X".format(c))
+        }
+        return out.toString()
+    }
 }
 
 /** Stable machine codes of error bodies (edge_sdk.protocol.ErrorCode). */
