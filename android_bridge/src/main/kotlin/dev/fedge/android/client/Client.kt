@@ -74,7 +74,7 @@ class Outcome(
  *
  *     read conditions ──ineligible──▶ INELIGIBLE (no network)
  *     register once (credential in the state dir; enrollment token header)
- *     check in ──wait──▶ WAIT, next run after retry_after_s + up to 10 % jitter
+ *     check in ──wait──▶ WAIT, next run after retry_after_s (at most a day) + up to 10 % jitter
  *     bundle (sha256-verified, resumable cache) + the version's parameters
  *     train the plan, re-checking conditions ──lapsed or stopped──▶ POST abort, ABORTED
  *     delta = new - start (clipped to dp.clip for a DP task), encode with the plan's codec
@@ -139,7 +139,7 @@ class Client @JvmOverloads constructor(
     /** The jittered wait an accepted report's answer asks for, else [default] (lenient: it was accepted). */
     private fun paced(answer: JSONObject?, default: Double): Double {
         val asked = answer?.opt("retry_after_s")
-        return jittered(if (asked is Number && asked.toDouble().isFinite()) asked.toDouble() else default)
+        return jittered(if (asked is Number && asked.toDouble().isFinite()) minOf(asked.toDouble(), MAX_ASKED_WAIT_S) else default)
     }
 
     private fun failed(e: Exception): Outcome {
@@ -181,7 +181,7 @@ class Client @JvmOverloads constructor(
             "wait" -> {
                 val retryAfter = answer.optDouble("retry_after_s", 60.0)
                 if (!retryAfter.isFinite()) throw TransportException("check-in answer's retry_after_s is $retryAfter")
-                Outcome(Outcome.WAIT, jittered(retryAfter), reasons = listOf(answer.optString("reason")))
+                Outcome(Outcome.WAIT, jittered(minOf(retryAfter, MAX_ASKED_WAIT_S)), reasons = listOf(answer.optString("reason")))
             }
             "train", "evaluate" -> assignment(action, answer.getJSONObject("assignment"))
             else -> throw TransportException("unknown check-in answer $answer")
@@ -400,6 +400,12 @@ class Client @JvmOverloads constructor(
         /** The error of an [Outcome] (and the abort's message) for a SecAgg task this client refuses. */
         const val SECAGG_UNSUPPORTED = "secagg_unsupported: secure aggregation is not implemented by the Android client"
         private val RUNTIMES = listOf(RUNTIME)
+        /**
+         * The longest wait a coordinator's answer sets (its pacing stays within an hour by
+         * default). A larger one is a mistake (a wrong unit, a broken coordinator), and the job
+         * scheduled that far out would lose the device to the fleet.
+         */
+        const val MAX_ASKED_WAIT_S = 24 * 3600.0
         /** A device secret: visible ASCII, what a header value carries unchanged. */
         private val SECRET = Regex("^[!-~]{1,512}$")
         private val log = Logger.getLogger(Client::class.java.name)

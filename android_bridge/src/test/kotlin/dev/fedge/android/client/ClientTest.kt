@@ -140,4 +140,18 @@ class ClientTest {
         coordinator.script = { null }
         assertEquals(Outcome.TRAINED, c.runOnce().action) // registered again
     }
+
+    @Test
+    fun anAbsurdWaitFromTheCoordinatorIsCappedAtADay() {
+        // 1e10 s: a wrong unit or a broken coordinator; the device would be lost to the fleet
+        coordinator.script = { path -> if (path == "/v1/checkin") Triple(200, emptyMap(), """{"action": "wait", "retry_after_s": 1e10}""".toByteArray()) else null }
+        val waited = client().runOnce()
+        assertEquals(Outcome.WAIT, waited.action)
+        assertTrue("${waited.nextRunInS}", waited.nextRunInS in 86400.0..86400.0 * 1.1)
+        val paced = """{"accepted": true, "round": 1, "model_version": 0, "retry_after_s": 1e10}""".toByteArray()
+        coordinator.script = { path -> if (path.endsWith("/update")) Triple(200, emptyMap(), paced) else null }
+        val trained = client().runOnce()
+        assertEquals(Outcome.TRAINED, trained.action)
+        assertTrue("${trained.nextRunInS}", trained.nextRunInS in 86400.0..86400.0 * 1.1)
+    }
 }
