@@ -180,7 +180,9 @@ class Client @JvmOverloads constructor(
         return when (val action = answer.optString("action")) {
             "wait" -> {
                 val retryAfter = answer.optDouble("retry_after_s", 60.0)
-                if (!retryAfter.isFinite()) throw TransportException("check-in answer's retry_after_s is $retryAfter")
+                // A device told to wait forever never returns; one told a negative wait would check
+                // in again at once, pass after pass, against a coordinator already saying no.
+                if (!retryAfter.isFinite() || retryAfter < 0) throw TransportException("check-in answer's retry_after_s is $retryAfter")
                 Outcome(Outcome.WAIT, jittered(minOf(retryAfter, MAX_ASKED_WAIT_S)), reasons = listOf(answer.optString("reason")))
             }
             "train", "evaluate" -> assignment(action, answer.getJSONObject("assignment"))

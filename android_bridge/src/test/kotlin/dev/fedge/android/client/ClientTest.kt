@@ -154,4 +154,11 @@ class ClientTest {
         assertEquals(Outcome.TRAINED, trained.action)
         assertTrue("${trained.nextRunInS}", trained.nextRunInS in 86400.0..86400.0 * 1.1)
     }
+
+    @Test
+    fun aNegativeWaitFailsThePass() {
+        // else the device would check in again at once, pass after pass
+        coordinator.script = { path -> if (path == "/v1/checkin") Triple(200, emptyMap(), """{"action": "wait", "retry_after_s": -30}""".toByteArray()) else null }
+        assertEquals(Outcome.FAILED, client().runOnce().action)
+    }
 }
