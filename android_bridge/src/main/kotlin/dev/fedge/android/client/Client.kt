@@ -144,7 +144,7 @@ class Client @JvmOverloads constructor(
 
     private fun failed(e: Exception): Outcome {
         failures++
-        var backoff = minOf(config.maxFailureBackoffS, config.failureBackoffS * Math.pow(2.0, (failures - 1).toDouble()))
+        var backoff = RetryPolicy.doublingBackoff(config.failureBackoffS, failures, config.maxFailureBackoffS)
         val asked = (e as? ApiException)?.takeIf { it.overloaded }?.retryAfterS
         if (asked != null) {
             // Pace steering: the coordinator (or its rate limiter) said when to come back, longer

@@ -28,7 +28,19 @@ data class RetryPolicy @JvmOverloads constructor(
     }
 
     fun delay(attempt: Int, rng: Random): Double =
-        minOf(maxDelayS, baseDelayS * Math.pow(2.0, (attempt - 1).toDouble())) * (1.0 - jitter * rng.nextDouble())
+        doublingBackoff(baseDelayS, attempt, maxDelayS) * (1.0 - jitter * rng.nextDouble())
+
+    companion object {
+        /**
+         * The [n]-th wait (1-based) of a backoff that doubles from [firstS] up to [capS]. The
+         * exponent is bounded first: 2^n is infinite past n = 1023 (a long retry policy, weeks of
+         * failed passes), and a first wait of 0 times infinity is NaN; 2^64 times any sensible
+         * first wait is far past any cap.
+         */
+        @JvmStatic
+        fun doublingBackoff(firstS: Double, n: Int, capS: Double): Double =
+            minOf(capS, firstS * Math.pow(2.0, minOf(n - 1, 64).toDouble()))
+    }
 }
 
 /** A 2xx answer: status, lower-cased headers, body. */

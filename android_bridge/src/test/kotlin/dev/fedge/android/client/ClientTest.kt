@@ -161,4 +161,17 @@ class ClientTest {
         coordinator.script = { path -> if (path == "/v1/checkin") Triple(200, emptyMap(), """{"action": "wait", "retry_after_s": -30}""".toByteArray()) else null }
         assertEquals(Outcome.FAILED, client().runOnce().action)
     }
+
+    @Test
+    fun theFailureBackoffStaysWithinItsBoundsHoweverLongTheOutage() {
+        val port = java.net.ServerSocket(0).use { it.localPort } // nobody listens there
+        val c = Client(
+            "http://127.0.0.1:$port", state, ArrayDataset.classification(FloatArray(64), 64, LongArray(1)),
+            conditions = { DeviceConditions(charging = true, battery = 0.9, idle = true, unmetered = true) },
+            config = ClientConfig(seed = 1, retry = RetryPolicy(maxAttempts = 1), failureBackoffS = 0.0),
+        )
+        val outcomes = List(1100) { c.runOnce() }
+        assertTrue(outcomes.all { it.action == Outcome.FAILED })
+        assertEquals(0.0, outcomes.last().nextRunInS, 0.0)
+    }
 }

@@ -180,4 +180,12 @@ class TransportTest {
         assertEquals(2, seen.size)
         assertTrue(sleeps.toString(), sleeps.single() in 4.0..6.0)
     }
+
+    @Test
+    fun aLongRetryPolicyKeepsItsBackoffWithinItsBounds() {
+        // past 1024 doublings 2^n is infinite, and 0 (retry at once) times infinity is NaN
+        val rng = Random(0)
+        assertEquals(0.0, RetryPolicy(maxAttempts = 5000, baseDelayS = 0.0).delay(2000, rng), 0.0)
+        assertTrue(RetryPolicy(maxAttempts = 5000).delay(2000, rng) in 15.0..30.0)
+    }
 }
