@@ -13,7 +13,9 @@ data class Credentials(val coordinator: String, val deviceId: String, val secret
  * What a device keeps between runs, in [root] (on Android: a folder of `Context.getFilesDir()`):
  * `credentials.json` (readable by the app only), `residuals/<task_id>.f32frame` (the
  * error-feedback residuals), `local_layers/<task_id>.f32frame` (FedBN's batch norm layers) and
- * `pending/` (an upload whose answer has not arrived yet). Every write goes to a temporary file renamed into place.
+ * `pending/` (an upload whose answer has not arrived yet). Every write goes to a temporary file,
+ * fsync'ed, renamed into place and its directory fsync'ed ([Durable]), so a step is on disk
+ * before the next one relies on it.
  */
 class DeviceState(val root: File) {
     init {
@@ -40,6 +42,7 @@ class DeviceState(val root: File) {
         tmp.setWritable(false, false); tmp.setWritable(true, true)
         FileOutputStream(tmp).use { it.write(body.toString().toByteArray(Charsets.UTF_8)); it.fd.sync() }
         if (!tmp.renameTo(credentialsFile)) throw java.io.IOException("could not store the credential")
+        Durable.syncDirectory(root) // else a power cut could lose it: the device would register again as someone else
     }
 
     fun forgetCredentials() {
@@ -59,7 +62,12 @@ class DeviceState(val root: File) {
 
     fun savePending(p: PendingUpload) = p.save(pendingDir)
 
-    /** Settles an acknowledged upload: its residual becomes the task's, then it is gone. */
+    /**
+     * Settles an acknowledged upload: its residual becomes the task's, then it is gone. The
+     * residual's rename is durable before the pending upload goes (ErrorFeedback.save fsyncs
+     * its directory): else a power cut could keep the old residual and lose the pending upload,
+     * and the old residual would be sent a second time.
+     */
     fun commitPending(p: PendingUpload) {
         if (p.residual != null) errorFeedback(p.taskId).save(p.residual)
         clearPending()

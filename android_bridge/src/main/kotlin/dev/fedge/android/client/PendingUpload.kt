@@ -24,7 +24,7 @@ class PendingUpload(
     /** The residual to keep once acknowledged; null for codecs without error feedback. */
     val residual: FloatArray?,
 ) {
-    /** Stores it under [dir] (replacing any): files in a fresh folder, renamed into place. */
+    /** Stores it under [dir] (replacing any): files in a fresh folder, renamed into place, all fsync'ed. */
     fun save(dir: File) {
         val tmp = File(dir.parentFile, ".${dir.name}.tmp")
         tmp.deleteRecursively()
@@ -34,8 +34,12 @@ class PendingUpload(
         write(File(tmp, "upload.frame"), frame)
         residual?.let { write(File(tmp, "residual.f32frame"), Frame.encodeFloats(it)) }
         write(File(tmp, "meta.json"), meta.toString().toByteArray(Charsets.UTF_8)) // last: marks it complete
+        Durable.syncDirectory(tmp) // the files' entries, before the folder is renamed into place
         dir.deleteRecursively()
         if (!tmp.renameTo(dir)) throw java.io.IOException("could not store the pending upload")
+        // Durable before the upload is sent: lost after the coordinator counted it, the old
+        // residual would stay and be sent again with the next update.
+        Durable.syncDirectory(dir.parentFile)
     }
 
     companion object {

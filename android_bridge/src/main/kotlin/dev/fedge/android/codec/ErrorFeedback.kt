@@ -22,7 +22,7 @@ class ErrorFeedback(val file: File) {
         return residual
     }
 
-    /** Replaces the stored residual atomically (null clears it). */
+    /** Replaces the stored residual atomically and durably (null clears it). */
     fun save(residual: FloatArray?) {
         if (residual == null) {
             file.delete()
@@ -35,6 +35,9 @@ class ErrorFeedback(val file: File) {
             it.fd.sync()
         }
         if (!tmp.renameTo(file)) throw java.io.IOException("could not replace $file")
+        // The rename durable before the caller goes on (a pending upload's commit removes the
+        // upload next, which must not survive a power cut that this rename does not).
+        dev.fedge.android.client.Durable.syncDirectory(file.parentFile)
     }
 
     private companion object {

@@ -14,6 +14,7 @@ import org.junit.Assert.assertTrue
 import org.junit.Test
 import java.io.File
 import java.nio.file.Files
+import java.util.Collections
 import java.util.Random
 
 /** The client's pass on a plain JVM (no Android): registration, training, top-k upload, a lost answer. */
@@ -173,5 +174,31 @@ class ClientTest {
         val outcomes = List(1100) { c.runOnce() }
         assertTrue(outcomes.all { it.action == Outcome.FAILED })
         assertEquals(0.0, outcomes.last().nextRunInS, 0.0)
+    }
+
+    @Test
+    fun everyStepIsOnDiskBeforeTheNextOneCountsOnIt() {
+        // A rename is durable only once its directory is fsync'ed: the credential and the pending
+        // upload before save returns (the upload is sent next), the task's new residual before
+        // the pending upload goes (else the old residual would be sent again).
+        val synced = Collections.synchronizedList(ArrayList<String>())
+        val s = DeviceState(state)
+        Durable.onDirectorySynced = { dir ->
+            synced.add(dir.relativeTo(state).path.ifEmpty { "." } + if (File(state, "pending/meta.json").exists()) " (pending)" else "")
+        }
+        try {
+            s.saveCredentials(Credentials("http://127.0.0.1:1", "d-1", "s"))
+            assertEquals(listOf("."), synced)
+            synced.clear()
+            val p = PendingUpload("http://127.0.0.1:1", "d-1", "a-1", "t-1", 1, "k", JSONObject(), byteArrayOf(1, 2), floatArrayOf(1f, 2f))
+            s.savePending(p)
+            assertEquals(". (pending)", synced.last()) // the state directory, after pending/ was renamed into it
+            synced.clear()
+            s.commitPending(p)
+            assertTrue(synced.toString(), "residuals (pending)" in synced)
+            assertNull(s.loadPending())
+        } finally {
+            Durable.onDirectorySynced = null
+        }
     }
 }
