@@ -296,6 +296,8 @@ class Client @JvmOverloads constructor(
             deliver(pending)
         } catch (e: ApiException) {
             if (e.status == 401 || e.transient) throw e
+            // The slot is freed at once, as the Python client does; a 409's round is closed.
+            if (e.status != 409) abort(id, "error", "upload", "refused")
             return Outcome(Outcome.REJECTED, jittered(config.afterAssignmentS), id, taskId, round, metrics = metrics, error = e.code, uploaded = frame)
         }
         return Outcome(Outcome.TRAINED, paced(answer, config.afterAssignmentS), id, taskId, round, metrics = metrics, uploaded = frame, answer = answer)

@@ -108,6 +108,28 @@ class ClientTest {
     }
 
     @Test
+    fun aRefusedUploadAbortsItsAssignmentButAClosedRoundDoesNot() {
+        // As the Python client: the coordinator's refusal (422 bad update) frees the slot at
+        // once with an abort (phase upload, code refused); a 409's round is closed already.
+        for ((status, code) in listOf(422 to "bad_update", 409 to "round_closed")) {
+            coordinator.aborts.clear()
+            val refusal = JSONObject().put("error", JSONObject().put("code", code).put("message", "no")).toString().toByteArray()
+            coordinator.script = { path -> if (path.endsWith("/update")) Triple(status, emptyMap(), refusal) else null }
+            val outcome = client().runOnce()
+            assertEquals(Outcome.REJECTED, outcome.action)
+            assertNull(client().state.loadPending())
+            if (status == 422) {
+                assertEquals(1, coordinator.aborts.size)
+                val abort = coordinator.aborts.single()
+                assertEquals("upload", abort.getString("phase"))
+                assertEquals("refused", abort.getString("code"))
+            } else {
+                assertTrue(coordinator.aborts.isEmpty())
+            }
+        }
+    }
+
+    @Test
     fun anOverloadedCoordinatorIsNotAskedAgainBeforeItsRetryAfter() {
         val busy = JSONObject().put("error", JSONObject().put("code", "overloaded").put("message", "queue full")).toString().toByteArray()
         for ((status, body) in listOf(503 to busy, 429 to ByteArray(0))) {
