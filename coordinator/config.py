@@ -47,9 +47,9 @@ class PacingConfig:
             raise ConfigError("pacing.replicas must be at least 1")
         # Each reaches every device's retry_after_s: finite, and (written "not ... >=" so
         # that NaN fails too) in range.
-        seconds = ("min_retry_s", "max_retry_s", "horizon_s", "selection_return_spread_s",
+        numbers = ("min_retry_s", "max_retry_s", "horizon_s", "selection_return_spread_s",
                    "no_task_retry_s", "headroom")  # fmt: skip
-        for name in seconds:
+        for name in numbers:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"pacing.{name} must be a finite number >= 0")
