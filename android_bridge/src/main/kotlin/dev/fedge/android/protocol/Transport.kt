@@ -50,9 +50,9 @@ class Response(val status: Int, val headers: Map<String, String>, val body: Byte
  * HTTP(S) to the coordinator on HttpURLConnection (Android has no java.net.http): JSON calls,
  * raw bodies (frame uploads), resumable downloads into a file; error bodies mapped to
  * [ApiException]; connection failures and 5xx (and a rate limiter's 429) retried with the same
- * bytes after a jittered backoff ([RetryPolicy]), never another 4xx (the same answer next time); a 3xx is no answer at all
- * ([TransportException], not followed); HTTPS with a custom CA
- * and public-key pinning ([TlsConfig]). Not thread-safe.
+ * bytes after a jittered backoff ([RetryPolicy]), never another 4xx (the same answer next
+ * time); a 3xx is no answer at all ([TransportException], not followed); HTTPS with a custom
+ * CA and public-key pinning ([TlsConfig]). Not thread-safe.
  */
 class Transport @JvmOverloads constructor(
     baseUrl: String,
