@@ -4,7 +4,7 @@ Owns: the wire protocol and tensor frame (``protocol``, ``frame``), delta codecs
 (``codecs``), bundle manifests (``bundle``), training runtimes behind one interface
 (``trainers``), device conditions and the eligibility policy (``conditions``), and the client
 that checks in, trains and uploads (``client``, over ``transport``, ``cache``, ``data``,
-``state``, ``local_training``, ``pool``).
+``state``, ``durable``, ``local_training``, ``pool``).
 
 Must not import: torch, aiohttp, ``coordinator``, ``model_export``. It needs numpy and one
 runtime (onnxruntime, onnxruntime-training or ai-edge-litert).

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk.codecs import ErrorFeedback
+from edge_sdk.durable import fsync_dir
 from edge_sdk.protocol import SAFE_ID
 
 __all__ = ["Credentials", "DeviceState", "PendingUpload"]
@@ -92,18 +93,7 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames and unlinks in ``directory`` durable: until its entry is on disk, a
-    power cut may lose a rename even though the file's data was fsync'ed, while later
-    steps (another directory's, or the coordinator's) survive."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 class DeviceState:
@@ -216,13 +206,10 @@ class DeviceState:
         """The coordinator acknowledged ``pending``: its residual becomes the task's, then the
         pending upload goes. Repeating this (after a crash in between) gives the same state."""
         if pending.uses_feedback:
-            store = self.error_feedback(pending.task_id)
-            store.save(pending.residual)
-            # On disk before the marker goes: else a power cut could keep the old residual
-            # and lose the pending upload, and the old residual would be sent a second time.
-            # (No directory: no residual was ever stored, and none is now.)
-            if store.path.parent.is_dir():
-                _fsync_dir(store.path.parent)
+            # Durable when save returns, before the marker goes: else a power cut could keep
+            # the old residual and lose the pending upload, and the old residual would be
+            # sent a second time.
+            self.error_feedback(pending.task_id).save(pending.residual)
         self.clear_pending()
 
     def clear_pending(self) -> None:

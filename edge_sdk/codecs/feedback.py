@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_sdk.durable import fsync_dir
+
 __all__ = ["ErrorFeedback"]
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class ErrorFeedback:
         return residual
 
     def save(self, residual: np.ndarray | None) -> None:
-        """Replace the stored residual atomically (``None`` clears it)."""
+        """Replace the stored residual atomically and durably (``None`` clears it)."""
         if residual is None:
             self.clear()
             return
@@ -63,6 +65,9 @@ class ErrorFeedback:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        # The rename on disk before the caller goes on: a pending upload's commit removes the
+        # upload next, which must not survive a power cut that this rename does not.
+        fsync_dir(self.path.parent)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
