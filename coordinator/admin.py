@@ -21,7 +21,6 @@ import io
 import tarfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from edge_sdk.errors import ApiError, TransportError
 from edge_sdk.protocol import Route
@@ -98,27 +97,22 @@ class AdminClient:
         return self._call("GET", Route.ADMIN_TASKS)["tasks"]
 
     def task(self, task_id: str) -> dict[str, Any]:
-        return self._call("GET", _task_path(Route.ADMIN_TASK, task_id))
+        return self._call("GET", Route.path(Route.ADMIN_TASK, task_id=task_id))
 
     def pause(self, task_id: str) -> dict[str, Any]:
-        return self._call("POST", _task_path(Route.ADMIN_TASK_PAUSE, task_id))
+        return self._call("POST", Route.path(Route.ADMIN_TASK_PAUSE, task_id=task_id))
 
     def resume(self, task_id: str) -> dict[str, Any]:
-        return self._call("POST", _task_path(Route.ADMIN_TASK_RESUME, task_id))
+        return self._call("POST", Route.path(Route.ADMIN_TASK_RESUME, task_id=task_id))
 
     def rounds(self, task_id: str) -> list[dict[str, Any]]:
-        return self._call("GET", _task_path(Route.ADMIN_TASK_ROUNDS, task_id))["rounds"]
+        return self._call("GET", Route.path(Route.ADMIN_TASK_ROUNDS, task_id=task_id))["rounds"]
 
     def evaluate(self, task_id: str) -> dict[str, Any]:
-        return self._call("POST", _task_path(Route.ADMIN_TASK_EVALUATE, task_id), {})
+        return self._call("POST", Route.path(Route.ADMIN_TASK_EVALUATE, task_id=task_id), {})
 
     def task_bundle(self, task_id: str) -> bytes:
         """The task's current model version as an uncompressed bundle tar."""
-        path = _task_path(Route.ADMIN_TASK_BUNDLE, task_id)
+        path = Route.path(Route.ADMIN_TASK_BUNDLE, task_id=task_id)
         return self.transport.request("GET", path, headers=self._auth).body
 
-
-def _task_path(route: str, task_id: str) -> str:
-    # Percent-encoded: an id with "?", "/" or "#" would otherwise address another resource
-    # ("t?x=1" asked for task "t").
-    return route.format(task_id=quote(task_id, safe=""))

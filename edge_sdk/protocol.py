@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from enum import Enum
 from typing import Final
+from urllib.parse import quote
 
 __all__ = [
     "API_PREFIX",
@@ -93,6 +94,12 @@ class Route:
     ADMIN_DASHBOARD_POPULATION: Final = "/v1/admin/dashboard/population"
     ADMIN_DASHBOARD_SERVICE: Final = "/v1/admin/dashboard/service"
     METRICS: Final = "/metrics"  # Prometheus text format, admin token
+
+    @staticmethod
+    def path(template: str, **params: str | int) -> str:
+        """``template`` with its parameters percent-encoded: an id with "?", "/" or "#" would
+        otherwise address another resource ("t?x=1" would ask for task "t")."""
+        return template.format(**{k: quote(str(v), safe="") for k, v in params.items()})
 
 
 class ErrorCode(str, Enum):

@@ -64,14 +64,14 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         follower = _Follower(stream, live=stream.isatty())
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         while True:
-            detail = get(Route.ADMIN_DASHBOARD_TASK.format(task_id=task_id))
+            detail = get(Route.path(Route.ADMIN_DASHBOARD_TASK, task_id=task_id))
             follower.show(detail)
             if detail["task"]["state"] == "completed":
                 follower.done(detail)
                 return 0
             if detail["task"]["state"] == "failed":  # for good: it will never complete
                 follower.clear()
-                failure = get(Route.ADMIN_TASK.format(task_id=task_id)).get("failure")
+                failure = get(Route.path(Route.ADMIN_TASK, task_id=task_id)).get("failure")
                 print(f"fedge watch: task {task_id} failed: {failure}", file=sys.stderr)
                 return 1
             if deadline is not None and time.monotonic() >= deadline:

@@ -142,3 +142,17 @@ def test_watch_without_a_running_task_or_token(
     monkeypatch.delenv("FEDGE_ADMIN_TOKEN", raising=False)
     assert main(["watch", "--coordinator", coordinator.url]) == 2
     assert "admin token" in capsys.readouterr().err
+
+
+def test_watch_sends_the_task_id_percent_encoded(
+    coordinator: EmbeddedCoordinator, tiny_bundle: Path, capsys: Any
+) -> None:
+    """Before, the id went into the paths as typed: "<id>?x=1" (a paste with a query) asked
+    for task <id> and watched it, and "<id>/rounds" read another resource's JSON."""
+    task_id = _task(coordinator, tiny_bundle, rounds=3)
+    auth = ["--admin-token", coordinator.admin_token, "--interval", "0.05", "--timeout", "0.2"]
+    for typed in (f"{task_id}?x=1", f"{task_id}#top"):
+        assert main(["watch", typed, "--coordinator", coordinator.url, *auth]) == 2
+        assert "404 not_found" in capsys.readouterr().err
+    assert main(["watch", task_id, "--coordinator", coordinator.url, *auth]) == 1
+    assert "still running" in capsys.readouterr().err
