@@ -3,8 +3,9 @@
 Prints one updating progress line on stderr and, at the end, one JSON summary line on stdout
 (devices, check-ins, tasks started, uploads acknowledged, aborts, dropouts, bytes). Runs until
 ``--duration`` emulated seconds pass, the coordinator's newest task has completed
-``--until-rounds`` rounds, or Ctrl-C. Devices register with ``--enrollment-token``;
-``--until-rounds`` reads the coordinator's status, which needs ``--admin-token``.
+``--until-rounds`` rounds or ended short of them (exit 1 if it failed), or Ctrl-C. Devices
+register with ``--enrollment-token``; ``--until-rounds`` reads the coordinator's status, which
+needs ``--admin-token``.
 
 ``--partitions DIR`` uses your own data: one ``.npz`` per device (arrays ``x`` and ``y``), devices
 in file-name order, every file checked before any device starts. ``--processes K`` splits the
@@ -84,7 +85,8 @@ def register(sub: Any) -> None:
                    "(default: the real step time)")
     p.add_argument("--duration", type=float, default=None, help="emulated seconds to run")
     p.add_argument("--until-rounds", type=int, default=None,
-                   help="stop when the coordinator's newest task has completed this many rounds")
+                   help="stop when the coordinator's newest task has completed this many rounds "
+                   "(or has ended short of them)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="device state directories (default: a temporary directory)")
     p.add_argument("--population", default="default")
@@ -180,13 +182,22 @@ def _reachable(url: str, tls: Any) -> bool:
     return True
 
 
-def _rounds_completed(admin: Any) -> int:
+_ENDED = ("completed", "failed")
+
+
+def _newest_task(admin: Any) -> dict[str, Any] | None:
+    """The coordinator's newest task as its status lists it ({} before the first), or None
+    when the status cannot be read."""
     from edge_sdk.errors import ClientError
 
     try:
-        return int(admin.status()["rounds_completed"])
-    except (ClientError, OSError, KeyError, TypeError, ValueError):
-        return -1
+        tasks = admin.status()["tasks"]
+        return {} if not tasks else {"task_id": str(tasks[-1]["task_id"]),
+                                     "state": str(tasks[-1]["state"]),
+                                     "rounds": int(tasks[-1]["rounds_completed"]),
+                                     "failure": tasks[-1].get("failure")}
+    except (ClientError, OSError, KeyError, TypeError, ValueError, IndexError):
+        return None
 
 
 def _engine(args: argparse.Namespace) -> Any:
@@ -243,10 +254,16 @@ def run(args: argparse.Namespace) -> int:
     if not _reachable(args.coordinator, tls):
         raise CommandError(f"cannot reach a coordinator at {args.coordinator}")
     admin = None
+    # A task that ended before the fleet started may be followed by one the user creates now;
+    # one that ends during the run will complete no further round.
+    ended_before: str | None = None
     if args.until_rounds is not None:
         admin = AdminClient(args.coordinator, str(admin_token(args)), tls=tls)
-        if _rounds_completed(admin) < 0:
+        newest = _newest_task(admin)
+        if newest is None:
             raise CommandError(f"cannot read the status of {args.coordinator} (admin token?)")
+        if newest.get("state") in _ENDED:
+            ended_before = newest["task_id"]
     source = _source(args)
     devices = args.devices or source.devices
     common: dict[str, Any] = {
@@ -272,13 +289,21 @@ def run(args: argparse.Namespace) -> int:
     # A Fleet writes its own progress line; a fleet in parts has it written here, from the
     # sum of the parts' reports, at each poll.
     show = None if args.quiet or isinstance(fleet, Fleet) else sys.stderr
+    ended: dict[str, Any] = {}  # the newest task, once it has ended during the run
 
     def until() -> bool:
         if show is not None:
             show.write("\r" + status_line(fleet.summary()) + "\x1b[K")
             show.flush()
-        return interrupted.is_set() or (
-            admin is not None and _rounds_completed(admin) >= args.until_rounds)
+        if interrupted.is_set():
+            return True
+        newest = None if admin is None else _newest_task(admin)
+        if not newest:
+            return False
+        if newest["state"] in _ENDED and newest["task_id"] != ended_before:
+            ended.update(newest)
+            return True
+        return bool(newest["rounds"] >= args.until_rounds)
 
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
@@ -294,4 +319,11 @@ def run(args: argparse.Namespace) -> int:
         show.write("\r" + status_line(summary) + "\n")
         show.flush()
     print(json.dumps(summary.as_dict()), file=sys.stdout, flush=True)
+    if ended.get("state") == "failed":
+        print(f"fedge fleet: task {ended['task_id']} failed after {ended['rounds']} rounds: "
+              f"{ended['failure']}", file=sys.stderr)
+        return 1
+    if ended and ended["rounds"] < args.until_rounds:
+        print(f"fedge fleet: task {ended['task_id']} completed after {ended['rounds']} rounds, "
+              f"before --until-rounds {args.until_rounds}", file=sys.stderr)
     return 0

@@ -50,6 +50,40 @@ def test_fleet_runs_until_the_rounds_and_prints_a_json_summary(
     assert "[fleet]" in err or where  # the progress line (a fleet in parts has none)
 
 
+@pytest.mark.parametrize("server_lr, code, said", [
+    (1.0, 0, "completed after 1 rounds, before --until-rounds 5"),
+    # FedAvg with a server learning rate of 1e300: the first commit overflows, the task fails
+    (1e300, 1, "failed after 0 rounds: "),
+])
+def test_until_rounds_stops_when_the_task_ends_short_of_them(
+    coordinator: EmbeddedCoordinator, digits_bundle: Path, capsys: pytest.CaptureFixture[str],
+    server_lr: float, code: int, said: str,
+) -> None:
+    """Before, a task of fewer rounds than --until-rounds (or one that failed) left the fleet
+    polling the status until Ctrl-C: the task would never complete another round."""
+    admin = coordinator.admin()
+    bundle_id = admin.upload_bundle(digits_bundle)["bundle_id"]
+    plan = {"rounds": 1, "goal": 2, "selection_window_s": 0, "robust": "none",
+            "server_optimizer": {"lr": server_lr}}
+    task_id = admin.create_task(bundle_id, plan=plan)["task_id"]
+    fleet = ["fleet", "--coordinator", coordinator.url, "--devices", "4", "--until-rounds",
+             "5", "--partition", "shards:2", "--quiet",
+             "--enrollment-token", str(coordinator.enrollment_token),
+             "--admin-token", coordinator.admin_token]
+    started = time.monotonic()
+    assert main([*fleet, "--duration", "600"]) == code
+    assert time.monotonic() - started < 60
+    assert admin.task(task_id)["state"] == ("completed" if code == 0 else "failed")
+    err = capsys.readouterr().err
+    assert f"task {task_id} {said}" in err, err
+    # A task that ended before the fleet started does not stop it: the user may create the
+    # next one while it runs. This fleet runs its --duration.
+    started = time.monotonic()
+    assert main([*fleet, "--duration", "2"]) == 0
+    assert time.monotonic() - started >= 2
+    assert "task" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--partition", "dirichlet:-1"], "alpha"),
     (["--data", "mnist"], "unknown --data"),
