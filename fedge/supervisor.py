@@ -10,8 +10,9 @@ The supervisor itself serves nothing. It migrates the database once, draws the t
 child shares, reserves the port (bound, never listening: with port 0 it chooses one, and no
 other program can take it between two children's starts), starts the children (spawned,
 so that none inherits a database connection) and prints the one ``listening`` line once all
-answer. A child that dies is started again (logged); what it acknowledged is durable in the
-database, and its siblings answer meanwhile. The children publish their event counters in a
+answer. A child that dies, or that is started again and does not answer in time, is started
+again (logged); what it acknowledged is durable in the database, and its siblings answer
+meanwhile. The children publish their event counters in a
 directory the supervisor makes for the run, so that ``/metrics`` on the shared port reports
 the node's sum (:mod:`coordinator.metrics_sharing`). SIGTERM or SIGINT stops every child cleanly,
 then the supervisor; a child whose supervisor died (even by SIGKILL) stops as well.
@@ -74,7 +75,8 @@ class Supervisor:
         self._started_at = [0.0] * config.processes
         self._pause = [0.0] * config.processes
         self._due = [0.0] * config.processes  # when a dead child is started again
-        self._restarting: dict[Connection, int] = {}  # restarted children not answering yet
+        # Restarted children not answering yet, and when they must have answered by.
+        self._restarting: dict[Connection, tuple[int, BaseProcess, float]] = {}
         self._stopping = False
 
     def run(self) -> int:
@@ -205,25 +207,40 @@ class Supervisor:
             for i, c in enumerate(self._children):
                 if c is None and self._due[i] <= now:
                     child, conn = self._spawn(i)
-                    self._restarting[conn] = i
+                    self._restarting[conn] = (i, child, now + self.startup_timeout_s)
                     log.info("serving process %d started again (pid %s)", i, child.pid)
-            dead = [self._due[i] - now for i, c in enumerate(self._children) if c is None]
+            waits = [self._due[i] - now for i, c in enumerate(self._children) if c is None]
+            waits += [by - now for _, _, by in self._restarting.values()]
             sentinels = {c.sentinel: i for i, c in enumerate(self._children) if c is not None}
-            timeout = max(0.0, min(dead)) if dead else None
+            timeout = max(0.0, min(waits)) if waits else None
             ready = wait([wake, *sentinels, *self._restarting], timeout)
             if wake in ready:
                 wake.recv(64)  # a signal: the handler set _stopping
             for conn in [r for r in ready if r in self._restarting]:
-                i = self._restarting.pop(conn)
+                i, _, _ = self._restarting.pop(conn)
                 message = _receive(conn)
                 if message == "ready":
                     log.info("serving process %d, started again, answers", i)
                 else:  # why it will be tried again: a warning, seen at the operator's level
                     log.warning("serving process %d did not start again: %s", i, message)
                 conn.close()
+            self._kill_hung(time.monotonic())
             for s in ready:
                 if s in sentinels:
                     self._reap(sentinels[s])
+
+    def _kill_hung(self, now: float) -> None:
+        """Kill restarted children that have not answered in time (blocked on a database or
+        a file that does not answer): otherwise one would hold its place, serving nothing
+        and never tried again. Its sentinel then reaps it, and another is started."""
+        for conn, (i, child, by) in list(self._restarting.items()):
+            if by > now:
+                continue
+            del self._restarting[conn]
+            conn.close()
+            log.warning("serving process %d (pid %s) did not answer within %g s of its start: "
+                        "killed", i, child.pid, self.startup_timeout_s)
+            child.kill()
 
     def _reap(self, i: int) -> None:
         child = self._children[i]

@@ -273,3 +273,58 @@ def test_a_child_that_cannot_start_again_says_why_in_the_supervisors_log(
     finally:
         node.terminate()
         assert node.wait(30) == 0
+
+
+_HANGING_NODE = """
+import sys
+from coordinator.config import CoordinatorConfig
+from fedge.commands.serve import configure_logging
+from fedge.supervisor import Supervisor
+configure_logging("INFO", "json")
+db, port, cert, key = sys.argv[1:]
+cfg = CoordinatorConfig(db_path=db, port=int(port), processes=2, tls_cert=cert, tls_key=key)
+sys.exit(Supervisor(cfg, startup_timeout_s=3.0).run())
+"""
+
+
+def test_a_restarted_child_that_hangs_at_start_is_killed_and_tried_again(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A restarted child blocked in its start-up (here on its certificate, replaced by a
+    FIFO nobody writes) held its place for ever: never killed, never tried again, the node
+    one process short with no word in the log. It is killed after the start-up timeout and
+    another started; once the file is readable again one answers."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(pki.cert, cert)
+    shutil.copy(pki.key, key)
+    log_path = tmp_path / "node.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log_path, "wb") as log:
+        node = subprocess.Popen(
+            [sys.executable, "-c", _HANGING_NODE, str(tmp_path / "f.db"), str(_free_port()),
+             str(cert), str(key)],
+            stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env=env,
+        )  # fmt: skip
+
+    def said() -> list[str]:
+        records = [json.loads(line) for line in log_path.read_text().splitlines()
+                   if line.startswith("{")]  # fmt: skip
+        return [r["message"] for r in records if r["logger"] == "fedge.supervisor"]
+
+    try:
+        assert node.stdout is not None
+        assert b"listening on https://" in node.stdout.readline()
+        cert.unlink()
+        os.mkfifo(cert)
+        os.kill(min(serving_children(node.pid)), signal.SIGKILL)
+        wait_for(lambda: any("did not answer within 3 s of its start: killed" in m
+                             for m in said()),
+                 timeout=30, what="the hung child killed")  # fmt: skip
+        cert.unlink()
+        shutil.copy(pki.cert, cert)
+        wait_for(lambda: any("started again, answers" in m for m in said()),
+                 timeout=60, what="a child serving in the hung one's place")  # fmt: skip
+        assert len(serving_children(node.pid)) == 2
+    finally:
+        node.terminate()
+        assert node.wait(40) == 0
