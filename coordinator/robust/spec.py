@@ -79,7 +79,8 @@ class ClipSpec:
 @dataclass(frozen=True)
 class AgreementSpec:
     """Drop each update whose cosine with the aggregate's coordinate-wise median is at most
-    ``min_cosine``; ``weigh``: also scale the weight of the others by their cosine."""
+    ``min_cosine``; ``weigh``: also scale the weight of the others by their cosine (then a
+    ``min_cosine`` below 0 counts as 0: a weight must stay positive)."""
 
     min_cosine: float = 0.0
     weigh: bool = False
