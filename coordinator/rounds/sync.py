@@ -465,10 +465,13 @@ class SyncRounds(TaskPolicy):
                     else self._ddp_mean(task, plan, rnd, secagg, n, metrics)
                 )
             else:
-                running = self.ctx.sums.get(task.task_id, rnd.round_id, n)
+                # The streaming sum only when undefended FedAvg asks for it: among replicas (or
+                # after a restart) getting it adds up partial sums and decodes payloads, which
+                # a defended commit reads back itself.
                 agg = aggregate_updates(
-                    store, self.ctx.blobs, task, plan, rnd.round_id, n, streamed=running.mean
-                )
+                    store, self.ctx.blobs, task, plan, rnd.round_id, n,
+                    streamed=lambda: self.ctx.sums.get(task.task_id, rnd.round_id, n).mean(),
+                )  # fmt: skip
                 metrics["robust"] = agg.metrics
                 delta = agg.delta
 

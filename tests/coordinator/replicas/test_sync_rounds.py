@@ -122,6 +122,45 @@ def _open_round_id(url: str, task_id: str) -> int:
         store.close()
 
 
+def test_a_defended_close_reads_each_payload_once(
+    replica_db: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A robust aggregator (median) reads the round's updates back from the blobs at the
+    close: that is the only time the close reads them. It used to fold them a first time
+    into the round's streaming sum too (the partial sums added up and the uncovered
+    payloads decoded), which only undefended FedAvg uses, and threw that away."""
+    plan = {**PLAN, "rounds": 1, "robust": {"aggregator": "median", "clip": None,
+                                            "agreement": None}}  # fmt: skip
+    with thread_replicas(2, replica_db, tmp_path / "blobs", clock, tick_interval_s=3600.0,
+                         replica_partial_every=1000) as reps:  # fmt: skip
+        admin, task_id, devices = start_task([r.url for r in reps], tiny_bundle, plan, 9)
+        base = decode_tensor(devices[0].params(task_id, 0)).astype(np.float64)
+        chosen = _selected(devices, clock)
+        reads: list[str] = []
+
+        def counting(read: Any) -> Any:
+            def counted(sha: str) -> bytes:
+                reads.append(sha)
+                return bytes(read(sha))
+
+            return counted
+
+        for rep in reps:
+            blobs = rep.service.ctx.blobs
+            monkeypatch.setattr(blobs, "read", counting(blobs.read))
+        sent = [_delta(k) for k in range(6)]
+        for k, (d, assignment_id) in enumerate(chosen[:6]):
+            status, body = d.to(k % 2).upload(assignment_id, sent[k], 3 + k)
+            assert status == 200 and body["accepted"] is True, body
+        wait_version(admin, task_id, 1)
+        # The six payloads and version 0's parameters, each read once.
+        assert len(reads) == len(set(reads)) == 7, reads
+        got = decode_tensor(devices[0].params(task_id, 1))
+        want = base + np.median(np.stack(sent).astype(np.float64), axis=0)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_two_replicas_racing_to_close_a_round_close_it_once(
     replica_db: str, tmp_path: Path, tiny_bundle: Path, clock: FakeClock,
     monkeypatch: pytest.MonkeyPatch,
