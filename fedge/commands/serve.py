@@ -28,6 +28,8 @@ EVENT_LOOPS = ("asyncio", "auto", "uvloop")
 # The most --processes per CPU: past one per core they only share it, and a typo must not
 # start interpreters until memory runs out.
 PROCESSES_PER_CPU = 4
+# The level names logging knows (it takes a name in any case once upper-cased).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET")
 
 
 def register(sub: Any) -> None:
@@ -107,7 +109,9 @@ def register(sub: Any) -> None:
         default=None,
         help="delete devices not seen for this many seconds (default: never)",
     )
-    p.add_argument("--log-level", default="INFO")
+    # Checked here: logging refuses an unknown name only once configured, with a traceback.
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help="default INFO (any case)")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="json: one JSON object a line (ts, level, logger, message, exc)")
     p.set_defaults(func=run)

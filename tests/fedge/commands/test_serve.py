@@ -222,3 +222,22 @@ def test_a_replica_needs_its_tokens_given_not_drawn(tmp_path: Path) -> None:
         assert proc.returncode == 2, err
         assert f"--replica needs the {missing} token" in err and "same on every replica" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_log_level_is_a_one_line_error_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    """``--log-level verbose`` (or any name logging does not know) was taken as given: the
+    configuration was read, then logging raised ``ValueError: Unknown level`` with a
+    traceback (status 1)."""
+    proc = _serve("--db", str(tmp_path / "f.db"), "--port", "0", "--log-level", "verbose",
+                  env={"FEDGE_ADMIN_TOKEN": "tok"})  # fmt: skip
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert "--log-level" in err and "VERBOSE" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+    # Any case is taken, as before: logging's names are upper case.
+    from fedge.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--db", "f.db", "--log-level", "debug"])
+    assert args.log_level == "DEBUG"
