@@ -13,6 +13,8 @@
 # run as root) with password authentication, started on a free port, and a role "fedge"
 # owning a database "fedge_test". Progress goes to stderr; stdout carries only the answer.
 set -euo pipefail
+# A failed step inside $(...) stops the script too (bash drops set -e there otherwise).
+shopt -s inherit_errexit
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { echo "[postgres] $*" >&2; }
 
@@ -109,7 +111,9 @@ dsn() {
 
 case "${1:-dsn}" in
     dsn) dsn ;;
-    env) echo "export FEDGE_TEST_POSTGRES_DSN='$(dsn)'" ;;
+    env)  # an assignment, so that dsn's failure is the script's (an echo's status is 0)
+        url="$(dsn)"
+        echo "export FEDGE_TEST_POSTGRES_DSN='$url'" ;;
     stop)
         if [[ -f "$data/postmaster.pid" ]]; then
             as_owner "$(bindir)/pg_ctl" -D "$data" -m fast stop >&2

@@ -49,3 +49,25 @@ def test_the_script_starts_a_server_from_nothing() -> None:
     finally:
         _run(script, "stop")
         shutil.rmtree(repo)
+
+
+def test_env_fails_when_no_server_can_be_had() -> None:
+    """``eval "$(scripts/postgres.sh env)"`` (docs/deployment.md) printed an ``export`` line
+    and exited 0 when the server could not be started: the ``dsn`` it wraps ran inside a
+    command substitution, where bash drops ``set -e``, so a failed step went on to the next
+    one. Here the cluster's directory cannot be made (``.cache`` is a file)."""
+    repo = Path(tempfile.mkdtemp(prefix="fedge-repo-", dir="/var/tmp"))
+    repo.chmod(0o755)  # reachable by the postgres user: the cluster would go under .cache
+    try:
+        (repo / "scripts").mkdir()
+        script = repo / "scripts" / "postgres.sh"
+        shutil.copy(SCRIPT, script)
+        (repo / ".cache").write_text("not a directory")
+        env = {k: v for k, v in os.environ.items() if k != "FEDGE_TEST_POSTGRES_DSN"}
+        for command in ("dsn", "env"):
+            done = subprocess.run([str(script), command], capture_output=True, text=True,
+                                  env=env, timeout=120)  # fmt: skip
+            assert done.returncode != 0, (command, done.stdout, done.stderr)
+            assert done.stdout == "", (command, done.stdout)
+    finally:
+        shutil.rmtree(repo)
