@@ -156,9 +156,10 @@ class CoordinatorConfig:
         if not self.replica_orphan_age_s > 0:
             raise ConfigError("replica_orphan_age_s must be > 0")
         # The deadline ticker sleeps this long between ticks: 0 or less (or NaN) has each
-        # serving process tick without pause, a core busy on an idle coordinator.
-        if not self.tick_interval_s > 0:
-            raise ConfigError("tick_interval_s must be > 0")
+        # serving process tick without pause, a core busy on an idle coordinator; infinity
+        # never ticks (no round closes at its deadline) and has no Retry-After (its ceil()).
+        if not (math.isfinite(self.tick_interval_s) and self.tick_interval_s > 0):
+            raise ConfigError("tick_interval_s must be a finite number of seconds > 0")
         # An overloaded request's Retry-After is its ceil(): NaN or infinity has no integer.
         if not 0 <= self.overload_retry_after_s < math.inf:
             raise ConfigError("overload_retry_after_s must be a finite number >= 0")

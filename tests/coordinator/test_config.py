@@ -39,6 +39,10 @@ def test_json_and_toml(tmp_path: Path) -> None:
         '{"tick_interval_s": 0}',
         '{"tick_interval_s": -1}',
         '{"tick_interval_s": NaN}',
+        # Infinity: the ticker never ticked again, so no round closed at its deadline, the
+        # coordinator stayed "ready" for ever, and a storage error's Retry-After (ceil() of
+        # max(1, tick_interval_s)) raised: a bare 500 instead of 503.
+        '{"tick_interval_s": Infinity}',
         # Retry-After is ceil() of it: NaN or infinity raised there, and every request refused
         # as overloaded was answered a bare 500 instead of 503.
         '{"overload_retry_after_s": NaN}',
