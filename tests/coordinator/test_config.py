@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from coordinator.config import ConfigError, CoordinatorConfig
+from coordinator.config import ConfigError, CoordinatorConfig, PacingConfig, toml_loads
 
 
 def test_json_and_toml(tmp_path: Path) -> None:
@@ -98,3 +101,41 @@ def test_toml_without_tomllib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     # JSON never needed either.
     (tmp_path / "c.json").write_text('{"seed": 6}')
     assert CoordinatorConfig.from_file(tmp_path / "c.json").seed == 6
+
+
+DEPLOYMENT = Path(__file__).resolve().parents[2] / "docs" / "deployment.md"
+
+
+def test_every_key_is_documented_with_its_default_and_flag() -> None:
+    """docs/deployment.md named a config file (``--config coordinator.toml``) but listed
+    its keys nowhere: ``admin_token``, ``tls_cert``, ``device_inactivity_s``,
+    ``overload_retry_after_s``, most of ``[pacing]`` and others were found only in the code.
+    Its table ("Configuration file") has a row per key, with the default and the flag of
+    ``fedge serve`` as the code has them, and its example parses."""
+    from fedge.cli import build_parser
+
+    text = DEPLOYMENT.read_text()
+    section = text.split("\n## Configuration file\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and (key := re.fullmatch(r"`([a-z_.]+)`", cells[0])):
+            rows[key.group(1)] = cells[1], cells[2]
+    fields = {f.name: f for f in dataclasses.fields(CoordinatorConfig) if f.name != "pacing"}
+    fields |= {f"pacing.{f.name}": f for f in dataclasses.fields(PacingConfig)}
+    assert sorted(rows) == sorted(fields)
+    defaults, pacing = CoordinatorConfig(), PacingConfig()
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction))  # fmt: skip
+    serve = commands.choices["serve"]
+    flags = {o for a in serve._actions for o in a.option_strings}
+    for key, (default, flag) in rows.items():
+        name = key.removeprefix("pacing.")
+        want = getattr(pacing if key.startswith("pacing.") else defaults, name)
+        if want is None:
+            assert default == "unset", key
+        else:
+            assert toml_loads(f"v = {default.strip('`')}")["v"] == want, key
+        assert flag == "" or flag.strip("`") in flags, key
+    example = section.split("```\n", 2)[1]
+    assert CoordinatorConfig.from_dict(toml_loads(example)).pacing.replicas == 2
