@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.store import is_database_url
+from coordinator.store import is_database_url, sqlite_path
 
 __all__ = ["EVENT_LOOPS", "ConfigError", "CoordinatorConfig", "PacingConfig"]
 
@@ -205,7 +205,7 @@ class CoordinatorConfig:
         """Content-addressed blobs: ``blob_path``, else beside the database file."""
         if self.blob_path is not None:
             return Path(self.blob_path)
-        p = Path(self.db_path)
+        p = Path(sqlite_path(self.db_path))  # the file, also when written sqlite:PATH
         return p.with_name(p.name + ".blobs")
 
     @classmethod

@@ -23,6 +23,16 @@ def test_json_and_toml(tmp_path: Path) -> None:
     assert CoordinatorConfig(db_path="/x/fedge.db").blob_dir == Path("/x/fedge.db.blobs")
 
 
+@pytest.mark.parametrize("location", ["sqlite:/x/fedge.db", "sqlite:///x/fedge.db"])
+def test_blobs_beside_a_file_written_as_sqlite_url(location: str) -> None:
+    """``fedge serve --db sqlite:/x/fedge.db`` (the form the error for a file named like a
+    URL asks for) served the file /x/fedge.db but put its blobs in a directory literally
+    named ``sqlite:/x/fedge.db.blobs``, under the working directory: not beside the file,
+    and another one for every directory the service was started from."""
+    assert CoordinatorConfig(db_path=location).blob_dir == Path("/x/fedge.db.blobs")
+    assert CoordinatorConfig(db_path="sqlite:f.db").blob_dir == Path("f.db.blobs")
+
+
 @pytest.mark.parametrize(
     "text",
     [
