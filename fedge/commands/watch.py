@@ -9,6 +9,7 @@ Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Any, TextIO
@@ -44,8 +45,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
     stream = out or sys.stdout
     token = admin_token(args)
-    if args.interval <= 0:
-        raise CommandError("--interval must be positive")
+    # Written "not ... > 0": NaN fails too (argparse's float takes it). A NaN or infinite
+    # interval made the first sleep raise; a NaN timeout never came.
+    if not (math.isfinite(args.interval) and args.interval > 0):
+        raise CommandError("--interval must be a finite number of seconds > 0")
+    if args.timeout is not None and not args.timeout >= 0:
+        raise CommandError("--timeout must be a number of seconds >= 0")
     headers = {"Authorization": f"Bearer {token}"}
     try:
         transport = Transport(args.coordinator, timeout=30, retry=RetryPolicy(max_attempts=1),

@@ -156,3 +156,19 @@ def test_watch_sends_the_task_id_percent_encoded(
         assert "404 not_found" in capsys.readouterr().err
     assert main(["watch", task_id, "--coordinator", coordinator.url, *auth]) == 1
     assert "still running" in capsys.readouterr().err
+
+
+def test_watch_refuses_an_interval_or_timeout_that_is_not_a_number_of_seconds(
+    coordinator: EmbeddedCoordinator, tiny_bundle: Path, capsys: Any
+) -> None:
+    """``--interval nan`` (or ``inf``) passed the ``<= 0`` check and the first sleep raised
+    (ValueError, OverflowError: a traceback once a round was shown); ``--timeout nan`` never
+    timed out. Each is a one-line error now, before the coordinator is asked."""
+    task_id = _task(coordinator, tiny_bundle, rounds=3)
+    auth = ["--coordinator", coordinator.url, "--admin-token", coordinator.admin_token]
+    for option, value in (("--interval", "nan"), ("--interval", "inf"), ("--interval", "0"),
+                          ("--timeout", "nan"), ("--timeout", "-1")):
+        args = ["watch", task_id, *auth, "--interval", "0.05", option, value]
+        assert main(args) == 2, (option, value)
+        err = capsys.readouterr().err
+        assert f"{option} must be" in err, err
