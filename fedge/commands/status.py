@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from coordinator.admin import AdminClient
-    from edge_sdk.errors import ClientError
+    from edge_sdk.errors import ApiError, ClientError
     from edge_sdk.protocol import Route
 
     token = admin_token(args)
@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
             status = admin.status()
         finally:
             admin.close()
+    except ApiError as e:  # it answered (a wrong token): not out of reach
+        raise CommandError(str(e)) from e
     except (ClientError, ValueError) as e:
         raise CommandError(f"cannot reach {args.coordinator}: {e}") from e
     if args.json:

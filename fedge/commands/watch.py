@@ -39,7 +39,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    from edge_sdk.errors import ClientError
+    from edge_sdk.errors import ApiError, ClientError
     from edge_sdk.protocol import Route
     from edge_sdk.transport import RetryPolicy, Transport
 
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     def get(path: str) -> Any:
         try:
             return transport.call("GET", path, headers=headers)
+        except ApiError as e:  # it answered (a wrong token, no such task): not out of reach
+            raise CommandError(str(e)) from e
         except (ClientError, ValueError) as e:
             raise CommandError(f"cannot reach {args.coordinator}: {e}") from e
 

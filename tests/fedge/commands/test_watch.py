@@ -138,7 +138,11 @@ def test_watch_without_a_running_task_or_token(
     assert main(["watch", "--coordinator", coordinator.url, *auth]) == 2
     assert "no running task" in capsys.readouterr().err
     assert main(["watch", "t-nope", "--coordinator", coordinator.url, *auth]) == 2
-    assert "404 not_found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "404 not_found" in err and "cannot reach" not in err, err
+    assert main(["watch", "--coordinator", coordinator.url, "--admin-token", "wrong"]) == 2
+    err = capsys.readouterr().err
+    assert "401 unauthorized" in err and "cannot reach" not in err, err
     monkeypatch.delenv("FEDGE_ADMIN_TOKEN", raising=False)
     assert main(["watch", "--coordinator", coordinator.url]) == 2
     assert "admin token" in capsys.readouterr().err
