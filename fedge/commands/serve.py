@@ -71,7 +71,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--admin-token",
         default=None,
-        help="operator token (default: $FEDGE_ADMIN_TOKEN, else a random one printed to stderr)",
+        help="operator token (default: $FEDGE_ADMIN_TOKEN, else the config's, else a random "
+        "one printed to stderr)",
     )
     p.add_argument(
         "--enrollment-token",
