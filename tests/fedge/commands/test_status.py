@@ -48,3 +48,26 @@ def test_status_needs_the_admin_token(coordinator, capsys, monkeypatch) -> None:
 def test_unreachable(capsys) -> None:
     assert main(["status", "--coordinator", "http://127.0.0.1:9", "--admin-token", "t"]) == 2
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_ends_without_a_traceback(coordinator) -> None:
+    """``fedge status | head -1`` (or ``fedge task list | head``): the reader leaves, the
+    next print raised BrokenPipeError and the command died with a traceback on stderr (and
+    another at the interpreter's flush of stdout on exit)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedge.cli", "status", "--coordinator", coordinator.url,
+         "--admin-token", coordinator.admin_token],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it prints anything: its imports take far longer
+    err = proc.stderr.read()
+    assert proc.wait(60) != 0
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
