@@ -138,6 +138,11 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together: give both or neither")
+        # An empty token is no token: the service would draw one, and (the key being set)
+        # not print it, so that no device could register.
+        for name in ("admin_token", "enrollment_token"):
+            if getattr(self, name) == "":
+                raise ConfigError(f"{name} must not be empty (leave it unset to draw one)")
         if self.open_registration and self.enrollment_token is not None:
             raise ConfigError("open_registration contradicts an enrollment_token: choose one")
         for name in ("max_body_bytes", "max_json_bytes", "max_bundle_bytes",

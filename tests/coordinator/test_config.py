@@ -71,6 +71,11 @@ def test_blobs_beside_a_file_written_as_sqlite_url(location: str) -> None:
         '{"pacing": {"no_task_retry_s": Infinity}}',
         '{"pacing": {"selection_return_spread_s": -2}}',
         '{"upload_body_timeout_s": 0}',
+        # An empty enrollment token: the service drew a random one (as for none) but printed
+        # it only when the key was unset, so no device could ever register; both tokens
+        # are refused empty (unset draws one).
+        '{"enrollment_token": ""}',
+        '{"admin_token": ""}',
     ],
 )
 def test_refused(tmp_path: Path, text: str) -> None:
