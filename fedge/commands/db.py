@@ -50,6 +50,17 @@ def migrate(args: argparse.Namespace) -> int:
             raise CommandError(f"{redacted(location)}: {e}") from e
     if not is_database_url(args.source) and not Path(sqlite_path(args.source)).is_file():
         raise CommandError(f"no SQLite database at {args.source}")
+    # Read, not opened, as the destination below: opening would create the coordinator's
+    # tables in a mistyped source (a URL without the deployment's search_path, an empty
+    # file), and copying its nothing would pass for a migration.
+    try:
+        records = tables_with_records(args.source)
+    except Exception as e:  # unreachable server, bad credentials, not a database
+        raise CommandError(redacted(args.source, f"cannot open {args.source}: {e}")) from e
+    if not records:
+        raise CommandError(redacted(args.source, f"{args.source} holds no records: nothing to "
+                                    "copy (is it the deployment's database?); nothing was "
+                                    "changed"))  # fmt: skip
     # Before either store is opened: opening migrates a database to this code's schema, and
     # a destination refused for its records must be left as it was (a deployment of an
     # older version refuses to start on a database migrated past it).

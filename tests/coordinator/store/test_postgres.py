@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -137,6 +138,35 @@ def test_migrate_refuses_a_database_with_records_before_migrating_its_schema(
     versions = [row[0] for row in older._execute("select version from schema_version")]
     assert max(versions) == newest - 1
     older.close()
+
+
+def _tables(location: str) -> list[str]:
+    """Every table at ``location`` (empty or not)."""
+    if location.startswith("postgresql://"):
+        with psycopg.connect(location) as conn:
+            rows = conn.execute("select table_name from information_schema.tables "
+                                "where table_schema = current_schema()").fetchall()  # fmt: skip
+    else:
+        import sqlite3
+
+        with closing(sqlite3.connect(location)) as db:
+            rows = db.execute("select name from sqlite_master where type = 'table'").fetchall()
+    return sorted(r[0] for r in rows)
+
+
+def test_migrate_refuses_a_source_without_records_before_creating_tables_there(
+    tmp_path: Path, replica_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped ``--from`` naming an empty database (a URL without the deployment's
+    ``?options=-csearch_path``, an empty file) was opened as a store: the coordinator's
+    tables were created there, 0 rows were copied, and the command said so with status 0."""
+    if not replica_db.startswith("postgresql://"):
+        Path(replica_db).touch()  # a file, but no database in it yet
+    target = tmp_path / "copy.db"
+    assert main(["db", "migrate", "--from", replica_db, "--to", str(target)]) == 2
+    out, err = capsys.readouterr()
+    assert "holds no records" in err and "copied" not in out, err
+    assert _tables(replica_db) == [] and not target.exists()
 
 
 @pytest.mark.parametrize("source_on", ["sqlite", "postgresql"])
