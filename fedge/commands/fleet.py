@@ -231,8 +231,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise CommandError("--processes must be at least 1")
     if args.seed < 0:  # numpy seeds (the data split, every device's draws) are non-negative
         raise CommandError("--seed must be >= 0")
-    if not args.speedup > 0:
-        raise CommandError("--speedup must be > 0")
+    # Infinity too: emulated time would be NaN, every device's wait none (a busy loop).
+    if not (math.isfinite(args.speedup) and args.speedup > 0):
+        raise CommandError("--speedup must be > 0 and finite")
     if args.duration is not None and not args.duration > 0:
         raise CommandError("--duration must be a number of seconds > 0")
     if args.step_time is not None and not (math.isfinite(args.step_time) and args.step_time >= 0):

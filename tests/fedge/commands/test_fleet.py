@@ -108,6 +108,9 @@ def test_until_rounds_stops_when_the_task_ends_short_of_them(
     (["--duration", "0"], "--duration must be a number of seconds > 0"),
     (["--duration", "nan"], "--duration must be a number of seconds > 0"),
     (["--speedup", "nan"], "--speedup must be > 0"),
+    # Infinity passed "> 0": emulated time became NaN and every device checked in without
+    # pause (hundreds of check-ins a second from two devices) until Ctrl-C.
+    (["--speedup", "inf"], "--speedup must be > 0 and finite"),
     (["--step-time", "-0.5"], "--step-time must be a number of seconds >= 0"),
     # Taken before: inf made every feature NaN or Inf (trained on, uploaded); NaN gave every
     # device the label 0.
