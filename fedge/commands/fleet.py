@@ -90,7 +90,8 @@ def register(sub: Any) -> None:
     p.add_argument("--state-dir", type=Path, default=None,
                    help="device state directories (default: a temporary directory)")
     p.add_argument("--population", default="default")
-    p.add_argument("--backend", default="ort-step")
+    p.add_argument("--backend", default="ort-step",
+                   help="the devices' runtime: ort-step (default), litert-step or ort-training")
     p.add_argument("--workers", type=int, default=None, help="threads for device work")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=run)
@@ -248,6 +249,12 @@ def run(args: argparse.Namespace) -> int:
     from fedge.fleet.running import FleetRun
 
     _check_numbers(args)
+    from edge_sdk.trainers import BACKENDS
+
+    # Any other name registers every device with a runtime no task asks for: each is told
+    # to wait (ineligible) for as long as the fleet runs.
+    if args.backend not in BACKENDS:
+        raise CommandError(f"--backend must be one of {', '.join(BACKENDS)}, not {args.backend!r}")
     engine = _engine(args)
     from coordinator.admin import AdminClient
 

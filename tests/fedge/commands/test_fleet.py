@@ -93,6 +93,9 @@ def test_until_rounds_stops_when_the_task_ends_short_of_them(
     (["--compute-sigma", "nan"], "compute_sigma must be a finite number >= 0"),
     (["--partition", "windows:0"], "windows:SIZE (SIZE >= 1)"),
     (["--engine", "spark"], "invalid choice: 'spark'"),
+    # A backend no device has: every device registered with that runtime and was told to
+    # wait, ineligible, for as long as the fleet ran.
+    (["--backend", "ort"], "--backend must be one of ort-step, litert-step, ort-training"),
     (["--ray-address", "10.0.0.1:6379"], "--ray-address needs --engine ray"),
     (["--cpus-per-part", "2"], "--cpus-per-part needs --engine ray"),
     (["--engine", "ray", "--cpus-per-part", "0"], "--cpus-per-part must be > 0"),
