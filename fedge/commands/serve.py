@@ -67,7 +67,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (0: any free port; default 8080)")
-    p.add_argument("--config", default=None, help="JSON or TOML file of CoordinatorConfig keys")
+    p.add_argument("--config", default=None,
+                   help="TOML (*.toml) or JSON file of config keys (docs/deployment.md, "
+                   "\"Configuration file\"); flags win over it")
     p.add_argument(
         "--admin-token",
         default=None,
