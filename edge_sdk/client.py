@@ -94,6 +94,7 @@ from edge_sdk.protocol import (
 )
 from edge_sdk.state import Credentials, DeviceState, PendingUpload
 from edge_sdk.tls import TlsConfig
+from edge_sdk.trainers import BACKENDS
 from edge_sdk.trainers.base import BundleNotSupported
 from edge_sdk.transport import RetryPolicy, Transport, doubling_backoff
 
@@ -138,6 +139,12 @@ class ClientConfig:
     seed: int | None = None  # shuffling, stochastic rounding and jitter; None: fresh entropy
     enrollment_token: str | None = None  # sent on registration (coordinators require one)
     tls: TlsConfig = field(default_factory=TlsConfig)  # CA bundle and key pin for https URLs
+
+    def __post_init__(self) -> None:
+        # Any other name registers the device with a runtime no task asks for: it would be
+        # told to wait (ineligible) for as long as it runs, uploading nothing.
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
 
 
 @dataclass(frozen=True)

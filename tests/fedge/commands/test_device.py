@@ -59,6 +59,22 @@ def test_device_run_refuses_a_bad_policy(
     assert "require_sunshine" in capsys.readouterr().err
 
 
+def test_device_run_refuses_an_unknown_backend(
+    coordinator: EmbeddedCoordinator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, "--backend ort" registered the device with a runtime no task asks for: told
+    to wait (ineligible) on every pass, for as long as it ran."""
+    code = main(["device", "run", "--coordinator", coordinator.url,
+                 "--enrollment-token", str(coordinator.enrollment_token),
+                 "--state-dir", str(tmp_path / "state"),
+                 "--data", str(_npz(tmp_path / "d.npz", 10)),
+                 "--conditions", "always", "--once", "--backend", "ort"])
+    assert code == 2
+    assert "backend must be one of ort-step, litert-step, ort-training, not 'ort'" in (
+        capsys.readouterr().err)
+    assert coordinator.admin().status()["devices_registered"] == 0
+
+
 def test_sigterm_ends_a_wait_at_once(coordinator: EmbeddedCoordinator, tmp_path: Path) -> None:
     import signal
     import subprocess
