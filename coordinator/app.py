@@ -9,7 +9,9 @@ answered ``503 overloaded`` with ``Retry-After`` at once (an update frame before
 read; a JSON control message, at most ``max_json_bytes``, once read). Uploads are
 group-committed (``group_commit``, :class:`_GroupedUploads`): admitted on the worker thread,
 decoded on the event loop (large frames on a pool), made durable in batches. Every failure
-leaves as the JSON error shape; an unexpected exception is logged and answered ``500 internal``.
+leaves as the JSON error shape; a transient error of the store (a lost database connection, a
+lock not granted in time) is answered ``503 overloaded`` with ``Retry-After`` wherever it comes
+from; any other unexpected exception is logged and answered ``500 internal``.
 
 ::
 
@@ -80,15 +82,19 @@ _HTTP_CODES = {
 }
 
 
+def _retry_later(request: web.Request, e: Overloaded) -> web.Response:
+    request[OUTCOME] = e.code.value
+    # Whole seconds, as HTTP wants them; clients add their own jitter on top.
+    wait = str(max(1, math.ceil(e.retry_after_s)))
+    return web.json_response(e.body(), status=e.status, headers={"Retry-After": wait})
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except Overloaded as e:
-        request[OUTCOME] = e.code.value
-        # Whole seconds, as HTTP wants them; clients add their own jitter on top.
-        wait = str(max(1, math.ceil(e.retry_after_s)))
-        return web.json_response(e.body(), status=e.status, headers={"Retry-After": wait})
+        return _retry_later(request, e)
     except ApiError as e:
         request[OUTCOME] = e.code.value
         return web.json_response(e.body(), status=e.status)
@@ -102,7 +108,13 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         # The client went away mid-request (a timeout, a lost link): nobody to answer, no bug.
         log.info("client left during %s %s", request.method, request.path)
         raise
-    except Exception:
+    except Exception as e:
+        # A store read outside any task's step (a device's authentication, a registration,
+        # an operator's listing) meets a lost connection like a step does: nothing was done,
+        # and the next call connects again. Not a bug to answer 500.
+        coord = request.app[COORDINATOR_KEY]
+        if isinstance(e, coord.store.transient_errors):
+            return _retry_later(request, coord.storage_unavailable(e))
         log.exception("unhandled error on %s %s", request.method, request.path)
         request[OUTCOME] = ErrorCode.INTERNAL.value
         return _error(500, ErrorCode.INTERNAL, "internal error (logged on the coordinator)")

@@ -11,14 +11,16 @@
      ├── Conflict            409 round_closed / duplicate_upload / too_stale / conflict
      ├── BodyTooLarge        413 body_too_large
      ├── Unprocessable       422 bad_update / bundle_invalid / invalid_request
-     └── Overloaded          503 overloaded (with Retry-After; also a full or failing disk)
+     └── Overloaded          503 overloaded (with Retry-After; also a full or failing disk,
+                                 or the store's transient error: a lost connection)
 
     TaskFailure                                   a task cannot proceed (not an API answer)
 
-The service layer raises these; the HTTP layer turns them into the JSON error shape. Anything
-else escaping a handler is a bug and becomes ``500 internal``. :class:`TaskFailure` is raised
-inside a task's step (a commit, a rebuild of its state); the service marks that task
-``failed`` with the message and keeps serving the others.
+The service layer raises these; the HTTP layer turns them into the JSON error shape. A
+store's transient error escaping a handler becomes ``503 overloaded``; anything else is a bug
+and becomes ``500 internal``. :class:`TaskFailure` is raised inside a task's step (a commit,
+a rebuild of its state); the service marks that task ``failed`` with the message and keeps
+serving the others.
 """
 
 from __future__ import annotations

@@ -746,7 +746,7 @@ class Coordinator:
         try:
             blob = self.blobs.stage(body)
         except OSError as e:  # a full disk: nothing written, nothing acknowledged
-            raise self._storage_unavailable(e) from e
+            raise self.storage_unavailable(e) from e
         return StagedUpload(admitted, delta, blob, len(body))
 
     def install_uploads(self, staged: Sequence[StagedUpload]) -> None:
@@ -756,10 +756,12 @@ class Coordinator:
         try:
             self.blobs.install([s.blob for s in staged])
         except OSError as e:
-            raise self._storage_unavailable(e) from e
+            raise self.storage_unavailable(e) from e
 
-    def _storage_unavailable(self, e: Exception) -> Overloaded:
-        log.warning("uploads: storage unavailable: %s", e)
+    def storage_unavailable(self, e: Exception) -> Overloaded:
+        """The ``503`` answering a call that a disk or the store's transient error stopped
+        (nothing of it was done)."""
+        log.warning("storage unavailable: %s", e)
         return Overloaded(
             f"storage unavailable ({type(e).__name__}: {e}); try again later",
             retry_after_s=max(1.0, self.config.tick_interval_s),
@@ -809,7 +811,7 @@ class Coordinator:
                 return self._without_task(staged, e)
             if not isinstance(e, (Overloaded, OSError, *self.store.transient_errors)):
                 raise
-            refusal = e if isinstance(e, Overloaded) else self._storage_unavailable(e)
+            refusal = e if isinstance(e, Overloaded) else self.storage_unavailable(e)
             return [refusal] * len(staged)
         # Durable now, and acknowledged whatever happens next: a commit that fails here
         # stays due and is retried by the next tick.

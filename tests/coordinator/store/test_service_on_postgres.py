@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+import psycopg
 import pytest
 
 from coordinator.admin import AdminClient
@@ -260,3 +261,51 @@ def test_sdk_clients_train_a_round_on_postgresql(
     deltas = [decode_update(frame, expected_length=params[0].size) for frame, _ in acknowledged]
     expected = params[0] + np.average(deltas, axis=0, weights=[n for _, n in acknowledged])
     np.testing.assert_allclose(params[1], expected, rtol=1e-5, atol=1e-6)
+
+
+def _terminate_backend(coord: EmbeddedCoordinator, url: str) -> None:
+    """The coordinator's database session ended by the server (an outage, a failover, an
+    operator's pg_terminate_backend): its next statement meets a broken connection."""
+    store = coord.service.store
+    assert isinstance(store, PostgresStore)
+    pid = coord.call(lambda: store.conn.info.backend_pid)
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("select pg_terminate_backend(%s)", [pid])
+
+
+@pytest.mark.parametrize("call", ["register", "check-in", "upload", "admin"])
+def test_a_lost_connection_answers_503_with_retry_after_then_serves_again(
+    call: str, postgres_url: str, tmp_path: Path
+) -> None:
+    """deployment.md: a lost connection fails the call in progress, "which the device sees
+    as a 503 to retry, and the next call connects again". The first store read of a call
+    (a device's authentication, a registration's insert, an operator's listing) met the
+    broken connection outside any task's step, and the answer was ``500 internal``."""
+    # No tick in the test's time: the call, not the ticker, is the first to meet the break.
+    clock = FakeClock(1_700_000_000.0)
+    with EmbeddedCoordinator(tmp_path / "fedge.db", database_url=postgres_url, clock=clock,
+                             tick_interval_s=60.0) as coord:  # fmt: skip
+        device = DeviceHTTP(coord)
+        headers = {HEADER_ENROLLMENT: coord.enrollment_token or "",
+                   "Content-Type": "application/json"}  # fmt: skip
+
+        def send() -> tuple[int, dict[str, str], bytes]:
+            if call == "register":
+                return device.http.request("POST", Route.REGISTER, b'{"runtimes": ["x"]}', headers)
+            if call == "check-in":
+                body = json.dumps({"runtimes": ["ort-step"]}).encode()
+                return device.raw("POST", Route.CHECKIN, body)
+            if call == "upload":
+                path = Route.ASSIGNMENT_UPDATE.format(assignment_id="a-none")
+                frame = {"Content-Type": "application/x-fedge-frame"}
+                return device.raw("POST", path, b"frame", frame)
+            auth = {"Authorization": f"Bearer {coord.admin_token}"}
+            return device.http.request("GET", Route.ADMIN_TASKS, None, auth)
+
+        ok_status, _, _ = send()
+        _terminate_backend(coord, postgres_url)
+        status, answer_headers, data = send()
+        assert status == 503, data
+        assert json.loads(data)["error"]["code"] == "overloaded"
+        assert int(answer_headers["retry-after"]) >= 1
+        assert send()[0] == ok_status  # connected again
