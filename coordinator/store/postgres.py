@@ -50,7 +50,7 @@ class PostgresStore(SQLStore):
     )
 
     def __init__(
-        self, url: str, *, lock_timeout_s: float = 30.0, idle_timeout_s: float = 300.0
+        self, url: str, *, lock_timeout_s: float = 5.0, idle_timeout_s: float = 300.0
     ) -> None:
         self.url = url
         # Among replicas (coordinator.replicas) a process that stalls without dying (paused,
@@ -58,8 +58,12 @@ class PostgresStore(SQLStore):
         # once it sits idle inside a transaction for idle_timeout_s (its transaction rolls
         # back, its locks go; longer than the slowest close, which computes between its
         # statements), and a wait for a lock gives up after lock_timeout_s (a transient
-        # error: 503, retry later) instead of hanging a request. A value the operator set
-        # (server, database, role, or the URL's options) is kept: these fill in only unset ones.
+        # error: 503, retry later) instead of hanging a request. The wait stops the service's
+        # one worker thread, its ticks included: lock_timeout_s stays well below the 10 s
+        # after which a replica with no finished tick is unready (readiness.py), or one
+        # waiting behind another's long close would be taken out of the balancer. A value
+        # the operator set (server, database, role, or the URL's options) is kept: these
+        # fill in only unset ones.
         self._settings = {
             "lock_timeout": f"{round(lock_timeout_s * 1000)}ms",
             "idle_in_transaction_session_timeout": f"{round(idle_timeout_s * 1000)}ms",

@@ -6,11 +6,20 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+import psycopg
 import pytest
 
+from coordinator.clock import FakeClock
+from coordinator.readiness import stale_after
 from coordinator.store import Round, Task, open_store
 from coordinator.store.postgres import PostgresStore
+from edge_sdk.protocol import Route
+from tests.coordinator.replicas.fleet import start_task, thread_replicas
+from tests.fixtures.coordinator import HttpConnection
 
 
 def test_a_stalled_lock_holder_is_cut_off_and_another_replica_proceeds(
@@ -73,3 +82,61 @@ def test_settings_named_in_the_url_are_kept(postgres_url: str) -> None:
         assert row is not None and row[0] == "7s"
     finally:
         store.close()
+
+
+PLAN = {"rounds": 1, "goal": 2, "over_selection": 1.0, "selection_window_s": 0.0,
+        "round_deadline_s": 600.0, "robust": "none", "first_come": True,
+        "eligibility": {"require_charging": False}}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_round_held_past_the_readiness_window_leaves_other_replicas_ready(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """Another replica holds a round's row lock for longer than readiness allows a tick to
+    be late (a long robust close; here a second connection). An upload into that round
+    waits on this replica's one worker thread for the lock: it must give up (503, retry)
+    while the replica's ticks still finish, or ``/v1/ready`` turns 503 and the balancer
+    takes every replica with such an upload out of rotation. Before, the wait lasted the
+    store's 30 s lock timeout: the worker, and so every call and tick, stood still, and the
+    replica was unready from 10 s on."""
+    clock = FakeClock(1_700_000_000.0)
+    with thread_replicas(1, postgres_url, tmp_path / "blobs", clock,
+                         tick_interval_s=0.05) as (replica,):  # fmt: skip
+        _, _, (device,) = start_task([replica.url], tiny_bundle, PLAN, 1)
+        answer = device.check_in()
+        assert answer["action"] == "train"
+        assignment_id = answer["assignment"]["assignment_id"]
+        hold_s = stale_after(0.05) + 2.0
+        with psycopg.connect(postgres_url) as holder:  # a transaction: the lock stays held
+            holder.execute(
+                "select 1 from rounds where round_id = (select round_id from assignments "
+                "where assignment_id = %s) for update",
+                [assignment_id],
+            )
+            outcome: list[tuple[int, dict[str, Any], float]] = []
+
+            def upload() -> None:
+                started = time.monotonic()
+                status, body = device.upload(assignment_id, np.zeros(64, np.float32))
+                outcome.append((status, body, time.monotonic() - started))
+
+            uploading = threading.Thread(target=upload)
+            uploading.start()
+            probe = HttpConnection(replica.url)
+            unready = []
+            deadline = time.monotonic() + hold_s
+            while time.monotonic() < deadline:
+                status, _, body = probe.request("GET", Route.READY)
+                if status != 200:
+                    unready.append(body)
+                time.sleep(0.25)
+            uploading.join(30)
+            probe.close()
+        assert unready == []
+        (status, body, took) = outcome[0]
+        assert status == 503 and body["error"]["code"] == "overloaded", body
+        assert took < stale_after(0.05)
+        # The lock gone, the device's retry is stored once.
+        status, body = device.upload(assignment_id, np.zeros(64, np.float32))
+        assert status == 200 and body["accepted"] is True, body
