@@ -390,13 +390,19 @@ class Coordinator:
                 ) from e
             raise Conflict(f"task {task.task_id} failed: {self._fail(task, e)}") from e
 
-    def _isolated(self, task: Task, step: Callable[..., T], *args: Any) -> T | None:
+    def _isolated(
+        self, task: Task, step: Callable[..., T], *args: Any,
+        refused: list[Overloaded] | None = None,
+    ) -> T | None:  # fmt: skip
         """:meth:`_task_step` for loops over tasks: a failing task yields None, the loop
-        goes on with the others."""
+        goes on with the others. A ``503`` refusal (the store unavailable) is also added to
+        ``refused``, for a caller that must not take it as "nothing to do"."""
         try:
             return self._task_step(task, step, *args)
         except ApiError as e:
             log.info("task %s skipped: %s", task.task_id, e.message)
+            if refused is not None and isinstance(e, Overloaded):
+                refused.append(e)
             return None
 
     def _fail(self, task: Task, error: Exception) -> str:
@@ -569,8 +575,9 @@ class Coordinator:
             or (t.pending_evaluations > 0 and t.state != "failed")
         ]
         fallback: dict[str, Any] | None = None
+        refused: list[Overloaded] = []
         for task in tasks:
-            found = self._isolated(task, self._task_setup, task)
+            found = self._isolated(task, self._task_setup, task, refused=refused)
             if found is None:
                 continue
             plan, backends = found
@@ -583,14 +590,21 @@ class Coordinator:
                     fallback = wait_answer(wait, "ineligible")
                 continue
             answer = self._isolated(
-                task, self._policy(task).check_in, task, plan, who.device_id, now
-            )
+                task, self._policy(task).check_in, task, plan, who.device_id, now,
+                refused=refused,
+            )  # fmt: skip
             if answer is None:
                 continue
             if answer["action"] != "wait":
                 return answer
             if fallback is None or fallback["reason"] == "ineligible":
                 fallback = answer
+        if refused:
+            # No task offered work, and one could not be asked (a lost connection): it may
+            # have work for this device. A wait would send the device away for its pacing
+            # (no_task_retry_s with no other task), past the round's window; 503 brings it
+            # back after Retry-After, as for any call the store failed.
+            raise refused[0]
         if fallback is None:
             fallback = wait_answer(self.pacing.idle(), "no_task")
         self.pacing.expect(who.device_id, now, fallback["retry_after_s"])

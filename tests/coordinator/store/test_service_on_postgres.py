@@ -29,7 +29,12 @@ from coordinator.store.postgres import PostgresStore
 from edge_sdk.frame import decode_tensor
 from edge_sdk.protocol import HEADER_ENROLLMENT, Route
 from fedge.cli import main
-from tests.fixtures.coordinator import DeviceHTTP, HttpConnection, select_devices
+from tests.fixtures.coordinator import (
+    GOOD_CONDITIONS,
+    DeviceHTTP,
+    HttpConnection,
+    select_devices,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 N = 64
@@ -263,14 +268,17 @@ def test_sdk_clients_train_a_round_on_postgresql(
     np.testing.assert_allclose(params[1], expected, rtol=1e-5, atol=1e-6)
 
 
-def _terminate_backend(coord: EmbeddedCoordinator, url: str) -> None:
-    """The coordinator's database session ended by the server (an outage, a failover, an
+def _terminate_backend_now(store: Any, url: str) -> None:
+    """The store's database session ended by the server (an outage, a failover, an
     operator's pg_terminate_backend): its next statement meets a broken connection."""
-    store = coord.service.store
     assert isinstance(store, PostgresStore)
-    pid = coord.call(lambda: store.conn.info.backend_pid)
     with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute("select pg_terminate_backend(%s)", [pid])
+        admin.execute("select pg_terminate_backend(%s)", [store.conn.info.backend_pid])
+
+
+def _terminate_backend(coord: EmbeddedCoordinator, url: str) -> None:
+    """:func:`_terminate_backend_now` between two of the coordinator's operations."""
+    coord.call(lambda: _terminate_backend_now(coord.service.store, url))
 
 
 @pytest.mark.parametrize("call", ["register", "check-in", "upload", "admin"])
@@ -309,3 +317,35 @@ def test_a_lost_connection_answers_503_with_retry_after_then_serves_again(
         assert json.loads(data)["error"]["code"] == "overloaded"
         assert int(answer_headers["retry-after"]) >= 1
         assert send()[0] == ok_status  # connected again
+
+
+def test_a_connection_lost_in_a_check_ins_task_step_answers_503_not_no_task(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """The one task's step of a check-in meets the lost connection (after authentication
+    passed): the device must hear 503 and come back soon, as for any call. Before, the
+    step's refusal was taken as "this task offers nothing" and the device was told
+    ``wait``/``no_task`` for ``no_task_retry_s`` (a minute), during its round's window."""
+    clock = FakeClock(1_700_000_000.0)
+    with EmbeddedCoordinator(tmp_path / "fedge.db", database_url=postgres_url, clock=clock,
+                             tick_interval_s=60.0) as coord:  # fmt: skip
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+        admin.create_task(bundle_id, PLAN)
+        device = DeviceHTTP(coord)
+        assert device.check_in()["reason"] == "selecting"  # a candidate of the open round
+        store = coord.service.store
+        open_round = store.open_round
+
+        def cut_first(task_id: str) -> Any:
+            store.open_round = open_round  # type: ignore[method-assign]
+            _terminate_backend_now(store, postgres_url)
+            return open_round(task_id)
+
+        store.open_round = cut_first  # type: ignore[method-assign]  # the step's first read
+        body = json.dumps({"runtimes": ["ort-step"], "conditions": GOOD_CONDITIONS}).encode()
+        status, headers, data = device.raw("POST", Route.CHECKIN, body)
+        assert status == 503, data
+        assert json.loads(data)["error"]["code"] == "overloaded"
+        assert int(headers["retry-after"]) >= 1
+        assert device.check_in()["reason"] == "selecting"  # connected again
