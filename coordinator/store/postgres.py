@@ -42,10 +42,13 @@ class PostgresStore(SQLStore):
     _integrity_errors = (psycopg.IntegrityError,)
     # A lost connection, a server restarting or shutting down, a serialization failure, a
     # lock not granted in time, a session ended for idling in a transaction (a stall), a
-    # transaction aborted under its block.
+    # transaction aborted under its block, a server taking no writes for now (a standby
+    # reached after a failover, default_transaction_read_only during maintenance: no fault
+    # of a task's, which must not be failed, nor a device's report refused for good).
     transient_errors = (
         psycopg.OperationalError,
         psycopg.errors.IdleInTransactionSessionTimeout,
+        psycopg.errors.ReadOnlySqlTransaction,
         TransactionLost,
     )
 

@@ -349,3 +349,43 @@ def test_a_connection_lost_in_a_check_ins_task_step_answers_503_not_no_task(
         assert json.loads(data)["error"]["code"] == "overloaded"
         assert int(headers["retry-after"]) >= 1
         assert device.check_in()["reason"] == "selecting"  # connected again
+
+
+def test_a_read_only_database_refuses_reports_for_now_not_for_good(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """The coordinator's session reaches a database that takes no writes for now (a standby
+    after a failover, ``default_transaction_read_only`` during maintenance): a report must
+    be answered 503, which the device retries. Before, the write's ReadOnlySqlTransaction
+    was taken for a task that cannot proceed: an evaluation report was answered ``409
+    conflict`` ("task ... failed"), a refusal after which the device drops its report, and
+    an abort 500; the task was not failed at all (its failure could not be written either).
+    (An upload was answered 503 already: its batch's transaction was found aborted.)"""
+    clock = FakeClock(1_700_000_000.0)
+    with _serve(tmp_path, postgres_url, clock) as coord:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+        task_id = admin.create_task(bundle_id, PLAN)["task_id"]
+        admin.evaluate(task_id)  # the first round evaluates version 0
+        devices = [DeviceHTTP(coord) for _ in range(6)]
+        for d in devices:
+            assert d.check_in()["action"] == "wait"
+        clock.advance(WINDOW + 0.5)
+        chosen = [(d, a["assignment"]["assignment_id"]) for d in devices
+                  if (a := d.check_in())["action"] == "evaluate"]  # fmt: skip
+        (reporting, evaluated), (aborting, aborted) = chosen[:2]
+        store = coord.service.store
+        assert isinstance(store, PostgresStore)
+
+        def read_only(on: bool) -> None:
+            setting = "on" if on else "off"
+            coord.call(lambda: store.conn.execute(f"set default_transaction_read_only = {setting}"))
+
+        read_only(True)
+        for status, body in (reporting.metrics(evaluated, 5, 0.25), aborting.abort(aborted)):
+            assert status == 503 and body["error"]["code"] == "overloaded", body
+        read_only(False)
+        assert reporting.metrics(evaluated, 5, 0.25)[0] == 200
+        assert aborting.abort(aborted)[0] == 200
+        task = admin.task(task_id)
+        assert (task["state"], task["failure"]) == ("running", None)
