@@ -389,3 +389,28 @@ def test_a_read_only_database_refuses_reports_for_now_not_for_good(
         assert aborting.abort(aborted)[0] == 200
         task = admin.task(task_id)
         assert (task["state"], task["failure"]) == ("running", None)
+
+
+def test_a_replica_holds_two_database_connections(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """What deployment.md sizes ``max_connections`` by: a replica's worker connection, and,
+    once a closed round's payloads are deleted, the connection of its payload deletes'
+    thread (coordinator.blobs.BackgroundDeletes). The guide said one per process."""
+    name = f"fedge-{os.getpid()}-{time.monotonic_ns()}"
+    clock = FakeClock(1_700_000_000.0)
+    url = f"{postgres_url}&application_name={name}"  # the connections it opens are named
+    with EmbeddedCoordinator(tmp_path / "fedge.db", database_url=url, replica=True, clock=clock,
+                             blob_path=str(tmp_path / "blobs")) as coord:  # fmt: skip
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+        task_id = admin.create_task(bundle_id, {**PLAN, "rounds": 1})["task_id"]
+        devices = [DeviceHTTP(coord) for _ in range(6)]
+        _upload(_select(lambda: clock.advance(WINDOW + 0.5), devices)[:4], range(4))
+        assert admin.task(task_id)["model_version"] == 1  # the round closed, its payloads go
+        coord.call(lambda: coord.service.ctx.deletes.wait())  # type: ignore[union-attr]
+        with psycopg.connect(postgres_url, autocommit=True) as watcher:
+            row = watcher.execute(
+                "select count(*) from pg_stat_activity where application_name = %s", [name]
+            ).fetchone()
+        assert row is not None and row[0] == 2
