@@ -1120,7 +1120,10 @@ class Coordinator:
         with self.store.atomic():
             self.store.add_task(task)
             self.store.add_version(Version(task.task_id, 0, params_meta["sha256"], None, None, now))
-        return self.task_json(task)
+            # The answer is read before the commit: a lost connection after it would answer
+            # 503 ("nothing done, try again") for a task that exists, and the retry would
+            # create a second one training the same model.
+            return self.task_json(task)
 
     def task_json(self, task: Task) -> dict[str, Any]:
         rnd = self.store.open_round(task.task_id)

@@ -414,3 +414,33 @@ def test_a_replica_holds_two_database_connections(
                 "select count(*) from pg_stat_activity where application_name = %s", [name]
             ).fetchone()
         assert row is not None and row[0] == 2
+
+
+def test_a_task_creation_answered_503_created_no_task(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """A 503 tells the operator that nothing was done and to try again. The connection lost
+    right after the new task's commit, while its answer was read: before, the answer was
+    503 and the task existed all the same, so the operator's retry made a second task
+    training the same model."""
+    with _serve(tmp_path, postgres_url, FakeClock(1_700_000_000.0)) as coord:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+        store = coord.service.store
+        open_round = store.open_round
+
+        def cut_first(task_id: str) -> Any:  # the answer's read of the task's open round
+            store.open_round = open_round  # type: ignore[method-assign]
+            _terminate_backend_now(store, postgres_url)
+            return open_round(task_id)
+
+        store.open_round = cut_first  # type: ignore[method-assign]
+        http = HttpConnection(coord.url)
+        body = json.dumps({"bundle_id": bundle_id, "plan": PLAN}).encode()
+        auth = {"Authorization": f"Bearer {coord.admin_token}", "Content-Type": "application/json"}
+        status, _, data = http.request("POST", Route.ADMIN_TASKS, body, auth)
+        assert status == 503, data
+        assert admin.tasks() == []
+        status, _, data = http.request("POST", Route.ADMIN_TASKS, body, auth)  # the retry
+        assert status == 201, data
+        assert [t["task_id"] for t in admin.tasks()] == [json.loads(data)["task_id"]]
