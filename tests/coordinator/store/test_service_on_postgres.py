@@ -5,16 +5,19 @@ and bad input refused before it reaches the store."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import psycopg
@@ -444,3 +447,87 @@ def test_a_task_creation_answered_503_created_no_task(
         status, _, data = http.request("POST", Route.ADMIN_TASKS, body, auth)  # the retry
         assert status == 201, data
         assert [t["task_id"] for t in admin.tasks()] == [json.loads(data)["task_id"]]
+
+
+class _CommitCutter:
+    """A TCP forwarder between the coordinator and PostgreSQL that, once armed, passes the
+    next ``COMMIT`` on to the server and then cuts that connection without letting the
+    server's answer through: the transaction is committed, and the coordinator cannot know
+    it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.armed = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.target)
+            cut = threading.Event()  # this connection's: nothing more passes
+            for a, b, up in ((client, server, True), (server, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, up, cut), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket, up: bool, cut: threading.Event) -> None:
+        try:
+            while (data := a.recv(1 << 16)) and not cut.is_set():
+                if up and self.armed.is_set() and b"COMMIT" in data.upper():
+                    self.armed.clear()
+                    cut.set()
+                    b.sendall(data)
+                    time.sleep(0.3)  # the server commits; its answer is not passed on
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def url(self, postgres_url: str) -> str:
+        """``postgres_url`` through this forwarder."""
+        parts = urlsplit(postgres_url)
+        netloc = parts.netloc.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{self.port}")
+        return urlunsplit(parts._replace(netloc=netloc))
+
+
+@pytest.mark.parametrize("replica", [False, True])
+def test_an_upload_whose_commit_outcome_was_lost_counts_once(
+    replica: bool, postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """The connection lost while the server commits an upload batch: the rows are stored,
+    the coordinator cannot know it and answers 503; the device's retry (same key) gets the
+    stored answer, and the round commits each update once (deployment.md: a lost
+    connection's transaction is not resumed, and a retry is never counted twice)."""
+    parts = urlsplit(postgres_url)
+    assert parts.hostname is not None and parts.port is not None
+    cutter = _CommitCutter(parts.hostname, parts.port)
+    clock = FakeClock(1_700_000_000.0)
+    with EmbeddedCoordinator(tmp_path / "fedge.db", database_url=cutter.url(postgres_url),
+                             blob_path=str(tmp_path / "blobs"), replica=replica, clock=clock,
+                             replica_partial_every=1, seed=7) as coord:  # fmt: skip
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+        task_id = admin.create_task(bundle_id, {**PLAN, "rounds": 1})["task_id"]
+        devices = [DeviceHTTP(coord) for _ in range(6)]
+        base = decode_tensor(devices[0].params(task_id, 0))
+        chosen = _select(lambda: clock.advance(WINDOW + 0.5), devices)
+        sent = _upload(chosen[:1], range(1))
+        cutter.armed.set()
+        device, assignment_id = chosen[1]
+        status, body = device.upload(assignment_id, _delta(1), num_examples=6, key="k")
+        assert status == 503 and body["error"]["code"] == "overloaded", body
+        assert not cutter.armed.is_set()  # the cut was the batch's commit
+        status, body = device.upload(assignment_id, _delta(1), num_examples=6, key="k")
+        assert status == 200 and body["accepted"] is True, body  # the stored answer
+        sent += [(_delta(1), 6), *_upload(chosen[2:4], range(2, 4))]
+        assert admin.status()["updates_accepted"] == 4
+        v1 = decode_tensor(devices[0].params(task_id, 1))
+        np.testing.assert_allclose(v1, base + _fedavg(sent), rtol=1e-6, atol=1e-7)
+    cutter.listener.close()
