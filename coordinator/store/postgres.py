@@ -23,6 +23,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
@@ -35,6 +36,24 @@ __all__ = ["PostgresStore", "tables_with_rows"]
 
 # pg_advisory_lock key held while migrating (any constant; "fedge" in ASCII).
 _MIGRATION_LOCK = 0x6665646765
+# A server or network gone silent (a host powered off, a cut without a reset) left a call
+# waiting for its answer, the service's one worker thread with it, for as long as TCP keeps
+# a connection with nothing to send: for ever. These bound it (a connection 10 s, a silent
+# link about a minute) where the URL does not set its own.
+_CONNECTION_DEFAULTS = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "60000",  # ms that sent data may go unacknowledged
+}
+
+
+def _connect(url: str) -> psycopg.Connection[Any]:
+    given = conninfo_to_dict(url)
+    defaults = {k: v for k, v in _CONNECTION_DEFAULTS.items() if k not in given}
+    return psycopg.connect(make_conninfo(url, **defaults), autocommit=True)
 
 
 class PostgresStore(SQLStore):
@@ -71,7 +90,7 @@ class PostgresStore(SQLStore):
             "lock_timeout": f"{round(lock_timeout_s * 1000)}ms",
             "idle_in_transaction_session_timeout": f"{round(idle_timeout_s * 1000)}ms",
         }
-        self.conn = psycopg.connect(url, autocommit=True)
+        self.conn = _connect(url)
         self.schema = PostgresSchema(self.conn)
         self._depth = 0  # nesting of atomic() blocks
         try:
@@ -96,7 +115,7 @@ class PostgresStore(SQLStore):
         cut): the failing call raised a transient error, the next one carries on. Never in
         the middle of a transaction, whose earlier writes died with the old connection."""
         if self.conn.broken and self._depth == 0:
-            self.conn = psycopg.connect(self.url, autocommit=True)
+            self.conn = _connect(self.url)
             self.schema.conn = self.conn
             self._apply_settings()
         return self.conn
@@ -192,7 +211,7 @@ class PostgresStore(SQLStore):
 def tables_with_rows(url: str) -> list[str]:
     """The tables of the URL's schema that hold a row, read as the database is: no store is
     opened, so no migration runs."""
-    with psycopg.connect(url, autocommit=True) as conn:
+    with _connect(url) as conn:
 
         def filled(table: str) -> bool:
             row = conn.execute(f"select exists (select 1 from {_ident(table)})").fetchone()

@@ -4,6 +4,7 @@ being written."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from contextlib import closing
@@ -215,6 +216,49 @@ def test_a_broken_connection_fails_one_call_then_reconnects(postgres_url: str) -
         store.count_devices()
     assert store.count_devices() == 3
     store.close()
+
+
+def _with_query(url: str, extra: str) -> str:
+    return url + ("&" if "?" in url else "?") + extra
+
+
+def test_a_silent_link_is_bounded_unless_the_url_says_otherwise(postgres_url: str) -> None:
+    """Keepalives and a TCP user timeout: without them a call waiting on a server or network
+    gone silent held the worker thread for as long as TCP kept the connection, for ever."""
+    store = PostgresStore(postgres_url)
+    given = store.conn.info.get_parameters()
+    assert (given["keepalives"], given["keepalives_idle"], given["tcp_user_timeout"]) == (
+        "1", "30", "60000")
+    store.close()
+    store = PostgresStore(_with_query(postgres_url, "keepalives_idle=7&connect_timeout=3"))
+    given = store.conn.info.get_parameters()
+    assert (given["keepalives_idle"], given["connect_timeout"]) == ("7", "3")
+    store.close()
+
+
+@pytest.mark.slow
+def test_a_server_that_never_answers_fails_the_connection_in_bounded_time() -> None:
+    """A listener that accepts and says nothing (a wedged server, a proxy with nothing
+    behind it): opening the store waited for ever; now connect_timeout (10 s) ends it."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        failed: list[BaseException] = []
+
+        def open_it() -> None:
+            try:
+                PostgresStore(f"postgresql://fedge@127.0.0.1:{port}/fedge").close()
+            except BaseException as e:  # whatever it was, the test reports it
+                failed.append(e)
+
+        opener = threading.Thread(target=open_it, daemon=True)
+        started = time.monotonic()
+        opener.start()
+        opener.join(40)
+        assert not opener.is_alive(), "still connecting after 40 s"
+        assert time.monotonic() - started < 30
+        assert len(failed) == 1 and isinstance(failed[0], psycopg.OperationalError), failed
 
 
 def test_a_transaction_is_not_resumed_on_a_new_connection(postgres_url: str) -> None:
