@@ -219,6 +219,8 @@ class Coordinator:
             self.store = store if store is not None else open_store(config.store_location)
             if store is None:
                 refused.callback(self.store.close)
+            # Before anything is read into memory or swept: alone means alone.
+            self.store.hold(shared=config.shared)
             # Alone on its blob directory, deletes (a closed round's payloads) unlink off the
             # worker thread; replicas decide and unlink under the blob's lock.
             self.blobs = (

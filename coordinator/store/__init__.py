@@ -21,6 +21,7 @@ from urllib.parse import quote, unquote
 from coordinator.store.base import (
     ROUND_DURATION_BOUNDS,
     Assignment,
+    DatabaseInUse,
     Device,
     DeviceAuth,
     EvalReport,
@@ -43,6 +44,7 @@ from coordinator.store.sqlite import tables_with_rows as _sqlite_tables_with_row
 __all__ = [
     "ROUND_DURATION_BOUNDS",
     "Assignment",
+    "DatabaseInUse",
     "Device",
     "DeviceAuth",
     "EvalReport",

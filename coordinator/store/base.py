@@ -38,6 +38,19 @@ class StoreError(Exception):
     """A write that would break an invariant of the stored data (e.g. a duplicate key)."""
 
 
+class DatabaseInUse(StoreError):
+    """Another coordinator serves this database and this one cannot join it: one started
+    alone (not a replica) excludes every other, and replicas exclude one alone."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__(
+            "a coordinator started without --replica serves this database: stop it, or "
+            "start every process on it with --replica" if shared else
+            "another coordinator serves this database: stop it, or start every process on "
+            "it with --replica (or one fedge serve --processes K)"
+        )
+
+
 class TransactionLost(StoreError):
     """An ``atomic()`` block whose transaction the database rolled back under it: a statement
     failed and its error was caught inside the block (SQLite undoes the whole transaction on
@@ -286,6 +299,15 @@ class Store(ABC):
     @abstractmethod
     def start(self) -> StoreIdentity:
         """Count a coordinator's start on this database (durably); its identity after."""
+
+    @abstractmethod
+    def hold(self, *, shared: bool) -> None:
+        """Hold the database for the coordinator serving it, until :meth:`close`: ``shared``
+        by replicas, else alone. A coordinator alone keeps what it serves in memory and
+        sweeps unreferenced blobs at start-up without locks: a second process on its
+        database would double its rounds' sums and delete payloads the other is about to
+        commit. Raises :class:`DatabaseInUse` when another holds it the other way (or alone);
+        a second call on the same store changes nothing."""
 
     # devices
     @abstractmethod

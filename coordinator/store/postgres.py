@@ -18,6 +18,7 @@ schema.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -27,15 +28,21 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
-from coordinator.store.base import TransactionLost
+from coordinator.store.base import DatabaseInUse, TransactionLost
 from coordinator.store.migrations import apply_migrations
 from coordinator.store.postgres_schema import PostgresSchema, _ident, pg_sql
 from coordinator.store.sql import Cursor, SQLStore
 
 __all__ = ["PostgresStore", "tables_with_rows"]
 
+log = logging.getLogger(__name__)
+
 # pg_advisory_lock key held while migrating (any constant; "fedge" in ASCII).
 _MIGRATION_LOCK = 0x6665646765
+# Held for the session by a coordinator serving the database (hold()): shared by replicas,
+# exclusive by one alone. Two keys, this one ("fedg") and the schema's hash: advisory locks
+# are the database's, and deployments in other schemas of it are not this one.
+_SERVING_LOCK = 0x66656467
 # A server or network gone silent (a host powered off, a cut without a reset) left a call
 # waiting for its answer, the service's one worker thread with it, for as long as TCP keeps
 # a connection with nothing to send: for ever. These bound it (a connection 10 s, a silent
@@ -93,6 +100,7 @@ class PostgresStore(SQLStore):
         self.conn = _connect(url)
         self.schema = PostgresSchema(self.conn)
         self._depth = 0  # nesting of atomic() blocks
+        self._held: bool | None = None  # the serving lock (hold()): shared, alone, none
         try:
             self.conn.execute("select pg_advisory_lock(%s)", [_MIGRATION_LOCK])
             try:
@@ -118,7 +126,28 @@ class PostgresStore(SQLStore):
             self.conn = _connect(self.url)
             self.schema.conn = self.conn
             self._apply_settings()
+            if self._held is not None:
+                # The lock went with the old session. Not taken again only if a process
+                # of the other kind started in the gap (a server restart): said loudly,
+                # and this one serves on (stopping it would lose nothing but its answers).
+                try:
+                    self._take_serving_lock(self._held)
+                except DatabaseInUse as e:
+                    log.error("reconnected, but %s", e)
         return self.conn
+
+    def hold(self, *, shared: bool) -> None:
+        if self._held is None:
+            self._take_serving_lock(shared)
+            self._held = shared
+
+    def _take_serving_lock(self, shared: bool) -> None:
+        fn = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+        row = self.conn.execute(
+            f"select {fn}(%s, hashtext(current_schema()))", [_SERVING_LOCK]
+        ).fetchone()
+        if not (row and row[0]):
+            raise DatabaseInUse(shared)
 
     def atomic(self) -> AbstractContextManager[None]:
         @contextmanager

@@ -35,7 +35,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from coordinator.store.base import TransactionLost
+from coordinator.store.base import DatabaseInUse, TransactionLost
 from coordinator.store.migrations import apply_migrations
 from coordinator.store.sql import Cursor, SQLStore
 
@@ -110,6 +110,7 @@ class SQLiteStore(SQLStore):
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         self.schema = self.db  # what migrations run against
+        self._held: int | None = None  # the serving lock's file (hold())
         self._depth = 0  # nesting of atomic() blocks
         self._lost = False  # the outermost block's transaction was rolled back under it
         # Under the write lock: processes starting together on one file migrate it once
@@ -236,6 +237,22 @@ class SQLiteStore(SQLStore):
         self.db.conn.close()
         if self._writer is not None:
             self._writer.close()
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
+
+    def hold(self, *, shared: bool) -> None:
+        # An flock on a file beside the database: the kernel releases it with the process,
+        # however it ends. Not on the database file itself, whose locks are SQLite's.
+        if self._held is not None or self.path == ":memory:":
+            return
+        fd = os.open(self.path + "-serving", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DatabaseInUse(shared) from None
+        self._held = fd
 
     def size_bytes(self) -> int:
         if self.path == ":memory:":

@@ -14,6 +14,7 @@ import pytest
 from coordinator.store import (
     ROUND_DURATION_BOUNDS,
     Assignment,
+    DatabaseInUse,
     Device,
     DeviceAuth,
     EvalReport,
@@ -507,6 +508,33 @@ class TestStore:
         assert with_task.get_update("a-1") is None and with_task.get_eval_report("a-3") is None
         assert with_task.get_update("a-2") is not None
         assert with_task.candidates(live.round_id) == ["a-2"]
+
+    def test_a_coordinator_alone_excludes_every_other_and_replicas_one_alone(
+        self, opener: Opener
+    ) -> None:
+        """Before, nothing did: two ``fedge serve`` without ``--replica`` on one database
+        both served it (each adding a round's uploads into its own sums in memory, each
+        sweeping at start-up the payloads the other had not committed yet)."""
+        first = _reopenable(opener)
+        first.hold(shared=False)
+        first.hold(shared=False)  # again on the same store: nothing changes
+        for shared in (False, True):
+            other = opener()
+            with pytest.raises(DatabaseInUse, match="--replica"):
+                other.hold(shared=shared)
+            other.close()
+        first.close()  # a process that ends (however) lets go
+        replicas = [opener(), opener()]
+        for r in replicas:
+            r.hold(shared=True)
+        alone = opener()
+        with pytest.raises(DatabaseInUse, match="another coordinator serves"):
+            alone.hold(shared=False)
+        for s in (alone, *replicas):
+            s.close()
+        again = opener()
+        again.hold(shared=False)
+        again.close()
 
     def test_accepted_updates_outlive_their_deleted_rounds(self, opener: Opener) -> None:
         """Deleting rounds counts their update rows into their tasks' retired updates in the

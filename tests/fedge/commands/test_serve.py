@@ -241,3 +241,32 @@ def test_an_unknown_log_level_is_a_one_line_error_before_anything_is_written(
 
     args = build_parser().parse_args(["serve", "--db", "f.db", "--log-level", "debug"])
     assert args.log_level == "DEBUG"
+
+
+def test_a_second_coordinator_on_a_database_served_alone_is_refused(tmp_path: Path) -> None:
+    """Before, a second ``fedge serve`` on the same file (a mistake, or a restart while the
+    old process still ran) started and served too: two processes each keeping a round's sums
+    in memory and sweeping blobs at start-up as if alone. It is one line, status 2; so is a
+    node of replicas on a database served alone. Once the first stops, the file serves."""
+    db = str(tmp_path / "f.db")
+    first = _serve("--db", db, "--port", "0")
+    try:
+        assert first.stdout is not None
+        assert "listening on" in first.stdout.readline()
+        for extra in ([], ["--processes", "2"]):
+            second = _serve("--db", db, "--port", "0", *extra)
+            _, err = second.communicate(timeout=120)
+            assert second.returncode == 2, err
+            assert "another coordinator serves this database" in err or (
+                "without --replica serves this database" in err), err
+            assert "Traceback" not in err
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    again = _serve("--db", db, "--port", "0")
+    try:
+        assert again.stdout is not None
+        assert "listening on" in again.stdout.readline()
+    finally:
+        again.terminate()
+        again.communicate(timeout=60)
