@@ -246,7 +246,8 @@ def export_bundle(
     (``path/to/file.py:Name``, ``package.module:Name``), instantiated after
     ``torch.manual_seed(seed)``. ``input_shape`` is one example input, batch axis first (the
     ONNX graphs take any batch size); without it, a model whose first layer is ``nn.Linear``
-    gets ``(1, in_features)``. ``freeze``: parameter-name prefixes kept constant.
+    gets ``(1, in_features)``. ``freeze``: parameter-name prefixes kept constant (as are
+    parameters whose ``requires_grad`` is False).
     ``tflite``: also write ``step.tflite``/``infer.tflite`` (needs litert-torch); their batch is
     fixed at ``tflite_batch`` (default: the example batch if > 1, else 32) and shorter batches
     are padded and masked by the trainer. Raises ``ExportError`` subclasses for models that
@@ -370,7 +371,11 @@ def _prepare(
     model = copy.deepcopy(load_model(model_or_spec)).float()
     shape = input_shape or _default_shape(model)
     named = list(model.named_parameters())
-    frozen_names = _match_freeze([n for n, _ in named], freeze)
+    # requires_grad=False is how torch code freezes a layer (torch.optim then skips it): those
+    # parameters are frozen like the --freeze prefixes, before the loop below clears the flag
+    frozen_names = _match_freeze([n for n, _ in named], freeze) | {
+        n for n, p in named if not p.requires_grad
+    }
     trainable: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in named if n not in frozen_names]
     frozen: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in named if n in frozen_names]
     if not trainable:

@@ -52,7 +52,8 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="parameter-name prefix to keep fixed (repeatable), e.g. --freeze backbone",
+        help="parameter-name prefix to keep fixed (repeatable), e.g. --freeze backbone; "
+        "parameters with requires_grad=False are kept fixed without it",
     )
     p.add_argument("--tflite", action="store_true", help="add step.tflite and infer.tflite")
     p.set_defaults(func=run)

@@ -138,6 +138,27 @@ def test_frozen_parameters_are_listed_separately() -> None:
     np.testing.assert_array_equal(frozen, _flat([named[p["name"]] for p in raw["frozen"]]))
 
 
+def test_parameters_the_model_sets_requires_grad_false_on_stay_frozen(tmp_path: Path) -> None:
+    """The ordinary way to freeze a backbone in torch: requires_grad_(False) on its parameters.
+    torch's optimizer leaves them as they are; so must the bundle (without any --freeze)."""
+    torch.manual_seed(0)
+    model = BackboneHead()
+    model.backbone.requires_grad_(False)
+    raw = export_bundle(model, tmp_path / "b", ort_training=False).raw
+    assert [p["name"] for p in raw["parameters"]] == ["head.weight", "head.bias"]
+    backbone = [n for n, _ in model.named_parameters() if n.startswith("backbone.")]
+    assert [p["name"] for p in raw["frozen"]] == backbone
+    x, y = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32), np.array([1, 2, 3, 4])
+    trainer = load_trainer(tmp_path / "b", backend="ort-step")
+    trainer.train_step(x, y)
+    reference = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    reference.step()
+    np.testing.assert_allclose(
+        trainer.get_parameters(), _flat([model.head.weight, model.head.bias]), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_optimizers_ort_cannot_express_are_marked_in_the_manifest() -> None:
     spec, args = CASES["mlp-sgd-momentum-wd"]
     raw = load_manifest(cached_bundle(spec, **args)).raw
