@@ -9,6 +9,7 @@ step in torch gives the same result::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,10 @@ class OptimizerConfig:
             momentum=float(d.get("momentum", 0.0) if momentum is None else momentum),
             weight_decay=float(d["weight_decay"] if weight_decay is None else weight_decay),
         )
+        values = (cfg.lr, cfg.momentum, cfg.weight_decay)
+        # NaN passes the sign checks below and inf every one of them; either trains to NaN
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("lr, momentum and weight decay must be finite numbers")
         if not cfg.lr > 0 or cfg.momentum < 0 or cfg.weight_decay < 0:
             raise ValueError("lr must be > 0; momentum and weight decay must be >= 0")
         return cfg

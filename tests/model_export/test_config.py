@@ -45,6 +45,12 @@ def test_given_values_override_defaults_and_set_the_state() -> None:
         ({"name": "sgd", "momentum": -0.5}, "momentum"),
         ({"name": "adamw", "momentum": 0.9}, "momentum is an SGD option"),
         ({"name": "adamw", "weight_decay": -1.0}, "weight decay"),
+        # NaN fails every comparison and inf passes them: both would train to NaN, and the
+        # manifest's JSON would hold NaN/Infinity, which strict JSON readers refuse
+        ({"name": "sgd", "lr": float("inf")}, "finite"),
+        ({"name": "sgd", "momentum": float("nan")}, "finite"),
+        ({"name": "sgd", "weight_decay": float("inf")}, "finite"),
+        ({"name": "adamw", "weight_decay": float("nan")}, "finite"),
     ],
 )
 def test_bad_hyper_parameters(kwargs: dict, match: str) -> None:
