@@ -149,6 +149,12 @@ def _generate(
         )
     else:
         optim_block = artifacts.OptimType.SGD
+    # onnxblock names the nodes it adds (loss, optimizer) from a process-wide counter, so a
+    # second export in one process wrote other names, other hashes and another bundle id for
+    # the same model; restarting it gives every export the names of a fresh process.
+    from onnxruntime.training.onnxblock import _graph_utils
+
+    _graph_utils._GRAPH_TOKEN = 0
     try:
         with quiet(native=True):
             artifacts.generate_artifacts(

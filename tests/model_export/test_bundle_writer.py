@@ -168,6 +168,17 @@ def test_optimizers_ort_cannot_express_are_marked_in_the_manifest() -> None:
     assert raw["optimizer_state"] == [{"name": "momentum_buffer", "shape": [2410]}]
 
 
+def test_exporting_the_same_model_twice_gives_the_same_bundle(tmp_path: Path) -> None:
+    """In one process too (a notebook, a service, a test run exporting many bundles): the
+    bundle id is a content hash that caches and the coordinator key on."""
+    first, second = (
+        export_bundle("model_export.models:DigitsMLP", tmp_path / name, lr=0.05)
+        for name in ("a", "b")
+    )
+    assert second.files == first.files
+    assert second.bundle_id == first.bundle_id
+
+
 def test_input_shape_defaults_from_a_first_linear(tmp_path: Path) -> None:
     m = export_bundle(DigitsMLP(), tmp_path / "b", ort_training=False)
     assert m.raw["input"]["shape"] == [None, 64]
