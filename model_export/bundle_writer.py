@@ -262,7 +262,10 @@ def export_bundle(
         if len(input_shape) < 1 or any(d < 1 for d in input_shape):
             raise ValueError(f"input shape {tuple(input_shape)} must be positive, batch first")
     opt = OptimizerConfig.make(optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    out_dir = Path(out_dir)
+    # Absolute and without "." or "..": the staging directory goes next to the target, in its
+    # parent, and replaces it by name; "." (run inside the previous bundle) has neither, and the
+    # old bundle was deleted with the staging directory inside it.
+    out_dir = Path(out_dir).resolve()
 
     prep = _prepare(model_or_spec, input_shape, input_dtype, loss, opt, freeze, seed)
     _check_target(out_dir)

@@ -225,6 +225,18 @@ def test_failed_export_leaves_a_previous_bundle_untouched(
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def test_exporting_over_the_bundle_in_the_current_directory(
+    digits_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cd bundle && fedge export ... --out .``: the new bundle replaces the old one."""
+    out = tmp_path / "bundle"
+    shutil.copytree(digits_bundle, out)
+    monkeypatch.chdir(out)
+    manifest = export_bundle(BackboneHead(), ".", ort_training=False)
+    assert verify_bundle(out).bundle_id == manifest.bundle_id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging left behind
+
+
 def test_refuses_to_overwrite_a_directory_that_is_not_a_bundle(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="holds no bundle"):
