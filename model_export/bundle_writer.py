@@ -49,7 +49,7 @@ from model_export.ort_artifacts import (
     write_ort_artifacts,
 )
 from model_export.step import StepFunctions
-from model_export.tracing import OPSET, export_onnx, trace
+from model_export.tracing import OPSET, classify, export_onnx, trace
 
 __all__ = ["export_bundle", "io_names", "tflite_names"]
 
@@ -414,7 +414,13 @@ def _prepare(
         buffer_shapes=[tuple(b.shape) for _, b in buffers],
     )
     model.train()
-    if fns.dropout_layers(x):
+    try:
+        dropouts = fns.dropout_layers(x)
+    except Exception as e:
+        # the layer rewrites run here for the first time, untraced: a layer they refuse
+        # (alpha dropout) is the same one-line ExportError the tracer would give
+        raise classify(e, "step graph") from e
+    if dropouts:
         fns = dataclasses.replace(fns, seeded=True)
     return _Prepared(
         model,

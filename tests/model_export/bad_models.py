@@ -89,6 +89,18 @@ class UnsupportedLayer(nn.Module):
         return self.head(self.act(self.fc(x)))
 
 
+class SelfNormalizing(nn.Module):
+    """AlphaDropout (with SELU): no seeded rewrite, refused with what to use instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.drop = nn.AlphaDropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(torch.selu(self.fc(x)))
+
+
 def make_linear() -> nn.Module:
     """A zero-argument factory (accepted)."""
     return nn.Linear(8, 3)

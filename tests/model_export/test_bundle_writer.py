@@ -196,6 +196,7 @@ def test_input_shape_defaults_from_a_first_linear(tmp_path: Path) -> None:
         ("UnsupportedLayer", {}, UnsupportedOperator, r"layer 'act' \(Bessel\).*bessel_j0"),
         ("CumulativeBatchNorm", {}, UnsupportedModel, r"layer 'bn' \(BatchNorm1d\): momentum=None"),
         ("CountsCalls", {}, UnsupportedModel, "updates buffer 'calls'"),
+        ("SelfNormalizing", {}, UnsupportedOperator, "alpha_dropout .*use nn.Dropout"),
         ("make_linear", {"input_shape": (1, 9)}, LossMismatch, "fails on an input of shape"),
         ("make_linear", {"freeze": ("nothing",)}, UnsupportedModel, "matches no parameter"),
         ("make_linear", {"freeze": ("weight", "bias")}, UnsupportedModel, "no trainable"),
