@@ -80,8 +80,10 @@ def run(args: argparse.Namespace) -> int:
             tflite=args.tflite,
             progress=progress,
         )
-    except (ExportError, ValueError, FileExistsError) as e:
+    except (ExportError, ValueError) as e:
         raise CommandError(str(e)) from e
+    except OSError as e:  # the bundle directory cannot be made or written (the message names it)
+        raise CommandError(f"cannot write the bundle to {args.out}: {e}") from e
     raw = manifest.raw
     opt = raw["optimizer"]
     hyper = ", ".join(f"{k}={v}" for k, v in opt.items() if k != "name")

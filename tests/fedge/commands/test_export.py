@@ -97,6 +97,19 @@ def test_failures_are_one_line_without_traceback(
     assert not (tmp_path / "b").exists()
 
 
+def test_an_out_directory_that_cannot_be_made_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "sub" / "bundle"  # under a file: NotADirectoryError
+    code = main(["export", f"{BAD}:make_linear", "--out", str(out), "--input-shape", "1,8"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert code == 2
+    assert err.splitlines()[-1].startswith("fedge export: error: ")
+    assert "notes.txt" in err.splitlines()[-1]
+
+
 @pytest.mark.parametrize("shape", ["1,x", "0,8", ""])
 def test_bad_input_shape_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], shape: str
