@@ -271,9 +271,22 @@ def _check_structure(raw: Any) -> None:
             raise BundleError(f"manifest lacks {key!r}")
     if not isinstance(raw["files"], dict):
         raise BundleError("manifest 'files' must be an object")
-    for name in raw["files"]:
+    for name, meta in raw["files"].items():
         if not isinstance(name, str) or name.startswith("/") or ".." in Path(name).parts:
             raise BundleError(f"manifest names an unsafe file path {name!r}")
+        # verify_bundle and the device's cache read these two fields as they are
+        size = meta.get("bytes") if isinstance(meta, dict) else None
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("sha256"), str)
+            or isinstance(size, bool)
+            or not isinstance(size, int)
+            or size < 0
+        ):
+            raise BundleError(
+                f"manifest files[{name!r}] must be an object with a 'sha256' string and a "
+                "'bytes' count"
+            )
     listed = raw["files"]
     for name in _referenced_files(raw):
         # Only listed files are hashed (and path-checked above): a trainer opens no other.

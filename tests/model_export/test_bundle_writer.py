@@ -124,6 +124,20 @@ def test_a_manifest_pointing_outside_its_file_list_is_rejected(
         verify_bundle(copy)
 
 
+@pytest.mark.parametrize(
+    "entry", [{"sha256": "0" * 64}, "0" * 64, {"sha256": "0" * 64, "bytes": "many"}]
+)
+def test_a_malformed_file_entry_is_a_bundle_error(
+    digits_bundle: Path, tmp_path: Path, entry: object
+) -> None:
+    """A self-consistent manifest whose files entry is not {sha256, bytes}: refused as a bad
+    bundle (BundleError, what load_trainer promises), not a KeyError or TypeError."""
+    raw = json.loads((digits_bundle / "manifest.json").read_text())
+    bad = _rewrite(digits_bundle, tmp_path / "b", {"files": {**raw["files"], "params.f32": entry}})
+    with pytest.raises(BundleError, match=r"params\.f32"):
+        verify_bundle(bad)
+
+
 def test_frozen_parameters_are_listed_separately() -> None:
     spec, args = CASES["frozen-backbone-adamw"]
     bundle = cached_bundle(spec, **args)
