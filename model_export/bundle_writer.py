@@ -48,7 +48,7 @@ from model_export.ort_artifacts import (
     ort_training_support,
     write_ort_artifacts,
 )
-from model_export.step import StepFunctions
+from model_export.step import StepFunctions, data_loss
 from model_export.tracing import OPSET, classify, export_onnx, trace
 
 __all__ = ["export_bundle", "io_names", "tflite_names"]
@@ -361,6 +361,27 @@ def _default_shape(model: nn.Module) -> list[int]:
     )
 
 
+def _without_gradient(
+    model: nn.Module, names: Sequence[str], x: torch.Tensor, y: torch.Tensor, loss: str
+) -> set[str]:
+    """The parameters among ``names`` the loss does not depend on (autograd gives them no
+    gradient at all). torch.optim skips such a parameter (no weight decay, no momentum, no
+    AdamW step), so it never changes in training: it is frozen, which is exactly that. The
+    step graph would otherwise see a zero gradient and decay it."""
+    if not names:
+        return set()
+    probe = copy.deepcopy(model).train()  # a copy: batch norm would update its statistics
+    params = dict(probe.named_parameters())
+    for name in names:
+        params[name].requires_grad_(True)
+    value = data_loss(loss, probe(x), y)
+    if not value.requires_grad:
+        return set()  # no gradient at all (an op autograd cannot differentiate): the tracer
+        # refuses that model with its own message
+    grads = torch.autograd.grad(value, [params[nm] for nm in names], allow_unused=True)
+    return {nm for nm, g in zip(names, grads, strict=True) if g is None}
+
+
 def _prepare(
     model_or_spec: Any,
     input_shape: list[int] | None,
@@ -379,10 +400,6 @@ def _prepare(
     frozen_names = _match_freeze([n for n, _ in named], freeze) | {
         n for n, p in named if not p.requires_grad
     }
-    trainable: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in named if n not in frozen_names]
-    frozen: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in named if n in frozen_names]
-    if not trainable:
-        raise UnsupportedModel("the model has no trainable parameters")
     for _, p in named:
         p.requires_grad_(False)  # functional_call supplies the trainable ones
 
@@ -402,6 +419,13 @@ def _prepare(
                 f"{type(e).__name__}: {e}"
             ) from e
     y, target_spec, num_classes = _target_for(loss, out, n)
+    frozen_names |= _without_gradient(
+        model, [nm for nm, _ in named if nm not in frozen_names], x, y, loss
+    )
+    trainable: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in named if n not in frozen_names]
+    frozen: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in named if n in frozen_names]
+    if not trainable:
+        raise UnsupportedModel("the model has no trainable parameters")
     buffers, bn_modules = _running_statistics(model)
     _check_buffers_stable(model, x, {nm for nm, _ in buffers})
     fns = StepFunctions(

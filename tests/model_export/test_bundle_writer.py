@@ -173,6 +173,36 @@ def test_parameters_the_model_sets_requires_grad_false_on_stay_frozen(tmp_path: 
     )
 
 
+class _UnusedHead(torch.nn.Module):
+    """A head the forward pass does not use (an auxiliary or old head kept in the model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 3)
+        self.aux = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_parameters_no_output_depends_on_stay_as_torch_leaves_them(tmp_path: Path) -> None:
+    """torch.optim skips a parameter whose gradient is None: AdamW neither decays it nor
+    counts a step for it. So must the bundle's step (and its delta)."""
+    torch.manual_seed(0)
+    model = _UnusedHead()
+    raw = export_bundle(model, tmp_path / "b", input_shape=(1, 8), optimizer="adamw", lr=0.1).raw
+    x, y = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32), np.array([0, 1, 2, 0])
+    trainer = load_trainer(tmp_path / "b", backend="ort-step")
+    trainer.train_step(x, y)
+    reference = torch.optim.AdamW(model.parameters(), lr=0.1)
+    torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    reference.step()
+    named = dict(model.named_parameters())
+    want = _flat([named[p["name"]] for p in raw["parameters"]])
+    np.testing.assert_allclose(trainer.get_parameters(), want, rtol=1e-5, atol=1e-6)
+    assert [p["name"] for p in raw["frozen"]] == ["aux.weight", "aux.bias"]
+
+
 def test_optimizers_ort_cannot_express_are_marked_in_the_manifest() -> None:
     spec, args = CASES["mlp-sgd-momentum-wd"]
     raw = load_manifest(cached_bundle(spec, **args)).raw
