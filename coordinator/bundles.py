@@ -66,7 +66,6 @@ def extract_bundle(data: bytes, blobs: BlobStore, max_files: int = 256) -> dict[
         except (tarfile.TarError, EOFError, OSError) as e:
             raise _invalid(f"body is not a readable uncompressed tar: {e}") from e
         bundle_dir = _bundle_root(root)
-        _check_file_entries(bundle_dir)
         try:
             manifest = verify_bundle(bundle_dir)
         except BundleError as e:
@@ -84,31 +83,6 @@ def extract_bundle(data: bytes, blobs: BlobStore, max_files: int = 256) -> dict[
         for name, meta in raw["files"].items():
             blobs.put_file(bundle_dir / name, sha=meta["sha256"])
         return raw
-
-
-def _check_file_entries(bundle_dir: Path) -> None:
-    """Each ``files`` entry is an object with a sha256 string and a byte count (the edge
-    SDK's checks read them as such)."""
-    try:
-        raw = json.loads((bundle_dir / MANIFEST_NAME).read_bytes())
-    except (OSError, ValueError):
-        return  # verify_bundle says what is wrong with it
-    files = raw.get("files") if isinstance(raw, dict) else None
-    if not isinstance(files, dict):
-        return
-    for name, meta in files.items():
-        size = meta.get("bytes") if isinstance(meta, dict) else None
-        if (
-            not isinstance(meta, dict)
-            or not isinstance(meta.get("sha256"), str)
-            or isinstance(size, bool)
-            or not isinstance(size, int)
-            or size < 0
-        ):
-            raise _invalid(
-                f"manifest files[{name!r}] must be an object with a 'sha256' string and a "
-                "'bytes' count"
-            )
 
 
 def _bundle_root(root: Path) -> Path:
