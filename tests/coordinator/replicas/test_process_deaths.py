@@ -234,6 +234,31 @@ def test_a_signal_while_the_children_start_stops_everything(
         alone.bind(("127.0.0.1", port))
 
 
+def _tls_node(
+    pki: Pki, tmp_path: Path, command: list[str]
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """``python COMMAND... --tls-cert CERT --tls-key KEY``-style node started on copies of
+    the PKI's files (the test then breaks the certificate): the process, its log, the cert."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(pki.cert, cert)
+    shutil.copy(pki.key, key)
+    log_path = tmp_path / "node.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [a.replace("{cert}", str(cert)).replace("{key}", str(key)) for a in command]
+    with open(log_path, "wb") as log:
+        node = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=log,
+                                cwd=ROOT, env=env)  # fmt: skip
+    return node, log_path, cert
+
+
+def _supervisor_said(log_path: Path, level: str | None = None) -> list[str]:
+    """The messages of the supervisor's JSON log records (of ``level`` only, if given)."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines()
+               if line.startswith("{")]  # fmt: skip
+    return [r["message"] for r in records if r["logger"] == "fedge.supervisor"
+            and level in (None, r["level"])]  # fmt: skip
+
+
 def test_a_child_that_cannot_start_again_says_why_in_the_supervisors_log(
     pki: Pki, tmp_path: Path
 ) -> None:
@@ -242,24 +267,13 @@ def test_a_child_that_cannot_start_again_says_why_in_the_supervisors_log(
     Why it failed was logged at INFO: under ``--log-level WARNING`` the supervisor said only
     "exited with status 1", and the reason was left to the child's raw traceback (no JSON
     record for a log shipper)."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    shutil.copy(pki.cert, cert)
-    shutil.copy(pki.key, key)
-    log_path = tmp_path / "node.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log_path, "wb") as log:
-        node = subprocess.Popen(
-            [sys.executable, "-m", "fedge.cli", "serve", "--db", str(tmp_path / "f.db"),
-             "--processes", "2", "--port", str(_free_port()), "--tls-cert", str(cert),
-             "--tls-key", str(key), "--log-level", "WARNING", "--log-format", "json"],
-            stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env=env,
-        )  # fmt: skip
+    node, log_path, cert = _tls_node(pki, tmp_path, [
+        "-m", "fedge.cli", "serve", "--db", str(tmp_path / "f.db"), "--processes", "2",
+        "--port", str(_free_port()), "--tls-cert", "{cert}", "--tls-key", "{key}",
+        "--log-level", "WARNING", "--log-format", "json"])  # fmt: skip
 
     def supervisor_warnings() -> list[str]:
-        lines = log_path.read_text().splitlines()
-        records = [json.loads(line) for line in lines if line.startswith("{")]
-        return [r["message"] for r in records
-                if r["logger"] == "fedge.supervisor" and r["level"] == "WARNING"]  # fmt: skip
+        return _supervisor_said(log_path, "WARNING")
 
     try:
         assert node.stdout is not None
@@ -302,22 +316,11 @@ def test_a_restarted_child_that_hangs_at_start_is_killed_and_tried_again(
     FIFO nobody writes) held its place for ever: never killed, never tried again, the node
     one process short with no word in the log. It is killed after the start-up timeout and
     another started; once the file is readable again one answers."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    shutil.copy(pki.cert, cert)
-    shutil.copy(pki.key, key)
-    log_path = tmp_path / "node.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log_path, "wb") as log:
-        node = subprocess.Popen(
-            [sys.executable, "-c", _HANGING_NODE, str(tmp_path / "f.db"), str(_free_port()),
-             str(cert), str(key)],
-            stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env=env,
-        )  # fmt: skip
+    node, log_path, cert = _tls_node(pki, tmp_path, [
+        "-c", _HANGING_NODE, str(tmp_path / "f.db"), str(_free_port()), "{cert}", "{key}"])
 
     def said() -> list[str]:
-        records = [json.loads(line) for line in log_path.read_text().splitlines()
-                   if line.startswith("{")]  # fmt: skip
-        return [r["message"] for r in records if r["logger"] == "fedge.supervisor"]
+        return _supervisor_said(log_path)
 
     try:
         assert node.stdout is not None
