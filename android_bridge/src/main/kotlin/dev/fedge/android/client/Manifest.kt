@@ -27,10 +27,16 @@ class Manifest(val raw: JSONObject) {
         for (key in listOf("bundle_id", "parameters", "num_parameters", "files", "loss", "task")) {
             if (!raw.has(key)) throw CacheException("manifest lacks '$key'")
         }
-        val files = raw.getJSONObject("files")
+        val files = raw.optJSONObject("files") ?: throw CacheException("manifest 'files' must be an object")
         for (name in files.keys()) {
             if (name.startsWith("/") || name.split('/', '\\').any { it == ".." || it.isEmpty() }) {
                 throw CacheException("manifest names an unsafe file path '$name'")
+            }
+            // Read as they are by [files] and the cache: anything else would escape as a JSONException.
+            val meta = files.optJSONObject(name)
+            val size = meta?.opt("bytes")
+            if (meta?.opt("sha256") !is String || (size !is Int && size !is Long) || size.toLong() < 0) {
+                throw CacheException("manifest files['$name'] must be an object with a 'sha256' string and a 'bytes' count")
             }
         }
         var expected = 0

@@ -71,6 +71,26 @@ class BundleCacheTest {
     }
 
     @Test
+    fun aFilesEntryThatIsNotAShaAndAByteCountIsACacheException() {
+        // A manifest hashing to its id with a malformed entry: before, reading its files threw
+        // a JSONException out of the cache (the Python SDK's BundleError since 44ebfc0).
+        for (entry in listOf("{\"sha256\": \"ab\"}", "{\"sha256\": \"ab\", \"bytes\": true}",
+            "{\"sha256\": \"ab\", \"bytes\": 1.5}", "{\"sha256\": 7, \"bytes\": 3}",
+            "{\"sha256\": \"ab\", \"bytes\": -1}", "\"ab\"")) {
+            val raw = JSONObject(manifestText)
+            raw.getJSONObject("files").put("extra.bin", JSONObject("{\"e\": $entry}").get("e"))
+            raw.remove("bundle_id")
+            raw.put("bundle_id", CanonicalJson.bundleId(raw.toString()))
+            try {
+                Manifest.parse(raw.toString()).files
+                fail("accepted $entry")
+            } catch (e: CacheException) {
+                assertTrue(e.message!!, e.message!!.contains("files['extra.bin']"))
+            }
+        }
+    }
+
+    @Test
     fun aBundleIsFetchedOnceAndVerified() {
         val cache = BundleCache(root)
         val (dir, manifest) = cache.fetch(transport, bundleId)
