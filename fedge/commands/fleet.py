@@ -249,12 +249,14 @@ def run(args: argparse.Namespace) -> int:
     from fedge.fleet.running import FleetRun
 
     _check_numbers(args)
-    from edge_sdk.trainers import BACKENDS
+    from edge_sdk.client import ClientConfig
 
-    # Any other name registers every device with a runtime no task asks for: each is told
-    # to wait (ineligible) for as long as the fleet runs.
-    if args.backend not in BACKENDS:
-        raise CommandError(f"--backend must be one of {', '.join(BACKENDS)}, not {args.backend!r}")
+    # The devices' own check, made once here before any part starts (a part would fail it
+    # after its start-up).
+    try:
+        ClientConfig(backend=args.backend)
+    except ValueError as e:
+        raise CommandError(f"--{e}") from e
     engine = _engine(args)
     from coordinator.admin import AdminClient
 
