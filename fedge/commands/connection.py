@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fedge.cli import CommandError
@@ -45,3 +47,17 @@ def admin_token(args: argparse.Namespace, *, required: bool = True) -> str | Non
     if required and not token:
         raise CommandError("needs the admin token: --admin-token or $FEDGE_ADMIN_TOKEN")
     return token
+
+
+@contextmanager
+def answered(coordinator: str) -> Iterator[None]:
+    """The failures of calls to ``coordinator`` as one-line command errors: its own answer (a
+    wrong token, no such task) as it said it, anything else as out of reach."""
+    from edge_sdk.errors import ApiError, ClientError
+
+    try:
+        yield
+    except ApiError as e:
+        raise CommandError(str(e)) from e
+    except (ClientError, ValueError) as e:
+        raise CommandError(f"cannot reach {coordinator}: {e}") from e

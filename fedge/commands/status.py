@@ -10,8 +10,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from fedge.cli import CommandError
-from fedge.commands.connection import add_tls_arguments, admin_token, tls_config
+from fedge.commands.connection import add_tls_arguments, admin_token, answered, tls_config
 
 
 def register(sub: Any) -> None:
@@ -25,21 +24,16 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from coordinator.admin import AdminClient
-    from edge_sdk.errors import ApiError, ClientError
     from edge_sdk.protocol import Route
 
     token = admin_token(args)
     assert token is not None
-    try:
+    with answered(args.coordinator):
         admin = AdminClient(args.coordinator, token, timeout=30, tls=tls_config(args))
         try:
             status = admin.status()
         finally:
             admin.close()
-    except ApiError as e:  # it answered (a wrong token): not out of reach
-        raise CommandError(str(e)) from e
-    except (ClientError, ValueError) as e:
-        raise CommandError(f"cannot reach {args.coordinator}: {e}") from e
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0

@@ -15,7 +15,7 @@ import time
 from typing import Any, TextIO
 
 from fedge.cli import CommandError
-from fedge.commands.connection import add_tls_arguments, admin_token, tls_config
+from fedge.commands.connection import add_tls_arguments, admin_token, answered, tls_config
 
 # (header, key in a round's JSON, width); numbers are right-aligned.
 COLUMNS = (
@@ -39,7 +39,6 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    from edge_sdk.errors import ApiError, ClientError
     from edge_sdk.protocol import Route
     from edge_sdk.transport import RetryPolicy, Transport
 
@@ -59,12 +58,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         raise CommandError(str(e)) from e
 
     def get(path: str) -> Any:
-        try:
+        with answered(args.coordinator):
             return transport.call("GET", path, headers=headers)
-        except ApiError as e:  # it answered (a wrong token, no such task): not out of reach
-            raise CommandError(str(e)) from e
-        except (ClientError, ValueError) as e:
-            raise CommandError(f"cannot reach {args.coordinator}: {e}") from e
 
     try:
         task_id = args.task_id or _newest_running(get(Route.ADMIN_DASHBOARD_OVERVIEW))
