@@ -156,7 +156,6 @@ class TaskPlan:
             raise InvalidRequest(
                 "plan.selection_timeout_s must be at least plan.selection_window_s"
             )
-        plan.robust.check_updates_per_aggregate(min(plan.min_reports, plan.buffer.buffer_k))
         if plan.first_come and (plan.wait_for_all or dp_raw is not None or secagg_raw is not None):
             raise InvalidRequest(
                 "plan.first_come cannot be combined with wait_for_all, dp or secagg: they need "
@@ -226,6 +225,11 @@ class TaskPlan:
 
     def check_mode(self, mode: str) -> None:
         """Refuse plan options the task's mode cannot honour."""
+        # A sync round commits with min_reports, an async buffer with buffer_k: each mode's
+        # count alone, so that a field the mode ignores (goal, buffer_k) refuses nothing.
+        self.robust.check_updates_per_aggregate(
+            self.buffer.buffer_k if mode == "async" else self.min_reports
+        )
         if mode == "async" and self.secagg is not None:
             # docs/benchmarks.md, "Secure aggregation": four stages of round trips per buffer
             raise InvalidRequest(

@@ -260,11 +260,21 @@ def test_bad_robust_values_are_refused_with_the_plans_errors(robust, message) ->
 
 @pytest.mark.parametrize("aggregator", ["median", "trimmed_mean", "multi_krum"])
 def test_robust_aggregators_need_three_updates_per_aggregate(aggregator) -> None:
-    robust = {"aggregator": aggregator}
+    def checked(mode: str, **fields: int) -> TaskPlan:
+        plan = TaskPlan.from_json({**fields, "robust": {"aggregator": aggregator}})
+        plan.check_mode(mode)
+        return plan
+
     with pytest.raises(InvalidRequest, match="needs at least 3 updates"):
-        TaskPlan.from_json({"goal": 2, "robust": robust})
+        checked("sync", goal=2)
     with pytest.raises(InvalidRequest, match="buffer_k in async mode"):
-        TaskPlan.from_json({"goal": 10, "buffer_k": 2, "robust": robust})
-    assert TaskPlan.from_json({"goal": 3, "robust": robust}).robust.aggregator == aggregator
+        checked("async", goal=10, buffer_k=2)
+    assert checked("sync", goal=3).robust.aggregator == aggregator
+    # each mode counts only what it commits with: a sync round ignores buffer_k, an async
+    # buffer ignores goal
+    assert checked("sync", goal=10, buffer_k=2).robust.aggregator == aggregator
+    assert checked("async", goal=2, buffer_k=10).robust.aggregator == aggregator
     # plain FedAvg works with any count
-    assert TaskPlan.from_json({"goal": 1, "robust": {"aggregator": "fedavg"}})
+    plan = TaskPlan.from_json({"goal": 1, "buffer_k": 1, "robust": {"aggregator": "fedavg"}})
+    plan.check_mode("sync")
+    plan.check_mode("async")
