@@ -18,7 +18,8 @@ acknowledged, and decoded with the SDK codecs (:func:`coordinator.tensors.decode
    combine the rest; FedAvg without that check folds the clipped updates one at a time into a
    :class:`~coordinator.aggregation.RunningSum` instead;
 4. the next bound is computed from the norms and returned in the metrics, which the caller
-   stores with the round in the version's transaction.
+   stores with the round in the version's transaction, with the round's loss and accuracy
+   weighted by the same capped counts (:attr:`Aggregate.example_cap`).
 
 Everything here is a function of stored records: a commit a crash interrupted gives the same
 delta when it is finished after the restart.
@@ -53,6 +54,13 @@ __all__ = ["Aggregate", "aggregate_updates", "current_bound"]
 class Aggregate:
     delta: np.ndarray  # float64, model size
     metrics: dict[str, Any]  # stored under the round's metrics["robust"]
+
+    @property
+    def example_cap(self) -> float | None:
+        """The most examples one update counted for; the round's published loss and
+        accuracy weigh by it too, or one device declaring a huge count would set them."""
+        cap = self.metrics.get("example_cap")
+        return None if cap is None else float(cap)
 
 
 def current_bound(store: Store, task: Task) -> float | None:

@@ -416,7 +416,11 @@ class BufferedAsync(TaskPolicy):
         store = self.ctx.store
         task = self._task(task)
         n = self.ctx.num_parameters(task)
-        totals = store.update_totals(rnd.round_id)
+        agg = aggregate_updates(
+            store, self.ctx.blobs, task, plan, rnd.round_id, n,
+            streamed=lambda: commit.delta, staleness=plan.buffer.staleness,
+        )  # fmt: skip
+        totals = store.update_totals(rnd.round_id, agg.example_cap)
         metrics: dict[str, Any] = {
             "kind": "train",
             "mode": self.mode,
@@ -431,12 +435,8 @@ class BufferedAsync(TaskPolicy):
             "bytes_out": self.ctx.bytes_out.get(task.task_id),
             "duration_s": now - rnd.opened_at,
             "outcome": "committed",
+            "robust": agg.metrics,
         }
-        agg = aggregate_updates(
-            store, self.ctx.blobs, task, plan, rnd.round_id, n,
-            streamed=lambda: commit.delta, staleness=plan.buffer.staleness,
-        )  # fmt: skip
-        metrics["robust"] = agg.metrics
         too_old = commit.version - plan.buffer.staleness.max_staleness - 1
 
         def record(new_version: int) -> None:

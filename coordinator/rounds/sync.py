@@ -54,6 +54,7 @@ import numpy as np
 
 from coordinator.errors import Conflict, TaskFailure, Unprocessable
 from coordinator.plan import TaskPlan
+from coordinator.robust.clipping import example_cap
 from coordinator.robust.commit import aggregate_updates
 from coordinator.rounds.base import (
     IN_FLIGHT,
@@ -473,6 +474,9 @@ class SyncRounds(TaskPolicy):
                     streamed=lambda: self.ctx.sums.get(task.task_id, rnd.round_id, n).mean(),
                 )  # fmt: skip
                 metrics["robust"] = agg.metrics
+                if agg.example_cap is not None:
+                    capped = store.update_totals(rnd.round_id, agg.example_cap)
+                    metrics.update(loss=capped.loss, accuracy=capped.accuracy)
                 delta = agg.delta
 
             def record(new_version: int) -> None:
@@ -659,13 +663,18 @@ class SyncRounds(TaskPolicy):
         states = store.assignment_counts(rnd.round_id)
         if rnd.kind == "evaluate":
             reports = store.round_eval_reports(rnd.round_id)
+            # Capped as a defended commit caps its updates' weights (aggregate_updates):
+            # one device declaring a huge count must not set the task's evaluation figures.
+            cap = example_cap(TaskPlan.from_json(task.plan).robust,
+                              [r.num_examples for r in reports])  # fmt: skip
+            weighed = [(r, min(float(r.num_examples), cap)) for r in reports]
             totals = UpdateTotals(
                 count=len(reports),
                 num_examples=sum(r.num_examples for r in reports),
-                loss_sum=sum(r.loss * r.num_examples for r in reports),
-                loss_weight=sum(r.num_examples for r in reports),
-                accuracy_sum=sum((r.accuracy or 0.0) * r.num_examples for r in reports),
-                accuracy_weight=sum(r.num_examples for r in reports if r.accuracy is not None),
+                loss_sum=sum(r.loss * w for r, w in weighed),
+                loss_weight=sum(w for _, w in weighed),
+                accuracy_sum=sum((r.accuracy or 0.0) * w for r, w in weighed),
+                accuracy_weight=sum(w for r, w in weighed if r.accuracy is not None),
             )
         else:
             totals = store.update_totals(rnd.round_id)

@@ -187,10 +187,10 @@ class UpdateTotals:
     count: int = 0
     num_examples: int = 0
     payload_bytes: int = 0
-    loss_sum: float = 0.0  # sum of loss x num_examples over updates that reported a loss
-    loss_weight: int = 0
+    loss_sum: float = 0.0  # sum of loss x weight over updates that reported a loss
+    loss_weight: float = 0.0  # weight: num_examples, or at most the example cap asked for
     accuracy_sum: float = 0.0
-    accuracy_weight: int = 0
+    accuracy_weight: float = 0.0
 
     @property
     def loss(self) -> float | None:
@@ -469,8 +469,9 @@ class Store(ABC):
         return self.accepted_updates()[0]
 
     @abstractmethod
-    def update_totals(self, round_id: int) -> UpdateTotals:
-        """Sums over a round's accepted updates (without loading them)."""
+    def update_totals(self, round_id: int, example_cap: float | None = None) -> UpdateTotals:
+        """Sums over a round's accepted updates (without loading them); loss and accuracy
+        weighted by declared examples, each counted at most ``example_cap`` when given."""
 
     @abstractmethod
     def round_payloads(self, round_id: int) -> list[str]:

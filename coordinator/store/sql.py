@@ -677,21 +677,25 @@ class SQLStore(Store):
         ).fetchone()
         return int(row[0]), int(row[1])
 
-    def update_totals(self, round_id: int) -> UpdateTotals:
+    def update_totals(self, round_id: int, example_cap: float | None = None) -> UpdateTotals:
         # The accuracy is read out of each report once (PostgreSQL parses the JSON per read).
         acc = self._json_number("report", "accuracy")
+        weight = "num_examples"
+        params: list[Any] = [round_id]
+        if example_cap is not None:
+            weight = "case when num_examples > ? then ? else num_examples end"
+            params = [example_cap, example_cap, round_id]
         row = self._execute(
             "select count(*), coalesce(sum(num_examples), 0), coalesce(sum(payload_bytes), 0), "
-            "coalesce(sum(loss * num_examples), 0), "
-            "coalesce(sum(case when loss is null then 0 else num_examples end), 0), "
-            "coalesce(sum(acc * num_examples), 0), "
-            "coalesce(sum(case when acc is null then 0 else num_examples end), 0) "
-            f"from (select num_examples, payload_bytes, loss, {acc} as acc from updates "
-            "where round_id = ?) as u",
-            [round_id],
+            "coalesce(sum(loss * w), 0), "
+            "coalesce(sum(case when loss is null then 0 else w end), 0), "
+            "coalesce(sum(acc * w), 0), coalesce(sum(case when acc is null then 0 else w end), 0) "
+            f"from (select num_examples, {weight} as w, payload_bytes, loss, {acc} as acc "
+            "from updates where round_id = ?) as u",
+            params,
         ).fetchone()
-        return UpdateTotals(int(row[0]), int(row[1]), int(row[2]), float(row[3]), int(row[4]),
-                            float(row[5]), int(row[6]))  # fmt: skip
+        return UpdateTotals(int(row[0]), int(row[1]), int(row[2]), float(row[3]), float(row[4]),
+                            float(row[5]), float(row[6]))  # fmt: skip
 
     def round_payloads(self, round_id: int) -> list[str]:
         rows = self._execute(

@@ -143,7 +143,9 @@ def test_task_and_round_figures_agree_with_what_was_sent(
     assert rnd["abort_reasons"] == {"runtime_load/unsupported": 1, "upload/refused": 1}
     assert rnd["bytes_in"] == len(frames[0]) + len(frames[1])
     assert rnd["fp32_bytes"] == 2 * N * 4
-    assert rnd["loss"] == pytest.approx((30 * 0.75 + 10 * 0.25) / 40)  # example-weighted
+    # example-weighted, each update counting at most the median declared count (20), as the
+    # default robust plan weighed it in the commit
+    assert rnd["loss"] == pytest.approx((20 * 0.75 + 10 * 0.25) / 30)
     assert rnd["duration_s"] == pytest.approx(8.0)
     assert d["versions"] == [{"version": 1, "train_loss": rnd["loss"]}]
     # The default defences read the updates back: their norms as the server decoded them.

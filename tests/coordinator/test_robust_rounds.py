@@ -44,19 +44,33 @@ class Task:
                 **plan}  # fmt: skip
         self.task_id = admin.create_task(bundle_id, full, mode=mode)["task_id"]
 
-    def round_trip(self, deltas: list[np.ndarray], examples: list[int]) -> None:
-        """Fresh devices get assignments, upload, and the coordinator commits."""
-        devices = [DeviceHTTP(self.coord) for _ in deltas]
+    def assigned(self, count: int) -> list[tuple[DeviceHTTP, str]]:
+        """Fresh devices and their assignments (a sync window closed first)."""
+        devices = [DeviceHTTP(self.coord) for _ in range(count)]
         answers = [d.check_in() for d in devices]
         if any(a["action"] == "wait" for a in answers):  # sync: the window closes first
             self.coord.clock.advance(1.0)  # type: ignore[union-attr]
             answers = [d.check_in() for d in devices]
-        for d, a, delta, n in zip(devices, answers, deltas, examples, strict=True):
-            status, body = d.upload(a["assignment"]["assignment_id"], delta, num_examples=n)
+        return [(d, a["assignment"]["assignment_id"])
+                for d, a in zip(devices, answers, strict=True)]  # fmt: skip
+
+    def round_trip(
+        self, deltas: list[np.ndarray], examples: list[int], losses: list[float] | None = None
+    ) -> None:
+        """Fresh devices get assignments, upload, and the coordinator commits."""
+        assigned = self.assigned(len(deltas))
+        for (d, aid), delta, n, loss in zip(
+            assigned, deltas, examples, losses or [0.5] * len(deltas), strict=True
+        ):
+            status, body = d.upload(aid, delta, num_examples=n, loss=loss)
             assert status == 200, body
         self.coord.call(self.coord.service.tick)
-        for d in devices:
+        for d, _ in assigned:
             d.close()
+
+    def round(self, number: int) -> dict[str, Any]:
+        (r,) = [r for r in self.coord.admin().rounds(self.task_id) if r["round"] == number]
+        return dict(r)
 
     def params(self, version: int) -> np.ndarray:
         d = DeviceHTTP(self.coord)
@@ -130,6 +144,41 @@ def test_defaults_cap_the_inflated_weight_and_clip_to_an_adaptive_bound(start) -
     assert m["clipped"] == int(np.sum(norms > bound)) == 3
     # Undefended FedAvg would have followed the hostile update: the defended step did not.
     assert np.dot(t.params(1) - base, deltas[1]) > 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("robust", [{}, "none"])
+def test_the_published_loss_weighs_updates_as_the_commit_did(start, mode, robust) -> None:
+    """One device declaring a million examples and a zero loss: a defended task publishes
+    the loss weighted by the capped counts its commit used (so the liar moves it as little
+    as the model), an undefended one by the counts as declared."""
+    t = start(mode, robust=robust)
+    examples = [1_000_000, 40, 55, 60, 70, 90]
+    losses = [0.0, 2.0, 1.5, 1.8, 2.2, 1.6]
+    t.round_trip(_f32(_deltas(3)), examples, losses)
+    weights = examples if robust == "none" else np.minimum(examples, np.median(examples))
+    m = t.round(1)["metrics"]
+    assert m["model_version"] == 1 and m["num_examples"] == sum(examples)
+    assert m["loss"] == pytest.approx(float(np.average(losses, weights=weights)), rel=1e-9)
+    assert (m["loss"] > 1.0) == (robust != "none")
+
+
+def test_evaluation_figures_weigh_reports_by_the_capped_counts(start) -> None:
+    t = start(eval_goal=GOAL)
+    t.round_trip(_f32(_deltas(4)), [50] * GOAL)
+    t.coord.admin().evaluate(t.task_id)
+    examples = [1_000_000, 40, 55, 60, 70, 90]
+    losses, accuracy = [0.01, 2.0, 1.5, 1.8, 2.2, 1.6], [1.0, 0.3, 0.4, 0.35, 0.2, 0.5]
+    for (d, aid), n, loss, acc in zip(t.assigned(GOAL), examples, losses, accuracy, strict=True):
+        status, body = d.metrics(aid, n, loss, acc)
+        assert status == 200, body
+        d.close()
+    t.coord.call(t.coord.service.tick)
+    m = t.round(2)["metrics"]
+    assert m["kind"] == "evaluate" and m["reported"] == GOAL
+    weights = np.minimum(examples, np.median(examples))
+    assert m["loss"] == pytest.approx(float(np.average(losses, weights=weights)), rel=1e-9)
+    assert m["accuracy"] == pytest.approx(float(np.average(accuracy, weights=weights)), rel=1e-9)
 
 
 def test_the_bound_is_task_state_that_survives_a_restart(start, tmp_path) -> None:

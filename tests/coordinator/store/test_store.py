@@ -352,6 +352,11 @@ class TestStore:
         assert (t.count, t.num_examples, t.payload_bytes) == (3, 20, 160)
         assert t.loss == pytest.approx((3 * 0.5 + 10 * 0.2) / 13)
         assert t.accuracy == pytest.approx((3 * 0.9 + 7 * 0.5) / 10)
+        # a robust plan's cap: each update's figures count for at most 4.5 examples
+        capped = with_task.update_totals(r.round_id, example_cap=4.5)
+        assert (capped.count, capped.num_examples) == (3, 20)  # the declared total stays
+        assert capped.loss == pytest.approx((3 * 0.5 + 4.5 * 0.2) / 7.5)
+        assert capped.accuracy == pytest.approx((3 * 0.9 + 4.5 * 0.5) / 7.5)
 
     def test_referenced_blobs(self, store: Store) -> None:
         files = {"p": {"sha256": "1" * 64, "bytes": 4}, "g": {"sha256": "2" * 64, "bytes": 9}}
