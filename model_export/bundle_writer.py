@@ -41,7 +41,7 @@ from edge_sdk.bundle import (
 from model_export.blame import blame_layer
 from model_export.config import INPUT_DTYPES, LOSSES, OptimizerConfig, StateSpec
 from model_export.errors import ExportError, LossMismatch, UnsupportedModel
-from model_export.loading import load_model
+from model_export.loading import load_model, spec_label
 from model_export.ort_artifacts import (
     ORT_DIR,
     ort_model_support,
@@ -198,7 +198,7 @@ def _layout(named: Sequence[tuple[str, torch.Tensor]], start: int = 0) -> list[d
 
 def _source_of(spec: Any, model: nn.Module) -> str:
     if isinstance(spec, str):
-        return spec
+        return spec_label(spec)
     cls = type(model)
     return f"{cls.__module__}:{cls.__qualname__}"
 

@@ -44,6 +44,15 @@ def _is_file_target(target: str) -> bool:
     return target.endswith(".py") or "/" in target or "\\" in target
 
 
+def spec_label(spec: str) -> str:
+    """``spec`` as a manifest records it: a file target by its file name alone, so that the
+    bundle id (a hash of the manifest) is the same however and wherever the path was typed."""
+    target, _, attr = spec.rpartition(":")
+    if not _is_file_target(target):
+        return spec
+    return f"{Path(target).name}:{attr}"
+
+
 def model_file(spec: str) -> Path | None:
     """The source file that defines the module ``spec`` names, found without running it (the
     parent packages are imported), or None if there is none."""

@@ -223,6 +223,31 @@ def test_exporting_the_same_model_twice_gives_the_same_bundle(tmp_path: Path) ->
     assert second.bundle_id == first.bundle_id
 
 
+def test_the_bundle_id_does_not_depend_on_how_the_model_files_path_was_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "net.py").write_text(
+        "import torch.nn as nn\n\n"
+        "class Net(nn.Sequential):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(nn.Linear(4, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    spellings = ["models/net.py:Net", "./models/../models/net.py:Net",
+                 f"{tmp_path}/models/net.py:Net"]  # fmt: skip
+    bundles = [
+        export_bundle(spec, tmp_path / f"b{i}", ort_training=False)
+        for i, spec in enumerate(spellings)
+    ]
+    assert {b.bundle_id for b in bundles} == {bundles[0].bundle_id}
+    assert bundles[0].raw["model"]["source"] == "net.py:Net"
+    # a module spec is recorded as it is
+    assert export_bundle(
+        "model_export.models:DigitsMLP", tmp_path / "m", ort_training=False
+    ).raw["model"]["source"] == "model_export.models:DigitsMLP"
+
+
 def test_input_shape_defaults_from_a_first_linear(tmp_path: Path) -> None:
     m = export_bundle(DigitsMLP(), tmp_path / "b", ort_training=False)
     assert m.raw["input"]["shape"] == [None, 64]
