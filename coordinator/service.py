@@ -112,10 +112,11 @@ class _RoundOpened(Exception):
     """A round opened while a batch took its locks (:meth:`Coordinator._lock_rounds`)."""
 
 
-class _TaskFilesFailed(Exception):
-    """One task's step in a batch of uploads could not write its files (a version's
-    parameters on a full disk, say): its ``refusal`` answers that task's uploads, not the
-    batch's (:meth:`Coordinator.accept_uploads`)."""
+class _TaskRefused(Exception):
+    """One task's uploads in a batch cannot be stored now: its step could not write its
+    files (a version's parameters on a full disk, say), or among replicas another one is
+    closing its round. Its ``refusal`` answers that task's uploads, not the batch's
+    (:meth:`Coordinator.accept_uploads`)."""
 
     def __init__(self, task_id: str, refusal: Overloaded) -> None:
         super().__init__(task_id)
@@ -417,7 +418,7 @@ class Coordinator:
         try:
             with self.ctx.deferring_deletes(), self.store.atomic():
                 if self.replica is not None:  # the open round before the task's row
-                    self._lock_in_order_retrying(set(), [task.task_id])
+                    self._lock_in_order_retrying({}, [task.task_id])
                 self.store.update_task(task.task_id, state="failed", failure=reason)
                 rnd = self.store.open_round(task.task_id)
                 if rnd is not None:
@@ -807,7 +808,7 @@ class Coordinator:
                         if isinstance(cause, OSError) and not isinstance(
                             cause, self.store.transient_errors
                         ):
-                            raise _TaskFilesFailed(s.admitted.task_id, e) from e
+                            raise _TaskRefused(s.admitted.task_id, e) from e
                         raise
                     except ApiError as e:
                         done.append(e)
@@ -823,7 +824,7 @@ class Coordinator:
                 self.replica.discard()
             for task in tasks.values():
                 self._policy(task).forget(task.task_id)
-            if isinstance(e, _TaskFilesFailed):
+            if isinstance(e, _TaskRefused):
                 return self._without_task(staged, e)
             if not isinstance(e, (Overloaded, OSError, *self.store.transient_errors)):
                 raise
@@ -840,7 +841,7 @@ class Coordinator:
         ]
 
     def _without_task(
-        self, staged: Sequence[StagedUpload], failed: _TaskFilesFailed
+        self, staged: Sequence[StagedUpload], failed: _TaskRefused
     ) -> list[dict[str, Any] | ApiError]:
         """The batch, rolled back, made again without the uploads of the task whose files
         could not be written; those are answered its ``503``. Each pass leaves out one more
@@ -866,24 +867,36 @@ class Coordinator:
         round one opened while this waited would be locked after a row, out of order: the
         locks are let go (a savepoint rolled back) and taken again, that round among them."""
         self._lock_in_order_retrying(
-            {s.admitted.round_id for s in staged}, sorted({s.admitted.task_id for s in staged})
+            {s.admitted.round_id: s.admitted.task_id for s in staged},
+            sorted({s.admitted.task_id for s in staged}),
+            claiming=True,
         )
 
-    def _lock_in_order_retrying(self, assigned: set[int], task_ids: list[str]) -> None:
-        """``assigned`` rounds and the tasks' open rounds, then the tasks' rows (see
-        :meth:`_lock_rounds`), taken again if a round opened meanwhile."""
+    def _lock_in_order_retrying(
+        self, assigned: dict[int, str], task_ids: list[str], *, claiming: bool = False
+    ) -> None:
+        """``assigned`` rounds (of their tasks) and the tasks' open rounds, then the tasks'
+        rows (see :meth:`_lock_rounds`), taken again if a round opened meanwhile. With
+        ``claiming``, a round another replica is closing refuses its task's uploads at once
+        (:meth:`Store.claim_round`) rather than stopping this replica's one worker thread
+        for the length of the close."""
         for _ in range(LOCK_TRIES):
             try:
                 with self.store.atomic():
-                    self._lock_in_order(assigned, task_ids)
+                    self._lock_in_order(assigned, task_ids, claiming)
                 return
             except _RoundOpened:
                 continue
         raise Overloaded("buffer rounds are turning over; try again", 1.0)
 
-    def _lock_in_order(self, assigned: set[int], task_ids: list[str]) -> None:
+    def _lock_in_order(self, assigned: dict[int, str], task_ids: list[str], claiming: bool) -> None:
         current = {t: self.store.open_round(t) for t in task_ids}
-        rounds = assigned | {r.round_id for r in current.values() if r is not None}
+        rounds = {**assigned, **{r.round_id: t for t, r in current.items() if r is not None}}
+        for round_id in sorted(rounds) if claiming else ():
+            if not self.store.claim_round(round_id):
+                raise _TaskRefused(rounds[round_id], Overloaded(
+                    "the round is being closed by another replica; try again", 1.0
+                ))  # fmt: skip
         locked = {round_id: self.store.lock_round(round_id) for round_id in sorted(rounds)}
         for task_id in task_ids:
             self.store.lock_task(task_id)

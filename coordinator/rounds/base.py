@@ -201,18 +201,24 @@ class PolicyContext:
                 logging.getLogger(__name__).warning("payloads of round %d not deleted", round_id)
 
     @contextmanager
-    def turn(self, rnd: Round, *, wait: bool = True) -> Iterator[Round | None]:
+    def turn(
+        self, rnd: Round, *, wait: bool = True, closing: bool = False
+    ) -> Iterator[Round | None]:
         """``rnd``, for a change that must happen once (select, assign, close, commit).
 
         Alone, as given. Among replicas, read again in a transaction holding its row lock
         (:mod:`coordinator.replicas`), None if it closed meanwhile or, without ``wait``,
-        while another replica holds it; payloads of rounds closed inside are deleted once
-        the transaction committed."""
+        while another replica holds it; None at once while another replica is closing it
+        (a sync round's ``closing`` turn, which never waits: :meth:`Store.claim_round`);
+        payloads of rounds closed inside are deleted once the transaction committed."""
         if self.replica is None:
             yield rnd
             return
         with self.deferring_deletes(), self.store.atomic():
-            mine = self.store.lock_round(rnd.round_id, skip_locked=not wait)
+            if not self.store.claim_round(rnd.round_id, closing=closing):
+                yield None
+                return
+            mine = self.store.lock_round(rnd.round_id, skip_locked=not wait or closing)
             yield mine if mine is not None and mine.is_open else None
 
     def num_parameters(self, task: Task) -> int:

@@ -403,6 +403,9 @@ class BufferedAsync(TaskPolicy):
 
     def _commit(self, task: Task, plan: TaskPlan, rnd: Round, commit: Commit, now: float) -> None:
         # Among replicas, once: under the round's lock, from what the store holds then.
+        # Not claimed as a sync close is (turn's closing): an upload that finds the buffer
+        # full commits it inside its batch, and other replicas' batches wait for that batch
+        # (a buffer of K is brief to commit) rather than being refused.
         with self.ctx.turn(rnd, wait=False) as mine:
             if mine is None:
                 return  # committed already, or being committed by another replica

@@ -533,6 +533,17 @@ class Store(ABC):
         statement: the hot path of uploads among replicas)."""
 
     @abstractmethod
+    def claim_round(self, round_id: int, *, closing: bool = False) -> bool:
+        """Among replicas, before a round's row lock (:meth:`lock_round`). ``closing`` (a
+        sync round's close, which may compute for seconds holding the row): claim the
+        round until the enclosing :meth:`atomic` block ends, False if another transaction
+        holds the claim. Otherwise only look, holding nothing: False while a transaction
+        closing the round holds its claim, so that the caller answers at once (a refusal to
+        retry, a device sent away) instead of waiting out the close on its service's one
+        worker thread. Never waits. A backend with one writer at a time has nothing to
+        claim (True)."""
+
+    @abstractmethod
     def lock_blob(self, sha: str, *, shared: bool = False, wait: bool = True) -> bool:
         """Hold the payload ``sha`` until the enclosing :meth:`atomic` block ends: shared by
         transactions that store a row naming it (after checking the file exists), exclusive

@@ -208,6 +208,21 @@ class PostgresStore(SQLStore):
     def _for_update(self, skip_locked: bool) -> str:
         return " for update skip locked" if skip_locked else " for update"
 
+    def claim_round(self, round_id: int, *, closing: bool = False) -> bool:
+        # Advisory locks are the database's, not the schema's: the schema is in the key. A
+        # look takes the lock shared and lets it go in the same statement: held across the
+        # transaction, a batch's look would stop a commit the batch itself must make (a
+        # full async buffer) while other replicas' batches queue for the round's row.
+        key = "hashtextextended(current_schema() || ':round:' || ?, 0)"
+        sql = (
+            f"select pg_try_advisory_xact_lock({key})"
+            if closing
+            else f"select case when pg_try_advisory_lock_shared({key}) "
+            f"then pg_advisory_unlock_shared({key}) else false end"
+        )
+        row = self._execute(sql, [str(round_id)] * (1 if closing else 2)).fetchone()
+        return bool(row[0])
+
     def lock_blob(self, sha: str, *, shared: bool = False, wait: bool = True) -> bool:
         # A transaction-scoped advisory lock on the hash's 64-bit digest: released by the
         # commit or rollback (or the server, when the connection dies).

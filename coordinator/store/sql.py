@@ -786,6 +786,9 @@ class SQLStore(Store):
         where = "round_id = (select round_id from assignments where assignment_id = ?)"
         return self._locked(Round, "rounds", where, assignment_id, False)
 
+    def claim_round(self, round_id: int, *, closing: bool = False) -> bool:
+        return True
+
     def lock_blob(self, sha: str, *, shared: bool = False, wait: bool = True) -> bool:
         return True
 

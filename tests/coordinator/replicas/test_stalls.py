@@ -140,3 +140,39 @@ def test_a_round_held_past_the_readiness_window_leaves_other_replicas_ready(
         # The lock gone, the device's retry is stored once.
         status, body = device.upload(assignment_id, np.zeros(64, np.float32))
         assert status == 200 and body["accepted"] is True, body
+
+
+def test_uploads_into_a_round_another_replica_is_closing_are_refused_at_once(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """Another replica is closing the round (its claim and row lock held, as a long robust
+    close holds them while it computes). An upload into the round is refused at once
+    (503, retry) instead of waiting on this replica's one worker thread for the close or
+    the store's lock timeout, stopping every other call and tick meanwhile. The close gone,
+    the upload's retry is stored once."""
+    clock = FakeClock(1_700_000_000.0)
+    closer = PostgresStore(postgres_url)
+    with thread_replicas(1, postgres_url, tmp_path / "blobs", clock,
+                         tick_interval_s=0.05) as (replica,):  # fmt: skip
+        _, task_id, (device,) = start_task([replica.url], tiny_bundle, PLAN, 1)
+        answer = device.check_in()
+        assert answer["action"] == "train", answer
+        assignment_id = answer["assignment"]["assignment_id"]
+        (rnd,) = closer.list_rounds(task_id)
+        try:
+            with closer.atomic():
+                assert closer.claim_round(rnd.round_id, closing=True)
+                assert closer.lock_round(rnd.round_id, skip_locked=True) is not None
+                # a second closer is turned away too
+                store = replica.service.store
+                assert not replica.call(lambda: store.claim_round(rnd.round_id, closing=True))
+                started = time.monotonic()
+                status, body = device.upload(assignment_id, np.zeros(64, np.float32))
+                took = time.monotonic() - started
+                assert status == 503 and body["error"]["code"] == "overloaded", body
+                assert "being closed by another replica" in body["error"]["message"]
+                assert took < 2.5, took  # the store's lock timeout is 5 s
+        finally:
+            closer.close()
+        status, body = device.upload(assignment_id, np.zeros(64, np.float32))
+        assert status == 200 and body["accepted"] is True, body
