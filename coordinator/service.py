@@ -1210,7 +1210,9 @@ class Coordinator:
             if not paused and task.rounds_completed >= rounds:
                 to = "completed"  # paused during its last round by an older coordinator
             self.store.update_task(task_id, state=to)
-        return self.task_json(self._task(task_id))
+            # The answer is read before the commit (as create_task's): a connection lost
+            # after it would answer 503 for a change that was made, and the retry 409.
+            return self.task_json(self._task(task_id))
 
     def rounds(self, task_id: str) -> dict[str, Any]:
         self._now()

@@ -531,3 +531,33 @@ def test_an_upload_whose_commit_outcome_was_lost_counts_once(
         v1 = decode_tensor(devices[0].params(task_id, 1))
         np.testing.assert_allclose(v1, base + _fedavg(sent), rtol=1e-6, atol=1e-7)
     cutter.listener.close()
+
+
+def test_a_pause_answered_503_paused_nothing(
+    postgres_url: str, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """As for a task's creation: the connection lost right after the pause's commit, while
+    its answer was read. Before, the answer was 503 ("nothing done, try again") for a task
+    that was paused, and the operator's retry was refused 409 ("task is paused")."""
+    with _serve(tmp_path, postgres_url, FakeClock(1_700_000_000.0)) as coord:
+        admin = coord.admin()
+        bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
+        task_id = admin.create_task(bundle_id, PLAN)["task_id"]
+        store = coord.service.store
+        open_round = store.open_round
+
+        def cut_first(task_id: str) -> Any:  # the answer's read of the task's open round
+            store.open_round = open_round  # type: ignore[method-assign]
+            _terminate_backend_now(store, postgres_url)
+            return open_round(task_id)
+
+        store.open_round = cut_first  # type: ignore[method-assign]
+        http = HttpConnection(coord.url)
+        path = Route.path(Route.ADMIN_TASK_PAUSE, task_id=task_id)
+        auth = {"Authorization": f"Bearer {coord.admin_token}"}
+        status, _, data = http.request("POST", path, b"", auth)
+        assert status == 503, data
+        assert admin.task(task_id)["state"] == "running"
+        status, _, data = http.request("POST", path, b"", auth)  # the retry
+        assert status == 200, data
+        assert json.loads(data)["state"] == "paused" == admin.task(task_id)["state"]
