@@ -14,10 +14,11 @@ database on every use or made durable per replica:
   rounds it stores updates into (their goal, or K, bounds them). A close asks with
   ``skip locked``: while another replica holds the round (closing it, or storing an upload
   into it) this one leaves it, and the next tick tries again. A sync round's close, which
-  may compute for seconds, first claims the round (:meth:`~coordinator.store.Store.claim_round`):
-  the others look for the claim before asking for the row, and refuse the round's uploads
-  at once instead of waiting out the close on their one worker thread. A replica that dies holding a
-  lock loses its connection, the server rolls its transaction back and releases the lock:
+  may compute for seconds, first claims the round
+  (:meth:`~coordinator.store.Store.claim_round`): batches of uploads look for the claim
+  before asking for the row, and refuse the round's uploads at once instead of waiting out
+  the close on their one worker thread. A replica that dies holding a lock loses its
+  connection, the server rolls its transaction back and releases the lock:
   the others take the round over at their next tick. Opening a task's round takes the
   task's row lock instead (one open round per task). On SQLite every transaction takes the
   file's one write lock as it begins (:class:`~coordinator.store.SQLiteStore`): stronger

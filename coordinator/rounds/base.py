@@ -208,17 +208,18 @@ class PolicyContext:
 
         Alone, as given. Among replicas, read again in a transaction holding its row lock
         (:mod:`coordinator.replicas`), None if it closed meanwhile or, without ``wait``,
-        while another replica holds it; None at once while another replica is closing it
-        (a sync round's ``closing`` turn, which never waits: :meth:`Store.claim_round`);
-        payloads of rounds closed inside are deleted once the transaction committed."""
+        while another replica holds it; payloads of rounds closed inside are deleted once
+        the transaction committed. A ``closing`` turn (a sync round's close, which may
+        compute for seconds) claims the round first, so that uploads into it are refused at
+        once rather than wait (:meth:`Store.claim_round`): None if another holds the claim."""
         if self.replica is None:
             yield rnd
             return
         with self.deferring_deletes(), self.store.atomic():
-            if not self.store.claim_round(rnd.round_id, closing=closing):
+            if closing and not self.store.claim_round(rnd.round_id, closing=True):
                 yield None
                 return
-            mine = self.store.lock_round(rnd.round_id, skip_locked=not wait or closing)
+            mine = self.store.lock_round(rnd.round_id, skip_locked=not wait)
             yield mine if mine is not None and mine.is_open else None
 
     def num_parameters(self, task: Task) -> int:

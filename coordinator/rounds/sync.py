@@ -422,7 +422,7 @@ class SyncRounds(TaskPolicy):
     def _close(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> None:
         # Among replicas, skipped while another one holds the round: it is closing it, or
         # storing an upload (the next tick tries again).
-        with self.ctx.turn(rnd, closing=True) as mine:
+        with self.ctx.turn(rnd, wait=False, closing=True) as mine:
             if mine is not None:
                 self._close_round(task, plan, mine, now)
 

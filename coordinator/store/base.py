@@ -538,8 +538,8 @@ class Store(ABC):
         sync round's close, which may compute for seconds holding the row): claim the
         round until the enclosing :meth:`atomic` block ends, False if another transaction
         holds the claim. Otherwise only look, holding nothing: False while a transaction
-        closing the round holds its claim, so that the caller answers at once (a refusal to
-        retry, a device sent away) instead of waiting out the close on its service's one
+        closing the round holds its claim, so that the caller (a batch of uploads) answers
+        at once, a refusal to retry, instead of waiting out the close on its service's one
         worker thread. Never waits. A backend with one writer at a time has nothing to
         claim (True)."""
 

@@ -210,9 +210,9 @@ class PostgresStore(SQLStore):
 
     def claim_round(self, round_id: int, *, closing: bool = False) -> bool:
         # Advisory locks are the database's, not the schema's: the schema is in the key. A
-        # look takes the lock shared and lets it go in the same statement: held across the
-        # transaction, a batch's look would stop a commit the batch itself must make (a
-        # full async buffer) while other replicas' batches queue for the round's row.
+        # look takes the lock shared and lets it go in the same statement: held across
+        # their transactions, the looks of batches queued for the round's row would keep
+        # its close from ever finding the claim free.
         key = "hashtextextended(current_schema() || ':round:' || ?, 0)"
         sql = (
             f"select pg_try_advisory_xact_lock({key})"
