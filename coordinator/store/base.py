@@ -38,6 +38,14 @@ class StoreError(Exception):
     """A write that would break an invariant of the stored data (e.g. a duplicate key)."""
 
 
+# How long a transaction waits for another's lock (PostgreSQL's lock_timeout, SQLite's turn
+# among the processes on one file) before a transient error (503, retry later). The wait
+# stops the service's one worker thread, its ticks included: kept well below the 10 s after
+# which a coordinator with no finished tick is unready (coordinator.readiness), or one
+# waiting out another process's long close would be taken out of the balancer.
+LOCK_WAIT_S = 5.0
+
+
 class DatabaseInUse(StoreError):
     """Another coordinator serves this database and this one cannot join it: one started
     alone (not a replica) excludes every other, and replicas exclude one alone."""

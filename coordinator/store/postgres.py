@@ -28,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
-from coordinator.store.base import DatabaseInUse, TransactionLost
+from coordinator.store.base import LOCK_WAIT_S, DatabaseInUse, TransactionLost
 from coordinator.store.migrations import apply_migrations
 from coordinator.store.postgres_schema import PostgresSchema, _ident, pg_sql
 from coordinator.store.sql import Cursor, SQLStore
@@ -79,20 +79,17 @@ class PostgresStore(SQLStore):
     )
 
     def __init__(
-        self, url: str, *, lock_timeout_s: float = 5.0, idle_timeout_s: float = 300.0
+        self, url: str, *, lock_timeout_s: float = LOCK_WAIT_S, idle_timeout_s: float = 300.0
     ) -> None:
         self.url = url
         # Among replicas (coordinator.replicas) a process that stalls without dying (paused,
         # swapping, cut off) would hold its row locks for ever: the server ends its session
         # once it sits idle inside a transaction for idle_timeout_s (its transaction rolls
         # back, its locks go; longer than the slowest close, which computes between its
-        # statements), and a wait for a lock gives up after lock_timeout_s (a transient
-        # error: 503, retry later) instead of hanging a request. The wait stops the service's
-        # one worker thread, its ticks included: lock_timeout_s stays well below the 10 s
-        # after which a replica with no finished tick is unready (readiness.py), or one
-        # waiting behind another's long close would be taken out of the balancer. A value
-        # the operator set (server, database, role, or the URL's options) is kept: these
-        # fill in only unset ones.
+        # statements), and a wait for a lock gives up after lock_timeout_s (LOCK_WAIT_S: a
+        # transient error, 503, before readiness gives the replica up) instead of hanging a
+        # request. A value the operator set (server, database, role, or the URL's options)
+        # is kept: these fill in only unset ones.
         self._settings = {
             "lock_timeout": f"{round(lock_timeout_s * 1000)}ms",
             "idle_in_transaction_session_timeout": f"{round(idle_timeout_s * 1000)}ms",

@@ -35,7 +35,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from coordinator.store.base import DatabaseInUse, TransactionLost
+from coordinator.store.base import LOCK_WAIT_S, DatabaseInUse, TransactionLost
 from coordinator.store.migrations import apply_migrations
 from coordinator.store.sql import Cursor, SQLStore
 
@@ -90,7 +90,7 @@ class SQLiteStore(SQLStore):
     transient_errors = (sqlite3.OperationalError, TransactionLost)
 
     def __init__(
-        self, path: str | Path, *, busy_timeout_s: float = 30.0, queue_writers: bool = True
+        self, path: str | Path, *, busy_timeout_s: float = LOCK_WAIT_S, queue_writers: bool = True
     ) -> None:
         """``queue_writers=False`` leaves the waiting to SQLite alone (benchmarks compare)."""
         self.path = str(path)

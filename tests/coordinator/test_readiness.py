@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 
 from coordinator.embedded import EmbeddedCoordinator
 from coordinator.readiness import Readiness, stale_after
-from coordinator.store import is_database_url
+from coordinator.store import SQLiteStore, is_database_url
 from edge_sdk.protocol import Route
 from tests.coordinator.replicas.fleet import wait_for
 from tests.fixtures.coordinator import HttpConnection
@@ -90,3 +91,27 @@ def test_readiness_goes_with_the_last_tick_and_its_age() -> None:
     )
     r.succeeded()  # the next good tick: ready again, whatever came before
     assert r.problem() is None
+
+
+@pytest.mark.slow
+def test_a_write_waiting_on_another_process_gives_up_before_readiness_does(
+    tmp_path: Path,
+) -> None:
+    """Processes on one SQLite file (``fedge serve --processes K``) take turns writing. One
+    holding the file for long (a long close) makes another's request wait on that process's
+    one worker thread, its ticks included: the wait must end (503, retry) before the 10 s
+    after which the waiting process is unready, as PostgreSQL's lock timeout does among
+    replicas. Before, it lasted SQLite's 30 s."""
+    holder, waiter = (SQLiteStore(tmp_path / "fedge.db") for _ in range(2))
+    try:
+        with holder.atomic():
+            started = time.monotonic()
+            with pytest.raises(sqlite3.OperationalError, match="locked"), waiter.atomic():
+                pass
+            waited = time.monotonic() - started
+        assert 1.0 < waited < stale_after(0.5), waited
+        with waiter.atomic():  # its turn, once the holder committed
+            pass
+    finally:
+        holder.close()
+        waiter.close()
