@@ -30,6 +30,8 @@ A transport is not thread-safe: one per client.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import http.client
 import io
 import json
@@ -405,9 +407,35 @@ class Transport:
 
 
 def _retry_after(response: Response) -> float | None:
-    """A ``Retry-After`` in seconds (the HTTP-date form is not used by the coordinator)."""
+    """A ``Retry-After`` in seconds, given as seconds or (RFC 9110, a proxy's or a load
+    balancer's) as an HTTP-date; None without a usable one."""
+    value = response.headers.get("retry-after", "").strip()
+    asked: float | None
     try:
-        asked = float(response.headers.get("retry-after", ""))
+        asked = float(value)
     except ValueError:
+        asked = _seconds_until(value, response.headers.get("date"))
+    return asked if asked is not None and 0.0 <= asked < float("inf") else None
+
+
+def _seconds_until(http_date: str, server_date: str | None) -> float | None:
+    """Seconds from the answer's ``Date`` to ``http_date``, or None if it is not a date.
+
+    Measured against the server's own ``Date`` when it sent one: the device's clock may be
+    far off the server's (the protocol never compares them), and both dates here are the
+    server's. A date already past is no wait at all."""
+    until = _http_date(http_date)
+    if until is None:
         return None
-    return asked if 0.0 <= asked < float("inf") else None
+    now = _http_date(server_date or "")
+    return max(0.0, until - (time.time() if now is None else now))
+
+
+def _http_date(value: str) -> float | None:
+    """An HTTP-date as Unix seconds, or None."""
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        # RFC 9110: an HTTP-date is always UTC, even in the obsolete forms that do not say so.
+        return when.replace(tzinfo=when.tzinfo or datetime.timezone.utc).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None

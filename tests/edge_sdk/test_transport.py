@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import email.utils
 import io
 import json
 import random
 import socket
+import time
 
 import pytest
 
@@ -68,6 +70,25 @@ def test_retry_after_header_of_503_is_honoured_up_to_the_cap_with_jitter() -> No
     assert len(sleeps) == 2
     assert 2.0 <= sleeps[0] <= 3.0 and 3.0 <= sleeps[1] <= 4.5
     assert len({round(x, 6) for x in sleeps}) == 2
+
+
+def test_retry_after_as_an_http_date_is_honoured() -> None:
+    # RFC 9110 lets Retry-After be a date (proxies and load balancers send one). The wait is
+    # that date less the answer's Date (one-second resolution on both: 9 to 11 s), times
+    # [1, 1.5]; a date already past is no wait; a header that is neither falls back to backoff.
+    ahead = email.utils.formatdate(time.time() + 10, usegmt=True)
+    replies = [Reply(503, b"", {"Retry-After": ahead}),
+               Reply(503, b"", {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}),
+               Reply(503, b"", {"Retry-After": "soon"})]
+    with Loopback(_then_ok(replies)) as server:
+        sleeps: list[float] = []
+        policy = RetryPolicy(max_attempts=4, base_delay_s=0.5, max_delay_s=60.0, jitter=0.5)
+        Transport(server.url, retry=policy, sleep=sleeps.append, rng=random.Random(1)).call(
+            "GET", "/v1/x")
+    assert len(sleeps) == 3
+    assert 9.0 <= sleeps[0] <= 11.0 * 1.5
+    assert sleeps[1] == 0.0
+    assert 1.0 <= sleeps[2] <= 2.0  # attempt 3's backoff: 0.5 * 2**2, times [0.5, 1]
 
 
 def test_overloaded_waits_stay_within_the_total_budget() -> None:

@@ -9,6 +9,9 @@ import java.io.IOException
 import java.io.InputStream
 import java.net.HttpURLConnection
 import java.net.URL
+import java.time.ZonedDateTime
+import java.time.format.DateTimeFormatter
+import java.time.format.DateTimeParseException
 import javax.net.ssl.HttpsURLConnection
 import java.util.Random
 
@@ -154,8 +157,7 @@ class Transport @JvmOverloads constructor(
             message = err.optString("message", "")
         } catch (_: org.json.JSONException) {
         }
-        // Kotlin's toDouble reads "NaN" and "Infinity" too: neither is a wait.
-        val retryAfter = response.headers["retry-after"]?.toDoubleOrNull()?.takeIf { it.isFinite() && it >= 0.0 }
+        val retryAfter = retryAfterS(response.headers["retry-after"], response.headers["date"])
         return ApiException(response.status, code, message, attempt, retryAfter)
     }
 
@@ -250,5 +252,26 @@ class Transport @JvmOverloads constructor(
     private companion object {
         const val USER_AGENT = "fedge-android/1"
         const val MAX_ANSWER = 256L * 1024 * 1024
+
+        /**
+         * A `Retry-After` in seconds, given as seconds or (RFC 9110, a proxy's or a load
+         * balancer's) as an HTTP-date; null without a usable one. A date is measured against the
+         * answer's own `Date` when there is one: the phone's clock may be far off the server's,
+         * and both dates are the server's. A date already past is no wait.
+         */
+        fun retryAfterS(value: String?, serverDate: String?): Double? {
+            val v = value?.trim() ?: return null
+            // Kotlin's toDouble reads "NaN" and "Infinity" too: neither is a wait.
+            v.toDoubleOrNull()?.let { s -> return s.takeIf { it.isFinite() && it >= 0.0 } }
+            val until = httpDate(v) ?: return null
+            val now = serverDate?.let(::httpDate) ?: (System.currentTimeMillis() / 1000.0)
+            return maxOf(0.0, until - now)
+        }
+
+        fun httpDate(value: String): Double? = try {
+            ZonedDateTime.parse(value.trim(), DateTimeFormatter.RFC_1123_DATE_TIME).toEpochSecond().toDouble()
+        } catch (_: DateTimeParseException) {
+            null
+        }
     }
 }

@@ -11,6 +11,9 @@ import org.junit.Test
 import java.io.File
 import java.net.InetSocketAddress
 import java.nio.file.Files
+import java.time.ZoneOffset
+import java.time.ZonedDateTime
+import java.time.format.DateTimeFormatter
 import java.util.Collections
 import java.util.Random
 
@@ -179,6 +182,23 @@ class TransportTest {
         assertEquals(true, transport().call("POST", "/v1/checkin", JSONObject())!!.getBoolean("ok"))
         assertEquals(2, seen.size)
         assertTrue(sleeps.toString(), sleeps.single() in 4.0..6.0)
+    }
+
+    @Test
+    fun aRetryAfterGivenAsAnHttpDateIsHonoured() {
+        // RFC 9110 lets Retry-After be a date (proxies and load balancers send one): the wait is
+        // that date less the answer's Date (one-second resolution on both: 9 to 11 s), times
+        // U[1, 1.5]; a date already past is no wait beyond the backoff
+        val ahead = DateTimeFormatter.RFC_1123_DATE_TIME.format(ZonedDateTime.now(ZoneOffset.UTC).plusSeconds(10))
+        script(
+            Triple(503, mapOf("Retry-After" to ahead), error("overloaded")),
+            Triple(503, mapOf("Retry-After" to "Wed, 21 Oct 2015 07:28:00 GMT"), error("overloaded")),
+            Triple(200, emptyMap(), """{"ok": true}""".toByteArray()),
+        )
+        assertEquals(true, transport().call("POST", "/v1/checkin", JSONObject())!!.getBoolean("ok"))
+        assertEquals(2, sleeps.size)
+        assertTrue(sleeps.toString(), sleeps[0] in 9.0..16.5)
+        assertTrue(sleeps.toString(), sleeps[1] in 0.5..1.0) // attempt 2's backoff: 1 s, jittered
     }
 
     @Test
