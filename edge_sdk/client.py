@@ -89,6 +89,7 @@ from edge_sdk.protocol import (
     HEADER_REPORT,
     SAFE_ID,
     DeviceErrorCode,
+    ErrorCode,
     FailurePhase,
     Route,
 )
@@ -339,7 +340,11 @@ class Client:
         }
         try:
             answer = self.transport.call("POST", Route.CHECKIN, body)
-        except Unauthorized:
+        except Unauthorized as e:
+            if e.code != ErrorCode.UNAUTHORIZED.value:
+                # Not the coordinator's answer (a proxy's or a gateway's 401 page): dropping
+                # the identity for it would orphan the device's history and any pending upload.
+                raise
             # The coordinator no longer knows this credential (its database was reset): the
             # device registers again instead of failing forever.
             self.state.forget_credentials()

@@ -643,3 +643,23 @@ def test_a_credential_that_cannot_be_sent_in_a_header_is_not_kept(
     assert first.action == FAILED and second.action == WAIT
     assert client.device_id == "d-2"
     assert coord.calls("/v1/checkin")[-1].headers["authorization"] == "Device d-2:fine"
+
+
+def test_a_401_that_is_not_the_coordinators_keeps_the_device_identity(
+    digits_bundle: Path, digits_data: Any, tmp_path: Path
+) -> None:
+    """Only the coordinator's ``401 unauthorized`` says it no longer knows the device; a
+    gateway's 401 page in front of it says nothing about the credential. Registering anew on
+    it would make the device a stranger to the coordinator for good."""
+    with ScriptedCoordinator(digits_bundle) as coord:
+        client = _client(coord.loopback.url, tmp_path, digits_data)
+        first = client.run_once()
+        stored = client.state.credentials_path.read_bytes()
+        coord.checkin = lambda s: Reply(401, b"<html>401 Authorization Required</html>")
+        second = client.run_once()
+        coord.checkin = lambda s: coord.wait(5.0)
+        third = client.run_once()
+    assert (first.action, second.action, third.action) == (WAIT, FAILED, WAIT)
+    assert len(coord.calls("/v1/devices")) == 1
+    assert client.state.credentials_path.read_bytes() == stored
+    assert [s.headers["authorization"] for s in coord.calls("/v1/checkin")] == ["Device d-1:s"] * 3

@@ -170,7 +170,10 @@ class Client @JvmOverloads constructor(
         val answer = try {
             transport.call("POST", Protocol.CHECKIN, body)
         } catch (e: ApiException) {
-            if (e.status != 401) throw e
+            // Only the coordinator's own code says it no longer knows the device: a gateway's 401
+            // page in front of it says nothing about the credential, and dropping the identity
+            // for it would orphan the device's history.
+            if (e.status != 401 || e.code != ErrorCode.UNAUTHORIZED) throw e
             // The coordinator no longer knows this credential (its database was reset).
             state.forgetCredentials()
             transport.credentials = null

@@ -130,6 +130,19 @@ class ClientTest {
     }
 
     @Test
+    fun a401ThatIsNotTheCoordinatorsKeepsTheDeviceIdentity() {
+        // a gateway's 401 page, not the coordinator's `unauthorized`: the credential stays, no new registration
+        coordinator.script = { path -> if (path == "/v1/checkin") Triple(401, emptyMap(), "<html>401</html>".toByteArray()) else null }
+        val c = client()
+        assertEquals(Outcome.FAILED, c.runOnce().action)
+        assertEquals(1, coordinator.paths.count { it == "/v1/devices" })
+        coordinator.script = { null }
+        assertEquals(Outcome.TRAINED, c.runOnce().action)
+        assertEquals(1, coordinator.paths.count { it == "/v1/devices" })
+        assertEquals("d-1", c.state.loadCredentials(coordinator.url)!!.deviceId)
+    }
+
+    @Test
     fun anOverloadedCoordinatorIsNotAskedAgainBeforeItsRetryAfter() {
         val busy = JSONObject().put("error", JSONObject().put("code", "overloaded").put("message", "queue full")).toString().toByteArray()
         for ((status, body) in listOf(503 to busy, 429 to ByteArray(0))) {
