@@ -205,12 +205,13 @@ class Transport @JvmOverloads constructor(
             if (sink != null && (status == 200 || status == 206)) {
                 val append = status == 206
                 if (append) checkRange(respHeaders, sink)
-                FileOutputStream(sink, append).use { out -> copy(stream!!, out, limit - (if (append) sink.length() else 0L)) }
+                val room = limit - (if (append) sink.length() else 0L)
+                FileOutputStream(sink, append).use { out -> checkComplete(respHeaders, copy(stream!!, out, room), room) }
                 return Response(status, respHeaders, ByteArray(0))
             }
             val held = ByteArrayOutputStream()
             if (stream != null) {
-                stream.use { copy(it, held, limit) }
+                stream.use { checkComplete(respHeaders, copy(it, held, limit), limit) }
             }
             return Response(status, respHeaders, held.toByteArray())
         } catch (e: IOException) {
@@ -222,17 +223,28 @@ class Transport @JvmOverloads constructor(
         }
     }
 
-    /** Copies at most [room] bytes; a longer body is cut there (the caller's hash check decides). */
-    private fun copy(input: InputStream, out: java.io.OutputStream, room: Long) {
+    /** Copies at most [room] bytes (a longer body is cut there: the caller's hash check decides); the bytes copied. */
+    private fun copy(input: InputStream, out: java.io.OutputStream, room: Long): Long {
         val chunk = ByteArray(64 * 1024)
         var left = room
         while (left > 0) {
             val k = input.read(chunk, 0, minOf(chunk.size.toLong(), left).toInt())
-            if (k < 0) return
+            if (k < 0) break
             out.write(chunk, 0, k)
             bytesReceived += k
             left -= k
         }
+        return room - left
+    }
+
+    /**
+     * The JVM's HttpURLConnection ends a body at the peer's close even before its Content-Length
+     * (a coordinator restarting mid-answer): the bytes that came are then a connection failure,
+     * retried (a download resumes from them), never an answer.
+     */
+    private fun checkComplete(headers: Map<String, String>, copied: Long, room: Long) {
+        val announced = headers["content-length"]?.toLongOrNull() ?: return
+        if (copied < minOf(announced, room)) throw IOException("answer cut short: $copied of $announced bytes")
     }
 
     private fun checkRange(headers: Map<String, String>, sink: File) {

@@ -202,6 +202,29 @@ class TransportTest {
     }
 
     @Test
+    fun anAnswerCutShortOfItsContentLengthIsRetried() {
+        // a coordinator restarting mid-answer: the bytes that came are no answer (a frame or JSON
+        // cut short), the request is sent again
+        val full = """{"action": "wait", "retry_after_s": 5.0, "reason": "no_task"}""".toByteArray()
+        server.createContext("/") { ex ->
+            seen.add(Pair(emptyMap(), ex.requestBody.readBytes()))
+            ex.sendResponseHeaders(200, full.size.toLong())
+            if (seen.size == 1) {
+                ex.responseBody.write(full, 0, 20)
+                ex.responseBody.flush()
+                ex.close() // fewer bytes than announced: the connection is dropped
+            } else {
+                ex.responseBody.use { it.write(full) }
+            }
+        }
+        server.start()
+        val r = transport().request("GET", "/v1/tasks/t/versions/0/params")
+        assertArrayEquals(full, r.body)
+        assertEquals(2, seen.size)
+        assertEquals(1, sleeps.size)
+    }
+
+    @Test
     fun aLongRetryPolicyKeepsItsBackoffWithinItsBounds() {
         // past 1024 doublings 2^n is infinite, and 0 (retry at once) times infinity is NaN
         val rng = Random(0)
