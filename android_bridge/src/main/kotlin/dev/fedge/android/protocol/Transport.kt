@@ -138,10 +138,12 @@ class Transport @JvmOverloads constructor(
             }
             val error = error(response, n)
             if (error.transient && n < retry.maxAttempts) {
-                // 503 overloaded, 429: nothing was done; come back after Retry-After times U[1, 1.5]
-                // so that the refused devices do not return together.
-                val asked = error.retryAfterS ?: 0.0
-                sleeper(minOf(retry.maxDelayS, maxOf(retry.delay(n, rng), asked * (1.0 + 0.5 * rng.nextDouble()))))
+                // 503 overloaded, 429: nothing was done; come back after Retry-After (at most the
+                // policy's longest wait) times U[1, 1.5] so that the refused devices do not return
+                // together: the cap comes before the jitter, or every device asked for more than the
+                // cap would come back at the same moment.
+                val asked = minOf(retry.maxDelayS, error.retryAfterS ?: 0.0)
+                sleeper(maxOf(retry.delay(n, rng), asked * (1.0 + 0.5 * rng.nextDouble())))
                 continue
             }
             throw error

@@ -225,6 +225,20 @@ class TransportTest {
     }
 
     @Test
+    fun aRetryAfterPastTheLongestWaitIsStillSpreadByJitter() {
+        // asked for more than maxDelayS (30 s): each device waits 30 s times U[1, 1.5], not all exactly 30 s
+        script(
+            Triple(503, mapOf("Retry-After" to "999"), error("overloaded")),
+            Triple(503, mapOf("Retry-After" to "999"), error("overloaded")),
+            Triple(200, emptyMap(), """{"ok": true}""".toByteArray()),
+        )
+        transport().call("POST", "/v1/checkin", JSONObject())
+        assertEquals(2, sleeps.size)
+        assertTrue(sleeps.toString(), sleeps.all { it in 30.0..45.0 })
+        assertTrue(sleeps.toString(), sleeps[0] != sleeps[1])
+    }
+
+    @Test
     fun aLongRetryPolicyKeepsItsBackoffWithinItsBounds() {
         // past 1024 doublings 2^n is infinite, and 0 (retry at once) times infinity is NaN
         val rng = Random(0)
