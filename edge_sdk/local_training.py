@@ -32,6 +32,7 @@ import numpy as np
 
 from edge_sdk.codecs import CodecSpec
 from edge_sdk.data import Batch, Dataset
+from edge_sdk.durable import fsync_dir
 from edge_sdk.errors import ConditionsLapsed
 from edge_sdk.protocol import SAFE_ID
 from edge_sdk.trainers.base import BundleNotSupported, Trainer
@@ -168,7 +169,7 @@ class LocalLayers:
 
     local = LocalLayers.for_task(state_dir, task_id)
     local.load(size)     # None before the first round (or after a model change)
-    local.save(values)   # written to a temporary file, then renamed into place
+    local.save(values)   # written to a temporary file, renamed into place, made durable
     """
 
     def __init__(self, path: Path) -> None:
@@ -197,6 +198,9 @@ class LocalLayers:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        # Without it a power cut can undo the rename after the round's upload was acknowledged:
+        # the device would train on with the layers of an earlier round.
+        fsync_dir(self.path.parent)
 
 
 def _with_local(

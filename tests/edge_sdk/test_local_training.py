@@ -7,6 +7,8 @@ tests are about the loop, not a runtime (the runtimes have their own suite in tr
 from __future__ import annotations
 
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +241,28 @@ def test_fedbn_keeps_the_batch_norm_layers_on_the_device(tmp_path: Path) -> None
     agg = trainer.get_parameters()
     assert not np.allclose(agg[index], start[index])
     np.testing.assert_array_equal(local.load(index.size), second)  # untouched
+
+
+def test_saved_local_layers_are_durable_once_save_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename is durable only once its directory is fsync'ed (edge_sdk.state's rule for
+    every write in the state directory)."""
+    steps: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        steps.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        steps.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    LocalLayers.for_task(tmp_path, "t").save(np.arange(4, dtype=np.float32))
+    assert steps == ["fsync file", "rename", "fsync dir"]
 
 
 def test_local_layers_of_another_model_are_ignored(tmp_path: Path) -> None:

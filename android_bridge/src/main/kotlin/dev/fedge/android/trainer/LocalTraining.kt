@@ -21,6 +21,9 @@ class LocalLayers(val file: java.io.File) {
         val tmp = java.io.File(file.parentFile, ".${file.name}.tmp")
         java.io.FileOutputStream(tmp).use { it.write(dev.fedge.android.frame.Frame.encodeFloats(values)); it.fd.sync() }
         if (!tmp.renameTo(file)) throw java.io.IOException("could not replace $file")
+        // Without it a power cut can undo the rename after the round's upload was acknowledged:
+        // the device would train on with the layers of an earlier round.
+        dev.fedge.android.client.Durable.syncDirectory(file.parentFile ?: java.io.File("."))
     }
 }
 

@@ -4,6 +4,7 @@ import dev.fedge.android.codec.Updates
 import dev.fedge.android.os.FakeCoordinator
 import dev.fedge.android.protocol.RetryPolicy
 import dev.fedge.android.trainer.ArrayDataset
+import dev.fedge.android.trainer.LocalLayers
 import org.json.JSONObject
 import org.junit.After
 import org.junit.Assert.assertArrayEquals
@@ -209,6 +210,21 @@ class ClientTest {
         val outcomes = List(1100) { c.runOnce() }
         assertTrue(outcomes.all { it.action == Outcome.FAILED })
         assertEquals(0.0, outcomes.last().nextRunInS, 0.0)
+    }
+
+    @Test
+    fun savedLocalLayersAreDurableOnceSaveReturns() {
+        // FedBN's own layers live in the state directory too: their rename is made durable
+        val synced = Collections.synchronizedList(ArrayList<File>())
+        val file = File(state, "local_layers/t-1.f32frame")
+        Durable.onDirectorySynced = { dir -> synced.add(dir) }
+        try {
+            LocalLayers(file).save(floatArrayOf(1f, 2f, 3f))
+        } finally {
+            Durable.onDirectorySynced = null
+        }
+        assertEquals(listOf(file.parentFile), synced)
+        assertArrayEquals(floatArrayOf(1f, 2f, 3f), LocalLayers(file).load(3), 0f)
     }
 
     @Test
