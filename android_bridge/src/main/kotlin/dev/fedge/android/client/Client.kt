@@ -320,7 +320,7 @@ class Client @JvmOverloads constructor(
         var answer: JSONObject? = null
         try {
             val response = transport.request("POST", Protocol.assignmentUpdate(p.assignmentId), p.frame, headers)
-            answer = try { JSONObject(String(response.body, Charsets.UTF_8)) } catch (_: org.json.JSONException) { null }
+            answer = try { Protocol.parseObject(String(response.body, Charsets.UTF_8)) } catch (_: org.json.JSONException) { null }
         } catch (e: ApiException) {
             if (!countedEarlier(e)) {
                 // A 4xx is a refusal, not an outage: a counted upload's key always gets its stored

@@ -5,6 +5,7 @@
 package dev.fedge.android.client
 
 import dev.fedge.android.protocol.CacheException
+import dev.fedge.android.protocol.Protocol
 import org.json.JSONArray
 import org.json.JSONObject
 import java.io.File
@@ -101,7 +102,7 @@ class Manifest(val raw: JSONObject) {
         @JvmStatic
         fun parse(text: String): Manifest {
             val manifest = try {
-                Manifest(JSONObject(text))
+                Manifest(Protocol.parseObject(text))
             } catch (e: org.json.JSONException) {
                 throw CacheException("malformed manifest: ${e.message}")
             }

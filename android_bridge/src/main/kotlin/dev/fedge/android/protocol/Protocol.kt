@@ -49,6 +49,25 @@ object Protocol {
         }
         return out.toString()
     }
+
+    /**
+     * The JSON value in an answer's [text]. org.json parses nesting by recursion: an answer
+     * nested a few thousand levels deep overflows the thread's stack, an Error that no caller of
+     * an answer catches and that would end the app's process. It is a JSONException here, like
+     * any other answer that is not what the protocol promises.
+     */
+    @JvmStatic
+    fun parseJson(text: String): Any? = notTooDeep { org.json.JSONTokener(text).nextValue() }
+
+    /** The JSON object in an answer's [text] (see [parseJson]). */
+    @JvmStatic
+    fun parseObject(text: String): org.json.JSONObject = notTooDeep { org.json.JSONObject(text) }
+
+    private inline fun <T> notTooDeep(parse: () -> T): T = try {
+        parse()
+    } catch (_: StackOverflowError) {
+        throw org.json.JSONException("JSON nested too deeply")
+    }
 }
 
 /** Stable machine codes of error bodies (edge_sdk.protocol.ErrorCode). */

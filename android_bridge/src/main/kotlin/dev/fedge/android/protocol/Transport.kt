@@ -1,7 +1,6 @@
 package dev.fedge.android.protocol
 
 import org.json.JSONObject
-import org.json.JSONTokener
 import java.io.ByteArrayOutputStream
 import java.io.File
 import java.io.FileOutputStream
@@ -92,7 +91,7 @@ class Transport @JvmOverloads constructor(
         if (response.body.isEmpty()) return null
         val text = String(response.body, Charsets.UTF_8)
         return try {
-            JSONTokener(text).nextValue() as? JSONObject ?: throw TransportException("$method $path: answer is not a JSON object")
+            Protocol.parseJson(text) as? JSONObject ?: throw TransportException("$method $path: answer is not a JSON object")
         } catch (e: org.json.JSONException) {
             throw TransportException("$method $path: answer is not JSON: ${e.message}", e)
         }
@@ -154,7 +153,7 @@ class Transport @JvmOverloads constructor(
         var code: String? = null
         var message = String(response.body, 0, minOf(200, response.body.size), Charsets.UTF_8)
         try {
-            val err = JSONObject(String(response.body, Charsets.UTF_8)).getJSONObject("error")
+            val err = Protocol.parseObject(String(response.body, Charsets.UTF_8)).getJSONObject("error")
             code = err.getString("code")
             message = err.optString("message", "")
         } catch (_: org.json.JSONException) {

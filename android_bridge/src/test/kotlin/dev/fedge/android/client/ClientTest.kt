@@ -144,6 +144,17 @@ class ClientTest {
     }
 
     @Test
+    fun anAnswerTooDeeplyNestedIsAFailedPassNotACrash() {
+        // org.json recurses per level: 200,000 levels overflow the stack (an Error, which would end
+        // the app's process); as an answer or as an error body it is one failed pass
+        val deep = ("{\"action\": \"wait\", \"reason\": " + "[".repeat(200_000) + "]".repeat(200_000) + "}").toByteArray()
+        for (status in listOf(200, 400)) {
+            coordinator.script = { path -> if (path == "/v1/checkin") Triple(status, emptyMap(), deep) else null }
+            assertEquals(Outcome.FAILED, client().runOnce().action)
+        }
+    }
+
+    @Test
     fun anOverloadedCoordinatorIsNotAskedAgainBeforeItsRetryAfter() {
         val busy = JSONObject().put("error", JSONObject().put("code", "overloaded").put("message", "queue full")).toString().toByteArray()
         for ((status, body) in listOf(503 to busy, 429 to ByteArray(0))) {
