@@ -392,8 +392,11 @@ class ServiceMetrics:
                     extra={"method": request.method, "route": route, "status": status,
                            "duration_ms": round(elapsed * 1000, 3)},
                 )
-            if request.content_length:
-                self._child(self.bytes_in, route).inc(request.content_length)
+            # What arrived, not what Content-Length claimed: a request refused before its
+            # body is read (401, 413) adds no bytes, and a chunked one counts its body.
+            received = request.content.total_bytes
+            if received:
+                self._child(self.bytes_in, route).inc(received)
             if resp is not None:
                 self._outcomes(request, route, resp)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,35 @@ def test_refused_checkins_count_under_their_error_code(coordinator: EmbeddedCoor
     for code, n in codes.items():
         assert sample(got, "fedge_checkins_total", outcome=code) == n
     assert sum(v for (name, _), v in got.items() if name == "fedge_checkins_total") == len(sent)
+
+
+def test_request_bytes_count_what_arrived_not_what_content_length_claimed(
+    coordinator: EmbeddedCoordinator,
+) -> None:
+    """An unauthenticated client declaring a huge body and sending none must not add a byte
+    (the upload is refused before its body is read); a chunked body, which has no
+    Content-Length, counts the bytes it carried."""
+    dev = DeviceHTTP(coordinator)
+    claimed = 10**12
+    with socket.create_connection(("127.0.0.1", coordinator.port), timeout=10) as s:
+        s.sendall(f"POST /v1/assignments/x/update HTTP/1.1\r\nHost: t\r\n"
+                  f"Content-Length: {claimed}\r\nConnection: close\r\n\r\n".encode())
+        head = s.recv(4096)
+        s.shutdown(socket.SHUT_WR)  # the body never comes: the server stops waiting for it
+        while s.recv(4096):
+            pass
+    assert head.startswith(b"HTTP/1.1 401"), head
+
+    body = json.dumps({"runtimes": dev.runtimes, "conditions": GOOD_CONDITIONS}).encode()
+    chunks = [body[:10], body[10:]]
+    conn = http.client.HTTPConnection("127.0.0.1", coordinator.port, timeout=10)
+    conn.request("POST", Route.CHECKIN, body=iter(chunks), encode_chunked=True,
+                 headers=dev.auth)
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.status == 200
+
+    got = scrape(coordinator)
+    assert sample(got, "fedge_http_request_bytes_total", route=UPDATE_ROUTE) == 0
+    assert sample(got, "fedge_http_request_bytes_total", route=Route.CHECKIN) == len(body)
