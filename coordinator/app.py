@@ -368,12 +368,22 @@ def server_tls(config: CoordinatorConfig) -> ssl.SSLContext | None:
     """The server's TLS context from ``tls_cert``/``tls_key`` (PEM), or None for plain HTTP.
 
     TLS 1.2 at least; an unreadable or mismatched pair fails here, at start, not on the first
-    connection."""
+    connection. So does an encrypted key (``ValueError``): there is no passphrase to give."""
     if config.tls_cert is None or config.tls_key is None:
         return None
+    key = config.tls_key
+
+    def no_passphrase() -> str:
+        # Without a callback OpenSSL asks for the passphrase on the terminal (each child of
+        # --processes again), and fails with "Invalid argument" where there is none.
+        raise ValueError(
+            f"the private key in {key} is encrypted; the coordinator takes an unencrypted "
+            "key (decrypt a copy only the service's user can read: openssl pkey -in KEY)"
+        )
+
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(config.tls_cert, config.tls_key)
+    context.load_cert_chain(config.tls_cert, key, password=no_passphrase)
     return context
 
 

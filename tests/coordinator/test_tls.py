@@ -188,6 +188,28 @@ def test_serve_refuses_half_a_tls_configuration(pki: Pki, tmp_path: Path) -> Non
     assert out.returncode == 2 and "tls_cert and tls_key" in out.stderr
 
 
+def test_serve_refuses_an_encrypted_key_without_asking_for_its_passphrase(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """Run as a service would be (no terminal, stdin closed): a clear refusal naming the key
+    file, no passphrase prompt and no bare "Invalid argument"."""
+    key = serialization.load_pem_private_key(pki.key.read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    ))  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "fedge.cli", "serve", "--db", str(tmp_path / "f.db"),
+         "--port", "0", "--tls-cert", str(pki.cert), "--tls-key", str(encrypted)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert f"the private key in {encrypted} is encrypted" in out.stderr
+    assert "pass phrase" not in out.stderr.lower()
+
+
 def test_subprocess_coordinator_with_tls(pki: Pki, tmp_path: Path) -> None:
     with EmbeddedCoordinator(tmp_path / "p.db", subprocess=True, **pki.coordinator_tls()) as coord:
         assert coord.url.startswith("https://")
