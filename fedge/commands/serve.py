@@ -249,11 +249,21 @@ def tls_context(cfg: Any, *, print_pin: bool = True) -> Any:
     from coordinator.app import server_tls
     from edge_sdk.tls import pem_pin
 
+    cert, key = cfg.tls_cert, cfg.tls_key
+    if cert is None or key is None:
+        return None
     try:
+        # Each file on its own first: ssl's errors name neither ("[Errno 2] No such file or
+        # directory", "[SSL] PEM lib"), and the operator must know which one is wrong.
+        with open(cert, encoding="ascii", errors="replace") as f:
+            try:
+                pin = pem_pin(f.read())
+            except ValueError as e:
+                raise ValueError(f"{cert}: {e}") from e
+        with open(key, "rb") as f:
+            if b"PRIVATE KEY-----" not in f.read():
+                raise ValueError(f"{key}: no PEM private key found")
         context = server_tls(cfg)
-        if context is None:
-            return None
-        pin = pem_pin(open(cfg.tls_cert).read())  # noqa: SIM115 - one read of a small file
     except (OSError, ValueError, ssl.SSLError) as e:
         raise CommandError(f"cannot use --tls-cert/--tls-key: {e}") from e
     if print_pin:

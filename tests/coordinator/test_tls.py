@@ -210,6 +210,28 @@ def test_serve_refuses_an_encrypted_key_without_asking_for_its_passphrase(
     assert "pass phrase" not in out.stderr.lower()
 
 
+@pytest.mark.parametrize("case", ["missing key", "key as certificate", "certificate as key"])
+def test_a_tls_file_that_cannot_serve_is_named_in_the_refusal(
+    pki: Pki, tmp_path: Path, case: str
+) -> None:
+    """ssl's own errors name no file ("[Errno 2] No such file or directory", "[SSL] PEM
+    lib"): the refusal says which of the two is wrong."""
+    from coordinator.config import CoordinatorConfig
+    from fedge.cli import CommandError
+    from fedge.commands.serve import tls_context
+
+    missing = tmp_path / "missing.pem"
+    cert, key, expected = {
+        "missing key": (pki.cert, missing, f"No such file or directory: '{missing}'"),
+        "key as certificate": (pki.key, pki.key, f"{pki.key}: no PEM certificate"),
+        "certificate as key": (pki.cert, pki.cert, f"{pki.cert}: no PEM private key"),
+    }[case]
+    cfg = CoordinatorConfig(db_path=str(tmp_path / "f.db"), tls_cert=str(cert), tls_key=str(key))
+    with pytest.raises(CommandError) as refused:
+        tls_context(cfg, print_pin=False)
+    assert expected in str(refused.value)
+
+
 def test_subprocess_coordinator_with_tls(pki: Pki, tmp_path: Path) -> None:
     with EmbeddedCoordinator(tmp_path / "p.db", subprocess=True, **pki.coordinator_tls()) as coord:
         assert coord.url.startswith("https://")
