@@ -311,3 +311,40 @@ def test_async_task_shows_its_staleness(
     assert sum(s["updates"] for s in d["staleness"]) == sum(
         r["reported"] for r in d["rounds"] if r["state"] == "committed")
     page.screenshot(path=str(screenshots / "dashboard-task-async.png"), full_page=True)
+
+
+def test_the_request_rate_never_goes_negative_when_the_counts_restart(
+    browser_page: Any, tmp_path: Path
+) -> None:
+    """The counts are since start: after a restart (or another replica behind a balancer
+    answering) the total is lower than the page's last sample. That is a reset, counted from
+    zero as Prometheus's rate() counts it, not a negative rate. Here the service view is
+    answered by a second, fresh coordinator from some poll on, as a balancer would."""
+    token = "rate-reset-token"
+    with EmbeddedCoordinator(tmp_path / "a.db", admin_token=token) as a, \
+            EmbeddedCoordinator(tmp_path / "b.db", admin_token=token) as b:  # fmt: skip
+        for _ in range(200):
+            urllib.request.urlopen(a.url + Route.HEALTH, timeout=10).read()
+        page = browser_page
+        answering = {"url": a.url}
+
+        def balance(route: Any) -> None:
+            path = route.request.url.split("/", 3)[3]
+            route.fulfill(response=route.fetch(url=f"{answering['url']}/{path}"))
+
+        page.route(f"**{Route.ADMIN_DASHBOARD_SERVICE}", balance)
+        page.goto(f"{a.url}{Route.DASHBOARD}?poll_ms={POLL_MS}")
+        page.fill("#token", token)
+        page.click("#login-form button[type=submit]")
+        page.wait_for_selector("#view", state="visible")
+
+        def polls() -> int:
+            return int(page.evaluate("document.body.dataset.updates || 0"))
+
+        wait_until(lambda: polls() >= 3, 20, "three polls of the first coordinator")
+        answering["url"] = b.url
+        seen = polls()
+        wait_until(lambda: polls() >= seen + 3, 20, "three polls of the second")
+        rates = series(chart_data(page, "c-rate"), "requests/s")
+        assert len(rates) >= 5
+        assert min(rates) >= 0, rates

@@ -187,7 +187,10 @@ function serviceCharts(svc) {
   while (rateSamples.length > 90) rateSamples.shift();
   const points = rateSamples.slice(1).map(([t, n], i) => {
     const [t0, n0] = rateSamples[i];
-    return { x: new Date(t * 1000).toLocaleTimeString("en-GB"), y: (n - n0) / Math.max(t - t0, 1e-3) };
+    // Counts since start: a lower total is a restart (or another replica answering), whose
+    // requests all came after the last sample, as Prometheus's rate() reads a reset.
+    const added = n >= n0 ? n - n0 : n;
+    return { x: new Date(t * 1000).toLocaleTimeString("en-GB"), y: added / Math.max(t - t0, 1e-3) };
   });
   chart("c-rate", "line", points.map((p) => p.x),
     [dataset("requests/s", points.map((p) => p.y), COLORS.rate, { pointRadius: 0, tension: 0.2 })],
