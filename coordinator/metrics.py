@@ -402,7 +402,8 @@ class ServiceMetrics:
 
     def on_response_prepare(self, request: web.Request, resp: web.StreamResponse) -> None:
         """Counts response bytes once headers are final (file responses set them late)."""
-        if resp.content_length:
+        # A HEAD answer announces the body's length and sends none of it.
+        if request.method != "HEAD" and resp.content_length:
             self._child(self.bytes_out, route_of(request)).inc(resp.content_length)
 
     def _outcomes(self, request: web.Request, route: str, resp: web.StreamResponse) -> None:

@@ -204,3 +204,17 @@ def test_request_bytes_count_what_arrived_not_what_content_length_claimed(
     got = scrape(coordinator)
     assert sample(got, "fedge_http_request_bytes_total", route=UPDATE_ROUTE) == 0
     assert sample(got, "fedge_http_request_bytes_total", route=Route.CHECKIN) == len(body)
+
+
+def test_response_bytes_count_no_body_for_a_head_request(coordinator: EmbeddedCoordinator) -> None:
+    sent = 0
+    conn = http.client.HTTPConnection("127.0.0.1", coordinator.port, timeout=10)
+    for method in ("HEAD", "HEAD", "GET"):
+        conn.request(method, Route.DASHBOARD)
+        resp = conn.getresponse()
+        sent += len(resp.read())
+        assert resp.status == 200
+    conn.close()
+    assert sent > 0
+    got = scrape(coordinator)
+    assert sample(got, "fedge_http_response_bytes_total", route=Route.DASHBOARD) == sent
