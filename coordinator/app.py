@@ -500,8 +500,12 @@ def build_app(coord: Coordinator) -> web.Application:
         if uploads is not None:
             answer = await uploads.upload(request.headers.get("Authorization"), *args, frame)
         else:
+            # Admitted before the frame is read, as with group commit: an upload to another
+            # device's assignment is refused as such, not as too large for a limit its body
+            # broke (which the dashboard would show as that assignment's refused upload).
             who = await device(request)
-            answer = await run(coord.upload, who, *args, await frame())
+            admitted = await run(coord.admit_upload, who, *args)
+            answer = await run(coord.complete_upload, admitted, await frame())
         request[OUTCOME] = "accepted"
         return ok(answer)
 

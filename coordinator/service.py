@@ -693,7 +693,13 @@ class Coordinator:
         """One upload made durable on its own. The HTTP layer's group commit runs the same
         steps (:meth:`admit_upload`, :meth:`stage_upload`, :meth:`install_uploads`,
         :meth:`accept_uploads`) with many uploads per batch."""
-        admitted = self.admit_upload(who, assignment_id, idempotency_key, report_header)
+        return self.complete_upload(
+            self.admit_upload(who, assignment_id, idempotency_key, report_header), body
+        )
+
+    def complete_upload(self, admitted: AdmittedUpload, body: bytes) -> dict[str, Any]:
+        """The rest of :meth:`upload` for an upload :meth:`admit_upload` let in (its frame
+        read since): its replay, or staged, installed and accepted on its own."""
         if admitted.replay is not None:
             return admitted.replay
         staged = self.stage_upload(admitted, body)

@@ -408,3 +408,32 @@ def test_a_late_upload_moves_its_device_up_the_funnel(
     assert (rnd["reported"], rnd["late"], rnd["dropped"]) == (1, 1, 1)
     population = admin_get(coord, Route.ADMIN_DASHBOARD_POPULATION, coord.admin_token)[1]
     assert population["funnel"] == d["funnel"]
+
+
+def test_without_group_commit_another_devices_oversized_upload_marks_nothing_refused(
+    tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """Group commit off: a device posting an oversized body to an assignment it does not
+    hold is refused as not its own (before any body is read), and the round page does not
+    show the holder's assignment as refused."""
+    with EmbeddedCoordinator(tmp_path / "c.db", group_commit=False,
+                             max_body_bytes=4096) as coord:  # fmt: skip
+        admin = coord.admin()
+        plan = {"goal": 1, "over_selection": 1.0, "selection_window_s": 0.0, "rounds": 1,
+                "round_deadline_s": 600.0}  # fmt: skip
+        task_id = admin.create_task(admin.upload_bundle(tiny_bundle)["bundle_id"], plan)["task_id"]
+        holder, other = DeviceHTTP(coord), DeviceHTTP(coord)
+        answer = holder.check_in()
+        if answer["action"] == "wait":
+            answer = holder.check_in()
+        aid = answer["assignment"]["assignment_id"]
+        status, body = other.upload_raw(aid, b"\0" * 5000, report={"num_examples": 1})
+        assert (status, body["error"]["code"]) == (403, "forbidden")
+        page = Route.ADMIN_DASHBOARD_ROUND.format(task_id=task_id, number=1)
+        status, detail = admin_get(coord, page, coord.admin_token)
+        assert status == 200
+        (row,) = detail["assignments"]
+        assert row["device_id"] == holder.device_id and row["upload_refused"] is None
+        assert (detail["round"]["refused"], detail["round"]["in_flight"]) == (0, 1)
+        # the holder's own upload goes through the same path
+        assert holder.upload(aid, np.full(N, 0.01))[0] == 200
