@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from coordinator.dashboard.funnel import LATE_CODES, FunnelCounts, parse_abort_reason
 from coordinator.dashboard.history import Facts, RoundFacts
-from coordinator.errors import NotFound
+from coordinator.errors import NotFound, TaskFailure
 from coordinator.metrics import active_devices, storage_bytes
 
 if TYPE_CHECKING:
@@ -183,6 +183,15 @@ ROBUST_FIGURES = (
 )
 
 
+def _defended(coord: Coordinator, task: Task) -> bool:
+    """Whether the task's commits record update norms (its plan's ``robust`` is not
+    "none"; DP and secure aggregation make it so)."""
+    try:
+        return not coord._plan(task).robust.undefended
+    except TaskFailure:  # a stored plan that no longer parses: the task failed on it
+        return False
+
+
 def _robust_figures(robust: Any) -> dict[str, Any] | None:
     """What robust aggregation recorded at a round's commit (None: plain FedAvg, or open)."""
     if not isinstance(robust, Mapping):
@@ -217,9 +226,11 @@ def task_detail(
         "staleness": [{"staleness": k, "updates": history.staleness[k]}
                       for k in sorted(history.staleness)],
         # Per committed round: update norms against the clipping bound, clipped and capped
-        # counts (None when no round in view was aggregated with robust defences).
+        # counts; None for a task without robust defences (its commits record the
+        # aggregator only), from its plan: a defended task has none before its first commit.
         "norms": [{"round": r["round"], **r["robust"]} for r in rounds if r.get("robust")]
-        or None,
+        if _defended(coord, task)
+        else None,
         "max_update_norm": plan.get("max_update_norm"),
         "funnel": history.funnel.to_json(),
     }

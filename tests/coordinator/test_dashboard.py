@@ -437,3 +437,38 @@ def test_without_group_commit_another_devices_oversized_upload_marks_nothing_ref
         assert (detail["round"]["refused"], detail["round"]["in_flight"]) == (0, 1)
         # the holder's own upload goes through the same path
         assert holder.upload(aid, np.full(N, 0.01))[0] == 200
+
+
+@pytest.mark.parametrize("robust", ["default", "none"])
+def test_the_norms_are_shown_exactly_for_a_task_with_robust_defences(
+    coordinator: EmbeddedCoordinator, tiny_bundle: Path, robust: str
+) -> None:
+    """``norms`` is None (the page: "aggregates without robust defences") for a task with
+    ``"robust": "none"`` only, before and after its first commit; a defended task's list
+    is empty until then."""
+    admin = coordinator.admin()
+    plan: dict[str, Any] = {"goal": 1, "over_selection": 1.0, "selection_window_s": 0.0,
+                            "rounds": 2, "round_deadline_s": 600.0}  # fmt: skip
+    if robust == "none":
+        plan["robust"] = "none"
+    task_id = admin.create_task(admin.upload_bundle(tiny_bundle)["bundle_id"], plan)["task_id"]
+    path = Route.ADMIN_DASHBOARD_TASK.format(task_id=task_id)
+
+    def norms() -> Any:
+        status, detail = admin_get(coordinator, path, coordinator.admin_token)
+        assert status == 200, detail
+        return detail["norms"]
+
+    assert norms() == (None if robust == "none" else [])
+    dev = DeviceHTTP(coordinator)
+    answer = dev.check_in()
+    if answer["action"] == "wait":
+        answer = dev.check_in()
+    delta = np.full(N, 0.01)
+    assert dev.upload(answer["assignment"]["assignment_id"], delta)[0] == 200
+    if robust == "none":
+        assert norms() is None
+    else:
+        (shown,) = norms()
+        assert shown["round"] == 1
+        assert shown["norm_max"] == pytest.approx(float(np.linalg.norm(delta)), rel=1e-3)
