@@ -38,7 +38,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -384,7 +384,9 @@ class ServiceMetrics:
             raise
         finally:
             elapsed = time.perf_counter() - started
-            self._child(self.requests, request.method, route, str(status)).inc()
+            # Bounded like the route: aiohttp's pure-Python parser takes any token as a method.
+            method = request.method if request.method in hdrs.METH_ALL else "other"
+            self._child(self.requests, method, route, str(status)).inc()
             self._child(self.latency, route).observe(elapsed)
             if access_log.isEnabledFor(logging.DEBUG):
                 access_log.debug(

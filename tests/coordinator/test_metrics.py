@@ -218,3 +218,25 @@ def test_response_bytes_count_no_body_for_a_head_request(coordinator: EmbeddedCo
     assert sent > 0
     got = scrape(coordinator)
     assert sample(got, "fedge_http_response_bytes_total", route=Route.DASHBOARD) == sent
+
+
+def test_a_method_no_http_standard_names_is_counted_as_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp's pure-Python parser (no C extension built for the platform, or
+    AIOHTTP_NO_EXTENSIONS) takes any token as a method: without a bound, every made-up
+    method an unauthenticated client sends would be a new label value kept for good."""
+    monkeypatch.setenv("AIOHTTP_NO_EXTENSIONS", "1")
+    with EmbeddedCoordinator(tmp_path / "c.db", subprocess=True) as coord:
+        made_up = [f"X{i}" for i in range(20)]
+        for method in [*made_up, "PROPFIND"]:
+            with socket.create_connection(("127.0.0.1", coord.port), timeout=10) as s:
+                s.sendall(f"{method} {Route.HEALTH} HTTP/1.1\r\nHost: t\r\n"
+                          "Connection: close\r\n\r\n".encode())  # fmt: skip
+                assert s.recv(4096).startswith(b"HTTP/1.1 405"), method
+        got = scrape(coord)
+    methods = Counter({
+        labels["method"]: v for (name, key), v in got.items()
+        if name == "fedge_http_requests_total" and (labels := dict(key))["route"] == "other"
+    })  # fmt: skip
+    assert methods == {"other": len(made_up) + 1}
