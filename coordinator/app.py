@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
 from coordinator import dashboard
@@ -103,7 +103,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         code = _HTTP_CODES.get(e.status, ErrorCode.INVALID_REQUEST)
         request[OUTCOME] = code.value
-        return _error(e.status, code, e.reason or "request refused")
+        answer = _error(e.status, code, e.reason or "request refused")
+        if hdrs.ALLOW in e.headers:  # a 405 must say which methods the resource takes
+            answer.headers[hdrs.ALLOW] = e.headers[hdrs.ALLOW]
+        return answer
     except ConnectionResetError:
         # The client went away mid-request (a timeout, a lost link): nobody to answer, no bug.
         log.info("client left during %s %s", request.method, request.path)

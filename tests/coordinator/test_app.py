@@ -821,6 +821,18 @@ def test_bad_input_is_refused_and_changes_nothing(ctx: Ctx, case: str) -> None:
     assert ctx.state() == before
 
 
+def test_a_wrong_method_is_told_the_methods_the_route_takes(ctx: Ctx) -> None:
+    """RFC 9110: a 405 answer carries Allow."""
+    for method, path, allowed in (
+        ("DELETE", Route.ADMIN_TASKS, {"GET", "HEAD", "POST"}),
+        ("POST", Route.METRICS, {"GET", "HEAD"}),
+        ("PUT", Route.CHECKIN, {"POST"}),
+    ):
+        got, headers, body = ctx.http.request(method, path)
+        assert got == 405, body[:300]
+        assert {m.strip() for m in headers["allow"].split(",")} == allowed
+
+
 def test_an_enrollment_token_guards_registration(tmp_path: Path) -> None:
     """With ``enrollment_token`` set, registering needs it; nothing else changes."""
     with EmbeddedCoordinator(
