@@ -275,7 +275,9 @@ class SyncRounds(TaskPolicy):
             # Amplification by sampling needs a draw nobody can predict: not the seeded rng.
             rng = random.SystemRandom()
         if plan.secagg is not None and plan.secagg.dp is not None and rnd.kind == "train":
-            fewest = max(rnd.min_reports, plan.secagg.graph_parameters(cohort)[1])
+            # what the session commits with: never one survivor (fewest above), nor fewer
+            # than its Shamir threshold; pricing it lower would stop a task that can pay
+            fewest = max(fewest, plan.secagg.graph_parameters(cohort)[1])
             if self._ddp_would_exceed(task, plan, fewest):
                 return self._stop_for_budget(task, rnd, now)
         chosen = rng.sample(candidates, cohort)

@@ -263,3 +263,30 @@ def test_the_sdk_loop_noises_its_update_and_sends_it_at_full_weight(
         assert lo < ratio < hi, ratio
     finally:
         r.close()
+
+
+def test_a_two_device_round_is_priced_at_the_two_survivors_it_needs(
+    clocked_coordinator, fake_clock, tiny_bundle
+) -> None:
+    """min_reports 1, cohort 2: no session commits with fewer than 2 survivors, so the check
+    before selection must not price the round as if one device's noise could be all of it."""
+    z = 0.5
+    sigma2 = sigma2_for(z, 1)  # the plan sizes each device's noise for min_reports = 1
+
+    def cost(survivors: int) -> float:
+        rnd = DistributedRound(PARAMS, rounded_norm_bound(float(LEVELS), 10**7, math.exp(-0.5)),
+                               survivors, sigma2)  # fmt: skip
+        return distributed_epsilon([(rnd, 1)], 1e-5)
+
+    two, one = cost(2), cost(1)
+    assert two < one
+    dp = {"clip": CLIP, "noise_multiplier": z, "budget": (one + two) / 2}
+    r = SecAggRound(clocked_coordinator, tiny_bundle, 2, extra={"dp": dp})  # selects: fits
+    try:
+        run_stages(r, fake_clock, {})
+        [rnd] = r.admin.rounds(r.task_id)
+        assert rnd["state"] == "committed", rnd["metrics"]
+        assert rnd["metrics"]["dp"]["min_survivors"] == 2
+        assert r.admin.task(r.task_id)["epsilon"] == pytest.approx(two, rel=1e-9)
+    finally:
+        r.close()
