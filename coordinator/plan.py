@@ -198,9 +198,11 @@ class TaskPlan:
             except ImportError as e:
                 raise InvalidRequest(f"plan.dp needs the coordinator's privacy extra: {e}") from e
             # The fewest survivors a round can commit with: min_reports, or the SecAgg
-            # threshold of the smallest cohort selection allows (it grows with the cohort).
+            # threshold of the smallest cohort selection allows (it grows with the cohort),
+            # and never one (SecAggSession.start): sized for one, each device would add
+            # twice the noise the plan's noise_multiplier asks of a sum of two.
             smallest = max(2, min(self.min_reports, self.target))
-            fewest = max(self.min_reports, spec.graph_parameters(smallest)[1])
+            fewest = max(2, self.min_reports, spec.graph_parameters(smallest)[1])
             dp = DistributedDp.from_json(
                 dp_raw, levels=spec.levels, rounds=self.rounds, min_survivors=fewest
             )

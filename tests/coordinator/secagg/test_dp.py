@@ -271,7 +271,7 @@ def test_a_two_device_round_is_priced_at_the_two_survivors_it_needs(
     """min_reports 1, cohort 2: no session commits with fewer than 2 survivors, so the check
     before selection must not price the round as if one device's noise could be all of it."""
     z = 0.5
-    sigma2 = sigma2_for(z, 1)  # the plan sizes each device's noise for min_reports = 1
+    sigma2 = sigma2_for(z, 2)  # sized for the 2 a session needs, not min_reports = 1
 
     def cost(survivors: int) -> float:
         rnd = DistributedRound(PARAMS, rounded_norm_bound(float(LEVELS), 10**7, math.exp(-0.5)),
@@ -283,6 +283,7 @@ def test_a_two_device_round_is_priced_at_the_two_survivors_it_needs(
     dp = {"clip": CLIP, "noise_multiplier": z, "budget": (one + two) / 2}
     r = SecAggRound(clocked_coordinator, tiny_bundle, 2, extra={"dp": dp})  # selects: fits
     try:
+        assert r.peers[0].noise is not None and r.peers[0].noise.sigma2 == Fraction(sigma2)
         run_stages(r, fake_clock, {})
         [rnd] = r.admin.rounds(r.task_id)
         assert rnd["state"] == "committed", rnd["metrics"]
