@@ -419,6 +419,19 @@ def test_a_replica_holds_two_database_connections(
         assert row is not None and row[0] == 2
 
 
+def _cut_at_the_answer(store: Any, postgres_url: str) -> None:
+    """The store's connection cut once, at the next read of a task's open round: an admin
+    call's answer (task_json), read after the call's change."""
+    open_round = store.open_round
+
+    def cut_first(task_id: str) -> Any:
+        store.open_round = open_round
+        _terminate_backend_now(store, postgres_url)
+        return open_round(task_id)
+
+    store.open_round = cut_first
+
+
 def test_a_task_creation_answered_503_created_no_task(
     postgres_url: str, tmp_path: Path, tiny_bundle: Path
 ) -> None:
@@ -429,15 +442,7 @@ def test_a_task_creation_answered_503_created_no_task(
     with _serve(tmp_path, postgres_url, FakeClock(1_700_000_000.0)) as coord:
         admin = coord.admin()
         bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
-        store = coord.service.store
-        open_round = store.open_round
-
-        def cut_first(task_id: str) -> Any:  # the answer's read of the task's open round
-            store.open_round = open_round  # type: ignore[method-assign]
-            _terminate_backend_now(store, postgres_url)
-            return open_round(task_id)
-
-        store.open_round = cut_first  # type: ignore[method-assign]
+        _cut_at_the_answer(coord.service.store, postgres_url)
         http = HttpConnection(coord.url)
         body = json.dumps({"bundle_id": bundle_id, "plan": PLAN}).encode()
         auth = {"Authorization": f"Bearer {coord.admin_token}", "Content-Type": "application/json"}
@@ -543,15 +548,7 @@ def test_a_pause_answered_503_paused_nothing(
         admin = coord.admin()
         bundle_id = admin.upload_bundle(tiny_bundle)["bundle_id"]
         task_id = admin.create_task(bundle_id, PLAN)["task_id"]
-        store = coord.service.store
-        open_round = store.open_round
-
-        def cut_first(task_id: str) -> Any:  # the answer's read of the task's open round
-            store.open_round = open_round  # type: ignore[method-assign]
-            _terminate_backend_now(store, postgres_url)
-            return open_round(task_id)
-
-        store.open_round = cut_first  # type: ignore[method-assign]
+        _cut_at_the_answer(coord.service.store, postgres_url)
         http = HttpConnection(coord.url)
         path = Route.path(Route.ADMIN_TASK_PAUSE, task_id=task_id)
         auth = {"Authorization": f"Bearer {coord.admin_token}"}
