@@ -21,8 +21,8 @@ training, and reports no change for them, so the coordinator's aggregate never m
 from __future__ import annotations
 
 import contextlib
+import io
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ import numpy as np
 
 from edge_sdk.codecs import CodecSpec
 from edge_sdk.data import Batch, Dataset
-from edge_sdk.durable import fsync_dir
+from edge_sdk.durable import write_durably
 from edge_sdk.errors import ConditionsLapsed
 from edge_sdk.protocol import SAFE_ID
 from edge_sdk.trainers.base import BundleNotSupported, Trainer
@@ -192,15 +192,11 @@ class LocalLayers:
 
     def save(self, values: np.ndarray) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(values, np.float32), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        # Without it a power cut can undo the rename after the round's upload was acknowledged:
-        # the device would train on with the layers of an earlier round.
-        fsync_dir(self.path.parent)
+        out = io.BytesIO()
+        np.save(out, np.asarray(values, np.float32), allow_pickle=False)
+        # Durable, or a power cut could undo the save after the round's upload was
+        # acknowledged: the device would train on with the layers of an earlier round.
+        write_durably(self.path, out.getvalue())
 
 
 def _with_local(

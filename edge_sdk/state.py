@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from edge_sdk.codecs import ErrorFeedback
-from edge_sdk.durable import fsync_dir
+from edge_sdk.durable import write_durably
 from edge_sdk.protocol import SAFE_ID
 
 __all__ = ["Credentials", "DeviceState", "PendingUpload"]
@@ -81,21 +80,6 @@ class PendingUpload:
         return hashlib.sha256(assignment_id.encode() + frame).hexdigest()[:32]
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    # A fresh file (O_EXCL) gets ``mode`` from the start; reusing a leftover tmp would keep its
-    # permissions, and whoever had opened it then could read the secret before a chmod.
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 class DeviceState:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -125,7 +109,7 @@ class DeviceState:
     def save_credentials(self, creds: Credentials) -> None:
         body = {"coordinator": creds.coordinator, "device_id": creds.device_id,
                 "secret": creds.secret}
-        _write_atomic(self.credentials_path, json.dumps(body).encode())
+        write_durably(self.credentials_path, json.dumps(body).encode())
 
     def forget_credentials(self) -> None:
         self.credentials_path.unlink(missing_ok=True)
@@ -143,7 +127,7 @@ class DeviceState:
         d = self._pending_dir
         d.mkdir(exist_ok=True, mode=0o700)
         (d / "upload.json").unlink(missing_ok=True)  # a half-replaced pending is no pending
-        _write_atomic(d / "upload.frame", pending.frame)
+        write_durably(d / "upload.frame", pending.frame)
         ErrorFeedback(d / "upload.residual.npy").save(pending.residual)
         meta = {
             "coordinator": pending.coordinator,
@@ -157,7 +141,7 @@ class DeviceState:
             "has_residual": pending.residual is not None,
             "residual_length": None if pending.residual is None else int(pending.residual.size),
         }
-        _write_atomic(d / "upload.json", json.dumps(meta).encode())
+        write_durably(d / "upload.json", json.dumps(meta).encode())
 
     def load_pending(self) -> PendingUpload | None:
         """The upload in flight, or None. A pending upload whose files do not match each

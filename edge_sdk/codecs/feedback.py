@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.durable import fsync_dir
+from edge_sdk.durable import write_durably
 
 __all__ = ["ErrorFeedback"]
 
@@ -58,16 +59,12 @@ class ErrorFeedback:
             self.clear()
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            # allow_pickle=False: never write an object array that would need pickle to load.
-            np.save(f, np.asarray(residual, dtype=np.float32).reshape(-1), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        # The rename on disk before the caller goes on: a pending upload's commit removes the
-        # upload next, which must not survive a power cut that this rename does not.
-        fsync_dir(self.path.parent)
+        out = io.BytesIO()
+        # allow_pickle=False: never write an object array that would need pickle to load.
+        np.save(out, np.asarray(residual, dtype=np.float32).reshape(-1), allow_pickle=False)
+        # Durable before the caller goes on: a pending upload's commit removes the upload
+        # next, which must not survive a power cut that this write does not.
+        write_durably(self.path, out.getvalue())
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
