@@ -4,7 +4,6 @@ import dev.fedge.android.codec.ErrorFeedback
 import dev.fedge.android.protocol.Protocol.SAFE_ID
 import org.json.JSONObject
 import java.io.File
-import java.io.FileOutputStream
 
 /** The credential the coordinator issued at registration. */
 data class Credentials(val coordinator: String, val deviceId: String, val secret: String)
@@ -34,15 +33,9 @@ class DeviceState(val root: File) {
 
     fun saveCredentials(c: Credentials) {
         val body = JSONObject().put("coordinator", c.coordinator).put("device_id", c.deviceId).put("secret", c.secret)
-        val tmp = File(root, ".credentials.json.tmp")
-        tmp.delete()
-        tmp.createNewFile()
-        // Owner-only before the secret is written.
-        tmp.setReadable(false, false); tmp.setReadable(true, true)
-        tmp.setWritable(false, false); tmp.setWritable(true, true)
-        FileOutputStream(tmp).use { it.write(body.toString().toByteArray(Charsets.UTF_8)); it.fd.sync() }
-        if (!tmp.renameTo(credentialsFile)) throw java.io.IOException("could not store the credential")
-        Durable.syncDirectory(root) // else a power cut could lose it: the device would register again as someone else
+        // Owner-only before the secret is written; durable, else a power cut could lose it and the
+        // device would register again as someone else.
+        Durable.writeFile(credentialsFile, body.toString().toByteArray(Charsets.UTF_8))
     }
 
     fun forgetCredentials() {

@@ -2,7 +2,6 @@ package dev.fedge.android.codec
 
 import dev.fedge.android.frame.Frame
 import java.io.File
-import java.io.FileOutputStream
 import java.util.logging.Logger
 
 /**
@@ -28,16 +27,9 @@ class ErrorFeedback(val file: File) {
             file.delete()
             return
         }
-        file.parentFile?.mkdirs()
-        val tmp = File(file.parentFile, file.name + ".tmp")
-        FileOutputStream(tmp).use {
-            it.write(Frame.encodeFloats(residual))
-            it.fd.sync()
-        }
-        if (!tmp.renameTo(file)) throw java.io.IOException("could not replace $file")
-        // The rename durable before the caller goes on (a pending upload's commit removes the
-        // upload next, which must not survive a power cut that this rename does not).
-        dev.fedge.android.client.Durable.syncDirectory(file.parentFile)
+        // Durable before the caller goes on (a pending upload's commit removes the upload next,
+        // which must not survive a power cut that this write does not).
+        dev.fedge.android.client.Durable.writeFile(file, Frame.encodeFloats(residual))
     }
 
     private companion object {

@@ -16,15 +16,10 @@ class LocalLayers(val file: java.io.File) {
         null // damaged or another model's: start from the global layers
     }
 
-    fun save(values: FloatArray) {
-        file.parentFile?.mkdirs()
-        val tmp = java.io.File(file.parentFile, ".${file.name}.tmp")
-        java.io.FileOutputStream(tmp).use { it.write(dev.fedge.android.frame.Frame.encodeFloats(values)); it.fd.sync() }
-        if (!tmp.renameTo(file)) throw java.io.IOException("could not replace $file")
-        // Without it a power cut can undo the rename after the round's upload was acknowledged:
-        // the device would train on with the layers of an earlier round.
-        dev.fedge.android.client.Durable.syncDirectory(file.parentFile ?: java.io.File("."))
-    }
+    // Durable, or a power cut could undo the save after the round's upload was acknowledged: the
+    // device would train on with the layers of an earlier round.
+    fun save(values: FloatArray) =
+        dev.fedge.android.client.Durable.writeFile(file, dev.fedge.android.frame.Frame.encodeFloats(values))
 }
 
 /** What a training run reports: mean batch loss (example-weighted), examples and steps. */
