@@ -265,13 +265,13 @@ class SyncRounds(TaskPolicy):
             if now < rnd.opened_at + plan.selection_timeout_s:
                 return rnd
             if count < fewest:
-                return self._abandon_selection(task, rnd, now)
+                return self._abandon_selection(task, plan, rnd, now)
         candidates = store.candidates(rnd.round_id)
         cohort = min(rnd.target, len(candidates))
         rng = self.ctx.rng
         if plan.dp is not None and rnd.kind == "train":
             if self._dp_would_exceed(task, plan, len(candidates), cohort):
-                return self._stop_for_budget(task, rnd, now)
+                return self._stop_for_budget(task, plan, rnd, now)
             # Amplification by sampling needs a draw nobody can predict: not the seeded rng.
             rng = random.SystemRandom()
         if plan.secagg is not None and plan.secagg.dp is not None and rnd.kind == "train":
@@ -279,7 +279,7 @@ class SyncRounds(TaskPolicy):
             # than its Shamir threshold; pricing it lower would stop a task that can pay
             fewest = max(fewest, plan.secagg.graph_parameters(cohort)[1])
             if self._ddp_would_exceed(task, plan, fewest):
-                return self._stop_for_budget(task, rnd, now)
+                return self._stop_for_budget(task, plan, rnd, now)
         chosen = rng.sample(candidates, cohort)
         with store.atomic():
             store.add_assignments(
@@ -311,9 +311,9 @@ class SyncRounds(TaskPolicy):
         assert out is not None
         return out
 
-    def _abandon_selection(self, task: Task, rnd: Round, now: float) -> Round:
+    def _abandon_selection(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> Round:
         """Close a window that timed out with fewer than ``min_reports`` candidates."""
-        metrics = self._metrics(task, rnd, now)
+        metrics = self._metrics(task, plan, rnd, now)
         metrics.update(outcome="abandoned", reason="selection_timeout")
         self.ctx.store.update_round(rnd.round_id, state="abandoned", closed_at=now, metrics=metrics)
         self.ctx.round_closed(task.task_id, rnd.round_id)
@@ -431,7 +431,7 @@ class SyncRounds(TaskPolicy):
     def _close_round(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> None:
         store = self.ctx.store
         task = store.get_task(task.task_id) or task
-        metrics = self._metrics(task, rnd, now)
+        metrics = self._metrics(task, plan, rnd, now)
         secagg = None
         if plan.secagg is not None and rnd.kind == "train":
             secagg = self.secagg.session(task, rnd)
@@ -550,12 +550,12 @@ class SyncRounds(TaskPolicy):
         this, ledger, _ = self._dp_ledger(task, plan, population, cohort)
         return bool(ledger.would_exceed(this, plan.dp.budget))
 
-    def _stop_for_budget(self, task: Task, rnd: Round, now: float) -> Round:
+    def _stop_for_budget(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> Round:
         """Complete the task instead of selecting a round its privacy budget cannot pay for."""
         from coordinator.privacy import BUDGET_REASON
 
         store = self.ctx.store
-        metrics = self._metrics(task, rnd, now)
+        metrics = self._metrics(task, plan, rnd, now)
         metrics.update(outcome="abandoned", reason=BUDGET_REASON, stopped=BUDGET_REASON)
         with store.atomic():
             store.update_round(rnd.round_id, state="abandoned", closed_at=now, metrics=metrics)
@@ -659,7 +659,7 @@ class SyncRounds(TaskPolicy):
         mean: np.ndarray = result.weighted_sum / (session.spec.max_weight * rnd.goal)
         return mean
 
-    def _metrics(self, task: Task, rnd: Round, now: float) -> dict[str, Any]:
+    def _metrics(self, task: Task, plan: TaskPlan, rnd: Round, now: float) -> dict[str, Any]:
         """A closing round's metrics, from aggregate queries (no per-update rows in memory)."""
         store = self.ctx.store
         states = store.assignment_counts(rnd.round_id)
@@ -667,8 +667,7 @@ class SyncRounds(TaskPolicy):
             reports = store.round_eval_reports(rnd.round_id)
             # Capped as a defended commit caps its updates' weights (aggregate_updates):
             # one device declaring a huge count must not set the task's evaluation figures.
-            cap = example_cap(TaskPlan.from_json(task.plan).robust,
-                              [r.num_examples for r in reports])  # fmt: skip
+            cap = example_cap(plan.robust, [r.num_examples for r in reports])
             weighed = [(r, min(float(r.num_examples), cap)) for r in reports]
             totals = UpdateTotals(
                 count=len(reports),
